@@ -1,0 +1,185 @@
+//! Message bodies on their way in (held as received buffers, spilled to `tmp/` past a threshold)
+//! and on their way out (memory-mapped, checksum-verified).
+
+use crate::id::MessageId;
+use crate::layout::{Folder, Layout, Part};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+/// Default size past which a body in progress is written to `tmp/` instead of held in memory.
+pub const SPILL_BYTES_DEFAULT: usize = 128 * 1024;
+
+/// A body whose prefix has already been written (not yet fsynced) to `tmp/<id>.body`.
+#[derive(Debug)]
+pub struct SpilledBody {
+    /// The open file, positioned at its end.
+    pub file: File,
+    /// Its path in `tmp/`.
+    pub path: PathBuf,
+    /// Bytes already written.
+    pub written: u64,
+}
+
+/// A complete body handed to the writer: an optional spilled prefix plus the received buffers
+/// that follow it. The buffers reach the kernel as iovecs, without a copy in user space.
+#[derive(Debug, Default)]
+pub struct BodyParts {
+    /// Prefix already in `tmp/`, if the body grew past the spill threshold.
+    pub spilled: Option<SpilledBody>,
+    /// The rest, in order.
+    pub chunks: Vec<Bytes>,
+}
+
+/// Accumulates a body as it arrives, hashing it and bounding its memory.
+pub struct PendingBody {
+    layout: Layout,
+    id: MessageId,
+    spill_bytes: usize,
+    hasher: Sha256,
+    len: u64,
+    held: usize,
+    parts: BodyParts,
+}
+
+impl PendingBody {
+    /// A new, empty body for message `id`; memory use stays under about `spill_bytes`.
+    pub fn new(layout: Layout, id: MessageId, spill_bytes: usize) -> Self {
+        PendingBody {
+            layout,
+            id,
+            spill_bytes,
+            hasher: Sha256::new(),
+            len: 0,
+            held: 0,
+            parts: BodyParts::default(),
+        }
+    }
+
+    /// The message id this body belongs to.
+    pub fn id(&self) -> &MessageId {
+        &self.id
+    }
+
+    /// Bytes received so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True before the first byte.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends a chunk. Past the spill threshold the held chunks are written to `tmp/` (a
+    /// page-cache write, no fsync): this may block briefly on the file system.
+    pub fn push(&mut self, chunk: Bytes) -> io::Result<()> {
+        self.hasher.update(&chunk);
+        self.len += chunk.len() as u64;
+        self.held += chunk.len();
+        self.parts.chunks.push(chunk);
+        if self.held >= self.spill_bytes {
+            self.spill()?;
+        }
+        Ok(())
+    }
+
+    fn spill(&mut self) -> io::Result<()> {
+        if self.parts.spilled.is_none() {
+            let path = self.layout.path(Folder::Tmp, &self.id, Part::Body);
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o640)
+                .open(&path)?;
+            self.parts.spilled = Some(SpilledBody {
+                file,
+                path,
+                written: 0,
+            });
+        }
+        if let Some(spilled) = self.parts.spilled.as_mut() {
+            for chunk in self.parts.chunks.drain(..) {
+                spilled.file.write_all(&chunk)?;
+                spilled.written += chunk.len() as u64;
+            }
+        }
+        self.held = 0;
+        Ok(())
+    }
+
+    /// Ends the body: its parts, length and SHA-256.
+    pub fn finish(self) -> (BodyParts, u64, [u8; 32]) {
+        (self.parts, self.len, self.hasher.finalize().into())
+    }
+
+    /// Drops the body, removing any spilled prefix from `tmp/`.
+    pub fn discard(self) {
+        if let Some(spilled) = self.parts.spilled {
+            let _ = std::fs::remove_file(spilled.path);
+        }
+    }
+}
+
+/// Why a stored body cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BodyError {
+    /// Reading or mapping failed.
+    #[error("read body: {0}")]
+    Io(#[from] io::Error),
+    /// Length differs from the envelope's.
+    #[error("body is {actual} bytes, envelope says {expected}")]
+    Length {
+        /// From the envelope.
+        expected: u64,
+        /// On disk.
+        actual: u64,
+    },
+    /// Checksum differs from the envelope's.
+    #[error("body checksum does not match the envelope")]
+    Checksum,
+}
+
+/// A stored body, memory-mapped. An empty body maps to an empty slice.
+pub struct MappedBody {
+    map: Option<memmap2::Mmap>,
+}
+
+impl MappedBody {
+    /// Maps `path` and checks it against the envelope's length and SHA-256.
+    pub fn open_verified(
+        path: &std::path::Path,
+        len: u64,
+        sha256: &[u8; 32],
+    ) -> Result<Self, BodyError> {
+        let file = File::open(path)?;
+        let actual = file.metadata()?.len();
+        if actual != len {
+            return Err(BodyError::Length {
+                expected: len,
+                actual,
+            });
+        }
+        let map = if actual == 0 {
+            None
+        } else {
+            // SAFETY: spool files are never modified in place after their commit round; they
+            // are only renamed or removed, which leaves an existing mapping valid.
+            Some(unsafe { memmap2::Mmap::map(&file)? })
+        };
+        let body = MappedBody { map };
+        if Sha256::digest(body.bytes()).as_slice() != sha256 {
+            return Err(BodyError::Checksum);
+        }
+        Ok(body)
+    }
+
+    /// The body's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}

@@ -1,0 +1,158 @@
+//! The state directory: its folders, file names, and the rename-plus-fsync moves between folders.
+
+use crate::id::MessageId;
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// A state folder of a node's state directory (see DESIGN.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Folder {
+    /// Writes in flight; emptied at start.
+    Tmp,
+    /// Dropped pairs waiting for insertion.
+    Input,
+    /// Accepted, durable, waiting for scan or delivery.
+    Spool,
+    /// Being scanned.
+    Vscan,
+    /// Held by the filter.
+    Quarantine,
+    /// Failed validation; kept for an operator.
+    Corrupt,
+}
+
+impl Folder {
+    /// Every folder, in the order they are created.
+    pub const ALL: [Folder; 6] = [
+        Folder::Tmp,
+        Folder::Input,
+        Folder::Spool,
+        Folder::Vscan,
+        Folder::Quarantine,
+        Folder::Corrupt,
+    ];
+
+    /// The folder's directory name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Folder::Tmp => "tmp",
+            Folder::Input => "input",
+            Folder::Spool => "spool",
+            Folder::Vscan => "vscan",
+            Folder::Quarantine => "quarantine",
+            Folder::Corrupt => "corrupt",
+        }
+    }
+}
+
+/// Which file of a pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// `<id>.env`, the commit record.
+    Env,
+    /// `<id>.body`, the raw message.
+    Body,
+}
+
+impl Part {
+    /// File name extension without the dot.
+    pub fn ext(self) -> &'static str {
+        match self {
+            Part::Env => "env",
+            Part::Body => "body",
+        }
+    }
+}
+
+/// Paths inside one state directory.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    /// A layout rooted at `root`; nothing is touched until [`Layout::create`].
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Layout { root: root.into() }
+    }
+
+    /// Creates the root and every folder (mode 0750), fsyncing the root so they survive a crash.
+    pub fn create(&self) -> io::Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut builder = fs::DirBuilder::new();
+        builder.recursive(true).mode(0o750);
+        builder.create(&self.root)?;
+        for folder in Folder::ALL {
+            builder.create(self.dir(folder))?;
+        }
+        fsync_dir(&self.root)
+    }
+
+    /// The state directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A folder's directory.
+    pub fn dir(&self, folder: Folder) -> PathBuf {
+        self.root.join(folder.name())
+    }
+
+    /// The path of one file of a pair.
+    pub fn path(&self, folder: Folder, id: &MessageId, part: Part) -> PathBuf {
+        self.dir(folder).join(format!("{id}.{}", part.ext()))
+    }
+
+    /// Moves a pair between folders: body first, then the envelope (the commit record), then one
+    /// fsync of each directory involved. A crash in between leaves the envelope in exactly one
+    /// folder; recovery removes a body whose envelope is elsewhere.
+    pub fn move_pair(&self, id: &MessageId, from: Folder, to: Folder) -> io::Result<()> {
+        self.move_pairs(std::slice::from_ref(id), from, to)
+    }
+
+    /// [`Layout::move_pair`] for many ids with one fsync per directory.
+    pub fn move_pairs(&self, ids: &[MessageId], from: Folder, to: Folder) -> io::Result<()> {
+        for id in ids {
+            fs::rename(
+                self.path(from, id, Part::Body),
+                self.path(to, id, Part::Body),
+            )?;
+            fs::rename(self.path(from, id, Part::Env), self.path(to, id, Part::Env))?;
+        }
+        fsync_dir(&self.dir(to))?;
+        fsync_dir(&self.dir(from))
+    }
+
+    /// Removes a pair durably: envelope first (so a crash leaves an orphan body, which recovery
+    /// deletes, never a body-less envelope), then the body, then a directory fsync.
+    pub fn remove_pair(&self, id: &MessageId, folder: Folder) -> io::Result<()> {
+        remove_if_exists(&self.path(folder, id, Part::Env))?;
+        remove_if_exists(&self.path(folder, id, Part::Body))?;
+        fsync_dir(&self.dir(folder))
+    }
+}
+
+/// Removes a file; a missing file is not an error.
+pub fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Makes a directory's entries (creations, renames, removals) durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Splits a file name `<id>.<ext>` into the id text and the part; `None` for anything else.
+pub fn split_file_name(name: &str) -> Option<(&str, Part)> {
+    let (stem, ext) = name.rsplit_once('.')?;
+    let part = match ext {
+        "env" => Part::Env,
+        "body" => Part::Body,
+        _ => return None,
+    };
+    Some((stem, part))
+}

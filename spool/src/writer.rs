@@ -1,0 +1,467 @@
+//! The group-commit writer: one dedicated thread makes messages durable in rounds.
+//!
+//! A round takes every request that arrived while the previous round was in flight (at most
+//! `batch_max`), then:
+//! 1. writes each body and envelope into `tmp/` and fsyncs both — with io_uring all of these go
+//!    to the kernel in one submit, as linked `writev → fsync` chains, so the fsyncs run
+//!    concurrently; the portable backend does the same calls one after another;
+//! 2. renames each body, then its envelope, into `spool/`;
+//! 3. fsyncs `spool/` once;
+//! 4. completes every request of the round.
+//!
+//! A request that fails (for example `ENOSPC`) is answered with its error and its `tmp/` files are
+//! removed; the rest of the round goes on. Nothing here knows of SMTP or of async runtimes:
+//! completion is a plain callback.
+
+use crate::body::BodyParts;
+use crate::id::MessageId;
+use crate::layout::{fsync_dir, Folder, Layout, Part};
+use bytes::Bytes;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Default largest number of messages in one commit round.
+pub const BATCH_MAX_DEFAULT: usize = 64;
+/// Requests that may wait for the writer before senders block (back-pressure).
+const QUEUE_CAPACITY: usize = 4096;
+/// Linux's limit on iovecs in one writev; longer bodies take the portable path.
+const IOV_MAX: usize = 1024;
+
+/// Which backend writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The `io-uring` crate, one ring driven by the writer thread.
+    IoUring,
+    /// Plain blocking syscalls with the same ordering and durability.
+    Portable,
+}
+
+/// What the caller wants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// io_uring when the kernel allows it, else portable.
+    Auto,
+    /// Always portable.
+    Portable,
+}
+
+/// Why a commit failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommitError {
+    /// The file system is full (`ENOSPC` or `EDQUOT`).
+    #[error("spool file system is full: {0}")]
+    DiskFull(io::Error),
+    /// Any other I/O failure.
+    #[error("spool write failed: {0}")]
+    Io(io::Error),
+    /// The writer has shut down.
+    #[error("spool writer is shut down")]
+    Closed,
+}
+
+impl From<io::Error> for CommitError {
+    fn from(e: io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => CommitError::DiskFull(e),
+            _ => CommitError::Io(e),
+        }
+    }
+}
+
+/// Facts about the round that made a message durable.
+#[derive(Clone, Copy, Debug)]
+pub struct CommitReceipt {
+    /// Messages in the round.
+    pub batch_size: usize,
+}
+
+/// Called once per finished round; must be cheap (it runs on the writer thread).
+pub trait RoundObserver: Send + Sync {
+    /// A round of `batch` messages took `elapsed` from its start to its directory fsync.
+    fn round(&self, batch: usize, elapsed: Duration);
+}
+
+/// Completion callback for one request; runs on the writer thread, so it must not block.
+pub type Completion = Box<dyn FnOnce(Result<CommitReceipt, CommitError>) + Send>;
+
+/// One message to make durable.
+pub struct CommitRequest {
+    /// Its id (file stem).
+    pub id: MessageId,
+    /// The encoded envelope.
+    pub envelope: Vec<u8>,
+    /// The body.
+    pub body: BodyParts,
+    /// Called when the message is durable in `spool/` or has failed.
+    pub done: Completion,
+}
+
+/// Handle to the writer thread. Dropping every handle (and calling [`SpoolWriter::shutdown`])
+/// lets the thread finish the requests it has and exit.
+pub struct SpoolWriter {
+    tx: crossbeam_channel::Sender<CommitRequest>,
+    backend: Backend,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SpoolWriter {
+    /// Starts the writer thread for `layout` (which must exist).
+    pub fn start(
+        layout: Layout,
+        choice: BackendChoice,
+        batch_max: usize,
+        observer: Option<Arc<dyn RoundObserver>>,
+    ) -> io::Result<SpoolWriter> {
+        let batch_max = batch_max.clamp(1, 1024);
+        let spool_dir = File::open(layout.dir(Folder::Spool))?;
+        let ring = match choice {
+            BackendChoice::Auto => match io_uring::IoUring::new((batch_max * 4) as u32) {
+                Ok(ring) => Some(ring),
+                Err(e) => {
+                    tracing::warn!(error = %e, "io_uring unavailable, using the portable writer");
+                    None
+                }
+            },
+            BackendChoice::Portable => None,
+        };
+        let backend = if ring.is_some() {
+            Backend::IoUring
+        } else {
+            Backend::Portable
+        };
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
+        let mut worker = Worker {
+            layout,
+            spool_dir,
+            ring,
+            batch_max,
+            observer,
+        };
+        let thread = std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || worker.run(rx))?;
+        Ok(SpoolWriter {
+            tx,
+            backend,
+            thread: Some(thread),
+        })
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Queues a request; blocks only while the writer's queue is full. On shutdown the request
+    /// is completed with [`CommitError::Closed`].
+    pub fn submit(&self, req: CommitRequest) {
+        if let Err(crossbeam_channel::SendError(req)) = self.tx.send(req) {
+            (req.done)(Err(CommitError::Closed));
+        }
+    }
+
+    /// Commits one message and waits for it: for tests, tools and benchmarks.
+    pub fn commit_blocking(
+        &self,
+        id: MessageId,
+        envelope: Vec<u8>,
+        body: BodyParts,
+    ) -> Result<CommitReceipt, CommitError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit(CommitRequest {
+            id,
+            envelope,
+            body,
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        rx.recv().unwrap_or(Err(CommitError::Closed))
+    }
+
+    /// Finishes every queued request and stops the thread.
+    pub fn shutdown(mut self) {
+        let (dead, _) = crossbeam_channel::bounded(1);
+        drop(std::mem::replace(&mut self.tx, dead));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One request during its round.
+struct Job {
+    req: CommitRequest,
+    tmp_body: PathBuf,
+    tmp_env: PathBuf,
+    body_file: Option<File>,
+    body_offset: u64,
+    env_file: Option<File>,
+    iovecs: Vec<libc::iovec>,
+    /// Both files written and fsynced (by the ring); the portable path skips it.
+    synced: bool,
+    error: Option<io::Error>,
+}
+
+// SAFETY: the iovecs point into `req.body.chunks` (Bytes, which are Send) owned by the same Job.
+unsafe impl Send for Job {}
+
+struct Worker {
+    layout: Layout,
+    spool_dir: File,
+    ring: Option<io_uring::IoUring>,
+    batch_max: usize,
+    observer: Option<Arc<dyn RoundObserver>>,
+}
+
+impl Worker {
+    fn run(&mut self, rx: crossbeam_channel::Receiver<CommitRequest>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < self.batch_max {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.round(batch);
+        }
+    }
+
+    fn round(&mut self, batch: Vec<CommitRequest>) {
+        let started = Instant::now();
+        let mut jobs: Vec<Job> = batch.into_iter().map(|req| self.open(req)).collect();
+        if let Some(ring) = self.ring.as_mut() {
+            if let Err(e) = write_and_sync_uring(ring, &mut jobs) {
+                tracing::error!(error = %e, "io_uring submit failed; finishing round with the portable path");
+            }
+        }
+        for job in jobs.iter_mut().filter(|j| j.error.is_none()) {
+            if !job.synced {
+                if let Err(e) = job.write_and_sync_portable() {
+                    job.error = Some(e);
+                }
+            }
+        }
+        let mut renamed = 0;
+        for job in jobs.iter_mut().filter(|j| j.error.is_none()) {
+            let dest_body = self.layout.path(Folder::Spool, &job.req.id, Part::Body);
+            let dest_env = self.layout.path(Folder::Spool, &job.req.id, Part::Env);
+            let res = std::fs::rename(&job.tmp_body, dest_body)
+                .and_then(|_| std::fs::rename(&job.tmp_env, dest_env));
+            match res {
+                Ok(()) => renamed += 1,
+                Err(e) => job.error = Some(e),
+            }
+        }
+        let dir_result = if renamed > 0 {
+            self.spool_dir.sync_all()
+        } else {
+            Ok(())
+        };
+        if let Some(obs) = &self.observer {
+            obs.round(jobs.len(), started.elapsed());
+        }
+        let batch_size = jobs.len();
+        for job in jobs {
+            let result = match (job.error, &dir_result) {
+                (Some(e), _) => Err(e),
+                (None, Err(e)) => Err(io::Error::new(e.kind(), e.to_string())),
+                (None, Ok(())) => Ok(CommitReceipt { batch_size }),
+            };
+            if result.is_err() {
+                // Either never renamed (still in tmp/) or renamed but not durable: in both cases
+                // the client gets a 4xx, so remove every trace to keep the spool honest.
+                for p in [&job.tmp_env, &job.tmp_body] {
+                    let _ = std::fs::remove_file(p);
+                }
+                let _ =
+                    std::fs::remove_file(self.layout.path(Folder::Spool, &job.req.id, Part::Env));
+                let _ =
+                    std::fs::remove_file(self.layout.path(Folder::Spool, &job.req.id, Part::Body));
+            }
+            (job.req.done)(result.map_err(CommitError::from));
+        }
+    }
+
+    /// Opens the `tmp/` files of one request and prepares its iovecs.
+    fn open(&self, mut req: CommitRequest) -> Job {
+        let tmp_body = self.layout.path(Folder::Tmp, &req.id, Part::Body);
+        let tmp_env = self.layout.path(Folder::Tmp, &req.id, Part::Env);
+        let create = |path: &PathBuf| {
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o640)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(path)
+        };
+        let mut error = None;
+        let (body_file, body_offset) = match req.body.spilled.take() {
+            Some(s) => (Some(s.file), s.written),
+            None => match create(&tmp_body) {
+                Ok(f) => (Some(f), 0),
+                Err(e) => {
+                    error = Some(e);
+                    (None, 0)
+                }
+            },
+        };
+        let env_file = match create(&tmp_env) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                error.get_or_insert(e);
+                None
+            }
+        };
+        let iovecs = req
+            .body
+            .chunks
+            .iter()
+            .map(|c| libc::iovec {
+                iov_base: c.as_ptr() as *mut libc::c_void,
+                iov_len: c.len(),
+            })
+            .collect();
+        Job {
+            req,
+            tmp_body,
+            tmp_env,
+            body_file,
+            body_offset,
+            env_file,
+            iovecs,
+            synced: false,
+            error,
+        }
+    }
+}
+
+/// Per-job completion state of the io_uring path: how far each chain got.
+const BODY_WRITE: u64 = 0;
+const BODY_SYNC: u64 = 1;
+const ENV_WRITE: u64 = 2;
+const ENV_SYNC: u64 = 3;
+
+impl Job {
+    fn body_len_pending(&self) -> usize {
+        self.req.body.chunks.iter().map(Bytes::len).sum()
+    }
+
+    fn write_and_sync_portable(&mut self) -> io::Result<()> {
+        let (Some(body), Some(env)) = (self.body_file.as_mut(), self.env_file.as_mut()) else {
+            return Err(io::Error::other("tmp files not open"));
+        };
+        let mut offset = self.body_offset;
+        for chunk in &self.req.body.chunks {
+            body.write_all_at(chunk, offset)?;
+            offset += chunk.len() as u64;
+        }
+        body.sync_all()?;
+        env.write_all(&self.req.envelope)?;
+        env.sync_all()
+    }
+}
+
+/// Submits every job's `writev → fsync` (body) and `write → fsync` (envelope) chains in one go
+/// and waits for all of them. A job whose chain fell short (short write, cancelled link) stays
+/// unsynced so the portable path redoes it; only a failure of the ring itself is returned.
+fn write_and_sync_uring(ring: &mut io_uring::IoUring, jobs: &mut [Job]) -> io::Result<()> {
+    use io_uring::{opcode, squeue::Flags, types::Fd};
+    let mut expected = 0usize;
+    // Results per job and step; None = no completion seen.
+    let mut results: Vec<[Option<i32>; 4]> = vec![[None; 4]; jobs.len()];
+    for (i, job) in jobs.iter().enumerate() {
+        if job.error.is_some() || job.iovecs.len() > IOV_MAX {
+            continue;
+        }
+        let (Some(body), Some(env)) = (&job.body_file, &job.env_file) else {
+            continue;
+        };
+        let tag = |step: u64| (i as u64) << 2 | step;
+        let body_fd = Fd(body.as_raw_fd());
+        let env_fd = Fd(env.as_raw_fd());
+        let entries = [
+            opcode::Writev::new(body_fd, job.iovecs.as_ptr(), job.iovecs.len() as u32)
+                .offset(job.body_offset)
+                .build()
+                .flags(Flags::IO_LINK)
+                .user_data(tag(BODY_WRITE)),
+            opcode::Fsync::new(body_fd)
+                .build()
+                .user_data(tag(BODY_SYNC)),
+            opcode::Write::new(
+                env_fd,
+                job.req.envelope.as_ptr(),
+                job.req.envelope.len() as u32,
+            )
+            .offset(0)
+            .build()
+            .flags(Flags::IO_LINK)
+            .user_data(tag(ENV_WRITE)),
+            opcode::Fsync::new(env_fd).build().user_data(tag(ENV_SYNC)),
+        ];
+        for entry in entries {
+            // SAFETY: the fds, iovecs and buffers live in `jobs`, which outlives this function's
+            // wait for every completion below.
+            while unsafe { ring.submission().push(&entry) }.is_err() {
+                ring.submit()?;
+            }
+            expected += 1;
+        }
+    }
+    let mut seen = 0;
+    while seen < expected {
+        ring.submit_and_wait(1)?;
+        for cqe in ring.completion() {
+            let i = (cqe.user_data() >> 2) as usize;
+            let step = (cqe.user_data() & 3) as usize;
+            results[i][step] = Some(cqe.result());
+            seen += 1;
+        }
+    }
+    for (job, res) in jobs.iter_mut().zip(results) {
+        if job.error.is_some() || job.iovecs.len() > IOV_MAX {
+            continue;
+        }
+        let body_ok = res[BODY_WRITE as usize] == Some(job.body_len_pending() as i32)
+            && res[BODY_SYNC as usize] == Some(0);
+        let env_ok = res[ENV_WRITE as usize] == Some(job.req.envelope.len() as i32)
+            && res[ENV_SYNC as usize] == Some(0);
+        let hard_error = res
+            .iter()
+            .flatten()
+            .find(|&&r| r < 0 && r != -libc::ECANCELED)
+            .map(|&r| io::Error::from_raw_os_error(-r));
+        match (body_ok && env_ok, hard_error) {
+            (true, _) => job.synced = true,
+            (false, Some(e)) => job.error = Some(e),
+            (false, None) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Writes one file durably in `dir` as `name` (tmp file in `tmp/`, fsync, rename, fsync dir).
+/// For small control files outside the message path.
+pub fn write_file_durably(
+    layout: &Layout,
+    dir: &std::path::Path,
+    name: &str,
+    bytes: &[u8],
+) -> io::Result<()> {
+    let tmp = layout.dir(Folder::Tmp).join(format!("{name}.tmp"));
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    fsync_dir(dir)
+}
