@@ -1,0 +1,236 @@
+//! Configuration: an embedded default, an optional TOML file, and command-line overrides.
+//! Every error names the file, the key and what is wrong.
+
+use anyhow::{bail, Context, Result};
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole configuration, as read from TOML (every key optional).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This node's name in message ids and envelopes: 1-32 of `[a-z0-9_]`.
+    pub node_name: String,
+    /// Host name used in the SMTP greeting and `Received:` headers.
+    pub hostname: String,
+    /// The state directory (see DESIGN.md).
+    pub state_dir: PathBuf,
+    /// SMTP ingress.
+    pub smtp: SmtpConfig,
+    /// Metrics and health endpoints.
+    pub http: HttpConfig,
+    /// The durable spool.
+    pub spool: SpoolConfig,
+}
+
+/// `[smtp]`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Largest message in bytes.
+    pub message_bytes_max: u64,
+    /// Recipients per message.
+    pub recipients_max: usize,
+    /// Longest command line, CRLF included.
+    pub line_bytes_max: usize,
+    /// Idle timeout per session, seconds.
+    pub idle_timeout_secs: u64,
+    /// Concurrent sessions; more are answered `421 4.7.0`.
+    pub sessions_max: usize,
+    /// Domains accepted from anyone (`.example.org` also matches subdomains).
+    pub relay_domains: Vec<String>,
+    /// Client networks allowed to relay to any domain.
+    pub trusted_networks: Vec<IpNet>,
+    /// PEM certificate chain for STARTTLS (with `tls_key`); STARTTLS is off without it.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for STARTTLS.
+    pub tls_key: Option<PathBuf>,
+}
+
+/// `[http]`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Listen address for `/metrics`, `/healthz`, `/readyz`.
+    pub listen: SocketAddr,
+}
+
+/// `[spool]`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Use io_uring when the kernel allows it (false: always the portable writer).
+    pub io_uring: bool,
+    /// Largest number of messages per commit round.
+    pub batch_max: usize,
+    /// A body larger than this streams to `tmp/` while it arrives.
+    pub spill_bytes: usize,
+    /// Refuse new mail (`452 4.3.1`) while the file system has less free space than this.
+    pub free_bytes_min: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_name: "node1".into(),
+            hostname: system_hostname().unwrap_or_else(|| "localhost".into()),
+            state_dir: PathBuf::from("./var/spoold"),
+            smtp: SmtpConfig::default(),
+            http: HttpConfig::default(),
+            spool: SpoolConfig::default(),
+        }
+    }
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 2525)),
+            message_bytes_max: 25 * 1024 * 1024,
+            recipients_max: 100,
+            line_bytes_max: 512,
+            idle_timeout_secs: 300,
+            sessions_max: 500,
+            relay_domains: Vec::new(),
+            trusted_networks: smtp::RelayPolicy::default().trusted_networks,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9425)),
+        }
+    }
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            io_uring: true,
+            batch_max: spool::writer::BATCH_MAX_DEFAULT,
+            spill_bytes: spool::body::SPILL_BYTES_DEFAULT,
+            free_bytes_min: 100 * 1024 * 1024,
+        }
+    }
+}
+
+fn system_hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+impl Config {
+    /// Reads `path`, failing with the file, the key and the problem.
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read config file {}", path.display()))?;
+        let cfg: Config = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config file {}: {}", path.display(), e.to_string().trim_end()))?;
+        cfg.validate()
+            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Checks values that TOML types cannot; the message names the key.
+    pub fn validate(&self) -> Result<()> {
+        if spool::id::validate_node_name(&self.node_name).is_err() {
+            bail!("key `node_name`: {:?} must be 1 to 32 characters of a-z, 0-9 and _", self.node_name);
+        }
+        if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
+            bail!("key `hostname`: {:?} is not a host name", self.hostname);
+        }
+        let s = &self.smtp;
+        if s.message_bytes_max == 0 {
+            bail!("key `smtp.message_bytes_max`: must be greater than 0");
+        }
+        if !(1..=10_000).contains(&s.recipients_max) {
+            bail!("key `smtp.recipients_max`: {} is outside 1..=10000", s.recipients_max);
+        }
+        if !(512..=65_536).contains(&s.line_bytes_max) {
+            bail!("key `smtp.line_bytes_max`: {} is outside 512..=65536 (RFC 5321 needs 512)", s.line_bytes_max);
+        }
+        if s.idle_timeout_secs == 0 {
+            bail!("key `smtp.idle_timeout_secs`: must be greater than 0");
+        }
+        if s.sessions_max == 0 {
+            bail!("key `smtp.sessions_max`: must be greater than 0");
+        }
+        if s.tls_cert.is_some() != s.tls_key.is_some() {
+            bail!("keys `smtp.tls_cert` and `smtp.tls_key`: set both or neither");
+        }
+        for d in &s.relay_domains {
+            let bare = d.strip_prefix('.').unwrap_or(d);
+            if bare.is_empty() || bare.contains(['@', ' ', '/']) {
+                bail!("key `smtp.relay_domains`: {d:?} is not a domain");
+            }
+        }
+        if !(1..=1024).contains(&self.spool.batch_max) {
+            bail!("key `spool.batch_max`: {} is outside 1..=1024", self.spool.batch_max);
+        }
+        if self.spool.spill_bytes < 4096 {
+            bail!("key `spool.spill_bytes`: {} is below 4096", self.spool.spill_bytes);
+        }
+        Ok(())
+    }
+
+    /// The session idle timeout.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.smtp.idle_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spoold.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::from_file(&path)
+    }
+
+    #[test]
+    fn defaults_are_safe() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert!(c.smtp.relay_domains.is_empty());
+        assert_eq!(c.smtp.listen.to_string(), "127.0.0.1:2525");
+        assert_eq!(c.http.listen.to_string(), "127.0.0.1:9425");
+        assert_eq!(c.state_dir, PathBuf::from("./var/spoold"));
+    }
+
+    #[test]
+    fn sample_config_parses() {
+        let text = include_str!("../../systemd/spoold.toml");
+        let c: Config = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let e = load("node_name = \"Bad Name\"\n").unwrap_err().to_string();
+        assert!(e.contains("spoold.toml") && e.contains("node_name"), "{e}");
+        let e = load("[smtp]\nlisten = \"not an address\"\n").unwrap_err().to_string();
+        assert!(e.contains("spoold.toml") && e.contains("listen"), "{e}");
+        let e = load("[smtp]\nrecipents_max = 5\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field") && e.contains("recipents_max"), "{e}");
+        let e = load("[smtp]\ntrusted_networks = [\"10.0.0.0/33\"]\n").unwrap_err().to_string();
+        assert!(e.contains("trusted_networks"), "{e}");
+        let e = load("[smtp]\ntls_cert = \"/x\"\n").unwrap_err().to_string();
+        assert!(e.contains("tls_key"), "{e}");
+        let e = load("[spool]\nbatch_max = 0\n").unwrap_err().to_string();
+        assert!(e.contains("spool.batch_max"), "{e}");
+    }
+}

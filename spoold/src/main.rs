@@ -1,0 +1,392 @@
+//! `spoold`: the Spoolpair daemon.
+//!
+//! It is the wiring: configuration, startup recovery, the group-commit writer, the SMTP
+//! listener, `/metrics` `/healthz` `/readyz`, signals (SIGTERM/SIGINT stop, SIGUSR2 inserts
+//! `input/`) and systemd notification. It is the only crate that touches sockets, signals and
+//! systemd; the storage and protocol logic live in `spool` and `smtp`.
+
+mod config;
+mod metrics;
+mod sink;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use config::Config;
+use metrics::Metrics;
+use sink::SpoolSink;
+use spool::recovery::{insert_input, recover, InsertOutcome};
+use spool::{Backend, BackendChoice, Folder, IdGenerator, Layout, SpoolWriter};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+/// How long sessions get to finish after SIGTERM before the writer stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Command line. With no arguments spoold runs on the embedded default configuration.
+#[derive(Parser, Debug)]
+#[command(version, about = "Spoolpair mail gateway spool daemon")]
+struct Cli {
+    /// TOML configuration file (default: the embedded configuration).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// State directory (overrides `state_dir`).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// SMTP listen address (overrides `smtp.listen`).
+    #[arg(long, value_name = "ADDR")]
+    smtp_listen: Option<SocketAddr>,
+    /// HTTP listen address for metrics and health (overrides `http.listen`).
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<SocketAddr>,
+    /// Node name (overrides `node_name`).
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn load_config(cli: &Cli) -> Result<Config> {
+    let mut cfg = match &cli.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = &cli.state_dir {
+        cfg.state_dir = d.clone();
+    }
+    if let Some(a) = cli.smtp_listen {
+        cfg.smtp.listen = a;
+    }
+    if let Some(a) = cli.http_listen {
+        cfg.http.listen = a;
+    }
+    if let Some(n) = &cli.node_name {
+        cfg.node_name = n.clone();
+    }
+    cfg.validate().context("command-line overrides")?;
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SPOOLD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = match load_config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("spoold: {e:#}");
+            return ExitCode::from(78); // EX_CONFIG
+        }
+    };
+    if cli.check_config {
+        println!("spoold: configuration ok");
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("spoold: start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("fatal: {e:#}");
+            eprintln!("spoold: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_tls(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>> {
+    let (Some(cert_path), Some(key_path)) = (&cfg.smtp.tls_cert, &cfg.smtp.tls_key) else {
+        return Ok(None);
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert_path).with_context(|| format!("key `smtp.tls_cert`: open {}", cert_path.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("key `smtp.tls_cert`: parse {}", cert_path.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("key `smtp.tls_cert`: no certificate in {}", cert_path.display());
+    }
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key_path).with_context(|| format!("key `smtp.tls_key`: open {}", key_path.display()))?,
+    ))
+    .with_context(|| format!("key `smtp.tls_key`: parse {}", key_path.display()))?
+    .with_context(|| format!("key `smtp.tls_key`: no private key in {}", key_path.display()))?;
+    let server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("keys `smtp.tls_cert`/`smtp.tls_key`: certificate and key do not fit")?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
+}
+
+/// Inserts `input/` and records the outcome in logs and metrics.
+async fn insert(layout: &Layout, metrics: &Metrics) -> Result<Vec<InsertOutcome>> {
+    let l = layout.clone();
+    let outcomes = tokio::task::spawn_blocking(move || insert_input(&l))
+        .await
+        .context("insertion task")?
+        .context("insert input/")?;
+    for o in &outcomes {
+        match o {
+            InsertOutcome::Inserted(_) => {
+                metrics.inserted.inc();
+                metrics.queue_add(Folder::Spool, 1);
+            }
+            InsertOutcome::Corrupt { .. } => {
+                metrics.corrupt.inc();
+                metrics.queue_add(Folder::Corrupt, 1);
+            }
+            InsertOutcome::Duplicate(_) => {}
+        }
+    }
+    Ok(outcomes)
+}
+
+async fn run(cfg: Config) -> Result<()> {
+    let tls = load_tls(&cfg)?;
+    let metrics = Arc::new(Metrics::new().context("register metrics")?);
+    let layout = Layout::new(&cfg.state_dir);
+    layout
+        .create()
+        .with_context(|| format!("create state directory {}", cfg.state_dir.display()))?;
+
+    let started = Instant::now();
+    let l = layout.clone();
+    let report = tokio::task::spawn_blocking(move || recover(&l))
+        .await
+        .context("recovery task")?
+        .with_context(|| format!("recover {}", cfg.state_dir.display()))?;
+    metrics.recovery_seconds.set(started.elapsed().as_secs_f64());
+    for folder in Folder::ALL {
+        metrics.queue.with_label_values(&[folder.name()]).set(0);
+    }
+    for m in &report.found {
+        metrics.queue_add(m.folder, 1);
+    }
+    metrics.corrupt.inc_by(report.corrupt.len() as u64);
+    let corrupt_now = std::fs::read_dir(layout.dir(Folder::Corrupt))
+        .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".env")).count())
+        .unwrap_or(0);
+    metrics.queue.with_label_values(&[Folder::Corrupt.name()]).set(corrupt_now as i64);
+    tracing::info!(
+        messages = report.found.len(),
+        tmp_removed = report.tmp_removed,
+        orphans_removed = report.orphans_removed,
+        reunited = report.reunited,
+        corrupt = report.corrupt.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovery done"
+    );
+    insert(&layout, &metrics).await?;
+
+    let choice = if cfg.spool.io_uring {
+        BackendChoice::Auto
+    } else {
+        BackendChoice::Portable
+    };
+    let writer = SpoolWriter::start(layout.clone(), choice, cfg.spool.batch_max, Some(metrics.clone()))
+        .context("start spool writer")?;
+    metrics.io_uring.set(i64::from(writer.backend() == Backend::IoUring));
+    tracing::info!(backend = ?writer.backend(), "spool writer started");
+
+    let smtp_listener = TcpListener::bind(cfg.smtp.listen)
+        .await
+        .with_context(|| format!("bind SMTP listener {}", cfg.smtp.listen))?;
+    let http_listener = TcpListener::bind(cfg.http.listen)
+        .await
+        .with_context(|| format!("bind HTTP listener {}", cfg.http.listen))?;
+
+    let sink = Arc::new(SpoolSink {
+        layout: layout.clone(),
+        ids: IdGenerator::new(&cfg.node_name).context("key `node_name`")?,
+        writer,
+        metrics: metrics.clone(),
+        hostname: cfg.hostname.clone(),
+        node: cfg.node_name.clone(),
+        spill_bytes: cfg.spool.spill_bytes,
+        free_bytes_min: cfg.spool.free_bytes_min,
+    });
+    let server_cfg = Arc::new(smtp::ServerConfig {
+        hostname: cfg.hostname.clone(),
+        message_bytes_max: cfg.smtp.message_bytes_max,
+        recipients_max: cfg.smtp.recipients_max,
+        line_bytes_max: cfg.smtp.line_bytes_max,
+        idle_timeout: cfg.idle_timeout(),
+        errors_max: 20,
+        tls,
+        policy: smtp::RelayPolicy {
+            relay_domains: cfg.smtp.relay_domains.clone(),
+            trusted_networks: cfg.smtp.trusted_networks.clone(),
+        },
+    });
+
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(serve_http(http_listener, metrics.clone(), ready.clone()));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let sessions = Arc::new(AtomicUsize::new(0));
+    let accept = tokio::spawn(accept_loop(
+        smtp_listener,
+        server_cfg,
+        sink.clone(),
+        shutdown_rx,
+        sessions.clone(),
+        cfg.smtp.sessions_max,
+    ));
+    ready.store(true, Ordering::SeqCst);
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    spawn_watchdog();
+    tracing::info!(
+        smtp = %cfg.smtp.listen,
+        http = %cfg.http.listen,
+        state_dir = %cfg.state_dir.display(),
+        node = %cfg.node_name,
+        "spoold ready"
+    );
+
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("install SIGUSR2 handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = usr2.recv() => {
+                match insert(&layout, &metrics).await {
+                    Ok(o) => tracing::info!(pairs = o.len(), "input/ insertion done"),
+                    Err(e) => tracing::error!("input/ insertion failed: {e:#}"),
+                }
+            }
+        }
+    }
+
+    tracing::info!("shutting down: refusing new sessions, finishing messages in flight");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    ready.store(false, Ordering::SeqCst);
+    let _ = shutdown_tx.send(true);
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    while sessions.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    accept.abort();
+    let _ = accept.await;
+    match Arc::try_unwrap(sink) {
+        Ok(sink) => tokio::task::spawn_blocking(move || sink.writer.shutdown())
+            .await
+            .context("writer shutdown")?,
+        Err(_) => tracing::warn!("sessions still open after the grace period; exiting"),
+    }
+    tracing::info!("spoold stopped");
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    cfg: Arc<smtp::ServerConfig>,
+    sink: Arc<SpoolSink>,
+    shutdown: watch::Receiver<bool>,
+    sessions: Arc<AtomicUsize>,
+    sessions_max: usize,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        if sessions.load(Ordering::SeqCst) >= sessions_max {
+            sink.metrics.smtp_sessions_refused.inc();
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let mut stream = stream;
+                let _ = stream
+                    .write_all(b"421 4.7.0 Error: too many connections, try again later\r\n")
+                    .await;
+            });
+            continue;
+        }
+        sessions.fetch_add(1, Ordering::SeqCst);
+        sink.metrics.smtp_sessions.inc();
+        let (cfg, sink, shutdown, sessions) =
+            (cfg.clone(), sink.clone(), shutdown.clone(), sessions.clone());
+        tokio::spawn(async move {
+            let metrics = sink.metrics.clone();
+            let end = smtp::serve(stream, peer, cfg, sink, shutdown).await;
+            tracing::debug!(%peer, ?end, "session ended");
+            metrics.smtp_sessions.dec();
+            sessions.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+async fn serve_http(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                        m.render(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.load(Ordering::SeqCst);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                }
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "HTTP server stopped");
+    }
+}
+
+/// Pings systemd's watchdog at half its interval when `WatchdogSec=` is set.
+fn spawn_watchdog() {
+    let mut usec = 0u64;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let every = Duration::from_micros(usec / 2);
+        tokio::spawn(async move {
+            loop {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+}

@@ -1,0 +1,127 @@
+//! Prometheus metrics of the daemon (`spoold_*`), registered in one registry served at `/metrics`.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use spool::Folder;
+use std::time::Duration;
+
+/// Every metric the daemon exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Messages acknowledged with 250.
+    pub accepted_messages: IntCounter,
+    /// Body bytes of acknowledged messages.
+    pub accepted_bytes: IntCounter,
+    /// SMTP replies sent, by code.
+    pub smtp_replies: IntCounterVec,
+    /// SMTP sessions open now.
+    pub smtp_sessions: IntGauge,
+    /// Sessions refused because `sessions_max` was reached.
+    pub smtp_sessions_refused: IntCounter,
+    /// Messages per commit round.
+    pub commit_batch: Histogram,
+    /// Duration of a commit round (write, fsync, rename, directory fsync).
+    pub commit_seconds: Histogram,
+    /// Messages on disk by state folder.
+    pub queue: IntGaugeVec,
+    /// 1 when the writer uses io_uring.
+    pub io_uring: IntGauge,
+    /// Pairs moved to `corrupt/`.
+    pub corrupt: IntCounter,
+    /// Pairs inserted from `input/`.
+    pub inserted: IntCounter,
+    /// Duration of the last startup recovery.
+    pub recovery_seconds: prometheus::Gauge,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| -> prometheus::Result<Histogram> {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let smtp_replies = IntCounterVec::new(
+            Opts::new("spoold_smtp_replies_total", "SMTP replies sent, by reply code."),
+            &["code"],
+        )?;
+        registry.register(Box::new(smtp_replies.clone()))?;
+        let queue = IntGaugeVec::new(
+            Opts::new("spoold_queue_messages", "Messages on disk, by state folder."),
+            &["folder"],
+        )?;
+        registry.register(Box::new(queue.clone()))?;
+        let recovery_seconds = prometheus::Gauge::new(
+            "spoold_recovery_duration_seconds",
+            "Duration of the last startup recovery.",
+        )?;
+        registry.register(Box::new(recovery_seconds.clone()))?;
+        Ok(Metrics {
+            accepted_messages: counter(
+                "spoold_accepted_messages_total",
+                "Messages acknowledged with 250 after they were durable.",
+            )?,
+            accepted_bytes: counter(
+                "spoold_accepted_bytes_total",
+                "Body bytes of messages acknowledged with 250.",
+            )?,
+            smtp_replies,
+            smtp_sessions: gauge("spoold_smtp_sessions", "SMTP sessions open now.")?,
+            smtp_sessions_refused: counter(
+                "spoold_smtp_sessions_refused_total",
+                "SMTP sessions refused with 421 because sessions_max was reached.",
+            )?,
+            commit_batch: histogram(
+                "spoold_commit_batch_messages",
+                "Messages per group-commit round.",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+            )?,
+            commit_seconds: histogram(
+                "spoold_commit_duration_seconds",
+                "Duration of a group-commit round: writes, fsyncs, renames, directory fsync.",
+                vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0],
+            )?,
+            queue,
+            io_uring: gauge("spoold_io_uring_in_use", "1 when the spool writer uses io_uring, 0 for the portable writer.")?,
+            corrupt: counter("spoold_corrupt_messages_total", "Pairs moved to corrupt/ at recovery or insertion.")?,
+            inserted: counter("spoold_inserted_messages_total", "Pairs inserted from input/.")?,
+            recovery_seconds,
+            registry,
+        })
+    }
+
+    /// Adds `delta` to the gauge of `folder`.
+    pub fn queue_add(&self, folder: Folder, delta: i64) {
+        self.queue.with_label_values(&[folder.name()]).add(delta);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl spool::writer::RoundObserver for Metrics {
+    fn round(&self, batch: usize, elapsed: Duration) {
+        self.commit_batch.observe(batch as f64);
+        self.commit_seconds.observe(elapsed.as_secs_f64());
+    }
+}

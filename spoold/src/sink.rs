@@ -1,0 +1,207 @@
+//! The bridge from SMTP to the spool: each DATA becomes a `PendingBody` and an `Envelope`,
+//! committed by the group-commit writer; the `250` waits for the writer's completion.
+
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use smtp::{BodySink, Sink, SinkError, Transaction};
+use spool::writer::CommitRequest;
+use spool::{
+    BodyType, CommitError, Envelope, Folder, IdGenerator, Layout, PendingBody, RcptState,
+    Recipient, SpoolWriter,
+};
+use std::sync::Arc;
+
+/// Accepts messages into the spool.
+pub struct SpoolSink {
+    /// Paths of the state directory.
+    pub layout: Layout,
+    /// Id source for this node.
+    pub ids: IdGenerator,
+    /// The group-commit writer.
+    pub writer: SpoolWriter,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Our SMTP host name.
+    pub hostname: String,
+    /// Our node name.
+    pub node: String,
+    /// Bodies larger than this stream to `tmp/`.
+    pub spill_bytes: usize,
+    /// Minimum free space on the spool file system.
+    pub free_bytes_min: u64,
+}
+
+/// Free bytes for unprivileged users on the file system holding `path`.
+fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Sink for SpoolSink {
+    type Body = SpoolBody;
+
+    fn check_capacity(&self, declared_bytes: u64) -> Result<(), SinkError> {
+        match free_bytes(self.layout.root()) {
+            Ok(free) if free < self.free_bytes_min.saturating_add(declared_bytes) => Err(
+                SinkError::Full(format!("{free} bytes free, below spool.free_bytes_min")),
+            ),
+            Ok(_) => Ok(()),
+            Err(e) => Err(SinkError::Temporary(format!("statvfs on the spool: {e}"))),
+        }
+    }
+
+    fn begin(self: &Arc<Self>, tx: &Transaction<'_>) -> Result<SpoolBody, SinkError> {
+        let id = self.ids.next_id();
+        let protocol = match (tx.esmtp, tx.tls) {
+            (true, true) => "ESMTPS",
+            (true, false) => "ESMTP",
+            (false, true) => "SMTPS",
+            (false, false) => "SMTP",
+        };
+        let for_clause = match tx.recipients {
+            [only] => format!("\r\n\tfor <{only}>"),
+            _ => String::new(),
+        };
+        let received = format!(
+            "Received: from {} ({})\r\n\tby {} (Spoolpair) with {protocol} id {id}{for_clause};\r\n\t{}\r\n",
+            tx.helo,
+            tx.peer.ip(),
+            self.hostname,
+            chrono::Utc::now().to_rfc2822(),
+        );
+        let envelope = Envelope {
+            id: id.clone(),
+            origin: self.node.clone(),
+            arrived_ms: now_ms(),
+            client: tx.peer.ip().to_string(),
+            helo: tx.helo.to_string(),
+            sender: tx.sender.to_string(),
+            body_type: if tx.eight_bit {
+                BodyType::EightBitMime
+            } else {
+                BodyType::SevenBit
+            },
+            smtputf8: tx.smtputf8,
+            recipients: tx
+                .recipients
+                .iter()
+                .map(|r| Recipient {
+                    address: r.clone(),
+                    state: RcptState::Pending,
+                })
+                .collect(),
+            body_len: 0,
+            body_sha256: [0; 32],
+            attempts: 0,
+            next_attempt_ms: 0,
+        };
+        let mut body = SpoolBody {
+            sink: self.clone(),
+            pending: PendingBody::new(self.layout.clone(), id, self.spill_bytes),
+            envelope,
+        };
+        body.push(Bytes::from(received))?;
+        Ok(body)
+    }
+
+    fn replied(&self, code: u16) {
+        self.metrics
+            .smtp_replies
+            .with_label_values(&[code.to_string().as_str()])
+            .inc();
+    }
+}
+
+/// One message on its way into the spool.
+pub struct SpoolBody {
+    sink: Arc<SpoolSink>,
+    pending: PendingBody,
+    envelope: Envelope,
+}
+
+fn commit_error(e: CommitError) -> SinkError {
+    match e {
+        CommitError::DiskFull(e) => SinkError::Full(e.to_string()),
+        other => SinkError::Temporary(other.to_string()),
+    }
+}
+
+impl BodySink for SpoolBody {
+    fn push(&mut self, chunk: Bytes) -> Result<(), SinkError> {
+        let will_touch_disk = self.pending.len() as usize + chunk.len() >= self.sink.spill_bytes;
+        let result = if will_touch_disk && in_multi_thread_runtime() {
+            tokio::task::block_in_place(|| self.pending.push(chunk))
+        } else {
+            self.pending.push(chunk)
+        };
+        result.map_err(|e| commit_error(e.into()))
+    }
+
+    async fn commit(self) -> Result<String, SinkError> {
+        let SpoolBody {
+            sink,
+            pending,
+            mut envelope,
+        } = self;
+        let (body, len, sha) = pending.finish();
+        envelope.body_len = len;
+        envelope.body_sha256 = sha;
+        let id = envelope.id.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let req = CommitRequest {
+            id: id.clone(),
+            envelope: envelope.encode(),
+            body,
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        };
+        // `submit` blocks only when 4096 requests already wait for the disk.
+        sink.writer.submit(req);
+        match rx.await {
+            Ok(Ok(_)) => {
+                sink.metrics.accepted_messages.inc();
+                sink.metrics.accepted_bytes.inc_by(len);
+                sink.metrics.queue_add(Folder::Spool, 1);
+                tracing::info!(
+                    id = %id,
+                    from = %format_args!("<{}>", envelope.sender),
+                    nrcpt = envelope.recipients.len(),
+                    size = len,
+                    client = %envelope.client,
+                    "message accepted"
+                );
+                Ok(id.to_string())
+            }
+            Ok(Err(e)) => {
+                tracing::error!(id = %id, error = %e, "message not committed");
+                Err(commit_error(e))
+            }
+            Err(_) => Err(SinkError::Temporary("spool writer stopped".into())),
+        }
+    }
+
+    fn abort(self) {
+        tracing::debug!(id = %self.envelope.id, "message aborted before commit");
+        self.pending.discard();
+    }
+}
+
+fn in_multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .map(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        .unwrap_or(false)
+}
