@@ -135,8 +135,13 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("read config file {}", path.display()))?;
-        let cfg: Config = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("config file {}: {}", path.display(), e.to_string().trim_end()))?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "config file {}: {}",
+                path.display(),
+                e.to_string().trim_end()
+            )
+        })?;
         cfg.validate()
             .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
         Ok(cfg)
@@ -145,7 +150,10 @@ impl Config {
     /// Checks values that TOML types cannot; the message names the key.
     pub fn validate(&self) -> Result<()> {
         if spool::id::validate_node_name(&self.node_name).is_err() {
-            bail!("key `node_name`: {:?} must be 1 to 32 characters of a-z, 0-9 and _", self.node_name);
+            bail!(
+                "key `node_name`: {:?} must be 1 to 32 characters of a-z, 0-9 and _",
+                self.node_name
+            );
         }
         if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
             bail!("key `hostname`: {:?} is not a host name", self.hostname);
@@ -155,10 +163,16 @@ impl Config {
             bail!("key `smtp.message_bytes_max`: must be greater than 0");
         }
         if !(1..=10_000).contains(&s.recipients_max) {
-            bail!("key `smtp.recipients_max`: {} is outside 1..=10000", s.recipients_max);
+            bail!(
+                "key `smtp.recipients_max`: {} is outside 1..=10000",
+                s.recipients_max
+            );
         }
         if !(512..=65_536).contains(&s.line_bytes_max) {
-            bail!("key `smtp.line_bytes_max`: {} is outside 512..=65536 (RFC 5321 needs 512)", s.line_bytes_max);
+            bail!(
+                "key `smtp.line_bytes_max`: {} is outside 512..=65536 (RFC 5321 needs 512)",
+                s.line_bytes_max
+            );
         }
         if s.idle_timeout_secs == 0 {
             bail!("key `smtp.idle_timeout_secs`: must be greater than 0");
@@ -176,10 +190,16 @@ impl Config {
             }
         }
         if !(1..=1024).contains(&self.spool.batch_max) {
-            bail!("key `spool.batch_max`: {} is outside 1..=1024", self.spool.batch_max);
+            bail!(
+                "key `spool.batch_max`: {} is outside 1..=1024",
+                self.spool.batch_max
+            );
         }
         if self.spool.spill_bytes < 4096 {
-            bail!("key `spool.spill_bytes`: {} is below 4096", self.spool.spill_bytes);
+            bail!(
+                "key `spool.spill_bytes`: {} is below 4096",
+                self.spool.spill_bytes
+            );
         }
         Ok(())
     }
@@ -222,11 +242,18 @@ mod tests {
     fn errors_name_the_file_and_key() {
         let e = load("node_name = \"Bad Name\"\n").unwrap_err().to_string();
         assert!(e.contains("spoold.toml") && e.contains("node_name"), "{e}");
-        let e = load("[smtp]\nlisten = \"not an address\"\n").unwrap_err().to_string();
+        let e = load("[smtp]\nlisten = \"not an address\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("spoold.toml") && e.contains("listen"), "{e}");
         let e = load("[smtp]\nrecipents_max = 5\n").unwrap_err().to_string();
-        assert!(e.contains("unknown field") && e.contains("recipents_max"), "{e}");
-        let e = load("[smtp]\ntrusted_networks = [\"10.0.0.0/33\"]\n").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown field") && e.contains("recipents_max"),
+            "{e}"
+        );
+        let e = load("[smtp]\ntrusted_networks = [\"10.0.0.0/33\"]\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("trusted_networks"), "{e}");
         let e = load("[smtp]\ntls_cert = \"/x\"\n").unwrap_err().to_string();
         assert!(e.contains("tls_key"), "{e}");

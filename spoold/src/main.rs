@@ -96,7 +96,10 @@ fn main() -> ExitCode {
         println!("spoold: configuration ok");
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("spoold: start runtime: {e}");
@@ -119,18 +122,28 @@ fn load_tls(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>> {
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(cert_path).with_context(|| format!("key `smtp.tls_cert`: open {}", cert_path.display()))?,
+        std::fs::File::open(cert_path)
+            .with_context(|| format!("key `smtp.tls_cert`: open {}", cert_path.display()))?,
     ))
     .collect::<Result<Vec<_>, _>>()
     .with_context(|| format!("key `smtp.tls_cert`: parse {}", cert_path.display()))?;
     if certs.is_empty() {
-        anyhow::bail!("key `smtp.tls_cert`: no certificate in {}", cert_path.display());
+        anyhow::bail!(
+            "key `smtp.tls_cert`: no certificate in {}",
+            cert_path.display()
+        );
     }
     let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-        std::fs::File::open(key_path).with_context(|| format!("key `smtp.tls_key`: open {}", key_path.display()))?,
+        std::fs::File::open(key_path)
+            .with_context(|| format!("key `smtp.tls_key`: open {}", key_path.display()))?,
     ))
     .with_context(|| format!("key `smtp.tls_key`: parse {}", key_path.display()))?
-    .with_context(|| format!("key `smtp.tls_key`: no private key in {}", key_path.display()))?;
+    .with_context(|| {
+        format!(
+            "key `smtp.tls_key`: no private key in {}",
+            key_path.display()
+        )
+    })?;
     let server = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
@@ -175,7 +188,9 @@ async fn run(cfg: Config) -> Result<()> {
         .await
         .context("recovery task")?
         .with_context(|| format!("recover {}", cfg.state_dir.display()))?;
-    metrics.recovery_seconds.set(started.elapsed().as_secs_f64());
+    metrics
+        .recovery_seconds
+        .set(started.elapsed().as_secs_f64());
     for folder in Folder::ALL {
         metrics.queue.with_label_values(&[folder.name()]).set(0);
     }
@@ -184,9 +199,16 @@ async fn run(cfg: Config) -> Result<()> {
     }
     metrics.corrupt.inc_by(report.corrupt.len() as u64);
     let corrupt_now = std::fs::read_dir(layout.dir(Folder::Corrupt))
-        .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".env")).count())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".env"))
+                .count()
+        })
         .unwrap_or(0);
-    metrics.queue.with_label_values(&[Folder::Corrupt.name()]).set(corrupt_now as i64);
+    metrics
+        .queue
+        .with_label_values(&[Folder::Corrupt.name()])
+        .set(corrupt_now as i64);
     tracing::info!(
         messages = report.found.len(),
         tmp_removed = report.tmp_removed,
@@ -203,9 +225,16 @@ async fn run(cfg: Config) -> Result<()> {
     } else {
         BackendChoice::Portable
     };
-    let writer = SpoolWriter::start(layout.clone(), choice, cfg.spool.batch_max, Some(metrics.clone()))
-        .context("start spool writer")?;
-    metrics.io_uring.set(i64::from(writer.backend() == Backend::IoUring));
+    let writer = SpoolWriter::start(
+        layout.clone(),
+        choice,
+        cfg.spool.batch_max,
+        Some(metrics.clone()),
+    )
+    .context("start spool writer")?;
+    metrics
+        .io_uring
+        .set(i64::from(writer.backend() == Backend::IoUring));
     tracing::info!(backend = ?writer.backend(), "spool writer started");
 
     let smtp_listener = TcpListener::bind(cfg.smtp.listen)
@@ -330,8 +359,12 @@ async fn accept_loop(
         }
         sessions.fetch_add(1, Ordering::SeqCst);
         sink.metrics.smtp_sessions.inc();
-        let (cfg, sink, shutdown, sessions) =
-            (cfg.clone(), sink.clone(), shutdown.clone(), sessions.clone());
+        let (cfg, sink, shutdown, sessions) = (
+            cfg.clone(),
+            sink.clone(),
+            shutdown.clone(),
+            sessions.clone(),
+        );
         tokio::spawn(async move {
             let metrics = sink.metrics.clone();
             let end = smtp::serve(stream, peer, cfg, sink, shutdown).await;

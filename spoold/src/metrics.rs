@@ -45,23 +45,30 @@ impl Metrics {
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
-        let histogram = |name: &str, help: &str, buckets: Vec<f64>| -> prometheus::Result<Histogram> {
-            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
-            registry.register(Box::new(h.clone()))?;
-            Ok(h)
-        };
+        let histogram =
+            |name: &str, help: &str, buckets: Vec<f64>| -> prometheus::Result<Histogram> {
+                let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
         let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
             let g = IntGauge::new(name, help)?;
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
         let smtp_replies = IntCounterVec::new(
-            Opts::new("spoold_smtp_replies_total", "SMTP replies sent, by reply code."),
+            Opts::new(
+                "spoold_smtp_replies_total",
+                "SMTP replies sent, by reply code.",
+            ),
             &["code"],
         )?;
         registry.register(Box::new(smtp_replies.clone()))?;
         let queue = IntGaugeVec::new(
-            Opts::new("spoold_queue_messages", "Messages on disk, by state folder."),
+            Opts::new(
+                "spoold_queue_messages",
+                "Messages on disk, by state folder.",
+            ),
             &["folder"],
         )?;
         registry.register(Box::new(queue.clone()))?;
@@ -93,12 +100,23 @@ impl Metrics {
             commit_seconds: histogram(
                 "spoold_commit_duration_seconds",
                 "Duration of a group-commit round: writes, fsyncs, renames, directory fsync.",
-                vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0],
+                vec![
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
+                ],
             )?,
             queue,
-            io_uring: gauge("spoold_io_uring_in_use", "1 when the spool writer uses io_uring, 0 for the portable writer.")?,
-            corrupt: counter("spoold_corrupt_messages_total", "Pairs moved to corrupt/ at recovery or insertion.")?,
-            inserted: counter("spoold_inserted_messages_total", "Pairs inserted from input/.")?,
+            io_uring: gauge(
+                "spoold_io_uring_in_use",
+                "1 when the spool writer uses io_uring, 0 for the portable writer.",
+            )?,
+            corrupt: counter(
+                "spoold_corrupt_messages_total",
+                "Pairs moved to corrupt/ at recovery or insertion.",
+            )?,
+            inserted: counter(
+                "spoold_inserted_messages_total",
+                "Pairs inserted from input/.",
+            )?,
             recovery_seconds,
             registry,
         })

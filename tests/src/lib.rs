@@ -1,0 +1,348 @@
+//! Test harness for real `spoold` processes: start one on free loopback ports in a temporary
+//! state directory, talk SMTP to it, kill it, and read its spool back.
+//!
+//! It is not a unit-test helper for the libraries; each library tests itself. The daemon binary
+//! must be built first (`cargo build --workspace --bins`, which `scripts/test` does).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use spool;
+
+/// The `spoold` binary next to the test executable's profile directory.
+pub fn spoold_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = profile_dir.join("spoold");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build --workspace --bins` first (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A free loopback TCP port (bound and released; good enough on a test machine).
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A running daemon.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub state: PathBuf,
+    pub smtp: SocketAddr,
+    pub http: SocketAddr,
+    pub log: PathBuf,
+    pub extra_args: Vec<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Daemon {
+    /// Starts a daemon in a fresh temporary state directory.
+    pub fn start() -> Daemon {
+        Self::start_with(&[])
+    }
+
+    /// Starts a daemon with extra command-line arguments.
+    pub fn start_with(args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = Daemon {
+            child: None,
+            state: dir.path().join("state"),
+            smtp: free_addr(),
+            http: free_addr(),
+            log: dir.path().join("spoold.log"),
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+            _dir: Some(dir),
+        };
+        d.restart();
+        d
+    }
+
+    /// (Re)starts the process on the same state directory and ports; waits for `/readyz`.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(spoold_bin())
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--smtp-listen")
+            .arg(self.smtp.to_string())
+            .arg("--http-listen")
+            .arg(self.http.to_string())
+            .args(&self.extra_args)
+            .env("SPOOLD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if http_get(self.http, "/readyz")
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+            {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("spoold exited early ({status}): {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("spoold not ready: {}", self.log_text());
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().unwrap().id() as i32;
+        // SAFETY: plain kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        self.signal(libc::SIGTERM);
+        let status = self.child.take().unwrap().wait().unwrap();
+        status.code()
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Files of a folder of the state directory.
+    pub fn folder(&self, name: &str) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.state.join(name))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Ids with an `.env` in `spool/`.
+    pub fn spooled_ids(&self) -> Vec<String> {
+        self.folder("spool")
+            .into_iter()
+            .filter_map(|n| n.strip_suffix(".env").map(str::to_string))
+            .collect()
+    }
+
+    /// The body of a spooled message with its `Received:` header (our first header) removed.
+    pub fn body_without_received(&self, id: &str) -> Vec<u8> {
+        let body = std::fs::read(self.state.join("spool").join(format!("{id}.body"))).unwrap();
+        strip_received(&body).to_vec()
+    }
+
+    /// The envelope of a spooled message, decoded and verified.
+    pub fn envelope(&self, id: &str) -> spool::Envelope {
+        let bytes = std::fs::read(self.state.join("spool").join(format!("{id}.env"))).unwrap();
+        spool::Envelope::decode(&bytes).unwrap()
+    }
+
+    /// A metric's value from `/metrics` (first sample whose line starts with `name`).
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = http_get(self.http, "/metrics").ok()?;
+        body.lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Drops the first header block line group starting with `Received:` (with its folded lines).
+pub fn strip_received(body: &[u8]) -> &[u8] {
+    assert!(
+        body.starts_with(b"Received: "),
+        "body must start with our Received: header"
+    );
+    let mut i = 0;
+    loop {
+        let nl = body[i..].iter().position(|&b| b == b'\n').unwrap() + i + 1;
+        i = nl;
+        if !matches!(body.get(i), Some(b' ') | Some(b'\t')) {
+            return &body[i..];
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET; returns status and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A plain-text SMTP client speaking line by line: enough to script any conversation.
+pub struct Client {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Client {
+    /// Connects and reads the greeting.
+    pub fn connect(addr: SocketAddr) -> (Client, String) {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut c = Client {
+            reader: BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+        };
+        let greeting = c.reply();
+        (c, greeting)
+    }
+
+    /// Sends raw bytes.
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+    }
+
+    /// Reads one complete (possibly multi-line) reply; empty string on EOF.
+    pub fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return all,
+                Ok(_) => {}
+            }
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    }
+
+    /// Sends a command line and returns its reply.
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    /// One whole transaction with a dot-stuffed body; returns the final reply to DATA.
+    pub fn send_mail(&mut self, from: &str, to: &[&str], body: &[u8]) -> String {
+        let r = self.cmd(&format!("MAIL FROM:<{from}>"));
+        assert!(r.starts_with("250"), "MAIL: {r}");
+        for t in to {
+            let r = self.cmd(&format!("RCPT TO:<{t}>"));
+            assert!(r.starts_with("250"), "RCPT: {r}");
+        }
+        let r = self.cmd("DATA");
+        assert!(r.starts_with("354"), "DATA: {r}");
+        self.send(&dot_stuff(body));
+        self.send(b".\r\n");
+        self.reply()
+    }
+
+    /// Closes the write side (the server sees EOF).
+    pub fn shutdown_write(&self) {
+        let _ = self.writer.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Dot-stuffs a CRLF body for transmission.
+pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 16);
+    let mut at_start = true;
+    for &b in body {
+        if at_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_start = b == b'\n';
+    }
+    out
+}
+
+/// The queue id from a `250 2.0.0 Ok: queued as ID` reply.
+pub fn queued_id(reply: &str) -> Option<String> {
+    reply
+        .trim_end()
+        .strip_prefix("250 2.0.0 Ok: queued as ")
+        .map(str::to_string)
+}
+
+/// A self-signed certificate and key for `localhost`, written as PEM files into `dir`.
+pub fn write_self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    (cert_path, key_path)
+}
+
+/// True when `program` is on PATH.
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// A distinctive message body of about `len` bytes, CRLF lines, some starting with a dot.
+pub fn sample_body(seed: usize, len: usize) -> Vec<u8> {
+    let mut body = format!("From: test{seed}@example.com\r\nSubject: message {seed}\r\nMessage-ID: <{seed}@test>\r\n\r\n").into_bytes();
+    let mut line = 0;
+    while body.len() < len {
+        let l = if line % 7 == 3 {
+            format!(".dotted line {seed} {line}\r\n")
+        } else {
+            format!(
+                "line {line} of message {seed}: the quick brown fox jumps over the lazy dog\r\n"
+            )
+        };
+        body.extend_from_slice(l.as_bytes());
+        line += 1;
+    }
+    body
+}
