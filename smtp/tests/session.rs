@@ -1,5 +1,6 @@
 //! The server session against scripted clients over an in-memory pipe: exact replies, and
 //! exactly what reached the sink.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
 use smtp::{serve, BodySink, RelayPolicy, ServerConfig, SessionEnd, Sink, SinkError, Transaction};
@@ -7,9 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Sender, recipients, body.
+type Stored = (String, Vec<String>, Vec<u8>);
+
 #[derive(Default)]
 struct MemorySink {
-    stored: Mutex<Vec<(String, Vec<String>, Vec<u8>)>>,
+    stored: Mutex<Vec<Stored>>,
     aborted: Mutex<usize>,
     fail_commit: Option<bool>, // Some(true) = full, Some(false) = temporary
 }

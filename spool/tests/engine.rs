@@ -1,4 +1,5 @@
 //! The spool engine end to end on a real file system: writer backends, recovery, insertion.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};

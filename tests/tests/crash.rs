@@ -32,7 +32,11 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
                     while !stop.load(Ordering::SeqCst) {
                         let seed = (round * 100 + t) * 1_000_000 + i;
                         // Mix small and large (spilled to tmp/) messages.
-                        let len = if i % 10 == 9 { 300_000 } else { 2_000 + (i % 7) * 500 };
+                        let len = if i % 10 == 9 {
+                            300_000
+                        } else {
+                            2_000 + (i % 7) * 500
+                        };
                         let body = sample_body(seed, len);
                         let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                             c.send_mail("crash@example.com", &["sink@example.org"], &body)
@@ -60,29 +64,59 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
         let pending_tmp = d.folder("tmp").len();
         d.restart();
         let spool = d.folder("spool");
-        assert_eq!(d.folder("tmp").len(), 0, "tmp/ emptied at restart (had {pending_tmp})");
-        assert!(d.folder("corrupt").is_empty(), "nothing corrupt: {:?}", d.folder("corrupt"));
+        assert_eq!(
+            d.folder("tmp").len(),
+            0,
+            "tmp/ emptied at restart (had {pending_tmp})"
+        );
+        assert!(
+            d.folder("corrupt").is_empty(),
+            "nothing corrupt: {:?}",
+            d.folder("corrupt")
+        );
         for name in &spool {
             let (stem, ext) = name.rsplit_once('.').unwrap();
             let other = if ext == "env" { "body" } else { "env" };
-            assert!(spool.contains(&format!("{stem}.{other}")), "partial pair {name}");
+            assert!(
+                spool.contains(&format!("{stem}.{other}")),
+                "partial pair {name}"
+            );
         }
         let acked = acked.lock().unwrap();
         for (id, body) in acked.iter() {
-            assert!(spool.contains(&format!("{id}.env")), "round {round}: acknowledged {id} lost");
+            assert!(
+                spool.contains(&format!("{id}.env")),
+                "round {round}: acknowledged {id} lost"
+            );
             let got = d.body_without_received(id);
-            assert!(&got == body, "round {round}: {id} body differs ({} vs {} bytes)", got.len(), body.len());
+            assert!(
+                &got == body,
+                "round {round}: {id} body differs ({} vs {} bytes)",
+                got.len(),
+                body.len()
+            );
             let env = d.envelope(id);
             let path = d.state.join("spool").join(format!("{id}.body"));
             assert!(
-                tests::spool::MappedBody::open_verified(&path, env.body_len, &env.body_sha256).is_ok(),
+                tests::spool::MappedBody::open_verified(&path, env.body_len, &env.body_sha256)
+                    .is_ok(),
                 "{id}: body does not match its envelope's length and checksum"
             );
         }
         let spooled = d.spooled_ids().len();
-        assert!(spooled >= acked.len(), "spooled {spooled} < acknowledged {}", acked.len());
-        assert!(spooled <= acked.len() + SESSIONS, "at most one unacknowledged message per session");
-        eprintln!("round {round}: {} acknowledged, {spooled} spooled", acked.len());
+        assert!(
+            spooled >= acked.len(),
+            "spooled {spooled} < acknowledged {}",
+            acked.len()
+        );
+        assert!(
+            spooled <= acked.len() + SESSIONS,
+            "at most one unacknowledged message per session"
+        );
+        eprintln!(
+            "round {round}: {} acknowledged, {spooled} spooled",
+            acked.len()
+        );
         assert!(!acked.is_empty());
     }
 }

@@ -16,11 +16,18 @@ fn daemon() -> (Daemon, tempfile::TempDir) {
          [spool]\nspill_bytes = 16384\n",
     )
     .unwrap();
-    (Daemon::start_with(&["--config", cfg.to_str().unwrap()]), dir)
+    (
+        Daemon::start_with(&["--config", cfg.to_str().unwrap()]),
+        dir,
+    )
 }
 
 fn code(reply: &str) -> &str {
-    reply.lines().last().map(|l| &l[..l.len().min(9)]).unwrap_or("")
+    reply
+        .lines()
+        .last()
+        .map(|l| &l[..l.len().min(9)])
+        .unwrap_or("")
 }
 
 fn still_answers(d: &Daemon) {
@@ -36,28 +43,44 @@ fn every_limit_and_sequence_error_has_its_reply() {
     let (mut c, _) = Client::connect(d.smtp);
     assert_eq!(code(&c.cmd("MAIL FROM:<a@b.test>")), "503 5.5.1");
     assert_eq!(code(&c.cmd("EHLO battery")), "250 SMTPU");
-    assert_eq!(code(&c.cmd(&format!("NOOP {}", "x".repeat(600)))), "500 5.5.2");
+    assert_eq!(
+        code(&c.cmd(&format!("NOOP {}", "x".repeat(600)))),
+        "500 5.5.2"
+    );
     assert_eq!(code(&c.cmd("RCPT TO:<x@relay.test>")), "503 5.5.1");
     assert_eq!(code(&c.cmd("DATA")), "503 5.5.1");
     assert_eq!(code(&c.cmd("XYZZY")), "500 5.5.1");
-    assert_eq!(code(&c.cmd("MAIL FROM:<a@b.test> SIZE=999999999")), "552 5.3.4");
+    assert_eq!(
+        code(&c.cmd("MAIL FROM:<a@b.test> SIZE=999999999")),
+        "552 5.3.4"
+    );
     assert_eq!(code(&c.cmd("MAIL FROM:<not an address>")), "501 5.1.7");
     assert_eq!(code(&c.cmd("MAIL FROM:<a@b.test>")), "250 2.1.0");
     assert_eq!(code(&c.cmd("MAIL FROM:<a@b.test>")), "503 5.5.1");
-    assert_eq!(code(&c.cmd("RCPT TO:<victim@elsewhere.test>")), "554 5.7.1", "not an open relay");
+    assert_eq!(
+        code(&c.cmd("RCPT TO:<victim@elsewhere.test>")),
+        "554 5.7.1",
+        "not an open relay"
+    );
     assert_eq!(code(&c.cmd("DATA")), "554 5.5.1");
     for i in 0..5 {
-        assert_eq!(code(&c.cmd(&format!("RCPT TO:<r{i}@relay.test>"))), "250 2.1.5");
+        assert_eq!(
+            code(&c.cmd(&format!("RCPT TO:<r{i}@relay.test>"))),
+            "250 2.1.5"
+        );
     }
     assert_eq!(code(&c.cmd("RCPT TO:<r5@relay.test>")), "452 4.5.3");
     assert_eq!(code(&c.cmd("DATA")), "354 End d");
-    c.send(&vec![b'x'; 100].repeat(2100).chunks(100).flat_map(|l| [l, b"\r\n"].concat()).collect::<Vec<u8>>());
+    c.send(&[&[b'x'; 100][..], b"\r\n"].concat().repeat(2100));
     c.send(b".\r\n");
     assert_eq!(code(&c.reply()), "552 5.3.4");
     assert_eq!(code(&c.cmd("VRFY someone")), "252 2.0.0");
     assert_eq!(code(&c.cmd("RSET")), "250 2.0.0");
     assert!(d.spooled_ids().is_empty());
-    assert!(d.folder("tmp").is_empty(), "oversize message left nothing in tmp/");
+    assert!(
+        d.folder("tmp").is_empty(),
+        "oversize message left nothing in tmp/"
+    );
     still_answers(&d);
 }
 
@@ -79,7 +102,10 @@ fn bare_lf_smuggling_is_refused_and_nothing_is_spooled() {
         assert!(r.starts_with("550 5.5.2 Error: bare <"), "{r}");
         assert_eq!(c.reply(), "", "connection closed after the violation");
     }
-    assert!(d.spooled_ids().is_empty(), "neither the carrier nor the smuggled message spooled");
+    assert!(
+        d.spooled_ids().is_empty(),
+        "neither the carrier nor the smuggled message spooled"
+    );
     still_answers(&d);
 }
 
@@ -97,11 +123,17 @@ fn pipelined_batch_spools_each_message_once() {
         replies.push(r);
     }
     let codes: Vec<&str> = replies.iter().map(|r| code(r)).map(|c| &c[..3]).collect();
-    assert_eq!(codes, ["250", "250", "250", "554", "354", "250", "250", "250", "354", "250", "221"]);
+    assert_eq!(
+        codes,
+        ["250", "250", "250", "554", "354", "250", "250", "250", "354", "250", "221"]
+    );
     let ids = d.spooled_ids();
     assert_eq!(ids.len(), 2);
     assert_eq!(queued_id(&replies[5]).as_deref(), Some(ids[0].as_str()));
-    assert_eq!(d.body_without_received(&ids[0]), b"Subject: one\r\n\r\n.dot\r\n");
+    assert_eq!(
+        d.body_without_received(&ids[0]),
+        b"Subject: one\r\n\r\n.dot\r\n"
+    );
     assert_eq!(d.envelope(&ids[0]).recipients.len(), 1);
     assert_eq!(d.envelope(&ids[1]).sender, "");
 }
@@ -121,7 +153,11 @@ fn disconnect_mid_data_leaves_nothing_behind() {
     }
     std::thread::sleep(Duration::from_millis(200));
     assert!(d.spooled_ids().is_empty());
-    assert!(d.folder("tmp").is_empty(), "spilled partial body removed: {:?}", d.folder("tmp"));
+    assert!(
+        d.folder("tmp").is_empty(),
+        "spilled partial body removed: {:?}",
+        d.folder("tmp")
+    );
     still_answers(&d);
 }
 

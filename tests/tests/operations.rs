@@ -1,0 +1,327 @@
+//! Operating a live spoold: metrics checked by promtool, health endpoints, the systemd unit,
+//! configuration errors, SIGUSR2 insertion, SIGTERM under load, the portable writer, and a full
+//! disk.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use sha2::{Digest, Sha256};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tests::spool::{BodyType, Envelope, IdGenerator, RcptState, Recipient};
+use tests::{have, http_get, queued_id, sample_body, spoold_bin, workspace_root, Client, Daemon};
+
+fn send_one(d: &Daemon, body: &[u8]) -> String {
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO ops");
+    let r = c.send_mail("ops@example.com", &["sink@example.org"], body);
+    c.cmd("QUIT");
+    r
+}
+
+#[test]
+fn metrics_pass_promtool_and_health_endpoints_answer() {
+    assert!(
+        have("promtool"),
+        "promtool is required (apt-get install prometheus)"
+    );
+    let d = Daemon::start();
+    assert!(queued_id(&send_one(&d, &sample_body(1, 4096))).is_some());
+    let (status, metrics) = http_get(d.http, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    for name in [
+        "spoold_accepted_messages_total 1",
+        "spoold_smtp_replies_total{code=\"250\"}",
+        "spoold_commit_batch_messages_bucket",
+        "spoold_commit_duration_seconds_bucket",
+        "spoold_queue_messages{folder=\"spool\"} 1",
+        "spoold_io_uring_in_use 1",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+    }
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(http_get(d.http, "/healthz").unwrap().0, 200);
+    assert_eq!(http_get(d.http, "/readyz").unwrap().0, 200);
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    assert!(
+        have("systemd-analyze"),
+        "systemd-analyze is required (apt-get install systemd)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(workspace_root().join("systemd/spoold.service")).unwrap();
+    assert!(
+        unit.contains("Type=notify")
+            && unit.contains("WatchdogSec=")
+            && unit.contains("ProtectSystem=strict")
+    );
+    // verify checks that ExecStart exists: point it at the freshly built binary.
+    let unit = unit.replace("/usr/bin/spoold", spoold_bin().to_str().unwrap());
+    let path = dir.path().join("spoold.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("spoold.service:"),
+        "{text}"
+    );
+    // The sample configuration is accepted by the daemon itself.
+    let sample = workspace_root().join("systemd/spoold.toml");
+    let out = Command::new(spoold_bin())
+        .arg("--config")
+        .arg(&sample)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn bad_config_fails_at_start_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, key) in [
+        ("[smtp]\nrecipients_max = \"many\"\n", "recipients_max"),
+        ("[smtp]\nlisten = \"nowhere\"\n", "listen"),
+        ("node_name = \"Upper Case\"\n", "node_name"),
+        ("[spool]\nbogus = 1\n", "bogus"),
+        ("[smtp\n", "spoold.toml"),
+    ] {
+        let path = dir.path().join("spoold.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(spoold_bin())
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{text}: {err}");
+        assert!(
+            err.contains("spoold.toml") && err.contains(key),
+            "{text}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let out = Command::new(spoold_bin())
+        .args(["--config", "/nonexistent/spoold.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/spoold.toml"));
+}
+
+fn write_pair(dir: &std::path::Path, node: &str, body: &[u8], tamper: bool) -> String {
+    let id = IdGenerator::new(node).unwrap().next_id();
+    let env = Envelope {
+        id: id.clone(),
+        origin: node.into(),
+        arrived_ms: 1,
+        client: "192.0.2.1".into(),
+        helo: "peer".into(),
+        sender: "x@example.com".into(),
+        body_type: BodyType::SevenBit,
+        smtputf8: false,
+        recipients: vec![Recipient {
+            address: "y@example.org".into(),
+            state: RcptState::Pending,
+        }],
+        body_len: body.len() as u64,
+        body_sha256: Sha256::digest(body).into(),
+        attempts: 0,
+        next_attempt_ms: 0,
+    };
+    let mut stored_body = body.to_vec();
+    if tamper {
+        stored_body[0] ^= 1; // same length, other content: only the checksum can tell
+    }
+    std::fs::write(dir.join(format!("{id}.body")), stored_body).unwrap();
+    std::fs::write(dir.join(format!("{id}.env")), env.encode()).unwrap();
+    id.to_string()
+}
+
+#[test]
+fn sigusr2_inserts_input_pairs_and_rejects_bad_ones() {
+    let d = Daemon::start();
+    let input = d.state.join("input");
+    let good = write_pair(&input, "partner", b"Subject: moved\r\n\r\nhello\r\n", false);
+    let bad = write_pair(&input, "partner", b"Subject: moved\r\n\r\nhello\r\n", true);
+    d.signal(libc::SIGUSR2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d
+        .log_text()
+        .contains(&format!("new mail inserted (id={good})"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no insertion log line: {}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(d.spooled_ids().contains(&good));
+    assert!(d.folder("input").is_empty());
+    assert!(d.folder("corrupt").contains(&format!("{bad}.reason")));
+    let reason =
+        std::fs::read_to_string(d.state.join("corrupt").join(format!("{bad}.reason"))).unwrap();
+    assert!(reason.contains("checksum"), "{reason}");
+    assert_eq!(d.metric("spoold_inserted_messages_total"), Some(1.0));
+}
+
+#[test]
+fn sigterm_under_load_exits_cleanly_and_keeps_every_acknowledged_message() {
+    let mut d = Daemon::start();
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..6)
+        .map(|t| {
+            let (addr, acked, stop) = (d.smtp, acked.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut c, _) = Client::connect(addr);
+                c.cmd("EHLO term");
+                let mut i = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let r = c.cmd("MAIL FROM:<t@example.com>");
+                    if !r.starts_with("250") {
+                        return;
+                    }
+                    c.cmd("RCPT TO:<u@example.org>");
+                    c.cmd("DATA");
+                    c.send(&sample_body(t * 100_000 + i, 3000));
+                    c.send(b".\r\n");
+                    match queued_id(&c.reply()) {
+                        Some(id) => acked.lock().unwrap().push(id),
+                        None => return,
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(d.stop(), Some(0), "SIGTERM exits 0: {}", d.log_text());
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let acked = acked.lock().unwrap();
+    assert!(!acked.is_empty());
+    d.restart();
+    let spooled = d.spooled_ids();
+    for id in acked.iter() {
+        assert!(spooled.contains(id), "{id} acknowledged but missing");
+    }
+    assert!(d.log_text().contains("spoold stopped"));
+}
+
+#[test]
+fn portable_writer_is_selectable_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("spoold.toml");
+    std::fs::write(&cfg, "[spool]\nio_uring = false\n").unwrap();
+    let d = Daemon::start_with(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(d.metric("spoold_io_uring_in_use"), Some(0.0));
+    assert!(d.log_text().contains("backend=Portable"));
+    let body = sample_body(3, 10_000);
+    let id = queued_id(&send_one(&d, &body)).unwrap();
+    assert_eq!(d.body_without_received(&id), body);
+}
+
+struct Tmpfs(std::path::PathBuf);
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_disk_answers_452_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "mounting a 3 MiB tmpfs needs root (CI runs as root)"
+    );
+    let _guard = Tmpfs(mnt.clone());
+    let cfg = dir.path().join("spoold.toml");
+    // free_bytes_min = 0: let the writes themselves hit ENOSPC.
+    std::fs::write(&cfg, "[spool]\nfree_bytes_min = 0\n").unwrap();
+    let mut d = Daemon::start_with(&["--config", cfg.to_str().unwrap()]);
+    d.kill9();
+    d.state = mnt.join("state");
+    d.restart();
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO full");
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for i in 0..40 {
+        let body = sample_body(i, 200_000);
+        let r = c.send_mail("f@example.com", &["g@example.org"], &body);
+        match queued_id(&r) {
+            Some(id) => acked.push((id, body)),
+            None => {
+                refused = Some(r);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("a 3 MiB file system must fill up");
+    assert!(refused.starts_with("452 4.3.1"), "{refused}");
+    assert!(!acked.is_empty());
+    assert!(
+        c.cmd("NOOP").starts_with("250"),
+        "session survives a full disk"
+    );
+    assert!(
+        d.folder("tmp").is_empty(),
+        "failed write cleaned up: {:?}",
+        d.folder("tmp")
+    );
+    for (id, body) in &acked {
+        assert_eq!(&d.body_without_received(id), body);
+    }
+    assert_eq!(
+        d.spooled_ids().len(),
+        acked.len(),
+        "no half-written message visible"
+    );
+    d.kill9();
+}
