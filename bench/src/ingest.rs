@@ -1,0 +1,325 @@
+//! SMTP ingest: N sessions sending fixed-size mail, as fast as replies allow; against spoold and,
+//! in the same run, against a local Postfix that keeps every message in its hold queue.
+
+use crate::{describe_fs, median};
+use anyhow::{bail, Context, Result};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Concurrent SMTP sessions.
+    #[arg(long, default_value_t = 50)]
+    sessions: usize,
+    /// Messages per run, spread over the sessions.
+    #[arg(long, default_value_t = 20_000)]
+    messages: usize,
+    /// Message size in bytes.
+    #[arg(long, default_value_t = 4096)]
+    size: usize,
+    /// Runs per server; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Also measure a local Postfix (needs root; reconfigures and starts the system Postfix).
+    #[arg(long)]
+    compare_postfix: bool,
+    /// Postfix's SMTP address.
+    #[arg(long, default_value = "127.0.0.1:25")]
+    postfix_addr: SocketAddr,
+    /// spoold state directory (default: a temporary directory under ./target).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+struct RunResult {
+    msgs_per_s: f64,
+    mb_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: usize,
+}
+
+fn message(size: usize) -> Vec<u8> {
+    let mut m =
+        b"From: bench@example.com\r\nTo: sink@example.org\r\nSubject: ingest benchmark\r\n\r\n"
+            .to_vec();
+    let line = b"The quick brown fox jumps over the lazy dog. 0123456789 abcdefghijklmnop\r\n";
+    while m.len() + line.len() <= size {
+        m.extend_from_slice(line);
+    }
+    while m.len() < size - 2 {
+        m.push(b'x');
+    }
+    m.extend_from_slice(b"\r\n");
+    m
+}
+
+async fn read_reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Result<String> {
+    let mut all = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).await? == 0 {
+            bail!("connection closed");
+        }
+        all.push_str(&line);
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return Ok(all);
+        }
+    }
+}
+
+/// One session: EHLO, then per message MAIL+RCPT+DATA pipelined in one write (RFC 2920), the
+/// body, and the wait for the final reply, which is what the latency measures.
+async fn session(
+    addr: SocketAddr,
+    count: usize,
+    body: std::sync::Arc<Vec<u8>>,
+) -> Result<(Vec<f64>, usize)> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    read_reply(&mut r).await?;
+    w.write_all(b"EHLO bench.example\r\n").await?;
+    read_reply(&mut r).await?;
+    let mut lat = Vec::with_capacity(count);
+    let mut errors = 0;
+    for _ in 0..count {
+        w.write_all(b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.org>\r\nDATA\r\n")
+            .await?;
+        for _ in 0..3 {
+            let rep = read_reply(&mut r).await?;
+            if !rep.starts_with('2') && !rep.starts_with('3') {
+                bail!("server refused: {rep}");
+            }
+        }
+        w.write_all(&body).await?;
+        w.write_all(b".\r\n").await?;
+        let t = Instant::now();
+        let rep = read_reply(&mut r).await?;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        if !rep.starts_with("250") {
+            errors += 1;
+        }
+    }
+    w.write_all(b"QUIT\r\n").await?;
+    Ok((lat, errors))
+}
+
+fn load(addr: SocketAddr, a: &Args) -> Result<RunResult> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let body = std::sync::Arc::new(message(a.size));
+    rt.block_on(async {
+        let t = Instant::now();
+        let mut tasks = Vec::new();
+        for k in 0..a.sessions {
+            let n = a.messages / a.sessions + usize::from(k < a.messages % a.sessions);
+            tasks.push(tokio::spawn(session(addr, n, body.clone())));
+        }
+        let mut lat = Vec::new();
+        let mut errors = 0;
+        for t in tasks {
+            let (l, e) = t.await??;
+            lat.extend(l);
+            errors += e;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        lat.sort_by(|x, y| x.total_cmp(y));
+        let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+        Ok(RunResult {
+            msgs_per_s: a.messages as f64 / secs,
+            mb_per_s: (a.messages * a.size) as f64 / secs / 1e6,
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            errors,
+        })
+    })
+}
+
+fn spoold_binary() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "-p", "spoold", "--bin", "spoold"])
+        .status()
+        .context("build spoold")?;
+    anyhow::ensure!(status.success(), "cargo build spoold failed");
+    let exe = std::env::current_exe()?;
+    Ok(exe.with_file_name("spoold"))
+}
+
+fn free_addr() -> Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+struct Spoold {
+    child: Child,
+    smtp: SocketAddr,
+}
+
+impl Spoold {
+    fn start(bin: &PathBuf, state: &std::path::Path) -> Result<Spoold> {
+        let smtp = free_addr()?;
+        let http = free_addr()?;
+        let child = Command::new(bin)
+            .arg("--state-dir")
+            .arg(state)
+            .args([
+                "--smtp-listen",
+                &smtp.to_string(),
+                "--http-listen",
+                &http.to_string(),
+            ])
+            .env("SPOOLD_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(smtp).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "spoold did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Spoold { child, smtp })
+    }
+
+    /// Resident set size now and at its peak, in MiB.
+    fn rss_mib(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / 1024.0
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for Spoold {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn postconf(settings: &[&str]) -> Result<()> {
+    let status = Command::new("postconf")
+        .arg("-e")
+        .args(settings)
+        .status()
+        .context("postconf")?;
+    anyhow::ensure!(status.success(), "postconf failed");
+    Ok(())
+}
+
+/// Configures the system Postfix to accept everything from loopback into its hold queue.
+fn start_postfix() -> Result<()> {
+    postconf(&[
+        "inet_interfaces = loopback-only",
+        "inet_protocols = ipv4",
+        "mynetworks = 127.0.0.0/8",
+        "mydestination =",
+        "relay_domains =",
+        "smtpd_client_restrictions = check_client_access static:HOLD",
+        "smtpd_recipient_restrictions = permit_mynetworks, reject",
+        "in_flow_delay = 0s",
+        "default_process_limit = 200",
+        "smtpd_client_connection_count_limit = 0",
+        "smtpd_client_message_rate_limit = 0",
+        "anvil_rate_time_unit = 60s",
+        "maillog_file = /var/log/postfix.log",
+    ])?;
+    let _ = Command::new("postfix")
+        .arg("stop")
+        .stderr(Stdio::null())
+        .status();
+    std::thread::sleep(Duration::from_millis(500));
+    let status = Command::new("postfix")
+        .arg("start")
+        .status()
+        .context("postfix start")?;
+    anyhow::ensure!(status.success(), "postfix start failed");
+    std::thread::sleep(Duration::from_secs(1));
+    Ok(())
+}
+
+fn clear_postfix_queue() {
+    let _ = Command::new("postsuper")
+        .args(["-d", "ALL"])
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn row(name: &str, r: &[RunResult]) -> (f64, String) {
+    let m = median(r.iter().map(|x| x.msgs_per_s).collect());
+    let line = format!(
+        "{:<10} {:>10.0} {:>8.1} {:>9.2} {:>9.2} {:>7}",
+        name,
+        m,
+        median(r.iter().map(|x| x.mb_per_s).collect()),
+        median(r.iter().map(|x| x.p50_ms).collect()),
+        median(r.iter().map(|x| x.p99_ms).collect()),
+        r.iter().map(|x| x.errors).sum::<usize>()
+    );
+    (m, line)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let bin = spoold_binary()?;
+    let mut ours = Vec::new();
+    let mut rss = (0.0f64, 0.0f64);
+    let mut fs = String::new();
+    for _ in 0..a.runs {
+        let base = a
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("target"));
+        std::fs::create_dir_all(&base)?;
+        let dir = tempfile::tempdir_in(&base)?;
+        fs = describe_fs(dir.path());
+        let d = Spoold::start(&bin, &dir.path().join("state"))?;
+        ours.push(load(d.smtp, &a)?);
+        let (now, peak) = d.rss_mib();
+        rss = (rss.0.max(now), rss.1.max(peak));
+    }
+    let mut theirs = Vec::new();
+    if a.compare_postfix {
+        start_postfix()?;
+        for _ in 0..a.runs {
+            clear_postfix_queue();
+            theirs.push(load(a.postfix_addr, &a)?);
+        }
+        clear_postfix_queue();
+    }
+    println!(
+        "ingest: {} sessions, {} messages of {} B per run, median of {} runs; spool on {}",
+        a.sessions, a.messages, a.size, a.runs, fs
+    );
+    println!(
+        "{:<10} {:>10} {:>8} {:>9} {:>9} {:>7}",
+        "server", "msgs/s", "MB/s", "p50 ms", "p99 ms", "errors"
+    );
+    let (m_ours, line) = row("spoold", &ours);
+    println!("{line}");
+    if !theirs.is_empty() {
+        let (m_theirs, line) = row("postfix", &theirs);
+        println!("{line}");
+        println!(
+            "spoold / postfix accepted msgs/s = {:.2} (goal: >= 5)",
+            m_ours / m_theirs
+        );
+    }
+    println!(
+        "spoold RSS after the run: {:.1} MiB, peak {:.1} MiB (goal: well under 128 MiB)",
+        rss.0, rss.1
+    );
+    Ok(())
+}

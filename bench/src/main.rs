@@ -1,0 +1,67 @@
+//! `bench`: load generators and side-by-side comparisons. Figures, not tests: each command prints
+//! a table (medians over `--runs`) and, where it applies, the ratio against Postfix measured in
+//! the same run on the same machine.
+//!
+//! - `ingest`: N concurrent SMTP sessions sending fixed-size mail to spoold (and, with
+//!   `--compare-postfix`, to a local Postfix that holds every message in its hold queue).
+//! - `spool-raw`: the disk's own limit for durable small files, one at a time and batched with
+//!   io_uring, next to spoold's group-commit writer.
+//! - `recovery`: startup recovery time for a spool of N messages.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod ingest;
+mod raw;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Spoolpair benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// SMTP ingest throughput and DATA-end→250 latency.
+    Ingest(ingest::Args),
+    /// Durable small-file writes: one at a time, io_uring batches, spoold's writer.
+    SpoolRaw(raw::RawArgs),
+    /// Startup recovery time for a spool of N messages.
+    Recovery(raw::RecoveryArgs),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Ingest(a) => ingest::run(a),
+        Cmd::SpoolRaw(a) => raw::run(a),
+        Cmd::Recovery(a) => raw::recovery(a),
+    }
+}
+
+/// Median of a non-empty list.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Describes the file system holding `path` (type from /proc/mounts), for the report.
+pub fn describe_fs(path: &std::path::Path) -> String {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mut best: Option<(usize, String)> = None;
+    for line in mounts.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() >= 4
+            && path.starts_with(f[1])
+            && best.as_ref().is_none_or(|(l, _)| f[1].len() > *l)
+        {
+            best = Some((
+                f[1].len(),
+                format!("{} on {} ({}, {})", f[0], f[1], f[2], f[3]),
+            ));
+        }
+    }
+    best.map(|b| b.1).unwrap_or_else(|| "unknown".into())
+}
