@@ -30,6 +30,9 @@ pub struct Args {
     /// Postfix's SMTP address.
     #[arg(long, default_value = "127.0.0.1:25")]
     postfix_addr: SocketAddr,
+    /// spoold's `spool.sync`: `fsync` or `syncfs`.
+    #[arg(long, default_value = "fsync")]
+    sync: String,
     /// spoold state directory (default: a temporary directory under ./target).
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -163,10 +166,14 @@ struct Spoold {
 }
 
 impl Spoold {
-    fn start(bin: &PathBuf, state: &std::path::Path) -> Result<Spoold> {
+    fn start(bin: &PathBuf, state: &std::path::Path, sync: &str) -> Result<Spoold> {
         let smtp = free_addr()?;
         let http = free_addr()?;
+        let config = state.with_extension("toml");
+        std::fs::write(&config, format!("[spool]\nsync = \"{sync}\"\n"))?;
         let child = Command::new(bin)
+            .arg("--config")
+            .arg(&config)
             .arg("--state-dir")
             .arg(state)
             .args([
@@ -285,7 +292,7 @@ pub fn run(a: Args) -> Result<()> {
         std::fs::create_dir_all(&base)?;
         let dir = tempfile::tempdir_in(&base)?;
         fs = describe_fs(dir.path());
-        let d = Spoold::start(&bin, &dir.path().join("state"))?;
+        let d = Spoold::start(&bin, &dir.path().join("state"), &a.sync)?;
         ours.push(load(d.smtp, &a)?);
         let (now, peak) = d.rss_mib();
         rss = (rss.0.max(now), rss.1.max(peak));
@@ -300,8 +307,8 @@ pub fn run(a: Args) -> Result<()> {
         clear_postfix_queue();
     }
     println!(
-        "ingest: {} sessions, {} messages of {} B per run, median of {} runs; spool on {}",
-        a.sessions, a.messages, a.size, a.runs, fs
+        "ingest: {} sessions, {} messages of {} B per run, median of {} runs; spool.sync = {}; spool on {}",
+        a.sessions, a.messages, a.size, a.runs, a.sync, fs
     );
     println!(
         "{:<10} {:>10} {:>8} {:>9} {:>9} {:>7}",

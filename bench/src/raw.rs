@@ -4,6 +4,7 @@ use crate::{describe_fs, median};
 use anyhow::Result;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
+use spool::writer::{SyncMode, WriterOptions};
 use spool::{BackendChoice, BodyParts, Envelope, IdGenerator, Layout, SpoolWriter};
 use std::fs::File;
 use std::io::Write;
@@ -102,12 +103,21 @@ fn writer_rate(
     dir: &Path,
     n: usize,
     data: &[u8],
-    choice: BackendChoice,
+    backend: BackendChoice,
+    sync: SyncMode,
     submitters: usize,
 ) -> Result<f64> {
     let layout = Layout::new(dir);
     layout.create()?;
-    let writer = Arc::new(SpoolWriter::start(layout, choice, 64, None)?);
+    let writer = Arc::new(SpoolWriter::start(
+        layout,
+        WriterOptions {
+            backend,
+            batch_max: 64,
+            sync,
+        },
+        None,
+    )?);
     let ids = Arc::new(IdGenerator::new("bench")?);
     let body = Bytes::copy_from_slice(data);
     let t = Instant::now();
@@ -166,15 +176,31 @@ fn scratch(dir: &Option<std::path::PathBuf>) -> Result<tempfile::TempDir> {
 
 pub fn run(a: RawArgs) -> Result<()> {
     let data = vec![b'x'; a.size];
+    let writers = [
+        (
+            "spoold writer, io_uring, sync = fsync (2 files/msg)",
+            BackendChoice::Auto,
+            SyncMode::PerFile,
+        ),
+        (
+            "spoold writer, portable, sync = fsync (2 files/msg)",
+            BackendChoice::Portable,
+            SyncMode::PerFile,
+        ),
+        (
+            "spoold writer, io_uring, sync = syncfs (2 files/msg)",
+            BackendChoice::Auto,
+            SyncMode::FileSystem,
+        ),
+    ];
     let mut rows: Vec<(&str, Vec<f64>)> = vec![
         ("one at a time: write, fsync, rename, fsync dir", vec![]),
         (
             "io_uring batch: linked write→fsync→rename, 1 dir fsync",
             vec![],
         ),
-        ("spoold writer, io_uring (body+env: 2 files/msg)", vec![]),
-        ("spoold writer, portable (body+env: 2 files/msg)", vec![]),
     ];
+    rows.extend(writers.iter().map(|w| (w.0, vec![])));
     let probe = scratch(&a.dir)?;
     let fs = describe_fs(probe.path());
     for _ in 0..a.runs {
@@ -186,22 +212,17 @@ pub fn run(a: RawArgs) -> Result<()> {
         rows[1]
             .1
             .push(uring_batches(d.path(), a.files, &data, a.batch)?);
-        let d = scratch(&a.dir)?;
-        rows[2].1.push(writer_rate(
-            d.path(),
-            a.files,
-            &data,
-            BackendChoice::Auto,
-            a.submitters,
-        )?);
-        let d = scratch(&a.dir)?;
-        rows[3].1.push(writer_rate(
-            d.path(),
-            a.files,
-            &data,
-            BackendChoice::Portable,
-            a.submitters,
-        )?);
+        for (k, (_, backend, sync)) in writers.iter().enumerate() {
+            let d = scratch(&a.dir)?;
+            rows[2 + k].1.push(writer_rate(
+                d.path(),
+                a.files,
+                &data,
+                *backend,
+                *sync,
+                a.submitters,
+            )?);
+        }
     }
     println!(
         "spool-raw: {} files of {} B, batch {}, {} submitters, median of {} runs",
@@ -244,6 +265,7 @@ pub fn recovery(a: RecoveryArgs) -> Result<()> {
         a.messages,
         &vec![b'r'; a.size],
         BackendChoice::Auto,
+        SyncMode::PerFile,
         64,
     )?;
     let filled = t.elapsed();

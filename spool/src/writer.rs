@@ -51,6 +51,40 @@ pub enum BackendChoice {
     Portable,
 }
 
+/// How a round makes its files durable before the renames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// fsync every body and envelope (concurrently with io_uring). Costs a device flush per
+    /// file; safe on any file system shared with anything.
+    #[default]
+    PerFile,
+    /// Write every file of the round, then one `syncfs(2)` of the spool's file system. Two
+    /// device flushes per round whatever its size; meant for a file system dedicated to the
+    /// spool, since it also flushes everything else written there.
+    FileSystem,
+}
+
+/// Writer settings.
+#[derive(Clone, Copy, Debug)]
+pub struct WriterOptions {
+    /// Backend wanted.
+    pub backend: BackendChoice,
+    /// Largest number of messages per round.
+    pub batch_max: usize,
+    /// How file contents are made durable.
+    pub sync: SyncMode,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            backend: BackendChoice::Auto,
+            batch_max: BATCH_MAX_DEFAULT,
+            sync: SyncMode::PerFile,
+        }
+    }
+}
+
 /// Why a commit failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -115,11 +149,11 @@ impl SpoolWriter {
     /// Starts the writer thread for `layout` (which must exist).
     pub fn start(
         layout: Layout,
-        choice: BackendChoice,
-        batch_max: usize,
+        options: WriterOptions,
         observer: Option<Arc<dyn RoundObserver>>,
     ) -> io::Result<SpoolWriter> {
-        let batch_max = batch_max.clamp(1, 1024);
+        let batch_max = options.batch_max.clamp(1, 1024);
+        let choice = options.backend;
         let spool_dir = File::open(layout.dir(Folder::Spool))?;
         let ring = match choice {
             BackendChoice::Auto => match io_uring::IoUring::new((batch_max * 4) as u32) {
@@ -142,6 +176,7 @@ impl SpoolWriter {
             spool_dir,
             ring,
             batch_max,
+            sync: options.sync,
             observer,
         };
         let thread = std::thread::Builder::new()
@@ -218,6 +253,7 @@ struct Worker {
     spool_dir: File,
     ring: Option<io_uring::IoUring>,
     batch_max: usize,
+    sync: SyncMode,
     observer: Option<Arc<dyn RoundObserver>>,
 }
 
@@ -238,15 +274,25 @@ impl Worker {
     fn round(&mut self, batch: Vec<CommitRequest>) {
         let started = Instant::now();
         let mut jobs: Vec<Job> = batch.into_iter().map(|req| self.open(req)).collect();
+        let per_file = self.sync == SyncMode::PerFile;
         if let Some(ring) = self.ring.as_mut() {
-            if let Err(e) = write_and_sync_uring(ring, &mut jobs) {
+            if let Err(e) = write_and_sync_uring(ring, &mut jobs, per_file) {
                 tracing::error!(error = %e, "io_uring submit failed; finishing round with the portable path");
             }
         }
         for job in jobs.iter_mut().filter(|j| j.error.is_none()) {
             if !job.synced {
-                if let Err(e) = job.write_and_sync_portable() {
+                if let Err(e) = job.write_and_sync_portable(per_file) {
                     job.error = Some(e);
+                }
+            }
+        }
+        if !per_file && jobs.iter().any(|j| j.error.is_none()) {
+            // SAFETY: syncfs(2) on a valid open descriptor.
+            if unsafe { libc::syncfs(self.spool_dir.as_raw_fd()) } != 0 {
+                let e = io::Error::last_os_error();
+                for job in jobs.iter_mut().filter(|j| j.error.is_none()) {
+                    job.error = Some(io::Error::new(e.kind(), format!("syncfs: {e}")));
                 }
             }
         }
@@ -356,7 +402,7 @@ impl Job {
         self.req.body.chunks.iter().map(Bytes::len).sum()
     }
 
-    fn write_and_sync_portable(&mut self) -> io::Result<()> {
+    fn write_and_sync_portable(&mut self, fsync: bool) -> io::Result<()> {
         let (Some(body), Some(env)) = (self.body_file.as_mut(), self.env_file.as_mut()) else {
             return Err(io::Error::other("tmp files not open"));
         };
@@ -365,16 +411,23 @@ impl Job {
             body.write_all_at(chunk, offset)?;
             offset += chunk.len() as u64;
         }
-        body.sync_all()?;
         env.write_all(&self.req.envelope)?;
-        env.sync_all()
+        if fsync {
+            body.sync_all()?;
+            env.sync_all()?;
+        }
+        Ok(())
     }
 }
 
 /// Submits every job's `writev → fsync` (body) and `write → fsync` (envelope) chains in one go
-/// and waits for all of them. A job whose chain fell short (short write, cancelled link) stays
+/// (without the fsyncs when `fsync` is false) and waits for all of them. A job whose chain fell short (short write, cancelled link) stays
 /// unsynced so the portable path redoes it; only a failure of the ring itself is returned.
-fn write_and_sync_uring(ring: &mut io_uring::IoUring, jobs: &mut [Job]) -> io::Result<()> {
+fn write_and_sync_uring(
+    ring: &mut io_uring::IoUring,
+    jobs: &mut [Job],
+    fsync: bool,
+) -> io::Result<()> {
     use io_uring::{opcode, squeue::Flags, types::Fd};
     let mut expected = 0usize;
     // Results per job and step; None = no completion seen.
@@ -389,26 +442,37 @@ fn write_and_sync_uring(ring: &mut io_uring::IoUring, jobs: &mut [Job]) -> io::R
         let tag = |step: u64| (i as u64) << 2 | step;
         let body_fd = Fd(body.as_raw_fd());
         let env_fd = Fd(env.as_raw_fd());
-        let entries = [
-            opcode::Writev::new(body_fd, job.iovecs.as_ptr(), job.iovecs.len() as u32)
-                .offset(job.body_offset)
-                .build()
-                .flags(Flags::IO_LINK)
-                .user_data(tag(BODY_WRITE)),
-            opcode::Fsync::new(body_fd)
-                .build()
-                .user_data(tag(BODY_SYNC)),
-            opcode::Write::new(
-                env_fd,
-                job.req.envelope.as_ptr(),
-                job.req.envelope.len() as u32,
-            )
+        let link = if fsync {
+            Flags::IO_LINK
+        } else {
+            Flags::empty()
+        };
+        let body_write = opcode::Writev::new(body_fd, job.iovecs.as_ptr(), job.iovecs.len() as u32)
+            .offset(job.body_offset)
+            .build()
+            .flags(link)
+            .user_data(tag(BODY_WRITE));
+        let env_len = job.req.envelope.len() as u32;
+        let env_write = opcode::Write::new(env_fd, job.req.envelope.as_ptr(), env_len)
             .offset(0)
             .build()
-            .flags(Flags::IO_LINK)
-            .user_data(tag(ENV_WRITE)),
-            opcode::Fsync::new(env_fd).build().user_data(tag(ENV_SYNC)),
-        ];
+            .flags(link)
+            .user_data(tag(ENV_WRITE));
+        let entries = if fsync {
+            vec![
+                body_write,
+                opcode::Fsync::new(body_fd)
+                    .build()
+                    .user_data(tag(BODY_SYNC)),
+                env_write,
+                opcode::Fsync::new(env_fd).build().user_data(tag(ENV_SYNC)),
+            ]
+        } else {
+            // The round's syncfs makes these durable.
+            results[i][BODY_SYNC as usize] = Some(0);
+            results[i][ENV_SYNC as usize] = Some(0);
+            vec![body_write, env_write]
+        };
         for entry in entries {
             // SAFETY: the fds, iovecs and buffers live in `jobs`, which outlives this function's
             // wait for every completion below.

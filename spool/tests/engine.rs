@@ -4,6 +4,7 @@
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use spool::recovery::{insert_input, recover, InsertOutcome};
+use spool::writer::{SyncMode, WriterOptions};
 use spool::{
     BackendChoice, BodyParts, BodyType, Envelope, Folder, IdGenerator, Layout, MappedBody,
     MessageId, Part, PendingBody, RcptState, Recipient, SpoolWriter,
@@ -43,9 +44,20 @@ fn body_of(i: usize, len: usize) -> Vec<u8> {
     (0..len).map(|j| b'a' + ((i + j) % 26) as u8).collect()
 }
 
-fn commit_many(choice: BackendChoice) {
+fn commit_many(backend: BackendChoice, sync: SyncMode) {
     let (_d, layout, ids) = setup();
-    let writer = Arc::new(SpoolWriter::start(layout.clone(), choice, 64, None).unwrap());
+    let writer = Arc::new(
+        SpoolWriter::start(
+            layout.clone(),
+            WriterOptions {
+                backend,
+                batch_max: 64,
+                sync,
+            },
+            None,
+        )
+        .unwrap(),
+    );
     let mut expected = Vec::new();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
@@ -104,19 +116,34 @@ fn commit_many(choice: BackendChoice) {
 
 #[test]
 fn io_uring_writer_commits_concurrent_messages_whole() {
-    commit_many(BackendChoice::Auto);
+    commit_many(BackendChoice::Auto, SyncMode::PerFile);
 }
 
 #[test]
 fn portable_writer_commits_concurrent_messages_whole() {
-    commit_many(BackendChoice::Portable);
+    commit_many(BackendChoice::Portable, SyncMode::PerFile);
+}
+
+#[test]
+fn syncfs_rounds_commit_concurrent_messages_whole() {
+    commit_many(BackendChoice::Auto, SyncMode::FileSystem);
+    commit_many(BackendChoice::Portable, SyncMode::FileSystem);
 }
 
 #[test]
 fn spilled_bodies_are_committed_whole() {
     let (_d, layout, ids) = setup();
     for choice in [BackendChoice::Auto, BackendChoice::Portable] {
-        let writer = SpoolWriter::start(layout.clone(), choice, 8, None).unwrap();
+        let writer = SpoolWriter::start(
+            layout.clone(),
+            WriterOptions {
+                backend: choice,
+                batch_max: 8,
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
         let id = ids.next_id();
         let mut pending = PendingBody::new(layout.clone(), id.clone(), 1000);
         let mut all = Vec::new();
@@ -147,7 +174,7 @@ fn spilled_bodies_are_committed_whole() {
 #[test]
 fn recovery_handles_every_partial_state() {
     let (_d, layout, ids) = setup();
-    let writer = SpoolWriter::start(layout.clone(), BackendChoice::Auto, 8, None).unwrap();
+    let writer = SpoolWriter::start(layout.clone(), WriterOptions::default(), None).unwrap();
     let mut committed = Vec::new();
     for i in 0..6 {
         let id = ids.next_id();

@@ -225,17 +225,20 @@ async fn run(cfg: Config) -> Result<()> {
     } else {
         BackendChoice::Portable
     };
-    let writer = SpoolWriter::start(
-        layout.clone(),
-        choice,
-        cfg.spool.batch_max,
-        Some(metrics.clone()),
-    )
-    .context("start spool writer")?;
+    let options = spool::writer::WriterOptions {
+        backend: choice,
+        batch_max: cfg.spool.batch_max,
+        sync: match cfg.spool.sync {
+            config::SyncSetting::Fsync => spool::writer::SyncMode::PerFile,
+            config::SyncSetting::Syncfs => spool::writer::SyncMode::FileSystem,
+        },
+    };
+    let writer = SpoolWriter::start(layout.clone(), options, Some(metrics.clone()))
+        .context("start spool writer")?;
     metrics
         .io_uring
         .set(i64::from(writer.backend() == Backend::IoUring));
-    tracing::info!(backend = ?writer.backend(), "spool writer started");
+    tracing::info!(backend = ?writer.backend(), sync = ?options.sync, "spool writer started");
 
     let smtp_listener = TcpListener::bind(cfg.smtp.listen)
         .await
