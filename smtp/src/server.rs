@@ -222,12 +222,26 @@ impl<S: Sink> Session<S> {
         }
     }
 
+    /// Sends buffered replies. A client that stops reading is cut off after the idle timeout,
+    /// so it cannot hold a session (and its buffers) forever.
     async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.wbuf.is_empty() {
-            self.io.write_all(&self.wbuf).await?;
-            self.io.flush().await?;
-            self.wbuf.clear();
+        if self.wbuf.is_empty() {
+            return Ok(());
         }
+        let write = async {
+            self.io.write_all(&self.wbuf).await?;
+            self.io.flush().await
+        };
+        match tokio::time::timeout(self.cfg.idle_timeout, write).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client not reading",
+                ))
+            }
+        }
+        self.wbuf.clear();
         Ok(())
     }
 

@@ -356,3 +356,27 @@ async fn starttls_upgrades_and_discards_pipelined_plaintext() {
     assert_eq!(task.await.unwrap(), SessionEnd::Quit);
     assert_eq!(sink.stored.lock().unwrap()[0].2, b"secret\r\n");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_reads_replies_is_cut_off() {
+    let (mut client, server) = tokio::io::duplex(64);
+    let (_, rx) = tokio::sync::watch::channel(false);
+    let sink = Arc::new(MemorySink::default());
+    let task = tokio::spawn(serve(
+        server,
+        TRUSTED.parse().unwrap(),
+        Arc::new(config()),
+        sink,
+        rx,
+    ));
+    let writer = tokio::spawn(async move {
+        let _ = client.write_all(&b"NOOP\r\n".repeat(2000)).await;
+        client // keep the pipe open, never read
+    });
+    let end = task.await.unwrap();
+    assert!(
+        matches!(end, SessionEnd::Io(ref e) if e.contains("not reading")),
+        "{end:?}"
+    );
+    drop(writer);
+}
