@@ -4,9 +4,11 @@
 //! ([`data`]), the relay policy ([`policy`]) and the server session ([`server`]), which hands
 //! complete messages to a [`server::Sink`] and replies `250` only after the sink's commit.
 //!
-//! It is not: storage. It knows nothing of files, spools or metrics libraries. The delivery
-//! client arrives with the delivery stage.
+//! The client side ([`client`]) delivers one message at a time over a reusable connection.
+//!
+//! It is not: storage. It knows nothing of files, spools, queues or metrics libraries.
 
+pub mod client;
 pub mod command;
 pub mod data;
 pub mod policy;

@@ -2,60 +2,13 @@
 //! exactly what reached the sink.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use bytes::Bytes;
-use smtp::{serve, BodySink, RelayPolicy, ServerConfig, SessionEnd, Sink, SinkError, Transaction};
-use std::sync::{Arc, Mutex};
+use smtp::{serve, RelayPolicy, ServerConfig, SessionEnd};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Sender, recipients, body.
-type Stored = (String, Vec<String>, Vec<u8>);
-
-#[derive(Default)]
-struct MemorySink {
-    stored: Mutex<Vec<Stored>>,
-    aborted: Mutex<usize>,
-    fail_commit: Option<bool>, // Some(true) = full, Some(false) = temporary
-}
-
-struct MemoryBody {
-    sink: Arc<MemorySink>,
-    sender: String,
-    rcpts: Vec<String>,
-    bytes: Vec<u8>,
-}
-
-impl Sink for MemorySink {
-    type Body = MemoryBody;
-    fn begin(self: &Arc<Self>, tx: &Transaction<'_>) -> Result<MemoryBody, SinkError> {
-        Ok(MemoryBody {
-            sink: self.clone(),
-            sender: tx.sender.to_string(),
-            rcpts: tx.recipients.to_vec(),
-            bytes: Vec::new(),
-        })
-    }
-}
-
-impl BodySink for MemoryBody {
-    fn push(&mut self, chunk: Bytes) -> Result<(), SinkError> {
-        self.bytes.extend_from_slice(&chunk);
-        Ok(())
-    }
-    async fn commit(self) -> Result<String, SinkError> {
-        match self.sink.fail_commit {
-            Some(true) => return Err(SinkError::Full("disk full".into())),
-            Some(false) => return Err(SinkError::Temporary("io error".into())),
-            None => {}
-        }
-        let mut stored = self.sink.stored.lock().unwrap();
-        stored.push((self.sender, self.rcpts, self.bytes));
-        Ok(format!("Q{}", stored.len()))
-    }
-    fn abort(self) {
-        *self.sink.aborted.lock().unwrap() += 1;
-    }
-}
+mod common;
+use common::MemorySink;
 
 fn config() -> ServerConfig {
     ServerConfig {
