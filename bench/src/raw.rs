@@ -163,6 +163,8 @@ pub fn envelope(id: &spool::MessageId, body: &[u8]) -> Envelope {
         body_sha256: Sha256::digest(body).into(),
         attempts: 0,
         next_attempt_ms: 0,
+        scan: Default::default(),
+        last_error: None,
     }
 }
 

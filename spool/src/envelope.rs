@@ -52,6 +52,20 @@ pub enum BodyType {
     EightBitMime,
 }
 
+/// Where the message stands with the virus-scan stage.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum ScanState {
+    /// Not scanned yet.
+    #[default]
+    Pending,
+    /// Scanned and clean.
+    Clean,
+    /// Delivered without a scan (no scanner configured, or `fail_open` while it was down).
+    Unscanned,
+    /// Found infected; the name the scanner gave.
+    Infected(String),
+}
+
 /// One recipient and its delivery state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Recipient {
@@ -90,6 +104,10 @@ pub struct Envelope {
     pub attempts: u32,
     /// Earliest next delivery attempt, milliseconds since the Unix epoch (0: now).
     pub next_attempt_ms: u64,
+    /// The scan stage's verdict so far.
+    pub scan: ScanState,
+    /// Why the last delivery attempt did not finish, if it did not.
+    pub last_error: Option<String>,
 }
 
 /// Why bytes are not a valid envelope.
@@ -206,6 +224,17 @@ impl Envelope {
         let _ = writeln!(s, "body-sha256 {}", hex(&self.body_sha256));
         let _ = writeln!(s, "attempts {}", self.attempts);
         let _ = writeln!(s, "next-attempt {}", self.next_attempt_ms);
+        match &self.scan {
+            ScanState::Pending => s.push_str("scan pending\n"),
+            ScanState::Clean => s.push_str("scan clean\n"),
+            ScanState::Unscanned => s.push_str("scan unscanned\n"),
+            ScanState::Infected(name) => {
+                let _ = writeln!(s, "scan infected {}", escape_field(name));
+            }
+        }
+        if let Some(e) = &self.last_error {
+            let _ = writeln!(s, "last-error {}", escape_field(e));
+        }
         let crc = crc32c::crc32c(s.as_bytes());
         let _ = writeln!(s, "end {crc:08x}");
         s.into_bytes()
@@ -336,6 +365,22 @@ impl<'a> Parser<'a> {
         let body_sha256 = parse_hex32(sha).ok_or_else(|| Self::err(n, "bad body-sha256"))?;
         let attempts = self.number("attempts")?;
         let next_attempt_ms = self.number("next-attempt")?;
+        let (n, scan) = self.field("scan")?;
+        let scan = match scan.split_once(' ') {
+            None if scan == "pending" => ScanState::Pending,
+            None if scan == "clean" => ScanState::Clean,
+            None if scan == "unscanned" => ScanState::Unscanned,
+            Some(("infected", name)) => ScanState::Infected(
+                unescape_field(name).ok_or_else(|| Self::err(n, "bad virus name"))?,
+            ),
+            _ => return Err(Self::err(n, "bad scan state")),
+        };
+        let last_error = match self.lines.next_if(|(_, l)| l.starts_with("last-error ")) {
+            Some((n, l)) => {
+                Some(unescape_field(&l[11..]).ok_or_else(|| Self::err(n, "bad last-error"))?)
+            }
+            None => None,
+        };
         if let Some((n, _)) = self.lines.next() {
             return Err(Self::err(n, "unexpected line"));
         }
@@ -353,6 +398,8 @@ impl<'a> Parser<'a> {
             body_sha256,
             attempts,
             next_attempt_ms,
+            scan,
+            last_error,
         })
     }
 }
@@ -387,6 +434,8 @@ mod tests {
             body_sha256: [0xab; 32],
             attempts: 3,
             next_attempt_ms: 1_732_370_060_000,
+            scan: ScanState::Infected("Eicar Test".into()),
+            last_error: Some("451 4.3.0 try later".into()),
         }
     }
 
@@ -399,10 +448,14 @@ mod tests {
         assert!(text.contains("\nhelo client%20host\n"));
         assert!(text.contains("\nsender alice%25x@example.com\n"));
         assert!(text.contains("\nrcpt delivered \"odd%20%3Cperson%3E\"@exämple.org\n"));
+        assert!(text
+            .contains("\nscan infected Eicar%20Test\nlast-error 451%204.3.0%20try%20later\nend "));
         assert_eq!(Envelope::decode(&bytes).unwrap(), env);
 
         let mut null_sender = sample();
         null_sender.sender.clear();
+        null_sender.scan = ScanState::Clean;
+        null_sender.last_error = None;
         let bytes = null_sender.encode();
         assert!(String::from_utf8_lossy(&bytes).contains("\nsender <>\n"));
         assert_eq!(Envelope::decode(&bytes).unwrap(), null_sender);
@@ -445,6 +498,7 @@ mod tests {
             .map(|l| format!("{l}\n"))
             .collect();
         let swapped = body.replace("attempts 3\nnext-attempt", "next-attempt");
+        assert_ne!(swapped, body);
         let swapped = format!("{swapped}attempts 3\n");
         let crc = crc32c::crc32c(swapped.as_bytes());
         let forged = format!("{swapped}end {crc:08x}\n");

@@ -156,3 +156,32 @@ pub fn split_file_name(name: &str) -> Option<(&str, Part)> {
     };
     Some((stem, part))
 }
+
+impl Layout {
+    /// Reads and verifies the envelope of `id` in `folder`.
+    pub fn read_envelope(
+        &self,
+        folder: Folder,
+        id: &MessageId,
+    ) -> io::Result<crate::envelope::Envelope> {
+        let bytes = fs::read(self.path(folder, id, Part::Env))?;
+        crate::envelope::Envelope::decode(&bytes)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("envelope {id}: {e}")))
+    }
+
+    /// Replaces the envelope of a message in `folder` durably: write to `tmp/`, fsync, rename
+    /// over the old one, fsync the folder. A crash leaves either the old or the new envelope.
+    pub fn rewrite_envelope(
+        &self,
+        folder: Folder,
+        env: &crate::envelope::Envelope,
+    ) -> io::Result<()> {
+        use std::io::Write;
+        let tmp = self.path(Folder::Tmp, &env.id, Part::Env);
+        let mut f = File::create(&tmp)?;
+        f.write_all(&env.encode())?;
+        f.sync_all()?;
+        fs::rename(&tmp, self.path(folder, &env.id, Part::Env))?;
+        fsync_dir(&self.dir(folder))
+    }
+}

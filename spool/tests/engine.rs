@@ -30,6 +30,8 @@ fn envelope(id: &MessageId, body: &[u8]) -> Envelope {
         body_sha256: Sha256::digest(body).into(),
         attempts: 0,
         next_attempt_ms: 0,
+        scan: Default::default(),
+        last_error: None,
     }
 }
 

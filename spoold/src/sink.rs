@@ -107,6 +107,8 @@ impl Sink for SpoolSink {
             body_sha256: [0; 32],
             attempts: 0,
             next_attempt_ms: 0,
+            scan: Default::default(),
+            last_error: None,
         };
         let mut body = SpoolBody {
             sink: self.clone(),

@@ -162,6 +162,8 @@ fn write_pair(dir: &std::path::Path, node: &str, body: &[u8], tamper: bool) -> S
         body_sha256: Sha256::digest(body).into(),
         attempts: 0,
         next_attempt_ms: 0,
+        scan: Default::default(),
+        last_error: None,
     };
     let mut stored_body = body.to_vec();
     if tamper {
