@@ -174,6 +174,7 @@ impl Spoold {
         let child = Command::new(bin)
             .arg("--config")
             .arg(&config)
+            .arg("--no-delivery")
             .arg("--state-dir")
             .arg(state)
             .args([

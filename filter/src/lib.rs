@@ -230,6 +230,12 @@ impl VscanStage {
     pub async fn run(&self, from: Folder, env: &mut Envelope) -> Result<StageOutcome, StageError> {
         let id = env.id.clone();
         let layout = self.layout.clone();
+        if self.filter.is_none() && from == Folder::Spool {
+            // Nothing to scan with: no moves, no rewrite; the caller records the state with
+            // its next envelope write.
+            env.scan = ScanState::Unscanned;
+            return Ok(StageOutcome::Unscanned);
+        }
         if from != Folder::Vscan {
             let (l, i) = (layout.clone(), id.clone());
             Self::blocking(&id, move || l.move_pair(&i, from, Folder::Vscan)).await?;

@@ -24,6 +24,112 @@ pub struct Config {
     pub http: HttpConfig,
     /// The durable spool.
     pub spool: SpoolConfig,
+    /// Delivery to next hops.
+    pub delivery: DeliveryConfig,
+    /// The vscan stage.
+    pub filter: FilterConfig,
+}
+
+/// STARTTLS toward a next hop (like Postfix's `smtp_tls_security_level`).
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsSetting {
+    /// Never.
+    None,
+    /// When offered.
+    May,
+    /// Required; delivery waits if the next hop cannot do it.
+    Encrypt,
+}
+
+/// One `[[delivery.routes]]` entry.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// `example.org` (exactly) or `*.example.org` (any subdomain).
+    pub domain: String,
+    /// `host:port`.
+    pub next_hop: String,
+    /// Overrides `delivery.tls` for this route.
+    pub tls: Option<TlsSetting>,
+}
+
+/// `[delivery]`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Deliver at all (false: mail stays queued).
+    pub enabled: bool,
+    /// Messages in delivery at once.
+    pub concurrency_max: usize,
+    /// Connections to one next hop at once.
+    pub per_destination_max: usize,
+    /// `host:port` for domains no route matches (a smarthost); unset: such mail waits.
+    pub default_next_hop: Option<String>,
+    /// Routes by recipient domain.
+    pub routes: Vec<Route>,
+    /// Delays between attempts, seconds; the last one repeats.
+    pub retry_schedule_secs: Vec<u64>,
+    /// Age after which undelivered mail is bounced, seconds.
+    pub queue_lifetime_secs: u64,
+    /// Connect and greeting timeout, seconds.
+    pub connect_timeout_secs: u64,
+    /// Per-command reply timeout, seconds.
+    pub command_timeout_secs: u64,
+    /// Body transfer and final reply timeout, seconds.
+    pub data_timeout_secs: u64,
+    /// STARTTLS policy.
+    pub tls: TlsSetting,
+    /// Verify next hops' certificates (against `tls_ca_file`, else the system's roots).
+    pub tls_verify: bool,
+    /// PEM CA bundle for verification.
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+/// `[filter]`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilterConfig {
+    /// clamd address, `unix:/path` or `tcp:host:port`; unset: no scanning (mail is marked
+    /// unscanned).
+    pub clamd: Option<String>,
+    /// Scan timeout, seconds.
+    pub timeout_secs: u64,
+    /// Deliver unscanned when the scanner gives no verdict (default: hold in vscan/ and retry).
+    pub fail_open: bool,
+    /// Delay before scanning again after a scanner failure, seconds.
+    pub retry_secs: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            enabled: true,
+            concurrency_max: 20,
+            per_destination_max: 5,
+            default_next_hop: None,
+            routes: Vec::new(),
+            retry_schedule_secs: vec![60, 300, 900, 1800, 3600, 7200, 14400],
+            queue_lifetime_secs: 5 * 24 * 3600,
+            connect_timeout_secs: 30,
+            command_timeout_secs: 300,
+            data_timeout_secs: 600,
+            tls: TlsSetting::May,
+            tls_verify: false,
+            tls_ca_file: None,
+        }
+    }
+}
+
+impl Default for FilterConfig {
+    fn default() -> Self {
+        FilterConfig {
+            clamd: None,
+            timeout_secs: 60,
+            fail_open: false,
+            retry_secs: 30,
+        }
+    }
 }
 
 /// `[smtp]`.
@@ -96,6 +202,8 @@ impl Default for Config {
             smtp: SmtpConfig::default(),
             http: HttpConfig::default(),
             spool: SpoolConfig::default(),
+            delivery: DeliveryConfig::default(),
+            filter: FilterConfig::default(),
         }
     }
 }
@@ -209,6 +317,33 @@ impl Config {
                 self.spool.batch_max
             );
         }
+        let d = &self.delivery;
+        if d.concurrency_max == 0 || d.per_destination_max == 0 {
+            bail!("keys `delivery.concurrency_max` and `delivery.per_destination_max`: must be greater than 0");
+        }
+        if d.retry_schedule_secs.is_empty() || d.retry_schedule_secs.contains(&0) {
+            bail!("key `delivery.retry_schedule_secs`: needs at least one delay, none of them 0");
+        }
+        if d.queue_lifetime_secs == 0 {
+            bail!("key `delivery.queue_lifetime_secs`: must be greater than 0");
+        }
+        if let Some(hop) = &d.default_next_hop {
+            check_next_hop("delivery.default_next_hop", hop)?;
+        }
+        for r in &d.routes {
+            let bare = r.domain.strip_prefix("*.").unwrap_or(&r.domain);
+            if bare.is_empty() || bare.contains(['@', ' ', '/', '*']) {
+                bail!(
+                    "key `delivery.routes.domain`: {:?} is not a domain or *.domain",
+                    r.domain
+                );
+            }
+            check_next_hop("delivery.routes.next_hop", &r.next_hop)?;
+        }
+        if let Some(c) = &self.filter.clamd {
+            c.parse::<filter::ClamdAddress>()
+                .map_err(|e| anyhow::anyhow!("key `filter.clamd`: {e}"))?;
+        }
         if self.spool.spill_bytes < 4096 {
             bail!(
                 "key `spool.spill_bytes`: {} is below 4096",
@@ -218,9 +353,27 @@ impl Config {
         Ok(())
     }
 
+    /// Delivery client timeouts.
+    pub fn delivery_timeouts(&self) -> (Duration, Duration, Duration) {
+        let d = &self.delivery;
+        (
+            Duration::from_secs(d.connect_timeout_secs),
+            Duration::from_secs(d.command_timeout_secs),
+            Duration::from_secs(d.data_timeout_secs),
+        )
+    }
+
     /// The session idle timeout.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.smtp.idle_timeout_secs)
+    }
+}
+
+/// A next hop is `host:port` with a numeric port.
+fn check_next_hop(key: &str, hop: &str) -> Result<()> {
+    match hop.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => bail!("key `{key}`: {hop:?} is not host:port"),
     }
 }
 
@@ -275,6 +428,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("sync") && e.contains("fsync"), "{e}");
+        let e = load("[delivery]\ndefault_next_hop = \"mx.example\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("delivery.default_next_hop"), "{e}");
+        let e = load(
+            "[[delivery.routes]]\ndomain = \"a.example\"\nnext_hop = \"h:25\"\ntls = \"maybe\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tls"), "{e}");
+        let e = load("[filter]\nclamd = \"/run/clamd.sock\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("filter.clamd"), "{e}");
         let e = load("[spool]\nbatch_max = 0\n").unwrap_err().to_string();
         assert!(e.contains("spool.batch_max"), "{e}");
     }

@@ -6,13 +6,18 @@
 //! systemd; the storage and protocol logic live in `spool` and `smtp`.
 
 mod config;
+mod delivery;
+mod dsn;
 mod metrics;
+mod queue;
 mod sink;
+mod tls;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use config::Config;
 use metrics::Metrics;
+use queue::Queue;
 use sink::SpoolSink;
 use spool::recovery::{insert_input, recover, InsertOutcome};
 use spool::{Backend, BackendChoice, Folder, IdGenerator, Layout, SpoolWriter};
@@ -48,6 +53,9 @@ struct Cli {
     /// Node name (overrides `node_name`).
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
+    /// Accept and spool mail but deliver nothing (overrides `delivery.enabled`).
+    #[arg(long)]
+    no_delivery: bool,
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -69,6 +77,9 @@ fn load_config(cli: &Cli) -> Result<Config> {
     }
     if let Some(n) = &cli.node_name {
         cfg.node_name = n.clone();
+    }
+    if cli.no_delivery {
+        cfg.delivery.enabled = false;
     }
     cfg.validate().context("command-line overrides")?;
     Ok(cfg)
@@ -116,43 +127,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_tls(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>> {
-    let (Some(cert_path), Some(key_path)) = (&cfg.smtp.tls_cert, &cfg.smtp.tls_key) else {
-        return Ok(None);
-    };
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(cert_path)
-            .with_context(|| format!("key `smtp.tls_cert`: open {}", cert_path.display()))?,
-    ))
-    .collect::<Result<Vec<_>, _>>()
-    .with_context(|| format!("key `smtp.tls_cert`: parse {}", cert_path.display()))?;
-    if certs.is_empty() {
-        anyhow::bail!(
-            "key `smtp.tls_cert`: no certificate in {}",
-            cert_path.display()
-        );
-    }
-    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-        std::fs::File::open(key_path)
-            .with_context(|| format!("key `smtp.tls_key`: open {}", key_path.display()))?,
-    ))
-    .with_context(|| format!("key `smtp.tls_key`: parse {}", key_path.display()))?
-    .with_context(|| {
-        format!(
-            "key `smtp.tls_key`: no private key in {}",
-            key_path.display()
-        )
-    })?;
-    let server = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("keys `smtp.tls_cert`/`smtp.tls_key`: certificate and key do not fit")?;
-    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
-}
-
 /// Inserts `input/` and records the outcome in logs and metrics.
-async fn insert(layout: &Layout, metrics: &Metrics) -> Result<Vec<InsertOutcome>> {
+async fn insert(layout: &Layout, metrics: &Metrics, queue: &Queue) -> Result<Vec<InsertOutcome>> {
     let l = layout.clone();
     let outcomes = tokio::task::spawn_blocking(move || insert_input(&l))
         .await
@@ -160,7 +136,8 @@ async fn insert(layout: &Layout, metrics: &Metrics) -> Result<Vec<InsertOutcome>
         .context("insert input/")?;
     for o in &outcomes {
         match o {
-            InsertOutcome::Inserted(_) => {
+            InsertOutcome::Inserted(id) => {
+                queue.add(id.clone(), 0);
                 metrics.inserted.inc();
                 metrics.queue_add(Folder::Spool, 1);
             }
@@ -175,7 +152,9 @@ async fn insert(layout: &Layout, metrics: &Metrics) -> Result<Vec<InsertOutcome>
 }
 
 async fn run(cfg: Config) -> Result<()> {
-    let tls = load_tls(&cfg)?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = tls::server(&cfg)?;
+    let client_tls = tls::client(&cfg)?;
     let metrics = Arc::new(Metrics::new().context("register metrics")?);
     let layout = Layout::new(&cfg.state_dir);
     layout
@@ -194,8 +173,12 @@ async fn run(cfg: Config) -> Result<()> {
     for folder in Folder::ALL {
         metrics.queue.with_label_values(&[folder.name()]).set(0);
     }
+    let queue = Arc::new(Queue::default());
     for m in &report.found {
         metrics.queue_add(m.folder, 1);
+        if matches!(m.folder, Folder::Spool | Folder::Vscan) {
+            queue.add(m.id.clone(), m.next_attempt_ms);
+        }
     }
     metrics.corrupt.inc_by(report.corrupt.len() as u64);
     let corrupt_now = std::fs::read_dir(layout.dir(Folder::Corrupt))
@@ -218,7 +201,7 @@ async fn run(cfg: Config) -> Result<()> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recovery done"
     );
-    insert(&layout, &metrics).await?;
+    insert(&layout, &metrics, &queue).await?;
 
     let choice = if cfg.spool.io_uring {
         BackendChoice::Auto
@@ -256,6 +239,7 @@ async fn run(cfg: Config) -> Result<()> {
         node: cfg.node_name.clone(),
         spill_bytes: cfg.spool.spill_bytes,
         free_bytes_min: cfg.spool.free_bytes_min,
+        queue: queue.clone(),
     });
     let server_cfg = Arc::new(smtp::ServerConfig {
         hostname: cfg.hostname.clone(),
@@ -271,6 +255,31 @@ async fn run(cfg: Config) -> Result<()> {
         },
     });
 
+    let scanner: Option<Arc<dyn filter::Filter>> = match &cfg.filter.clamd {
+        Some(addr) => Some(Arc::new(filter::Clamd::new(
+            addr.parse()
+                .map_err(|e: String| anyhow::anyhow!("key `filter.clamd`: {e}"))?,
+            Duration::from_secs(cfg.filter.timeout_secs),
+        ))),
+        None => None,
+    };
+    let (connect_timeout, command_timeout, data_timeout) = cfg.delivery_timeouts();
+    let delivery = Arc::new(delivery::Delivery::new(
+        &cfg,
+        layout.clone(),
+        queue.clone(),
+        sink.clone(),
+        metrics.clone(),
+        filter::VscanStage::new(layout.clone(), scanner, cfg.filter.fail_open),
+        smtp::client::ClientConfig {
+            helo: cfg.hostname.clone(),
+            connect_timeout,
+            command_timeout,
+            data_timeout,
+            tls: Some(client_tls),
+        },
+    ));
+
     let ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(serve_http(http_listener, metrics.clone(), ready.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -279,10 +288,11 @@ async fn run(cfg: Config) -> Result<()> {
         smtp_listener,
         server_cfg,
         sink.clone(),
-        shutdown_rx,
+        shutdown_rx.clone(),
         sessions.clone(),
         cfg.smtp.sessions_max,
     ));
+    let delivery_task = tokio::spawn(delivery.clone().run(shutdown_rx.clone()));
     ready.store(true, Ordering::SeqCst);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     spawn_watchdog();
@@ -302,7 +312,7 @@ async fn run(cfg: Config) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = usr2.recv() => {
-                match insert(&layout, &metrics).await {
+                match insert(&layout, &metrics, &queue).await {
                     Ok(o) => tracing::info!(pairs = o.len(), "input/ insertion done"),
                     Err(e) => tracing::error!("input/ insertion failed: {e:#}"),
                 }
@@ -320,6 +330,8 @@ async fn run(cfg: Config) -> Result<()> {
     }
     accept.abort();
     let _ = accept.await;
+    let _ = delivery_task.await;
+    drop(delivery);
     match Arc::try_unwrap(sink) {
         Ok(sink) => tokio::task::spawn_blocking(move || sink.writer.shutdown())
             .await

@@ -34,6 +34,22 @@ pub struct Metrics {
     pub inserted: IntCounter,
     /// Duration of the last startup recovery.
     pub recovery_seconds: prometheus::Gauge,
+    /// Delivery attempts per recipient, by result.
+    pub delivery_attempts: IntCounterVec,
+    /// Transactions completed with a next hop, by next hop.
+    pub deliveries: IntCounterVec,
+    /// Messages known to the queue manager.
+    pub queue_scheduled: IntGauge,
+    /// Messages waiting for a retry.
+    pub queue_deferred: IntGauge,
+    /// Age of the oldest queued message.
+    pub oldest_message_age: prometheus::Gauge,
+    /// Scan verdicts.
+    pub scan_verdicts: IntCounterVec,
+    /// Scan stage duration.
+    pub scan_seconds: Histogram,
+    /// Bounces (DSNs) generated.
+    pub bounces: IntCounter,
 }
 
 impl Metrics {
@@ -77,7 +93,50 @@ impl Metrics {
             "Duration of the last startup recovery.",
         )?;
         registry.register(Box::new(recovery_seconds.clone()))?;
+        let vec = |name: &str, help: &str, label: &str| -> prometheus::Result<IntCounterVec> {
+            let v = IntCounterVec::new(Opts::new(name, help), &[label])?;
+            registry.register(Box::new(v.clone()))?;
+            Ok(v)
+        };
+        let oldest_message_age = prometheus::Gauge::new(
+            "spoold_queue_oldest_message_age_seconds",
+            "Age of the oldest message in the queue.",
+        )?;
+        registry.register(Box::new(oldest_message_age.clone()))?;
         Ok(Metrics {
+            delivery_attempts: vec(
+                "spoold_delivery_attempts_total",
+                "Delivery attempts per recipient, by result (delivered, deferred, failed).",
+                "result",
+            )?,
+            deliveries: vec(
+                "spoold_deliveries_total",
+                "SMTP transactions completed with a next hop, by next hop.",
+                "next_hop",
+            )?,
+            queue_scheduled: gauge(
+                "spoold_queue_scheduled_messages",
+                "Messages known to the queue manager.",
+            )?,
+            queue_deferred: gauge(
+                "spoold_queue_deferred_messages",
+                "Messages waiting for a retry.",
+            )?,
+            oldest_message_age,
+            scan_verdicts: vec(
+                "spoold_scan_verdicts_total",
+                "Scan stage results (clean, infected, error, unscanned).",
+                "verdict",
+            )?,
+            scan_seconds: histogram(
+                "spoold_scan_duration_seconds",
+                "Duration of the vscan stage for one message.",
+                vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0],
+            )?,
+            bounces: counter(
+                "spoold_bounces_total",
+                "Delivery status notifications generated.",
+            )?,
             accepted_messages: counter(
                 "spoold_accepted_messages_total",
                 "Messages acknowledged with 250 after they were durable.",

@@ -6,8 +6,8 @@ use bytes::Bytes;
 use smtp::{BodySink, Sink, SinkError, Transaction};
 use spool::writer::CommitRequest;
 use spool::{
-    BodyType, CommitError, Envelope, Folder, IdGenerator, Layout, PendingBody, RcptState,
-    Recipient, SpoolWriter,
+    BodyType, CommitError, Envelope, Folder, IdGenerator, Layout, MessageId, PendingBody,
+    RcptState, Recipient, SpoolWriter,
 };
 use std::sync::Arc;
 
@@ -29,6 +29,8 @@ pub struct SpoolSink {
     pub spill_bytes: usize,
     /// Minimum free space on the spool file system.
     pub free_bytes_min: u64,
+    /// The delivery schedule; every committed message is added to it.
+    pub queue: Arc<crate::queue::Queue>,
 }
 
 /// Free bytes for unprivileged users on the file system holding `path`.
@@ -43,60 +45,46 @@ fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
-impl Sink for SpoolSink {
-    type Body = SpoolBody;
+/// Where a message comes from, for its envelope and its `Received:` header.
+struct Origin<F: FnOnce(&MessageId, &str) -> String> {
+    client: String,
+    helo: String,
+    received: F,
+}
 
-    fn check_capacity(&self, declared_bytes: u64) -> Result<(), SinkError> {
-        match free_bytes(self.layout.root()) {
-            Ok(free) if free < self.free_bytes_min.saturating_add(declared_bytes) => Err(
-                SinkError::Full(format!("{free} bytes free, below spool.free_bytes_min")),
-            ),
-            Ok(_) => Ok(()),
-            Err(e) => Err(SinkError::Temporary(format!("statvfs on the spool: {e}"))),
-        }
-    }
-
-    fn begin(self: &Arc<Self>, tx: &Transaction<'_>) -> Result<SpoolBody, SinkError> {
+impl SpoolSink {
+    fn start<F: FnOnce(&MessageId, &str) -> String>(
+        self: &Arc<Self>,
+        origin: Origin<F>,
+        sender: &str,
+        recipients: &[String],
+        eight_bit: bool,
+        smtputf8: bool,
+    ) -> Result<SpoolBody, SinkError> {
         let id = self.ids.next_id();
-        let protocol = match (tx.esmtp, tx.tls) {
-            (true, true) => "ESMTPS",
-            (true, false) => "ESMTP",
-            (false, true) => "SMTPS",
-            (false, false) => "SMTP",
-        };
-        let for_clause = match tx.recipients {
-            [only] => format!("\r\n\tfor <{only}>"),
-            _ => String::new(),
-        };
-        let received = format!(
-            "Received: from {} ({})\r\n\tby {} (Spoolpair) with {protocol} id {id}{for_clause};\r\n\t{}\r\n",
-            tx.helo,
-            tx.peer.ip(),
-            self.hostname,
-            chrono::Utc::now().to_rfc2822(),
-        );
+        let received = (origin.received)(&id, &self.hostname);
         let envelope = Envelope {
             id: id.clone(),
             origin: self.node.clone(),
             arrived_ms: now_ms(),
-            client: tx.peer.ip().to_string(),
-            helo: tx.helo.to_string(),
-            sender: tx.sender.to_string(),
-            body_type: if tx.eight_bit {
+            client: origin.client,
+            helo: origin.helo,
+            sender: sender.to_string(),
+            body_type: if eight_bit {
                 BodyType::EightBitMime
             } else {
                 BodyType::SevenBit
             },
-            smtputf8: tx.smtputf8,
-            recipients: tx
-                .recipients
+            smtputf8,
+            recipients: recipients
                 .iter()
                 .map(|r| Recipient {
                     address: r.clone(),
@@ -117,6 +105,68 @@ impl Sink for SpoolSink {
         };
         body.push(Bytes::from(received))?;
         Ok(body)
+    }
+
+    /// Spools a locally generated message (a bounce) the same durable way as SMTP mail.
+    pub async fn inject(
+        self: &Arc<Self>,
+        sender: &str,
+        recipients: &[String],
+        body: Vec<u8>,
+    ) -> Result<String, SinkError> {
+        let origin = Origin {
+            client: "127.0.0.1".into(),
+            helo: "localhost".into(),
+            received: |id: &MessageId, host: &str| {
+                format!(
+                    "Received: by {host} (Spoolpair) id {id};\r\n\t{}\r\n",
+                    chrono::Utc::now().to_rfc2822()
+                )
+            },
+        };
+        let mut b = self.start(origin, sender, recipients, false, false)?;
+        b.push(Bytes::from(body))?;
+        b.commit().await
+    }
+}
+
+impl Sink for SpoolSink {
+    type Body = SpoolBody;
+
+    fn check_capacity(&self, declared_bytes: u64) -> Result<(), SinkError> {
+        match free_bytes(self.layout.root()) {
+            Ok(free) if free < self.free_bytes_min.saturating_add(declared_bytes) => Err(
+                SinkError::Full(format!("{free} bytes free, below spool.free_bytes_min")),
+            ),
+            Ok(_) => Ok(()),
+            Err(e) => Err(SinkError::Temporary(format!("statvfs on the spool: {e}"))),
+        }
+    }
+
+    fn begin(self: &Arc<Self>, tx: &Transaction<'_>) -> Result<SpoolBody, SinkError> {
+        let protocol = match (tx.esmtp, tx.tls) {
+            (true, true) => "ESMTPS",
+            (true, false) => "ESMTP",
+            (false, true) => "SMTPS",
+            (false, false) => "SMTP",
+        };
+        let for_clause = match tx.recipients {
+            [only] => format!("\r\n\tfor <{only}>"),
+            _ => String::new(),
+        };
+        let origin = Origin {
+            client: tx.peer.ip().to_string(),
+            helo: tx.helo.to_string(),
+            received: |id: &MessageId, host: &str| {
+                format!(
+                    "Received: from {} ({})\r\n\tby {host} (Spoolpair) with {protocol} id {id}{for_clause};\r\n\t{}\r\n",
+                    tx.helo,
+                    tx.peer.ip(),
+                    chrono::Utc::now().to_rfc2822(),
+                )
+            },
+        };
+        self.start(origin, tx.sender, tx.recipients, tx.eight_bit, tx.smtputf8)
     }
 
     fn replied(&self, code: u16) {
@@ -178,6 +228,7 @@ impl BodySink for SpoolBody {
                 sink.metrics.accepted_messages.inc();
                 sink.metrics.accepted_bytes.inc_by(len);
                 sink.metrics.queue_add(Folder::Spool, 1);
+                sink.queue.add(id.clone(), 0);
                 tracing::info!(
                     id = %id,
                     from = %format_args!("<{}>", envelope.sender),

@@ -59,8 +59,20 @@ impl Daemon {
         Self::start_with(&[])
     }
 
-    /// Starts a daemon with extra command-line arguments.
+    /// Starts a daemon with extra command-line arguments; it spools but does not deliver, so
+    /// tests can inspect `spool/` without the queue manager moving files under them.
     pub fn start_with(args: &[&str]) -> Daemon {
+        let mut all = vec!["--no-delivery"];
+        all.extend_from_slice(args);
+        Self::start_raw(&all)
+    }
+
+    /// Starts a daemon that delivers (give it a config with a next hop).
+    pub fn start_delivering(args: &[&str]) -> Daemon {
+        Self::start_raw(args)
+    }
+
+    fn start_raw(args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let mut d = Daemon {
             child: None,
@@ -345,4 +357,237 @@ pub fn sample_body(seed: usize, len: usize) -> Vec<u8> {
         line += 1;
     }
     body
+}
+
+/// Polls `cond` every 50 ms until it holds or `secs` pass; returns whether it held.
+pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Postfix's `smtp-sink` dumping every transaction into a directory.
+pub struct SmtpSink {
+    child: Child,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+/// One transaction as `smtp-sink -d` dumped it.
+#[derive(Debug)]
+pub struct Dumped {
+    /// `X-Mail-Args:` (the MAIL FROM path with brackets).
+    pub mail_args: String,
+    /// `X-Rcpt-Args:` lines.
+    pub rcpt_args: Vec<String>,
+    /// The message after smtp-sink's own `X-` lines and `Received:` header, LF line endings.
+    pub message: String,
+}
+
+impl SmtpSink {
+    /// Starts smtp-sink on a free loopback port (as `nobody`, which it requires under root).
+    pub fn start() -> SmtpSink {
+        Self::start_on(free_addr())
+    }
+
+    /// Starts smtp-sink on `addr`.
+    pub fn start_on(addr: SocketAddr) -> SmtpSink {
+        assert!(
+            have("smtp-sink"),
+            "smtp-sink is required (apt-get install postfix)"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("dump");
+        std::fs::create_dir(&dir).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut cmd = Command::new("smtp-sink");
+        if unsafe { libc::geteuid() } == 0 {
+            cmd.args(["-u", "nobody"]);
+        }
+        let child = cmd
+            .arg("-d")
+            .arg(dir.join("msg-"))
+            .arg(addr.to_string())
+            .arg("256")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(
+            wait_until(10, || TcpStream::connect(addr).is_ok()),
+            "smtp-sink did not start"
+        );
+        SmtpSink {
+            child,
+            addr,
+            dir,
+            _tmp: tmp,
+        }
+    }
+
+    /// Every transaction dumped so far.
+    pub fn dumped(&self) -> Vec<Dumped> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.dir).unwrap() {
+            let text =
+                String::from_utf8_lossy(&std::fs::read(e.unwrap().path()).unwrap()).into_owned();
+            let mut mail_args = String::new();
+            let mut rcpt_args = Vec::new();
+            let mut rest = text.as_str();
+            while let Some((line, tail)) = rest.split_once('\n') {
+                if let Some(v) = line.strip_prefix("X-Mail-Args: ") {
+                    mail_args = v.to_string();
+                } else if let Some(v) = line.strip_prefix("X-Rcpt-Args: ") {
+                    rcpt_args.push(v.to_string());
+                } else if !line.starts_with("X-") {
+                    break;
+                }
+                rest = tail;
+            }
+            // smtp-sink's own Received: header (with its folded lines).
+            let mut lines = rest.split_inclusive('\n').peekable();
+            if lines.peek().is_some_and(|l| l.starts_with("Received: ")) {
+                lines.next();
+                while lines.peek().is_some_and(|l| l.starts_with([' ', '\t'])) {
+                    lines.next();
+                }
+            }
+            // smtp-sink ends each dumped message with one extra newline.
+            let mut message: String = lines.collect();
+            if message.ends_with("\n\n") {
+                message.pop();
+            }
+            out.push(Dumped {
+                mail_args,
+                rcpt_args,
+                message,
+            });
+        }
+        out
+    }
+
+    /// Stops the sink (the next hop goes down).
+    pub fn stop(mut self) -> PathBuf {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.dir.clone()
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Python (aiosmtpd) next hop in `tests/peers/sink.py`: per-recipient 550s and STARTTLS.
+pub struct PySink {
+    child: Child,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+/// One message the Python sink received.
+#[derive(Debug)]
+pub struct Received {
+    pub mail_from: String,
+    pub rcpt_tos: Vec<String>,
+    pub tls: bool,
+    pub message: Vec<u8>,
+}
+
+impl PySink {
+    /// Starts the sink; `reject` refuses recipients with that prefix; `tls` = (cert, key)
+    /// requires STARTTLS.
+    pub fn start(reject: &str, tls: Option<(&Path, &Path)>) -> PySink {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let addr = free_addr();
+        let mut cmd = Command::new("python3");
+        cmd.arg(workspace_root().join("tests/peers/sink.py"))
+            .arg(addr.port().to_string())
+            .arg(&dir)
+            .args(["--reject", reject]);
+        if let Some((cert, key)) = tls {
+            cmd.arg("--tls").arg(cert).arg(key);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "sink.py did not start (pip install aiosmtpd)"
+        );
+        PySink {
+            child,
+            addr,
+            dir,
+            _tmp: tmp,
+        }
+    }
+
+    /// Every message received so far, in order.
+    pub fn received(&self) -> Vec<Received> {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+            .collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|eml| {
+                let meta = std::fs::read_to_string(eml.with_extension("json")).unwrap();
+                let field = |k: &str| -> String {
+                    let start = meta.find(&format!("\"{k}\": ")).unwrap() + k.len() + 4;
+                    meta[start..]
+                        .split([',', '}'])
+                        .next()
+                        .unwrap()
+                        .trim()
+                        .to_string()
+                };
+                let rcpts_start = meta.find("\"rcpt_tos\": [").unwrap() + 13;
+                let rcpts_end = meta[rcpts_start..].find(']').unwrap() + rcpts_start;
+                Received {
+                    mail_from: field("mail_from").trim_matches('"').to_string(),
+                    rcpt_tos: meta[rcpts_start..rcpts_end]
+                        .split(',')
+                        .map(|s| s.trim().trim_matches('"').to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect(),
+                    tls: field("tls") == "true",
+                    message: std::fs::read(&eml).unwrap(),
+                }
+            })
+            .collect()
+    }
+}
+
+impl Drop for PySink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a config file into `dir` and returns its path as a string.
+pub fn write_config(dir: &Path, text: &str) -> String {
+    let path = dir.join("spoold.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
 }

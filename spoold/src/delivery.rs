@@ -1,0 +1,557 @@
+//! The queue manager: takes due messages from the [`Queue`], runs the vscan stage, delivers to
+//! next hops over reused SMTP connections, records each recipient's outcome durably in the
+//! `.env`, retries with backoff, bounces permanent failures with a DSN, and removes finished
+//! messages.
+//!
+//! Crash window, by design: between a next hop's `250` and the `.env` rewrite that records it, a
+//! crash makes the message go out again after restart (at-least-once, like every MTA).
+
+use crate::config::{Config, TlsSetting};
+use crate::dsn::{self, Failure};
+use crate::metrics::Metrics;
+use crate::queue::Queue;
+use crate::sink::{now_ms, SpoolSink};
+use filter::{StageOutcome, VscanStage};
+use smtp::client::{ClientConfig, ClientError, Connection, TlsPolicy};
+use spool::{Envelope, Folder, Layout, MappedBody, MessageId, Part, RcptState};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Semaphore};
+
+/// Idle pooled connections older than this are closed instead of reused.
+const POOL_IDLE_MAX: Duration = Duration::from_secs(30);
+
+/// A route's target.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Hop {
+    /// `host:port`.
+    address: String,
+    tls: TlsSetting,
+}
+
+/// Routing table: exact domains, `*.parent` wildcards, then the default next hop.
+pub struct Routes {
+    exact: HashMap<String, Hop>,
+    wildcard: HashMap<String, Hop>,
+    default: Option<Hop>,
+}
+
+impl Routes {
+    /// Builds the table from `[delivery]`.
+    pub fn from_config(cfg: &Config) -> Routes {
+        let d = &cfg.delivery;
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        for r in &d.routes {
+            let hop = Hop {
+                address: r.next_hop.clone(),
+                tls: r.tls.unwrap_or(d.tls),
+            };
+            match r.domain.strip_prefix("*.") {
+                Some(parent) => wildcard.insert(parent.to_ascii_lowercase(), hop),
+                None => exact.insert(r.domain.to_ascii_lowercase(), hop),
+            };
+        }
+        let default = d.default_next_hop.as_ref().map(|a| Hop {
+            address: a.clone(),
+            tls: d.tls,
+        });
+        Routes {
+            exact,
+            wildcard,
+            default,
+        }
+    }
+
+    fn lookup(&self, rcpt: &str) -> Option<&Hop> {
+        let domain = smtp::command::domain_of(rcpt).unwrap_or_default();
+        if let Some(h) = self.exact.get(&domain) {
+            return Some(h);
+        }
+        let mut rest = domain.as_str();
+        while let Some((_, parent)) = rest.split_once('.') {
+            if let Some(h) = self.wildcard.get(parent) {
+                return Some(h);
+            }
+            rest = parent;
+        }
+        self.default.as_ref()
+    }
+}
+
+/// Everything the queue manager needs.
+pub struct Delivery {
+    pub layout: Layout,
+    pub queue: Arc<Queue>,
+    pub sink: Arc<SpoolSink>,
+    pub metrics: Arc<Metrics>,
+    pub stage: VscanStage,
+    pub routes: Routes,
+    pub client: ClientConfig,
+    pub hostname: String,
+    pub enabled: bool,
+    pub retry_schedule: Vec<Duration>,
+    pub lifetime: Duration,
+    pub scan_retry: Duration,
+    pub concurrency: Arc<Semaphore>,
+    pub per_destination_max: usize,
+    per_destination: Mutex<HashMap<String, Arc<Semaphore>>>,
+    pool: Mutex<HashMap<Hop, Vec<(Instant, Connection)>>>,
+}
+
+/// What became of one recipient in one attempt.
+#[derive(Clone)]
+enum RcptResult {
+    Delivered,
+    Deferred(String),
+    Failed(Failure),
+}
+
+impl Delivery {
+    /// Assembles the manager.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: &Config,
+        layout: Layout,
+        queue: Arc<Queue>,
+        sink: Arc<SpoolSink>,
+        metrics: Arc<Metrics>,
+        stage: VscanStage,
+        client: ClientConfig,
+    ) -> Delivery {
+        let d = &cfg.delivery;
+        Delivery {
+            layout,
+            queue,
+            sink,
+            metrics,
+            stage,
+            routes: Routes::from_config(cfg),
+            client,
+            hostname: cfg.hostname.clone(),
+            enabled: d.enabled,
+            retry_schedule: d
+                .retry_schedule_secs
+                .iter()
+                .map(|&s| Duration::from_secs(s))
+                .collect(),
+            lifetime: Duration::from_secs(d.queue_lifetime_secs),
+            scan_retry: Duration::from_secs(cfg.filter.retry_secs),
+            concurrency: Arc::new(Semaphore::new(d.concurrency_max)),
+            per_destination_max: d.per_destination_max,
+            per_destination: Mutex::new(HashMap::new()),
+            pool: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Runs until `shutdown`: takes due messages while the concurrency limit allows.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        if !self.enabled {
+            tracing::warn!("delivery.enabled = false: mail stays queued");
+            return;
+        }
+        let mut last_gauges = Instant::now() - Duration::from_secs(10);
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let free = self.concurrency.available_permits();
+            for id in self.queue.take_due(now_ms(), free) {
+                let Ok(permit) = self.concurrency.clone().acquire_owned().await else {
+                    return;
+                };
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let next = me.process(&id).await;
+                    me.queue.finish(&id, next);
+                    drop(permit);
+                    me.queue.wake.notify_one();
+                });
+            }
+            if last_gauges.elapsed() >= Duration::from_secs(1) {
+                self.update_gauges();
+                last_gauges = Instant::now();
+            }
+            let wait = self
+                .queue
+                .next_due()
+                .map(|due| Duration::from_millis(due.saturating_sub(now_ms())))
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1));
+            tokio::select! {
+                _ = self.queue.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    fn update_gauges(&self) {
+        let now = now_ms();
+        self.metrics.queue_scheduled.set(self.queue.len() as i64);
+        self.metrics
+            .queue_deferred
+            .set(self.queue.deferred(now) as i64);
+        let age = self
+            .queue
+            .oldest_arrival_micros()
+            .map(|a| (now as f64 / 1000.0 - a as f64 / 1e6).max(0.0))
+            .unwrap_or(0.0);
+        self.metrics.oldest_message_age.set(age);
+    }
+
+    /// One step for one message; returns when to look at it again (`None`: it is done).
+    async fn process(&self, id: &MessageId) -> Option<u64> {
+        match self.process_inner(id).await {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!(id = %id, "queue manager: {e:#}");
+                Some(now_ms() + 60_000)
+            }
+        }
+    }
+
+    async fn process_inner(&self, id: &MessageId) -> anyhow::Result<Option<u64>> {
+        let folder = if self.layout.path(Folder::Spool, id, Part::Env).exists() {
+            Folder::Spool
+        } else if self.layout.path(Folder::Vscan, id, Part::Env).exists() {
+            Folder::Vscan
+        } else {
+            return Ok(None); // removed meanwhile (an operator, or a duplicate schedule)
+        };
+        let mut env = self.layout.read_envelope(folder, id)?;
+        if env.scan == spool::ScanState::Pending || folder == Folder::Vscan {
+            let started = Instant::now();
+            let outcome = self.stage.run(folder, &mut env).await?;
+            self.metrics
+                .scan_seconds
+                .observe(started.elapsed().as_secs_f64());
+            match outcome {
+                StageOutcome::Clean => self
+                    .metrics
+                    .scan_verdicts
+                    .with_label_values(&["clean"])
+                    .inc(),
+                StageOutcome::Unscanned => self
+                    .metrics
+                    .scan_verdicts
+                    .with_label_values(&["unscanned"])
+                    .inc(),
+                StageOutcome::Quarantined(name) => {
+                    self.metrics
+                        .scan_verdicts
+                        .with_label_values(&["infected"])
+                        .inc();
+                    self.metrics.queue_add(Folder::Spool, -1);
+                    self.metrics.queue_add(Folder::Quarantine, 1);
+                    tracing::warn!(id = %id, virus = %name, "message quarantined");
+                    return Ok(None);
+                }
+                StageOutcome::Retry(why) => {
+                    self.metrics
+                        .scan_verdicts
+                        .with_label_values(&["error"])
+                        .inc();
+                    tracing::warn!(id = %id, error = %why, "scan failed; message waits in vscan/");
+                    return Ok(Some(now_ms() + self.scan_retry.as_millis() as u64));
+                }
+            }
+        }
+        if env.next_attempt_ms > now_ms() {
+            return Ok(Some(env.next_attempt_ms));
+        }
+        self.deliver(env).await
+    }
+
+    async fn deliver(&self, mut env: Envelope) -> anyhow::Result<Option<u64>> {
+        let id = env.id.clone();
+        let body_path = self.layout.path(Folder::Spool, &id, Part::Body);
+        let body = match MappedBody::open_verified(&body_path, env.body_len, &env.body_sha256) {
+            Ok(b) => b,
+            Err(e) => {
+                let reason = format!("body unusable at delivery: {e}");
+                tracing::error!(id = %id, %reason, "moved to corrupt/");
+                spool::recovery::set_aside(&self.layout, Folder::Spool, &id.to_string(), &reason)?;
+                self.metrics.corrupt.inc();
+                self.metrics.queue_add(Folder::Spool, -1);
+                return Ok(None);
+            }
+        };
+        // Group the recipients still pending by next hop.
+        let mut groups: BTreeMap<Option<Hop>, Vec<usize>> = BTreeMap::new();
+        for (i, r) in env.recipients.iter().enumerate() {
+            if r.state == RcptState::Pending {
+                groups
+                    .entry(self.routes.lookup(&r.address).cloned())
+                    .or_default()
+                    .push(i);
+            }
+        }
+        let mut results: Vec<(usize, RcptResult)> = Vec::new();
+        for (hop, idx) in groups {
+            let rcpts: Vec<&str> = idx
+                .iter()
+                .map(|&i| env.recipients[i].address.as_str())
+                .collect();
+            let outcome = match &hop {
+                None => vec![RcptResult::Deferred("no route to the recipient's domain (set delivery.default_next_hop or a route)".into()); idx.len()],
+                Some(hop) => self.send_to(hop, &env, &rcpts, body.bytes()).await,
+            };
+            results.extend(idx.into_iter().zip(outcome));
+        }
+        drop(body);
+
+        let mut failures = Vec::new();
+        let mut deferred = None;
+        for (i, r) in results {
+            let rcpt = &mut env.recipients[i];
+            match r {
+                RcptResult::Delivered => {
+                    rcpt.state = RcptState::Delivered;
+                    self.metrics
+                        .delivery_attempts
+                        .with_label_values(&["delivered"])
+                        .inc();
+                }
+                RcptResult::Deferred(why) => {
+                    self.metrics
+                        .delivery_attempts
+                        .with_label_values(&["deferred"])
+                        .inc();
+                    tracing::info!(id = %id, rcpt = %rcpt.address, reason = %why, "deferred");
+                    deferred = Some(why);
+                }
+                RcptResult::Failed(f) => {
+                    rcpt.state = RcptState::Failed;
+                    self.metrics
+                        .delivery_attempts
+                        .with_label_values(&["failed"])
+                        .inc();
+                    tracing::info!(id = %id, rcpt = %rcpt.address, reason = %f.diagnostic, "failed permanently");
+                    failures.push(f);
+                }
+            }
+        }
+        env.attempts += 1;
+        let age = Duration::from_millis(now_ms().saturating_sub(env.arrived_ms));
+        if deferred.is_some() && age >= self.lifetime {
+            let why = format!(
+                "queue lifetime exceeded; last error: {}",
+                deferred.take().unwrap_or_default()
+            );
+            for r in env
+                .recipients
+                .iter_mut()
+                .filter(|r| r.state == RcptState::Pending)
+            {
+                r.state = RcptState::Failed;
+                failures.push(Failure {
+                    recipient: r.address.clone(),
+                    diagnostic: why.clone(),
+                    remote: None,
+                });
+            }
+        }
+        if !failures.is_empty() {
+            self.bounce(&env, &failures).await?;
+        }
+        if env.recipients.iter().all(|r| r.state != RcptState::Pending) {
+            let layout = self.layout.clone();
+            let i = id.clone();
+            tokio::task::spawn_blocking(move || layout.remove_pair(&i, Folder::Spool)).await??;
+            self.message_removed(&env);
+            return Ok(None);
+        }
+        let step = (env.attempts as usize)
+            .saturating_sub(1)
+            .min(self.retry_schedule.len() - 1);
+        env.next_attempt_ms = now_ms() + self.retry_schedule[step].as_millis() as u64;
+        env.last_error = deferred;
+        let (layout, e) = (self.layout.clone(), env.clone());
+        tokio::task::spawn_blocking(move || layout.rewrite_envelope(Folder::Spool, &e)).await??;
+        Ok(Some(env.next_attempt_ms))
+    }
+
+    /// THE hook for "a message left the spool for good" (every recipient delivered or failed).
+    /// Replication turns this event into a DELETE on the partner.
+    fn message_removed(&self, env: &Envelope) {
+        self.metrics.queue_add(Folder::Spool, -1);
+        let delivered = env
+            .recipients
+            .iter()
+            .filter(|r| r.state == RcptState::Delivered)
+            .count();
+        tracing::info!(id = %env.id, delivered, failed = env.recipients.len() - delivered, "message removed from the spool");
+    }
+
+    async fn bounce(&self, env: &Envelope, failures: &[Failure]) -> anyhow::Result<()> {
+        if env.sender.is_empty() {
+            // Never bounce a bounce: RFC 5321 §6.1.
+            tracing::warn!(id = %env.id, failed = failures.len(), "null-sender message failed; dropped without a bounce");
+            return Ok(());
+        }
+        let path = self.layout.path(Folder::Spool, &env.id, Part::Body);
+        let original = MappedBody::open_verified(&path, env.body_len, &env.body_sha256)?;
+        let report = dsn::build(&self.hostname, env, original.bytes(), failures);
+        let dsn_id = self
+            .sink
+            .inject("", std::slice::from_ref(&env.sender), report)
+            .await
+            .map_err(|e| anyhow::anyhow!("spool the bounce for {}: {e}", env.id))?;
+        self.metrics.bounces.inc();
+        tracing::info!(id = %env.id, dsn = %dsn_id, to = %env.sender, "bounce generated");
+        Ok(())
+    }
+
+    fn destination_limit(&self, hop: &Hop) -> Arc<Semaphore> {
+        let mut m = self
+            .per_destination
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        m.entry(hop.address.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_destination_max)))
+            .clone()
+    }
+
+    fn pooled(&self, hop: &Hop) -> Option<Connection> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = pool.get_mut(hop)?;
+        while let Some((since, c)) = conns.pop() {
+            if since.elapsed() < POOL_IDLE_MAX {
+                return Some(c);
+            }
+            tokio::spawn(c.quit());
+        }
+        None
+    }
+
+    fn give_back(&self, hop: &Hop, c: Connection) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = pool.entry(hop.clone()).or_default();
+        if conns.len() < self.per_destination_max {
+            conns.push((Instant::now(), c));
+        } else {
+            tokio::spawn(c.quit());
+        }
+    }
+
+    async fn connect(&self, hop: &Hop) -> Result<Connection, ClientError> {
+        let (host, _) = hop
+            .address
+            .rsplit_once(':')
+            .unwrap_or((hop.address.as_str(), "25"));
+        let addrs = tokio::net::lookup_host(&hop.address)
+            .await
+            .map_err(|e| ClientError::Io {
+                phase: "resolve",
+                detail: format!("{}: {e}", hop.address),
+            })?;
+        let policy = match hop.tls {
+            TlsSetting::None => TlsPolicy::None,
+            TlsSetting::May => TlsPolicy::May,
+            TlsSetting::Encrypt => TlsPolicy::Encrypt,
+        };
+        let mut last = None;
+        for addr in addrs {
+            match Connection::connect(addr, host.trim_matches(['[', ']']), &self.client, policy)
+                .await
+            {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(ClientError::Io {
+            phase: "resolve",
+            detail: format!("{}: no address", hop.address),
+        }))
+    }
+
+    async fn send_to(
+        &self,
+        hop: &Hop,
+        env: &Envelope,
+        rcpts: &[&str],
+        body: &[u8],
+    ) -> Vec<RcptResult> {
+        let limit = self.destination_limit(hop);
+        let Ok(_permit) = limit.acquire_owned().await else {
+            return vec![RcptResult::Deferred("shutting down".into()); rcpts.len()];
+        };
+        let eight_bit = env.body_type == spool::BodyType::EightBitMime;
+        // A pooled connection may have been closed by the next hop: one retry on a fresh one.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (mut conn, reused) = match self.pooled(hop) {
+                Some(c) => (c, true),
+                None => match self.connect(hop).await {
+                    Ok(c) => (c, false),
+                    Err(e) => return all(rcpts, &e, &hop.address),
+                },
+            };
+            match conn
+                .send(&env.sender, rcpts, body, eight_bit, env.smtputf8)
+                .await
+            {
+                Ok(outcome) => {
+                    if conn.reset().await {
+                        self.give_back(hop, conn);
+                    }
+                    self.metrics
+                        .deliveries
+                        .with_label_values(&[hop.address.as_str()])
+                        .inc();
+                    return outcome
+                        .recipients
+                        .into_iter()
+                        .zip(rcpts)
+                        .map(|(reply, rcpt)| {
+                            if reply.is_positive() {
+                                RcptResult::Delivered
+                            } else if reply.is_permanent() {
+                                RcptResult::Failed(Failure {
+                                    recipient: rcpt.to_string(),
+                                    diagnostic: reply.to_string().replace('\n', " "),
+                                    remote: Some(hop.address.clone()),
+                                })
+                            } else {
+                                RcptResult::Deferred(format!(
+                                    "{}: {}",
+                                    hop.address,
+                                    reply.to_string().replace('\n', " ")
+                                ))
+                            }
+                        })
+                        .collect();
+                }
+                Err(e) if reused && attempt == 1 && !matches!(e, ClientError::Rejected { .. }) => {
+                    continue
+                }
+                Err(e) => return all(rcpts, &e, &hop.address),
+            }
+        }
+    }
+}
+
+/// The same result for every recipient of a failed transaction.
+fn all(rcpts: &[&str], e: &ClientError, hop: &str) -> Vec<RcptResult> {
+    let diagnostic = match e {
+        ClientError::Rejected { reply, .. } => reply.to_string().replace('\n', " "),
+        other => other.to_string(),
+    };
+    rcpts
+        .iter()
+        .map(|rcpt| {
+            if e.is_temporary() {
+                RcptResult::Deferred(format!("{hop}: {diagnostic}"))
+            } else {
+                RcptResult::Failed(Failure {
+                    recipient: rcpt.to_string(),
+                    diagnostic: diagnostic.clone(),
+                    remote: Some(hop.to_string()),
+                })
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,137 @@
+//! TLS settings of the daemon: the STARTTLS server side (certificate and key from config) and
+//! the delivery client side (verification by config, like Postfix's `smtp_tls_security_level`).
+
+use crate::config::Config;
+use anyhow::{Context, Result};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use std::sync::Arc;
+
+/// The STARTTLS acceptor, when `smtp.tls_cert` and `smtp.tls_key` are set.
+pub fn server(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>> {
+    let (Some(cert_path), Some(key_path)) = (&cfg.smtp.tls_cert, &cfg.smtp.tls_key) else {
+        return Ok(None);
+    };
+    let open = |key: &str, p: &std::path::Path| {
+        std::fs::File::open(p)
+            .map(std::io::BufReader::new)
+            .with_context(|| format!("key `{key}`: open {}", p.display()))
+    };
+    let certs = rustls_pemfile::certs(&mut open("smtp.tls_cert", cert_path)?)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("key `smtp.tls_cert`: parse {}", cert_path.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!(
+            "key `smtp.tls_cert`: no certificate in {}",
+            cert_path.display()
+        );
+    }
+    let key = rustls_pemfile::private_key(&mut open("smtp.tls_key", key_path)?)
+        .with_context(|| format!("key `smtp.tls_key`: parse {}", key_path.display()))?
+        .with_context(|| {
+            format!(
+                "key `smtp.tls_key`: no private key in {}",
+                key_path.display()
+            )
+        })?;
+    let server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("keys `smtp.tls_cert`/`smtp.tls_key`: certificate and key do not fit")?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
+}
+
+/// The delivery client's TLS configuration.
+pub fn client(cfg: &Config) -> Result<Arc<rustls::ClientConfig>> {
+    let d = &cfg.delivery;
+    let builder = rustls::ClientConfig::builder();
+    let config = if !d.tls_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Unverified(provider())))
+            .with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        match &d.tls_ca_file {
+            Some(path) => {
+                let mut r =
+                    std::io::BufReader::new(std::fs::File::open(path).with_context(|| {
+                        format!("key `delivery.tls_ca_file`: open {}", path.display())
+                    })?);
+                for c in rustls_pemfile::certs(&mut r) {
+                    roots
+                        .add(c.with_context(|| {
+                            format!("key `delivery.tls_ca_file`: parse {}", path.display())
+                        })?)
+                        .with_context(|| {
+                            format!("key `delivery.tls_ca_file`: {}", path.display())
+                        })?;
+                }
+            }
+            None => {
+                for c in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(c);
+                }
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    Ok(Arc::new(config))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
+}
+
+/// Opportunistic TLS without authentication (Postfix's `may`/`encrypt` levels): encrypts
+/// against passive listeners, checks the handshake signatures, trusts any certificate.
+#[derive(Debug)]
+struct Unverified(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
