@@ -38,12 +38,12 @@ pub struct Args {
     state_dir: Option<PathBuf>,
 }
 
-struct RunResult {
-    msgs_per_s: f64,
-    mb_per_s: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    errors: usize,
+pub struct RunResult {
+    pub msgs_per_s: f64,
+    pub mb_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: usize,
 }
 
 fn message(size: usize) -> Vec<u8> {
@@ -113,7 +113,16 @@ async fn session(
     Ok((lat, errors))
 }
 
-fn load(addr: SocketAddr, a: &Args) -> Result<RunResult> {
+/// The shape of one load: sessions, messages in all, bytes per message.
+#[derive(Clone, Copy)]
+pub struct Load {
+    pub sessions: usize,
+    pub messages: usize,
+    pub size: usize,
+}
+
+/// Sends the load `a` to `addr` and measures it.
+pub fn load(addr: SocketAddr, a: Load) -> Result<RunResult> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -145,7 +154,7 @@ fn load(addr: SocketAddr, a: &Args) -> Result<RunResult> {
     })
 }
 
-fn spoold_binary() -> Result<PathBuf> {
+pub fn spoold_binary() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .args(["build", "--release", "-p", "spoold", "--bin", "spoold"])
@@ -156,7 +165,7 @@ fn spoold_binary() -> Result<PathBuf> {
     Ok(exe.with_file_name("spoold"))
 }
 
-fn free_addr() -> Result<SocketAddr> {
+pub fn free_addr() -> Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
@@ -218,7 +227,7 @@ impl Drop for Spoold {
     }
 }
 
-fn postconf(settings: &[&str]) -> Result<()> {
+pub fn postconf(settings: &[&str]) -> Result<()> {
     let status = Command::new("postconf")
         .arg("-e")
         .args(settings)
@@ -228,15 +237,15 @@ fn postconf(settings: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Configures the system Postfix to accept everything from loopback into its hold queue.
-fn start_postfix() -> Result<()> {
+/// Configures the system Postfix for loopback clients plus `extra` settings, and (re)starts it.
+pub fn start_postfix(extra: &[&str]) -> Result<()> {
+    postconf(extra)?;
     postconf(&[
         "inet_interfaces = loopback-only",
         "inet_protocols = ipv4",
         "mynetworks = 127.0.0.0/8",
         "mydestination =",
         "relay_domains =",
-        "smtpd_client_restrictions = check_client_access static:HOLD",
         "smtpd_recipient_restrictions = permit_mynetworks, reject",
         "in_flow_delay = 0s",
         "default_process_limit = 200",
@@ -259,7 +268,7 @@ fn start_postfix() -> Result<()> {
     Ok(())
 }
 
-fn clear_postfix_queue() {
+pub fn clear_postfix_queue() {
     let _ = Command::new("postsuper")
         .args(["-d", "ALL"])
         .stderr(Stdio::null())
@@ -280,6 +289,16 @@ fn row(name: &str, r: &[RunResult]) -> (f64, String) {
     (m, line)
 }
 
+impl Args {
+    fn shape(&self) -> Load {
+        Load {
+            sessions: self.sessions,
+            messages: self.messages,
+            size: self.size,
+        }
+    }
+}
+
 pub fn run(a: Args) -> Result<()> {
     let bin = spoold_binary()?;
     let mut ours = Vec::new();
@@ -294,16 +313,19 @@ pub fn run(a: Args) -> Result<()> {
         let dir = tempfile::tempdir_in(&base)?;
         fs = describe_fs(dir.path());
         let d = Spoold::start(&bin, &dir.path().join("state"), &a.sync)?;
-        ours.push(load(d.smtp, &a)?);
+        ours.push(load(d.smtp, a.shape())?);
         let (now, peak) = d.rss_mib();
         rss = (rss.0.max(now), rss.1.max(peak));
     }
     let mut theirs = Vec::new();
     if a.compare_postfix {
-        start_postfix()?;
+        start_postfix(&[
+            "smtpd_client_restrictions = check_client_access static:HOLD",
+            "relayhost =",
+        ])?;
         for _ in 0..a.runs {
             clear_postfix_queue();
-            theirs.push(load(a.postfix_addr, &a)?);
+            theirs.push(load(a.postfix_addr, a.shape())?);
         }
         clear_postfix_queue();
     }

@@ -7,10 +7,12 @@
 //! - `spool-raw`: the disk's own limit for durable small files, one at a time and batched with
 //!   io_uring, next to spoold's group-commit writer.
 //! - `recovery`: startup recovery time for a spool of N messages.
+//! - `relay`: end to end through spoold (with and without clamd) and through Postfix.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod ingest;
 mod raw;
+mod relay;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -30,6 +32,8 @@ enum Cmd {
     SpoolRaw(raw::RawArgs),
     /// Startup recovery time for a spool of N messages.
     Recovery(raw::RecoveryArgs),
+    /// End to end: SMTP in, optional clamd, SMTP out to smtp-sink; next to Postfix.
+    Relay(relay::Args),
 }
 
 fn main() -> Result<()> {
@@ -37,6 +41,7 @@ fn main() -> Result<()> {
         Cmd::Ingest(a) => ingest::run(a),
         Cmd::SpoolRaw(a) => raw::run(a),
         Cmd::Recovery(a) => raw::recovery(a),
+        Cmd::Relay(a) => relay::run(a),
     }
 }
 

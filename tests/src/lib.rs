@@ -250,9 +250,10 @@ impl Client {
         (c, greeting)
     }
 
-    /// Sends raw bytes.
+    /// Sends raw bytes. A write error (the server closed the connection) is not a panic: the
+    /// next `reply()` returns the empty string, which the caller checks.
     pub fn send(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).unwrap();
+        let _ = self.writer.write_all(bytes);
     }
 
     /// Reads one complete (possibly multi-line) reply; empty string on EOF.

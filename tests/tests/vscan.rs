@@ -167,7 +167,10 @@ fn clamd_quarantines_eicar_delivers_clean_mail_and_holds_while_down() {
         d.log_text()
     );
     assert!(sink.dumped()[0].message.contains("Subject: clean"));
-    assert_eq!(folder_ids(&d, "quarantine"), std::slice::from_ref(&infected));
+    assert_eq!(
+        folder_ids(&d, "quarantine"),
+        std::slice::from_ref(&infected)
+    );
     let env = std::fs::read_to_string(d.state.join("quarantine").join(format!("{infected}.env")))
         .unwrap();
     assert!(

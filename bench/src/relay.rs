@@ -1,0 +1,201 @@
+//! End to end: SMTP in, (optionally) clamd, SMTP out to Postfix's smtp-sink; spoold next to
+//! Postfix relaying the same load to the same kind of sink, in the same run.
+
+use crate::ingest::{clear_postfix_queue, free_addr, load, spoold_binary, start_postfix, Load};
+use crate::median;
+use anyhow::{Context, Result};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Concurrent SMTP sessions.
+    #[arg(long, default_value_t = 50)]
+    sessions: usize,
+    /// Messages per run.
+    #[arg(long, default_value_t = 5000)]
+    messages: usize,
+    /// Message size in bytes.
+    #[arg(long, default_value_t = 4096)]
+    size: usize,
+    /// Runs per setup; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Also relay through the local Postfix (needs root; reconfigures the system Postfix).
+    #[arg(long)]
+    compare_postfix: bool,
+    /// Postfix's SMTP address.
+    #[arg(long, default_value = "127.0.0.1:25")]
+    postfix_addr: SocketAddr,
+}
+
+/// smtp-sink that exits after `n` messages: its exit marks the last delivery.
+fn sink(addr: SocketAddr, n: usize) -> Result<Child> {
+    let child = Command::new("smtp-sink")
+        .args([
+            "-u",
+            "nobody",
+            "-M",
+            &n.to_string(),
+            &addr.to_string(),
+            "256",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("start smtp-sink (apt-get install postfix)")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "smtp-sink did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+fn wait_sink(mut child: Child, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!("not everything was delivered within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A clamd with only the EICAR test signature, for the scan path.
+fn clamd(dir: &Path) -> Result<Child> {
+    std::fs::create_dir_all(dir.join("db"))?;
+    std::fs::write(
+        dir.join("db/eicar.hdb"),
+        "44d88612fea8a8f36de82e1278abb02f:68:Eicar-Test-Signature\n",
+    )?;
+    let conf = dir.join("clamd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "LocalSocket {0}/clamd.sock\nDatabaseDirectory {0}/db\nForeground yes\nLogFile {0}/clamd.log\n\
+             PidFile {0}/clamd.pid\nTemporaryDirectory {0}\nScanMail yes\nUser root\nMaxThreads 20\n",
+            dir.display()
+        ),
+    )?;
+    let child = Command::new("clamd")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("start clamd")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::os::unix::net::UnixStream::connect(dir.join("clamd.sock")).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "clamd did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(child)
+}
+
+fn run_spoold(a: &Args, clamd_sock: Option<&Path>) -> Result<f64> {
+    let bin = spoold_binary()?;
+    let dir = tempfile::tempdir_in("target")?;
+    let sink_addr = free_addr()?;
+    let filter = clamd_sock
+        .map(|p| format!("[filter]\nclamd = \"unix:{}\"\n", p.display()))
+        .unwrap_or_default();
+    let config = dir.path().join("spoold.toml");
+    std::fs::write(
+        &config,
+        format!("[delivery]\ndefault_next_hop = \"{sink_addr}\"\nconcurrency_max = 20\nper_destination_max = 20\n{filter}"),
+    )?;
+    let sink = sink(sink_addr, a.messages)?;
+    let (smtp, http) = (free_addr()?, free_addr()?);
+    let mut child = Command::new(bin)
+        .arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args([
+            "--smtp-listen",
+            &smtp.to_string(),
+            "--http-listen",
+            &http.to_string(),
+        ])
+        .env("SPOOLD_LOG", "warn")
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(smtp).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "spoold did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = Instant::now();
+    load(
+        smtp,
+        Load {
+            sessions: a.sessions,
+            messages: a.messages,
+            size: a.size,
+        },
+    )?;
+    let result = wait_sink(sink, Duration::from_secs(600));
+    let secs = t.elapsed().as_secs_f64();
+    let _ = child.kill();
+    let _ = child.wait();
+    result?;
+    Ok(a.messages as f64 / secs)
+}
+
+fn run_postfix(a: &Args) -> Result<f64> {
+    let sink_addr = free_addr()?;
+    start_postfix(&[
+        "smtpd_client_restrictions =",
+        &format!("relayhost = [{}]:{}", sink_addr.ip(), sink_addr.port()),
+        "default_destination_concurrency_limit = 20",
+        "smtp_tls_security_level = none",
+    ])?;
+    clear_postfix_queue();
+    let sink = sink(sink_addr, a.messages)?;
+    let t = Instant::now();
+    load(
+        a.postfix_addr,
+        Load {
+            sessions: a.sessions,
+            messages: a.messages,
+            size: a.size,
+        },
+    )?;
+    wait_sink(sink, Duration::from_secs(600))?;
+    Ok(a.messages as f64 / t.elapsed().as_secs_f64())
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let mut plain = Vec::new();
+    let mut scanned = Vec::new();
+    let mut postfix = Vec::new();
+    let clam_dir = tempfile::tempdir_in("target")?;
+    let mut clam = clamd(clam_dir.path())?;
+    for _ in 0..a.runs {
+        plain.push(run_spoold(&a, None)?);
+        scanned.push(run_spoold(&a, Some(&clam_dir.path().join("clamd.sock")))?);
+        if a.compare_postfix {
+            postfix.push(run_postfix(&a)?);
+        }
+    }
+    let _ = clam.kill();
+    let _ = clam.wait();
+    println!(
+        "relay: {} sessions, {} messages of {} B per run, SMTP in → spool → SMTP out to smtp-sink, median of {} runs",
+        a.sessions, a.messages, a.size, a.runs
+    );
+    println!("{:<28} {:>10}", "setup", "msgs/s");
+    let p = median(plain);
+    println!("{:<28} {:>10.0}", "spoold, no scan", p);
+    println!("{:<28} {:>10.0}", "spoold + clamd", median(scanned));
+    if !postfix.is_empty() {
+        let f = median(postfix);
+        println!("{:<28} {:>10.0}", "postfix (no scan)", f);
+        println!("spoold / postfix end to end = {:.2} (goal: >= 3)", p / f);
+    }
+    Ok(())
+}
