@@ -99,6 +99,8 @@ pub struct FilterConfig {
     pub fail_open: bool,
     /// Delay before scanning again after a scanner failure, seconds.
     pub retry_secs: u64,
+    /// Tell the sender (unless `<>`) that the message was quarantined.
+    pub notify_sender: bool,
 }
 
 impl Default for DeliveryConfig {
@@ -128,6 +130,7 @@ impl Default for FilterConfig {
             timeout_secs: 60,
             fail_open: false,
             retry_secs: 30,
+            notify_sender: false,
         }
     }
 }

@@ -94,6 +94,7 @@ pub struct Delivery {
     pub retry_schedule: Vec<Duration>,
     pub lifetime: Duration,
     pub scan_retry: Duration,
+    pub notify_quarantine: bool,
     pub concurrency: Arc<Semaphore>,
     pub per_destination_max: usize,
     per_destination: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -138,6 +139,7 @@ impl Delivery {
                 .collect(),
             lifetime: Duration::from_secs(d.queue_lifetime_secs),
             scan_retry: Duration::from_secs(cfg.filter.retry_secs),
+            notify_quarantine: cfg.filter.notify_sender,
             concurrency: Arc::new(Semaphore::new(d.concurrency_max)),
             per_destination_max: d.per_destination_max,
             per_destination: Mutex::new(HashMap::new()),
@@ -246,6 +248,16 @@ impl Delivery {
                     self.metrics.queue_add(Folder::Spool, -1);
                     self.metrics.queue_add(Folder::Quarantine, 1);
                     tracing::warn!(id = %id, virus = %name, "message quarantined");
+                    if self.notify_quarantine && !env.sender.is_empty() {
+                        let notice = dsn::quarantine_notice(&self.hostname, &env, &name);
+                        if let Err(e) = self
+                            .sink
+                            .inject("", std::slice::from_ref(&env.sender), notice)
+                            .await
+                        {
+                            tracing::error!(id = %id, "quarantine notice not spooled: {e}");
+                        }
+                    }
                     return Ok(None);
                 }
                 StageOutcome::Retry(why) => {

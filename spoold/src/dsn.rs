@@ -110,6 +110,36 @@ pub fn build(hostname: &str, original: &Envelope, body: &[u8], failures: &[Failu
     out
 }
 
+/// A short notice to the sender that a message was held as infected (`filter.notify_sender`).
+/// It names the threat but returns no content.
+pub fn quarantine_notice(hostname: &str, original: &Envelope, virus: &str) -> Vec<u8> {
+    let recipients: Vec<&str> = original
+        .recipients
+        .iter()
+        .map(|r| r.address.as_str())
+        .collect();
+    format!(
+        "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n\
+         To: <{sender}>\r\n\
+         Subject: Message held: virus found\r\n\
+         Date: {date}\r\n\
+         Message-ID: <{id}.quarantine@{hostname}>\r\n\
+         Auto-Submitted: auto-replied\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: text/plain; charset=us-ascii\r\n\
+         \r\n\
+         This is the mail system at host {hostname}.\r\n\
+         \r\n\
+         Your message (queue id {id}) to {rcpts} was not delivered:\r\n\
+         the virus scanner found {virus}. It is held in quarantine.\r\n",
+        sender = original.sender,
+        date = chrono::Utc::now().to_rfc2822(),
+        id = original.id,
+        rcpts = recipients.join(", "),
+    )
+    .into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -214,3 +214,76 @@ fn clamd_quarantines_eicar_delivers_clean_mail_and_holds_while_down() {
     );
     assert!(folder_ids(&d, "vscan").is_empty() && d.spooled_ids().is_empty());
 }
+
+#[test]
+fn fail_open_delivers_unscanned_when_clamd_is_unreachable() {
+    let work = tempfile::tempdir().unwrap();
+    let sink = SmtpSink::start();
+    let cfg = write_config(
+        work.path(),
+        &format!(
+            "[delivery]\ndefault_next_hop = \"{}\"\n[filter]\nclamd = \"unix:{}/nowhere.sock\"\nfail_open = true\n",
+            sink.addr,
+            work.path().display()
+        ),
+    );
+    let d = Daemon::start_delivering(&["--config", &cfg]);
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO open");
+    assert!(queued_id(&c.send_mail(
+        "a@example.com",
+        &["b@example.org"],
+        b"Subject: open\r\n\r\nx\r\n"
+    ))
+    .is_some());
+    assert!(
+        wait_until(20, || sink.dumped().len() == 1),
+        "{}",
+        d.log_text()
+    );
+    assert!(d.log_text().contains("fail_open delivers unscanned"));
+    assert_eq!(
+        d.metric("spoold_scan_verdicts_total{verdict=\"unscanned\"}"),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn quarantine_notice_goes_to_the_sender_when_configured() {
+    let work = tempfile::tempdir().unwrap();
+    let clamd = Clamd::start(&work.path().join("clamd"));
+    let sink = SmtpSink::start();
+    let cfg = write_config(
+        work.path(),
+        &format!(
+            "[delivery]\ndefault_next_hop = \"{}\"\n[filter]\nclamd = \"unix:{}\"\nnotify_sender = true\n",
+            sink.addr,
+            clamd.dir.join("clamd.sock").display()
+        ),
+    );
+    let d = Daemon::start_delivering(&["--config", &cfg]);
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO notice");
+    assert!(queued_id(&c.send_mail(
+        "sender@example.com",
+        &["b@example.org"],
+        &mime_with_attachment("virus", &eicar())
+    ))
+    .is_some());
+    assert!(
+        wait_until(30, || sink.dumped().len() == 1),
+        "{}",
+        d.log_text()
+    );
+    let notice = &sink.dumped()[0];
+    assert_eq!(notice.mail_args, "<>");
+    assert_eq!(notice.rcpt_args, ["<sender@example.com>"]);
+    assert!(notice
+        .message
+        .contains("Subject: Message held: virus found"));
+    assert!(notice.message.contains("Eicar-Test-Signature"));
+    assert!(
+        !notice.message.contains(&base64(&eicar())[..20]),
+        "no content returned"
+    );
+}
