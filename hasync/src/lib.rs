@@ -1,0 +1,497 @@
+//! `hasync`: one-way replication from the active unit of an HA pair to the passive one.
+//!
+//! It is: the transaction log ([`txlog`], LMDB), the frame format ([`proto`]), the
+//! authenticated TLS peer link ([`link`]), and the [`Replicator`], which runs the sender (on the
+//! active node: ship pending `ADD`/`DELETE` actions with a bounded window, resume from the
+//! partner's last applied sequence, retry with capped backoff) and the receiver (apply actions
+//! idempotently, make them durable, then acknowledge), plus heartbeats and split-brain
+//! detection.
+//!
+//! It is not: leader election (an operator or a cluster manager sets roles), the spool's write
+//! path (replicas are stored through a [`ReplicaStore`] the daemon provides), or metrics (a
+//! [`ReplicationObserver`] is told what happens).
+
+pub mod link;
+pub mod proto;
+pub mod txlog;
+
+use bytes::Bytes;
+use link::{LinkConfig, LinkError};
+use proto::{Frame, Role};
+use spool::{Folder, Layout, MessageId, Part};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{watch, Notify};
+use txlog::{Kind, TxLog};
+
+/// Heartbeat period; a peer silent for three periods is considered gone.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// First reconnect delay; doubles up to [`RECONNECT_MAX`].
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
+
+/// Where replicas are written: the daemon's durable spool writer.
+pub trait ReplicaStore: Send + Sync {
+    /// Stores a replica pair in `spool/` durably (idempotent: the same id and content again is
+    /// fine). Must hand the work to the writer before returning, so that many stores submitted
+    /// together share a commit round; the future only waits for completion.
+    fn store(
+        &self,
+        id: MessageId,
+        env: Bytes,
+        body: Bytes,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>>;
+    /// Removes a replica from whichever folder holds it; a missing one is fine.
+    fn remove(&self, id: &MessageId) -> std::io::Result<()>;
+}
+
+/// Told what replication does; every method must be cheap.
+pub trait ReplicationObserver: Send + Sync {
+    /// The link to the partner went up or down.
+    fn link_up(&self, up: bool);
+    /// A connection attempt failed or a link broke.
+    fn reconnect(&self);
+    /// A peer failed authentication.
+    fn auth_failure(&self);
+    /// An action was acknowledged `lag` after it was logged.
+    fn acknowledged(&self, lag: Duration);
+    /// Bytes sent to the partner.
+    fn sent(&self, bytes: u64);
+    /// Split brain began (true) or ended (false).
+    fn split_brain(&self, on: bool);
+}
+
+/// What this node knows about its partner.
+#[derive(Clone, Debug)]
+pub struct PeerStatus {
+    /// Partner's node name.
+    pub node: String,
+    /// Partner's role at its last heartbeat.
+    pub role: Role,
+    /// Partner's priority.
+    pub priority: u32,
+    /// When we last heard from it.
+    pub seen: Instant,
+}
+
+/// Replication settings.
+pub struct ReplicatorConfig {
+    /// The link identity and secret.
+    pub link: LinkConfig,
+    /// Partner's peer-link address (where our sender connects).
+    pub partner: SocketAddr,
+    /// Actions in flight without an acknowledgement.
+    pub window: usize,
+}
+
+/// The replication engine of one node.
+pub struct Replicator {
+    cfg: ReplicatorConfig,
+    log: Arc<TxLog>,
+    layout: Layout,
+    store: Arc<dyn ReplicaStore>,
+    observer: Arc<dyn ReplicationObserver>,
+    role: watch::Sender<Role>,
+    new_actions: Notify,
+    acked: watch::Sender<u64>,
+    peer: Mutex<Option<PeerStatus>>,
+    split: AtomicBool,
+    link_up: AtomicBool,
+    last_lag_ms: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Replicator {
+    /// A replicator over `log`, starting in `role`.
+    pub fn new(
+        cfg: ReplicatorConfig,
+        log: Arc<TxLog>,
+        layout: Layout,
+        store: Arc<dyn ReplicaStore>,
+        observer: Arc<dyn ReplicationObserver>,
+        role: Role,
+    ) -> Arc<Replicator> {
+        Arc::new(Replicator {
+            cfg,
+            log,
+            layout,
+            store,
+            observer,
+            role: watch::channel(role).0,
+            new_actions: Notify::new(),
+            acked: watch::channel(0).0,
+            peer: Mutex::new(None),
+            split: AtomicBool::new(false),
+            link_up: AtomicBool::new(false),
+            last_lag_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// The log.
+    pub fn log(&self) -> &Arc<TxLog> {
+        &self.log
+    }
+
+    /// Current role.
+    pub fn role(&self) -> Role {
+        *self.role.borrow()
+    }
+
+    /// Watches role changes.
+    pub fn watch_role(&self) -> watch::Receiver<Role> {
+        self.role.subscribe()
+    }
+
+    /// Changes and persists the role.
+    pub fn set_role(&self, role: Role) -> Result<(), txlog::LogError> {
+        self.log.set_role(role.as_str())?;
+        self.role.send_replace(role);
+        self.check_split_brain();
+        Ok(())
+    }
+
+    /// Tells the sender that actions were appended.
+    pub fn notify(&self) {
+        self.new_actions.notify_one();
+    }
+
+    /// Watches the highest sequence the partner acknowledged.
+    pub fn watch_acked(&self) -> watch::Receiver<u64> {
+        self.acked.subscribe()
+    }
+
+    /// The partner as last heard, if any.
+    pub fn peer(&self) -> Option<PeerStatus> {
+        self.peer.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Both nodes claim `active`.
+    pub fn split_brain(&self) -> bool {
+        self.split.load(Ordering::SeqCst)
+    }
+
+    /// Whether this node should hold delivery: split brain and we have the lower priority (ties:
+    /// the lexically greater node name stands down).
+    pub fn stand_down(&self) -> bool {
+        if !self.split_brain() {
+            return false;
+        }
+        match self.peer() {
+            Some(p) => {
+                let me = (
+                    self.cfg.link.priority,
+                    std::cmp::Reverse(self.cfg.link.node.clone()),
+                );
+                let them = (p.priority, std::cmp::Reverse(p.node.clone()));
+                me < them
+            }
+            None => false,
+        }
+    }
+
+    /// Whether the sender's link is up.
+    pub fn link_is_up(&self) -> bool {
+        self.link_up.load(Ordering::SeqCst)
+    }
+
+    /// Lag of the last acknowledged action, ms.
+    pub fn last_lag_ms(&self) -> u64 {
+        self.last_lag_ms.load(Ordering::SeqCst)
+    }
+
+    fn heard(&self, node: &str, role: Role, priority: u32) {
+        *self.peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(PeerStatus {
+            node: node.to_string(),
+            role,
+            priority,
+            seen: Instant::now(),
+        });
+        self.check_split_brain();
+    }
+
+    fn check_split_brain(&self) {
+        let peer_active = self
+            .peer()
+            .is_some_and(|p| p.role == Role::Active && p.seen.elapsed() < HEARTBEAT * 3);
+        let split = peer_active && self.role() == Role::Active;
+        if self.split.swap(split, Ordering::SeqCst) != split {
+            if split {
+                tracing::error!(
+                    peer = ?self.peer().map(|p| p.node),
+                    "SPLIT BRAIN: both units are active; the lower-priority one holds delivery until an operator resolves it"
+                );
+            } else {
+                tracing::warn!("split brain resolved");
+            }
+            self.observer.split_brain(split);
+        }
+    }
+
+    /// Runs the sender: while this node is active, keep a link to the partner and ship actions.
+    pub async fn run_sender(self: Arc<Self>) {
+        let mut role = self.watch_role();
+        let mut delay = RECONNECT_MIN;
+        loop {
+            while *role.borrow() != Role::Active {
+                if role.changed().await.is_err() {
+                    return;
+                }
+            }
+            match self.clone().send_session().await {
+                Ok(()) => delay = RECONNECT_MIN,
+                Err(e) => {
+                    if matches!(e, LinkError::AuthFailed { .. }) {
+                        self.observer.auth_failure();
+                    }
+                    tracing::warn!(partner = %self.cfg.partner, "replication link: {e}");
+                    self.observer.reconnect();
+                }
+            }
+            if self.link_up.swap(false, Ordering::SeqCst) {
+                self.observer.link_up(false);
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RECONNECT_MAX);
+        }
+    }
+
+    async fn send_session(self: Arc<Self>) -> Result<(), LinkError> {
+        let link = link::connect(self.cfg.partner, &self.cfg.link, self.role()).await?;
+        self.heard(&link.peer.node, link.peer.role, link.peer.priority);
+        let (r, mut w) = tokio::io::split(link.io);
+        let mut frames = link::spawn_reader(r);
+        let mut next = match frames.recv().await {
+            Some(Ok(Frame::Resume(seq))) => seq,
+            Some(Ok(other)) => {
+                return Err(LinkError::Protocol(format!(
+                    "expected Resume, got {other:?}"
+                )))
+            }
+            Some(Err(e)) => return Err(e),
+            None => return Err(LinkError::Protocol("link closed before Resume".into())),
+        };
+        self.log
+            .acknowledge(next)
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        self.link_up.store(true, Ordering::SeqCst);
+        self.observer.link_up(true);
+        tracing::info!(partner = %link.peer.node, resume_after = next, "replication link up");
+        let mut in_flight: std::collections::VecDeque<(u64, u64)> = Default::default();
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        let mut role = self.watch_role();
+        loop {
+            if *role.borrow() != Role::Active {
+                return Ok(());
+            }
+            // Fill the window.
+            let room = self.cfg.window.saturating_sub(in_flight.len());
+            if room > 0 {
+                let actions = self
+                    .log
+                    .pending_after(next, room)
+                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                for a in &actions {
+                    let sent = self.ship(&mut w, a).await?;
+                    self.observer.sent(sent);
+                    in_flight.push_back((a.seq, a.logged_ms));
+                    next = a.seq;
+                }
+                if !actions.is_empty() {
+                    w.flush().await?;
+                    continue;
+                }
+            }
+            tokio::select! {
+                f = frames.recv() => match f {
+                    Some(Ok(Frame::Ack(seq))) => {
+                        self.log.acknowledge(seq).map_err(|e| LinkError::Protocol(e.to_string()))?;
+                        let now = now_ms();
+                        while in_flight.front().is_some_and(|(s, _)| *s <= seq) {
+                            if let Some((_, logged)) = in_flight.pop_front() {
+                                let lag = now.saturating_sub(logged);
+                                self.last_lag_ms.store(lag, Ordering::SeqCst);
+                                self.observer.acknowledged(Duration::from_millis(lag));
+                            }
+                        }
+                        self.acked.send_replace(seq);
+                    }
+                    Some(Ok(Frame::Heartbeat { role, priority })) => self.heard(&link.peer.node, role, priority),
+                    Some(Ok(other)) => return Err(LinkError::Protocol(format!("unexpected {other:?}"))),
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(LinkError::Protocol("link closed".into())),
+                },
+                _ = self.new_actions.notified() => {}
+                _ = tick.tick() => {
+                    link::write_frame(&mut w, &Frame::Heartbeat { role: self.role(), priority: self.cfg.link.priority }, &[]).await?;
+                    w.flush().await?;
+                    self.check_split_brain();
+                }
+                _ = role.changed() => {}
+            }
+        }
+    }
+
+    /// Sends one action; an `ADD` whose message is gone by now is sent as a `DELETE`.
+    async fn ship<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        w: &mut W,
+        a: &txlog::Action,
+    ) -> Result<u64, LinkError> {
+        let id = a.id.to_string();
+        if a.kind == Kind::Add {
+            for folder in [Folder::Spool, Folder::Vscan, Folder::Quarantine] {
+                let env_path = self.layout.path(folder, &a.id, Part::Env);
+                let Ok(env) = std::fs::read(&env_path) else {
+                    continue;
+                };
+                let Ok(decoded) = spool::Envelope::decode(&env) else {
+                    continue;
+                };
+                let body_path = self.layout.path(folder, &a.id, Part::Body);
+                let Ok(body) = spool::MappedBody::open_verified(
+                    &body_path,
+                    decoded.body_len,
+                    &decoded.body_sha256,
+                ) else {
+                    continue;
+                };
+                let sent = (env.len() + body.bytes().len()) as u64;
+                let frame = Frame::Add {
+                    seq: a.seq,
+                    id,
+                    env: Bytes::from(env),
+                    body: Bytes::new(),
+                };
+                link::write_frame(w, &frame, body.bytes()).await?;
+                return Ok(sent);
+            }
+        }
+        link::write_frame(w, &Frame::Delete { seq: a.seq, id }, &[]).await?;
+        Ok(0)
+    }
+
+    /// Runs the receiver: accept partner links and apply what they send.
+    pub async fn run_receiver(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        loop {
+            let Ok((tcp, from)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                match link::accept(tcp, &me.cfg.link, me.role()).await {
+                    Ok(l) => {
+                        if let Err(e) = me.clone().receive_session(l).await {
+                            tracing::warn!(%from, "replication receiver: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        if matches!(e, LinkError::AuthFailed { .. }) {
+                            me.observer.auth_failure();
+                        }
+                        tracing::warn!(%from, "peer link refused: {e}");
+                    }
+                }
+            });
+        }
+    }
+
+    async fn receive_session(self: Arc<Self>, link: link::Link) -> Result<(), LinkError> {
+        let peer = link.peer.clone();
+        self.heard(&peer.node, peer.role, peer.priority);
+        let (r, mut w) = tokio::io::split(link.io);
+        let mut frames = link::spawn_reader(r);
+        let applied = self
+            .log
+            .applied()
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        link::write_frame(&mut w, &Frame::Resume(applied), &[]).await?;
+        w.flush().await?;
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        loop {
+            let first = tokio::select! {
+                f = frames.recv() => f,
+                _ = tick.tick() => {
+                    link::write_frame(&mut w, &Frame::Heartbeat { role: self.role(), priority: self.cfg.link.priority }, &[]).await?;
+                    w.flush().await?;
+                    self.check_split_brain();
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < 256 {
+                match frames.try_recv() {
+                    Ok(f) => batch.push(Some(f)),
+                    Err(_) => break,
+                }
+            }
+            let mut adds = Vec::new();
+            let mut last = None;
+            for f in batch {
+                match f {
+                    None => return Err(LinkError::Protocol("link closed".into())),
+                    Some(Err(e)) => return Err(e),
+                    Some(Ok(Frame::Heartbeat { role, priority })) => {
+                        self.heard(&peer.node, role, priority)
+                    }
+                    Some(Ok(Frame::Add { seq, id, env, body })) => {
+                        let id: MessageId = id
+                            .parse()
+                            .map_err(|_| LinkError::Protocol(format!("bad id {id:?}")))?;
+                        adds.push((id, env, body));
+                        last = Some(seq);
+                    }
+                    Some(Ok(Frame::Delete { seq, id })) => {
+                        // Adds before a delete in the same batch must land first.
+                        self.apply_adds(std::mem::take(&mut adds)).await?;
+                        let id: MessageId = id
+                            .parse()
+                            .map_err(|_| LinkError::Protocol(format!("bad id {id:?}")))?;
+                        self.store.remove(&id)?;
+                        last = Some(seq);
+                    }
+                    Some(Ok(other)) => {
+                        return Err(LinkError::Protocol(format!("unexpected {other:?}")))
+                    }
+                }
+            }
+            self.apply_adds(adds).await?;
+            if let Some(seq) = last {
+                if self.role() == Role::Active && peer.role == Role::Active {
+                    return Err(LinkError::Protocol(
+                        "both units are active: refusing replicas during split brain".into(),
+                    ));
+                }
+                self.log
+                    .set_applied(seq)
+                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                link::write_frame(&mut w, &Frame::Ack(seq), &[]).await?;
+                w.flush().await?;
+            }
+        }
+    }
+
+    async fn apply_adds(&self, adds: Vec<(MessageId, Bytes, Bytes)>) -> Result<(), LinkError> {
+        // `store` submits at once and the futures only wait, so all of them share the writer's
+        // commit rounds.
+        let pending: Vec<_> = adds
+            .into_iter()
+            .map(|(id, env, body)| self.store.store(id, env, body))
+            .collect();
+        for p in pending {
+            p.await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,311 @@
+//! The peer link's frames: `u32` big-endian length of what follows, one type byte, a payload.
+//! Pure encoding and decoding; the link does the I/O.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// Protocol version carried in `Hello`; a peer with another version is refused.
+pub const VERSION: u16 = 1;
+/// Largest frame accepted (a message body plus its envelope fits well below).
+pub const FRAME_BYTES_MAX: usize = 64 << 20;
+
+/// A node's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Accepts SMTP, delivers, replicates to its partner.
+    Active,
+    /// Holds replicas; delivers nothing.
+    Passive,
+}
+
+impl Role {
+    /// `active` / `passive`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Passive => "passive",
+        }
+    }
+
+    /// Parses `active` / `passive`.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "active" => Some(Role::Active),
+            "passive" => Some(Role::Passive),
+            _ => None,
+        }
+    }
+}
+
+/// One frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// First frame of each side.
+    Hello {
+        /// Protocol version.
+        version: u16,
+        /// Sender's role.
+        role: Role,
+        /// Sender's priority (split brain: the lower one stands down).
+        priority: u32,
+        /// Sender's node name.
+        node: String,
+    },
+    /// HMAC proof of the shared secret over the TLS exporter.
+    Proof([u8; 32]),
+    /// Receiver to sender: resume after this sequence.
+    Resume(u64),
+    /// Replicate a message.
+    Add {
+        /// Sequence.
+        seq: u64,
+        /// Message id.
+        id: String,
+        /// The `.env` bytes.
+        env: Bytes,
+        /// The `.body` bytes.
+        body: Bytes,
+    },
+    /// Remove a replica.
+    Delete {
+        /// Sequence.
+        seq: u64,
+        /// Message id.
+        id: String,
+    },
+    /// Receiver to sender: everything up to this sequence is durable here.
+    Ack(u64),
+    /// Every second, both ways.
+    Heartbeat {
+        /// Sender's role.
+        role: Role,
+        /// Sender's priority.
+        priority: u32,
+    },
+}
+
+/// A frame that cannot be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("bad frame: {0}")]
+pub struct FrameError(pub &'static str);
+
+fn role_byte(r: Role) -> u8 {
+    match r {
+        Role::Active => 1,
+        Role::Passive => 0,
+    }
+}
+
+fn role_of(b: u8) -> Result<Role, FrameError> {
+    match b {
+        1 => Ok(Role::Active),
+        0 => Ok(Role::Passive),
+        _ => Err(FrameError("role")),
+    }
+}
+
+impl Frame {
+    /// The frame's header and payload; for `Add` the body is returned apart so that it can be
+    /// written straight from its buffer (the memory-mapped `.body`).
+    pub fn encode_head(&self, body_len: usize) -> BytesMut {
+        let mut p = BytesMut::new();
+        match self {
+            Frame::Hello {
+                version,
+                role,
+                priority,
+                node,
+            } => {
+                p.put_u8(1);
+                p.put_u16(*version);
+                p.put_u8(role_byte(*role));
+                p.put_u32(*priority);
+                p.put_slice(node.as_bytes());
+            }
+            Frame::Proof(mac) => {
+                p.put_u8(2);
+                p.put_slice(mac);
+            }
+            Frame::Resume(seq) => {
+                p.put_u8(3);
+                p.put_u64(*seq);
+            }
+            Frame::Add { seq, id, env, .. } => {
+                p.put_u8(4);
+                p.put_u64(*seq);
+                p.put_u16(id.len() as u16);
+                p.put_slice(id.as_bytes());
+                p.put_u32(env.len() as u32);
+                p.put_slice(env);
+            }
+            Frame::Delete { seq, id } => {
+                p.put_u8(5);
+                p.put_u64(*seq);
+                p.put_slice(id.as_bytes());
+            }
+            Frame::Ack(seq) => {
+                p.put_u8(6);
+                p.put_u64(*seq);
+            }
+            Frame::Heartbeat { role, priority } => {
+                p.put_u8(7);
+                p.put_u8(role_byte(*role));
+                p.put_u32(*priority);
+            }
+        }
+        let mut out = BytesMut::with_capacity(4 + p.len());
+        out.put_u32((p.len() + body_len) as u32);
+        out.extend_from_slice(&p);
+        out
+    }
+
+    /// Encodes a whole frame (body included) into one buffer: for tests and small frames.
+    pub fn encode(&self) -> BytesMut {
+        match self {
+            Frame::Add { body, .. } => {
+                let mut b = self.encode_head(body.len());
+                b.extend_from_slice(body);
+                b
+            }
+            _ => self.encode_head(0),
+        }
+    }
+
+    /// Decodes one frame's content (after its length prefix).
+    pub fn decode(mut p: Bytes) -> Result<Frame, FrameError> {
+        let need = |p: &Bytes, n: usize| {
+            if p.remaining() < n {
+                Err(FrameError("short"))
+            } else {
+                Ok(())
+            }
+        };
+        need(&p, 1)?;
+        let t = p.get_u8();
+        let text = |b: Bytes| String::from_utf8(b.to_vec()).map_err(|_| FrameError("utf-8"));
+        Ok(match t {
+            1 => {
+                need(&p, 7)?;
+                let version = p.get_u16();
+                let role = role_of(p.get_u8())?;
+                let priority = p.get_u32();
+                Frame::Hello {
+                    version,
+                    role,
+                    priority,
+                    node: text(p)?,
+                }
+            }
+            2 => {
+                need(&p, 32)?;
+                let mut mac = [0u8; 32];
+                p.copy_to_slice(&mut mac);
+                Frame::Proof(mac)
+            }
+            3 => {
+                need(&p, 8)?;
+                Frame::Resume(p.get_u64())
+            }
+            4 => {
+                need(&p, 10)?;
+                let seq = p.get_u64();
+                let n = p.get_u16() as usize;
+                need(&p, n + 4)?;
+                let id = text(p.split_to(n))?;
+                let e = p.get_u32() as usize;
+                need(&p, e)?;
+                let env = p.split_to(e);
+                Frame::Add {
+                    seq,
+                    id,
+                    env,
+                    body: p,
+                }
+            }
+            5 => {
+                need(&p, 8)?;
+                let seq = p.get_u64();
+                Frame::Delete { seq, id: text(p)? }
+            }
+            6 => {
+                need(&p, 8)?;
+                Frame::Ack(p.get_u64())
+            }
+            7 => {
+                need(&p, 5)?;
+                let role = role_of(p.get_u8())?;
+                Frame::Heartbeat {
+                    role,
+                    priority: p.get_u32(),
+                }
+            }
+            _ => return Err(FrameError("type")),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_frame_round_trips() {
+        let frames = [
+            Frame::Hello {
+                version: VERSION,
+                role: Role::Active,
+                priority: 7,
+                node: "gw_a".into(),
+            },
+            Frame::Proof([9; 32]),
+            Frame::Resume(u64::MAX - 1),
+            Frame::Add {
+                seq: 3,
+                id: "0011223344556677-gw_a".into(),
+                env: Bytes::from_static(b"env\n"),
+                body: Bytes::from_static(b"body\r\n"),
+            },
+            Frame::Add {
+                seq: 4,
+                id: "x".into(),
+                env: Bytes::new(),
+                body: Bytes::new(),
+            },
+            Frame::Delete {
+                seq: 5,
+                id: "0011223344556677-gw_a".into(),
+            },
+            Frame::Ack(6),
+            Frame::Heartbeat {
+                role: Role::Passive,
+                priority: 1,
+            },
+        ];
+        for f in frames {
+            let mut b = f.encode().freeze();
+            let len = b.get_u32() as usize;
+            assert_eq!(len, b.len());
+            assert_eq!(Frame::decode(b).unwrap(), f);
+        }
+    }
+
+    #[test]
+    fn truncated_and_unknown_frames_are_errors_not_panics() {
+        let full = Frame::Add {
+            seq: 3,
+            id: "abc".into(),
+            env: Bytes::from_static(b"e"),
+            body: Bytes::from_static(b"b"),
+        }
+        .encode()
+        .freeze();
+        for cut in 4..full.len() - 1 {
+            let _ = Frame::decode(full.slice(4..cut)); // must not panic
+        }
+        assert!(Frame::decode(Bytes::from_static(&[99])).is_err());
+        assert!(Frame::decode(Bytes::new()).is_err());
+        assert!(
+            Frame::decode(Bytes::from_static(&[7, 5, 0, 0, 0, 1])).is_err(),
+            "bad role byte"
+        );
+    }
+}
