@@ -176,8 +176,9 @@ impl Replicator {
         self.peer.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Both nodes claim `active`.
+    /// Both nodes claim `active` (the partner's claim counts while its heartbeats are fresh).
     pub fn split_brain(&self) -> bool {
+        self.check_split_brain();
         self.split.load(Ordering::SeqCst)
     }
 
@@ -296,22 +297,40 @@ impl Replicator {
             }
             // Fill the window.
             let room = self.cfg.window.saturating_sub(in_flight.len());
+            let mut publishing = false;
             if room > 0 {
                 let actions = self
                     .log
                     .pending_after(next, room)
                     .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                let mut shipped = 0;
                 for a in &actions {
-                    let sent = self.ship(&mut w, a).await?;
-                    self.observer.sent(sent);
+                    match self.ship(&mut w, a).await? {
+                        Some(sent) => self.observer.sent(sent),
+                        None => {
+                            // Logged but not yet renamed into spool/: try again shortly.
+                            publishing = true;
+                            break;
+                        }
+                    }
                     in_flight.push_back((a.seq, a.logged_ms));
                     next = a.seq;
+                    shipped += 1;
                 }
-                if !actions.is_empty() {
+                if shipped > 0 {
                     w.flush().await?;
-                    continue;
+                    if !publishing {
+                        continue;
+                    }
                 }
             }
+            let retry = async {
+                if publishing {
+                    tokio::time::sleep(Duration::from_millis(2)).await
+                } else {
+                    std::future::pending::<()>().await
+                }
+            };
             tokio::select! {
                 f = frames.recv() => match f {
                     Some(Ok(Frame::Ack(seq))) => {
@@ -338,16 +357,19 @@ impl Replicator {
                     self.check_split_brain();
                 }
                 _ = role.changed() => {}
+                _ = retry => {}
             }
         }
     }
 
-    /// Sends one action; an `ADD` whose message is gone by now is sent as a `DELETE`.
+    /// Sends one action; an `ADD` whose message is gone by now is sent as a `DELETE`. Returns
+    /// the bytes sent, or `None` for an `ADD` whose message is still being published (its files
+    /// are in `tmp/` or half renamed): that one must wait.
     async fn ship<W: tokio::io::AsyncWrite + Unpin>(
         &self,
         w: &mut W,
         a: &txlog::Action,
-    ) -> Result<u64, LinkError> {
+    ) -> Result<Option<u64>, LinkError> {
         let id = a.id.to_string();
         if a.kind == Kind::Add {
             for folder in [Folder::Spool, Folder::Vscan, Folder::Quarantine] {
@@ -374,11 +396,17 @@ impl Replicator {
                     body: Bytes::new(),
                 };
                 link::write_frame(w, &frame, body.bytes()).await?;
-                return Ok(sent);
+                return Ok(Some(sent));
             }
+            let in_tmp = self.layout.path(Folder::Tmp, &a.id, Part::Env).exists();
+            let half_renamed = self.layout.path(Folder::Spool, &a.id, Part::Body).exists();
+            if in_tmp || half_renamed {
+                return Ok(None);
+            }
+            tracing::debug!(id = %a.id, seq = a.seq, "message gone before it was shipped; sending DELETE");
         }
         link::write_frame(w, &Frame::Delete { seq: a.seq, id }, &[]).await?;
-        Ok(0)
+        Ok(Some(0))
     }
 
     /// Runs the receiver: accept partner links and apply what they send.

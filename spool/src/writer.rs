@@ -135,6 +135,18 @@ pub struct CommitRequest {
     pub body: BodyParts,
     /// Called when the message is durable in `spool/` or has failed.
     pub done: Completion,
+    /// Tell the [`PublishHook`] (replication logs it); false for replicas received from the
+    /// partner.
+    pub replicate: bool,
+}
+
+/// Called by the writer thread after a round's files are durable in `tmp/` and before they are
+/// renamed into `spool/`, with the ids that will be published. If it fails, those messages fail
+/// (their files are removed). Replication appends its `ADD` actions here, so the log always
+/// knows every message the spool has, across any crash.
+pub trait PublishHook: Send + Sync {
+    /// Records the ids; must be durable when it returns.
+    fn before_publish(&self, ids: &[&MessageId]) -> io::Result<()>;
 }
 
 /// Handle to the writer thread. Dropping every handle (and calling [`SpoolWriter::shutdown`])
@@ -151,6 +163,16 @@ impl SpoolWriter {
         layout: Layout,
         options: WriterOptions,
         observer: Option<Arc<dyn RoundObserver>>,
+    ) -> io::Result<SpoolWriter> {
+        Self::start_with_hook(layout, options, observer, None)
+    }
+
+    /// [`SpoolWriter::start`] with a [`PublishHook`].
+    pub fn start_with_hook(
+        layout: Layout,
+        options: WriterOptions,
+        observer: Option<Arc<dyn RoundObserver>>,
+        hook: Option<Arc<dyn PublishHook>>,
     ) -> io::Result<SpoolWriter> {
         let batch_max = options.batch_max.clamp(1, 1024);
         let choice = options.backend;
@@ -178,6 +200,7 @@ impl SpoolWriter {
             batch_max,
             sync: options.sync,
             observer,
+            hook,
         };
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
@@ -217,6 +240,7 @@ impl SpoolWriter {
             done: Box::new(move |r| {
                 let _ = tx.send(r);
             }),
+            replicate: true,
         });
         rx.recv().unwrap_or(Err(CommitError::Closed))
     }
@@ -255,6 +279,7 @@ struct Worker {
     batch_max: usize,
     sync: SyncMode,
     observer: Option<Arc<dyn RoundObserver>>,
+    hook: Option<Arc<dyn PublishHook>>,
 }
 
 impl Worker {
@@ -293,6 +318,23 @@ impl Worker {
                 let e = io::Error::last_os_error();
                 for job in jobs.iter_mut().filter(|j| j.error.is_none()) {
                     job.error = Some(io::Error::new(e.kind(), format!("syncfs: {e}")));
+                }
+            }
+        }
+        if let Some(hook) = &self.hook {
+            let ids: Vec<&MessageId> = jobs
+                .iter()
+                .filter(|j| j.error.is_none() && j.req.replicate)
+                .map(|j| &j.req.id)
+                .collect();
+            if !ids.is_empty() {
+                if let Err(e) = hook.before_publish(&ids) {
+                    for job in jobs
+                        .iter_mut()
+                        .filter(|j| j.error.is_none() && j.req.replicate)
+                    {
+                        job.error = Some(io::Error::new(e.kind(), format!("replication log: {e}")));
+                    }
                 }
             }
         }

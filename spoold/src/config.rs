@@ -28,6 +28,75 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// The vscan stage.
     pub filter: FilterConfig,
+    /// HA pair replication; absent: a standalone node (always active).
+    pub ha: Option<HaConfig>,
+}
+
+/// `[ha]`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// The partner's peer-link address, `ip:port`.
+    pub partner: SocketAddr,
+    /// Our peer-link listen address.
+    pub listen: SocketAddr,
+    /// File holding the shared secret (preferred over `secret`).
+    pub secret_file: Option<PathBuf>,
+    /// The shared secret itself.
+    pub secret: Option<String>,
+    /// Split-brain priority: with both units active, the lower one holds delivery.
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+    /// Role on the very first start; afterwards the persisted role wins.
+    #[serde(default = "default_role")]
+    pub role: String,
+    /// PEM certificate for the peer link (self-signed is fine).
+    pub tls_cert: PathBuf,
+    /// PEM key for the peer link.
+    pub tls_key: PathBuf,
+    /// Actions in flight without acknowledgement.
+    #[serde(default = "default_window")]
+    pub window: usize,
+    /// Pending actions beyond which new mail is refused (`451`), never dropped.
+    #[serde(default = "default_pending_max")]
+    pub pending_max: u64,
+    /// How long delivered ids stay in the ledger, seconds.
+    #[serde(default = "default_ledger_secs")]
+    pub ledger_retention_secs: u64,
+}
+
+fn default_priority() -> u32 {
+    100
+}
+fn default_role() -> String {
+    "passive".into()
+}
+fn default_window() -> usize {
+    64
+}
+fn default_pending_max() -> u64 {
+    1_000_000
+}
+fn default_ledger_secs() -> u64 {
+    7 * 24 * 3600
+}
+
+impl HaConfig {
+    /// The shared secret, from `secret_file` or `secret`.
+    pub fn load_secret(&self) -> Result<Vec<u8>> {
+        let s = match (&self.secret_file, &self.secret) {
+            (Some(path), None) => std::fs::read(path)
+                .with_context(|| format!("key `ha.secret_file`: read {}", path.display()))?
+                .trim_ascii()
+                .to_vec(),
+            (None, Some(s)) => s.as_bytes().to_vec(),
+            _ => bail!("keys `ha.secret_file` and `ha.secret`: set exactly one"),
+        };
+        if s.len() < 16 {
+            bail!("key `ha.secret`: the shared secret must be at least 16 bytes");
+        }
+        Ok(s)
+    }
 }
 
 /// STARTTLS toward a next hop (like Postfix's `smtp_tls_security_level`).
@@ -207,6 +276,7 @@ impl Default for Config {
             spool: SpoolConfig::default(),
             delivery: DeliveryConfig::default(),
             filter: FilterConfig::default(),
+            ha: None,
         }
     }
 }
@@ -346,6 +416,20 @@ impl Config {
         if let Some(c) = &self.filter.clamd {
             c.parse::<filter::ClamdAddress>()
                 .map_err(|e| anyhow::anyhow!("key `filter.clamd`: {e}"))?;
+        }
+        if let Some(ha) = &self.ha {
+            if ha.secret_file.is_some() == ha.secret.is_some() {
+                bail!("keys `ha.secret_file` and `ha.secret`: set exactly one");
+            }
+            if hasync::proto::Role::parse(&ha.role).is_none() {
+                bail!(
+                    "key `ha.role`: {:?} must be \"active\" or \"passive\"",
+                    ha.role
+                );
+            }
+            if !(1..=4096).contains(&ha.window) {
+                bail!("key `ha.window`: {} is outside 1..=4096", ha.window);
+            }
         }
         if self.spool.spill_bytes < 4096 {
             bail!(

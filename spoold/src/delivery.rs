@@ -98,6 +98,10 @@ pub struct Delivery {
     pub concurrency: Arc<Semaphore>,
     pub per_destination_max: usize,
     per_destination: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// HA replication, when configured: holds delivery on a passive or standing-down node and
+    /// learns of every message leaving the spool.
+    pub ha: Option<Arc<hasync::Replicator>>,
+    ledger_retention: Duration,
     pool: Mutex<HashMap<Hop, Vec<(Instant, Connection)>>>,
 }
 
@@ -120,6 +124,7 @@ impl Delivery {
         metrics: Arc<Metrics>,
         stage: VscanStage,
         client: ClientConfig,
+        ha: Option<Arc<hasync::Replicator>>,
     ) -> Delivery {
         let d = &cfg.delivery;
         Delivery {
@@ -144,6 +149,13 @@ impl Delivery {
             per_destination_max: d.per_destination_max,
             per_destination: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
+            ha,
+            ledger_retention: Duration::from_secs(
+                cfg.ha
+                    .as_ref()
+                    .map(|h| h.ledger_retention_secs)
+                    .unwrap_or(0),
+            ),
         }
     }
 
@@ -157,6 +169,13 @@ impl Delivery {
         loop {
             if *shutdown.borrow() {
                 return;
+            }
+            if self.held() {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
             }
             let free = self.concurrency.available_permits();
             for id in self.queue.take_due(now_ms(), free) {
@@ -187,6 +206,33 @@ impl Delivery {
                 _ = shutdown.changed() => {}
             }
         }
+    }
+
+    /// A passive node delivers nothing; in a split brain the lower-priority node holds too.
+    fn held(&self) -> bool {
+        self.ha
+            .as_ref()
+            .is_some_and(|r| r.role() == hasync::proto::Role::Passive || r.stand_down())
+    }
+
+    /// Tells replication that `env` leaves the spool: a durable `DELETE` in the log (before the
+    /// files go, so the partner can never keep a replica of mail that was handled here) and the
+    /// delivered ids in the ledger.
+    fn log_leaving(&self, env: &Envelope) -> anyhow::Result<()> {
+        let Some(r) = &self.ha else { return Ok(()) };
+        let now = now_ms();
+        r.log()
+            .append(&[(hasync::txlog::Kind::Delete, &env.id)], now)?;
+        if env
+            .recipients
+            .iter()
+            .any(|x| x.state == RcptState::Delivered)
+        {
+            r.log()
+                .record_delivered(&[&env.id], now, self.ledger_retention.as_millis() as u64)?;
+        }
+        r.notify();
+        Ok(())
     }
 
     fn update_gauges(&self) {
@@ -248,6 +294,7 @@ impl Delivery {
                     self.metrics.queue_add(Folder::Spool, -1);
                     self.metrics.queue_add(Folder::Quarantine, 1);
                     tracing::warn!(id = %id, virus = %name, "message quarantined");
+                    self.log_leaving(&env)?;
                     if self.notify_quarantine && !env.sender.is_empty() {
                         let notice = dsn::quarantine_notice(&self.hostname, &env, &name);
                         if let Err(e) = self
@@ -369,6 +416,7 @@ impl Delivery {
             self.bounce(&env, &failures).await?;
         }
         if env.recipients.iter().all(|r| r.state != RcptState::Pending) {
+            self.log_leaving(&env)?;
             let layout = self.layout.clone();
             let i = id.clone();
             tokio::task::spawn_blocking(move || layout.remove_pair(&i, Folder::Spool)).await??;
@@ -385,8 +433,8 @@ impl Delivery {
         Ok(Some(env.next_attempt_ms))
     }
 
-    /// THE hook for "a message left the spool for good" (every recipient delivered or failed).
-    /// Replication turns this event into a DELETE on the partner.
+    /// THE event "a message left the spool for good" (every recipient delivered or failed), after
+    /// its files are gone; [`Delivery::log_leaving`] has already logged the replication DELETE.
     fn message_removed(&self, env: &Envelope) {
         self.metrics.queue_add(Folder::Spool, -1);
         let delivered = env

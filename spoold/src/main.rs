@@ -8,6 +8,7 @@
 mod config;
 mod delivery;
 mod dsn;
+mod ha;
 mod metrics;
 mod queue;
 mod sink;
@@ -216,7 +217,14 @@ async fn run(cfg: Config) -> Result<()> {
             config::SyncSetting::Syncfs => spool::writer::SyncMode::FileSystem,
         },
     };
-    let writer = SpoolWriter::start(layout.clone(), options, Some(metrics.clone()))
+    let ha_setup = ha::prepare(&cfg, &layout)?;
+    let hook = ha_setup.as_ref().map(|s| {
+        Arc::new(ha::LogHook {
+            log: s.log.clone(),
+            replicator: s.replicator.clone(),
+        }) as Arc<dyn spool::writer::PublishHook>
+    });
+    let writer = SpoolWriter::start_with_hook(layout.clone(), options, Some(metrics.clone()), hook)
         .context("start spool writer")?;
     metrics
         .io_uring
@@ -255,6 +263,10 @@ async fn run(cfg: Config) -> Result<()> {
         },
     });
 
+    let replicator = match &ha_setup {
+        Some(s) => Some(ha::finish(s, &layout, sink.clone(), metrics.clone()).await?),
+        None => None,
+    };
     let scanner: Option<Arc<dyn filter::Filter>> = match &cfg.filter.clamd {
         Some(addr) => Some(Arc::new(filter::Clamd::new(
             addr.parse()
@@ -278,10 +290,26 @@ async fn run(cfg: Config) -> Result<()> {
             data_timeout,
             tls: Some(client_tls),
         },
+        replicator.clone(),
     ));
 
     let ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(serve_http(http_listener, metrics.clone(), ready.clone()));
+    let accepting = Arc::new(AtomicBool::new(true));
+    if let Some(r) = &replicator {
+        tokio::spawn(follow_role(
+            r.clone(),
+            accepting.clone(),
+            queue.clone(),
+            layout.clone(),
+            metrics.clone(),
+        ));
+    }
+    tokio::spawn(serve_http(
+        http_listener,
+        metrics.clone(),
+        ready.clone(),
+        replicator.clone(),
+    ));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let sessions = Arc::new(AtomicUsize::new(0));
     let accept = tokio::spawn(accept_loop(
@@ -291,6 +319,7 @@ async fn run(cfg: Config) -> Result<()> {
         shutdown_rx.clone(),
         sessions.clone(),
         cfg.smtp.sessions_max,
+        accepting.clone(),
     ));
     let delivery_task = tokio::spawn(delivery.clone().run(shutdown_rx.clone()));
     ready.store(true, Ordering::SeqCst);
@@ -349,6 +378,7 @@ async fn accept_loop(
     shutdown: watch::Receiver<bool>,
     sessions: Arc<AtomicUsize>,
     sessions_max: usize,
+    accepting: Arc<AtomicBool>,
 ) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -361,6 +391,16 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        if !accepting.load(Ordering::SeqCst) {
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let mut stream = stream;
+                let _ = stream
+                    .write_all(b"421 4.3.2 This unit is passive (standby); use the active unit\r\n")
+                    .await;
+            });
+            continue;
+        }
         if sessions.load(Ordering::SeqCst) >= sessions_max {
             sink.metrics.smtp_sessions_refused.inc();
             tokio::spawn(async move {
@@ -390,10 +430,62 @@ async fn accept_loop(
     }
 }
 
-async fn serve_http(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
+async fn serve_http(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    replicator: Option<Arc<hasync::Replicator>>,
+) {
+    use axum::extract::{ConnectInfo, Path};
     use axum::http::StatusCode;
-    use axum::routing::get;
+    use axum::routing::{get, post};
+    let r_status = replicator.clone();
     let app = axum::Router::new()
+        .route(
+            "/admin/role/{role}",
+            post(move |ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(role): Path<String>| {
+                let r = replicator.clone();
+                async move {
+                    if !peer.ip().is_loopback() {
+                        return (StatusCode::FORBIDDEN, "admin calls are accepted from loopback only\n".to_string());
+                    }
+                    let Some(r) = r else {
+                        return (StatusCode::CONFLICT, "no [ha] section: this node is standalone\n".to_string());
+                    };
+                    let Some(role) = hasync::proto::Role::parse(&role) else {
+                        return (StatusCode::BAD_REQUEST, "role must be active or passive\n".to_string());
+                    };
+                    match r.set_role(role) {
+                        Ok(()) => {
+                            tracing::warn!(role = role.as_str(), "role changed by admin call");
+                            (StatusCode::OK, format!("role {}\n", role.as_str()))
+                        }
+                        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/admin/status",
+            get(move || {
+                let r = r_status.clone();
+                async move {
+                    let Some(r) = r else { return "role active\nha off\n".to_string() };
+                    let (pending, _) = r.log().depth().unwrap_or((0, None));
+                    let peer = r.peer();
+                    format!(
+                        "role {}\nlink {}\nsplit_brain {}\npending {}\nlast_lag_ms {}\npeer {}\npeer_role {}\n",
+                        r.role().as_str(),
+                        if r.link_is_up() { "up" } else { "down" },
+                        r.split_brain(),
+                        pending,
+                        r.last_lag_ms(),
+                        peer.as_ref().map(|p| p.node.as_str()).unwrap_or("-"),
+                        peer.as_ref().map(|p| p.role.as_str()).unwrap_or("-"),
+                    )
+                }
+            }),
+        )
         .route(
             "/metrics",
             get(move || {
@@ -420,8 +512,70 @@ async fn serve_http(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<Ato
                 }
             }),
         );
-    if let Err(e) = axum::serve(listener, app).await {
+    if let Err(e) = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await
+    {
         tracing::error!(error = %e, "HTTP server stopped");
+    }
+}
+
+/// Applies the role: a passive node refuses SMTP; becoming active schedules every message the
+/// spool holds (replicas included). Also keeps the HA gauges current.
+async fn follow_role(
+    r: Arc<hasync::Replicator>,
+    accepting: Arc<AtomicBool>,
+    queue: Arc<Queue>,
+    layout: Layout,
+    metrics: Arc<Metrics>,
+) {
+    let mut role = r.watch_role();
+    let mut last = None;
+    loop {
+        let now = *role.borrow();
+        if last != Some(now) {
+            let active = now == hasync::proto::Role::Active;
+            accepting.store(active, Ordering::SeqCst);
+            metrics.ha_active.set(i64::from(active));
+            if active && last.is_some() {
+                let mut n = 0;
+                for folder in [Folder::Spool, Folder::Vscan] {
+                    for e in std::fs::read_dir(layout.dir(folder))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                    {
+                        let name = e.file_name();
+                        let id = name
+                            .to_str()
+                            .and_then(|n| n.strip_suffix(".env"))
+                            .and_then(|n| n.parse().ok());
+                        if let Some(id) = id {
+                            queue.add(id, 0);
+                            n += 1;
+                        }
+                    }
+                }
+                tracing::warn!(
+                    messages = n,
+                    "now active: scheduling every message held, replicas included"
+                );
+            }
+            last = Some(now);
+        }
+        if let Ok((pending, oldest)) = r.log().depth() {
+            metrics.ha_pending.set(pending as i64);
+            let age = oldest
+                .map(|o| (sink::now_ms().saturating_sub(o)) as f64 / 1000.0)
+                .unwrap_or(0.0);
+            metrics.ha_oldest_pending.set(age);
+        }
+        tokio::select! {
+            c = role.changed() => if c.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 

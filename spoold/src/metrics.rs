@@ -50,6 +50,24 @@ pub struct Metrics {
     pub scan_seconds: Histogram,
     /// Bounces (DSNs) generated.
     pub bounces: IntCounter,
+    /// 1 while the replication link to the partner is up.
+    pub ha_link_up: IntGauge,
+    /// Failed connection attempts and broken links.
+    pub ha_reconnects: IntCounter,
+    /// Peers refused for a wrong secret or a replayed proof.
+    pub ha_auth_failures: IntCounter,
+    /// Local commit → partner acknowledgement.
+    pub ha_lag: Histogram,
+    /// Bytes sent to the partner.
+    pub ha_bytes_sent: IntCounter,
+    /// 1 while both units claim active.
+    pub ha_split_brain: IntGauge,
+    /// Role: 1 active, 0 passive.
+    pub ha_active: IntGauge,
+    /// Actions waiting for the partner's acknowledgement.
+    pub ha_pending: IntGauge,
+    /// Age of the oldest pending action.
+    pub ha_oldest_pending: prometheus::Gauge,
 }
 
 impl Metrics {
@@ -137,6 +155,49 @@ impl Metrics {
                 "spoold_bounces_total",
                 "Delivery status notifications generated.",
             )?,
+            ha_link_up: gauge(
+                "spoold_ha_link_up",
+                "1 while the replication link to the partner is up.",
+            )?,
+            ha_reconnects: counter(
+                "spoold_ha_reconnects_total",
+                "Failed replication connection attempts and broken links.",
+            )?,
+            ha_auth_failures: counter(
+                "spoold_ha_auth_failures_total",
+                "Peer links refused for a wrong shared secret or a replayed proof.",
+            )?,
+            ha_lag: histogram(
+                "spoold_ha_replication_lag_seconds",
+                "Time from logging an action to the partner's acknowledgement.",
+                vec![
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ],
+            )?,
+            ha_bytes_sent: counter(
+                "spoold_ha_sent_bytes_total",
+                "Bytes of envelopes and bodies sent to the partner.",
+            )?,
+            ha_split_brain: gauge(
+                "spoold_ha_split_brain",
+                "1 while both units of the pair claim the active role.",
+            )?,
+            ha_active: gauge(
+                "spoold_ha_role_active",
+                "1 when this unit is active, 0 when passive.",
+            )?,
+            ha_pending: gauge(
+                "spoold_ha_pending_actions",
+                "Replication actions waiting for the partner's acknowledgement.",
+            )?,
+            ha_oldest_pending: {
+                let g = prometheus::Gauge::new(
+                    "spoold_ha_oldest_pending_age_seconds",
+                    "Age of the oldest unacknowledged replication action.",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             accepted_messages: counter(
                 "spoold_accepted_messages_total",
                 "Messages acknowledged with 250 after they were durable.",

@@ -220,6 +220,7 @@ impl BodySink for SpoolBody {
             done: Box::new(move |r| {
                 let _ = tx.send(r);
             }),
+            replicate: true,
         };
         // `submit` blocks only when 4096 requests already wait for the disk.
         sink.writer.submit(req);

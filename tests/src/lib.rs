@@ -103,7 +103,10 @@ impl Daemon {
             .arg("--http-listen")
             .arg(self.http.to_string())
             .args(&self.extra_args)
-            .env("SPOOLD_LOG", "info")
+            .env(
+                "SPOOLD_LOG",
+                std::env::var("TEST_SPOOLD_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -591,4 +594,102 @@ pub fn write_config(dir: &Path, text: &str) -> String {
     let path = dir.join("spoold.toml");
     std::fs::write(&path, text).unwrap();
     path.to_string_lossy().into_owned()
+}
+
+/// A minimal HTTP/1.0 POST without a body; returns status and body.
+pub fn http_post(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: test\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Two configured units of an HA pair (not started): config files and peer addresses.
+pub struct PairConfig {
+    pub a_config: String,
+    pub b_config: String,
+    pub a_peer: SocketAddr,
+    pub b_peer: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+/// Writes configs for nodes `gw_a` (initially active) and `gw_b` (passive) that replicate to
+/// each other; `extra` is appended to both (e.g. a `[delivery]` section), `b_secret` overrides
+/// B's shared secret.
+pub fn pair_config(extra: &str, b_secret: Option<&str>) -> PairConfig {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_peer, b_peer) = (free_addr(), free_addr());
+    let write = |name: &str,
+                 role: &str,
+                 listen: SocketAddr,
+                 partner: SocketAddr,
+                 secret: &str,
+                 prio: u32| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let (cert, key) = write_self_signed(&d);
+        let text = format!(
+            "node_name = \"{name}\"\n{extra}\n[ha]\npartner = \"{partner}\"\nlisten = \"{listen}\"\nsecret = \"{secret}\"\n\
+             role = \"{role}\"\npriority = {prio}\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        );
+        let path = d.join("spoold.toml");
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let secret = "correct horse battery staple";
+    let a_config = write("gw_a", "active", a_peer, b_peer, secret, 200);
+    let b_config = write(
+        "gw_b",
+        "passive",
+        b_peer,
+        a_peer,
+        b_secret.unwrap_or(secret),
+        100,
+    );
+    PairConfig {
+        a_config,
+        b_config,
+        a_peer,
+        b_peer,
+        _dir: dir,
+    }
+}
+
+/// A histogram's quantile estimated from its cumulative buckets on `/metrics` (upper bound).
+pub fn histogram_quantile(d: &Daemon, name: &str, q: f64) -> Option<f64> {
+    let (_, body) = http_get(d.http, "/metrics").ok()?;
+    let mut buckets: Vec<(f64, f64)> = body
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}_bucket{{")))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= q * total)
+        .map(|(le, _)| *le)
 }

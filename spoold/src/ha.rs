@@ -1,0 +1,228 @@
+//! The daemon's side of HA replication: the writer's publish hook that logs `ADD`s, the replica
+//! store over the spool writer, the metrics observer, and the setup of the [`Replicator`].
+
+use crate::config::{Config, HaConfig};
+use crate::metrics::Metrics;
+use crate::sink::{now_ms, SpoolSink};
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use hasync::link::LinkConfig;
+use hasync::proto::Role;
+use hasync::txlog::{Kind, TxLog};
+use hasync::{ReplicaStore, ReplicationObserver, Replicator, ReplicatorConfig};
+use spool::writer::{CommitRequest, PublishHook};
+use spool::{BodyParts, Envelope, Folder, Layout, MessageId, Part};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// Logs an `ADD` for every message the writer is about to publish, then wakes the sender.
+pub struct LogHook {
+    /// The log.
+    pub log: Arc<TxLog>,
+    /// Set once the replicator exists (it needs the writer, which needs this hook).
+    pub replicator: Arc<OnceLock<Arc<Replicator>>>,
+}
+
+impl PublishHook for LogHook {
+    fn before_publish(&self, ids: &[&MessageId]) -> std::io::Result<()> {
+        let items: Vec<(Kind, &MessageId)> = ids.iter().map(|id| (Kind::Add, *id)).collect();
+        self.log
+            .append(&items, now_ms())
+            .map_err(std::io::Error::other)?;
+        if let Some(r) = self.replicator.get() {
+            r.notify();
+        }
+        Ok(())
+    }
+}
+
+/// Stores replicas through the same durable writer as SMTP mail (not logged again).
+pub struct SpoolReplicas {
+    /// The sink whose writer stores the pairs.
+    pub sink: Arc<SpoolSink>,
+    /// Paths.
+    pub layout: Layout,
+}
+
+const REPLICA_FOLDERS: [Folder; 3] = [Folder::Spool, Folder::Vscan, Folder::Quarantine];
+
+impl ReplicaStore for SpoolReplicas {
+    fn store(
+        &self,
+        id: MessageId,
+        env: Bytes,
+        body: Bytes,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>> {
+        let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+        let decoded = Envelope::decode(&env).map_err(|e| invalid(format!("replica {id}: {e}")));
+        let submitted = decoded.and_then(|e| {
+            if e.id != id || e.body_len != body.len() as u64 {
+                return Err(invalid(format!("replica {id}: envelope does not match")));
+            }
+            let held = REPLICA_FOLDERS.iter().any(|&f| {
+                self.layout
+                    .read_envelope(f, &id)
+                    .is_ok_and(|old| old.body_sha256 == e.body_sha256)
+            });
+            if held {
+                tracing::debug!(id = %id, "replica already held");
+                return Ok(None); // idempotent: an ADD seen again
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.sink.writer.submit(CommitRequest {
+                id: id.clone(),
+                envelope: env.to_vec(),
+                body: BodyParts {
+                    spilled: None,
+                    chunks: vec![body],
+                },
+                done: Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+                replicate: false,
+            });
+            Ok(Some(rx))
+        });
+        let id_for_log = id.clone();
+        Box::pin(async move {
+            match submitted? {
+                None => Ok(()),
+                Some(rx) => match rx.await {
+                    Ok(Ok(_)) => {
+                        tracing::debug!(id = %id_for_log, "replica stored");
+                        self.sink.metrics.queue_add(Folder::Spool, 1);
+                        Ok(())
+                    }
+                    Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
+                    Err(_) => Err(std::io::Error::other("spool writer stopped")),
+                },
+            }
+        })
+    }
+
+    fn remove(&self, id: &MessageId) -> std::io::Result<()> {
+        tracing::debug!(id = %id, "replica removed");
+        for f in REPLICA_FOLDERS {
+            if self.layout.path(f, id, Part::Env).exists()
+                || self.layout.path(f, id, Part::Body).exists()
+            {
+                self.layout.remove_pair(id, f)?;
+                self.sink.metrics.queue_add(f, -1);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ReplicationObserver for Metrics {
+    fn link_up(&self, up: bool) {
+        self.ha_link_up.set(i64::from(up));
+    }
+    fn reconnect(&self) {
+        self.ha_reconnects.inc();
+    }
+    fn auth_failure(&self) {
+        self.ha_auth_failures.inc();
+    }
+    fn acknowledged(&self, lag: Duration) {
+        self.ha_lag.observe(lag.as_secs_f64());
+    }
+    fn sent(&self, bytes: u64) {
+        self.ha_bytes_sent.inc_by(bytes);
+    }
+    fn split_brain(&self, on: bool) {
+        self.ha_split_brain.set(i64::from(on));
+    }
+}
+
+/// Opens the log and builds the link identity; the replicator itself is made once the sink
+/// exists ([`finish`]).
+pub struct HaSetup {
+    /// The `[ha]` section.
+    pub cfg: HaConfig,
+    /// The log.
+    pub log: Arc<TxLog>,
+    /// Filled by [`finish`].
+    pub replicator: Arc<OnceLock<Arc<Replicator>>>,
+    link: LinkConfig,
+}
+
+/// First half of the HA setup (before the writer starts).
+pub fn prepare(cfg: &Config, layout: &Layout) -> Result<Option<HaSetup>> {
+    let Some(ha) = cfg.ha.clone() else {
+        return Ok(None);
+    };
+    let secret = ha.load_secret()?;
+    let open = |key: &str, p: &std::path::Path| {
+        std::fs::File::open(p)
+            .map(std::io::BufReader::new)
+            .with_context(|| format!("key `{key}`: open {}", p.display()))
+    };
+    let certs = rustls_pemfile::certs(&mut open("ha.tls_cert", &ha.tls_cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("key `ha.tls_cert`: parse {}", ha.tls_cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut open("ha.tls_key", &ha.tls_key)?)
+        .with_context(|| format!("key `ha.tls_key`: parse {}", ha.tls_key.display()))?
+        .with_context(|| {
+            format!(
+                "key `ha.tls_key`: no private key in {}",
+                ha.tls_key.display()
+            )
+        })?;
+    let link = LinkConfig::new(cfg.node_name.clone(), secret, ha.priority, certs, key)
+        .context("keys `ha.tls_cert`/`ha.tls_key`")?;
+    let log = Arc::new(
+        TxLog::open(&layout.root().join("txlog"), ha.pending_max)
+            .with_context(|| format!("open {}/txlog", layout.root().display()))?,
+    );
+    Ok(Some(HaSetup {
+        cfg: ha,
+        log,
+        replicator: Arc::new(OnceLock::new()),
+        link,
+    }))
+}
+
+/// Second half: the replicator, its receiver listener and sender task.
+pub async fn finish(
+    setup: &HaSetup,
+    layout: &Layout,
+    sink: Arc<SpoolSink>,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<Replicator>> {
+    let persisted = setup.log.role().context("read the persisted role")?;
+    let role = persisted
+        .as_deref()
+        .and_then(Role::parse)
+        .or_else(|| Role::parse(&setup.cfg.role))
+        .unwrap_or(Role::Passive);
+    setup
+        .log
+        .set_role(role.as_str())
+        .context("persist the role")?;
+    let replicator = Replicator::new(
+        ReplicatorConfig {
+            link: setup.link.clone(),
+            partner: setup.cfg.partner,
+            window: setup.cfg.window,
+        },
+        setup.log.clone(),
+        layout.clone(),
+        Arc::new(SpoolReplicas {
+            sink,
+            layout: layout.clone(),
+        }),
+        metrics,
+        role,
+    );
+    let _ = setup.replicator.set(replicator.clone());
+    let listener = tokio::net::TcpListener::bind(setup.cfg.listen)
+        .await
+        .with_context(|| format!("key `ha.listen`: bind {}", setup.cfg.listen))?;
+    tokio::spawn(replicator.clone().run_receiver(listener));
+    tokio::spawn(replicator.clone().run_sender());
+    tracing::info!(role = role.as_str(), partner = %setup.cfg.partner, listen = %setup.cfg.listen, "HA replication started");
+    Ok(replicator)
+}

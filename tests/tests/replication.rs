@@ -1,0 +1,287 @@
+//! HA replication between two real daemons on loopback: every acknowledged message reaches the
+//! passive partner byte-identical; the log drains after the partner is killed; delivery on the
+//! active removes the replica; a wrong secret moves no data; an active killed in async mode loses
+//! at most what the lag allows; and the partner takes over.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tests::{
+    histogram_quantile, http_post, pair_config, queued_id, sample_body, wait_until, Client, Daemon,
+    SmtpSink,
+};
+
+/// Sends from `threads` sessions until `stop`; returns (id, acknowledged at) pairs.
+fn load(
+    d: &Daemon,
+    threads: usize,
+    per_thread: usize,
+    stop: Arc<AtomicBool>,
+) -> Arc<Mutex<Vec<(String, Instant)>>> {
+    let acked: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (addr, acked, stop) = (d.smtp, acked.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut c, _) = Client::connect(addr);
+                c.cmd("EHLO ha");
+                for i in 0..per_thread {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let body = sample_body(t * 100_000 + i, 3000);
+                    let r = c.cmd("MAIL FROM:<ha@example.com>");
+                    if !r.starts_with("250") {
+                        return;
+                    }
+                    c.cmd("RCPT TO:<rcpt@example.org>");
+                    c.cmd("DATA");
+                    c.send(&tests::dot_stuff(&body));
+                    c.send(b".\r\n");
+                    match queued_id(&c.reply()) {
+                        Some(id) => acked.lock().unwrap().push((id, Instant::now())),
+                        None => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    let a2 = acked.clone();
+    std::thread::spawn(move || {
+        for h in handles {
+            let _ = h.join();
+        }
+        drop(a2);
+    });
+    acked
+}
+
+fn wait_load_done(acked: &Arc<Mutex<Vec<(String, Instant)>>>) {
+    assert!(
+        wait_until(120, || Arc::strong_count(acked) == 1),
+        "load did not finish"
+    );
+}
+
+fn ids(d: &Daemon) -> BTreeSet<String> {
+    d.spooled_ids().into_iter().collect()
+}
+
+#[test]
+fn every_acknowledged_message_reaches_the_partner_byte_identical() {
+    let p = pair_config("", None);
+    let a = Daemon::start_with(&["--config", &p.a_config]);
+    let b = Daemon::start_with(&["--config", &p.b_config]);
+    let (_, greeting) = Client::connect(b.smtp);
+    assert!(
+        greeting.starts_with("421 4.3.2"),
+        "a passive unit refuses SMTP: {greeting}"
+    );
+    let acked = load(&a, 8, 40, Arc::default());
+    wait_load_done(&acked);
+    let acked: BTreeSet<String> = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(i, _)| i.clone())
+        .collect();
+    assert_eq!(acked.len(), 320);
+    let started = Instant::now();
+    assert!(
+        wait_until(10, || ids(&b).is_superset(&acked)),
+        "not all on the partner within 10 s: {} of {}\nA: {}\nB: {}\nmissing: {:?}",
+        ids(&b).len(),
+        acked.len(),
+        tests::http_get(a.http, "/admin/status").unwrap().1,
+        b.log_text()
+            .lines()
+            .filter(|l| !l.contains("INFO message accepted"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\nA:\n"
+            + &a.log_text()
+                .lines()
+                .filter(|l| !l.contains("INFO message accepted"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        acked
+            .difference(&ids(&b))
+            .take(3)
+            .map(|m| b
+                .log_text()
+                .lines()
+                .chain(a.log_text().lines())
+                .filter(|l| l.contains(m.as_str()))
+                .collect::<Vec<_>>()
+                .join("\n")
+                + &["tmp", "spool", "vscan", "corrupt", "input"]
+                    .iter()
+                    .map(|f| format!(
+                        "{f}:{:?}",
+                        b.folder(f)
+                            .iter()
+                            .filter(|n| n.starts_with(m.as_str()))
+                            .collect::<Vec<_>>()
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(" "))
+            .collect::<Vec<_>>()
+    );
+    eprintln!(
+        "partner complete {:?} after the last acknowledgement",
+        started.elapsed()
+    );
+    assert_eq!(ids(&b), acked, "nothing extra on the partner");
+    for id in &acked {
+        for ext in ["env", "body"] {
+            let fa = std::fs::read(a.state.join("spool").join(format!("{id}.{ext}"))).unwrap();
+            let fb = std::fs::read(b.state.join("spool").join(format!("{id}.{ext}"))).unwrap();
+            assert!(fa == fb, "{id}.{ext} differs");
+        }
+    }
+    let p99 = histogram_quantile(&a, "spoold_ha_replication_lag_seconds", 0.99).unwrap();
+    eprintln!("replication lag p99 <= {p99} s (histogram bucket)");
+    assert!(p99 <= 10.0);
+    assert_eq!(a.metric("spoold_ha_link_up"), Some(1.0));
+    assert!(wait_until(5, || a.metric("spoold_ha_pending_actions") == Some(0.0)));
+}
+
+#[test]
+fn partner_killed_under_load_catches_up_with_nothing_missing_or_extra() {
+    let p = pair_config("", None);
+    let a = Daemon::start_with(&["--config", &p.a_config]);
+    let mut b = Daemon::start_with(&["--config", &p.b_config]);
+    let acked = load(&a, 6, 60, Arc::default());
+    std::thread::sleep(Duration::from_millis(400));
+    b.kill9();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        a.metric("spoold_ha_pending_actions").unwrap_or(0.0) > 0.0
+            || Arc::strong_count(&acked) == 1
+    );
+    b.restart();
+    wait_load_done(&acked);
+    let acked: BTreeSet<String> = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(i, _)| i.clone())
+        .collect();
+    assert!(
+        wait_until(20, || ids(&b) == acked),
+        "partner has {} of {}",
+        ids(&b).len(),
+        acked.len()
+    );
+    assert!(a.metric("spoold_ha_reconnects_total").unwrap_or(0.0) >= 1.0);
+    assert!(
+        wait_until(5, || a.metric("spoold_ha_pending_actions") == Some(0.0)),
+        "log drained"
+    );
+}
+
+#[test]
+fn delivered_on_the_active_is_removed_on_the_partner() {
+    let sink = SmtpSink::start();
+    let p = pair_config(
+        &format!("[delivery]\ndefault_next_hop = \"{}\"\n", sink.addr),
+        None,
+    );
+    let a = Daemon::start_delivering(&["--config", &p.a_config]);
+    let b = Daemon::start_delivering(&["--config", &p.b_config]);
+    let acked = load(&a, 4, 25, Arc::default());
+    wait_load_done(&acked);
+    assert!(
+        wait_until(30, || sink.dumped().len() == 100),
+        "delivered {}",
+        sink.dumped().len()
+    );
+    assert!(
+        wait_until(10, || a.spooled_ids().is_empty()
+            && b.spooled_ids().is_empty()),
+        "replicas removed: partner still holds {}",
+        b.spooled_ids().len()
+    );
+    assert_eq!(
+        sink.dumped().len(),
+        100,
+        "the passive unit delivered nothing"
+    );
+}
+
+#[test]
+fn wrong_shared_secret_moves_no_data_and_is_counted() {
+    let p = pair_config("", Some("a different secret entirely"));
+    let a = Daemon::start_with(&["--config", &p.a_config]);
+    let b = Daemon::start_with(&["--config", &p.b_config]);
+    let acked = load(&a, 2, 10, Arc::default());
+    wait_load_done(&acked);
+    assert!(wait_until(10, || a
+        .metric("spoold_ha_auth_failures_total")
+        .unwrap_or(0.0)
+        >= 1.0
+        && b.metric("spoold_ha_auth_failures_total").unwrap_or(0.0)
+            >= 1.0));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(b.spooled_ids().is_empty(), "no data crossed");
+    assert_eq!(
+        a.metric("spoold_ha_pending_actions"),
+        Some(20.0),
+        "kept pending, not dropped"
+    );
+    assert!(a.log_text().contains("failed authentication"));
+}
+
+#[test]
+fn active_killed_in_async_mode_loses_at_most_the_lag_and_the_partner_takes_over() {
+    let sink = SmtpSink::start();
+    let p = pair_config(
+        &format!("[delivery]\ndefault_next_hop = \"{}\"\n", sink.addr),
+        None,
+    );
+    // A spools without delivering (so its mail is what B must hold); B delivers once active.
+    let mut a = Daemon::start_with(&["--config", &p.a_config]);
+    let b = Daemon::start_delivering(&["--config", &p.b_config]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = load(&a, 6, 1000, stop.clone());
+    std::thread::sleep(Duration::from_millis(1500));
+    a.kill9();
+    let killed_at = Instant::now();
+    stop.store(true, Ordering::SeqCst);
+    wait_load_done(&acked);
+    let acked = acked.lock().unwrap().clone();
+    assert!(wait_until(5, || b
+        .metric("spoold_queue_messages{folder=\"spool\"}")
+        .is_some()));
+    std::thread::sleep(Duration::from_millis(500));
+    let on_b = ids(&b);
+    let missing: Vec<&(String, Instant)> =
+        acked.iter().filter(|(id, _)| !on_b.contains(id)).collect();
+    eprintln!(
+        "async mode: {} acknowledged, {} missing on the partner at the kill",
+        acked.len(),
+        missing.len()
+    );
+    for (id, at) in &missing {
+        assert!(
+            killed_at.duration_since(*at) < Duration::from_secs(1),
+            "{id} acknowledged long before the kill is missing"
+        );
+    }
+    // Takeover: B becomes active and delivers the replicas it holds.
+    let (status, body) = http_post(b.http, "/admin/role/active").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (_, greeting) = Client::connect(b.smtp);
+    assert!(
+        greeting.starts_with("220 "),
+        "the new active unit accepts SMTP"
+    );
+    assert!(
+        wait_until(60, || sink.dumped().len() == on_b.len()),
+        "delivered {} of {}",
+        sink.dumped().len(),
+        on_b.len()
+    );
+}
