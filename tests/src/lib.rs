@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 pub use spool;
 
+pub mod proxy;
+
 /// The `spoold` binary next to the test executable's profile directory.
 pub fn spoold_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -627,8 +629,18 @@ pub struct PairConfig {
 /// each other; `extra` is appended to both (e.g. a `[delivery]` section), `b_secret` overrides
 /// B's shared secret.
 pub fn pair_config(extra: &str, b_secret: Option<&str>) -> PairConfig {
+    pair_config_via(extra, b_secret, |b| b)
+}
+
+/// [`pair_config`] where A reaches B's peer link through `route(b_peer)` (a fault proxy).
+pub fn pair_config_via(
+    extra: &str,
+    b_secret: Option<&str>,
+    route: impl FnOnce(SocketAddr) -> SocketAddr,
+) -> PairConfig {
     let dir = tempfile::tempdir().unwrap();
     let (a_peer, b_peer) = (free_addr(), free_addr());
+    let a_partner = route(b_peer);
     let write = |name: &str,
                  role: &str,
                  listen: SocketAddr,
@@ -649,7 +661,7 @@ pub fn pair_config(extra: &str, b_secret: Option<&str>) -> PairConfig {
         path.to_string_lossy().into_owned()
     };
     let secret = "correct horse battery staple";
-    let a_config = write("gw_a", "active", a_peer, b_peer, secret, 200);
+    let a_config = write("gw_a", "active", a_peer, a_partner, secret, 200);
     let b_config = write(
         "gw_b",
         "passive",

@@ -285,3 +285,48 @@ fn active_killed_in_async_mode_loses_at_most_the_lag_and_the_partner_takes_over(
         on_b.len()
     );
 }
+
+#[test]
+fn partition_through_a_fault_proxy_then_catch_up() {
+    let mut proxy = None;
+    let p = tests::pair_config_via("", None, |b| {
+        let px = tests::proxy::FaultProxy::start(b);
+        let addr = px.addr;
+        proxy = Some(px);
+        addr
+    });
+    let proxy = proxy.unwrap();
+    let a = Daemon::start_with(&["--config", &p.a_config]);
+    let b = Daemon::start_with(&["--config", &p.b_config]);
+    assert!(wait_until(10, || a.metric("spoold_ha_link_up") == Some(1.0)));
+    proxy.partition(true);
+    let acked = load(&a, 4, 40, Arc::default());
+    wait_load_done(&acked);
+    let acked: BTreeSet<String> = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(i, _)| i.clone())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(ids(&b).len() < acked.len(), "the partition held data back");
+    assert_eq!(a.metric("spoold_ha_link_up"), Some(0.0));
+    assert!(
+        a.metric("spoold_ha_pending_actions").unwrap_or(0.0) > 0.0,
+        "pending, not dropped"
+    );
+    let healed = Instant::now();
+    proxy.partition(false);
+    assert!(
+        wait_until(10, || ids(&b) == acked),
+        "caught up: {} of {}",
+        ids(&b).len(),
+        acked.len()
+    );
+    eprintln!(
+        "partition: caught up {:?} after healing ({} messages held back)",
+        healed.elapsed(),
+        acked.len()
+    );
+    assert!(wait_until(5, || a.metric("spoold_ha_pending_actions") == Some(0.0)));
+}
