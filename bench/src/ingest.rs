@@ -169,21 +169,39 @@ pub fn free_addr() -> Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-struct Spoold {
+/// A spoold process for a benchmark; killed on drop.
+pub struct Spoold {
     child: Child,
-    smtp: SocketAddr,
+    /// Its SMTP address.
+    pub smtp: SocketAddr,
+    /// Its metrics address.
+    pub http: SocketAddr,
 }
 
 impl Spoold {
     fn start(bin: &PathBuf, state: &std::path::Path, sync: &str) -> Result<Spoold> {
+        Self::start_config(bin, state, &format!("[spool]\nsync = \"{sync}\"\n"), false)
+    }
+
+    /// Starts spoold on `state` with the configuration `config`; `deliver` false adds
+    /// `--no-delivery`.
+    pub fn start_config(
+        bin: &PathBuf,
+        state: &std::path::Path,
+        config_text: &str,
+        deliver: bool,
+    ) -> Result<Spoold> {
         let smtp = free_addr()?;
         let http = free_addr()?;
         let config = state.with_extension("toml");
-        std::fs::write(&config, format!("[spool]\nsync = \"{sync}\"\n"))?;
-        let child = Command::new(bin)
+        std::fs::write(&config, config_text)?;
+        let mut cmd = Command::new(bin);
+        if !deliver {
+            cmd.arg("--no-delivery");
+        }
+        let child = cmd
             .arg("--config")
             .arg(&config)
-            .arg("--no-delivery")
             .arg("--state-dir")
             .arg(state)
             .args([
@@ -200,7 +218,19 @@ impl Spoold {
             anyhow::ensure!(Instant::now() < deadline, "spoold did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(Spoold { child, smtp })
+        Ok(Spoold { child, smtp, http })
+    }
+
+    /// The text of `/metrics`.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(self.http) else {
+            return String::new();
+        };
+        let _ = write!(s, "GET /metrics HTTP/1.0\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
     }
 
     /// Resident set size now and at its peak, in MiB.

@@ -8,11 +8,13 @@
 //!   io_uring, next to spoold's group-commit writer.
 //! - `recovery`: startup recovery time for a spool of N messages.
 //! - `relay`: end to end through spoold (with and without clamd) and through Postfix.
+//! - `replicate`: ingest with replication off and async, and the replication lag.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod ingest;
 mod raw;
 mod relay;
+mod replicate;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -34,6 +36,8 @@ enum Cmd {
     Recovery(raw::RecoveryArgs),
     /// End to end: SMTP in, optional clamd, SMTP out to smtp-sink; next to Postfix.
     Relay(relay::Args),
+    /// Ingest with replication off and async, and the lag under that load.
+    Replicate(replicate::Args),
 }
 
 fn main() -> Result<()> {
@@ -42,6 +46,7 @@ fn main() -> Result<()> {
         Cmd::SpoolRaw(a) => raw::run(a),
         Cmd::Recovery(a) => raw::recovery(a),
         Cmd::Relay(a) => relay::run(a),
+        Cmd::Replicate(a) => replicate::run(a),
     }
 }
 

@@ -1,7 +1,9 @@
 //! End to end: SMTP in, (optionally) clamd, SMTP out to Postfix's smtp-sink; spoold next to
 //! Postfix relaying the same load to the same kind of sink, in the same run.
 
-use crate::ingest::{clear_postfix_queue, free_addr, load, spoold_binary, start_postfix, Load};
+use crate::ingest::{
+    clear_postfix_queue, free_addr, load, spoold_binary, start_postfix, Load, Spoold,
+};
 use crate::median;
 use anyhow::{Context, Result};
 use std::net::SocketAddr;
@@ -104,44 +106,21 @@ fn run_spoold(a: &Args, clamd_sock: Option<&Path>) -> Result<f64> {
     let filter = clamd_sock
         .map(|p| format!("[filter]\nclamd = \"unix:{}\"\n", p.display()))
         .unwrap_or_default();
-    let config = dir.path().join("spoold.toml");
-    std::fs::write(
-        &config,
-        format!("[delivery]\ndefault_next_hop = \"{sink_addr}\"\nconcurrency_max = 20\nper_destination_max = 20\n{filter}"),
-    )?;
+    let config = format!(
+        "[delivery]\ndefault_next_hop = \"{sink_addr}\"\nconcurrency_max = 20\nper_destination_max = 20\n{filter}"
+    );
     let sink = sink(sink_addr, a.messages)?;
-    let (smtp, http) = (free_addr()?, free_addr()?);
-    let mut child = Command::new(bin)
-        .arg("--config")
-        .arg(&config)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .args([
-            "--smtp-listen",
-            &smtp.to_string(),
-            "--http-listen",
-            &http.to_string(),
-        ])
-        .env("SPOOLD_LOG", "warn")
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(smtp).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "spoold did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let d = Spoold::start_config(&bin, &dir.path().join("state"), &config, true)?;
     let t = Instant::now();
-    load(
-        smtp,
-        Load {
-            sessions: a.sessions,
-            messages: a.messages,
-            size: a.size,
-        },
-    )?;
+    let shape = Load {
+        sessions: a.sessions,
+        messages: a.messages,
+        size: a.size,
+    };
+    load(d.smtp, shape)?;
     let result = wait_sink(sink, Duration::from_secs(600));
     let secs = t.elapsed().as_secs_f64();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(d);
     result?;
     Ok(a.messages as f64 / secs)
 }

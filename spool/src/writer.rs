@@ -114,6 +114,8 @@ impl From<io::Error> for CommitError {
 pub struct CommitReceipt {
     /// Messages in the round.
     pub batch_size: usize,
+    /// The sequence number the [`PublishHook`] gave this message, if any.
+    pub log_seq: Option<u64>,
 }
 
 /// Called once per finished round; must be cheap (it runs on the writer thread).
@@ -146,7 +148,8 @@ pub struct CommitRequest {
 /// knows every message the spool has, across any crash.
 pub trait PublishHook: Send + Sync {
     /// Records the ids; must be durable when it returns.
-    fn before_publish(&self, ids: &[&MessageId]) -> io::Result<()>;
+    /// Returns one sequence number per id, in order.
+    fn before_publish(&self, ids: &[&MessageId]) -> io::Result<Vec<u64>>;
 }
 
 /// Handle to the writer thread. Dropping every handle (and calling [`SpoolWriter::shutdown`])
@@ -266,6 +269,8 @@ struct Job {
     iovecs: Vec<libc::iovec>,
     /// Both files written and fsynced (by the ring); the portable path skips it.
     synced: bool,
+    /// Sequence number from the publish hook.
+    log_seq: Option<u64>,
     error: Option<io::Error>,
 }
 
@@ -328,12 +333,21 @@ impl Worker {
                 .map(|j| &j.req.id)
                 .collect();
             if !ids.is_empty() {
-                if let Err(e) = hook.before_publish(&ids) {
-                    for job in jobs
-                        .iter_mut()
-                        .filter(|j| j.error.is_none() && j.req.replicate)
-                    {
-                        job.error = Some(io::Error::new(e.kind(), format!("replication log: {e}")));
+                let result = hook.before_publish(&ids);
+                let logged = jobs
+                    .iter_mut()
+                    .filter(|j| j.error.is_none() && j.req.replicate);
+                match result {
+                    Ok(seqs) => {
+                        for (job, seq) in logged.zip(seqs) {
+                            job.log_seq = Some(seq);
+                        }
+                    }
+                    Err(e) => {
+                        for job in logged {
+                            job.error =
+                                Some(io::Error::new(e.kind(), format!("replication log: {e}")));
+                        }
                     }
                 }
             }
@@ -362,7 +376,10 @@ impl Worker {
             let result = match (job.error, &dir_result) {
                 (Some(e), _) => Err(e),
                 (None, Err(e)) => Err(io::Error::new(e.kind(), e.to_string())),
-                (None, Ok(())) => Ok(CommitReceipt { batch_size }),
+                (None, Ok(())) => Ok(CommitReceipt {
+                    batch_size,
+                    log_seq: job.log_seq,
+                }),
             };
             if result.is_err() {
                 // Either never renamed (still in tmp/) or renamed but not durable: in both cases
@@ -428,6 +445,7 @@ impl Worker {
             env_file,
             iovecs,
             synced: false,
+            log_seq: None,
             error,
         }
     }

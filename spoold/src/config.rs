@@ -63,6 +63,26 @@ pub struct HaConfig {
     /// How long delivered ids stay in the ledger, seconds.
     #[serde(default = "default_ledger_secs")]
     pub ledger_retention_secs: u64,
+    /// `async`: 250 after the local commit; `sync`: 250 only once the partner acknowledged.
+    #[serde(default = "default_replication")]
+    pub replication: String,
+    /// In sync mode, how long to wait for the partner's acknowledgement, ms.
+    #[serde(default = "default_sync_timeout")]
+    pub sync_timeout_ms: u64,
+    /// In sync mode, with the partner down or late: `accept` (fall back to async, counted) or
+    /// `reject` (withdraw the message and answer 451).
+    #[serde(default = "default_sync_partner_down")]
+    pub sync_partner_down: String,
+}
+
+fn default_replication() -> String {
+    "async".into()
+}
+fn default_sync_timeout() -> u64 {
+    5000
+}
+fn default_sync_partner_down() -> String {
+    "accept".into()
 }
 
 fn default_priority() -> u32 {
@@ -425,6 +445,18 @@ impl Config {
                 bail!(
                     "key `ha.role`: {:?} must be \"active\" or \"passive\"",
                     ha.role
+                );
+            }
+            if !matches!(ha.replication.as_str(), "async" | "sync") {
+                bail!(
+                    "key `ha.replication`: {:?} must be \"async\" or \"sync\"",
+                    ha.replication
+                );
+            }
+            if !matches!(ha.sync_partner_down.as_str(), "accept" | "reject") {
+                bail!(
+                    "key `ha.sync_partner_down`: {:?} must be \"accept\" or \"reject\"",
+                    ha.sync_partner_down
                 );
             }
             if !(1..=4096).contains(&ha.window) {

@@ -26,15 +26,16 @@ pub struct LogHook {
 }
 
 impl PublishHook for LogHook {
-    fn before_publish(&self, ids: &[&MessageId]) -> std::io::Result<()> {
+    fn before_publish(&self, ids: &[&MessageId]) -> std::io::Result<Vec<u64>> {
         let items: Vec<(Kind, &MessageId)> = ids.iter().map(|id| (Kind::Add, *id)).collect();
-        self.log
+        let seqs = self
+            .log
             .append(&items, now_ms())
             .map_err(std::io::Error::other)?;
         if let Some(r) = self.replicator.get() {
             r.notify();
         }
-        Ok(())
+        Ok(seqs)
     }
 }
 

@@ -248,6 +248,18 @@ async fn run(cfg: Config) -> Result<()> {
         spill_bytes: cfg.spool.spill_bytes,
         free_bytes_min: cfg.spool.free_bytes_min,
         queue: queue.clone(),
+        replicator: ha_setup
+            .as_ref()
+            .map(|s| s.replicator.clone())
+            .unwrap_or_default(),
+        sync: cfg
+            .ha
+            .as_ref()
+            .filter(|h| h.replication == "sync")
+            .map(|h| sink::SyncPolicy {
+                timeout: Duration::from_millis(h.sync_timeout_ms),
+                reject: h.sync_partner_down == "reject",
+            }),
     });
     let server_cfg = Arc::new(smtp::ServerConfig {
         hostname: cfg.hostname.clone(),

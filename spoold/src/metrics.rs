@@ -68,6 +68,10 @@ pub struct Metrics {
     pub ha_pending: IntGauge,
     /// Age of the oldest pending action.
     pub ha_oldest_pending: prometheus::Gauge,
+    /// Sync mode: messages accepted without the partner's acknowledgement (fallback to async).
+    pub ha_sync_fallbacks: IntCounter,
+    /// Sync mode: messages withdrawn and answered 451 for want of the partner's acknowledgement.
+    pub ha_sync_rejected: IntCounter,
 }
 
 impl Metrics {
@@ -189,6 +193,14 @@ impl Metrics {
             ha_pending: gauge(
                 "spoold_ha_pending_actions",
                 "Replication actions waiting for the partner's acknowledgement.",
+            )?,
+            ha_sync_fallbacks: counter(
+                "spoold_ha_sync_fallbacks_total",
+                "Sync replication: messages accepted without the partner's acknowledgement.",
+            )?,
+            ha_sync_rejected: counter(
+                "spoold_ha_sync_rejected_total",
+                "Sync replication: messages withdrawn (451) for want of the partner's acknowledgement.",
             )?,
             ha_oldest_pending: {
                 let g = prometheus::Gauge::new(

@@ -31,6 +31,46 @@ pub struct SpoolSink {
     pub free_bytes_min: u64,
     /// The delivery schedule; every committed message is added to it.
     pub queue: Arc<crate::queue::Queue>,
+    /// Replication, once started (it needs this sink first).
+    pub replicator: Arc<std::sync::OnceLock<Arc<hasync::Replicator>>>,
+    /// Sync replication: wait for the partner before `250`.
+    pub sync: Option<SyncPolicy>,
+}
+
+/// `ha.replication = "sync"` settings.
+pub struct SyncPolicy {
+    /// Longest wait for the partner's acknowledgement.
+    pub timeout: std::time::Duration,
+    /// Withdraw and answer 451 (true) or accept as async (false) when the partner is down/late.
+    pub reject: bool,
+}
+
+impl SpoolSink {
+    /// In sync mode, waits until the partner acknowledged `seq`; returns false if it did not
+    /// (partner down, or not within the timeout).
+    async fn partner_confirmed(&self, seq: u64) -> bool {
+        let (Some(policy), Some(r)) = (&self.sync, self.replicator.get()) else {
+            return true;
+        };
+        if r.role() != hasync::proto::Role::Active || !r.link_is_up() {
+            return false;
+        }
+        let mut acked = r.watch_acked();
+        let confirmed = tokio::time::timeout(policy.timeout, acked.wait_for(|&a| a >= seq)).await;
+        matches!(confirmed, Ok(Ok(_)))
+    }
+
+    /// Takes back a message whose partner acknowledgement never came (sync mode, `reject`):
+    /// logs its `DELETE` first, then removes it, so neither unit keeps it.
+    fn withdraw(&self, id: &MessageId) -> std::io::Result<()> {
+        if let Some(r) = self.replicator.get() {
+            r.log()
+                .append(&[(hasync::txlog::Kind::Delete, id)], now_ms())
+                .map_err(std::io::Error::other)?;
+            r.notify();
+        }
+        self.layout.remove_pair(id, Folder::Spool)
+    }
 }
 
 /// Free bytes for unprivileged users on the file system holding `path`.
@@ -225,7 +265,23 @@ impl BodySink for SpoolBody {
         // `submit` blocks only when 4096 requests already wait for the disk.
         sink.writer.submit(req);
         match rx.await {
-            Ok(Ok(_)) => {
+            Ok(Ok(receipt)) => {
+                if let Some(seq) = receipt.log_seq.filter(|_| sink.sync.is_some()) {
+                    if !sink.partner_confirmed(seq).await {
+                        let reject = sink.sync.as_ref().is_some_and(|p| p.reject);
+                        if reject {
+                            sink.metrics.ha_sync_rejected.inc();
+                            tracing::warn!(id = %id, "sync replication: partner did not confirm; message withdrawn");
+                            if let Err(e) = sink.withdraw(&id) {
+                                tracing::error!(id = %id, "withdraw after sync timeout: {e}");
+                            }
+                            return Err(SinkError::Temporary(
+                                "partner did not confirm the replica".into(),
+                            ));
+                        }
+                        sink.metrics.ha_sync_fallbacks.inc();
+                    }
+                }
                 sink.metrics.accepted_messages.inc();
                 sink.metrics.accepted_bytes.inc_by(len);
                 sink.metrics.queue_add(Folder::Spool, 1);

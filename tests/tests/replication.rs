@@ -330,3 +330,66 @@ fn partition_through_a_fault_proxy_then_catch_up() {
     );
     assert!(wait_until(5, || a.metric("spoold_ha_pending_actions") == Some(0.0)));
 }
+
+#[test]
+fn sync_mode_every_acknowledged_message_is_on_the_partner_when_the_active_dies() {
+    let p = pair_config("", None);
+    let sync = |path: &str| {
+        let text = std::fs::read_to_string(path).unwrap();
+        std::fs::write(
+            path,
+            format!("{text}replication = \"sync\"\nsync_timeout_ms = 5000\n"),
+        )
+        .unwrap();
+    };
+    sync(&p.a_config);
+    sync(&p.b_config);
+    let mut a = Daemon::start_with(&["--config", &p.a_config]);
+    let b = Daemon::start_with(&["--config", &p.b_config]);
+    assert!(wait_until(10, || a.metric("spoold_ha_link_up") == Some(1.0)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = load(&a, 6, 1000, stop.clone());
+    std::thread::sleep(Duration::from_millis(1500));
+    a.kill9();
+    stop.store(true, Ordering::SeqCst);
+    wait_load_done(&acked);
+    let acked = acked.lock().unwrap().clone();
+    assert!(!acked.is_empty());
+    let on_b = ids(&b);
+    let missing = acked.iter().filter(|(id, _)| !on_b.contains(id)).count();
+    eprintln!(
+        "sync mode: {} acknowledged, {missing} missing on the partner",
+        acked.len()
+    );
+    assert_eq!(
+        missing, 0,
+        "sync mode: an acknowledged message is missing on the partner"
+    );
+}
+
+#[test]
+fn sync_mode_with_reject_withdraws_mail_while_the_partner_is_down() {
+    let p = pair_config("", None);
+    let text = std::fs::read_to_string(&p.a_config).unwrap();
+    std::fs::write(
+        &p.a_config,
+        format!(
+            "{text}replication = \"sync\"\nsync_partner_down = \"reject\"\nsync_timeout_ms = 500\n"
+        ),
+    )
+    .unwrap();
+    let a = Daemon::start_with(&["--config", &p.a_config]);
+    let (mut c, _) = Client::connect(a.smtp);
+    c.cmd("EHLO sync");
+    c.cmd("MAIL FROM:<s@example.com>");
+    c.cmd("RCPT TO:<r@example.org>");
+    c.cmd("DATA");
+    c.send(b"Subject: no partner\r\n\r\nx\r\n.\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("451 4.3.0"), "{r}");
+    assert!(
+        a.spooled_ids().is_empty(),
+        "withdrawn, so a retry cannot duplicate it"
+    );
+    assert_eq!(a.metric("spoold_ha_sync_rejected_total"), Some(1.0));
+}
