@@ -83,7 +83,12 @@ pub fn run(a: Args) -> Result<()> {
         messages: a.messages,
         size: a.size,
     };
-    let (mut off, mut on, mut p50s, mut p99s) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut off = Vec::new();
+    // Per mode: msgs/s, lag p50, lag p99.
+    let mut modes: Vec<(&str, Vec<f64>, Vec<f64>, Vec<f64>)> = vec![
+        ("async", vec![], vec![], vec![]),
+        ("sync", vec![], vec![], vec![]),
+    ];
     for _ in 0..a.runs {
         let dir = tempfile::tempdir_in("target")?;
         let solo = Spoold::start_config(
@@ -94,28 +99,33 @@ pub fn run(a: Args) -> Result<()> {
         )?;
         off.push(load(solo.smtp, shape)?.msgs_per_s);
         drop(solo);
-
-        let (ca, cb) = pair_configs(dir.path())?;
-        let b = Spoold::start_config(&bin, &dir.path().join("b"), &cb, false)?;
-        let node_a = Spoold::start_config(&bin, &dir.path().join("a"), &ca, false)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while value(&node_a.metrics(), "spoold_ha_link_up") != Some(1.0) {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "replication link did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        for (mode, rates, p50s, p99s) in modes.iter_mut() {
+            let sub = dir.path().join(*mode);
+            std::fs::create_dir_all(&sub)?;
+            let (ca, cb) = pair_configs(&sub)?;
+            let extra = format!("replication = \"{mode}\"\n");
+            let b = Spoold::start_config(&bin, &sub.join("b"), &format!("{cb}{extra}"), false)?;
+            let node_a =
+                Spoold::start_config(&bin, &sub.join("a"), &format!("{ca}{extra}"), false)?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while value(&node_a.metrics(), "spoold_ha_link_up") != Some(1.0) {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "replication link did not come up"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            rates.push(load(node_a.smtp, shape)?.msgs_per_s);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while value(&node_a.metrics(), "spoold_ha_pending_actions") != Some(0.0) {
+                anyhow::ensure!(Instant::now() < deadline, "replication did not drain");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let m = node_a.metrics();
+            p50s.push(quantile(&m, "spoold_ha_replication_lag_seconds", 0.50).unwrap_or(f64::NAN));
+            p99s.push(quantile(&m, "spoold_ha_replication_lag_seconds", 0.99).unwrap_or(f64::NAN));
+            drop(b);
         }
-        on.push(load(node_a.smtp, shape)?.msgs_per_s);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while value(&node_a.metrics(), "spoold_ha_pending_actions") != Some(0.0) {
-            anyhow::ensure!(Instant::now() < deadline, "replication did not drain");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let m = node_a.metrics();
-        p50s.push(quantile(&m, "spoold_ha_replication_lag_seconds", 0.50).unwrap_or(f64::NAN));
-        p99s.push(quantile(&m, "spoold_ha_replication_lag_seconds", 0.99).unwrap_or(f64::NAN));
-        drop(b);
     }
     println!(
         "replicate: {} sessions, {} messages of {} B per run, median of {} runs, both units on this machine",
@@ -125,18 +135,27 @@ pub fn run(a: Args) -> Result<()> {
         "{:<22} {:>10} {:>14} {:>14}",
         "replication", "msgs/s", "lag p50 <= s", "lag p99 <= s"
     );
-    let (m_off, m_on) = (median(off), median(on));
+    let m_off = median(off);
     println!("{:<22} {:>10.0} {:>14} {:>14}", "off", m_off, "-", "-");
+    let mut rate = std::collections::HashMap::new();
+    for (mode, rates, p50s, p99s) in modes {
+        let r = median(rates);
+        rate.insert(mode, r);
+        println!(
+            "{:<22} {:>10.0} {:>14} {:>14}",
+            mode,
+            r,
+            median(p50s),
+            median(p99s)
+        );
+    }
     println!(
-        "{:<22} {:>10.0} {:>14} {:>14}",
-        "async",
-        m_on,
-        median(p50s),
-        median(p99s)
+        "async costs {:.1} % of ingest throughput (goal: < 10 %); off / sync = {:.2} (goal: < 2)",
+        (1.0 - rate["async"] / m_off) * 100.0,
+        m_off / rate["sync"]
     );
     println!(
-        "async costs {:.1} % of ingest throughput (goal: < 10 %); lag quantiles are histogram bucket bounds",
-        (1.0 - m_on / m_off) * 100.0
+        "lag quantiles are upper bounds of histogram buckets; both units share this machine's disk"
     );
     Ok(())
 }
