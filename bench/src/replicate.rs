@@ -76,6 +76,9 @@ fn pair_configs(dir: &Path) -> Result<(String, String)> {
     Ok((texts.remove(0), texts.remove(0)))
 }
 
+/// A replication mode's name and, per run, msgs/s, lag p50 and lag p99.
+type ModeRuns = (&'static str, Vec<f64>, Vec<f64>, Vec<f64>);
+
 pub fn run(a: Args) -> Result<()> {
     let bin = spoold_binary()?;
     let shape = Load {
@@ -85,7 +88,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     let mut off = Vec::new();
     // Per mode: msgs/s, lag p50, lag p99.
-    let mut modes: Vec<(&str, Vec<f64>, Vec<f64>, Vec<f64>)> = vec![
+    let mut modes: Vec<ModeRuns> = vec![
         ("async", vec![], vec![], vec![]),
         ("sync", vec![], vec![], vec![]),
     ];
