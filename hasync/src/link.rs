@@ -109,31 +109,31 @@ pub struct Link {
     pub peer: PeerInfo,
 }
 
-fn proof(secret: &[u8], side: &str, node: &str, exporter: &[u8; 32]) -> [u8; 32] {
-    // HMAC takes keys of any length, so this never fails; an all-zero proof would not verify.
-    let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(secret) else {
-        return [0; 32];
-    };
-    mac.update(b"spoolpair-link-1\0");
-    mac.update(side.as_bytes());
-    mac.update(b"\0");
-    mac.update(node.as_bytes());
-    mac.update(b"\0");
+/// HMAC-SHA256 keyed with the secret over the side, node name and TLS exporter value.
+fn mac(secret: &[u8], side: &str, node: &str, exporter: &[u8; 32]) -> Option<Hmac<Sha256>> {
+    // HMAC takes keys of any length, so this is always Some.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).ok()?;
+    for part in [
+        b"spoolpair-link-1".as_slice(),
+        side.as_bytes(),
+        node.as_bytes(),
+    ] {
+        mac.update(part);
+        mac.update(b"\0");
+    }
     mac.update(exporter);
-    mac.finalize().into_bytes().into()
+    Some(mac)
+}
+
+fn proof(secret: &[u8], side: &str, node: &str, exporter: &[u8; 32]) -> [u8; 32] {
+    mac(secret, side, node, exporter)
+        .map(|m| m.finalize().into_bytes().into())
+        .unwrap_or([0; 32])
 }
 
 fn verify(secret: &[u8], side: &str, node: &str, exporter: &[u8; 32], got: &[u8; 32]) -> bool {
-    let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(secret) else {
-        return false;
-    };
-    mac.update(b"spoolpair-link-1\0");
-    mac.update(side.as_bytes());
-    mac.update(b"\0");
-    mac.update(node.as_bytes());
-    mac.update(b"\0");
-    mac.update(exporter);
-    mac.verify_slice(got).is_ok() // constant time
+    // verify_slice compares in constant time.
+    mac(secret, side, node, exporter).is_some_and(|m| m.verify_slice(got).is_ok())
 }
 
 /// Reads one frame.

@@ -404,24 +404,18 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         if !accepting.load(Ordering::SeqCst) {
-            tokio::spawn(async move {
-                use tokio::io::AsyncWriteExt;
-                let mut stream = stream;
-                let _ = stream
-                    .write_all(b"421 4.3.2 This unit is passive (standby); use the active unit\r\n")
-                    .await;
-            });
+            refuse(
+                stream,
+                b"421 4.3.2 This unit is passive (standby); use the active unit\r\n",
+            );
             continue;
         }
         if sessions.load(Ordering::SeqCst) >= sessions_max {
             sink.metrics.smtp_sessions_refused.inc();
-            tokio::spawn(async move {
-                use tokio::io::AsyncWriteExt;
-                let mut stream = stream;
-                let _ = stream
-                    .write_all(b"421 4.7.0 Error: too many connections, try again later\r\n")
-                    .await;
-            });
+            refuse(
+                stream,
+                b"421 4.7.0 Error: too many connections, try again later\r\n",
+            );
             continue;
         }
         sessions.fetch_add(1, Ordering::SeqCst);
@@ -440,6 +434,14 @@ async fn accept_loop(
             sessions.fetch_sub(1, Ordering::SeqCst);
         });
     }
+}
+
+/// Answers a connection we will not serve with one reply and closes it.
+fn refuse(mut stream: tokio::net::TcpStream, reply: &'static [u8]) {
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = stream.write_all(reply).await;
+    });
 }
 
 async fn serve_http(

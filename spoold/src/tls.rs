@@ -3,9 +3,6 @@
 
 use crate::config::Config;
 use anyhow::{Context, Result};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use std::sync::Arc;
 
 /// The STARTTLS acceptor, when `smtp.tls_cert` and `smtp.tls_key` are set.
@@ -46,10 +43,12 @@ pub fn server(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>> {
 pub fn client(cfg: &Config) -> Result<Arc<rustls::ClientConfig>> {
     let d = &cfg.delivery;
     let builder = rustls::ClientConfig::builder();
+    // Without verification (Postfix's `may`/`encrypt` levels) TLS still encrypts against passive
+    // listeners and checks the handshake's signatures; it trusts any certificate.
     let config = if !d.tls_verify {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Unverified(provider())))
+            .with_custom_certificate_verifier(Arc::new(hasync::link::AnyCertificate(provider())))
             .with_no_client_auth()
     } else {
         let mut roots = rustls::RootCertStore::empty();
@@ -84,54 +83,4 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     rustls::crypto::CryptoProvider::get_default()
         .cloned()
         .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
-}
-
-/// Opportunistic TLS without authentication (Postfix's `may`/`encrypt` levels): encrypts
-/// against passive listeners, checks the handshake signatures, trusts any certificate.
-#[derive(Debug)]
-struct Unverified(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }

@@ -223,9 +223,21 @@ pub fn strip_received(body: &[u8]) -> &[u8] {
 
 /// A minimal HTTP/1.0 GET; returns status and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http(addr, "GET", path)
+}
+
+/// A minimal HTTP/1.0 POST without a body; returns status and body.
+pub fn http_post(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http(addr, "POST", path)
+}
+
+fn http(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n")?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: test\r\nContent-Length: 0\r\n\r\n"
+    )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let status = resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -596,24 +608,6 @@ pub fn write_config(dir: &Path, text: &str) -> String {
     let path = dir.join("spoold.toml");
     std::fs::write(&path, text).unwrap();
     path.to_string_lossy().into_owned()
-}
-
-/// A minimal HTTP/1.0 POST without a body; returns status and body.
-pub fn http_post(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "POST {path} HTTP/1.0\r\nHost: test\r\nContent-Length: 0\r\n\r\n"
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let status = resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
 }
 
 /// Two configured units of an HA pair (not started): config files and peer addresses.
