@@ -20,17 +20,20 @@ pub enum Folder {
     Quarantine,
     /// Failed validation; kept for an operator.
     Corrupt,
+    /// Held by an operator (`spoolctl queue hold`); not delivered until released.
+    Hold,
 }
 
 impl Folder {
     /// Every folder, in the order they are created.
-    pub const ALL: [Folder; 6] = [
+    pub const ALL: [Folder; 7] = [
         Folder::Tmp,
         Folder::Input,
         Folder::Spool,
         Folder::Vscan,
         Folder::Quarantine,
         Folder::Corrupt,
+        Folder::Hold,
     ];
 
     /// The folder's directory name.
@@ -42,6 +45,7 @@ impl Folder {
             Folder::Vscan => "vscan",
             Folder::Quarantine => "quarantine",
             Folder::Corrupt => "corrupt",
+            Folder::Hold => "hold",
         }
     }
 }

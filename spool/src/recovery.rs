@@ -14,7 +14,12 @@ use std::fs;
 use std::io;
 
 /// Folders whose pairs are live messages and take part in recovery.
-pub const MESSAGE_FOLDERS: [Folder; 3] = [Folder::Spool, Folder::Vscan, Folder::Quarantine];
+pub const MESSAGE_FOLDERS: [Folder; 4] = [
+    Folder::Spool,
+    Folder::Vscan,
+    Folder::Quarantine,
+    Folder::Hold,
+];
 
 /// A valid message found on disk.
 #[derive(Clone, Debug)]

@@ -5,6 +5,7 @@
 //! `input/`) and systemd notification. It is the only crate that touches sockets, signals and
 //! systemd; the storage and protocol logic live in `spool` and `smtp`.
 
+mod admin;
 mod config;
 mod delivery;
 mod dsn;
@@ -305,6 +306,20 @@ async fn run(cfg: Config) -> Result<()> {
         replicator.clone(),
     ));
 
+    Arc::new(admin::Admin {
+        layout: layout.clone(),
+        queue: queue.clone(),
+        metrics: metrics.clone(),
+        replicator: replicator.clone(),
+    })
+    .serve()
+    .await
+    .with_context(|| {
+        format!(
+            "admin socket {}",
+            admin::Admin::socket_path(&layout).display()
+        )
+    })?;
     let ready = Arc::new(AtomicBool::new(false));
     let accepting = Arc::new(AtomicBool::new(true));
     if let Some(r) = &replicator {

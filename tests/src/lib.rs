@@ -28,6 +28,27 @@ pub fn spoold_bin() -> PathBuf {
     bin
 }
 
+/// Runs `spoolctl` against the daemon's state directory; returns exit code, stdout, stderr.
+pub fn spoolctl(d: &Daemon, args: &[&str]) -> (i32, String, String) {
+    let bin = spoold_bin().with_file_name("spoolctl");
+    assert!(
+        bin.exists(),
+        "{} not found: cargo build --workspace --bins",
+        bin.display()
+    );
+    let out = Command::new(bin)
+        .arg("--state-dir")
+        .arg(&d.state)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

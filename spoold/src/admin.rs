@@ -1,0 +1,426 @@
+//! The admin socket: a unix socket in the state directory (mode 0600) where `spoolctl` sends one
+//! JSON request per connection and gets one JSON response line back. Queue tools in the manner of
+//! postqueue/postsuper: list, show, hold, release, requeue, delete, flush; plus insert, role and
+//! status.
+
+use crate::metrics::Metrics;
+use crate::queue::Queue;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use spool::recovery::{insert_input, InsertOutcome};
+use spool::{Folder, Layout, MessageId, Part, RcptState};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+/// One request.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Role, partner link, lag, pending actions, queue depth by folder.
+    Status,
+    /// Set the role.
+    Role {
+        /// `active` or `passive`.
+        role: String,
+    },
+    /// Insert `input/` (the SIGUSR2 equivalent).
+    Insert,
+    /// List messages.
+    List {
+        /// One folder (default: spool, vscan, hold, quarantine).
+        folder: Option<String>,
+        /// Sender contains.
+        sender: Option<String>,
+        /// Some recipient contains.
+        rcpt: Option<String>,
+        /// Older than this many seconds.
+        older_than_secs: Option<u64>,
+    },
+    /// One message: envelope, headers, history.
+    Show {
+        /// Its id.
+        id: String,
+    },
+    /// Move to hold/ (not delivered until released).
+    Hold {
+        /// Ids.
+        ids: Vec<String>,
+    },
+    /// Move from hold/ back to spool/ and schedule now.
+    Release {
+        /// Ids.
+        ids: Vec<String>,
+    },
+    /// Retry now.
+    Requeue {
+        /// Ids.
+        ids: Vec<String>,
+    },
+    /// Remove for good (logged for the partner first).
+    Delete {
+        /// Ids.
+        ids: Vec<String>,
+    },
+    /// Retry every deferred message now.
+    Flush,
+}
+
+#[derive(Serialize)]
+struct Listed {
+    id: String,
+    folder: &'static str,
+    size: u64,
+    sender: String,
+    recipients: Vec<String>,
+    arrived_ms: u64,
+    attempts: u32,
+    next_attempt_ms: u64,
+    last_error: Option<String>,
+}
+
+/// What the admin socket needs.
+pub struct Admin {
+    /// Paths.
+    pub layout: Layout,
+    /// The delivery schedule.
+    pub queue: Arc<Queue>,
+    /// Metrics (queue gauges).
+    pub metrics: Arc<Metrics>,
+    /// Replication, if configured.
+    pub replicator: Option<Arc<hasync::Replicator>>,
+}
+
+const LISTED: [Folder; 4] = [
+    Folder::Spool,
+    Folder::Vscan,
+    Folder::Hold,
+    Folder::Quarantine,
+];
+
+fn folder_named(name: &str) -> Option<Folder> {
+    Folder::ALL.into_iter().find(|f| f.name() == name)
+}
+
+fn now_ms() -> u64 {
+    crate::sink::now_ms()
+}
+
+impl Admin {
+    /// The socket's path.
+    pub fn socket_path(layout: &Layout) -> PathBuf {
+        layout.root().join("spoold.sock")
+    }
+
+    /// Serves the socket until the process ends.
+    pub async fn serve(self: Arc<Self>) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = Self::socket_path(&self.layout);
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = stream.into_split();
+                    let mut line = String::new();
+                    let mut r = BufReader::new(r).take(1 << 20);
+                    if r.read_line(&mut line).await.is_err() {
+                        return;
+                    }
+                    let reply = match serde_json::from_str::<Request>(&line) {
+                        Ok(req) => {
+                            let me2 = me.clone();
+                            match tokio::task::spawn_blocking(move || me2.handle(req)).await {
+                                Ok(Ok(data)) => json!({ "ok": true, "data": data }),
+                                Ok(Err(e)) => json!({ "ok": false, "error": e }),
+                                Err(e) => json!({ "ok": false, "error": e.to_string() }),
+                            }
+                        }
+                        Err(e) => json!({ "ok": false, "error": format!("bad request: {e}") }),
+                    };
+                    let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+                });
+            }
+        });
+        Ok(())
+    }
+
+    fn ids(ids: &[String]) -> Result<Vec<MessageId>, String> {
+        ids.iter()
+            .map(|s| s.parse::<MessageId>().map_err(|e| e.to_string()))
+            .collect()
+    }
+
+    fn locate(&self, id: &MessageId) -> Option<Folder> {
+        LISTED
+            .into_iter()
+            .find(|&f| self.layout.path(f, id, Part::Env).exists())
+    }
+
+    fn handle(&self, req: Request) -> Result<Value, String> {
+        match req {
+            Request::Status => Ok(self.status()),
+            Request::Role { role } => {
+                let r = self
+                    .replicator
+                    .as_ref()
+                    .ok_or("no [ha] section: this unit is standalone")?;
+                let role =
+                    hasync::proto::Role::parse(&role).ok_or("role must be active or passive")?;
+                r.set_role(role).map_err(|e| e.to_string())?;
+                tracing::warn!(role = role.as_str(), "role changed by spoolctl");
+                Ok(json!({ "role": role.as_str() }))
+            }
+            Request::Insert => {
+                let outcomes = insert_input(&self.layout).map_err(|e| e.to_string())?;
+                let mut inserted = Vec::new();
+                let mut duplicates = Vec::new();
+                let mut corrupt = Vec::new();
+                for o in outcomes {
+                    match o {
+                        InsertOutcome::Inserted(id) => {
+                            self.queue.add(id.clone(), 0);
+                            self.metrics.inserted.inc();
+                            self.metrics.queue_add(Folder::Spool, 1);
+                            inserted.push(id.to_string());
+                        }
+                        InsertOutcome::Duplicate(id) => duplicates.push(id.to_string()),
+                        InsertOutcome::Corrupt { name, reason } => {
+                            self.metrics.corrupt.inc();
+                            corrupt.push(json!({ "name": name, "reason": reason }));
+                        }
+                    }
+                }
+                Ok(json!({ "inserted": inserted, "duplicates": duplicates, "corrupt": corrupt }))
+            }
+            Request::List {
+                folder,
+                sender,
+                rcpt,
+                older_than_secs,
+            } => {
+                let folders: Vec<Folder> = match folder {
+                    Some(f) => vec![folder_named(&f).ok_or(format!("no folder {f:?}"))?],
+                    None => LISTED.to_vec(),
+                };
+                let cutoff = older_than_secs.map(|s| now_ms().saturating_sub(s * 1000));
+                let mut out = Vec::new();
+                for f in folders {
+                    let Ok(dir) = std::fs::read_dir(self.layout.dir(f)) else {
+                        continue;
+                    };
+                    let mut names: Vec<String> = dir
+                        .flatten()
+                        .filter_map(|e| {
+                            e.file_name()
+                                .to_str()
+                                .and_then(|n| n.strip_suffix(".env"))
+                                .map(str::to_string)
+                        })
+                        .collect();
+                    names.sort();
+                    for n in names {
+                        let Ok(id) = n.parse::<MessageId>() else {
+                            continue;
+                        };
+                        let Ok(env) = self.layout.read_envelope(f, &id) else {
+                            continue;
+                        };
+                        if sender
+                            .as_ref()
+                            .is_some_and(|s| !env.sender.contains(s.as_str()))
+                            || rcpt.as_ref().is_some_and(|r| {
+                                !env.recipients
+                                    .iter()
+                                    .any(|x| x.address.contains(r.as_str()))
+                            })
+                            || cutoff.is_some_and(|c| env.arrived_ms > c)
+                        {
+                            continue;
+                        }
+                        out.push(Listed {
+                            id: n,
+                            folder: f.name(),
+                            size: env.body_len,
+                            sender: env.sender.clone(),
+                            recipients: env
+                                .recipients
+                                .iter()
+                                .filter(|r| r.state == RcptState::Pending)
+                                .map(|r| r.address.clone())
+                                .collect(),
+                            arrived_ms: env.arrived_ms,
+                            attempts: env.attempts,
+                            next_attempt_ms: env.next_attempt_ms,
+                            last_error: env.last_error.clone(),
+                        });
+                    }
+                }
+                serde_json::to_value(out).map_err(|e| e.to_string())
+            }
+            Request::Show { id } => {
+                let id: MessageId = id.parse().map_err(|e: spool::id::IdError| e.to_string())?;
+                let f = self.locate(&id).ok_or(format!("{id}: not queued"))?;
+                let env = self
+                    .layout
+                    .read_envelope(f, &id)
+                    .map_err(|e| e.to_string())?;
+                let body = std::fs::read(self.layout.path(f, &id, Part::Body))
+                    .map_err(|e| e.to_string())?;
+                let end = body
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map(|p| p + 2)
+                    .unwrap_or(body.len());
+                Ok(json!({
+                    "id": id.to_string(),
+                    "folder": f.name(),
+                    "envelope": String::from_utf8_lossy(&env.encode()),
+                    "headers": String::from_utf8_lossy(&body[..end.min(64 * 1024)]),
+                    "attempts": env.attempts,
+                    "next_attempt_ms": env.next_attempt_ms,
+                    "last_error": env.last_error,
+                    "recipients": env.recipients.iter().map(|r| json!({
+                        "address": r.address,
+                        "state": format!("{:?}", r.state).to_lowercase(),
+                    })).collect::<Vec<_>>(),
+                }))
+            }
+            Request::Hold { ids } => self.each(&ids, |id, f| {
+                if f != Folder::Spool {
+                    return Err(format!(
+                        "{id}: in {}/, only spool/ messages can be held",
+                        f.name()
+                    ));
+                }
+                self.layout
+                    .move_pair(id, Folder::Spool, Folder::Hold)
+                    .map_err(|e| e.to_string())?;
+                self.metrics.queue_add(Folder::Spool, -1);
+                self.metrics.queue_add(Folder::Hold, 1);
+                Ok(())
+            }),
+            Request::Release { ids } => self.each(&ids, |id, f| {
+                if f != Folder::Hold {
+                    return Err(format!("{id}: not held"));
+                }
+                self.layout
+                    .move_pair(id, Folder::Hold, Folder::Spool)
+                    .map_err(|e| e.to_string())?;
+                self.metrics.queue_add(Folder::Hold, -1);
+                self.metrics.queue_add(Folder::Spool, 1);
+                self.requeue(id, Folder::Spool)
+            }),
+            Request::Requeue { ids } => self.each(&ids, |id, f| self.requeue(id, f)),
+            Request::Delete { ids } => self.each(&ids, |id, f| {
+                if let Some(r) = &self.replicator {
+                    r.log()
+                        .append(&[(hasync::txlog::Kind::Delete, id)], now_ms())
+                        .map_err(|e| e.to_string())?;
+                    r.notify();
+                }
+                self.layout.remove_pair(id, f).map_err(|e| e.to_string())?;
+                self.metrics.queue_add(f, -1);
+                tracing::warn!(id = %id, folder = f.name(), "message deleted by spoolctl");
+                Ok(())
+            }),
+            Request::Flush => {
+                let mut n = 0;
+                for e in std::fs::read_dir(self.layout.dir(Folder::Spool))
+                    .map_err(|e| e.to_string())?
+                    .flatten()
+                {
+                    let id = e
+                        .file_name()
+                        .to_str()
+                        .and_then(|n| n.strip_suffix(".env"))
+                        .and_then(|n| n.parse().ok());
+                    if let Some(id) = id {
+                        if self.requeue(&id, Folder::Spool).is_ok() {
+                            n += 1;
+                        }
+                    }
+                }
+                Ok(json!({ "requeued": n }))
+            }
+        }
+    }
+
+    /// Makes a spool/ message due now (its envelope's next attempt reset durably).
+    fn requeue(&self, id: &MessageId, f: Folder) -> Result<(), String> {
+        if f != Folder::Spool {
+            return Err(format!("{id}: in {}/, not spool/", f.name()));
+        }
+        let mut env = self
+            .layout
+            .read_envelope(f, id)
+            .map_err(|e| e.to_string())?;
+        if env.next_attempt_ms != 0 {
+            env.next_attempt_ms = 0;
+            self.layout
+                .rewrite_envelope(f, &env)
+                .map_err(|e| e.to_string())?;
+        }
+        self.queue.add(id.clone(), 0);
+        Ok(())
+    }
+
+    fn each(
+        &self,
+        ids: &[String],
+        op: impl Fn(&MessageId, Folder) -> Result<(), String>,
+    ) -> Result<Value, String> {
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        for id in Self::ids(ids)? {
+            let r = match self.locate(&id) {
+                Some(f) => op(&id, f),
+                None => Err(format!("{id}: not queued")),
+            };
+            match r {
+                Ok(()) => done.push(id.to_string()),
+                Err(e) => failed.push(json!({ "id": id.to_string(), "error": e })),
+            }
+        }
+        Ok(json!({ "done": done, "failed": failed }))
+    }
+
+    fn status(&self) -> Value {
+        let mut depth = serde_json::Map::new();
+        for f in LISTED.iter().chain([Folder::Input, Folder::Corrupt].iter()) {
+            let n = std::fs::read_dir(self.layout.dir(*f))
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| e.file_name().to_string_lossy().ends_with(".env"))
+                        .count()
+                })
+                .unwrap_or(0);
+            depth.insert(f.name().into(), json!(n));
+        }
+        let ha = self.replicator.as_ref().map(|r| {
+            let (pending, oldest) = r.log().depth().unwrap_or((0, None));
+            let peer = r.peer();
+            json!({
+                "role": r.role().as_str(),
+                "link": if r.link_is_up() { "up" } else { "down" },
+                "split_brain": r.split_brain(),
+                "pending_actions": pending,
+                "oldest_pending_age_ms": oldest.map(|o| now_ms().saturating_sub(o)),
+                "last_lag_ms": r.last_lag_ms(),
+                "partner": peer.as_ref().map(|p| p.node.clone()),
+                "partner_role": peer.as_ref().map(|p| p.role.as_str()),
+            })
+        });
+        json!({
+            "role": self.replicator.as_ref().map(|r| r.role().as_str()).unwrap_or("active"),
+            "ha": ha,
+            "queue": depth,
+            "scheduled": self.queue.len(),
+        })
+    }
+}
