@@ -53,6 +53,20 @@ enum Cmd {
     },
     /// Retry every deferred message now.
     Flush,
+    /// Takeover recovery, run on the unit that is active after takeback: list the partner's
+    /// leftovers in spool/ and vscan/ over the authenticated peer link, skip those held or
+    /// delivered here, copy the rest into input/ with checksums, insert and verify them, then
+    /// remove on the partner what was moved and the duplicates; finally remove here what the
+    /// partner delivered while it was active. Every step is idempotent: run it again after any
+    /// crash.
+    Recover {
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Offline: a spool folder copied out of a dead unit instead of the partner.
+        #[arg(long, value_name = "PATH")]
+        from_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -198,6 +212,41 @@ fn human(cmd: &Cmd, data: &Value) -> String {
                 ));
             }
         }
+        Cmd::Recover { .. } => {
+            for p in data["plan"].as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "{:<28} {:<8} {:>9}  {}\n",
+                    p["id"].as_str().unwrap_or(""),
+                    p["folder"]
+                        .as_str()
+                        .unwrap_or("")
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or(""),
+                    p["size"],
+                    p["action"].as_str().unwrap_or("")
+                ));
+            }
+            for f in data["failed"].as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "FAILED {}: {}\n",
+                    f["id"].as_str().unwrap_or(""),
+                    f["error"].as_str().unwrap_or("")
+                ));
+            }
+            if data["dry_run"] == json!(true) {
+                out.push_str("dry run: nothing changed\n");
+            } else {
+                let n = |k: &str| data[k].as_array().map(|a| a.len()).unwrap_or(0);
+                out.push_str(&format!(
+                    "moved {} / duplicates removed {} / removed here (delivered by partner) {} / failed {}\n",
+                    n("moved"),
+                    n("duplicates"),
+                    n("delivered_by_partner_removed_here"),
+                    n("failed")
+                ));
+            }
+        }
         Cmd::Status => {
             out.push_str(&format!("role: {}\n", data["role"].as_str().unwrap_or("?")));
             if let Some(ha) = data["ha"].as_object() {
@@ -235,6 +284,9 @@ fn run(cli: &Cli) -> Result<Value, (u8, String)> {
         Cmd::Role { role } => json!({ "cmd": "role", "role": role }),
         Cmd::Insert => json!({ "cmd": "insert" }),
         Cmd::Flush => json!({ "cmd": "flush" }),
+        Cmd::Recover { dry_run, from_dir } => {
+            json!({ "cmd": "recover", "dry_run": dry_run, "from_dir": from_dir.as_ref().map(|p| p.display().to_string()) })
+        }
         Cmd::Queue { cmd } => match cmd {
             QueueCmd::List {
                 folder,

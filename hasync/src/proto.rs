@@ -81,6 +81,32 @@ pub enum Frame {
         /// Sender's priority.
         priority: u32,
     },
+    /// Takeover recovery: a request to the partner (see [`recovery_op`]).
+    Request {
+        /// Operation code.
+        op: u8,
+        /// Argument.
+        arg: Bytes,
+    },
+    /// The partner's answer to a `Request`.
+    Reply {
+        /// Whether it succeeded; otherwise `data` is the error text.
+        ok: bool,
+        /// Result.
+        data: Bytes,
+    },
+}
+
+/// Operations of takeover recovery over the peer link.
+pub mod recovery_op {
+    /// List leftovers in `spool/` and `vscan/`: lines `id folder size sha256hex`.
+    pub const LIST: u8 = 1;
+    /// Fetch one pair: `u32` envelope length, envelope, body.
+    pub const FETCH: u8 = 2;
+    /// Remove ids (newline-separated); answers the count removed.
+    pub const REMOVE: u8 = 3;
+    /// Ids in the delivered ledger, newline-separated.
+    pub const LEDGER: u8 = 4;
 }
 
 /// A frame that cannot be decoded.
@@ -150,6 +176,16 @@ impl Frame {
                 p.put_u8(7);
                 p.put_u8(role_byte(*role));
                 p.put_u32(*priority);
+            }
+            Frame::Request { op, arg } => {
+                p.put_u8(8);
+                p.put_u8(*op);
+                p.put_slice(arg);
+            }
+            Frame::Reply { ok, data } => {
+                p.put_u8(9);
+                p.put_u8(u8::from(*ok));
+                p.put_slice(data);
             }
         }
         let mut out = BytesMut::with_capacity(4 + p.len());
@@ -238,6 +274,16 @@ impl Frame {
                     priority: p.get_u32(),
                 }
             }
+            8 => {
+                need(&p, 1)?;
+                let op = p.get_u8();
+                Frame::Request { op, arg: p }
+            }
+            9 => {
+                need(&p, 1)?;
+                let ok = p.get_u8() == 1;
+                Frame::Reply { ok, data: p }
+            }
             _ => return Err(FrameError("type")),
         })
     }
@@ -278,6 +324,14 @@ mod tests {
             Frame::Heartbeat {
                 role: Role::Passive,
                 priority: 1,
+            },
+            Frame::Request {
+                op: 2,
+                arg: Bytes::from_static(b"0011223344556677-gw_a"),
+            },
+            Frame::Reply {
+                ok: true,
+                data: Bytes::from_static(b"x"),
             },
         ];
         for f in frames {

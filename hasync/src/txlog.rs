@@ -226,6 +226,16 @@ impl TxLog {
         Ok(())
     }
 
+    /// Every id in the delivered ledger.
+    pub fn delivered(&self) -> Result<Vec<String>, LogError> {
+        let r = self.env.read_txn()?;
+        let mut out = Vec::new();
+        for item in self.ledger.iter(&r)? {
+            out.push(item?.0.to_string());
+        }
+        Ok(out)
+    }
+
     /// Whether `id` is in the delivered ledger.
     pub fn was_delivered(&self, id: &MessageId) -> Result<bool, LogError> {
         let r = self.env.read_txn()?;

@@ -183,3 +183,8 @@ impl MappedBody {
         self.map.as_deref().unwrap_or(&[])
     }
 }
+
+/// SHA-256 of `bytes`, as stored in an envelope's `body-sha256`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}

@@ -64,6 +64,25 @@ pub enum Request {
     },
     /// Retry every deferred message now.
     Flush,
+    /// Takeover recovery: bring the partner's leftovers (or a copied-out spool folder) here.
+    Recover {
+        /// Only report the plan.
+        dry_run: bool,
+        /// Offline: a spool folder copied from a dead unit instead of the partner.
+        from_dir: Option<String>,
+    },
+}
+
+/// One leftover message found on the partner or in a folder.
+struct Leftover {
+    id: MessageId,
+    folder: String,
+    size: u64,
+    sha: String,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[derive(Serialize)]
@@ -133,6 +152,12 @@ impl Admin {
                         return;
                     }
                     let reply = match serde_json::from_str::<Request>(&line) {
+                        Ok(Request::Recover { dry_run, from_dir }) => {
+                            match me.recover(dry_run, from_dir).await {
+                                Ok(data) => json!({ "ok": true, "data": data }),
+                                Err(e) => json!({ "ok": false, "error": e }),
+                            }
+                        }
                         Ok(req) => {
                             let me2 = me.clone();
                             match tokio::task::spawn_blocking(move || me2.handle(req)).await {
@@ -329,6 +354,7 @@ impl Admin {
                 tracing::warn!(id = %id, folder = f.name(), "message deleted by spoolctl");
                 Ok(())
             }),
+            Request::Recover { .. } => Err("recover is handled asynchronously".into()),
             Request::Flush => {
                 let mut n = 0;
                 for e in std::fs::read_dir(self.layout.dir(Folder::Spool))
@@ -349,6 +375,230 @@ impl Admin {
                 Ok(json!({ "requeued": n }))
             }
         }
+    }
+
+    fn held_locally(&self, id: &MessageId, sha: &str) -> bool {
+        LISTED.into_iter().any(|f| {
+            self.layout
+                .read_envelope(f, id)
+                .is_ok_and(|e| hex(&e.body_sha256) == sha)
+        })
+    }
+
+    /// Writes a pair into `input/` durably: body, then envelope (the commit record), each via
+    /// `tmp/` + fsync + rename, then one fsync of `input/`.
+    fn put_input(&self, id: &MessageId, env: &[u8], body: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        for (part, bytes) in [(Part::Body, body), (Part::Env, env)] {
+            let tmp = self
+                .layout
+                .dir(Folder::Tmp)
+                .join(format!("{id}.recover.{}", part.ext()));
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, self.layout.path(Folder::Input, id, part))?;
+        }
+        spool::layout::fsync_dir(&self.layout.dir(Folder::Input))
+    }
+
+    /// Takeover recovery, every step idempotent (see `spoolctl recover --help`).
+    async fn recover(&self, dry_run: bool, from_dir: Option<String>) -> Result<Value, String> {
+        use hasync::proto::recovery_op::{FETCH, LEDGER, LIST, REMOVE};
+        let mut client = None;
+        let mut failed: Vec<Value> = Vec::new();
+        // 1. The leftovers.
+        let leftovers: Vec<Leftover> = match &from_dir {
+            Some(dir) => {
+                let base = PathBuf::from(dir);
+                let mut out = Vec::new();
+                for sub in [base.join("spool"), base.join("vscan"), base.clone()] {
+                    let Ok(rd) = std::fs::read_dir(&sub) else {
+                        continue;
+                    };
+                    for e in rd.flatten() {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        let Some(stem) = name.strip_suffix(".env") else {
+                            continue;
+                        };
+                        match std::fs::read(e.path()).map_err(|e| e.to_string()).and_then(|b| {
+                            spool::Envelope::decode(&b).map_err(|e| e.to_string())
+                        }) {
+                            Ok(env) if env.id.to_string() == stem => out.push(Leftover {
+                                folder: sub.display().to_string(),
+                                size: env.body_len,
+                                sha: hex(&env.body_sha256),
+                                id: env.id,
+                            }),
+                            Ok(_) => failed.push(json!({ "id": stem, "error": "envelope id does not match its file name" })),
+                            Err(e) => failed.push(json!({ "id": stem, "error": e })),
+                        }
+                    }
+                }
+                out
+            }
+            None => {
+                let r = self
+                    .replicator
+                    .as_ref()
+                    .ok_or("no [ha] section: use --from-dir for a copied-out spool")?;
+                let mut c = r
+                    .recovery_client()
+                    .await
+                    .map_err(|e| format!("partner: {e}"))?;
+                let list = c.call(LIST, b"").await.map_err(|e| e.to_string())??;
+                client = Some(c);
+                String::from_utf8_lossy(&list)
+                    .lines()
+                    .filter_map(|l| {
+                        let mut it = l.split(' ');
+                        Some(Leftover {
+                            id: it.next()?.parse().ok()?,
+                            folder: it.next()?.to_string(),
+                            size: it.next()?.parse().ok()?,
+                            sha: it.next()?.to_string(),
+                        })
+                    })
+                    .collect()
+            }
+        };
+        // 2. Classify.
+        let ledger = self.replicator.as_ref().map(|r| r.log().clone());
+        let mut plan = Vec::new();
+        let (mut to_move, mut dups) = (Vec::new(), Vec::new());
+        for l in &leftovers {
+            let action = if self.held_locally(&l.id, &l.sha) {
+                dups.push(l.id.clone());
+                "duplicate (held here)"
+            } else if ledger
+                .as_ref()
+                .is_some_and(|g| g.was_delivered(&l.id).unwrap_or(false))
+            {
+                dups.push(l.id.clone());
+                "duplicate (delivered here)"
+            } else {
+                to_move.push(l);
+                "move"
+            };
+            plan.push(json!({ "id": l.id.to_string(), "folder": l.folder, "size": l.size, "action": action }));
+        }
+        if dry_run {
+            return Ok(json!({ "dry_run": true, "plan": plan, "failed": failed }));
+        }
+        // 3. Copy into input/, verifying checksums.
+        let mut copied = Vec::new();
+        for l in to_move {
+            let fetched: Result<(Vec<u8>, Vec<u8>), String> = match (&mut client, &from_dir) {
+                (Some(c), _) => match c.call(FETCH, l.id.to_string().as_bytes()).await {
+                    Ok(Ok(d)) if d.len() >= 4 => {
+                        let n = u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as usize;
+                        if d.len() < 4 + n {
+                            Err("short pair".into())
+                        } else {
+                            Ok((d[4..4 + n].to_vec(), d[4 + n..].to_vec()))
+                        }
+                    }
+                    Ok(Ok(_)) => Err("short pair".into()),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(e.to_string()),
+                },
+                (None, Some(_)) => {
+                    let dir = PathBuf::from(&l.folder);
+                    std::fs::read(dir.join(format!("{}.env", l.id)))
+                        .and_then(|e| Ok((e, std::fs::read(dir.join(format!("{}.body", l.id)))?)))
+                        .map_err(|e| e.to_string())
+                }
+                (None, None) => Err("no source".into()),
+            };
+            let checked = fetched.and_then(|(env, body)| {
+                let decoded = spool::Envelope::decode(&env).map_err(|e| e.to_string())?;
+                if decoded.id != l.id
+                    || hex(&spool::body::sha256(&body)) != l.sha
+                    || decoded.body_len != body.len() as u64
+                {
+                    return Err("checksum or length does not match the envelope".into());
+                }
+                self.put_input(&l.id, &env, &body)
+                    .map_err(|e| e.to_string())
+            });
+            match checked {
+                Ok(()) => copied.push(l.id.clone()),
+                Err(e) => failed.push(json!({ "id": l.id.to_string(), "error": e })),
+            }
+        }
+        // 4. Insert and verify every copied id is spooled now.
+        let outcomes = insert_input(&self.layout).map_err(|e| e.to_string())?;
+        let mut moved = Vec::new();
+        for o in &outcomes {
+            if let InsertOutcome::Inserted(id) = o {
+                self.queue.add(id.clone(), 0);
+                self.metrics.inserted.inc();
+                self.metrics.queue_add(Folder::Spool, 1);
+            }
+        }
+        for id in copied {
+            if self.layout.path(Folder::Spool, &id, Part::Env).exists() {
+                tracing::info!(id = %id, "new mail inserted (id={id}) by takeover recovery");
+                moved.push(id);
+            } else {
+                failed.push(json!({ "id": id.to_string(), "error": "not spooled after insertion (see corrupt/)" }));
+            }
+        }
+        // 5. Only now remove, on the partner, what was moved and the duplicates.
+        let mut removed_on_partner = 0;
+        if let Some(c) = client.as_mut() {
+            let ids: String = moved
+                .iter()
+                .chain(dups.iter())
+                .map(|i| format!("{i}\n"))
+                .collect();
+            if !ids.is_empty() {
+                let n = c
+                    .call(REMOVE, ids.as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())??;
+                removed_on_partner = String::from_utf8_lossy(&n).parse::<usize>().unwrap_or(0);
+            }
+        }
+        // 6. What the partner delivered while it was active must not go out again from here.
+        let mut removed_here = Vec::new();
+        if let Some(c) = client.as_mut() {
+            let delivered = c.call(LEDGER, b"").await.map_err(|e| e.to_string())??;
+            for line in String::from_utf8_lossy(&delivered).lines() {
+                let Ok(id) = line.parse::<MessageId>() else {
+                    continue;
+                };
+                for f in [Folder::Spool, Folder::Vscan, Folder::Hold] {
+                    if self.layout.path(f, &id, Part::Env).exists() {
+                        if let Some(r) = &self.replicator {
+                            r.log()
+                                .append(&[(hasync::txlog::Kind::Delete, &id)], now_ms())
+                                .map_err(|e| e.to_string())?;
+                            r.notify();
+                        }
+                        self.layout.remove_pair(&id, f).map_err(|e| e.to_string())?;
+                        self.metrics.queue_add(f, -1);
+                        removed_here.push(id.to_string());
+                    }
+                }
+            }
+        }
+        tracing::warn!(
+            moved = moved.len(),
+            duplicates = dups.len(),
+            removed_here = removed_here.len(),
+            failed = failed.len(),
+            "takeover recovery done"
+        );
+        Ok(json!({
+            "dry_run": false,
+            "plan": plan,
+            "moved": moved.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+            "duplicates": dups.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+            "removed_on_partner": removed_on_partner,
+            "delivered_by_partner_removed_here": removed_here,
+            "failed": failed,
+        }))
     }
 
     /// Makes a spool/ message due now (its envelope's next attempt reset durably).

@@ -73,6 +73,9 @@ pub struct HaConfig {
     /// `reject` (withdraw the message and answer 451).
     #[serde(default = "default_sync_partner_down")]
     pub sync_partner_down: String,
+    /// Set by `spoold --role`: `role` wins over the persisted one.
+    #[serde(skip)]
+    pub role_forced: bool,
 }
 
 fn default_replication() -> String {

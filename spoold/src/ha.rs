@@ -194,11 +194,13 @@ pub async fn finish(
     metrics: Arc<Metrics>,
 ) -> Result<Arc<Replicator>> {
     let persisted = setup.log.role().context("read the persisted role")?;
-    let role = persisted
-        .as_deref()
-        .and_then(Role::parse)
-        .or_else(|| Role::parse(&setup.cfg.role))
-        .unwrap_or(Role::Passive);
+    let configured = Role::parse(&setup.cfg.role);
+    let role = if setup.cfg.role_forced {
+        configured
+    } else {
+        persisted.as_deref().and_then(Role::parse).or(configured)
+    }
+    .unwrap_or(Role::Passive);
     setup
         .log
         .set_role(role.as_str())

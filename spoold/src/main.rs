@@ -55,6 +55,10 @@ struct Cli {
     /// Node name (overrides `node_name`).
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
+    /// Start in this HA role (`active` or `passive`), overriding the persisted one: what a
+    /// cluster manager does when it starts a unit as backup.
+    #[arg(long, value_name = "ROLE")]
+    role: Option<String>,
     /// Accept and spool mail but deliver nothing (overrides `delivery.enabled`).
     #[arg(long)]
     no_delivery: bool,
@@ -82,6 +86,14 @@ fn load_config(cli: &Cli) -> Result<Config> {
     }
     if cli.no_delivery {
         cfg.delivery.enabled = false;
+    }
+    if let Some(role) = &cli.role {
+        let ha = cfg.ha.as_mut().context("--role needs an [ha] section")?;
+        if hasync::proto::Role::parse(role).is_none() {
+            anyhow::bail!("--role {role:?}: must be active or passive");
+        }
+        ha.role = role.clone();
+        ha.role_forced = true;
     }
     cfg.validate().context("command-line overrides")?;
     Ok(cfg)

@@ -151,6 +151,19 @@ impl Daemon {
         panic!("spoold not ready: {}", self.log_text());
     }
 
+    /// A handle that only knows an SMTP address (for sending from another thread).
+    pub fn handle_for(smtp: SocketAddr) -> Daemon {
+        Daemon {
+            child: None,
+            state: PathBuf::new(),
+            smtp,
+            http: smtp,
+            log: PathBuf::new(),
+            extra_args: Vec::new(),
+            _dir: None,
+        }
+    }
+
     /// SIGKILL, no chance to clean up.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
