@@ -308,7 +308,21 @@ fn run(cli: &Cli) -> Result<Value, (u8, String)> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(&cli) {
+    // Recovery can take a while on a large spool: show that it is working (on a terminal only).
+    let spinner = matches!(cli.cmd, Cmd::Recover { .. })
+        .then(|| std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .unwrap_or(false)
+        .then(|| {
+            let pb = indicatif::ProgressBar::new_spinner();
+            pb.set_message("recovering: listing, copying, inserting, verifying, cleaning up");
+            pb.enable_steady_tick(std::time::Duration::from_millis(120));
+            pb
+        });
+    let result = run(&cli);
+    if let Some(pb) = spinner {
+        pb.finish_and_clear();
+    }
+    match result {
         Ok(data) => {
             let text = if cli.json {
                 format!("{data}\n")

@@ -81,6 +81,16 @@ struct Leftover {
     sha: String,
 }
 
+/// Crash-test hook: with `SPOOLD_FAILPOINT=<name>` in its environment the daemon dies on the
+/// spot (like `kill -9`) when recovery reaches that point. Unset in production, where this is
+/// one environment lookup per recovery step.
+fn failpoint(name: &str) {
+    if std::env::var("SPOOLD_FAILPOINT").is_ok_and(|v| v == name) {
+        tracing::error!(failpoint = name, "failpoint reached: aborting");
+        std::process::abort();
+    }
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -522,10 +532,16 @@ impl Admin {
                     .map_err(|e| e.to_string())
             });
             match checked {
-                Ok(()) => copied.push(l.id.clone()),
+                Ok(()) => {
+                    copied.push(l.id.clone());
+                    if copied.len() == 1 {
+                        failpoint("recover-mid-copy");
+                    }
+                }
                 Err(e) => failed.push(json!({ "id": l.id.to_string(), "error": e })),
             }
         }
+        failpoint("recover-after-copy");
         // 4. Insert and verify every copied id is spooled now.
         let outcomes = insert_input(&self.layout).map_err(|e| e.to_string())?;
         let mut moved = Vec::new();
@@ -544,6 +560,7 @@ impl Admin {
                 failed.push(json!({ "id": id.to_string(), "error": "not spooled after insertion (see corrupt/)" }));
             }
         }
+        failpoint("recover-after-insert");
         // 5. Only now remove, on the partner, what was moved and the duplicates.
         let mut removed_on_partner = 0;
         if let Some(c) = client.as_mut() {
@@ -560,6 +577,7 @@ impl Admin {
                 removed_on_partner = String::from_utf8_lossy(&n).parse::<usize>().unwrap_or(0);
             }
         }
+        failpoint("recover-after-partner-removal");
         // 6. What the partner delivered while it was active must not go out again from here.
         let mut removed_here = Vec::new();
         if let Some(c) = client.as_mut() {

@@ -73,6 +73,8 @@ pub struct Daemon {
     pub http: SocketAddr,
     pub log: PathBuf,
     pub extra_args: Vec<String>,
+    /// Extra environment for the next (re)start, e.g. `SPOOLD_FAILPOINT`.
+    pub extra_env: Vec<(String, String)>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -104,6 +106,7 @@ impl Daemon {
             http: free_addr(),
             log: dir.path().join("spoold.log"),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
+            extra_env: Vec::new(),
             _dir: Some(dir),
         };
         d.restart();
@@ -126,6 +129,7 @@ impl Daemon {
             .arg("--http-listen")
             .arg(self.http.to_string())
             .args(&self.extra_args)
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .env(
                 "SPOOLD_LOG",
                 std::env::var("TEST_SPOOLD_LOG").unwrap_or_else(|_| "info".into()),
@@ -160,6 +164,7 @@ impl Daemon {
             http: smtp,
             log: PathBuf::new(),
             extra_args: Vec::new(),
+            extra_env: Vec::new(),
             _dir: None,
         }
     }

@@ -150,8 +150,9 @@ fn send_to(d: &Daemon, rcpt: &str, first: usize, n: usize) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn recover_moves_leftovers_dedups_and_removes_what_the_partner_delivered() {
+/// The deterministic leftover scenario; with `failpoint`, the first recovery dies there and a
+/// second one (after a restart) must finish the job with the same result.
+fn leftover_scenario(failpoint: Option<&str>) {
     let sink = SmtpSink::start();
     let dead = tests::free_addr(); // a next hop that is down: mail for later.example waits
     let routes = format!(
@@ -183,36 +184,65 @@ fn recover_moves_leftovers_dedups_and_removes_what_the_partner_delivered() {
     // A comes back active (without having heard from B) and recovers.
     a.extra_args
         .extend(["--role".to_string(), "active".to_string()]);
+    if let Some(fp) = failpoint {
+        a.extra_env = vec![("SPOOLD_FAILPOINT".into(), fp.into())];
+        a.restart();
+        let (code, _, err) = spoolctl(&a, &["recover"]);
+        assert_ne!(code, 0, "{fp}: the daemon died mid-recovery: {err}");
+        assert!(
+            wait_until(5, || a
+                .child
+                .as_mut()
+                .unwrap()
+                .try_wait()
+                .unwrap()
+                .is_some()),
+            "{fp}: daemon still alive"
+        );
+        a.child = None;
+        a.extra_env.clear();
+    }
     a.restart();
-    assert_eq!(a.spooled_ids().len(), 15, "A still holds its own 15");
-    let (code, out, _) = spoolctl(&a, &["recover", "--dry-run"]);
-    assert_eq!(code, 0);
-    assert!(
-        out.contains("dry run: nothing changed")
-            && out.contains("move")
-            && out.contains("duplicate (held here)"),
-        "{out}"
-    );
-    assert_eq!(b.spooled_ids().len(), 7, "dry run changed nothing on B");
-    assert_eq!(a.spooled_ids().len(), 15, "dry run changed nothing on A");
+    if failpoint.is_none() {
+        assert_eq!(a.spooled_ids().len(), 15, "A still holds its own 15");
+        let (code, out, _) = spoolctl(&a, &["recover", "--dry-run"]);
+        assert_eq!(code, 0);
+        assert!(
+            out.contains("dry run: nothing changed")
+                && out.contains("move")
+                && out.contains("duplicate (held here)"),
+            "{out}"
+        );
+        assert_eq!(b.spooled_ids().len(), 7, "dry run changed nothing on B");
+        assert_eq!(a.spooled_ids().len(), 15, "dry run changed nothing on A");
+    }
 
     let (code, out, err) = spoolctl(&a, &["--json", "recover"]);
     assert_eq!(code, 0, "{err}");
     let r = json(&out);
-    assert_eq!(r["moved"].as_array().unwrap().len(), 2, "{r}");
-    assert_eq!(r["duplicates"].as_array().unwrap().len(), 5, "{r}");
-    assert_eq!(
-        r["delivered_by_partner_removed_here"]
-            .as_array()
-            .unwrap()
-            .len(),
-        10,
-        "{r}"
+    if failpoint.is_none() {
+        assert_eq!(r["moved"].as_array().unwrap().len(), 2, "{r}");
+        assert_eq!(r["duplicates"].as_array().unwrap().len(), 5, "{r}");
+        assert_eq!(
+            r["delivered_by_partner_removed_here"]
+                .as_array()
+                .unwrap()
+                .len(),
+            10,
+            "{r}"
+        );
+        assert_eq!(r["removed_on_partner"], 7);
+        assert!(a.log_text().contains("new mail inserted (id="));
+    }
+    assert!(
+        b.spooled_ids().is_empty(),
+        "{failpoint:?}: B keeps no leftovers"
     );
-    assert_eq!(r["removed_on_partner"], 7);
-    assert!(b.spooled_ids().is_empty(), "B keeps no leftovers");
-    assert_eq!(a.spooled_ids().len(), 7, "A: its 5 waiting + B's 2 moved");
-    assert!(a.log_text().contains("new mail inserted (id="));
+    assert_eq!(
+        a.spooled_ids().len(),
+        7,
+        "{failpoint:?}: A holds its 5 waiting + B's 2 moved"
+    );
 
     // Idempotent.
     let (_, out, _) = spoolctl(&a, &["--json", "recover"]);
@@ -227,12 +257,13 @@ fn recover_moves_leftovers_dedups_and_removes_what_the_partner_delivered() {
     );
 
     // Nothing delivered twice: the 13 deliverable went out once, the 7 wait (their hop is down).
+    std::thread::sleep(Duration::from_millis(300));
     let mut count: HashMap<String, usize> = HashMap::new();
     for m in sink.dumped() {
         *count.entry(message_id(&m.message).unwrap()).or_default() += 1;
     }
     for mid in a_ok.iter().chain(&b_ok) {
-        assert_eq!(count.get(mid), Some(&1), "{mid}");
+        assert_eq!(count.get(mid), Some(&1), "{failpoint:?}: {mid}");
     }
     assert_eq!(count.len(), 13);
     let held: Vec<String> = a
@@ -241,7 +272,24 @@ fn recover_moves_leftovers_dedups_and_removes_what_the_partner_delivered() {
         .map(|id| message_id(&String::from_utf8_lossy(&a.body_without_received(id))).unwrap())
         .collect();
     for mid in a_later.iter().chain(&b_later) {
-        assert!(held.contains(mid), "{mid} waiting on A");
+        assert!(held.contains(mid), "{failpoint:?}: {mid} waiting on A");
+    }
+}
+
+#[test]
+fn recover_moves_leftovers_dedups_and_removes_what_the_partner_delivered() {
+    leftover_scenario(None);
+}
+
+#[test]
+fn recover_killed_at_each_step_then_rerun_loses_nothing_and_duplicates_nothing() {
+    for fp in [
+        "recover-mid-copy",
+        "recover-after-copy",
+        "recover-after-insert",
+        "recover-after-partner-removal",
+    ] {
+        leftover_scenario(Some(fp));
     }
 }
 
