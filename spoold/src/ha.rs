@@ -23,15 +23,20 @@ pub struct LogHook {
     pub log: Arc<TxLog>,
     /// Set once the replicator exists (it needs the writer, which needs this hook).
     pub replicator: Arc<OnceLock<Arc<Replicator>>>,
+    /// Counts refusals when the log is at `ha.pending_max`.
+    pub metrics: Arc<Metrics>,
 }
 
 impl PublishHook for LogHook {
     fn before_publish(&self, ids: &[&MessageId]) -> std::io::Result<Vec<u64>> {
         let items: Vec<(Kind, &MessageId)> = ids.iter().map(|id| (Kind::Add, *id)).collect();
-        let seqs = self
-            .log
-            .append(&items, now_ms())
-            .map_err(std::io::Error::other)?;
+        let seqs = self.log.append(&items, now_ms()).map_err(|e| {
+            if matches!(e, hasync::txlog::LogError::Full(_)) {
+                self.metrics.ha_log_full.inc();
+                tracing::error!("replication log full (ha.pending_max): refusing new mail with 451 until the partner catches up");
+            }
+            std::io::Error::other(e)
+        })?;
         if let Some(r) = self.replicator.get() {
             r.notify();
         }

@@ -235,6 +235,7 @@ async fn run(cfg: Config) -> Result<()> {
         Arc::new(ha::LogHook {
             log: s.log.clone(),
             replicator: s.replicator.clone(),
+            metrics: metrics.clone(),
         }) as Arc<dyn spool::writer::PublishHook>
     });
     let writer = SpoolWriter::start_with_hook(layout.clone(), options, Some(metrics.clone()), hook)

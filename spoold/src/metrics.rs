@@ -68,6 +68,8 @@ pub struct Metrics {
     pub ha_pending: IntGauge,
     /// Age of the oldest pending action.
     pub ha_oldest_pending: prometheus::Gauge,
+    /// Messages refused because the replication log reached `ha.pending_max` (alert on > 0).
+    pub ha_log_full: IntCounter,
     /// Sync mode: messages accepted without the partner's acknowledgement (fallback to async).
     pub ha_sync_fallbacks: IntCounter,
     /// Sync mode: messages withdrawn and answered 451 for want of the partner's acknowledgement.
@@ -193,6 +195,10 @@ impl Metrics {
             ha_pending: gauge(
                 "spoold_ha_pending_actions",
                 "Replication actions waiting for the partner's acknowledgement.",
+            )?,
+            ha_log_full: counter(
+                "spoold_ha_log_full_total",
+                "Messages refused (451) because the replication log reached ha.pending_max; alert on any increase.",
             )?,
             ha_sync_fallbacks: counter(
                 "spoold_ha_sync_fallbacks_total",

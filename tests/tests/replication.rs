@@ -393,3 +393,33 @@ fn sync_mode_with_reject_withdraws_mail_while_the_partner_is_down() {
     );
     assert_eq!(a.metric("spoold_ha_sync_rejected_total"), Some(1.0));
 }
+
+#[test]
+fn a_full_log_refuses_new_mail_with_451_and_drops_nothing() {
+    let p = pair_config("", None);
+    let text = std::fs::read_to_string(&p.a_config).unwrap();
+    std::fs::write(&p.a_config, format!("{text}pending_max = 5\n")).unwrap();
+    let a = Daemon::start_with(&["--config", &p.a_config]); // the partner never starts
+    let (mut c, _) = Client::connect(a.smtp);
+    c.cmd("EHLO full");
+    let mut codes = Vec::new();
+    for i in 0..8 {
+        c.cmd("MAIL FROM:<f@example.com>");
+        c.cmd("RCPT TO:<r@example.org>");
+        c.cmd("DATA");
+        c.send(format!("Subject: {i}\r\n\r\nx\r\n.\r\n").as_bytes());
+        codes.push(c.reply()[..9].to_string());
+    }
+    assert_eq!(
+        codes.iter().filter(|c| c.starts_with("250")).count(),
+        5,
+        "{codes:?}"
+    );
+    assert!(codes[5..].iter().all(|c| c == "451 4.3.0"), "{codes:?}");
+    assert_eq!(a.spooled_ids().len(), 5, "refused mail left nothing behind");
+    assert!(
+        wait_until(5, || a.metric("spoold_ha_pending_actions") == Some(5.0)),
+        "kept pending"
+    );
+    assert!(a.metric("spoold_ha_log_full_total").unwrap_or(0.0) >= 3.0);
+}
