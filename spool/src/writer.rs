@@ -15,7 +15,7 @@
 
 use crate::body::BodyParts;
 use crate::id::MessageId;
-use crate::layout::{fsync_dir, Folder, Layout, Part};
+use crate::layout::{Folder, Layout, Part};
 use bytes::Bytes;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -537,18 +537,23 @@ fn write_and_sync_uring(
             // SAFETY: the fds, iovecs and buffers live in `jobs`, which outlives this function's
             // wait for every completion below.
             while unsafe { ring.submission().push(&entry) }.is_err() {
-                ring.submit()?;
+                retry_eintr(|| ring.submit())?;
             }
             expected += 1;
         }
     }
+    // Every submitted entry is waited for, even across signals (EINTR), so that no completion
+    // of this round can be mistaken for one of the next, and no buffer is released while the
+    // kernel may still use it.
     let mut seen = 0;
     while seen < expected {
-        ring.submit_and_wait(1)?;
+        retry_eintr(|| ring.submit_and_wait(1))?;
         for cqe in ring.completion() {
             let i = (cqe.user_data() >> 2) as usize;
             let step = (cqe.user_data() & 3) as usize;
-            results[i][step] = Some(cqe.result());
+            if let Some(r) = results.get_mut(i) {
+                r[step] = Some(cqe.result());
+            }
             seen += 1;
         }
     }
@@ -574,18 +579,13 @@ fn write_and_sync_uring(
     Ok(())
 }
 
-/// Writes one file durably in `dir` as `name` (tmp file in `tmp/`, fsync, rename, fsync dir).
-/// For small control files outside the message path.
-pub fn write_file_durably(
-    layout: &Layout,
-    dir: &std::path::Path,
-    name: &str,
-    bytes: &[u8],
-) -> io::Result<()> {
-    let tmp = layout.dir(Folder::Tmp).join(format!("{name}.tmp"));
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    fsync_dir(dir)
+/// Repeats a ring call interrupted by a signal (the daemon handles SIGUSR2/SIGTERM, and any
+/// thread may take the interruption).
+fn retry_eintr<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
 }
