@@ -3,7 +3,6 @@
 use crate::{describe_fs, median};
 use anyhow::Result;
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 use spool::writer::{SyncMode, WriterOptions};
 use spool::{BackendChoice, BodyParts, Envelope, IdGenerator, Layout, SpoolWriter};
 use std::fs::File;
@@ -146,26 +145,7 @@ fn writer_rate(
 }
 
 pub fn envelope(id: &spool::MessageId, body: &[u8]) -> Envelope {
-    Envelope {
-        id: id.clone(),
-        origin: id.node().to_string(),
-        arrived_ms: 0,
-        client: "127.0.0.1".into(),
-        helo: "bench".into(),
-        sender: "bench@example.com".into(),
-        body_type: spool::BodyType::SevenBit,
-        smtputf8: false,
-        recipients: vec![spool::Recipient {
-            address: "sink@example.org".into(),
-            state: spool::RcptState::Pending,
-        }],
-        body_len: body.len() as u64,
-        body_sha256: Sha256::digest(body).into(),
-        attempts: 0,
-        next_attempt_ms: 0,
-        scan: Default::default(),
-        last_error: None,
-    }
+    Envelope::new(id.clone(), "bench@example.com", &["sink@example.org"], body)
 }
 
 fn scratch(dir: &Option<std::path::PathBuf>) -> Result<tempfile::TempDir> {

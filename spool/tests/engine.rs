@@ -2,37 +2,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 use spool::recovery::{insert_input, recover, InsertOutcome};
 use spool::writer::{SyncMode, WriterOptions};
 use spool::{
-    BackendChoice, BodyParts, BodyType, Envelope, Folder, IdGenerator, Layout, MappedBody,
-    MessageId, Part, PendingBody, RcptState, Recipient, SpoolWriter,
+    BackendChoice, BodyParts, Envelope, Folder, IdGenerator, Layout, MappedBody, MessageId, Part,
+    PendingBody, SpoolWriter,
 };
 use std::fs;
 use std::sync::Arc;
 
 fn envelope(id: &MessageId, body: &[u8]) -> Envelope {
-    Envelope {
-        id: id.clone(),
-        origin: id.node().to_string(),
-        arrived_ms: 1,
-        client: "127.0.0.1".into(),
-        helo: "test".into(),
-        sender: "a@example.com".into(),
-        body_type: BodyType::SevenBit,
-        smtputf8: false,
-        recipients: vec![Recipient {
-            address: "b@example.org".into(),
-            state: RcptState::Pending,
-        }],
-        body_len: body.len() as u64,
-        body_sha256: Sha256::digest(body).into(),
-        attempts: 0,
-        next_attempt_ms: 0,
-        scan: Default::default(),
-        last_error: None,
-    }
+    Envelope::new(id.clone(), "a@example.com", &["b@example.org"], body)
 }
 
 fn setup() -> (tempfile::TempDir, Layout, IdGenerator) {

@@ -3,12 +3,11 @@
 //! disk.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use sha2::{Digest, Sha256};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tests::spool::{BodyType, Envelope, IdGenerator, RcptState, Recipient};
+use tests::spool::{Envelope, IdGenerator};
 use tests::{have, http_get, queued_id, sample_body, spoold_bin, workspace_root, Client, Daemon};
 
 fn send_one(d: &Daemon, body: &[u8]) -> String {
@@ -145,26 +144,7 @@ fn bad_config_fails_at_start_naming_file_and_key() {
 
 fn write_pair(dir: &std::path::Path, node: &str, body: &[u8], tamper: bool) -> String {
     let id = IdGenerator::new(node).unwrap().next_id();
-    let env = Envelope {
-        id: id.clone(),
-        origin: node.into(),
-        arrived_ms: 1,
-        client: "192.0.2.1".into(),
-        helo: "peer".into(),
-        sender: "x@example.com".into(),
-        body_type: BodyType::SevenBit,
-        smtputf8: false,
-        recipients: vec![Recipient {
-            address: "y@example.org".into(),
-            state: RcptState::Pending,
-        }],
-        body_len: body.len() as u64,
-        body_sha256: Sha256::digest(body).into(),
-        attempts: 0,
-        next_attempt_ms: 0,
-        scan: Default::default(),
-        last_error: None,
-    };
+    let env = Envelope::new(id.clone(), "x@example.com", &["y@example.org"], body);
     let mut stored_body = body.to_vec();
     if tamper {
         stored_body[0] ^= 1; // same length, other content: only the checksum can tell

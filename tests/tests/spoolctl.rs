@@ -2,8 +2,7 @@
 //! flush, insert, role, `--json`, and the documented exit codes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use sha2::{Digest, Sha256};
-use tests::spool::{BodyType, Envelope, IdGenerator, RcptState, Recipient};
+use tests::spool::{Envelope, IdGenerator};
 use tests::{pair_config, queued_id, spoolctl, Client, Daemon};
 
 fn spool_mail(d: &Daemon, from: &str, to: &str) -> String {
@@ -87,30 +86,10 @@ fn status_insert_and_exit_codes() {
         (false, b"Subject: bad\r\n\r\ny\r\n".as_slice()),
     ] {
         let id = ids.next_id();
-        let env = Envelope {
-            id: id.clone(),
-            origin: "other".into(),
-            arrived_ms: 1,
-            client: "192.0.2.9".into(),
-            helo: "h".into(),
-            sender: "p@example.com".into(),
-            body_type: BodyType::SevenBit,
-            smtputf8: false,
-            recipients: vec![Recipient {
-                address: "q@example.org".into(),
-                state: RcptState::Pending,
-            }],
-            body_len: body.len() as u64,
-            body_sha256: if good {
-                Sha256::digest(body).into()
-            } else {
-                [0; 32]
-            },
-            attempts: 0,
-            next_attempt_ms: 0,
-            scan: Default::default(),
-            last_error: None,
-        };
+        let mut env = Envelope::new(id.clone(), "p@example.com", &["q@example.org"], body);
+        if !good {
+            env.body_sha256 = [0; 32];
+        }
         std::fs::write(d.state.join("input").join(format!("{id}.body")), body).unwrap();
         std::fs::write(
             d.state.join("input").join(format!("{id}.env")),
