@@ -227,20 +227,14 @@ pub async fn connect(addr: SocketAddr, cfg: &LinkConfig, role: Role) -> Result<L
         let name = ServerName::try_from("spoolpair-peer")
             .map_err(|e| LinkError::Protocol(e.to_string()))?;
         let mut tls = connector.connect(name, tcp).await?;
-        let mut exporter = [0u8; 32];
-        tls.get_ref()
-            .1
-            .export_keying_material(&mut exporter, EXPORTER_LABEL, None)
-            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let exporter = exporter_of(tls.get_ref().1)?;
         let peer = exchange(&mut tls, cfg, role, exporter, "client", "server").await?;
-        Ok::<_, LinkError>(Link {
+        Ok(Link {
             io: Box::new(tls),
             peer,
         })
     };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, go)
-        .await
-        .map_err(|_| LinkError::Timeout)?
+    within_handshake_time(go).await
 }
 
 /// Accepts a partner's connection and authenticates both ways.
@@ -249,18 +243,28 @@ pub async fn accept(tcp: TcpStream, cfg: &LinkConfig, role: Role) -> Result<Link
         let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(cfg.server.clone());
         let mut tls = acceptor.accept(tcp).await?;
-        let mut exporter = [0u8; 32];
-        tls.get_ref()
-            .1
-            .export_keying_material(&mut exporter, EXPORTER_LABEL, None)
-            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let exporter = exporter_of(tls.get_ref().1)?;
         let peer = exchange(&mut tls, cfg, role, exporter, "server", "client").await?;
-        Ok::<_, LinkError>(Link {
+        Ok(Link {
             io: Box::new(tls),
             peer,
         })
     };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, go)
+    within_handshake_time(go).await
+}
+
+/// The TLS session's exporter value that both proofs are bound to.
+fn exporter_of<D>(conn: &rustls::ConnectionCommon<D>) -> Result<[u8; 32], LinkError> {
+    let mut exporter = [0u8; 32];
+    conn.export_keying_material(&mut exporter, EXPORTER_LABEL, None)
+        .map_err(|e| LinkError::Protocol(e.to_string()))?;
+    Ok(exporter)
+}
+
+async fn within_handshake_time(
+    handshake: impl std::future::Future<Output = Result<Link, LinkError>>,
+) -> Result<Link, LinkError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| LinkError::Timeout)?
 }
