@@ -353,3 +353,32 @@ fn signal_storm_during_load_loses_nothing() {
     }
     assert!(d.folder("tmp").is_empty());
 }
+
+/// A 20 MiB message streams to tmp/ while it arrives: the daemon's peak RSS stays far below the
+/// message size, and the message is stored whole.
+#[test]
+fn a_large_message_streams_to_disk_with_bounded_memory() {
+    let d = Daemon::start();
+    let pid = d.child.as_ref().unwrap().id();
+    let peak_mib = || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kib: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kib / 1024.0
+    };
+    let before = peak_mib();
+    let body = sample_body(42, 20 * 1024 * 1024);
+    let id = queued_id(&send_one(&d, &body)).unwrap();
+    let after = peak_mib();
+    eprintln!("peak RSS {before:.1} MiB before, {after:.1} MiB after a 20 MiB message");
+    assert!(
+        after - before < 16.0,
+        "peak RSS grew by {:.1} MiB for a 20 MiB message",
+        after - before
+    );
+    assert!(d.body_without_received(&id) == body, "stored whole");
+}
