@@ -168,3 +168,93 @@ fn smtp_source_20_sessions_2000_messages_each_spooled_once() {
     );
     assert_eq!(d.folder("tmp").len(), 0);
 }
+
+fn tls_daemon() -> (Daemon, tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = write_self_signed(dir.path());
+    let config = dir.path().join("spoold.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "hostname = \"localhost\"\n[smtp]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with(&["--config", config.to_str().unwrap()]);
+    (d, dir, cert)
+}
+
+#[test]
+fn openssl_s_client_starttls_smtp() {
+    assert!(have("openssl"), "openssl is required");
+    let (d, _dir, cert) = tls_daemon();
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-starttls",
+            "smtp",
+            "-connect",
+            &d.smtp.to_string(),
+            "-servername",
+            "localhost",
+            "-quiet",
+            "-verify_return_error",
+            "-CAfile",
+        ])
+        .arg(&cert)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"EHLO openssl\r\nMAIL FROM:<o@example.com>\r\nRCPT TO:<r@example.org>\r\nDATA\r\nSubject: via openssl\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("verify return:1") || err.contains("Verification: OK") || out.status.success(),
+        "{err}"
+    );
+    assert!(text.contains("250 2.0.0 Ok: queued as "), "{text}\n{err}");
+    assert!(
+        !text.contains("STARTTLS"),
+        "not offered again inside TLS: {text}"
+    );
+    let ids = d.spooled_ids();
+    assert_eq!(ids.len(), 1);
+    let raw =
+        std::fs::read_to_string(d.state.join("spool").join(format!("{}.body", ids[0]))).unwrap();
+    assert!(raw.contains("with ESMTPS id"), "{raw}");
+}
+
+#[test]
+fn swaks_with_tls() {
+    assert!(have("swaks"), "swaks is required (apt-get install swaks)");
+    let (d, _dir, _) = tls_daemon();
+    let out = Command::new("swaks")
+        .args([
+            "--server",
+            &d.smtp.to_string(),
+            "--tls",
+            "--from",
+            "t@example.com",
+            "--to",
+            "r@example.org",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("<~  250 2.0.0 Ok: queued as "),
+        "reply read over TLS: {text}"
+    );
+}
