@@ -101,6 +101,40 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::sync::atomic::{AtomicIsize, Ordering};
+
+    /// Counts live heap bytes of this test binary, to measure the queue's cost per message.
+    struct Counting;
+    static LIVE: AtomicIsize = AtomicIsize::new(0);
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            LIVE.fetch_add(l.size() as isize, Ordering::SeqCst);
+            // SAFETY: forwarded to the system allocator with the caller's layout.
+            unsafe { System.alloc(l) }
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            LIVE.fetch_sub(l.size() as isize, Ordering::SeqCst);
+            // SAFETY: `p` came from `alloc` above with this layout.
+            unsafe { System.dealloc(p, l) }
+        }
+    }
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+
+    #[test]
+    fn a_queued_message_costs_a_few_hundred_bytes() {
+        let ids = spool::IdGenerator::new("gw_a").unwrap();
+        let batch: Vec<MessageId> = (0..100_000).map(|_| ids.next_id()).collect();
+        let q = Queue::default();
+        let before = LIVE.load(Ordering::SeqCst);
+        for (i, id) in batch.iter().enumerate() {
+            q.add(id.clone(), i as u64);
+        }
+        let per_message = (LIVE.load(Ordering::SeqCst) - before) / 100_000;
+        eprintln!("queue: {per_message} bytes per message");
+        assert!(per_message < 300, "{per_message} bytes per queued message");
+    }
 
     #[test]
     fn due_order_in_flight_and_reschedule() {
