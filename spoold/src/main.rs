@@ -407,6 +407,7 @@ async fn run(cfg: Config) -> Result<()> {
             .context("writer shutdown")?,
         Err(_) => tracing::warn!("sessions still open after the grace period; exiting"),
     }
+    let _ = std::fs::remove_file(admin::Admin::socket_path(&layout));
     tracing::info!("spoold stopped");
     Ok(())
 }
