@@ -38,21 +38,10 @@ fn metrics_pass_promtool_and_health_endpoints_answer() {
     ] {
         assert!(metrics.contains(name), "missing {name} in\n{metrics}");
     }
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = tests::run_with_stdin(
+        Command::new("promtool").args(["check", "metrics"]),
+        metrics.as_bytes(),
+    );
     assert!(
         out.status.success(),
         "promtool: {}{}",

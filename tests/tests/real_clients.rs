@@ -8,19 +8,7 @@ use tests::{have, sample_body, write_self_signed, Daemon};
 
 #[test]
 fn python_smtplib_with_starttls() {
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = write_self_signed(dir.path());
-    let config = dir.path().join("spoold.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "node_name = \"gw_tls\"\nhostname = \"localhost\"\n[smtp]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
-            cert.display(),
-            key.display()
-        ),
-    )
-    .unwrap();
-    let d = Daemon::start_with(&["--config", config.to_str().unwrap()]);
+    let (d, _dir, cert) = tls_daemon();
     let script = r#"
 import smtplib, ssl, sys
 port, cafile = int(sys.argv[1]), sys.argv[2]
@@ -176,7 +164,7 @@ fn tls_daemon() -> (Daemon, tempfile::TempDir, std::path::PathBuf) {
     std::fs::write(
         &config,
         format!(
-            "hostname = \"localhost\"\n[smtp]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            "node_name = \"gw_tls\"\nhostname = \"localhost\"\n[smtp]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
             cert.display(),
             key.display()
         ),
@@ -190,33 +178,13 @@ fn tls_daemon() -> (Daemon, tempfile::TempDir, std::path::PathBuf) {
 fn openssl_s_client_starttls_smtp() {
     assert!(have("openssl"), "openssl is required");
     let (d, _dir, cert) = tls_daemon();
-    use std::io::Write;
-    let mut child = Command::new("openssl")
-        .args([
-            "s_client",
-            "-starttls",
-            "smtp",
-            "-connect",
-            &d.smtp.to_string(),
-            "-servername",
-            "localhost",
-            "-quiet",
-            "-verify_return_error",
-            "-CAfile",
-        ])
-        .arg(&cert)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"EHLO openssl\r\nMAIL FROM:<o@example.com>\r\nRCPT TO:<r@example.org>\r\nDATA\r\nSubject: via openssl\r\n\r\nhi\r\n.\r\nQUIT\r\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = tests::run_with_stdin(
+        Command::new("openssl")
+            .args(["s_client", "-starttls", "smtp", "-connect", &d.smtp.to_string()])
+            .args(["-servername", "localhost", "-quiet", "-verify_return_error", "-CAfile"])
+            .arg(&cert),
+        b"EHLO openssl\r\nMAIL FROM:<o@example.com>\r\nRCPT TO:<r@example.org>\r\nDATA\r\nSubject: via openssl\r\n\r\nhi\r\n.\r\nQUIT\r\n",
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

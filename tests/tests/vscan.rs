@@ -48,14 +48,7 @@ impl Clamd {
         );
         let db = dir.join("db");
         std::fs::create_dir_all(&db).unwrap();
-        let md5 = Command::new("md5sum")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        md5.stdin.as_ref().unwrap().write_all(&eicar()).unwrap();
-        let out = md5.wait_with_output().unwrap();
+        let out = tests::run_with_stdin(&mut Command::new("md5sum"), &eicar());
         let sum = String::from_utf8(out.stdout)
             .unwrap()
             .split_whitespace()
