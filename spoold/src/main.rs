@@ -334,11 +334,9 @@ async fn run(cfg: Config) -> Result<()> {
         )
     })?;
     let ready = Arc::new(AtomicBool::new(false));
-    let accepting = Arc::new(AtomicBool::new(true));
     if let Some(r) = &replicator {
         tokio::spawn(follow_role(
             r.clone(),
-            accepting.clone(),
             queue.clone(),
             layout.clone(),
             metrics.clone(),
@@ -359,7 +357,7 @@ async fn run(cfg: Config) -> Result<()> {
         shutdown_rx.clone(),
         sessions.clone(),
         cfg.smtp.sessions_max,
-        accepting.clone(),
+        replicator.clone(),
     ));
     let delivery_task = tokio::spawn(delivery.clone().run(shutdown_rx.clone()));
     ready.store(true, Ordering::SeqCst);
@@ -419,7 +417,7 @@ async fn accept_loop(
     shutdown: watch::Receiver<bool>,
     sessions: Arc<AtomicUsize>,
     sessions_max: usize,
-    accepting: Arc<AtomicBool>,
+    replicator: Option<Arc<hasync::Replicator>>,
 ) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -432,7 +430,12 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        if !accepting.load(Ordering::SeqCst) {
+        // Read the role at accept time, not through a task that follows it, so a session opened
+        // right after a role change already sees the new role.
+        let passive = replicator
+            .as_ref()
+            .is_some_and(|r| r.role() != hasync::proto::Role::Active);
+        if passive {
             refuse(
                 stream,
                 b"421 4.3.2 This unit is passive (standby); use the active unit\r\n",
@@ -565,11 +568,10 @@ async fn serve_http(
     }
 }
 
-/// Applies the role: a passive node refuses SMTP; becoming active schedules every message the
-/// spool holds (replicas included). Also keeps the HA gauges current.
+/// Follows the role: becoming active schedules every message the spool holds (replicas
+/// included). Also keeps the HA gauges current. (SMTP reads the role itself at accept time.)
 async fn follow_role(
     r: Arc<hasync::Replicator>,
-    accepting: Arc<AtomicBool>,
     queue: Arc<Queue>,
     layout: Layout,
     metrics: Arc<Metrics>,
@@ -580,7 +582,6 @@ async fn follow_role(
         let now = *role.borrow();
         if last != Some(now) {
             let active = now == hasync::proto::Role::Active;
-            accepting.store(active, Ordering::SeqCst);
             metrics.ha_active.set(i64::from(active));
             if active && last.is_some() {
                 let mut n = 0;
