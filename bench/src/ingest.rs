@@ -27,6 +27,9 @@ pub struct Args {
     /// Also measure a local Postfix (needs root; reconfigures and starts the system Postfix).
     #[arg(long)]
     compare_postfix: bool,
+    /// Offered load in msgs/s (paced over the sessions); default: as fast as the server answers.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Postfix's SMTP address.
     #[arg(long, default_value = "127.0.0.1:25")]
     postfix_addr: SocketAddr,
@@ -81,7 +84,16 @@ async fn session(
     addr: SocketAddr,
     count: usize,
     body: std::sync::Arc<Vec<u8>>,
+    period: Option<Duration>,
+    phase: f64,
 ) -> Result<(Vec<f64>, usize)> {
+    let mut pace = period.map(|p| {
+        // Sessions start spread over one period, so a paced load arrives evenly, not in bursts.
+        let start = tokio::time::Instant::now() + p.mul_f64(phase);
+        let mut i = tokio::time::interval_at(start, p);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let (r, mut w) = stream.into_split();
@@ -92,6 +104,9 @@ async fn session(
     let mut lat = Vec::with_capacity(count);
     let mut errors = 0;
     for _ in 0..count {
+        if let Some(p) = pace.as_mut() {
+            p.tick().await;
+        }
         w.write_all(b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.org>\r\nDATA\r\n")
             .await?;
         for _ in 0..3 {
@@ -116,6 +131,8 @@ async fn session(
 /// The shape of one load: sessions, messages in all, bytes per message.
 #[derive(Clone, Copy)]
 pub struct Load {
+    /// Offered load in msgs/s over all sessions; `None` sends as fast as replies come.
+    pub rate: Option<f64>,
     pub sessions: usize,
     pub messages: usize,
     pub size: usize,
@@ -132,7 +149,12 @@ pub fn load(addr: SocketAddr, a: Load) -> Result<RunResult> {
         let mut tasks = Vec::new();
         for k in 0..a.sessions {
             let n = a.messages / a.sessions + usize::from(k < a.messages % a.sessions);
-            tasks.push(tokio::spawn(session(addr, n, body.clone())));
+            // Each session takes its share of the offered rate, if one is set.
+            let period = a
+                .rate
+                .map(|r| Duration::from_secs_f64(a.sessions as f64 / r.max(0.001)));
+            let phase = k as f64 / a.sessions as f64;
+            tasks.push(tokio::spawn(session(addr, n, body.clone(), period, phase)));
         }
         let mut lat = Vec::new();
         let mut errors = 0;
@@ -322,6 +344,7 @@ fn row(name: &str, r: &[RunResult]) -> (f64, String) {
 impl Args {
     fn shape(&self) -> Load {
         Load {
+            rate: self.rate,
             sessions: self.sessions,
             messages: self.messages,
             size: self.size,

@@ -104,6 +104,7 @@ fn writer_rate(
     data: &[u8],
     backend: BackendChoice,
     sync: SyncMode,
+    nameless: bool,
     submitters: usize,
 ) -> Result<f64> {
     let layout = Layout::new(dir);
@@ -114,6 +115,7 @@ fn writer_rate(
             backend,
             batch_max: 64,
             sync,
+            nameless,
         },
         None,
     )?);
@@ -156,23 +158,43 @@ fn scratch(dir: &Option<std::path::PathBuf>) -> Result<tempfile::TempDir> {
     Ok(tempfile::tempdir_in(base)?)
 }
 
+/// A new scratch directory that stays until `keep` is dropped.
+fn kept_scratch(
+    dir: &Option<std::path::PathBuf>,
+    keep: &mut Vec<tempfile::TempDir>,
+) -> Result<std::path::PathBuf> {
+    let d = scratch(dir)?;
+    let path = d.path().to_path_buf();
+    keep.push(d);
+    Ok(path)
+}
+
 pub fn run(a: RawArgs) -> Result<()> {
     let data = vec![b'x'; a.size];
     let writers = [
         (
-            "spoold writer, io_uring, sync = fsync (2 files/msg)",
+            "spoold writer, io_uring, fsync, nameless (2 files/msg)",
             BackendChoice::Auto,
             SyncMode::PerFile,
+            true,
         ),
         (
-            "spoold writer, portable, sync = fsync (2 files/msg)",
+            "spoold writer, io_uring, fsync, tmp/+rename (2 files/msg)",
+            BackendChoice::Auto,
+            SyncMode::PerFile,
+            false,
+        ),
+        (
+            "spoold writer, portable, fsync, nameless (2 files/msg)",
             BackendChoice::Portable,
             SyncMode::PerFile,
+            true,
         ),
         (
-            "spoold writer, io_uring, sync = syncfs (2 files/msg)",
+            "spoold writer, io_uring, syncfs, nameless (2 files/msg)",
             BackendChoice::Auto,
             SyncMode::FileSystem,
+            true,
         ),
     ];
     let mut rows: Vec<(&str, Vec<f64>)> = vec![
@@ -185,23 +207,24 @@ pub fn run(a: RawArgs) -> Result<()> {
     rows.extend(writers.iter().map(|w| (w.0, vec![])));
     let probe = scratch(&a.dir)?;
     let fs = describe_fs(probe.path());
+    // Every scratch directory lives until the end: deleting thousands of files just before a
+    // measurement slows the next one down (ext4 without a journal scans recently freed inodes
+    // when it allocates new ones, for 30 s).
+    let mut keep = Vec::new();
     for _ in 0..a.runs {
-        let d = scratch(&a.dir)?;
-        rows[0]
-            .1
-            .push(one_at_a_time(d.path(), a.files.min(2048), &data)?);
-        let d = scratch(&a.dir)?;
-        rows[1]
-            .1
-            .push(uring_batches(d.path(), a.files, &data, a.batch)?);
-        for (k, (_, backend, sync)) in writers.iter().enumerate() {
-            let d = scratch(&a.dir)?;
+        let d = kept_scratch(&a.dir, &mut keep)?;
+        rows[0].1.push(one_at_a_time(&d, a.files.min(2048), &data)?);
+        let d = kept_scratch(&a.dir, &mut keep)?;
+        rows[1].1.push(uring_batches(&d, a.files, &data, a.batch)?);
+        for (k, (_, backend, sync, nameless)) in writers.iter().enumerate() {
+            let d = kept_scratch(&a.dir, &mut keep)?;
             rows[2 + k].1.push(writer_rate(
-                d.path(),
+                &d,
                 a.files,
                 &data,
                 *backend,
                 *sync,
+                *nameless,
                 a.submitters,
             )?);
         }
@@ -248,6 +271,7 @@ pub fn recovery(a: RecoveryArgs) -> Result<()> {
         &vec![b'r'; a.size],
         BackendChoice::Auto,
         SyncMode::PerFile,
+        true,
         64,
     )?;
     let filled = t.elapsed();

@@ -113,6 +113,7 @@ fn run_spoold(a: &Args, clamd_sock: Option<&Path>) -> Result<f64> {
     let d = Spoold::start_config(&bin, &dir.path().join("state"), &config, true)?;
     let t = Instant::now();
     let shape = Load {
+        rate: None,
         sessions: a.sessions,
         messages: a.messages,
         size: a.size,
@@ -139,6 +140,7 @@ fn run_postfix(a: &Args) -> Result<f64> {
     load(
         a.postfix_addr,
         Load {
+            rate: None,
             sessions: a.sessions,
             messages: a.messages,
             size: a.size,

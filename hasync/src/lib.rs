@@ -19,6 +19,7 @@ use bytes::Bytes;
 use link::{LinkConfig, LinkError};
 use proto::{Frame, Role};
 use spool::{Folder, Layout, MessageId, Part};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -34,6 +35,11 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// First reconnect delay; doubles up to [`RECONNECT_MAX`].
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// Bytes in flight to the partner before the sender waits for acknowledgements, whatever the
+/// window in actions: bounds the receiver's memory when messages are large.
+pub const WINDOW_BYTES: u64 = 16 << 20;
+/// How often acknowledged actions are pruned from the log at most.
+const PRUNE_EVERY: Duration = Duration::from_millis(50);
 
 /// Where replicas are written: the daemon's durable spool writer.
 pub trait ReplicaStore: Send + Sync {
@@ -48,6 +54,24 @@ pub trait ReplicaStore: Send + Sync {
     ) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>>;
     /// Removes a replica from whichever folder holds it; a missing one is fine.
     fn remove(&self, id: &MessageId) -> std::io::Result<()>;
+    /// Removes several replicas durably; implementations should sync each folder once.
+    fn remove_many(&self, ids: &[MessageId]) -> std::io::Result<()> {
+        ids.iter().try_for_each(|id| self.remove(id))
+    }
+}
+
+/// One action the receiver is applying: its sequence, the id for an `ADD`, and its completion.
+struct Applying<'a> {
+    seq: u64,
+    adding: Option<MessageId>,
+    done: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + 'a>>,
+}
+
+/// What woke the receiver.
+enum Event {
+    Applied(std::io::Result<()>),
+    Frame(Option<Result<Frame, LinkError>>),
+    Tick,
 }
 
 /// Told what replication does; every method must be cheap.
@@ -99,6 +123,9 @@ pub struct Replicator {
     role: watch::Sender<Role>,
     new_actions: Notify,
     acked: watch::Sender<u64>,
+    /// Receiver: highest sequence applied durably here (in memory; persisted lazily).
+    applied: AtomicU64,
+    applied_persisted: AtomicU64,
     peer: Mutex<Option<PeerStatus>>,
     split: AtomicBool,
     link_up: AtomicBool,
@@ -131,6 +158,8 @@ impl Replicator {
             role: watch::channel(role).0,
             new_actions: Notify::new(),
             acked: watch::channel(0).0,
+            applied: AtomicU64::new(0),
+            applied_persisted: AtomicU64::new(0),
             peer: Mutex::new(None),
             split: AtomicBool::new(false),
             link_up: AtomicBool::new(false),
@@ -241,6 +270,7 @@ impl Replicator {
 
     /// Runs the sender: while this node is active, keep a link to the partner and ship actions.
     pub async fn run_sender(self: Arc<Self>) {
+        tokio::spawn(self.clone().prune_acknowledged());
         let mut role = self.watch_role();
         let mut delay = RECONNECT_MIN;
         loop {
@@ -282,13 +312,17 @@ impl Replicator {
             Some(Err(e)) => return Err(e),
             None => return Err(LinkError::Protocol("link closed before Resume".into())),
         };
-        self.log
-            .acknowledge(next)
-            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        self.acked.send_if_modified(|a| {
+            let newer = next > *a;
+            *a = (*a).max(next);
+            newer
+        });
         self.link_up.store(true, Ordering::SeqCst);
         self.observer.link_up(true);
         tracing::info!(partner = %link.peer.node, resume_after = next, "replication link up");
-        let mut in_flight: std::collections::VecDeque<(u64, u64)> = Default::default();
+        // (seq, logged at ms, bytes) of every action sent and not yet acknowledged.
+        let mut in_flight: VecDeque<(u64, u64, u64)> = Default::default();
+        let mut in_flight_bytes = 0u64;
         let mut tick = tokio::time::interval(HEARTBEAT);
         let mut role = self.watch_role();
         loop {
@@ -296,7 +330,11 @@ impl Replicator {
                 return Ok(());
             }
             // Fill the window.
-            let room = self.cfg.window.saturating_sub(in_flight.len());
+            let room = if in_flight_bytes >= WINDOW_BYTES {
+                0
+            } else {
+                self.cfg.window.saturating_sub(in_flight.len())
+            };
             let mut publishing = false;
             if room > 0 {
                 let actions = self
@@ -305,17 +343,19 @@ impl Replicator {
                     .map_err(|e| LinkError::Protocol(e.to_string()))?;
                 let mut shipped = 0;
                 for a in &actions {
-                    match self.ship(&mut w, a).await? {
-                        Some(sent) => self.observer.sent(sent),
-                        None => {
-                            // Logged but not yet renamed into spool/: try again shortly.
-                            publishing = true;
-                            break;
-                        }
-                    }
-                    in_flight.push_back((a.seq, a.logged_ms));
+                    let Some(sent) = self.ship(&mut w, a).await? else {
+                        // Logged but not yet renamed into spool/: try again shortly.
+                        publishing = true;
+                        break;
+                    };
+                    self.observer.sent(sent);
+                    in_flight.push_back((a.seq, a.logged_ms, sent));
+                    in_flight_bytes += sent;
                     next = a.seq;
                     shipped += 1;
+                    if in_flight_bytes >= WINDOW_BYTES {
+                        break;
+                    }
                 }
                 if shipped > 0 {
                     w.flush().await?;
@@ -334,16 +374,21 @@ impl Replicator {
             tokio::select! {
                 f = frames.recv() => match f {
                     Some(Ok(Frame::Ack(seq))) => {
-                        self.log.acknowledge(seq).map_err(|e| LinkError::Protocol(e.to_string()))?;
                         let now = now_ms();
-                        while in_flight.front().is_some_and(|(s, _)| *s <= seq) {
-                            if let Some((_, logged)) = in_flight.pop_front() {
+                        while in_flight.front().is_some_and(|(s, _, _)| *s <= seq) {
+                            if let Some((_, logged, bytes)) = in_flight.pop_front() {
+                                in_flight_bytes -= bytes;
                                 let lag = now.saturating_sub(logged);
                                 self.last_lag_ms.store(lag, Ordering::SeqCst);
                                 self.observer.acknowledged(Duration::from_millis(lag));
                             }
                         }
-                        self.acked.send_replace(seq);
+                        // Pruning the log is left to `prune_acknowledged`, off this loop.
+                        self.acked.send_if_modified(|a| {
+                            let newer = seq > *a;
+                            *a = (*a).max(seq);
+                            newer
+                        });
                     }
                     Some(Ok(Frame::Heartbeat { role, priority })) => self.heard(&link.peer.node, role, priority),
                     Some(Ok(other)) => return Err(LinkError::Protocol(format!("unexpected {other:?}"))),
@@ -358,6 +403,33 @@ impl Replicator {
                 }
                 _ = role.changed() => {}
                 _ = retry => {}
+            }
+        }
+    }
+
+    /// Removes acknowledged actions from the log, coalescing acknowledgements that arrive
+    /// within [`PRUNE_EVERY`] into one LMDB transaction run off the async threads. Not
+    /// durable by itself and need not be: after a restart the sender resumes from the
+    /// partner's applied mark, and anything resent applies idempotently.
+    async fn prune_acknowledged(self: Arc<Self>) {
+        let mut acked = self.watch_acked();
+        let mut pruned = 0;
+        loop {
+            let seq = *acked.borrow_and_update();
+            if seq > pruned {
+                let log = self.log.clone();
+                match tokio::task::spawn_blocking(move || log.acknowledge(seq)).await {
+                    Ok(Ok(_)) => pruned = seq,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "could not prune acknowledged actions")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "pruning task failed"),
+                }
+                tokio::time::sleep(PRUNE_EVERY).await;
+                continue;
+            }
+            if acked.changed().await.is_err() {
+                return;
             }
         }
     }
@@ -398,9 +470,7 @@ impl Replicator {
                 link::write_frame(w, &frame, body.bytes()).await?;
                 return Ok(Some(sent));
             }
-            let in_tmp = self.layout.path(Folder::Tmp, &a.id, Part::Env).exists();
-            let half_renamed = self.layout.path(Folder::Spool, &a.id, Part::Body).exists();
-            if in_tmp || half_renamed {
+            if self.log.is_publishing(&a.id) {
                 return Ok(None);
             }
             tracing::debug!(id = %a.id, seq = a.seq, "message gone before it was shipped; sending DELETE");
@@ -440,86 +510,203 @@ impl Replicator {
         self.heard(&peer.node, peer.role, peer.priority);
         let (r, mut w) = tokio::io::split(link.io);
         let mut frames = link::spawn_reader(r);
-        let applied = self
+        let durable = self
             .log
             .applied()
             .map_err(|e| LinkError::Protocol(e.to_string()))?;
-        link::write_frame(&mut w, &Frame::Resume(applied), &[]).await?;
+        let resume = durable.max(self.applied.load(Ordering::SeqCst));
+        link::write_frame(&mut w, &Frame::Resume(resume), &[]).await?;
         w.flush().await?;
         let mut tick = tokio::time::interval(HEARTBEAT);
+        // Actions handed to the writer (or to a blocking removal), in sequence order. The receiver
+        // keeps reading while they complete, so batch n+1 is submitted while batch n is being
+        // made durable; acknowledgements go out strictly in order.
+        let mut applying: VecDeque<Applying<'_>> = VecDeque::new();
         loop {
-            let first = tokio::select! {
-                f = frames.recv() => f,
-                _ = tick.tick() => {
-                    link::write_frame(&mut w, &Frame::Heartbeat { role: self.role(), priority: self.cfg.link.priority }, &[]).await?;
-                    w.flush().await?;
-                    self.check_split_brain();
-                    continue;
+            let event = {
+                let head = async {
+                    match applying.front_mut() {
+                        Some(a) => a.done.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = head => Event::Applied(r),
+                    f = frames.recv() => Event::Frame(f),
+                    _ = tick.tick() => Event::Tick,
                 }
             };
-            let mut batch = vec![first];
-            while batch.len() < 256 {
-                match frames.try_recv() {
-                    Ok(f) => batch.push(Some(f)),
-                    Err(_) => break,
-                }
-            }
-            let mut adds = Vec::new();
-            let mut last = None;
-            for f in batch {
-                match f {
-                    None => return Err(LinkError::Protocol("link closed".into())),
-                    Some(Err(e)) => return Err(e),
-                    Some(Ok(Frame::Heartbeat { role, priority })) => {
-                        self.heard(&peer.node, role, priority)
+            match event {
+                Event::Applied(result) => {
+                    result?;
+                    let mut last = applying.pop_front().map(|a| a.seq);
+                    // Acknowledge everything else already durable in one frame.
+                    while let Some(a) = applying.front_mut() {
+                        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                        match a.done.as_mut().poll(&mut cx) {
+                            std::task::Poll::Ready(r) => {
+                                r?;
+                                last = applying.pop_front().map(|a| a.seq);
+                            }
+                            std::task::Poll::Pending => break,
+                        }
                     }
-                    Some(Ok(Frame::Add { seq, id, env, body })) => {
-                        let id: MessageId = id
-                            .parse()
-                            .map_err(|_| LinkError::Protocol(format!("bad id {id:?}")))?;
-                        adds.push((id, env, body));
-                        last = Some(seq);
-                    }
-                    Some(Ok(Frame::Delete { seq, id })) => {
-                        // Adds before a delete in the same batch must land first.
-                        self.apply_adds(std::mem::take(&mut adds)).await?;
-                        let id: MessageId = id
-                            .parse()
-                            .map_err(|_| LinkError::Protocol(format!("bad id {id:?}")))?;
-                        self.store.remove(&id)?;
-                        last = Some(seq);
-                    }
-                    Some(Ok(Frame::Request { op, arg })) => {
-                        self.apply_adds(std::mem::take(&mut adds)).await?;
-                        let reply = match self.answer(op, &arg) {
-                            Ok(data) => Frame::Reply { ok: true, data },
-                            Err(e) => Frame::Reply {
-                                ok: false,
-                                data: Bytes::from(e),
-                            },
-                        };
-                        link::write_frame(&mut w, &reply, &[]).await?;
-                        w.flush().await?;
-                    }
-                    Some(Ok(other)) => {
-                        return Err(LinkError::Protocol(format!("unexpected {other:?}")))
+                    if let Some(seq) = last {
+                        self.acknowledge_applied(&peer, &mut w, seq).await?;
                     }
                 }
-            }
-            self.apply_adds(adds).await?;
-            if let Some(seq) = last {
-                if self.role() == Role::Active && peer.role == Role::Active {
-                    return Err(LinkError::Protocol(
-                        "both units are active: refusing replicas during split brain".into(),
-                    ));
+                Event::Tick => {
+                    link::write_frame(
+                        &mut w,
+                        &Frame::Heartbeat {
+                            role: self.role(),
+                            priority: self.cfg.link.priority,
+                        },
+                        &[],
+                    )
+                    .await?;
+                    w.flush().await?;
+                    self.check_split_brain();
+                    self.persist_applied();
                 }
-                self.log
-                    .set_applied(seq)
-                    .map_err(|e| LinkError::Protocol(e.to_string()))?;
-                link::write_frame(&mut w, &Frame::Ack(seq), &[]).await?;
-                w.flush().await?;
+                Event::Frame(first) => {
+                    let mut batch = vec![first];
+                    while batch.len() < 256 {
+                        match frames.try_recv() {
+                            Ok(f) => batch.push(Some(f)),
+                            Err(_) => break,
+                        }
+                    }
+                    let mut removals: Vec<(u64, MessageId)> = Vec::new();
+                    for f in batch {
+                        match f {
+                            None => return Err(LinkError::Protocol("link closed".into())),
+                            Some(Err(e)) => return Err(e),
+                            Some(Ok(Frame::Heartbeat { role, priority })) => {
+                                self.heard(&peer.node, role, priority)
+                            }
+                            Some(Ok(Frame::Add { seq, id, env, body })) => {
+                                let id: MessageId = id
+                                    .parse()
+                                    .map_err(|_| LinkError::Protocol(format!("bad id {id:?}")))?;
+                                self.queue_removals(&mut applying, std::mem::take(&mut removals));
+                                applying.push_back(Applying {
+                                    seq,
+                                    adding: Some(id.clone()),
+                                    done: self.store.store(id, env, body),
+                                });
+                            }
+                            Some(Ok(Frame::Delete { seq, id })) => {
+                                let id: MessageId = id
+                                    .parse()
+                                    .map_err(|_| LinkError::Protocol(format!("bad id {id:?}")))?;
+                                if applying.iter().any(|a| a.adding.as_ref() == Some(&id)) {
+                                    // Its ADD must be on disk before the removal runs.
+                                    self.queue_removals(
+                                        &mut applying,
+                                        std::mem::take(&mut removals),
+                                    );
+                                    self.drain(&peer, &mut w, &mut applying).await?;
+                                }
+                                removals.push((seq, id));
+                            }
+                            Some(Ok(Frame::Request { op, arg })) => {
+                                self.queue_removals(&mut applying, std::mem::take(&mut removals));
+                                self.drain(&peer, &mut w, &mut applying).await?;
+                                let reply = match self.answer(op, &arg) {
+                                    Ok(data) => Frame::Reply { ok: true, data },
+                                    Err(e) => Frame::Reply {
+                                        ok: false,
+                                        data: Bytes::from(e),
+                                    },
+                                };
+                                link::write_frame(&mut w, &reply, &[]).await?;
+                                w.flush().await?;
+                            }
+                            Some(Ok(other)) => {
+                                return Err(LinkError::Protocol(format!("unexpected {other:?}")))
+                            }
+                        }
+                    }
+                    self.queue_removals(&mut applying, removals);
+                }
             }
         }
+    }
+
+    /// Queues a group of `DELETE`s as one blocking task: every removal, then one directory
+    /// fsync per folder touched.
+    fn queue_removals<'a>(
+        &self,
+        applying: &mut VecDeque<Applying<'a>>,
+        removals: Vec<(u64, MessageId)>,
+    ) {
+        let Some(seq) = removals.last().map(|r| r.0) else {
+            return;
+        };
+        let store = self.store.clone();
+        let ids: Vec<MessageId> = removals.into_iter().map(|r| r.1).collect();
+        let task = tokio::task::spawn_blocking(move || store.remove_many(&ids));
+        applying.push_back(Applying {
+            seq,
+            adding: None,
+            done: Box::pin(async move {
+                task.await
+                    .map_err(|e| std::io::Error::other(format!("removal task: {e}")))?
+            }),
+        });
+    }
+
+    /// Waits for everything queued and acknowledges it.
+    async fn drain<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        peer: &link::PeerInfo,
+        w: &mut W,
+        applying: &mut VecDeque<Applying<'_>>,
+    ) -> Result<(), LinkError> {
+        let mut last = None;
+        while let Some(a) = applying.pop_front() {
+            a.done.await?;
+            last = Some(a.seq);
+        }
+        if let Some(seq) = last {
+            self.acknowledge_applied(peer, w, seq).await?;
+        }
+        Ok(())
+    }
+
+    /// Acknowledges every action up to `seq`, now durable here. The applied mark is kept in
+    /// memory and persisted lazily (each heartbeat): a mark behind the truth only makes the
+    /// sender resend actions that apply idempotently.
+    async fn acknowledge_applied<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        peer: &link::PeerInfo,
+        w: &mut W,
+        seq: u64,
+    ) -> Result<(), LinkError> {
+        if self.role() == Role::Active && peer.role == Role::Active {
+            return Err(LinkError::Protocol(
+                "both units are active: refusing replicas during split brain".into(),
+            ));
+        }
+        self.applied.fetch_max(seq, Ordering::SeqCst);
+        link::write_frame(w, &Frame::Ack(seq), &[]).await?;
+        w.flush().await?;
+        Ok(())
+    }
+
+    /// Writes the in-memory applied mark to the log, off the async threads.
+    fn persist_applied(&self) {
+        let mark = self.applied.load(Ordering::SeqCst);
+        if self.applied_persisted.fetch_max(mark, Ordering::SeqCst) >= mark {
+            return;
+        }
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = log.set_applied(mark) {
+                tracing::warn!(error = %e, "could not persist the applied mark (kept in memory)");
+            }
+        });
     }
 
     /// Answers a takeover-recovery request from the partner (see [`proto::recovery_op`]).
@@ -608,19 +795,6 @@ impl Replicator {
                 "expected Resume, got {other:?}"
             ))),
         }
-    }
-
-    async fn apply_adds(&self, adds: Vec<(MessageId, Bytes, Bytes)>) -> Result<(), LinkError> {
-        // `store` submits at once and the futures only wait, so all of them share the writer's
-        // commit rounds.
-        let pending: Vec<_> = adds
-            .into_iter()
-            .map(|(id, env, body)| self.store.store(id, env, body))
-            .collect();
-        for p in pending {
-            p.await?;
-        }
-        Ok(())
     }
 }
 

@@ -3,13 +3,16 @@
 //! ledger of delivered ids.
 //!
 //! Each write is one LMDB transaction; LMDB's commit is durable (it fsyncs), so an action that
-//! `append` returned survives a crash.
+//! `append` returned survives a crash. Besides, in memory only: which logged `ADD`s are still
+//! being published by the spool writer (their files may be in no folder yet).
 
 use heed::byteorder::BE;
 use heed::types::{Bytes, Str, U64};
 use heed::{Database, Env, EnvOpenOptions};
 use spool::MessageId;
+use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Mutex;
 
 /// What happened to a message on the active node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +59,7 @@ pub struct TxLog {
     strings: Database<Str, Str>,
     ledger: Database<Str, U64<BE>>,
     pending_max: u64,
+    publishing: Mutex<HashSet<MessageId>>,
 }
 
 const NEXT_SEQ: &str = "next_seq";
@@ -118,7 +122,29 @@ impl TxLog {
             strings,
             ledger,
             pending_max,
+            publishing: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Marks ids whose `ADD` is about to be logged while their files are not yet in `spool/`:
+    /// the sender waits for them instead of taking them for gone.
+    pub fn mark_publishing(&self, ids: &[&MessageId]) {
+        let mut set = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        set.extend(ids.iter().map(|id| (*id).clone()));
+    }
+
+    /// The ids are published (or failed and gone).
+    pub fn mark_published(&self, ids: &[&MessageId]) {
+        let mut set = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            set.remove(*id);
+        }
+    }
+
+    /// Whether the spool writer is still publishing `id`.
+    pub fn is_publishing(&self, id: &MessageId) -> bool {
+        let set = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        set.contains(id)
     }
 
     /// Appends actions in one durable transaction; returns their sequence numbers.

@@ -2,8 +2,10 @@
 //! removals on the active node, link drops, crashes of either side and restarts; at the end the
 //! link heals and the partner must hold exactly the active node's spool. The two logs are the
 //! real `TxLog` (LMDB); the sender and receiver follow the same rules as `Replicator`: resume
-//! after the receiver's durable applied mark, ship `ADD` for a message still held and `DELETE`
-//! otherwise, apply idempotently, make it durable, then acknowledge.
+//! after the receiver's applied mark (in memory, persisted only now and then, so a crash loses
+//! some of it), ship `ADD` for a message still held and `DELETE` otherwise, apply idempotently,
+//! make it durable, then acknowledge; the sender prunes acknowledged actions from its log only
+//! now and then too.
 //!
 //! A failing seed is printed; `SIM_SEED=n cargo test -p hasync --test simulation` replays it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -32,9 +34,13 @@ struct Sim {
     // The network of the current connection.
     to_b: VecDeque<ToReceiver>,
     to_a: VecDeque<u64>,
-    // Passive node: durable replicas and applied mark (in its own log).
+    // Passive node: durable replicas, the applied mark in memory (lost when it crashes) and
+    // the one persisted lazily in its own log.
     replicas: BTreeSet<MessageId>,
+    b_applied: u64,
     b_log: TxLog,
+    // The final stable phase, where pruning is not skipped so the log can drain.
+    healing: bool,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
@@ -61,6 +67,8 @@ impl Sim {
             to_b: VecDeque::new(),
             to_a: VecDeque::new(),
             replicas: BTreeSet::new(),
+            b_applied: 0,
+            healing: false,
             b_log: TxLog::open(db.path(), 1_000_000).unwrap(),
             _dirs: (da, db),
         }
@@ -125,9 +133,8 @@ impl Sim {
         };
         let seq = match frame {
             ToReceiver::Resume => {
-                let applied = self.b_log.applied().unwrap();
+                let applied = self.b_log.applied().unwrap().max(self.b_applied);
                 // Sender side of the handshake: resume after the partner's mark.
-                self.log.acknowledge(applied).unwrap();
                 self.sender = Some((applied, VecDeque::new()));
                 return true;
             }
@@ -141,9 +148,13 @@ impl Sim {
             }
         };
         if crash_mid_apply {
+            self.b_applied = 0; // the in-memory mark dies with the process
             return false;
         }
-        self.b_log.set_applied(seq).unwrap();
+        self.b_applied = self.b_applied.max(seq);
+        if self.rng.gen_bool(0.1) {
+            self.b_log.set_applied(self.b_applied).unwrap(); // the lazy persist
+        }
         self.to_a.push_back(seq);
         true
     }
@@ -152,7 +163,9 @@ impl Sim {
         let Some(seq) = self.to_a.pop_front() else {
             return;
         };
-        self.log.acknowledge(seq).unwrap();
+        if self.healing || self.rng.gen_bool(0.3) {
+            self.log.acknowledge(seq).unwrap(); // lazy pruning
+        }
         if let Some((_, in_flight)) = self.sender.as_mut() {
             while in_flight.front().is_some_and(|s| *s <= seq) {
                 in_flight.pop_front();
@@ -186,6 +199,7 @@ impl Sim {
             }
         }
         // Heal: a stable link until the log drains.
+        self.healing = true;
         self.connect();
         for _ in 0..1_000_000 {
             self.sender_step();

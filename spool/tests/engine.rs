@@ -26,7 +26,7 @@ fn body_of(i: usize, len: usize) -> Vec<u8> {
     (0..len).map(|j| b'a' + ((i + j) % 26) as u8).collect()
 }
 
-fn commit_many(backend: BackendChoice, sync: SyncMode) {
+fn commit_many(backend: BackendChoice, sync: SyncMode, nameless: bool) {
     let (_d, layout, ids) = setup();
     let writer = Arc::new(
         SpoolWriter::start(
@@ -35,11 +35,15 @@ fn commit_many(backend: BackendChoice, sync: SyncMode) {
                 backend,
                 batch_max: 64,
                 sync,
+                nameless,
             },
             None,
         )
         .unwrap(),
     );
+    if !nameless {
+        assert!(!writer.nameless(), "named files when asked");
+    }
     let mut expected = Vec::new();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
@@ -98,18 +102,24 @@ fn commit_many(backend: BackendChoice, sync: SyncMode) {
 
 #[test]
 fn io_uring_writer_commits_concurrent_messages_whole() {
-    commit_many(BackendChoice::Auto, SyncMode::PerFile);
+    commit_many(BackendChoice::Auto, SyncMode::PerFile, true);
 }
 
 #[test]
 fn portable_writer_commits_concurrent_messages_whole() {
-    commit_many(BackendChoice::Portable, SyncMode::PerFile);
+    commit_many(BackendChoice::Portable, SyncMode::PerFile, true);
+}
+
+#[test]
+fn named_tmp_files_and_rename_commit_concurrent_messages_whole() {
+    commit_many(BackendChoice::Auto, SyncMode::PerFile, false);
+    commit_many(BackendChoice::Portable, SyncMode::PerFile, false);
 }
 
 #[test]
 fn syncfs_rounds_commit_concurrent_messages_whole() {
-    commit_many(BackendChoice::Auto, SyncMode::FileSystem);
-    commit_many(BackendChoice::Portable, SyncMode::FileSystem);
+    commit_many(BackendChoice::Auto, SyncMode::FileSystem, true);
+    commit_many(BackendChoice::Portable, SyncMode::FileSystem, true);
 }
 
 #[test]

@@ -95,7 +95,7 @@ fn default_role() -> String {
     "passive".into()
 }
 fn default_window() -> usize {
-    64
+    256
 }
 fn default_pending_max() -> u64 {
     1_000_000
@@ -276,6 +276,9 @@ pub struct SpoolConfig {
     /// How a commit round makes files durable: `fsync` each file (default, safe anywhere) or
     /// one `syncfs` per round (fastest; for a file system dedicated to the spool).
     pub sync: SyncSetting,
+    /// Write new files nameless (`O_TMPFILE`) and link them into `spool/` where the file
+    /// system allows it (false: named files in `tmp/`, renamed).
+    pub nameless_files: bool,
 }
 
 /// `spool.sync`.
@@ -337,6 +340,7 @@ impl Default for SpoolConfig {
             spill_bytes: spool::body::SPILL_BYTES_DEFAULT,
             free_bytes_min: 100 * 1024 * 1024,
             sync: SyncSetting::Fsync,
+            nameless_files: true,
         }
     }
 }

@@ -30,7 +30,11 @@ pub struct LogHook {
 impl PublishHook for LogHook {
     fn before_publish(&self, ids: &[&MessageId]) -> std::io::Result<Vec<u64>> {
         let items: Vec<(Kind, &MessageId)> = ids.iter().map(|id| (Kind::Add, *id)).collect();
+        // Marked before logging, so the sender never sees an ADD whose files it cannot find
+        // and takes the message for gone.
+        self.log.mark_publishing(ids);
         let seqs = self.log.append(&items, now_ms()).map_err(|e| {
+            self.log.mark_published(ids);
             if matches!(e, hasync::txlog::LogError::Full(_)) {
                 self.metrics.ha_log_full.inc();
                 tracing::error!("replication log full (ha.pending_max): refusing new mail with 451 until the partner catches up");
@@ -41,6 +45,13 @@ impl PublishHook for LogHook {
             r.notify();
         }
         Ok(seqs)
+    }
+
+    fn after_publish(&self, ids: &[&MessageId]) {
+        self.log.mark_published(ids);
+        if let Some(r) = self.replicator.get() {
+            r.notify();
+        }
     }
 }
 
@@ -109,13 +120,28 @@ impl ReplicaStore for SpoolReplicas {
     }
 
     fn remove(&self, id: &MessageId) -> std::io::Result<()> {
-        tracing::debug!(id = %id, "replica removed");
-        for f in REPLICA_FOLDERS {
-            if self.layout.path(f, id, Part::Env).exists()
-                || self.layout.path(f, id, Part::Body).exists()
-            {
-                self.layout.remove_pair(id, f)?;
-                self.sink.metrics.queue_add(f, -1);
+        self.remove_many(std::slice::from_ref(id))
+    }
+
+    fn remove_many(&self, ids: &[MessageId]) -> std::io::Result<()> {
+        let mut touched = [false; REPLICA_FOLDERS.len()];
+        for id in ids {
+            tracing::debug!(id = %id, "replica removed");
+            for (k, f) in REPLICA_FOLDERS.into_iter().enumerate() {
+                let env = self.layout.path(f, id, Part::Env);
+                let body = self.layout.path(f, id, Part::Body);
+                if env.exists() || body.exists() {
+                    spool::layout::remove_if_exists(&env)?;
+                    spool::layout::remove_if_exists(&body)?;
+                    self.sink.metrics.queue_add(f, -1);
+                    touched[k] = true;
+                }
+            }
+        }
+        // One directory fsync per folder for the whole group.
+        for (k, f) in REPLICA_FOLDERS.into_iter().enumerate() {
+            if touched[k] {
+                spool::layout::fsync_dir(&self.layout.dir(f))?;
             }
         }
         Ok(())

@@ -229,6 +229,7 @@ async fn run(cfg: Config) -> Result<()> {
             config::SyncSetting::Fsync => spool::writer::SyncMode::PerFile,
             config::SyncSetting::Syncfs => spool::writer::SyncMode::FileSystem,
         },
+        nameless: cfg.spool.nameless_files,
     };
     let ha_setup = ha::prepare(&cfg, &layout)?;
     let hook = ha_setup.as_ref().map(|s| {

@@ -177,7 +177,8 @@ impl Metrics {
                 "spoold_ha_replication_lag_seconds",
                 "Time from logging an action to the partner's acknowledgement.",
                 vec![
-                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0,
                 ],
             )?,
             ha_bytes_sent: counter(

@@ -724,12 +724,20 @@ pub fn pair_config_via(
     }
 }
 
-/// A histogram's quantile estimated from its cumulative buckets on `/metrics` (upper bound).
+/// A histogram's quantile from a running daemon's `/metrics` (see [`quantile_in_metrics`]).
 pub fn histogram_quantile(d: &Daemon, name: &str, q: f64) -> Option<f64> {
     let (_, body) = http_get(d.http, "/metrics").ok()?;
-    let mut buckets: Vec<(f64, f64)> = body
+    quantile_in_metrics(&body, name, q)
+}
+
+/// Quantile `q` of histogram `name` in a Prometheus text exposition, estimated the way
+/// PromQL's `histogram_quantile` does: linear interpolation inside the bucket that holds it
+/// (the lower bound when that bucket is `+Inf`). `None` when the histogram is empty or absent.
+pub fn quantile_in_metrics(metrics: &str, name: &str, q: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{");
+    let mut buckets: Vec<(f64, f64)> = metrics
         .lines()
-        .filter(|l| l.starts_with(&format!("{name}_bucket{{")))
+        .filter(|l| l.starts_with(&prefix))
         .filter_map(|l| {
             let le = l.split("le=\"").nth(1)?.split('"').next()?;
             let le = if le == "+Inf" {
@@ -742,11 +750,44 @@ pub fn histogram_quantile(d: &Daemon, name: &str, q: f64) -> Option<f64> {
         .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     let total = buckets.last()?.1;
-    if total == 0.0 {
+    if total <= 0.0 {
         return None;
     }
-    buckets
-        .iter()
-        .find(|(_, c)| *c >= q * total)
-        .map(|(le, _)| *le)
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for (le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(lower);
+            }
+            let inside = count - below;
+            let share = if inside > 0.0 {
+                (rank - below) / inside
+            } else {
+                1.0
+            };
+            return Some(lower + (le - lower) * share);
+        }
+        (lower, below) = (le, count);
+    }
+    None
+}
+
+#[cfg(test)]
+mod quantile_tests {
+    use super::quantile_in_metrics;
+
+    const TEXT: &str = "h_bucket{le=\"0.01\"} 10\nh_bucket{le=\"0.1\"} 90\nh_bucket{le=\"1\"} 100\nh_bucket{le=\"+Inf\"} 100\nh_sum 3\nh_count 100\n";
+
+    #[test]
+    fn interpolates_inside_the_bucket_like_promql() {
+        // rank 50 lies 40/80 of the way through (0.01, 0.1].
+        let p50 = quantile_in_metrics(TEXT, "h", 0.5).unwrap();
+        assert!((p50 - 0.055).abs() < 1e-9, "{p50}");
+        let p99 = quantile_in_metrics(TEXT, "h", 0.99).unwrap();
+        assert!((p99 - 0.91).abs() < 1e-9, "{p99}");
+        assert_eq!(quantile_in_metrics(TEXT, "other", 0.5), None);
+        let inf = "h_bucket{le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 10\n";
+        assert_eq!(quantile_in_metrics(inf, "h", 0.99), Some(1.0));
+    }
 }
