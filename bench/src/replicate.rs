@@ -81,6 +81,9 @@ pub fn run(a: Args) -> Result<()> {
         .into_iter()
         .map(|m| (m, ModeRuns::default()))
         .collect();
+    // Every run's directory stays until the end (see `ingest`: fresh deletions slow ext4
+    // without a journal down for 30 s).
+    let mut keep = Vec::new();
     for _ in 0..a.runs {
         let dir = tempfile::tempdir_in("target")?;
         for (mode, runs) in modes.iter_mut() {
@@ -123,6 +126,7 @@ pub fn run(a: Args) -> Result<()> {
             runs.rate.push(result.msgs_per_s);
             runs.reply_p99.push(result.p99_ms);
         }
+        keep.push(dir);
     }
     let offered = a.rate.map_or("as fast as answered".to_string(), |r| {
         format!("offered {r:.0} msgs/s")

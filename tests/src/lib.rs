@@ -69,8 +69,21 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A free loopback TCP port (bound and released; good enough on a test machine).
+/// A free loopback TCP port (bound and released).
+///
+/// Ports come from below the kernel's ephemeral range (32768 and up), so no outgoing
+/// connection can take one between this call and the daemon's bind; within this process a
+/// counter keeps them unique, and the process id spreads concurrent test binaries apart.
 pub fn free_addr() -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 10_000 + (std::process::id() % 200) * 100;
+    for _ in 0..20_000 {
+        let port = 10_000 + (base - 10_000 + NEXT.fetch_add(1, Ordering::SeqCst)) % 22_000;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            return l.local_addr().unwrap();
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
