@@ -31,6 +31,11 @@ pub struct Args {
     /// Postfix's SMTP address.
     #[arg(long, default_value = "127.0.0.1:25")]
     postfix_addr: SocketAddr,
+    /// Seconds to wait before each measured run, so that no run starts within 30 s of the
+    /// previous run's deletions (ext4 without a journal slows inode allocation after them; see
+    /// BENCHMARKS.md). Each run still pays for its own deletions, as a gateway does.
+    #[arg(long, default_value_t = 35)]
+    settle: u64,
 }
 
 /// smtp-sink that exits after `n` messages: its exit marks the last delivery.
@@ -156,10 +161,14 @@ pub fn run(a: Args) -> Result<()> {
     let mut postfix = Vec::new();
     let clam_dir = tempfile::tempdir_in("target")?;
     let mut clam = clamd(clam_dir.path())?;
+    let settle = || std::thread::sleep(Duration::from_secs(a.settle));
     for _ in 0..a.runs {
+        settle();
         plain.push(run_spoold(&a, None)?);
+        settle();
         scanned.push(run_spoold(&a, Some(&clam_dir.path().join("clamd.sock")))?);
         if a.compare_postfix {
+            settle();
             postfix.push(run_postfix(&a)?);
         }
     }

@@ -234,7 +234,10 @@ impl SpoolWriter {
         };
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || worker.run(rx))?;
+            .spawn(move || {
+                let _fail_stop = AbortOnPanic;
+                worker.run(rx)
+            })?;
         Ok(SpoolWriter {
             tx,
             backend,
@@ -567,6 +570,22 @@ fn nameless_files_work(layout: &Layout) -> bool {
         tracing::info!(error = %e, "nameless spool files unavailable here");
     }
     result.is_ok()
+}
+
+/// Ends the process if the writer thread panics: without its writer the daemon could only
+/// leave every SMTP session waiting, while a restart runs recovery and serves again (systemd's
+/// `Restart=`). Fail-stop, as a durable store should be.
+struct AbortOnPanic;
+
+impl Drop for AbortOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                "spool writer thread panicked; aborting so that recovery runs on restart"
+            );
+            std::process::abort();
+        }
+    }
 }
 
 /// Per-job completion state of the io_uring path: how far each chain got.
