@@ -4,6 +4,8 @@ use crate::id::MessageId;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// A state folder of a node's state directory (see DESIGN.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -69,16 +71,94 @@ impl Part {
     }
 }
 
-/// Paths inside one state directory.
+/// Paths inside one state directory, and the pool of recycled files that its clones share.
 #[derive(Clone, Debug)]
 pub struct Layout {
     root: PathBuf,
+    pool: Arc<FilePool>,
 }
 
+/// Files of removed messages kept in `tmp/` for the writer to reuse instead of allocating new
+/// inodes: on ext4 without a journal, allocating an inode while many were freed in the last
+/// 30 s costs a scan over them, which a gateway deleting as fast as it receives pays on every
+/// file (see BENCHMARKS.md). `tmp/` is emptied at every start, so the pool needs no durability.
+#[derive(Debug, Default)]
+struct FilePool {
+    names: Mutex<Vec<PathBuf>>,
+    max: AtomicUsize,
+}
+
+/// Larger files are unlinked, not recycled: the pool should not hold much disk space.
+const RECYCLE_BYTES_MAX: u64 = 256 * 1024;
+
 impl Layout {
-    /// A layout rooted at `root`; nothing is touched until [`Layout::create`].
+    /// A layout rooted at `root`; nothing is touched until [`Layout::create`]. Recycling is off
+    /// until [`Layout::set_recycling`].
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Layout { root: root.into() }
+        Layout {
+            root: root.into(),
+            pool: Arc::default(),
+        }
+    }
+
+    /// Keeps up to `max` files of removed messages for reuse (0: unlink them).
+    pub fn set_recycling(&self, max: usize) {
+        self.pool.max.store(max, Ordering::Relaxed);
+        if max == 0 {
+            let mut names = self.pool.names.lock().unwrap_or_else(|p| p.into_inner());
+            for p in names.drain(..) {
+                let _ = fs::remove_file(p);
+            }
+        }
+    }
+
+    /// Takes a recycled file's path (in `tmp/`), if the pool has one.
+    pub fn take_recycled(&self) -> Option<PathBuf> {
+        self.pool
+            .names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+    }
+
+    /// Files waiting for reuse.
+    pub fn recycled(&self) -> usize {
+        self.pool
+            .names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Removes one file of a pair from its folder; the caller fsyncs the folder. A small file is
+    /// moved into `tmp/` for reuse while the pool has room, else unlinked. Missing is fine.
+    pub fn discard(&self, path: &Path) -> io::Result<()> {
+        let room = {
+            let names = self.pool.names.lock().unwrap_or_else(|p| p.into_inner());
+            names.len() < self.pool.max.load(Ordering::Relaxed)
+        };
+        let small = || {
+            fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.len() <= RECYCLE_BYTES_MAX)
+        };
+        if room && small() {
+            if let Some(name) = path.file_name() {
+                let mut to = self.dir(Folder::Tmp).join("recycled.");
+                to.as_mut_os_string().push(name);
+                match fs::rename(path, &to) {
+                    Ok(()) => {
+                        self.pool
+                            .names
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(to);
+                        return Ok(());
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                    Err(_) => {} // unlink below
+                }
+            }
+        }
+        remove_if_exists(path)
     }
 
     /// Creates the root and every folder (mode 0750), fsyncing the root so they survive a crash.
@@ -131,8 +211,8 @@ impl Layout {
     /// Removes a pair durably: envelope first (so a crash leaves an orphan body, which recovery
     /// deletes, never a body-less envelope), then the body, then a directory fsync.
     pub fn remove_pair(&self, id: &MessageId, folder: Folder) -> io::Result<()> {
-        remove_if_exists(&self.path(folder, id, Part::Env))?;
-        remove_if_exists(&self.path(folder, id, Part::Body))?;
+        self.discard(&self.path(folder, id, Part::Env))?;
+        self.discard(&self.path(folder, id, Part::Body))?;
         fsync_dir(&self.dir(folder))
     }
 }

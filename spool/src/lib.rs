@@ -13,6 +13,7 @@ pub mod envelope;
 pub mod id;
 pub mod layout;
 pub mod recovery;
+pub mod remover;
 pub mod writer;
 
 pub use body::{BodyParts, MappedBody, PendingBody};

@@ -491,8 +491,22 @@ impl Worker {
 }
 
 impl Worker {
-    /// A new, empty file for one part: nameless in `spool/`, or `tmp/<id>.<part>`.
+    /// A new, empty file for one part: a recycled file from `tmp/` (truncated), else nameless
+    /// in `spool/`, or `tmp/<id>.<part>`.
     fn create(&self, id: &MessageId, part: Part) -> io::Result<(File, Option<PathBuf>)> {
+        while let Some(path) = self.layout.take_recycled() {
+            match OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(&path)
+            {
+                Ok(f) => return Ok((f, Some(path))),
+                Err(_) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
         if self.nameless {
             let f = OpenOptions::new()
                 .write(true)

@@ -290,3 +290,54 @@ fn input_insertion_validates_and_dedups() {
         "half-copied pair left alone"
     );
 }
+
+#[test]
+fn removed_files_are_recycled_for_new_mail_and_hold_only_its_bytes() {
+    let (_d, layout, ids) = setup();
+    layout.set_recycling(8);
+    let writer = SpoolWriter::start(layout.clone(), WriterOptions::default(), None).unwrap();
+    let commit = |i: usize, len: usize| {
+        let id = ids.next_id();
+        let body = body_of(i, len);
+        writer
+            .commit_blocking(
+                id.clone(),
+                envelope(&id, &body).encode(),
+                BodyParts {
+                    spilled: None,
+                    chunks: vec![Bytes::from(body.clone())],
+                },
+            )
+            .unwrap();
+        (id, body)
+    };
+    // Large old messages, then small new ones: the reused files must hold only the new bytes.
+    let old: Vec<_> = (0..6).map(|i| commit(i, 5000)).collect();
+    for (id, _) in &old {
+        layout.remove_pair(id, Folder::Spool).unwrap();
+        assert!(!layout.path(Folder::Spool, id, Part::Env).exists());
+    }
+    assert_eq!(layout.recycled(), 8, "the pool keeps at most its maximum");
+    assert_eq!(fs::read_dir(layout.dir(Folder::Tmp)).unwrap().count(), 8);
+    let new: Vec<_> = (0..5).map(|i| commit(100 + i, 70)).collect();
+    assert!(layout.recycled() < 8, "new mail took recycled files");
+    for (id, body) in &new {
+        let env = Envelope::decode(&fs::read(layout.path(Folder::Spool, id, Part::Env)).unwrap())
+            .unwrap();
+        let mapped = MappedBody::open_verified(
+            &layout.path(Folder::Spool, id, Part::Body),
+            env.body_len,
+            &env.body_sha256,
+        )
+        .unwrap();
+        assert_eq!(mapped.bytes(), &body[..]);
+    }
+    writer.shutdown();
+    let report = recover(&layout).unwrap();
+    assert_eq!(report.found.len(), 5);
+    assert_eq!(
+        fs::read_dir(layout.dir(Folder::Tmp)).unwrap().count(),
+        0,
+        "recovery empties the pool"
+    );
+}

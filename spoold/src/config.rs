@@ -279,6 +279,8 @@ pub struct SpoolConfig {
     /// Write new files nameless (`O_TMPFILE`) and link them into `spool/` where the file
     /// system allows it (false: named files in `tmp/`, renamed).
     pub nameless_files: bool,
+    /// Files of removed messages kept in `tmp/` for reuse (0: unlink them).
+    pub recycle_files: usize,
 }
 
 /// `spool.sync`.
@@ -341,6 +343,7 @@ impl Default for SpoolConfig {
             free_bytes_min: 100 * 1024 * 1024,
             sync: SyncSetting::Fsync,
             nameless_files: true,
+            recycle_files: 1024,
         }
     }
 }

@@ -103,6 +103,8 @@ pub struct Delivery {
     pub ha: Option<Arc<hasync::Replicator>>,
     ledger_retention: Duration,
     pool: Mutex<HashMap<Hop, Vec<(Instant, Connection)>>>,
+    /// Removes delivered messages in groups, one directory fsync per group.
+    remover: spool::remover::Remover,
 }
 
 /// What became of one recipient in one attempt.
@@ -125,6 +127,7 @@ impl Delivery {
         stage: VscanStage,
         client: ClientConfig,
         ha: Option<Arc<hasync::Replicator>>,
+        remover: spool::remover::Remover,
     ) -> Delivery {
         let d = &cfg.delivery;
         Delivery {
@@ -149,6 +152,7 @@ impl Delivery {
             per_destination_max: d.per_destination_max,
             per_destination: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
+            remover,
             ha,
             ledger_retention: Duration::from_secs(
                 cfg.ha
@@ -417,9 +421,16 @@ impl Delivery {
         }
         if env.recipients.iter().all(|r| r.state != RcptState::Pending) {
             self.log_leaving(&env)?;
-            let layout = self.layout.clone();
-            let i = id.clone();
-            tokio::task::spawn_blocking(move || layout.remove_pair(&i, Folder::Spool)).await??;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.remover.remove(
+                id.clone(),
+                Folder::Spool,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            );
+            rx.await
+                .map_err(|_| anyhow::anyhow!("spool remover stopped"))??;
             self.message_removed(&env);
             return Ok(None);
         }

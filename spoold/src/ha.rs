@@ -131,8 +131,8 @@ impl ReplicaStore for SpoolReplicas {
                 let env = self.layout.path(f, id, Part::Env);
                 let body = self.layout.path(f, id, Part::Body);
                 if env.exists() || body.exists() {
-                    spool::layout::remove_if_exists(&env)?;
-                    spool::layout::remove_if_exists(&body)?;
+                    self.layout.discard(&env)?;
+                    self.layout.discard(&body)?;
                     self.sink.metrics.queue_add(f, -1);
                     touched[k] = true;
                 }

@@ -231,6 +231,7 @@ async fn run(cfg: Config) -> Result<()> {
         },
         nameless: cfg.spool.nameless_files,
     };
+    layout.set_recycling(cfg.spool.recycle_files);
     let ha_setup = ha::prepare(&cfg, &layout)?;
     let hook = ha_setup.as_ref().map(|s| {
         Arc::new(ha::LogHook {
@@ -318,6 +319,7 @@ async fn run(cfg: Config) -> Result<()> {
             tls: Some(client_tls),
         },
         replicator.clone(),
+        spool::remover::Remover::start(layout.clone()).context("start the spool remover")?,
     ));
 
     Arc::new(admin::Admin {
