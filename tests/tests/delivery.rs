@@ -21,6 +21,17 @@ fn send_many(
     per_thread: usize,
     size: usize,
 ) -> HashMap<String, Vec<u8>> {
+    send_many_from(d, 0, threads, per_thread, size)
+}
+
+/// Sends `threads × per_thread` messages whose seeds (and Message-IDs) start at `seed_base`.
+fn send_many_from(
+    d: &Daemon,
+    seed_base: usize,
+    threads: usize,
+    per_thread: usize,
+    size: usize,
+) -> HashMap<String, Vec<u8>> {
     let sent: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
     let handles: Vec<_> = (0..threads)
         .map(|t| {
@@ -29,7 +40,7 @@ fn send_many(
                 let (mut c, _) = Client::connect(addr);
                 c.cmd("EHLO load");
                 for i in 0..per_thread {
-                    let body = sample_body(t * 100_000 + i, size);
+                    let body = sample_body(seed_base + t * 100_000 + i, size);
                     let r = c.send_mail("sender@example.com", &["rcpt@example.org"], &body);
                     assert!(queued_id(&r).is_some(), "{r}");
                     let mid = message_id(&String::from_utf8_lossy(&body)).unwrap();
@@ -296,4 +307,55 @@ fn sigkill_during_delivery_loses_nothing_and_duplicates_stay_in_the_window() {
     // Only messages in flight at the kill (next hop said 250, our .env not yet updated) can go
     // out twice: at most delivery.concurrency_max (20).
     assert!(duplicates <= 20, "{duplicates} duplicates");
+}
+
+#[test]
+fn recycled_spool_files_carry_only_the_new_messages_bytes() {
+    let sink = SmtpSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!("[delivery]\ndefault_next_hop = \"{}\"\n", sink.addr),
+    );
+    let mut d = Daemon::start_delivering(&["--config", &cfg]);
+    let recycled = |d: &Daemon| {
+        std::fs::read_dir(d.state.join("tmp"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("recycled.")
+            })
+            .count()
+    };
+    // Large messages first: once delivered, their files wait in tmp/ for reuse.
+    send_many_from(&d, 0, 4, 15, 20_000);
+    assert!(wait_until(60, || d.spooled_ids().is_empty()));
+    let pooled = recycled(&d);
+    assert!(pooled > 0, "delivered files were recycled");
+    assert_eq!(sink.dumped().len(), 60, "each large message delivered once");
+    // Next hop gone: small messages reuse the recycled files and stay in spool/.
+    drop(sink);
+    let sent = send_many_from(&d, 10_000_000, 4, 30, 600);
+    assert!(recycled(&d) < pooled, "new mail took recycled files");
+    // After a crash, recovery must find every small message whole: a reused file that kept
+    // a tail of its old content would fail the length check and land in corrupt/.
+    d.kill9();
+    d.restart();
+    assert_eq!(recycled(&d), 0, "the pool is emptied with the rest of tmp/");
+    assert_eq!(
+        std::fs::read_dir(d.state.join("corrupt")).unwrap().count(),
+        0,
+        "nothing corrupt"
+    );
+    let spooled = d.spooled_ids();
+    assert_eq!(spooled.len(), 120);
+    for id in &spooled {
+        let raw = std::fs::read(d.state.join("spool").join(format!("{id}.body"))).unwrap();
+        let text = String::from_utf8_lossy(tests::strip_received(&raw)).into_owned();
+        let mid = message_id(&text).unwrap();
+        assert_eq!(text.replace("\r\n", "\n"), lf(&sent[&mid]), "{mid}");
+    }
 }
