@@ -8,7 +8,7 @@
 //! caller's) and the replication log's `DELETE` (logged by the caller before it asks).
 
 use crate::id::MessageId;
-use crate::layout::{fsync_dir, Folder, Layout, Part};
+use crate::layout::{fsync_dir, Folder, Layout};
 use std::io;
 use std::thread::JoinHandle;
 
@@ -67,10 +67,7 @@ impl Remover {
 fn remove_group(layout: &Layout, group: Vec<Request>) {
     let mut results: Vec<io::Result<()>> = group
         .iter()
-        .map(|r| {
-            layout.discard(&layout.path(r.folder, &r.id, Part::Env))?;
-            layout.discard(&layout.path(r.folder, &r.id, Part::Body))
-        })
+        .map(|r| layout.discard_pair(&r.id, r.folder))
         .collect();
     let mut folders: Vec<Folder> = group.iter().map(|r| r.folder).collect();
     folders.sort_by_key(|f| f.name());
@@ -96,7 +93,7 @@ fn remove_group(layout: &Layout, group: Vec<Request>) {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::IdGenerator;
+    use crate::{IdGenerator, Part};
 
     #[test]
     fn removes_every_pair_of_a_group_and_reports_each() {

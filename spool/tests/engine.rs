@@ -22,6 +22,19 @@ fn setup() -> (tempfile::TempDir, Layout, IdGenerator) {
     (dir, layout, IdGenerator::new("node_a").unwrap())
 }
 
+/// The pair of `id` is in `spool/`, its envelope decodes, and its body is exactly `body`.
+fn assert_spooled_whole(layout: &Layout, id: &MessageId, body: &[u8]) {
+    let env =
+        Envelope::decode(&fs::read(layout.path(Folder::Spool, id, Part::Env)).unwrap()).unwrap();
+    let mapped = MappedBody::open_verified(
+        &layout.path(Folder::Spool, id, Part::Body),
+        env.body_len,
+        &env.body_sha256,
+    )
+    .unwrap();
+    assert_eq!(mapped.bytes(), body);
+}
+
 fn body_of(i: usize, len: usize) -> Vec<u8> {
     (0..len).map(|j| b'a' + ((i + j) % 26) as u8).collect()
 }
@@ -80,15 +93,7 @@ fn commit_many(backend: BackendChoice, sync: SyncMode, nameless: bool) {
         }
     });
     for (id, body) in &expected {
-        let env = Envelope::decode(&fs::read(layout.path(Folder::Spool, id, Part::Env)).unwrap())
-            .unwrap();
-        let mapped = MappedBody::open_verified(
-            &layout.path(Folder::Spool, id, Part::Body),
-            env.body_len,
-            &env.body_sha256,
-        )
-        .unwrap();
-        assert_eq!(mapped.bytes(), &body[..]);
+        assert_spooled_whole(&layout, id, body);
     }
     assert_eq!(fs::read_dir(layout.dir(Folder::Tmp)).unwrap().count(), 0);
     assert_eq!(
@@ -322,15 +327,7 @@ fn removed_files_are_recycled_for_new_mail_and_hold_only_its_bytes() {
     let new: Vec<_> = (0..5).map(|i| commit(100 + i, 70)).collect();
     assert!(layout.recycled() < 8, "new mail took recycled files");
     for (id, body) in &new {
-        let env = Envelope::decode(&fs::read(layout.path(Folder::Spool, id, Part::Env)).unwrap())
-            .unwrap();
-        let mapped = MappedBody::open_verified(
-            &layout.path(Folder::Spool, id, Part::Body),
-            env.body_len,
-            &env.body_sha256,
-        )
-        .unwrap();
-        assert_eq!(mapped.bytes(), &body[..]);
+        assert_spooled_whole(&layout, id, body);
     }
     writer.shutdown();
     let report = recover(&layout).unwrap();

@@ -128,11 +128,10 @@ impl ReplicaStore for SpoolReplicas {
         for id in ids {
             tracing::debug!(id = %id, "replica removed");
             for (k, f) in REPLICA_FOLDERS.into_iter().enumerate() {
-                let env = self.layout.path(f, id, Part::Env);
-                let body = self.layout.path(f, id, Part::Body);
-                if env.exists() || body.exists() {
-                    self.layout.discard(&env)?;
-                    self.layout.discard(&body)?;
+                if self.layout.path(f, id, Part::Env).exists()
+                    || self.layout.path(f, id, Part::Body).exists()
+                {
+                    self.layout.discard_pair(id, f)?;
                     self.sink.metrics.queue_add(f, -1);
                     touched[k] = true;
                 }

@@ -55,6 +55,17 @@ fn send_many_from(
     Arc::try_unwrap(sent).unwrap().into_inner().unwrap()
 }
 
+/// A delivering daemon whose default next hop is `sink` (keep the directory alive).
+fn relaying_to(sink: &SmtpSink) -> (tempfile::TempDir, Daemon) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!("[delivery]\ndefault_next_hop = \"{}\"\n", sink.addr),
+    );
+    let d = Daemon::start_delivering(&["--config", &cfg]);
+    (dir, d)
+}
+
 fn lf(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).replace("\r\n", "\n")
 }
@@ -62,12 +73,7 @@ fn lf(bytes: &[u8]) -> String {
 #[test]
 fn every_message_reaches_smtp_sink_once_with_identical_bytes() {
     let sink = SmtpSink::start();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &format!("[delivery]\ndefault_next_hop = \"{}\"\n", sink.addr),
-    );
-    let d = Daemon::start_delivering(&["--config", &cfg]);
+    let (_dir, d) = relaying_to(&sink);
     let sent = send_many(&d, 8, 40, 3000);
     assert!(
         wait_until(60, || d.spooled_ids().is_empty()),
@@ -245,12 +251,7 @@ fn starttls_next_hop_gets_encrypted_delivery() {
 #[test]
 fn sigkill_during_delivery_loses_nothing_and_duplicates_stay_in_the_window() {
     let sink = SmtpSink::start();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &format!("[delivery]\ndefault_next_hop = \"{}\"\n", sink.addr),
-    );
-    let mut d = Daemon::start_delivering(&["--config", &cfg]);
+    let (_dir, mut d) = relaying_to(&sink);
     let sent = Arc::new(Mutex::new(HashMap::new()));
     let senders: Vec<_> = (0..4)
         .map(|t| {
@@ -312,12 +313,7 @@ fn sigkill_during_delivery_loses_nothing_and_duplicates_stay_in_the_window() {
 #[test]
 fn recycled_spool_files_carry_only_the_new_messages_bytes() {
     let sink = SmtpSink::start();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &format!("[delivery]\ndefault_next_hop = \"{}\"\n", sink.addr),
-    );
-    let mut d = Daemon::start_delivering(&["--config", &cfg]);
+    let (_dir, mut d) = relaying_to(&sink);
     let recycled = |d: &Daemon| {
         std::fs::read_dir(d.state.join("tmp"))
             .unwrap()
