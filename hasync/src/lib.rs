@@ -312,11 +312,7 @@ impl Replicator {
             Some(Err(e)) => return Err(e),
             None => return Err(LinkError::Protocol("link closed before Resume".into())),
         };
-        self.acked.send_if_modified(|a| {
-            let newer = next > *a;
-            *a = (*a).max(next);
-            newer
-        });
+        self.raise_acked(next);
         self.link_up.store(true, Ordering::SeqCst);
         self.observer.link_up(true);
         tracing::info!(partner = %link.peer.node, resume_after = next, "replication link up");
@@ -384,11 +380,7 @@ impl Replicator {
                             }
                         }
                         // Pruning the log is left to `prune_acknowledged`, off this loop.
-                        self.acked.send_if_modified(|a| {
-                            let newer = seq > *a;
-                            *a = (*a).max(seq);
-                            newer
-                        });
+                        self.raise_acked(seq);
                     }
                     Some(Ok(Frame::Heartbeat { role, priority })) => self.heard(&link.peer.node, role, priority),
                     Some(Ok(other)) => return Err(LinkError::Protocol(format!("unexpected {other:?}"))),
@@ -405,6 +397,15 @@ impl Replicator {
                 _ = retry => {}
             }
         }
+    }
+
+    /// Records that the partner holds everything up to `seq`; never moves backwards.
+    fn raise_acked(&self, seq: u64) {
+        self.acked.send_if_modified(|a| {
+            let newer = seq > *a;
+            *a = (*a).max(seq);
+            newer
+        });
     }
 
     /// Removes acknowledged actions from the log, coalescing acknowledgements that arrive

@@ -441,6 +441,41 @@ impl Worker {
         }
     }
 
+    /// A new, empty file for one part: a recycled file from `tmp/` (truncated), else nameless
+    /// in `spool/`, or `tmp/<id>.<part>`.
+    fn create(&self, id: &MessageId, part: Part) -> io::Result<(File, Option<PathBuf>)> {
+        while let Some(path) = self.layout.take_recycled() {
+            match OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(&path)
+            {
+                Ok(f) => return Ok((f, Some(path))),
+                Err(_) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        if self.nameless {
+            let f = OpenOptions::new()
+                .write(true)
+                .mode(0o640)
+                .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+                .open(self.layout.dir(Folder::Spool))?;
+            return Ok((f, None));
+        }
+        let path = self.layout.path(Folder::Tmp, id, part);
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o640)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)?;
+        Ok((f, Some(path)))
+    }
+
     /// Opens the new files of one request (nameless, or named in `tmp/`) and prepares its
     /// iovecs. A body that was spilled to `tmp/` while it arrived keeps its file.
     fn open(&self, mut req: CommitRequest) -> Job {
@@ -487,43 +522,6 @@ impl Worker {
             log_seq: None,
             error,
         }
-    }
-}
-
-impl Worker {
-    /// A new, empty file for one part: a recycled file from `tmp/` (truncated), else nameless
-    /// in `spool/`, or `tmp/<id>.<part>`.
-    fn create(&self, id: &MessageId, part: Part) -> io::Result<(File, Option<PathBuf>)> {
-        while let Some(path) = self.layout.take_recycled() {
-            match OpenOptions::new()
-                .write(true)
-                .truncate(true)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(&path)
-            {
-                Ok(f) => return Ok((f, Some(path))),
-                Err(_) => {
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
-        }
-        if self.nameless {
-            let f = OpenOptions::new()
-                .write(true)
-                .mode(0o640)
-                .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
-                .open(self.layout.dir(Folder::Spool))?;
-            return Ok((f, None));
-        }
-        let path = self.layout.path(Folder::Tmp, id, part);
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o640)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)?;
-        Ok((f, Some(path)))
     }
 }
 
