@@ -33,9 +33,9 @@ pub struct Args {
     /// Postfix's SMTP address.
     #[arg(long, default_value = "127.0.0.1:25")]
     postfix_addr: SocketAddr,
-    /// spoold's `spool.sync`: `fsync` or `syncfs`.
-    #[arg(long, default_value = "fsync")]
-    sync: String,
+    /// spoold's `spool.sync` settings to measure, comma-separated: `fsync`, `syncfs`.
+    #[arg(long, default_value = "fsync,syncfs", value_delimiter = ',')]
+    sync: Vec<String>,
     /// spoold state directory (default: a temporary directory under ./target).
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -255,6 +255,39 @@ impl Spoold {
         out
     }
 
+    /// The writer's rounds so far from `/metrics`: (rounds, mean messages per round, mean
+    /// round duration in ms).
+    pub fn rounds(&self) -> (f64, f64, f64) {
+        let m = self.metrics();
+        let value = |name: &str| {
+            m.lines()
+                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+                .and_then(|l| l.split_whitespace().last())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let rounds = value("spoold_commit_batch_messages_count");
+        let per = |sum: f64| if rounds > 0.0 { sum / rounds } else { 0.0 };
+        (
+            rounds,
+            per(value("spoold_commit_batch_messages_sum")),
+            per(value("spoold_commit_duration_seconds_sum")) * 1000.0,
+        )
+    }
+
+    /// CPU seconds (user + system) the process has used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .unwrap_or_default();
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = stat.rsplit(')').next().unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        (ticks(11) + ticks(12)) / hz.max(1.0)
+    }
+
     /// Resident set size now and at its peak, in MiB.
     fn rss_mib(&self) -> (f64, f64) {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -320,17 +353,27 @@ pub fn start_postfix(extra: &[&str]) -> Result<()> {
     Ok(())
 }
 
-pub fn clear_postfix_queue() {
+/// Deletes all of Postfix's queued mail; true if there was any (and the deletion is noted).
+pub fn clear_postfix_queue() -> bool {
+    let queued = Command::new("postqueue")
+        .arg("-j")
+        .output()
+        .map(|o| !o.stdout.is_empty())
+        .unwrap_or(false);
     let _ = Command::new("postsuper")
         .args(["-d", "ALL"])
         .stderr(Stdio::null())
         .status();
+    if queued {
+        crate::note_deletions();
+    }
+    queued
 }
 
 fn row(name: &str, r: &[RunResult]) -> (f64, String) {
     let m = median(r.iter().map(|x| x.msgs_per_s).collect());
     let line = format!(
-        "{:<10} {:>10.0} {:>8.1} {:>9.2} {:>9.2} {:>7}",
+        "{:<16} {:>10.0} {:>8.1} {:>9.2} {:>9.2} {:>7}",
         name,
         m,
         median(r.iter().map(|x| x.mb_per_s).collect()),
@@ -352,30 +395,52 @@ impl Args {
     }
 }
 
+/// What one spoold run cost besides its throughput.
+struct Cost {
+    rounds: f64,
+    per_round: f64,
+    round_ms: f64,
+    cpu_us_per_msg: f64,
+}
+
 pub fn run(a: Args) -> Result<()> {
     let bin = spoold_binary()?;
-    let mut ours = Vec::new();
+    crate::settle_after_deletions();
     let mut rss = (0.0f64, 0.0f64);
     let mut fs = String::new();
     // Scratch directories (and Postfix's held mail) stay until every run is done: deleting
-    // thousands of files just before a run slows the next one (ext4 without a journal scans
-    // inodes freed in the last 30 s when it allocates new ones), and that would favour
-    // whichever server runs first.
+    // thousands of files before a run slows the next one (see `settle_after_deletions`), and
+    // that would favour whichever server runs first.
     let mut keep = Vec::new();
-    for _ in 0..a.runs {
-        let base = a
-            .state_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("target"));
-        std::fs::create_dir_all(&base)?;
-        let dir = tempfile::tempdir_in(&base)?;
-        fs = describe_fs(dir.path());
-        let d = Spoold::start(&bin, &dir.path().join("state"), &a.sync)?;
-        ours.push(load(d.smtp, a.shape())?);
-        let (now, peak) = d.rss_mib();
-        rss = (rss.0.max(now), rss.1.max(peak));
-        drop(d);
-        keep.push(dir);
+    let mut ours: Vec<(String, Vec<RunResult>, Vec<Cost>)> = Vec::new();
+    for sync in &a.sync {
+        let mut results = Vec::new();
+        let mut costs = Vec::new();
+        for _ in 0..a.runs {
+            let base = a
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("target"));
+            std::fs::create_dir_all(&base)?;
+            let dir = tempfile::tempdir_in(&base)?;
+            fs = describe_fs(dir.path());
+            let d = Spoold::start(&bin, &dir.path().join("state"), sync)?;
+            let cpu_before = d.cpu_seconds();
+            let r = load(d.smtp, a.shape())?;
+            let (rounds, per_round, round_ms) = d.rounds();
+            costs.push(Cost {
+                rounds,
+                per_round,
+                round_ms,
+                cpu_us_per_msg: (d.cpu_seconds() - cpu_before) * 1e6 / a.messages as f64,
+            });
+            results.push(r);
+            let (now, peak) = d.rss_mib();
+            rss = (rss.0.max(now), rss.1.max(peak));
+            drop(d);
+            keep.push(dir);
+        }
+        ours.push((sync.clone(), results, costs));
     }
     let mut theirs = Vec::new();
     if a.compare_postfix {
@@ -383,33 +448,54 @@ pub fn run(a: Args) -> Result<()> {
             "smtpd_client_restrictions = check_client_access static:HOLD",
             "relayhost =",
         ])?;
-        clear_postfix_queue();
+        if clear_postfix_queue() {
+            crate::settle_after_deletions();
+        }
         for _ in 0..a.runs {
             theirs.push(load(a.postfix_addr, a.shape())?);
         }
         clear_postfix_queue();
     }
     println!(
-        "ingest: {} sessions, {} messages of {} B per run, median of {} runs; spool.sync = {}; spool on {}",
-        a.sessions, a.messages, a.size, a.runs, a.sync, fs
+        "ingest: {} sessions, {} messages of {} B per run, median of {} runs; spool on {}",
+        a.sessions, a.messages, a.size, a.runs, fs
     );
     println!(
-        "{:<10} {:>10} {:>8} {:>9} {:>9} {:>7}",
+        "{:<16} {:>10} {:>8} {:>9} {:>9} {:>7}",
         "server", "msgs/s", "MB/s", "p50 ms", "p99 ms", "errors"
     );
-    let (m_ours, line) = row("spoold", &ours);
-    println!("{line}");
+    let mut medians = Vec::new();
+    for (sync, results, _) in &ours {
+        let (m, line) = row(&format!("spoold {sync}"), results);
+        println!("{line}");
+        medians.push((sync, m));
+    }
     if !theirs.is_empty() {
         let (m_theirs, line) = row("postfix", &theirs);
         println!("{line}");
+        for (sync, m) in &medians {
+            println!(
+                "spoold {sync} / postfix accepted msgs/s = {:.2} (goal: >= 5)",
+                m / m_theirs
+            );
+        }
+    }
+    println!("spoold's writer (medians): rounds, messages per round, ms per round, CPU µs per message");
+    for (sync, _, costs) in &ours {
+        let med = |f: fn(&Cost) -> f64| median(costs.iter().map(f).collect());
         println!(
-            "spoold / postfix accepted msgs/s = {:.2} (goal: >= 5)",
-            m_ours / m_theirs
+            "  {sync:<8} {:>8.0} {:>8.1} {:>8.2} {:>8.0}",
+            med(|c| c.rounds),
+            med(|c| c.per_round),
+            med(|c| c.round_ms),
+            med(|c| c.cpu_us_per_msg)
         );
     }
     println!(
         "spoold RSS after the run: {:.1} MiB, peak {:.1} MiB (goal: well under 128 MiB)",
         rss.0, rss.1
     );
+    drop(keep);
+    crate::note_deletions();
     Ok(())
 }

@@ -75,3 +75,50 @@ pub fn describe_fs(path: &std::path::Path) -> String {
     }
     best.map(|b| b.1).unwrap_or_else(|| "unknown".into())
 }
+
+/// Where the time of the benchmarks' last large deletion is kept.
+const DELETED_AT: &str = "target/bench-deleted-at";
+
+/// How long after a large deletion ext4 without a journal still slows inode allocation: it
+/// skips a free inode deleted less than 60 s ago, or 360 s ago while its inode table block is
+/// dirty (`recently_deleted()` in `fs/ext4/ialloc.c`), and every skip is a buffer-cache lookup.
+const DELETION_SHADOW: std::time::Duration = std::time::Duration::from_secs(370);
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Records that a benchmark has just deleted many files.
+pub fn note_deletions() {
+    let _ = std::fs::write(DELETED_AT, unix_now().to_string());
+}
+
+/// Waits until the last recorded large deletion can no longer slow file creation, so that a
+/// measurement does not depend on what ran before it. `SPOOLPAIR_BENCH_NO_SETTLE=1` skips the
+/// wait (for quick experiments; figures taken so are not comparable).
+pub fn settle_after_deletions() {
+    // SAFETY: sync(2) has no preconditions; it writes back the dirty inode table blocks.
+    unsafe { libc::sync() };
+    if std::env::var_os("SPOOLPAIR_BENCH_NO_SETTLE").is_some() {
+        return;
+    }
+    let Some(at) = std::fs::read_to_string(DELETED_AT)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    else {
+        return;
+    };
+    let until = at + DELETION_SHADOW.as_secs();
+    let now = unix_now();
+    if now < until {
+        eprintln!(
+            "waiting {} s: files were deleted {} s ago, and ext4 without a journal slows file creation for a while after that",
+            until - now,
+            now - at
+        );
+        std::thread::sleep(std::time::Duration::from_secs(until - now));
+    }
+}

@@ -208,8 +208,8 @@ pub fn run(a: RawArgs) -> Result<()> {
     let probe = scratch(&a.dir)?;
     let fs = describe_fs(probe.path());
     // Every scratch directory lives until the end: deleting thousands of files just before a
-    // measurement slows the next one down (ext4 without a journal scans recently freed inodes
-    // when it allocates new ones, for 30 s).
+    // measurement slows the next one down (see `settle_after_deletions`).
+    crate::settle_after_deletions();
     let mut keep = Vec::new();
     for _ in 0..a.runs {
         let d = kept_scratch(&a.dir, &mut keep)?;
@@ -244,6 +244,8 @@ pub fn run(a: RawArgs) -> Result<()> {
         "raw io_uring batch limit / spoold io_uring writer = {:.2} (goal: <= 2)",
         raw / ours
     );
+    drop(keep);
+    crate::note_deletions();
     Ok(())
 }
 

@@ -31,9 +31,9 @@ pub struct Args {
     /// Postfix's SMTP address.
     #[arg(long, default_value = "127.0.0.1:25")]
     postfix_addr: SocketAddr,
-    /// Seconds to wait before each measured run, so that no run starts within 30 s of the
-    /// previous run's deletions (ext4 without a journal slows inode allocation after them; see
-    /// BENCHMARKS.md). Each run still pays for its own deletions, as a gateway does.
+    /// Seconds to wait before each measured run, so that no run starts right after the previous
+    /// run's deletions (ext4 without a journal slows inode allocation for a minute or more after
+    /// them; see BENCHMARKS.md). Each run still pays for its own deletions, as a gateway does.
     #[arg(long, default_value_t = 35)]
     settle: u64,
 }
@@ -161,6 +161,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut postfix = Vec::new();
     let clam_dir = tempfile::tempdir_in("target")?;
     let mut clam = clamd(clam_dir.path())?;
+    crate::settle_after_deletions();
     let settle = || std::thread::sleep(Duration::from_secs(a.settle));
     for _ in 0..a.runs {
         settle();
@@ -174,6 +175,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let _ = clam.kill();
     let _ = clam.wait();
+    crate::note_deletions();
     println!(
         "relay: {} sessions, {} messages of {} B per run, SMTP in → spool → SMTP out to smtp-sink, median of {} runs",
         a.sessions, a.messages, a.size, a.runs

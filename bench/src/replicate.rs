@@ -81,8 +81,8 @@ pub fn run(a: Args) -> Result<()> {
         .into_iter()
         .map(|m| (m, ModeRuns::default()))
         .collect();
-    // Every run's directory stays until the end (see `ingest`: fresh deletions slow ext4
-    // without a journal down for 30 s).
+    // Every run's directory stays until the end (see `settle_after_deletions`).
+    crate::settle_after_deletions();
     let mut keep = Vec::new();
     for _ in 0..a.runs {
         let dir = tempfile::tempdir_in("target")?;
@@ -167,5 +167,7 @@ pub fn run(a: Args) -> Result<()> {
     println!(
         "lag: local commit -> partner ack, quantiles interpolated in spoold_ha_replication_lag_seconds buckets; both units share this machine's disk and cores"
     );
+    drop(keep);
+    crate::note_deletions();
     Ok(())
 }
