@@ -277,8 +277,8 @@ impl Spoold {
 
     /// CPU seconds (user + system) the process has used so far.
     pub fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
         // Fields after the command name, which is in parentheses and may hold spaces.
         let rest = stat.rsplit(')').next().unwrap_or("");
         let f: Vec<&str> = rest.split_whitespace().collect();
@@ -480,7 +480,9 @@ pub fn run(a: Args) -> Result<()> {
             );
         }
     }
-    println!("spoold's writer (medians): rounds, messages per round, ms per round, CPU µs per message");
+    println!(
+        "spoold's writer (medians): rounds, messages per round, ms per round, CPU µs per message"
+    );
     for (sync, _, costs) in &ours {
         let med = |f: fn(&Cost) -> f64| median(costs.iter().map(f).collect());
         println!(

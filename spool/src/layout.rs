@@ -80,7 +80,7 @@ pub struct Layout {
 
 /// Files of removed messages kept in `tmp/` for the writer to reuse instead of allocating new
 /// inodes: on ext4 without a journal, allocating an inode while many were freed in the last
-/// 30 s costs a scan over them, which a gateway deleting as fast as it receives pays on every
+/// minute (six while their inode table blocks are dirty) costs a scan over them, which a gateway deleting as fast as it receives pays on every
 /// file (see BENCHMARKS.md). `tmp/` is emptied at every start, so the pool needs no durability.
 #[derive(Debug, Default)]
 struct FilePool {

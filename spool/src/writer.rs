@@ -10,6 +10,11 @@
 //! 3. fsyncs `spool/` once;
 //! 4. completes every request of the round.
 //!
+//! Steps 2–4 run on a second thread (the publisher) while the writer thread already does step 1
+//! of the next round: two rounds are in flight at most, and each is acknowledged only after its
+//! own directory fsync. Measured here, this pipeline took 50-session ingest from 2,854 to 3,453
+//! msgs/s with per-file fsync.
+//!
 //! Nameless files save a directory entry in `tmp/` and its rename per file, and on ext4 the
 //! fsync of a newly named file also syncs its parent directory: measured here, 1.7× more
 //! durable files per second. Where the file system or `/proc` does not allow it (probed at
@@ -212,6 +217,12 @@ impl SpoolWriter {
             Backend::Portable
         };
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
+        let publisher = Publisher {
+            layout: layout.clone(),
+            spool_dir: spool_dir.try_clone()?,
+            observer: observer.clone(),
+            hook: hook.clone(),
+        };
         let nameless = options.nameless && nameless_files_work(&layout);
         tracing::info!(
             nameless,
@@ -229,14 +240,22 @@ impl SpoolWriter {
             batch_max,
             sync: options.sync,
             nameless,
-            observer,
             hook,
         };
+        let (durable_tx, durable_rx) = crossbeam_channel::bounded(0);
+        let publisher_thread = std::thread::Builder::new()
+            .name("spool-publish".into())
+            .spawn(move || {
+                let _fail_stop = AbortOnPanic;
+                publisher.run(durable_rx)
+            })?;
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
             .spawn(move || {
                 let _fail_stop = AbortOnPanic;
-                worker.run(rx)
+                worker.run(rx, durable_tx);
+                // The sender is gone with `run`; the publisher finishes what it has.
+                let _ = publisher_thread.join();
             })?;
         Ok(SpoolWriter {
             tx,
@@ -321,12 +340,36 @@ struct Worker {
     batch_max: usize,
     sync: SyncMode,
     nameless: bool,
+    hook: Option<Arc<dyn PublishHook>>,
+}
+
+/// A round whose files are durable, on its way to the publisher to be named and completed.
+struct DurableRound {
+    jobs: Vec<Job>,
+    /// Ids given to the publish hook, for its `after_publish`.
+    announced: Vec<MessageId>,
+    started: Instant,
+}
+
+/// The second stage of a round, on a thread of its own: names the durable files in `spool/`,
+/// fsyncs the directory, completes every request. It works on round N while the writer makes
+/// round N+1 durable, so the device is busy with one round's data while the other's directory
+/// entries go out.
+struct Publisher {
+    layout: Layout,
+    spool_dir: File,
     observer: Option<Arc<dyn RoundObserver>>,
     hook: Option<Arc<dyn PublishHook>>,
 }
 
 impl Worker {
-    fn run(&mut self, rx: crossbeam_channel::Receiver<CommitRequest>) {
+    /// Takes rounds from `rx` and hands each, once durable, to the publisher. The rendezvous
+    /// channel keeps at most two rounds in flight: one being published, one waiting for it.
+    fn run(
+        &mut self,
+        rx: crossbeam_channel::Receiver<CommitRequest>,
+        publisher: crossbeam_channel::Sender<DurableRound>,
+    ) {
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             while batch.len() < self.batch_max {
@@ -335,11 +378,19 @@ impl Worker {
                     Err(_) => break,
                 }
             }
-            self.round(batch);
+            let round = self.make_durable(batch);
+            if let Err(crossbeam_channel::SendError(round)) = publisher.send(round) {
+                // Only if the publisher thread is gone, which aborts the process; be safe.
+                for job in round.jobs {
+                    (job.req.done)(Err(CommitError::Closed));
+                }
+            }
         }
     }
 
-    fn round(&mut self, batch: Vec<CommitRequest>) {
+    /// First stage of a round: creates and writes every file, makes them durable and tells
+    /// the publish hook.
+    fn make_durable(&mut self, batch: Vec<CommitRequest>) -> DurableRound {
         let started = Instant::now();
         let mut jobs: Vec<Job> = batch.into_iter().map(|req| self.open(req)).collect();
         let per_file = self.sync == SyncMode::PerFile;
@@ -392,6 +443,29 @@ impl Worker {
                 }
             }
         }
+        DurableRound {
+            jobs,
+            announced,
+            started,
+        }
+    }
+}
+
+impl Publisher {
+    fn run(&self, rx: crossbeam_channel::Receiver<DurableRound>) {
+        while let Ok(round) = rx.recv() {
+            self.publish(round);
+        }
+    }
+
+    /// Second stage of a round: links (or renames) every durable file into `spool/`, fsyncs
+    /// the directory once, and completes each request.
+    fn publish(&self, round: DurableRound) {
+        let DurableRound {
+            mut jobs,
+            announced,
+            started,
+        } = round;
         let mut renamed = 0;
         for job in jobs.iter_mut().filter(|j| j.error.is_none()) {
             let dest_body = self.layout.path(Folder::Spool, &job.req.id, Part::Body);
@@ -440,7 +514,9 @@ impl Worker {
             hook.after_publish(&announced.iter().collect::<Vec<_>>());
         }
     }
+}
 
+impl Worker {
     /// A new, empty file for one part: a recycled file from `tmp/` (truncated), else nameless
     /// in `spool/`, or `tmp/<id>.<part>`.
     fn create(&self, id: &MessageId, part: Part) -> io::Result<(File, Option<PathBuf>)> {
