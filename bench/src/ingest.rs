@@ -176,7 +176,12 @@ pub fn load(addr: SocketAddr, a: Load) -> Result<RunResult> {
     })
 }
 
+/// The spoold binary to measure: built now in release mode, or the one named by
+/// `SPOOLPAIR_BENCH_SPOOLD` (to compare two builds).
 pub fn spoold_binary() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("SPOOLPAIR_BENCH_SPOOLD") {
+        return Ok(PathBuf::from(bin));
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .args(["build", "--release", "-p", "spoold", "--bin", "spoold"])
@@ -497,7 +502,6 @@ pub fn run(a: Args) -> Result<()> {
         "spoold RSS after the run: {:.1} MiB, peak {:.1} MiB (goal: well under 128 MiB)",
         rss.0, rss.1
     );
-    drop(keep);
-    crate::note_deletions();
+    crate::remove_scratch(keep);
     Ok(())
 }

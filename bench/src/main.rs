@@ -91,6 +91,20 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Deletes the scratch directories of a benchmark and notes the deletion; with
+/// `SPOOLPAIR_BENCH_KEEP=1` leaves them (for back-to-back experiments, which any deletion
+/// would skew).
+pub fn remove_scratch(dirs: Vec<tempfile::TempDir>) {
+    if std::env::var_os("SPOOLPAIR_BENCH_KEEP").is_some() {
+        for d in dirs {
+            eprintln!("kept {}", d.keep().display());
+        }
+        return;
+    }
+    drop(dirs);
+    note_deletions();
+}
+
 /// Records that a benchmark has just deleted many files.
 pub fn note_deletions() {
     let _ = std::fs::write(DELETED_AT, unix_now().to_string());

@@ -244,8 +244,7 @@ pub fn run(a: RawArgs) -> Result<()> {
         "raw io_uring batch limit / spoold io_uring writer = {:.2} (goal: <= 2)",
         raw / ours
     );
-    drop(keep);
-    crate::note_deletions();
+    crate::remove_scratch(keep);
     Ok(())
 }
 

@@ -167,7 +167,6 @@ pub fn run(a: Args) -> Result<()> {
     println!(
         "lag: local commit -> partner ack, quantiles interpolated in spoold_ha_replication_lag_seconds buckets; both units share this machine's disk and cores"
     );
-    drop(keep);
-    crate::note_deletions();
+    crate::remove_scratch(keep);
     Ok(())
 }

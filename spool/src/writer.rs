@@ -34,7 +34,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -217,15 +217,22 @@ impl SpoolWriter {
             Backend::Portable
         };
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
+        let link_by = if options.nameless {
+            probe_nameless(&layout)
+        } else {
+            None
+        };
+        let nameless = link_by.is_some();
         let publisher = Publisher {
             layout: layout.clone(),
             spool_dir: spool_dir.try_clone()?,
             observer: observer.clone(),
             hook: hook.clone(),
+            link_by,
         };
-        let nameless = options.nameless && nameless_files_work(&layout);
         tracing::info!(
             nameless,
+            link_by = ?link_by,
             "spool files are {}",
             if nameless {
                 "written nameless (O_TMPFILE) and linked into spool/"
@@ -360,6 +367,8 @@ struct Publisher {
     spool_dir: File,
     observer: Option<Arc<dyn RoundObserver>>,
     hook: Option<Arc<dyn PublishHook>>,
+    /// How nameless files are linked; `None` when files are named in `tmp/`.
+    link_by: Option<LinkBy>,
 }
 
 impl Worker {
@@ -468,11 +477,17 @@ impl Publisher {
         } = round;
         let mut renamed = 0;
         for job in jobs.iter_mut().filter(|j| j.error.is_none()) {
-            let dest_body = self.layout.path(Folder::Spool, &job.req.id, Part::Body);
-            let dest_env = self.layout.path(Folder::Spool, &job.req.id, Part::Env);
             // Body first: an envelope in spool/ always has its body.
-            let res = publish(&job.tmp_body, job.body_file.as_ref(), &dest_body)
-                .and_then(|_| publish(&job.tmp_env, job.env_file.as_ref(), &dest_env));
+            let res = self
+                .name(
+                    &job.tmp_body,
+                    job.body_file.as_ref(),
+                    &job.req.id,
+                    Part::Body,
+                )
+                .and_then(|_| {
+                    self.name(&job.tmp_env, job.env_file.as_ref(), &job.req.id, Part::Env)
+                });
             match res {
                 Ok(()) => renamed += 1,
                 Err(e) => job.error = Some(e),
@@ -601,37 +616,72 @@ impl Worker {
     }
 }
 
-/// Gives a durable file its name in `spool/`: rename a named `tmp/` file, or link a nameless
-/// one through `/proc/self/fd`. A stale file of the same name is replaced, as rename would.
-fn publish(named: &Option<PathBuf>, file: Option<&File>, dest: &Path) -> io::Result<()> {
-    if let Some(tmp) = named {
-        return std::fs::rename(tmp, dest);
-    }
-    let file = file.ok_or_else(|| io::Error::other("file not open"))?;
-    let link = || link_nameless(file, dest);
-    match link() {
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            tracing::warn!(path = %dest.display(), "replacing a stale spool file");
-            std::fs::remove_file(dest)?;
-            link()
+impl Publisher {
+    /// Gives one durable file its name in `spool/`: renames a named `tmp/` file, or links a
+    /// nameless one. A stale file of the same name is replaced, as rename would.
+    fn name(
+        &self,
+        named: &Option<PathBuf>,
+        file: Option<&File>,
+        id: &MessageId,
+        part: Part,
+    ) -> io::Result<()> {
+        let dest = || self.layout.path(Folder::Spool, id, part);
+        if let Some(tmp) = named {
+            return std::fs::rename(tmp, dest());
         }
-        other => other,
+        let (Some(file), Some(by)) = (file, self.link_by) else {
+            return Err(io::Error::other("nameless file not open"));
+        };
+        let name = std::ffi::CString::new(format!("{id}.{}", part.ext()))?;
+        let link = || link_nameless(file, by, &self.spool_dir, &name);
+        match link() {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                tracing::warn!(path = %dest().display(), "replacing a stale spool file");
+                std::fs::remove_file(dest())?;
+                link()
+            }
+            other => other,
+        }
     }
 }
 
-fn link_nameless(file: &File, dest: &Path) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
-    let to = std::ffi::CString::new(dest.as_os_str().as_bytes())?;
-    // SAFETY: both are valid NUL-terminated paths.
-    let r = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
+/// How a nameless file is given a name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinkBy {
+    /// `linkat(fd, "", AT_EMPTY_PATH)`: no path walk; allowed to the process that opened the
+    /// file since Linux 6.10 (only with `CAP_DAC_READ_SEARCH` before).
+    Descriptor,
+    /// `linkat("/proc/self/fd/N", AT_SYMLINK_FOLLOW)`: needs a mounted `/proc`.
+    ProcPath,
+}
+
+/// Links the nameless `file` as `name` in the directory `dir`.
+fn link_nameless(file: &File, by: LinkBy, dir: &File, name: &std::ffi::CStr) -> io::Result<()> {
+    let r = match by {
+        // SAFETY: valid descriptors and NUL-terminated strings.
+        LinkBy::Descriptor => unsafe {
+            libc::linkat(
+                file.as_raw_fd(),
+                c"".as_ptr(),
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            )
+        },
+        LinkBy::ProcPath => {
+            let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+            // SAFETY: as above.
+            unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    from.as_ptr(),
+                    dir.as_raw_fd(),
+                    name.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            }
+        }
     };
     if r == 0 {
         Ok(())
@@ -640,24 +690,36 @@ fn link_nameless(file: &File, dest: &Path) -> io::Result<()> {
     }
 }
 
-/// Whether nameless files can be created in `spool/` and linked by name (needs `O_TMPFILE`
-/// support in the file system and a mounted `/proc`). Leaves nothing behind.
-fn nameless_files_work(layout: &Layout) -> bool {
-    let probe = layout
-        .dir(Folder::Tmp)
-        .join(format!(".nameless-probe-{}", std::process::id()));
-    let _ = std::fs::remove_file(&probe);
-    let result = OpenOptions::new()
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
-        .open(layout.dir(Folder::Spool))
-        .and_then(|f| link_nameless(&f, &probe));
-    let _ = std::fs::remove_file(&probe);
-    if let Err(e) = &result {
+/// How nameless files can be created in `spool/` and linked by name here, if at all (needs
+/// `O_TMPFILE` support in the file system, and either Linux 6.10 or a mounted `/proc`). Leaves
+/// nothing behind.
+fn probe_nameless(layout: &Layout) -> Option<LinkBy> {
+    let name = format!(".nameless-probe-{}", std::process::id());
+    let probe = layout.dir(Folder::Tmp).join(&name);
+    let cname = std::ffi::CString::new(name).ok()?;
+    let attempt = |by: LinkBy| {
+        let _ = std::fs::remove_file(&probe);
+        let tmp_dir = File::open(layout.dir(Folder::Tmp))?;
+        let result = OpenOptions::new()
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+            .open(layout.dir(Folder::Spool))
+            .and_then(|f| link_nameless(&f, by, &tmp_dir, &cname));
+        let _ = std::fs::remove_file(&probe);
+        result
+    };
+    let mut last = None;
+    for by in [LinkBy::Descriptor, LinkBy::ProcPath] {
+        match attempt(by) {
+            Ok(()) => return Some(by),
+            Err(e) => last = Some(e),
+        }
+    }
+    if let Some(e) = last {
         tracing::info!(error = %e, "nameless spool files unavailable here");
     }
-    result.is_ok()
+    None
 }
 
 /// Ends the process if the writer thread panics: without its writer the daemon could only
@@ -811,6 +873,48 @@ fn retry_eintr<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
         match f() {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             other => return other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// Both ways of naming a nameless file give the same durable file its name, with its bytes.
+    #[test]
+    fn nameless_files_link_by_descriptor_and_by_proc_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = File::open(dir.path()).unwrap();
+        for (by, name) in [(LinkBy::Descriptor, "a"), (LinkBy::ProcPath, "b")] {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .mode(0o600)
+                .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+                .open(dir.path())
+                .unwrap();
+            f.write_all(name.as_bytes()).unwrap();
+            let cname = std::ffi::CString::new(name).unwrap();
+            match link_nameless(&f, by, &target, &cname) {
+                Ok(()) => {}
+                // Before Linux 6.10 only a privileged process may link by descriptor.
+                Err(e) if by == LinkBy::Descriptor && e.raw_os_error() == Some(libc::ENOENT) => {
+                    continue
+                }
+                Err(e) => panic!("{by:?}: {e}"),
+            }
+            let mut text = String::new();
+            File::open(dir.path().join(name))
+                .unwrap()
+                .read_to_string(&mut text)
+                .unwrap();
+            assert_eq!(text, name, "{by:?}");
+            assert_eq!(
+                link_nameless(&f, by, &target, &cname).unwrap_err().kind(),
+                io::ErrorKind::AlreadyExists,
+                "{by:?}"
+            );
         }
     }
 }
