@@ -273,8 +273,9 @@ pub struct SpoolConfig {
     pub spill_bytes: usize,
     /// Refuse new mail (`452 4.3.1`) while the file system has less free space than this.
     pub free_bytes_min: u64,
-    /// How a commit round makes files durable: `fsync` each file (default, safe anywhere) or
-    /// one `syncfs` per round (fastest; for a file system dedicated to the spool).
+    /// How a commit round makes files durable: `fsync` each file (safe anywhere), one
+    /// `syncfs` per round (fastest; for a file system dedicated to the spool), or `auto`
+    /// (default): `syncfs` when the state directory is the root of its own file system.
     pub sync: SyncSetting,
     /// Write new files nameless (`O_TMPFILE`) and link them into `spool/` where the file
     /// system allows it (false: named files in `tmp/`, renamed).
@@ -287,6 +288,8 @@ pub struct SpoolConfig {
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum SyncSetting {
+    /// `syncfs` on a file system mounted at the state directory, else `fsync`.
+    Auto,
     /// fsync every file.
     Fsync,
     /// One syncfs(2) per round.
@@ -341,7 +344,7 @@ impl Default for SpoolConfig {
             batch_max: spool::writer::BATCH_MAX_DEFAULT,
             spill_bytes: spool::body::SPILL_BYTES_DEFAULT,
             free_bytes_min: 100 * 1024 * 1024,
-            sync: SyncSetting::Fsync,
+            sync: SyncSetting::Auto,
             nameless_files: true,
             recycle_files: 1024,
         }

@@ -141,6 +141,44 @@ fn main() -> ExitCode {
     }
 }
 
+/// Resolves `spool.sync`. `auto` picks `syncfs` only when the state directory is the root of a
+/// file system that holds all of its folders: then one `syncfs` per round flushes nothing but
+/// the spool's own writes.
+fn sync_mode(setting: config::SyncSetting, layout: &Layout) -> spool::writer::SyncMode {
+    use spool::writer::SyncMode;
+    use std::os::unix::fs::MetadataExt;
+    match setting {
+        config::SyncSetting::Fsync => SyncMode::PerFile,
+        config::SyncSetting::Syncfs => SyncMode::FileSystem,
+        config::SyncSetting::Auto => {
+            let device = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+            let root = layout.root();
+            let own = device(root);
+            let parent = root
+                .canonicalize()
+                .ok()
+                .and_then(|r| r.parent().map(|p| p.to_path_buf()))
+                .and_then(|p| device(&p));
+            let folders_inside = Folder::ALL.iter().all(|f| device(&layout.dir(*f)) == own);
+            let dedicated = own.is_some() && own != parent && folders_inside;
+            tracing::info!(
+                dedicated,
+                "spool.sync = auto: {}",
+                if dedicated {
+                    "syncfs, the state directory is the root of its own file system"
+                } else {
+                    "fsync per file, the state directory shares its file system"
+                }
+            );
+            if dedicated {
+                SyncMode::FileSystem
+            } else {
+                SyncMode::PerFile
+            }
+        }
+    }
+}
+
 /// Inserts `input/` and records the outcome in logs and metrics.
 async fn insert(layout: &Layout, metrics: &Metrics, queue: &Queue) -> Result<Vec<InsertOutcome>> {
     let l = layout.clone();
@@ -225,10 +263,7 @@ async fn run(cfg: Config) -> Result<()> {
     let options = spool::writer::WriterOptions {
         backend: choice,
         batch_max: cfg.spool.batch_max,
-        sync: match cfg.spool.sync {
-            config::SyncSetting::Fsync => spool::writer::SyncMode::PerFile,
-            config::SyncSetting::Syncfs => spool::writer::SyncMode::FileSystem,
-        },
+        sync: sync_mode(cfg.spool.sync, &layout),
         nameless: cfg.spool.nameless_files,
     };
     layout.set_recycling(cfg.spool.recycle_files);
@@ -637,5 +672,48 @@ fn spawn_watchdog() {
                 tokio::time::sleep(every).await;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spool::writer::SyncMode;
+
+    /// `auto` syncs per file in a directory that shares its file system, and per file system
+    /// at the root of a file system of its own (a tmpfs mounted for the test; needs root).
+    #[test]
+    fn auto_sync_picks_syncfs_only_on_a_dedicated_file_system() {
+        let shared = tempfile::tempdir().unwrap();
+        let layout = Layout::new(shared.path().join("state"));
+        layout.create().unwrap();
+        assert_eq!(
+            sync_mode(config::SyncSetting::Auto, &layout),
+            SyncMode::PerFile
+        );
+        assert_eq!(
+            sync_mode(config::SyncSetting::Syncfs, &layout),
+            SyncMode::FileSystem
+        );
+
+        let mount_point = shared.path().join("dedicated");
+        std::fs::create_dir(&mount_point).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+            .arg(&mount_point)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped the dedicated case: cannot mount a tmpfs here (not root?)");
+            return;
+        }
+        let dedicated = Layout::new(&mount_point);
+        dedicated.create().unwrap();
+        let mode = sync_mode(config::SyncSetting::Auto, &dedicated);
+        let _ = std::process::Command::new("umount")
+            .arg(&mount_point)
+            .status();
+        assert_eq!(mode, SyncMode::FileSystem);
     }
 }
