@@ -247,8 +247,12 @@ impl SpoolWriter {
             batch_max,
             sync: options.sync,
             nameless,
+            spares: None,
             hook,
         };
+        if nameless {
+            worker.spares = Some(make_spares(worker.layout.clone(), batch_max * 2)?);
+        }
         let (durable_tx, durable_rx) = crossbeam_channel::bounded(0);
         let publisher_thread = std::thread::Builder::new()
             .name("spool-publish".into())
@@ -347,6 +351,8 @@ struct Worker {
     batch_max: usize,
     sync: SyncMode,
     nameless: bool,
+    /// Nameless files created ahead by the spare-file thread, when files are nameless.
+    spares: Option<Spares>,
     hook: Option<Arc<dyn PublishHook>>,
 }
 
@@ -549,12 +555,10 @@ impl Worker {
             }
         }
         if self.nameless {
-            let f = OpenOptions::new()
-                .write(true)
-                .mode(0o640)
-                .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
-                .open(self.layout.dir(Folder::Spool))?;
-            return Ok((f, None));
+            if let Some(f) = self.spares.as_ref().and_then(|s| s.files.try_recv().ok()) {
+                return Ok((f, None));
+            }
+            return Ok((new_nameless(&self.layout)?, None));
         }
         let path = self.layout.path(Folder::Tmp, id, part);
         let f = OpenOptions::new()
@@ -644,6 +648,53 @@ impl Publisher {
             other => other,
         }
     }
+}
+
+/// A new nameless file in `spool/`, for the writer to fill.
+fn new_nameless(layout: &Layout) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .mode(0o640)
+        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+        .open(layout.dir(Folder::Spool))
+}
+
+/// Keeps up to `count` nameless files ready for the writer, so that creating them (an inode
+/// allocation each, a fifth of a round's time on the writer thread when measured) happens
+/// while the writer waits for the device. Ends when the writer is gone. A file that cannot be
+/// created now (a full disk) is left to the writer, which reports the error to its request.
+fn make_spares(layout: Layout, count: usize) -> io::Result<Spares> {
+    let (tx, files) = crossbeam_channel::bounded(count);
+    let (alive, writer_alive) = crossbeam_channel::bounded::<()>(0);
+    std::thread::Builder::new()
+        .name("spool-spares".into())
+        .spawn(move || loop {
+            match new_nameless(&layout) {
+                Ok(f) => {
+                    if tx.send(f).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    if writer_alive.try_recv() == Err(crossbeam_channel::TryRecvError::Disconnected)
+                    {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })?;
+    Ok(Spares {
+        files,
+        _alive: alive,
+    })
+}
+
+/// The writer's end of the spare-file thread; dropping it ends the thread.
+struct Spares {
+    files: crossbeam_channel::Receiver<File>,
+    /// Never sent on: its drop tells the thread, should it be retrying a failed creation.
+    _alive: crossbeam_channel::Sender<()>,
 }
 
 /// How a nameless file is given a name.
