@@ -358,12 +358,13 @@ pub fn start_postfix(extra: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Deletes all of Postfix's queued mail; true if there was any (and the deletion is noted).
+/// Deletes all of Postfix's queued mail; true if that was many messages (and the deletion is
+/// noted, see `settle_after_deletions`).
 pub fn clear_postfix_queue() -> bool {
     let queued = Command::new("postqueue")
         .arg("-j")
         .output()
-        .map(|o| !o.stdout.is_empty())
+        .map(|o| o.stdout.iter().filter(|&&b| b == b'\n').count() > 100)
         .unwrap_or(false);
     let _ = Command::new("postsuper")
         .args(["-d", "ALL"])
