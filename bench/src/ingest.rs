@@ -426,7 +426,7 @@ pub fn run(a: Args) -> Result<()> {
             let base = a
                 .state_dir
                 .clone()
-                .unwrap_or_else(|| PathBuf::from("target"));
+                .unwrap_or_else(crate::scratch_base);
             std::fs::create_dir_all(&base)?;
             let dir = tempfile::tempdir_in(&base)?;
             fs = describe_fs(dir.path());
