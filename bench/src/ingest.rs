@@ -184,7 +184,10 @@ pub fn spoold_binary() -> Result<PathBuf> {
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "spoold", "--bin", "spoold"])
+        // The whole workspace, as `cargo build --release --workspace` builds it: building
+        // spoold alone resolves features differently and rebuilds (and deletes) files in
+        // target/ every time the two alternate.
+        .args(["build", "--release", "--workspace", "--bins"])
         .status()
         .context("build spoold")?;
     anyhow::ensure!(status.success(), "cargo build spoold failed");
