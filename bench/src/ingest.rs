@@ -426,10 +426,7 @@ pub fn run(a: Args) -> Result<()> {
         let mut results = Vec::new();
         let mut costs = Vec::new();
         for _ in 0..a.runs {
-            let base = a
-                .state_dir
-                .clone()
-                .unwrap_or_else(crate::scratch_base);
+            let base = a.state_dir.clone().unwrap_or_else(crate::scratch_base);
             std::fs::create_dir_all(&base)?;
             let dir = tempfile::tempdir_in(&base)?;
             fs = describe_fs(dir.path());

@@ -125,7 +125,11 @@ pub fn remove_scratch(dirs: Vec<tempfile::TempDir>) {
         }
         return;
     }
-    let many = dirs.iter().map(|d| count_files(d.path(), 1000)).sum::<usize>() >= 1000;
+    let many = dirs
+        .iter()
+        .map(|d| count_files(d.path(), 1000))
+        .sum::<usize>()
+        >= 1000;
     drop(dirs);
     if many {
         note_deletions();

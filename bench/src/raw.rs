@@ -151,9 +151,7 @@ pub fn envelope(id: &spool::MessageId, body: &[u8]) -> Envelope {
 }
 
 fn scratch(dir: &Option<std::path::PathBuf>) -> Result<tempfile::TempDir> {
-    let base = dir
-        .clone()
-        .unwrap_or_else(crate::scratch_base);
+    let base = dir.clone().unwrap_or_else(crate::scratch_base);
     std::fs::create_dir_all(&base)?;
     Ok(tempfile::tempdir_in(base)?)
 }

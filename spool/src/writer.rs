@@ -3,9 +3,10 @@
 //! A round takes every request that arrived while the previous round was in flight (at most
 //! `batch_max`), then:
 //! 1. writes each body and envelope into a nameless file (`O_TMPFILE` in `spool/`) and fsyncs
-//!    both — with io_uring all of these go to the kernel in one submit, as linked
-//!    `writev → fsync` chains, so the fsyncs run concurrently; the portable backend does the
-//!    same calls one after another;
+//!    both — with io_uring in two submits: every file's `write → sync_file_range` (data written
+//!    back), then every file's `fsync`, so that the fsyncs run concurrently and find little
+//!    left to do (see `write_and_sync_uring`: +13–31 % ingest here); the portable backend does
+//!    the same calls one after another;
 //! 2. links each body, then its envelope, into `spool/` under its name (`linkat`);
 //! 3. fsyncs `spool/` once;
 //! 4. completes every request of the round.
@@ -794,6 +795,10 @@ const BODY_WRITE: u64 = 0;
 const BODY_SYNC: u64 = 1;
 const ENV_WRITE: u64 = 2;
 const ENV_SYNC: u64 = 3;
+const BODY_WRITEBACK: u64 = 4;
+const ENV_WRITEBACK: u64 = 5;
+const STEPS: usize = 6;
+const STEP_BITS: u32 = 3;
 
 impl Job {
     fn body_len_pending(&self) -> usize {
@@ -818,18 +823,34 @@ impl Job {
     }
 }
 
-/// Submits every job's `writev → fsync` (body) and `write → fsync` (envelope) chains in one go
-/// (without the fsyncs when `fsync` is false) and waits for all of them. A job whose chain fell short (short write, cancelled link) stays
-/// unsynced so the portable path redoes it; only a failure of the ring itself is returned.
+/// Writes every job's files and, with `fsync`, makes them durable, in two submits:
+/// 1. each file's `write`, linked to a `sync_file_range` that writes its data back and waits;
+/// 2. an `fsync` of each file.
+///
+/// Why not one linked `write → fsync` per file: without a journal, ext4's fsync writes the
+/// inode's table block synchronously, one block holds 16 inodes, and concurrent fsyncs of
+/// neighbours take turns on it (each turn a device write) as delayed allocation keeps
+/// dirtying it. With every file's data and block allocation done first, the first fsync of a
+/// table block writes it with all its neighbours' final state, and theirs find it clean; the
+/// cache flushes of concurrent fsyncs are merged by the block layer. Each fsync still does its
+/// whole job: this only changes what is left for it to do.
+///
+/// A job whose chain fell short (short write, cancelled link) stays unsynced, so the portable
+/// path redoes it; only a failure of the ring itself is returned.
 fn write_and_sync_uring(
     ring: &mut io_uring::IoUring,
     jobs: &mut [Job],
     fsync: bool,
 ) -> io::Result<()> {
     use io_uring::{opcode, squeue::Flags, types::Fd};
-    let mut expected = 0usize;
     // Results per job and step; None = no completion seen.
-    let mut results: Vec<[Option<i32>; 4]> = vec![[None; 4]; jobs.len()];
+    let mut results: Vec<[Option<i32>; STEPS]> = vec![[None; STEPS]; jobs.len()];
+    let tag = |i: usize, step: u64| (i as u64) << STEP_BITS | step;
+    let writeback = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    let mut entries = Vec::with_capacity(jobs.len() * 4);
+    let mut fsyncs = Vec::with_capacity(jobs.len() * 2);
     for (i, job) in jobs.iter().enumerate() {
         if job.error.is_some() || job.iovecs.len() > IOV_MAX {
             continue;
@@ -837,7 +858,6 @@ fn write_and_sync_uring(
         let (Some(body), Some(env)) = (&job.body_file, &job.env_file) else {
             continue;
         };
-        let tag = |step: u64| (i as u64) << 2 | step;
         let body_fd = Fd(body.as_raw_fd());
         let env_fd = Fd(env.as_raw_fd());
         let link = if fsync {
@@ -845,63 +865,67 @@ fn write_and_sync_uring(
         } else {
             Flags::empty()
         };
-        let body_write = opcode::Writev::new(body_fd, job.iovecs.as_ptr(), job.iovecs.len() as u32)
-            .offset(job.body_offset)
-            .build()
-            .flags(link)
-            .user_data(tag(BODY_WRITE));
-        let env_len = job.req.envelope.len() as u32;
-        let env_write = opcode::Write::new(env_fd, job.req.envelope.as_ptr(), env_len)
-            .offset(0)
-            .build()
-            .flags(link)
-            .user_data(tag(ENV_WRITE));
-        let entries = if fsync {
-            vec![
-                body_write,
-                opcode::Fsync::new(body_fd)
+        entries.push(
+            opcode::Writev::new(body_fd, job.iovecs.as_ptr(), job.iovecs.len() as u32)
+                .offset(job.body_offset)
+                .build()
+                .flags(link)
+                .user_data(tag(i, BODY_WRITE)),
+        );
+        if fsync {
+            entries.push(
+                opcode::SyncFileRange::new(body_fd, 0)
+                    .flags(writeback)
                     .build()
-                    .user_data(tag(BODY_SYNC)),
-                env_write,
-                opcode::Fsync::new(env_fd).build().user_data(tag(ENV_SYNC)),
-            ]
+                    .user_data(tag(i, BODY_WRITEBACK)),
+            );
+        }
+        let env_len = job.req.envelope.len() as u32;
+        entries.push(
+            opcode::Write::new(env_fd, job.req.envelope.as_ptr(), env_len)
+                .offset(0)
+                .build()
+                .flags(link)
+                .user_data(tag(i, ENV_WRITE)),
+        );
+        if fsync {
+            entries.push(
+                opcode::SyncFileRange::new(env_fd, 0)
+                    .flags(writeback)
+                    .build()
+                    .user_data(tag(i, ENV_WRITEBACK)),
+            );
+            fsyncs.push((i, body_fd, BODY_SYNC));
+            fsyncs.push((i, env_fd, ENV_SYNC));
         } else {
             // The round's syncfs makes these durable.
-            results[i][BODY_SYNC as usize] = Some(0);
-            results[i][ENV_SYNC as usize] = Some(0);
-            vec![body_write, env_write]
-        };
-        for entry in entries {
-            // SAFETY: the fds, iovecs and buffers live in `jobs`, which outlives this function's
-            // wait for every completion below.
-            while unsafe { ring.submission().push(&entry) }.is_err() {
-                retry_eintr(|| ring.submit())?;
+            for step in [BODY_WRITEBACK, BODY_SYNC, ENV_WRITEBACK, ENV_SYNC] {
+                results[i][step as usize] = Some(0);
             }
-            expected += 1;
         }
     }
-    // Every submitted entry is waited for, even across signals (EINTR), so that no completion
-    // of this round can be mistaken for one of the next, and no buffer is released while the
-    // kernel may still use it.
-    let mut seen = 0;
-    while seen < expected {
-        retry_eintr(|| ring.submit_and_wait(1))?;
-        for cqe in ring.completion() {
-            let i = (cqe.user_data() >> 2) as usize;
-            let step = (cqe.user_data() & 3) as usize;
-            if let Some(r) = results.get_mut(i) {
-                r[step] = Some(cqe.result());
-            }
-            seen += 1;
-        }
+    submit_all(ring, &entries, &mut results)?;
+    if fsync {
+        let written = |i: usize| {
+            let r = &results[i];
+            r[BODY_WRITEBACK as usize] == Some(0) && r[ENV_WRITEBACK as usize] == Some(0)
+        };
+        let entries: Vec<_> = fsyncs
+            .into_iter()
+            .filter(|(i, _, _)| written(*i))
+            .map(|(i, fd, step)| opcode::Fsync::new(fd).build().user_data(tag(i, step)))
+            .collect();
+        submit_all(ring, &entries, &mut results)?;
     }
     for (job, res) in jobs.iter_mut().zip(results) {
         if job.error.is_some() || job.iovecs.len() > IOV_MAX {
             continue;
         }
         let body_ok = res[BODY_WRITE as usize] == Some(job.body_len_pending() as i32)
+            && res[BODY_WRITEBACK as usize] == Some(0)
             && res[BODY_SYNC as usize] == Some(0);
         let env_ok = res[ENV_WRITE as usize] == Some(job.req.envelope.len() as i32)
+            && res[ENV_WRITEBACK as usize] == Some(0)
             && res[ENV_SYNC as usize] == Some(0);
         let hard_error = res
             .iter()
@@ -912,6 +936,38 @@ fn write_and_sync_uring(
             (true, _) => job.synced = true,
             (false, Some(e)) => job.error = Some(e),
             (false, None) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Submits `entries` and waits for every one of their completions, recording each result by
+/// its tag (job index, step).
+fn submit_all(
+    ring: &mut io_uring::IoUring,
+    entries: &[io_uring::squeue::Entry],
+    results: &mut [[Option<i32>; STEPS]],
+) -> io::Result<()> {
+    for entry in entries {
+        // SAFETY: the fds, iovecs and buffers live in the jobs, which outlive this function's
+        // wait for every completion below.
+        while unsafe { ring.submission().push(entry) }.is_err() {
+            retry_eintr(|| ring.submit())?;
+        }
+    }
+    // Every submitted entry is waited for, even across signals (EINTR), so that no completion
+    // of this round can be mistaken for one of the next, and no buffer is released while the
+    // kernel may still use it.
+    let mut seen = 0;
+    while seen < entries.len() {
+        retry_eintr(|| ring.submit_and_wait(1))?;
+        for cqe in ring.completion() {
+            let i = (cqe.user_data() >> STEP_BITS) as usize;
+            let step = (cqe.user_data() & ((1 << STEP_BITS) - 1)) as usize;
+            if let Some(r) = results.get_mut(i).and_then(|r| r.get_mut(step)) {
+                *r = Some(cqe.result());
+            }
+            seen += 1;
         }
     }
     Ok(())
