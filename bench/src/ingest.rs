@@ -183,6 +183,7 @@ pub fn spoold_binary() -> Result<PathBuf> {
         return Ok(PathBuf::from(bin));
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let started = Instant::now();
     let status = Command::new(cargo)
         // The whole workspace, as `cargo build --release --workspace` builds it: building
         // spoold alone resolves features differently and rebuilds (and deletes) files in
@@ -191,6 +192,14 @@ pub fn spoold_binary() -> Result<PathBuf> {
         .status()
         .context("build spoold")?;
     anyhow::ensure!(status.success(), "cargo build spoold failed");
+    if started.elapsed() > Duration::from_secs(5) {
+        // A build writes (and replaces) hundreds of MB; measured right after it, the disk is
+        // still busy with them.
+        eprintln!("pausing 30 s after the build");
+        // SAFETY: sync(2) has no preconditions.
+        unsafe { libc::sync() };
+        std::thread::sleep(Duration::from_secs(30));
+    }
     let exe = std::env::current_exe()?;
     Ok(exe.with_file_name("spoold"))
 }
@@ -421,11 +430,25 @@ pub fn run(a: Args) -> Result<()> {
     // thousands of files before a run slows the next one (see `settle_after_deletions`), and
     // that would favour whichever server runs first.
     let mut keep = Vec::new();
-    let mut ours: Vec<(String, Vec<RunResult>, Vec<Cost>)> = Vec::new();
-    for sync in &a.sync {
-        let mut results = Vec::new();
-        let mut costs = Vec::new();
-        for _ in 0..a.runs {
+    let mut theirs = Vec::new();
+    if a.compare_postfix {
+        start_postfix(&[
+            "smtpd_client_restrictions = check_client_access static:HOLD",
+            "relayhost =",
+        ])?;
+        if clear_postfix_queue() {
+            crate::settle_after_deletions();
+        }
+    }
+    let mut ours: Vec<(String, Vec<RunResult>, Vec<Cost>)> = a
+        .sync
+        .iter()
+        .map(|s| (s.clone(), Vec::new(), Vec::new()))
+        .collect();
+    // Runs interleave (fsync, syncfs, Postfix, fsync, ...), so that whatever drifts on the
+    // machine during the benchmark weighs on every server alike.
+    for _ in 0..a.runs {
+        for (sync, results, costs) in ours.iter_mut() {
             let base = a.state_dir.clone().unwrap_or_else(crate::scratch_base);
             std::fs::create_dir_all(&base)?;
             let dir = tempfile::tempdir_in(&base)?;
@@ -446,20 +469,11 @@ pub fn run(a: Args) -> Result<()> {
             drop(d);
             keep.push(dir);
         }
-        ours.push((sync.clone(), results, costs));
-    }
-    let mut theirs = Vec::new();
-    if a.compare_postfix {
-        start_postfix(&[
-            "smtpd_client_restrictions = check_client_access static:HOLD",
-            "relayhost =",
-        ])?;
-        if clear_postfix_queue() {
-            crate::settle_after_deletions();
-        }
-        for _ in 0..a.runs {
+        if a.compare_postfix {
             theirs.push(load(a.postfix_addr, a.shape())?);
         }
+    }
+    if a.compare_postfix {
         clear_postfix_queue();
     }
     println!(
