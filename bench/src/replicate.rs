@@ -23,6 +23,11 @@ pub struct Args {
     /// Offered load in msgs/s (paced over the sessions); default: as fast as the server answers.
     #[arg(long)]
     rate: Option<f64>,
+    /// Directory for the partner's state (default: beside the active unit's, on the same
+    /// disk). A tmpfs such as /dev/shm takes the partner's writes off the active unit's disk,
+    /// as a real pair's second machine does; the two still share the CPUs.
+    #[arg(long)]
+    partner_dir: Option<std::path::PathBuf>,
 }
 
 fn quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
@@ -96,8 +101,14 @@ pub fn run(a: Args) -> Result<()> {
             } else {
                 let (ca, cb) = pair_configs(&sub)?;
                 let extra = format!("replication = \"{mode}\"\n");
-                let _b =
-                    Spoold::start_config(&bin, &sub.join("b"), &format!("{cb}{extra}"), false)?;
+                let partner_scratch = match &a.partner_dir {
+                    Some(p) => Some(tempfile::tempdir_in(p)?),
+                    None => None,
+                };
+                let b_state = partner_scratch
+                    .as_ref()
+                    .map_or_else(|| sub.join("b"), |d| d.path().join("b"));
+                let _b = Spoold::start_config(&bin, &b_state, &format!("{cb}{extra}"), false)?;
                 let node_a =
                     Spoold::start_config(&bin, &sub.join("a"), &format!("{ca}{extra}"), false)?;
                 let deadline = Instant::now() + Duration::from_secs(10);
@@ -132,8 +143,12 @@ pub fn run(a: Args) -> Result<()> {
         format!("offered {r:.0} msgs/s")
     });
     println!(
-        "replicate: {} sessions, {} messages of {} B per run ({offered}), median of {} runs, both units on this machine",
-        a.sessions, a.messages, a.size, a.runs
+        "replicate: {} sessions, {} messages of {} B per run ({offered}), median of {} runs, both units on this machine; partner's spool on {}",
+        a.sessions,
+        a.messages,
+        a.size,
+        a.runs,
+        crate::describe_fs(a.partner_dir.as_deref().unwrap_or(&crate::scratch_base()))
     );
     println!(
         "{:<12} {:>10} {:>14} {:>12} {:>12}",
@@ -165,7 +180,7 @@ pub fn run(a: Args) -> Result<()> {
         rate["off"] / rate["sync"]
     );
     println!(
-        "lag: local commit -> partner ack, quantiles interpolated in spoold_ha_replication_lag_seconds buckets; both units share this machine's disk and cores"
+        "lag: local commit -> partner ack, quantiles interpolated in spoold_ha_replication_lag_seconds buckets"
     );
     crate::remove_scratch(keep);
     Ok(())
