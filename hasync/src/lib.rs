@@ -445,6 +445,12 @@ impl Replicator {
     ) -> Result<Option<u64>, LinkError> {
         let id = a.id.to_string();
         if a.kind == Kind::Add {
+            // Asked before looking for the files: asked after, the writer could publish the
+            // message between a look that finds nothing and the answer "not publishing", and
+            // a message that exists would be sent as gone.
+            if self.log.is_publishing(&a.id) {
+                return Ok(None);
+            }
             for folder in [Folder::Spool, Folder::Vscan, Folder::Quarantine] {
                 let env_path = self.layout.path(folder, &a.id, Part::Env);
                 let Ok(env) = std::fs::read(&env_path) else {
@@ -470,9 +476,6 @@ impl Replicator {
                 };
                 link::write_frame(w, &frame, body.bytes()).await?;
                 return Ok(Some(sent));
-            }
-            if self.log.is_publishing(&a.id) {
-                return Ok(None);
             }
             tracing::debug!(id = %a.id, seq = a.seq, "message gone before it was shipped; sending DELETE");
         }
