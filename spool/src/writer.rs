@@ -160,12 +160,10 @@ pub struct CommitRequest {
     pub replicate: bool,
 }
 
-/// Called once per round, on a thread of its own while the round's files are being made
-/// durable and before any of them is named in `spool/`, with the ids that may be published. If
-/// it fails, those messages fail (their files are removed). An id it was given may still fail
-/// afterwards (a write error); `after_publish` reports it all the same. Replication appends its
-/// `ADD` actions here, so the log knows every message the spool has, across any crash (and
-/// sends a `DELETE` for an `ADD` whose message is gone).
+/// Called by the writer thread after a round's files are durable in `tmp/` and before they are
+/// renamed into `spool/`, with the ids that will be published. If it fails, those messages fail
+/// (their files are removed). Replication appends its `ADD` actions here, so the log always
+/// knows every message the spool has, across any crash.
 pub trait PublishHook: Send + Sync {
     /// Records the ids; must be durable when it returns.
     /// Returns one sequence number per id, in order.
@@ -411,58 +409,9 @@ impl Worker {
     fn make_durable(&mut self, batch: Vec<CommitRequest>) -> DurableRound {
         let started = Instant::now();
         let mut jobs: Vec<Job> = batch.into_iter().map(|req| self.open(req)).collect();
-        // The publish hook logs the round's ids on a thread of its own while the files are
-        // written and synced, so that its commit (an LMDB transaction, two flushes) overlaps
-        // theirs instead of following it. An id logged whose message then fails is harmless:
-        // the replication sender sends a DELETE for an ADD whose message is gone.
-        let logged: Vec<usize> = match &self.hook {
-            Some(_) => jobs
-                .iter()
-                .enumerate()
-                .filter(|(_, j)| j.error.is_none() && j.req.replicate)
-                .map(|(i, _)| i)
-                .collect(),
-            None => Vec::new(),
-        };
-        let announced: Vec<MessageId> = logged.iter().map(|&i| jobs[i].req.id.clone()).collect();
-        let hook = self.hook.clone().filter(|_| !announced.is_empty());
-        let log_result = std::thread::scope(|s| {
-            let logging = hook
-                .as_ref()
-                .map(|hook| s.spawn(|| hook.before_publish(&announced.iter().collect::<Vec<_>>())));
-            self.write_and_sync(&mut jobs);
-            logging.map(|t| {
-                t.join()
-                    .unwrap_or_else(|_| Err(io::Error::other("publish hook panicked")))
-            })
-        });
-        match log_result {
-            Some(Ok(seqs)) => {
-                for (&i, seq) in logged.iter().zip(seqs) {
-                    jobs[i].log_seq = Some(seq);
-                }
-            }
-            Some(Err(e)) => {
-                for &i in &logged {
-                    jobs[i].error.get_or_insert_with(|| {
-                        io::Error::new(e.kind(), format!("replication log: {e}"))
-                    });
-                }
-            }
-            None => {}
-        }
-        DurableRound {
-            jobs,
-            announced,
-            started,
-        }
-    }
-
-    /// Writes every sound job's files and makes them durable (per file or per file system).
-    fn write_and_sync(&mut self, jobs: &mut [Job]) {
         let per_file = self.sync == SyncMode::PerFile;
         if let Some(ring) = self.ring.as_mut() {
-            if let Err(e) = write_and_sync_uring(ring, jobs, per_file) {
+            if let Err(e) = write_and_sync_uring(ring, &mut jobs, per_file) {
                 tracing::error!(error = %e, "io_uring submit failed; finishing round with the portable path");
             }
         }
@@ -481,6 +430,39 @@ impl Worker {
                     job.error = Some(io::Error::new(e.kind(), format!("syncfs: {e}")));
                 }
             }
+        }
+        let mut announced: Vec<MessageId> = Vec::new();
+        if let Some(hook) = &self.hook {
+            let ids: Vec<&MessageId> = jobs
+                .iter()
+                .filter(|j| j.error.is_none() && j.req.replicate)
+                .map(|j| &j.req.id)
+                .collect();
+            if !ids.is_empty() {
+                announced = ids.iter().map(|id| (*id).clone()).collect();
+                let result = hook.before_publish(&ids);
+                let logged = jobs
+                    .iter_mut()
+                    .filter(|j| j.error.is_none() && j.req.replicate);
+                match result {
+                    Ok(seqs) => {
+                        for (job, seq) in logged.zip(seqs) {
+                            job.log_seq = Some(seq);
+                        }
+                    }
+                    Err(e) => {
+                        for job in logged {
+                            job.error =
+                                Some(io::Error::new(e.kind(), format!("replication log: {e}")));
+                        }
+                    }
+                }
+            }
+        }
+        DurableRound {
+            jobs,
+            announced,
+            started,
         }
     }
 }
