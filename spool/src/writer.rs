@@ -865,6 +865,12 @@ fn write_and_sync_uring(
         } else {
             Flags::empty()
         };
+        let written_back = |fd: Fd, step: u64| {
+            opcode::SyncFileRange::new(fd, 0)
+                .flags(writeback)
+                .build()
+                .user_data(tag(i, step))
+        };
         entries.push(
             opcode::Writev::new(body_fd, job.iovecs.as_ptr(), job.iovecs.len() as u32)
                 .offset(job.body_offset)
@@ -873,12 +879,7 @@ fn write_and_sync_uring(
                 .user_data(tag(i, BODY_WRITE)),
         );
         if fsync {
-            entries.push(
-                opcode::SyncFileRange::new(body_fd, 0)
-                    .flags(writeback)
-                    .build()
-                    .user_data(tag(i, BODY_WRITEBACK)),
-            );
+            entries.push(written_back(body_fd, BODY_WRITEBACK));
         }
         let env_len = job.req.envelope.len() as u32;
         entries.push(
@@ -889,12 +890,7 @@ fn write_and_sync_uring(
                 .user_data(tag(i, ENV_WRITE)),
         );
         if fsync {
-            entries.push(
-                opcode::SyncFileRange::new(env_fd, 0)
-                    .flags(writeback)
-                    .build()
-                    .user_data(tag(i, ENV_WRITEBACK)),
-            );
+            entries.push(written_back(env_fd, ENV_WRITEBACK));
             fsyncs.push((i, body_fd, BODY_SYNC));
             fsyncs.push((i, env_fd, ENV_SYNC));
         } else {
