@@ -36,6 +36,9 @@ pub struct Args {
     /// them; see BENCHMARKS.md). Each run still pays for its own deletions, as a gateway does.
     #[arg(long, default_value_t = 35)]
     settle: u64,
+    /// spoold's `spool.sync`: `auto` (the default: fsync here), `fsync` or `syncfs`.
+    #[arg(long, default_value = "auto")]
+    sync: String,
 }
 
 /// smtp-sink that exits after `n` messages: its exit marks the last delivery.
@@ -112,7 +115,8 @@ fn run_spoold(a: &Args, clamd_sock: Option<&Path>) -> Result<f64> {
         .map(|p| format!("[filter]\nclamd = \"unix:{}\"\n", p.display()))
         .unwrap_or_default();
     let config = format!(
-        "[delivery]\ndefault_next_hop = \"{sink_addr}\"\nconcurrency_max = 20\nper_destination_max = 20\n{filter}"
+        "[spool]\nsync = \"{}\"\n[delivery]\ndefault_next_hop = \"{sink_addr}\"\nconcurrency_max = 20\nper_destination_max = 20\n{filter}",
+        a.sync
     );
     let sink = sink(sink_addr, a.messages)?;
     let d = Spoold::start_config(&bin, &dir.path().join("state"), &config, true)?;
@@ -177,8 +181,8 @@ pub fn run(a: Args) -> Result<()> {
     let _ = clam.wait();
     crate::note_deletions();
     println!(
-        "relay: {} sessions, {} messages of {} B per run, SMTP in → spool → SMTP out to smtp-sink, median of {} runs",
-        a.sessions, a.messages, a.size, a.runs
+        "relay: {} sessions, {} messages of {} B per run, SMTP in → spool → SMTP out to smtp-sink, median of {} runs; spool.sync = {}",
+        a.sessions, a.messages, a.size, a.runs, a.sync
     );
     println!("{:<28} {:>10}", "setup", "msgs/s");
     let p = median(plain);
