@@ -241,6 +241,11 @@ impl SpoolWriter {
                 "written in tmp/ and renamed into spool/"
             }
         );
+        let spares = if nameless {
+            Some(make_spares(layout.clone(), batch_max * 2)?)
+        } else {
+            None
+        };
         let mut worker = Worker {
             layout,
             spool_dir,
@@ -248,12 +253,9 @@ impl SpoolWriter {
             batch_max,
             sync: options.sync,
             nameless,
-            spares: None,
+            spares,
             hook,
         };
-        if nameless {
-            worker.spares = Some(make_spares(worker.layout.clone(), batch_max * 2)?);
-        }
         let (durable_tx, durable_rx) = crossbeam_channel::bounded(0);
         let publisher_thread = std::thread::Builder::new()
             .name("spool-publish".into())
@@ -752,12 +754,7 @@ fn probe_nameless(layout: &Layout) -> Option<LinkBy> {
     let attempt = |by: LinkBy| {
         let _ = std::fs::remove_file(&probe);
         let tmp_dir = File::open(layout.dir(Folder::Tmp))?;
-        let result = OpenOptions::new()
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
-            .open(layout.dir(Folder::Spool))
-            .and_then(|f| link_nameless(&f, by, &tmp_dir, &cname));
+        let result = new_nameless(layout).and_then(|f| link_nameless(&f, by, &tmp_dir, &cname));
         let _ = std::fs::remove_file(&probe);
         result
     };

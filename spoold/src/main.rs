@@ -161,20 +161,19 @@ fn sync_mode(setting: config::SyncSetting, layout: &Layout) -> spool::writer::Sy
                 .and_then(|p| device(&p));
             let folders_inside = Folder::ALL.iter().all(|f| device(&layout.dir(*f)) == own);
             let dedicated = own.is_some() && own != parent && folders_inside;
-            tracing::info!(
-                dedicated,
-                "spool.sync = auto: {}",
-                if dedicated {
-                    "syncfs, the state directory is the root of its own file system"
-                } else {
-                    "fsync per file, the state directory shares its file system"
-                }
-            );
-            if dedicated {
-                SyncMode::FileSystem
+            let (mode, why) = if dedicated {
+                (
+                    SyncMode::FileSystem,
+                    "syncfs, the state directory is the root of its own file system",
+                )
             } else {
-                SyncMode::PerFile
-            }
+                (
+                    SyncMode::PerFile,
+                    "fsync per file, the state directory shares its file system",
+                )
+            };
+            tracing::info!(dedicated, "spool.sync = auto: {why}");
+            mode
         }
     }
 }
