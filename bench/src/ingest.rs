@@ -449,9 +449,7 @@ pub fn run(a: Args) -> Result<()> {
     // machine during the benchmark weighs on every server alike.
     for _ in 0..a.runs {
         for (sync, results, costs) in ours.iter_mut() {
-            let base = a.state_dir.clone().unwrap_or_else(crate::scratch_base);
-            std::fs::create_dir_all(&base)?;
-            let dir = tempfile::tempdir_in(&base)?;
+            let dir = crate::scratch_dir(a.state_dir.as_deref())?;
             fs = describe_fs(dir.path());
             let d = Spoold::start(&bin, &dir.path().join("state"), sync)?;
             let cpu_before = d.cpu_seconds();

@@ -100,6 +100,13 @@ pub fn scratch_base() -> std::path::PathBuf {
     base
 }
 
+/// A new scratch directory under `base` (created if need be), or under [`scratch_base`].
+pub fn scratch_dir(base: Option<&std::path::Path>) -> anyhow::Result<tempfile::TempDir> {
+    let base = base.map_or_else(scratch_base, std::path::Path::to_path_buf);
+    std::fs::create_dir_all(&base)?;
+    Ok(tempfile::tempdir_in(base)?)
+}
+
 /// Where the time of the benchmarks' last large deletion is kept.
 const DELETED_AT: &str = "target/bench-deleted-at";
 

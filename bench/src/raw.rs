@@ -150,18 +150,12 @@ pub fn envelope(id: &spool::MessageId, body: &[u8]) -> Envelope {
     Envelope::new(id.clone(), "bench@example.com", &["sink@example.org"], body)
 }
 
-fn scratch(dir: &Option<std::path::PathBuf>) -> Result<tempfile::TempDir> {
-    let base = dir.clone().unwrap_or_else(crate::scratch_base);
-    std::fs::create_dir_all(&base)?;
-    Ok(tempfile::tempdir_in(base)?)
-}
-
 /// A new scratch directory that stays until `keep` is dropped.
 fn kept_scratch(
     dir: &Option<std::path::PathBuf>,
     keep: &mut Vec<tempfile::TempDir>,
 ) -> Result<std::path::PathBuf> {
-    let d = scratch(dir)?;
+    let d = crate::scratch_dir(dir.as_deref())?;
     let path = d.path().to_path_buf();
     keep.push(d);
     Ok(path)
@@ -203,7 +197,7 @@ pub fn run(a: RawArgs) -> Result<()> {
         ),
     ];
     rows.extend(writers.iter().map(|w| (w.0, vec![])));
-    let probe = scratch(&a.dir)?;
+    let probe = crate::scratch_dir(a.dir.as_deref())?;
     let fs = describe_fs(probe.path());
     // Every scratch directory lives until the end: deleting thousands of files just before a
     // measurement slows the next one down (see `settle_after_deletions`).
@@ -260,7 +254,7 @@ pub struct RecoveryArgs {
 }
 
 pub fn recovery(a: RecoveryArgs) -> Result<()> {
-    let d = scratch(&a.dir)?;
+    let d = crate::scratch_dir(a.dir.as_deref())?;
     let layout = Layout::new(d.path().join("state"));
     layout.create()?;
     let t = Instant::now();

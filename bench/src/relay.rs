@@ -109,7 +109,7 @@ fn clamd(dir: &Path) -> Result<Child> {
 
 fn run_spoold(a: &Args, clamd_sock: Option<&Path>) -> Result<f64> {
     let bin = spoold_binary()?;
-    let dir = tempfile::tempdir_in(crate::scratch_base())?;
+    let dir = crate::scratch_dir(None)?;
     let sink_addr = free_addr()?;
     let filter = clamd_sock
         .map(|p| format!("[filter]\nclamd = \"unix:{}\"\n", p.display()))

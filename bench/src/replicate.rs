@@ -90,7 +90,7 @@ pub fn run(a: Args) -> Result<()> {
     crate::settle_after_deletions();
     let mut keep = Vec::new();
     for _ in 0..a.runs {
-        let dir = tempfile::tempdir_in(crate::scratch_base())?;
+        let dir = crate::scratch_dir(None)?;
         for (mode, runs) in modes.iter_mut() {
             let sub = dir.path().join(*mode);
             std::fs::create_dir_all(&sub)?;
