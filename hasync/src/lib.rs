@@ -877,17 +877,7 @@ mod tests {
         let layout = Layout::new(dir.path().join("state"));
         layout.create().unwrap();
         let log = Arc::new(TxLog::open(&dir.path().join("log"), 100).unwrap());
-        let cert = rcgen::generate_simple_self_signed(vec!["spoolpair-peer".into()]).unwrap();
-        let key =
-            rustls::pki_types::PrivateKeyDer::try_from(cert.key_pair.serialize_der()).unwrap();
-        let link = LinkConfig::new(
-            "a".into(),
-            b"s".to_vec(),
-            1,
-            vec![cert.cert.der().clone()],
-            key,
-        )
-        .unwrap();
+        let link = link::test_config("a", b"s");
         let replicator = Replicator::new(
             ReplicatorConfig {
                 link,

@@ -336,22 +336,26 @@ pub fn spawn_reader(
     rx
 }
 
+/// A link identity with a fresh self-signed certificate, for this crate's tests.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn test_config(node: &str, secret: &[u8]) -> LinkConfig {
+    let cert = rcgen::generate_simple_self_signed(vec!["spoolpair-peer".into()]).unwrap();
+    let key = PrivateKeyDer::try_from(cert.key_pair.serialize_der()).unwrap();
+    LinkConfig::new(
+        node.into(),
+        secret.to_vec(),
+        1,
+        vec![cert.cert.der().clone()],
+        key,
+    )
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_config as config;
     use super::*;
-
-    fn config(node: &str, secret: &[u8]) -> LinkConfig {
-        let cert = rcgen::generate_simple_self_signed(vec!["spoolpair-peer".into()]).unwrap();
-        let key = PrivateKeyDer::try_from(cert.key_pair.serialize_der()).unwrap();
-        LinkConfig::new(
-            node.into(),
-            secret.to_vec(),
-            1,
-            vec![cert.cert.der().clone()],
-            key,
-        )
-        .unwrap()
-    }
 
     async fn pair(
         a: LinkConfig,
