@@ -474,6 +474,26 @@ pub struct Dumped {
     pub message: String,
 }
 
+/// The text of one smtp-sink dump file once smtp-sink has finished it: it has the envelope
+/// headers, ends with the blank line smtp-sink adds after each message, and has not changed
+/// for 50 ms. Gives up after 5 s and returns what is there.
+fn read_finished_dump(path: &std::path::Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
+        let settled = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= Duration::from_millis(50));
+        let looks_done = text.contains("X-Rcpt-Args: ") && text.ends_with("\n\n");
+        if (looks_done && settled) || Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl SmtpSink {
     /// Starts smtp-sink on a free loopback port (as `nobody`, which it requires under root).
     pub fn start() -> SmtpSink {
@@ -517,11 +537,13 @@ impl SmtpSink {
     }
 
     /// Every transaction dumped so far.
+    /// Every message the sink has finished receiving so far, parsed. A dump file that
+    /// smtp-sink is still writing is waited for (up to 5 s), so a count or a content check
+    /// never sees half a message.
     pub fn dumped(&self) -> Vec<Dumped> {
         let mut out = Vec::new();
         for e in std::fs::read_dir(&self.dir).unwrap() {
-            let text =
-                String::from_utf8_lossy(&std::fs::read(e.unwrap().path()).unwrap()).into_owned();
+            let text = read_finished_dump(&e.unwrap().path());
             let mut mail_args = String::new();
             let mut rcpt_args = Vec::new();
             let mut rest = text.as_str();
