@@ -338,8 +338,9 @@ impl Replicator {
                     .pending_after(next, room)
                     .map_err(|e| LinkError::Protocol(e.to_string()))?;
                 let mut shipped = 0;
+                let mut batch = link::FrameBatch::default();
                 for a in &actions {
-                    let Some(sent) = self.ship(&mut w, a).await? else {
+                    let Some(sent) = self.ship(&mut batch, a) else {
                         // Logged but not yet renamed into spool/: try again shortly.
                         publishing = true;
                         break;
@@ -354,6 +355,7 @@ impl Replicator {
                     }
                 }
                 if shipped > 0 {
+                    batch.write_to(&mut w).await?;
                     w.flush().await?;
                     if !publishing {
                         continue;
@@ -435,21 +437,17 @@ impl Replicator {
         }
     }
 
-    /// Sends one action; an `ADD` whose message is gone by now is sent as a `DELETE`. Returns
-    /// the bytes sent, or `None` for an `ADD` whose message is still being published (its files
+    /// Queues one action in `batch`; an `ADD` whose message is gone by now goes as a `DELETE`.
+    /// Returns the bytes queued, or `None` for an `ADD` whose message is still being published (its files
     /// are in `tmp/` or half renamed): that one must wait.
-    async fn ship<W: tokio::io::AsyncWrite + Unpin>(
-        &self,
-        w: &mut W,
-        a: &txlog::Action,
-    ) -> Result<Option<u64>, LinkError> {
+    fn ship(&self, batch: &mut link::FrameBatch, a: &txlog::Action) -> Option<u64> {
         let id = a.id.to_string();
         if a.kind == Kind::Add {
             // Asked before looking for the files: asked after, the writer could publish the
             // message between a look that finds nothing and the answer "not publishing", and
             // a message that exists would be sent as gone.
             if self.log.is_publishing(&a.id) {
-                return Ok(None);
+                return None;
             }
             for folder in [Folder::Spool, Folder::Vscan, Folder::Quarantine] {
                 let env_path = self.layout.path(folder, &a.id, Part::Env);
@@ -474,13 +472,13 @@ impl Replicator {
                     env: Bytes::from(env),
                     body: Bytes::new(),
                 };
-                link::write_frame(w, &frame, body.bytes()).await?;
-                return Ok(Some(sent));
+                batch.push(&frame, Some(body));
+                return Some(sent);
             }
             tracing::debug!(id = %a.id, seq = a.seq, "message gone before it was shipped; sending DELETE");
         }
-        link::write_frame(w, &Frame::Delete { seq: a.seq, id }, &[]).await?;
-        Ok(Some(0))
+        batch.push(&Frame::Delete { seq: a.seq, id }, None);
+        Some(0)
     }
 
     /// Runs the receiver: accept partner links and apply what they send.
@@ -895,10 +893,10 @@ mod tests {
         log.append(&[(Kind::Add, &id)], now_ms()).unwrap();
         let action = log.pending_after(0, 10).unwrap().remove(0);
 
-        let mut wire = Vec::new();
-        assert_eq!(replicator.ship(&mut wire, &action).await.unwrap(), None);
+        let mut batch = link::FrameBatch::default();
+        assert_eq!(replicator.ship(&mut batch, &action), None);
         assert!(
-            wire.is_empty(),
+            batch.is_empty(),
             "nothing is sent while the message is being published"
         );
 
@@ -907,7 +905,9 @@ mod tests {
         std::fs::write(layout.path(Folder::Spool, &id, Part::Body), body).unwrap();
         std::fs::write(layout.path(Folder::Spool, &id, Part::Env), env.encode()).unwrap();
         log.mark_published(&[&id]);
-        let sent = replicator.ship(&mut wire, &action).await.unwrap();
+        let sent = replicator.ship(&mut batch, &action);
+        let mut wire = Vec::new();
+        batch.write_to(&mut wire).await.unwrap();
         assert!(
             sent.is_some_and(|n| n > body.len() as u64),
             "sent as an ADD: {sent:?}"
@@ -918,8 +918,7 @@ mod tests {
         );
 
         layout.remove_pair(&id, Folder::Spool).unwrap();
-        let mut wire = Vec::new();
-        assert_eq!(replicator.ship(&mut wire, &action).await.unwrap(), Some(0));
-        assert!(!wire.is_empty(), "a DELETE frame went out");
+        assert_eq!(replicator.ship(&mut batch, &action), Some(0));
+        assert!(!batch.is_empty(), "a DELETE frame is queued");
     }
 }

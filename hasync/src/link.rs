@@ -161,6 +161,99 @@ pub async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(
     Ok(())
 }
 
+/// Frames queued for one vectored write: their heads, and `Add` bodies still in their
+/// memory maps. A window's worth of frames then leaves in a few TLS records and system calls
+/// instead of two of each per frame (measured per frame before: a record and a `sendto` for
+/// the head, the same for the body), and no body is copied before TLS encrypts it.
+#[derive(Default)]
+pub struct FrameBatch {
+    pieces: std::collections::VecDeque<Piece>,
+    /// Bytes of the front piece already written.
+    offset: usize,
+    remaining: usize,
+}
+
+enum Piece {
+    Head(BytesMut),
+    Body(spool::MappedBody),
+}
+
+impl Piece {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Piece::Head(h) => h,
+            Piece::Body(b) => b.bytes(),
+        }
+    }
+}
+
+impl FrameBatch {
+    /// Queues `f`, followed by `body` (an `Add`'s).
+    pub fn push(&mut self, f: &Frame, body: Option<spool::MappedBody>) {
+        let body_len = body.as_ref().map_or(0, |b| b.bytes().len());
+        let head = f.encode_head(body_len);
+        self.remaining += head.len() + body_len;
+        self.pieces.push_back(Piece::Head(head));
+        if let Some(body) = body.filter(|b| !b.bytes().is_empty()) {
+            self.pieces.push_back(Piece::Body(body));
+        }
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.remaining == 0
+    }
+
+    /// Writes every queued frame (the caller flushes).
+    pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> Result<(), LinkError> {
+        w.write_all_buf(self).await?;
+        Ok(())
+    }
+}
+
+impl bytes::Buf for FrameBatch {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.pieces
+            .front()
+            .map_or(&[], |p| &p.bytes()[self.offset..])
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        assert!(n <= self.remaining, "advance past the end of a FrameBatch");
+        self.remaining -= n;
+        while n > 0 {
+            let Some(front) = self.pieces.front() else {
+                break;
+            };
+            let left = front.bytes().len() - self.offset;
+            if n < left {
+                self.offset += n;
+                return;
+            }
+            n -= left;
+            self.offset = 0;
+            self.pieces.pop_front();
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [std::io::IoSlice<'a>]) -> usize {
+        let mut filled = 0;
+        for (i, piece) in self.pieces.iter().enumerate() {
+            let Some(slot) = dst.get_mut(filled) else {
+                break;
+            };
+            let from = if i == 0 { self.offset } else { 0 };
+            *slot = std::io::IoSlice::new(&piece.bytes()[from..]);
+            filled += 1;
+        }
+        filled
+    }
+}
+
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     cfg: &LinkConfig,
@@ -356,6 +449,116 @@ pub(crate) fn test_config(node: &str, secret: &[u8]) -> LinkConfig {
 mod tests {
     use super::test_config as config;
     use super::*;
+    use bytes::Bytes;
+
+    /// Takes at most 7 bytes per write, vectored or not, like a congested socket.
+    struct Trickle(Vec<u8>);
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = buf.len().min(7);
+            self.0.extend_from_slice(&buf[..n]);
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(7 - n);
+                self.0.extend_from_slice(&b[..take]);
+                n += take;
+                if n == 7 {
+                    break;
+                }
+            }
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_batch_written_in_pieces_reads_back_frame_for_frame() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let mapped = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            let sha: [u8; 32] = sha2::Sha256::digest(bytes).into();
+            spool::MappedBody::open_verified(&path, bytes.len() as u64, &sha).unwrap()
+        };
+        let add = |seq, env: &'static [u8]| Frame::Add {
+            seq,
+            id: format!("id{seq}"),
+            env: Bytes::from_static(env),
+            body: Bytes::new(),
+        };
+        let mut batch = FrameBatch::default();
+        batch.push(&add(1, b"env one\n"), Some(mapped("1", b"body one\r\n")));
+        batch.push(
+            &Frame::Delete {
+                seq: 2,
+                id: "id2".into(),
+            },
+            None,
+        );
+        batch.push(&add(3, b"env three\n"), Some(mapped("3", b"")));
+        batch.push(&add(4, b""), Some(mapped("4", &[b'x'; 5000])));
+        let mut out = Trickle(Vec::new());
+        batch.write_to(&mut out).await.unwrap();
+        assert!(batch.is_empty());
+
+        let mut wire = &out.0[..];
+        let mut read = Vec::new();
+        while !wire.is_empty() {
+            read.push(read_frame(&mut wire).await.unwrap());
+        }
+        let with_body = |f: Frame, body: &[u8]| match f {
+            Frame::Add { seq, id, env, .. } => Frame::Add {
+                seq,
+                id,
+                env,
+                body: Bytes::copy_from_slice(body),
+            },
+            other => other,
+        };
+        assert_eq!(
+            read,
+            vec![
+                with_body(add(1, b"env one\n"), b"body one\r\n"),
+                Frame::Delete {
+                    seq: 2,
+                    id: "id2".into()
+                },
+                add(3, b"env three\n"),
+                with_body(add(4, b""), &[b'x'; 5000]),
+            ]
+        );
+    }
 
     async fn pair(
         a: LinkConfig,
