@@ -217,6 +217,15 @@ pub struct Spoold {
     pub http: SocketAddr,
 }
 
+/// The value of the unlabelled sample `name` in a `/metrics` text.
+pub fn metric_value(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+}
+
 impl Spoold {
     fn start(bin: &PathBuf, state: &std::path::Path, sync: &str) -> Result<Spoold> {
         Self::start_config(bin, state, &format!("[spool]\nsync = \"{sync}\"\n"), false)
@@ -260,6 +269,25 @@ impl Spoold {
         Ok(Spoold { child, smtp, http })
     }
 
+    /// Puts every thread of the daemon in the `SCHED_IDLE` class (threads it starts later
+    /// inherit it), so that it runs only on CPU time nothing else wants.
+    pub fn run_when_idle(&self) -> Result<()> {
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.child.id()))? {
+            let Some(tid) = task?.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: a valid thread id of our child and a valid parameter block.
+            if unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) } != 0 {
+                anyhow::bail!(
+                    "SCHED_IDLE for thread {tid}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The text of `/metrics`.
     pub fn metrics(&self) -> String {
         use std::io::{Read, Write};
@@ -276,13 +304,7 @@ impl Spoold {
     /// round duration in ms).
     pub fn rounds(&self) -> (f64, f64, f64) {
         let m = self.metrics();
-        let value = |name: &str| {
-            m.lines()
-                .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-                .and_then(|l| l.split_whitespace().last())
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
+        let value = |name: &str| metric_value(&m, name).unwrap_or(0.0);
         let rounds = value("spoold_commit_batch_messages_count");
         let per = |sum: f64| if rounds > 0.0 { sum / rounds } else { 0.0 };
         (

@@ -33,7 +33,12 @@ impl PublishHook for LogHook {
         // Marked before logging, so the sender never sees an ADD whose files it cannot find
         // and takes the message for gone.
         self.log.mark_publishing(ids);
-        let seqs = self.log.append(&items, now_ms()).map_err(|e| {
+        let started = std::time::Instant::now();
+        let appended = self.log.append(&items, now_ms());
+        self.metrics
+            .ha_log_append_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let seqs = appended.map_err(|e| {
             self.log.mark_published(ids);
             if matches!(e, hasync::txlog::LogError::Full(_)) {
                 self.metrics.ha_log_full.inc();

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub ha_auth_failures: IntCounter,
     /// Local commit → partner acknowledgement.
     pub ha_lag: Histogram,
+    /// Duration of logging a round's `ADD`s (one LMDB commit), inside the commit round.
+    pub ha_log_append_seconds: Histogram,
     /// Bytes sent to the partner.
     pub ha_bytes_sent: IntCounter,
     /// 1 while both units claim active.
@@ -179,6 +181,13 @@ impl Metrics {
                 vec![
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0,
+                ],
+            )?,
+            ha_log_append_seconds: histogram(
+                "spoold_ha_log_append_duration_seconds",
+                "Duration of logging a commit round's ADD actions in the transaction log (one LMDB commit, part of the round).",
+                vec![
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
                 ],
             )?,
             ha_bytes_sent: counter(
