@@ -338,3 +338,67 @@ fn removed_files_are_recycled_for_new_mail_and_hold_only_its_bytes() {
         "recovery empties the pool"
     );
 }
+
+/// Panics on the writer thread, in the middle of a round.
+struct PanickingHook;
+
+impl spool::writer::PublishHook for PanickingHook {
+    fn before_publish(&self, _ids: &[&MessageId]) -> std::io::Result<Vec<u64>> {
+        panic!("hook panics on the writer thread");
+    }
+}
+
+/// Fail-stop: a panic on the writer thread ends the whole process with SIGABRT (so that
+/// systemd restarts it and recovery runs) instead of leaving every waiter hanging. Runs the
+/// scenario in a child process: this test binary again, filtered to this test.
+#[test]
+fn a_panic_on_the_writer_thread_aborts_the_process() {
+    const CHILD: &str = "SPOOL_TEST_WRITER_PANIC_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let (_d, layout, ids) = setup();
+        let writer = SpoolWriter::start_with_hook(
+            layout,
+            WriterOptions::default(),
+            None,
+            Some(Arc::new(PanickingHook)),
+        )
+        .unwrap();
+        let id = ids.next_id();
+        let result = writer.commit_blocking(
+            id.clone(),
+            envelope(&id, b"x\r\n").encode(),
+            BodyParts {
+                spilled: None,
+                chunks: vec![Bytes::from_static(b"x\r\n")],
+            },
+        );
+        // The round's waiters see `Closed` as the panic unwinds, a moment before the abort
+        // (the daemon answers them 451); give the abort that moment.
+        std::thread::sleep(std::time::Duration::from_secs(10));
+        println!("writer survived its panic: {result:?}");
+        std::process::exit(0);
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_panic_on_the_writer_thread_aborts_the_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&child.stderr);
+    assert_eq!(
+        child.status.signal(),
+        Some(libc::SIGABRT),
+        "child ended with {:?}; stdout: {}; stderr: {stderr}",
+        child.status,
+        String::from_utf8_lossy(&child.stdout)
+    );
+    assert!(
+        stderr.contains("hook panics on the writer thread"),
+        "{stderr}"
+    );
+}
