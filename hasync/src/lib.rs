@@ -865,6 +865,139 @@ mod tests {
         fn split_brain(&self, _on: bool) {}
     }
 
+    /// Holds every `store` until the test opens the gate, and records what happens in order.
+    #[derive(Default)]
+    struct GatedStore {
+        gate: tokio::sync::Notify,
+        events: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl GatedStore {
+        fn note(&self, event: String) {
+            self.events.lock().unwrap().push(event);
+        }
+        fn events(&self) -> Vec<String> {
+            self.events.lock().unwrap().clone()
+        }
+    }
+
+    impl ReplicaStore for GatedStore {
+        fn store(
+            &self,
+            id: MessageId,
+            _env: Bytes,
+            _body: Bytes,
+        ) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>> {
+            self.note(format!("store {id} submitted"));
+            Box::pin(async move {
+                self.gate.notified().await;
+                self.note(format!("store {id} durable"));
+                Ok(())
+            })
+        }
+        fn remove(&self, id: &MessageId) -> std::io::Result<()> {
+            self.note(format!("remove {id}"));
+            Ok(())
+        }
+    }
+
+    /// The next acknowledgement within `ms`, skipping heartbeats.
+    async fn acked_within(
+        frames: &mut tokio::sync::mpsc::Receiver<Result<Frame, LinkError>>,
+        ms: u64,
+    ) -> Option<u64> {
+        let next_ack = async {
+            loop {
+                match frames.recv().await {
+                    Some(Ok(Frame::Ack(seq))) => return seq,
+                    Some(Ok(Frame::Heartbeat { .. })) => continue,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_millis(ms), next_ack)
+            .await
+            .ok()
+    }
+
+    /// The pipelined receiver keeps reading while an `ADD` is being made durable, but a
+    /// `DELETE` of the same id waits for that `ADD` (else the replica would be removed first
+    /// and then written, and outlive its message), and nothing is acknowledged before it is
+    /// durable.
+    #[tokio::test]
+    async fn a_delete_waits_for_the_add_of_the_same_id_and_acks_follow_durability() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path().join("state"));
+        layout.create().unwrap();
+        let log = Arc::new(TxLog::open(&dir.path().join("log"), 100).unwrap());
+        let store = Arc::new(GatedStore::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let receiver = Replicator::new(
+            ReplicatorConfig {
+                link: link::test_config("b", b"s"),
+                partner: "127.0.0.1:9".parse().unwrap(),
+                window: 8,
+            },
+            log,
+            layout,
+            store.clone(),
+            Arc::new(NoObserver),
+            Role::Passive,
+        );
+        tokio::spawn(receiver.run_receiver(listener));
+
+        let sender = link::connect(addr, &link::test_config("a", b"s"), Role::Active)
+            .await
+            .unwrap();
+        let (r, mut w) = tokio::io::split(sender.io);
+        let mut frames = link::spawn_reader(r);
+        assert!(matches!(frames.recv().await, Some(Ok(Frame::Resume(0)))));
+        let id: MessageId = spool::IdGenerator::new("a").unwrap().next_id();
+        let mut batch = link::FrameBatch::default();
+        batch.push(
+            &Frame::Add {
+                seq: 1,
+                id: id.to_string(),
+                env: Bytes::from_static(b"env"),
+                body: Bytes::new(),
+            },
+            None,
+        );
+        batch.push(
+            &Frame::Delete {
+                seq: 2,
+                id: id.to_string(),
+            },
+            None,
+        );
+        batch.write_to(&mut w).await.unwrap();
+        w.flush().await.unwrap();
+
+        assert_eq!(
+            acked_within(&mut frames, 300).await,
+            None,
+            "acked before durable"
+        );
+        assert_eq!(store.events(), vec![format!("store {id} submitted")]);
+
+        store.gate.notify_one();
+        let mut last = 0;
+        while last < 2 {
+            last = acked_within(&mut frames, 5_000)
+                .await
+                .expect("no acknowledgement after the ADD became durable");
+        }
+        assert_eq!(
+            store.events(),
+            vec![
+                format!("store {id} submitted"),
+                format!("store {id} durable"),
+                format!("remove {id}"),
+            ]
+        );
+    }
+
     /// An `ADD` whose files are not there yet is held while the writer is publishing it, sent
     /// as an `ADD` once published, and as a `DELETE` (0 bytes of message) only when it is not
     /// being published and is gone. (The race fixed in `ship`, a publication between its two
