@@ -39,6 +39,10 @@ pub struct Args {
     /// spoold state directory (default: a temporary directory under ./target).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Run spoold with its portable writer (`spool.io_uring = false`), the path taken where
+    /// io_uring is blocked.
+    #[arg(long)]
+    portable: bool,
 }
 
 pub struct RunResult {
@@ -227,8 +231,14 @@ pub fn metric_value(metrics: &str, name: &str) -> Option<f64> {
 }
 
 impl Spoold {
-    fn start(bin: &PathBuf, state: &std::path::Path, sync: &str) -> Result<Spoold> {
-        Self::start_config(bin, state, &format!("[spool]\nsync = \"{sync}\"\n"), false)
+    fn start(bin: &PathBuf, state: &std::path::Path, sync: &str, portable: bool) -> Result<Spoold> {
+        let io_uring = !portable;
+        Self::start_config(
+            bin,
+            state,
+            &format!("[spool]\nsync = \"{sync}\"\nio_uring = {io_uring}\n"),
+            false,
+        )
     }
 
     /// Starts spoold on `state` with the configuration `config`; `deliver` false adds
@@ -473,7 +483,7 @@ pub fn run(a: Args) -> Result<()> {
         for (sync, results, costs) in ours.iter_mut() {
             let dir = crate::scratch_dir(a.state_dir.as_deref())?;
             fs = describe_fs(dir.path());
-            let d = Spoold::start(&bin, &dir.path().join("state"), sync)?;
+            let d = Spoold::start(&bin, &dir.path().join("state"), sync, a.portable)?;
             let cpu_before = d.cpu_seconds();
             let r = load(d.smtp, a.shape())?;
             let (rounds, per_round, round_ms) = d.rounds();
@@ -497,8 +507,13 @@ pub fn run(a: Args) -> Result<()> {
         clear_postfix_queue();
     }
     println!(
-        "ingest: {} sessions, {} messages of {} B per run, median of {} runs; spool on {}",
-        a.sessions, a.messages, a.size, a.runs, fs
+        "ingest: {} sessions, {} messages of {} B per run, median of {} runs; spool on {}; spoold's writer: {}",
+        a.sessions,
+        a.messages,
+        a.size,
+        a.runs,
+        fs,
+        if a.portable { "portable" } else { "io_uring" }
     );
     println!(
         "{:<16} {:>10} {:>8} {:>9} {:>9} {:>7}",
