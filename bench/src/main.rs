@@ -12,6 +12,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod ingest;
+mod instant_partner;
 mod raw;
 mod relay;
 mod replicate;

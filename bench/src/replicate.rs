@@ -34,13 +34,20 @@ pub struct Args {
     /// too). The lag then says nothing about a real pair: B runs late by design.
     #[arg(long)]
     partner_idle: bool,
+    /// Replace the partner with a stand-in in this process that acknowledges every action as
+    /// soon as it is read and stores nothing: A's throughput then shows what replication costs
+    /// A itself with a partner that takes nothing from A's machine. Lag figures are then the
+    /// link's, not a real partner's.
+    #[arg(long, conflicts_with_all = ["partner_dir", "partner_idle"])]
+    instant_partner: bool,
 }
 
 fn quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
     tests::quantile_in_metrics(metrics, name, q)
 }
 
-fn pair_configs(dir: &Path) -> Result<(String, String)> {
+/// Configurations of units A and B, and B's replication address.
+fn pair_configs(dir: &Path) -> Result<(String, String, std::net::SocketAddr)> {
     let (a_peer, b_peer) = (free_addr()?, free_addr()?);
     let mut texts = Vec::new();
     for (name, role, listen, partner) in [
@@ -55,13 +62,14 @@ fn pair_configs(dir: &Path) -> Result<(String, String)> {
         std::fs::write(&c, cert.cert.pem())?;
         std::fs::write(&k, cert.key_pair.serialize_pem())?;
         texts.push(format!(
-            "node_name = \"{name}\"\n[ha]\npartner = \"{partner}\"\nlisten = \"{listen}\"\nsecret = \"benchmark shared secret\"\n\
+            "node_name = \"{name}\"\n[ha]\npartner = \"{partner}\"\nlisten = \"{listen}\"\nsecret = \"{}\"\n\
              role = \"{role}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            crate::instant_partner::SECRET,
             c.display(),
             k.display()
         ));
     }
-    Ok((texts.remove(0), texts.remove(0)))
+    Ok((texts.remove(0), texts.remove(0), b_peer))
 }
 
 /// Per run of one mode: msgs/s, DATA-end→250 p99 ms, lag p50 ms, lag p99 ms, and the CPU µs
@@ -109,7 +117,7 @@ pub fn run(a: Args) -> Result<()> {
                 runs.round_ms.push(solo.rounds().2);
                 result
             } else {
-                let (ca, cb) = pair_configs(&sub)?;
+                let (ca, cb, b_listen) = pair_configs(&sub)?;
                 let extra = format!("replication = \"{mode}\"\n");
                 let partner_scratch = match &a.partner_dir {
                     Some(p) => Some(tempfile::tempdir_in(p)?),
@@ -118,10 +126,17 @@ pub fn run(a: Args) -> Result<()> {
                 let b_state = partner_scratch
                     .as_ref()
                     .map_or_else(|| sub.join("b"), |d| d.path().join("b"));
-                let node_b = Spoold::start_config(&bin, &b_state, &format!("{cb}{extra}"), false)?;
-                if a.partner_idle {
-                    node_b.run_when_idle()?;
-                }
+                let node_b = if a.instant_partner {
+                    crate::instant_partner::start(b_listen)?;
+                    None
+                } else {
+                    let b = Spoold::start_config(&bin, &b_state, &format!("{cb}{extra}"), false)?;
+                    if a.partner_idle {
+                        b.run_when_idle()?;
+                    }
+                    Some(b)
+                };
+                let cpu_b = || node_b.as_ref().map(Spoold::cpu_seconds);
                 let node_a =
                     Spoold::start_config(&bin, &sub.join("a"), &format!("{ca}{extra}"), false)?;
                 let deadline = Instant::now() + Duration::from_secs(10);
@@ -132,7 +147,7 @@ pub fn run(a: Args) -> Result<()> {
                     );
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                let cpu_before = (node_a.cpu_seconds(), node_b.cpu_seconds());
+                let cpu_before = (node_a.cpu_seconds(), cpu_b());
                 let result = load(node_a.smtp, shape)?;
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while value(&node_a.metrics(), "spoold_ha_pending_actions") != Some(0.0) {
@@ -155,8 +170,9 @@ pub fn run(a: Args) -> Result<()> {
                 // Until drained: B's share includes catching up after the load.
                 runs.cpu_a
                     .push(per_msg(node_a.cpu_seconds() - cpu_before.0));
-                runs.cpu_b
-                    .push(per_msg(node_b.cpu_seconds() - cpu_before.1));
+                if let (Some(after), Some(before)) = (cpu_b(), cpu_before.1) {
+                    runs.cpu_b.push(per_msg(after - before));
+                }
                 result
             };
             runs.rate.push(result.msgs_per_s);
@@ -173,7 +189,9 @@ pub fn run(a: Args) -> Result<()> {
         a.messages,
         a.size,
         a.runs,
-        if a.partner_idle {
+        if a.instant_partner {
+            ", the partner an instant stand-in that stores nothing"
+        } else if a.partner_idle {
             ", the partner at idle CPU priority"
         } else {
             ""
