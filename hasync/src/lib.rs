@@ -865,6 +865,15 @@ mod tests {
         fn split_brain(&self, _on: bool) {}
     }
 
+    /// A fresh state directory and transaction log for one test.
+    fn state_and_log() -> (tempfile::TempDir, Layout, Arc<TxLog>) {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path().join("state"));
+        layout.create().unwrap();
+        let log = Arc::new(TxLog::open(&dir.path().join("log"), 100).unwrap());
+        (dir, layout, log)
+    }
+
     /// Holds every `store` until the test opens the gate, and records what happens in order.
     #[derive(Default)]
     struct GatedStore {
@@ -926,10 +935,7 @@ mod tests {
     /// durable.
     #[tokio::test]
     async fn a_delete_waits_for_the_add_of_the_same_id_and_acks_follow_durability() {
-        let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::new(dir.path().join("state"));
-        layout.create().unwrap();
-        let log = Arc::new(TxLog::open(&dir.path().join("log"), 100).unwrap());
+        let (_dir, layout, log) = state_and_log();
         let store = Arc::new(GatedStore::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1004,10 +1010,7 @@ mod tests {
     /// checks, needs a thread in between and is covered by the replication tests.)
     #[tokio::test]
     async fn an_add_being_published_waits_and_is_never_sent_as_a_delete() {
-        let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::new(dir.path().join("state"));
-        layout.create().unwrap();
-        let log = Arc::new(TxLog::open(&dir.path().join("log"), 100).unwrap());
+        let (_dir, layout, log) = state_and_log();
         let link = link::test_config("a", b"s");
         let replicator = Replicator::new(
             ReplicatorConfig {
