@@ -1,7 +1,8 @@
 //! `hasync`: one-way replication from the active unit of an HA pair to the passive one.
 //!
 //! It is: the transaction log ([`txlog`], LMDB), the frame format ([`proto`]), the
-//! authenticated TLS peer link ([`link`]), and the [`Replicator`], which runs the sender (on the
+//! authenticated TLS peer link ([`link`]), the in-memory [`outbox`] of just-published
+//! messages, and the [`Replicator`], which runs the sender (on the
 //! active node: ship pending `ADD`/`DELETE` actions with a bounded window, resume from the
 //! partner's last applied sequence, retry with capped backoff) and the receiver (apply actions
 //! idempotently, make them durable, then acknowledge), plus heartbeats and split-brain
@@ -12,6 +13,7 @@
 //! [`ReplicationObserver`] is told what happens).
 
 pub mod link;
+pub mod outbox;
 pub mod proto;
 pub mod txlog;
 
@@ -449,6 +451,18 @@ impl Replicator {
             if self.log.is_publishing(&a.id) {
                 return None;
             }
+            if let Some(held) = self.log.outbox().take(&a.id) {
+                let sent =
+                    (held.envelope.len() + held.body.iter().map(Bytes::len).sum::<usize>()) as u64;
+                let frame = Frame::Add {
+                    seq: a.seq,
+                    id,
+                    env: held.envelope,
+                    body: Bytes::new(),
+                };
+                batch.push(&frame, link::BodyPieces::Received(held.body));
+                return Some(sent);
+            }
             for folder in [Folder::Spool, Folder::Vscan, Folder::Quarantine] {
                 let env_path = self.layout.path(folder, &a.id, Part::Env);
                 let Ok(env) = std::fs::read(&env_path) else {
@@ -472,12 +486,14 @@ impl Replicator {
                     env: Bytes::from(env),
                     body: Bytes::new(),
                 };
-                batch.push(&frame, Some(body));
+                batch.push(&frame, link::BodyPieces::Mapped(body));
                 return Some(sent);
             }
             tracing::debug!(id = %a.id, seq = a.seq, "message gone before it was shipped; sending DELETE");
         }
-        batch.push(&Frame::Delete { seq: a.seq, id }, None);
+        // A message deleted before its ADD was sent may still be held.
+        self.log.outbox().take(&a.id);
+        batch.push(&Frame::Delete { seq: a.seq, id }, link::BodyPieces::None);
         Some(0)
     }
 
@@ -874,6 +890,23 @@ mod tests {
         (dir, layout, log)
     }
 
+    /// A replicator named `node` in `role` over `layout` and `log`, storing into `store`; its
+    /// partner address leads nowhere.
+    fn replicator(
+        node: &str,
+        role: Role,
+        layout: Layout,
+        log: Arc<TxLog>,
+        store: Arc<dyn ReplicaStore>,
+    ) -> Arc<Replicator> {
+        let cfg = ReplicatorConfig {
+            link: link::test_config(node, b"s"),
+            partner: "127.0.0.1:9".parse().unwrap(),
+            window: 8,
+        };
+        Replicator::new(cfg, log, layout, store, Arc::new(NoObserver), role)
+    }
+
     /// Holds every `store` until the test opens the gate, and records what happens in order.
     #[derive(Default)]
     struct GatedStore {
@@ -939,18 +972,7 @@ mod tests {
         let store = Arc::new(GatedStore::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let receiver = Replicator::new(
-            ReplicatorConfig {
-                link: link::test_config("b", b"s"),
-                partner: "127.0.0.1:9".parse().unwrap(),
-                window: 8,
-            },
-            log,
-            layout,
-            store.clone(),
-            Arc::new(NoObserver),
-            Role::Passive,
-        );
+        let receiver = replicator("b", Role::Passive, layout, log, store.clone());
         tokio::spawn(receiver.run_receiver(listener));
 
         let sender = link::connect(addr, &link::test_config("a", b"s"), Role::Active)
@@ -968,14 +990,14 @@ mod tests {
                 env: Bytes::from_static(b"env"),
                 body: Bytes::new(),
             },
-            None,
+            link::BodyPieces::None,
         );
         batch.push(
             &Frame::Delete {
                 seq: 2,
                 id: id.to_string(),
             },
-            None,
+            link::BodyPieces::None,
         );
         batch.write_to(&mut w).await.unwrap();
         w.flush().await.unwrap();
@@ -1011,18 +1033,12 @@ mod tests {
     #[tokio::test]
     async fn an_add_being_published_waits_and_is_never_sent_as_a_delete() {
         let (_dir, layout, log) = state_and_log();
-        let link = link::test_config("a", b"s");
-        let replicator = Replicator::new(
-            ReplicatorConfig {
-                link,
-                partner: "127.0.0.1:9".parse().unwrap(),
-                window: 8,
-            },
-            log.clone(),
-            layout.clone(),
-            Arc::new(NoStore),
-            Arc::new(NoObserver),
+        let replicator = replicator(
+            "a",
             Role::Active,
+            layout.clone(),
+            log.clone(),
+            Arc::new(NoStore),
         );
         let id = spool::IdGenerator::new("a").unwrap().next_id();
         log.mark_publishing(&[&id]);
@@ -1056,5 +1072,51 @@ mod tests {
         layout.remove_pair(&id, Folder::Spool).unwrap();
         assert_eq!(replicator.ship(&mut batch, &action), Some(0));
         assert!(!batch.is_empty(), "a DELETE frame is queued");
+    }
+
+    /// An `ADD` held in the outbox goes out from memory, once; after that (a resend) the files
+    /// are the source, and a `DELETE` drops what is still held for its id.
+    #[tokio::test]
+    async fn an_add_held_in_the_outbox_is_sent_from_memory_once() {
+        let (_dir, layout, log) = state_and_log();
+        let replicator = replicator("a", Role::Active, layout, log.clone(), Arc::new(NoStore));
+        let ids = spool::IdGenerator::new("a").unwrap();
+        let (held, deleted) = (ids.next_id(), ids.next_id());
+        let hold = |id: &MessageId| {
+            let message = outbox::HeldMessage {
+                envelope: Bytes::from_static(b"envelope\n"),
+                body: vec![
+                    Bytes::from_static(b"Received: by a\r\n"),
+                    Bytes::from_static(b"\r\nhello\r\n"),
+                ],
+            };
+            assert!(log.outbox().hold(id.clone(), message));
+        };
+        hold(&held);
+        hold(&deleted);
+        log.append(&[(Kind::Add, &held), (Kind::Delete, &deleted)], now_ms())
+            .unwrap();
+        let actions = log.pending_after(0, 10).unwrap();
+
+        // No files exist: only the outbox can supply the ADD.
+        let mut batch = link::FrameBatch::default();
+        let sent = replicator.ship(&mut batch, &actions[0]);
+        let mut wire = Vec::new();
+        batch.write_to(&mut wire).await.unwrap();
+        let frame = link::read_frame(&mut &wire[..]).await.unwrap();
+        let proto::Frame::Add { env, body, .. } = frame else {
+            panic!("expected an ADD, got {frame:?}");
+        };
+        assert_eq!(&env[..], b"envelope\n");
+        assert_eq!(&body[..], b"Received: by a\r\n\r\nhello\r\n");
+        assert_eq!(sent, Some(9 + 25));
+
+        assert_eq!(
+            replicator.ship(&mut batch, &actions[0]),
+            Some(0),
+            "resent without files: a DELETE, so the outbox gave it only once"
+        );
+        assert_eq!(replicator.ship(&mut batch, &actions[1]), Some(0));
+        assert!(log.outbox().is_empty(), "the DELETE dropped the held copy");
     }
 }

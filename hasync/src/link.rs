@@ -6,7 +6,7 @@
 //! There is no plaintext mode.
 
 use crate::proto::{Frame, Role, FRAME_BYTES_MAX, VERSION};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use hmac::{Hmac, Mac};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -161,8 +161,8 @@ pub async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(
     Ok(())
 }
 
-/// Frames queued for one vectored write: their heads, and `Add` bodies still in their
-/// memory maps. A window's worth of frames then leaves in a few TLS records and system calls
+/// Frames queued for one vectored write: their heads, and `Add` bodies still in the buffers
+/// they were received into or in their memory maps. A window's worth of frames then leaves in a few TLS records and system calls
 /// instead of two of each per frame (measured per frame before: a record and a `sendto` for
 /// the head, the same for the body), and no body is copied before TLS encrypts it.
 #[derive(Default)]
@@ -173,30 +173,46 @@ pub struct FrameBatch {
     remaining: usize,
 }
 
+/// The body that follows a frame's head in a [`FrameBatch`].
+pub enum BodyPieces {
+    /// No body (anything but an `Add`).
+    None,
+    /// The buffers SMTP received the body into, in order.
+    Received(Vec<Bytes>),
+    /// The `.body` file, memory-mapped.
+    Mapped(spool::MappedBody),
+}
+
 enum Piece {
     Head(BytesMut),
-    Body(spool::MappedBody),
+    Received(Bytes),
+    Mapped(spool::MappedBody),
 }
 
 impl Piece {
     fn bytes(&self) -> &[u8] {
         match self {
             Piece::Head(h) => h,
-            Piece::Body(b) => b.bytes(),
+            Piece::Received(b) => b,
+            Piece::Mapped(b) => b.bytes(),
         }
     }
 }
 
 impl FrameBatch {
     /// Queues `f`, followed by `body` (an `Add`'s).
-    pub fn push(&mut self, f: &Frame, body: Option<spool::MappedBody>) {
-        let body_len = body.as_ref().map_or(0, |b| b.bytes().len());
+    pub fn push(&mut self, f: &Frame, body: BodyPieces) {
+        let body_pieces = match body {
+            BodyPieces::None => Vec::new(),
+            BodyPieces::Received(chunks) => chunks.into_iter().map(Piece::Received).collect(),
+            BodyPieces::Mapped(body) => vec![Piece::Mapped(body)],
+        };
+        let body_len: usize = body_pieces.iter().map(|p| p.bytes().len()).sum();
         let head = f.encode_head(body_len);
         self.remaining += head.len() + body_len;
         self.pieces.push_back(Piece::Head(head));
-        if let Some(body) = body.filter(|b| !b.bytes().is_empty()) {
-            self.pieces.push_back(Piece::Body(body));
-        }
+        self.pieces
+            .extend(body_pieces.into_iter().filter(|p| !p.bytes().is_empty()));
     }
 
     /// Whether nothing is queued.
@@ -518,16 +534,22 @@ mod tests {
             body: Bytes::new(),
         };
         let mut batch = FrameBatch::default();
-        batch.push(&add(1, b"env one\n"), Some(mapped("1", b"body one\r\n")));
+        let mapped = |name, bytes| BodyPieces::Mapped(mapped(name, bytes));
+        batch.push(&add(1, b"env one\n"), mapped("1", b"body one\r\n"));
         batch.push(
             &Frame::Delete {
                 seq: 2,
                 id: "id2".into(),
             },
-            None,
+            BodyPieces::None,
         );
-        batch.push(&add(3, b"env three\n"), Some(mapped("3", b"")));
-        batch.push(&add(4, b""), Some(mapped("4", &[b'x'; 5000])));
+        batch.push(&add(3, b"env three\n"), mapped("3", b""));
+        batch.push(&add(4, b""), mapped("4", &[b'x'; 5000]));
+        let received = [&b"Received: x\r\n"[..], b"", b"body five\r\n"].map(Bytes::from_static);
+        batch.push(
+            &add(5, b"env five\n"),
+            BodyPieces::Received(received.to_vec()),
+        );
         let mut out = Trickle(Vec::new());
         batch.write_to(&mut out).await.unwrap();
         assert!(batch.is_empty());
@@ -556,6 +578,7 @@ mod tests {
                 },
                 add(3, b"env three\n"),
                 with_body(add(4, b""), &[b'x'; 5000]),
+                with_body(add(5, b"env five\n"), b"Received: x\r\nbody five\r\n"),
             ]
         );
     }

@@ -60,6 +60,7 @@ pub struct TxLog {
     ledger: Database<Str, U64<BE>>,
     pending_max: u64,
     publishing: Mutex<HashSet<MessageId>>,
+    outbox: crate::outbox::Outbox,
 }
 
 const NEXT_SEQ: &str = "next_seq";
@@ -123,6 +124,7 @@ impl TxLog {
             ledger,
             pending_max,
             publishing: Mutex::new(HashSet::new()),
+            outbox: crate::outbox::Outbox::new(crate::outbox::OUTBOX_BYTES_DEFAULT),
         })
     }
 
@@ -139,6 +141,11 @@ impl TxLog {
         for id in ids {
             set.remove(*id);
         }
+    }
+
+    /// Contents of published messages the sender has not sent yet, held in memory.
+    pub fn outbox(&self) -> &crate::outbox::Outbox {
+        &self.outbox
     }
 
     /// Whether the spool writer is still publishing `id`.

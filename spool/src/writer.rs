@@ -168,9 +168,22 @@ pub trait PublishHook: Send + Sync {
     /// Records the ids; must be durable when it returns.
     /// Returns one sequence number per id, in order.
     fn before_publish(&self, ids: &[&MessageId]) -> io::Result<Vec<u64>>;
-    /// The ids given to `before_publish` are now either published durably in `spool/` or
-    /// failed and gone; until this call their files may be in no folder at all.
-    fn after_publish(&self, _ids: &[&MessageId]) {}
+    /// The messages given to `before_publish` are now either published durably in `spool/`
+    /// or failed and gone; until this call their files may be in no folder at all. Runs
+    /// before their requests complete, with their contents still in memory.
+    fn after_publish(&self, _messages: &[Published<'_>]) {}
+}
+
+/// A message given to [`PublishHook::before_publish`], as its round ends.
+pub struct Published<'a> {
+    /// Its id.
+    pub id: &'a MessageId,
+    /// Durable in `spool/` (true) or failed and removed (false).
+    pub durable: bool,
+    /// The encoded envelope, as written.
+    pub envelope: &'a [u8],
+    /// The body, as written.
+    pub body: &'a BodyParts,
 }
 
 /// Handle to the writer thread. Dropping every handle (and calling [`SpoolWriter::shutdown`])
@@ -340,6 +353,8 @@ struct Job {
     /// Both files written, and fsynced in per-file mode: by the ring, or by the portable path
     /// for what the ring did not finish.
     synced: bool,
+    /// Given to the publish hook's `before_publish`.
+    announced: bool,
     /// Sequence number from the publish hook.
     log_seq: Option<u64>,
     error: Option<io::Error>,
@@ -363,8 +378,6 @@ struct Worker {
 /// A round whose files are durable, on its way to the publisher to be named and completed.
 struct DurableRound {
     jobs: Vec<Job>,
-    /// Ids given to the publish hook, for its `after_publish`.
-    announced: Vec<MessageId>,
     started: Instant,
 }
 
@@ -428,7 +441,6 @@ impl Worker {
                 }
             }
         }
-        let mut announced: Vec<MessageId> = Vec::new();
         if let Some(hook) = &self.hook {
             let ids: Vec<&MessageId> = jobs
                 .iter()
@@ -436,7 +448,6 @@ impl Worker {
                 .map(|j| &j.req.id)
                 .collect();
             if !ids.is_empty() {
-                announced = ids.iter().map(|id| (*id).clone()).collect();
                 let result = hook.before_publish(&ids);
                 let logged = jobs
                     .iter_mut()
@@ -444,11 +455,13 @@ impl Worker {
                 match result {
                     Ok(seqs) => {
                         for (job, seq) in logged.zip(seqs) {
+                            job.announced = true;
                             job.log_seq = Some(seq);
                         }
                     }
                     Err(e) => {
                         for job in logged {
+                            job.announced = true;
                             job.error =
                                 Some(io::Error::new(e.kind(), format!("replication log: {e}")));
                         }
@@ -456,11 +469,7 @@ impl Worker {
                 }
             }
         }
-        DurableRound {
-            jobs,
-            announced,
-            started,
-        }
+        DurableRound { jobs, started }
     }
 }
 
@@ -474,11 +483,7 @@ impl Publisher {
     /// Second stage of a round: links (or renames) every durable file into `spool/`, fsyncs
     /// the directory once, and completes each request.
     fn publish(&self, round: DurableRound) {
-        let DurableRound {
-            mut jobs,
-            announced,
-            started,
-        } = round;
+        let DurableRound { mut jobs, started } = round;
         let mut renamed = 0;
         for job in jobs.iter_mut().filter(|j| j.error.is_none()) {
             // Body first: an envelope in spool/ always has its body.
@@ -506,31 +511,45 @@ impl Publisher {
             obs.round(jobs.len(), started.elapsed());
         }
         let batch_size = jobs.len();
+        if let Err(e) = &dir_result {
+            for job in jobs.iter_mut().filter(|j| j.error.is_none()) {
+                job.error = Some(io::Error::new(e.kind(), e.to_string()));
+            }
+        }
+        for job in jobs.iter().filter(|j| j.error.is_some()) {
+            // Either never published (still in tmp/ or nameless) or published but not
+            // durable: in both cases the client gets a 4xx, so remove every trace to keep
+            // the spool honest.
+            for p in [&job.tmp_env, &job.tmp_body].into_iter().flatten() {
+                let _ = std::fs::remove_file(p);
+            }
+            let _ = std::fs::remove_file(self.layout.path(Folder::Spool, &job.req.id, Part::Env));
+            let _ = std::fs::remove_file(self.layout.path(Folder::Spool, &job.req.id, Part::Body));
+        }
+        if let Some(hook) = &self.hook {
+            let announced: Vec<Published<'_>> = jobs
+                .iter()
+                .filter(|j| j.announced)
+                .map(|j| Published {
+                    id: &j.req.id,
+                    durable: j.error.is_none(),
+                    envelope: &j.req.envelope,
+                    body: &j.req.body,
+                })
+                .collect();
+            if !announced.is_empty() {
+                hook.after_publish(&announced);
+            }
+        }
         for job in jobs {
-            let result = match (job.error, &dir_result) {
-                (Some(e), _) => Err(e),
-                (None, Err(e)) => Err(io::Error::new(e.kind(), e.to_string())),
-                (None, Ok(())) => Ok(CommitReceipt {
+            let result = match job.error {
+                Some(e) => Err(CommitError::from(e)),
+                None => Ok(CommitReceipt {
                     batch_size,
                     log_seq: job.log_seq,
                 }),
             };
-            if result.is_err() {
-                // Either never published (still in tmp/ or nameless) or published but not
-                // durable: in both cases the client gets a 4xx, so remove every trace to keep
-                // the spool honest.
-                for p in [&job.tmp_env, &job.tmp_body].into_iter().flatten() {
-                    let _ = std::fs::remove_file(p);
-                }
-                let _ =
-                    std::fs::remove_file(self.layout.path(Folder::Spool, &job.req.id, Part::Env));
-                let _ =
-                    std::fs::remove_file(self.layout.path(Folder::Spool, &job.req.id, Part::Body));
-            }
-            (job.req.done)(result.map_err(CommitError::from));
-        }
-        if let (Some(hook), false) = (&self.hook, announced.is_empty()) {
-            hook.after_publish(&announced.iter().collect::<Vec<_>>());
+            (job.req.done)(result);
         }
     }
 }
@@ -612,6 +631,7 @@ impl Worker {
             env_file,
             iovecs,
             synced: false,
+            announced: false,
             log_seq: None,
             error,
         }

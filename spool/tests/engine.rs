@@ -402,3 +402,60 @@ fn a_panic_on_the_writer_thread_aborts_the_process() {
         "{stderr}"
     );
 }
+
+/// What the hook saw of one message: id, durable, envelope, body, both files in `spool/`.
+type SeenMessage = (MessageId, bool, Vec<u8>, Vec<u8>, bool);
+
+/// Records what the writer tells its publish hook after each round.
+#[derive(Default)]
+struct RecordingHook {
+    seen: std::sync::Mutex<Vec<SeenMessage>>,
+    layout: std::sync::OnceLock<Layout>,
+}
+
+impl spool::writer::PublishHook for RecordingHook {
+    fn before_publish(&self, ids: &[&MessageId]) -> std::io::Result<Vec<u64>> {
+        Ok((1..=ids.len() as u64).collect())
+    }
+    fn after_publish(&self, messages: &[spool::writer::Published<'_>]) {
+        let layout = self.layout.get().unwrap();
+        for m in messages {
+            let body: Vec<u8> = m.body.chunks.iter().flat_map(|c| c.to_vec()).collect();
+            let in_spool = layout.path(Folder::Spool, m.id, Part::Env).exists()
+                && layout.path(Folder::Spool, m.id, Part::Body).exists();
+            let seen = (m.id.clone(), m.durable, m.envelope.to_vec(), body, in_spool);
+            self.seen.lock().unwrap().push(seen);
+        }
+    }
+}
+
+/// The hook hears of each published message once it is in `spool/`, with the envelope and the
+/// body exactly as written (replication sends them from there, not from the files).
+#[test]
+fn the_publish_hook_gets_each_published_message_with_its_contents() {
+    let (_d, layout, ids) = setup();
+    let hook = Arc::new(RecordingHook::default());
+    hook.layout.set(layout.clone()).unwrap();
+    let writer = SpoolWriter::start_with_hook(
+        layout.clone(),
+        WriterOptions::default(),
+        None,
+        Some(hook.clone()),
+    )
+    .unwrap();
+    let id = ids.next_id();
+    let env = envelope(&id, b"Received: x\r\n\r\nbody\r\n").encode();
+    let chunks = ["Received: x\r\n", "\r\nbody\r\n"].map(|s| Bytes::from_static(s.as_bytes()));
+    let body = BodyParts {
+        spilled: None,
+        chunks: chunks.to_vec(),
+    };
+    let receipt = writer
+        .commit_blocking(id.clone(), env.clone(), body)
+        .unwrap();
+    assert_eq!(receipt.log_seq, Some(1));
+    writer.shutdown();
+    let seen = hook.seen.lock().unwrap().clone();
+    let expected = (id, true, env, b"Received: x\r\n\r\nbody\r\n".to_vec(), true);
+    assert_eq!(seen, vec![expected]);
+}

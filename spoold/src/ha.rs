@@ -10,7 +10,7 @@ use hasync::link::LinkConfig;
 use hasync::proto::Role;
 use hasync::txlog::{Kind, TxLog};
 use hasync::{ReplicaStore, ReplicationObserver, Replicator, ReplicatorConfig};
-use spool::writer::{CommitRequest, PublishHook};
+use spool::writer::{CommitRequest, PublishHook, Published};
 use spool::{BodyParts, Envelope, Folder, Layout, MessageId, Part};
 use std::future::Future;
 use std::pin::Pin;
@@ -52,8 +52,21 @@ impl PublishHook for LogHook {
         Ok(seqs)
     }
 
-    fn after_publish(&self, ids: &[&MessageId]) {
-        self.log.mark_published(ids);
+    fn after_publish(&self, messages: &[Published<'_>]) {
+        // Held before they are marked published, so the sender, once it may send them, finds
+        // them in memory. A body spilled to tmp/ is large and goes from its file.
+        for m in messages
+            .iter()
+            .filter(|m| m.durable && m.body.spilled.is_none())
+        {
+            let held = hasync::outbox::HeldMessage {
+                envelope: Bytes::copy_from_slice(m.envelope),
+                body: m.body.chunks.clone(),
+            };
+            self.log.outbox().hold(m.id.clone(), held);
+        }
+        let ids: Vec<&MessageId> = messages.iter().map(|m| m.id).collect();
+        self.log.mark_published(&ids);
         if let Some(r) = self.replicator.get() {
             r.notify();
         }
