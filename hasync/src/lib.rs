@@ -90,6 +90,8 @@ pub trait ReplicationObserver: Send + Sync {
     fn sent(&self, bytes: u64);
     /// Split brain began (true) or ended (false).
     fn split_brain(&self, on: bool);
+    /// An `ADD` was sent from the outbox (true) or read from the spool's files (false).
+    fn add_sent(&self, _from_outbox: bool) {}
 }
 
 /// What this node knows about its partner.
@@ -461,6 +463,7 @@ impl Replicator {
                     body: Bytes::new(),
                 };
                 batch.push(&frame, link::BodyPieces::Received(held.body));
+                self.observer.add_sent(true);
                 return Some(sent);
             }
             for folder in [Folder::Spool, Folder::Vscan, Folder::Quarantine] {
@@ -487,6 +490,7 @@ impl Replicator {
                     body: Bytes::new(),
                 };
                 batch.push(&frame, link::BodyPieces::Mapped(body));
+                self.observer.add_sent(false);
                 return Some(sent);
             }
             tracing::debug!(id = %a.id, seq = a.seq, "message gone before it was shipped; sending DELETE");

@@ -184,6 +184,10 @@ impl ReplicationObserver for Metrics {
     fn split_brain(&self, on: bool) {
         self.ha_split_brain.set(i64::from(on));
     }
+    fn add_sent(&self, from_outbox: bool) {
+        let from = if from_outbox { "outbox" } else { "spool" };
+        self.ha_adds_sent.with_label_values(&[from]).inc();
+    }
 }
 
 /// Opens the log and builds the link identity; the replicator itself is made once the sink

@@ -62,6 +62,8 @@ pub struct Metrics {
     pub ha_log_append_seconds: Histogram,
     /// Bytes sent to the partner.
     pub ha_bytes_sent: IntCounter,
+    /// `ADD`s sent, by where their contents came from (`outbox`: memory; `spool`: the files).
+    pub ha_adds_sent: IntCounterVec,
     /// 1 while both units claim active.
     pub ha_split_brain: IntGauge,
     /// Role: 1 active, 0 passive.
@@ -189,6 +191,11 @@ impl Metrics {
                 vec![
                     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
                 ],
+            )?,
+            ha_adds_sent: vec(
+                "spoold_ha_sent_adds_total",
+                "ADD actions sent to the partner, by where their contents came from (outbox: memory, spool: the files).",
+                "from",
             )?,
             ha_bytes_sent: counter(
                 "spoold_ha_sent_bytes_total",

@@ -146,6 +146,13 @@ fn every_acknowledged_message_reaches_the_partner_byte_identical() {
     assert!(p99 <= 10.0);
     assert_eq!(a.metric("spoold_ha_link_up"), Some(1.0));
     assert!(wait_until(5, || a.metric("spoold_ha_pending_actions") == Some(0.0)));
+    // The byte comparison above covered the in-memory path: most ADDs leave from the outbox.
+    let from_outbox = a.metric("spoold_ha_sent_adds_total{from=\"outbox\"}");
+    assert!(
+        from_outbox.unwrap_or(0.0) >= acked.len() as f64 / 2.0,
+        "ADDs from the outbox: {from_outbox:?} of {}",
+        acked.len()
+    );
 }
 
 #[test]
