@@ -143,6 +143,12 @@ impl TxLog {
         }
     }
 
+    /// Bounds the outbox at `max_bytes` (0: hold nothing; the sender reads the files).
+    pub fn with_outbox_bytes(mut self, max_bytes: usize) -> TxLog {
+        self.outbox = crate::outbox::Outbox::new(max_bytes);
+        self
+    }
+
     /// Contents of published messages the sender has not sent yet, held in memory.
     pub fn outbox(&self) -> &crate::outbox::Outbox {
         &self.outbox

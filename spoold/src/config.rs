@@ -60,6 +60,9 @@ pub struct HaConfig {
     /// Pending actions beyond which new mail is refused (`451`), never dropped.
     #[serde(default = "default_pending_max")]
     pub pending_max: u64,
+    /// Bytes of just-spooled messages held in memory for the sender (0: always read the files).
+    #[serde(default = "default_outbox_bytes")]
+    pub outbox_bytes: usize,
     /// How long delivered ids stay in the ledger, seconds.
     #[serde(default = "default_ledger_secs")]
     pub ledger_retention_secs: u64,
@@ -99,6 +102,9 @@ fn default_window() -> usize {
 }
 fn default_pending_max() -> u64 {
     1_000_000
+}
+fn default_outbox_bytes() -> usize {
+    hasync::outbox::OUTBOX_BYTES_DEFAULT
 }
 fn default_ledger_secs() -> u64 {
     7 * 24 * 3600
@@ -475,6 +481,12 @@ impl Config {
             if !(1..=4096).contains(&ha.window) {
                 bail!("key `ha.window`: {} is outside 1..=4096", ha.window);
             }
+            if ha.outbox_bytes > 1 << 30 {
+                bail!(
+                    "key `ha.outbox_bytes`: {} is more than 1 GiB of memory",
+                    ha.outbox_bytes
+                );
+            }
         }
         if self.spool.spill_bytes < 4096 {
             bail!(
@@ -576,5 +588,12 @@ mod tests {
         assert!(e.contains("filter.clamd"), "{e}");
         let e = load("[spool]\nbatch_max = 0\n").unwrap_err().to_string();
         assert!(e.contains("spool.batch_max"), "{e}");
+        let ha = "[ha]\npartner = \"127.0.0.1:1\"\nlisten = \"127.0.0.1:2\"\n\
+                  secret = \"0123456789abcdef\"\ntls_cert = \"/c\"\ntls_key = \"/k\"\n";
+        load(ha).unwrap();
+        let e = load(&format!("{ha}outbox_bytes = 2000000000\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ha.outbox_bytes") && e.contains("1 GiB"), "{e}");
     }
 }

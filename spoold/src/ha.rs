@@ -228,7 +228,8 @@ pub fn prepare(cfg: &Config, layout: &Layout) -> Result<Option<HaSetup>> {
         .context("keys `ha.tls_cert`/`ha.tls_key`")?;
     let log = Arc::new(
         TxLog::open(&layout.root().join("txlog"), ha.pending_max)
-            .with_context(|| format!("open {}/txlog", layout.root().display()))?,
+            .with_context(|| format!("open {}/txlog", layout.root().display()))?
+            .with_outbox_bytes(ha.outbox_bytes),
     );
     Ok(Some(HaSetup {
         cfg: ha,

@@ -69,6 +69,49 @@ fn ids(d: &Daemon) -> BTreeSet<String> {
     d.spooled_ids().into_iter().collect()
 }
 
+/// Every pair of `ids` in B's `spool/` has exactly the bytes of A's.
+fn assert_pairs_identical(a: &Daemon, b: &Daemon, ids: &BTreeSet<String>) {
+    for id in ids {
+        for ext in ["env", "body"] {
+            let fa = std::fs::read(a.state.join("spool").join(format!("{id}.{ext}"))).unwrap();
+            let fb = std::fs::read(b.state.join("spool").join(format!("{id}.{ext}"))).unwrap();
+            assert!(fa == fb, "{id}.{ext} differs");
+        }
+    }
+}
+
+/// With `ha.outbox_bytes = 0` nothing is held in memory: every ADD is read back from the
+/// spool's files (the path taken after restarts and backlogs), and the replicas are the same.
+#[test]
+fn without_the_outbox_every_add_is_read_from_the_files_and_arrives_identical() {
+    let p = pair_config("", None);
+    let mut config = std::fs::read_to_string(&p.a_config).unwrap();
+    config.push_str("outbox_bytes = 0\n"); // the [ha] table is the file's last
+    std::fs::write(&p.a_config, config).unwrap();
+    let a = Daemon::start_with(&["--config", &p.a_config]);
+    let b = Daemon::start_with(&["--config", &p.b_config]);
+    let acked = load(&a, 4, 25, Arc::default());
+    wait_load_done(&acked);
+    let acked: BTreeSet<String> = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(i, _)| i.clone())
+        .collect();
+    assert_eq!(acked.len(), 100);
+    assert!(
+        wait_until(10, || ids(&b) == acked),
+        "the partner has every message"
+    );
+    assert_pairs_identical(&a, &b, &acked);
+    assert_eq!(a.metric("spoold_ha_sent_adds_total{from=\"outbox\"}"), None);
+    let from_spool = a.metric("spoold_ha_sent_adds_total{from=\"spool\"}");
+    assert!(
+        from_spool.unwrap_or(0.0) >= 100.0,
+        "from the files: {from_spool:?}"
+    );
+}
+
 #[test]
 fn every_acknowledged_message_reaches_the_partner_byte_identical() {
     let p = pair_config("", None);
@@ -134,13 +177,7 @@ fn every_acknowledged_message_reaches_the_partner_byte_identical() {
         started.elapsed()
     );
     assert_eq!(ids(&b), acked, "nothing extra on the partner");
-    for id in &acked {
-        for ext in ["env", "body"] {
-            let fa = std::fs::read(a.state.join("spool").join(format!("{id}.{ext}"))).unwrap();
-            let fb = std::fs::read(b.state.join("spool").join(format!("{id}.{ext}"))).unwrap();
-            assert!(fa == fb, "{id}.{ext} differs");
-        }
-    }
+    assert_pairs_identical(&a, &b, &acked);
     let p99 = histogram_quantile(&a, "spoold_ha_replication_lag_seconds", 0.99).unwrap();
     eprintln!("replication lag p99 ~ {p99:.3} s (interpolated in its histogram bucket)");
     assert!(p99 <= 10.0);
