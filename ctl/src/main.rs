@@ -117,18 +117,35 @@ struct Ids {
 }
 
 fn call(state_dir: &std::path::Path, req: &Value) -> Result<Value, (u8, String)> {
+    call_with_progress(state_dir, req, |_| {})
+}
+
+/// Sends one request and returns its answer; `{"progress": ...}` lines that come before the
+/// answer go to `on_progress`.
+fn call_with_progress(
+    state_dir: &std::path::Path,
+    req: &Value,
+    mut on_progress: impl FnMut(&Value),
+) -> Result<Value, (u8, String)> {
     let path = state_dir.join("spoold.sock");
     let mut s = UnixStream::connect(&path)
         .map_err(|e| (3, format!("cannot reach spoold at {}: {e}", path.display())))?;
     let line = format!("{req}\n");
     s.write_all(line.as_bytes())
         .map_err(|e| (3, format!("send to spoold: {e}")))?;
-    let mut reply = String::new();
-    BufReader::new(s)
-        .read_line(&mut reply)
-        .map_err(|e| (3, format!("read from spoold: {e}")))?;
-    let v: Value =
-        serde_json::from_str(&reply).map_err(|e| (3, format!("bad answer from spoold: {e}")))?;
+    let mut answer = BufReader::new(s);
+    let v: Value = loop {
+        let mut reply = String::new();
+        answer
+            .read_line(&mut reply)
+            .map_err(|e| (3, format!("read from spoold: {e}")))?;
+        let v: Value = serde_json::from_str(&reply)
+            .map_err(|e| (3, format!("bad answer from spoold: {e}")))?;
+        match v.get("progress") {
+            Some(p) => on_progress(p),
+            None => break v,
+        }
+    };
     if v["ok"] == json!(true) {
         Ok(v["data"].clone())
     } else {
@@ -278,14 +295,15 @@ fn human(cmd: &Cmd, data: &Value) -> String {
     out
 }
 
-fn run(cli: &Cli) -> Result<Value, (u8, String)> {
+fn run(cli: &Cli, on_progress: impl FnMut(&Value)) -> Result<Value, (u8, String)> {
     let req = match &cli.cmd {
         Cmd::Status => json!({ "cmd": "status" }),
         Cmd::Role { role } => json!({ "cmd": "role", "role": role }),
         Cmd::Insert => json!({ "cmd": "insert" }),
         Cmd::Flush => json!({ "cmd": "flush" }),
         Cmd::Recover { dry_run, from_dir } => {
-            json!({ "cmd": "recover", "dry_run": dry_run, "from_dir": from_dir.as_ref().map(|p| p.display().to_string()) })
+            let req = json!({ "cmd": "recover", "dry_run": dry_run, "progress": true, "from_dir": from_dir.as_ref().map(|p| p.display().to_string()) });
+            return call_with_progress(&cli.state_dir, &req, on_progress);
         }
         Cmd::Queue { cmd } => match cmd {
             QueueCmd::List {
@@ -308,18 +326,29 @@ fn run(cli: &Cli) -> Result<Value, (u8, String)> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Recovery can take a while on a large spool: show that it is working (on a terminal only).
-    let spinner = matches!(cli.cmd, Cmd::Recover { .. })
+    // Recovery can take a while on a large spool: count its steps (on a terminal only).
+    let bar = matches!(cli.cmd, Cmd::Recover { .. })
         .then(|| std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .unwrap_or(false)
         .then(|| {
-            let pb = indicatif::ProgressBar::new_spinner();
-            pb.set_message("recovering: listing, copying, inserting, verifying, cleaning up");
+            let pb = indicatif::ProgressBar::new(0);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{msg:>16} [{bar:40}] {pos}/{len} {elapsed}",
+            ) {
+                pb.set_style(style.progress_chars("=> "));
+            }
+            pb.set_message("listing");
             pb.enable_steady_tick(std::time::Duration::from_millis(120));
             pb
         });
-    let result = run(&cli);
-    if let Some(pb) = spinner {
+    let result = run(&cli, |p| {
+        if let Some(pb) = &bar {
+            pb.set_length(p["total"].as_u64().unwrap_or(0));
+            pb.set_position(p["done"].as_u64().unwrap_or(0));
+            pb.set_message(p["step"].as_str().unwrap_or("").to_string());
+        }
+    });
+    if let Some(pb) = bar {
         pb.finish_and_clear();
     }
     match result {

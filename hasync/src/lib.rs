@@ -190,6 +190,9 @@ impl Replicator {
     pub fn set_role(&self, role: Role) -> Result<(), txlog::LogError> {
         self.log.set_role(role.as_str())?;
         self.role.send_replace(role);
+        if role == Role::Passive {
+            self.log.outbox().clear();
+        }
         self.check_split_brain();
         Ok(())
     }
@@ -1122,5 +1125,12 @@ mod tests {
         );
         assert_eq!(replicator.ship(&mut batch, &actions[1]), Some(0));
         assert!(log.outbox().is_empty(), "the DELETE dropped the held copy");
+
+        hold(&held);
+        replicator.set_role(Role::Passive).unwrap();
+        assert!(
+            log.outbox().is_empty(),
+            "a passive unit holds nothing for sending"
+        );
     }
 }

@@ -81,6 +81,13 @@ impl Outbox {
         Some(message)
     }
 
+    /// Drops everything held (a unit that turned passive sends nothing until it is active
+    /// again, and then the files serve).
+    pub fn clear(&self) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        *held = Held::default();
+    }
+
     /// Messages held now.
     pub fn len(&self) -> usize {
         self.held

@@ -1,5 +1,6 @@
 //! The admin socket: a unix socket in the state directory (mode 0600) where `spoolctl` sends one
-//! JSON request per connection and gets one JSON response line back. Queue tools in the manner of
+//! JSON request per connection and gets one JSON response line back (a recovery that asked for
+//! `progress` gets `{"progress": ...}` lines before it). Queue tools in the manner of
 //! postqueue/postsuper: list, show, hold, release, requeue, delete, flush; plus insert, role and
 //! status.
 
@@ -70,7 +71,30 @@ pub enum Request {
         dry_run: bool,
         /// Offline: a spool folder copied from a dead unit instead of the partner.
         from_dir: Option<String>,
+        /// Send a `{"progress": {"step", "done", "total"}}` line as each step advances.
+        #[serde(default)]
+        progress: bool,
     },
+}
+
+/// Where a recovery reports how far it got; a closed receiver is ignored.
+type ProgressSender = tokio::sync::mpsc::UnboundedSender<Value>;
+
+fn report(progress: &ProgressSender, step: &str, done: usize, total: usize) {
+    let _ = progress.send(json!({ "step": step, "done": done, "total": total }));
+}
+
+/// Sends (when the client asked for them) and forgets the progress lines gathered so far.
+async fn write_progress<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    pending: &mut Vec<Value>,
+    asked: bool,
+) {
+    for p in pending.drain(..).filter(|_| asked) {
+        let _ = w
+            .write_all(format!("{}\n", json!({ "progress": p })).as_bytes())
+            .await;
+    }
 }
 
 /// One leftover message found on the partner or in a folder.
@@ -164,8 +188,29 @@ impl Admin {
                         return;
                     }
                     let reply = match serde_json::from_str::<Request>(&line) {
-                        Ok(Request::Recover { dry_run, from_dir }) => {
-                            match me.recover(dry_run, from_dir).await {
+                        Ok(Request::Recover {
+                            dry_run,
+                            from_dir,
+                            progress,
+                        }) => {
+                            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                            let work = me.recover(dry_run, from_dir, tx);
+                            tokio::pin!(work);
+                            let mut pending = Vec::new();
+                            let result = loop {
+                                tokio::select! {
+                                    biased;
+                                    Some(p) = rx.recv() => pending.push(p),
+                                    r = &mut work => break r,
+                                }
+                                write_progress(&mut w, &mut pending, progress).await;
+                            };
+                            // Steps reported since the last await.
+                            while let Ok(p) = rx.try_recv() {
+                                pending.push(p);
+                            }
+                            write_progress(&mut w, &mut pending, progress).await;
+                            match result {
                                 Ok(data) => json!({ "ok": true, "data": data }),
                                 Err(e) => json!({ "ok": false, "error": e }),
                             }
@@ -415,7 +460,12 @@ impl Admin {
     }
 
     /// Takeover recovery, every step idempotent (see `spoolctl recover --help`).
-    async fn recover(&self, dry_run: bool, from_dir: Option<String>) -> Result<Value, String> {
+    async fn recover(
+        &self,
+        dry_run: bool,
+        from_dir: Option<String>,
+        progress: ProgressSender,
+    ) -> Result<Value, String> {
         use hasync::proto::recovery_op::{FETCH, LEDGER, LIST, REMOVE};
         let mut client = None;
         let mut failed: Vec<Value> = Vec::new();
@@ -474,6 +524,7 @@ impl Admin {
                     .collect()
             }
         };
+        report(&progress, "list", leftovers.len(), leftovers.len());
         // 2. Classify.
         let ledger = self.replicator.as_ref().map(|r| r.log().clone());
         let mut plan = Vec::new();
@@ -499,7 +550,8 @@ impl Admin {
         }
         // 3. Copy into input/, verifying checksums.
         let mut copied = Vec::new();
-        for l in to_move {
+        let copy_total = to_move.len();
+        for (k, l) in to_move.into_iter().enumerate() {
             let fetched: Result<(Vec<u8>, Vec<u8>), String> = match (&mut client, &from_dir) {
                 (Some(c), _) => match c.call(FETCH, l.id.to_string().as_bytes()).await {
                     Ok(Ok(d)) if d.len() >= 4 => {
@@ -542,6 +594,9 @@ impl Admin {
                 }
                 Err(e) => failed.push(json!({ "id": l.id.to_string(), "error": e })),
             }
+            report(&progress, "copy", k + 1, copy_total);
+            // A copy from a local folder never waits: let the progress line out.
+            tokio::task::yield_now().await;
         }
         failpoint("recover-after-copy");
         // 4. Insert and verify every copied id is spooled now.
@@ -562,6 +617,7 @@ impl Admin {
                 failed.push(json!({ "id": id.to_string(), "error": "not spooled after insertion (see corrupt/)" }));
             }
         }
+        report(&progress, "insert", moved.len(), copy_total);
         failpoint("recover-after-insert");
         // 5. Only now remove, on the partner, what was moved and the duplicates.
         let mut removed_on_partner = 0;
@@ -578,6 +634,12 @@ impl Admin {
                     .map_err(|e| e.to_string())??;
                 removed_on_partner = String::from_utf8_lossy(&n).parse::<usize>().unwrap_or(0);
             }
+            report(
+                &progress,
+                "partner-removal",
+                removed_on_partner,
+                moved.len() + dups.len(),
+            );
         }
         failpoint("recover-after-partner-removal");
         // 6. What the partner delivered while it was active must not go out again from here.

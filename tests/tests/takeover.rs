@@ -349,4 +349,50 @@ fn recover_from_a_copied_out_spool_folder() {
         "second run: all held already"
     );
     assert_eq!(sent.len(), 4);
+
+    // What spoolctl's progress bar reads: asked for, the socket counts each step before the answer.
+    let other = Daemon::start();
+    let lines = admin_lines(
+        &other,
+        &serde_json::json!({ "cmd": "recover", "dry_run": false, "progress": true,
+                             "from_dir": copy.path().to_str().unwrap() }),
+    );
+    let steps: Vec<String> = lines[..lines.len() - 1]
+        .iter()
+        .map(|l| {
+            let p = &l["progress"];
+            format!(
+                "{} {}/{}",
+                p["step"].as_str().unwrap(),
+                p["done"],
+                p["total"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "list 4/4",
+            "copy 1/4",
+            "copy 2/4",
+            "copy 3/4",
+            "copy 4/4",
+            "insert 3/4"
+        ]
+    );
+    let answer = lines.last().unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(answer["data"]["moved"].as_array().unwrap().len(), 3);
+    assert_eq!(other.spooled_ids().len(), 3);
+}
+
+/// Sends one request to the daemon's admin socket and returns every line it answers with.
+fn admin_lines(d: &Daemon, req: &serde_json::Value) -> Vec<serde_json::Value> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(d.state.join("spoold.sock")).unwrap();
+    s.write_all(format!("{req}\n").as_bytes()).unwrap();
+    std::io::BufReader::new(s)
+        .lines()
+        .map(|l| json(&l.unwrap()))
+        .collect()
 }
