@@ -373,6 +373,13 @@ pub fn postconf(settings: &[&str]) -> Result<()> {
 
 /// Configures the system Postfix for loopback clients plus `extra` settings, and (re)starts it.
 pub fn start_postfix(extra: &[&str]) -> Result<()> {
+    // Debian's "No configuration" install (what the test script picks) leaves no main.cf.
+    let main_cf = std::path::Path::new("/etc/postfix/main.cf");
+    if !main_cf.exists() {
+        std::fs::copy("/usr/share/postfix/main.cf.debian", main_cf).context(
+            "no /etc/postfix/main.cf, and /usr/share/postfix/main.cf.debian to start one",
+        )?;
+    }
     postconf(extra)?;
     postconf(&[
         "inet_interfaces = loopback-only",
@@ -420,18 +427,30 @@ pub fn clear_postfix_queue() -> bool {
     queued
 }
 
-fn row(name: &str, r: &[RunResult]) -> (f64, String) {
+/// A table row: medians of `r`, and of the device writes per message where they were counted.
+fn row(name: &str, r: &[RunResult], writes_kib_per_msg: &[f64]) -> (f64, String) {
     let m = median(r.iter().map(|x| x.msgs_per_s).collect());
+    let writes = if writes_kib_per_msg.is_empty() {
+        "?".to_string()
+    } else {
+        format!("{:.1}", median(writes_kib_per_msg.to_vec()))
+    };
     let line = format!(
-        "{:<16} {:>10.0} {:>8.1} {:>9.2} {:>9.2} {:>7}",
+        "{:<16} {:>10.0} {:>8.1} {:>9.2} {:>9.2} {:>7} {:>12}",
         name,
         m,
         median(r.iter().map(|x| x.mb_per_s).collect()),
         median(r.iter().map(|x| x.p50_ms).collect()),
         median(r.iter().map(|x| x.p99_ms).collect()),
-        r.iter().map(|x| x.errors).sum::<usize>()
+        r.iter().map(|x| x.errors).sum::<usize>(),
+        writes
     );
     (m, line)
+}
+
+/// Device writes of one run in KiB per message sent, if they could be counted.
+fn kib_per_msg(written: Option<u64>, messages: usize) -> Option<f64> {
+    written.map(|b| b as f64 / 1024.0 / messages as f64)
 }
 
 impl Args {
@@ -445,12 +464,17 @@ impl Args {
     }
 }
 
+/// Where Debian's Postfix keeps its queue (for counting what its device takes).
+const POSTFIX_QUEUE: &str = "/var/spool/postfix";
+
 /// What one spoold run cost besides its throughput.
 struct Cost {
     rounds: f64,
     per_round: f64,
     round_ms: f64,
     cpu_us_per_msg: f64,
+    /// Device writes per message (KiB), when counted.
+    writes_kib: Option<f64>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -463,6 +487,7 @@ pub fn run(a: Args) -> Result<()> {
     // that would favour whichever server runs first.
     let mut keep = Vec::new();
     let mut theirs = Vec::new();
+    let mut their_writes = Vec::new();
     if a.compare_postfix {
         start_postfix(&[
             "smtpd_client_restrictions = check_client_access static:HOLD",
@@ -485,13 +510,14 @@ pub fn run(a: Args) -> Result<()> {
             fs = describe_fs(dir.path());
             let d = Spoold::start(&bin, &dir.path().join("state"), sync, a.portable)?;
             let cpu_before = d.cpu_seconds();
-            let r = load(d.smtp, a.shape())?;
+            let (r, written) = crate::with_device_writes(dir.path(), || load(d.smtp, a.shape()))?;
             let (rounds, per_round, round_ms) = d.rounds();
             costs.push(Cost {
                 rounds,
                 per_round,
                 round_ms,
                 cpu_us_per_msg: (d.cpu_seconds() - cpu_before) * 1e6 / a.messages as f64,
+                writes_kib: kib_per_msg(written, a.messages),
             });
             results.push(r);
             let (now, peak) = d.rss_mib();
@@ -500,7 +526,11 @@ pub fn run(a: Args) -> Result<()> {
             keep.push(dir);
         }
         if a.compare_postfix {
-            theirs.push(load(a.postfix_addr, a.shape())?);
+            let queue = std::path::Path::new(POSTFIX_QUEUE);
+            let (r, written) =
+                crate::with_device_writes(queue, || load(a.postfix_addr, a.shape()))?;
+            theirs.push(r);
+            their_writes.extend(kib_per_msg(written, a.messages));
         }
     }
     if a.compare_postfix {
@@ -516,17 +546,18 @@ pub fn run(a: Args) -> Result<()> {
         if a.portable { "portable" } else { "io_uring" }
     );
     println!(
-        "{:<16} {:>10} {:>8} {:>9} {:>9} {:>7}",
-        "server", "msgs/s", "MB/s", "p50 ms", "p99 ms", "errors"
+        "{:<16} {:>10} {:>8} {:>9} {:>9} {:>7} {:>12}",
+        "server", "msgs/s", "MB/s", "p50 ms", "p99 ms", "errors", "disk KiB/msg"
     );
     let mut medians = Vec::new();
-    for (sync, results, _) in &ours {
-        let (m, line) = row(&format!("spoold {sync}"), results);
+    for (sync, results, costs) in &ours {
+        let writes: Vec<f64> = costs.iter().filter_map(|c| c.writes_kib).collect();
+        let (m, line) = row(&format!("spoold {sync}"), results, &writes);
         println!("{line}");
         medians.push((sync, m));
     }
     if !theirs.is_empty() {
-        let (m_theirs, line) = row("postfix", &theirs);
+        let (m_theirs, line) = row("postfix", &theirs, &their_writes);
         println!("{line}");
         for (sync, m) in &medians {
             println!(
@@ -548,6 +579,7 @@ pub fn run(a: Args) -> Result<()> {
             med(|c| c.cpu_us_per_msg)
         );
     }
+    println!("disk KiB/msg: everything the spool's device took during a run, synced after it");
     println!(
         "spoold RSS after the run: {:.1} MiB, peak {:.1} MiB (goal: well under 128 MiB)",
         rss.0, rss.1

@@ -77,6 +77,40 @@ pub fn describe_fs(path: &std::path::Path) -> String {
     best.map(|b| b.1).unwrap_or_else(|| "unknown".into())
 }
 
+/// Bytes written so far to the block device holding `path` (from its `/sys/dev/block/.../stat`),
+/// if the device can be found.
+pub fn device_bytes_written(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let stat = std::fs::read_to_string(format!(
+        "/sys/dev/block/{}:{}/stat",
+        libc::major(dev),
+        libc::minor(dev)
+    ))
+    .ok()?;
+    // The seventh field counts 512-byte sectors written (Documentation/block/stat.rst).
+    let sectors: u64 = stat.split_whitespace().nth(6)?.parse().ok()?;
+    Some(sectors * 512)
+}
+
+/// Runs `work` and returns its result with the bytes the device under `path` took meanwhile,
+/// including what the work left dirty (flushed with `sync` before counting), so that metadata
+/// written back late is counted too.
+pub fn with_device_writes<T>(
+    path: &std::path::Path,
+    work: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, Option<u64>)> {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    let before = device_bytes_written(path);
+    let out = work()?;
+    unsafe { libc::sync() };
+    let written = before
+        .zip(device_bytes_written(path))
+        .map(|(b, a)| a.saturating_sub(b));
+    Ok((out, written))
+}
+
 /// The directory the benchmarks' scratch directories go in: `target/bench-scratch`, marked as
 /// the top of a directory hierarchy (`chattr +T`) so that ext4 places each new scratch
 /// directory in a block group of its own choosing, not next to `target/`, where cargo has just
