@@ -279,23 +279,40 @@ impl Spoold {
         Ok(Spoold { child, smtp, http })
     }
 
-    /// Puts every thread of the daemon in the `SCHED_IDLE` class (threads it starts later
-    /// inherit it), so that it runs only on CPU time nothing else wants.
-    pub fn run_when_idle(&self) -> Result<()> {
+    /// Calls `set` for every thread of the daemon; `set` returns the `errno`-style status of
+    /// a scheduling call for that thread, named by `what` in the error.
+    fn each_thread(&self, what: &str, set: impl Fn(libc::pid_t) -> libc::c_int) -> Result<()> {
         for task in std::fs::read_dir(format!("/proc/{}/task", self.child.id()))? {
             let Some(tid) = task?.file_name().to_str().and_then(|t| t.parse().ok()) else {
                 continue;
             };
-            let param = libc::sched_param { sched_priority: 0 };
-            // SAFETY: a valid thread id of our child and a valid parameter block.
-            if unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) } != 0 {
+            if set(tid) != 0 {
                 anyhow::bail!(
-                    "SCHED_IDLE for thread {tid}: {}",
+                    "{what} for thread {tid}: {}",
                     std::io::Error::last_os_error()
                 );
             }
         }
         Ok(())
+    }
+
+    /// Puts every thread of the daemon in the `SCHED_IDLE` class (threads it starts later
+    /// inherit it), so that it runs only on CPU time nothing else wants.
+    pub fn run_when_idle(&self) -> Result<()> {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: a thread id of our child and a valid parameter block.
+        self.each_thread("SCHED_IDLE", |tid| unsafe {
+            libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param)
+        })
+    }
+
+    /// Keeps every thread of the daemon (and those they start later) on CPU `cpu` alone.
+    pub fn pin_to_cpu(&self, cpu: usize) -> Result<()> {
+        let set = cpu_set(cpu);
+        // SAFETY: a thread id of our child and a valid CPU set of the size given.
+        self.each_thread("sched_setaffinity", |tid| unsafe {
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        })
     }
 
     /// The text of `/metrics`.
@@ -462,6 +479,25 @@ impl Args {
             size: self.size,
         }
     }
+}
+
+/// A CPU set holding `cpu` alone.
+fn cpu_set(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid set; CPU_SET ignores numbers beyond its size.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    set
+}
+
+/// Keeps the calling thread, and every thread and process it starts from now on, on CPU `cpu`.
+pub fn pin_this_thread(cpu: usize) -> Result<()> {
+    let set = cpu_set(cpu);
+    // SAFETY: 0 names the calling thread; a valid CPU set of the size given.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        anyhow::bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Where Debian's Postfix keeps its queue (for counting what its device takes).

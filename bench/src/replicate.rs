@@ -40,6 +40,11 @@ pub struct Args {
     /// link's, not a real partner's.
     #[arg(long, conflicts_with_all = ["partner_dir", "partner_idle"])]
     instant_partner: bool,
+    /// Model two one-vCPU machines: the load generator and unit A (also with replication off)
+    /// on CPU 0, unit B on CPU 1, so that B's work does not take A's CPU time. The kernel's
+    /// own threads (block I/O completion, writeback) and the disk stay shared.
+    #[arg(long, conflicts_with_all = ["instant_partner", "partner_idle"])]
+    split_cpus: bool,
 }
 
 fn quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
@@ -101,6 +106,10 @@ pub fn run(a: Args) -> Result<()> {
         .collect();
     // Every run's directory stays until the end (see `settle_after_deletions`).
     crate::settle_after_deletions();
+    if a.split_cpus {
+        // The generator's threads and every spoold started from here inherit it; B moves.
+        crate::ingest::pin_this_thread(0)?;
+    }
     let mut keep = Vec::new();
     for _ in 0..a.runs {
         let dir = crate::scratch_dir(None)?;
@@ -133,6 +142,9 @@ pub fn run(a: Args) -> Result<()> {
                     let b = Spoold::start_config(&bin, &b_state, &format!("{cb}{extra}"), false)?;
                     if a.partner_idle {
                         b.run_when_idle()?;
+                    }
+                    if a.split_cpus {
+                        b.pin_to_cpu(1)?;
                     }
                     Some(b)
                 };
@@ -193,6 +205,8 @@ pub fn run(a: Args) -> Result<()> {
             ", the partner an instant stand-in that stores nothing"
         } else if a.partner_idle {
             ", the partner at idle CPU priority"
+        } else if a.split_cpus {
+            ", the generator and A on CPU 0, the partner on CPU 1"
         } else {
             ""
         },
