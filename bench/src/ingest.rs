@@ -444,30 +444,29 @@ pub fn clear_postfix_queue() -> bool {
     queued
 }
 
-/// A table row: medians of `r`, and of the device writes per message where they were counted.
-fn row(name: &str, r: &[RunResult], writes_kib_per_msg: &[f64]) -> (f64, String) {
+/// A table row: medians of `r`, and of the device's KiB written and flushes per message where
+/// they were counted.
+fn row(name: &str, r: &[RunResult], io: &[(f64, f64)]) -> (f64, String) {
     let m = median(r.iter().map(|x| x.msgs_per_s).collect());
-    let writes = if writes_kib_per_msg.is_empty() {
-        "?".to_string()
-    } else {
-        format!("{:.1}", median(writes_kib_per_msg.to_vec()))
+    let io_median = |f: fn(&(f64, f64)) -> f64, digits: usize| {
+        if io.is_empty() {
+            "?".to_string()
+        } else {
+            format!("{:.*}", digits, median(io.iter().map(f).collect()))
+        }
     };
     let line = format!(
-        "{:<16} {:>10.0} {:>8.1} {:>9.2} {:>9.2} {:>7} {:>12}",
+        "{:<16} {:>10.0} {:>8.1} {:>9.2} {:>9.2} {:>7} {:>12} {:>12}",
         name,
         m,
         median(r.iter().map(|x| x.mb_per_s).collect()),
         median(r.iter().map(|x| x.p50_ms).collect()),
         median(r.iter().map(|x| x.p99_ms).collect()),
         r.iter().map(|x| x.errors).sum::<usize>(),
-        writes
+        io_median(|x| x.0, 1),
+        io_median(|x| x.1, 3)
     );
     (m, line)
-}
-
-/// Device writes of one run in KiB per message sent, if they could be counted.
-fn kib_per_msg(written: Option<u64>, messages: usize) -> Option<f64> {
-    written.map(|b| b as f64 / 1024.0 / messages as f64)
 }
 
 impl Args {
@@ -509,8 +508,8 @@ struct Cost {
     per_round: f64,
     round_ms: f64,
     cpu_us_per_msg: f64,
-    /// Device writes per message (KiB), when counted.
-    writes_kib: Option<f64>,
+    /// The device's KiB written and flushes per message, when counted.
+    io: Option<(f64, f64)>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -523,7 +522,7 @@ pub fn run(a: Args) -> Result<()> {
     // that would favour whichever server runs first.
     let mut keep = Vec::new();
     let mut theirs = Vec::new();
-    let mut their_writes = Vec::new();
+    let mut their_io = Vec::new();
     if a.compare_postfix {
         start_postfix(&[
             "smtpd_client_restrictions = check_client_access static:HOLD",
@@ -546,14 +545,14 @@ pub fn run(a: Args) -> Result<()> {
             fs = describe_fs(dir.path());
             let d = Spoold::start(&bin, &dir.path().join("state"), sync, a.portable)?;
             let cpu_before = d.cpu_seconds();
-            let (r, written) = crate::with_device_writes(dir.path(), || load(d.smtp, a.shape()))?;
+            let (r, io) = crate::with_device_io(dir.path(), || load(d.smtp, a.shape()))?;
             let (rounds, per_round, round_ms) = d.rounds();
             costs.push(Cost {
                 rounds,
                 per_round,
                 round_ms,
                 cpu_us_per_msg: (d.cpu_seconds() - cpu_before) * 1e6 / a.messages as f64,
-                writes_kib: kib_per_msg(written, a.messages),
+                io: io.map(|io| io.per_message(a.messages)),
             });
             results.push(r);
             let (now, peak) = d.rss_mib();
@@ -563,10 +562,9 @@ pub fn run(a: Args) -> Result<()> {
         }
         if a.compare_postfix {
             let queue = std::path::Path::new(POSTFIX_QUEUE);
-            let (r, written) =
-                crate::with_device_writes(queue, || load(a.postfix_addr, a.shape()))?;
+            let (r, io) = crate::with_device_io(queue, || load(a.postfix_addr, a.shape()))?;
             theirs.push(r);
-            their_writes.extend(kib_per_msg(written, a.messages));
+            their_io.extend(io.map(|io| io.per_message(a.messages)));
         }
     }
     if a.compare_postfix {
@@ -582,18 +580,18 @@ pub fn run(a: Args) -> Result<()> {
         if a.portable { "portable" } else { "io_uring" }
     );
     println!(
-        "{:<16} {:>10} {:>8} {:>9} {:>9} {:>7} {:>12}",
-        "server", "msgs/s", "MB/s", "p50 ms", "p99 ms", "errors", "disk KiB/msg"
+        "{:<16} {:>10} {:>8} {:>9} {:>9} {:>7} {:>12} {:>12}",
+        "server", "msgs/s", "MB/s", "p50 ms", "p99 ms", "errors", "disk KiB/msg", "flushes/msg"
     );
     let mut medians = Vec::new();
     for (sync, results, costs) in &ours {
-        let writes: Vec<f64> = costs.iter().filter_map(|c| c.writes_kib).collect();
-        let (m, line) = row(&format!("spoold {sync}"), results, &writes);
+        let io: Vec<(f64, f64)> = costs.iter().filter_map(|c| c.io).collect();
+        let (m, line) = row(&format!("spoold {sync}"), results, &io);
         println!("{line}");
         medians.push((sync, m));
     }
     if !theirs.is_empty() {
-        let (m_theirs, line) = row("postfix", &theirs, &their_writes);
+        let (m_theirs, line) = row("postfix", &theirs, &their_io);
         println!("{line}");
         for (sync, m) in &medians {
             println!(
@@ -615,7 +613,9 @@ pub fn run(a: Args) -> Result<()> {
             med(|c| c.cpu_us_per_msg)
         );
     }
-    println!("disk KiB/msg: everything the spool's device took during a run, synced after it");
+    println!(
+        "disk KiB/msg, flushes/msg: what the spool's device wrote and how many cache flushes it did during a run, synced after it"
+    );
     println!(
         "spoold RSS after the run: {:.1} MiB, peak {:.1} MiB (goal: well under 128 MiB)",
         rss.0, rss.1

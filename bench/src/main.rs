@@ -77,38 +77,59 @@ pub fn describe_fs(path: &std::path::Path) -> String {
     best.map(|b| b.1).unwrap_or_else(|| "unknown".into())
 }
 
-/// Bytes written so far to the block device holding `path` (from its `/sys/dev/block/.../stat`),
-/// if the device can be found.
-pub fn device_bytes_written(path: &std::path::Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let dev = std::fs::metadata(path).ok()?.dev();
-    let stat = std::fs::read_to_string(format!(
-        "/sys/dev/block/{}:{}/stat",
-        libc::major(dev),
-        libc::minor(dev)
-    ))
-    .ok()?;
-    // The seventh field counts 512-byte sectors written (Documentation/block/stat.rst).
-    let sectors: u64 = stat.split_whitespace().nth(6)?.parse().ok()?;
-    Some(sectors * 512)
+/// What a block device has done so far: bytes written and cache flushes completed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeviceIo {
+    pub bytes_written: u64,
+    pub flushes: u64,
 }
 
-/// Runs `work` and returns its result with the bytes the device under `path` took meanwhile,
+impl DeviceIo {
+    /// The counters of the block device holding `path` (its `/sys/dev/block/.../stat`), if the
+    /// device can be found.
+    pub fn of(path: &std::path::Path) -> Option<DeviceIo> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(path).ok()?.dev();
+        let stat = std::fs::read_to_string(format!(
+            "/sys/dev/block/{}:{}/stat",
+            libc::major(dev),
+            libc::minor(dev)
+        ))
+        .ok()?;
+        // Documentation/block/stat.rst: field 7 counts 512-byte sectors written, field 16
+        // flush requests completed (kernels since 5.5).
+        let field = |n: usize| stat.split_whitespace().nth(n - 1)?.parse::<u64>().ok();
+        Some(DeviceIo {
+            bytes_written: field(7)? * 512,
+            flushes: field(16).unwrap_or(0),
+        })
+    }
+
+    /// Per message of `messages`: KiB written and flushes.
+    pub fn per_message(&self, messages: usize) -> (f64, f64) {
+        let n = messages.max(1) as f64;
+        (self.bytes_written as f64 / 1024.0 / n, self.flushes as f64 / n)
+    }
+}
+
+/// Runs `work` and returns its result with what the device under `path` did meanwhile,
 /// including what the work left dirty (flushed with `sync` before counting), so that metadata
-/// written back late is counted too.
-pub fn with_device_writes<T>(
+/// written back late is counted too. Device-wide: anything else written meanwhile counts too.
+pub fn with_device_io<T>(
     path: &std::path::Path,
     work: impl FnOnce() -> anyhow::Result<T>,
-) -> anyhow::Result<(T, Option<u64>)> {
+) -> anyhow::Result<(T, Option<DeviceIo>)> {
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
-    let before = device_bytes_written(path);
+    let before = DeviceIo::of(path);
     let out = work()?;
+    // SAFETY: as above.
     unsafe { libc::sync() };
-    let written = before
-        .zip(device_bytes_written(path))
-        .map(|(b, a)| a.saturating_sub(b));
-    Ok((out, written))
+    let done = before.zip(DeviceIo::of(path)).map(|(b, a)| DeviceIo {
+        bytes_written: a.bytes_written.saturating_sub(b.bytes_written),
+        flushes: a.flushes.saturating_sub(b.flushes),
+    });
+    Ok((out, done))
 }
 
 /// The directory the benchmarks' scratch directories go in: `target/bench-scratch`, marked as

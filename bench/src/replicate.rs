@@ -90,6 +90,19 @@ struct ModeRuns {
     /// A's mean commit round, and the mean part of it spent logging the round's ADDs, in ms.
     round_ms: Vec<f64>,
     log_ms: Vec<f64>,
+    /// A's device: KiB written and cache flushes per message (B's too when it shares it).
+    disk_kib: Vec<f64>,
+    flushes: Vec<f64>,
+}
+
+impl ModeRuns {
+    fn note_io(&mut self, io: Option<crate::DeviceIo>, messages: usize) {
+        if let Some(io) = io {
+            let (kib, flushes) = io.per_message(messages);
+            self.disk_kib.push(kib);
+            self.flushes.push(flushes);
+        }
+    }
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -121,7 +134,8 @@ pub fn run(a: Args) -> Result<()> {
                 let solo =
                     Spoold::start_config(&bin, &sub.join("solo"), "node_name = \"solo\"\n", false)?;
                 let cpu_before = solo.cpu_seconds();
-                let result = load(solo.smtp, shape)?;
+                let (result, io) = crate::with_device_io(&sub, || load(solo.smtp, shape))?;
+                runs.note_io(io, a.messages);
                 runs.cpu_a.push(per_msg(solo.cpu_seconds() - cpu_before));
                 runs.round_ms.push(solo.rounds().2);
                 result
@@ -160,12 +174,16 @@ pub fn run(a: Args) -> Result<()> {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 let cpu_before = (node_a.cpu_seconds(), cpu_b());
-                let result = load(node_a.smtp, shape)?;
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while value(&node_a.metrics(), "spoold_ha_pending_actions") != Some(0.0) {
-                    anyhow::ensure!(Instant::now() < deadline, "replication did not drain");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                let (result, io) = crate::with_device_io(&sub, || {
+                    let result = load(node_a.smtp, shape)?;
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while value(&node_a.metrics(), "spoold_ha_pending_actions") != Some(0.0) {
+                        anyhow::ensure!(Instant::now() < deadline, "replication did not drain");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Ok(result)
+                })?;
+                runs.note_io(io, a.messages);
                 let m = node_a.metrics();
                 runs.round_ms.push(node_a.rounds().2);
                 let log_metric = "spoold_ha_log_append_duration_seconds";
@@ -213,7 +231,7 @@ pub fn run(a: Args) -> Result<()> {
         crate::describe_fs(a.partner_dir.as_deref().unwrap_or(&crate::scratch_base()))
     );
     println!(
-        "{:<12} {:>10} {:>14} {:>12} {:>12} {:>12} {:>12} {:>11} {:>11}",
+        "{:<12} {:>10} {:>14} {:>12} {:>12} {:>12} {:>12} {:>11} {:>11} {:>12} {:>11}",
         "replication",
         "msgs/s",
         "250 p99 ms",
@@ -222,22 +240,25 @@ pub fn run(a: Args) -> Result<()> {
         "A CPU µs/msg",
         "B CPU µs/msg",
         "A ms/round",
-        "log ms/rnd"
+        "log ms/rnd",
+        "disk KiB/msg",
+        "flushes/msg"
     );
     let mut rate = std::collections::HashMap::new();
     for (mode, runs) in modes {
         let r = median(runs.rate);
         rate.insert(mode, r);
         let cpu_a = median(runs.cpu_a);
-        let shown = |v: Vec<f64>| {
+        let shown_to = |v: Vec<f64>, digits: usize| {
             if v.is_empty() {
                 "-".to_string()
             } else {
-                format!("{:.1}", median(v))
+                format!("{:.*}", digits, median(v))
             }
         };
+        let shown = |v: Vec<f64>| shown_to(v, 1);
         println!(
-            "{:<12} {:>10.0} {:>14.1} {:>12} {:>12} {:>12.0} {:>12} {:>11.2} {:>11}",
+            "{:<12} {:>10.0} {:>14.1} {:>12} {:>12} {:>12.0} {:>12} {:>11.2} {:>11} {:>12} {:>11}",
             mode,
             r,
             median(runs.reply_p99),
@@ -250,7 +271,9 @@ pub fn run(a: Args) -> Result<()> {
                 format!("{:.0}", median(runs.cpu_b))
             },
             median(runs.round_ms),
-            shown(runs.log_ms)
+            shown(runs.log_ms),
+            shown(runs.disk_kib),
+            shown_to(runs.flushes, 3)
         );
     }
     println!(
