@@ -108,7 +108,10 @@ impl DeviceIo {
     /// Per message of `messages`: KiB written and flushes.
     pub fn per_message(&self, messages: usize) -> (f64, f64) {
         let n = messages.max(1) as f64;
-        (self.bytes_written as f64 / 1024.0 / n, self.flushes as f64 / n)
+        (
+            self.bytes_written as f64 / 1024.0 / n,
+            self.flushes as f64 / n,
+        )
     }
 }
 
