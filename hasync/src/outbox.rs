@@ -88,6 +88,11 @@ impl Outbox {
         *held = Held::default();
     }
 
+    /// Bytes held now, as charged against the bound.
+    pub fn bytes(&self) -> usize {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).bytes
+    }
+
     /// Messages held now.
     pub fn len(&self) -> usize {
         self.held
@@ -121,6 +126,7 @@ mod tests {
         let outbox = Outbox::new(PIECE_CHARGE_MIN + 3 + 5);
         let (first, second, third) = (ids.next_id(), ids.next_id(), ids.next_id());
         assert!(outbox.hold(first.clone(), message(b"1234")));
+        assert_eq!(outbox.bytes(), 3 + PIECE_CHARGE_MIN);
         assert!(!outbox.hold(second.clone(), message(b"5678")));
         assert_eq!(
             outbox.take(&first).map(|m| m.body),
@@ -131,5 +137,6 @@ mod tests {
         assert!(outbox.take(&second).is_none());
         assert!(outbox.take(&third).is_some());
         assert!(outbox.is_empty());
+        assert_eq!(outbox.bytes(), 0);
     }
 }

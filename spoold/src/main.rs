@@ -653,6 +653,9 @@ async fn follow_role(
                 .unwrap_or(0.0);
             metrics.ha_oldest_pending.set(age);
         }
+        let outbox = r.log().outbox();
+        metrics.ha_outbox_messages.set(outbox.len() as i64);
+        metrics.ha_outbox_bytes.set(outbox.bytes() as i64);
         tokio::select! {
             c = role.changed() => if c.is_err() { return },
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

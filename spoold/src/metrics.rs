@@ -72,6 +72,9 @@ pub struct Metrics {
     pub ha_pending: IntGauge,
     /// Age of the oldest pending action.
     pub ha_oldest_pending: prometheus::Gauge,
+    /// Messages held in memory for the sender, and the bytes they are charged.
+    pub ha_outbox_messages: IntGauge,
+    pub ha_outbox_bytes: IntGauge,
     /// Messages refused because the replication log reached `ha.pending_max` (alert on > 0).
     pub ha_log_full: IntCounter,
     /// Sync mode: messages accepted without the partner's acknowledgement (fallback to async).
@@ -212,6 +215,14 @@ impl Metrics {
             ha_pending: gauge(
                 "spoold_ha_pending_actions",
                 "Replication actions waiting for the partner's acknowledgement.",
+            )?,
+            ha_outbox_messages: gauge(
+                "spoold_ha_outbox_messages",
+                "Just-spooled messages held in memory for the replication sender.",
+            )?,
+            ha_outbox_bytes: gauge(
+                "spoold_ha_outbox_bytes",
+                "Memory charged to the replication outbox (bounded by ha.outbox_bytes).",
             )?,
             ha_log_full: counter(
                 "spoold_ha_log_full_total",

@@ -190,6 +190,10 @@ fn every_acknowledged_message_reaches_the_partner_byte_identical() {
         "ADDs from the outbox: {from_outbox:?} of {}",
         acked.len()
     );
+    // Everything sent, nothing stays held in memory.
+    assert!(wait_until(5, || a.metric("spoold_ha_outbox_messages")
+        == Some(0.0)
+        && a.metric("spoold_ha_outbox_bytes") == Some(0.0)));
 }
 
 #[test]
