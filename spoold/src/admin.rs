@@ -471,7 +471,7 @@ impl Admin {
         let mut failed: Vec<Value> = Vec::new();
         // 1. The leftovers.
         let leftovers: Vec<Leftover> = match &from_dir {
-            Some(dir) => {
+            Some(dir) => tokio::task::block_in_place(|| {
                 let base = PathBuf::from(dir);
                 let mut out = Vec::new();
                 for sub in [base.join("spool"), base.join("vscan"), base.clone()] {
@@ -484,21 +484,21 @@ impl Admin {
                             continue;
                         };
                         match std::fs::read(e.path()).map_err(|e| e.to_string()).and_then(|b| {
-                            spool::Envelope::decode(&b).map_err(|e| e.to_string())
-                        }) {
-                            Ok(env) if env.id.to_string() == stem => out.push(Leftover {
-                                folder: sub.display().to_string(),
-                                size: env.body_len,
-                                sha: hex(&env.body_sha256),
-                                id: env.id,
-                            }),
-                            Ok(_) => failed.push(json!({ "id": stem, "error": "envelope id does not match its file name" })),
-                            Err(e) => failed.push(json!({ "id": stem, "error": e })),
-                        }
+                                spool::Envelope::decode(&b).map_err(|e| e.to_string())
+                            }) {
+                                Ok(env) if env.id.to_string() == stem => out.push(Leftover {
+                                    folder: sub.display().to_string(),
+                                    size: env.body_len,
+                                    sha: hex(&env.body_sha256),
+                                    id: env.id,
+                                }),
+                                Ok(_) => failed.push(json!({ "id": stem, "error": "envelope id does not match its file name" })),
+                                Err(e) => failed.push(json!({ "id": stem, "error": e })),
+                            }
                     }
                 }
                 out
-            }
+            }),
             None => {
                 let r = self
                     .replicator
@@ -566,24 +566,27 @@ impl Admin {
                     Ok(Err(e)) => Err(e),
                     Err(e) => Err(e.to_string()),
                 },
-                (None, Some(_)) => {
+                (None, Some(_)) => tokio::task::block_in_place(|| {
                     let dir = PathBuf::from(&l.folder);
                     std::fs::read(dir.join(format!("{}.env", l.id)))
                         .and_then(|e| Ok((e, std::fs::read(dir.join(format!("{}.body", l.id)))?)))
                         .map_err(|e| e.to_string())
-                }
+                }),
                 (None, None) => Err("no source".into()),
             };
-            let checked = fetched.and_then(|(env, body)| {
-                let decoded = spool::Envelope::decode(&env).map_err(|e| e.to_string())?;
-                if decoded.id != l.id
-                    || hex(&spool::body::sha256(&body)) != l.sha
-                    || decoded.body_len != body.len() as u64
-                {
-                    return Err("checksum or length does not match the envelope".into());
-                }
-                self.put_input(&l.id, &env, &body)
-                    .map_err(|e| e.to_string())
+            // File I/O and fsyncs: off the async worker, which SMTP sessions share.
+            let checked = tokio::task::block_in_place(|| {
+                fetched.and_then(|(env, body)| {
+                    let decoded = spool::Envelope::decode(&env).map_err(|e| e.to_string())?;
+                    if decoded.id != l.id
+                        || hex(&spool::body::sha256(&body)) != l.sha
+                        || decoded.body_len != body.len() as u64
+                    {
+                        return Err("checksum or length does not match the envelope".into());
+                    }
+                    self.put_input(&l.id, &env, &body)
+                        .map_err(|e| e.to_string())
+                })
             });
             match checked {
                 Ok(()) => {
@@ -600,7 +603,8 @@ impl Admin {
         }
         failpoint("recover-after-copy");
         // 4. Insert and verify every copied id is spooled now.
-        let outcomes = insert_input(&self.layout).map_err(|e| e.to_string())?;
+        let outcomes = tokio::task::block_in_place(|| insert_input(&self.layout))
+            .map_err(|e| e.to_string())?;
         let mut moved = Vec::new();
         for o in &outcomes {
             if let InsertOutcome::Inserted(id) = o {
@@ -646,24 +650,27 @@ impl Admin {
         let mut removed_here = Vec::new();
         if let Some(c) = client.as_mut() {
             let delivered = c.call(LEDGER, b"").await.map_err(|e| e.to_string())??;
-            for line in String::from_utf8_lossy(&delivered).lines() {
-                let Ok(id) = line.parse::<MessageId>() else {
-                    continue;
-                };
-                for f in [Folder::Spool, Folder::Vscan, Folder::Hold] {
-                    if self.layout.path(f, &id, Part::Env).exists() {
-                        if let Some(r) = &self.replicator {
-                            r.log()
-                                .append(&[(hasync::txlog::Kind::Delete, &id)], now_ms())
-                                .map_err(|e| e.to_string())?;
-                            r.notify();
+            tokio::task::block_in_place(|| -> Result<(), String> {
+                for line in String::from_utf8_lossy(&delivered).lines() {
+                    let Ok(id) = line.parse::<MessageId>() else {
+                        continue;
+                    };
+                    for f in [Folder::Spool, Folder::Vscan, Folder::Hold] {
+                        if self.layout.path(f, &id, Part::Env).exists() {
+                            if let Some(r) = &self.replicator {
+                                r.log()
+                                    .append(&[(hasync::txlog::Kind::Delete, &id)], now_ms())
+                                    .map_err(|e| e.to_string())?;
+                                r.notify();
+                            }
+                            self.layout.remove_pair(&id, f).map_err(|e| e.to_string())?;
+                            self.metrics.queue_add(f, -1);
+                            removed_here.push(id.to_string());
                         }
-                        self.layout.remove_pair(&id, f).map_err(|e| e.to_string())?;
-                        self.metrics.queue_add(f, -1);
-                        removed_here.push(id.to_string());
                     }
                 }
-            }
+                Ok(())
+            })?;
         }
         tracing::warn!(
             moved = moved.len(),
