@@ -449,11 +449,7 @@ pub fn clear_postfix_queue() -> bool {
 fn row(name: &str, r: &[RunResult], io: &[(f64, f64)]) -> (f64, String) {
     let m = median(r.iter().map(|x| x.msgs_per_s).collect());
     let io_median = |f: fn(&(f64, f64)) -> f64, digits: usize| {
-        if io.is_empty() {
-            "?".to_string()
-        } else {
-            format!("{:.*}", digits, median(io.iter().map(f).collect()))
-        }
+        crate::median_shown(io.iter().map(f).collect(), digits, "?")
     };
     let line = format!(
         "{:<16} {:>10.0} {:>8.1} {:>9.2} {:>9.2} {:>7} {:>12} {:>12}",

@@ -57,6 +57,15 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The median of `v` with `digits` decimals, or `missing` when there is nothing to show.
+pub fn median_shown(v: Vec<f64>, digits: usize, missing: &str) -> String {
+    if v.is_empty() {
+        missing.to_string()
+    } else {
+        format!("{:.*}", digits, median(v))
+    }
+}
+
 /// Describes the file system holding `path` (type from /proc/mounts), for the report.
 pub fn describe_fs(path: &std::path::Path) -> String {
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());

@@ -249,13 +249,7 @@ pub fn run(a: Args) -> Result<()> {
         let r = median(runs.rate);
         rate.insert(mode, r);
         let cpu_a = median(runs.cpu_a);
-        let shown_to = |v: Vec<f64>, digits: usize| {
-            if v.is_empty() {
-                "-".to_string()
-            } else {
-                format!("{:.*}", digits, median(v))
-            }
-        };
+        let shown_to = |v: Vec<f64>, digits: usize| crate::median_shown(v, digits, "-");
         let shown = |v: Vec<f64>| shown_to(v, 1);
         println!(
             "{:<12} {:>10.0} {:>14.1} {:>12} {:>12} {:>12.0} {:>12} {:>11.2} {:>11} {:>12} {:>11}",
@@ -265,11 +259,7 @@ pub fn run(a: Args) -> Result<()> {
             shown(runs.lag_p50),
             shown(runs.lag_p99),
             cpu_a,
-            if runs.cpu_b.is_empty() {
-                "-".to_string()
-            } else {
-                format!("{:.0}", median(runs.cpu_b))
-            },
+            shown_to(runs.cpu_b, 0),
             median(runs.round_ms),
             shown(runs.log_ms),
             shown(runs.disk_kib),

@@ -84,13 +84,9 @@ fn report(progress: &ProgressSender, step: &str, done: usize, total: usize) {
     let _ = progress.send(json!({ "step": step, "done": done, "total": total }));
 }
 
-/// Sends (when the client asked for them) and forgets the progress lines gathered so far.
-async fn write_progress<W: tokio::io::AsyncWrite + Unpin>(
-    w: &mut W,
-    pending: &mut Vec<Value>,
-    asked: bool,
-) {
-    for p in pending.drain(..).filter(|_| asked) {
+/// Sends one progress line, if the client asked for them.
+async fn write_progress<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, p: Value, asked: bool) {
+    if asked {
         let _ = w
             .write_all(format!("{}\n", json!({ "progress": p })).as_bytes())
             .await;
@@ -196,20 +192,17 @@ impl Admin {
                             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                             let work = me.recover(dry_run, from_dir, tx);
                             tokio::pin!(work);
-                            let mut pending = Vec::new();
                             let result = loop {
                                 tokio::select! {
                                     biased;
-                                    Some(p) = rx.recv() => pending.push(p),
+                                    Some(p) = rx.recv() => write_progress(&mut w, p, progress).await,
                                     r = &mut work => break r,
                                 }
-                                write_progress(&mut w, &mut pending, progress).await;
                             };
                             // Steps reported since the last await.
                             while let Ok(p) = rx.try_recv() {
-                                pending.push(p);
+                                write_progress(&mut w, p, progress).await;
                             }
-                            write_progress(&mut w, &mut pending, progress).await;
                             match result {
                                 Ok(data) => json!({ "ok": true, "data": data }),
                                 Err(e) => json!({ "ok": false, "error": e }),
