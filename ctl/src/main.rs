@@ -54,10 +54,11 @@ enum Cmd {
     /// Retry every deferred message now.
     Flush,
     /// Takeover recovery, run on the unit that is active after takeback: list the partner's
-    /// leftovers in spool/ and vscan/ over the authenticated peer link, skip those held or
-    /// delivered here, copy the rest into input/ with checksums, insert and verify them, then
-    /// remove on the partner what was moved and the duplicates; finally remove here what the
-    /// partner delivered while it was active. Every step is idempotent: run it again after any
+    /// leftovers in spool/ and vscan/ over the authenticated peer link, keep there the copies
+    /// of messages held here (they are replicas), copy the rest that was not delivered here
+    /// into input/ with checksums, insert and verify them, then remove on the partner what was
+    /// moved and what was delivered here; finally remove here what the partner delivered while
+    /// it was active, and replicate anew. Every step is idempotent: run it again after any
     /// crash.
     Recover {
         /// Print the plan and change nothing.
@@ -256,9 +257,10 @@ fn human(cmd: &Cmd, data: &Value) -> String {
             } else {
                 let n = |k: &str| data[k].as_array().map(|a| a.len()).unwrap_or(0);
                 out.push_str(&format!(
-                    "moved {} / duplicates removed {} / removed here (delivered by partner) {} / failed {}\n",
+                    "moved {} / duplicates removed {} / held here, kept {} / removed here (delivered by partner) {} / failed {}\n",
                     n("moved"),
                     n("duplicates"),
+                    n("held_here_kept"),
                     n("delivered_by_partner_removed_here"),
                     n("failed")
                 ));

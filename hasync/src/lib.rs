@@ -43,6 +43,12 @@ pub const WINDOW_BYTES: u64 = 16 << 20;
 /// How often acknowledged actions are pruned from the log at most.
 const PRUNE_EVERY: Duration = Duration::from_millis(50);
 
+/// The folders where a message (and a replica) may be: where the sender looks for an `ADD`'s
+/// files and the rebuild for the messages held here.
+pub const REPLICA_FOLDERS: [Folder; 3] = [Folder::Spool, Folder::Vscan, Folder::Quarantine];
+/// Ids asked per `MISSING` request in the rebuild (about 30 bytes each).
+const REBUILD_CHUNK: usize = 16_384;
+
 /// Where replicas are written: the daemon's durable spool writer.
 pub trait ReplicaStore: Send + Sync {
     /// Stores a replica pair in `spool/` durably (idempotent: the same id and content again is
@@ -319,6 +325,9 @@ impl Replicator {
             Some(Err(e)) => return Err(e),
             None => return Err(LinkError::Protocol("link closed before Resume".into())),
         };
+        if self.log.needs_rebuild() {
+            self.rebuild(&mut frames, &mut w).await?;
+        }
         self.raise_acked(next);
         self.link_up.store(true, Ordering::SeqCst);
         self.observer.link_up(true);
@@ -329,8 +338,8 @@ impl Replicator {
         let mut tick = tokio::time::interval(HEARTBEAT);
         let mut role = self.watch_role();
         loop {
-            if *role.borrow() != Role::Active {
-                return Ok(());
+            if *role.borrow() != Role::Active || self.log.needs_rebuild() {
+                return Ok(()); // a rebuild starts a session afresh
             }
             // Fill the window.
             let room = if in_flight_bytes >= WINDOW_BYTES {
@@ -408,6 +417,62 @@ impl Replicator {
         }
     }
 
+    /// After a start (or when asked, after takeover recovery), before anything is shipped:
+    /// asks the partner which of the messages held here (in `spool/`, `vscan/`,
+    /// `quarantine/`, whatever their origin) it lacks, and logs their `ADD`s, which live in
+    /// memory and may have died with the previous process (see [`txlog`]). A message published
+    /// meanwhile may get a second `ADD`, applied idempotently; one removed meanwhile goes as a
+    /// `DELETE` (see [`Replicator::ship`]). A partner too old to answer gets every message
+    /// again.
+    async fn rebuild(
+        &self,
+        frames: &mut tokio::sync::mpsc::Receiver<Result<Frame, LinkError>>,
+        w: &mut tokio::io::WriteHalf<Box<dyn link::LinkIo>>,
+    ) -> Result<(), LinkError> {
+        let started = Instant::now();
+        let layout = self.layout.clone();
+        let ours = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<MessageId>> {
+            let mut ours = Vec::new();
+            for folder in REPLICA_FOLDERS {
+                ours.extend(layout.ids(folder)?);
+            }
+            Ok(ours)
+        })
+        .await
+        .map_err(|e| LinkError::Protocol(format!("rebuild listing: {e}")))??;
+        let mut missing = Vec::new();
+        for chunk in ours.chunks(REBUILD_CHUNK) {
+            let arg: String = chunk.iter().map(|id| format!("{id}\n")).collect();
+            match request(frames, w, proto::recovery_op::MISSING, arg.as_bytes()).await? {
+                Ok(reply) => {
+                    for line in String::from_utf8_lossy(&reply).lines() {
+                        let id = line
+                            .parse()
+                            .map_err(|_| LinkError::Protocol(format!("bad id {line:?}")))?;
+                        missing.push(id);
+                    }
+                }
+                Err(refused) => {
+                    tracing::warn!(%refused, "partner cannot say which messages it lacks; sending them all again");
+                    missing.extend_from_slice(chunk);
+                }
+            }
+        }
+        let log = self.log.clone();
+        let n = missing.len();
+        tokio::task::spawn_blocking(move || log.rebuilt(&missing))
+            .await
+            .map_err(|e| LinkError::Protocol(format!("rebuild: {e}")))?
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        tracing::info!(
+            held = ours.len(),
+            missing_on_partner = n,
+            ms = started.elapsed().as_millis() as u64,
+            "replication log rebuilt after start"
+        );
+        Ok(())
+    }
+
     /// Records that the partner holds everything up to `seq`; never moves backwards.
     fn raise_acked(&self, seq: u64) {
         self.acked.send_if_modified(|a| {
@@ -469,7 +534,7 @@ impl Replicator {
                 self.observer.add_sent(true);
                 return Some(sent);
             }
-            for folder in [Folder::Spool, Folder::Vscan, Folder::Quarantine] {
+            for folder in REPLICA_FOLDERS {
                 let env_path = self.layout.path(folder, &a.id, Part::Env);
                 let Ok(env) = std::fs::read(&env_path) else {
                     continue;
@@ -742,23 +807,32 @@ impl Replicator {
             LIST => {
                 let mut out = String::new();
                 for folder in [Folder::Spool, Folder::Vscan] {
-                    let dir =
-                        std::fs::read_dir(self.layout.dir(folder)).map_err(|e| e.to_string())?;
-                    for e in dir.flatten() {
-                        let name = e.file_name();
-                        let Some(id) = name
-                            .to_str()
-                            .and_then(|n| n.strip_suffix(".env"))
-                            .and_then(|n| n.parse::<MessageId>().ok())
-                        else {
-                            continue;
-                        };
+                    for id in self.layout.ids(folder).map_err(|e| e.to_string())? {
                         let Ok(env) = self.layout.read_envelope(folder, &id) else {
                             continue;
                         };
                         let sha: String =
                             env.body_sha256.iter().map(|b| format!("{b:02x}")).collect();
                         out.push_str(&format!("{id} {} {} {sha}\n", folder.name(), env.body_len));
+                    }
+                }
+                Ok(Bytes::from(out))
+            }
+            MISSING => {
+                let mut out = String::new();
+                for line in text(arg).lines().filter(|l| !l.is_empty()) {
+                    let id: MessageId = line
+                        .parse()
+                        .map_err(|e: spool::id::IdError| e.to_string())?;
+                    let held = REPLICA_FOLDERS
+                        .iter()
+                        .any(|&f| self.layout.path(f, &id, Part::Env).exists());
+                    // Delivered here during a takeover: not a gap to fill but a leftover on the
+                    // asking side, for takeover recovery to remove there.
+                    let delivered = self.log.was_delivered(&id).map_err(|e| e.to_string())?;
+                    if !held && !delivered {
+                        out.push_str(line);
+                        out.push('\n');
                     }
                 }
                 Ok(Bytes::from(out))
@@ -832,29 +906,37 @@ pub struct RecoveryClient {
 impl RecoveryClient {
     /// Sends one request and waits for its reply (heartbeats in between are skipped).
     pub async fn call(&mut self, op: u8, arg: &[u8]) -> Result<Result<Bytes, String>, LinkError> {
-        link::write_frame(
-            &mut self.w,
-            &Frame::Request {
-                op,
-                arg: Bytes::copy_from_slice(arg),
-            },
-            &[],
-        )
-        .await?;
-        self.w.flush().await?;
-        loop {
-            match self.frames.recv().await {
-                Some(Ok(Frame::Reply { ok: true, data })) => return Ok(Ok(data)),
-                Some(Ok(Frame::Reply { ok: false, data })) => {
-                    return Ok(Err(String::from_utf8_lossy(&data).into_owned()))
-                }
-                Some(Ok(Frame::Heartbeat { .. })) => continue,
-                Some(Ok(other)) => {
-                    return Err(LinkError::Protocol(format!("unexpected {other:?}")))
-                }
-                Some(Err(e)) => return Err(e),
-                None => return Err(LinkError::Protocol("link closed".into())),
+        request(&mut self.frames, &mut self.w, op, arg).await
+    }
+}
+
+/// Sends one request on a link and waits for its reply; nothing else may be in flight.
+async fn request(
+    frames: &mut tokio::sync::mpsc::Receiver<Result<Frame, LinkError>>,
+    w: &mut tokio::io::WriteHalf<Box<dyn link::LinkIo>>,
+    op: u8,
+    arg: &[u8],
+) -> Result<Result<Bytes, String>, LinkError> {
+    link::write_frame(
+        w,
+        &Frame::Request {
+            op,
+            arg: Bytes::copy_from_slice(arg),
+        },
+        &[],
+    )
+    .await?;
+    w.flush().await?;
+    loop {
+        match frames.recv().await {
+            Some(Ok(Frame::Reply { ok: true, data })) => return Ok(Ok(data)),
+            Some(Ok(Frame::Reply { ok: false, data })) => {
+                return Ok(Err(String::from_utf8_lossy(&data).into_owned()))
             }
+            Some(Ok(Frame::Heartbeat { .. })) => continue,
+            Some(Ok(other)) => return Err(LinkError::Protocol(format!("unexpected {other:?}"))),
+            Some(Err(e)) => return Err(e),
+            None => return Err(LinkError::Protocol("link closed".into())),
         }
     }
 }

@@ -107,6 +107,11 @@ pub mod recovery_op {
     pub const REMOVE: u8 = 3;
     /// Ids in the delivered ledger, newline-separated.
     pub const LEDGER: u8 = 4;
+    /// Of the ids asked (newline-separated), those of which no pair is held and that were not
+    /// delivered there (its ledger), newline-separated:
+    /// the sender's rebuild of its `ADD`s after a start (not takeover recovery, but the same
+    /// request/reply frames).
+    pub const MISSING: u8 = 5;
 }
 
 /// A frame that cannot be decoded.

@@ -2,17 +2,33 @@
 //! number that only grows, the partner-side "last applied" mark, the persisted role, and the
 //! ledger of delivered ids.
 //!
-//! Each write is one LMDB transaction; LMDB's commit is durable (it fsyncs), so an action that
-//! `append` returned survives a crash. Besides, in memory only: which logged `ADD`s are still
-//! being published by the spool writer (their files may be in no folder yet).
+//! `DELETE`s are written to LMDB, one durable transaction each (LMDB's commit fsyncs): a
+//! message that left the spool leaves no trace but its `DELETE`, so that must survive a crash.
+//! `ADD`s are kept in memory only. The spool itself is their durable record: an `ADD` is
+//! appended in the writer's round, before the message's rename into `spool/` and that
+//! folder's fsync, so a message the spool holds after a crash either had its `ADD` shipped and
+//! acknowledged or is found again by [`TxLog::needs_rebuild`]'s pass at the next start (the
+//! replicator asks the partner which of the messages held here it lacks and appends their
+//! `ADD`s before it ships anything). This keeps two LMDB fsyncs out of every spool round.
+//!
+//! Sequence numbers are shared by both kinds and only grow across restarts: they are handed
+//! out in memory from a block reserved durably in LMDB ([`SEQ_BLOCK`] at a time), and a
+//! restart continues after the reserved block.
+//!
+//! Besides, in memory only: which logged `ADD`s are still being published by the spool writer
+//! (their files may be in no folder yet).
 
 use heed::byteorder::BE;
 use heed::types::{Bytes, Str, U64};
 use heed::{Database, Env, EnvOpenOptions};
 use spool::MessageId;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+
+/// Sequence numbers reserved durably at a time; a restart skips what was left of the block.
+pub const SEQ_BLOCK: u64 = 1 << 20;
 
 /// What happened to a message on the active node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,11 +75,28 @@ pub struct TxLog {
     strings: Database<Str, Str>,
     ledger: Database<Str, U64<BE>>,
     pending_max: u64,
+    /// Sequence allocation and the pending `ADD`s; also held across a `DELETE`'s commit, so
+    /// actions become visible in sequence order (the sender never skips a gap).
+    volatile: Mutex<Volatile>,
+    rebuild: AtomicBool,
     publishing: Mutex<HashSet<MessageId>>,
     outbox: crate::outbox::Outbox,
 }
 
+/// The log's state that lives in memory.
+struct Volatile {
+    /// The next sequence number to hand out.
+    next_seq: u64,
+    /// Sequence numbers below this one are reserved durably.
+    reserved: u64,
+    /// Pending `ADD`s in sequence order: (seq, id, logged ms).
+    adds: VecDeque<(u64, MessageId, u64)>,
+}
+
+/// Before sequence numbers were reserved in blocks: the next one, stored by every commit.
 const NEXT_SEQ: &str = "next_seq";
+/// Every sequence number below this one may have been handed out.
+const SEQ_RESERVED: &str = "seq_reserved";
 const APPLIED: &str = "applied_seq";
 const ROLE: &str = "role";
 
@@ -115,6 +148,16 @@ impl TxLog {
         let meta = env.create_database(&mut w, Some("meta"))?;
         let strings = env.create_database(&mut w, Some("strings"))?;
         let ledger = env.create_database(&mut w, Some("ledger"))?;
+        let after_last = actions.last(&w)?.map_or(1, |(seq, _)| seq + 1);
+        let next_seq = [
+            meta.get(&w, NEXT_SEQ)?,
+            meta.get(&w, SEQ_RESERVED)?,
+            Some(after_last),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(1);
         w.commit()?;
         Ok(TxLog {
             env,
@@ -123,6 +166,12 @@ impl TxLog {
             strings,
             ledger,
             pending_max,
+            volatile: Mutex::new(Volatile {
+                next_seq,
+                reserved: next_seq,
+                adds: VecDeque::new(),
+            }),
+            rebuild: AtomicBool::new(true),
             publishing: Mutex::new(HashSet::new()),
             outbox: crate::outbox::Outbox::new(crate::outbox::OUTBOX_BYTES_DEFAULT),
         })
@@ -160,53 +209,131 @@ impl TxLog {
         set.contains(id)
     }
 
-    /// Appends actions in one durable transaction; returns their sequence numbers.
+    fn volatile(&self) -> std::sync::MutexGuard<'_, Volatile> {
+        self.volatile.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends actions; returns their sequence numbers. `DELETE`s are durable when this
+    /// returns; `ADD`s are in memory (see the module doc).
     pub fn append(&self, items: &[(Kind, &MessageId)], now_ms: u64) -> Result<Vec<u64>, LogError> {
-        let mut w = self.env.write_txn()?;
-        let pending = self.actions.len(&w)?;
+        let mut v = self.volatile();
+        let r = self.env.read_txn()?;
+        let pending = self.actions.len(&r)? + v.adds.len() as u64;
+        drop(r);
         if pending + items.len() as u64 > self.pending_max {
             return Err(LogError::Full(pending));
         }
-        let mut seq = self.meta.get(&w, NEXT_SEQ)?.unwrap_or(1);
-        let mut out = Vec::with_capacity(items.len());
-        for (kind, id) in items {
-            self.actions.put(&mut w, &seq, &encode(*kind, id, now_ms))?;
-            out.push(seq);
-            seq += 1;
+        let first = v.next_seq;
+        let end = first + items.len() as u64;
+        let deletes = items.iter().any(|(k, _)| *k == Kind::Delete);
+        if deletes || end > v.reserved {
+            let mut w = self.env.write_txn()?;
+            for (seq, (kind, id)) in (first..).zip(items) {
+                if *kind == Kind::Delete {
+                    self.actions.put(&mut w, &seq, &encode(*kind, id, now_ms))?;
+                }
+            }
+            let reserved = if end > v.reserved {
+                end + SEQ_BLOCK
+            } else {
+                v.reserved
+            };
+            self.meta.put(&mut w, SEQ_RESERVED, &reserved)?;
+            w.commit()?;
+            v.reserved = reserved;
         }
-        self.meta.put(&mut w, NEXT_SEQ, &seq)?;
-        w.commit()?;
-        Ok(out)
+        for (seq, (kind, id)) in (first..).zip(items) {
+            if *kind == Kind::Add {
+                v.adds.push_back((seq, (*id).clone(), now_ms));
+            }
+        }
+        v.next_seq = end;
+        Ok((first..end).collect())
+    }
+
+    /// Whether `ADD`s may have been lost since the spool last matched the partner: true from
+    /// the log's opening until [`TxLog::rebuilt`].
+    pub fn needs_rebuild(&self) -> bool {
+        self.rebuild.load(Ordering::SeqCst)
+    }
+
+    /// Asks for a rebuild (the sender starts a new session for it): after takeover recovery,
+    /// whose moves and removals change what the partner should hold.
+    pub fn request_rebuild(&self) {
+        self.rebuild.store(true, Ordering::SeqCst);
+    }
+
+    /// Appends the `ADD`s of the messages found missing on the partner after a start (logged at
+    /// their arrival) and marks the log rebuilt.
+    pub fn rebuilt(&self, missing: &[MessageId]) -> Result<Vec<u64>, LogError> {
+        let mut seqs = Vec::with_capacity(missing.len());
+        for id in missing {
+            let arrived_ms = id.arrival_micros() / 1000;
+            seqs.extend(self.append(&[(Kind::Add, id)], arrived_ms)?);
+        }
+        self.rebuild.store(false, Ordering::SeqCst);
+        Ok(seqs)
     }
 
     /// Up to `limit` pending actions with a sequence number above `after`, in order.
     pub fn pending_after(&self, after: u64, limit: usize) -> Result<Vec<Action>, LogError> {
+        let v = self.volatile();
         let r = self.env.read_txn()?;
-        let mut out = Vec::new();
+        let start = v.adds.partition_point(|(seq, _, _)| *seq <= after);
+        let adds = v
+            .adds
+            .range(start..)
+            .take(limit)
+            .map(|(seq, id, logged_ms)| Action {
+                seq: *seq,
+                kind: Kind::Add,
+                id: id.clone(),
+                logged_ms: *logged_ms,
+            });
+        let mut out: Vec<Action> = adds.collect();
         for item in self.actions.range(&r, &(after + 1..))?.take(limit) {
             let (seq, b) = item?;
             out.push(decode(seq, b)?);
         }
+        out.sort_unstable_by_key(|a| a.seq);
+        out.truncate(limit);
         Ok(out)
     }
 
     /// Drops every action up to and including `seq`: the partner has them durably.
     pub fn acknowledge(&self, seq: u64) -> Result<usize, LogError> {
-        let mut w = self.env.write_txn()?;
-        let n = self.actions.delete_range(&mut w, &(..=seq))?;
-        w.commit()?;
+        let mut n = {
+            let mut v = self.volatile();
+            let before = v.adds.len();
+            let keep = v.adds.partition_point(|(s, _, _)| *s <= seq);
+            v.adds.drain(..keep);
+            before - v.adds.len()
+        };
+        let r = self.env.read_txn()?;
+        let logged = self
+            .actions
+            .first(&r)?
+            .is_some_and(|(first, _)| first <= seq);
+        drop(r);
+        if logged {
+            let mut w = self.env.write_txn()?;
+            n += self.actions.delete_range(&mut w, &(..=seq))?;
+            w.commit()?;
+        }
         Ok(n)
     }
 
     /// Pending actions and the logged time of the oldest, ms since the epoch.
     pub fn depth(&self) -> Result<(u64, Option<u64>), LogError> {
+        let v = self.volatile();
         let r = self.env.read_txn()?;
-        let n = self.actions.len(&r)?;
-        let oldest = match self.actions.first(&r)? {
+        let n = self.actions.len(&r)? + v.adds.len() as u64;
+        let logged = match self.actions.first(&r)? {
             Some((seq, b)) => Some(decode(seq, b)?.logged_ms),
             None => None,
         };
-        Ok((n, oldest))
+        let added = v.adds.iter().map(|(_, _, ms)| *ms).min();
+        Ok((n, logged.into_iter().chain(added).min()))
     }
 
     /// The highest sequence this node applied from its partner (receiver side).
@@ -287,42 +414,92 @@ mod tests {
     use super::*;
 
     #[test]
-    fn append_read_acknowledge_survive_reopen() {
+    fn deletes_survive_reopen_adds_are_rebuilt_and_sequence_only_grows() {
         let dir = tempfile::tempdir().unwrap();
         let ids = spool::IdGenerator::new("a").unwrap();
-        let (x, y, z) = (ids.next_id(), ids.next_id(), ids.next_id());
+        let (x, y, z, w) = (ids.next_id(), ids.next_id(), ids.next_id(), ids.next_id());
         {
             let log = TxLog::open(dir.path(), 100).unwrap();
+            assert!(log.needs_rebuild());
             assert_eq!(
                 log.append(&[(Kind::Add, &x), (Kind::Add, &y)], 5).unwrap(),
                 vec![1, 2]
             );
             assert_eq!(log.append(&[(Kind::Delete, &x)], 6).unwrap(), vec![3]);
+            assert_eq!(log.append(&[(Kind::Add, &z)], 7).unwrap(), vec![4]);
+            let p = log.pending_after(0, 10).unwrap();
+            let order: Vec<(u64, Kind)> = p.iter().map(|a| (a.seq, a.kind)).collect();
+            assert_eq!(
+                order,
+                vec![
+                    (1, Kind::Add),
+                    (2, Kind::Add),
+                    (3, Kind::Delete),
+                    (4, Kind::Add)
+                ],
+                "ADDs in memory and DELETEs in LMDB come back merged in sequence order"
+            );
+            assert_eq!(log.pending_after(2, 1).unwrap()[0].kind, Kind::Delete);
+            assert_eq!(log.depth().unwrap(), (4, Some(5)));
+            assert_eq!(log.acknowledge(1).unwrap(), 1);
+            assert_eq!(log.depth().unwrap(), (3, Some(5)));
             log.set_applied(42).unwrap();
             log.set_role("active").unwrap();
         }
         let log = TxLog::open(dir.path(), 100).unwrap();
+        assert!(log.needs_rebuild(), "a start may have lost ADDs");
         let p = log.pending_after(0, 10).unwrap();
-        assert_eq!(p.len(), 3);
         assert_eq!(
-            p[2],
-            Action {
+            p,
+            vec![Action {
                 seq: 3,
                 kind: Kind::Delete,
                 id: x.clone(),
                 logged_ms: 6
-            }
+            }],
+            "only the DELETE is durable"
         );
-        assert_eq!(log.pending_after(1, 1).unwrap()[0].id, y);
-        assert_eq!(log.acknowledge(2).unwrap(), 2);
-        assert_eq!(log.depth().unwrap(), (1, Some(6)));
+        let seqs = log.rebuilt(std::slice::from_ref(&y)).unwrap();
+        assert!(!log.needs_rebuild());
+        assert!(
+            seqs[0] > 4,
+            "a restart continues after every sequence handed out before it (got {})",
+            seqs[0]
+        );
+        let rebuilt = &log.pending_after(3, 10).unwrap()[0];
+        assert_eq!((rebuilt.kind, &rebuilt.id), (Kind::Add, &y));
         assert_eq!(
-            log.append(&[(Kind::Add, &z)], 7).unwrap(),
-            vec![4],
-            "sequence only grows"
+            rebuilt.logged_ms,
+            y.arrival_micros() / 1000,
+            "logged at arrival"
         );
+        assert_eq!(
+            log.append(&[(Kind::Add, &w)], 8).unwrap(),
+            vec![seqs[0] + 1]
+        );
+        assert_eq!(log.acknowledge(seqs[0] + 1).unwrap(), 3);
+        assert_eq!(log.depth().unwrap(), (0, None));
         assert_eq!(log.applied().unwrap(), 42);
         assert_eq!(log.role().unwrap().as_deref(), Some("active"));
+    }
+
+    #[test]
+    fn sequence_reservation_is_renewed_before_it_runs_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = spool::IdGenerator::new("a").unwrap();
+        let id = ids.next_id();
+        let last = {
+            let log = TxLog::open(dir.path(), SEQ_BLOCK * 4).unwrap();
+            let batch: Vec<(Kind, &MessageId)> = vec![(Kind::Add, &id); 4096];
+            let mut last = 0;
+            for _ in 0..(SEQ_BLOCK / 4096 + 2) {
+                last = *log.append(&batch, 1).unwrap().last().unwrap();
+            }
+            assert!(last > SEQ_BLOCK, "ran past the first block");
+            last
+        };
+        let log = TxLog::open(dir.path(), 10).unwrap();
+        assert!(log.append(&[(Kind::Add, &id)], 1).unwrap()[0] > last);
     }
 
     #[test]

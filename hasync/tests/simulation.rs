@@ -1,11 +1,13 @@
 //! Deterministic simulation of the replication protocol: one seed drives message arrivals and
 //! removals on the active node, link drops, crashes of either side and restarts; at the end the
 //! link heals and the partner must hold exactly the active node's spool. The two logs are the
-//! real `TxLog` (LMDB); the sender and receiver follow the same rules as `Replicator`: resume
-//! after the receiver's applied mark (in memory, persisted only now and then, so a crash loses
-//! some of it), ship `ADD` for a message still held and `DELETE` otherwise, apply idempotently,
-//! make it durable, then acknowledge; the sender prunes acknowledged actions from its log only
-//! now and then too.
+//! real `TxLog` (LMDB for `DELETE`s, memory for `ADD`s, so a crash of the active node reopens
+//! its log and loses the `ADD`s); the sender and receiver follow the same rules as
+//! `Replicator`: resume after the receiver's applied mark (in memory, persisted only now and
+//! then, so a crash loses some of it), after a start ask the partner which messages it lacks
+//! and log their `ADD`s before shipping anything, ship `ADD` for a message still held and
+//! `DELETE` otherwise, apply idempotently, make it durable, then acknowledge; the sender prunes
+//! acknowledged actions from its log only now and then too.
 //!
 //! A failing seed is printed; `SIM_SEED=n cargo test -p hasync --test simulation` replays it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -20,6 +22,13 @@ enum ToReceiver {
     Resume,
     Add(u64, MessageId),
     Delete(u64, MessageId),
+    /// Which of these does the partner lack? (the rebuild after a start)
+    Missing(Vec<MessageId>),
+}
+
+enum ToSender {
+    Ack(u64),
+    Missing(Vec<MessageId>),
 }
 
 struct Sim {
@@ -27,13 +36,16 @@ struct Sim {
     ids: IdGenerator,
     // Active node: its spool (truth) and its log.
     spool: BTreeSet<MessageId>,
-    log: TxLog,
+    log: Option<TxLog>,
     // Sender's volatile state; `None` while disconnected.
     sender: Option<(u64, VecDeque<u64>)>,
+    // Waiting for the partner's answer to the rebuild's question.
+    rebuilding: bool,
+    crashes: usize,
     window: usize,
     // The network of the current connection.
     to_b: VecDeque<ToReceiver>,
-    to_a: VecDeque<u64>,
+    to_a: VecDeque<ToSender>,
     // Passive node: durable replicas, the applied mark in memory (lost when it crashes) and
     // the one persisted lazily in its own log.
     replicas: BTreeSet<MessageId>,
@@ -61,8 +73,10 @@ impl Sim {
             rng: StdRng::seed_from_u64(seed),
             ids: IdGenerator::new("sim").unwrap(),
             spool: BTreeSet::new(),
-            log: TxLog::open(da.path(), 1_000_000).unwrap(),
+            log: Some(TxLog::open(da.path(), 1_000_000).unwrap()),
             sender: None,
+            rebuilding: false,
+            crashes: 0,
             window: 8,
             to_b: VecDeque::new(),
             to_a: VecDeque::new(),
@@ -74,8 +88,21 @@ impl Sim {
         }
     }
 
+    fn log(&self) -> &TxLog {
+        self.log.as_ref().unwrap()
+    }
+
+    /// The active node's process dies: the sender's state and the log's `ADD`s with it.
+    fn crash_active(&mut self) {
+        self.disconnect();
+        self.log = None;
+        self.log = Some(TxLog::open(self._dirs.0.path(), 1_000_000).unwrap());
+        self.crashes += 1;
+    }
+
     fn disconnect(&mut self) {
         self.sender = None;
+        self.rebuilding = false;
         self.to_b.clear();
         self.to_a.clear();
     }
@@ -89,7 +116,7 @@ impl Sim {
     /// Active node: spool a message (log ADD before it becomes visible, like the writer hook).
     fn spool_one(&mut self) {
         let id = self.ids.next_id();
-        self.log.append(&[(Kind::Add, &id)], 0).unwrap();
+        self.log().append(&[(Kind::Add, &id)], 0).unwrap();
         self.spool.insert(id);
     }
 
@@ -105,16 +132,20 @@ impl Sim {
             .nth(self.rng.gen_range(0..n))
             .unwrap()
             .clone();
-        self.log.append(&[(Kind::Delete, &id)], 0).unwrap();
+        self.log().append(&[(Kind::Delete, &id)], 0).unwrap();
         self.spool.remove(&id);
     }
 
     fn sender_step(&mut self) {
+        if self.rebuilding {
+            return;
+        }
+        let log = self.log.as_ref().unwrap();
         let Some((next, in_flight)) = self.sender.as_mut() else {
             return;
         };
         let room = self.window.saturating_sub(in_flight.len());
-        for a in self.log.pending_after(*next, room).unwrap() {
+        for a in log.pending_after(*next, room).unwrap() {
             let frame = match a.kind {
                 Kind::Add if self.spool.contains(&a.id) => ToReceiver::Add(a.seq, a.id),
                 _ => ToReceiver::Delete(a.seq, a.id),
@@ -136,6 +167,20 @@ impl Sim {
                 let applied = self.b_log.applied().unwrap().max(self.b_applied);
                 // Sender side of the handshake: resume after the partner's mark.
                 self.sender = Some((applied, VecDeque::new()));
+                if self.log().needs_rebuild() {
+                    // Asked with the spool as it is now; it may change before the answer.
+                    self.rebuilding = true;
+                    let ours = self.spool.iter().cloned().collect();
+                    self.to_b.push_back(ToReceiver::Missing(ours));
+                }
+                return true;
+            }
+            ToReceiver::Missing(ids) => {
+                let lacking = ids
+                    .into_iter()
+                    .filter(|id| !self.replicas.contains(id))
+                    .collect();
+                self.to_a.push_back(ToSender::Missing(lacking));
                 return true;
             }
             ToReceiver::Add(seq, id) => {
@@ -155,16 +200,22 @@ impl Sim {
         if self.rng.gen_bool(0.1) {
             self.b_log.set_applied(self.b_applied).unwrap(); // the lazy persist
         }
-        self.to_a.push_back(seq);
+        self.to_a.push_back(ToSender::Ack(seq));
         true
     }
 
     fn ack_step(&mut self) {
-        let Some(seq) = self.to_a.pop_front() else {
-            return;
+        let seq = match self.to_a.pop_front() {
+            None => return,
+            Some(ToSender::Missing(ids)) => {
+                self.log().rebuilt(&ids).unwrap();
+                self.rebuilding = false;
+                return;
+            }
+            Some(ToSender::Ack(seq)) => seq,
         };
         if self.healing || self.rng.gen_bool(0.3) {
-            self.log.acknowledge(seq).unwrap(); // lazy pruning
+            self.log().acknowledge(seq).unwrap(); // lazy pruning
         }
         if let Some((_, in_flight)) = self.sender.as_mut() {
             while in_flight.front().is_some_and(|s| *s <= seq) {
@@ -187,7 +238,7 @@ impl Sim {
                 }
                 80..=94 => self.ack_step(),
                 95..=96 => self.disconnect(), // link drop
-                97 => self.disconnect(),      // sender crash: volatile state lost
+                97 => self.crash_active(),    // active node crash: its memory is lost
                 _ => {
                     if self.sender.is_none() {
                         self.connect();
@@ -209,7 +260,7 @@ impl Sim {
             while !self.to_a.is_empty() {
                 self.ack_step();
             }
-            if self.log.depth().unwrap().0 == 0 {
+            if self.log().depth().unwrap().0 == 0 && !self.log().needs_rebuild() {
                 return;
             }
         }
@@ -223,6 +274,7 @@ fn partner_converges_to_the_active_spool_under_faults() {
         Ok(s) => vec![s.parse().unwrap()],
         Err(_) => (0..100).collect(),
     };
+    let mut crashes = 0;
     for seed in seeds {
         let mut sim = Sim::new(seed);
         sim.run(1000);
@@ -232,5 +284,8 @@ fn partner_converges_to_the_active_spool_under_faults() {
             sim.replicas.len(),
             sim.spool.len()
         );
+        crashes += sim.crashes;
     }
+    assert!(crashes > 0, "the seeds crashed the active node");
+    eprintln!("simulation: {crashes} crashes of the active node, all converged");
 }

@@ -183,6 +183,22 @@ impl Layout {
         self.root.join(folder.name())
     }
 
+    /// The ids whose envelope (a pair's commit record) is in `folder`, in no order; other
+    /// names are skipped.
+    pub fn ids(&self, folder: Folder) -> io::Result<Vec<MessageId>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(self.dir(folder))? {
+            let name = entry?.file_name();
+            let id = name
+                .to_str()
+                .and_then(split_file_name)
+                .filter(|(_, part)| *part == Part::Env)
+                .and_then(|(stem, _)| stem.parse().ok());
+            out.extend(id);
+        }
+        Ok(out)
+    }
+
     /// The path of one file of a pair.
     pub fn path(&self, folder: Folder, id: &MessageId, part: Part) -> PathBuf {
         self.dir(folder).join(format!("{id}.{}", part.ext()))

@@ -162,11 +162,11 @@ pub struct CommitRequest {
 
 /// Called by the writer thread after a round's files are durable in `tmp/` and before they are
 /// renamed into `spool/`, with the ids that will be published. If it fails, those messages fail
-/// (their files are removed). Replication appends its `ADD` actions here, so the log always
-/// knows every message the spool has, across any crash.
+/// (their files are removed). Replication appends its `ADD` actions here, before the messages
+/// can be seen or acknowledged.
 pub trait PublishHook: Send + Sync {
-    /// Records the ids; must be durable when it returns.
-    /// Returns one sequence number per id, in order.
+    /// Records the ids (replication keeps them in memory: the published files are their
+    /// durable record across a crash). Returns one sequence number per id, in order.
     fn before_publish(&self, ids: &[&MessageId]) -> io::Result<Vec<u64>>;
     /// The messages given to `before_publish` are now either published durably in `spool/`
     /// or failed and gone; until this call their files may be in no folder at all. Runs

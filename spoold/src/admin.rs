@@ -521,11 +521,14 @@ impl Admin {
         // 2. Classify.
         let ledger = self.replicator.as_ref().map(|r| r.log().clone());
         let mut plan = Vec::new();
-        let (mut to_move, mut dups) = (Vec::new(), Vec::new());
+        let (mut to_move, mut dups, mut kept) = (Vec::new(), Vec::new(), Vec::new());
         for l in &leftovers {
+            // A copy of a message held here is a replica: this unit delivers the message once
+            // and its DELETE removes the copy there. Removing it now would only leave the
+            // message without a replica.
             let action = if self.held_locally(&l.id, &l.sha) {
-                dups.push(l.id.clone());
-                "duplicate (held here)"
+                kept.push(l.id.to_string());
+                "held here (kept)"
             } else if ledger
                 .as_ref()
                 .is_some_and(|g| g.was_delivered(&l.id).unwrap_or(false))
@@ -665,9 +668,16 @@ impl Admin {
                 Ok(())
             })?;
         }
+        // What the partner holds changed (moved ids removed there): replicate anew what is
+        // held here, moved mail included.
+        if let Some(r) = &self.replicator {
+            r.log().request_rebuild();
+            r.notify();
+        }
         tracing::warn!(
             moved = moved.len(),
             duplicates = dups.len(),
+            held_here_kept = kept.len(),
             removed_here = removed_here.len(),
             failed = failed.len(),
             "takeover recovery done"
@@ -677,6 +687,7 @@ impl Admin {
             "plan": plan,
             "moved": moved.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
             "duplicates": dups.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+            "held_here_kept": kept,
             "removed_on_partner": removed_on_partner,
             "delivered_by_partner_removed_here": removed_here,
             "failed": failed,

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use hasync::link::LinkConfig;
 use hasync::proto::Role;
 use hasync::txlog::{Kind, TxLog};
-use hasync::{ReplicaStore, ReplicationObserver, Replicator, ReplicatorConfig};
+use hasync::{ReplicaStore, ReplicationObserver, Replicator, ReplicatorConfig, REPLICA_FOLDERS};
 use spool::writer::{CommitRequest, PublishHook, Published};
 use spool::{BodyParts, Envelope, Folder, Layout, MessageId, Part};
 use std::future::Future;
@@ -80,8 +80,6 @@ pub struct SpoolReplicas {
     /// Paths.
     pub layout: Layout,
 }
-
-const REPLICA_FOLDERS: [Folder; 3] = [Folder::Spool, Folder::Vscan, Folder::Quarantine];
 
 impl ReplicaStore for SpoolReplicas {
     fn store(

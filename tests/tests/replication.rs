@@ -230,6 +230,46 @@ fn partner_killed_under_load_catches_up_with_nothing_missing_or_extra() {
     );
 }
 
+/// `ADD`s live in memory (the spool is their durable record): an active unit killed while the
+/// partner is down loses them, and after its restart the rebuild must find exactly the
+/// messages the partner lacks and send them.
+#[test]
+fn active_killed_with_unsent_adds_rebuilds_them_from_its_spool_after_restart() {
+    let p = pair_config("", None);
+    let mut a = Daemon::start_with(&["--config", &p.a_config]);
+    let mut b = Daemon::start_with(&["--config", &p.b_config]);
+    let before = load(&a, 2, 10, Arc::default());
+    wait_load_done(&before);
+    assert!(wait_until(10, || ids(&b).len() == 20));
+    b.kill9();
+    let during = load(&a, 4, 25, Arc::default());
+    wait_load_done(&during);
+    assert_eq!(during.lock().unwrap().len(), 100);
+    assert!(wait_until(5, || a.metric("spoold_ha_pending_actions") == Some(100.0)));
+    a.kill9();
+    b.restart();
+    a.restart();
+    assert_eq!(ids(&a).len(), 120, "A's spool kept all it acknowledged");
+    assert!(
+        wait_until(20, || ids(&b) == ids(&a)),
+        "partner holds {} of {}",
+        ids(&b).len(),
+        ids(&a).len()
+    );
+    assert_pairs_identical(&a, &b, &ids(&a));
+    let log = a.log_text();
+    assert!(
+        log.contains("replication log rebuilt after start")
+            && log.contains("held=120")
+            && log.contains("missing_on_partner=100"),
+        "the rebuild asked about A's 120 and found B's 100 gaps:\n{log}"
+    );
+    assert!(
+        wait_until(5, || a.metric("spoold_ha_pending_actions") == Some(0.0)),
+        "log drained"
+    );
+}
+
 #[test]
 fn delivered_on_the_active_is_removed_on_the_partner() {
     let sink = SmtpSink::start();

@@ -210,7 +210,7 @@ fn leftover_scenario(failpoint: Option<&str>) {
         assert!(
             out.contains("dry run: nothing changed")
                 && out.contains("move")
-                && out.contains("duplicate (held here)"),
+                && out.contains("held here (kept)"),
             "{out}"
         );
         assert_eq!(b.spooled_ids().len(), 7, "dry run changed nothing on B");
@@ -222,7 +222,8 @@ fn leftover_scenario(failpoint: Option<&str>) {
     let r = json(&out);
     if failpoint.is_none() {
         assert_eq!(r["moved"].as_array().unwrap().len(), 2, "{r}");
-        assert_eq!(r["duplicates"].as_array().unwrap().len(), 5, "{r}");
+        assert_eq!(r["duplicates"].as_array().unwrap().len(), 0, "{r}");
+        assert_eq!(r["held_here_kept"].as_array().unwrap().len(), 5, "{r}");
         assert_eq!(
             r["delivered_by_partner_removed_here"]
                 .as_array()
@@ -231,28 +232,47 @@ fn leftover_scenario(failpoint: Option<&str>) {
             10,
             "{r}"
         );
-        assert_eq!(r["removed_on_partner"], 7);
+        assert_eq!(r["removed_on_partner"], 2);
         assert!(a.log_text().contains("new mail inserted (id="));
     }
-    assert!(
-        b.spooled_ids().is_empty(),
-        "{failpoint:?}: B keeps no leftovers"
-    );
     assert_eq!(
         a.spooled_ids().len(),
         7,
         "{failpoint:?}: A holds its 5 waiting + B's 2 moved"
     );
+    // B keeps no leftovers: what it holds now is a replica of A's spool, the moved mail
+    // included (replicated anew after the recovery).
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    assert!(
+        wait_until(10, || sorted(b.spooled_ids()) == sorted(a.spooled_ids())),
+        "{failpoint:?}: B holds {:?}, A {:?}",
+        b.spooled_ids(),
+        a.spooled_ids()
+    );
 
-    // Idempotent.
+    // Idempotent: a second run moves and removes nothing and keeps the replicas.
     let (_, out, _) = spoolctl(&a, &["--json", "recover"]);
     let again = json(&out);
     assert!(
-        again["plan"].as_array().unwrap().is_empty()
+        again["plan"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["action"] == "held here (kept)")
+            && again["moved"].as_array().unwrap().is_empty()
+            && again["removed_on_partner"] == 0
             && again["delivered_by_partner_removed_here"]
                 .as_array()
                 .unwrap()
                 .is_empty(),
+        "{again}"
+    );
+    assert_eq!(
+        again["held_here_kept"].as_array().unwrap().len(),
+        7,
         "{again}"
     );
 
@@ -344,7 +364,7 @@ fn recover_from_a_copied_out_spool_folder() {
     );
     let again = json(&out);
     assert_eq!(
-        again["duplicates"].as_array().unwrap().len(),
+        again["held_here_kept"].as_array().unwrap().len(),
         3,
         "second run: all held already"
     );
