@@ -63,6 +63,11 @@ async fn acknowledge_all(tcp: tokio::net::TcpStream, cfg: &LinkConfig) -> Result
                         None => return Ok(()),
                         Some(Err(e)) => return Err(e.into()),
                         Some(Ok(Frame::Add { seq, .. } | Frame::Delete { seq, .. })) => last = Some(seq),
+                        // The sender's rebuild after its start asks what is missing: all of it.
+                        Some(Ok(Frame::Request { arg, .. })) => {
+                            link::write_frame(&mut w, &Frame::Reply { ok: true, data: arg }, &[]).await?;
+                            w.flush().await?;
+                        }
                         Some(Ok(_)) => {}
                     }
                     match frames.try_recv() {

@@ -48,6 +48,8 @@ const PRUNE_EVERY: Duration = Duration::from_millis(50);
 pub const REPLICA_FOLDERS: [Folder; 3] = [Folder::Spool, Folder::Vscan, Folder::Quarantine];
 /// Ids asked per `MISSING` request in the rebuild (about 30 bytes each).
 const REBUILD_CHUNK: usize = 16_384;
+/// How long the partner may take over one `MISSING` answer before the session is retried.
+const REBUILD_ANSWER_WITHIN: Duration = Duration::from_secs(30);
 
 /// Where replicas are written: the daemon's durable spool writer.
 pub trait ReplicaStore: Send + Sync {
@@ -325,6 +327,7 @@ impl Replicator {
             Some(Err(e)) => return Err(e),
             None => return Err(LinkError::Protocol("link closed before Resume".into())),
         };
+        self.log.advance_past(next);
         if self.log.needs_rebuild() {
             self.rebuild(&mut frames, &mut w).await?;
         }
@@ -443,7 +446,11 @@ impl Replicator {
         let mut missing = Vec::new();
         for chunk in ours.chunks(REBUILD_CHUNK) {
             let arg: String = chunk.iter().map(|id| format!("{id}\n")).collect();
-            match request(frames, w, proto::recovery_op::MISSING, arg.as_bytes()).await? {
+            let asked = request(frames, w, proto::recovery_op::MISSING, arg.as_bytes());
+            let answer = tokio::time::timeout(REBUILD_ANSWER_WITHIN, asked)
+                .await
+                .map_err(|_| LinkError::Protocol("partner did not answer the rebuild".into()))?;
+            match answer? {
                 Ok(reply) => {
                     for line in String::from_utf8_lossy(&reply).lines() {
                         let id = line

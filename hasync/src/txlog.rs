@@ -251,6 +251,21 @@ impl TxLog {
         Ok((first..end).collect())
     }
 
+    /// Makes every sequence number handed out from now on greater than `seq`, the partner's
+    /// applied mark: were this log lost or replaced, the sender would otherwise resume behind
+    /// numbers the partner has already applied and ship nothing.
+    pub fn advance_past(&self, seq: u64) {
+        let mut v = self.volatile();
+        if v.next_seq <= seq {
+            tracing::warn!(
+                partner_applied = seq,
+                next = v.next_seq,
+                "the partner has applied sequence numbers this log never handed out (log lost or replaced?): continuing after them"
+            );
+            v.next_seq = seq + 1;
+        }
+    }
+
     /// Whether `ADD`s may have been lost since the spool last matched the partner: true from
     /// the log's opening until [`TxLog::rebuilt`].
     pub fn needs_rebuild(&self) -> bool {
@@ -481,6 +496,26 @@ mod tests {
         assert_eq!(log.depth().unwrap(), (0, None));
         assert_eq!(log.applied().unwrap(), 42);
         assert_eq!(log.role().unwrap().as_deref(), Some("active"));
+    }
+
+    #[test]
+    fn a_replaced_log_continues_after_the_partners_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = spool::IdGenerator::new("a").unwrap();
+        let log = TxLog::open(dir.path(), 10).unwrap();
+        log.advance_past(0);
+        assert_eq!(
+            log.append(&[(Kind::Add, &ids.next_id())], 1).unwrap(),
+            vec![1]
+        );
+        log.advance_past(5_000);
+        assert_eq!(
+            log.append(&[(Kind::Delete, &ids.next_id())], 1).unwrap(),
+            vec![5_001]
+        );
+        drop(log);
+        let log = TxLog::open(dir.path(), 10).unwrap();
+        assert!(log.append(&[(Kind::Add, &ids.next_id())], 1).unwrap()[0] > 5_001);
     }
 
     #[test]

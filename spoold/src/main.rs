@@ -653,6 +653,9 @@ async fn follow_role(
                 .unwrap_or(0.0);
             metrics.ha_oldest_pending.set(age);
         }
+        metrics
+            .ha_rebuild_pending
+            .set(i64::from(r.log().needs_rebuild()));
         let outbox = r.log().outbox();
         metrics.ha_outbox_messages.set(outbox.len() as i64);
         metrics.ha_outbox_bytes.set(outbox.bytes() as i64);

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub ha_pending: IntGauge,
     /// Age of the oldest pending action.
     pub ha_oldest_pending: prometheus::Gauge,
+    /// 1 until the sender has asked the partner which held messages it lacks after a start.
+    pub ha_rebuild_pending: IntGauge,
     /// Messages held in memory for the sender, and the bytes they are charged.
     pub ha_outbox_messages: IntGauge,
     pub ha_outbox_bytes: IntGauge,
@@ -215,6 +217,10 @@ impl Metrics {
             ha_pending: gauge(
                 "spoold_ha_pending_actions",
                 "Replication actions waiting for the partner's acknowledgement.",
+            )?,
+            ha_rebuild_pending: gauge(
+                "spoold_ha_log_rebuild_pending",
+                "1 from a start until the sender has asked the partner which held messages it lacks (until then pending_actions leaves out the ADDs a crash lost).",
             )?,
             ha_outbox_messages: gauge(
                 "spoold_ha_outbox_messages",

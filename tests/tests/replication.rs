@@ -247,9 +247,10 @@ fn active_killed_with_unsent_adds_rebuilds_them_from_its_spool_after_restart() {
     assert_eq!(during.lock().unwrap().len(), 100);
     assert!(wait_until(5, || a.metric("spoold_ha_pending_actions") == Some(100.0)));
     a.kill9();
-    b.restart();
     a.restart();
     assert_eq!(ids(&a).len(), 120, "A's spool kept all it acknowledged");
+    assert!(wait_until(5, || a.metric("spoold_ha_log_rebuild_pending") == Some(1.0)));
+    b.restart();
     assert!(
         wait_until(20, || ids(&b) == ids(&a)),
         "partner holds {} of {}",
@@ -265,8 +266,9 @@ fn active_killed_with_unsent_adds_rebuilds_them_from_its_spool_after_restart() {
         "the rebuild asked about A's 120 and found B's 100 gaps:\n{log}"
     );
     assert!(
-        wait_until(5, || a.metric("spoold_ha_pending_actions") == Some(0.0)),
-        "log drained"
+        wait_until(5, || a.metric("spoold_ha_pending_actions") == Some(0.0)
+            && a.metric("spoold_ha_log_rebuild_pending") == Some(0.0)),
+        "log drained and rebuilt"
     );
 }
 
