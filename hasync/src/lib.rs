@@ -328,8 +328,19 @@ impl Replicator {
             None => return Err(LinkError::Protocol("link closed before Resume".into())),
         };
         self.log.advance_past(next);
+        if next < *self.acked.borrow() {
+            // The partner forgot what it acknowledged: a crash before its lazily persisted mark
+            // caught up (harmless), or a lost or replaced state directory, whose replicas only
+            // a rebuild sends again (acknowledged actions are gone from the log).
+            tracing::info!(
+                resume_after = next,
+                acknowledged = *self.acked.borrow(),
+                "the partner resumes behind what it acknowledged: rebuilding"
+            );
+            self.log.request_rebuild();
+        }
         if self.log.needs_rebuild() {
-            self.rebuild(&mut frames, &mut w).await?;
+            self.rebuild(&mut frames, &mut w, next).await?;
         }
         self.raise_acked(next);
         self.link_up.store(true, Ordering::SeqCst);
@@ -431,6 +442,7 @@ impl Replicator {
         &self,
         frames: &mut tokio::sync::mpsc::Receiver<Result<Frame, LinkError>>,
         w: &mut tokio::io::WriteHalf<Box<dyn link::LinkIo>>,
+        resume_after: u64,
     ) -> Result<(), LinkError> {
         let started = Instant::now();
         let layout = self.layout.clone();
@@ -467,15 +479,16 @@ impl Replicator {
         }
         let log = self.log.clone();
         let n = missing.len();
-        tokio::task::spawn_blocking(move || log.rebuilt(&missing))
+        let appended = tokio::task::spawn_blocking(move || log.rebuilt(&missing, resume_after))
             .await
             .map_err(|e| LinkError::Protocol(format!("rebuild: {e}")))?
             .map_err(|e| LinkError::Protocol(e.to_string()))?;
         tracing::info!(
             held = ours.len(),
             missing_on_partner = n,
+            appended = appended.len(),
             ms = started.elapsed().as_millis() as u64,
-            "replication log rebuilt after start"
+            "replication log rebuilt"
         );
         Ok(())
     }

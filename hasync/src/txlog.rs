@@ -278,11 +278,18 @@ impl TxLog {
         self.rebuild.store(true, Ordering::SeqCst);
     }
 
-    /// Appends the `ADD`s of the messages found missing on the partner after a start (logged at
-    /// their arrival) and marks the log rebuilt.
-    pub fn rebuilt(&self, missing: &[MessageId]) -> Result<Vec<u64>, LogError> {
+    /// Appends the `ADD`s of the messages found missing on the partner (logged at their
+    /// arrival), except those with an `ADD` still pending above `after`, the sequence the
+    /// partner resumes from (the sender ships those anyway), and marks the log rebuilt.
+    /// Returns the sequence numbers appended.
+    pub fn rebuilt(&self, missing: &[MessageId], after: u64) -> Result<Vec<u64>, LogError> {
+        let queued: HashSet<MessageId> = {
+            let v = self.volatile();
+            let start = v.adds.partition_point(|(seq, _, _)| *seq <= after);
+            v.adds.range(start..).map(|(_, id, _)| id.clone()).collect()
+        };
         let mut seqs = Vec::with_capacity(missing.len());
-        for id in missing {
+        for id in missing.iter().filter(|id| !queued.contains(*id)) {
             let arrived_ms = id.arrival_micros() / 1000;
             seqs.extend(self.append(&[(Kind::Add, id)], arrived_ms)?);
         }
@@ -474,7 +481,7 @@ mod tests {
             }],
             "only the DELETE is durable"
         );
-        let seqs = log.rebuilt(std::slice::from_ref(&y)).unwrap();
+        let seqs = log.rebuilt(std::slice::from_ref(&y), 0).unwrap();
         assert!(!log.needs_rebuild());
         assert!(
             seqs[0] > 4,
@@ -492,7 +499,13 @@ mod tests {
             log.append(&[(Kind::Add, &w)], 8).unwrap(),
             vec![seqs[0] + 1]
         );
-        assert_eq!(log.acknowledge(seqs[0] + 1).unwrap(), 3);
+        assert_eq!(
+            log.rebuilt(&[y.clone(), w.clone(), z.clone()], seqs[0])
+                .unwrap(),
+            vec![seqs[0] + 2, seqs[0] + 3],
+            "w's ADD, pending above the partner's mark, is not appended twice; y's, at it, is"
+        );
+        assert_eq!(log.acknowledge(seqs[0] + 3).unwrap(), 5);
         assert_eq!(log.depth().unwrap(), (0, None));
         assert_eq!(log.applied().unwrap(), 42);
         assert_eq!(log.role().unwrap().as_deref(), Some("active"));

@@ -41,6 +41,8 @@ struct Sim {
     sender: Option<(u64, VecDeque<u64>)>,
     // Waiting for the partner's answer to the rebuild's question.
     rebuilding: bool,
+    // The highest sequence the partner acknowledged (the sender's memory).
+    a_acked: u64,
     crashes: usize,
     window: usize,
     // The network of the current connection.
@@ -76,6 +78,7 @@ impl Sim {
             log: Some(TxLog::open(da.path(), 1_000_000).unwrap()),
             sender: None,
             rebuilding: false,
+            a_acked: 0,
             crashes: 0,
             window: 8,
             to_b: VecDeque::new(),
@@ -97,6 +100,7 @@ impl Sim {
         self.disconnect();
         self.log = None;
         self.log = Some(TxLog::open(self._dirs.0.path(), 1_000_000).unwrap());
+        self.a_acked = 0;
         self.crashes += 1;
     }
 
@@ -167,6 +171,9 @@ impl Sim {
                 let applied = self.b_log.applied().unwrap().max(self.b_applied);
                 // Sender side of the handshake: resume after the partner's mark.
                 self.sender = Some((applied, VecDeque::new()));
+                if applied < self.a_acked {
+                    self.log().request_rebuild(); // the partner forgot what it acknowledged
+                }
                 if self.log().needs_rebuild() {
                     // Asked with the spool as it is now; it may change before the answer.
                     self.rebuilding = true;
@@ -208,12 +215,15 @@ impl Sim {
         let seq = match self.to_a.pop_front() {
             None => return,
             Some(ToSender::Missing(ids)) => {
-                self.log().rebuilt(&ids).unwrap();
+                // Nothing was shipped while rebuilding: `next` is still the partner's mark.
+                let resume = self.sender.as_ref().map_or(0, |s| s.0);
+                self.log().rebuilt(&ids, resume).unwrap();
                 self.rebuilding = false;
                 return;
             }
             Some(ToSender::Ack(seq)) => seq,
         };
+        self.a_acked = self.a_acked.max(seq);
         if self.healing || self.rng.gen_bool(0.3) {
             self.log().acknowledge(seq).unwrap(); // lazy pruning
         }

@@ -260,7 +260,7 @@ fn active_killed_with_unsent_adds_rebuilds_them_from_its_spool_after_restart() {
     assert_pairs_identical(&a, &b, &ids(&a));
     let log = a.log_text();
     assert!(
-        log.contains("replication log rebuilt after start")
+        log.contains("replication log rebuilt")
             && log.contains("held=120")
             && log.contains("missing_on_partner=100"),
         "the rebuild asked about A's 120 and found B's 100 gaps:\n{log}"
@@ -270,6 +270,32 @@ fn active_killed_with_unsent_adds_rebuilds_them_from_its_spool_after_restart() {
             && a.metric("spoold_ha_log_rebuild_pending") == Some(0.0)),
         "log drained and rebuilt"
     );
+}
+
+/// A partner whose state directory is lost (a replaced disk) comes back empty, resuming from
+/// sequence 0: the active unit rebuilds and sends it everything it holds again.
+#[test]
+fn a_partner_that_lost_its_state_gets_every_held_message_again() {
+    let p = pair_config("", None);
+    let a = Daemon::start_with(&["--config", &p.a_config]);
+    let mut b = Daemon::start_with(&["--config", &p.b_config]);
+    let acked = load(&a, 2, 20, Arc::default());
+    wait_load_done(&acked);
+    assert!(wait_until(10, || ids(&b).len() == 40));
+    b.kill9();
+    std::fs::remove_dir_all(&b.state).unwrap();
+    b.restart();
+    assert!(
+        wait_until(20, || ids(&b) == ids(&a)),
+        "partner holds {} of {}",
+        ids(&b).len(),
+        ids(&a).len()
+    );
+    assert_pairs_identical(&a, &b, &ids(&a));
+    assert!(a
+        .log_text()
+        .contains("the partner resumes behind what it acknowledged: rebuilding"));
+    assert!(a.log_text().contains("missing_on_partner=40"));
 }
 
 #[test]
