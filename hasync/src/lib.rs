@@ -445,6 +445,7 @@ impl Replicator {
         resume_after: u64,
     ) -> Result<(), LinkError> {
         let started = Instant::now();
+        let asked = self.log.rebuild_asked();
         let layout = self.layout.clone();
         let ours = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<MessageId>> {
             let mut ours = Vec::new();
@@ -479,10 +480,11 @@ impl Replicator {
         }
         let log = self.log.clone();
         let n = missing.len();
-        let appended = tokio::task::spawn_blocking(move || log.rebuilt(&missing, resume_after))
-            .await
-            .map_err(|e| LinkError::Protocol(format!("rebuild: {e}")))?
-            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let appended =
+            tokio::task::spawn_blocking(move || log.rebuilt(&missing, resume_after, asked))
+                .await
+                .map_err(|e| LinkError::Protocol(format!("rebuild: {e}")))?
+                .map_err(|e| LinkError::Protocol(e.to_string()))?;
         tracing::info!(
             held = ours.len(),
             missing_on_partner = n,

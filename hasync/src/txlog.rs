@@ -24,7 +24,7 @@ use heed::{Database, Env, EnvOpenOptions};
 use spool::MessageId;
 use std::collections::{HashSet, VecDeque};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Sequence numbers reserved durably at a time; a restart skips what was left of the block.
@@ -78,7 +78,10 @@ pub struct TxLog {
     /// Sequence allocation and the pending `ADD`s; also held across a `DELETE`'s commit, so
     /// actions become visible in sequence order (the sender never skips a gap).
     volatile: Mutex<Volatile>,
-    rebuild: AtomicBool,
+    /// Rebuilds asked for (the opening asks one) and the last asked one done: a request
+    /// during a rebuild is not lost when that rebuild ends.
+    rebuild_asked: AtomicU64,
+    rebuild_done: AtomicU64,
     publishing: Mutex<HashSet<MessageId>>,
     outbox: crate::outbox::Outbox,
 }
@@ -171,7 +174,8 @@ impl TxLog {
                 reserved: next_seq,
                 adds: VecDeque::new(),
             }),
-            rebuild: AtomicBool::new(true),
+            rebuild_asked: AtomicU64::new(1),
+            rebuild_done: AtomicU64::new(0),
             publishing: Mutex::new(HashSet::new()),
             outbox: crate::outbox::Outbox::new(crate::outbox::OUTBOX_BYTES_DEFAULT),
         })
@@ -269,20 +273,32 @@ impl TxLog {
     /// Whether `ADD`s may have been lost since the spool last matched the partner: true from
     /// the log's opening until [`TxLog::rebuilt`].
     pub fn needs_rebuild(&self) -> bool {
-        self.rebuild.load(Ordering::SeqCst)
+        self.rebuild_done.load(Ordering::SeqCst) < self.rebuild_asked.load(Ordering::SeqCst)
     }
 
     /// Asks for a rebuild (the sender starts a new session for it): after takeover recovery,
     /// whose moves and removals change what the partner should hold.
     pub fn request_rebuild(&self) {
-        self.rebuild.store(true, Ordering::SeqCst);
+        self.rebuild_asked.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The rebuild a pass starting now answers, for [`TxLog::rebuilt`]: taken before the
+    /// pass looks at the spool, so that a request arriving during the pass asks another.
+    pub fn rebuild_asked(&self) -> u64 {
+        self.rebuild_asked.load(Ordering::SeqCst)
     }
 
     /// Appends the `ADD`s of the messages found missing on the partner (logged at their
     /// arrival), except those with an `ADD` still pending above `after`, the sequence the
-    /// partner resumes from (the sender ships those anyway), and marks the log rebuilt.
-    /// Returns the sequence numbers appended.
-    pub fn rebuilt(&self, missing: &[MessageId], after: u64) -> Result<Vec<u64>, LogError> {
+    /// partner resumes from (the sender ships those anyway), and marks the rebuilds asked up to
+    /// `asked` ([`TxLog::rebuild_asked`] when the pass began) done. Returns the sequence
+    /// numbers appended.
+    pub fn rebuilt(
+        &self,
+        missing: &[MessageId],
+        after: u64,
+        asked: u64,
+    ) -> Result<Vec<u64>, LogError> {
         let queued: HashSet<MessageId> = {
             let v = self.volatile();
             let start = v.adds.partition_point(|(seq, _, _)| *seq <= after);
@@ -293,7 +309,7 @@ impl TxLog {
             let arrived_ms = id.arrival_micros() / 1000;
             seqs.extend(self.append(&[(Kind::Add, id)], arrived_ms)?);
         }
-        self.rebuild.store(false, Ordering::SeqCst);
+        self.rebuild_done.fetch_max(asked, Ordering::SeqCst);
         Ok(seqs)
     }
 
@@ -481,7 +497,14 @@ mod tests {
             }],
             "only the DELETE is durable"
         );
-        let seqs = log.rebuilt(std::slice::from_ref(&y), 0).unwrap();
+        let asked = log.rebuild_asked();
+        let seqs = log.rebuilt(std::slice::from_ref(&y), 0, asked).unwrap();
+        assert!(!log.needs_rebuild());
+        let during = log.rebuild_asked();
+        log.request_rebuild(); // while a pass that began at `during` runs
+        log.rebuilt(&[], 0, during).unwrap();
+        assert!(log.needs_rebuild(), "a request during a pass is not lost");
+        log.rebuilt(&[], 0, log.rebuild_asked()).unwrap();
         assert!(!log.needs_rebuild());
         assert!(
             seqs[0] > 4,
@@ -500,7 +523,7 @@ mod tests {
             vec![seqs[0] + 1]
         );
         assert_eq!(
-            log.rebuilt(&[y.clone(), w.clone(), z.clone()], seqs[0])
+            log.rebuilt(&[y.clone(), w.clone(), z.clone()], seqs[0], asked)
                 .unwrap(),
             vec![seqs[0] + 2, seqs[0] + 3],
             "w's ADD, pending above the partner's mark, is not appended twice; y's, at it, is"

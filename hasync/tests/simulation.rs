@@ -217,7 +217,8 @@ impl Sim {
             Some(ToSender::Missing(ids)) => {
                 // Nothing was shipped while rebuilding: `next` is still the partner's mark.
                 let resume = self.sender.as_ref().map_or(0, |s| s.0);
-                self.log().rebuilt(&ids, resume).unwrap();
+                let asked = self.log().rebuild_asked();
+                self.log().rebuilt(&ids, resume, asked).unwrap();
                 self.rebuilding = false;
                 return;
             }
