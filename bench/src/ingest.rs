@@ -208,8 +208,11 @@ pub fn spoold_binary() -> Result<PathBuf> {
     Ok(exe.with_file_name("spoold"))
 }
 
+/// A free loopback port from below the ephemeral range (the tests' helper): a port the kernel
+/// picked from that range could be taken by an outgoing connection before spoold binds it,
+/// which once made a benchmark fail with "Address already in use".
 pub fn free_addr() -> Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    Ok(tests::free_addr())
 }
 
 /// A spoold process for a benchmark; killed on drop.
