@@ -80,6 +80,17 @@ fn assert_pairs_identical(a: &Daemon, b: &Daemon, ids: &BTreeSet<String>) {
     }
 }
 
+/// B comes to hold exactly A's spool within 20 s, every pair byte-identical.
+fn assert_partner_converges(a: &Daemon, b: &Daemon) {
+    assert!(
+        wait_until(20, || ids(b) == ids(a)),
+        "partner holds {} of {}",
+        ids(b).len(),
+        ids(a).len()
+    );
+    assert_pairs_identical(a, b, &ids(a));
+}
+
 /// With `ha.outbox_bytes = 0` nothing is held in memory: every ADD is read back from the
 /// spool's files (the path taken after restarts and backlogs), and the replicas are the same.
 #[test]
@@ -251,13 +262,7 @@ fn active_killed_with_unsent_adds_rebuilds_them_from_its_spool_after_restart() {
     assert_eq!(ids(&a).len(), 120, "A's spool kept all it acknowledged");
     assert!(wait_until(5, || a.metric("spoold_ha_log_rebuild_pending") == Some(1.0)));
     b.restart();
-    assert!(
-        wait_until(20, || ids(&b) == ids(&a)),
-        "partner holds {} of {}",
-        ids(&b).len(),
-        ids(&a).len()
-    );
-    assert_pairs_identical(&a, &b, &ids(&a));
+    assert_partner_converges(&a, &b);
     let log = a.log_text();
     assert!(
         log.contains("replication log rebuilt")
@@ -285,13 +290,7 @@ fn a_partner_that_lost_its_state_gets_every_held_message_again() {
     b.kill9();
     std::fs::remove_dir_all(&b.state).unwrap();
     b.restart();
-    assert!(
-        wait_until(20, || ids(&b) == ids(&a)),
-        "partner holds {} of {}",
-        ids(&b).len(),
-        ids(&a).len()
-    );
-    assert_pairs_identical(&a, &b, &ids(&a));
+    assert_partner_converges(&a, &b);
     assert!(a
         .log_text()
         .contains("the partner resumes behind what it acknowledged: rebuilding"));
