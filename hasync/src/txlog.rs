@@ -94,6 +94,8 @@ struct Volatile {
     reserved: u64,
     /// Pending `ADD`s in sequence order: (seq, id, logged ms).
     adds: VecDeque<(u64, MessageId, u64)>,
+    /// Pending `DELETE`s in LMDB, counted here so the cap needs no read of LMDB per round.
+    logged: u64,
 }
 
 /// Before sequence numbers were reserved in blocks: the next one, stored by every commit.
@@ -152,6 +154,7 @@ impl TxLog {
         let strings = env.create_database(&mut w, Some("strings"))?;
         let ledger = env.create_database(&mut w, Some("ledger"))?;
         let after_last = actions.last(&w)?.map_or(1, |(seq, _)| seq + 1);
+        let logged = actions.len(&w)?;
         let next_seq = [
             meta.get(&w, NEXT_SEQ)?,
             meta.get(&w, SEQ_RESERVED)?,
@@ -173,6 +176,7 @@ impl TxLog {
                 next_seq,
                 reserved: next_seq,
                 adds: VecDeque::new(),
+                logged,
             }),
             rebuild_asked: AtomicU64::new(1),
             rebuild_done: AtomicU64::new(0),
@@ -220,21 +224,27 @@ impl TxLog {
     /// Appends actions; returns their sequence numbers. `DELETE`s are durable when this
     /// returns; `ADD`s are in memory (see the module doc).
     pub fn append(&self, items: &[(Kind, &MessageId)], now_ms: u64) -> Result<Vec<u64>, LogError> {
+        let items: Vec<(Kind, &MessageId, u64)> =
+            items.iter().map(|(k, id)| (*k, *id, now_ms)).collect();
+        self.append_logged(&items)
+    }
+
+    /// [`TxLog::append`] with each action's own logged time.
+    fn append_logged(&self, items: &[(Kind, &MessageId, u64)]) -> Result<Vec<u64>, LogError> {
         let mut v = self.volatile();
-        let r = self.env.read_txn()?;
-        let pending = self.actions.len(&r)? + v.adds.len() as u64;
-        drop(r);
+        let pending = v.logged + v.adds.len() as u64;
         if pending + items.len() as u64 > self.pending_max {
             return Err(LogError::Full(pending));
         }
         let first = v.next_seq;
         let end = first + items.len() as u64;
-        let deletes = items.iter().any(|(k, _)| *k == Kind::Delete);
-        if deletes || end > v.reserved {
+        let deletes = items.iter().filter(|(k, _, _)| *k == Kind::Delete).count() as u64;
+        if deletes > 0 || end > v.reserved {
             let mut w = self.env.write_txn()?;
-            for (seq, (kind, id)) in (first..).zip(items) {
+            for (seq, (kind, id, logged_ms)) in (first..).zip(items) {
                 if *kind == Kind::Delete {
-                    self.actions.put(&mut w, &seq, &encode(*kind, id, now_ms))?;
+                    self.actions
+                        .put(&mut w, &seq, &encode(*kind, id, *logged_ms))?;
                 }
             }
             let reserved = if end > v.reserved {
@@ -245,10 +255,11 @@ impl TxLog {
             self.meta.put(&mut w, SEQ_RESERVED, &reserved)?;
             w.commit()?;
             v.reserved = reserved;
+            v.logged += deletes;
         }
-        for (seq, (kind, id)) in (first..).zip(items) {
+        for (seq, (kind, id, logged_ms)) in (first..).zip(items) {
             if *kind == Kind::Add {
-                v.adds.push_back((seq, (*id).clone(), now_ms));
+                v.adds.push_back((seq, (*id).clone(), *logged_ms));
             }
         }
         v.next_seq = end;
@@ -304,11 +315,12 @@ impl TxLog {
             let start = v.adds.partition_point(|(seq, _, _)| *seq <= after);
             v.adds.range(start..).map(|(_, id, _)| id.clone()).collect()
         };
-        let mut seqs = Vec::with_capacity(missing.len());
-        for id in missing.iter().filter(|id| !queued.contains(*id)) {
-            let arrived_ms = id.arrival_micros() / 1000;
-            seqs.extend(self.append(&[(Kind::Add, id)], arrived_ms)?);
-        }
+        let items: Vec<(Kind, &MessageId, u64)> = missing
+            .iter()
+            .filter(|id| !queued.contains(*id))
+            .map(|id| (Kind::Add, id, id.arrival_micros() / 1000))
+            .collect();
+        let seqs = self.append_logged(&items)?;
         self.rebuild_done.fetch_max(asked, Ordering::SeqCst);
         Ok(seqs)
     }
@@ -340,25 +352,30 @@ impl TxLog {
 
     /// Drops every action up to and including `seq`: the partner has them durably.
     pub fn acknowledge(&self, seq: u64) -> Result<usize, LogError> {
-        let mut n = {
+        let (acked_adds, logged) = {
             let mut v = self.volatile();
-            let before = v.adds.len();
-            let keep = v.adds.partition_point(|(s, _, _)| *s <= seq);
-            v.adds.drain(..keep);
-            before - v.adds.len()
+            let acked = v.adds.partition_point(|(s, _, _)| *s <= seq);
+            v.adds.drain(..acked);
+            (acked, v.logged)
         };
+        if logged == 0 {
+            return Ok(acked_adds);
+        }
         let r = self.env.read_txn()?;
-        let logged = self
+        let due = self
             .actions
             .first(&r)?
             .is_some_and(|(first, _)| first <= seq);
         drop(r);
-        if logged {
+        let mut acked_deletes = 0;
+        if due {
             let mut w = self.env.write_txn()?;
-            n += self.actions.delete_range(&mut w, &(..=seq))?;
+            acked_deletes = self.actions.delete_range(&mut w, &(..=seq))?;
             w.commit()?;
+            let mut v = self.volatile();
+            v.logged = v.logged.saturating_sub(acked_deletes as u64);
         }
-        Ok(n)
+        Ok(acked_adds + acked_deletes)
     }
 
     /// Pending actions and the logged time of the oldest, ms since the epoch.
