@@ -16,8 +16,10 @@ pub enum Command {
     },
     /// `RCPT TO:<path> [params]`.
     Rcpt {
-        /// Forward-path without brackets.
+        /// Forward-path without brackets and without a source route.
         to: String,
+        /// The path carried an obsolete source route (`<@a,@b:user@d>`), which was dropped.
+        source_route: bool,
         /// ESMTP parameters, keyword upper-cased.
         params: Vec<(String, Option<String>)>,
     },
@@ -78,15 +80,19 @@ pub fn parse(line: &str) -> Result<Command, CommandError> {
             })
         }
         "MAIL" => {
-            let (from, params) = path_and_params(rest, "FROM:", true)?;
+            let (from, _, params) = path_and_params(rest, "FROM:", true)?;
             Ok(Command::Mail { from, params })
         }
         "RCPT" => {
-            let (to, params) = path_and_params(rest, "TO:", false)?;
+            let (to, source_route, params) = path_and_params(rest, "TO:", false)?;
             if to.is_empty() {
                 return Err(CommandError::BadAddress { sender: false });
             }
-            Ok(Command::Rcpt { to, params })
+            Ok(Command::Rcpt {
+                to,
+                source_route,
+                params,
+            })
         }
         "DATA" => no_args(Command::Data),
         "RSET" => no_args(Command::Rset),
@@ -107,11 +113,12 @@ pub fn parse(line: &str) -> Result<Command, CommandError> {
 
 type Params = Vec<(String, Option<String>)>;
 
+/// The address of a path (source route dropped), whether it had a source route, and the params.
 fn path_and_params(
     rest: &str,
     prefix: &str,
     sender: bool,
-) -> Result<(String, Params), CommandError> {
+) -> Result<(String, bool, Params), CommandError> {
     let syntax = if sender {
         "Syntax: MAIL FROM:<address>"
     } else {
@@ -135,6 +142,7 @@ fn path_and_params(
         return Err(CommandError::Syntax(syntax));
     }
     let address = strip_source_route(path);
+    let source_route = address.len() != path.len();
     if !address.is_empty() && !valid_mailbox(address) {
         return Err(CommandError::BadAddress { sender });
     }
@@ -149,7 +157,7 @@ fn path_and_params(
         }
         params.push((k.to_ascii_uppercase(), v));
     }
-    Ok((address.to_string(), params))
+    Ok((address.to_string(), source_route, params))
 }
 
 /// Index of the `>` closing a path that starts with `<`, skipping quoted strings.
@@ -178,7 +186,10 @@ fn strip_source_route(path: &str) -> &str {
     path
 }
 
-/// A mailbox `local@domain` (or the bare `postmaster`), printable, no spaces outside quotes.
+/// A mailbox per RFC 5321 §4.1.2 (or the bare `postmaster`): a local part that is a
+/// Dot-string of `atext` (UTF-8 allowed, for SMTPUTF8) or a Quoted-string, `@`, and a domain or
+/// an address literal. An unquoted `@` in the local part is therefore invalid. Dots are not
+/// checked for placement (`a..b`, `a.`), as Postfix does not: such addresses exist in the wild.
 fn valid_mailbox(addr: &str) -> bool {
     if addr.eq_ignore_ascii_case("postmaster") {
         return true;
@@ -187,27 +198,73 @@ fn valid_mailbox(addr: &str) -> bool {
         return false;
     };
     let (local, domain) = (&addr[..at], &addr[at + 1..]);
-    let local_ok = !local.is_empty()
-        && if local.starts_with('"') {
-            local.len() >= 2 && local.ends_with('"')
-        } else {
-            local
-                .chars()
-                .all(|c| !c.is_control() && !c.is_whitespace() && !"<>()[],;:\\\"".contains(c))
-        };
-    let domain_ok = if domain.starts_with('[') {
-        domain.ends_with(']') && domain.len() > 2
+    let local_ok = if local.starts_with('"') {
+        dequote(local).is_some()
     } else {
-        !domain.is_empty()
-            && domain.len() <= 255
-            && domain.split('.').all(|label| {
-                !label.is_empty()
-                    && !label.starts_with('-')
-                    && !label.ends_with('-')
-                    && label.chars().all(|c| c.is_alphanumeric() || c == '-')
-            })
+        !local.is_empty() && local.chars().all(|c| c == '.' || is_atext(c))
     };
-    local_ok && domain_ok
+    local_ok && valid_domain_or_literal(domain)
+}
+
+/// RFC 5322 `atext`, widened to non-ASCII characters for SMTPUTF8 (RFC 6531).
+fn is_atext(c: char) -> bool {
+    c.is_ascii_alphanumeric()
+        || "!#$%&'*+-/=?^_`{|}~".contains(c)
+        || (!c.is_ascii() && !c.is_control() && !c.is_whitespace())
+}
+
+/// The content of an RFC 5321 Quoted-string (`"..."` with `\x` pairs), unescaped; `None` if
+/// `quoted` is not exactly one well-formed Quoted-string.
+pub fn dequote(quoted: &str) -> Option<String> {
+    let inner = quoted.strip_prefix('"')?.strip_suffix('"')?;
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(e @ ' '..='~') => out.push(e),
+                _ => return None,
+            },
+            '"' => return None,
+            c if c.is_control() => return None,
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+fn valid_domain_or_literal(domain: &str) -> bool {
+    if let Some(literal) = domain.strip_prefix('[') {
+        let Some(literal) = literal.strip_suffix(']') else {
+            return false;
+        };
+        return match literal.get(..5) {
+            Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => {
+                literal[5..].parse::<std::net::Ipv6Addr>().is_ok()
+            }
+            _ => literal.parse::<std::net::Ipv4Addr>().is_ok(),
+        };
+    }
+    !domain.is_empty()
+        && domain.len() <= 255
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_alphanumeric() || c == '-')
+        })
+}
+
+/// The local part of an address as the next hop will read it: de-quoted when quoted.
+/// `None` for `postmaster` without a domain.
+pub fn local_part(addr: &str) -> Option<String> {
+    let at = addr.rfind('@')?;
+    let local = &addr[..at];
+    Some(if local.starts_with('"') {
+        dequote(local).unwrap_or_else(|| local.to_string())
+    } else {
+        local.to_string()
+    })
 }
 
 /// The domain of an address, lower-cased; `None` for `postmaster` without a domain.
@@ -247,6 +304,7 @@ mod tests {
             parse("RCPT TO:<@relay.example:user@d.example>"),
             Ok(Command::Rcpt {
                 to: "user@d.example".into(),
+                source_route: true,
                 params: vec![]
             })
         );
@@ -254,6 +312,7 @@ mod tests {
             parse("RCPT TO:<\"odd > name\"@d.example>"),
             Ok(Command::Rcpt {
                 to: "\"odd > name\"@d.example".into(),
+                source_route: false,
                 params: vec![]
             })
         );
@@ -261,6 +320,7 @@ mod tests {
             parse("RCPT TO:<Postmaster>"),
             Ok(Command::Rcpt {
                 to: "Postmaster".into(),
+                source_route: false,
                 params: vec![]
             })
         );
@@ -308,6 +368,58 @@ mod tests {
             parse("RCPT TO:<a@-bad-.example>"),
             Err(CommandError::BadAddress { sender: false })
         );
+    }
+
+    #[test]
+    fn local_parts_follow_rfc_5321_dot_string_or_quoted_string() {
+        let rcpt = |a: &str| parse(&format!("RCPT TO:<{a}>"));
+        let bad = Err(CommandError::BadAddress { sender: false });
+        for ok in [
+            "user@relay.test",
+            "first.last+tag@relay.test",
+            "user%other.example@relay.test",
+            "other.example!user@relay.test",
+            "\"user@other.example\"@relay.test",
+            "\"john doe\"@relay.test",
+            "\"q\\\"uote\"@relay.test",
+            "a..b.@relay.test",
+            "jörg@relay.test",
+            "user@[192.0.2.1]",
+            "user@[IPv6:2001:db8::1]",
+            "user@[ipv6:::1]",
+        ] {
+            assert!(rcpt(ok).is_ok(), "{ok} is a valid mailbox");
+        }
+        for no in [
+            "user@other.example@relay.test",
+            "@relay.test",
+            "us(er@relay.test",
+            "\"a\"b@relay.test",
+            "user@relay.test.",
+            "user@.relay.test",
+            "user@[192.0.2.300]",
+            "user@[IPv6:nonsense]",
+            "user@[other.example]",
+            "user@[]",
+        ] {
+            assert_eq!(rcpt(no), bad, "{no} is not a valid mailbox");
+        }
+        assert!(matches!(
+            rcpt("\"unterminated@relay.test"),
+            Err(CommandError::Syntax(_))
+        ));
+        assert_eq!(
+            parse("MAIL FROM:<a@b@c.example>"),
+            Err(CommandError::BadAddress { sender: true })
+        );
+    }
+
+    #[test]
+    fn local_part_is_dequoted() {
+        assert_eq!(local_part("\"a@b\"@c.test").as_deref(), Some("a@b"));
+        assert_eq!(local_part("\"a\\%b\"@c.test").as_deref(), Some("a%b"));
+        assert_eq!(local_part("a!b@c.test").as_deref(), Some("a!b"));
+        assert_eq!(local_part("postmaster"), None);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The DATA phase decoder: finds the end of data, removes dot-stuffing, and refuses the bare
-//! `<LF>` and bare `<CR>` forms that SMTP smuggling relies on. Body bytes come out as slices of
-//! the receive buffer (`Bytes`), never copied.
+//! `<LF>` and bare `<CR>` forms that SMTP smuggling relies on. It also notes any NUL byte, which
+//! the session refuses once the message has ended: a next hop that drops NULs would read
+//! `<CRLF>NUL.<CRLF>` as an end of data, another way to smuggle a second message. Body bytes
+//! come out as slices of the receive buffer (`Bytes`), never copied.
 
 use bytes::{Bytes, BytesMut};
 
@@ -20,6 +22,7 @@ pub enum DataError {
 #[derive(Debug)]
 pub struct DataDecoder {
     at_line_start: bool,
+    saw_nul: bool,
     size: u64,
     size_max: u64,
 }
@@ -29,6 +32,7 @@ impl DataDecoder {
     pub fn new(size_max: u64) -> Self {
         DataDecoder {
             at_line_start: true,
+            saw_nul: false,
             size: 0,
             size_max,
         }
@@ -37,6 +41,11 @@ impl DataDecoder {
     /// Bytes of body seen so far, including any past the limit.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// True once a NUL byte was seen in the body (the end-of-data line included).
+    pub fn saw_nul(&self) -> bool {
+        self.saw_nul
     }
 
     /// True once the body exceeded the limit; later chunks are then dropped, not returned.
@@ -76,6 +85,7 @@ impl DataDecoder {
             if self.at_line_start && line[0] == b'.' {
                 self.emit(b.slice(seg..i), out);
                 if line == b".\r\n" {
+                    self.saw_nul |= memchr::memchr(0, &b[..i]).is_some();
                     let mut rest = BytesMut::from(&b[end..]);
                     rest.extend_from_slice(buf);
                     *buf = rest;
@@ -86,6 +96,7 @@ impl DataDecoder {
             self.at_line_start = line_end.is_some();
             i = end;
         }
+        self.saw_nul |= memchr::memchr(0, &b).is_some();
         self.emit(b.slice(seg..), out);
         Ok(false)
     }
@@ -184,5 +195,26 @@ mod tests {
         assert_eq!(dec.decode(&mut buf, &mut out), Ok(true));
         assert!(dec.too_big());
         assert_eq!(dec.size(), 17);
+    }
+
+    #[test]
+    fn notes_nul_in_the_message_but_not_in_what_follows_its_end() {
+        for evil in [
+            &b"a\r\n\0.\r\nMAIL FROM:<x@y>\r\n.\r\n"[..],
+            b"a\r\n.\0\r\nsmuggled\r\n.\r\n",
+            b"\0\r\n.\r\n",
+        ] {
+            let mut dec = DataDecoder::new(1000);
+            let mut buf = BytesMut::from(evil);
+            let mut out = Vec::new();
+            assert_eq!(dec.decode(&mut buf, &mut out), Ok(true));
+            assert!(dec.saw_nul(), "{evil:?}");
+            assert!(buf.is_empty(), "NUL does not end the data: {buf:?}");
+        }
+        let mut dec = DataDecoder::new(1000);
+        let mut buf = BytesMut::from(&b"clean\r\n.\r\nNOOP \0\r\n"[..]);
+        assert_eq!(dec.decode(&mut buf, &mut Vec::new()), Ok(true));
+        assert!(!dec.saw_nul());
+        assert_eq!(&buf[..], b"NOOP \0\r\n");
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::command::{parse, Command, CommandError};
 use crate::data::{DataDecoder, DataError};
-use crate::policy::RelayPolicy;
+use crate::policy::{RelayPolicy, RelayVerdict};
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -392,7 +392,11 @@ impl<S: Sink> Session<S> {
                 self.reply(250, &text);
             }
             Command::Mail { from, params } => return self.mail(from, params),
-            Command::Rcpt { to, params } => return self.rcpt(to, params),
+            Command::Rcpt {
+                to,
+                source_route,
+                params,
+            } => return self.rcpt(to, source_route, params),
             Command::Data => return self.data().await,
             Command::Rset => {
                 self.reset_transaction();
@@ -457,6 +461,7 @@ impl<S: Sink> Session<S> {
     fn rcpt(
         &mut self,
         to: String,
+        source_route: bool,
         params: Vec<(String, Option<String>)>,
     ) -> Result<(), SessionEnd> {
         if self.mail.is_none() {
@@ -469,8 +474,13 @@ impl<S: Sink> Session<S> {
             self.reply(452, "4.5.3 Error: too many recipients");
             return Ok(());
         }
-        if !self.cfg.policy.allows(self.peer.ip(), &to) {
-            return self.error(554, "5.7.1 Relay access denied");
+        match self.cfg.policy.check(self.peer.ip(), &to, source_route) {
+            RelayVerdict::Accept => {}
+            RelayVerdict::RelayDenied => return self.error(554, "5.7.1 Relay access denied"),
+            RelayVerdict::RoutingDenied => {
+                tracing::info!(peer = %self.peer, rcpt = %to, "sender-specified routing refused");
+                return self.error(554, "5.7.1 Sender-specified routing is not allowed");
+            }
         }
         self.rcpts.push(to);
         self.reply(250, "2.1.5 Ok");
@@ -581,6 +591,11 @@ impl<S: Sink> Session<S> {
         if decoder.too_big() {
             body.abort();
             return self.error(552, "5.3.4 Error: message size exceeds fixed limit");
+        }
+        if decoder.saw_nul() {
+            body.abort();
+            tracing::warn!(peer = %self.peer, "NUL in message content; message discarded");
+            return self.error(550, "5.6.0 Error: NUL character in message content");
         }
         if push_error.is_none() && !small.is_empty() {
             push_error = body.push(small.freeze()).err();

@@ -20,6 +20,7 @@ async fn server(tls: Option<tokio_rustls::TlsAcceptor>) -> (SocketAddr, Arc<Memo
         policy: RelayPolicy {
             relay_domains: vec!["ok.test".into()],
             trusted_networks: vec![],
+            allow_untrusted_routing: false,
         },
         ..ServerConfig::default()
     });

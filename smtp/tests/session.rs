@@ -22,6 +22,7 @@ fn config() -> ServerConfig {
         policy: RelayPolicy {
             relay_domains: vec!["relay.example".into()],
             trusted_networks: vec!["127.0.0.0/8".parse().unwrap()],
+            allow_untrusted_routing: false,
         },
     }
 }

@@ -253,6 +253,9 @@ pub struct SmtpConfig {
     pub relay_domains: Vec<String>,
     /// Client networks allowed to relay to any domain.
     pub trusted_networks: Vec<IpNet>,
+    /// Accept sender-specified routing (`user%other@relay`, `other!user@relay`,
+    /// `"user@other"@relay`, source routes) to relay domains from untrusted clients.
+    pub allow_untrusted_routing: bool,
     /// PEM certificate chain for STARTTLS (with `tls_key`); STARTTLS is off without it.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for STARTTLS.
@@ -329,6 +332,7 @@ impl Default for SmtpConfig {
             sessions_max: 500,
             relay_domains: Vec::new(),
             trusted_networks: smtp::RelayPolicy::default().trusted_networks,
+            allow_untrusted_routing: false,
             tls_cert: None,
             tls_key: None,
         }

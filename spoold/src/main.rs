@@ -322,6 +322,7 @@ async fn run(cfg: Config) -> Result<()> {
         policy: smtp::RelayPolicy {
             relay_domains: cfg.smtp.relay_domains.clone(),
             trusted_networks: cfg.smtp.trusted_networks.clone(),
+            allow_untrusted_routing: cfg.smtp.allow_untrusted_routing,
         },
     });
 
@@ -519,39 +520,15 @@ async fn serve_http(
     ready: Arc<AtomicBool>,
     replicator: Option<Arc<hasync::Replicator>>,
 ) {
-    use axum::extract::{ConnectInfo, Path};
     use axum::http::StatusCode;
-    use axum::routing::{get, post};
-    let r_status = replicator.clone();
+    use axum::routing::get;
+    // Read-only: role changes go through the admin socket (mode 0600) only, since this port may
+    // be opened to a remote Prometheus.
     let app = axum::Router::new()
-        .route(
-            "/admin/role/{role}",
-            post(move |ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(role): Path<String>| {
-                let r = replicator.clone();
-                async move {
-                    if !peer.ip().is_loopback() {
-                        return (StatusCode::FORBIDDEN, "admin calls are accepted from loopback only\n".to_string());
-                    }
-                    let Some(r) = r else {
-                        return (StatusCode::CONFLICT, "no [ha] section: this node is standalone\n".to_string());
-                    };
-                    let Some(role) = hasync::proto::Role::parse(&role) else {
-                        return (StatusCode::BAD_REQUEST, "role must be active or passive\n".to_string());
-                    };
-                    match r.set_role(role) {
-                        Ok(()) => {
-                            tracing::warn!(role = role.as_str(), "role changed by admin call");
-                            (StatusCode::OK, format!("role {}\n", role.as_str()))
-                        }
-                        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
-                    }
-                }
-            }),
-        )
         .route(
             "/admin/status",
             get(move || {
-                let r = r_status.clone();
+                let r = replicator.clone();
                 async move {
                     let Some(r) = r else { return "role active\nha off\n".to_string() };
                     let (pending, _) = r.log().depth().unwrap_or((0, None));
@@ -595,12 +572,7 @@ async fn serve_http(
                 }
             }),
         );
-    if let Err(e) = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .await
-    {
+    if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "HTTP server stopped");
     }
 }

@@ -321,7 +321,19 @@ pub struct Client {
 impl Client {
     /// Connects and reads the greeting.
     pub fn connect(addr: SocketAddr) -> (Client, String) {
-        let s = TcpStream::connect(addr).unwrap();
+        Self::wrap(TcpStream::connect(addr).unwrap())
+    }
+
+    /// Connects from the source address `from` (see [`stranger_ip`]) and reads the greeting.
+    pub fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> (Client, String) {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::new(from, 0).into()).unwrap();
+        s.connect(&addr.into()).unwrap();
+        Self::wrap(s.into())
+    }
+
+    fn wrap(s: TcpStream) -> (Client, String) {
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut c = Client {
             reader: BufReader::new(s.try_clone().unwrap()),
@@ -411,6 +423,25 @@ pub fn write_self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::write(&cert_path, cert.cert.pem()).unwrap();
     std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
     (cert_path, key_path)
+}
+
+/// A source address outside the default `trusted_networks` (TEST-NET-1, RFC 5737), added to
+/// `lo` so that a test client reaches the daemon as a stranger would, not as a loopback client
+/// with an emptied trust list. Needs root (CI runs as root); a test that needs it fails without.
+pub fn stranger_ip() -> std::net::IpAddr {
+    let ip = "192.0.2.77";
+    let out = Command::new("ip")
+        .args(["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+        .output()
+        .expect("ip (iproute2) is needed to add a TEST-NET address to lo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success()
+            || stderr.contains("File exists")
+            || stderr.contains("already assigned"),
+        "cannot add {ip} to lo (root needed): {stderr}"
+    );
+    ip.parse().unwrap()
 }
 
 /// True when `program` is on PATH.

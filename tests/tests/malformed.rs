@@ -110,6 +110,92 @@ fn bare_lf_smuggling_is_refused_and_nothing_is_spooled() {
 }
 
 #[test]
+fn nul_in_data_is_refused_at_the_real_end_and_the_session_goes_on() {
+    let (d, _dir) = daemon();
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO nul");
+    for evil in [
+        // A next hop that drops NULs would end the data at `<CRLF>NUL.<CRLF>` and read the rest
+        // as a second transaction.
+        &b"Subject: first\r\n\r\nbody\r\n\0.\r\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<v@relay.test>\r\nDATA\r\nsmuggled\r\n"[..],
+        b"Subject: first\r\n\r\nbody\r\n.\0\r\nMAIL FROM:<evil@x.test>\r\n",
+        b"Subject: \0 in a header\r\n\r\nbody\r\n",
+    ] {
+        c.cmd("MAIL FROM:<a@x.test>");
+        c.cmd("RCPT TO:<b@relay.test>");
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(evil);
+        c.send(b".\r\n");
+        assert_eq!(
+            c.reply(),
+            "550 5.6.0 Error: NUL character in message content\r\n"
+        );
+        assert_eq!(code(&c.cmd("NOOP")), "250 2.0.0", "the session goes on");
+    }
+    assert!(c
+        .send_mail(
+            "a@x.test",
+            &["b@relay.test"],
+            b"Subject: clean\r\n\r\nok\r\n"
+        )
+        .starts_with("250 2.0.0"));
+    let ids = d.spooled_ids();
+    assert_eq!(ids.len(), 1, "only the clean message is spooled");
+    assert_eq!(
+        d.body_without_received(&ids[0]),
+        b"Subject: clean\r\n\r\nok\r\n"
+    );
+    assert!(d.folder("tmp").is_empty(), "{:?}", d.folder("tmp"));
+}
+
+#[test]
+fn every_refused_command_line_has_its_reply() {
+    let (d, _dir) = daemon();
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO lines");
+    c.send(b"NOOP a\0b\r\n");
+    assert_eq!(
+        c.reply(),
+        "500 5.5.2 Error: invalid characters in command\r\n"
+    );
+    c.send(b"MAIL FROM:<a\0@x.test>\r\n");
+    assert_eq!(code(&c.reply()), "500 5.5.2", "NUL in MAIL");
+    c.send(b"NOOP a\rb\r\n");
+    assert_eq!(code(&c.reply()), "500 5.5.2", "bare CR in a command");
+    c.send(b"NOOP \xff\xfe\r\n");
+    assert_eq!(code(&c.reply()), "500 5.5.2", "invalid UTF-8");
+    assert_eq!(code(&c.cmd("MAIL FROM:a@x.test")), "501 5.5.4");
+    assert_eq!(code(&c.cmd("MAIL FROM:<a@b@x.test>")), "501 5.1.7");
+    assert_eq!(code(&c.cmd("MAIL FROM:<a@x.test>")), "250 2.1.0");
+    assert_eq!(code(&c.cmd("RCPT TO:<a@b@relay.test>")), "501 5.1.3");
+    assert_eq!(
+        code(&c.cmd("RCPT TO:<a@relay.test> NOTIFY=NEVER")),
+        "555 5.5.4"
+    );
+    assert_eq!(
+        c.cmd("RCPT TO:<a%b@relay.test>"),
+        "554 5.7.1 Sender-specified routing is not allowed\r\n",
+        "nothing is trusted in this battery"
+    );
+    c.send(b"NOOP\n");
+    assert_eq!(c.reply(), "550 5.5.2 Error: bare <LF> received\r\n");
+    assert_eq!(c.reply(), "", "closed after a bare LF");
+    assert!(d.spooled_ids().is_empty());
+
+    let (mut c, _) = Client::connect(d.smtp);
+    for _ in 0..19 {
+        assert_eq!(code(&c.cmd("XYZZY")), "500 5.5.1");
+    }
+    assert_eq!(code(&c.cmd("XYZZY")), "500 5.5.1");
+    assert_eq!(
+        c.reply(),
+        "421 4.7.0 Too many errors, closing connection\r\n"
+    );
+    assert_eq!(c.reply(), "");
+    still_answers(&d);
+}
+
+#[test]
 fn pipelined_batch_spools_each_message_once() {
     let (d, _dir) = daemon();
     let (mut c, _) = Client::connect(d.smtp);

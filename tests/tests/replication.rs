@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tests::{
-    histogram_quantile, http_post, pair_config, queued_id, sample_body, wait_until, Client, Daemon,
-    SmtpSink,
+    histogram_quantile, pair_config, queued_id, sample_body, wait_until, Client, Daemon, SmtpSink,
 };
 
 /// Sends from `threads` sessions until `stop`; returns (id, acknowledged at) pairs.
@@ -387,8 +386,8 @@ fn active_killed_in_async_mode_loses_at_most_the_lag_and_the_partner_takes_over(
         );
     }
     // Takeover: B becomes active and delivers the replicas it holds.
-    let (status, body) = http_post(b.http, "/admin/role/active").unwrap();
-    assert_eq!(status, 200, "{body}");
+    let (code, out, err) = tests::spoolctl(&b, &["role", "active"]);
+    assert_eq!(code, 0, "{out}{err}");
     let (_, greeting) = Client::connect(b.smtp);
     assert!(
         greeting.starts_with("220 "),

@@ -137,3 +137,20 @@ fn role_switch_through_spoolctl() {
     let (_, greeting) = Client::connect(a.smtp);
     assert!(greeting.starts_with("220 "), "{greeting}");
 }
+
+#[test]
+fn role_changes_over_http_are_refused_and_change_nothing() {
+    let p = pair_config("", None);
+    let a = Daemon::start_with(&["--config", &p.a_config]);
+    for path in ["/admin/role/passive", "/admin/role/active", "/admin/status"] {
+        let (status, body) = tests::http_post(a.http, path).unwrap();
+        assert!(
+            (400..500).contains(&status),
+            "POST {path} answered {status}: {body}"
+        );
+    }
+    let (_, status) = tests::http_get(a.http, "/admin/status").unwrap();
+    assert!(status.starts_with("role active\n"), "{status}");
+    let (_, greeting) = Client::connect(a.smtp);
+    assert!(greeting.starts_with("220 "), "still active: {greeting}");
+}
