@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::AsyncWriteExt;
@@ -34,6 +34,10 @@ use txlog::{Kind, TxLog};
 
 /// Heartbeat period; a peer silent for three periods is considered gone.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long a unit that became active (or started active) waits to hear its partner before it
+/// takes the partner for dead and delivers: a live partner answers the sender's connection
+/// within milliseconds, so two heartbeats are ample.
+pub const PARTNER_GRACE: Duration = Duration::from_secs(2);
 /// First reconnect delay; doubles up to [`RECONNECT_MAX`].
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
@@ -142,6 +146,30 @@ pub struct Replicator {
     split: AtomicBool,
     link_up: AtomicBool,
     last_lag_ms: AtomicU64,
+    /// Replication sessions (either direction) open with the partner now: split brain needs a
+    /// live link carrying two active roles, not a heartbeat remembered from a dead unit.
+    live_links: AtomicUsize,
+    /// When this unit last became active (or started active).
+    activated_at: Mutex<Instant>,
+    /// Latched once the partner is known passive (or dead) since [`Replicator::activated_at`].
+    released: AtomicBool,
+}
+
+/// Counts one open replication session for as long as it lives.
+struct LiveLink<'a>(&'a Replicator);
+
+impl<'a> LiveLink<'a> {
+    fn open(r: &'a Replicator) -> LiveLink<'a> {
+        r.live_links.fetch_add(1, Ordering::SeqCst);
+        LiveLink(r)
+    }
+}
+
+impl Drop for LiveLink<'_> {
+    fn drop(&mut self) {
+        self.0.live_links.fetch_sub(1, Ordering::SeqCst);
+        self.0.check_split_brain();
+    }
 }
 
 fn now_ms() -> u64 {
@@ -176,6 +204,9 @@ impl Replicator {
             split: AtomicBool::new(false),
             link_up: AtomicBool::new(false),
             last_lag_ms: AtomicU64::new(0),
+            live_links: AtomicUsize::new(0),
+            activated_at: Mutex::new(Instant::now()),
+            released: AtomicBool::new(false),
         })
     }
 
@@ -194,15 +225,69 @@ impl Replicator {
         self.role.subscribe()
     }
 
-    /// Changes and persists the role.
+    /// Changes and persists the role. `Leaving` is persisted as `passive`: a unit stopped
+    /// while handing over comes back as the operator asked. A unit becoming active delivers
+    /// only once [`Replicator::partner_released`] says so.
     pub fn set_role(&self, role: Role) -> Result<(), txlog::LogError> {
-        self.log.set_role(role.as_str())?;
-        self.role.send_replace(role);
+        let persisted = if role == Role::Leaving {
+            Role::Passive
+        } else {
+            role
+        };
+        self.log.set_role(persisted.as_str())?;
+        let was = self.role.send_replace(role);
+        if role == Role::Active && was != Role::Active {
+            *self.activated_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            self.released.store(false, Ordering::SeqCst);
+        }
         if role == Role::Passive {
             self.log.outbox().clear();
         }
         self.check_split_brain();
         Ok(())
+    }
+
+    /// Whether this active unit may deliver as far as its partner is concerned: the partner
+    /// was heard passive since this unit became active (a unit handing over reports itself
+    /// passive only once its last `DELETE`s are acknowledged here, so nothing it delivered is
+    /// delivered again), or was not heard at all for [`PARTNER_GRACE`] (dead, or cut off),
+    /// or is active too and loses the split-brain priority. Cheap: no I/O.
+    pub fn partner_released(&self) -> bool {
+        if self.role() != Role::Active {
+            return false;
+        }
+        if self.released.load(Ordering::SeqCst) {
+            return true;
+        }
+        let since = *self.activated_at.lock().unwrap_or_else(|p| p.into_inner());
+        let (released, why) = match self.peer() {
+            Some(p) if p.seen >= since => match p.role {
+                Role::Passive => (true, "the partner is passive"),
+                Role::Leaving => (false, ""),
+                Role::Active => (!self.loses_to(&p), "the partner is active with a lower priority"),
+            },
+            _ => (
+                since.elapsed() >= PARTNER_GRACE,
+                "the partner was not heard since this unit became active",
+            ),
+        };
+        if released && !self.released.swap(true, Ordering::SeqCst) {
+            tracing::info!(
+                waited_ms = since.elapsed().as_millis() as u64,
+                "delivery may start: {why}"
+            );
+        }
+        released
+    }
+
+    /// Whether everything this unit logged has reached the partner: no action pending above
+    /// what the partner acknowledged, none being published, no rebuild due.
+    pub fn drained(&self) -> Result<bool, txlog::LogError> {
+        if self.log.needs_rebuild() || self.log.publishing_any() {
+            return Ok(false);
+        }
+        let acked = *self.acked.borrow();
+        Ok(self.log.pending_after(acked, 1)?.is_empty())
     }
 
     /// Tells the sender that actions were appended.
@@ -229,20 +314,17 @@ impl Replicator {
     /// Whether this node should hold delivery: split brain and we have the lower priority (ties:
     /// the lexically greater node name stands down).
     pub fn stand_down(&self) -> bool {
-        if !self.split_brain() {
-            return false;
-        }
-        match self.peer() {
-            Some(p) => {
-                let me = (
-                    self.cfg.link.priority,
-                    std::cmp::Reverse(self.cfg.link.node.clone()),
-                );
-                let them = (p.priority, std::cmp::Reverse(p.node.clone()));
-                me < them
-            }
-            None => false,
-        }
+        self.split_brain() && self.peer().is_some_and(|p| self.loses_to(&p))
+    }
+
+    /// Whether `peer` wins over this unit when both are active.
+    fn loses_to(&self, peer: &PeerStatus) -> bool {
+        let me = (
+            self.cfg.link.priority,
+            std::cmp::Reverse(self.cfg.link.node.as_str()),
+        );
+        let them = (peer.priority, std::cmp::Reverse(peer.node.as_str()));
+        me < them
     }
 
     /// Whether the sender's link is up.
@@ -266,9 +348,11 @@ impl Replicator {
     }
 
     fn check_split_brain(&self) {
-        let peer_active = self
-            .peer()
-            .is_some_and(|p| p.role == Role::Active && p.seen.elapsed() < HEARTBEAT * 3);
+        let live = self.live_links.load(Ordering::SeqCst) > 0;
+        let peer_active = live
+            && self
+                .peer()
+                .is_some_and(|p| p.role == Role::Active && p.seen.elapsed() < HEARTBEAT * 3);
         let split = peer_active && self.role() == Role::Active;
         if self.split.swap(split, Ordering::SeqCst) != split {
             if split {
@@ -283,13 +367,14 @@ impl Replicator {
         }
     }
 
-    /// Runs the sender: while this node is active, keep a link to the partner and ship actions.
+    /// Runs the sender: while this node is active (or leaving, to ship its last actions), keep
+    /// a link to the partner and ship actions.
     pub async fn run_sender(self: Arc<Self>) {
         tokio::spawn(self.clone().prune_acknowledged());
         let mut role = self.watch_role();
         let mut delay = RECONNECT_MIN;
         loop {
-            while *role.borrow() != Role::Active {
+            while *role.borrow() == Role::Passive {
                 if role.changed().await.is_err() {
                     return;
                 }
@@ -314,6 +399,7 @@ impl Replicator {
 
     async fn send_session(self: Arc<Self>) -> Result<(), LinkError> {
         let link = link::connect(self.cfg.partner, &self.cfg.link, self.role()).await?;
+        let _live = LiveLink::open(&self);
         self.heard(&link.peer.node, link.peer.role, link.peer.priority);
         let (r, mut w) = tokio::io::split(link.io);
         let mut frames = link::spawn_reader(r);
@@ -352,7 +438,7 @@ impl Replicator {
         let mut tick = tokio::time::interval(HEARTBEAT);
         let mut role = self.watch_role();
         loop {
-            if *role.borrow() != Role::Active || self.log.needs_rebuild() {
+            if *role.borrow() == Role::Passive || self.log.needs_rebuild() {
                 return Ok(()); // a rebuild starts a session afresh
             }
             // Fill the window.
@@ -425,7 +511,12 @@ impl Replicator {
                     w.flush().await?;
                     self.check_split_brain();
                 }
-                _ = role.changed() => {}
+                _ = role.changed() => {
+                    // The partner learns at once (not at the next tick) that this unit is
+                    // leaving, and keeps accepting what it ships.
+                    link::write_frame(&mut w, &Frame::Heartbeat { role: self.role(), priority: self.cfg.link.priority }, &[]).await?;
+                    w.flush().await?;
+                }
                 _ = retry => {}
             }
         }
@@ -618,6 +709,7 @@ impl Replicator {
     }
 
     async fn receive_session(self: Arc<Self>, link: link::Link) -> Result<(), LinkError> {
+        let _live = LiveLink::open(&self);
         let peer = link.peer.clone();
         self.heard(&peer.node, peer.role, peer.priority);
         let (r, mut w) = tokio::io::split(link.io);
@@ -796,7 +888,10 @@ impl Replicator {
         w: &mut W,
         seq: u64,
     ) -> Result<(), LinkError> {
-        if self.role() == Role::Active && peer.role == Role::Active {
+        // The partner's latest role, not the one it had when the link opened: a unit that was
+        // active then may be leaving now, and its last actions are welcome.
+        let peer_role = self.peer().map_or(peer.role, |p| p.role);
+        if self.role() == Role::Active && peer_role == Role::Active {
             return Err(LinkError::Protocol(
                 "both units are active: refusing replicas during split brain".into(),
             ));

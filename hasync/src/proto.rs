@@ -15,6 +15,9 @@ pub enum Role {
     Active,
     /// Holds replicas; delivers nothing.
     Passive,
+    /// Handing over on its way to passive: accepts no mail, starts no delivery, and ships its
+    /// last actions to the partner, which waits for it to be passive before delivering.
+    Leaving,
 }
 
 impl Role {
@@ -23,10 +26,11 @@ impl Role {
         match self {
             Role::Active => "active",
             Role::Passive => "passive",
+            Role::Leaving => "leaving",
         }
     }
 
-    /// Parses `active` / `passive`.
+    /// Parses `active` / `passive` (the roles an operator sets; `leaving` is transient).
     pub fn parse(s: &str) -> Option<Role> {
         match s {
             "active" => Some(Role::Active),
@@ -123,6 +127,7 @@ fn role_byte(r: Role) -> u8 {
     match r {
         Role::Active => 1,
         Role::Passive => 0,
+        Role::Leaving => 2,
     }
 }
 
@@ -130,6 +135,7 @@ fn role_of(b: u8) -> Result<Role, FrameError> {
     match b {
         1 => Ok(Role::Active),
         0 => Ok(Role::Passive),
+        2 => Ok(Role::Leaving),
         _ => Err(FrameError("role")),
     }
 }

@@ -211,6 +211,12 @@ impl TxLog {
         &self.outbox
     }
 
+    /// Whether the spool writer is publishing any message.
+    pub fn publishing_any(&self) -> bool {
+        let set = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        !set.is_empty()
+    }
+
     /// Whether the spool writer is still publishing `id`.
     pub fn is_publishing(&self, id: &MessageId) -> bool {
         let set = self.publishing.lock().unwrap_or_else(|p| p.into_inner());

@@ -105,6 +105,11 @@ pub trait Sink: Send + Sync + 'static {
     fn begin(self: &Arc<Self>, tx: &Transaction<'_>) -> Result<Self::Body, SinkError>;
     /// Observes every reply code sent; must be cheap (metrics).
     fn replied(&self, _code: u16) {}
+    /// Whether the server still takes mail; when it stops (an HA unit turning passive), open
+    /// sessions get `421 4.3.2` at their next command. Must be cheap.
+    fn accepting(&self) -> bool {
+        true
+    }
 }
 
 /// Receives one message's body.
@@ -346,6 +351,10 @@ impl<S: Sink> Session<S> {
                 }
                 Input::End(end) => return end,
             };
+            if !self.sink.accepting() {
+                self.reply(421, "4.3.2 Service not available, closing transmission channel");
+                return SessionEnd::Shutdown;
+            }
             let outcome = match parse(&line) {
                 Ok(cmd) => self.command(cmd).await,
                 Err(CommandError::Unknown) => {

@@ -138,6 +138,8 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Replication, if configured.
     pub replicator: Option<Arc<hasync::Replicator>>,
+    /// Work in flight, which a handover to passive waits for.
+    pub activity: Arc<crate::handover::Activity>,
 }
 
 const LISTED: [Folder; 4] = [
@@ -247,9 +249,7 @@ impl Admin {
                     .ok_or("no [ha] section: this unit is standalone")?;
                 let role =
                     hasync::proto::Role::parse(&role).ok_or("role must be active or passive")?;
-                r.set_role(role).map_err(|e| e.to_string())?;
-                tracing::warn!(role = role.as_str(), "role changed by spoolctl");
-                Ok(json!({ "role": role.as_str() }))
+                crate::handover::set_role(r, &self.activity, role)
             }
             Request::Insert => {
                 let outcomes = insert_input(&self.layout).map_err(|e| e.to_string())?;

@@ -105,11 +105,15 @@ pub struct Delivery {
     pool: Mutex<HashMap<Hop, Vec<(Instant, Connection)>>>,
     /// Removes delivered messages in groups, one directory fsync per group.
     remover: spool::remover::Remover,
+    /// Messages in process, which a handover waits for.
+    activity: Arc<crate::handover::Activity>,
 }
 
 /// What became of one recipient in one attempt.
 #[derive(Clone)]
 enum RcptResult {
+    /// No transaction was started: the unit may no longer deliver (handover, stand-down).
+    NotTried,
     Delivered,
     Deferred(String),
     Failed(Failure),
@@ -128,6 +132,7 @@ impl Delivery {
         client: ClientConfig,
         ha: Option<Arc<hasync::Replicator>>,
         remover: spool::remover::Remover,
+        activity: Arc<crate::handover::Activity>,
     ) -> Delivery {
         let d = &cfg.delivery;
         Delivery {
@@ -153,6 +158,7 @@ impl Delivery {
             per_destination: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
             remover,
+            activity,
             ha,
             ledger_retention: Duration::from_secs(
                 cfg.ha
@@ -187,7 +193,9 @@ impl Delivery {
                     return;
                 };
                 let me = self.clone();
+                let in_flight = self.activity.delivery();
                 tokio::spawn(async move {
+                    let _in_flight = in_flight;
                     let next = me.process(&id).await;
                     me.queue.finish(&id, next);
                     drop(permit);
@@ -212,11 +220,10 @@ impl Delivery {
         }
     }
 
-    /// A passive node delivers nothing; in a split brain the lower-priority node holds too.
+    /// Only an active unit whose partner has released it delivers; in a split brain the
+    /// lower-priority unit holds too. See [`crate::handover`].
     fn held(&self) -> bool {
-        self.ha
-            .as_ref()
-            .is_some_and(|r| r.role() == hasync::proto::Role::Passive || r.stand_down())
+        !crate::handover::may_deliver(self.ha.as_ref())
     }
 
     /// Tells replication that `env` leaves the spool: a durable `DELETE` in the log (before the
@@ -353,6 +360,10 @@ impl Delivery {
         }
         let mut results: Vec<(usize, RcptResult)> = Vec::new();
         for (hop, idx) in groups {
+            if self.held() {
+                results.extend(idx.into_iter().map(|i| (i, RcptResult::NotTried)));
+                continue;
+            }
             let rcpts: Vec<&str> = idx
                 .iter()
                 .map(|&i| env.recipients[i].address.as_str())
@@ -364,12 +375,20 @@ impl Delivery {
             results.extend(idx.into_iter().zip(outcome));
         }
         drop(body);
+        if results
+            .iter()
+            .all(|(_, r)| matches!(r, RcptResult::NotTried))
+        {
+            // Nothing happened: no attempt to record. Looked at again once delivery may resume.
+            return Ok(Some(now_ms() + 1000));
+        }
 
         let mut failures = Vec::new();
         let mut deferred = None;
         for (i, r) in results {
             let rcpt = &mut env.recipients[i];
             match r {
+                RcptResult::NotTried => {}
                 RcptResult::Delivered => {
                     rcpt.state = RcptState::Delivered;
                     self.metrics
@@ -561,6 +580,12 @@ impl Delivery {
                     Err(e) => return all(rcpts, &e, &hop.address),
                 },
             };
+            // Checked again right before the transaction: the role may have changed while this
+            // attempt waited for a connection.
+            if self.held() {
+                self.give_back(hop, conn);
+                return vec![RcptResult::NotTried; rcpts.len()];
+            }
             match conn
                 .send(&env.sender, rcpts, body, eight_bit, env.smtputf8)
                 .await

@@ -126,6 +126,17 @@ impl ReplicaStore for SpoolReplicas {
                     Ok(Ok(_)) => {
                         tracing::debug!(id = %id_for_log, "replica stored");
                         self.sink.metrics.queue_add(Folder::Spool, 1);
+                        // A replica arriving at a unit that is active already (from a partner
+                        // that was active too, or leaving) is mail this unit must deliver:
+                        // nothing else would schedule it.
+                        if self
+                            .sink
+                            .replicator
+                            .get()
+                            .is_some_and(|r| r.role() == Role::Active)
+                        {
+                            self.sink.queue.add(id_for_log, 0);
+                        }
                         Ok(())
                     }
                     Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),

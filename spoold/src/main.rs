@@ -10,6 +10,7 @@ mod config;
 mod delivery;
 mod dsn;
 mod ha;
+mod handover;
 mod metrics;
 mod queue;
 mod sink;
@@ -288,7 +289,9 @@ async fn run(cfg: Config) -> Result<()> {
         .await
         .with_context(|| format!("bind HTTP listener {}", cfg.http.listen))?;
 
+    let activity = Arc::new(handover::Activity::default());
     let sink = Arc::new(SpoolSink {
+        activity: activity.clone(),
         layout: layout.clone(),
         ids: IdGenerator::new(&cfg.node_name).context("key `node_name`")?,
         writer,
@@ -355,6 +358,7 @@ async fn run(cfg: Config) -> Result<()> {
         },
         replicator.clone(),
         spool::remover::Remover::start(layout.clone()).context("start the spool remover")?,
+        activity.clone(),
     ));
 
     Arc::new(admin::Admin {
@@ -362,6 +366,7 @@ async fn run(cfg: Config) -> Result<()> {
         queue: queue.clone(),
         metrics: metrics.clone(),
         replicator: replicator.clone(),
+        activity,
     })
     .serve()
     .await

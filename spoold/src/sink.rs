@@ -35,6 +35,8 @@ pub struct SpoolSink {
     pub replicator: Arc<std::sync::OnceLock<Arc<hasync::Replicator>>>,
     /// Sync replication: wait for the partner before `250`.
     pub sync: Option<SyncPolicy>,
+    /// Transactions in flight, which a handover waits for.
+    pub activity: Arc<crate::handover::Activity>,
 }
 
 /// `ha.replication = "sync"` settings.
@@ -139,6 +141,7 @@ impl SpoolSink {
             last_error: None,
         };
         let mut body = SpoolBody {
+            _in_flight: self.activity.transaction(),
             sink: self.clone(),
             pending: PendingBody::new(self.layout.clone(), id, self.spill_bytes),
             envelope,
@@ -209,6 +212,12 @@ impl Sink for SpoolSink {
         self.start(origin, tx.sender, tx.recipients, tx.eight_bit, tx.smtputf8)
     }
 
+    fn accepting(&self) -> bool {
+        self.replicator
+            .get()
+            .is_none_or(|r| r.role() == hasync::proto::Role::Active)
+    }
+
     fn replied(&self, code: u16) {
         self.metrics
             .smtp_replies
@@ -219,6 +228,7 @@ impl Sink for SpoolSink {
 
 /// One message on its way into the spool.
 pub struct SpoolBody {
+    _in_flight: crate::handover::InFlight,
     sink: Arc<SpoolSink>,
     pending: PendingBody,
     envelope: Envelope,
@@ -244,6 +254,7 @@ impl BodySink for SpoolBody {
 
     async fn commit(self) -> Result<String, SinkError> {
         let SpoolBody {
+            _in_flight,
             sink,
             pending,
             mut envelope,
