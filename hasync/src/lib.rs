@@ -264,7 +264,10 @@ impl Replicator {
             Some(p) if p.seen >= since => match p.role {
                 Role::Passive => (true, "the partner is passive"),
                 Role::Leaving => (false, ""),
-                Role::Active => (!self.loses_to(&p), "the partner is active with a lower priority"),
+                Role::Active => (
+                    !self.loses_to(&p),
+                    "the partner is active with a lower priority",
+                ),
             },
             _ => (
                 since.elapsed() >= PARTNER_GRACE,
@@ -305,7 +308,7 @@ impl Replicator {
         self.peer.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Both nodes claim `active` (the partner's claim counts while its heartbeats are fresh).
+    /// Both units active on a live link, the partner heard active since this unit became active.
     pub fn split_brain(&self) -> bool {
         self.check_split_brain();
         self.split.load(Ordering::SeqCst)
@@ -347,12 +350,15 @@ impl Replicator {
         self.check_split_brain();
     }
 
+    /// Split brain: a live link carrying two active roles, the partner's heard since this unit
+    /// became active (a heartbeat from before that, of a unit that died since, is no claim).
     fn check_split_brain(&self) {
         let live = self.live_links.load(Ordering::SeqCst) > 0;
+        let since = *self.activated_at.lock().unwrap_or_else(|p| p.into_inner());
         let peer_active = live
-            && self
-                .peer()
-                .is_some_and(|p| p.role == Role::Active && p.seen.elapsed() < HEARTBEAT * 3);
+            && self.peer().is_some_and(|p| {
+                p.role == Role::Active && p.seen >= since && p.seen.elapsed() < HEARTBEAT * 3
+            });
         let split = peer_active && self.role() == Role::Active;
         if self.split.swap(split, Ordering::SeqCst) != split {
             if split {
@@ -888,14 +894,10 @@ impl Replicator {
         w: &mut W,
         seq: u64,
     ) -> Result<(), LinkError> {
-        // The partner's latest role, not the one it had when the link opened: a unit that was
-        // active then may be leaving now, and its last actions are welcome.
-        let peer_role = self.peer().map_or(peer.role, |p| p.role);
-        if self.role() == Role::Active && peer_role == Role::Active {
-            return Err(LinkError::Protocol(
-                "both units are active: refusing replicas during split brain".into(),
-            ));
-        }
+        // Acknowledged even in a split brain: a replica stored on an active unit is scheduled
+        // there (the winner delivers it, the loser holds it), and a DELETE is always safe to
+        // apply, so the two spools converge instead of the link breaking and reconnecting.
+        let _ = peer;
         self.applied.fetch_max(seq, Ordering::SeqCst);
         link::write_frame(w, &Frame::Ack(seq), &[]).await?;
         w.flush().await?;

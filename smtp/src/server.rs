@@ -352,7 +352,10 @@ impl<S: Sink> Session<S> {
                 Input::End(end) => return end,
             };
             if !self.sink.accepting() {
-                self.reply(421, "4.3.2 Service not available, closing transmission channel");
+                self.reply(
+                    421,
+                    "4.3.2 Service not available, closing transmission channel",
+                );
                 return SessionEnd::Shutdown;
             }
             let outcome = match parse(&line) {

@@ -81,6 +81,21 @@ pub struct SpoolReplicas {
     pub layout: Layout,
 }
 
+impl SpoolReplicas {
+    /// A replica arriving at a unit that is active already (from a partner that was active
+    /// too, or is leaving) is mail this unit must deliver: nothing else would schedule it.
+    fn schedule_if_active(&self, id: &MessageId) {
+        if self
+            .sink
+            .replicator
+            .get()
+            .is_some_and(|r| r.role() == Role::Active)
+        {
+            self.sink.queue.ensure(id.clone(), 0);
+        }
+    }
+}
+
 impl ReplicaStore for SpoolReplicas {
     fn store(
         &self,
@@ -101,7 +116,21 @@ impl ReplicaStore for SpoolReplicas {
             });
             if held {
                 tracing::debug!(id = %id, "replica already held");
-                return Ok(None); // idempotent: an ADD seen again
+                // An ADD seen again (idempotent). Scheduled again in case the first store
+                // completed after its link broke, which left it unscheduled.
+                self.schedule_if_active(&id);
+                return Ok(None);
+            }
+            // An ADD resent for a message this unit delivered itself (it took the replica over
+            // during a split brain or a handover) is stale: storing it would deliver it again.
+            let delivered_here = self
+                .sink
+                .replicator
+                .get()
+                .is_some_and(|r| r.log().was_delivered(&id).unwrap_or(false));
+            if delivered_here {
+                tracing::info!(id = %id, "replica of a message delivered here: ignored");
+                return Ok(None);
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
             self.sink.writer.submit(CommitRequest {
@@ -126,17 +155,7 @@ impl ReplicaStore for SpoolReplicas {
                     Ok(Ok(_)) => {
                         tracing::debug!(id = %id_for_log, "replica stored");
                         self.sink.metrics.queue_add(Folder::Spool, 1);
-                        // A replica arriving at a unit that is active already (from a partner
-                        // that was active too, or leaving) is mail this unit must deliver:
-                        // nothing else would schedule it.
-                        if self
-                            .sink
-                            .replicator
-                            .get()
-                            .is_some_and(|r| r.role() == Role::Active)
-                        {
-                            self.sink.queue.add(id_for_log, 0);
-                        }
+                        self.schedule_if_active(&id_for_log);
                         Ok(())
                     }
                     Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),

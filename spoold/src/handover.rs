@@ -56,8 +56,7 @@ impl Activity {
     }
 
     fn idle(&self) -> bool {
-        self.deliveries.load(Ordering::SeqCst) == 0
-            && self.transactions.load(Ordering::SeqCst) == 0
+        self.deliveries.load(Ordering::SeqCst) == 0 && self.transactions.load(Ordering::SeqCst) == 0
     }
 }
 
@@ -77,7 +76,9 @@ pub fn set_role(r: &Replicator, activity: &Activity, role: Role) -> Result<Value
         return Ok(json!({ "role": role.as_str() }));
     }
     r.set_role(Role::Leaving).map_err(|e| e.to_string())?;
-    tracing::warn!("turning passive: handing over (no new mail, no new deliveries, shipping the last actions)");
+    tracing::warn!(
+        "turning passive: handing over (no new mail, no new deliveries, shipping the last actions)"
+    );
     let started = Instant::now();
     let cancelled = || r.role() != Role::Leaving;
     let in_flight_ended = wait(HANDOVER_MAX, || activity.idle() || cancelled());
@@ -105,7 +106,10 @@ pub fn set_role(r: &Replicator, activity: &Activity, role: Role) -> Result<Value
     r.set_role(Role::Passive).map_err(|e| e.to_string())?;
     let ms = started.elapsed().as_millis() as u64;
     if shipped && in_flight_ended {
-        tracing::warn!(handover_ms = ms, "role changed by spoolctl: passive, everything handed over");
+        tracing::warn!(
+            handover_ms = ms,
+            "role changed by spoolctl: passive, everything handed over"
+        );
     } else {
         tracing::error!(
             handover_ms = ms,

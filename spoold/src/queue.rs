@@ -41,6 +41,18 @@ impl Queue {
         self.wake.notify_one();
     }
 
+    /// Schedules `id` at `due_ms` unless it is scheduled or in flight already.
+    pub fn ensure(&self, id: MessageId, due_ms: u64) {
+        let mut s = self.lock();
+        if s.in_flight.contains(&id) || s.when.contains_key(&id) {
+            return;
+        }
+        s.when.insert(id.clone(), due_ms);
+        s.due.insert((due_ms, id));
+        drop(s);
+        self.wake.notify_one();
+    }
+
     /// Takes up to `max` messages due at `now_ms`, marking them in flight.
     pub fn take_due(&self, now_ms: u64, max: usize) -> Vec<MessageId> {
         let mut s = self.lock();

@@ -472,6 +472,57 @@ pub fn sample_body(seed: usize, len: usize) -> Vec<u8> {
     body
 }
 
+/// The `Message-ID` of a message written by [`sample_body`] with `seed`.
+pub fn sample_message_id(seed: usize) -> String {
+    format!("<{seed}@test>")
+}
+
+/// The `Message-ID:` header's value in a message's text.
+pub fn message_id_of(text: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        l.strip_prefix("Message-ID: ")
+            .map(|v| v.trim_end().to_string())
+    })
+}
+
+/// Sends `n` distinct messages ([`sample_body`] numbered from `first`, about 1,500 bytes) over
+/// one session to `addr`; returns the Message-IDs that got `250`. Stops at the first `421`
+/// (the unit stopped accepting) or a closed connection; any other reply fails the test, so a
+/// load that silently did nothing cannot pass.
+pub fn send_numbered(addr: SocketAddr, first: usize, n: usize) -> Vec<String> {
+    let (mut c, greeting) = Client::connect(addr);
+    let mut acked = Vec::new();
+    if greeting.starts_with("421") {
+        return acked;
+    }
+    assert!(greeting.starts_with("220"), "greeting: {greeting}");
+    let r = c.cmd("EHLO load");
+    assert!(r.starts_with("250"), "EHLO: {r}");
+    for seed in first..first + n {
+        let steps = [
+            "MAIL FROM:<load@example.com>".to_string(),
+            "RCPT TO:<rcpt@example.org>".to_string(),
+            "DATA".to_string(),
+        ];
+        for (step, want) in steps.iter().zip(["250", "250", "354"]) {
+            let r = c.cmd(step);
+            if r.is_empty() || r.starts_with("421") {
+                return acked;
+            }
+            assert!(r.starts_with(want), "{step}: {r}");
+        }
+        c.send(&dot_stuff(&sample_body(seed, 1500)));
+        c.send(b".\r\n");
+        let r = c.reply();
+        if r.is_empty() || r.starts_with("421") {
+            return acked;
+        }
+        assert!(r.starts_with("250 2.0.0"), "end of data: {r}");
+        acked.push(sample_message_id(seed));
+    }
+    acked
+}
+
 /// Polls `cond` every 50 ms until it holds or `secs` pass; returns whether it held.
 pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -608,6 +659,36 @@ impl SmtpSink {
             });
         }
         out
+    }
+
+    /// How many times each Message-ID arrived.
+    pub fn arrivals(&self) -> std::collections::HashMap<String, usize> {
+        let mut seen = std::collections::HashMap::new();
+        for d in self.dumped() {
+            let id = message_id_of(&d.message).unwrap_or_else(|| "(none)".into());
+            *seen.entry(id).or_insert(0) += 1;
+        }
+        seen
+    }
+
+    /// Asserts that every Message-ID in `acked` arrived exactly once and nothing else did;
+    /// prints the counts.
+    pub fn assert_exactly_once(&self, acked: &[String]) {
+        let seen = self.arrivals();
+        let lost: Vec<&String> = acked.iter().filter(|id| !seen.contains_key(*id)).collect();
+        let twice: Vec<(&String, &usize)> = seen.iter().filter(|(_, n)| **n > 1).collect();
+        let extra: Vec<&String> = seen.keys().filter(|id| !acked.contains(id)).collect();
+        eprintln!(
+            "at the sink: {} acknowledged, {} arrived, {} lost, {} duplicated, {} unexpected",
+            acked.len(),
+            seen.len(),
+            lost.len(),
+            twice.len(),
+            extra.len()
+        );
+        assert!(lost.is_empty(), "lost: {lost:?}");
+        assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+        assert!(extra.is_empty(), "never acknowledged: {extra:?}");
     }
 
     /// Stops the sink (the next hop goes down).

@@ -1,10 +1,11 @@
-//! A fault-injecting TCP proxy for partition tests (the kernel here has no `netem`): forwards
-//! connections to a target until told to partition, then cuts every connection and refuses new
-//! ones until healed.
+//! A fault-injecting TCP proxy for partition and latency tests (the kernel here has no
+//! `netem`): forwards connections to a target until told to partition, then cuts every
+//! connection and refuses new ones until healed; can delay everything the target sends (a slow
+//! next hop).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ pub struct FaultProxy {
     partitioned: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<TcpStream>>>,
     stop: Arc<AtomicBool>,
+    reply_delay_ms: Arc<AtomicU64>,
 }
 
 impl FaultProxy {
@@ -26,7 +28,13 @@ impl FaultProxy {
         let partitioned = Arc::new(AtomicBool::new(false));
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (p, o, s) = (partitioned.clone(), open.clone(), stop.clone());
+        let reply_delay_ms = Arc::new(AtomicU64::new(0));
+        let (p, o, s, d) = (
+            partitioned.clone(),
+            open.clone(),
+            stop.clone(),
+            reply_delay_ms.clone(),
+        );
         std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
                 let client = match listener.accept() {
@@ -48,8 +56,12 @@ impl FaultProxy {
                 list.push(client.try_clone().unwrap());
                 list.push(server.try_clone().unwrap());
                 drop(list);
-                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                pipe(server, client);
+                pipe(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    None,
+                );
+                pipe(server, client, Some(d.clone()));
             }
         });
         FaultProxy {
@@ -57,7 +69,13 @@ impl FaultProxy {
             partitioned,
             open,
             stop,
+            reply_delay_ms,
         }
+    }
+
+    /// Delays each piece the target sends back by `ms` (0: none), like a slow next hop.
+    pub fn set_reply_delay_ms(&self, ms: u64) {
+        self.reply_delay_ms.store(ms, Ordering::SeqCst);
     }
 
     /// Cuts every connection and refuses new ones (true), or lets them through again (false).
@@ -78,13 +96,17 @@ impl Drop for FaultProxy {
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+fn pipe(mut from: TcpStream, mut to: TcpStream, delay_ms: Option<Arc<AtomicU64>>) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 16 * 1024];
         loop {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    let ms = delay_ms.as_ref().map_or(0, |d| d.load(Ordering::SeqCst));
+                    if ms > 0 {
+                        std::thread::sleep(Duration::from_millis(ms));
+                    }
                     if to.write_all(&buf[..n]).is_err() {
                         break;
                     }
