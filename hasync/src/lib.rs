@@ -47,9 +47,6 @@ pub const WINDOW_BYTES: u64 = 16 << 20;
 /// How often acknowledged actions are pruned from the log at most.
 const PRUNE_EVERY: Duration = Duration::from_millis(50);
 
-/// The folders where a message (and a replica) may be: where the sender looks for an `ADD`'s
-/// files and the rebuild for the messages held here.
-pub const REPLICA_FOLDERS: [Folder; 3] = [Folder::Spool, Folder::Vscan, Folder::Quarantine];
 /// Ids asked per `MISSING` request in the rebuild (about 30 bytes each).
 const REBUILD_CHUNK: usize = 16_384;
 /// How long the partner may take over one `MISSING` answer before the session is retried.
@@ -57,16 +54,19 @@ const REBUILD_ANSWER_WITHIN: Duration = Duration::from_secs(30);
 
 /// Where replicas are written: the daemon's durable spool writer.
 pub trait ReplicaStore: Send + Sync {
-    /// Stores a replica pair in `spool/` durably (idempotent: the same id and content again is
-    /// fine). Must hand the work to the writer before returning, so that many stores submitted
-    /// together share a commit round; the future only waits for completion.
+    /// Stores a replica pair durably in `spool/`, or in `hold/` when `held` (idempotent: the
+    /// same id and content again is fine; a replica held in the other folder is moved). Must
+    /// hand the work to the writer before returning, so that many stores submitted together
+    /// share a commit round; the future only waits for completion.
     fn store(
         &self,
         id: MessageId,
+        held: bool,
         env: Bytes,
         body: Bytes,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>>;
-    /// Removes a replica from whichever folder holds it; a missing one is fine.
+    /// Removes a replica from whichever folder of [`Folder::LIVE`] holds it; a missing one is
+    /// fine.
     fn remove(&self, id: &MessageId) -> std::io::Result<()>;
     /// Removes several replicas durably; implementations should sync each folder once.
     fn remove_many(&self, ids: &[MessageId]) -> std::io::Result<()> {
@@ -544,18 +544,29 @@ impl Replicator {
         let started = Instant::now();
         let asked = self.log.rebuild_asked();
         let layout = self.layout.clone();
-        let ours = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<MessageId>> {
-            let mut ours = Vec::new();
-            for folder in REPLICA_FOLDERS {
-                ours.extend(layout.ids(folder)?);
-            }
-            Ok(ours)
-        })
-        .await
-        .map_err(|e| LinkError::Protocol(format!("rebuild listing: {e}")))??;
+        let ours =
+            tokio::task::spawn_blocking(move || -> std::io::Result<Vec<(MessageId, bool)>> {
+                let mut ours = Vec::new();
+                for folder in Folder::REPLICATED {
+                    let held = folder == Folder::Hold;
+                    ours.extend(layout.ids(folder)?.into_iter().map(|id| (id, held)));
+                }
+                Ok(ours)
+            })
+            .await
+            .map_err(|e| LinkError::Protocol(format!("rebuild listing: {e}")))??;
         let mut missing = Vec::new();
         for chunk in ours.chunks(REBUILD_CHUNK) {
-            let arg: String = chunk.iter().map(|id| format!("{id}\n")).collect();
+            let arg: String = chunk
+                .iter()
+                .map(|(id, held)| {
+                    if *held {
+                        format!("{id} hold\n")
+                    } else {
+                        format!("{id}\n")
+                    }
+                })
+                .collect();
             let asked = request(frames, w, proto::recovery_op::MISSING, arg.as_bytes());
             let answer = tokio::time::timeout(REBUILD_ANSWER_WITHIN, asked)
                 .await
@@ -571,7 +582,7 @@ impl Replicator {
                 }
                 Err(refused) => {
                     tracing::warn!(%refused, "partner cannot say which messages it lacks; sending them all again");
-                    missing.extend_from_slice(chunk);
+                    missing.extend(chunk.iter().map(|(id, _)| id.clone()));
                 }
             }
         }
@@ -646,6 +657,7 @@ impl Replicator {
                 let frame = Frame::Add {
                     seq: a.seq,
                     id,
+                    held: false,
                     env: held.envelope,
                     body: Bytes::new(),
                 };
@@ -653,7 +665,7 @@ impl Replicator {
                 self.observer.add_sent(true);
                 return Some(sent);
             }
-            for folder in REPLICA_FOLDERS {
+            for folder in Folder::REPLICATED {
                 let env_path = self.layout.path(folder, &a.id, Part::Env);
                 let Ok(env) = std::fs::read(&env_path) else {
                     continue;
@@ -673,6 +685,7 @@ impl Replicator {
                 let frame = Frame::Add {
                     seq: a.seq,
                     id,
+                    held: folder == Folder::Hold,
                     env: Bytes::from(env),
                     body: Bytes::new(),
                 };
@@ -795,7 +808,13 @@ impl Replicator {
                             Some(Ok(Frame::Heartbeat { role, priority })) => {
                                 self.heard(&peer.node, role, priority)
                             }
-                            Some(Ok(Frame::Add { seq, id, env, body })) => {
+                            Some(Ok(Frame::Add {
+                                seq,
+                                id,
+                                held,
+                                env,
+                                body,
+                            })) => {
                                 let id: MessageId = id
                                     .parse()
                                     .map_err(|_| LinkError::Protocol(format!("bad id {id:?}")))?;
@@ -803,7 +822,7 @@ impl Replicator {
                                 applying.push_back(Applying {
                                     seq,
                                     adding: Some(id.clone()),
-                                    done: self.store.store(id, env, body),
+                                    done: self.store.store(id, held, env, body),
                                 });
                             }
                             Some(Ok(Frame::Delete { seq, id })) => {
@@ -940,17 +959,28 @@ impl Replicator {
             MISSING => {
                 let mut out = String::new();
                 for line in text(arg).lines().filter(|l| !l.is_empty()) {
-                    let id: MessageId = line
-                        .parse()
-                        .map_err(|e: spool::id::IdError| e.to_string())?;
-                    let held = REPLICA_FOLDERS
+                    let (id, on_hold) = match line.split_once(' ') {
+                        Some((id, "hold")) => (id, true),
+                        _ => (line, false),
+                    };
+                    let id: MessageId =
+                        id.parse().map_err(|e: spool::id::IdError| e.to_string())?;
+                    // Held in the place the asking side has it: hold/ for a message on hold,
+                    // else anywhere it is worked on (a replica this unit quarantined or is
+                    // scanning counts).
+                    let places: &[Folder] = if on_hold {
+                        &[Folder::Hold]
+                    } else {
+                        &[Folder::Spool, Folder::Vscan, Folder::Quarantine]
+                    };
+                    let held = places
                         .iter()
                         .any(|&f| self.layout.path(f, &id, Part::Env).exists());
                     // Delivered here during a takeover: not a gap to fill but a leftover on the
                     // asking side, for takeover recovery to remove there.
                     let delivered = self.log.was_delivered(&id).map_err(|e| e.to_string())?;
                     if !held && !delivered {
-                        out.push_str(line);
+                        out.push_str(&id.to_string());
                         out.push('\n');
                     }
                 }
@@ -1069,6 +1099,7 @@ mod tests {
         fn store(
             &self,
             _id: MessageId,
+            _held: bool,
             _env: Bytes,
             _body: Bytes,
         ) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>> {
@@ -1135,6 +1166,7 @@ mod tests {
         fn store(
             &self,
             id: MessageId,
+            _held: bool,
             _env: Bytes,
             _body: Bytes,
         ) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>> {
@@ -1195,6 +1227,7 @@ mod tests {
             &Frame::Add {
                 seq: 1,
                 id: id.to_string(),
+                held: false,
                 env: Bytes::from_static(b"env"),
                 body: Bytes::new(),
             },

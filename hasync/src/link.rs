@@ -530,6 +530,7 @@ mod tests {
         let add = |seq, env: &'static [u8]| Frame::Add {
             seq,
             id: format!("id{seq}"),
+            held: false,
             env: Bytes::from_static(env),
             body: Bytes::new(),
         };
@@ -560,9 +561,12 @@ mod tests {
             read.push(read_frame(&mut wire).await.unwrap());
         }
         let with_body = |f: Frame, body: &[u8]| match f {
-            Frame::Add { seq, id, env, .. } => Frame::Add {
+            Frame::Add {
+                seq, id, held, env, ..
+            } => Frame::Add {
                 seq,
                 id,
+                held,
                 env,
                 body: Bytes::copy_from_slice(body),
             },

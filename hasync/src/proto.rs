@@ -4,7 +4,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Protocol version carried in `Hello`; a peer with another version is refused.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest frame accepted (a message body plus its envelope fits well below).
 pub const FRAME_BYTES_MAX: usize = 64 << 20;
 
@@ -58,12 +58,15 @@ pub enum Frame {
     Proof([u8; 32]),
     /// Receiver to sender: resume after this sequence.
     Resume(u64),
-    /// Replicate a message.
+    /// Replicate a message (or move its replica to where it is now).
     Add {
         /// Sequence.
         seq: u64,
         /// Message id.
         id: String,
+        /// On hold (`spoolctl queue hold`): the partner keeps the replica in `hold/`, not
+        /// `spool/`, so it stays held after a takeover.
+        held: bool,
         /// The `.env` bytes.
         env: Bytes,
         /// The `.body` bytes.
@@ -111,10 +114,10 @@ pub mod recovery_op {
     pub const REMOVE: u8 = 3;
     /// Ids in the delivered ledger, newline-separated.
     pub const LEDGER: u8 = 4;
-    /// Of the ids asked (newline-separated), those of which no pair is held and that were not
-    /// delivered there (its ledger), newline-separated:
-    /// the sender's rebuild of its `ADD`s after a start (not takeover recovery, but the same
-    /// request/reply frames).
+    /// Of the ids asked (lines `id`, or `id hold` for a message on hold), those of which no
+    /// pair is held in that place (`hold/`; else `spool/`, `vscan/` or `quarantine/`) and that
+    /// were not delivered there (its ledger), newline-separated: the sender's rebuild of its
+    /// `ADD`s after a start (not takeover recovery, but the same request/reply frames).
     pub const MISSING: u8 = 5;
 }
 
@@ -166,9 +169,12 @@ impl Frame {
                 p.put_u8(3);
                 p.put_u64(*seq);
             }
-            Frame::Add { seq, id, env, .. } => {
+            Frame::Add {
+                seq, id, held, env, ..
+            } => {
                 p.put_u8(4);
                 p.put_u64(*seq);
+                p.put_u8(u8::from(*held));
                 p.put_u16(id.len() as u16);
                 p.put_slice(id.as_bytes());
                 p.put_u32(env.len() as u32);
@@ -253,8 +259,13 @@ impl Frame {
                 Frame::Resume(p.get_u64())
             }
             4 => {
-                need(&p, 10)?;
+                need(&p, 11)?;
                 let seq = p.get_u64();
+                let held = match p.get_u8() {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(FrameError("held")),
+                };
                 let n = p.get_u16() as usize;
                 need(&p, n + 4)?;
                 let id = text(p.split_to(n))?;
@@ -264,6 +275,7 @@ impl Frame {
                 Frame::Add {
                     seq,
                     id,
+                    held,
                     env,
                     body: p,
                 }
@@ -318,12 +330,14 @@ mod tests {
             Frame::Add {
                 seq: 3,
                 id: "0011223344556677-gw_a".into(),
+                held: false,
                 env: Bytes::from_static(b"env\n"),
                 body: Bytes::from_static(b"body\r\n"),
             },
             Frame::Add {
                 seq: 4,
                 id: "x".into(),
+                held: true,
                 env: Bytes::new(),
                 body: Bytes::new(),
             },
@@ -358,6 +372,7 @@ mod tests {
         let full = Frame::Add {
             seq: 3,
             id: "abc".into(),
+            held: false,
             env: Bytes::from_static(b"e"),
             body: Bytes::from_static(b"b"),
         }

@@ -38,6 +38,23 @@ impl Folder {
         Folder::Hold,
     ];
 
+    /// Where a message lives until it leaves for good: listed by `spoolctl queue list`; a
+    /// replication `DELETE` removes a replica from whichever of these holds it.
+    pub const LIVE: [Folder; 4] = [
+        Folder::Spool,
+        Folder::Vscan,
+        Folder::Hold,
+        Folder::Quarantine,
+    ];
+
+    /// Mirrored on the HA partner: `spool/` and `vscan/` as replicas in `spool/`, `hold/` in
+    /// `hold/`. A quarantined message is not: its verdict is final and its `DELETE` removes
+    /// the partner's replica.
+    pub const REPLICATED: [Folder; 3] = [Folder::Spool, Folder::Vscan, Folder::Hold];
+
+    /// Worked on by the queue manager (scan, delivery); an active unit schedules these.
+    pub const SCHEDULED: [Folder; 2] = [Folder::Spool, Folder::Vscan];
+
     /// The folder's directory name.
     pub fn name(self) -> &'static str {
         match self {

@@ -4,11 +4,10 @@
 //! postqueue/postsuper: list, show, hold, release, requeue, delete, flush; plus insert, role and
 //! status.
 
-use crate::metrics::Metrics;
 use crate::queue::Queue;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use spool::recovery::{insert_input, InsertOutcome};
+use spool::recovery::InsertOutcome;
 use spool::{Folder, Layout, MessageId, Part, RcptState};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -134,20 +133,13 @@ pub struct Admin {
     pub layout: Layout,
     /// The delivery schedule.
     pub queue: Arc<Queue>,
-    /// Metrics (queue gauges).
-    pub metrics: Arc<Metrics>,
     /// Replication, if configured.
     pub replicator: Option<Arc<hasync::Replicator>>,
     /// Work in flight, which a handover to passive waits for.
     pub activity: Arc<crate::handover::Activity>,
+    /// Every insertion, move and removal goes through it.
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
 }
-
-const LISTED: [Folder; 4] = [
-    Folder::Spool,
-    Folder::Vscan,
-    Folder::Hold,
-    Folder::Quarantine,
-];
 
 fn folder_named(name: &str) -> Option<Folder> {
     Folder::ALL.into_iter().find(|f| f.name() == name)
@@ -234,7 +226,7 @@ impl Admin {
     }
 
     fn locate(&self, id: &MessageId) -> Option<Folder> {
-        LISTED
+        Folder::LIVE
             .into_iter()
             .find(|&f| self.layout.path(f, id, Part::Env).exists())
     }
@@ -252,21 +244,18 @@ impl Admin {
                 crate::handover::set_role(r, &self.activity, role)
             }
             Request::Insert => {
-                let outcomes = insert_input(&self.layout).map_err(|e| e.to_string())?;
+                let outcomes = self
+                    .lifecycle
+                    .insert_input()
+                    .map_err(|e| format!("{e:#}"))?;
                 let mut inserted = Vec::new();
                 let mut duplicates = Vec::new();
                 let mut corrupt = Vec::new();
                 for o in outcomes {
                     match o {
-                        InsertOutcome::Inserted(id) => {
-                            self.queue.add(id.clone(), 0);
-                            self.metrics.inserted.inc();
-                            self.metrics.queue_add(Folder::Spool, 1);
-                            inserted.push(id.to_string());
-                        }
+                        InsertOutcome::Inserted(id) => inserted.push(id.to_string()),
                         InsertOutcome::Duplicate(id) => duplicates.push(id.to_string()),
                         InsertOutcome::Corrupt { name, reason } => {
-                            self.metrics.corrupt.inc();
                             corrupt.push(json!({ "name": name, "reason": reason }));
                         }
                     }
@@ -281,7 +270,7 @@ impl Admin {
             } => {
                 let folders: Vec<Folder> = match folder {
                     Some(f) => vec![folder_named(&f).ok_or(format!("no folder {f:?}"))?],
-                    None => LISTED.to_vec(),
+                    None => Folder::LIVE.to_vec(),
                 };
                 let cutoff = older_than_secs.map(|s| now_ms().saturating_sub(s * 1000));
                 let mut out = Vec::new();
@@ -373,34 +362,24 @@ impl Admin {
                         f.name()
                     ));
                 }
-                self.layout
-                    .move_pair(id, Folder::Spool, Folder::Hold)
-                    .map_err(|e| e.to_string())?;
-                self.metrics.queue_add(Folder::Spool, -1);
-                self.metrics.queue_add(Folder::Hold, 1);
-                Ok(())
+                self.lifecycle
+                    .move_to(id, Folder::Spool, Folder::Hold)
+                    .map_err(|e| format!("{e:#}"))
             }),
             Request::Release { ids } => self.each(&ids, |id, f| {
                 if f != Folder::Hold {
                     return Err(format!("{id}: not held"));
                 }
-                self.layout
-                    .move_pair(id, Folder::Hold, Folder::Spool)
-                    .map_err(|e| e.to_string())?;
-                self.metrics.queue_add(Folder::Hold, -1);
-                self.metrics.queue_add(Folder::Spool, 1);
+                self.lifecycle
+                    .move_to(id, Folder::Hold, Folder::Spool)
+                    .map_err(|e| format!("{e:#}"))?;
                 self.requeue(id, Folder::Spool)
             }),
             Request::Requeue { ids } => self.each(&ids, |id, f| self.requeue(id, f)),
             Request::Delete { ids } => self.each(&ids, |id, f| {
-                if let Some(r) = &self.replicator {
-                    r.log()
-                        .append(&[(hasync::txlog::Kind::Delete, id)], now_ms())
-                        .map_err(|e| e.to_string())?;
-                    r.notify();
-                }
-                self.layout.remove_pair(id, f).map_err(|e| e.to_string())?;
-                self.metrics.queue_add(f, -1);
+                self.lifecycle
+                    .remove(id, f, false)
+                    .map_err(|e| format!("{e:#}"))?;
                 tracing::warn!(id = %id, folder = f.name(), "message deleted by spoolctl");
                 Ok(())
             }),
@@ -428,7 +407,7 @@ impl Admin {
     }
 
     fn held_locally(&self, id: &MessageId, sha: &str) -> bool {
-        LISTED.into_iter().any(|f| {
+        Folder::LIVE.into_iter().any(|f| {
             self.layout
                 .read_envelope(f, id)
                 .is_ok_and(|e| hex(&e.body_sha256) == sha)
@@ -599,16 +578,9 @@ impl Admin {
         }
         failpoint("recover-after-copy");
         // 4. Insert and verify every copied id is spooled now.
-        let outcomes = tokio::task::block_in_place(|| insert_input(&self.layout))
-            .map_err(|e| e.to_string())?;
+        tokio::task::block_in_place(|| self.lifecycle.insert_input())
+            .map_err(|e| format!("{e:#}"))?;
         let mut moved = Vec::new();
-        for o in &outcomes {
-            if let InsertOutcome::Inserted(id) = o {
-                self.queue.add(id.clone(), 0);
-                self.metrics.inserted.inc();
-                self.metrics.queue_add(Folder::Spool, 1);
-            }
-        }
         for id in copied {
             if self.layout.path(Folder::Spool, &id, Part::Env).exists() {
                 tracing::info!(id = %id, "new mail inserted (id={id}) by takeover recovery");
@@ -651,16 +623,11 @@ impl Admin {
                     let Ok(id) = line.parse::<MessageId>() else {
                         continue;
                     };
-                    for f in [Folder::Spool, Folder::Vscan, Folder::Hold] {
+                    for f in Folder::REPLICATED {
                         if self.layout.path(f, &id, Part::Env).exists() {
-                            if let Some(r) = &self.replicator {
-                                r.log()
-                                    .append(&[(hasync::txlog::Kind::Delete, &id)], now_ms())
-                                    .map_err(|e| e.to_string())?;
-                                r.notify();
-                            }
-                            self.layout.remove_pair(&id, f).map_err(|e| e.to_string())?;
-                            self.metrics.queue_add(f, -1);
+                            self.lifecycle
+                                .remove(&id, f, false)
+                                .map_err(|e| format!("{e:#}"))?;
                             removed_here.push(id.to_string());
                         }
                     }
@@ -735,7 +702,10 @@ impl Admin {
 
     fn status(&self) -> Value {
         let mut depth = serde_json::Map::new();
-        for f in LISTED.iter().chain([Folder::Input, Folder::Corrupt].iter()) {
+        for f in Folder::LIVE
+            .iter()
+            .chain([Folder::Input, Folder::Corrupt].iter())
+        {
             let n = std::fs::read_dir(self.layout.dir(*f))
                 .map(|d| {
                     d.flatten()

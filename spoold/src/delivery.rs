@@ -101,7 +101,6 @@ pub struct Delivery {
     /// HA replication, when configured: holds delivery on a passive or standing-down node and
     /// learns of every message leaving the spool.
     pub ha: Option<Arc<hasync::Replicator>>,
-    ledger_retention: Duration,
     pool: Mutex<HashMap<Hop, Vec<(Instant, Connection)>>>,
     /// Removes delivered messages in groups, one directory fsync per group.
     remover: spool::remover::Remover,
@@ -160,12 +159,6 @@ impl Delivery {
             remover,
             activity,
             ha,
-            ledger_retention: Duration::from_secs(
-                cfg.ha
-                    .as_ref()
-                    .map(|h| h.ledger_retention_secs)
-                    .unwrap_or(0),
-            ),
         }
     }
 
@@ -226,24 +219,13 @@ impl Delivery {
         !crate::handover::may_deliver(self.ha.as_ref())
     }
 
-    /// Tells replication that `env` leaves the spool: a durable `DELETE` in the log (before the
-    /// files go, so the partner can never keep a replica of mail that was handled here) and the
-    /// delivered ids in the ledger.
+    /// `env` leaves the spool for good: see [`crate::lifecycle::Lifecycle::leaving`].
     fn log_leaving(&self, env: &Envelope) -> anyhow::Result<()> {
-        let Some(r) = &self.ha else { return Ok(()) };
-        let now = now_ms();
-        r.log()
-            .append(&[(hasync::txlog::Kind::Delete, &env.id)], now)?;
-        if env
+        let delivered = env
             .recipients
             .iter()
-            .any(|x| x.state == RcptState::Delivered)
-        {
-            r.log()
-                .record_delivered(&[&env.id], now, self.ledger_retention.as_millis() as u64)?;
-        }
-        r.notify();
-        Ok(())
+            .any(|x| x.state == RcptState::Delivered);
+        self.sink.lifecycle.leaving(&env.id, delivered)
     }
 
     fn update_gauges(&self) {
@@ -286,24 +268,28 @@ impl Delivery {
             self.metrics
                 .scan_seconds
                 .observe(started.elapsed().as_secs_f64());
+            let lifecycle = &self.sink.lifecycle;
             match outcome {
-                StageOutcome::Clean => self
-                    .metrics
-                    .scan_verdicts
-                    .with_label_values(&["clean"])
-                    .inc(),
-                StageOutcome::Unscanned => self
-                    .metrics
-                    .scan_verdicts
-                    .with_label_values(&["unscanned"])
-                    .inc(),
+                StageOutcome::Clean => {
+                    self.metrics
+                        .scan_verdicts
+                        .with_label_values(&["clean"])
+                        .inc();
+                    lifecycle.moved(folder, Folder::Spool);
+                }
+                StageOutcome::Unscanned => {
+                    self.metrics
+                        .scan_verdicts
+                        .with_label_values(&["unscanned"])
+                        .inc();
+                    lifecycle.moved(folder, Folder::Spool);
+                }
                 StageOutcome::Quarantined(name) => {
                     self.metrics
                         .scan_verdicts
                         .with_label_values(&["infected"])
                         .inc();
-                    self.metrics.queue_add(Folder::Spool, -1);
-                    self.metrics.queue_add(Folder::Quarantine, 1);
+                    lifecycle.moved(folder, Folder::Quarantine);
                     tracing::warn!(id = %id, virus = %name, "message quarantined");
                     self.log_leaving(&env)?;
                     if self.notify_quarantine && !env.sender.is_empty() {
@@ -323,6 +309,7 @@ impl Delivery {
                         .scan_verdicts
                         .with_label_values(&["error"])
                         .inc();
+                    lifecycle.moved(folder, Folder::Vscan);
                     tracing::warn!(id = %id, error = %why, "scan failed; message waits in vscan/");
                     return Ok(Some(now_ms() + self.scan_retry.as_millis() as u64));
                 }
@@ -344,7 +331,7 @@ impl Delivery {
                 tracing::error!(id = %id, %reason, "moved to corrupt/");
                 spool::recovery::set_aside(&self.layout, Folder::Spool, &id.to_string(), &reason)?;
                 self.metrics.corrupt.inc();
-                self.metrics.queue_add(Folder::Spool, -1);
+                self.sink.lifecycle.moved(Folder::Spool, Folder::Corrupt);
                 return Ok(None);
             }
         };
@@ -466,7 +453,7 @@ impl Delivery {
     /// THE event "a message left the spool for good" (every recipient delivered or failed), after
     /// its files are gone; [`Delivery::log_leaving`] has already logged the replication DELETE.
     fn message_removed(&self, env: &Envelope) {
-        self.metrics.queue_add(Folder::Spool, -1);
+        self.sink.lifecycle.removed(Folder::Spool);
         let delivered = env
             .recipients
             .iter()

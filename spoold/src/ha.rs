@@ -9,9 +9,9 @@ use bytes::Bytes;
 use hasync::link::LinkConfig;
 use hasync::proto::Role;
 use hasync::txlog::{Kind, TxLog};
-use hasync::{ReplicaStore, ReplicationObserver, Replicator, ReplicatorConfig, REPLICA_FOLDERS};
+use hasync::{ReplicaStore, ReplicationObserver, Replicator, ReplicatorConfig};
 use spool::writer::{CommitRequest, PublishHook, Published};
-use spool::{BodyParts, Envelope, Folder, Layout, MessageId, Part};
+use spool::{BodyParts, CommitError, Envelope, Folder, Layout, MessageId, Part};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -100,26 +100,44 @@ impl ReplicaStore for SpoolReplicas {
     fn store(
         &self,
         id: MessageId,
+        held: bool,
         env: Bytes,
         body: Bytes,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>> {
+        enum Step {
+            Nothing,
+            Move(Folder),
+            Write(
+                tokio::sync::oneshot::Receiver<Result<spool::writer::CommitReceipt, CommitError>>,
+            ),
+        }
+        let target = if held { Folder::Hold } else { Folder::Spool };
         let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
         let decoded = Envelope::decode(&env).map_err(|e| invalid(format!("replica {id}: {e}")));
-        let submitted = decoded.and_then(|e| {
+        let step = decoded.and_then(|e| {
             if e.id != id || e.body_len != body.len() as u64 {
                 return Err(invalid(format!("replica {id}: envelope does not match")));
             }
-            let held = REPLICA_FOLDERS.iter().any(|&f| {
+            let same_in = |f: Folder| {
                 self.layout
                     .read_envelope(f, &id)
                     .is_ok_and(|old| old.body_sha256 == e.body_sha256)
-            });
-            if held {
+            };
+            if same_in(target) || (!held && same_in(Folder::Vscan)) {
                 tracing::debug!(id = %id, "replica already held");
                 // An ADD seen again (idempotent). Scheduled again in case the first store
                 // completed after its link broke, which left it unscheduled.
-                self.schedule_if_active(&id);
-                return Ok(None);
+                if !held {
+                    self.schedule_if_active(&id);
+                }
+                return Ok(Step::Nothing);
+            }
+            // Held, or released, on the active unit since the replica was written.
+            if let Some(from) = Folder::REPLICATED
+                .into_iter()
+                .find(|&f| f != target && same_in(f))
+            {
+                return Ok(Step::Move(from));
             }
             // An ADD resent for a message this unit delivered itself (it took the replica over
             // during a split brain or a handover) is stale: storing it would deliver it again.
@@ -130,7 +148,7 @@ impl ReplicaStore for SpoolReplicas {
                 .is_some_and(|r| r.log().was_delivered(&id).unwrap_or(false));
             if delivered_here {
                 tracing::info!(id = %id, "replica of a message delivered here: ignored");
-                return Ok(None);
+                return Ok(Step::Nothing);
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
             self.sink.writer.submit(CommitRequest {
@@ -145,23 +163,34 @@ impl ReplicaStore for SpoolReplicas {
                 }),
                 replicate: false,
             });
-            Ok(Some(rx))
+            Ok(Step::Write(rx))
         });
-        let id_for_log = id.clone();
         Box::pin(async move {
-            match submitted? {
-                None => Ok(()),
-                Some(rx) => match rx.await {
-                    Ok(Ok(_)) => {
-                        tracing::debug!(id = %id_for_log, "replica stored");
-                        self.sink.metrics.queue_add(Folder::Spool, 1);
-                        self.schedule_if_active(&id_for_log);
-                        Ok(())
+            let from = match step? {
+                Step::Nothing => return Ok(()),
+                Step::Move(from) => from,
+                Step::Write(rx) => {
+                    match rx.await {
+                        Ok(Ok(_)) => tracing::debug!(id = %id, "replica stored"),
+                        Ok(Err(e)) => return Err(std::io::Error::other(e.to_string())),
+                        Err(_) => return Err(std::io::Error::other("spool writer stopped")),
                     }
-                    Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
-                    Err(_) => Err(std::io::Error::other("spool writer stopped")),
-                },
+                    self.sink.lifecycle.arrived(Folder::Spool);
+                    Folder::Spool
+                }
+            };
+            if from != target {
+                let (layout, moved) = (self.layout.clone(), id.clone());
+                tokio::task::spawn_blocking(move || layout.move_pair(&moved, from, target))
+                    .await
+                    .map_err(|e| std::io::Error::other(format!("replica move: {e}")))??;
+                self.sink.lifecycle.moved(from, target);
+                tracing::debug!(id = %id, from = from.name(), to = target.name(), "replica moved");
             }
+            if !held {
+                self.schedule_if_active(&id);
+            }
+            Ok(())
         })
     }
 
@@ -170,21 +199,21 @@ impl ReplicaStore for SpoolReplicas {
     }
 
     fn remove_many(&self, ids: &[MessageId]) -> std::io::Result<()> {
-        let mut touched = [false; REPLICA_FOLDERS.len()];
+        let mut touched = [false; Folder::LIVE.len()];
         for id in ids {
             tracing::debug!(id = %id, "replica removed");
-            for (k, f) in REPLICA_FOLDERS.into_iter().enumerate() {
+            for (k, f) in Folder::LIVE.into_iter().enumerate() {
                 if self.layout.path(f, id, Part::Env).exists()
                     || self.layout.path(f, id, Part::Body).exists()
                 {
                     self.layout.discard_pair(id, f)?;
-                    self.sink.metrics.queue_add(f, -1);
+                    self.sink.lifecycle.removed(f);
                     touched[k] = true;
                 }
             }
         }
         // One directory fsync per folder for the whole group.
-        for (k, f) in REPLICA_FOLDERS.into_iter().enumerate() {
+        for (k, f) in Folder::LIVE.into_iter().enumerate() {
             if touched[k] {
                 spool::layout::fsync_dir(&self.layout.dir(f))?;
             }

@@ -11,6 +11,7 @@ mod delivery;
 mod dsn;
 mod ha;
 mod handover;
+mod lifecycle;
 mod metrics;
 mod queue;
 mod sink;
@@ -22,7 +23,7 @@ use config::Config;
 use metrics::Metrics;
 use queue::Queue;
 use sink::SpoolSink;
-use spool::recovery::{insert_input, recover, InsertOutcome};
+use spool::recovery::{recover, InsertOutcome};
 use spool::{Backend, BackendChoice, Folder, IdGenerator, Layout, SpoolWriter};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -179,28 +180,12 @@ fn sync_mode(setting: config::SyncSetting, layout: &Layout) -> spool::writer::Sy
     }
 }
 
-/// Inserts `input/` and records the outcome in logs and metrics.
-async fn insert(layout: &Layout, metrics: &Metrics, queue: &Queue) -> Result<Vec<InsertOutcome>> {
-    let l = layout.clone();
-    let outcomes = tokio::task::spawn_blocking(move || insert_input(&l))
+/// Inserts `input/` off the async threads (see [`lifecycle::Lifecycle::insert_input`]).
+async fn insert(lifecycle: &Arc<lifecycle::Lifecycle>) -> Result<Vec<InsertOutcome>> {
+    let l = lifecycle.clone();
+    tokio::task::spawn_blocking(move || l.insert_input())
         .await
         .context("insertion task")?
-        .context("insert input/")?;
-    for o in &outcomes {
-        match o {
-            InsertOutcome::Inserted(id) => {
-                queue.add(id.clone(), 0);
-                metrics.inserted.inc();
-                metrics.queue_add(Folder::Spool, 1);
-            }
-            InsertOutcome::Corrupt { .. } => {
-                metrics.corrupt.inc();
-                metrics.queue_add(Folder::Corrupt, 1);
-            }
-            InsertOutcome::Duplicate(_) => {}
-        }
-    }
-    Ok(outcomes)
 }
 
 async fn run(cfg: Config) -> Result<()> {
@@ -228,7 +213,7 @@ async fn run(cfg: Config) -> Result<()> {
     let queue = Arc::new(Queue::default());
     for m in &report.found {
         metrics.queue_add(m.folder, 1);
-        if matches!(m.folder, Folder::Spool | Folder::Vscan) {
+        if Folder::SCHEDULED.contains(&m.folder) {
             queue.add(m.id.clone(), m.next_attempt_ms);
         }
     }
@@ -253,7 +238,6 @@ async fn run(cfg: Config) -> Result<()> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recovery done"
     );
-    insert(&layout, &metrics, &queue).await?;
 
     let choice = if cfg.spool.io_uring {
         BackendChoice::Auto
@@ -268,6 +252,21 @@ async fn run(cfg: Config) -> Result<()> {
     };
     layout.set_recycling(cfg.spool.recycle_files);
     let ha_setup = ha::prepare(&cfg, &layout)?;
+    let lifecycle = Arc::new(lifecycle::Lifecycle {
+        layout: layout.clone(),
+        metrics: metrics.clone(),
+        queue: queue.clone(),
+        replicator: ha_setup
+            .as_ref()
+            .map(|s| s.replicator.clone())
+            .unwrap_or_default(),
+        ledger_retention_ms: cfg
+            .ha
+            .as_ref()
+            .map_or(0, |h| h.ledger_retention_secs.saturating_mul(1000)),
+    });
+    // Before the replicator exists: the rebuild after the start logs these ADDs.
+    insert(&lifecycle).await?;
     let hook = ha_setup.as_ref().map(|s| {
         Arc::new(ha::LogHook {
             log: s.log.clone(),
@@ -291,6 +290,7 @@ async fn run(cfg: Config) -> Result<()> {
 
     let activity = Arc::new(handover::Activity::default());
     let sink = Arc::new(SpoolSink {
+        lifecycle: lifecycle.clone(),
         activity: activity.clone(),
         layout: layout.clone(),
         ids: IdGenerator::new(&cfg.node_name).context("key `node_name`")?,
@@ -364,9 +364,9 @@ async fn run(cfg: Config) -> Result<()> {
     Arc::new(admin::Admin {
         layout: layout.clone(),
         queue: queue.clone(),
-        metrics: metrics.clone(),
         replicator: replicator.clone(),
         activity,
+        lifecycle: lifecycle.clone(),
     })
     .serve()
     .await
@@ -422,7 +422,7 @@ async fn run(cfg: Config) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = usr2.recv() => {
-                match insert(&layout, &metrics, &queue).await {
+                match insert(&lifecycle).await {
                     Ok(o) => tracing::info!(pairs = o.len(), "input/ insertion done"),
                     Err(e) => tracing::error!("input/ insertion failed: {e:#}"),
                 }
@@ -599,7 +599,7 @@ async fn follow_role(
             metrics.ha_active.set(i64::from(active));
             if active && last.is_some() {
                 let mut n = 0;
-                for folder in [Folder::Spool, Folder::Vscan] {
+                for folder in Folder::SCHEDULED {
                     for e in std::fs::read_dir(layout.dir(folder))
                         .into_iter()
                         .flatten()

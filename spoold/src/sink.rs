@@ -35,6 +35,8 @@ pub struct SpoolSink {
     pub replicator: Arc<std::sync::OnceLock<Arc<hasync::Replicator>>>,
     /// Sync replication: wait for the partner before `250`.
     pub sync: Option<SyncPolicy>,
+    /// Counts, schedules and removes messages (see [`crate::lifecycle`]).
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
     /// Transactions in flight, which a handover waits for.
     pub activity: Arc<crate::handover::Activity>,
 }
@@ -63,15 +65,11 @@ impl SpoolSink {
     }
 
     /// Takes back a message whose partner acknowledgement never came (sync mode, `reject`):
-    /// logs its `DELETE` first, then removes it, so neither unit keeps it.
-    fn withdraw(&self, id: &MessageId) -> std::io::Result<()> {
-        if let Some(r) = self.replicator.get() {
-            r.log()
-                .append(&[(hasync::txlog::Kind::Delete, id)], now_ms())
-                .map_err(std::io::Error::other)?;
-            r.notify();
-        }
-        self.layout.remove_pair(id, Folder::Spool)
+    /// logs its `DELETE` first, then removes it, so neither unit keeps it. (Not counted in the
+    /// gauges yet, so not uncounted either.)
+    fn withdraw(&self, id: &MessageId) -> anyhow::Result<()> {
+        self.lifecycle.leaving(id, false)?;
+        Ok(self.layout.remove_pair(id, Folder::Spool)?)
     }
 }
 
@@ -284,7 +282,7 @@ impl BodySink for SpoolBody {
                             sink.metrics.ha_sync_rejected.inc();
                             tracing::warn!(id = %id, "sync replication: partner did not confirm; message withdrawn");
                             if let Err(e) = sink.withdraw(&id) {
-                                tracing::error!(id = %id, "withdraw after sync timeout: {e}");
+                                tracing::error!(id = %id, "withdraw after sync timeout: {e:#}");
                             }
                             return Err(SinkError::Temporary(
                                 "partner did not confirm the replica".into(),
@@ -295,8 +293,7 @@ impl BodySink for SpoolBody {
                 }
                 sink.metrics.accepted_messages.inc();
                 sink.metrics.accepted_bytes.inc_by(len);
-                sink.metrics.queue_add(Folder::Spool, 1);
-                sink.queue.add(id.clone(), 0);
+                sink.lifecycle.accepted(&id);
                 tracing::info!(
                     id = %id,
                     from = %format_args!("<{}>", envelope.sender),

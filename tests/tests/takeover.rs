@@ -99,9 +99,16 @@ fn takeover_takeback_and_recover_lose_nothing() {
             .len()
     );
     assert!(report["failed"].as_array().unwrap().is_empty(), "{report}");
+    // B keeps replicas only of what A holds (A's DELETEs remove them as A delivers).
+    let a_ids: std::collections::BTreeSet<String> = a.spooled_ids().into_iter().collect();
+    let b_extra: Vec<String> = b
+        .spooled_ids()
+        .into_iter()
+        .filter(|id| !a_ids.contains(id))
+        .collect();
     assert!(
-        b.folder("spool").iter().all(|n| !n.ends_with(".env")) || b.spooled_ids().is_empty(),
-        "B left with nothing"
+        b_extra.is_empty() || wait_until(10, || b.spooled_ids().iter().all(|id| a.spooled_ids().contains(id))),
+        "B holds what A does not: {b_extra:?}"
     );
     // Idempotent: a second run finds nothing to do.
     let (_, out, _) = spoolctl(&a, &["--json", "recover"]);
@@ -117,6 +124,11 @@ fn takeover_takeback_and_recover_lose_nothing() {
         wait_until(60, || a.spooled_ids().is_empty()),
         "A still holds {}",
         a.spooled_ids().len()
+    );
+    assert!(
+        wait_until(30, || b.spooled_ids().is_empty()),
+        "B converges to A's empty spool: still holds {}",
+        b.spooled_ids().len()
     );
     std::thread::sleep(Duration::from_millis(500));
     let mut count: HashMap<String, usize> = HashMap::new();

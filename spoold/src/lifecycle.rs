@@ -1,0 +1,157 @@
+//! The one owner of every change of a message's place that is not the spool writer's own
+//! publication: insertion from `input/` (SIGUSR2, `spoolctl insert`, takeover recovery), moves
+//! between folders (hold, release, the vscan stage's outcome, corrupt), and removal for good
+//! (delivered, bounced, quarantined, deleted, withdrawn, recovery dedup). Each operation does
+//! its side effects in one fixed order:
+//!
+//! 1. the replication log: an `ADD` for a message now in a replicated folder (the partner
+//!    stores or moves its replica), a durable `DELETE` (and the delivered ledger) before files
+//!    go, so the partner can never keep a replica of mail that was handled here;
+//! 2. the files;
+//! 3. the folder gauges (`spoold_queue_messages{folder}`) and the schedule.
+//!
+//! It is not: the write path of new mail (the writer's publish hook logs those `ADD`s), nor the
+//! decision of what happens to a message (the queue manager and the admin socket decide).
+
+use crate::metrics::Metrics;
+use crate::queue::Queue;
+use anyhow::{Context, Result};
+use hasync::txlog::Kind;
+use hasync::Replicator;
+use spool::recovery::{insert_input, InsertOutcome};
+use spool::{Folder, Layout, MessageId};
+use std::sync::{Arc, OnceLock};
+
+/// See the module doc.
+pub struct Lifecycle {
+    /// Paths.
+    pub layout: Layout,
+    /// Folder gauges.
+    pub metrics: Arc<Metrics>,
+    /// The delivery schedule.
+    pub queue: Arc<Queue>,
+    /// Replication, once started (absent on a standalone unit).
+    pub replicator: Arc<OnceLock<Arc<Replicator>>>,
+    /// How long delivered ids are remembered for takeover dedup, ms.
+    pub ledger_retention_ms: u64,
+}
+
+impl Lifecycle {
+    fn ha(&self) -> Option<&Arc<Replicator>> {
+        self.replicator.get()
+    }
+
+    /// Logs `ADD`s for messages that are now in a replicated folder and wakes the sender.
+    fn log_adds(&self, ids: &[&MessageId]) -> Result<()> {
+        let Some(r) = self.ha() else { return Ok(()) };
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let items: Vec<(Kind, &MessageId)> = ids.iter().map(|id| (Kind::Add, *id)).collect();
+        r.log()
+            .append(&items, crate::sink::now_ms())
+            .context("log ADD")?;
+        r.notify();
+        Ok(())
+    }
+
+    /// Inserts `input/`: each valid pair moves to `spool/`, gets its `ADD` like SMTP mail, is
+    /// counted and scheduled; invalid pairs go to `corrupt/`. Blocking.
+    pub fn insert_input(&self) -> Result<Vec<InsertOutcome>> {
+        let outcomes = insert_input(&self.layout).context("insert input/")?;
+        let inserted: Vec<&MessageId> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                InsertOutcome::Inserted(id) => Some(id),
+                _ => None,
+            })
+            .collect();
+        // The files are in spool/ already (insertion is a rename): a crash before this
+        // append is repaired by the rebuild after the restart, as for SMTP mail.
+        self.log_adds(&inserted)?;
+        for o in &outcomes {
+            match o {
+                InsertOutcome::Inserted(id) => {
+                    self.metrics.inserted.inc();
+                    self.metrics.queue_add(Folder::Spool, 1);
+                    self.queue.add(id.clone(), 0);
+                }
+                InsertOutcome::Corrupt { .. } => {
+                    self.metrics.corrupt.inc();
+                    self.metrics.queue_add(Folder::Corrupt, 1);
+                }
+                InsertOutcome::Duplicate(_) => {}
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Moves a pair between folders (hold, release): files, then the partner's copy follows (an
+    /// `ADD` carrying the new place), then gauges and schedule. Blocking.
+    pub fn move_to(&self, id: &MessageId, from: Folder, to: Folder) -> Result<()> {
+        self.layout
+            .move_pair(id, from, to)
+            .with_context(|| format!("move {id} from {}/ to {}/", from.name(), to.name()))?;
+        if Folder::REPLICATED.contains(&to) {
+            self.log_adds(&[id])?;
+        }
+        self.moved(from, to);
+        if Folder::SCHEDULED.contains(&to) {
+            self.queue.add(id.clone(), 0);
+        }
+        Ok(())
+    }
+
+    /// Counts a move that someone else made on disk (the vscan stage, corrupt/).
+    pub fn moved(&self, from: Folder, to: Folder) {
+        if from != to {
+            self.metrics.queue_add(from, -1);
+            self.metrics.queue_add(to, 1);
+        }
+    }
+
+    /// The message leaves the replicated folders for good (delivered, bounced, quarantined,
+    /// deleted): its `DELETE` is durable, and when `delivered` its id is in the ledger, before
+    /// its files go.
+    pub fn leaving(&self, id: &MessageId, delivered: bool) -> Result<()> {
+        let Some(r) = self.ha() else { return Ok(()) };
+        let now = crate::sink::now_ms();
+        r.log()
+            .append(&[(Kind::Delete, id)], now)
+            .with_context(|| format!("log DELETE {id}"))?;
+        if delivered {
+            r.log()
+                .record_delivered(&[id], now, self.ledger_retention_ms)
+                .with_context(|| format!("record {id} as delivered"))?;
+        }
+        r.notify();
+        Ok(())
+    }
+
+    /// Removes a message for good in one step (an operator's delete, a withdrawn sync-mode
+    /// message, recovery dedup): [`Lifecycle::leaving`], the files, the gauge. Blocking.
+    pub fn remove(&self, id: &MessageId, folder: Folder, delivered: bool) -> Result<()> {
+        self.leaving(id, delivered)?;
+        self.layout
+            .remove_pair(id, folder)
+            .with_context(|| format!("remove {id} from {}/", folder.name()))?;
+        self.removed(folder);
+        Ok(())
+    }
+
+    /// Counts a removal whose files someone else took away (the group remover).
+    pub fn removed(&self, folder: Folder) {
+        self.metrics.queue_add(folder, -1);
+    }
+
+    /// Counts and schedules a message the writer published in `spool/` (SMTP, a DSN).
+    pub fn accepted(&self, id: &MessageId) {
+        self.arrived(Folder::Spool);
+        self.queue.add(id.clone(), 0);
+    }
+
+    /// Counts a message that arrived in `folder` (a replica stored by the receiver).
+    pub fn arrived(&self, folder: Folder) {
+        self.metrics.queue_add(folder, 1);
+    }
+}
