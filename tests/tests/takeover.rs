@@ -107,7 +107,11 @@ fn takeover_takeback_and_recover_lose_nothing() {
         .filter(|id| !a_ids.contains(id))
         .collect();
     assert!(
-        b_extra.is_empty() || wait_until(10, || b.spooled_ids().iter().all(|id| a.spooled_ids().contains(id))),
+        b_extra.is_empty()
+            || wait_until(10, || b
+                .spooled_ids()
+                .iter()
+                .all(|id| a.spooled_ids().contains(id))),
         "B holds what A does not: {b_extra:?}"
     );
     // Idempotent: a second run finds nothing to do.
