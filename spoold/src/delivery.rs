@@ -108,11 +108,24 @@ pub struct Delivery {
     activity: Arc<crate::handover::Activity>,
 }
 
+/// When the queue manager looks at a message again.
+enum Next {
+    /// Never: it left the spool (or was not there).
+    Done,
+    /// At this time, ms since the epoch.
+    At(u64),
+    /// When the next hop has a free connection slot: the message waits in the queue, holding
+    /// none of the global slots that other destinations need.
+    WhenFree(Hop),
+}
+
 /// What became of one recipient in one attempt.
 #[derive(Clone)]
 enum RcptResult {
     /// No transaction was started: the unit may no longer deliver (handover, stand-down).
     NotTried,
+    /// No transaction was started: every connection slot of the next hop is taken.
+    Busy,
     Delivered,
     Deferred(String),
     Failed(Failure),
@@ -189,8 +202,16 @@ impl Delivery {
                 let in_flight = self.activity.delivery();
                 tokio::spawn(async move {
                     let _in_flight = in_flight;
-                    let next = me.process(&id).await;
-                    me.queue.finish(&id, next);
+                    match me.process(&id).await {
+                        Next::Done => me.queue.finish(&id, None),
+                        Next::At(due) => me.queue.finish(&id, Some(due)),
+                        Next::WhenFree(hop) => {
+                            let limit = me.destination_limit(&hop);
+                            me.queue.finish_parked(&id, &hop.address, now_ms(), || {
+                                limit.available_permits() > 0
+                            });
+                        }
+                    }
                     drop(permit);
                     me.queue.wake.notify_one();
                 });
@@ -242,24 +263,24 @@ impl Delivery {
         self.metrics.oldest_message_age.set(age);
     }
 
-    /// One step for one message; returns when to look at it again (`None`: it is done).
-    async fn process(&self, id: &MessageId) -> Option<u64> {
+    /// One step for one message; returns when to look at it again.
+    async fn process(&self, id: &MessageId) -> Next {
         match self.process_inner(id).await {
             Ok(next) => next,
             Err(e) => {
                 tracing::error!(id = %id, "queue manager: {e:#}");
-                Some(now_ms() + 60_000)
+                Next::At(now_ms() + 60_000)
             }
         }
     }
 
-    async fn process_inner(&self, id: &MessageId) -> anyhow::Result<Option<u64>> {
+    async fn process_inner(&self, id: &MessageId) -> anyhow::Result<Next> {
         let folder = if self.layout.path(Folder::Spool, id, Part::Env).exists() {
             Folder::Spool
         } else if self.layout.path(Folder::Vscan, id, Part::Env).exists() {
             Folder::Vscan
         } else {
-            return Ok(None); // removed meanwhile (an operator, or a duplicate schedule)
+            return Ok(Next::Done); // removed meanwhile (an operator, or a duplicate schedule)
         };
         let mut env = self.layout.read_envelope(folder, id)?;
         if env.scan == spool::ScanState::Pending || folder == Folder::Vscan {
@@ -302,7 +323,7 @@ impl Delivery {
                             tracing::error!(id = %id, "quarantine notice not spooled: {e}");
                         }
                     }
-                    return Ok(None);
+                    return Ok(Next::Done);
                 }
                 StageOutcome::Retry(why) => {
                     self.metrics
@@ -311,17 +332,17 @@ impl Delivery {
                         .inc();
                     lifecycle.moved(folder, Folder::Vscan);
                     tracing::warn!(id = %id, error = %why, "scan failed; message waits in vscan/");
-                    return Ok(Some(now_ms() + self.scan_retry.as_millis() as u64));
+                    return Ok(Next::At(now_ms() + self.scan_retry.as_millis() as u64));
                 }
             }
         }
         if env.next_attempt_ms > now_ms() {
-            return Ok(Some(env.next_attempt_ms));
+            return Ok(Next::At(env.next_attempt_ms));
         }
         self.deliver(env).await
     }
 
-    async fn deliver(&self, mut env: Envelope) -> anyhow::Result<Option<u64>> {
+    async fn deliver(&self, mut env: Envelope) -> anyhow::Result<Next> {
         let id = env.id.clone();
         let body_path = self.layout.path(Folder::Spool, &id, Part::Body);
         let body = match MappedBody::open_verified(&body_path, env.body_len, &env.body_sha256) {
@@ -332,7 +353,7 @@ impl Delivery {
                 spool::recovery::set_aside(&self.layout, Folder::Spool, &id.to_string(), &reason)?;
                 self.metrics.corrupt.inc();
                 self.sink.lifecycle.moved(Folder::Spool, Folder::Corrupt);
-                return Ok(None);
+                return Ok(Next::Done);
             }
         };
         // Group the recipients still pending by next hop.
@@ -346,6 +367,7 @@ impl Delivery {
             }
         }
         let mut results: Vec<(usize, RcptResult)> = Vec::new();
+        let mut busy = None;
         for (hop, idx) in groups {
             if self.held() {
                 results.extend(idx.into_iter().map(|i| (i, RcptResult::NotTried)));
@@ -359,15 +381,22 @@ impl Delivery {
                 None => vec![RcptResult::Deferred("no route to the recipient's domain (set delivery.default_next_hop or a route)".into()); idx.len()],
                 Some(hop) => self.send_to(hop, &env, &rcpts, body.bytes()).await,
             };
+            if outcome.iter().any(|r| matches!(r, RcptResult::Busy)) {
+                busy = hop;
+            }
             results.extend(idx.into_iter().zip(outcome));
         }
         drop(body);
         if results
             .iter()
-            .all(|(_, r)| matches!(r, RcptResult::NotTried))
+            .all(|(_, r)| matches!(r, RcptResult::NotTried | RcptResult::Busy))
         {
-            // Nothing happened: no attempt to record. Looked at again once delivery may resume.
-            return Ok(Some(now_ms() + 1000));
+            // Nothing happened: no attempt to record. Looked at again when the busy next hop
+            // has a free slot, or once delivery may resume.
+            return Ok(match busy {
+                Some(hop) => Next::WhenFree(hop),
+                None => Next::At(now_ms() + 1000),
+            });
         }
 
         let mut failures = Vec::new();
@@ -375,7 +404,7 @@ impl Delivery {
         for (i, r) in results {
             let rcpt = &mut env.recipients[i];
             match r {
-                RcptResult::NotTried => {}
+                RcptResult::NotTried | RcptResult::Busy => {}
                 RcptResult::Delivered => {
                     rcpt.state = RcptState::Delivered;
                     self.metrics
@@ -438,22 +467,30 @@ impl Delivery {
             rx.await
                 .map_err(|_| anyhow::anyhow!("spool remover stopped"))??;
             self.message_removed(&env);
-            return Ok(None);
+            return Ok(Next::Done);
         }
         let step = (env.attempts as usize)
             .saturating_sub(1)
             .min(self.retry_schedule.len() - 1);
-        env.next_attempt_ms = now_ms() + self.retry_schedule[step].as_millis() as u64;
+        // Recipients of a busy next hop were not tried: they go as soon as it has a slot.
+        env.next_attempt_ms = if busy.is_some() {
+            0
+        } else {
+            now_ms() + self.retry_schedule[step].as_millis() as u64
+        };
         env.last_error = deferred;
         let (layout, e) = (self.layout.clone(), env.clone());
         tokio::task::spawn_blocking(move || layout.rewrite_envelope(Folder::Spool, &e)).await??;
-        Ok(Some(env.next_attempt_ms))
+        Ok(match busy {
+            Some(hop) => Next::WhenFree(hop),
+            None => Next::At(env.next_attempt_ms),
+        })
     }
 
     /// THE event "a message left the spool for good" (every recipient delivered or failed), after
     /// its files are gone; [`Delivery::log_leaving`] has already logged the replication DELETE.
     fn message_removed(&self, env: &Envelope) {
-        self.sink.lifecycle.removed(Folder::Spool);
+        self.sink.lifecycle.removed(&env.id, Folder::Spool);
         let delivered = env
             .recipients
             .iter()
@@ -551,9 +588,20 @@ impl Delivery {
         rcpts: &[&str],
         body: &[u8],
     ) -> Vec<RcptResult> {
-        let limit = self.destination_limit(hop);
-        let Ok(_permit) = limit.acquire_owned().await else {
-            return vec![RcptResult::Deferred("shutting down".into()); rcpts.len()];
+        // Taken only if free now: a message never waits for a busy next hop while holding one
+        // of the global slots (head-of-line blocking); it waits in the queue instead.
+        let _slot = match self.destination_limit(hop).try_acquire_owned() {
+            Ok(permit) => DestinationSlot {
+                permit: Some(permit),
+                queue: &self.queue,
+                hop: &hop.address,
+            },
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                return vec![RcptResult::Busy; rcpts.len()]
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => {
+                return vec![RcptResult::Deferred("shutting down".into()); rcpts.len()]
+            }
         };
         let eight_bit = env.body_type == spool::BodyType::EightBitMime;
         // A pooled connection may have been closed by the next hop: one retry on a fresh one.
@@ -614,6 +662,22 @@ impl Delivery {
                 Err(e) => return all(rcpts, &e, &hop.address),
             }
         }
+    }
+}
+
+/// A connection slot of one next hop; when it is given back, one message parked for that hop
+/// becomes due.
+struct DestinationSlot<'a> {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    queue: &'a Queue,
+    hop: &'a str,
+}
+
+impl Drop for DestinationSlot<'_> {
+    fn drop(&mut self) {
+        // The permit first: a message parking concurrently then sees the free slot.
+        drop(self.permit.take());
+        self.queue.unpark_one(self.hop);
     }
 }
 

@@ -207,7 +207,7 @@ impl ReplicaStore for SpoolReplicas {
                     || self.layout.path(f, id, Part::Body).exists()
                 {
                     self.layout.discard_pair(id, f)?;
-                    self.sink.lifecycle.removed(f);
+                    self.sink.lifecycle.removed(id, f);
                     touched[k] = true;
                 }
             }

@@ -135,13 +135,15 @@ impl Lifecycle {
         self.layout
             .remove_pair(id, folder)
             .with_context(|| format!("remove {id} from {}/", folder.name()))?;
-        self.removed(folder);
+        self.removed(id, folder);
         Ok(())
     }
 
-    /// Counts a removal whose files someone else took away (the group remover).
-    pub fn removed(&self, folder: Folder) {
+    /// Counts a removal whose files someone else took away (the group remover, a replica's
+    /// `DELETE`) and drops the id from the schedule.
+    pub fn removed(&self, id: &MessageId, folder: Folder) {
         self.metrics.queue_add(folder, -1);
+        self.queue.forget(id);
     }
 
     /// Counts and schedules a message the writer published in `spool/` (SMTP, a DSN).

@@ -3,14 +3,24 @@
 //! about 150 bytes per message.
 
 use spool::MessageId;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::sync::Mutex;
+
+/// How long a parked message waits at most before it is looked at again anyway.
+pub const PARK_FALLBACK_MS: u64 = 30_000;
 
 #[derive(Default)]
 struct Schedule {
     due: BTreeSet<(u64, MessageId)>,
     when: HashMap<MessageId, u64>,
     in_flight: HashSet<MessageId>,
+    /// Messages waiting for a connection slot of a busy next hop, oldest first per hop; an id
+    /// no longer in `parked_at` (rescheduled or taken meanwhile) is skipped when popped. A
+    /// parked message is also due at a fallback time ([`PARK_FALLBACK_MS`]), so a release
+    /// that wakes a message which then no longer needs the slot cannot strand the others.
+    parked: HashMap<Arc<str>, VecDeque<MessageId>>,
+    parked_at: HashMap<MessageId, Arc<str>>,
 }
 
 /// Messages waiting for their next step.
@@ -33,6 +43,7 @@ impl Queue {
         if s.in_flight.contains(&id) {
             return;
         }
+        s.parked_at.remove(&id);
         if let Some(old) = s.when.insert(id.clone(), due_ms) {
             s.due.remove(&(old, id.clone()));
         }
@@ -44,7 +55,7 @@ impl Queue {
     /// Schedules `id` at `due_ms` unless it is scheduled or in flight already.
     pub fn ensure(&self, id: MessageId, due_ms: u64) {
         let mut s = self.lock();
-        if s.in_flight.contains(&id) || s.when.contains_key(&id) {
+        if s.in_flight.contains(&id) || s.when.contains_key(&id) || s.parked_at.contains_key(&id) {
             return;
         }
         s.when.insert(id.clone(), due_ms);
@@ -66,6 +77,7 @@ impl Queue {
                 break;
             };
             s.when.remove(&id);
+            s.parked_at.remove(&id);
             s.in_flight.insert(id.clone());
             out.push(id);
         }
@@ -83,6 +95,76 @@ impl Queue {
         }
     }
 
+    /// Ends the work on `id`, which waits for a connection slot of `hop`: it is due again
+    /// when [`Queue::unpark_one`] is called for `hop` (or at `now_ms` + [`PARK_FALLBACK_MS`]),
+    /// unless `slot_free` says a slot is free by now. `slot_free` is asked under the queue's
+    /// lock, and a slot is given back before its `unpark_one`, so no release is missed between
+    /// the attempt and the parking.
+    pub fn finish_parked(
+        &self,
+        id: &MessageId,
+        hop: &str,
+        now_ms: u64,
+        slot_free: impl FnOnce() -> bool,
+    ) {
+        let mut s = self.lock();
+        s.in_flight.remove(id);
+        let due = if slot_free() {
+            0
+        } else {
+            let key: Arc<str> = match s.parked.get_key_value(hop) {
+                Some((k, _)) => k.clone(),
+                None => Arc::from(hop),
+            };
+            s.parked
+                .entry(key.clone())
+                .or_default()
+                .push_back(id.clone());
+            s.parked_at.insert(id.clone(), key);
+            now_ms + PARK_FALLBACK_MS
+        };
+        s.when.insert(id.clone(), due);
+        s.due.insert((due, id.clone()));
+        drop(s);
+        if due == 0 {
+            self.wake.notify_one();
+        }
+    }
+
+    /// A connection slot of `hop` was given back: the oldest message parked for it is due now.
+    pub fn unpark_one(&self, hop: &str) {
+        let mut s = self.lock();
+        loop {
+            let Some(waiting) = s.parked.get_mut(hop) else {
+                return;
+            };
+            let popped = waiting.pop_front();
+            if waiting.is_empty() {
+                s.parked.remove(hop);
+            }
+            let Some(id) = popped else { return };
+            if s.parked_at.remove(&id).is_none() {
+                continue; // rescheduled or taken since it parked
+            }
+            if let Some(old) = s.when.insert(id.clone(), 0) {
+                s.due.remove(&(old, id.clone()));
+            }
+            s.due.insert((0, id));
+            drop(s);
+            self.wake.notify_one();
+            return;
+        }
+    }
+
+    /// Forgets `id` (its files are gone), unless it is in flight: its worker finds it gone.
+    pub fn forget(&self, id: &MessageId) {
+        let mut s = self.lock();
+        if let Some(due) = s.when.remove(id) {
+            s.due.remove(&(due, id.clone()));
+        }
+        s.parked_at.remove(id);
+    }
+
     /// When the next message is due, if any is waiting.
     pub fn next_due(&self) -> Option<u64> {
         self.lock().due.first().map(|(d, _)| *d)
@@ -94,9 +176,13 @@ impl Queue {
         s.when.len() + s.in_flight.len()
     }
 
-    /// Messages waiting for a retry (due in the future).
+    /// Messages waiting for a retry (due in the future, not parked for a busy next hop).
     pub fn deferred(&self, now_ms: u64) -> usize {
-        self.lock().due.iter().filter(|(d, _)| *d > now_ms).count()
+        let s = self.lock();
+        s.due
+            .iter()
+            .filter(|(d, id)| *d > now_ms && !s.parked_at.contains_key(id))
+            .count()
     }
 
     /// Arrival time (µs since the epoch) of the oldest message known, from its id.
@@ -166,5 +252,38 @@ mod tests {
         assert_eq!(q.take_due(1000, 1), vec![a.clone()]);
         assert_eq!(q.deferred(0), 1);
         assert_eq!(q.oldest_arrival_micros(), Some(a.arrival_micros()));
+    }
+
+    #[test]
+    fn parked_messages_wait_for_their_hop_and_a_release_is_never_missed() {
+        let ids = spool::IdGenerator::new("q").unwrap();
+        let (a, b, c) = (ids.next_id(), ids.next_id(), ids.next_id());
+        let q = Queue::default();
+        for id in [&a, &b, &c] {
+            q.add(id.clone(), 0);
+        }
+        assert_eq!(q.take_due(10, 3).len(), 3);
+        q.finish_parked(&a, "slow:25", 10, || false);
+        q.finish_parked(&b, "slow:25", 10, || false);
+        // A slot freed before the parking is seen, not missed.
+        q.finish_parked(&c, "slow:25", 10, || true);
+        assert_eq!(q.take_due(10, 10), vec![c.clone()], "only c is due");
+        assert_eq!(q.len(), 3, "parked messages are still queued");
+        q.unpark_one("fast:25");
+        assert_eq!(q.take_due(10, 10), Vec::<MessageId>::new());
+        q.unpark_one("slow:25");
+        assert_eq!(q.take_due(10, 10), vec![a.clone()], "oldest first");
+        // Rescheduled while parked: not unparked a second time.
+        q.add(b.clone(), 5000);
+        q.unpark_one("slow:25");
+        assert_eq!(q.take_due(10, 10), Vec::<MessageId>::new());
+        assert_eq!(q.take_due(6000, 10), vec![b.clone()]);
+        // A parked message whose wake-up went elsewhere is due at the fallback anyway.
+        q.finish_parked(&c, "slow:25", 10, || false);
+        assert_eq!(q.deferred(20), 0, "parked is not deferred");
+        assert_eq!(q.take_due(10 + PARK_FALLBACK_MS, 10), vec![c.clone()]);
+        q.finish_parked(&c, "slow:25", 10, || false);
+        q.forget(&c);
+        assert_eq!(q.len(), 2, "a and b in flight, c forgotten");
     }
 }

@@ -355,3 +355,56 @@ fn recycled_spool_files_carry_only_the_new_messages_bytes() {
         assert_eq!(text.replace("\r\n", "\n"), lf(&sent[&mid]), "{mid}");
     }
 }
+
+/// A backlog for a slow next hop holds none of the global delivery slots while it waits for that
+/// hop's connections: mail for a fast next hop goes out at once (no head-of-line blocking).
+#[test]
+fn a_slow_next_hop_backlog_does_not_delay_a_fast_one() {
+    let slow_sink = SmtpSink::start();
+    let slow = tests::proxy::FaultProxy::start(slow_sink.addr);
+    slow.set_reply_delay_ms(300);
+    let fast = SmtpSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[delivery]\nretry_schedule_secs = [1]\n\
+             [[delivery.routes]]\ndomain = \"slow.test\"\nnext_hop = \"{}\"\n\
+             [[delivery.routes]]\ndomain = \"fast.test\"\nnext_hop = \"{}\"\n",
+            slow.addr, fast.addr
+        ),
+    );
+    let d = Daemon::start_delivering(&["--config", &cfg]);
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO hol");
+    for i in 0..150 {
+        let r = c.send_mail("s@example.com", &["r@slow.test"], &sample_body(i, 1000));
+        assert!(r.starts_with("250"), "{r}");
+    }
+    assert!(
+        wait_until(10, || !slow_sink.dumped().is_empty()),
+        "the slow hop is being served"
+    );
+    let started = std::time::Instant::now();
+    for i in 0..20 {
+        let r = c.send_mail(
+            "s@example.com",
+            &["r@fast.test"],
+            &sample_body(1000 + i, 1000),
+        );
+        assert!(r.starts_with("250"), "{r}");
+    }
+    assert!(
+        wait_until(30, || fast.dumped().len() == 20),
+        "fast hop got {} of 20",
+        fast.dumped().len()
+    );
+    let fast_took = started.elapsed();
+    let slow_done = slow_sink.dumped().len();
+    eprintln!("20 messages for the fast hop delivered in {fast_took:?} while the slow hop had {slow_done} of 150");
+    assert!(
+        fast_took < std::time::Duration::from_secs(3),
+        "the fast hop waited behind the slow one: {fast_took:?}"
+    );
+    assert!(slow_done < 150, "the slow backlog was still there");
+}
