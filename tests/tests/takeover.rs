@@ -51,7 +51,8 @@ fn takeover_takeback_and_recover_lose_nothing() {
     };
     assert!(
         wait_until(30, || sink.dumped().len() >= 10
-            && a.metric("spoold_accepted_messages_total").unwrap_or(0.0) >= 60.0),
+            && a.metric("spoold_accepted_messages_total").unwrap_or(0.0)
+                >= 60.0),
         "delivery under way before the kill"
     );
     let held_at_kill = a.spooled_ids().len();

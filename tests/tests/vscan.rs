@@ -280,3 +280,55 @@ fn quarantine_notice_goes_to_the_sender_when_configured() {
         "no content returned"
     );
 }
+
+/// With an HA partner: a quarantined message's replica is removed there (its verdict is final),
+/// a message waiting in `vscan/` is mirrored in the partner's `spool/`, and the folder gauges
+/// equal the folder counts on both units.
+#[test]
+fn the_partner_drops_quarantined_mail_and_mirrors_vscan_as_spool() {
+    let work = tempfile::tempdir().unwrap();
+    let mut clamd = Clamd::start(&work.path().join("clamd"));
+    let sink = SmtpSink::start();
+    let p = tests::pair_config(
+        &format!(
+            "[delivery]\ndefault_next_hop = \"{}\"\n[filter]\nclamd = \"unix:{}\"\nretry_secs = 1\ntimeout_secs = 10\n",
+            sink.addr,
+            clamd.dir.join("clamd.sock").display()
+        ),
+        None,
+    );
+    let a = Daemon::start_delivering(&["--config", &p.a_config]);
+    let b = Daemon::start_delivering(&["--config", &p.b_config]);
+    assert!(wait_until(10, || a.metric("spoold_ha_link_up") == Some(1.0)));
+    let (mut c, _) = Client::connect(a.smtp);
+    c.cmd("EHLO scan");
+    let infected = queued_id(&c.send_mail(
+        "a@example.com",
+        &["b@example.org"],
+        &mime_with_attachment("virus", &eicar()),
+    ))
+    .unwrap();
+    assert!(wait_until(30, || folder_ids(&a, "quarantine") == [infected.clone()]));
+    assert!(
+        wait_until(10, || b.spooled_ids().is_empty()
+            && folder_ids(&b, "quarantine").is_empty()),
+        "B dropped the quarantined message's replica: {:?}",
+        b.spooled_ids()
+    );
+    clamd.stop();
+    let waiting = queued_id(&c.send_mail(
+        "a@example.com",
+        &["b@example.org"],
+        b"Subject: while down\r\n\r\nx\r\n",
+    ))
+    .unwrap();
+    assert!(wait_until(10, || folder_ids(&a, "vscan") == [waiting.clone()]));
+    assert!(wait_until(10, || b.spooled_ids() == [waiting.clone()]));
+    for (d, who) in [(&a, "A"), (&b, "B")] {
+        for f in ["spool", "vscan", "quarantine", "hold"] {
+            let counted = folder_ids(d, f).len() as f64;
+            let gauge = d.metric(&format!("spoold_queue_messages{{folder=\"{f}\"}}"));
+            assert_eq!(gauge, Some(counted), "{who}: gauge of {f}/");
+        }
+    }
+}
