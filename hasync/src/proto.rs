@@ -378,8 +378,31 @@ mod tests {
         }
         .encode()
         .freeze();
-        for cut in 4..full.len() - 1 {
-            let _ = Frame::decode(full.slice(4..cut)); // must not panic
+        // Every cut before the body (the frame's last, open-ended field) is an error.
+        let body_at = full.len() - 1;
+        for cut in 4..body_at {
+            assert!(
+                Frame::decode(full.slice(4..cut)).is_err(),
+                "Add cut to {} bytes decoded",
+                cut - 4
+            );
+        }
+        for fixed in [
+            Frame::Ack(7),
+            Frame::Resume(7),
+            Frame::Heartbeat {
+                role: Role::Active,
+                priority: 1,
+            },
+        ] {
+            let whole = fixed.encode().freeze();
+            for cut in 4..whole.len() {
+                assert!(
+                    Frame::decode(whole.slice(4..cut)).is_err(),
+                    "{fixed:?} cut to {} bytes decoded",
+                    cut - 4
+                );
+            }
         }
         assert!(Frame::decode(Bytes::from_static(&[99])).is_err());
         assert!(Frame::decode(Bytes::new()).is_err());

@@ -39,6 +39,16 @@ fn body_of(i: usize, len: usize) -> Vec<u8> {
     (0..len).map(|j| b'a' + ((i + j) % 26) as u8).collect()
 }
 
+/// The writer runs the backend a test claims to test: io_uring works on the machines this
+/// project targets (a silent fallback to the portable writer must not pass as io_uring).
+fn assert_backend(writer: &SpoolWriter, asked: BackendChoice) {
+    let want = match asked {
+        BackendChoice::Portable => spool::Backend::Portable,
+        _ => spool::Backend::IoUring,
+    };
+    assert_eq!(writer.backend(), want, "asked {asked:?}");
+}
+
 fn commit_many(backend: BackendChoice, sync: SyncMode, nameless: bool) {
     let (_d, layout, ids) = setup();
     let writer = Arc::new(
@@ -57,6 +67,7 @@ fn commit_many(backend: BackendChoice, sync: SyncMode, nameless: bool) {
     if !nameless {
         assert!(!writer.nameless(), "named files when asked");
     }
+    assert_backend(&writer, backend);
     let mut expected = Vec::new();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
@@ -141,6 +152,7 @@ fn spilled_bodies_are_committed_whole() {
             None,
         )
         .unwrap();
+        assert_backend(&writer, choice);
         let id = ids.next_id();
         let mut pending = PendingBody::new(layout.clone(), id.clone(), 1000);
         let mut all = Vec::new();

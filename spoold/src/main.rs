@@ -112,6 +112,12 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    if let Ok(point) = std::env::var("SPOOLD_FAILPOINT") {
+        tracing::warn!(
+            failpoint = %point,
+            "SPOOLD_FAILPOINT is set: this daemon will abort on purpose when takeover recovery reaches that step (a test hook; never set it in production)"
+        );
+    }
     let cfg = match load_config(&cli) {
         Ok(c) => c,
         Err(e) => {

@@ -879,7 +879,7 @@ pub fn histogram_quantile(d: &Daemon, name: &str, q: f64) -> Option<f64> {
 
 /// Quantile `q` of histogram `name` in a Prometheus text exposition, estimated the way
 /// PromQL's `histogram_quantile` does: linear interpolation inside the bucket that holds it
-/// (the lower bound when that bucket is `+Inf`). `None` when the histogram is empty or absent.
+/// (infinite when that bucket is `+Inf`: beyond the last bound). `None` when the histogram is empty or absent.
 pub fn quantile_in_metrics(metrics: &str, name: &str, q: f64) -> Option<f64> {
     let prefix = format!("{name}_bucket{{");
     let mut buckets: Vec<(f64, f64)> = metrics
@@ -905,7 +905,9 @@ pub fn quantile_in_metrics(metrics: &str, name: &str, q: f64) -> Option<f64> {
     for (le, count) in buckets {
         if count >= rank {
             if le.is_infinite() {
-                return Some(lower);
+                // Beyond the last finite bound: not that bound, which would let an assertion
+                // against it pass whatever the value.
+                return Some(f64::INFINITY);
             }
             let inside = count - below;
             let share = if inside > 0.0 {
@@ -935,6 +937,7 @@ mod quantile_tests {
         assert!((p99 - 0.91).abs() < 1e-9, "{p99}");
         assert_eq!(quantile_in_metrics(TEXT, "other", 0.5), None);
         let inf = "h_bucket{le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 10\n";
-        assert_eq!(quantile_in_metrics(inf, "h", 0.99), Some(1.0));
+        assert_eq!(quantile_in_metrics(inf, "h", 0.99), Some(f64::INFINITY));
+        assert_eq!(quantile_in_metrics(inf, "h", 0.05), Some(0.5));
     }
 }

@@ -12,56 +12,75 @@ use tests::{
     histogram_quantile, pair_config, queued_id, sample_body, wait_until, Client, Daemon, SmtpSink,
 };
 
-/// Sends from `threads` sessions until `stop`; returns (id, acknowledged at) pairs.
-fn load(
-    d: &Daemon,
-    threads: usize,
-    per_thread: usize,
-    stop: Arc<AtomicBool>,
-) -> Arc<Mutex<Vec<(String, Instant)>>> {
+/// A load running in the background: what it got acknowledged so far, and its threads.
+struct Load {
+    acked: Arc<Mutex<Vec<(String, Instant)>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn running(&self) -> bool {
+        self.threads.iter().any(|h| !h.is_finished())
+    }
+
+    /// Waits for every thread (a panic in one fails the test) and returns what was
+    /// acknowledged, with when.
+    fn finish(self) -> Vec<(String, Instant)> {
+        for h in self.threads {
+            if let Err(panic) = h.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        self.acked.lock().unwrap().clone()
+    }
+
+    /// [`Load::finish`], ids only.
+    fn finish_ids(self) -> BTreeSet<String> {
+        self.finish().into_iter().map(|(id, _)| id).collect()
+    }
+}
+
+/// Sends from `threads` sessions, `per_thread` messages each, until `stop`. A session stops at
+/// a refusal the daemon may give when it stops accepting or dies (`421`, `451`, a closed
+/// connection); any other reply fails the test.
+fn load(d: &Daemon, threads: usize, per_thread: usize, stop: Arc<AtomicBool>) -> Load {
     let acked: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
-    let handles: Vec<_> = (0..threads)
+    let threads = (0..threads)
         .map(|t| {
             let (addr, acked, stop) = (d.smtp, acked.clone(), stop.clone());
             std::thread::spawn(move || {
                 let (mut c, _) = Client::connect(addr);
                 c.cmd("EHLO ha");
+                let gone = |r: &str| r.is_empty() || r.starts_with("421") || r.starts_with("451");
                 for i in 0..per_thread {
                     if stop.load(Ordering::SeqCst) {
                         return;
                     }
                     let body = sample_body(t * 100_000 + i, 3000);
-                    let r = c.cmd("MAIL FROM:<ha@example.com>");
-                    if !r.starts_with("250") {
-                        return;
+                    for (step, want) in [
+                        ("MAIL FROM:<ha@example.com>", "250"),
+                        ("RCPT TO:<rcpt@example.org>", "250"),
+                        ("DATA", "354"),
+                    ] {
+                        let r = c.cmd(step);
+                        if gone(&r) {
+                            return;
+                        }
+                        assert!(r.starts_with(want), "{step}: {r}");
                     }
-                    c.cmd("RCPT TO:<rcpt@example.org>");
-                    c.cmd("DATA");
                     c.send(&tests::dot_stuff(&body));
                     c.send(b".\r\n");
-                    match queued_id(&c.reply()) {
+                    let r = c.reply();
+                    match queued_id(&r) {
                         Some(id) => acked.lock().unwrap().push((id, Instant::now())),
-                        None => return,
+                        None if gone(&r) => return,
+                        None => panic!("end of data: {r}"),
                     }
                 }
             })
         })
         .collect();
-    let a2 = acked.clone();
-    std::thread::spawn(move || {
-        for h in handles {
-            let _ = h.join();
-        }
-        drop(a2);
-    });
-    acked
-}
-
-fn wait_load_done(acked: &Arc<Mutex<Vec<(String, Instant)>>>) {
-    assert!(
-        wait_until(120, || Arc::strong_count(acked) == 1),
-        "load did not finish"
-    );
+    Load { acked, threads }
 }
 
 fn ids(d: &Daemon) -> BTreeSet<String> {
@@ -100,14 +119,7 @@ fn without_the_outbox_every_add_is_read_from_the_files_and_arrives_identical() {
     std::fs::write(&p.a_config, config).unwrap();
     let a = Daemon::start_with(&["--config", &p.a_config]);
     let b = Daemon::start_with(&["--config", &p.b_config]);
-    let acked = load(&a, 4, 25, Arc::default());
-    wait_load_done(&acked);
-    let acked: BTreeSet<String> = acked
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(i, _)| i.clone())
-        .collect();
+    let acked: BTreeSet<String> = load(&a, 4, 25, Arc::default()).finish_ids();
     assert_eq!(acked.len(), 100);
     assert!(
         wait_until(10, || ids(&b) == acked),
@@ -132,14 +144,7 @@ fn every_acknowledged_message_reaches_the_partner_byte_identical() {
         greeting.starts_with("421 4.3.2"),
         "a passive unit refuses SMTP: {greeting}"
     );
-    let acked = load(&a, 8, 40, Arc::default());
-    wait_load_done(&acked);
-    let acked: BTreeSet<String> = acked
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(i, _)| i.clone())
-        .collect();
+    let acked: BTreeSet<String> = load(&a, 8, 40, Arc::default()).finish_ids();
     assert_eq!(acked.len(), 320);
     let started = Instant::now();
     assert!(
@@ -190,7 +195,9 @@ fn every_acknowledged_message_reaches_the_partner_byte_identical() {
     assert_pairs_identical(&a, &b, &acked);
     let p99 = histogram_quantile(&a, "spoold_ha_replication_lag_seconds", 0.99).unwrap();
     eprintln!("replication lag p99 ~ {p99:.3} s (interpolated in its histogram bucket)");
-    assert!(p99 <= 10.0);
+    // The product promises 10 s and aims well under 100 ms; a loaded CI machine stays far
+    // below a second. A value past the last bucket is infinite and fails.
+    assert!(p99 < 1.0, "replication lag p99 {p99} s");
     assert_eq!(a.metric("spoold_ha_link_up"), Some(1.0));
     assert!(wait_until(5, || a.metric("spoold_ha_pending_actions") == Some(0.0)));
     // The byte comparison above covered the in-memory path: most ADDs leave from the outbox.
@@ -216,17 +223,12 @@ fn partner_killed_under_load_catches_up_with_nothing_missing_or_extra() {
     b.kill9();
     std::thread::sleep(Duration::from_millis(800));
     assert!(
-        a.metric("spoold_ha_pending_actions").unwrap_or(0.0) > 0.0
-            || Arc::strong_count(&acked) == 1
+        acked.running() && a.metric("spoold_ha_pending_actions").unwrap_or(0.0) > 0.0,
+        "the partner died mid-load with actions pending"
     );
     b.restart();
-    wait_load_done(&acked);
-    let acked: BTreeSet<String> = acked
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(i, _)| i.clone())
-        .collect();
+    let acked = acked.finish_ids();
+    assert_eq!(acked.len(), 360, "every message acknowledged");
     assert!(
         wait_until(20, || ids(&b) == acked),
         "partner has {} of {}",
@@ -248,13 +250,10 @@ fn active_killed_with_unsent_adds_rebuilds_them_from_its_spool_after_restart() {
     let p = pair_config("", None);
     let mut a = Daemon::start_with(&["--config", &p.a_config]);
     let mut b = Daemon::start_with(&["--config", &p.b_config]);
-    let before = load(&a, 2, 10, Arc::default());
-    wait_load_done(&before);
+    assert_eq!(load(&a, 2, 10, Arc::default()).finish().len(), 20);
     assert!(wait_until(10, || ids(&b).len() == 20));
     b.kill9();
-    let during = load(&a, 4, 25, Arc::default());
-    wait_load_done(&during);
-    assert_eq!(during.lock().unwrap().len(), 100);
+    assert_eq!(load(&a, 4, 25, Arc::default()).finish().len(), 100);
     assert!(wait_until(5, || a.metric("spoold_ha_pending_actions") == Some(100.0)));
     a.kill9();
     a.restart();
@@ -283,8 +282,7 @@ fn a_partner_that_lost_its_state_gets_every_held_message_again() {
     let p = pair_config("", None);
     let a = Daemon::start_with(&["--config", &p.a_config]);
     let mut b = Daemon::start_with(&["--config", &p.b_config]);
-    let acked = load(&a, 2, 20, Arc::default());
-    wait_load_done(&acked);
+    assert_eq!(load(&a, 2, 20, Arc::default()).finish().len(), 40);
     assert!(wait_until(10, || ids(&b).len() == 40));
     b.kill9();
     std::fs::remove_dir_all(&b.state).unwrap();
@@ -305,8 +303,7 @@ fn delivered_on_the_active_is_removed_on_the_partner() {
     );
     let a = Daemon::start_delivering(&["--config", &p.a_config]);
     let b = Daemon::start_delivering(&["--config", &p.b_config]);
-    let acked = load(&a, 4, 25, Arc::default());
-    wait_load_done(&acked);
+    assert_eq!(load(&a, 4, 25, Arc::default()).finish().len(), 100);
     assert!(
         wait_until(30, || sink.dumped().len() == 100),
         "delivered {}",
@@ -330,8 +327,7 @@ fn wrong_shared_secret_moves_no_data_and_is_counted() {
     let p = pair_config("", Some("a different secret entirely"));
     let a = Daemon::start_with(&["--config", &p.a_config]);
     let b = Daemon::start_with(&["--config", &p.b_config]);
-    let acked = load(&a, 2, 10, Arc::default());
-    wait_load_done(&acked);
+    assert_eq!(load(&a, 2, 10, Arc::default()).finish().len(), 20);
     assert!(wait_until(10, || a
         .metric("spoold_ha_auth_failures_total")
         .unwrap_or(0.0)
@@ -365,8 +361,12 @@ fn active_killed_in_async_mode_loses_at_most_the_lag_and_the_partner_takes_over(
     a.kill9();
     let killed_at = Instant::now();
     stop.store(true, Ordering::SeqCst);
-    wait_load_done(&acked);
-    let acked = acked.lock().unwrap().clone();
+    let acked = acked.finish();
+    assert!(
+        acked.len() >= 50,
+        "the kill landed under load: {} acknowledged",
+        acked.len()
+    );
     assert!(wait_until(5, || b
         .metric("spoold_queue_messages{folder=\"spool\"}")
         .is_some()));
@@ -415,14 +415,7 @@ fn partition_through_a_fault_proxy_then_catch_up() {
     let b = Daemon::start_with(&["--config", &p.b_config]);
     assert!(wait_until(10, || a.metric("spoold_ha_link_up") == Some(1.0)));
     proxy.partition(true);
-    let acked = load(&a, 4, 40, Arc::default());
-    wait_load_done(&acked);
-    let acked: BTreeSet<String> = acked
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(i, _)| i.clone())
-        .collect();
+    let acked: BTreeSet<String> = load(&a, 4, 40, Arc::default()).finish_ids();
     std::thread::sleep(Duration::from_millis(500));
     assert!(ids(&b).len() < acked.len(), "the partition held data back");
     assert_eq!(a.metric("spoold_ha_link_up"), Some(0.0));
@@ -469,8 +462,12 @@ fn sync_mode_every_acknowledged_message_is_on_the_partner_when_the_active_dies()
     std::thread::sleep(Duration::from_millis(1500));
     a.kill9();
     stop.store(true, Ordering::SeqCst);
-    wait_load_done(&acked);
-    let acked = acked.lock().unwrap().clone();
+    let acked = acked.finish();
+    assert!(
+        acked.len() >= 50,
+        "the kill landed under load: {} acknowledged",
+        acked.len()
+    );
     assert!(!acked.is_empty());
     let on_b = ids(&b);
     let missing = acked.iter().filter(|(id, _)| !on_b.contains(id)).count();

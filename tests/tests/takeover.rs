@@ -309,13 +309,24 @@ fn leftover_scenario(failpoint: Option<&str>) {
         assert_eq!(count.get(mid), Some(&1), "{failpoint:?}: {mid}");
     }
     assert_eq!(count.len(), 13);
-    let held: Vec<String> = a
+    // What waits on A is byte for byte what was sent, the mail moved from B included.
+    let held: HashMap<String, Vec<u8>> = a
         .spooled_ids()
         .iter()
-        .map(|id| message_id(&String::from_utf8_lossy(&a.body_without_received(id))).unwrap())
+        .map(|id| {
+            let body = a.body_without_received(id);
+            (message_id(&String::from_utf8_lossy(&body)).unwrap(), body)
+        })
         .collect();
-    for mid in a_later.iter().chain(&b_later) {
-        assert!(held.contains(mid), "{failpoint:?}: {mid} waiting on A");
+    for (seed, mid) in (100..105)
+        .chain(300..302)
+        .zip(a_later.iter().chain(&b_later))
+    {
+        assert_eq!(
+            held.get(mid).map(Vec::as_slice),
+            Some(sample_body(seed, 800).as_slice()),
+            "{failpoint:?}: {mid} waiting on A, byte-identical"
+        );
     }
 }
 
