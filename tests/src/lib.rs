@@ -584,6 +584,11 @@ impl SmtpSink {
 
     /// Starts smtp-sink on `addr`.
     pub fn start_on(addr: SocketAddr) -> SmtpSink {
+        Self::start_with(addr, &[])
+    }
+
+    /// Starts smtp-sink on `addr` with extra options (e.g. `-r rcpt`: a 4xx for every RCPT).
+    pub fn start_with(addr: SocketAddr, options: &[&str]) -> SmtpSink {
         assert!(
             have("smtp-sink"),
             "smtp-sink is required (apt-get install postfix)"
@@ -599,6 +604,7 @@ impl SmtpSink {
             cmd.args(["-u", "nobody"]);
         }
         let child = cmd
+            .args(options)
             .arg("-d")
             .arg(dir.join("msg-"))
             .arg(addr.to_string())

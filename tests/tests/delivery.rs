@@ -454,3 +454,77 @@ fn a_slow_next_hop_backlog_does_not_delay_a_fast_one() {
     );
     assert!(slow_done < 150, "the slow backlog was still there");
 }
+
+/// A next hop that answers 4xx: the message is deferred (attempt counted, the reply recorded),
+/// kept, and delivered once when the next hop accepts again.
+#[test]
+fn a_4xx_from_the_next_hop_is_retried_until_it_accepts() {
+    let addr = free_addr();
+    let refusing = SmtpSink::start_with(addr, &["-r", "rcpt"]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!("[delivery]\ndefault_next_hop = \"{addr}\"\nretry_schedule_secs = [1]\n"),
+    );
+    let d = Daemon::start_delivering(&["--config", &cfg]);
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO retry");
+    let body = sample_body(1, 500);
+    let id = queued_id(&c.send_mail("s@example.com", &["r@example.org"], &body)).unwrap();
+    assert!(wait_until(10, || d.envelope(&id).attempts >= 2), "retried");
+    let env = d.envelope(&id);
+    let last = env.last_error.clone().unwrap_or_default();
+    assert!(last.contains(" 4"), "the 4xx is recorded: {last:?}");
+    assert!(refusing.dumped().is_empty());
+    assert!(
+        d.metric("spoold_delivery_attempts_total{result=\"deferred\"}")
+            .unwrap_or(0.0)
+            >= 2.0
+    );
+    refusing.stop();
+    let accepting = SmtpSink::start_on(addr);
+    assert!(wait_until(10, || accepting.dumped().len() == 1));
+    assert!(wait_until(5, || d.spooled_ids().is_empty()));
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(accepting.dumped().len(), 1, "delivered once");
+}
+
+/// Past `delivery.queue_lifetime_secs` a message still deferred bounces: a DSN goes to the
+/// sender (through its own route) and the original leaves the spool.
+#[test]
+fn a_message_past_its_queue_lifetime_bounces_to_the_sender() {
+    let bounces = PySink::start("", None);
+    let dead = free_addr(); // nothing listens: every attempt is deferred
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[delivery]\ndefault_next_hop = \"{dead}\"\nretry_schedule_secs = [1]\nqueue_lifetime_secs = 2\n\
+             [[delivery.routes]]\ndomain = \"sender.test\"\nnext_hop = \"{}\"\n",
+            bounces.addr
+        ),
+    );
+    let d = Daemon::start_delivering(&["--config", &cfg]);
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO lifetime");
+    let id = queued_id(&c.send_mail(
+        "me@sender.test",
+        &["r@example.org"],
+        b"Subject: too late\r\nMessage-ID: <late@test>\r\n\r\nx\r\n",
+    ))
+    .unwrap();
+    assert!(
+        wait_until(20, || bounces.received().len() == 1),
+        "a DSN reached the sender"
+    );
+    let dsn = &bounces.received()[0];
+    let text = String::from_utf8_lossy(&dsn.message);
+    assert_eq!(dsn.rcpt_tos, ["me@sender.test"]);
+    assert!(text.contains("queue lifetime exceeded"), "{text}");
+    assert!(
+        text.contains("<late@test>"),
+        "the DSN carries the original's headers"
+    );
+    assert!(wait_until(5, || !d.spooled_ids().contains(&id)));
+    assert_eq!(d.metric("spoold_bounces_total"), Some(1.0));
+}

@@ -257,6 +257,12 @@ fn idle_sessions_time_out_and_excess_sessions_get_421() {
     let held: Vec<_> = (0..4).map(|_| Client::connect(d.smtp)).collect();
     let (_, refused) = Client::connect(d.smtp);
     assert!(refused.starts_with("421 4.7.0"), "{refused}");
+    assert_eq!(
+        d.metric("spoold_smtp_sessions"),
+        Some(4.0),
+        "the 4 held (the idle one ended)"
+    );
+    assert_eq!(d.metric("spoold_smtp_sessions_refused_total"), Some(1.0));
     drop(held);
     std::thread::sleep(Duration::from_millis(200));
     still_answers(&d);

@@ -169,6 +169,7 @@ fn sigusr2_inserts_input_pairs_and_rejects_bad_ones() {
         std::fs::read_to_string(d.state.join("corrupt").join(format!("{bad}.reason"))).unwrap();
     assert!(reason.contains("checksum"), "{reason}");
     assert_eq!(d.metric("spoold_inserted_messages_total"), Some(1.0));
+    assert_eq!(d.metric("spoold_corrupt_messages_total"), Some(1.0));
 }
 
 #[test]
@@ -370,4 +371,202 @@ fn a_large_message_streams_to_disk_with_bounded_memory() {
         after - before
     );
     assert!(d.body_without_received(&id) == body, "stored whole");
+}
+
+/// SIGTERM with a message in DATA: `/readyz` turns 503, new sessions get `421 4.3.2`, the
+/// message in DATA is still accepted (the grace), its session then gets `421` at its next
+/// command, and the daemon exits 0 with the message spooled.
+#[test]
+fn sigterm_refuses_new_sessions_lets_data_finish_and_turns_readyz_503() {
+    let mut d = Daemon::start();
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO grace");
+    c.cmd("MAIL FROM:<g@example.com>");
+    c.cmd("RCPT TO:<h@example.org>");
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: in flight at SIGTERM\r\n\r\nfirst half\r\n");
+    d.signal(libc::SIGTERM);
+    assert!(
+        tests::wait_until(5, || http_get(d.http, "/readyz")
+            .is_ok_and(|(s, _)| s == 503)),
+        "/readyz answers 503 while shutting down"
+    );
+    let (_, greeting) = Client::connect(d.smtp);
+    assert!(greeting.starts_with("421 4.3.2"), "{greeting}");
+    c.send(b"second half\r\n.\r\n");
+    let r = c.reply();
+    let id = queued_id(&r).unwrap_or_else(|| panic!("DATA finished in the grace: {r}"));
+    assert!(c.cmd("NOOP").starts_with("421 4.3.2"));
+    let child = d.child.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "spoold did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    d.child = None;
+    d.restart();
+    assert!(d.spooled_ids().contains(&id));
+    assert_eq!(
+        d.body_without_received(&id),
+        b"Subject: in flight at SIGTERM\r\n\r\nfirst half\r\nsecond half\r\n"
+    );
+}
+
+/// Under systemd (`Type=notify`): `READY=1` once listening, `WATCHDOG=1` at half the watchdog
+/// interval, `STOPPING=1` on SIGTERM, read from a notify socket as systemd would. Started through
+/// `sh` so that `WATCHDOG_PID` is spoold's own pid, as systemd sets it.
+#[test]
+fn sd_notify_sends_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (smtp, http) = (tests::free_addr(), tests::free_addr());
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" \"$@\"")
+        .arg(spoold_bin())
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args([
+            "--smtp-listen",
+            &smtp.to_string(),
+            "--http-listen",
+            &http.to_string(),
+        ])
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "400000")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10)
+        && seen
+            .iter()
+            .filter(|m: &&String| m.contains("WATCHDOG=1"))
+            .count()
+            < 3
+    {
+        let mut buf = [0u8; 256];
+        if let Ok(n) = sock.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    assert!(seen.iter().any(|m| m.contains("READY=1")), "{seen:?}");
+    assert!(
+        seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3,
+        "watchdog pings at half of 400 ms: {seen:?}"
+    );
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let mut stopping = false;
+    let mut buf = [0u8; 256];
+    while let Ok(n) = sock.recv(&mut buf) {
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "STOPPING=1 on SIGTERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+/// The queue and ingest metrics README lists move as the queue does: bytes accepted, messages
+/// scheduled and deferred, the oldest message's age, deliveries per next hop, the recovery time.
+#[test]
+fn queue_and_ingest_metrics_follow_the_queue() {
+    let sink = tests::SmtpSink::start();
+    let hop = tests::proxy::FaultProxy::start(sink.addr);
+    hop.partition(true);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tests::write_config(
+        dir.path(),
+        &format!(
+            "[delivery]\ndefault_next_hop = \"{}\"\nretry_schedule_secs = [2]\n",
+            hop.addr
+        ),
+    );
+    let mut d = Daemon::start_delivering(&["--config", &cfg]);
+    let bodies: Vec<Vec<u8>> = (0..5).map(|i| sample_body(i, 1000 + i * 100)).collect();
+    for b in &bodies {
+        assert!(queued_id(&send_one(&d, b)).is_some());
+    }
+    let sent: usize = bodies.iter().map(Vec::len).sum();
+    let accepted = d.metric("spoold_accepted_bytes_total").unwrap();
+    assert!(
+        accepted >= sent as f64 && accepted <= (sent + 5 * 400) as f64,
+        "bytes accepted {accepted} for {sent} sent (plus our Received: headers)"
+    );
+    // The next hop is down: all five deferred, scheduled, and ageing.
+    assert!(
+        tests::wait_until(10, || d.metric("spoold_queue_deferred_messages")
+            == Some(5.0)),
+        "deferred: {:?}",
+        d.metric("spoold_queue_deferred_messages")
+    );
+    assert_eq!(d.metric("spoold_queue_scheduled_messages"), Some(5.0));
+    assert!(d.metric("spoold_queue_oldest_message_age_seconds").unwrap() > 0.0);
+    hop.partition(false);
+    assert!(tests::wait_until(15, || sink.dumped().len() == 5));
+    assert_eq!(
+        d.metric(&format!(
+            "spoold_deliveries_total{{next_hop=\"{}\"}}",
+            hop.addr
+        )),
+        Some(5.0)
+    );
+    assert!(tests::wait_until(5, || d
+        .metric("spoold_queue_scheduled_messages")
+        == Some(0.0)));
+    d.stop();
+    d.restart();
+    let recovery = d.metric("spoold_recovery_duration_seconds").unwrap();
+    assert!((0.0..5.0).contains(&recovery), "{recovery}");
+}
+
+/// Every metric README lists is asserted on by at least one test (its name appears in a test
+/// file, and each such test reads it from a live daemon), so a metric that is renamed, dropped
+/// or never checked fails here. (Existence alone is not checked here: a labelled family shows
+/// no series until its first label value.)
+#[test]
+fn every_metric_readme_lists_is_read_by_a_test() {
+    let root = workspace_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let mut listed: Vec<&str> = readme
+        .match_indices("spoold_")
+        .map(|(i, _)| {
+            let rest = &readme[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .filter(|m| m.len() > "spoold_".len())
+        .collect();
+    listed.sort();
+    listed.dedup();
+    assert!(listed.len() > 30, "README lists the metrics: {listed:?}");
+    let this_file = "every_metric_readme_lists_is_read_by_a_test";
+    let mut tests_text = String::new();
+    for e in std::fs::read_dir(root.join("tests/tests")).unwrap() {
+        tests_text.push_str(&std::fs::read_to_string(e.unwrap().path()).unwrap());
+    }
+    assert!(tests_text.contains(this_file));
+    let unread: Vec<&str> = listed
+        .into_iter()
+        .filter(|m| {
+            !tests_text.contains(&format!("\"{m}")) && !tests_text.contains(&format!("\"{m}{{"))
+        })
+        .collect();
+    assert!(
+        unread.is_empty(),
+        "listed in README, read by no test: {unread:?}"
+    );
 }

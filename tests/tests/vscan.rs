@@ -178,6 +178,7 @@ fn clamd_quarantines_eicar_delivers_clean_mail_and_holds_while_down() {
         d.metric("spoold_scan_verdicts_total{verdict=\"infected\"}"),
         Some(1.0)
     );
+    assert_eq!(d.metric("spoold_scan_duration_seconds_count"), Some(2.0));
 
     // Scanner down: mail waits in vscan/ (fail closed), nothing is delivered unscanned.
     clamd.stop();
