@@ -523,6 +523,7 @@ impl Admin {
         if dry_run {
             return Ok(json!({ "dry_run": true, "plan": plan, "failed": failed }));
         }
+        failpoint("recover-after-plan");
         // 3. Copy into input/, verifying checksums.
         let mut copied = Vec::new();
         let copy_total = to_move.len();
@@ -629,12 +630,16 @@ impl Admin {
                                 .remove(&id, f, false)
                                 .map_err(|e| format!("{e:#}"))?;
                             removed_here.push(id.to_string());
+                            if removed_here.len() == 1 {
+                                failpoint("recover-mid-local-removal");
+                            }
                         }
                     }
                 }
                 Ok(())
             })?;
         }
+        failpoint("recover-after-local-removal");
         // What the partner holds changed (moved ids removed there): replicate anew what is
         // held here, moved mail included.
         if let Some(r) = &self.replicator {

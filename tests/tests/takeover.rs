@@ -338,10 +338,13 @@ fn recover_moves_leftovers_dedups_and_removes_what_the_partner_delivered() {
 #[test]
 fn recover_killed_at_each_step_then_rerun_loses_nothing_and_duplicates_nothing() {
     for fp in [
+        "recover-after-plan",
         "recover-mid-copy",
         "recover-after-copy",
         "recover-after-insert",
         "recover-after-partner-removal",
+        "recover-mid-local-removal",
+        "recover-after-local-removal",
     ] {
         leftover_scenario(Some(fp));
     }
