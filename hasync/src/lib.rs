@@ -32,8 +32,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Notify};
 use txlog::{Kind, TxLog};
 
-/// Heartbeat period; a peer silent for three periods is considered gone.
+/// Heartbeat period; a peer silent for [`SILENCE_MAX`] is considered gone.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A link on which nothing arrived for this long (a frozen partner, a black-holed network) is
+/// dropped and reconnected; a write that takes this long fails the same way.
+pub const SILENCE_MAX: Duration = Duration::from_secs(3);
 /// How long a unit that became active (or started active) waits to hear its partner before it
 /// takes the partner for dead and delivers: a live partner answers the sender's connection
 /// within milliseconds, so two heartbeats are ample.
@@ -443,6 +446,7 @@ impl Replicator {
         let mut in_flight_bytes = 0u64;
         let mut tick = tokio::time::interval(HEARTBEAT);
         let mut role = self.watch_role();
+        let mut heard_at = Instant::now();
         loop {
             if *role.borrow() == Role::Passive || self.log.needs_rebuild() {
                 return Ok(()); // a rebuild starts a session afresh
@@ -477,8 +481,12 @@ impl Replicator {
                     }
                 }
                 if shipped > 0 {
-                    batch.write_to(&mut w).await?;
-                    w.flush().await?;
+                    within(SILENCE_MAX, async {
+                        batch.write_to(&mut w).await?;
+                        w.flush().await?;
+                        Ok(())
+                    })
+                    .await?;
                     if !publishing {
                         continue;
                     }
@@ -492,7 +500,7 @@ impl Replicator {
                 }
             };
             tokio::select! {
-                f = frames.recv() => match f {
+                f = frames.recv() => match f.inspect(|_| heard_at = Instant::now()) {
                     Some(Ok(Frame::Ack(seq))) => {
                         let now = now_ms();
                         while in_flight.front().is_some_and(|(s, _, _)| *s <= seq) {
@@ -513,8 +521,14 @@ impl Replicator {
                 },
                 _ = self.new_actions.notified() => {}
                 _ = tick.tick() => {
-                    link::write_frame(&mut w, &Frame::Heartbeat { role: self.role(), priority: self.cfg.link.priority }, &[]).await?;
-                    w.flush().await?;
+                    if heard_at.elapsed() >= SILENCE_MAX {
+                        return Err(LinkError::Protocol(format!("partner silent for {SILENCE_MAX:?}")));
+                    }
+                    within(SILENCE_MAX, async {
+                        link::write_frame(&mut w, &Frame::Heartbeat { role: self.role(), priority: self.cfg.link.priority }, &[]).await?;
+                        w.flush().await?;
+                        Ok(())
+                    }).await?;
                     self.check_split_brain();
                 }
                 _ = role.changed() => {
@@ -745,6 +759,7 @@ impl Replicator {
         // keeps reading while they complete, so batch n+1 is submitted while batch n is being
         // made durable; acknowledgements go out strictly in order.
         let mut applying: VecDeque<Applying<'_>> = VecDeque::new();
+        let mut heard_at = Instant::now();
         loop {
             let event = {
                 let head = async {
@@ -779,20 +794,30 @@ impl Replicator {
                     }
                 }
                 Event::Tick => {
-                    link::write_frame(
-                        &mut w,
-                        &Frame::Heartbeat {
-                            role: self.role(),
-                            priority: self.cfg.link.priority,
-                        },
-                        &[],
-                    )
+                    if heard_at.elapsed() >= SILENCE_MAX {
+                        return Err(LinkError::Protocol(format!(
+                            "partner silent for {SILENCE_MAX:?}"
+                        )));
+                    }
+                    within(SILENCE_MAX, async {
+                        link::write_frame(
+                            &mut w,
+                            &Frame::Heartbeat {
+                                role: self.role(),
+                                priority: self.cfg.link.priority,
+                            },
+                            &[],
+                        )
+                        .await?;
+                        w.flush().await?;
+                        Ok(())
+                    })
                     .await?;
-                    w.flush().await?;
                     self.check_split_brain();
                     self.persist_applied();
                 }
                 Event::Frame(first) => {
+                    heard_at = Instant::now();
                     let mut batch = vec![first];
                     while batch.len() < 256 {
                         match frames.try_recv() {
@@ -1059,6 +1084,18 @@ impl RecoveryClient {
     }
 }
 
+/// Runs a write on the link, failing it when it takes [`SILENCE_MAX`] (a partner that stopped
+/// reading).
+async fn within<T>(
+    max: Duration,
+    write: impl Future<Output = Result<T, LinkError>>,
+) -> Result<T, LinkError> {
+    match tokio::time::timeout(max, write).await {
+        Ok(r) => r,
+        Err(_) => Err(LinkError::Protocol(format!("write blocked for {max:?}"))),
+    }
+}
+
 /// Sends one request on a link and waits for its reply; nothing else may be in flight.
 async fn request(
     frames: &mut tokio::sync::mpsc::Receiver<Result<Frame, LinkError>>,
@@ -1144,6 +1181,80 @@ mod tests {
             window: 8,
         };
         Replicator::new(cfg, log, layout, store, Arc::new(NoObserver), role)
+    }
+
+    /// The sender keeps at most `window` actions unacknowledged in flight, and ships more only
+    /// as acknowledgements come: a partner that reads but does not acknowledge gets exactly the
+    /// window.
+    #[tokio::test]
+    async fn the_sender_keeps_at_most_the_window_in_flight() {
+        let (_dir, layout, log) = state_and_log();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = ReplicatorConfig {
+            link: link::test_config("a", b"s"),
+            partner: listener.local_addr().unwrap(),
+            window: 8,
+        };
+        let sender = Replicator::new(
+            cfg,
+            log.clone(),
+            layout.clone(),
+            Arc::new(NoStore),
+            Arc::new(NoObserver),
+            Role::Active,
+        );
+        let ids = spool::IdGenerator::new("a").unwrap();
+        let mut seqs = Vec::new();
+        for i in 0..20 {
+            let id = ids.next_id();
+            let body = format!("Subject: {i}\r\n\r\nbody\r\n");
+            let env = spool::Envelope::new(id.clone(), "a@x.test", &["b@y.test"], body.as_bytes());
+            std::fs::write(layout.path(Folder::Spool, &id, Part::Body), &body).unwrap();
+            std::fs::write(layout.path(Folder::Spool, &id, Part::Env), env.encode()).unwrap();
+            seqs.extend(log.append(&[(Kind::Add, &id)], now_ms()).unwrap());
+        }
+        tokio::spawn(sender.clone().run_sender());
+
+        let (tcp, _) = listener.accept().await.unwrap();
+        let l = link::accept(tcp, &link::test_config("b", b"s"), Role::Passive)
+            .await
+            .unwrap();
+        let (r, mut w) = tokio::io::split(l.io);
+        let mut frames = link::spawn_reader(r);
+        link::write_frame(&mut w, &Frame::Resume(0), &[]).await.unwrap();
+        w.flush().await.unwrap();
+        // Counts the ADDs that arrive within `ms`, answering the rebuild's question.
+        async fn adds_within(
+            frames: &mut tokio::sync::mpsc::Receiver<Result<Frame, LinkError>>,
+            w: &mut tokio::io::WriteHalf<Box<dyn link::LinkIo>>,
+            ms: u64,
+        ) -> usize {
+            let mut adds = 0;
+            let until = tokio::time::Instant::now() + Duration::from_millis(ms);
+            while let Ok(Some(f)) = tokio::time::timeout_at(until, frames.recv()).await {
+                match f.unwrap() {
+                    Frame::Add { .. } => adds += 1,
+                    Frame::Request { .. } => {
+                        let reply = Frame::Reply {
+                            ok: true,
+                            data: Bytes::new(),
+                        };
+                        link::write_frame(w, &reply, &[]).await.unwrap();
+                        w.flush().await.unwrap();
+                    }
+                    _ => {}
+                }
+            }
+            adds
+        }
+        assert_eq!(adds_within(&mut frames, &mut w, 700).await, 8, "the window");
+        link::write_frame(&mut w, &Frame::Ack(seqs[3]), &[]).await.unwrap();
+        w.flush().await.unwrap();
+        assert_eq!(
+            adds_within(&mut frames, &mut w, 700).await,
+            4,
+            "four acknowledged, four more sent"
+        );
     }
 
     /// Holds every `store` until the test opens the gate, and records what happens in order.

@@ -589,3 +589,32 @@ fn sync_mode_with_accept_falls_back_to_async_while_the_partner_is_down_and_count
         ids(&b)
     );
 }
+
+/// Heartbeats: a partner that stops answering without closing its connections (frozen with
+/// SIGSTOP, as a hung machine or a black-holed network would look) is taken as gone within a
+/// few heartbeats (the link is dropped and retried), and the log drains once it answers again.
+#[test]
+fn a_silent_partner_is_dropped_after_a_few_heartbeats_and_caught_up_when_it_answers() {
+    let p = pair_config("", None);
+    let a = Daemon::start_with(&["--config", &p.a_config]);
+    let b = Daemon::start_with(&["--config", &p.b_config]);
+    assert!(wait_until(10, || a.metric("spoold_ha_link_up") == Some(1.0)));
+    b.signal(libc::SIGSTOP);
+    let frozen = Instant::now();
+    let acked = load(&a, 1, 10, Arc::default()).finish_ids();
+    assert_eq!(acked.len(), 10, "A accepts while the partner is frozen (async mode)");
+    assert!(
+        wait_until(10, || a.metric("spoold_ha_link_up") == Some(0.0)),
+        "the link is dropped"
+    );
+    let noticed = frozen.elapsed();
+    eprintln!("a frozen partner was dropped after {noticed:?}");
+    assert!(noticed < Duration::from_secs(8), "{noticed:?}");
+    assert!(a.log_text().contains("partner silent"));
+    b.signal(libc::SIGCONT);
+    assert!(
+        wait_until(20, || ids(&b) == acked),
+        "caught up after it answers: {} of 10",
+        ids(&b).len()
+    );
+}

@@ -42,6 +42,11 @@ struct Clamd {
 
 impl Clamd {
     fn start(dir: &Path) -> Clamd {
+        Self::start_listening(dir, None)
+    }
+
+    /// Also listening on `tcp` (loopback) when given.
+    fn start_listening(dir: &Path, tcp: Option<std::net::SocketAddr>) -> Clamd {
         assert!(
             have("clamd"),
             "clamd is required (apt-get install clamav-daemon)"
@@ -65,8 +70,10 @@ impl Clamd {
             &conf,
             format!(
                 "LocalSocket {0}/clamd.sock\nDatabaseDirectory {0}/db\nForeground yes\nLogFile {0}/clamd.log\n\
-                 PidFile {0}/clamd.pid\nTemporaryDirectory {0}\nScanMail yes\nUser root\n",
-                dir.display()
+                 PidFile {0}/clamd.pid\nTemporaryDirectory {0}\nScanMail yes\nUser root\n{1}",
+                dir.display(),
+                tcp.map(|a| format!("TCPSocket {}\nTCPAddr {}\n", a.port(), a.ip()))
+                    .unwrap_or_default()
             ),
         )
         .unwrap();
@@ -332,4 +339,67 @@ fn the_partner_drops_quarantined_mail_and_mirrors_vscan_as_spool() {
             assert_eq!(gauge, Some(counted), "{who}: gauge of {f}/");
         }
     }
+}
+
+/// A scanner that accepts and never answers: each scan times out after `filter.timeout_secs`
+/// (counted as an error, the message waits in `vscan/`); a daemon killed meanwhile scans the
+/// message again after its restart, this time through a real clamd on a `tcp:` address, and
+/// delivers it once.
+#[test]
+fn a_hung_scanner_times_out_and_a_restart_rescans_through_a_tcp_clamd() {
+    let work = tempfile::tempdir().unwrap();
+    let sink = SmtpSink::start();
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_addr = hung.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in hung.incoming().flatten() {
+            held.push(s); // read nothing, answer nothing
+        }
+    });
+    let config = |clamd: std::net::SocketAddr| {
+        write_config(
+            work.path(),
+            &format!(
+                "[delivery]\ndefault_next_hop = \"{}\"\n[filter]\nclamd = \"tcp:{clamd}\"\nretry_secs = 1\ntimeout_secs = 1\n",
+                sink.addr
+            ),
+        )
+    };
+    let cfg = config(hung_addr);
+    let mut d = Daemon::start_delivering(&["--config", &cfg]);
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO hung");
+    let id = queued_id(&c.send_mail(
+        "a@example.com",
+        &["b@example.org"],
+        b"Subject: scanned late\r\n\r\nx\r\n",
+    ))
+    .unwrap();
+    assert!(
+        wait_until(10, || d
+            .metric("spoold_scan_verdicts_total{verdict=\"error\"}")
+            .unwrap_or(0.0)
+            >= 2.0),
+        "scans time out and are retried"
+    );
+    assert_eq!(folder_ids(&d, "vscan"), std::slice::from_ref(&id));
+    assert!(sink.dumped().is_empty(), "nothing delivered unscanned");
+    d.kill9();
+
+    let tcp = tests::free_addr();
+    let _clamd = Clamd::start_listening(&work.path().join("clamd"), Some(tcp));
+    assert!(wait_until(60, || std::net::TcpStream::connect(tcp).is_ok()));
+    config(tcp);
+    d.restart();
+    assert!(
+        wait_until(30, || sink.dumped().len() == 1),
+        "rescanned after the restart and delivered: {}",
+        d.log_text()
+    );
+    assert!(folder_ids(&d, "vscan").is_empty() && d.spooled_ids().is_empty());
+    assert_eq!(
+        d.metric("spoold_scan_verdicts_total{verdict=\"clean\"}"),
+        Some(1.0)
+    );
 }
