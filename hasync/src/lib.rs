@@ -1221,7 +1221,9 @@ mod tests {
             .unwrap();
         let (r, mut w) = tokio::io::split(l.io);
         let mut frames = link::spawn_reader(r);
-        link::write_frame(&mut w, &Frame::Resume(0), &[]).await.unwrap();
+        link::write_frame(&mut w, &Frame::Resume(0), &[])
+            .await
+            .unwrap();
         w.flush().await.unwrap();
         // Counts the ADDs that arrive within `ms`, answering the rebuild's question.
         async fn adds_within(
@@ -1248,7 +1250,9 @@ mod tests {
             adds
         }
         assert_eq!(adds_within(&mut frames, &mut w, 700).await, 8, "the window");
-        link::write_frame(&mut w, &Frame::Ack(seqs[3]), &[]).await.unwrap();
+        link::write_frame(&mut w, &Frame::Ack(seqs[3]), &[])
+            .await
+            .unwrap();
         w.flush().await.unwrap();
         assert_eq!(
             adds_within(&mut frames, &mut w, 700).await,

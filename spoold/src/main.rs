@@ -169,7 +169,12 @@ fn sync_mode(setting: config::SyncSetting, layout: &Layout) -> spool::writer::Sy
                 .and_then(|p| device(&p));
             let folders_inside = Folder::ALL.iter().all(|f| device(&layout.dir(*f)) == own);
             let dedicated = own.is_some() && own != parent && folders_inside;
-            let (mode, why) = if dedicated {
+            let (mode, why) = if is_fuse(root) {
+                (
+                    SyncMode::PerFile,
+                    "fsync per file, syncfs(2) does not reach a FUSE file system",
+                )
+            } else if dedicated {
                 (
                     SyncMode::FileSystem,
                     "syncfs, the state directory is the root of its own file system",
@@ -184,6 +189,19 @@ fn sync_mode(setting: config::SyncSetting, layout: &Layout) -> spool::writer::Sy
             mode
         }
     }
+}
+
+/// Whether `path` is on a FUSE file system (statfs magic), where `syncfs(2)` makes nothing
+/// durable: it is not passed to the FUSE server.
+fn is_fuse(path: &std::path::Path) -> bool {
+    const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == FUSE_SUPER_MAGIC
 }
 
 /// Inserts `input/` off the async threads (see [`lifecycle::Lifecycle::insert_input`]).

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 pub use spool;
 
+pub mod powercut;
 pub mod proxy;
 
 /// The `spoold` binary next to the test executable's profile directory.
@@ -122,9 +123,27 @@ impl Daemon {
         Self::start_raw(args)
     }
 
+    /// Starts a daemon (`--no-delivery`) whose state directory is `state` (on a file system of
+    /// the test's choosing); its log stays in a temporary directory.
+    pub fn start_in(state: &Path, args: &[&str]) -> Daemon {
+        let mut all = vec!["--no-delivery"];
+        all.extend_from_slice(args);
+        let mut d = Self::unstarted(&all);
+        d.state = state.to_path_buf();
+        d.restart();
+        d
+    }
+
     fn start_raw(args: &[&str]) -> Daemon {
+        let mut d = Self::unstarted(args);
+        d.restart();
+        d
+    }
+
+    /// A daemon handle, not started.
+    fn unstarted(args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let mut d = Daemon {
+        Daemon {
             child: None,
             state: dir.path().join("state"),
             smtp: free_addr(),
@@ -133,9 +152,7 @@ impl Daemon {
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             extra_env: Vec::new(),
             _dir: Some(dir),
-        };
-        d.restart();
-        d
+        }
     }
 
     /// (Re)starts the process on the same state directory and ports; waits for `/readyz`.

@@ -602,7 +602,11 @@ fn a_silent_partner_is_dropped_after_a_few_heartbeats_and_caught_up_when_it_answ
     b.signal(libc::SIGSTOP);
     let frozen = Instant::now();
     let acked = load(&a, 1, 10, Arc::default()).finish_ids();
-    assert_eq!(acked.len(), 10, "A accepts while the partner is frozen (async mode)");
+    assert_eq!(
+        acked.len(),
+        10,
+        "A accepts while the partner is frozen (async mode)"
+    );
     assert!(
         wait_until(10, || a.metric("spoold_ha_link_up") == Some(0.0)),
         "the link is dropped"
