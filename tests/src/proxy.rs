@@ -5,7 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +17,14 @@ pub struct FaultProxy {
     open: Arc<Mutex<Vec<TcpStream>>>,
     stop: Arc<AtomicBool>,
     reply_delay_ms: Arc<AtomicU64>,
+    connections: Arc<Connections>,
+}
+
+/// Connections through the proxy now, and the most at once.
+#[derive(Default)]
+struct Connections {
+    now: AtomicUsize,
+    max: AtomicUsize,
 }
 
 impl FaultProxy {
@@ -29,11 +37,13 @@ impl FaultProxy {
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let reply_delay_ms = Arc::new(AtomicU64::new(0));
-        let (p, o, s, d) = (
+        let connections = Arc::new(Connections::default());
+        let (p, o, s, d, c) = (
             partitioned.clone(),
             open.clone(),
             stop.clone(),
             reply_delay_ms.clone(),
+            connections.clone(),
         );
         std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
@@ -56,12 +66,11 @@ impl FaultProxy {
                 list.push(client.try_clone().unwrap());
                 list.push(server.try_clone().unwrap());
                 drop(list);
-                pipe(
-                    client.try_clone().unwrap(),
-                    server.try_clone().unwrap(),
-                    None,
-                );
-                pipe(server, client, Some(d.clone()));
+                let now = c.now.fetch_add(1, Ordering::SeqCst) + 1;
+                c.max.fetch_max(now, Ordering::SeqCst);
+                let (cc, sc) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                pipe(cc, sc, None, Some(c.clone()));
+                pipe(server, client, Some(d.clone()), None);
             }
         });
         FaultProxy {
@@ -70,7 +79,13 @@ impl FaultProxy {
             open,
             stop,
             reply_delay_ms,
+            connections,
         }
+    }
+
+    /// The most connections that were open through the proxy at once.
+    pub fn connections_max(&self) -> usize {
+        self.connections.max.load(Ordering::SeqCst)
     }
 
     /// Delays each piece the target sends back by `ms` (0: none), like a slow next hop.
@@ -96,7 +111,12 @@ impl Drop for FaultProxy {
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream, delay_ms: Option<Arc<AtomicU64>>) {
+fn pipe(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    delay_ms: Option<Arc<AtomicU64>>,
+    counted: Option<Arc<Connections>>,
+) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 16 * 1024];
         loop {
@@ -114,5 +134,8 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, delay_ms: Option<Arc<AtomicU64>>
             }
         }
         let _ = to.shutdown(Shutdown::Both);
+        if let Some(c) = counted {
+            c.now.fetch_sub(1, Ordering::SeqCst);
+        }
     });
 }

@@ -453,6 +453,12 @@ fn a_slow_next_hop_backlog_does_not_delay_a_fast_one() {
         "the fast hop waited behind the slow one: {fast_took:?}"
     );
     assert!(slow_done < 150, "the slow backlog was still there");
+    let most = slow.connections_max();
+    eprintln!("at most {most} connections to the slow next hop at once");
+    assert!(
+        (1..=5).contains(&most),
+        "delivery.per_destination_max (5) bounds the connections to one next hop: {most}"
+    );
 }
 
 /// A next hop that answers 4xx: the message is deferred (attempt counted, the reply recorded),

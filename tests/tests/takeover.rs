@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
+use std::io::{BufRead, Write};
 use std::time::Duration;
 use tests::{pair_config, queued_id, sample_body, spoolctl, wait_until, Client, Daemon, SmtpSink};
 
@@ -452,4 +453,82 @@ fn admin_lines(d: &Daemon, req: &serde_json::Value) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| json(&l.unwrap()))
         .collect()
+}
+
+/// A recovery with many leftovers whose partner or `spoolctl` dies part-way (after some
+/// copies): running it again finishes the job; every message ends on the active unit exactly
+/// once and the partner converges to a replica of it.
+#[test]
+fn recovery_interrupted_by_the_partner_or_the_client_dying_finishes_when_run_again() {
+    for who in ["partner", "client"] {
+        let dead = tests::free_addr(); // a next hop that is down: everything waits
+        let p = pair_config(
+            &format!("[delivery]\ndefault_next_hop = \"{dead}\"\nretry_schedule_secs = [3600]\n"),
+            None,
+        );
+        let mut a = Daemon::start_delivering(&["--config", &p.a_config]);
+        let mut b = Daemon::start_delivering(&["--config", &p.b_config]);
+        assert!(wait_until(10, || a.metric("spoold_ha_link_up") == Some(1.0)));
+        a.kill9();
+        assert_eq!(spoolctl(&b, &["role", "active"]).0, 0);
+        let on_b = send(&b, 0, 150);
+        assert_eq!(on_b.len(), 150);
+        assert_eq!(spoolctl(&b, &["role", "passive"]).0, 0);
+        a.extra_args.extend(["--role".into(), "active".into()]);
+        a.restart();
+
+        // Ask for the recovery on the admin socket, as spoolctl does, and interrupt it.
+        let sock = a.state.join("spoold.sock");
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.write_all(
+            b"{\"cmd\":\"recover\",\"dry_run\":false,\"from_dir\":null,\"progress\":true}\n",
+        )
+        .unwrap();
+        let mut lines = std::io::BufReader::new(s.try_clone().unwrap()).lines();
+        loop {
+            let line = lines.next().expect("progress lines").unwrap();
+            if line.contains("\"step\":\"copy\"") && !line.contains("\"done\":0,") {
+                break;
+            }
+        }
+        match who {
+            "partner" => b.kill9(),
+            _ => drop(s), // spoolctl killed: its socket closes
+        }
+        if who == "partner" {
+            let rest: Vec<String> = lines.map_while(Result::ok).collect();
+            assert!(
+                rest.last().is_some_and(|l| l.contains("\"ok\":false")),
+                "the recovery failed when the partner died: {rest:?}"
+            );
+            b.restart();
+            assert!(wait_until(10, || a.metric("spoold_ha_link_up") == Some(1.0)));
+        }
+        // Run again until it reports success (a run cut short by the client may still be
+        // finishing in the daemon).
+        assert!(
+            wait_until(60, || spoolctl(&a, &["recover"]).0 == 0),
+            "{who}: recovery completes when run again"
+        );
+        let held_a: std::collections::BTreeSet<String> = a
+            .spooled_ids()
+            .iter()
+            .map(|id| message_id(&String::from_utf8_lossy(&a.body_without_received(id))).unwrap())
+            .collect();
+        assert_eq!(a.spooled_ids().len(), 150, "{who}: each message once on A");
+        for mid in &on_b {
+            assert!(held_a.contains(mid), "{who}: {mid} on A after recovery");
+        }
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        assert!(
+            wait_until(20, || sorted(b.spooled_ids()) == sorted(a.spooled_ids())),
+            "{who}: B converges to A: B {} A {}",
+            b.spooled_ids().len(),
+            a.spooled_ids().len()
+        );
+        eprintln!("{who} died mid-recovery: rerun moved the rest; 150 on A once, B a replica");
+    }
 }
