@@ -16,7 +16,7 @@ pub struct Config {
     pub node_name: String,
     /// Host name used in the SMTP greeting and `Received:` headers.
     pub hostname: String,
-    /// The state directory (see DESIGN.md).
+    /// The state directory (its folders: ARCHITECTURE.md, "A node's state directory").
     pub state_dir: PathBuf,
     /// SMTP ingress.
     pub smtp: SmtpConfig,
