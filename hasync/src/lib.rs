@@ -22,7 +22,7 @@ mod recovery;
 mod sender;
 pub mod txlog;
 
-pub use recovery::RecoveryClient;
+pub use recovery::{hex, Held, RecoveryClient, RecoveryError};
 
 use bytes::Bytes;
 use link::{LinkConfig, LinkError};

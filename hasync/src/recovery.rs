@@ -1,6 +1,96 @@
-//! Requests over the replication link: the partner's answers (takeover recovery's list, fetch,
-//! remove and ledger, and the rebuild's `MISSING`) and the client that asks them.
+//! Requests over the replication link, typed in one place: the partner's answers (takeover
+//! recovery's list, fetch, remove and ledger, and the rebuild's `MISSING`), the client that asks
+//! them, and the text each one travels as (a `Request` frame's op code and argument, a `Reply`
+//! frame's data).
 use super::*;
+
+/// A message the partner holds in `spool/` or `vscan/`, as its `LIST` answer names it (a line
+/// `id folder size sha256hex`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    /// The message.
+    pub id: MessageId,
+    /// Where it is there (`spool`, `vscan`, or a path for a copied-out folder).
+    pub folder: String,
+    /// Its body's length.
+    pub size: u64,
+    /// Its body's SHA-256, lower-case hex.
+    pub sha256: String,
+}
+
+impl Held {
+    fn line(&self) -> String {
+        format!(
+            "{} {} {} {}\n",
+            self.id, self.folder, self.size, self.sha256
+        )
+    }
+
+    fn parse(line: &str) -> Option<Held> {
+        let mut it = line.split(' ');
+        Some(Held {
+            id: it.next()?.parse().ok()?,
+            folder: it.next()?.to_string(),
+            size: it.next()?.parse().ok()?,
+            sha256: it.next()?.to_string(),
+        })
+    }
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A pair as `FETCH` answers it: `u32` envelope length, envelope, body.
+fn pair_bytes(env: &[u8], body: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(4 + env.len() + body.len());
+    out.extend_from_slice(&(env.len() as u32).to_be_bytes());
+    out.extend_from_slice(env);
+    out.extend_from_slice(body);
+    Bytes::from(out)
+}
+
+fn parse_pair(d: &[u8]) -> Result<(Vec<u8>, Vec<u8>), RecoveryError> {
+    let short = || RecoveryError::Malformed("short pair".into());
+    let n = u32::from_be_bytes(
+        d.get(..4)
+            .ok_or_else(short)?
+            .try_into()
+            .map_err(|_| short())?,
+    ) as usize;
+    let env = d.get(4..4 + n).ok_or_else(short)?;
+    Ok((env.to_vec(), d[4 + n..].to_vec()))
+}
+
+fn id_lines<'a>(ids: impl IntoIterator<Item = &'a MessageId>) -> String {
+    ids.into_iter().map(|id| format!("{id}\n")).collect()
+}
+
+fn parse_ids(text: &str) -> Result<Vec<MessageId>, String> {
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            l.parse()
+                .map_err(|e: spool::id::IdError| format!("{l:?}: {e}"))
+        })
+        .collect()
+}
+
+/// Why a request to the partner failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecoveryError {
+    /// The link broke or was never made.
+    #[error("partner link: {0}")]
+    Link(#[from] LinkError),
+    /// The partner answered with an error.
+    #[error("partner refused: {0}")]
+    Refused(String),
+    /// The partner's answer could not be read.
+    #[error("partner's answer malformed: {0}")]
+    Malformed(String),
+}
 
 impl Replicator {
     /// Answers a takeover-recovery request from the partner (see [`proto::recovery_op`]).
@@ -15,9 +105,13 @@ impl Replicator {
                         let Ok(env) = self.layout.read_envelope(folder, &id) else {
                             continue;
                         };
-                        let sha: String =
-                            env.body_sha256.iter().map(|b| format!("{b:02x}")).collect();
-                        out.push_str(&format!("{id} {} {} {sha}\n", folder.name(), env.body_len));
+                        let held = Held {
+                            id,
+                            folder: folder.name().to_string(),
+                            size: env.body_len,
+                            sha256: hex(&env.body_sha256),
+                        };
+                        out.push_str(&held.line());
                     }
                 }
                 Ok(Bytes::from(out))
@@ -67,23 +161,14 @@ impl Replicator {
                         &decoded.body_sha256,
                     )
                     .map_err(|e| e.to_string())?;
-                    let mut out = Vec::with_capacity(4 + env.len() + body.bytes().len());
-                    out.extend_from_slice(&(env.len() as u32).to_be_bytes());
-                    out.extend_from_slice(&env);
-                    out.extend_from_slice(body.bytes());
-                    return Ok(Bytes::from(out));
+                    return Ok(pair_bytes(&env, body.bytes()));
                 }
                 Err(format!("{id}: not held"))
             }
             REMOVE => {
-                let mut n = 0;
-                for line in text(arg).lines().filter(|l| !l.is_empty()) {
-                    let id: MessageId = line
-                        .parse()
-                        .map_err(|e: spool::id::IdError| e.to_string())?;
-                    self.store.remove(&id).map_err(|e| e.to_string())?;
-                    n += 1;
-                }
+                let ids = parse_ids(&text(arg))?;
+                self.store.remove_many(&ids).map_err(|e| e.to_string())?;
+                let n = ids.len();
                 tracing::warn!(
                     removed = n,
                     "takeover recovery: leftovers removed at the partner's request"
@@ -120,8 +205,76 @@ pub struct RecoveryClient {
 
 impl RecoveryClient {
     /// Sends one request and waits for its reply (heartbeats in between are skipped).
-    pub async fn call(&mut self, op: u8, arg: &[u8]) -> Result<Result<Bytes, String>, LinkError> {
-        request(&mut self.frames, &mut self.w, op, arg).await
+    async fn call(&mut self, op: u8, arg: &[u8]) -> Result<Bytes, RecoveryError> {
+        request(&mut self.frames, &mut self.w, op, arg)
+            .await?
+            .map_err(RecoveryError::Refused)
+    }
+
+    /// The messages the partner holds in `spool/` and `vscan/`.
+    pub async fn list(&mut self) -> Result<Vec<Held>, RecoveryError> {
+        let data = self.call(proto::recovery_op::LIST, b"").await?;
+        String::from_utf8_lossy(&data)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| Held::parse(l).ok_or_else(|| RecoveryError::Malformed(l.to_string())))
+            .collect()
+    }
+
+    /// One pair the partner holds: (envelope, body), as stored (not yet verified).
+    pub async fn fetch(&mut self, id: &MessageId) -> Result<(Vec<u8>, Vec<u8>), RecoveryError> {
+        let data = self
+            .call(proto::recovery_op::FETCH, id.to_string().as_bytes())
+            .await?;
+        parse_pair(&data)
+    }
+
+    /// Removes `ids` on the partner (durably); returns how many it removed.
+    pub async fn remove(&mut self, ids: &[MessageId]) -> Result<usize, RecoveryError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let data = self
+            .call(proto::recovery_op::REMOVE, id_lines(ids).as_bytes())
+            .await?;
+        let text = String::from_utf8_lossy(&data);
+        text.parse()
+            .map_err(|_| RecoveryError::Malformed(format!("count {text:?}")))
+    }
+
+    /// The ids in the partner's delivered ledger.
+    pub async fn ledger(&mut self) -> Result<Vec<MessageId>, RecoveryError> {
+        let data = self.call(proto::recovery_op::LEDGER, b"").await?;
+        parse_ids(&String::from_utf8_lossy(&data)).map_err(RecoveryError::Malformed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_answer_reads_back_as_it_was_written() {
+        let ids = spool::IdGenerator::new("a").unwrap();
+        let held = Held {
+            id: ids.next_id(),
+            folder: "vscan".into(),
+            size: 1234,
+            sha256: hex(&[0xab; 32]),
+        };
+        assert_eq!(Held::parse(held.line().trim_end()), Some(held.clone()));
+        assert_eq!(Held::parse("not-an-id spool 1 ab"), None);
+        assert_eq!(Held::parse("x"), None);
+        let pair = pair_bytes(b"env", b"body\r\n");
+        assert_eq!(
+            parse_pair(&pair).unwrap(),
+            (b"env".to_vec(), b"body\r\n".to_vec())
+        );
+        assert!(parse_pair(&pair[..5]).is_err(), "cut inside the envelope");
+        assert!(parse_pair(&[0, 0]).is_err());
+        let list = [ids.next_id(), ids.next_id()];
+        assert_eq!(parse_ids(&id_lines(&list)).unwrap(), list);
+        assert!(parse_ids("bad\n").is_err());
     }
 }
 

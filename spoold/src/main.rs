@@ -15,6 +15,7 @@ mod lifecycle;
 mod metrics;
 mod queue;
 mod sink;
+mod takeover;
 mod tls;
 
 use anyhow::{Context, Result};
