@@ -249,35 +249,6 @@ impl RecoveryClient {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_answer_reads_back_as_it_was_written() {
-        let ids = spool::IdGenerator::new("a").unwrap();
-        let held = Held {
-            id: ids.next_id(),
-            folder: "vscan".into(),
-            size: 1234,
-            sha256: hex(&[0xab; 32]),
-        };
-        assert_eq!(Held::parse(held.line().trim_end()), Some(held.clone()));
-        assert_eq!(Held::parse("not-an-id spool 1 ab"), None);
-        assert_eq!(Held::parse("x"), None);
-        let pair = pair_bytes(b"env", b"body\r\n");
-        assert_eq!(
-            parse_pair(&pair).unwrap(),
-            (b"env".to_vec(), b"body\r\n".to_vec())
-        );
-        assert!(parse_pair(&pair[..5]).is_err(), "cut inside the envelope");
-        assert!(parse_pair(&[0, 0]).is_err());
-        let list = [ids.next_id(), ids.next_id()];
-        assert_eq!(parse_ids(&id_lines(&list)).unwrap(), list);
-        assert!(parse_ids("bad\n").is_err());
-    }
-}
-
 /// Sends one request on a link and waits for its reply; nothing else may be in flight.
 pub(crate) async fn request(
     frames: &mut tokio::sync::mpsc::Receiver<Result<Frame, LinkError>>,
@@ -306,5 +277,34 @@ pub(crate) async fn request(
             Some(Err(e)) => return Err(e),
             None => return Err(LinkError::Protocol("link closed".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_answer_reads_back_as_it_was_written() {
+        let ids = spool::IdGenerator::new("a").unwrap();
+        let held = Held {
+            id: ids.next_id(),
+            folder: "vscan".into(),
+            size: 1234,
+            sha256: hex(&[0xab; 32]),
+        };
+        assert_eq!(Held::parse(held.line().trim_end()), Some(held.clone()));
+        assert_eq!(Held::parse("not-an-id spool 1 ab"), None);
+        assert_eq!(Held::parse("x"), None);
+        let pair = pair_bytes(b"env", b"body\r\n");
+        assert_eq!(
+            parse_pair(&pair).unwrap(),
+            (b"env".to_vec(), b"body\r\n".to_vec())
+        );
+        assert!(parse_pair(&pair[..5]).is_err(), "cut inside the envelope");
+        assert!(parse_pair(&[0, 0]).is_err());
+        let list = [ids.next_id(), ids.next_id()];
+        assert_eq!(parse_ids(&id_lines(&list)).unwrap(), list);
+        assert!(parse_ids("bad\n").is_err());
     }
 }
