@@ -1,13 +1,15 @@
 //! `spoolctl`: the operator's tool for a running `spoold`, like postqueue/postsuper or
 //! `exim -bp`/`-M`: queue listing and surgery, `input/` insertion, roles and status. It talks to
-//! the daemon's admin socket (`<state_dir>/spoold.sock`, mode 0600): one JSON request, one JSON
-//! answer. It is not: a second writer of the spool; every change goes through the daemon.
+//! the daemon's admin socket (`<state_dir>/spoold.sock`, mode 0600): one request, one answer,
+//! both typed in the `api` crate that spoold uses too. It is not: a second writer of the spool;
+//! every change goes through the daemon.
 //!
 //! Exit codes: 0 done; 1 the daemon refused or part of the request failed; 2 usage error;
 //! 3 the daemon could not be reached.
 
+use api::{data_as, Line, Request};
 use clap::{Parser, Subcommand};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -117,40 +119,38 @@ struct Ids {
     rcpt: Option<String>,
 }
 
-fn call(state_dir: &std::path::Path, req: &Value) -> Result<Value, (u8, String)> {
+fn call(state_dir: &std::path::Path, req: &Request) -> Result<Value, (u8, String)> {
     call_with_progress(state_dir, req, |_| {})
 }
 
-/// Sends one request and returns its answer; `{"progress": ...}` lines that come before the
+/// Sends one request and returns its answer's data; progress lines that come before the
 /// answer go to `on_progress`.
 fn call_with_progress(
     state_dir: &std::path::Path,
-    req: &Value,
-    mut on_progress: impl FnMut(&Value),
+    req: &Request,
+    mut on_progress: impl FnMut(&api::Progress),
 ) -> Result<Value, (u8, String)> {
     let path = state_dir.join("spoold.sock");
     let mut s = UnixStream::connect(&path)
         .map_err(|e| (3, format!("cannot reach spoold at {}: {e}", path.display())))?;
-    let line = format!("{req}\n");
-    s.write_all(line.as_bytes())
+    let line = serde_json::to_string(req).map_err(|e| (2, format!("encode the request: {e}")))?;
+    s.write_all(format!("{line}\n").as_bytes())
         .map_err(|e| (3, format!("send to spoold: {e}")))?;
     let mut answer = BufReader::new(s);
-    let v: Value = loop {
+    loop {
         let mut reply = String::new();
         answer
             .read_line(&mut reply)
             .map_err(|e| (3, format!("read from spoold: {e}")))?;
-        let v: Value = serde_json::from_str(&reply)
+        let line: Line = serde_json::from_str(&reply)
             .map_err(|e| (3, format!("bad answer from spoold: {e}")))?;
-        match v.get("progress") {
-            Some(p) => on_progress(p),
-            None => break v,
+        match line {
+            Line::Progress { progress } => on_progress(&progress),
+            Line::Answer { ok: true, data, .. } => return Ok(data.unwrap_or(Value::Null)),
+            Line::Answer { error, .. } => {
+                return Err((1, error.unwrap_or_else(|| "refused".into())))
+            }
         }
-    };
-    if v["ok"] == json!(true) {
-        Ok(v["data"].clone())
-    } else {
-        Err((1, v["error"].as_str().unwrap_or("refused").to_string()))
     }
 }
 
@@ -163,40 +163,35 @@ fn ids_for(cli: &Cli, ids: &Ids) -> Result<Vec<String>, (u8, String)> {
     }
     let list = call(
         &cli.state_dir,
-        &json!({ "cmd": "list", "folder": ids.folder, "sender": ids.sender, "rcpt": ids.rcpt, "older_than_secs": null }),
+        &Request::List {
+            folder: ids.folder.clone(),
+            sender: ids.sender.clone(),
+            rcpt: ids.rcpt.clone(),
+            older_than_secs: None,
+        },
     )?;
-    Ok(list
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|m| m["id"].as_str().map(str::to_string))
-        .collect())
+    let list: Vec<api::Listed> = data_as(&list).map_err(|e| (3, e))?;
+    Ok(list.into_iter().map(|m| m.id).collect())
 }
 
-fn human(cmd: &Cmd, data: &Value) -> String {
+/// The answer for a person; `Err` when it is not the reply the request expects.
+fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
     let mut out = String::new();
     match cmd {
         Cmd::Queue {
             cmd: QueueCmd::List { .. },
         } => {
-            let list = data.as_array().cloned().unwrap_or_default();
+            let list: Vec<api::Listed> = data_as(data)?;
             for m in &list {
                 out.push_str(&format!(
                     "{:<28} {:<10} {:>9} {:<30} {}\n",
-                    m["id"].as_str().unwrap_or(""),
-                    m["folder"].as_str().unwrap_or(""),
-                    m["size"],
-                    format!("<{}>", m["sender"].as_str().unwrap_or("")),
-                    m["recipients"]
-                        .as_array()
-                        .map(|r| r
-                            .iter()
-                            .filter_map(|x| x.as_str())
-                            .collect::<Vec<_>>()
-                            .join(" "))
-                        .unwrap_or_default()
+                    m.id,
+                    m.folder,
+                    m.size,
+                    format!("<{}>", m.sender),
+                    m.recipients.join(" ")
                 ));
-                if let Some(e) = m["last_error"].as_str() {
+                if let Some(e) = &m.last_error {
                     out.push_str(&format!("    ({e})\n"));
                 }
             }
@@ -205,106 +200,116 @@ fn human(cmd: &Cmd, data: &Value) -> String {
         Cmd::Queue {
             cmd: QueueCmd::Show { .. },
         } => {
-            out.push_str(data["envelope"].as_str().unwrap_or(""));
+            let shown: api::Shown = data_as(data)?;
+            out.push_str(&shown.envelope);
             out.push('\n');
-            out.push_str(&data["headers"].as_str().unwrap_or("").replace("\r\n", "\n"));
+            out.push_str(&shown.headers.replace("\r\n", "\n"));
         }
         Cmd::Insert => {
-            for id in data["inserted"].as_array().into_iter().flatten() {
-                out.push_str(&format!(
-                    "new mail inserted (id={})\n",
-                    id.as_str().unwrap_or("")
-                ));
+            let r: api::Inserted = data_as(data)?;
+            for id in &r.inserted {
+                out.push_str(&format!("new mail inserted (id={id})\n"));
             }
-            for id in data["duplicates"].as_array().into_iter().flatten() {
-                out.push_str(&format!(
-                    "duplicate removed from input/ (id={})\n",
-                    id.as_str().unwrap_or("")
-                ));
+            for id in &r.duplicates {
+                out.push_str(&format!("duplicate removed from input/ (id={id})\n"));
             }
-            for c in data["corrupt"].as_array().into_iter().flatten() {
-                out.push_str(&format!(
-                    "rejected {}: {}\n",
-                    c["name"].as_str().unwrap_or(""),
-                    c["reason"].as_str().unwrap_or("")
-                ));
+            for c in &r.corrupt {
+                out.push_str(&format!("rejected {}: {}\n", c.name, c.reason));
             }
         }
         Cmd::Recover { .. } => {
-            for p in data["plan"].as_array().into_iter().flatten() {
+            let r: api::Recovered = data_as(data)?;
+            for p in &r.plan {
                 out.push_str(&format!(
                     "{:<28} {:<8} {:>9}  {}\n",
-                    p["id"].as_str().unwrap_or(""),
-                    p["folder"]
-                        .as_str()
-                        .unwrap_or("")
-                        .rsplit('/')
-                        .next()
-                        .unwrap_or(""),
-                    p["size"],
-                    p["action"].as_str().unwrap_or("")
+                    p.id,
+                    p.folder.rsplit('/').next().unwrap_or(""),
+                    p.size,
+                    p.action
                 ));
             }
-            for f in data["failed"].as_array().into_iter().flatten() {
-                out.push_str(&format!(
-                    "FAILED {}: {}\n",
-                    f["id"].as_str().unwrap_or(""),
-                    f["error"].as_str().unwrap_or("")
-                ));
+            for f in &r.failed {
+                out.push_str(&format!("FAILED {}: {}\n", f.id, f.error));
             }
-            if data["dry_run"] == json!(true) {
+            if r.dry_run {
                 out.push_str("dry run: nothing changed\n");
             } else {
-                let n = |k: &str| data[k].as_array().map(|a| a.len()).unwrap_or(0);
                 out.push_str(&format!(
                     "moved {} / duplicates removed {} / held here, kept {} / removed here (delivered by partner) {} / failed {}\n",
-                    n("moved"),
-                    n("duplicates"),
-                    n("held_here_kept"),
-                    n("delivered_by_partner_removed_here"),
-                    n("failed")
+                    r.moved.len(),
+                    r.duplicates.len(),
+                    r.held_here_kept.len(),
+                    r.delivered_by_partner_removed_here.len(),
+                    r.failed.len()
                 ));
             }
         }
         Cmd::Status => {
-            out.push_str(&format!("role: {}\n", data["role"].as_str().unwrap_or("?")));
-            if let Some(ha) = data["ha"].as_object() {
-                for (k, v) in ha {
-                    if k != "role" {
-                        out.push_str(&format!("{k}: {v}\n"));
-                    }
-                }
+            let st: api::Status = data_as(data)?;
+            out.push_str(&format!("role: {}\n", st.role));
+            if let Some(ha) = &st.ha {
+                let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                out.push_str(&format!(
+                    "link: {}\nsplit_brain: {}\npending_actions: {}\noldest_pending_age_ms: {}\nlast_lag_ms: {}\npartner: {}\npartner_role: {}\n",
+                    ha.link,
+                    ha.split_brain,
+                    ha.pending_actions,
+                    ha.oldest_pending_age_ms.map_or("-".into(), |v| v.to_string()),
+                    ha.last_lag_ms,
+                    or_dash(&ha.partner),
+                    or_dash(&ha.partner_role),
+                ));
             }
-            if let Some(q) = data["queue"].as_object() {
-                for (k, v) in q {
-                    out.push_str(&format!("queue {k}: {v}\n"));
-                }
+            for (k, v) in &st.queue {
+                out.push_str(&format!("queue {k}: {v}\n"));
             }
         }
-        _ => {
-            if let Some(done) = data["done"].as_array() {
-                for id in done {
-                    out.push_str(&format!("ok {}\n", id.as_str().unwrap_or("")));
-                }
-                for f in data["failed"].as_array().into_iter().flatten() {
-                    out.push_str(&format!("failed {}\n", f["error"].as_str().unwrap_or("")));
-                }
-            } else {
-                out.push_str(&format!("{data}\n"));
+        Cmd::Role { .. } => {
+            let r: api::RoleSet = data_as(data)?;
+            out.push_str(&format!("role: {}\n", r.role));
+            if let (Some(ms), Some(complete)) = (r.handover_ms, r.complete) {
+                out.push_str(&format!(
+                    "handover: {ms} ms, {}\n",
+                    if complete {
+                        "everything handed over".to_string()
+                    } else {
+                        format!(
+                            "incomplete ({} actions not acknowledged by the partner: run `spoolctl recover` on it)",
+                            r.unshipped_actions.unwrap_or(0)
+                        )
+                    }
+                ));
+            }
+        }
+        Cmd::Flush => {
+            let r: api::Flushed = data_as(data)?;
+            out.push_str(&format!("requeued {}\n", r.requeued));
+        }
+        Cmd::Queue { .. } => {
+            let r: api::Each = data_as(data)?;
+            for id in &r.done {
+                out.push_str(&format!("ok {id}\n"));
+            }
+            for f in &r.failed {
+                out.push_str(&format!("failed {}\n", f.error));
             }
         }
     }
-    out
+    Ok(out)
 }
 
-fn run(cli: &Cli, on_progress: impl FnMut(&Value)) -> Result<Value, (u8, String)> {
+fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8, String)> {
     let req = match &cli.cmd {
-        Cmd::Status => json!({ "cmd": "status" }),
-        Cmd::Role { role } => json!({ "cmd": "role", "role": role }),
-        Cmd::Insert => json!({ "cmd": "insert" }),
-        Cmd::Flush => json!({ "cmd": "flush" }),
+        Cmd::Status => Request::Status,
+        Cmd::Role { role } => Request::Role { role: role.clone() },
+        Cmd::Insert => Request::Insert,
+        Cmd::Flush => Request::Flush,
         Cmd::Recover { dry_run, from_dir } => {
-            let req = json!({ "cmd": "recover", "dry_run": dry_run, "progress": true, "from_dir": from_dir.as_ref().map(|p| p.display().to_string()) });
+            let req = Request::Recover {
+                dry_run: *dry_run,
+                from_dir: from_dir.as_ref().map(|p| p.display().to_string()),
+                progress: true,
+            };
             return call_with_progress(&cli.state_dir, &req, on_progress);
         }
         Cmd::Queue { cmd } => match cmd {
@@ -313,14 +318,25 @@ fn run(cli: &Cli, on_progress: impl FnMut(&Value)) -> Result<Value, (u8, String)
                 sender,
                 rcpt,
                 older_than,
-            } => {
-                json!({ "cmd": "list", "folder": folder, "sender": sender, "rcpt": rcpt, "older_than_secs": older_than })
-            }
-            QueueCmd::Show { id } => json!({ "cmd": "show", "id": id }),
-            QueueCmd::Hold(ids) => json!({ "cmd": "hold", "ids": ids_for(cli, ids)? }),
-            QueueCmd::Release(ids) => json!({ "cmd": "release", "ids": ids_for(cli, ids)? }),
-            QueueCmd::Requeue(ids) => json!({ "cmd": "requeue", "ids": ids_for(cli, ids)? }),
-            QueueCmd::Delete(ids) => json!({ "cmd": "delete", "ids": ids_for(cli, ids)? }),
+            } => Request::List {
+                folder: folder.clone(),
+                sender: sender.clone(),
+                rcpt: rcpt.clone(),
+                older_than_secs: *older_than,
+            },
+            QueueCmd::Show { id } => Request::Show { id: id.clone() },
+            QueueCmd::Hold(ids) => Request::Hold {
+                ids: ids_for(cli, ids)?,
+            },
+            QueueCmd::Release(ids) => Request::Release {
+                ids: ids_for(cli, ids)?,
+            },
+            QueueCmd::Requeue(ids) => Request::Requeue {
+                ids: ids_for(cli, ids)?,
+            },
+            QueueCmd::Delete(ids) => Request::Delete {
+                ids: ids_for(cli, ids)?,
+            },
         },
     };
     call(&cli.state_dir, &req)
@@ -345,9 +361,9 @@ fn main() -> ExitCode {
         });
     let result = run(&cli, |p| {
         if let Some(pb) = &bar {
-            pb.set_length(p["total"].as_u64().unwrap_or(0));
-            pb.set_position(p["done"].as_u64().unwrap_or(0));
-            pb.set_message(p["step"].as_str().unwrap_or("").to_string());
+            pb.set_length(p.total as u64);
+            pb.set_position(p.done as u64);
+            pb.set_message(p.step.clone());
         }
     });
     if let Some(pb) = bar {
@@ -358,7 +374,13 @@ fn main() -> ExitCode {
             let text = if cli.json {
                 format!("{data}\n")
             } else {
-                human(&cli.cmd, &data)
+                match human(&cli.cmd, &data) {
+                    Ok(text) => text,
+                    Err(e) => {
+                        eprintln!("spoolctl: {e}");
+                        return ExitCode::from(3);
+                    }
+                }
             };
             print!("{text}");
             let partly_failed = data["failed"].as_array().is_some_and(|f| !f.is_empty())

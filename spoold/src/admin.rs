@@ -1,101 +1,35 @@
 //! The admin socket: a unix socket in the state directory (mode 0600) where `spoolctl` sends one
-//! JSON request per connection and gets one JSON response line back (a recovery that asked for
-//! `progress` gets `{"progress": ...}` lines before it). Queue tools in the manner of
-//! postqueue/postsuper: list, show, hold, release, requeue, delete, flush; plus insert, role and
-//! status.
+//! request per connection and gets one answer line back (a recovery that asked for `progress`
+//! gets progress lines before it); the requests and replies are typed in the `api` crate. Queue
+//! tools in the manner of postqueue/postsuper: list, show, hold, release, requeue, delete,
+//! flush; plus insert, role and status. Takeover recovery is in `takeover.rs`.
 
 use crate::queue::Queue;
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use api::{Line, Request};
+use serde::Serialize;
+use serde_json::Value;
 use spool::recovery::InsertOutcome;
 use spool::{Folder, Layout, MessageId, Part, RcptState};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
-/// One request.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    /// Role, partner link, lag, pending actions, queue depth by folder.
-    Status,
-    /// Set the role.
-    Role {
-        /// `active` or `passive`.
-        role: String,
-    },
-    /// Insert `input/` (the SIGUSR2 equivalent).
-    Insert,
-    /// List messages.
-    List {
-        /// One folder (default: spool, vscan, hold, quarantine).
-        folder: Option<String>,
-        /// Sender contains.
-        sender: Option<String>,
-        /// Some recipient contains.
-        rcpt: Option<String>,
-        /// Older than this many seconds.
-        older_than_secs: Option<u64>,
-    },
-    /// One message: envelope, headers, history.
-    Show {
-        /// Its id.
-        id: String,
-    },
-    /// Move to hold/ (not delivered until released).
-    Hold {
-        /// Ids.
-        ids: Vec<String>,
-    },
-    /// Move from hold/ back to spool/ and schedule now.
-    Release {
-        /// Ids.
-        ids: Vec<String>,
-    },
-    /// Retry now.
-    Requeue {
-        /// Ids.
-        ids: Vec<String>,
-    },
-    /// Remove for good (logged for the partner first).
-    Delete {
-        /// Ids.
-        ids: Vec<String>,
-    },
-    /// Retry every deferred message now.
-    Flush,
-    /// Takeover recovery: bring the partner's leftovers (or a copied-out spool folder) here.
-    Recover {
-        /// Only report the plan.
-        dry_run: bool,
-        /// Offline: a spool folder copied from a dead unit instead of the partner.
-        from_dir: Option<String>,
-        /// Send a `{"progress": {"step", "done", "total"}}` line as each step advances.
-        #[serde(default)]
-        progress: bool,
-    },
-}
-
 /// Sends one progress line, if the client asked for them.
-async fn write_progress<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, p: Value, asked: bool) {
+async fn write_progress<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    progress: api::Progress,
+    asked: bool,
+) {
     if asked {
         let _ = w
-            .write_all(format!("{}\n", json!({ "progress": p })).as_bytes())
+            .write_all(Line::Progress { progress }.to_wire().as_bytes())
             .await;
     }
 }
 
-#[derive(Serialize)]
-struct Listed {
-    id: String,
-    folder: &'static str,
-    size: u64,
-    sender: String,
-    recipients: Vec<String>,
-    arrived_ms: u64,
-    attempts: u32,
-    next_attempt_ms: u64,
-    last_error: Option<String>,
+/// A typed reply as the answer's data.
+fn reply<T: Serialize>(reply: T) -> Result<Value, String> {
+    serde_json::to_value(reply).map_err(|e| format!("encode the reply: {e}"))
 }
 
 /// What the admin socket needs.
@@ -169,21 +103,21 @@ impl Admin {
                                 write_progress(&mut w, p, progress).await;
                             }
                             match result {
-                                Ok(data) => json!({ "ok": true, "data": data }),
-                                Err(e) => json!({ "ok": false, "error": e }),
+                                Ok(data) => Line::reply(&data),
+                                Err(e) => Line::refused(e),
                             }
                         }
                         Ok(req) => {
                             let me2 = me.clone();
                             match tokio::task::spawn_blocking(move || me2.handle(req)).await {
-                                Ok(Ok(data)) => json!({ "ok": true, "data": data }),
-                                Ok(Err(e)) => json!({ "ok": false, "error": e }),
-                                Err(e) => json!({ "ok": false, "error": e.to_string() }),
+                                Ok(Ok(data)) => Line::reply(&data),
+                                Ok(Err(e)) => Line::refused(e),
+                                Err(e) => Line::refused(e.to_string()),
                             }
                         }
-                        Err(e) => json!({ "ok": false, "error": format!("bad request: {e}") }),
+                        Err(e) => Line::refused(format!("bad request: {e}")),
                     };
-                    let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+                    let _ = w.write_all(reply.to_wire().as_bytes()).await;
                 });
             }
         });
@@ -204,7 +138,7 @@ impl Admin {
 
     fn handle(&self, req: Request) -> Result<Value, String> {
         match req {
-            Request::Status => Ok(self.status()),
+            Request::Status => reply(self.status()),
             Request::Role { role } => {
                 let r = self
                     .replicator
@@ -212,7 +146,7 @@ impl Admin {
                     .ok_or("no [ha] section: this unit is standalone")?;
                 let role =
                     hasync::proto::Role::parse(&role).ok_or("role must be active or passive")?;
-                crate::handover::set_role(r, &self.activity, role)
+                reply(crate::handover::set_role(r, &self.activity, role)?)
             }
             Request::Insert => {
                 let outcomes = self
@@ -227,11 +161,15 @@ impl Admin {
                         InsertOutcome::Inserted(id) => inserted.push(id.to_string()),
                         InsertOutcome::Duplicate(id) => duplicates.push(id.to_string()),
                         InsertOutcome::Corrupt { name, reason } => {
-                            corrupt.push(json!({ "name": name, "reason": reason }));
+                            corrupt.push(api::Rejected { name, reason });
                         }
                     }
                 }
-                Ok(json!({ "inserted": inserted, "duplicates": duplicates, "corrupt": corrupt }))
+                reply(api::Inserted {
+                    inserted,
+                    duplicates,
+                    corrupt,
+                })
             }
             Request::List {
                 folder,
@@ -278,9 +216,9 @@ impl Admin {
                         {
                             continue;
                         }
-                        out.push(Listed {
+                        out.push(api::Listed {
                             id: n,
-                            folder: f.name(),
+                            folder: f.name().to_string(),
                             size: env.body_len,
                             sender: env.sender.clone(),
                             recipients: env
@@ -296,7 +234,7 @@ impl Admin {
                         });
                     }
                 }
-                serde_json::to_value(out).map_err(|e| e.to_string())
+                reply(out)
             }
             Request::Show { id } => {
                 let id: MessageId = id.parse().map_err(|e: spool::id::IdError| e.to_string())?;
@@ -312,19 +250,23 @@ impl Admin {
                     .position(|w| w == b"\r\n\r\n")
                     .map(|p| p + 2)
                     .unwrap_or(body.len());
-                Ok(json!({
-                    "id": id.to_string(),
-                    "folder": f.name(),
-                    "envelope": String::from_utf8_lossy(&env.encode()),
-                    "headers": String::from_utf8_lossy(&body[..end.min(64 * 1024)]),
-                    "attempts": env.attempts,
-                    "next_attempt_ms": env.next_attempt_ms,
-                    "last_error": env.last_error,
-                    "recipients": env.recipients.iter().map(|r| json!({
-                        "address": r.address,
-                        "state": format!("{:?}", r.state).to_lowercase(),
-                    })).collect::<Vec<_>>(),
-                }))
+                reply(api::Shown {
+                    id: id.to_string(),
+                    folder: f.name().to_string(),
+                    envelope: String::from_utf8_lossy(&env.encode()).into_owned(),
+                    headers: String::from_utf8_lossy(&body[..end.min(64 * 1024)]).into_owned(),
+                    attempts: env.attempts,
+                    next_attempt_ms: env.next_attempt_ms,
+                    last_error: env.last_error.clone(),
+                    recipients: env
+                        .recipients
+                        .iter()
+                        .map(|r| api::RecipientState {
+                            address: r.address.clone(),
+                            state: format!("{:?}", r.state).to_lowercase(),
+                        })
+                        .collect(),
+                })
             }
             Request::Hold { ids } => self.each(&ids, |id, f| {
                 if f != Folder::Spool {
@@ -372,7 +314,7 @@ impl Admin {
                         }
                     }
                 }
-                Ok(json!({ "requeued": n }))
+                reply(api::Flushed { requeued: n })
             }
         }
     }
@@ -410,14 +352,17 @@ impl Admin {
             };
             match r {
                 Ok(()) => done.push(id.to_string()),
-                Err(e) => failed.push(json!({ "id": id.to_string(), "error": e })),
+                Err(error) => failed.push(api::Failed {
+                    id: id.to_string(),
+                    error,
+                }),
             }
         }
-        Ok(json!({ "done": done, "failed": failed }))
+        reply(api::Each { done, failed })
     }
 
-    fn status(&self) -> Value {
-        let mut depth = serde_json::Map::new();
+    fn status(&self) -> api::Status {
+        let mut queue = std::collections::BTreeMap::new();
         for f in Folder::LIVE
             .iter()
             .chain([Folder::Input, Folder::Corrupt].iter())
@@ -429,27 +374,31 @@ impl Admin {
                         .count()
                 })
                 .unwrap_or(0);
-            depth.insert(f.name().into(), json!(n));
+            queue.insert(f.name().to_string(), n as u64);
         }
         let ha = self.replicator.as_ref().map(|r| {
             let (pending, oldest) = r.log().depth().unwrap_or((0, None));
             let peer = r.peer();
-            json!({
-                "role": r.role().as_str(),
-                "link": if r.link_is_up() { "up" } else { "down" },
-                "split_brain": r.split_brain(),
-                "pending_actions": pending,
-                "oldest_pending_age_ms": oldest.map(|o| now_ms().saturating_sub(o)),
-                "last_lag_ms": r.last_lag_ms(),
-                "partner": peer.as_ref().map(|p| p.node.clone()),
-                "partner_role": peer.as_ref().map(|p| p.role.as_str()),
-            })
+            api::HaStatus {
+                role: r.role().as_str().to_string(),
+                link: if r.link_is_up() { "up" } else { "down" }.to_string(),
+                split_brain: r.split_brain(),
+                pending_actions: pending,
+                oldest_pending_age_ms: oldest.map(|o| now_ms().saturating_sub(o)),
+                last_lag_ms: r.last_lag_ms(),
+                partner: peer.as_ref().map(|p| p.node.clone()),
+                partner_role: peer.as_ref().map(|p| p.role.as_str().to_string()),
+            }
         });
-        json!({
-            "role": self.replicator.as_ref().map(|r| r.role().as_str()).unwrap_or("active"),
-            "ha": ha,
-            "queue": depth,
-            "scheduled": self.queue.len(),
-        })
+        api::Status {
+            role: self
+                .replicator
+                .as_ref()
+                .map_or("active", |r| r.role().as_str())
+                .to_string(),
+            ha,
+            queue,
+            scheduled: self.queue.len() as u64,
+        }
     }
 }

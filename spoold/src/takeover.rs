@@ -12,16 +12,27 @@
 //! It is not: the protocol (typed in `hasync::recovery`) nor the admin socket (`admin.rs`).
 
 use crate::admin::Admin;
+use api::{Failed, Planned, Progress, Recovered};
 use hasync::{hex, Held, RecoveryClient};
-use serde_json::{json, Value};
 use spool::{Folder, MessageId, Part};
 use std::path::PathBuf;
 
 /// Where a recovery reports how far it got; a closed receiver is ignored.
-pub type ProgressSender = tokio::sync::mpsc::UnboundedSender<Value>;
+pub type ProgressSender = tokio::sync::mpsc::UnboundedSender<Progress>;
 
 fn report(progress: &ProgressSender, step: &str, done: usize, total: usize) {
-    let _ = progress.send(json!({ "step": step, "done": done, "total": total }));
+    let _ = progress.send(Progress {
+        step: step.to_string(),
+        done,
+        total,
+    });
+}
+
+fn failed(id: impl ToString, error: impl ToString) -> Failed {
+    Failed {
+        id: id.to_string(),
+        error: error.to_string(),
+    }
 }
 
 /// Crash-test hook: with `SPOOLD_FAILPOINT=<name>` in its environment the daemon dies on the
@@ -112,7 +123,7 @@ impl Admin {
     }
 
     /// Step 1 from a copied-out folder: its `spool/`, `vscan/`, or the folder itself.
-    fn list_folder(dir: &str, failed: &mut Vec<Value>) -> Vec<Held> {
+    fn list_folder(dir: &str, failures: &mut Vec<Failed>) -> Vec<Held> {
         let base = PathBuf::from(dir);
         let mut out = Vec::new();
         for sub in [base.join("spool"), base.join("vscan"), base.clone()] {
@@ -134,10 +145,10 @@ impl Admin {
                         sha256: hex(&env.body_sha256),
                         id: env.id,
                     }),
-                    Ok(_) => failed.push(
-                        json!({ "id": stem, "error": "envelope id does not match its file name" }),
-                    ),
-                    Err(e) => failed.push(json!({ "id": stem, "error": e })),
+                    Ok(_) => {
+                        failures.push(failed(stem, "envelope id does not match its file name"))
+                    }
+                    Err(e) => failures.push(failed(stem, e)),
                 }
             }
         }
@@ -163,12 +174,12 @@ impl Admin {
         dry_run: bool,
         from_dir: Option<String>,
         progress: ProgressSender,
-    ) -> Result<Value, String> {
-        let mut failed: Vec<Value> = Vec::new();
+    ) -> Result<Recovered, String> {
+        let mut failures: Vec<Failed> = Vec::new();
         // 1. The leftovers.
         let (mut source, leftovers) = match &from_dir {
             Some(dir) => {
-                let listed = tokio::task::block_in_place(|| Self::list_folder(dir, &mut failed));
+                let listed = tokio::task::block_in_place(|| Self::list_folder(dir, &mut failures));
                 (Source::Folder, listed)
             }
             None => {
@@ -196,10 +207,15 @@ impl Admin {
                     .is_some_and(|g| g.was_delivered(id).unwrap_or(false))
             },
         );
-        let planned: Vec<Value> = leftovers
+        let planned: Vec<Planned> = leftovers
             .iter()
             .zip(&actions)
-            .map(|(l, a)| json!({ "id": l.id.to_string(), "folder": l.folder, "size": l.size, "action": a.label() }))
+            .map(|(l, a)| Planned {
+                id: l.id.to_string(),
+                folder: l.folder.clone(),
+                size: l.size,
+                action: a.label().to_string(),
+            })
             .collect();
         let with = |want: Action| -> Vec<&Held> {
             leftovers
@@ -215,7 +231,12 @@ impl Admin {
             with(Action::Kept),
         );
         if dry_run {
-            return Ok(json!({ "dry_run": true, "plan": planned, "failed": failed }));
+            return Ok(Recovered {
+                dry_run: true,
+                plan: planned,
+                failed: failures,
+                ..Recovered::default()
+            });
         }
         failpoint("recover-after-plan");
         // 3. Copy into input/, verifying checksums.
@@ -243,7 +264,7 @@ impl Admin {
                         failpoint("recover-mid-copy");
                     }
                 }
-                Err(e) => failed.push(json!({ "id": l.id.to_string(), "error": e })),
+                Err(e) => failures.push(failed(&l.id, e)),
             }
             report(&progress, "copy", k + 1, to_move.len());
             // A copy from a local folder never waits: let the progress line out.
@@ -259,7 +280,7 @@ impl Admin {
                 tracing::info!(id = %id, "new mail inserted (id={id}) by takeover recovery");
                 moved.push(id);
             } else {
-                failed.push(json!({ "id": id.to_string(), "error": "not spooled after insertion (see corrupt/)" }));
+                failures.push(failed(&id, "not spooled after insertion (see corrupt/)"));
             }
         }
         report(&progress, "insert", moved.len(), to_move.len());
@@ -309,20 +330,20 @@ impl Admin {
             duplicates = dups.len(),
             held_here_kept = kept.len(),
             removed_here = removed_here.len(),
-            failed = failed.len(),
+            failed = failures.len(),
             "takeover recovery done"
         );
         let ids = |v: &[&Held]| v.iter().map(|l| l.id.to_string()).collect::<Vec<_>>();
-        Ok(json!({
-            "dry_run": false,
-            "plan": planned,
-            "moved": moved.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
-            "duplicates": ids(&dups),
-            "held_here_kept": ids(&kept),
-            "removed_on_partner": removed_on_partner,
-            "delivered_by_partner_removed_here": removed_here,
-            "failed": failed,
-        }))
+        Ok(Recovered {
+            dry_run: false,
+            plan: planned,
+            moved: moved.iter().map(|i| i.to_string()).collect(),
+            duplicates: ids(&dups),
+            held_here_kept: ids(&kept),
+            removed_on_partner,
+            delivered_by_partner_removed_here: removed_here,
+            failed: failures,
+        })
     }
 }
 

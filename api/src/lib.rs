@@ -1,0 +1,371 @@
+//! `api`: the typed requests and replies of `spoold`'s admin socket, shared by `spoold` (which
+//! answers them) and `spoolctl` (which asks), so that a field renamed on one side cannot
+//! silently vanish from the other.
+//!
+//! The wire format, one JSON value per line: the [`Request`]; for a recovery that asked for
+//! them, `{"progress": Progress}` lines; then the answer, `{"ok": true, "data": …}` with the
+//! request's reply type below, or `{"ok": false, "error": "…"}`.
+//!
+//! It is not: the socket, the daemon's behaviour, or the tool's output formatting.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Role, partner link, lag, pending actions, queue depth by folder: [`Status`].
+    Status,
+    /// Set the role (`active` or `passive`; turning passive is a handover): [`RoleSet`].
+    Role {
+        /// `active` or `passive`.
+        role: String,
+    },
+    /// Insert `input/` (the SIGUSR2 equivalent): [`Inserted`].
+    Insert,
+    /// List messages: a list of [`Listed`].
+    List {
+        /// One folder (default: spool, vscan, hold, quarantine).
+        folder: Option<String>,
+        /// Sender contains.
+        sender: Option<String>,
+        /// Some recipient contains.
+        rcpt: Option<String>,
+        /// Older than this many seconds.
+        older_than_secs: Option<u64>,
+    },
+    /// One message: [`Shown`].
+    Show {
+        /// Its id.
+        id: String,
+    },
+    /// Move to hold/ (not delivered until released): [`Each`].
+    Hold {
+        /// Ids.
+        ids: Vec<String>,
+    },
+    /// Move from hold/ back to spool/ and schedule now: [`Each`].
+    Release {
+        /// Ids.
+        ids: Vec<String>,
+    },
+    /// Retry now: [`Each`].
+    Requeue {
+        /// Ids.
+        ids: Vec<String>,
+    },
+    /// Remove for good (logged for the partner first): [`Each`].
+    Delete {
+        /// Ids.
+        ids: Vec<String>,
+    },
+    /// Retry every deferred message now: [`Flushed`].
+    Flush,
+    /// Takeover recovery: bring the partner's leftovers (or a copied-out spool folder) here:
+    /// [`Recovered`].
+    Recover {
+        /// Only report the plan.
+        dry_run: bool,
+        /// Offline: a spool folder copied from a dead unit instead of the partner.
+        from_dir: Option<String>,
+        /// Send a [`Progress`] line as each step advances.
+        #[serde(default)]
+        progress: bool,
+    },
+}
+
+/// How far a recovery got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// `list`, `copy`, `insert`, `partner-removal`.
+    pub step: String,
+    /// Done so far.
+    pub done: usize,
+    /// Out of.
+    pub total: usize,
+}
+
+/// One answer line, as sent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Line {
+    /// A recovery's progress.
+    Progress {
+        /// How far.
+        progress: Progress,
+    },
+    /// The answer.
+    Answer {
+        /// Whether the request succeeded.
+        ok: bool,
+        /// The reply, when it did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<serde_json::Value>,
+        /// Why not, when it did not.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+impl Line {
+    /// A successful answer carrying `reply`.
+    pub fn reply<T: Serialize>(reply: &T) -> Line {
+        match serde_json::to_value(reply) {
+            Ok(data) => Line::Answer {
+                ok: true,
+                data: Some(data),
+                error: None,
+            },
+            Err(e) => Line::refused(format!("encode the reply: {e}")),
+        }
+    }
+
+    /// A failed answer.
+    pub fn refused(error: impl Into<String>) -> Line {
+        Line::Answer {
+            ok: false,
+            data: None,
+            error: Some(error.into()),
+        }
+    }
+
+    /// The line as sent, newline included.
+    pub fn to_wire(&self) -> String {
+        let mut s = serde_json::to_string(self)
+            .unwrap_or_else(|_| r#"{"ok":false,"error":"encode the answer"}"#.to_string());
+        s.push('\n');
+        s
+    }
+}
+
+/// Reads an answer's data as the reply type `T`.
+pub fn data_as<T: DeserializeOwned>(data: &serde_json::Value) -> Result<T, String> {
+    T::deserialize(data).map_err(|e| format!("unexpected reply from spoold: {e}"))
+}
+
+/// [`Request::Status`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// `active`, `passive` or `leaving`; a standalone unit is always `active`.
+    pub role: String,
+    /// The HA pair, when configured.
+    pub ha: Option<HaStatus>,
+    /// `.env` files per folder.
+    pub queue: BTreeMap<String, u64>,
+    /// Messages in the delivery schedule.
+    pub scheduled: u64,
+}
+
+/// The replication part of [`Status`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaStatus {
+    /// This unit's role.
+    pub role: String,
+    /// `up` or `down`: the sender's link to the partner.
+    pub link: String,
+    /// Both units active on a live link.
+    pub split_brain: bool,
+    /// Replication actions not yet acknowledged.
+    pub pending_actions: u64,
+    /// Age of the oldest of them.
+    pub oldest_pending_age_ms: Option<u64>,
+    /// Lag of the last acknowledged action.
+    pub last_lag_ms: u64,
+    /// The partner's node name, as last heard.
+    pub partner: Option<String>,
+    /// The partner's role, as last heard.
+    pub partner_role: Option<String>,
+}
+
+/// [`Request::Role`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleSet {
+    /// The role now.
+    pub role: String,
+    /// Turning passive: how long the handover took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover_ms: Option<u64>,
+    /// Turning passive: whether the work in flight ended and every action reached the partner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub complete: Option<bool>,
+    /// Turning passive: actions the partner did not acknowledge (then run `spoolctl recover`
+    /// on the partner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unshipped_actions: Option<u64>,
+}
+
+/// [`Request::Insert`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inserted {
+    /// Ids now in `spool/`.
+    pub inserted: Vec<String>,
+    /// Ids already spooled (the copy in `input/` was removed).
+    pub duplicates: Vec<String>,
+    /// Pairs moved to `corrupt/`.
+    pub corrupt: Vec<Rejected>,
+}
+
+/// A pair refused at insertion.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    /// Its file name stem.
+    pub name: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// One message of [`Request::List`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listed {
+    /// Its id.
+    pub id: String,
+    /// Its folder.
+    pub folder: String,
+    /// Body bytes.
+    pub size: u64,
+    /// Envelope sender.
+    pub sender: String,
+    /// Recipients still pending.
+    pub recipients: Vec<String>,
+    /// Arrival, ms since the epoch.
+    pub arrived_ms: u64,
+    /// Delivery attempts so far.
+    pub attempts: u32,
+    /// Next attempt, ms since the epoch.
+    pub next_attempt_ms: u64,
+    /// The last attempt's error.
+    pub last_error: Option<String>,
+}
+
+/// [`Request::Show`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shown {
+    /// Its id.
+    pub id: String,
+    /// Its folder.
+    pub folder: String,
+    /// The `.env` as text.
+    pub envelope: String,
+    /// The header section (at most 64 KiB).
+    pub headers: String,
+    /// Delivery attempts so far.
+    pub attempts: u32,
+    /// Next attempt, ms since the epoch.
+    pub next_attempt_ms: u64,
+    /// The last attempt's error.
+    pub last_error: Option<String>,
+    /// Each recipient and its state.
+    pub recipients: Vec<RecipientState>,
+}
+
+/// A recipient of [`Shown`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecipientState {
+    /// The address.
+    pub address: String,
+    /// `pending`, `delivered` or `failed`.
+    pub state: String,
+}
+
+/// [`Request::Hold`], [`Request::Release`], [`Request::Requeue`], [`Request::Delete`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Each {
+    /// Ids done.
+    pub done: Vec<String>,
+    /// Ids not done, and why.
+    pub failed: Vec<Failed>,
+}
+
+/// One id that failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failed {
+    /// The id (or file name stem).
+    pub id: String,
+    /// Why.
+    pub error: String,
+}
+
+/// [`Request::Flush`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flushed {
+    /// Messages made due now.
+    pub requeued: usize,
+}
+
+/// [`Request::Recover`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recovered {
+    /// Only the plan was made.
+    pub dry_run: bool,
+    /// Each leftover and what recovery does with it.
+    pub plan: Vec<Planned>,
+    /// Ids moved here.
+    #[serde(default)]
+    pub moved: Vec<String>,
+    /// Ids delivered here, removed there.
+    #[serde(default)]
+    pub duplicates: Vec<String>,
+    /// Ids held here too: the partner's copies are replicas and stay.
+    #[serde(default)]
+    pub held_here_kept: Vec<String>,
+    /// Pairs removed on the partner.
+    #[serde(default)]
+    pub removed_on_partner: usize,
+    /// Ids the partner delivered, removed here.
+    #[serde(default)]
+    pub delivered_by_partner_removed_here: Vec<String>,
+    /// Leftovers that could not be moved, and why.
+    pub failed: Vec<Failed>,
+}
+
+/// One leftover of [`Recovered::plan`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Planned {
+    /// Its id.
+    pub id: String,
+    /// Where it is on the partner (or the folder's path).
+    pub folder: String,
+    /// Body bytes.
+    pub size: u64,
+    /// `move`, `held here (kept)` or `duplicate (delivered here)`.
+    pub action: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_answers_keep_their_wire_form() {
+        let req: Request =
+            serde_json::from_str(r#"{"cmd":"recover","dry_run":true,"from_dir":null}"#).unwrap();
+        assert_eq!(
+            req,
+            Request::Recover {
+                dry_run: true,
+                from_dir: None,
+                progress: false
+            }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"frobnicate"}"#).is_err());
+        assert!(
+            serde_json::from_str::<Request>(r#"{"cmd":"role","role":"active","x":1}"#).is_err()
+        );
+        let line = Line::reply(&Flushed { requeued: 2 }).to_wire();
+        assert_eq!(line, "{\"ok\":true,\"data\":{\"requeued\":2}}\n");
+        let back: Line = serde_json::from_str(line.trim_end()).unwrap();
+        let Line::Answer { data: Some(d), .. } = back else {
+            panic!("{back:?}")
+        };
+        assert_eq!(data_as::<Flushed>(&d).unwrap(), Flushed { requeued: 2 });
+        let progress: Line =
+            serde_json::from_str(r#"{"progress":{"step":"copy","done":1,"total":3}}"#).unwrap();
+        assert!(matches!(progress, Line::Progress { .. }));
+        assert_eq!(
+            Line::refused("no").to_wire(),
+            "{\"ok\":false,\"error\":\"no\"}\n"
+        );
+    }
+}
