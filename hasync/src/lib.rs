@@ -1,8 +1,8 @@
 //! `hasync`: one-way replication from the active unit of an HA pair to the passive one.
 //!
-//! It is: the transaction log ([`txlog`], LMDB), the frame format ([`proto`]), the
-//! authenticated TLS peer link ([`link`]), the in-memory [`outbox`] of just-published
-//! messages, and the [`Replicator`], which runs the sender (on the
+//! It is: the transaction log ([`txlog`], LMDB), the in-memory [`outbox`] of just-published
+//! messages, and the [`Replicator`] over the `peer` crate's authenticated link (re-exported as
+//! [`link`] and [`proto`]), which runs the sender (on the
 //! active node: ship pending `ADD`/`DELETE` actions with a bounded window, resume from the
 //! partner's last applied sequence, retry with capped backoff) and the receiver (apply actions
 //! idempotently, make them durable, then acknowledge), plus heartbeats and split-brain
@@ -14,9 +14,9 @@
 //! path (replicas are stored through a [`ReplicaStore`] the daemon provides), or metrics (a
 //! [`ReplicationObserver`] is told what happens).
 
-pub mod link;
 pub mod outbox;
-pub mod proto;
+pub use peer::{link, proto};
+pub use peer::{HEARTBEAT, SILENCE_MAX};
 mod receiver;
 mod recovery;
 mod sender;
@@ -39,18 +39,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Notify};
 use txlog::{Kind, TxLog};
 
-/// Heartbeat period; a peer silent for [`SILENCE_MAX`] is considered gone.
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
-/// A link on which nothing arrived for this long (a frozen partner, a black-holed network) is
-/// dropped and reconnected; a write that takes this long fails the same way.
-pub const SILENCE_MAX: Duration = Duration::from_secs(3);
 /// How long a unit that became active (or started active) waits to hear its partner before it
 /// takes the partner for dead and delivers: a live partner answers the sender's connection
 /// within milliseconds, so two heartbeats are ample.
 pub const PARTNER_GRACE: Duration = Duration::from_secs(2);
-/// First reconnect delay; doubles up to [`RECONNECT_MAX`].
-const RECONNECT_MIN: Duration = Duration::from_millis(100);
-const RECONNECT_MAX: Duration = Duration::from_secs(1);
 /// Bytes in flight to the partner before the sender waits for acknowledgements, whatever the
 /// window in actions: bounds the receiver's memory when messages are large.
 pub const WINDOW_BYTES: u64 = 16 << 20;
@@ -370,17 +362,7 @@ impl Replicator {
     }
 }
 
-/// Runs a write on the link, failing it when it takes [`SILENCE_MAX`] (a partner that stopped
-/// reading).
-pub(crate) async fn within<T>(
-    max: Duration,
-    write: impl Future<Output = Result<T, LinkError>>,
-) -> Result<T, LinkError> {
-    match tokio::time::timeout(max, write).await {
-        Ok(r) => r,
-        Err(_) => Err(LinkError::Protocol(format!("write blocked for {max:?}"))),
-    }
-}
+pub(crate) use peer::within;
 
 #[cfg(test)]
 mod tests {
@@ -412,6 +394,21 @@ mod tests {
         fn split_brain(&self, _on: bool) {}
     }
 
+    /// A link identity with a fresh self-signed certificate.
+    fn test_link_config(node: &str, secret: &[u8]) -> link::LinkConfig {
+        let cert = rcgen::generate_simple_self_signed(vec!["spoolpair-peer".into()]).unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(cert.key_pair.serialize_der()).unwrap();
+        link::LinkConfig::new(
+            node.into(),
+            secret.to_vec(),
+            1,
+            vec![cert.cert.der().clone()],
+            key,
+        )
+        .unwrap()
+    }
+
     /// A fresh state directory and transaction log for one test.
     fn state_and_log() -> (tempfile::TempDir, Layout, Arc<TxLog>) {
         let dir = tempfile::tempdir().unwrap();
@@ -431,7 +428,7 @@ mod tests {
         store: Arc<dyn ReplicaStore>,
     ) -> Arc<Replicator> {
         let cfg = ReplicatorConfig {
-            link: link::test_config(node, b"s"),
+            link: test_link_config(node, b"s"),
             partner: "127.0.0.1:9".parse().unwrap(),
             window: 8,
         };
@@ -446,7 +443,7 @@ mod tests {
         let (_dir, layout, log) = state_and_log();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let cfg = ReplicatorConfig {
-            link: link::test_config("a", b"s"),
+            link: test_link_config("a", b"s"),
             partner: listener.local_addr().unwrap(),
             window: 8,
         };
@@ -471,7 +468,7 @@ mod tests {
         tokio::spawn(sender.clone().run_sender());
 
         let (tcp, _) = listener.accept().await.unwrap();
-        let l = link::accept(tcp, &link::test_config("b", b"s"), Role::Passive)
+        let l = link::accept(tcp, &test_link_config("b", b"s"), Role::Passive)
             .await
             .unwrap();
         let (r, mut w) = tokio::io::split(l.io);
@@ -585,9 +582,14 @@ mod tests {
         let receiver = replicator("b", Role::Passive, layout, log, store.clone());
         tokio::spawn(receiver.run_receiver(listener));
 
-        let sender = link::connect(addr, &link::test_config("a", b"s"), Role::Active)
-            .await
-            .unwrap();
+        let sender = link::connect(
+            addr,
+            &test_link_config("a", b"s"),
+            Role::Active,
+            proto::Channel::Replication,
+        )
+        .await
+        .unwrap();
         let (r, mut w) = tokio::io::split(sender.io);
         let mut frames = link::spawn_reader(r);
         assert!(matches!(frames.recv().await, Some(Ok(Frame::Resume(0)))));

@@ -28,6 +28,16 @@ impl Replicator {
             let me = self.clone();
             tokio::spawn(async move {
                 match link::accept(tcp, &me.cfg.link, me.role()).await {
+                    // This listener serves replication and its requests; the archive mirror
+                    // and cluster configuration will have services of their own.
+                    Ok(l)
+                        if !matches!(
+                            l.peer.channel,
+                            proto::Channel::Replication | proto::Channel::Recovery
+                        ) =>
+                    {
+                        tracing::warn!(%from, channel = ?l.peer.channel, "peer link for a channel not served here: closed");
+                    }
                     Ok(l) => {
                         if let Err(e) = me.clone().receive_session(l).await {
                             tracing::warn!(%from, "replication receiver: {e}");

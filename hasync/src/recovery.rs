@@ -184,7 +184,13 @@ impl Replicator {
 
     /// Opens a takeover-recovery session with the partner over the authenticated link.
     pub async fn recovery_client(&self) -> Result<RecoveryClient, LinkError> {
-        let link = link::connect(self.cfg.partner, &self.cfg.link, self.role()).await?;
+        let link = link::connect(
+            self.cfg.partner,
+            &self.cfg.link,
+            self.role(),
+            proto::Channel::Recovery,
+        )
+        .await?;
         let (r, w) = tokio::io::split(link.io);
         let mut frames = link::spawn_reader(r);
         match frames.recv().await {

@@ -10,7 +10,7 @@ impl Replicator {
     pub async fn run_sender(self: Arc<Self>) {
         tokio::spawn(self.clone().prune_acknowledged());
         let mut role = self.watch_role();
-        let mut delay = RECONNECT_MIN;
+        let mut backoff = peer::Backoff::new();
         loop {
             while *role.borrow() == Role::Passive {
                 if role.changed().await.is_err() {
@@ -18,7 +18,7 @@ impl Replicator {
                 }
             }
             match self.clone().send_session().await {
-                Ok(()) => delay = RECONNECT_MIN,
+                Ok(()) => backoff.reset(),
                 Err(e) => {
                     if matches!(e, LinkError::AuthFailed { .. }) {
                         self.observer.auth_failure();
@@ -30,13 +30,18 @@ impl Replicator {
             if self.link_up.swap(false, Ordering::SeqCst) {
                 self.observer.link_up(false);
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(RECONNECT_MAX);
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     }
 
     pub(crate) async fn send_session(self: Arc<Self>) -> Result<(), LinkError> {
-        let link = link::connect(self.cfg.partner, &self.cfg.link, self.role()).await?;
+        let link = link::connect(
+            self.cfg.partner,
+            &self.cfg.link,
+            self.role(),
+            proto::Channel::Replication,
+        )
+        .await?;
         let _live = LiveLink::open(&self);
         self.heard(&link.peer.node, link.peer.role, link.peer.priority);
         let (r, mut w) = tokio::io::split(link.io);
@@ -332,7 +337,7 @@ impl Replicator {
                     env: Bytes::from(env),
                     body: Bytes::new(),
                 };
-                batch.push(&frame, link::BodyPieces::Mapped(body));
+                batch.push(&frame, link::BodyPieces::Mapped(Box::new(body)));
                 self.observer.add_sent(false);
                 return Some(sent);
             }

@@ -184,6 +184,12 @@ impl MappedBody {
     }
 }
 
+impl AsRef<[u8]> for MappedBody {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
 /// SHA-256 of `bytes`, as stored in an envelope's `body-sha256`.
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()

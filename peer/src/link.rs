@@ -5,7 +5,7 @@
 //! what authenticates the peer; any certificate is accepted, its handshake signature checked.
 //! There is no plaintext mode.
 
-use crate::proto::{Frame, Role, FRAME_BYTES_MAX, VERSION};
+use crate::proto::{Channel, Frame, Role, FRAME_BYTES_MAX, VERSION};
 use bytes::{Bytes, BytesMut};
 use hmac::{Hmac, Mac};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -95,6 +95,8 @@ pub struct PeerInfo {
     pub role: Role,
     /// Its priority.
     pub priority: u32,
+    /// What the connection is for.
+    pub channel: Channel,
 }
 
 /// Byte stream of an established link.
@@ -180,13 +182,13 @@ pub enum BodyPieces {
     /// The buffers SMTP received the body into, in order.
     Received(Vec<Bytes>),
     /// The `.body` file, memory-mapped.
-    Mapped(spool::MappedBody),
+    Mapped(Box<dyn AsRef<[u8]> + Send + Sync>),
 }
 
 enum Piece {
     Head(BytesMut),
     Received(Bytes),
-    Mapped(spool::MappedBody),
+    Mapped(Box<dyn AsRef<[u8]> + Send + Sync>),
 }
 
 impl Piece {
@@ -194,7 +196,7 @@ impl Piece {
         match self {
             Piece::Head(h) => h,
             Piece::Received(b) => b,
-            Piece::Mapped(b) => b.bytes(),
+            Piece::Mapped(b) => b.as_ref().as_ref(),
         }
     }
 }
@@ -274,6 +276,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     cfg: &LinkConfig,
     role: Role,
+    channel: Channel,
     exporter: [u8; 32],
     our_side: &str,
     their_side: &str,
@@ -282,6 +285,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         version: VERSION,
         role,
         priority: cfg.priority,
+        channel,
         node: cfg.node.clone(),
     };
     write_frame(s, &hello, &[]).await?;
@@ -297,6 +301,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
             version,
             role,
             priority,
+            channel,
             node,
         } => {
             if version != VERSION {
@@ -308,6 +313,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 node,
                 role,
                 priority,
+                channel,
             }
         }
         other => {
@@ -328,7 +334,12 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Connects to the partner and authenticates both ways.
-pub async fn connect(addr: SocketAddr, cfg: &LinkConfig, role: Role) -> Result<Link, LinkError> {
+pub async fn connect(
+    addr: SocketAddr,
+    cfg: &LinkConfig,
+    role: Role,
+    channel: Channel,
+) -> Result<Link, LinkError> {
     let go = async {
         let tcp = TcpStream::connect(addr).await?;
         let _ = tcp.set_nodelay(true);
@@ -337,7 +348,7 @@ pub async fn connect(addr: SocketAddr, cfg: &LinkConfig, role: Role) -> Result<L
             .map_err(|e| LinkError::Protocol(e.to_string()))?;
         let mut tls = connector.connect(name, tcp).await?;
         let exporter = exporter_of(tls.get_ref().1)?;
-        let peer = exchange(&mut tls, cfg, role, exporter, "client", "server").await?;
+        let peer = exchange(&mut tls, cfg, role, channel, exporter, "client", "server").await?;
         Ok(Link {
             io: Box::new(tls),
             peer,
@@ -353,7 +364,18 @@ pub async fn accept(tcp: TcpStream, cfg: &LinkConfig, role: Role) -> Result<Link
         let acceptor = tokio_rustls::TlsAcceptor::from(cfg.server.clone());
         let mut tls = acceptor.accept(tcp).await?;
         let exporter = exporter_of(tls.get_ref().1)?;
-        let peer = exchange(&mut tls, cfg, role, exporter, "server", "client").await?;
+        // Both sides write their Hello before reading the other's: the accepting side's names
+        // no channel of its own (it carries the default, and the connecting side ignores it).
+        let peer = exchange(
+            &mut tls,
+            cfg,
+            role,
+            Channel::Replication,
+            exporter,
+            "server",
+            "client",
+        )
+        .await?;
         Ok(Link {
             io: Box::new(tls),
             peer,
@@ -519,14 +541,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_frame_batch_written_in_pieces_reads_back_frame_for_frame() {
-        use sha2::Digest;
-        let dir = tempfile::tempdir().unwrap();
-        let mapped = |name: &str, bytes: &[u8]| {
-            let path = dir.path().join(name);
-            std::fs::write(&path, bytes).unwrap();
-            let sha: [u8; 32] = sha2::Sha256::digest(bytes).into();
-            spool::MappedBody::open_verified(&path, bytes.len() as u64, &sha).unwrap()
-        };
+        // A body the writer takes by reference (a memory-mapped `.body` in the daemon).
+        let mapped = |_name: &str, bytes: &[u8]| bytes.to_vec();
         let add = |seq, env: &'static [u8]| Frame::Add {
             seq,
             id: format!("id{seq}"),
@@ -535,7 +551,7 @@ mod tests {
             body: Bytes::new(),
         };
         let mut batch = FrameBatch::default();
-        let mapped = |name, bytes| BodyPieces::Mapped(mapped(name, bytes));
+        let mapped = |name, bytes: &[u8]| BodyPieces::Mapped(Box::new(mapped(name, bytes)));
         batch.push(&add(1, b"env one\n"), mapped("1", b"body one\r\n"));
         batch.push(
             &Frame::Delete {
@@ -597,7 +613,7 @@ mod tests {
             let (tcp, _) = listener.accept().await.unwrap();
             accept(tcp, &b, Role::Passive).await
         });
-        let client = connect(addr, &a, Role::Active).await;
+        let client = connect(addr, &a, Role::Active, Channel::Recovery).await;
         (client, server.await.unwrap())
     }
 
@@ -608,6 +624,11 @@ mod tests {
         assert_eq!(c.peer.node, "gw_b");
         assert_eq!(s.peer.node, "gw_a");
         assert_eq!(s.peer.role, Role::Active);
+        assert_eq!(
+            s.peer.channel,
+            Channel::Recovery,
+            "the connecting side's channel"
+        );
     }
 
     #[tokio::test]

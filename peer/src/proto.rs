@@ -4,7 +4,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Protocol version carried in `Hello`; a peer with another version is refused.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Largest frame accepted (a message body plus its envelope fits well below).
 pub const FRAME_BYTES_MAX: usize = 64 << 20;
 
@@ -40,6 +40,41 @@ impl Role {
     }
 }
 
+/// What a connection is for, declared in its `Hello`; a listener serves the channels it knows
+/// and refuses the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    /// HA replication: `ADD`/`DELETE` from the active unit, acknowledgements back.
+    Replication,
+    /// Requests and replies (takeover recovery).
+    Recovery,
+    /// Archive mirroring (reserved).
+    ArchiveMirror,
+    /// Cluster configuration (reserved).
+    ClusterConfig,
+}
+
+impl Channel {
+    fn byte(self) -> u8 {
+        match self {
+            Channel::Replication => 0,
+            Channel::Recovery => 1,
+            Channel::ArchiveMirror => 2,
+            Channel::ClusterConfig => 3,
+        }
+    }
+
+    fn of(b: u8) -> Result<Channel, FrameError> {
+        Ok(match b {
+            0 => Channel::Replication,
+            1 => Channel::Recovery,
+            2 => Channel::ArchiveMirror,
+            3 => Channel::ClusterConfig,
+            _ => return Err(FrameError("channel")),
+        })
+    }
+}
+
 /// One frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -51,6 +86,8 @@ pub enum Frame {
         role: Role,
         /// Sender's priority (split brain: the lower one stands down).
         priority: u32,
+        /// What the connection is for.
+        channel: Channel,
         /// Sender's node name.
         node: String,
     },
@@ -153,12 +190,14 @@ impl Frame {
                 version,
                 role,
                 priority,
+                channel,
                 node,
             } => {
                 p.put_u8(1);
                 p.put_u16(*version);
                 p.put_u8(role_byte(*role));
                 p.put_u32(*priority);
+                p.put_u8(channel.byte());
                 p.put_slice(node.as_bytes());
             }
             Frame::Proof(mac) => {
@@ -241,10 +280,19 @@ impl Frame {
                 let version = p.get_u16();
                 let role = role_of(p.get_u8())?;
                 let priority = p.get_u32();
+                // Before version 3 there was no channel: decoded as replication, so that the
+                // version check, not a decoding error, tells the operator what is wrong.
+                let channel = if version >= 3 {
+                    need(&p, 1)?;
+                    Channel::of(p.get_u8())?
+                } else {
+                    Channel::Replication
+                };
                 Frame::Hello {
                     version,
                     role,
                     priority,
+                    channel,
                     node: text(p)?,
                 }
             }
@@ -323,6 +371,7 @@ mod tests {
                 version: VERSION,
                 role: Role::Active,
                 priority: 7,
+                channel: Channel::Recovery,
                 node: "gw_a".into(),
             },
             Frame::Proof([9; 32]),
