@@ -1,8 +1,7 @@
 //! The contents of just-published messages, held in memory for the sender so that an `ADD`
 //! goes out from the buffers SMTP received it into instead of from the files it was just
-//! written to (measured: reopening, reading, mapping, verifying and unmapping each message
-//! cost the active unit about 50–60 µs of CPU per 4 KiB message, most of what async
-//! replication costs it).
+//! written to (reopening, reading, mapping, verifying and unmapping each message was most of
+//! what async replication cost the active unit; BENCHMARKS.md has the figures).
 //!
 //! It is a cache, not a queue: bounded by bytes, it refuses what does not fit, and the sender
 //! falls back to the files for anything it does not find here (after a restart, a reconnect,

@@ -5,7 +5,7 @@
 //! 1. writes each body and envelope into a nameless file (`O_TMPFILE` in `spool/`) and fsyncs
 //!    both — with io_uring in two submits: every file's `write → sync_file_range` (data written
 //!    back), then every file's `fsync`, so that the fsyncs run concurrently and find little
-//!    left to do (see `write_and_sync_uring`: +13–31 % ingest here); the portable backend
+//!    left to do (see `write_and_sync_uring`; BENCHMARKS.md has the figures); the portable backend
 //!    makes the same calls, its fsyncs spread over a few threads to run concurrently too;
 //! 2. links each body, then its envelope, into `spool/` under its name (`linkat`);
 //! 3. fsyncs `spool/` once;
@@ -13,12 +13,11 @@
 //!
 //! Steps 2–4 run on a second thread (the publisher) while the writer thread already does step 1
 //! of the next round: two rounds are in flight at most, and each is acknowledged only after its
-//! own directory fsync. Measured here, this pipeline took 50-session ingest from 2,854 to 3,453
-//! msgs/s with per-file fsync.
+//! own directory fsync, which keeps the device busy while a round's names are synced.
 //!
 //! Nameless files save a directory entry in `tmp/` and its rename per file, and on ext4 the
-//! fsync of a newly named file also syncs its parent directory: measured here, 1.7× more
-//! durable files per second. Where the file system or `/proc` does not allow it (probed at
+//! fsync of a newly named file also syncs its parent directory (the gain is measured in
+//! BENCHMARKS.md). Where the file system or `/proc` does not allow it (probed at
 //! start), files are created in `tmp/` and renamed instead, with the same guarantees. A crash
 //! before the link leaves no name anywhere; the file system reclaims the inode (the orphan list
 //! on a journaled file system, `e2fsck` without a journal).
@@ -678,7 +677,7 @@ fn new_nameless(layout: &Layout) -> io::Result<File> {
 }
 
 /// Keeps up to `count` nameless files ready for the writer, so that creating them (an inode
-/// allocation each, a fifth of a round's time on the writer thread when measured) happens
+/// allocation each, a large part of a round on the writer thread) happens
 /// while the writer waits for the device. Ends when the writer is gone. A file that cannot be
 /// created now (a full disk) is left to the writer, which reports the error to its request.
 fn make_spares(layout: Layout, count: usize) -> io::Result<Spares> {

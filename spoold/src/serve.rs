@@ -1,0 +1,220 @@
+//! The daemon's long-running tasks around the core: the SMTP accept loop (session limit, role
+//! check), the read-only HTTP endpoints (`/metrics`, `/healthz`, `/readyz`, `/admin/status`),
+//! the task that follows the HA role (scheduling replicas on becoming active, the HA gauges),
+//! and systemd's watchdog.
+//!
+//! It is not: the wiring (`main.rs`) or any message handling.
+
+use crate::metrics::Metrics;
+use crate::queue::Queue;
+use crate::sink::{self, SpoolSink};
+use spool::{Folder, Layout};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub async fn accept_loop(
+    listener: TcpListener,
+    cfg: Arc<smtp::ServerConfig>,
+    sink: Arc<SpoolSink>,
+    shutdown: watch::Receiver<bool>,
+    sessions: Arc<AtomicUsize>,
+    sessions_max: usize,
+    replicator: Option<Arc<hasync::Replicator>>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        // Read the role at accept time, not through a task that follows it, so a session opened
+        // right after a role change already sees the new role.
+        let passive = replicator
+            .as_ref()
+            .is_some_and(|r| r.role() != hasync::proto::Role::Active);
+        if passive {
+            refuse(
+                stream,
+                b"421 4.3.2 This unit is passive (standby); use the active unit\r\n",
+            );
+            continue;
+        }
+        if sessions.load(Ordering::SeqCst) >= sessions_max {
+            sink.metrics.smtp_sessions_refused.inc();
+            refuse(
+                stream,
+                b"421 4.7.0 Error: too many connections, try again later\r\n",
+            );
+            continue;
+        }
+        sessions.fetch_add(1, Ordering::SeqCst);
+        sink.metrics.smtp_sessions.inc();
+        let (cfg, sink, shutdown, sessions) = (
+            cfg.clone(),
+            sink.clone(),
+            shutdown.clone(),
+            sessions.clone(),
+        );
+        tokio::spawn(async move {
+            let metrics = sink.metrics.clone();
+            let end = smtp::serve(stream, peer, cfg, sink, shutdown).await;
+            tracing::debug!(%peer, ?end, "session ended");
+            metrics.smtp_sessions.dec();
+            sessions.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+/// Answers a connection we will not serve with one reply and closes it.
+fn refuse(mut stream: tokio::net::TcpStream, reply: &'static [u8]) {
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = stream.write_all(reply).await;
+    });
+}
+
+pub async fn serve_http(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    replicator: Option<Arc<hasync::Replicator>>,
+) {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    // Read-only: role changes go through the admin socket (mode 0600) only, since this port may
+    // be opened to a remote Prometheus.
+    let app = axum::Router::new()
+        .route(
+            "/admin/status",
+            get(move || {
+                let r = replicator.clone();
+                async move {
+                    let Some(r) = r else { return "role active\nha off\n".to_string() };
+                    let (pending, _) = r.log().depth().unwrap_or((0, None));
+                    let peer = r.peer();
+                    format!(
+                        "role {}\nlink {}\nsplit_brain {}\npending {}\nlast_lag_ms {}\npeer {}\npeer_role {}\n",
+                        r.role().as_str(),
+                        if r.link_is_up() { "up" } else { "down" },
+                        r.split_brain(),
+                        pending,
+                        r.last_lag_ms(),
+                        peer.as_ref().map(|p| p.node.as_str()).unwrap_or("-"),
+                        peer.as_ref().map(|p| p.role.as_str()).unwrap_or("-"),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                        m.render(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.load(Ordering::SeqCst);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                }
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "HTTP server stopped");
+    }
+}
+
+/// Follows the role: becoming active schedules every message the spool holds (replicas
+/// included). Also keeps the HA gauges current. (SMTP reads the role itself at accept time.)
+pub async fn follow_role(
+    r: Arc<hasync::Replicator>,
+    queue: Arc<Queue>,
+    layout: Layout,
+    metrics: Arc<Metrics>,
+) {
+    let mut role = r.watch_role();
+    let mut last = None;
+    loop {
+        let now = *role.borrow();
+        if last != Some(now) {
+            let active = now == hasync::proto::Role::Active;
+            metrics.ha_active.set(i64::from(active));
+            if active && last.is_some() {
+                let mut n = 0;
+                for folder in Folder::SCHEDULED {
+                    for e in std::fs::read_dir(layout.dir(folder))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                    {
+                        let name = e.file_name();
+                        let id = name
+                            .to_str()
+                            .and_then(|n| n.strip_suffix(".env"))
+                            .and_then(|n| n.parse().ok());
+                        if let Some(id) = id {
+                            queue.add(id, 0);
+                            n += 1;
+                        }
+                    }
+                }
+                tracing::warn!(
+                    messages = n,
+                    "now active: scheduling every message held, replicas included"
+                );
+            }
+            last = Some(now);
+        }
+        if let Ok((pending, oldest)) = r.log().depth() {
+            metrics.ha_pending.set(pending as i64);
+            let age = oldest
+                .map(|o| (sink::now_ms().saturating_sub(o)) as f64 / 1000.0)
+                .unwrap_or(0.0);
+            metrics.ha_oldest_pending.set(age);
+        }
+        metrics
+            .ha_rebuild_pending
+            .set(i64::from(r.log().needs_rebuild()));
+        let outbox = r.log().outbox();
+        metrics.ha_outbox_messages.set(outbox.len() as i64);
+        metrics.ha_outbox_bytes.set(outbox.bytes() as i64);
+        tokio::select! {
+            c = role.changed() => if c.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Pings systemd's watchdog at half its interval when `WatchdogSec=` is set.
+pub fn spawn_watchdog() {
+    let mut usec = 0u64;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let every = Duration::from_micros(usec / 2);
+        tokio::spawn(async move {
+            loop {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+}
