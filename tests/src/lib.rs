@@ -442,6 +442,41 @@ pub fn write_self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     (cert_path, key_path)
 }
 
+/// After a crash and a restart: no half pair is visible in `spool/`, and every acknowledged
+/// message (id → the body sent) is there, whole (its body matches its envelope's length and
+/// checksum) and byte-identical. `what` names the round in failure messages.
+pub fn assert_acknowledged_whole(
+    d: &Daemon,
+    acked: &std::collections::HashMap<String, Vec<u8>>,
+    what: &str,
+) {
+    let spool = d.folder("spool");
+    for name in &spool {
+        let (stem, ext) = name.rsplit_once('.').unwrap();
+        let other = if ext == "env" { "body" } else { "env" };
+        assert!(
+            spool.contains(&format!("{stem}.{other}")),
+            "{what}: half a pair visible: {name}"
+        );
+    }
+    for (id, body) in acked {
+        assert!(
+            spool.contains(&format!("{id}.env")),
+            "{what}: acknowledged {id} lost"
+        );
+        let env = d.envelope(id);
+        let path = d.state.join("spool").join(format!("{id}.body"));
+        assert!(
+            spool::MappedBody::open_verified(&path, env.body_len, &env.body_sha256).is_ok(),
+            "{what}: {id} not whole (length or checksum)"
+        );
+        assert!(
+            &d.body_without_received(id) == body,
+            "{what}: {id} bytes differ"
+        );
+    }
+}
+
 /// A source address outside the default `trusted_networks` (TEST-NET-1, RFC 5737), added to
 /// `lo` so that a test client reaches the daemon as a stranger would, not as a loopback client
 /// with an emptied trust list. Needs root (CI runs as root); a test that needs it fails without.

@@ -12,7 +12,6 @@
 //!
 //! It is not: a faithful model of any one file system's reordering (ext4 may persist more than
 //! was synced; this keeps exactly what was), nor fast.
-#![allow(clippy::expect_used)]
 
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -141,6 +140,18 @@ impl Model {
         Ok(ino)
     }
 
+    /// Adds a node and returns its attributes, for the reply.
+    fn add_attr(
+        &mut self,
+        parent: u64,
+        name: &OsStr,
+        content: Content,
+        mode: u32,
+    ) -> Result<FileAttr, Errno> {
+        let ino = self.add(parent, name, content, (mode & 0o7777) as u16)?;
+        self.attr(ino).ok_or(Errno::EIO)
+    }
+
     /// Power lost: only what was synced, reachable through synced entries, remains.
     fn cut(&mut self) {
         let mut reachable = HashSet::new();
@@ -255,8 +266,8 @@ impl Filesystem for PowerCutFs {
             entries: BTreeMap::new(),
             synced: BTreeMap::new(),
         };
-        match m.add(parent.0, name, dir, (mode & 0o7777) as u16) {
-            Ok(ino) => reply.entry(&TTL, &m.attr(ino).expect("just added"), Generation(0)),
+        match m.add_attr(parent.0, name, dir, mode) {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -280,8 +291,8 @@ impl Filesystem for PowerCutFs {
             _ => return reply.error(Errno::EOPNOTSUPP),
         };
         let mut m = self.model();
-        match m.add(parent.0, name, content, (mode & 0o7777) as u16) {
-            Ok(ino) => reply.entry(&TTL, &m.attr(ino).expect("just added"), Generation(0)),
+        match m.add_attr(parent.0, name, content, mode) {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -301,14 +312,8 @@ impl Filesystem for PowerCutFs {
             data: Vec::new(),
             synced: Vec::new(),
         };
-        match m.add(parent.0, name, file, (mode & 0o7777) as u16) {
-            Ok(ino) => reply.created(
-                &TTL,
-                &m.attr(ino).expect("just added"),
-                Generation(0),
-                FileHandle(0),
-                FopenFlags::empty(),
-            ),
+        match m.add_attr(parent.0, name, file, mode) {
+            Ok(a) => reply.created(&TTL, &a, Generation(0), FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
     }

@@ -74,7 +74,6 @@ fn sigkill_rounds(mode: &str, spool_settings: &str, rounds: usize) {
         }
         let pending_tmp = d.folder("tmp").len();
         d.restart();
-        let spool = d.folder("spool");
         assert_eq!(
             d.folder("tmp").len(),
             0,
@@ -85,39 +84,16 @@ fn sigkill_rounds(mode: &str, spool_settings: &str, rounds: usize) {
             "nothing corrupt: {:?}",
             d.folder("corrupt")
         );
-        for name in &spool {
-            let (stem, ext) = name.rsplit_once('.').unwrap();
-            let other = if ext == "env" { "body" } else { "env" };
-            assert!(
-                spool.contains(&format!("{stem}.{other}")),
-                "partial pair {name}"
-            );
-        }
         let acked = acked.lock().unwrap();
         assert!(
             acked.len() > acked_before,
             "{mode} round {round} (TEST_SEED={seed}): the kill landed before any message was acknowledged"
         );
-        for (id, body) in acked.iter() {
-            assert!(
-                spool.contains(&format!("{id}.env")),
-                "{mode} round {round} (TEST_SEED={seed}): acknowledged {id} lost"
-            );
-            let got = d.body_without_received(id);
-            assert!(
-                &got == body,
-                "round {round}: {id} body differs ({} vs {} bytes)",
-                got.len(),
-                body.len()
-            );
-            let env = d.envelope(id);
-            let path = d.state.join("spool").join(format!("{id}.body"));
-            assert!(
-                tests::spool::MappedBody::open_verified(&path, env.body_len, &env.body_sha256)
-                    .is_ok(),
-                "{id}: body does not match its envelope's length and checksum"
-            );
-        }
+        tests::assert_acknowledged_whole(
+            &d,
+            &acked,
+            &format!("{mode} round {round} (TEST_SEED={seed})"),
+        );
         let spooled = d.spooled_ids().len();
         assert!(
             spooled >= acked.len(),

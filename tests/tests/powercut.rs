@@ -126,29 +126,11 @@ fn power_cuts_under_load(mode: &str, spool_settings: &str, rounds: usize) {
             acked.len() > before,
             "{mode} round {round} (TEST_SEED={seed}): nothing acknowledged before the cut"
         );
-        let spool = d.folder("spool");
-        for name in &spool {
-            let (stem, ext) = name.rsplit_once('.').unwrap();
-            let other = if ext == "env" { "body" } else { "env" };
-            assert!(
-                spool.contains(&format!("{stem}.{other}")),
-                "{mode} round {round} (TEST_SEED={seed}): half a pair visible: {name}"
-            );
-        }
-        for (id, body) in acked.iter() {
-            assert!(
-                spool.contains(&format!("{id}.env")),
-                "{mode} round {round} (TEST_SEED={seed}): acknowledged {id} lost in the power cut"
-            );
-            let env = d.envelope(id);
-            let path = d.state.join("spool").join(format!("{id}.body"));
-            assert!(
-                tests::spool::MappedBody::open_verified(&path, env.body_len, &env.body_sha256)
-                    .is_ok(),
-                "{mode} round {round}: {id} not whole after the power cut"
-            );
-            assert!(&d.body_without_received(id) == body, "{id} bytes differ");
-        }
+        tests::assert_acknowledged_whole(
+            &d,
+            &acked,
+            &format!("{mode} round {round} (TEST_SEED={seed}), after the power cut"),
+        );
         let (file_syncs, dir_syncs) = fs.syncs();
         eprintln!(
             "{mode} round {round}: {} acknowledged ({} this round), all whole after the power cut; {file_syncs} file and {dir_syncs} directory syncs so far",
