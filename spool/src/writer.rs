@@ -188,10 +188,11 @@ pub struct Published<'a> {
 /// Handle to the writer thread. Dropping every handle (and calling [`SpoolWriter::shutdown`])
 /// lets the thread finish the requests it has and exit.
 pub struct SpoolWriter {
-    tx: crossbeam_channel::Sender<CommitRequest>,
+    /// `None` once shut down: later requests complete with [`CommitError::Closed`].
+    tx: std::sync::RwLock<Option<crossbeam_channel::Sender<CommitRequest>>>,
     backend: Backend,
     nameless: bool,
-    thread: Option<JoinHandle<()>>,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl SpoolWriter {
@@ -284,10 +285,10 @@ impl SpoolWriter {
                 let _ = publisher_thread.join();
             })?;
         Ok(SpoolWriter {
-            tx,
+            tx: std::sync::RwLock::new(Some(tx)),
             backend,
             nameless,
-            thread: Some(thread),
+            thread: std::sync::Mutex::new(Some(thread)),
         })
     }
 
@@ -304,7 +305,16 @@ impl SpoolWriter {
     /// Queues a request; blocks only while the writer's queue is full. On shutdown the request
     /// is completed with [`CommitError::Closed`].
     pub fn submit(&self, req: CommitRequest) {
-        if let Err(crossbeam_channel::SendError(req)) = self.tx.send(req) {
+        let tx = self.tx.read().unwrap_or_else(|p| p.into_inner());
+        let refused = match tx.as_ref() {
+            Some(tx) => tx
+                .send(req)
+                .err()
+                .map(|crossbeam_channel::SendError(req)| req),
+            None => Some(req),
+        };
+        drop(tx);
+        if let Some(req) = refused {
             (req.done)(Err(CommitError::Closed));
         }
     }
@@ -329,11 +339,14 @@ impl SpoolWriter {
         rx.recv().unwrap_or(Err(CommitError::Closed))
     }
 
-    /// Finishes every queued request and stops the thread.
-    pub fn shutdown(mut self) {
-        let (dead, _) = crossbeam_channel::bounded(1);
-        drop(std::mem::replace(&mut self.tx, dead));
-        if let Some(t) = self.thread.take() {
+    /// Finishes every queued request and stops the thread; requests submitted afterwards
+    /// complete with [`CommitError::Closed`]. Blocks until the thread is done; a second call
+    /// returns at once.
+    pub fn shutdown(&self) {
+        // Dropping the only sender ends the worker's loop once the queue is empty.
+        drop(self.tx.write().unwrap_or_else(|p| p.into_inner()).take());
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = thread {
             let _ = t.join();
         }
     }

@@ -32,7 +32,7 @@ use spool::{Backend, BackendChoice, Folder, IdGenerator, Layout, SpoolWriter};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage::sync_mode;
@@ -366,7 +366,7 @@ async fn run(cfg: Config) -> Result<()> {
         replicator.clone(),
     ));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let sessions = Arc::new(AtomicUsize::new(0));
+    let sessions = serve::Sessions::new();
     let accept = tokio::spawn(accept_loop(
         smtp_listener,
         server_cfg,
@@ -408,20 +408,18 @@ async fn run(cfg: Config) -> Result<()> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     ready.store(false, Ordering::SeqCst);
     let _ = shutdown_tx.send(true);
-    let deadline = Instant::now() + SHUTDOWN_GRACE;
-    while sessions.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    if !sessions.wait_closed(SHUTDOWN_GRACE).await {
+        tracing::warn!("sessions still open after the grace period: their messages get 451");
     }
     accept.abort();
     let _ = accept.await;
     let _ = delivery_task.await;
     drop(delivery);
-    match Arc::try_unwrap(sink) {
-        Ok(sink) => tokio::task::spawn_blocking(move || sink.writer.shutdown())
-            .await
-            .context("writer shutdown")?,
-        Err(_) => tracing::warn!("sessions still open after the grace period; exiting"),
-    }
+    // Finishes what was submitted; anything later is refused (a 451 to its client).
+    let s = sink.clone();
+    tokio::task::spawn_blocking(move || s.writer.shutdown())
+        .await
+        .context("writer shutdown")?;
     let _ = std::fs::remove_file(admin::Admin::socket_path(&layout));
     tracing::info!("spoold stopped");
     Ok(())

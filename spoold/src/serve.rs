@@ -9,18 +9,60 @@ use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::sink::{self, SpoolSink};
 use spool::{Folder, Layout};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+/// Open SMTP sessions: counted as they start and end, so that the session limit holds and a
+/// shutdown can wait for the last one to end without polling.
+#[derive(Clone)]
+pub struct Sessions(Arc<watch::Sender<usize>>);
+
+/// One open session, counted until it is dropped.
+pub struct SessionGuard(Sessions);
+
+impl Sessions {
+    /// No session open.
+    pub fn new() -> Sessions {
+        Sessions(Arc::new(watch::channel(0).0))
+    }
+
+    /// A place for one more session, unless `max` are open.
+    fn enter(&self, max: usize) -> Option<SessionGuard> {
+        let mut entered = false;
+        self.0.send_if_modified(|n| {
+            entered = *n < max;
+            if entered {
+                *n += 1;
+            }
+            entered
+        });
+        entered.then(|| SessionGuard(self.clone()))
+    }
+
+    /// Waits until no session is open, or `max` has passed; returns whether none is.
+    pub async fn wait_closed(&self, max: Duration) -> bool {
+        let mut rx = self.0.subscribe();
+        tokio::time::timeout(max, rx.wait_for(|&n| n == 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.0 .0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
 
 pub async fn accept_loop(
     listener: TcpListener,
     cfg: Arc<smtp::ServerConfig>,
     sink: Arc<SpoolSink>,
     shutdown: watch::Receiver<bool>,
-    sessions: Arc<AtomicUsize>,
+    sessions: Sessions,
     sessions_max: usize,
     replicator: Option<Arc<hasync::Replicator>>,
 ) {
@@ -47,28 +89,22 @@ pub async fn accept_loop(
             );
             continue;
         }
-        if sessions.load(Ordering::SeqCst) >= sessions_max {
+        let Some(open) = sessions.enter(sessions_max) else {
             sink.metrics.smtp_sessions_refused.inc();
             refuse(
                 stream,
                 b"421 4.7.0 Error: too many connections, try again later\r\n",
             );
             continue;
-        }
-        sessions.fetch_add(1, Ordering::SeqCst);
+        };
         sink.metrics.smtp_sessions.inc();
-        let (cfg, sink, shutdown, sessions) = (
-            cfg.clone(),
-            sink.clone(),
-            shutdown.clone(),
-            sessions.clone(),
-        );
+        let (cfg, sink, shutdown) = (cfg.clone(), sink.clone(), shutdown.clone());
         tokio::spawn(async move {
             let metrics = sink.metrics.clone();
             let end = smtp::serve(stream, peer, cfg, sink, shutdown).await;
             tracing::debug!(%peer, ?end, "session ended");
             metrics.smtp_sessions.dec();
-            sessions.fetch_sub(1, Ordering::SeqCst);
+            drop(open);
         });
     }
 }
