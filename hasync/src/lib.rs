@@ -14,6 +14,7 @@
 //! path (replicas are stored through a [`ReplicaStore`] the daemon provides), or metrics (a
 //! [`ReplicationObserver`] is told what happens).
 
+pub mod decide;
 pub mod outbox;
 pub use peer::{link, proto};
 pub use peer::{HEARTBEAT, SILENCE_MAX};

@@ -57,10 +57,9 @@ impl Replicator {
             None => return Err(LinkError::Protocol("link closed before Resume".into())),
         };
         self.log.advance_past(next);
-        if next < *self.acked.borrow() {
-            // The partner forgot what it acknowledged: a crash before its lazily persisted mark
-            // caught up (harmless), or a lost or replaced state directory, whose replicas only
-            // a rebuild sends again (acknowledged actions are gone from the log).
+        let resume = decide::on_resume(next, *self.acked.borrow());
+        next = resume.next;
+        if resume.request_rebuild {
             tracing::info!(
                 resume_after = next,
                 acknowledged = *self.acked.borrow(),
@@ -86,11 +85,12 @@ impl Replicator {
                 return Ok(()); // a rebuild starts a session afresh
             }
             // Fill the window.
-            let room = if in_flight_bytes >= WINDOW_BYTES {
-                0
-            } else {
-                self.cfg.window.saturating_sub(in_flight.len())
-            };
+            let room = decide::room(
+                in_flight.len(),
+                in_flight_bytes,
+                self.cfg.window,
+                WINDOW_BYTES,
+            );
             let mut publishing = false;
             if room > 0 {
                 let actions = self
@@ -287,65 +287,91 @@ impl Replicator {
         }
     }
 
-    /// Queues one action in `batch`; an `ADD` whose message is gone by now goes as a `DELETE`.
-    /// Returns the bytes queued, or `None` for an `ADD` whose message is still being published (its files
-    /// are in `tmp/` or half renamed): that one must wait.
+    /// Queues one action in `batch`, as [`decide::ship`] says: an `ADD` whose message is gone by
+    /// now goes as a `DELETE`. Returns the bytes queued, or `None` for an `ADD` whose message is
+    /// still being published (its files are in `tmp/` or half renamed): that one must wait.
     pub(crate) fn ship(&self, batch: &mut link::FrameBatch, a: &txlog::Action) -> Option<u64> {
         let id = a.id.to_string();
-        if a.kind == Kind::Add {
-            // Asked before looking for the files: asked after, the writer could publish the
-            // message between a look that finds nothing and the answer "not publishing", and
-            // a message that exists would be sent as gone.
-            if self.log.is_publishing(&a.id) {
-                return None;
+        // Publishing is asked before looking for the files: asked after, the writer could
+        // publish the message between a look that finds nothing and the answer "not
+        // publishing", and a message that exists would be sent as gone.
+        let publishing = a.kind == Kind::Add && self.log.is_publishing(&a.id);
+        let found = if a.kind == Kind::Add && !publishing {
+            self.find(&a.id)
+        } else {
+            None
+        };
+        match decide::ship(a.kind, publishing, found.is_some()) {
+            decide::Ship::Wait => None,
+            decide::Ship::Add => {
+                let (frame, body, sent, from_outbox) = match found? {
+                    Found::Outbox(held) => {
+                        let sent = (held.envelope.len()
+                            + held.body.iter().map(Bytes::len).sum::<usize>())
+                            as u64;
+                        let frame = Frame::Add {
+                            seq: a.seq,
+                            id,
+                            held: false,
+                            env: held.envelope,
+                            body: Bytes::new(),
+                        };
+                        (frame, link::BodyPieces::Received(held.body), sent, true)
+                    }
+                    Found::Files { env, body, folder } => {
+                        let sent = (env.len() + body.bytes().len()) as u64;
+                        let frame = Frame::Add {
+                            seq: a.seq,
+                            id,
+                            held: folder == Folder::Hold,
+                            env: Bytes::from(env),
+                            body: Bytes::new(),
+                        };
+                        (frame, link::BodyPieces::Mapped(Box::new(body)), sent, false)
+                    }
+                };
+                batch.push(&frame, body);
+                self.observer.add_sent(from_outbox);
+                Some(sent)
             }
-            if let Some(held) = self.log.outbox().take(&a.id) {
-                let sent =
-                    (held.envelope.len() + held.body.iter().map(Bytes::len).sum::<usize>()) as u64;
-                let frame = Frame::Add {
-                    seq: a.seq,
-                    id,
-                    held: false,
-                    env: held.envelope,
-                    body: Bytes::new(),
-                };
-                batch.push(&frame, link::BodyPieces::Received(held.body));
-                self.observer.add_sent(true);
-                return Some(sent);
+            decide::Ship::Delete => {
+                if a.kind == Kind::Add {
+                    tracing::debug!(id = %a.id, seq = a.seq, "message gone before it was shipped; sending DELETE");
+                }
+                // A message deleted before its ADD was sent may still be held.
+                self.log.outbox().take(&a.id);
+                batch.push(&Frame::Delete { seq: a.seq, id }, link::BodyPieces::None);
+                Some(0)
             }
-            for folder in Folder::REPLICATED {
-                let env_path = self.layout.path(folder, &a.id, Part::Env);
-                let Ok(env) = std::fs::read(&env_path) else {
-                    continue;
-                };
-                let Ok(decoded) = spool::Envelope::decode(&env) else {
-                    continue;
-                };
-                let body_path = self.layout.path(folder, &a.id, Part::Body);
-                let Ok(body) = spool::MappedBody::open_verified(
-                    &body_path,
-                    decoded.body_len,
-                    &decoded.body_sha256,
-                ) else {
-                    continue;
-                };
-                let sent = (env.len() + body.bytes().len()) as u64;
-                let frame = Frame::Add {
-                    seq: a.seq,
-                    id,
-                    held: folder == Folder::Hold,
-                    env: Bytes::from(env),
-                    body: Bytes::new(),
-                };
-                batch.push(&frame, link::BodyPieces::Mapped(Box::new(body)));
-                self.observer.add_sent(false);
-                return Some(sent);
-            }
-            tracing::debug!(id = %a.id, seq = a.seq, "message gone before it was shipped; sending DELETE");
         }
-        // A message deleted before its ADD was sent may still be held.
-        self.log.outbox().take(&a.id);
-        batch.push(&Frame::Delete { seq: a.seq, id }, link::BodyPieces::None);
-        Some(0)
     }
+
+    /// Where a message to replicate is now: the outbox (taken from it), or its files in a
+    /// replicated folder (the body memory-mapped and checksum-verified).
+    fn find(&self, id: &MessageId) -> Option<Found> {
+        if let Some(held) = self.log.outbox().take(id) {
+            return Some(Found::Outbox(held));
+        }
+        Folder::REPLICATED.into_iter().find_map(|folder| {
+            let env = std::fs::read(self.layout.path(folder, id, Part::Env)).ok()?;
+            let decoded = spool::Envelope::decode(&env).ok()?;
+            let body = spool::MappedBody::open_verified(
+                &self.layout.path(folder, id, Part::Body),
+                decoded.body_len,
+                &decoded.body_sha256,
+            )
+            .ok()?;
+            Some(Found::Files { env, body, folder })
+        })
+    }
+}
+
+/// A message found for its `ADD`.
+enum Found {
+    Outbox(outbox::HeldMessage),
+    Files {
+        env: Vec<u8>,
+        body: spool::MappedBody,
+        folder: Folder,
+    },
 }

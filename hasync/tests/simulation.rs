@@ -2,16 +2,20 @@
 //! removals on the active node, link drops, crashes of either side and restarts; at the end the
 //! link heals and the partner must hold exactly the active node's spool. The two logs are the
 //! real `TxLog` (LMDB for `DELETE`s, memory for `ADD`s, so a crash of the active node reopens
-//! its log and loses the `ADD`s); the sender and receiver follow the same rules as
-//! `Replicator`: resume after the receiver's applied mark (in memory, persisted only now and
+//! its log and loses the `ADD`s); the sender takes its decisions from `hasync::decide`, the
+//! functions the daemon's sender calls (where to resume and whether to rebuild, how many to
+//! send, `ADD` or `DELETE`); the rest follows `Replicator`'s rules: resume after the receiver's applied mark (in memory, persisted only now and
 //! then, so a crash loses some of it), after a start ask the partner which messages it lacks
 //! and log their `ADD`s before shipping anything, ship `ADD` for a message still held and
 //! `DELETE` otherwise, apply idempotently, make it durable, then acknowledge; the sender prunes
 //! acknowledged actions from its log only now and then too.
 //!
+//! The partner also loses its whole state directory now and then (a replaced disk).
+//!
 //! A failing seed is printed; `SIM_SEED=n cargo test -p hasync --test simulation` replays it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use hasync::decide;
 use hasync::txlog::{Kind, TxLog};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -44,6 +48,7 @@ struct Sim {
     // The highest sequence the partner acknowledged (the sender's memory).
     a_acked: u64,
     crashes: usize,
+    lost_states: usize,
     window: usize,
     // The network of the current connection.
     to_b: VecDeque<ToReceiver>,
@@ -56,6 +61,8 @@ struct Sim {
     // The final stable phase, where pruning is not skipped so the log can drain.
     healing: bool,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
+    // State directories of the partner that replaced a lost one.
+    _lost: Vec<tempfile::TempDir>,
 }
 
 impl Sim {
@@ -80,6 +87,7 @@ impl Sim {
             rebuilding: false,
             a_acked: 0,
             crashes: 0,
+            lost_states: 0,
             window: 8,
             to_b: VecDeque::new(),
             to_a: VecDeque::new(),
@@ -88,6 +96,7 @@ impl Sim {
             healing: false,
             b_log: TxLog::open(db.path(), 1_000_000).unwrap(),
             _dirs: (da, db),
+            _lost: Vec::new(),
         }
     }
 
@@ -102,6 +111,18 @@ impl Sim {
         self.log = Some(TxLog::open(self._dirs.0.path(), 1_000_000).unwrap());
         self.a_acked = 0;
         self.crashes += 1;
+    }
+
+    /// The partner's state directory is lost (a replaced disk): no replicas, a fresh log whose
+    /// applied mark is 0. Only a rebuild sends it what it had acknowledged.
+    fn lose_partner_state(&mut self) {
+        self.disconnect();
+        let fresh = tempfile::tempdir().unwrap();
+        self.b_log = TxLog::open(fresh.path(), 1_000_000).unwrap();
+        self._lost.push(fresh);
+        self.replicas.clear();
+        self.b_applied = 0;
+        self.lost_states += 1;
     }
 
     fn disconnect(&mut self) {
@@ -148,11 +169,13 @@ impl Sim {
         let Some((next, in_flight)) = self.sender.as_mut() else {
             return;
         };
-        let room = self.window.saturating_sub(in_flight.len());
+        let room = decide::room(in_flight.len(), 0, self.window, u64::MAX);
         for a in log.pending_after(*next, room).unwrap() {
-            let frame = match a.kind {
-                Kind::Add if self.spool.contains(&a.id) => ToReceiver::Add(a.seq, a.id),
-                _ => ToReceiver::Delete(a.seq, a.id),
+            // Nothing is being published here: an ADD is logged with its message in the spool.
+            let frame = match decide::ship(a.kind, false, self.spool.contains(&a.id)) {
+                decide::Ship::Add => ToReceiver::Add(a.seq, a.id),
+                decide::Ship::Delete => ToReceiver::Delete(a.seq, a.id),
+                decide::Ship::Wait => break,
             };
             self.to_b.push_back(frame);
             in_flight.push_back(a.seq);
@@ -170,8 +193,9 @@ impl Sim {
             ToReceiver::Resume => {
                 let applied = self.b_log.applied().unwrap().max(self.b_applied);
                 // Sender side of the handshake: resume after the partner's mark.
-                self.sender = Some((applied, VecDeque::new()));
-                if applied < self.a_acked {
+                let resume = decide::on_resume(applied, self.a_acked);
+                self.sender = Some((resume.next, VecDeque::new()));
+                if resume.request_rebuild {
                     self.log().request_rebuild(); // the partner forgot what it acknowledged
                 }
                 if self.log().needs_rebuild() {
@@ -250,6 +274,7 @@ impl Sim {
                 80..=94 => self.ack_step(),
                 95..=96 => self.disconnect(), // link drop
                 97 => self.crash_active(),    // active node crash: its memory is lost
+                98 if self.rng.gen_bool(0.05) => self.lose_partner_state(),
                 _ => {
                     if self.sender.is_none() {
                         self.connect();
@@ -285,7 +310,7 @@ fn partner_converges_to_the_active_spool_under_faults() {
         Ok(s) => vec![s.parse().unwrap()],
         Err(_) => (0..100).collect(),
     };
-    let mut crashes = 0;
+    let (mut crashes, mut lost_states) = (0, 0);
     for seed in seeds {
         let mut sim = Sim::new(seed);
         sim.run(1000);
@@ -296,7 +321,10 @@ fn partner_converges_to_the_active_spool_under_faults() {
             sim.spool.len()
         );
         crashes += sim.crashes;
+        lost_states += sim.lost_states;
     }
     assert!(crashes > 0, "the seeds crashed the active node");
-    eprintln!("simulation: {crashes} crashes of the active node, all converged");
+    eprintln!(
+        "simulation: {crashes} crashes of the active node, {lost_states} lost partner states, all converged"
+    );
 }
