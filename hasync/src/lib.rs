@@ -16,6 +16,7 @@
 
 pub mod decide;
 pub mod outbox;
+pub mod staging;
 pub use peer::{link, proto};
 pub use peer::{HEARTBEAT, SILENCE_MAX};
 mod receiver;
@@ -37,7 +38,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use txlog::{Kind, TxLog};
 
 /// How long a unit that became active (or started active) waits to hear its partner before it
@@ -58,13 +59,16 @@ const REBUILD_ANSWER_WITHIN: Duration = Duration::from_secs(30);
 /// Where replicas are written: the daemon's durable spool writer.
 pub trait ReplicaStore: Send + Sync {
     /// Stores a replica pair durably in `spool/`, or in `hold/` when `held` (idempotent: the
-    /// same id and content again is fine; a replica held in the other folder is moved). Must
-    /// hand the work to the writer before returning, so that many stores submitted together
-    /// share a commit round; the future only waits for completion.
+    /// same id and content again is fine; a replica held in the other folder is moved).
+    /// `deliver_here`: this unit is active, so the replica is mail it must deliver (it came from
+    /// a partner that was active too, or is leaving). Must hand the work to the writer before
+    /// returning, so that many stores submitted together share a commit round; the future
+    /// only waits for completion.
     fn store(
         &self,
         id: MessageId,
         held: bool,
+        deliver_here: bool,
         env: Bytes,
         body: Bytes,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>>;
@@ -126,7 +130,8 @@ pub struct Replicator {
     store: Arc<dyn ReplicaStore>,
     observer: Arc<dyn ReplicationObserver>,
     role: watch::Sender<Role>,
-    new_actions: Notify,
+    /// Publishing marks, the outbox and the sender's wake-up, shared with the writer's hook.
+    staging: Arc<staging::Staging>,
     acked: watch::Sender<u64>,
     /// Receiver: highest sequence applied durably here (in memory; persisted lazily).
     applied: AtomicU64,
@@ -173,6 +178,7 @@ impl Replicator {
     pub fn new(
         cfg: ReplicatorConfig,
         log: Arc<TxLog>,
+        staging: Arc<staging::Staging>,
         layout: Layout,
         store: Arc<dyn ReplicaStore>,
         observer: Arc<dyn ReplicationObserver>,
@@ -185,7 +191,7 @@ impl Replicator {
             store,
             observer,
             role: watch::channel(role).0,
-            new_actions: Notify::new(),
+            staging,
             acked: watch::channel(0).0,
             applied: AtomicU64::new(0),
             applied_persisted: AtomicU64::new(0),
@@ -202,6 +208,11 @@ impl Replicator {
     /// The log.
     pub fn log(&self) -> &Arc<TxLog> {
         &self.log
+    }
+
+    /// Publishing marks, the outbox and the sender's wake-up.
+    pub fn staging(&self) -> &Arc<staging::Staging> {
+        &self.staging
     }
 
     /// Current role.
@@ -230,7 +241,7 @@ impl Replicator {
             self.released.store(false, Ordering::SeqCst);
         }
         if role == Role::Passive {
-            self.log.outbox().clear();
+            self.staging.outbox().clear();
         }
         self.check_split_brain();
         Ok(())
@@ -275,7 +286,7 @@ impl Replicator {
     /// Whether everything this unit logged has reached the partner: no action pending above
     /// what the partner acknowledged, none being published, no rebuild due.
     pub fn drained(&self) -> Result<bool, txlog::LogError> {
-        if self.log.needs_rebuild() || self.log.publishing_any() {
+        if self.log.needs_rebuild() || self.staging.publishing_any() {
             return Ok(false);
         }
         let acked = *self.acked.borrow();
@@ -284,7 +295,7 @@ impl Replicator {
 
     /// Tells the sender that actions were appended.
     pub fn notify(&self) {
-        self.new_actions.notify_one();
+        self.staging.notify();
     }
 
     /// Watches the highest sequence the partner acknowledged.
@@ -375,6 +386,7 @@ mod tests {
             &self,
             _id: MessageId,
             _held: bool,
+            _deliver_here: bool,
             _env: Bytes,
             _body: Bytes,
         ) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>> {
@@ -433,7 +445,8 @@ mod tests {
             partner: "127.0.0.1:9".parse().unwrap(),
             window: 8,
         };
-        Replicator::new(cfg, log, layout, store, Arc::new(NoObserver), role)
+        let staging = Arc::new(staging::Staging::new(outbox::OUTBOX_BYTES_DEFAULT));
+        Replicator::new(cfg, log, staging, layout, store, Arc::new(NoObserver), role)
     }
 
     /// The sender keeps at most `window` actions unacknowledged in flight, and ships more only
@@ -451,6 +464,7 @@ mod tests {
         let sender = Replicator::new(
             cfg,
             log.clone(),
+            Arc::new(staging::Staging::new(0)),
             layout.clone(),
             Arc::new(NoStore),
             Arc::new(NoObserver),
@@ -535,6 +549,7 @@ mod tests {
             &self,
             id: MessageId,
             _held: bool,
+            _deliver_here: bool,
             _env: Bytes,
             _body: Bytes,
         ) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>> {
@@ -655,7 +670,7 @@ mod tests {
             Arc::new(NoStore),
         );
         let id = spool::IdGenerator::new("a").unwrap().next_id();
-        log.mark_publishing(&[&id]);
+        replicator.staging().mark_publishing(&[&id]);
         log.append(&[(Kind::Add, &id)], now_ms()).unwrap();
         let action = log.pending_after(0, 10).unwrap().remove(0);
 
@@ -670,7 +685,7 @@ mod tests {
         let env = spool::Envelope::new(id.clone(), "a@example.com", &["b@example.org"], body);
         std::fs::write(layout.path(Folder::Spool, &id, Part::Body), body).unwrap();
         std::fs::write(layout.path(Folder::Spool, &id, Part::Env), env.encode()).unwrap();
-        log.mark_published(&[&id]);
+        replicator.staging().mark_published(&[&id]);
         let sent = replicator.ship(&mut batch, &action);
         let mut wire = Vec::new();
         batch.write_to(&mut wire).await.unwrap();
@@ -704,7 +719,7 @@ mod tests {
                     Bytes::from_static(b"\r\nhello\r\n"),
                 ],
             };
-            assert!(log.outbox().hold(id.clone(), message));
+            assert!(replicator.staging().outbox().hold(id.clone(), message));
         };
         hold(&held);
         hold(&deleted);
@@ -731,12 +746,15 @@ mod tests {
             "resent without files: a DELETE, so the outbox gave it only once"
         );
         assert_eq!(replicator.ship(&mut batch, &actions[1]), Some(0));
-        assert!(log.outbox().is_empty(), "the DELETE dropped the held copy");
+        assert!(
+            replicator.staging().outbox().is_empty(),
+            "the DELETE dropped the held copy"
+        );
 
         hold(&held);
         replicator.set_role(Role::Passive).unwrap();
         assert!(
-            log.outbox().is_empty(),
+            replicator.staging().outbox().is_empty(),
             "a passive unit holds nothing for sending"
         );
     }

@@ -160,7 +160,13 @@ impl Replicator {
                                 applying.push_back(Applying {
                                     seq,
                                     adding: Some(id.clone()),
-                                    done: self.store.store(id, held, env, body),
+                                    done: self.store.store(
+                                        id,
+                                        held,
+                                        self.role() == Role::Active,
+                                        env,
+                                        body,
+                                    ),
                                 });
                             }
                             Some(Ok(Frame::Delete { seq, id })) => {

@@ -153,7 +153,7 @@ impl Replicator {
                     Some(Err(e)) => return Err(e),
                     None => return Err(LinkError::Protocol("link closed".into())),
                 },
-                _ = self.new_actions.notified() => {}
+                _ = self.staging.notified() => {}
                 _ = tick.tick() => {
                     if heard_at.elapsed() >= SILENCE_MAX {
                         return Err(LinkError::Protocol(format!("partner silent for {SILENCE_MAX:?}")));
@@ -295,7 +295,7 @@ impl Replicator {
         // Publishing is asked before looking for the files: asked after, the writer could
         // publish the message between a look that finds nothing and the answer "not
         // publishing", and a message that exists would be sent as gone.
-        let publishing = a.kind == Kind::Add && self.log.is_publishing(&a.id);
+        let publishing = a.kind == Kind::Add && self.staging.is_publishing(&a.id);
         let found = if a.kind == Kind::Add && !publishing {
             self.find(&a.id)
         } else {
@@ -339,7 +339,7 @@ impl Replicator {
                     tracing::debug!(id = %a.id, seq = a.seq, "message gone before it was shipped; sending DELETE");
                 }
                 // A message deleted before its ADD was sent may still be held.
-                self.log.outbox().take(&a.id);
+                self.staging.outbox().take(&a.id);
                 batch.push(&Frame::Delete { seq: a.seq, id }, link::BodyPieces::None);
                 Some(0)
             }
@@ -349,7 +349,7 @@ impl Replicator {
     /// Where a message to replicate is now: the outbox (taken from it), or its files in a
     /// replicated folder (the body memory-mapped and checksum-verified).
     fn find(&self, id: &MessageId) -> Option<Found> {
-        if let Some(held) = self.log.outbox().take(id) {
+        if let Some(held) = self.staging.outbox().take(id) {
             return Some(Found::Outbox(held));
         }
         Folder::REPLICATED.into_iter().find_map(|folder| {

@@ -82,8 +82,6 @@ pub struct TxLog {
     /// during a rebuild is not lost when that rebuild ends.
     rebuild_asked: AtomicU64,
     rebuild_done: AtomicU64,
-    publishing: Mutex<HashSet<MessageId>>,
-    outbox: crate::outbox::Outbox,
 }
 
 /// The log's state that lives in memory.
@@ -180,47 +178,7 @@ impl TxLog {
             }),
             rebuild_asked: AtomicU64::new(1),
             rebuild_done: AtomicU64::new(0),
-            publishing: Mutex::new(HashSet::new()),
-            outbox: crate::outbox::Outbox::new(crate::outbox::OUTBOX_BYTES_DEFAULT),
         })
-    }
-
-    /// Marks ids whose `ADD` is about to be logged while their files are not yet in `spool/`:
-    /// the sender waits for them instead of taking them for gone.
-    pub fn mark_publishing(&self, ids: &[&MessageId]) {
-        let mut set = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
-        set.extend(ids.iter().map(|id| (*id).clone()));
-    }
-
-    /// The ids are published (or failed and gone).
-    pub fn mark_published(&self, ids: &[&MessageId]) {
-        let mut set = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
-        for id in ids {
-            set.remove(*id);
-        }
-    }
-
-    /// Bounds the outbox at `max_bytes` (0: hold nothing; the sender reads the files).
-    pub fn with_outbox_bytes(mut self, max_bytes: usize) -> TxLog {
-        self.outbox = crate::outbox::Outbox::new(max_bytes);
-        self
-    }
-
-    /// Contents of published messages the sender has not sent yet, held in memory.
-    pub fn outbox(&self) -> &crate::outbox::Outbox {
-        &self.outbox
-    }
-
-    /// Whether the spool writer is publishing any message.
-    pub fn publishing_any(&self) -> bool {
-        let set = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
-        !set.is_empty()
-    }
-
-    /// Whether the spool writer is still publishing `id`.
-    pub fn is_publishing(&self, id: &MessageId) -> bool {
-        let set = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
-        set.contains(id)
     }
 
     fn volatile(&self) -> std::sync::MutexGuard<'_, Volatile> {

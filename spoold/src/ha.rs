@@ -1,28 +1,48 @@
-//! The daemon's side of HA replication: the writer's publish hook that logs `ADD`s, the replica
-//! store over the spool writer, the metrics observer, and the setup of the [`Replicator`].
+//! The daemon's side of HA replication: the log and its staging (made first and shared), the
+//! writer's publish hook that logs `ADD`s, the replica store over the spool writer's shared
+//! handle, the metrics observer, and the setup of the [`Replicator`].
 
 use crate::config::{Config, HaConfig};
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
-use crate::sink::{now_ms, SpoolSink};
+use crate::sink::now_ms;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use hasync::link::LinkConfig;
 use hasync::proto::Role;
+use hasync::staging::Staging;
 use hasync::txlog::{Kind, TxLog};
 use hasync::{ReplicaStore, ReplicationObserver, Replicator, ReplicatorConfig};
 use spool::writer::{CommitRequest, PublishHook, Published};
+use spool::SpoolWriter;
 use spool::{BodyParts, CommitError, Envelope, Folder, Layout, MessageId, Part};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// The replication log and its staging (publishing marks, outbox, the sender's wake-up):
+/// made first, then shared by the writer's hook, the lifecycle owner and the replicator, so
+/// none of them waits for another to exist.
+#[derive(Clone)]
+pub struct ReplicationLog {
+    /// The log.
+    pub log: Arc<TxLog>,
+    /// What the writer tells the sender.
+    pub staging: Arc<Staging>,
+}
+
+impl ReplicationLog {
+    /// Wakes the sender.
+    pub fn notify(&self) {
+        self.staging.notify();
+    }
+}
 
 /// Logs an `ADD` for every message the writer is about to publish, then wakes the sender.
 pub struct LogHook {
-    /// The log.
-    pub log: Arc<TxLog>,
-    /// Set once the replicator exists (it needs the writer, which needs this hook).
-    pub replicator: Arc<OnceLock<Arc<Replicator>>>,
+    /// The log and its staging.
+    pub repl: ReplicationLog,
     /// Counts refusals when the log is at `ha.pending_max`.
     pub metrics: Arc<Metrics>,
 }
@@ -32,23 +52,21 @@ impl PublishHook for LogHook {
         let items: Vec<(Kind, &MessageId)> = ids.iter().map(|id| (Kind::Add, *id)).collect();
         // Marked before logging, so the sender never sees an ADD whose files it cannot find
         // and takes the message for gone.
-        self.log.mark_publishing(ids);
+        self.repl.staging.mark_publishing(ids);
         let started = std::time::Instant::now();
-        let appended = self.log.append(&items, now_ms());
+        let appended = self.repl.log.append(&items, now_ms());
         self.metrics
             .ha_log_append_seconds
             .observe(started.elapsed().as_secs_f64());
         let seqs = appended.map_err(|e| {
-            self.log.mark_published(ids);
+            self.repl.staging.mark_published(ids);
             if matches!(e, hasync::txlog::LogError::Full(_)) {
                 self.metrics.ha_log_full.inc();
                 tracing::error!("replication log full (ha.pending_max): refusing new mail with 451 until the partner catches up");
             }
             std::io::Error::other(e)
         })?;
-        if let Some(r) = self.replicator.get() {
-            r.notify();
-        }
+        self.repl.notify();
         Ok(seqs)
     }
 
@@ -63,20 +81,22 @@ impl PublishHook for LogHook {
                 envelope: Bytes::copy_from_slice(m.envelope),
                 body: m.body.chunks.clone(),
             };
-            self.log.outbox().hold(m.id.clone(), held);
+            self.repl.staging.outbox().hold(m.id.clone(), held);
         }
         let ids: Vec<&MessageId> = messages.iter().map(|m| m.id).collect();
-        self.log.mark_published(&ids);
-        if let Some(r) = self.replicator.get() {
-            r.notify();
-        }
+        self.repl.staging.mark_published(&ids);
+        self.repl.notify();
     }
 }
 
 /// Stores replicas through the same durable writer as SMTP mail (not logged again).
 pub struct SpoolReplicas {
-    /// The sink whose writer stores the pairs.
-    pub sink: Arc<SpoolSink>,
+    /// The writer that stores the pairs (shared with SMTP ingress).
+    pub writer: Arc<SpoolWriter>,
+    /// Counts, moves and schedules.
+    pub lifecycle: Arc<Lifecycle>,
+    /// The delivered ledger: an `ADD` for a message delivered here is stale.
+    pub log: Arc<TxLog>,
     /// Paths.
     pub layout: Layout,
 }
@@ -84,14 +104,9 @@ pub struct SpoolReplicas {
 impl SpoolReplicas {
     /// A replica arriving at a unit that is active already (from a partner that was active
     /// too, or is leaving) is mail this unit must deliver: nothing else would schedule it.
-    fn schedule_if_active(&self, id: &MessageId) {
-        if self
-            .sink
-            .replicator
-            .get()
-            .is_some_and(|r| r.role() == Role::Active)
-        {
-            self.sink.queue.ensure(id.clone(), 0);
+    fn schedule_if_active(&self, id: &MessageId, deliver_here: bool) {
+        if deliver_here {
+            self.lifecycle.queue.ensure(id.clone(), 0);
         }
     }
 }
@@ -101,6 +116,7 @@ impl ReplicaStore for SpoolReplicas {
         &self,
         id: MessageId,
         held: bool,
+        deliver_here: bool,
         env: Bytes,
         body: Bytes,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + '_>> {
@@ -128,7 +144,7 @@ impl ReplicaStore for SpoolReplicas {
                 // An ADD seen again (idempotent). Scheduled again in case the first store
                 // completed after its link broke, which left it unscheduled.
                 if !held {
-                    self.schedule_if_active(&id);
+                    self.schedule_if_active(&id, deliver_here);
                 }
                 return Ok(Step::Nothing);
             }
@@ -141,17 +157,13 @@ impl ReplicaStore for SpoolReplicas {
             }
             // An ADD resent for a message this unit delivered itself (it took the replica over
             // during a split brain or a handover) is stale: storing it would deliver it again.
-            let delivered_here = self
-                .sink
-                .replicator
-                .get()
-                .is_some_and(|r| r.log().was_delivered(&id).unwrap_or(false));
+            let delivered_here = self.log.was_delivered(&id).unwrap_or(false);
             if delivered_here {
                 tracing::info!(id = %id, "replica of a message delivered here: ignored");
                 return Ok(Step::Nothing);
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
-            self.sink.writer.submit(CommitRequest {
+            self.writer.submit(CommitRequest {
                 id: id.clone(),
                 envelope: env.to_vec(),
                 body: BodyParts {
@@ -175,7 +187,7 @@ impl ReplicaStore for SpoolReplicas {
                         Ok(Err(e)) => return Err(std::io::Error::other(e.to_string())),
                         Err(_) => return Err(std::io::Error::other("spool writer stopped")),
                     }
-                    self.sink.lifecycle.arrived(Folder::Spool);
+                    self.lifecycle.arrived(Folder::Spool);
                     Folder::Spool
                 }
             };
@@ -184,11 +196,11 @@ impl ReplicaStore for SpoolReplicas {
                 tokio::task::spawn_blocking(move || layout.move_pair(&moved, from, target))
                     .await
                     .map_err(|e| std::io::Error::other(format!("replica move: {e}")))??;
-                self.sink.lifecycle.moved(from, target);
+                self.lifecycle.moved(from, target);
                 tracing::debug!(id = %id, from = from.name(), to = target.name(), "replica moved");
             }
             if !held {
-                self.schedule_if_active(&id);
+                self.schedule_if_active(&id, deliver_here);
             }
             Ok(())
         })
@@ -207,7 +219,7 @@ impl ReplicaStore for SpoolReplicas {
                     || self.layout.path(f, id, Part::Body).exists()
                 {
                     self.layout.discard_pair(id, f)?;
-                    self.sink.lifecycle.removed(id, f);
+                    self.lifecycle.removed(id, f);
                     touched[k] = true;
                 }
             }
@@ -247,15 +259,13 @@ impl ReplicationObserver for Metrics {
     }
 }
 
-/// Opens the log and builds the link identity; the replicator itself is made once the sink
+/// Opens the log and builds the link identity; the replicator itself is made once the writer
 /// exists ([`finish`]).
 pub struct HaSetup {
     /// The `[ha]` section.
     pub cfg: HaConfig,
-    /// The log.
-    pub log: Arc<TxLog>,
-    /// Filled by [`finish`].
-    pub replicator: Arc<OnceLock<Arc<Replicator>>>,
+    /// The log and its staging.
+    pub repl: ReplicationLog,
     link: LinkConfig,
 }
 
@@ -285,25 +295,26 @@ pub fn prepare(cfg: &Config, layout: &Layout) -> Result<Option<HaSetup>> {
         .context("keys `ha.tls_cert`/`ha.tls_key`")?;
     let log = Arc::new(
         TxLog::open(&layout.root().join("txlog"), ha.pending_max)
-            .with_context(|| format!("open {}/txlog", layout.root().display()))?
-            .with_outbox_bytes(ha.outbox_bytes),
+            .with_context(|| format!("open {}/txlog", layout.root().display()))?,
     );
+    let staging = Arc::new(Staging::new(ha.outbox_bytes));
     Ok(Some(HaSetup {
         cfg: ha,
-        log,
-        replicator: Arc::new(OnceLock::new()),
+        repl: ReplicationLog { log, staging },
         link,
     }))
 }
 
-/// Second half: the replicator, its receiver listener and sender task.
+/// Second half: the replicator (storing replicas through `writer`), its receiver listener and
+/// sender task.
 pub async fn finish(
     setup: &HaSetup,
     layout: &Layout,
-    sink: Arc<SpoolSink>,
+    writer: Arc<SpoolWriter>,
+    lifecycle: Arc<Lifecycle>,
     metrics: Arc<Metrics>,
 ) -> Result<Arc<Replicator>> {
-    let persisted = setup.log.role().context("read the persisted role")?;
+    let persisted = setup.repl.log.role().context("read the persisted role")?;
     let configured = Role::parse(&setup.cfg.role);
     let role = if setup.cfg.role_forced {
         configured
@@ -312,6 +323,7 @@ pub async fn finish(
     }
     .unwrap_or(Role::Passive);
     setup
+        .repl
         .log
         .set_role(role.as_str())
         .context("persist the role")?;
@@ -321,16 +333,18 @@ pub async fn finish(
             partner: setup.cfg.partner,
             window: setup.cfg.window,
         },
-        setup.log.clone(),
+        setup.repl.log.clone(),
+        setup.repl.staging.clone(),
         layout.clone(),
         Arc::new(SpoolReplicas {
-            sink,
+            writer,
+            lifecycle,
+            log: setup.repl.log.clone(),
             layout: layout.clone(),
         }),
         metrics,
         role,
     );
-    let _ = setup.replicator.set(replicator.clone());
     let listener = tokio::net::TcpListener::bind(setup.cfg.listen)
         .await
         .with_context(|| format!("key `ha.listen`: bind {}", setup.cfg.listen))?;

@@ -17,10 +17,9 @@ use crate::metrics::Metrics;
 use crate::queue::Queue;
 use anyhow::{Context, Result};
 use hasync::txlog::Kind;
-use hasync::Replicator;
 use spool::recovery::{insert_input, InsertOutcome};
 use spool::{Folder, Layout, MessageId};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 /// See the module doc.
 pub struct Lifecycle {
@@ -30,15 +29,15 @@ pub struct Lifecycle {
     pub metrics: Arc<Metrics>,
     /// The delivery schedule.
     pub queue: Arc<Queue>,
-    /// Replication, once started (absent on a standalone unit).
-    pub replicator: Arc<OnceLock<Arc<Replicator>>>,
+    /// The replication log (absent on a standalone unit).
+    pub replication: Option<crate::ha::ReplicationLog>,
     /// How long delivered ids are remembered for takeover dedup, ms.
     pub ledger_retention_ms: u64,
 }
 
 impl Lifecycle {
-    fn ha(&self) -> Option<&Arc<Replicator>> {
-        self.replicator.get()
+    fn ha(&self) -> Option<&crate::ha::ReplicationLog> {
+        self.replication.as_ref()
     }
 
     /// Logs `ADD`s for messages that are now in a replicated folder and wakes the sender.
@@ -48,7 +47,7 @@ impl Lifecycle {
             return Ok(());
         }
         let items: Vec<(Kind, &MessageId)> = ids.iter().map(|id| (Kind::Add, *id)).collect();
-        r.log()
+        r.log
             .append(&items, crate::sink::now_ms())
             .context("log ADD")?;
         r.notify();
@@ -116,11 +115,11 @@ impl Lifecycle {
     pub fn leaving(&self, id: &MessageId, delivered: bool) -> Result<()> {
         let Some(r) = self.ha() else { return Ok(()) };
         let now = crate::sink::now_ms();
-        r.log()
+        r.log
             .append(&[(Kind::Delete, id)], now)
             .with_context(|| format!("log DELETE {id}"))?;
         if delivered {
-            r.log()
+            r.log
                 .record_delivered(&[id], now, self.ledger_retention_ms)
                 .with_context(|| format!("record {id} as delivered"))?;
         }

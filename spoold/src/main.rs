@@ -230,26 +230,24 @@ async fn run(cfg: Config) -> Result<()> {
         layout: layout.clone(),
         metrics: metrics.clone(),
         queue: queue.clone(),
-        replicator: ha_setup
-            .as_ref()
-            .map(|s| s.replicator.clone())
-            .unwrap_or_default(),
+        replication: ha_setup.as_ref().map(|s| s.repl.clone()),
         ledger_retention_ms: cfg
             .ha
             .as_ref()
             .map_or(0, |h| h.ledger_retention_secs.saturating_mul(1000)),
     });
-    // Before the replicator exists: the rebuild after the start logs these ADDs.
+    // Pairs dropped into input/ while the daemon was down: their ADDs are logged at once.
     insert(&lifecycle).await?;
     let hook = ha_setup.as_ref().map(|s| {
         Arc::new(ha::LogHook {
-            log: s.log.clone(),
-            replicator: s.replicator.clone(),
+            repl: s.repl.clone(),
             metrics: metrics.clone(),
         }) as Arc<dyn spool::writer::PublishHook>
     });
-    let writer = SpoolWriter::start_with_hook(layout.clone(), options, Some(metrics.clone()), hook)
-        .context("start spool writer")?;
+    let writer = Arc::new(
+        SpoolWriter::start_with_hook(layout.clone(), options, Some(metrics.clone()), hook)
+            .context("start spool writer")?,
+    );
     metrics
         .io_uring
         .set(i64::from(writer.backend() == Backend::IoUring));
@@ -262,6 +260,19 @@ async fn run(cfg: Config) -> Result<()> {
         .await
         .with_context(|| format!("bind HTTP listener {}", cfg.http.listen))?;
 
+    let replicator = match &ha_setup {
+        Some(s) => Some(
+            ha::finish(
+                s,
+                &layout,
+                writer.clone(),
+                lifecycle.clone(),
+                metrics.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let activity = Arc::new(handover::Activity::default());
     let sink = Arc::new(SpoolSink {
         lifecycle: lifecycle.clone(),
@@ -274,11 +285,7 @@ async fn run(cfg: Config) -> Result<()> {
         node: cfg.node_name.clone(),
         spill_bytes: cfg.spool.spill_bytes,
         free_bytes_min: cfg.spool.free_bytes_min,
-        queue: queue.clone(),
-        replicator: ha_setup
-            .as_ref()
-            .map(|s| s.replicator.clone())
-            .unwrap_or_default(),
+        replicator: replicator.clone(),
         sync: cfg
             .ha
             .as_ref()
@@ -303,10 +310,6 @@ async fn run(cfg: Config) -> Result<()> {
         },
     });
 
-    let replicator = match &ha_setup {
-        Some(s) => Some(ha::finish(s, &layout, sink.clone(), metrics.clone()).await?),
-        None => None,
-    };
     let scanner: Option<Arc<dyn filter::Filter>> = match &cfg.filter.clamd {
         Some(addr) => Some(Arc::new(filter::Clamd::new(
             addr.parse()

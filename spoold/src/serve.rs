@@ -231,7 +231,7 @@ pub async fn follow_role(
         metrics
             .ha_rebuild_pending
             .set(i64::from(r.log().needs_rebuild()));
-        let outbox = r.log().outbox();
+        let outbox = r.staging().outbox();
         metrics.ha_outbox_messages.set(outbox.len() as i64);
         metrics.ha_outbox_bytes.set(outbox.bytes() as i64);
         tokio::select! {

@@ -18,7 +18,7 @@ pub struct SpoolSink {
     /// Id source for this node.
     pub ids: IdGenerator,
     /// The group-commit writer.
-    pub writer: SpoolWriter,
+    pub writer: Arc<SpoolWriter>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Our SMTP host name.
@@ -29,10 +29,8 @@ pub struct SpoolSink {
     pub spill_bytes: usize,
     /// Minimum free space on the spool file system.
     pub free_bytes_min: u64,
-    /// The delivery schedule; every committed message is added to it.
-    pub queue: Arc<crate::queue::Queue>,
-    /// Replication, once started (it needs this sink first).
-    pub replicator: Arc<std::sync::OnceLock<Arc<hasync::Replicator>>>,
+    /// Replication, when configured.
+    pub replicator: Option<Arc<hasync::Replicator>>,
     /// Sync replication: wait for the partner before `250`.
     pub sync: Option<SyncPolicy>,
     /// Counts, schedules and removes messages (see [`crate::lifecycle`]).
@@ -53,7 +51,7 @@ impl SpoolSink {
     /// In sync mode, waits until the partner acknowledged `seq`; returns false if it did not
     /// (partner down, or not within the timeout).
     async fn partner_confirmed(&self, seq: u64) -> bool {
-        let (Some(policy), Some(r)) = (&self.sync, self.replicator.get()) else {
+        let (Some(policy), Some(r)) = (&self.sync, self.replicator.as_ref()) else {
             return true;
         };
         if r.role() != hasync::proto::Role::Active || !r.link_is_up() {
@@ -212,7 +210,7 @@ impl Sink for SpoolSink {
 
     fn accepting(&self) -> bool {
         self.replicator
-            .get()
+            .as_ref()
             .is_none_or(|r| r.role() == hasync::proto::Role::Active)
     }
 
