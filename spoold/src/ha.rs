@@ -11,7 +11,7 @@ use bytes::Bytes;
 use hasync::link::LinkConfig;
 use hasync::proto::Role;
 use hasync::staging::Staging;
-use hasync::txlog::{Kind, TxLog};
+use hasync::txlog::TxLog;
 use hasync::{ReplicaStore, ReplicationObserver, Replicator, ReplicatorConfig};
 use spool::writer::{CommitRequest, PublishHook, Published};
 use spool::SpoolWriter;
@@ -49,43 +49,25 @@ pub struct LogHook {
 
 impl PublishHook for LogHook {
     fn before_publish(&self, ids: &[&MessageId]) -> std::io::Result<Vec<u64>> {
-        let items: Vec<(Kind, &MessageId)> = ids.iter().map(|id| (Kind::Add, *id)).collect();
-        // Marked before logging, so the sender never sees an ADD whose files it cannot find
-        // and takes the message for gone.
-        self.repl.staging.mark_publishing(ids);
         let started = std::time::Instant::now();
-        let appended = self.repl.log.append(&items, now_ms());
+        let appended = self
+            .repl
+            .staging
+            .before_publish(&self.repl.log, ids, now_ms());
         self.metrics
             .ha_log_append_seconds
             .observe(started.elapsed().as_secs_f64());
-        let seqs = appended.map_err(|e| {
-            self.repl.staging.mark_published(ids);
+        appended.map_err(|e| {
             if matches!(e, hasync::txlog::LogError::Full(_)) {
                 self.metrics.ha_log_full.inc();
                 tracing::error!("replication log full (ha.pending_max): refusing new mail with 451 until the partner catches up");
             }
             std::io::Error::other(e)
-        })?;
-        self.repl.notify();
-        Ok(seqs)
+        })
     }
 
     fn after_publish(&self, messages: &[Published<'_>]) {
-        // Held before they are marked published, so the sender, once it may send them, finds
-        // them in memory. A body spilled to tmp/ is large and goes from its file.
-        for m in messages
-            .iter()
-            .filter(|m| m.durable && m.body.spilled.is_none())
-        {
-            let held = hasync::outbox::HeldMessage {
-                envelope: Bytes::copy_from_slice(m.envelope),
-                body: m.body.chunks.clone(),
-            };
-            self.repl.staging.outbox().hold(m.id.clone(), held);
-        }
-        let ids: Vec<&MessageId> = messages.iter().map(|m| m.id).collect();
-        self.repl.staging.mark_published(&ids);
-        self.repl.notify();
+        self.repl.staging.after_publish(messages);
     }
 }
 
