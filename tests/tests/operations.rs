@@ -573,3 +573,31 @@ fn every_metric_readme_lists_is_read_by_a_test() {
         "listed in README, read by no test: {unread:?}"
     );
 }
+
+/// The alerting rules in `monitoring/` are valid for Prometheus, and each alert fires and stays
+/// quiet where its unit tests say (`promtool test rules`).
+#[test]
+fn alerting_rules_pass_promtool_check_and_their_unit_tests() {
+    assert!(
+        have("promtool"),
+        "promtool is required (apt-get install prometheus)"
+    );
+    let dir = workspace_root().join("monitoring");
+    for args in [
+        ["check", "rules", "spoold.rules.yml"],
+        ["test", "rules", "spoold.rules.test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .current_dir(&dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
