@@ -24,7 +24,7 @@ mod recovery;
 mod sender;
 pub mod txlog;
 
-pub use recovery::{hex, Held, RecoveryClient, RecoveryError};
+pub use recovery::{Held, RecoveryClient, RecoveryError};
 
 use bytes::Bytes;
 use link::{LinkConfig, LinkError};

@@ -37,10 +37,7 @@ impl Held {
     }
 }
 
-/// Lower-case hex of a digest.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use spool::hex;
 
 /// A pair as `FETCH` answers it: `u32` envelope length, envelope, body.
 fn pair_bytes(env: &[u8], body: &[u8]) -> Bytes {

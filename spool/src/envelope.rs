@@ -177,7 +177,8 @@ pub fn unescape_field(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes` (how a `body-sha256` is written).
+pub fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         let _ = write!(s, "{b:02x}");

@@ -17,7 +17,7 @@ pub mod remover;
 pub mod writer;
 
 pub use body::{BodyParts, MappedBody, PendingBody};
-pub use envelope::{BodyType, Envelope, RcptState, Recipient, ScanState};
+pub use envelope::{hex, BodyType, Envelope, RcptState, Recipient, ScanState};
 pub use id::{IdGenerator, MessageId};
 pub use layout::{Folder, Layout, Part};
 pub use writer::{Backend, BackendChoice, CommitError, CommitReceipt, CommitRequest, SpoolWriter};

@@ -116,26 +116,25 @@ impl ReplicaStore for SpoolReplicas {
             if e.id != id || e.body_len != body.len() as u64 {
                 return Err(invalid(format!("replica {id}: envelope does not match")));
             }
-            let same_in = |f: Folder| {
+            // Where a replica with this content is already (one look per folder).
+            let current = Folder::REPLICATED.into_iter().find(|&f| {
                 self.layout
                     .read_envelope(f, &id)
                     .is_ok_and(|old| old.body_sha256 == e.body_sha256)
-            };
-            if same_in(target) || (!held && same_in(Folder::Vscan)) {
-                tracing::debug!(id = %id, "replica already held");
-                // An ADD seen again (idempotent). Scheduled again in case the first store
-                // completed after its link broke, which left it unscheduled.
-                if !held {
-                    self.schedule_if_active(&id, deliver_here);
+            });
+            match current {
+                Some(f) if f == target || (!held && f == Folder::Vscan) => {
+                    tracing::debug!(id = %id, "replica already held");
+                    // An ADD seen again (idempotent). Scheduled again in case the first store
+                    // completed after its link broke, which left it unscheduled.
+                    if !held {
+                        self.schedule_if_active(&id, deliver_here);
+                    }
+                    return Ok(Step::Nothing);
                 }
-                return Ok(Step::Nothing);
-            }
-            // Held, or released, on the active unit since the replica was written.
-            if let Some(from) = Folder::REPLICATED
-                .into_iter()
-                .find(|&f| f != target && same_in(f))
-            {
-                return Ok(Step::Move(from));
+                // Held, or released, on the active unit since the replica was written.
+                Some(from) => return Ok(Step::Move(from)),
+                None => {}
             }
             // An ADD resent for a message this unit delivered itself (it took the replica over
             // during a split brain or a handover) is stale: storing it would deliver it again.

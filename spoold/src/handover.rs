@@ -83,7 +83,7 @@ pub fn set_role(r: &Replicator, activity: &Activity, role: Role) -> Result<Value
     let cancelled = || r.role() != Role::Leaving;
     let in_flight_ended = wait(HANDOVER_MAX, || activity.idle() || cancelled());
     let mut link_down_since: Option<Instant> = None;
-    let shipped = wait(HANDOVER_MAX, || {
+    wait(HANDOVER_MAX, || {
         if cancelled() || r.drained().unwrap_or(false) {
             return true;
         }
@@ -95,7 +95,8 @@ pub fn set_role(r: &Replicator, activity: &Activity, role: Role) -> Result<Value
         } else {
             link_down_since.get_or_insert_with(Instant::now).elapsed() >= hasync::PARTNER_GRACE
         }
-    }) && r.drained().unwrap_or(false);
+    });
+    let shipped = r.drained().unwrap_or(false);
     if cancelled() {
         return Err(format!(
             "handover cancelled: the role changed to {} meanwhile",

@@ -13,7 +13,8 @@
 
 use crate::admin::Admin;
 use api::{Failed, Planned, Progress, Recovered};
-use hasync::{hex, Held, RecoveryClient};
+use hasync::{Held, RecoveryClient};
+use spool::hex;
 use spool::{Folder, MessageId, Part};
 use std::path::PathBuf;
 

@@ -10,10 +10,7 @@ use tests::{
     PySink, SmtpSink,
 };
 
-fn message_id(text: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.strip_prefix("Message-ID: ").map(str::to_string))
-}
+use tests::message_id_of as message_id;
 
 fn send_many(
     d: &Daemon,
@@ -331,10 +328,7 @@ fn sigkill_during_delivery_loses_nothing_and_duplicates_stay_in_the_window() {
         wait_until(60, || d.spooled_ids().is_empty()),
         "spool not drained after restart"
     );
-    let mut count: HashMap<String, usize> = HashMap::new();
-    for m in sink.dumped() {
-        *count.entry(message_id(&m.message).unwrap()).or_default() += 1;
-    }
+    let count = sink.arrivals();
     let sent = sent.lock().unwrap();
     for mid in sent.keys() {
         assert!(

@@ -10,10 +10,7 @@ use std::io::{BufRead, Write};
 use std::time::Duration;
 use tests::{pair_config, queued_id, sample_body, spoolctl, wait_until, Client, Daemon, SmtpSink};
 
-fn message_id(text: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.strip_prefix("Message-ID: ").map(str::to_string))
-}
+use tests::message_id_of as message_id;
 
 /// Sends `n` messages numbered from `first`; returns the Message-IDs that got a 250 (stops at a
 /// 421 or a closed connection, fails on any other reply).
@@ -141,10 +138,7 @@ fn takeover_takeback_and_recover_lose_nothing() {
         b.spooled_ids().len()
     );
     std::thread::sleep(Duration::from_millis(500));
-    let mut count: HashMap<String, usize> = HashMap::new();
-    for m in sink.dumped() {
-        *count.entry(message_id(&m.message).unwrap()).or_default() += 1;
-    }
+    let count = sink.arrivals();
     for mid in &acked {
         assert!(
             count.contains_key(mid),
@@ -302,10 +296,7 @@ fn leftover_scenario(failpoint: Option<&str>) {
 
     // Nothing delivered twice: the 13 deliverable went out once, the 7 wait (their hop is down).
     std::thread::sleep(Duration::from_millis(300));
-    let mut count: HashMap<String, usize> = HashMap::new();
-    for m in sink.dumped() {
-        *count.entry(message_id(&m.message).unwrap()).or_default() += 1;
-    }
+    let count = sink.arrivals();
     for mid in a_ok.iter().chain(&b_ok) {
         assert_eq!(count.get(mid), Some(&1), "{failpoint:?}: {mid}");
     }
