@@ -575,6 +575,66 @@ pub fn send_numbered(addr: SocketAddr, first: usize, n: usize) -> Vec<String> {
     acked
 }
 
+/// Acknowledged messages under a crash load: id → the body that got `250`.
+pub type Acked = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>;
+
+/// `sessions` sessions sending [`sample_body`] messages to a daemon until [`CrashLoad::stop`]
+/// or until the daemon dies under them, for crash and power-cut tests. Message `i` of session
+/// `t` has seed `(seed_base + t) * 1_000_000 + i` and length `body_len(i)`; every acknowledged
+/// one goes into `acked` for [`assert_acknowledged_whole`].
+pub struct CrashLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sessions: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl CrashLoad {
+    pub fn start(
+        addr: SocketAddr,
+        sessions: usize,
+        seed_base: usize,
+        body_len: fn(usize) -> usize,
+        acked: &Acked,
+    ) -> CrashLoad {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let sessions = (0..sessions)
+            .map(|t| {
+                let (acked, stop) = (acked.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let (mut c, _) = Client::connect(addr);
+                    if !c.cmd("EHLO crash").starts_with("250") {
+                        return;
+                    }
+                    let mut i = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        let body = sample_body((seed_base + t) * 1_000_000 + i, body_len(i));
+                        // The daemon may die mid-reply: the client panics, the session ends.
+                        let sent = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            c.send_mail("crash@example.com", &["sink@example.org"], &body)
+                        }));
+                        match sent.ok().as_deref().and_then(queued_id) {
+                            Some(id) => {
+                                acked.lock().unwrap().insert(id, body);
+                            }
+                            None => return, // connection died with the daemon
+                        }
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        CrashLoad { stop, sessions }
+    }
+
+    /// Ends every session (call it after the kill) and waits for them.
+    pub fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.sessions {
+            let _ = s.join();
+        }
+    }
+}
+
 /// Polls `cond` every 50 ms until it holds or `secs` pass; returns whether it held.
 pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);

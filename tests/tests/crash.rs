@@ -6,14 +6,20 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use rand::{Rng, SeedableRng};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tests::{queued_id, sample_body, write_config, Client, Daemon};
+use tests::{write_config, Acked, CrashLoad, Daemon};
 
 const SESSIONS: usize = 8;
 const ROUNDS: usize = 5;
+
+/// Mixes small and large (spilled to `tmp/`) messages.
+fn mixed_len(i: usize) -> usize {
+    if i % 10 == 9 {
+        300_000
+    } else {
+        2_000 + (i % 7) * 500
+    }
+}
 
 /// `rounds` of load and SIGKILL on one daemon started with `spool_settings` (a `[spool]`
 /// section's lines).
@@ -27,51 +33,13 @@ fn sigkill_rounds(mode: &str, spool_settings: &str, rounds: usize) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), &format!("[spool]\n{spool_settings}\n"));
     let mut d = Daemon::start_with(&["--config", &cfg]);
-    let acked: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
+    let acked = Acked::default();
     for round in 0..rounds {
         let acked_before = acked.lock().unwrap().len();
-        let stop = Arc::new(AtomicBool::new(false));
-        let threads: Vec<_> = (0..SESSIONS)
-            .map(|t| {
-                let (addr, acked, stop) = (d.smtp, acked.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    let (mut c, _) = Client::connect(addr);
-                    if !c.cmd("EHLO crash").starts_with("250") {
-                        return;
-                    }
-                    let mut i = 0;
-                    while !stop.load(Ordering::SeqCst) {
-                        let seed = (round * 100 + t) * 1_000_000 + i;
-                        // Mix small and large (spilled to tmp/) messages.
-                        let len = if i % 10 == 9 {
-                            300_000
-                        } else {
-                            2_000 + (i % 7) * 500
-                        };
-                        let body = sample_body(seed, len);
-                        let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            c.send_mail("crash@example.com", &["sink@example.org"], &body)
-                        })) {
-                            Ok(r) => r,
-                            Err(_) => return,
-                        };
-                        match queued_id(&r) {
-                            Some(id) => {
-                                acked.lock().unwrap().insert(id, body);
-                            }
-                            None => return, // connection died with the daemon
-                        }
-                        i += 1;
-                    }
-                })
-            })
-            .collect();
+        let load = CrashLoad::start(d.smtp, SESSIONS, round * 100, mixed_len, &acked);
         std::thread::sleep(Duration::from_millis(rng.gen_range(200..1200)));
         d.kill9();
-        stop.store(true, Ordering::SeqCst);
-        for t in threads {
-            let _ = t.join();
-        }
+        load.stop();
         let pending_tmp = d.folder("tmp").len();
         d.restart();
         assert_eq!(

@@ -10,13 +10,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use rand::{Rng, SeedableRng};
-use std::collections::HashMap;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tests::powercut::PowerCut;
-use tests::{queued_id, sample_body, write_config, Client, Daemon};
+use tests::{write_config, Acked, CrashLoad, Daemon};
 
 fn mounted() -> (tempfile::TempDir, PowerCut, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -85,40 +82,25 @@ fn power_cuts_under_load(mode: &str, spool_settings: &str, rounds: usize) {
         "{mode}: sync = auto picked per-file fsync on FUSE: {}",
         d.log_text()
     );
-    let acked: Arc<Mutex<HashMap<String, Vec<u8>>>> = Arc::default();
+    let acked = Acked::default();
     for round in 0..rounds {
         let before = acked.lock().unwrap().len();
-        let stop = Arc::new(AtomicBool::new(false));
-        let threads: Vec<_> = (0..4)
-            .map(|t| {
-                let (addr, acked, stop) = (d.smtp, acked.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    let (mut c, _) = Client::connect(addr);
-                    c.cmd("EHLO power");
-                    let mut i = 0;
-                    while !stop.load(Ordering::SeqCst) {
-                        let seed = (round * 10 + t) * 1_000_000 + i;
-                        let body = sample_body(seed, if i % 8 == 7 { 200_000 } else { 2_500 });
-                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            c.send_mail("p@example.com", &["q@example.org"], &body)
-                        }));
-                        match r.ok().as_deref().and_then(queued_id) {
-                            Some(id) => {
-                                acked.lock().unwrap().insert(id, body);
-                            }
-                            None => return,
-                        }
-                        i += 1;
-                    }
-                })
-            })
-            .collect();
+        let load = CrashLoad::start(
+            d.smtp,
+            4,
+            round * 10,
+            |i| {
+                if i % 8 == 7 {
+                    200_000
+                } else {
+                    2_500
+                }
+            },
+            &acked,
+        );
         std::thread::sleep(Duration::from_millis(rng.gen_range(300..1200)));
         d.kill9();
-        stop.store(true, Ordering::SeqCst);
-        for t in threads {
-            t.join().unwrap();
-        }
+        load.stop();
         fs.cut().unwrap();
         d.restart();
         let acked = acked.lock().unwrap();
