@@ -158,6 +158,14 @@ pub mod recovery_op {
     pub const MISSING: u8 = 5;
 }
 
+/// Operations of the archive mirror channel (`Request` from the copying side, `Reply` from
+/// the receiving side, one reply per request, in order).
+pub mod mirror_op {
+    /// One archived item: `u32` length of the catalog item bytes, the item, the zstd body.
+    /// Replied `ok` with the receiver's sequence number (8 bytes) once durable there.
+    pub const ITEM: u8 = 1;
+}
+
 /// A frame that cannot be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("bad frame: {0}")]

@@ -1,0 +1,428 @@
+//! The full-text index (tantivy): what is indexed of each item, the indexer thread, and search.
+//! The index is derived: it follows the catalog in sequence order from the mark stored in its
+//! last commit, so a crash costs only re-indexing what came after that mark, and an entry is
+//! added only for an item whose body and catalog record are already durable. Search results
+//! are checked against the catalog, so an entry of a removed item is never shown.
+
+use crate::query::{self, Clause, TextField};
+use crate::record::Item;
+use crate::store::Store;
+use crate::ArchiveError;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use mail_parser::{MessageParser, MimeHeaders, PartType};
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tantivy::collector::{Count, TopDocs};
+use tantivy::query::{BooleanQuery, Occur, PhraseQuery, Query, RangeQuery, TermQuery};
+use tantivy::schema::{Field, IndexRecordOption, Schema, FAST, INDEXED, STORED, STRING, TEXT};
+use tantivy::{Index, IndexReader, IndexWriter, Order, ReloadPolicy, TantivyDocument, Term};
+
+/// Text indexed per message at most; the rest of a huge message is not searchable.
+const TEXT_BYTES_MAX: usize = 1 << 20;
+/// Commit at least this often while items arrive.
+const COMMIT_EVERY: Duration = Duration::from_millis(1000);
+const MIME_DEPTH_MAX: usize = 4;
+
+/// The index's fields.
+#[derive(Clone, Copy)]
+pub struct Fields {
+    seq: Field,
+    id: Field,
+    msgid: Field,
+    origin: Field,
+    from: Field,
+    to: Field,
+    subject: Field,
+    body: Field,
+    filename: Field,
+    arrived: Field,
+    size: Field,
+    attachment: Field,
+}
+
+fn schema() -> (Schema, Fields) {
+    let mut b = Schema::builder();
+    let f = Fields {
+        seq: b.add_u64_field("seq", INDEXED | FAST | STORED),
+        id: b.add_text_field("id", STRING),
+        msgid: b.add_text_field("msgid", STRING),
+        origin: b.add_text_field("origin", STRING),
+        from: b.add_text_field("from", TEXT),
+        to: b.add_text_field("to", TEXT),
+        subject: b.add_text_field("subject", TEXT),
+        body: b.add_text_field("body", TEXT),
+        filename: b.add_text_field("filename", TEXT),
+        arrived: b.add_u64_field("arrived", INDEXED | FAST),
+        size: b.add_u64_field("size", INDEXED | FAST),
+        attachment: b.add_u64_field("attachment", INDEXED),
+    };
+    (b.build(), f)
+}
+
+fn ix(e: tantivy::TantivyError) -> ArchiveError {
+    ArchiveError::Index(e.to_string())
+}
+
+/// Work for the indexer thread besides following the catalog.
+pub enum IndexMsg {
+    /// New items were stored.
+    Wake,
+    /// Items were removed.
+    Delete(Vec<u64>),
+    /// Commit now and answer.
+    Flush(Sender<()>),
+    /// Commit and end the thread.
+    Stop,
+    /// Drop every entry and index the catalog again from the start; answered once dropped.
+    Rebuild(Sender<()>),
+}
+
+/// The searchable side.
+pub struct SearchIndex {
+    index: Index,
+    reader: IndexReader,
+    fields: Fields,
+    /// Items indexed and committed, in sequence order, up to this one.
+    pub indexed_through: Arc<AtomicU64>,
+}
+
+/// The thread that keeps the index up with the catalog.
+pub struct Indexer {
+    store: Arc<Store>,
+    writer: IndexWriter,
+    reader: IndexReader,
+    fields: Fields,
+    indexed_through: Arc<AtomicU64>,
+}
+
+/// Opens (creating) the index in `dir`.
+pub fn open(
+    dir: &Path,
+    store: Arc<Store>,
+    heap_bytes: usize,
+) -> Result<(SearchIndex, Indexer), ArchiveError> {
+    std::fs::create_dir_all(dir).map_err(|e| ArchiveError::Io(e.to_string()))?;
+    let (schema, fields) = schema();
+    let directory = tantivy::directory::MmapDirectory::open(dir)
+        .map_err(|e| ArchiveError::Index(e.to_string()))?;
+    let index = Index::open_or_create(directory, schema).map_err(ix)?;
+    let mark: u64 = index
+        .load_metas()
+        .map_err(ix)?
+        .payload
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    let writer = index.writer_with_num_threads(1, heap_bytes).map_err(ix)?;
+    let reader = index
+        .reader_builder()
+        .reload_policy(ReloadPolicy::Manual)
+        .try_into()
+        .map_err(ix)?;
+    let indexed_through = Arc::new(AtomicU64::new(mark));
+    Ok((
+        SearchIndex {
+            index,
+            reader: reader.clone(),
+            fields,
+            indexed_through: indexed_through.clone(),
+        },
+        Indexer {
+            store,
+            writer,
+            reader,
+            fields,
+            indexed_through,
+        },
+    ))
+}
+
+impl Indexer {
+    /// Runs until every sender is gone.
+    pub fn run(mut self, rx: Receiver<IndexMsg>) {
+        let mut mark = self.indexed_through.load(Ordering::SeqCst);
+        let mut dirty = false;
+        let mut since_commit = Instant::now();
+        loop {
+            let batch = match self.store.items_after(mark, 256, |_| true) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("archive index: read the catalog: {e}");
+                    Vec::new()
+                }
+            };
+            for item in &batch {
+                let doc = self.document(item);
+                if let Err(e) = self.writer.add_document(doc) {
+                    tracing::error!(seq = item.seq, "archive index: {e}");
+                }
+                mark = item.seq;
+                dirty = true;
+            }
+            let idle = batch.is_empty();
+            if dirty && (idle || since_commit.elapsed() >= COMMIT_EVERY) {
+                self.commit(mark);
+                dirty = false;
+                since_commit = Instant::now();
+            }
+            let msg = if idle {
+                match rx.recv_timeout(COMMIT_EVERY) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                rx.try_recv().ok()
+            };
+            if let Some(m) = msg {
+                for m in std::iter::once(m).chain(rx.try_iter()) {
+                    match m {
+                        IndexMsg::Wake => {}
+                        IndexMsg::Stop => {
+                            if dirty {
+                                self.commit(mark);
+                            }
+                            return;
+                        }
+                        IndexMsg::Delete(seqs) => {
+                            for s in seqs {
+                                self.writer
+                                    .delete_term(Term::from_field_u64(self.fields.seq, s));
+                            }
+                            dirty = true;
+                        }
+                        IndexMsg::Flush(done) => {
+                            // Index what is there first, so a flush after a store sees it.
+                            if let Ok(rest) = self.store.items_after(mark, usize::MAX, |_| true) {
+                                for item in &rest {
+                                    let _ = self.writer.add_document(self.document(item));
+                                    mark = item.seq;
+                                }
+                            }
+                            self.commit(mark);
+                            dirty = false;
+                            let _ = done.send(());
+                        }
+                        IndexMsg::Rebuild(dropped) => {
+                            let _ = self.writer.delete_all_documents();
+                            mark = 0;
+                            self.commit(0);
+                            let _ = dropped.send(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn commit(&mut self, mark: u64) {
+        let mut prepared = match self.writer.prepare_commit() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("archive index commit: {e}");
+                return;
+            }
+        };
+        prepared.set_payload(&mark.to_string());
+        match prepared.commit() {
+            Ok(_) => {
+                let _ = self.reader.reload();
+                self.indexed_through.store(mark, Ordering::SeqCst);
+            }
+            Err(e) => tracing::error!("archive index commit: {e}"),
+        }
+    }
+
+    fn document(&self, item: &Item) -> TantivyDocument {
+        let f = &self.fields;
+        let mut doc = TantivyDocument::default();
+        doc.add_u64(f.seq, item.seq);
+        doc.add_text(f.id, &item.id);
+        doc.add_text(f.origin, &item.origin);
+        doc.add_u64(f.arrived, item.arrived_ms);
+        doc.add_u64(f.size, item.raw_len);
+        doc.add_text(f.from, &item.sender);
+        for r in &item.recipients {
+            doc.add_text(f.to, r);
+        }
+        let raw = match self.store.raw(&item.hash) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(
+                    seq = item.seq,
+                    "archive index: body unreadable, envelope indexed only: {e}"
+                );
+                return doc;
+            }
+        };
+        let Some(msg) = MessageParser::default().parse(&raw) else {
+            return doc;
+        };
+        let mut text = Text::default();
+        add_message(&mut doc, f, &msg, &mut text, 0);
+        doc.add_u64(f.attachment, u64::from(text.attachments > 0));
+        doc
+    }
+}
+
+#[derive(Default)]
+struct Text {
+    bytes: usize,
+    attachments: usize,
+}
+
+fn add_message(
+    doc: &mut TantivyDocument,
+    f: &Fields,
+    msg: &mail_parser::Message<'_>,
+    text: &mut Text,
+    depth: usize,
+) {
+    if depth == 0 {
+        if let Some(id) = msg.message_id() {
+            doc.add_text(f.msgid, id);
+        }
+    }
+    for (field, addrs) in [(f.from, msg.from()), (f.to, msg.to()), (f.to, msg.cc())] {
+        for a in addrs.into_iter().flat_map(|a| a.iter()) {
+            for part in [a.name(), a.address()].into_iter().flatten() {
+                doc.add_text(field, part);
+            }
+        }
+    }
+    if let Some(s) = msg.subject() {
+        doc.add_text(f.subject, s);
+    }
+    for part in &msg.parts {
+        if let Some(name) = part.attachment_name() {
+            doc.add_text(f.filename, name);
+            text.attachments += 1;
+        } else if matches!(part.body, PartType::Binary(_) | PartType::InlineBinary(_)) {
+            text.attachments += 1;
+        }
+        let mut add = |s: &str| {
+            let room = TEXT_BYTES_MAX.saturating_sub(text.bytes);
+            if room > 0 {
+                let cut = floor_char_boundary(s, room);
+                doc.add_text(f.body, &s[..cut]);
+                text.bytes += cut;
+            }
+        };
+        match &part.body {
+            PartType::Text(t) => add(t),
+            PartType::Html(h) => add(&mail_parser::decoders::html::html_to_text(h)),
+            PartType::Message(inner) if depth < MIME_DEPTH_MAX => {
+                add_message(doc, f, inner, text, depth + 1)
+            }
+            _ => {}
+        }
+    }
+}
+
+fn floor_char_boundary(s: &str, at: usize) -> usize {
+    if at >= s.len() {
+        return s.len();
+    }
+    (0..=at).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0)
+}
+
+/// One page of search results.
+pub struct Found {
+    /// Matching items in the index (before the catalog check).
+    pub total: usize,
+    /// Matching sequence numbers, newest first.
+    pub seqs: Vec<u64>,
+}
+
+impl SearchIndex {
+    /// Runs a query in the search language of [`crate::query`].
+    pub fn search(&self, q: &str, limit: usize) -> Result<Found, ArchiveError> {
+        let clauses = query::parse(q).map_err(ArchiveError::Query)?;
+        let query = self.build(&clauses)?;
+        let searcher = self.reader.searcher();
+        let top = TopDocs::with_limit(limit.max(1)).order_by_u64_field("seq", Order::Desc);
+        let (docs, total) = searcher.search(&query, &(top, Count)).map_err(ix)?;
+        Ok(Found {
+            total,
+            seqs: docs.into_iter().filter_map(|(seq, _)| seq).collect(),
+        })
+    }
+
+    fn build(&self, clauses: &[Clause]) -> Result<Box<dyn Query>, ArchiveError> {
+        let f = &self.fields;
+        let mut must: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+        for c in clauses {
+            let q: Box<dyn Query> = match c {
+                Clause::Text(field, value) => {
+                    let field = match field {
+                        TextField::From => f.from,
+                        TextField::To => f.to,
+                        TextField::Subject => f.subject,
+                        TextField::Body => f.body,
+                        TextField::Filename => f.filename,
+                    };
+                    self.text_query(field, value)?
+                }
+                Clause::Anywhere(value) => {
+                    let mut any: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+                    for field in [f.subject, f.from, f.to, f.body, f.filename] {
+                        any.push((Occur::Should, self.text_query(field, value)?));
+                    }
+                    any.push((Occur::Should, exact(f.msgid, value)));
+                    any.push((Occur::Should, exact(f.id, value)));
+                    Box::new(BooleanQuery::new(any))
+                }
+                Clause::MessageId(v) => exact(f.msgid, v),
+                Clause::Id(v) => exact(f.id, v),
+                Clause::Origin(v) => exact(f.origin, v),
+                Clause::After(ms) => range(f.arrived, Bound::Included(*ms), Bound::Unbounded),
+                Clause::Before(ms) => range(f.arrived, Bound::Unbounded, Bound::Excluded(*ms)),
+                Clause::SizeAbove(n) => range(f.size, Bound::Excluded(*n), Bound::Unbounded),
+                Clause::SizeBelow(n) => range(f.size, Bound::Unbounded, Bound::Excluded(*n)),
+                Clause::HasAttachment => Box::new(TermQuery::new(
+                    Term::from_field_u64(f.attachment, 1),
+                    IndexRecordOption::Basic,
+                )),
+            };
+            must.push((Occur::Must, q));
+        }
+        if must.is_empty() {
+            return Ok(Box::new(tantivy::query::AllQuery));
+        }
+        Ok(Box::new(BooleanQuery::new(must)))
+    }
+
+    /// A word is a term query; several words (an address, a "phrase") a phrase query.
+    fn text_query(&self, field: Field, value: &str) -> Result<Box<dyn Query>, ArchiveError> {
+        let mut analyzer = self.index.tokenizer_for_field(field).map_err(ix)?;
+        let mut stream = analyzer.token_stream(value);
+        let mut terms = Vec::new();
+        while stream.advance() {
+            terms.push(Term::from_field_text(field, &stream.token().text));
+        }
+        Ok(match terms.len() {
+            0 => Box::new(tantivy::query::EmptyQuery),
+            1 => Box::new(TermQuery::new(terms.remove(0), IndexRecordOption::Basic)),
+            _ => Box::new(PhraseQuery::new(terms)),
+        })
+    }
+}
+
+fn exact(field: Field, value: &str) -> Box<dyn Query> {
+    let v = value.trim_start_matches('<').trim_end_matches('>');
+    Box::new(TermQuery::new(
+        Term::from_field_text(field, v),
+        IndexRecordOption::Basic,
+    ))
+}
+
+fn range(field: Field, lo: Bound<u64>, hi: Bound<u64>) -> Box<dyn Query> {
+    let term = |b: Bound<u64>| match b {
+        Bound::Included(v) => Bound::Included(Term::from_field_u64(field, v)),
+        Bound::Excluded(v) => Bound::Excluded(Term::from_field_u64(field, v)),
+        Bound::Unbounded => Bound::Unbounded,
+    };
+    Box::new(RangeQuery::new(term(lo), term(hi)))
+}

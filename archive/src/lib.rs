@@ -1,0 +1,398 @@
+//! The message archive: every message a unit accepts, stored once, compressed and
+//! content-addressed, searchable, retained by policy, and mirrored to trusted peers.
+//!
+//! - [`store`]: append-only segment files (zstd bodies keyed by SHA-256, a checksum per record)
+//!   and the LMDB catalog, written by one thread in groups (frames `fdatasync`ed, then the
+//!   catalog committed); a torn tail is cut at open.
+//! - [`index`]: the tantivy full-text index, derived from the catalog by its own thread.
+//! - [`query`]: the search language.
+//! - [`mirror`]: copying local items to peers over the authenticated peer link, and receiving
+//!   theirs.
+//!
+//! Not here: when a message is archived (the daemon's lifecycle decides), the admin protocol,
+//! metrics (callers read [`Archive::status`] and the mirror's counters).
+
+pub mod index;
+pub mod mirror;
+pub mod query;
+pub mod record;
+pub mod store;
+#[cfg(test)]
+mod tests;
+
+pub use record::Item;
+pub use store::{CompactReport, Stored, Totals};
+
+use crossbeam_channel::Sender;
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use store::{Prepared, Request, Store};
+
+/// Why an archive operation failed.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ArchiveError {
+    /// A file operation failed (segment write, fsync, read).
+    #[error("archive I/O: {0}")]
+    Io(String),
+    /// Less free space than `free_bytes_min` on the archive's file system.
+    #[error("archive file system has {0} bytes free, below the configured minimum")]
+    NoSpace(u64),
+    /// The catalog (LMDB) failed.
+    #[error("archive catalog: {0}")]
+    Catalog(String),
+    /// Stored bytes fail their checks.
+    #[error("archive corrupt: {0}")]
+    Corrupt(String),
+    /// The full-text index failed.
+    #[error("archive index: {0}")]
+    Index(String),
+    /// A search query does not parse.
+    #[error("query: {0}")]
+    Query(String),
+    /// No such item.
+    #[error("no archived item {0}")]
+    NotFound(String),
+    /// The bytes given do not match the hash claimed for them.
+    #[error("body does not match its hash")]
+    HashMismatch,
+    /// The archive's threads are gone.
+    #[error("archive stopped")]
+    Stopped,
+}
+
+impl From<heed::Error> for ArchiveError {
+    fn from(e: heed::Error) -> ArchiveError {
+        ArchiveError::Catalog(e.to_string())
+    }
+}
+
+/// Where and how to keep the archive.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The archive's directory (`catalog/`, `segments/`, `index/`).
+    pub dir: PathBuf,
+    /// Seal a segment past this size.
+    pub segment_bytes_max: u64,
+    /// Refuse writes with less free space than this.
+    pub free_bytes_min: u64,
+    /// zstd level for bodies.
+    pub zstd_level: i32,
+    /// Memory the index writer may buffer before it flushes a segment.
+    pub index_heap_bytes: usize,
+}
+
+impl Options {
+    /// Defaults for `dir`.
+    pub fn new(dir: PathBuf) -> Options {
+        Options {
+            dir,
+            segment_bytes_max: 256 << 20,
+            free_bytes_min: 256 << 20,
+            zstd_level: 3,
+            index_heap_bytes: 32 << 20,
+        }
+    }
+}
+
+/// A message to archive: its envelope as accepted and its verdict.
+#[derive(Clone, Debug, Default)]
+pub struct Incoming {
+    /// Spool id.
+    pub id: String,
+    /// Node that accepted it.
+    pub origin: String,
+    /// Accepted at, ms since the epoch.
+    pub arrived_ms: u64,
+    /// SMTP client address.
+    pub client: String,
+    /// Envelope sender.
+    pub sender: String,
+    /// Envelope recipients.
+    pub recipients: Vec<String>,
+    /// Scan verdict.
+    pub verdict: String,
+    /// SHA-256 of the raw bytes, as the spool recorded it.
+    pub hash: [u8; 32],
+}
+
+impl Incoming {
+    /// Its deduplication key.
+    pub fn key(&self) -> [u8; 32] {
+        Item::key_of(&self.hash, &self.sender, &self.recipients)
+    }
+}
+
+/// Store-wide figures for `spoolctl archive status` and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    /// Catalog counters.
+    pub totals: Totals,
+    /// Highest sequence number handed out.
+    pub last_seq: u64,
+    /// Items searchable, in sequence order, up to this one.
+    pub indexed_through: u64,
+}
+
+/// One search answer.
+#[derive(Clone, Debug)]
+pub struct SearchResult {
+    /// Items matching in the index.
+    pub total: usize,
+    /// The newest matching items, up to the limit.
+    pub items: Vec<Item>,
+}
+
+/// An open archive: the store, its writer and indexer threads, and the index.
+pub struct Archive {
+    store: Arc<Store>,
+    writer: Sender<Request>,
+    indexer: Sender<index::IndexMsg>,
+    index: index::SearchIndex,
+    zstd_level: i32,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Archive {
+    /// Stops the threads and waits for them, so the catalog is closed when this returns.
+    fn drop(&mut self) {
+        let _ = self.writer.send(Request::Stop);
+        let _ = self.indexer.send(index::IndexMsg::Stop);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Archive {
+    /// Opens (creating) the archive and starts its threads.
+    pub fn open(opts: &Options) -> Result<Archive, ArchiveError> {
+        let store = Arc::new(Store::open(&opts.dir)?);
+        let (search, indexer) = index::open(
+            &opts.dir.join("index"),
+            store.clone(),
+            opts.index_heap_bytes,
+        )?;
+        let writer =
+            store::Writer::new(store.clone(), opts.segment_bytes_max, opts.free_bytes_min)?;
+        let (wtx, wrx) = crossbeam_channel::bounded(4096);
+        let (itx, irx) = crossbeam_channel::unbounded();
+        let wake = itx.clone();
+        let writer_thread = std::thread::Builder::new()
+            .name("archive-writer".into())
+            .spawn(move || {
+                writer.run(wrx, |_| {
+                    let _ = wake.send(index::IndexMsg::Wake);
+                })
+            })
+            .map_err(|e| ArchiveError::Io(e.to_string()))?;
+        let index_thread = std::thread::Builder::new()
+            .name("archive-index".into())
+            .spawn(move || indexer.run(irx))
+            .map_err(|e| ArchiveError::Io(e.to_string()))?;
+        Ok(Archive {
+            store,
+            writer: wtx,
+            indexer: itx,
+            index: search,
+            zstd_level: opts.zstd_level,
+            threads: vec![writer_thread, index_thread],
+        })
+    }
+
+    /// The item already archived under this message's key, if any.
+    pub fn find(&self, m: &Incoming) -> Result<Option<u64>, ArchiveError> {
+        self.store.seq_of_key(&m.key())
+    }
+
+    /// Archives a message durably (blocking: hashes and compresses here, then waits for the
+    /// writer's group commit). The same message archived again answers its first item.
+    pub fn archive(&self, m: Incoming, raw: &[u8]) -> Result<Stored, ArchiveError> {
+        self.archive_as(m, raw, false, false)
+    }
+
+    fn archive_as(
+        &self,
+        m: Incoming,
+        raw: &[u8],
+        mirrored: bool,
+        held: bool,
+    ) -> Result<Stored, ArchiveError> {
+        let got: [u8; 32] = Sha256::digest(raw).into();
+        if got != m.hash {
+            return Err(ArchiveError::HashMismatch);
+        }
+        let compressed = zstd::bulk::compress(raw, self.zstd_level)
+            .map_err(|e| ArchiveError::Io(e.to_string()))?;
+        let item = Item {
+            seq: 0,
+            key: m.key(),
+            hash: m.hash,
+            id: m.id,
+            origin: m.origin,
+            mirrored,
+            held,
+            arrived_ms: m.arrived_ms,
+            archived_ms: now_ms(),
+            client: m.client,
+            sender: m.sender,
+            recipients: m.recipients,
+            verdict: m.verdict,
+            raw_len: raw.len() as u64,
+        };
+        self.submit(Prepared { item, compressed })
+    }
+
+    /// Stores an item a mirror peer sent (compressed as it travelled), verified first.
+    pub fn receive_mirrored(
+        &self,
+        mut item: Item,
+        compressed: Vec<u8>,
+    ) -> Result<Stored, ArchiveError> {
+        store::decompress_verified(&compressed, item.raw_len, &item.hash)
+            .map_err(|_| ArchiveError::HashMismatch)?;
+        item.key = Item::key_of(&item.hash, &item.sender, &item.recipients);
+        item.mirrored = true;
+        item.held = false;
+        item.archived_ms = now_ms();
+        self.submit(Prepared { item, compressed })
+    }
+
+    fn submit(&self, p: Prepared) -> Result<Stored, ArchiveError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.writer
+            .send(Request::Store(Box::new(p), tx))
+            .map_err(|_| ArchiveError::Stopped)?;
+        rx.recv().map_err(|_| ArchiveError::Stopped)?
+    }
+
+    /// Runs a search; results newest first.
+    pub fn search(&self, q: &str, limit: usize) -> Result<SearchResult, ArchiveError> {
+        let found = self.index.search(q, limit)?;
+        let r = self.store.read()?;
+        let mut items = Vec::with_capacity(found.seqs.len());
+        for seq in found.seqs {
+            if let Some(item) = self.store.item(&r, seq)? {
+                items.push(item);
+            }
+        }
+        Ok(SearchResult {
+            total: found.total,
+            items,
+        })
+    }
+
+    /// The item numbered `seq`.
+    pub fn item(&self, seq: u64) -> Result<Item, ArchiveError> {
+        let r = self.store.read()?;
+        self.store
+            .item(&r, seq)?
+            .ok_or_else(|| ArchiveError::NotFound(seq.to_string()))
+    }
+
+    /// The exact accepted bytes of item `seq`, verified against its hash.
+    pub fn raw(&self, seq: u64) -> Result<(Item, Vec<u8>), ArchiveError> {
+        let item = self.item(seq)?;
+        let raw = self.store.raw(&item.hash)?;
+        Ok((item, raw))
+    }
+
+    /// Puts items on legal hold or releases them; answers how many changed.
+    pub fn hold(&self, seqs: &[u64], held: bool) -> Result<u64, ArchiveError> {
+        self.store.set_held(seqs, held)
+    }
+
+    /// Removes items accepted more than `retention` ago and not on hold; `progress` hears the
+    /// count removed so far. Answers the count removed.
+    pub fn expire(
+        &self,
+        retention: Duration,
+        mut progress: impl FnMut(u64),
+    ) -> Result<u64, ArchiveError> {
+        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+        let mut removed_total = 0;
+        loop {
+            let batch = self.store.expired(cutoff, 4096)?;
+            if batch.is_empty() {
+                return Ok(removed_total);
+            }
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            self.writer
+                .send(Request::Remove(batch, tx))
+                .map_err(|_| ArchiveError::Stopped)?;
+            let removed = rx.recv().map_err(|_| ArchiveError::Stopped)??;
+            if removed.is_empty() {
+                return Ok(removed_total);
+            }
+            removed_total += removed.len() as u64;
+            let _ = self.indexer.send(index::IndexMsg::Delete(removed));
+            progress(removed_total);
+        }
+    }
+
+    /// Rewrites sealed segments whose live share fell below `live_percent_min`.
+    pub fn compact(&self, live_percent_min: u32) -> Result<CompactReport, ArchiveError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.writer
+            .send(Request::Compact(live_percent_min, tx))
+            .map_err(|_| ArchiveError::Stopped)?;
+        rx.recv().map_err(|_| ArchiveError::Stopped)?
+    }
+
+    /// Makes everything stored so far searchable before returning.
+    pub fn flush_index(&self) -> Result<(), ArchiveError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.indexer
+            .send(index::IndexMsg::Flush(tx))
+            .map_err(|_| ArchiveError::Stopped)?;
+        rx.recv().map_err(|_| ArchiveError::Stopped)
+    }
+
+    /// Drops the index and builds it again from the catalog; `progress(done, total)` as it
+    /// goes. Returns when the index has caught up.
+    pub fn reindex(&self, mut progress: impl FnMut(u64, u64)) -> Result<(), ArchiveError> {
+        let total = self.store.last_seq()?;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.indexer
+            .send(index::IndexMsg::Rebuild(tx))
+            .map_err(|_| ArchiveError::Stopped)?;
+        rx.recv().map_err(|_| ArchiveError::Stopped)?;
+        loop {
+            let done = self
+                .index
+                .indexed_through
+                .load(std::sync::atomic::Ordering::SeqCst);
+            progress(done.min(total), total);
+            if done >= total {
+                return self.flush_index();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Store-wide figures.
+    pub fn status(&self) -> Result<Status, ArchiveError> {
+        Ok(Status {
+            totals: self.store.totals()?,
+            last_seq: self.store.last_seq()?,
+            indexed_through: self
+                .index
+                .indexed_through
+                .load(std::sync::atomic::Ordering::SeqCst),
+        })
+    }
+
+    /// The store, for the mirror.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+}

@@ -1,0 +1,329 @@
+//! Mirroring: each local item is copied to every configured peer over the authenticated peer
+//! link (channel `ArchiveMirror`), in sequence order, from a durable per-peer cursor in the
+//! catalog, so a peer offline for days costs a growing backlog and nothing else. The receiver
+//! stores what arrives deduplicated by body hash and envelope, marked mirrored with its
+//! origin, and replies once it is durable; the cursor moves only on that reply, so copying is
+//! at-least-once on the wire and exactly-once in the store.
+
+use crate::record::Item;
+use crate::{Archive, ArchiveError};
+use bytes::{BufMut, Bytes, BytesMut};
+use peer::link::{self, LinkConfig, LinkError};
+use peer::proto::mirror_op;
+use peer::{Backoff, Channel, Frame, Role};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+/// Items in flight to a peer without a reply.
+const WINDOW: usize = 64;
+/// A peer silent this long with requests outstanding is given up on and reconnected.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the backlog figures are recounted.
+const BACKLOG_EVERY: Duration = Duration::from_secs(5);
+
+/// What one peer's copier has done, for metrics and `spoolctl archive status`.
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    /// Items the peer confirmed.
+    pub sent: AtomicU64,
+    /// Local items not yet confirmed.
+    pub backlog: AtomicU64,
+    /// Archive time of the oldest of them, ms since the epoch (0: none).
+    pub oldest_ms: AtomicU64,
+    /// A session is up.
+    pub connected: AtomicBool,
+    /// Sessions refused for a wrong shared secret.
+    pub auth_failures: AtomicU64,
+    /// Sessions that failed otherwise.
+    pub errors: AtomicU64,
+}
+
+/// What the receiving side has done.
+#[derive(Debug, Default)]
+pub struct ReceiverStats {
+    /// Items stored new.
+    pub stored: AtomicU64,
+    /// Items already held (resent, or archived here too).
+    pub duplicates: AtomicU64,
+    /// Items refused (hash mismatch, storage error).
+    pub refused: AtomicU64,
+    /// Connections refused for a wrong shared secret.
+    pub auth_failures: AtomicU64,
+}
+
+fn cursor_name(peer: &str) -> String {
+    format!("mirror.{peer}")
+}
+
+fn encode_item(item: &Item, compressed: &[u8]) -> Bytes {
+    let meta = item.encode();
+    let mut b = BytesMut::with_capacity(4 + meta.len() + compressed.len());
+    b.put_u32(meta.len() as u32);
+    b.put_slice(&meta);
+    b.put_slice(compressed);
+    b.freeze()
+}
+
+fn decode_item(arg: &[u8]) -> Option<(Item, Vec<u8>)> {
+    let n = u32::from_be_bytes(arg.get(..4)?.try_into().ok()?) as usize;
+    let meta = arg.get(4..4 + n)?;
+    Some((Item::decode(meta)?, arg.get(4 + n..)?.to_vec()))
+}
+
+/// Copies local items to the peer at `addr` for ever, reconnecting with backoff.
+pub async fn copy_to(
+    archive: Arc<Archive>,
+    addr: SocketAddr,
+    cfg: LinkConfig,
+    stats: Arc<PeerStats>,
+    wake: Arc<tokio::sync::Notify>,
+) {
+    let name = addr.to_string();
+    let mut backoff = Backoff::new();
+    {
+        let (archive, stats, name) = (archive.clone(), stats.clone(), name.clone());
+        tokio::spawn(async move {
+            loop {
+                count_backlog(&archive, &name, &stats).await;
+                tokio::time::sleep(BACKLOG_EVERY).await;
+            }
+        });
+    }
+    loop {
+        match link::connect(addr, &cfg, Role::Active, Channel::ArchiveMirror).await {
+            Ok(l) => {
+                stats.connected.store(true, Ordering::SeqCst);
+                tracing::info!(peer = %addr, node = %l.peer.node, "archive mirror connected");
+                let r = session(&archive, &name, l, &stats, &wake, &mut backoff).await;
+                stats.connected.store(false, Ordering::SeqCst);
+                if let Err(e) = r {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %addr, "archive mirror: {e}");
+                }
+            }
+            Err(LinkError::AuthFailed { node }) => {
+                stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(peer = %addr, %node, "archive mirror refused: wrong shared secret");
+            }
+            Err(e) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %addr, "archive mirror connect: {e}");
+            }
+        }
+        count_backlog(&archive, &name, &stats).await;
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+async fn count_backlog(archive: &Arc<Archive>, name: &str, stats: &PeerStats) {
+    let (archive, name) = (archive.clone(), name.to_string());
+    let r = tokio::task::spawn_blocking(move || {
+        let cursor = archive.store().cursor(&cursor_name(&name))?;
+        archive.store().backlog_after(cursor, |i| !i.mirrored)
+    })
+    .await;
+    if let Ok(Ok((n, oldest))) = r {
+        stats.backlog.store(n, Ordering::Relaxed);
+        stats
+            .oldest_ms
+            .store(oldest.unwrap_or(0), Ordering::Relaxed);
+    }
+}
+
+fn link_err(e: ArchiveError) -> LinkError {
+    LinkError::Protocol(e.to_string())
+}
+
+async fn session(
+    archive: &Arc<Archive>,
+    name: &str,
+    l: link::Link,
+    stats: &PeerStats,
+    wake: &tokio::sync::Notify,
+    backoff: &mut Backoff,
+) -> Result<(), LinkError> {
+    let (r, mut w) = tokio::io::split(l.io);
+    let mut replies = link::spawn_reader(r);
+    let cursor_key = cursor_name(name);
+    loop {
+        let (a, key) = (archive.clone(), cursor_key.clone());
+        let batch =
+            tokio::task::spawn_blocking(move || -> Result<Vec<(Item, Vec<u8>)>, ArchiveError> {
+                let cursor = a.store().cursor(&key)?;
+                let items = a.store().items_after(cursor, WINDOW, |i| !i.mirrored)?;
+                let mut out = Vec::with_capacity(items.len());
+                for item in items {
+                    let (compressed, _) = a.store().compressed(&item.hash)?;
+                    out.push((item, compressed));
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(|e| LinkError::Protocol(e.to_string()))?
+            .map_err(link_err)?;
+        if batch.is_empty() {
+            // Wait for new items; the timeout also notices a store that grew unannounced.
+            let _ = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
+            continue;
+        }
+        for (item, compressed) in &batch {
+            let f = Frame::Request {
+                op: mirror_op::ITEM,
+                arg: encode_item(item, compressed),
+            };
+            link::write_frame(&mut w, &f, &[]).await?;
+        }
+        w.flush().await?;
+        let mut confirmed = 0;
+        for _ in 0..batch.len() {
+            match tokio::time::timeout(REPLY_TIMEOUT, replies.recv()).await {
+                Err(_) => return Err(LinkError::Timeout),
+                Ok(None) => return Err(LinkError::Protocol("peer closed the link".into())),
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(Some(Ok(Frame::Reply { ok: true, .. }))) => confirmed += 1,
+                Ok(Some(Ok(Frame::Reply { ok: false, data }))) => {
+                    let why = String::from_utf8_lossy(&data).into_owned();
+                    // Items before this one are durable there; move the cursor past them.
+                    if confirmed > 0 {
+                        let seq = batch[confirmed - 1].0.seq;
+                        let _ = archive.store().set_cursor(&cursor_key, seq);
+                    }
+                    return Err(LinkError::Protocol(format!(
+                        "peer refused item {}: {why}",
+                        batch[confirmed].0.seq
+                    )));
+                }
+                Ok(Some(Ok(other))) => {
+                    return Err(LinkError::Protocol(format!(
+                        "expected Reply, got {other:?}"
+                    )))
+                }
+            }
+        }
+        let last = batch[batch.len() - 1].0.seq;
+        let (a, key) = (archive.clone(), cursor_key.clone());
+        tokio::task::spawn_blocking(move || a.store().set_cursor(&key, last))
+            .await
+            .map_err(|e| LinkError::Protocol(e.to_string()))?
+            .map_err(link_err)?;
+        stats.sent.fetch_add(confirmed as u64, Ordering::Relaxed);
+        let left = stats
+            .backlog
+            .load(Ordering::Relaxed)
+            .saturating_sub(confirmed as u64);
+        stats.backlog.store(left, Ordering::Relaxed);
+        backoff.reset();
+    }
+}
+
+/// Accepts mirror peers on `listener` and stores what they send.
+pub async fn receive(
+    archive: Arc<Archive>,
+    listener: tokio::net::TcpListener,
+    cfg: LinkConfig,
+    stats: Arc<ReceiverStats>,
+) {
+    loop {
+        let Ok((tcp, from)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (archive, cfg, stats) = (archive.clone(), cfg.clone(), stats.clone());
+        tokio::spawn(async move {
+            match link::accept(tcp, &cfg, Role::Active).await {
+                Ok(l) if l.peer.channel != Channel::ArchiveMirror => {
+                    tracing::warn!(%from, channel = ?l.peer.channel, "archive listener: link for another channel closed");
+                }
+                Ok(l) => {
+                    let node = l.peer.node.clone();
+                    tracing::info!(%from, %node, "archive mirror peer connected");
+                    if let Err(e) = receive_session(&archive, l, &stats).await {
+                        tracing::warn!(%from, %node, "archive mirror receiver: {e}");
+                    }
+                }
+                Err(e) => {
+                    if matches!(e, LinkError::AuthFailed { .. }) {
+                        stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::warn!(%from, "archive mirror link refused: {e}");
+                }
+            }
+        });
+    }
+}
+
+async fn receive_session(
+    archive: &Arc<Archive>,
+    l: link::Link,
+    stats: &ReceiverStats,
+) -> Result<(), LinkError> {
+    let (r, mut w) = tokio::io::split(l.io);
+    let mut frames = link::spawn_reader(r);
+    // The sender sends a window of items before it waits: store them together (one group
+    // commit), then reply to each in order.
+    while let Some(first) = frames.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < WINDOW {
+            match frames.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        let mut storing = Vec::with_capacity(batch.len());
+        for f in batch {
+            let arg = match f {
+                Ok(Frame::Request {
+                    op: mirror_op::ITEM,
+                    arg,
+                }) => arg,
+                Ok(other) => {
+                    return Err(LinkError::Protocol(format!(
+                        "archive channel: unexpected {other:?}"
+                    )))
+                }
+                Err(LinkError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            };
+            let a = archive.clone();
+            storing.push(tokio::task::spawn_blocking(move || {
+                match decode_item(&arg) {
+                    Some((item, compressed)) => a.receive_mirrored(item, compressed),
+                    None => Err(ArchiveError::Corrupt("undecodable mirrored item".into())),
+                }
+            }));
+        }
+        for task in storing {
+            let stored = task.await.map_err(|e| LinkError::Protocol(e.to_string()))?;
+            let reply = match stored {
+                Ok(s) => {
+                    let c = if s.new {
+                        &stats.stored
+                    } else {
+                        &stats.duplicates
+                    };
+                    c.fetch_add(1, Ordering::Relaxed);
+                    Frame::Reply {
+                        ok: true,
+                        data: Bytes::copy_from_slice(&s.seq.to_be_bytes()),
+                    }
+                }
+                Err(e) => {
+                    stats.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("mirrored item refused: {e}");
+                    Frame::Reply {
+                        ok: false,
+                        data: Bytes::from(e.to_string()),
+                    }
+                }
+            };
+            link::write_frame(&mut w, &reply, &[]).await?;
+        }
+        w.flush().await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,831 @@
+//! The durable part of the archive: append-only segment files holding compressed bodies, one
+//! per distinct body hash, and the LMDB catalog (items, dedup keys, blob locations, counters,
+//! mirror cursors). One writer thread makes every change to items, keys and blobs, in groups:
+//! frames appended and `fdatasync`ed first, then the catalog committed, so the catalog never
+//! names bytes that are not on disk. Whatever a crash leaves past the committed length of the
+//! open segment is cut at the next open.
+
+use crate::record::{self, BlobLoc, Item};
+use crate::ArchiveError;
+use crossbeam_channel::{Receiver, Sender};
+use heed::byteorder::BE;
+use heed::types::{Bytes, Str, U64};
+use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+const NEXT_SEQ: &str = "next_seq";
+const OPEN_SEGMENT: &str = "open_segment";
+const OPEN_LEN: &str = "open_len";
+const ITEMS: &str = "items";
+const RAW_BYTES: &str = "raw_bytes";
+const HELD: &str = "held";
+/// Requests taken into one group commit at most.
+const GROUP_MAX: usize = 512;
+const GROUP_BYTES_MAX: usize = 32 << 20;
+
+/// The catalog and the segment files.
+pub struct Store {
+    env: Env,
+    items: Database<U64<BE>, Bytes>,
+    keys: Database<Bytes, U64<BE>>,
+    blobs: Database<Bytes, Bytes>,
+    meta: Database<Str, U64<BE>>,
+    segments_dir: PathBuf,
+    open_files: Mutex<HashMap<u32, Arc<File>>>,
+}
+
+/// A body compressed and hashed off the writer thread, ready to be stored.
+pub struct Prepared {
+    /// The item (its `seq` is assigned by the writer).
+    pub item: Item,
+    /// zstd of the raw bytes.
+    pub compressed: Vec<u8>,
+}
+
+/// What became of a stored item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stored {
+    /// Its sequence number here.
+    pub seq: u64,
+    /// False when the same message (same body and envelope) was archived before.
+    pub new: bool,
+}
+
+/// The writer thread's work.
+pub enum Request {
+    /// Store items durably.
+    Store(Box<Prepared>, Sender<Result<Stored, ArchiveError>>),
+    /// Remove these items (retention); answers the sequences removed.
+    Remove(Vec<u64>, Sender<Result<Vec<u64>, ArchiveError>>),
+    /// Rewrite sealed segments whose live share is below the bound (percent).
+    Compact(u32, Sender<Result<CompactReport, ArchiveError>>),
+    /// Finish: the archive is closing.
+    Stop,
+}
+
+/// Result of a compaction pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompactReport {
+    /// Segments rewritten and deleted.
+    pub segments: u32,
+    /// Bytes freed.
+    pub bytes_freed: u64,
+}
+
+/// Counters of the whole store.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Totals {
+    /// Items.
+    pub items: u64,
+    /// Raw bytes of all items.
+    pub raw_bytes: u64,
+    /// Items on hold.
+    pub held: u64,
+    /// Bytes in segment files.
+    pub stored_bytes: u64,
+    /// Segment files.
+    pub segments: u64,
+}
+
+fn seg_key(n: u32, what: &str) -> String {
+    format!("seg.{n:08}.{what}")
+}
+
+fn seg_path(dir: &Path, n: u32) -> PathBuf {
+    dir.join(format!("{n:08}.seg"))
+}
+
+fn io(e: std::io::Error) -> ArchiveError {
+    ArchiveError::Io(e.to_string())
+}
+
+impl Store {
+    /// Opens (creating) the store under `dir`, cutting a torn tail off the open segment and
+    /// deleting segments the catalog no longer refers to (a compaction that crashed after its
+    /// commit).
+    pub fn open(dir: &Path) -> Result<Store, ArchiveError> {
+        let catalog = dir.join("catalog");
+        let segments_dir = dir.join("segments");
+        std::fs::create_dir_all(&catalog).map_err(io)?;
+        std::fs::create_dir_all(&segments_dir).map_err(io)?;
+        // SAFETY: the environment is opened once per process (spoold owns its archive dir).
+        let env = unsafe {
+            EnvOpenOptions::new()
+                .map_size(1 << 38)
+                .max_dbs(8)
+                .open(&catalog)?
+        };
+        let mut w = env.write_txn()?;
+        let items = env.create_database(&mut w, Some("items"))?;
+        let keys = env.create_database(&mut w, Some("keys"))?;
+        let blobs = env.create_database(&mut w, Some("blobs"))?;
+        let meta = env.create_database(&mut w, Some("meta"))?;
+        w.commit()?;
+        let store = Store {
+            env,
+            items,
+            keys,
+            blobs,
+            meta,
+            segments_dir,
+            open_files: Mutex::new(HashMap::new()),
+        };
+        store.tidy_segments()?;
+        Ok(store)
+    }
+
+    fn tidy_segments(&self) -> Result<(), ArchiveError> {
+        let r = self.env.read_txn()?;
+        let open = self.meta.get(&r, OPEN_SEGMENT)?.unwrap_or(1) as u32;
+        let open_len = self.meta.get(&r, OPEN_LEN)?.unwrap_or(0);
+        for entry in std::fs::read_dir(&self.segments_dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            let Some(n) = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let known = self.meta.get(&r, &seg_key(n, "total"))?.is_some();
+            if n != open && !known {
+                tracing::warn!(
+                    segment = n,
+                    "archive: segment no longer in the catalog removed"
+                );
+                std::fs::remove_file(&path).map_err(io)?;
+            }
+        }
+        let path = seg_path(&self.segments_dir, open);
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        let len = f.metadata().map_err(io)?.len();
+        if len > open_len {
+            tracing::warn!(
+                segment = open,
+                bytes = len - open_len,
+                "archive: uncommitted tail of the open segment cut"
+            );
+            f.set_len(open_len).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        } else if len < open_len {
+            return Err(ArchiveError::Corrupt(format!(
+                "segment {} is {len} bytes, the catalog committed {open_len}",
+                path.display()
+            )));
+        }
+        sync_dir(&self.segments_dir)?;
+        Ok(())
+    }
+
+    fn file(&self, n: u32) -> Result<Arc<File>, ArchiveError> {
+        let mut files = self.open_files.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = files.get(&n) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(File::open(seg_path(&self.segments_dir, n)).map_err(io)?);
+        if files.len() > 256 {
+            files.clear();
+        }
+        files.insert(n, f.clone());
+        Ok(f)
+    }
+
+    /// A read transaction.
+    pub fn read(&self) -> Result<RoTxn<'_, heed::WithTls>, ArchiveError> {
+        Ok(self.env.read_txn()?)
+    }
+
+    /// The item numbered `seq`.
+    pub fn item(
+        &self,
+        r: &RoTxn<'_, heed::WithTls>,
+        seq: u64,
+    ) -> Result<Option<Item>, ArchiveError> {
+        match self.items.get(r, &seq)? {
+            None => Ok(None),
+            Some(b) => Item::decode(b)
+                .map(Some)
+                .ok_or_else(|| ArchiveError::Corrupt(format!("catalog item {seq} undecodable"))),
+        }
+    }
+
+    /// The item stored under a dedup key, if any.
+    pub fn seq_of_key(&self, key: &[u8; 32]) -> Result<Option<u64>, ArchiveError> {
+        let r = self.env.read_txn()?;
+        Ok(self.keys.get(&r, key)?)
+    }
+
+    /// Up to `limit` items after `seq`, in order, those matching `keep`.
+    pub fn items_after(
+        &self,
+        seq: u64,
+        limit: usize,
+        keep: impl Fn(&Item) -> bool,
+    ) -> Result<Vec<Item>, ArchiveError> {
+        let r = self.env.read_txn()?;
+        let mut out = Vec::new();
+        for kv in self.items.range(&r, &(seq.saturating_add(1)..))? {
+            let (s, b) = kv?;
+            let item = Item::decode(b)
+                .ok_or_else(|| ArchiveError::Corrupt(format!("catalog item {s} undecodable")))?;
+            if keep(&item) {
+                out.push(item);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Count of items after `seq` matching `keep`, and the oldest one's archive time.
+    pub fn backlog_after(
+        &self,
+        seq: u64,
+        keep: impl Fn(&Item) -> bool,
+    ) -> Result<(u64, Option<u64>), ArchiveError> {
+        let r = self.env.read_txn()?;
+        let (mut n, mut oldest) = (0, None);
+        for kv in self.items.range(&r, &(seq.saturating_add(1)..))? {
+            let (_, b) = kv?;
+            if let Some(item) = Item::decode(b).filter(|i| keep(i)) {
+                n += 1;
+                oldest.get_or_insert(item.archived_ms);
+            }
+        }
+        Ok((n, oldest))
+    }
+
+    /// The highest sequence number handed out.
+    pub fn last_seq(&self) -> Result<u64, ArchiveError> {
+        let r = self.env.read_txn()?;
+        Ok(self.meta.get(&r, NEXT_SEQ)?.unwrap_or(1).saturating_sub(1))
+    }
+
+    /// The compressed frame payload of a body, checksum verified.
+    pub fn compressed(&self, hash: &[u8; 32]) -> Result<(Vec<u8>, u64), ArchiveError> {
+        let loc = {
+            let r = self.env.read_txn()?;
+            self.blobs
+                .get(&r, hash)?
+                .and_then(BlobLoc::decode)
+                .ok_or_else(|| ArchiveError::Corrupt(format!("no body stored for {}", hex(hash))))?
+        };
+        let mut buf = vec![0u8; loc.len as usize];
+        self.file(loc.segment)?
+            .read_exact_at(&mut buf, loc.offset)
+            .map_err(io)?;
+        let (got, compressed) = record::unframe(&buf).map_err(|e| {
+            ArchiveError::Corrupt(format!(
+                "segment {} offset {}: {e}",
+                loc.segment, loc.offset
+            ))
+        })?;
+        if &got != hash {
+            return Err(ArchiveError::Corrupt(format!(
+                "segment {} offset {}: record of another body",
+                loc.segment, loc.offset
+            )));
+        }
+        Ok((compressed.to_vec(), loc.raw_len))
+    }
+
+    /// The exact raw bytes of a body, verified against its hash.
+    pub fn raw(&self, hash: &[u8; 32]) -> Result<Vec<u8>, ArchiveError> {
+        let (compressed, raw_len) = self.compressed(hash)?;
+        decompress_verified(&compressed, raw_len, hash)
+    }
+
+    /// Sets or clears legal hold; answers how many items changed.
+    pub fn set_held(&self, seqs: &[u64], held: bool) -> Result<u64, ArchiveError> {
+        let mut w = self.env.write_txn()?;
+        let mut changed = 0u64;
+        for &seq in seqs {
+            let Some(mut item) = self.items.get(&w, &seq)?.and_then(Item::decode) else {
+                continue;
+            };
+            if item.held != held {
+                item.held = held;
+                self.items.put(&mut w, &seq, &item.encode())?;
+                changed += 1;
+            }
+        }
+        let count = self.meta.get(&w, HELD)?.unwrap_or(0);
+        let count = if held {
+            count + changed
+        } else {
+            count.saturating_sub(changed)
+        };
+        self.meta.put(&mut w, HELD, &count)?;
+        w.commit()?;
+        Ok(changed)
+    }
+
+    /// Items archived before `cutoff_ms` and not on hold, oldest first, at most `limit`.
+    pub fn expired(&self, cutoff_ms: u64, limit: usize) -> Result<Vec<u64>, ArchiveError> {
+        let r = self.env.read_txn()?;
+        let mut out = Vec::new();
+        for kv in self.items.iter(&r)? {
+            let (seq, b) = kv?;
+            if let Some(item) = Item::decode(b) {
+                if !item.held && item.arrived_ms < cutoff_ms {
+                    out.push(seq);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Store-wide counters.
+    pub fn totals(&self) -> Result<Totals, ArchiveError> {
+        let r = self.env.read_txn()?;
+        let get = |k: &str| -> Result<u64, ArchiveError> { Ok(self.meta.get(&r, k)?.unwrap_or(0)) };
+        let mut t = Totals {
+            items: get(ITEMS)?,
+            raw_bytes: get(RAW_BYTES)?,
+            held: get(HELD)?,
+            ..Totals::default()
+        };
+        for kv in self.meta.prefix_iter(&r, "seg.")? {
+            let (k, v) = kv?;
+            if k.ends_with(".total") {
+                t.segments += 1;
+                t.stored_bytes += v;
+            }
+        }
+        Ok(t)
+    }
+
+    /// A cursor kept in the catalog (mirror progress, the index's mark).
+    pub fn cursor(&self, name: &str) -> Result<u64, ArchiveError> {
+        let r = self.env.read_txn()?;
+        Ok(self.meta.get(&r, &format!("cursor.{name}"))?.unwrap_or(0))
+    }
+
+    /// Moves a cursor forward (never back).
+    pub fn set_cursor(&self, name: &str, seq: u64) -> Result<(), ArchiveError> {
+        let key = format!("cursor.{name}");
+        let mut w = self.env.write_txn()?;
+        if self.meta.get(&w, &key)?.unwrap_or(0) < seq {
+            self.meta.put(&mut w, &key, &seq)?;
+            w.commit()?;
+        }
+        Ok(())
+    }
+}
+
+/// Decompresses a body and checks its length and hash.
+pub fn decompress_verified(
+    compressed: &[u8],
+    raw_len: u64,
+    hash: &[u8; 32],
+) -> Result<Vec<u8>, ArchiveError> {
+    let raw = zstd::bulk::decompress(compressed, raw_len as usize).map_err(|e| {
+        ArchiveError::Corrupt(format!("body {} does not decompress: {e}", hex(hash)))
+    })?;
+    let got: [u8; 32] = Sha256::digest(&raw).into();
+    if raw.len() as u64 != raw_len || &got != hash {
+        return Err(ArchiveError::Corrupt(format!(
+            "body {} fails its hash",
+            hex(hash)
+        )));
+    }
+    Ok(raw)
+}
+
+/// Lowercase hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn sync_dir(dir: &Path) -> Result<(), ArchiveError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io)
+}
+
+/// The writer thread's state: the open segment.
+pub struct Writer {
+    store: Arc<Store>,
+    file: File,
+    segment: u32,
+    len: u64,
+    /// Seal the open segment past this size.
+    pub segment_bytes_max: u64,
+    /// Refuse to write with less free space than this on the archive's file system.
+    pub free_bytes_min: u64,
+}
+
+impl Writer {
+    /// Takes over the open segment.
+    pub fn new(
+        store: Arc<Store>,
+        segment_bytes_max: u64,
+        free_bytes_min: u64,
+    ) -> Result<Writer, ArchiveError> {
+        let (segment, len) = {
+            let r = store.env.read_txn()?;
+            (
+                store.meta.get(&r, OPEN_SEGMENT)?.unwrap_or(1) as u32,
+                store.meta.get(&r, OPEN_LEN)?.unwrap_or(0),
+            )
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(seg_path(&store.segments_dir, segment))
+            .map_err(io)?;
+        Ok(Writer {
+            store,
+            file,
+            segment,
+            len,
+            segment_bytes_max,
+            free_bytes_min,
+        })
+    }
+
+    /// Serves requests until every sender is gone; `stored` hears of each new item.
+    pub fn run(mut self, rx: Receiver<Request>, stored: impl Fn(u64)) {
+        while let Ok(first) = rx.recv() {
+            if matches!(first, Request::Stop) {
+                return;
+            }
+            match first {
+                Request::Store(p, reply) => {
+                    let mut group = vec![(*p, reply)];
+                    let mut bytes = group[0].0.compressed.len();
+                    let mut other = None;
+                    while group.len() < GROUP_MAX && bytes < GROUP_BYTES_MAX {
+                        match rx.try_recv() {
+                            Ok(Request::Store(p, reply)) => {
+                                bytes += p.compressed.len();
+                                group.push((*p, reply));
+                            }
+                            Ok(o) => {
+                                other = Some(o);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let (items, replies): (Vec<Prepared>, Vec<_>) = group.into_iter().unzip();
+                    match self.store_group(items) {
+                        Ok(results) => {
+                            let last = results.iter().filter(|s| s.new).map(|s| s.seq).max();
+                            for (s, reply) in results.into_iter().zip(replies) {
+                                let _ = reply.send(Ok(s));
+                            }
+                            if let Some(seq) = last {
+                                stored(seq);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!("archive write failed: {e}");
+                            for reply in replies {
+                                let _ = reply.send(Err(e.clone()));
+                            }
+                        }
+                    }
+                    match other {
+                        Some(Request::Stop) => return,
+                        Some(o) => self.serve_other(o),
+                        None => {}
+                    }
+                }
+                o => self.serve_other(o),
+            }
+        }
+    }
+
+    fn serve_other(&mut self, r: Request) {
+        match r {
+            Request::Store(..) | Request::Stop => {}
+            Request::Remove(seqs, reply) => {
+                let _ = reply.send(self.remove(&seqs));
+            }
+            Request::Compact(percent, reply) => {
+                let _ = reply.send(self.compact(percent));
+            }
+        }
+    }
+
+    fn check_space(&self) -> Result<(), ArchiveError> {
+        let free = free_bytes(&self.store.segments_dir)?;
+        if free < self.free_bytes_min {
+            return Err(ArchiveError::NoSpace(free));
+        }
+        Ok(())
+    }
+
+    fn store_group(&mut self, group: Vec<Prepared>) -> Result<Vec<Stored>, ArchiveError> {
+        self.check_space()?;
+        let store = self.store.clone();
+        let r = store.env.read_txn()?;
+        let mut next_seq = store.meta.get(&r, NEXT_SEQ)?.unwrap_or(1);
+        let mut frames = Vec::new();
+        let mut new_blobs: HashMap<[u8; 32], BlobLoc> = HashMap::new();
+        let mut ref_more: HashMap<[u8; 32], u32> = HashMap::new();
+        let mut new_keys: HashMap<[u8; 32], u64> = HashMap::new();
+        let mut results = Vec::with_capacity(group.len());
+        let mut new_items = Vec::new();
+        for p in group {
+            let mut item = p.item;
+            if let Some(seq) = store
+                .keys
+                .get(&r, &item.key)?
+                .or(new_keys.get(&item.key).copied())
+            {
+                results.push(Stored { seq, new: false });
+                continue;
+            }
+            item.seq = next_seq;
+            next_seq += 1;
+            new_keys.insert(item.key, item.seq);
+            if let Some(b) = new_blobs.get_mut(&item.hash) {
+                b.refs += 1;
+            } else if store.blobs.get(&r, &item.hash)?.is_some() {
+                *ref_more.entry(item.hash).or_default() += 1;
+            } else {
+                let offset = self.len + frames.len() as u64;
+                let before = frames.len();
+                record::frame(&item.hash, &p.compressed, &mut frames);
+                new_blobs.insert(
+                    item.hash,
+                    BlobLoc {
+                        segment: self.segment,
+                        offset,
+                        len: (frames.len() - before) as u32,
+                        raw_len: item.raw_len,
+                        refs: 1,
+                    },
+                );
+            }
+            results.push(Stored {
+                seq: item.seq,
+                new: true,
+            });
+            new_items.push(item);
+        }
+        drop(r);
+        if new_items.is_empty() {
+            return Ok(results);
+        }
+        if !frames.is_empty() {
+            let written = self
+                .file
+                .write_all_at(&frames, self.len)
+                .and_then(|()| self.file.sync_data());
+            if let Err(e) = written {
+                let _ = self.file.set_len(self.len);
+                return Err(io(e));
+            }
+        }
+        let committed = (|| -> Result<(), ArchiveError> {
+            let mut w = store.env.write_txn()?;
+            for item in &new_items {
+                store.items.put(&mut w, &item.seq, &item.encode())?;
+                store.keys.put(&mut w, &item.key, &item.seq)?;
+            }
+            for (hash, loc) in &new_blobs {
+                store.blobs.put(&mut w, hash, &loc.encode())?;
+            }
+            for (hash, more) in &ref_more {
+                if let Some(mut loc) = store.blobs.get(&w, hash)?.and_then(BlobLoc::decode) {
+                    loc.refs += more;
+                    store.blobs.put(&mut w, hash, &loc.encode())?;
+                }
+            }
+            let raw: u64 = new_items.iter().map(|i| i.raw_len).sum();
+            add(&store, &mut w, ITEMS, new_items.len() as i64)?;
+            add(&store, &mut w, RAW_BYTES, raw as i64)?;
+            add(
+                &store,
+                &mut w,
+                HELD,
+                new_items.iter().filter(|i| i.held).count() as i64,
+            )?;
+            add(
+                &store,
+                &mut w,
+                &seg_key(self.segment, "total"),
+                frames.len() as i64,
+            )?;
+            add(
+                &store,
+                &mut w,
+                &seg_key(self.segment, "live"),
+                frames.len() as i64,
+            )?;
+            store.meta.put(&mut w, NEXT_SEQ, &next_seq)?;
+            store
+                .meta
+                .put(&mut w, OPEN_LEN, &(self.len + frames.len() as u64))?;
+            w.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = committed {
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
+        self.len += frames.len() as u64;
+        if self.len >= self.segment_bytes_max {
+            self.seal()?;
+        }
+        Ok(results)
+    }
+
+    /// Starts a new open segment; the old one is sealed (never written again).
+    fn seal(&mut self) -> Result<(), ArchiveError> {
+        let next = self.segment + 1;
+        let path = seg_path(&self.store.segments_dir, next);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io)?;
+        sync_dir(&self.store.segments_dir)?;
+        let mut w = self.store.env.write_txn()?;
+        self.store
+            .meta
+            .put(&mut w, OPEN_SEGMENT, &u64::from(next))?;
+        self.store.meta.put(&mut w, OPEN_LEN, &0)?;
+        add(&self.store, &mut w, &seg_key(next, "total"), 0)?;
+        w.commit()?;
+        self.file = file;
+        self.segment = next;
+        self.len = 0;
+        Ok(())
+    }
+
+    fn remove(&mut self, seqs: &[u64]) -> Result<Vec<u64>, ArchiveError> {
+        let store = self.store.clone();
+        let mut w = store.env.write_txn()?;
+        let mut removed = Vec::new();
+        let mut raw = 0u64;
+        for &seq in seqs {
+            let Some(item) = store.items.get(&w, &seq)?.and_then(Item::decode) else {
+                continue;
+            };
+            if item.held {
+                continue;
+            }
+            store.items.delete(&mut w, &seq)?;
+            store.keys.delete(&mut w, &item.key)?;
+            if let Some(mut loc) = store.blobs.get(&w, &item.hash)?.and_then(BlobLoc::decode) {
+                loc.refs = loc.refs.saturating_sub(1);
+                if loc.refs == 0 {
+                    store.blobs.delete(&mut w, &item.hash)?;
+                    add(
+                        &store,
+                        &mut w,
+                        &seg_key(loc.segment, "live"),
+                        -i64::from(loc.len),
+                    )?;
+                } else {
+                    store.blobs.put(&mut w, &item.hash, &loc.encode())?;
+                }
+            }
+            raw += item.raw_len;
+            removed.push(seq);
+        }
+        add(&store, &mut w, ITEMS, -(removed.len() as i64))?;
+        add(&store, &mut w, RAW_BYTES, -(raw as i64))?;
+        w.commit()?;
+        Ok(removed)
+    }
+
+    /// Copies the live records of sparse sealed segments into the open one, commits their new
+    /// places, then deletes the old files.
+    fn compact(&mut self, live_percent_min: u32) -> Result<CompactReport, ArchiveError> {
+        let store = self.store.clone();
+        let sparse: Vec<(u32, u64)> = {
+            let r = store.env.read_txn()?;
+            let mut v = Vec::new();
+            for kv in store.meta.prefix_iter(&r, "seg.")? {
+                let (k, total) = kv?;
+                let Some(n) = k
+                    .strip_prefix("seg.")
+                    .and_then(|s| s.strip_suffix(".total"))
+                    .and_then(|s| s.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                let live = store.meta.get(&r, &seg_key(n, "live"))?.unwrap_or(0);
+                if n != self.segment && live * 100 < total * u64::from(live_percent_min) {
+                    v.push((n, total));
+                }
+            }
+            v
+        };
+        let mut report = CompactReport::default();
+        for (n, total) in sparse {
+            self.check_space()?;
+            let data = std::fs::read(seg_path(&store.segments_dir, n)).map_err(io)?;
+            let mut frames = Vec::new();
+            let mut moved: Vec<([u8; 32], BlobLoc)> = Vec::new();
+            {
+                let r = store.env.read_txn()?;
+                let mut at = 0usize;
+                while at < data.len() {
+                    let (hash, compressed) = record::unframe(&data[at..]).map_err(|e| {
+                        ArchiveError::Corrupt(format!("segment {n} offset {at}: {e}"))
+                    })?;
+                    let len = record::FRAME_HEAD + 32 + compressed.len();
+                    if let Some(loc) = store.blobs.get(&r, &hash)?.and_then(BlobLoc::decode) {
+                        if loc.segment == n && loc.offset == at as u64 {
+                            let offset = self.len + frames.len() as u64;
+                            frames.extend_from_slice(&data[at..at + len]);
+                            moved.push((
+                                hash,
+                                BlobLoc {
+                                    segment: self.segment,
+                                    offset,
+                                    ..loc
+                                },
+                            ));
+                        }
+                    }
+                    at += len;
+                }
+            }
+            if !frames.is_empty() {
+                self.file.write_all_at(&frames, self.len).map_err(io)?;
+                self.file.sync_data().map_err(io)?;
+            }
+            let mut w = store.env.write_txn()?;
+            for (hash, loc) in &moved {
+                store.blobs.put(&mut w, hash, &loc.encode())?;
+            }
+            add(
+                &store,
+                &mut w,
+                &seg_key(self.segment, "total"),
+                frames.len() as i64,
+            )?;
+            add(
+                &store,
+                &mut w,
+                &seg_key(self.segment, "live"),
+                frames.len() as i64,
+            )?;
+            store.meta.delete(&mut w, &seg_key(n, "total"))?;
+            store.meta.delete(&mut w, &seg_key(n, "live"))?;
+            store
+                .meta
+                .put(&mut w, OPEN_LEN, &(self.len + frames.len() as u64))?;
+            w.commit()?;
+            self.len += frames.len() as u64;
+            store
+                .open_files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&n);
+            std::fs::remove_file(seg_path(&store.segments_dir, n)).map_err(io)?;
+            sync_dir(&store.segments_dir)?;
+            report.segments += 1;
+            report.bytes_freed += total.saturating_sub(frames.len() as u64);
+            if self.len >= self.segment_bytes_max {
+                self.seal()?;
+            }
+        }
+        Ok(report)
+    }
+}
+
+fn add(store: &Store, w: &mut RwTxn<'_>, key: &str, delta: i64) -> Result<(), ArchiveError> {
+    let v = store.meta.get(w, key)?.unwrap_or(0);
+    store.meta.put(
+        w,
+        key,
+        &(v as i64).saturating_add(delta).max(0).cast_unsigned(),
+    )?;
+    Ok(())
+}
+
+/// Bytes available to unprivileged writers on the file system holding `dir`.
+pub fn free_bytes(dir: &Path) -> Result<u64, ArchiveError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| ArchiveError::Io("path with NUL".into()))?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `s` a valid out-pointer for the call's duration.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    Ok(s.f_bavail as u64 * s.f_frsize as u64)
+}

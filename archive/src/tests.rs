@@ -1,0 +1,384 @@
+//! The archive alone: storing, dedup, exact retrieval of awkward mail, search, torn tails,
+//! retention with holds, compaction, and mirroring between two archives over a real link.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+use std::time::Duration;
+
+pub(crate) const PLAIN: &[u8] = b"From: Alice Example <alice@example.com>\r\nTo: bob@example.net\r\nSubject: Quarterly report\r\nMessage-ID: <q1@example.com>\r\n\r\nThe numbers are in. Revenue grew.\r\n";
+
+/// Mail that parsers and byte-exact storage trip over.
+pub(crate) fn awkward() -> Vec<(&'static str, Vec<u8>)> {
+    let long_line = format!(
+        "From: a@example.com\r\nSubject: long\r\n\r\n{}\r\n",
+        "x".repeat(20_000)
+    );
+    vec![
+        ("plain", PLAIN.to_vec()),
+        (
+            "8bit",
+            "From: zoë@example.com\r\nSubject: Grüße aus Köln\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nSchöne Grüße, Ærøskøbing \u{1F600}\r\n"
+                .as_bytes()
+                .to_vec(),
+        ),
+        ("long lines", long_line.into_bytes()),
+        (
+            "nested multipart with base64 and quoted-printable attachments",
+            b"From: carol@example.org\r\nTo: dave@example.org\r\nSubject: Invoice attached\r\nMessage-ID: <inv-7@example.org>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"outer\"\r\n\r\n--outer\r\nContent-Type: multipart/alternative; boundary=\"inner\"\r\n\r\n--inner\r\nContent-Type: text/plain\r\n\r\nPlease find the invoice.\r\n--inner\r\nContent-Type: text/html\r\n\r\n<html><body><p>Please find the <b>zebrafish</b> invoice.</p></body></html>\r\n--inner--\r\n--outer\r\nContent-Type: application/pdf; name=\"invoice-2026.pdf\"\r\nContent-Disposition: attachment; filename=\"invoice-2026.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQKJcfsj6IKNSAwIG9iago8PC9MZW5ndGggNiAwIFI+PgpzdHJlYW0K\r\n--outer\r\nContent-Type: text/plain; name=\"notes.txt\"\r\nContent-Disposition: attachment; filename=\"notes.txt\"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nThe pangolin=20clause applies=\r\n here.\r\n--outer--\r\n"
+                .to_vec(),
+        ),
+        (
+            "broken MIME",
+            b"From: eve@example.com\r\nSubject: broken\r\nContent-Type: multipart/mixed; boundary=\"never\"\r\nContent-Transfer-Encoding: base64\r\n\r\n--nope\r\n!!!not base64 at all\xff\xfe\r\n"
+                .to_vec(),
+        ),
+        ("no headers at all", b"just a line without a header block".to_vec()),
+    ]
+}
+
+pub(crate) fn incoming(id: &str, raw: &[u8], rcpt: &str) -> Incoming {
+    Incoming {
+        id: id.into(),
+        origin: "a".into(),
+        arrived_ms: now_ms(),
+        client: "127.0.0.1".into(),
+        sender: "alice@example.com".into(),
+        recipients: vec![rcpt.into()],
+        verdict: "clean".into(),
+        hash: Sha256::digest(raw).into(),
+    }
+}
+
+fn open(dir: &std::path::Path) -> Archive {
+    let mut o = Options::new(dir.to_path_buf());
+    o.free_bytes_min = 0;
+    o.index_heap_bytes = 15 << 20;
+    Archive::open(&o).unwrap()
+}
+
+#[test]
+fn awkward_mail_comes_back_byte_exact_and_is_searchable() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(dir.path());
+    let mut seqs = Vec::new();
+    for (i, (what, raw)) in awkward().into_iter().enumerate() {
+        let s = a
+            .archive(incoming(&format!("a-{i}"), &raw, "bob@example.net"), &raw)
+            .unwrap();
+        assert!(s.new, "{what}");
+        seqs.push((s.seq, raw));
+    }
+    for (seq, raw) in &seqs {
+        assert_eq!(&a.raw(*seq).unwrap().1, raw);
+    }
+    a.flush_index().unwrap();
+    let hits = |q: &str| -> Vec<u64> {
+        a.search(q, 10)
+            .unwrap()
+            .items
+            .iter()
+            .map(|i| i.seq)
+            .collect()
+    };
+    assert_eq!(hits("subject:quarterly"), vec![seqs[0].0]);
+    assert_eq!(
+        hits("from:alice@example.com").len(),
+        seqs.len(),
+        "envelope sender of all"
+    );
+    assert_eq!(hits("from:carol"), vec![seqs[3].0]);
+    assert_eq!(
+        hits("zebrafish"),
+        vec![seqs[3].0],
+        "HTML part reduced to text"
+    );
+    assert_eq!(
+        hits("pangolin"),
+        vec![seqs[3].0],
+        "quoted-printable text attachment"
+    );
+    assert_eq!(hits("filename:invoice-2026.pdf"), vec![seqs[3].0]);
+    assert_eq!(hits("has:attachment"), vec![seqs[3].0]);
+    assert_eq!(hits("msgid:<inv-7@example.org>"), vec![seqs[3].0]);
+    assert_eq!(hits("Grüße"), vec![seqs[1].0], "8-bit subject");
+    assert_eq!(hits("size:>15k"), vec![seqs[2].0]);
+    assert_eq!(hits("\"revenue grew\""), vec![seqs[0].0]);
+    assert_eq!(
+        hits("\"grew revenue\""),
+        Vec::<u64>::new(),
+        "a phrase keeps its order"
+    );
+    assert_eq!(hits("to:dave subject:invoice"), vec![seqs[3].0]);
+    assert_eq!(
+        hits("to:dave subject:quarterly"),
+        Vec::<u64>::new(),
+        "AND by default"
+    );
+    assert!(hits("after:2000-01-01").len() == seqs.len());
+    assert!(hits("before:2000-01-01").is_empty());
+    assert!(matches!(
+        a.search("colour:red", 10),
+        Err(ArchiveError::Query(_))
+    ));
+}
+
+#[test]
+fn the_same_message_is_stored_once_and_bodies_are_shared() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(dir.path());
+    let first = a
+        .archive(incoming("a-1", PLAIN, "bob@example.net"), PLAIN)
+        .unwrap();
+    let again = a
+        .archive(incoming("b-9", PLAIN, "bob@example.net"), PLAIN)
+        .unwrap();
+    assert_eq!(
+        again,
+        Stored {
+            seq: first.seq,
+            new: false
+        }
+    );
+    let other_rcpt = a
+        .archive(incoming("a-2", PLAIN, "carol@example.net"), PLAIN)
+        .unwrap();
+    assert!(other_rcpt.new);
+    let t = a.status().unwrap().totals;
+    assert_eq!(t.items, 2);
+    assert_eq!(t.raw_bytes, 2 * PLAIN.len() as u64);
+    assert!(
+        t.stored_bytes < 2 * PLAIN.len() as u64,
+        "one body record for both items: {t:?}"
+    );
+    assert!(matches!(
+        a.archive(incoming("a-3", b"other bytes", "x@y"), PLAIN),
+        Err(ArchiveError::HashMismatch)
+    ));
+}
+
+#[test]
+fn a_torn_tail_is_cut_and_committed_items_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let a = open(dir.path());
+        a.archive(incoming("a-1", PLAIN, "bob@example.net"), PLAIN)
+            .unwrap();
+    }
+    // A crash mid-write leaves bytes past the committed length.
+    let seg = dir.path().join("segments/00000001.seg");
+    let len = std::fs::metadata(&seg).unwrap().len();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    std::io::Write::write_all(&mut f, b"SPAB\0\0\x10\0torn").unwrap();
+    drop(f);
+    let a = open(dir.path());
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), len, "tail cut");
+    assert_eq!(a.raw(1).unwrap().1, PLAIN);
+    let s = a
+        .archive(incoming("a-2", b"next", "bob@example.net"), b"next")
+        .unwrap();
+    assert_eq!(a.raw(s.seq).unwrap().1, b"next");
+}
+
+#[test]
+fn a_damaged_record_is_refused_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(dir.path());
+    a.archive(incoming("a-1", PLAIN, "bob@example.net"), PLAIN)
+        .unwrap();
+    let seg = dir.path().join("segments/00000001.seg");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&seg, bytes).unwrap();
+    let e = a.raw(1).unwrap_err();
+    assert!(matches!(e, ArchiveError::Corrupt(_)), "{e}");
+}
+
+#[test]
+fn retention_removes_expired_items_keeps_held_ones_and_compaction_frees_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = Options::new(dir.path().to_path_buf());
+    o.free_bytes_min = 0;
+    o.index_heap_bytes = 15 << 20;
+    o.segment_bytes_max = 4096;
+    let a = Archive::open(&o).unwrap();
+    let mut seqs = Vec::new();
+    for i in 0..40u32 {
+        // Incompressible bodies, so segments fill.
+        let raw: Vec<u8> = (0..600u32)
+            .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(i * 7919) >> 13) as u8)
+            .collect();
+        let mut m = incoming(&format!("a-{i}"), &raw, "bob@example.net");
+        m.arrived_ms = 1_000 + u64::from(i); // long ago
+        seqs.push(a.archive(m, &raw).unwrap().seq);
+    }
+    let before = a.status().unwrap().totals;
+    assert!(before.segments > 3, "{before:?}");
+    assert_eq!(a.hold(&seqs[..5], true).unwrap(), 5);
+    a.flush_index().unwrap();
+    assert_eq!(a.search("from:alice", 100).unwrap().items.len(), 40);
+    let mut seen = 0;
+    let removed = a.expire(Duration::from_secs(86_400), |n| seen = n).unwrap();
+    assert_eq!((removed, seen), (35, 35));
+    a.flush_index().unwrap();
+    let left: Vec<u64> = a
+        .search("from:alice", 100)
+        .unwrap()
+        .items
+        .iter()
+        .map(|i| i.seq)
+        .collect();
+    assert_eq!(left.len(), 5);
+    assert!(left.iter().all(|s| seqs[..5].contains(s)));
+    let report = a.compact(50).unwrap();
+    assert!(report.segments >= 3 && report.bytes_freed > 0, "{report:?}");
+    let after = a.status().unwrap().totals;
+    assert!(
+        after.stored_bytes < before.stored_bytes / 2,
+        "{before:?} → {after:?}"
+    );
+    for s in &seqs[..5] {
+        assert_eq!(
+            a.raw(*s).unwrap().0.seq,
+            *s,
+            "held items readable after compaction"
+        );
+    }
+    // Released, they go at the next pass.
+    a.hold(&seqs[..5], false).unwrap();
+    assert_eq!(a.expire(Duration::from_secs(86_400), |_| {}).unwrap(), 5);
+    drop(a);
+    let a = Archive::open(&o).unwrap();
+    assert_eq!(a.status().unwrap().totals.items, 0);
+}
+
+#[test]
+fn an_index_lost_in_a_crash_is_rebuilt_from_the_catalog() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let a = open(dir.path());
+        for i in 0..20 {
+            let raw = format!("Subject: number{i}\r\n\r\nbody\r\n");
+            a.archive(
+                incoming(&format!("a-{i}"), raw.as_bytes(), "b@x"),
+                raw.as_bytes(),
+            )
+            .unwrap();
+        }
+        // No flush: the index may hold none of them.
+    }
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let a = open(dir.path());
+    a.flush_index().unwrap();
+    assert_eq!(a.search("subject:number7", 10).unwrap().items.len(), 1);
+    assert_eq!(a.status().unwrap().indexed_through, 20);
+    let mut last = (0, 0);
+    a.reindex(|d, t| last = (d, t)).unwrap();
+    assert_eq!(last, (20, 20));
+    assert_eq!(a.search("subject:number19", 10).unwrap().items.len(), 1);
+}
+
+fn link(node: &str, secret: &[u8]) -> peer::link::LinkConfig {
+    let cert = rcgen::generate_simple_self_signed(vec!["spoolpair-peer".into()]).unwrap();
+    let key = rustls_key(&cert);
+    peer::link::LinkConfig::new(
+        node.into(),
+        secret.to_vec(),
+        100,
+        vec![cert.cert.der().clone()],
+        key,
+    )
+    .unwrap()
+}
+
+fn rustls_key(cert: &rcgen::CertifiedKey) -> rustls_pki_types::PrivateKeyDer<'static> {
+    rustls_pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirroring_copies_local_items_once_and_a_wrong_secret_copies_nothing() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Arc::new(open(da.path()));
+    let b = Arc::new(open(db.path()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(mirror::ReceiverStats::default());
+    tokio::spawn(mirror::receive(
+        b.clone(),
+        listener,
+        link("b", b"0123456789abcdef"),
+        received.clone(),
+    ));
+    for i in 0..150 {
+        let raw = format!("Subject: mirrored{i}\r\n\r\nbody {i}\r\n");
+        a.archive(
+            incoming(&format!("a-{i}"), raw.as_bytes(), "b@x"),
+            raw.as_bytes(),
+        )
+        .unwrap();
+    }
+    // Also on b already: stored once there.
+    b.archive(
+        incoming("a-0", b"Subject: mirrored0\r\n\r\nbody 0\r\n", "b@x"),
+        b"Subject: mirrored0\r\n\r\nbody 0\r\n",
+    )
+    .unwrap();
+
+    let wrong = Arc::new(mirror::PeerStats::default());
+    let bad = tokio::spawn(mirror::copy_to(
+        a.clone(),
+        addr,
+        link("a", b"not-the-secret!!"),
+        wrong.clone(),
+        Arc::default(),
+    ));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    bad.abort();
+    assert!(wrong.auth_failures.load(Ordering::Relaxed) >= 1);
+    assert_eq!(wrong.sent.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        b.status().unwrap().totals.items,
+        1,
+        "nothing mirrored with a wrong secret"
+    );
+    assert!(received.auth_failures.load(Ordering::Relaxed) >= 1);
+
+    let stats = Arc::new(mirror::PeerStats::default());
+    tokio::spawn(mirror::copy_to(
+        a.clone(),
+        addr,
+        link("a", b"0123456789abcdef"),
+        stats.clone(),
+        Arc::default(),
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while stats.sent.load(Ordering::Relaxed) < 150 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mirror stalled at {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(b.status().unwrap().totals.items, 150);
+    assert_eq!(received.duplicates.load(Ordering::Relaxed), 1);
+    let bb = b.clone();
+    tokio::task::spawn_blocking(move || bb.flush_index())
+        .await
+        .unwrap()
+        .unwrap();
+    let found = b.search("subject:mirrored42", 10).unwrap().items;
+    assert_eq!(found.len(), 1);
+    assert!(
+        found[0].mirrored && found[0].origin == "a" && found[0].id == "a-42",
+        "{:?}",
+        found[0]
+    );
+    assert_eq!(
+        b.raw(found[0].seq).unwrap().1,
+        b"Subject: mirrored42\r\n\r\nbody 42\r\n"
+    );
+    // The cursor is durable: a new copier sends nothing again.
+    assert_eq!(a.store().cursor(&format!("mirror.{addr}")).unwrap(), 150);
+}
+
+use std::sync::atomic::Ordering;
