@@ -74,6 +74,183 @@ pub enum Request {
         #[serde(default)]
         progress: bool,
     },
+    /// Search the archive: [`ArchiveFound`].
+    ArchiveSearch {
+        /// The query (from: to: subject: msgid: after: before: has:attachment size:> words).
+        query: String,
+        /// Items returned at most.
+        limit: usize,
+    },
+    /// One archived item with its headers and parts: [`ArchiveShown`].
+    ArchiveShow {
+        /// Its number, or the spool id it had.
+        id: String,
+    },
+    /// The exact accepted bytes of an item: [`ArchiveExported`].
+    ArchiveExport {
+        /// Its number, or the spool id it had.
+        id: String,
+    },
+    /// Put items on legal hold or release them: [`ArchiveHeld`].
+    ArchiveHold {
+        /// An item number, a spool id, or a query selecting every item it matches.
+        target: String,
+        /// Hold (true) or release (false).
+        held: bool,
+    },
+    /// Items, bytes, segments, index and mirror backlogs: [`ArchiveStatus`].
+    ArchiveStatus,
+    /// Run the retention pass now (then compaction): [`ArchiveExpired`].
+    ArchiveRetention {
+        /// Send [`Progress`] lines.
+        #[serde(default)]
+        progress: bool,
+    },
+    /// Rebuild the full-text index from the catalog: [`ArchiveReindexed`].
+    ArchiveReindex {
+        /// Send [`Progress`] lines.
+        #[serde(default)]
+        progress: bool,
+    },
+}
+
+/// One archived item.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveItem {
+    /// Its number on this unit.
+    pub seq: u64,
+    /// The spool id it had where it was accepted.
+    pub id: String,
+    /// The node that accepted it.
+    pub origin: String,
+    /// Copied here from a mirror peer.
+    pub mirrored: bool,
+    /// On legal hold.
+    pub held: bool,
+    /// Accepted at, ms since the epoch.
+    pub arrived_ms: u64,
+    /// Envelope sender.
+    pub sender: String,
+    /// Envelope recipients.
+    pub recipients: Vec<String>,
+    /// Scan verdict.
+    pub verdict: String,
+    /// Raw size in bytes.
+    pub size: u64,
+    /// SHA-256 of the raw bytes, hex.
+    pub sha256: String,
+    /// The Subject header, when shown from search results.
+    #[serde(default)]
+    pub subject: Option<String>,
+}
+
+/// [`Request::ArchiveSearch`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveFound {
+    /// Items matching.
+    pub total: usize,
+    /// The newest of them, up to the limit.
+    pub items: Vec<ArchiveItem>,
+}
+
+/// [`Request::ArchiveShow`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveShown {
+    /// The item.
+    pub item: ArchiveItem,
+    /// The header section.
+    pub headers: String,
+    /// MIME parts: content type, file name, decoded size.
+    pub parts: Vec<ArchivePart>,
+}
+
+/// One MIME part of [`ArchiveShown`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchivePart {
+    /// `type/subtype`.
+    pub content_type: String,
+    /// Attachment file name.
+    pub name: Option<String>,
+    /// Decoded bytes.
+    pub size: u64,
+}
+
+/// [`Request::ArchiveExport`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveExported {
+    /// The item.
+    pub item: ArchiveItem,
+    /// The raw bytes, base64 (standard alphabet, padded).
+    pub base64: String,
+}
+
+/// [`Request::ArchiveHold`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveHeld {
+    /// Items the target selected.
+    pub matched: u64,
+    /// Of those, items whose hold changed.
+    pub changed: u64,
+}
+
+/// [`Request::ArchiveStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveStatus {
+    /// Items.
+    pub items: u64,
+    /// Raw bytes of all items.
+    pub raw_bytes: u64,
+    /// Bytes in segment files.
+    pub stored_bytes: u64,
+    /// Segment files.
+    pub segments: u64,
+    /// Items on legal hold.
+    pub held: u64,
+    /// Highest item number.
+    pub last_seq: u64,
+    /// Items searchable up to this number.
+    pub indexed_through: u64,
+    /// Why writes fail now, if they do.
+    pub failing: Option<String>,
+    /// Messages waiting in the spool for the archive.
+    pub waiting: u64,
+    /// Each mirror peer.
+    pub mirrors: Vec<MirrorState>,
+}
+
+/// One mirror peer of [`ArchiveStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorState {
+    /// `host:port`.
+    pub peer: String,
+    /// A session is up.
+    pub connected: bool,
+    /// Local items not yet confirmed.
+    pub backlog: u64,
+    /// Age of the oldest of them, seconds.
+    pub oldest_age_secs: u64,
+    /// Items confirmed since the start.
+    pub sent: u64,
+    /// Sessions refused for a wrong shared secret.
+    pub auth_failures: u64,
+}
+
+/// [`Request::ArchiveRetention`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveExpired {
+    /// Items removed.
+    pub removed: u64,
+    /// Segments rewritten.
+    pub segments_compacted: u32,
+    /// Bytes freed by compaction.
+    pub bytes_freed: u64,
+}
+
+/// [`Request::ArchiveReindex`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveReindexed {
+    /// Items indexed.
+    pub items: u64,
 }
 
 /// How far a recovery got.

@@ -13,6 +13,7 @@
 //! metrics (callers read [`Archive::status`] and the mirror's counters).
 
 pub mod index;
+pub mod mime;
 pub mod mirror;
 pub mod query;
 pub mod record;

@@ -55,6 +55,11 @@ enum Cmd {
     },
     /// Retry every deferred message now.
     Flush,
+    /// The message archive: search, show, export, legal holds, status.
+    Archive {
+        #[command(subcommand)]
+        cmd: ArchiveCmd,
+    },
     /// Takeover recovery, run on the unit that is active after takeback: list the partner's
     /// leftovers in spool/ and vscan/ over the authenticated peer link, keep there the copies
     /// of messages held here (they are replicas), copy the rest that was not delivered here
@@ -70,6 +75,33 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         from_dir: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum ArchiveCmd {
+    /// Search: from: to: subject: body: filename: msgid: id: origin: after:DATE before:DATE
+    /// has:attachment size:>N size:<N, bare words and "phrases", all required. Newest first.
+    Search {
+        /// The query (quote it for the shell).
+        query: String,
+        /// Items listed at most.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Envelope, verdict, headers and MIME parts of one item (its number or spool id).
+    Show { id: String },
+    /// The exact accepted bytes of one item, on standard output (verified against its hash).
+    Export { id: String },
+    /// Put an item, or every item a query matches, on legal hold (never removed by retention).
+    Hold { target: String },
+    /// Release a legal hold.
+    Unhold { target: String },
+    /// Items, bytes stored against raw, segments, index and per-peer mirror backlog.
+    Status,
+    /// Run the retention pass now, then compact sparse segments.
+    Retention,
+    /// Rebuild the full-text index from the catalog.
+    Reindex,
 }
 
 #[derive(Subcommand)]
@@ -281,6 +313,7 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
                 ));
             }
         }
+        Cmd::Archive { cmd } => archive_human(cmd, data, &mut out)?,
         Cmd::Flush => {
             let r: api::Flushed = data_as(data)?;
             out.push_str(&format!("requeued {}\n", r.requeued));
@@ -298,8 +331,126 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
     Ok(out)
 }
 
+fn archive_human(cmd: &ArchiveCmd, data: &Value, out: &mut String) -> Result<(), String> {
+    let item_line = |i: &api::ArchiveItem| {
+        let when = chrono::DateTime::from_timestamp_millis(i.arrived_ms as i64)
+            .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+            .unwrap_or_default();
+        format!(
+            "{:>8} {} {:<28} {:<10}{} {:>9}  <{}> {}{}\n",
+            i.seq,
+            when,
+            i.id,
+            i.origin,
+            if i.mirrored { "(m)" } else { "   " },
+            i.size,
+            i.sender,
+            i.subject.as_deref().unwrap_or(""),
+            if i.held { "  [hold]" } else { "" }
+        )
+    };
+    match cmd {
+        ArchiveCmd::Search { .. } => {
+            let r: api::ArchiveFound = data_as(data)?;
+            for i in &r.items {
+                out.push_str(&item_line(i));
+            }
+            out.push_str(&format!(
+                "-- {} shown of {} matching\n",
+                r.items.len(),
+                r.total
+            ));
+        }
+        ArchiveCmd::Show { .. } => {
+            let r: api::ArchiveShown = data_as(data)?;
+            let i = &r.item;
+            out.push_str(&format!(
+                "item: {}\nid: {}\norigin: {}{}\nsender: <{}>\nrecipients: {}\nverdict: {}\nsize: {}\nsha256: {}\nhold: {}\n\n",
+                i.seq, i.id, i.origin, if i.mirrored { " (mirrored)" } else { "" }, i.sender,
+                i.recipients.join(" "), i.verdict, i.size, i.sha256, i.held
+            ));
+            out.push_str(&r.headers.replace("\r\n", "\n"));
+            out.push_str("\nparts:\n");
+            for p in &r.parts {
+                out.push_str(&format!(
+                    "  {:<32} {:>9}  {}\n",
+                    p.content_type,
+                    p.size,
+                    p.name.as_deref().unwrap_or("")
+                ));
+            }
+        }
+        ArchiveCmd::Export { .. } => {} // written as bytes by main
+        ArchiveCmd::Hold { .. } | ArchiveCmd::Unhold { .. } => {
+            let r: api::ArchiveHeld = data_as(data)?;
+            out.push_str(&format!("matched {}, changed {}\n", r.matched, r.changed));
+        }
+        ArchiveCmd::Status => {
+            let r: api::ArchiveStatus = data_as(data)?;
+            let ratio = if r.raw_bytes > 0 {
+                r.stored_bytes as f64 / r.raw_bytes as f64
+            } else {
+                0.0
+            };
+            out.push_str(&format!(
+                "items: {}\nraw_bytes: {}\nstored_bytes: {} ({:.0}% of raw)\nsegments: {}\nheld: {}\nindexed: {} of {}\nwaiting_in_spool: {}\nfailing: {}\n",
+                r.items, r.raw_bytes, r.stored_bytes, ratio * 100.0, r.segments, r.held,
+                r.indexed_through, r.last_seq, r.waiting, r.failing.as_deref().unwrap_or("no")
+            ));
+            for m in &r.mirrors {
+                out.push_str(&format!(
+                    "mirror {}: {} backlog {} oldest {} s sent {} auth_failures {}\n",
+                    m.peer,
+                    if m.connected { "up" } else { "down" },
+                    m.backlog,
+                    m.oldest_age_secs,
+                    m.sent,
+                    m.auth_failures
+                ));
+            }
+        }
+        ArchiveCmd::Retention => {
+            let r: api::ArchiveExpired = data_as(data)?;
+            out.push_str(&format!(
+                "removed {} item(s); compacted {} segment(s), {} bytes freed\n",
+                r.removed, r.segments_compacted, r.bytes_freed
+            ));
+        }
+        ArchiveCmd::Reindex => {
+            let r: api::ArchiveReindexed = data_as(data)?;
+            out.push_str(&format!("indexed {} item(s)\n", r.items));
+        }
+    }
+    Ok(())
+}
+
+fn archive_request(cmd: &ArchiveCmd) -> Request {
+    match cmd {
+        ArchiveCmd::Search { query, limit } => Request::ArchiveSearch {
+            query: query.clone(),
+            limit: *limit,
+        },
+        ArchiveCmd::Show { id } => Request::ArchiveShow { id: id.clone() },
+        ArchiveCmd::Export { id } => Request::ArchiveExport { id: id.clone() },
+        ArchiveCmd::Hold { target } => Request::ArchiveHold {
+            target: target.clone(),
+            held: true,
+        },
+        ArchiveCmd::Unhold { target } => Request::ArchiveHold {
+            target: target.clone(),
+            held: false,
+        },
+        ArchiveCmd::Status => Request::ArchiveStatus,
+        ArchiveCmd::Retention => Request::ArchiveRetention { progress: true },
+        ArchiveCmd::Reindex => Request::ArchiveReindex { progress: true },
+    }
+}
+
 fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8, String)> {
     let req = match &cli.cmd {
+        Cmd::Archive { cmd } => {
+            return call_with_progress(&cli.state_dir, &archive_request(cmd), on_progress)
+        }
         Cmd::Status => Request::Status,
         Cmd::Role { role } => Request::Role { role: role.clone() },
         Cmd::Insert => Request::Insert,
@@ -345,20 +496,24 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Recovery can take a while on a large spool: count its steps (on a terminal only).
-    let bar = matches!(cli.cmd, Cmd::Recover { .. })
-        .then(|| std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .unwrap_or(false)
-        .then(|| {
-            let pb = indicatif::ProgressBar::new(0);
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{msg:>16} [{bar:40}] {pos}/{len} {elapsed}",
-            ) {
-                pb.set_style(style.progress_chars("=> "));
+    let long = matches!(
+        cli.cmd,
+        Cmd::Recover { .. }
+            | Cmd::Archive {
+                cmd: ArchiveCmd::Retention | ArchiveCmd::Reindex
             }
-            pb.set_message("listing");
-            pb.enable_steady_tick(std::time::Duration::from_millis(120));
-            pb
-        });
+    );
+    let bar = (long && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let pb = indicatif::ProgressBar::new(0);
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{msg:>16} [{bar:40}] {pos}/{len} {elapsed}")
+        {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb.set_message("listing");
+        pb.enable_steady_tick(std::time::Duration::from_millis(120));
+        pb
+    });
     let result = run(&cli, |p| {
         if let Some(pb) = &bar {
             pb.set_length(p.total as u64);
@@ -370,6 +525,38 @@ fn main() -> ExitCode {
         pb.finish_and_clear();
     }
     match result {
+        Ok(data)
+            if !cli.json
+                && matches!(
+                    cli.cmd,
+                    Cmd::Archive {
+                        cmd: ArchiveCmd::Export { .. }
+                    }
+                ) =>
+        {
+            use base64::Engine;
+            let exported: api::ArchiveExported = match data_as(&data) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("spoolctl: {e}");
+                    return ExitCode::from(3);
+                }
+            };
+            match base64::engine::general_purpose::STANDARD.decode(exported.base64) {
+                Ok(raw) => {
+                    let mut stdout = std::io::stdout().lock();
+                    if let Err(e) = stdout.write_all(&raw).and_then(|()| stdout.flush()) {
+                        eprintln!("spoolctl: write the message: {e}");
+                        return ExitCode::from(1);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("spoolctl: bad export from spoold: {e}");
+                    ExitCode::from(3)
+                }
+            }
+        }
         Ok(data) => {
             let text = if cli.json {
                 format!("{data}\n")

@@ -27,6 +27,35 @@ async fn write_progress<W: tokio::io::AsyncWrite + Unpin>(
     }
 }
 
+/// Runs `work`, sending the progress lines it reports (if asked) before its answer.
+async fn with_progress<W, T>(
+    w: &mut W,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<api::Progress>,
+    work: impl std::future::Future<Output = Result<T, String>>,
+    asked: bool,
+) -> Line
+where
+    W: tokio::io::AsyncWrite + Unpin,
+    T: Serialize,
+{
+    tokio::pin!(work);
+    let result = loop {
+        tokio::select! {
+            biased;
+            Some(p) = rx.recv() => write_progress(w, p, asked).await,
+            r = &mut work => break r,
+        }
+    };
+    // Steps reported since the last await.
+    while let Ok(p) = rx.try_recv() {
+        write_progress(w, p, asked).await;
+    }
+    match result {
+        Ok(data) => Line::reply(&data),
+        Err(e) => Line::refused(e),
+    }
+}
+
 /// A typed reply as the answer's data.
 fn reply<T: Serialize>(reply: T) -> Result<Value, String> {
     serde_json::to_value(reply).map_err(|e| format!("encode the reply: {e}"))
@@ -44,6 +73,8 @@ pub struct Admin {
     pub activity: Arc<crate::handover::Activity>,
     /// Every insertion, move and removal goes through it.
     pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
+    /// The archive, unless disabled.
+    pub archiving: Option<Arc<crate::archiving::Archiving>>,
 }
 
 fn folder_named(name: &str) -> Option<Folder> {
@@ -88,24 +119,22 @@ impl Admin {
                             from_dir,
                             progress,
                         }) => {
-                            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                             let work = me.recover(dry_run, from_dir, tx);
-                            tokio::pin!(work);
-                            let result = loop {
-                                tokio::select! {
-                                    biased;
-                                    Some(p) = rx.recv() => write_progress(&mut w, p, progress).await,
-                                    r = &mut work => break r,
-                                }
+                            with_progress(&mut w, rx, work, progress).await
+                        }
+                        Ok(
+                            req @ (Request::ArchiveRetention { progress }
+                            | Request::ArchiveReindex { progress }),
+                        ) => {
+                            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                            let me2 = me.clone();
+                            let work = async move {
+                                tokio::task::spawn_blocking(move || me2.archive_long(req, tx))
+                                    .await
+                                    .map_err(|e| e.to_string())?
                             };
-                            // Steps reported since the last await.
-                            while let Ok(p) = rx.try_recv() {
-                                write_progress(&mut w, p, progress).await;
-                            }
-                            match result {
-                                Ok(data) => Line::reply(&data),
-                                Err(e) => Line::refused(e),
-                            }
+                            with_progress(&mut w, rx, work, progress).await
                         }
                         Ok(req) => {
                             let me2 = me.clone();
@@ -136,8 +165,49 @@ impl Admin {
             .find(|&f| self.layout.path(f, id, Part::Env).exists())
     }
 
+    fn archiving(&self) -> Result<&crate::archiving::Archiving, String> {
+        self.archiving
+            .as_deref()
+            .ok_or_else(|| "the archive is disabled (archive.enabled = false)".to_string())
+    }
+
+    /// The archive's long operations, reporting progress.
+    fn archive_long(
+        &self,
+        req: Request,
+        tx: tokio::sync::mpsc::UnboundedSender<api::Progress>,
+    ) -> Result<Value, String> {
+        let a = self.archiving()?;
+        let step = |step: &str, done: u64, total: u64| {
+            let _ = tx.send(api::Progress {
+                step: step.into(),
+                done: done as usize,
+                total: total as usize,
+            });
+        };
+        match req {
+            Request::ArchiveRetention { .. } => {
+                let total = a.archive.status().map(|s| s.totals.items).unwrap_or(0);
+                reply(a.run_retention(|n| step("expire", n, total))?)
+            }
+            Request::ArchiveReindex { .. } => reply(a.reindex(|d, t| step("reindex", d, t))?),
+            _ => Err("not a long archive operation".into()),
+        }
+    }
+
     fn handle(&self, req: Request) -> Result<Value, String> {
         match req {
+            Request::ArchiveSearch { query, limit } => {
+                reply(self.archiving()?.search(&query, limit)?)
+            }
+            Request::ArchiveShow { id } => reply(self.archiving()?.show(&id)?),
+            Request::ArchiveExport { id } => reply(self.archiving()?.export(&id)?),
+            Request::ArchiveHold { target, held } => reply(self.archiving()?.hold(&target, held)?),
+            Request::ArchiveStatus => reply(self.archiving()?.status()?),
+            Request::ArchiveRetention { .. } | Request::ArchiveReindex { .. } => {
+                let (tx, _) = tokio::sync::mpsc::unbounded_channel();
+                self.archive_long(req, tx)
+            }
             Request::Status => reply(self.status()),
             Request::Role { role } => {
                 let r = self

@@ -30,6 +30,112 @@ pub struct Config {
     pub filter: FilterConfig,
     /// HA pair replication; absent: a standalone node (always active).
     pub ha: Option<HaConfig>,
+    /// The message archive and its mirrors.
+    pub archive: ArchiveConfig,
+}
+
+/// `[archive]`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveConfig {
+    /// Archive every accepted message (default true).
+    pub enabled: bool,
+    /// Where (default: `archive/` in the state directory).
+    pub dir: Option<PathBuf>,
+    /// Remove items accepted more than this many days ago, unless on hold (0: keep for ever).
+    pub retention_days: u64,
+    /// Stop writing (and hold delivery back) with less free space than this.
+    pub free_bytes_min: u64,
+    /// Archive messages the scanner found infected.
+    pub archive_quarantined: bool,
+    /// Seal a segment file past this size.
+    pub segment_bytes_max: u64,
+    /// Accept mirrored items from peers here (peer link, TLS and the shared secret).
+    pub listen: Option<SocketAddr>,
+    /// File holding the shared secret of the listener (and of mirrors that set none).
+    pub secret_file: Option<PathBuf>,
+    /// The shared secret itself.
+    pub secret: Option<String>,
+    /// Peers every local item is copied to.
+    pub mirror: Vec<MirrorConfig>,
+}
+
+/// `[[archive.mirror]]`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// The peer's `archive.listen` address.
+    pub peer: SocketAddr,
+    /// File holding the secret that peer expects (default: `archive.secret_file`).
+    pub secret_file: Option<PathBuf>,
+    /// The secret itself.
+    pub secret: Option<String>,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig {
+            enabled: true,
+            dir: None,
+            retention_days: 0,
+            free_bytes_min: 256 * 1024 * 1024,
+            archive_quarantined: true,
+            segment_bytes_max: 256 * 1024 * 1024,
+            listen: None,
+            secret_file: None,
+            secret: None,
+            mirror: Vec::new(),
+        }
+    }
+}
+
+impl ArchiveConfig {
+    /// The archive's directory.
+    pub fn dir(&self, state_dir: &Path) -> PathBuf {
+        self.dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("archive"))
+    }
+
+    /// The listener's shared secret.
+    pub fn load_secret(&self) -> Result<Vec<u8>> {
+        load_secret(
+            "archive",
+            self.secret_file.as_deref(),
+            self.secret.as_deref(),
+        )
+    }
+}
+
+impl MirrorConfig {
+    /// The secret this peer expects: its own, else the archive's.
+    pub fn load_secret(&self, archive: &ArchiveConfig) -> Result<Vec<u8>> {
+        if self.secret_file.is_some() || self.secret.is_some() {
+            load_secret(
+                "archive.mirror",
+                self.secret_file.as_deref(),
+                self.secret.as_deref(),
+            )
+        } else {
+            archive.load_secret()
+        }
+    }
+}
+
+/// A shared secret from `<prefix>.secret_file` or `<prefix>.secret`, at least 16 bytes.
+fn load_secret(prefix: &str, file: Option<&Path>, secret: Option<&str>) -> Result<Vec<u8>> {
+    let s = match (file, secret) {
+        (Some(path), None) => std::fs::read(path)
+            .with_context(|| format!("key `{prefix}.secret_file`: read {}", path.display()))?
+            .trim_ascii()
+            .to_vec(),
+        (None, Some(s)) => s.as_bytes().to_vec(),
+        _ => bail!("keys `{prefix}.secret_file` and `{prefix}.secret`: set exactly one"),
+    };
+    if s.len() < 16 {
+        bail!("key `{prefix}.secret`: the shared secret must be at least 16 bytes");
+    }
+    Ok(s)
 }
 
 /// `[ha]`.
@@ -113,18 +219,7 @@ fn default_ledger_secs() -> u64 {
 impl HaConfig {
     /// The shared secret, from `secret_file` or `secret`.
     pub fn load_secret(&self) -> Result<Vec<u8>> {
-        let s = match (&self.secret_file, &self.secret) {
-            (Some(path), None) => std::fs::read(path)
-                .with_context(|| format!("key `ha.secret_file`: read {}", path.display()))?
-                .trim_ascii()
-                .to_vec(),
-            (None, Some(s)) => s.as_bytes().to_vec(),
-            _ => bail!("keys `ha.secret_file` and `ha.secret`: set exactly one"),
-        };
-        if s.len() < 16 {
-            bail!("key `ha.secret`: the shared secret must be at least 16 bytes");
-        }
-        Ok(s)
+        load_secret("ha", self.secret_file.as_deref(), self.secret.as_deref())
     }
 }
 
@@ -317,6 +412,7 @@ impl Default for Config {
             delivery: DeliveryConfig::default(),
             filter: FilterConfig::default(),
             ha: None,
+            archive: ArchiveConfig::default(),
         }
     }
 }
@@ -490,6 +586,27 @@ impl Config {
                     "key `ha.outbox_bytes`: {} is more than 1 GiB of memory",
                     ha.outbox_bytes
                 );
+            }
+        }
+        let a = &self.archive;
+        if a.segment_bytes_max < 1 << 20 {
+            bail!(
+                "key `archive.segment_bytes_max`: {} is below 1 MiB",
+                a.segment_bytes_max
+            );
+        }
+        if (a.listen.is_some() || !a.mirror.is_empty()) && a.enabled {
+            let needs_own = a.listen.is_some()
+                || a.mirror
+                    .iter()
+                    .any(|m| m.secret_file.is_none() && m.secret.is_none());
+            if needs_own && a.secret_file.is_some() == a.secret.is_some() {
+                bail!("keys `archive.secret_file` and `archive.secret`: set exactly one (the archive mirror's shared secret)");
+            }
+            for m in &a.mirror {
+                if m.secret_file.is_some() && m.secret.is_some() {
+                    bail!("keys `archive.mirror.secret_file` and `archive.mirror.secret`: set at most one");
+                }
             }
         }
         if self.spool.spill_bytes < 4096 {

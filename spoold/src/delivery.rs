@@ -49,7 +49,12 @@ pub struct Delivery {
     remover: spool::remover::Remover,
     /// Messages in process, which a handover waits for.
     activity: Arc<crate::handover::Activity>,
+    /// The archive: a message is archived before it may be delivered.
+    archiving: Option<Arc<crate::archiving::Archiving>>,
 }
+
+/// How long a message waits for an archive that could not take it.
+const ARCHIVE_RETRY: Duration = Duration::from_secs(15);
 
 /// When the queue manager looks at a message again.
 enum Next {
@@ -88,6 +93,7 @@ impl Delivery {
         ha: Option<Arc<hasync::Replicator>>,
         remover: spool::remover::Remover,
         activity: Arc<crate::handover::Activity>,
+        archiving: Option<Arc<crate::archiving::Archiving>>,
     ) -> Delivery {
         let d = &cfg.delivery;
         Delivery {
@@ -115,6 +121,7 @@ impl Delivery {
             remover,
             activity,
             ha,
+            archiving,
         }
     }
 
@@ -255,6 +262,12 @@ impl Delivery {
                         .inc();
                     lifecycle.moved(folder, Folder::Quarantine);
                     tracing::warn!(id = %id, virus = %name, "message quarantined");
+                    if let Some(a) = &self.archiving {
+                        // Kept in quarantine/ whatever happens here: nothing is lost.
+                        if let Err(e) = a.ensure(&self.layout, Folder::Quarantine, &env).await {
+                            tracing::error!(id = %id, "quarantined message not archived: {e}");
+                        }
+                    }
                     self.log_leaving(&env)?;
                     if self.notify_quarantine && !env.sender.is_empty() {
                         let notice = dsn::quarantine_notice(&self.hostname, &env, &name);
@@ -281,6 +294,14 @@ impl Delivery {
         }
         if env.next_attempt_ms > now_ms() {
             return Ok(Next::At(env.next_attempt_ms));
+        }
+        if let Some(a) = &self.archiving {
+            // Nothing leaves the spool unarchived: an archive that cannot write holds the
+            // message here (counted, and said in /readyz) while mail keeps coming in.
+            if let Err(e) = a.ensure(&self.layout, Folder::Spool, &env).await {
+                tracing::warn!(id = %id, "archive failed, delivery waits: {e}");
+                return Ok(Next::At(now_ms() + ARCHIVE_RETRY.as_millis() as u64));
+            }
         }
         self.deliver(env).await
     }

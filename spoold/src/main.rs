@@ -6,6 +6,7 @@
 //! systemd; the storage and protocol logic live in `spool` and `smtp`.
 
 mod admin;
+mod archiving;
 mod config;
 mod delivery;
 mod dsn;
@@ -318,6 +319,10 @@ async fn run(cfg: Config) -> Result<()> {
         ))),
         None => None,
     };
+    let archiving = archiving::Archiving::open(&cfg, metrics.clone())?;
+    if let Some(a) = &archiving {
+        a.start(&cfg).await?;
+    }
     let (connect_timeout, command_timeout, data_timeout) = cfg.delivery_timeouts();
     let delivery = Arc::new(delivery::Delivery::new(
         &cfg,
@@ -336,6 +341,7 @@ async fn run(cfg: Config) -> Result<()> {
         replicator.clone(),
         spool::remover::Remover::start(layout.clone()).context("start the spool remover")?,
         activity.clone(),
+        archiving.clone(),
     ));
 
     Arc::new(admin::Admin {
@@ -344,6 +350,7 @@ async fn run(cfg: Config) -> Result<()> {
         replicator: replicator.clone(),
         activity,
         lifecycle: lifecycle.clone(),
+        archiving: archiving.clone(),
     })
     .serve()
     .await
@@ -367,6 +374,7 @@ async fn run(cfg: Config) -> Result<()> {
         metrics.clone(),
         ready.clone(),
         replicator.clone(),
+        archiving.clone(),
     ));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let sessions = serve::Sessions::new();

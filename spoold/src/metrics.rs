@@ -10,6 +10,34 @@ use std::time::Duration;
 /// Every metric the daemon exports.
 pub struct Metrics {
     registry: Registry,
+    /// Items in the archive.
+    pub archive_items: IntGauge,
+    /// Raw bytes of the archived items.
+    pub archive_raw_bytes: IntGauge,
+    /// Bytes of the archive's segment files.
+    pub archive_stored_bytes: IntGauge,
+    /// Archived items on legal hold.
+    pub archive_held: IntGauge,
+    /// Items stored but not yet searchable.
+    pub archive_index_lag: IntGauge,
+    /// Messages archived, by result (new; duplicates are not counted).
+    pub archive_archived: IntCounterVec,
+    /// Archive writes that failed (the message waits in the spool).
+    pub archive_failures: IntCounter,
+    /// Messages waiting in the spool because the archive could not take them.
+    pub archive_waiting: IntGauge,
+    /// Local items not yet confirmed by a mirror peer, by peer.
+    pub archive_mirror_backlog: IntGaugeVec,
+    /// Age of the oldest of them, by peer.
+    pub archive_mirror_oldest: prometheus::GaugeVec,
+    /// 1 while the link to a mirror peer is up, by peer.
+    pub archive_mirror_up: IntGaugeVec,
+    /// Items a mirror peer confirmed, by peer.
+    pub archive_mirror_sent: IntCounterVec,
+    /// Mirror links refused for a wrong shared secret, by peer (`incoming` for the listener).
+    pub archive_mirror_auth_failures: IntCounterVec,
+    /// Items received from mirror peers, by result (new, duplicate, refused).
+    pub archive_mirror_received: IntCounterVec,
     /// Messages acknowledged with 250.
     pub accepted_messages: IntCounter,
     /// Body bytes of acknowledged messages.
@@ -136,7 +164,76 @@ impl Metrics {
             "Age of the oldest message in the queue.",
         )?;
         registry.register(Box::new(oldest_message_age.clone()))?;
+        let gauge_vec = |name: &str, help: &str, label: &str| -> prometheus::Result<IntGaugeVec> {
+            let v = IntGaugeVec::new(Opts::new(name, help), &[label])?;
+            registry.register(Box::new(v.clone()))?;
+            Ok(v)
+        };
+        let archive_mirror_oldest = prometheus::GaugeVec::new(
+            Opts::new(
+                "spoold_archive_mirror_oldest_age_seconds",
+                "Age of the oldest local item not yet confirmed by a mirror peer, by peer.",
+            ),
+            &["peer"],
+        )?;
+        registry.register(Box::new(archive_mirror_oldest.clone()))?;
         Ok(Metrics {
+            archive_items: gauge("spoold_archive_items", "Items in the archive.")?,
+            archive_raw_bytes: gauge(
+                "spoold_archive_raw_bytes",
+                "Raw bytes of the archived messages.",
+            )?,
+            archive_stored_bytes: gauge(
+                "spoold_archive_stored_bytes",
+                "Bytes of the archive's segment files (compressed, deduplicated).",
+            )?,
+            archive_held: gauge(
+                "spoold_archive_held_items",
+                "Archived items on legal hold.",
+            )?,
+            archive_index_lag: gauge(
+                "spoold_archive_index_lag_items",
+                "Archived items not yet searchable.",
+            )?,
+            archive_archived: vec(
+                "spoold_archive_archived_total",
+                "Messages archived here, by result.",
+                "result",
+            )?,
+            archive_failures: counter(
+                "spoold_archive_failures_total",
+                "Archive writes that failed; the message waited in the spool.",
+            )?,
+            archive_waiting: gauge(
+                "spoold_archive_waiting_messages",
+                "Messages held back in the spool because the archive could not take them.",
+            )?,
+            archive_mirror_backlog: gauge_vec(
+                "spoold_archive_mirror_backlog_items",
+                "Local items not yet confirmed by a mirror peer, by peer.",
+                "peer",
+            )?,
+            archive_mirror_oldest,
+            archive_mirror_up: gauge_vec(
+                "spoold_archive_mirror_up",
+                "1 while the link to a mirror peer is up, by peer.",
+                "peer",
+            )?,
+            archive_mirror_sent: vec(
+                "spoold_archive_mirror_sent_total",
+                "Items a mirror peer confirmed, by peer.",
+                "peer",
+            )?,
+            archive_mirror_auth_failures: vec(
+                "spoold_archive_mirror_auth_failures_total",
+                "Mirror links refused for a wrong shared secret, by peer (incoming: our listener).",
+                "peer",
+            )?,
+            archive_mirror_received: vec(
+                "spoold_archive_mirror_received_total",
+                "Items received from mirror peers, by result (new, duplicate, refused).",
+                "result",
+            )?,
             delivery_attempts: vec(
                 "spoold_delivery_attempts_total",
                 "Delivery attempts per recipient, by result (delivered, deferred, failed).",

@@ -122,6 +122,7 @@ pub async fn serve_http(
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     replicator: Option<Arc<hasync::Replicator>>,
+    archiving: Option<Arc<crate::archiving::Archiving>>,
 ) {
     use axum::http::StatusCode;
     use axum::routing::get;
@@ -166,11 +167,18 @@ pub async fn serve_http(
             "/readyz",
             get(move || {
                 let ready = ready.load(Ordering::SeqCst);
+                // An archive that cannot write holds delivery back but not ingest: still ready,
+                // and the body says why mail is piling up.
+                let archive = archiving
+                    .as_ref()
+                    .and_then(|a| a.failing())
+                    .map(|e| format!("archive failing, delivery held back: {e}\n"))
+                    .unwrap_or_default();
                 async move {
                     if ready {
-                        (StatusCode::OK, "ready\n")
+                        (StatusCode::OK, format!("ready\n{archive}"))
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready\n{archive}"))
                     }
                 }
             }),

@@ -1,0 +1,493 @@
+//! The daemon's side of the archive: opening it from `[archive]`, archiving a message once it
+//! has a scan verdict (before it may be delivered, so nothing leaves the spool unarchived),
+//! holding a message back while the archive cannot write, the mirror copiers and listener, and
+//! the archive's gauges. What is stored and how is the `archive` crate's business.
+
+use crate::config::{ArchiveConfig, Config};
+use crate::metrics::Metrics;
+use anyhow::{Context, Result};
+use archive::mirror::{PeerStats, ReceiverStats};
+use archive::{Archive, Incoming};
+use spool::{Envelope, Folder, Layout, MappedBody, MessageId, Part, ScanState};
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How often retention runs by itself (when `retention_days` is set) and gauges refresh.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+const GAUGES_EVERY: Duration = Duration::from_secs(2);
+/// Segments whose live share falls below this are rewritten after a retention pass.
+pub const COMPACT_LIVE_PERCENT: u32 = 50;
+
+/// The archive as the daemon runs it.
+pub struct Archiving {
+    /// The store and index.
+    pub archive: Arc<Archive>,
+    /// Archive quarantined messages too.
+    pub quarantined: bool,
+    /// Keep items this long (None: for ever).
+    pub retention: Option<Duration>,
+    /// Messages waiting because the archive could not take them.
+    waiting: Mutex<HashSet<MessageId>>,
+    /// The last failure, until an archive write succeeds again.
+    failing: Mutex<Option<String>>,
+    /// Copiers to each mirror peer.
+    pub mirrors: Vec<(String, Arc<PeerStats>)>,
+    /// The receiving side, when `archive.listen` is set.
+    pub received: Arc<ReceiverStats>,
+    wake: Arc<tokio::sync::Notify>,
+    metrics: Arc<Metrics>,
+}
+
+/// The verdict as the archive records it.
+fn verdict(scan: &ScanState) -> String {
+    match scan {
+        ScanState::Pending => "pending".into(),
+        ScanState::Clean => "clean".into(),
+        ScanState::Unscanned => "unscanned".into(),
+        ScanState::Infected(name) => format!("infected: {name}"),
+    }
+}
+
+impl Archiving {
+    /// Opens the archive of `[archive]`, or nothing when it is disabled.
+    pub fn open(cfg: &Config, metrics: Arc<Metrics>) -> Result<Option<Arc<Archiving>>> {
+        let a = &cfg.archive;
+        if !a.enabled {
+            return Ok(None);
+        }
+        let dir = a.dir(&cfg.state_dir);
+        let mut opts = archive::Options::new(dir.clone());
+        opts.free_bytes_min = a.free_bytes_min;
+        opts.segment_bytes_max = a.segment_bytes_max;
+        let archive = Arc::new(
+            Archive::open(&opts)
+                .with_context(|| format!("open the archive in {}", dir.display()))?,
+        );
+        let mirrors = a
+            .mirror
+            .iter()
+            .map(|m| (m.peer.to_string(), Arc::new(PeerStats::default())))
+            .collect();
+        Ok(Some(Arc::new(Archiving {
+            archive,
+            quarantined: a.archive_quarantined,
+            retention: (a.retention_days > 0)
+                .then(|| Duration::from_secs(a.retention_days.saturating_mul(86_400))),
+            waiting: Mutex::new(HashSet::new()),
+            failing: Mutex::new(None),
+            mirrors,
+            received: Arc::new(ReceiverStats::default()),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            metrics,
+        })))
+    }
+
+    /// Starts the mirror copiers, the listener, retention and the gauges.
+    pub async fn start(self: &Arc<Self>, cfg: &Config) -> Result<()> {
+        let a: &ArchiveConfig = &cfg.archive;
+        if a.listen.is_some() || !a.mirror.is_empty() {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        if let Some(listen) = a.listen {
+            let secret = a.load_secret().context("key `archive.secret_file`")?;
+            let link = link_config(&cfg.node_name, secret)?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("bind archive mirror listener {listen}"))?;
+            tokio::spawn(archive::mirror::receive(
+                self.archive.clone(),
+                listener,
+                link,
+                self.received.clone(),
+            ));
+        }
+        for (m, (_, stats)) in a.mirror.iter().zip(&self.mirrors) {
+            let secret = m
+                .load_secret(a)
+                .with_context(|| format!("mirror {}", m.peer))?;
+            let link = link_config(&cfg.node_name, secret)?;
+            tokio::spawn(archive::mirror::copy_to(
+                self.archive.clone(),
+                m.peer,
+                link,
+                stats.clone(),
+                self.wake.clone(),
+            ));
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                me.refresh_gauges().await;
+                tokio::time::sleep(GAUGES_EVERY).await;
+            }
+        });
+        if let Some(retention) = self.retention {
+            let me = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    let m = me.clone();
+                    match tokio::task::spawn_blocking(move || m.retention_pass(retention, |_| {}))
+                        .await
+                    {
+                        Ok(Ok((removed, report))) if removed > 0 => tracing::info!(
+                            removed,
+                            segments_compacted = report.segments,
+                            bytes_freed = report.bytes_freed,
+                            "archive retention pass"
+                        ),
+                        Ok(Err(e)) => tracing::error!("archive retention pass: {e}"),
+                        _ => {}
+                    }
+                    tokio::time::sleep(RETENTION_EVERY).await;
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes expired items (not those on hold) and compacts what they left sparse.
+    pub fn retention_pass(
+        &self,
+        retention: Duration,
+        progress: impl FnMut(u64),
+    ) -> Result<(u64, archive::CompactReport), archive::ArchiveError> {
+        let removed = self.archive.expire(retention, progress)?;
+        let report = self.archive.compact(COMPACT_LIVE_PERCENT)?;
+        Ok((removed, report))
+    }
+
+    /// Archives the message in `folder` unless it already is; `Err` says why it could not be,
+    /// and the caller keeps the message where it is.
+    pub async fn ensure(
+        &self,
+        layout: &Layout,
+        folder: Folder,
+        env: &Envelope,
+    ) -> Result<(), String> {
+        if matches!(env.scan, ScanState::Infected(_)) && !self.quarantined {
+            return Ok(());
+        }
+        let incoming = Incoming {
+            id: env.id.to_string(),
+            origin: env.origin.clone(),
+            arrived_ms: env.arrived_ms,
+            client: env.client.clone(),
+            sender: env.sender.clone(),
+            recipients: env.recipients.iter().map(|r| r.address.clone()).collect(),
+            verdict: verdict(&env.scan),
+            hash: env.body_sha256,
+        };
+        let archive = self.archive.clone();
+        let path = layout.path(folder, &env.id, Part::Body);
+        let len = env.body_len;
+        let outcome = tokio::task::spawn_blocking(move || -> Result<bool, String> {
+            if archive
+                .find(&incoming)
+                .map_err(|e| e.to_string())?
+                .is_some()
+            {
+                return Ok(false);
+            }
+            let body = MappedBody::open_verified(&path, len, &incoming.hash)
+                .map_err(|e| format!("read the body: {e}"))?;
+            let stored = archive
+                .archive(incoming, body.bytes())
+                .map_err(|e| e.to_string())?;
+            Ok(stored.new)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        match outcome {
+            Ok(new) => {
+                waiting.remove(&env.id);
+                if new {
+                    self.metrics
+                        .archive_archived
+                        .with_label_values(&["new"])
+                        .inc();
+                    self.wake.notify_waiters();
+                }
+                *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.metrics.archive_waiting.set(waiting.len() as i64);
+                Ok(())
+            }
+            Err(e) => {
+                waiting.insert(env.id.clone());
+                self.metrics.archive_failures.inc();
+                self.metrics.archive_waiting.set(waiting.len() as i64);
+                *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// Why the archive is failing now, for `/readyz` and `spoolctl archive status`.
+    pub fn failing(&self) -> Option<String> {
+        self.failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    async fn refresh_gauges(&self) {
+        let archive = self.archive.clone();
+        let Ok(Ok(st)) = tokio::task::spawn_blocking(move || archive.status()).await else {
+            return;
+        };
+        let m = &self.metrics;
+        m.archive_items.set(st.totals.items as i64);
+        m.archive_raw_bytes.set(st.totals.raw_bytes as i64);
+        m.archive_stored_bytes.set(st.totals.stored_bytes as i64);
+        m.archive_held.set(st.totals.held as i64);
+        m.archive_index_lag
+            .set(st.last_seq.saturating_sub(st.indexed_through) as i64);
+        let now = crate::sink::now_ms();
+        for (peer, s) in &self.mirrors {
+            let oldest = s.oldest_ms.load(Ordering::Relaxed);
+            let age = if oldest == 0 {
+                0.0
+            } else {
+                now.saturating_sub(oldest) as f64 / 1000.0
+            };
+            m.archive_mirror_backlog
+                .with_label_values(&[peer])
+                .set(s.backlog.load(Ordering::Relaxed) as i64);
+            m.archive_mirror_oldest.with_label_values(&[peer]).set(age);
+            m.archive_mirror_up
+                .with_label_values(&[peer])
+                .set(i64::from(s.connected.load(Ordering::Relaxed)));
+            set_counter(
+                &m.archive_mirror_sent.with_label_values(&[peer]),
+                s.sent.load(Ordering::Relaxed),
+            );
+            set_counter(
+                &m.archive_mirror_auth_failures.with_label_values(&[peer]),
+                s.auth_failures.load(Ordering::Relaxed),
+            );
+        }
+        let r = &self.received;
+        for (result, v) in [
+            ("new", &r.stored),
+            ("duplicate", &r.duplicates),
+            ("refused", &r.refused),
+        ] {
+            set_counter(
+                &m.archive_mirror_received.with_label_values(&[result]),
+                v.load(Ordering::Relaxed),
+            );
+        }
+        set_counter(
+            &m.archive_mirror_auth_failures
+                .with_label_values(&["incoming"]),
+            r.auth_failures.load(Ordering::Relaxed),
+        );
+    }
+}
+
+/// Brings a counter up to a total kept elsewhere.
+fn set_counter(c: &prometheus::IntCounter, total: u64) {
+    let now = c.get();
+    if total > now {
+        c.inc_by(total - now);
+    }
+}
+
+/// A peer-link identity for the mirror: the shared secret authenticates, so a fresh
+/// self-signed certificate serves (its handshake signature is still checked).
+fn link_config(node: &str, secret: Vec<u8>) -> Result<peer::link::LinkConfig> {
+    let cert = rcgen::generate_simple_self_signed(vec!["spoolpair-peer".into()])
+        .context("make the archive link's certificate")?;
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+    peer::link::LinkConfig::new(
+        node.to_string(),
+        secret,
+        0,
+        vec![cert.cert.der().clone()],
+        key,
+    )
+    .context("archive link TLS settings")
+}
+
+/// The admin socket's archive requests.
+impl Archiving {
+    fn listed(item: &archive::Item) -> api::ArchiveItem {
+        api::ArchiveItem {
+            seq: item.seq,
+            id: item.id.clone(),
+            origin: item.origin.clone(),
+            mirrored: item.mirrored,
+            held: item.held,
+            arrived_ms: item.arrived_ms,
+            sender: item.sender.clone(),
+            recipients: item.recipients.clone(),
+            verdict: item.verdict.clone(),
+            size: item.raw_len,
+            sha256: spool::hex(&item.hash),
+            subject: None,
+        }
+    }
+
+    /// An item by number, or by the spool id it had.
+    fn resolve(&self, id: &str) -> Result<u64, String> {
+        if let Ok(seq) = id.parse::<u64>() {
+            return Ok(seq);
+        }
+        if id.parse::<MessageId>().is_err() {
+            return Err(format!("{id:?} is neither an item number nor a message id"));
+        }
+        let found = self
+            .archive
+            .search(&format!("id:{id}"), 1)
+            .map_err(|e| e.to_string())?;
+        found
+            .items
+            .first()
+            .map(|i| i.seq)
+            .ok_or_else(|| format!("no archived item for message {id}"))
+    }
+
+    /// `archive search`.
+    pub fn search(&self, query: &str, limit: usize) -> Result<api::ArchiveFound, String> {
+        let found = self
+            .archive
+            .search(query, limit.clamp(1, 10_000))
+            .map_err(|e| e.to_string())?;
+        let mut items = Vec::with_capacity(found.items.len());
+        for item in &found.items {
+            let mut listed = Self::listed(item);
+            // The subject from the stored bytes: a search result is read by a person.
+            if let Ok((_, raw)) = self.archive.raw(item.seq) {
+                listed.subject = archive::mime::subject(&raw);
+            }
+            items.push(listed);
+        }
+        Ok(api::ArchiveFound {
+            total: found.total,
+            items,
+        })
+    }
+
+    /// `archive show`.
+    pub fn show(&self, id: &str) -> Result<api::ArchiveShown, String> {
+        let (item, raw) = self
+            .archive
+            .raw(self.resolve(id)?)
+            .map_err(|e| e.to_string())?;
+        let (headers, parts) = archive::mime::describe(&raw);
+        Ok(api::ArchiveShown {
+            item: Self::listed(&item),
+            headers,
+            parts: parts
+                .into_iter()
+                .map(|p| api::ArchivePart {
+                    content_type: p.content_type,
+                    name: p.name,
+                    size: p.size,
+                })
+                .collect(),
+        })
+    }
+
+    /// `archive export`.
+    pub fn export(&self, id: &str) -> Result<api::ArchiveExported, String> {
+        use base64::Engine;
+        let (item, raw) = self
+            .archive
+            .raw(self.resolve(id)?)
+            .map_err(|e| e.to_string())?;
+        Ok(api::ArchiveExported {
+            item: Self::listed(&item),
+            base64: base64::engine::general_purpose::STANDARD.encode(raw),
+        })
+    }
+
+    /// `archive hold|unhold`: one item, or every item a query matches.
+    pub fn hold(&self, target: &str, held: bool) -> Result<api::ArchiveHeld, String> {
+        let seqs = match self.resolve(target) {
+            Ok(seq) => vec![seq],
+            Err(_) => {
+                let total = self
+                    .archive
+                    .search(target, 1)
+                    .map_err(|e| e.to_string())?
+                    .total;
+                self.archive
+                    .search(target, total.max(1))
+                    .map_err(|e| e.to_string())?
+                    .items
+                    .iter()
+                    .map(|i| i.seq)
+                    .collect()
+            }
+        };
+        let changed = self.archive.hold(&seqs, held).map_err(|e| e.to_string())?;
+        Ok(api::ArchiveHeld {
+            matched: seqs.len() as u64,
+            changed,
+        })
+    }
+
+    /// `archive status`.
+    pub fn status(&self) -> Result<api::ArchiveStatus, String> {
+        let st = self.archive.status().map_err(|e| e.to_string())?;
+        let now = crate::sink::now_ms();
+        Ok(api::ArchiveStatus {
+            items: st.totals.items,
+            raw_bytes: st.totals.raw_bytes,
+            stored_bytes: st.totals.stored_bytes,
+            segments: st.totals.segments,
+            held: st.totals.held,
+            last_seq: st.last_seq,
+            indexed_through: st.indexed_through,
+            failing: self.failing(),
+            waiting: self.waiting.lock().unwrap_or_else(|p| p.into_inner()).len() as u64,
+            mirrors: self
+                .mirrors
+                .iter()
+                .map(|(peer, s)| {
+                    let oldest = s.oldest_ms.load(Ordering::Relaxed);
+                    api::MirrorState {
+                        peer: peer.clone(),
+                        connected: s.connected.load(Ordering::Relaxed),
+                        backlog: s.backlog.load(Ordering::Relaxed),
+                        oldest_age_secs: if oldest == 0 {
+                            0
+                        } else {
+                            now.saturating_sub(oldest) / 1000
+                        },
+                        sent: s.sent.load(Ordering::Relaxed),
+                        auth_failures: s.auth_failures.load(Ordering::Relaxed),
+                    }
+                })
+                .collect(),
+        })
+    }
+
+    /// `archive retention`: the pass run by hand (with no retention set, nothing expires,
+    /// compaction still runs).
+    pub fn run_retention(&self, progress: impl FnMut(u64)) -> Result<api::ArchiveExpired, String> {
+        let (removed, report) = match self.retention {
+            Some(r) => self.retention_pass(r, progress),
+            None => self.archive.compact(COMPACT_LIVE_PERCENT).map(|c| (0, c)),
+        }
+        .map_err(|e| e.to_string())?;
+        Ok(api::ArchiveExpired {
+            removed,
+            segments_compacted: report.segments,
+            bytes_freed: report.bytes_freed,
+        })
+    }
+
+    /// `archive reindex`.
+    pub fn reindex(&self, progress: impl FnMut(u64, u64)) -> Result<api::ArchiveReindexed, String> {
+        self.archive.reindex(progress).map_err(|e| e.to_string())?;
+        let st = self.archive.status().map_err(|e| e.to_string())?;
+        Ok(api::ArchiveReindexed {
+            items: st.totals.items,
+        })
+    }
+}
