@@ -106,6 +106,12 @@ pub enum Request {
         #[serde(default)]
         progress: bool,
     },
+    /// Read every body back against its hash; count index entries: [`ArchiveVerified`].
+    ArchiveVerify {
+        /// Send [`Progress`] lines.
+        #[serde(default)]
+        progress: bool,
+    },
     /// Rebuild the full-text index from the catalog: [`ArchiveReindexed`].
     ArchiveReindex {
         /// Send [`Progress`] lines.
@@ -244,6 +250,19 @@ pub struct ArchiveExpired {
     pub segments_compacted: u32,
     /// Bytes freed by compaction.
     pub bytes_freed: u64,
+}
+
+/// [`Request::ArchiveVerify`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveVerified {
+    /// Items in the catalog.
+    pub items: u64,
+    /// Bodies read back whole.
+    pub ok: u64,
+    /// Items whose body failed, and why.
+    pub failed: Vec<Failed>,
+    /// Entries in the full-text index (equal to `items` when consistent).
+    pub index_entries: u64,
 }
 
 /// [`Request::ArchiveReindex`].

@@ -12,6 +12,7 @@
 //! Not here: when a message is archived (the daemon's lifecycle decides), the admin protocol,
 //! metrics (callers read [`Archive::status`] and the mirror's counters).
 
+pub mod corpus;
 pub mod index;
 pub mod mime;
 pub mod mirror;
@@ -135,6 +136,19 @@ pub struct Status {
     pub last_seq: u64,
     /// Items searchable, in sequence order, up to this one.
     pub indexed_through: u64,
+}
+
+/// What [`Archive::verify`] found.
+#[derive(Clone, Debug, Default)]
+pub struct Verified {
+    /// Items in the catalog.
+    pub items: u64,
+    /// Of them, bodies read back whole.
+    pub ok: u64,
+    /// The others, and why.
+    pub bad: Vec<(u64, String)>,
+    /// Entries in the full-text index.
+    pub index_entries: u64,
 }
 
 /// One search answer.
@@ -378,6 +392,30 @@ impl Archive {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Reads every item's body back and checks it against its hash; counts the index's entries
+    /// (after a flush), which must equal the items. `progress(done, total)` as it goes.
+    pub fn verify(&self, mut progress: impl FnMut(u64, u64)) -> Result<Verified, ArchiveError> {
+        let total = self.store.totals()?.items;
+        let mut v = Verified::default();
+        let mut after = 0;
+        loop {
+            let batch = self.store.items_after(after, 1024, |_| true)?;
+            let Some(last) = batch.last() else { break };
+            after = last.seq;
+            for item in &batch {
+                v.items += 1;
+                match self.store.raw(&item.hash) {
+                    Ok(_) => v.ok += 1,
+                    Err(e) => v.bad.push((item.seq, e.to_string())),
+                }
+            }
+            progress(v.items, total);
+        }
+        self.flush_index()?;
+        v.index_entries = self.index.search("", 1)?.total as u64;
+        Ok(v)
     }
 
     /// Store-wide figures.

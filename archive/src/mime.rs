@@ -60,7 +60,7 @@ mod tests {
 
     #[test]
     fn lists_headers_and_leaf_parts() {
-        let (_, raw) = crate::tests::awkward().swap_remove(3);
+        let (_, raw) = crate::corpus::awkward().swap_remove(3);
         let (headers, parts) = describe(&raw);
         assert!(
             headers.starts_with("From: carol@example.org\r\n")

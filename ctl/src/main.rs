@@ -102,6 +102,8 @@ enum ArchiveCmd {
     Retention,
     /// Rebuild the full-text index from the catalog.
     Reindex,
+    /// Read every item back against its hash and count the index's entries.
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -416,6 +418,19 @@ fn archive_human(cmd: &ArchiveCmd, data: &Value, out: &mut String) -> Result<(),
                 r.removed, r.segments_compacted, r.bytes_freed
             ));
         }
+        ArchiveCmd::Verify => {
+            let r: api::ArchiveVerified = data_as(data)?;
+            for f in &r.failed {
+                out.push_str(&format!("FAILED item {}: {}\n", f.id, f.error));
+            }
+            out.push_str(&format!(
+                "items {} / bodies whole {} / failed {} / index entries {}\n",
+                r.items,
+                r.ok,
+                r.failed.len(),
+                r.index_entries
+            ));
+        }
         ArchiveCmd::Reindex => {
             let r: api::ArchiveReindexed = data_as(data)?;
             out.push_str(&format!("indexed {} item(s)\n", r.items));
@@ -443,6 +458,7 @@ fn archive_request(cmd: &ArchiveCmd) -> Request {
         ArchiveCmd::Status => Request::ArchiveStatus,
         ArchiveCmd::Retention => Request::ArchiveRetention { progress: true },
         ArchiveCmd::Reindex => Request::ArchiveReindex { progress: true },
+        ArchiveCmd::Verify => Request::ArchiveVerify { progress: true },
     }
 }
 
@@ -500,7 +516,7 @@ fn main() -> ExitCode {
         cli.cmd,
         Cmd::Recover { .. }
             | Cmd::Archive {
-                cmd: ArchiveCmd::Retention | ArchiveCmd::Reindex
+                cmd: ArchiveCmd::Retention | ArchiveCmd::Reindex | ArchiveCmd::Verify
             }
     );
     let bar = (long && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {

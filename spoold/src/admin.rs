@@ -125,7 +125,8 @@ impl Admin {
                         }
                         Ok(
                             req @ (Request::ArchiveRetention { progress }
-                            | Request::ArchiveReindex { progress }),
+                            | Request::ArchiveReindex { progress }
+                            | Request::ArchiveVerify { progress }),
                         ) => {
                             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                             let me2 = me.clone();
@@ -191,6 +192,7 @@ impl Admin {
                 reply(a.run_retention(|n| step("expire", n, total))?)
             }
             Request::ArchiveReindex { .. } => reply(a.reindex(|d, t| step("reindex", d, t))?),
+            Request::ArchiveVerify { .. } => reply(a.verify(|d, t| step("verify", d, t))?),
             _ => Err("not a long archive operation".into()),
         }
     }
@@ -204,7 +206,9 @@ impl Admin {
             Request::ArchiveExport { id } => reply(self.archiving()?.export(&id)?),
             Request::ArchiveHold { target, held } => reply(self.archiving()?.hold(&target, held)?),
             Request::ArchiveStatus => reply(self.archiving()?.status()?),
-            Request::ArchiveRetention { .. } | Request::ArchiveReindex { .. } => {
+            Request::ArchiveRetention { .. }
+            | Request::ArchiveReindex { .. }
+            | Request::ArchiveVerify { .. } => {
                 let (tx, _) = tokio::sync::mpsc::unbounded_channel();
                 self.archive_long(req, tx)
             }

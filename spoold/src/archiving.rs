@@ -482,6 +482,24 @@ impl Archiving {
         })
     }
 
+    /// `archive verify`.
+    pub fn verify(&self, progress: impl FnMut(u64, u64)) -> Result<api::ArchiveVerified, String> {
+        let v = self.archive.verify(progress).map_err(|e| e.to_string())?;
+        Ok(api::ArchiveVerified {
+            items: v.items,
+            ok: v.ok,
+            failed: v
+                .bad
+                .into_iter()
+                .map(|(seq, error)| api::Failed {
+                    id: seq.to_string(),
+                    error,
+                })
+                .collect(),
+            index_entries: v.index_entries,
+        })
+    }
+
     /// `archive reindex`.
     pub fn reindex(&self, progress: impl FnMut(u64, u64)) -> Result<api::ArchiveReindexed, String> {
         self.archive.reindex(progress).map_err(|e| e.to_string())?;
