@@ -252,20 +252,7 @@ fn an_index_lost_in_a_crash_is_rebuilt_from_the_catalog() {
 }
 
 fn link(node: &str, secret: &[u8]) -> peer::link::LinkConfig {
-    let cert = rcgen::generate_simple_self_signed(vec!["spoolpair-peer".into()]).unwrap();
-    let key = rustls_key(&cert);
-    peer::link::LinkConfig::new(
-        node.into(),
-        secret.to_vec(),
-        100,
-        vec![cert.cert.der().clone()],
-        key,
-    )
-    .unwrap()
-}
-
-fn rustls_key(cert: &rcgen::CertifiedKey) -> rustls_pki_types::PrivateKeyDer<'static> {
-    rustls_pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into())
+    peer::link::LinkConfig::self_signed(node, secret, 100).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,16 +14,7 @@ pub const SECRET: &str = "benchmark shared secret";
 
 /// Serves partner links on `listen` until the process ends.
 pub fn start(listen: SocketAddr) -> Result<()> {
-    let cert = rcgen::generate_simple_self_signed(vec!["spoolpair-peer".into()])?;
-    let key = rustls_pki_types::PrivateKeyDer::try_from(cert.key_pair.serialize_der())
-        .map_err(|e| anyhow::anyhow!("key: {e}"))?;
-    let cfg = LinkConfig::new(
-        "gw_b".into(),
-        SECRET.as_bytes().to_vec(),
-        1,
-        vec![cert.cert.der().clone()],
-        key,
-    )?;
+    let cfg = LinkConfig::self_signed("gw_b", SECRET.as_bytes(), 1)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -9,8 +9,11 @@
 //! - `recovery`: startup recovery time for a spool of N messages.
 //! - `relay`: end to end through spoold (with and without clamd) and through Postfix.
 //! - `replicate`: ingest with replication off and async, and the replication lag.
+//! - `archive`: archive ingest beside the spool's, bytes stored, search latency at a million
+//!   items, mirror catch-up.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod archive;
 mod ingest;
 mod instant_partner;
 mod raw;
@@ -39,6 +42,8 @@ enum Cmd {
     Relay(relay::Args),
     /// Ingest with replication off and async, and the lag under that load.
     Replicate(replicate::Args),
+    /// Archive ingest beside spool ingest, bytes stored, search latency, mirror catch-up.
+    Archive(archive::Args),
 }
 
 fn main() -> Result<()> {
@@ -48,6 +53,7 @@ fn main() -> Result<()> {
         Cmd::Recovery(a) => raw::recovery(a),
         Cmd::Relay(a) => relay::run(a),
         Cmd::Replicate(a) => replicate::run(a),
+        Cmd::Archive(a) => archive::run(a),
     }
 }
 

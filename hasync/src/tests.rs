@@ -31,16 +31,7 @@ impl ReplicationObserver for NoObserver {
 
 /// A link identity with a fresh self-signed certificate.
 fn test_link_config(node: &str, secret: &[u8]) -> link::LinkConfig {
-    let cert = rcgen::generate_simple_self_signed(vec!["spoolpair-peer".into()]).unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::try_from(cert.key_pair.serialize_der()).unwrap();
-    link::LinkConfig::new(
-        node.into(),
-        secret.to_vec(),
-        1,
-        vec![cert.cert.der().clone()],
-        key,
-    )
-    .unwrap()
+    link::LinkConfig::self_signed(node, secret, 1).unwrap()
 }
 
 /// A fresh state directory and transaction log for one test.

@@ -467,20 +467,31 @@ pub fn spawn_reader(
     rx
 }
 
-/// A link identity with a fresh self-signed certificate, for this crate's tests.
+impl LinkConfig {
+    /// A link identity with a fresh self-signed certificate. The shared secret is what
+    /// authenticates (the module doc), so a link needs no certificate of its own; the
+    /// handshake signature is still checked.
+    pub fn self_signed(node: &str, secret: &[u8], priority: u32) -> Result<LinkConfig, LinkError> {
+        let cert = rcgen::generate_simple_self_signed(vec!["spoolpair-peer".into()])
+            .map_err(|e| LinkError::Protocol(format!("make a certificate: {e}")))?;
+        let key = PrivateKeyDer::try_from(cert.key_pair.serialize_der())
+            .map_err(|e| LinkError::Protocol(format!("certificate key: {e}")))?;
+        LinkConfig::new(
+            node.into(),
+            secret.to_vec(),
+            priority,
+            vec![cert.cert.der().clone()],
+            key,
+        )
+        .map_err(|e| LinkError::Protocol(format!("TLS settings: {e}")))
+    }
+}
+
+/// A link identity for this crate's tests.
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 pub(crate) fn test_config(node: &str, secret: &[u8]) -> LinkConfig {
-    let cert = rcgen::generate_simple_self_signed(vec!["spoolpair-peer".into()]).unwrap();
-    let key = PrivateKeyDer::try_from(cert.key_pair.serialize_der()).unwrap();
-    LinkConfig::new(
-        node.into(),
-        secret.to_vec(),
-        1,
-        vec![cert.cert.der().clone()],
-        key,
-    )
-    .unwrap()
+    LinkConfig::self_signed(node, secret, 1).unwrap()
 }
 
 #[cfg(test)]

@@ -296,20 +296,9 @@ fn set_counter(c: &prometheus::IntCounter, total: u64) {
     }
 }
 
-/// A peer-link identity for the mirror: the shared secret authenticates, so a fresh
-/// self-signed certificate serves (its handshake signature is still checked).
+/// A peer-link identity for the mirror (the shared secret authenticates).
 fn link_config(node: &str, secret: Vec<u8>) -> Result<peer::link::LinkConfig> {
-    let cert = rcgen::generate_simple_self_signed(vec!["spoolpair-peer".into()])
-        .context("make the archive link's certificate")?;
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
-    peer::link::LinkConfig::new(
-        node.to_string(),
-        secret,
-        0,
-        vec![cert.cert.der().clone()],
-        key,
-    )
-    .context("archive link TLS settings")
+    peer::link::LinkConfig::self_signed(node, &secret, 0).context("archive link TLS settings")
 }
 
 /// The admin socket's archive requests.

@@ -1,0 +1,516 @@
+//! `bench archive`: the archive against the spool it must keep up with.
+//!
+//! A generated corpus (fixed seed): plain text, text + HTML alternatives, and multipart mail
+//! with base64 or text attachments; sizes drawn from a lognormal distribution (median 6 KiB,
+//! σ 1.2, clamped to 600 B – 4 MiB), the shape mail-size studies report; words drawn with a
+//! Zipf law from a generated 20,000-word vocabulary. Then, in one invocation:
+//! 1. spoold's SMTP ingest rate (50 sessions, 4 KiB, no delivery): the rate to keep up with;
+//! 2. archive ingest of the corpus from 8 threads (durable: group commit, `fdatasync`), and how
+//!    long the index takes to make it all searchable; bytes stored against raw;
+//! 3. search latency per query kind at `--search-items` items (p50/p99 of 200 queries each);
+//! 4. mirror catch-up: a backlog of `--backlog` items copied to a second archive over the
+//!    authenticated peer link on loopback;
+//! 5. the process's peak RSS.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use crate::ingest::{load, spoold_binary, Load, Spoold};
+use anyhow::Result;
+use archive::{Archive, Incoming, Options};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Messages archived in the ingest run.
+    #[arg(long, default_value_t = 20_000)]
+    messages: usize,
+    /// Items in the archive that search latency is measured on.
+    #[arg(long, default_value_t = 1_000_000)]
+    search_items: usize,
+    /// Items of the mirror backlog (10 minutes of mail at 100 msgs/s by default).
+    #[arg(long, default_value_t = 60_000)]
+    backlog: usize,
+    /// Runs of the ingest measurements; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Corpus seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+/// The corpus generator.
+struct Corpus {
+    rng: StdRng,
+    vocab: Vec<String>,
+    /// Cumulative Zipf weights over `vocab`.
+    zipf: Vec<f64>,
+    users: Vec<String>,
+    n: usize,
+    /// Sizes above this are cut to it (the search corpus: the index, not the body store, is
+    /// what search latency depends on).
+    size_max: usize,
+}
+
+const SYLLABLES: [&str; 40] = [
+    "ka", "lo", "mi", "ne", "ru", "ta", "vo", "shi", "den", "pra", "gul", "ost", "ber", "fin",
+    "qua", "zel", "dor", "min", "tes", "ral", "bo", "ci", "ex", "ly", "mon", "nor", "pe", "ques",
+    "sa", "tri", "un", "ver", "wa", "xo", "yu", "za", "ark", "bel", "cor", "dul",
+];
+
+impl Corpus {
+    fn new(seed: u64) -> Corpus {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let vocab: Vec<String> = (0..20_000)
+            .map(|_| {
+                let n = rng.gen_range(1..=4);
+                (0..n)
+                    .map(|_| SYLLABLES[rng.gen_range(0..SYLLABLES.len())])
+                    .collect()
+            })
+            .collect();
+        let mut acc = 0.0;
+        let zipf = (1..=vocab.len())
+            .map(|r| {
+                acc += 1.0 / r as f64;
+                acc
+            })
+            .collect();
+        let users = (0..2_000)
+            .map(|i| format!("user{i}@domain{}.example", i % 50))
+            .collect();
+        Corpus {
+            rng,
+            vocab,
+            zipf,
+            users,
+            n: 0,
+            size_max: 4 << 20,
+        }
+    }
+
+    fn word(&mut self) -> &str {
+        let total = *self.zipf.last().unwrap();
+        let x = self.rng.gen_range(0.0..total);
+        let i = self
+            .zipf
+            .partition_point(|&c| c < x)
+            .min(self.vocab.len() - 1);
+        &self.vocab[i]
+    }
+
+    fn text(&mut self, bytes: usize) -> String {
+        let mut s = String::with_capacity(bytes + 80);
+        let mut line = 0;
+        while s.len() < bytes {
+            let w = self.word().to_string();
+            s.push_str(&w);
+            line += w.len() + 1;
+            if line > 70 {
+                s.push_str("\r\n");
+                line = 0;
+            } else {
+                s.push(' ');
+            }
+        }
+        s.push_str("\r\n");
+        s
+    }
+
+    fn size(&mut self) -> usize {
+        // Box-Muller: a standard normal, then lognormal with median 6 KiB, sigma 1.2.
+        let (u1, u2): (f64, f64) = (self.rng.gen_range(1e-12..1.0), self.rng.gen());
+        let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+        ((6144.0 * (1.2 * z).exp()) as usize).clamp(600, self.size_max)
+    }
+
+    /// The next message, its sender and recipients.
+    fn next(&mut self) -> (Vec<u8>, String, Vec<String>) {
+        self.n += 1;
+        let size = self.size();
+        let from = self.users[self.rng.gen_range(0..self.users.len())].clone();
+        let to: Vec<String> = (0..self.rng.gen_range(1..=3))
+            .map(|_| self.users[self.rng.gen_range(0..self.users.len())].clone())
+            .collect();
+        let subject: Vec<String> = (0..self.rng.gen_range(3..8))
+            .map(|_| self.word().to_string())
+            .collect();
+        let mut m = format!(
+            "From: {from}\r\nTo: {}\r\nSubject: {}\r\nMessage-ID: <{}.{}@bench.example>\r\nDate: Mon, 30 Nov 2026 06:00:00 +0000\r\nMIME-Version: 1.0\r\n",
+            to.join(", "),
+            subject.join(" "),
+            self.n,
+            self.rng.gen::<u32>()
+        );
+        let kind = self.rng.gen_range(0..100);
+        if kind < 55 {
+            m.push_str("Content-Type: text/plain; charset=utf-8\r\n\r\n");
+            let t = self.text(size.saturating_sub(m.len()));
+            m.push_str(&t);
+        } else if kind < 80 {
+            let t = self.text(size.saturating_sub(m.len()) / 2);
+            let html = format!(
+                "<html><body><p>{}</p></body></html>\r\n",
+                t.replace("\r\n", "<br>\r\n")
+            );
+            m.push_str(&format!(
+                "Content-Type: multipart/alternative; boundary=\"alt\"\r\n\r\n--alt\r\nContent-Type: text/plain\r\n\r\n{t}--alt\r\nContent-Type: text/html\r\n\r\n{html}--alt--\r\n"
+            ));
+        } else {
+            let t = self.text(400);
+            let att_len = size.saturating_sub(m.len() + 600);
+            let (name, ctype, body) = if self.rng.gen_range(0..10) < 7 {
+                let raw: Vec<u8> = (0..att_len * 3 / 4).map(|_| self.rng.gen()).collect();
+                (
+                    format!("{}.pdf", self.word()),
+                    "application/pdf",
+                    base64_lines(&raw),
+                )
+            } else {
+                (
+                    format!("{}.txt", self.word()),
+                    "text/plain",
+                    self.text(att_len),
+                )
+            };
+            let enc = if ctype == "text/plain" {
+                "8bit"
+            } else {
+                "base64"
+            };
+            m.push_str(&format!(
+                "Content-Type: multipart/mixed; boundary=\"mix\"\r\n\r\n--mix\r\nContent-Type: text/plain\r\n\r\n{t}--mix\r\nContent-Type: {ctype}; name=\"{name}\"\r\nContent-Disposition: attachment; filename=\"{name}\"\r\nContent-Transfer-Encoding: {enc}\r\n\r\n{body}--mix--\r\n"
+            ));
+        }
+        (m.into_bytes(), from, to)
+    }
+}
+
+fn base64_lines(raw: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(raw.len() * 4 / 3 + raw.len() / 38);
+    for (i, c) in raw.chunks(3).enumerate() {
+        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for k in 0..4 {
+            out.push(if k <= c.len() {
+                A[(n >> (18 - 6 * k) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+        if i % 19 == 18 {
+            out.push_str("\r\n");
+        }
+    }
+    out.push_str("\r\n");
+    out
+}
+
+/// Archive time base: a year of mail, so date ranges select slices.
+const YEAR_START_MS: u64 = 1_764_547_200_000; // 2025-12-01
+const YEAR_MS: u64 = 365 * 86_400_000;
+
+fn incoming(n: usize, of: usize, raw: &[u8], from: String, to: Vec<String>) -> Incoming {
+    Incoming {
+        id: format!("{:016x}-bench", n),
+        origin: "bench".into(),
+        arrived_ms: YEAR_START_MS + (n as u64 * YEAR_MS) / of.max(1) as u64,
+        client: "192.0.2.1".into(),
+        sender: from,
+        recipients: to,
+        verdict: "clean".into(),
+        hash: Sha256::digest(raw).into(),
+    }
+}
+
+fn open(dir: &std::path::Path) -> Result<Archive> {
+    let mut o = Options::new(dir.to_path_buf());
+    o.free_bytes_min = 1 << 30;
+    Ok(Archive::open(&o)?)
+}
+
+/// Archives `n` corpus messages from `threads` threads; returns (msgs/s stored, msgs/s
+/// searchable, raw bytes, stored bytes).
+fn ingest(
+    dir: &std::path::Path,
+    seed: u64,
+    n: usize,
+    size_max: usize,
+    threads: usize,
+) -> Result<(f64, f64, u64, u64)> {
+    let mut corpus = Corpus::new(seed);
+    corpus.size_max = size_max;
+    // Generated ahead when it fits in memory (the timed part then only archives); streamed
+    // from the generator under a lock for the million-item corpus.
+    let ahead = n <= 50_000;
+    let pregenerated: Vec<_> = if ahead {
+        (0..n).map(|_| corpus.next()).collect()
+    } else {
+        Vec::new()
+    };
+    let pregenerated = pregenerated.into_iter();
+    let source = Arc::new(std::sync::Mutex::new((0..n, corpus, pregenerated)));
+    let a = Arc::new(open(dir)?);
+    let t = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (a, source) = (a.clone(), source.clone());
+            std::thread::spawn(move || loop {
+                let next = {
+                    let mut s = source.lock().unwrap();
+                    let Some(i) = s.0.next() else { return };
+                    let ready = s.2.next();
+                    let m = match ready {
+                        Some(m) => m,
+                        None => s.1.next(),
+                    };
+                    (i, m)
+                };
+                let (i, (raw, from, to)) = next;
+                a.archive(incoming(i, n, &raw, from, to), &raw).unwrap();
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let stored = t.elapsed().as_secs_f64();
+    a.flush_index()?;
+    let searchable = t.elapsed().as_secs_f64();
+    let st = a.status()?;
+    Ok((
+        n as f64 / stored,
+        n as f64 / searchable,
+        st.totals.raw_bytes,
+        st.totals.stored_bytes,
+    ))
+}
+
+/// Makes one query of a kind.
+type QueryMaker = dyn FnMut(&mut StdRng, &mut Corpus) -> String;
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+}
+
+fn rss_peak_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let base = crate::scratch_base();
+    println!("file system: {}", crate::describe_fs(&base));
+    crate::settle_after_deletions();
+    let mut keep = Vec::new();
+
+    // 1 and 2, interleaved per run.
+    let bin = spoold_binary()?;
+    let (mut spool_rates, mut stored_rates, mut searchable_rates, mut ratio) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 0..a.runs {
+        let dir = crate::scratch_dir(None)?;
+        let state = dir.path().join("spoold");
+        let d = Spoold::start_config(&bin, &state, "[spool]\nsync = \"fsync\"\n", false)?;
+        let r = load(
+            d.smtp,
+            Load {
+                rate: None,
+                sessions: 50,
+                messages: 20_000,
+                size: 4096,
+            },
+        )?;
+        drop(d);
+        spool_rates.push(r.msgs_per_s);
+        let (stored, searchable, raw, on_disk) = ingest(
+            &dir.path().join("archive"),
+            a.seed + run as u64,
+            a.messages,
+            4 << 20,
+            8,
+        )?;
+        stored_rates.push(stored);
+        searchable_rates.push(searchable);
+        ratio.push(on_disk as f64 / raw as f64);
+        eprintln!(
+            "run {run}: spool {:.0} msgs/s; archive {stored:.0} msgs/s stored, {searchable:.0} searchable; {:.1} KiB raw/msg, stored {:.0} %",
+            r.msgs_per_s,
+            raw as f64 / a.messages as f64 / 1024.0,
+            100.0 * on_disk as f64 / raw as f64
+        );
+        keep.push(dir);
+    }
+    let spool = crate::median(spool_rates);
+    let stored = crate::median(stored_rates);
+    let searchable = crate::median(searchable_rates);
+    println!("\n| path | msgs/s | × spool ingest |\n|---|---|---|");
+    println!("| spoold SMTP ingest, 4 KiB, fsync | {spool:.0} | 1.00 |");
+    println!(
+        "| archive: stored durably (8 threads) | {stored:.0} | {:.2} |",
+        stored / spool
+    );
+    println!(
+        "| archive: stored and searchable | {searchable:.0} | {:.2} |",
+        searchable / spool
+    );
+    println!(
+        "\nbytes stored per byte of raw mail: {:.2} (median of {} runs; corpus of {} messages)",
+        crate::median(ratio),
+        a.runs,
+        a.messages
+    );
+
+    // 3. Search latency at scale.
+    let dir = crate::scratch_dir(None)?;
+    let t = Instant::now();
+    let (rate, _, raw, on_disk) =
+        ingest(&dir.path().join("archive"), a.seed, a.search_items, 2048, 8)?;
+    println!(
+        "\nsearch corpus (sizes capped at 2 KiB): {} items archived in {:.0} s ({rate:.0} msgs/s stored), {:.1} GiB raw, {:.1} GiB stored",
+        a.search_items,
+        t.elapsed().as_secs_f64(),
+        raw as f64 / (1u64 << 30) as f64,
+        on_disk as f64 / (1u64 << 30) as f64
+    );
+    let arch = open(&dir.path().join("archive"))?;
+    let mut rng = StdRng::seed_from_u64(a.seed ^ 0x5eed);
+    let mut corpus = Corpus::new(a.seed);
+    let kinds: Vec<(&str, Box<QueryMaker>)> = vec![
+        (
+            "from:address",
+            Box::new(|r, _| {
+                let u = r.gen_range(0..2000);
+                format!("from:user{u}@domain{}.example", u % 50)
+            }),
+        ),
+        (
+            "to:domain",
+            Box::new(|r, _| format!("to:domain{}.example", r.gen_range(0..50))),
+        ),
+        (
+            "subject:word",
+            Box::new(|_, c| format!("subject:{}", c.word())),
+        ),
+        ("bare word", Box::new(|_, c| c.word().to_string())),
+        (
+            "\"two-word phrase\"",
+            Box::new(|_, c| {
+                let first = c.word().to_string();
+                format!("\"{first} {}\"", c.word())
+            }),
+        ),
+        (
+            "msgid:",
+            Box::new(|r, _| format!("msgid:<{}.0@bench.example>", r.gen_range(1..1000))),
+        ),
+        (
+            "after: before: (a week)",
+            Box::new(|r, _| {
+                let d = r.gen_range(0..358);
+                let day = |n: u64| {
+                    chrono::DateTime::from_timestamp_millis((YEAR_START_MS + n * 86_400_000) as i64)
+                        .unwrap()
+                        .format("%Y-%m-%d")
+                        .to_string()
+                };
+                format!("after:{} before:{}", day(d), day(d + 7))
+            }),
+        ),
+        (
+            "has:attachment size:>100k",
+            Box::new(|_, _| "has:attachment size:>100k".to_string()),
+        ),
+        (
+            "from: + word + after:",
+            Box::new(|r, c| {
+                format!(
+                    "from:domain{}.example {} after:2026-06-01",
+                    r.gen_range(0..50),
+                    c.word()
+                )
+            }),
+        ),
+    ];
+    println!("\n| query kind ({} items, newest 50 returned) | p50 ms | p99 ms | median hits |\n|---|---|---|---|", a.search_items);
+    for (name, mut make) in kinds {
+        let mut lat = Vec::new();
+        let mut hits = Vec::new();
+        for _ in 0..200 {
+            let q = make(&mut rng, &mut corpus);
+            let t = Instant::now();
+            let r = arch.search(&q, 50)?;
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            hits.push(r.total as f64);
+        }
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.0} |",
+            pct(&mut lat, 0.5),
+            pct(&mut lat, 0.99),
+            pct(&mut hits, 0.5)
+        );
+    }
+    drop(arch);
+    keep.push(dir);
+
+    // 4. Mirror catch-up.
+    let (src, dst) = (crate::scratch_dir(None)?, crate::scratch_dir(None)?);
+    let (rate_in, _, _, _) = ingest(src.path(), a.seed + 7, a.backlog, 4 << 20, 8)?;
+    let from = Arc::new(open(src.path())?);
+    let to = Arc::new(open(dst.path())?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let secs = rt.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let cfg = |node: &str| {
+            peer::link::LinkConfig::self_signed(node, b"bench mirror secret 0123", 0).unwrap()
+        };
+        let received = Arc::new(archive::mirror::ReceiverStats::default());
+        tokio::spawn(archive::mirror::receive(
+            to.clone(),
+            listener,
+            cfg("dst"),
+            received.clone(),
+        ));
+        let stats = Arc::new(archive::mirror::PeerStats::default());
+        let t = Instant::now();
+        tokio::spawn(archive::mirror::copy_to(
+            from.clone(),
+            addr,
+            cfg("src"),
+            stats.clone(),
+            Arc::default(),
+        ));
+        while received.stored.load(std::sync::atomic::Ordering::Relaxed) < a.backlog as u64 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok(t.elapsed().as_secs_f64())
+    })?;
+    println!(
+        "\nmirror catch-up: {} items (filled at {rate_in:.0} msgs/s) copied in {secs:.1} s: {:.0} msgs/s over the peer link on loopback",
+        a.backlog,
+        a.backlog as f64 / secs
+    );
+    drop(rt);
+    keep.push(src);
+    keep.push(dst);
+    println!(
+        "\nbench process peak RSS (archives open, index writers 32 MiB each): {:.0} MiB",
+        rss_peak_mib()
+    );
+    crate::remove_scratch(keep);
+    Ok(())
+}
