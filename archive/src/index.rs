@@ -98,12 +98,67 @@ pub struct Indexer {
     indexed_through: Arc<AtomicU64>,
 }
 
+/// What the indexer thread needs to make its writer.
+pub struct IndexerSetup {
+    store: Arc<Store>,
+    index: Index,
+    heap_bytes: usize,
+    reader: IndexReader,
+    fields: Fields,
+    indexed_through: Arc<AtomicU64>,
+}
+
+/// How much less CPU priority indexing gets (nice): the durable store is on the delivery path
+/// and the index is not, so on a busy machine the index lags (the
+/// `spoold_archive_index_lag_items` gauge) instead of slowing delivery, and catches up when
+/// load drops.
+const INDEXER_NICE: libc::c_int = 10;
+
+impl IndexerSetup {
+    /// Starts the indexer thread (its writer's threads, made there, inherit its lower
+    /// priority); returns once the writer exists, or why it could not be made.
+    pub fn start(
+        self,
+        rx: Receiver<IndexMsg>,
+    ) -> Result<std::thread::JoinHandle<()>, ArchiveError> {
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+        let thread = std::thread::Builder::new()
+            .name("archive-index".into())
+            .spawn(move || {
+                // SAFETY: setpriority on this thread (tid from gettid); no memory is passed.
+                unsafe {
+                    let tid = libc::gettid() as libc::id_t;
+                    libc::setpriority(libc::PRIO_PROCESS, tid, INDEXER_NICE);
+                }
+                match self.index.writer_with_num_threads(1, self.heap_bytes) {
+                    Ok(writer) => {
+                        let _ = ready_tx.send(Ok(()));
+                        Indexer {
+                            store: self.store,
+                            writer,
+                            reader: self.reader,
+                            fields: self.fields,
+                            indexed_through: self.indexed_through,
+                        }
+                        .run(rx)
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(ix(e)));
+                    }
+                }
+            })
+            .map_err(|e| ArchiveError::Io(e.to_string()))?;
+        ready_rx.recv().map_err(|_| ArchiveError::Stopped)??;
+        Ok(thread)
+    }
+}
+
 /// Opens (creating) the index in `dir`.
 pub fn open(
     dir: &Path,
     store: Arc<Store>,
     heap_bytes: usize,
-) -> Result<(SearchIndex, Indexer), ArchiveError> {
+) -> Result<(SearchIndex, IndexerSetup), ArchiveError> {
     std::fs::create_dir_all(dir).map_err(|e| ArchiveError::Io(e.to_string()))?;
     let (schema, fields) = schema();
     let directory = tantivy::directory::MmapDirectory::open(dir)
@@ -115,7 +170,6 @@ pub fn open(
         .payload
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
-    let writer = index.writer_with_num_threads(1, heap_bytes).map_err(ix)?;
     let reader = index
         .reader_builder()
         .reload_policy(ReloadPolicy::Manual)
@@ -124,14 +178,15 @@ pub fn open(
     let indexed_through = Arc::new(AtomicU64::new(mark));
     Ok((
         SearchIndex {
-            index,
+            index: index.clone(),
             reader: reader.clone(),
             fields,
             indexed_through: indexed_through.clone(),
         },
-        Indexer {
+        IndexerSetup {
             store,
-            writer,
+            index,
+            heap_bytes,
             reader,
             fields,
             indexed_through,
@@ -141,7 +196,7 @@ pub fn open(
 
 impl Indexer {
     /// Runs until every sender is gone.
-    pub fn run(mut self, rx: Receiver<IndexMsg>) {
+    fn run(mut self, rx: Receiver<IndexMsg>) {
         let mut mark = self.indexed_through.load(Ordering::SeqCst);
         let mut dirty = false;
         let mut since_commit = Instant::now();

@@ -181,6 +181,27 @@ impl Drop for Archive {
     }
 }
 
+thread_local! {
+    /// A compression context per thread and level: making one costs more than compressing a
+    /// small message.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>, ArchiveError> {
+    let io = |e: std::io::Error| ArchiveError::Io(format!("compress: {e}"));
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = Some((level, zstd::bulk::Compressor::new(level).map_err(io)?));
+        }
+        match c.as_mut() {
+            Some((_, z)) => z.compress(raw).map_err(io),
+            None => Err(ArchiveError::Stopped),
+        }
+    })
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -210,10 +231,7 @@ impl Archive {
                 })
             })
             .map_err(|e| ArchiveError::Io(e.to_string()))?;
-        let index_thread = std::thread::Builder::new()
-            .name("archive-index".into())
-            .spawn(move || indexer.run(irx))
-            .map_err(|e| ArchiveError::Io(e.to_string()))?;
+        let index_thread = indexer.start(irx)?;
         Ok(Archive {
             store,
             writer: wtx,
@@ -246,8 +264,7 @@ impl Archive {
         if got != m.hash {
             return Err(ArchiveError::HashMismatch);
         }
-        let compressed = zstd::bulk::compress(raw, self.zstd_level)
-            .map_err(|e| ArchiveError::Io(e.to_string()))?;
+        let compressed = compress(raw, self.zstd_level)?;
         let item = Item {
             seq: 0,
             key: m.key(),

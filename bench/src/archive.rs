@@ -39,6 +39,10 @@ pub struct Args {
     /// Corpus seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Threads archiving at once (the daemon archives from up to `delivery.concurrency_max`
+    /// deliveries at once, 20 by default).
+    #[arg(long, default_value_t = 20)]
+    threads: usize,
 }
 
 /// The corpus generator.
@@ -49,6 +53,8 @@ struct Corpus {
     zipf: Vec<f64>,
     users: Vec<String>,
     n: usize,
+    /// Every message plain text of exactly this size (the spool benchmark's shape).
+    fixed: Option<usize>,
     /// Sizes above this are cut to it (the search corpus: the index, not the body store, is
     /// what search latency depends on).
     size_max: usize,
@@ -87,6 +93,7 @@ impl Corpus {
             zipf,
             users,
             n: 0,
+            fixed: None,
             size_max: 4 << 20,
         }
     }
@@ -138,14 +145,22 @@ impl Corpus {
             .map(|_| self.word().to_string())
             .collect();
         let mut m = format!(
-            "From: {from}\r\nTo: {}\r\nSubject: {}\r\nMessage-ID: <{}.{}@bench.example>\r\nDate: Mon, 30 Nov 2026 06:00:00 +0000\r\nMIME-Version: 1.0\r\n",
+            "From: {from}\r\nTo: {}\r\nSubject: {}\r\nMessage-ID: <{}@bench.example>\r\nDate: Mon, 30 Nov 2026 06:00:00 +0000\r\nMIME-Version: 1.0\r\n",
             to.join(", "),
             subject.join(" "),
             self.n,
-            self.rng.gen::<u32>()
         );
         let kind = self.rng.gen_range(0..100);
-        if kind < 55 {
+        if let Some(size) = self.fixed {
+            m.push_str("Content-Type: text/plain; charset=utf-8\r\n\r\n");
+            let t = self.text(size.saturating_sub(m.len() + 80));
+            m.push_str(&t);
+            m.truncate(size - 2);
+            while !m.is_char_boundary(m.len()) {
+                m.pop();
+            }
+            m.push_str("\r\n");
+        } else if kind < 55 {
             m.push_str("Content-Type: text/plain; charset=utf-8\r\n\r\n");
             let t = self.text(size.saturating_sub(m.len()));
             m.push_str(&t);
@@ -234,15 +249,27 @@ fn open(dir: &std::path::Path) -> Result<Archive> {
 
 /// Archives `n` corpus messages from `threads` threads; returns (msgs/s stored, msgs/s
 /// searchable, raw bytes, stored bytes).
+/// Message sizes of a run.
+#[derive(Clone, Copy)]
+enum Sizes {
+    /// The corpus mix, sizes cut at this.
+    Mix(usize),
+    /// Plain text of exactly this size.
+    Fixed(usize),
+}
+
 fn ingest(
     dir: &std::path::Path,
     seed: u64,
     n: usize,
-    size_max: usize,
+    sizes: Sizes,
     threads: usize,
 ) -> Result<(f64, f64, u64, u64)> {
     let mut corpus = Corpus::new(seed);
-    corpus.size_max = size_max;
+    match sizes {
+        Sizes::Mix(max) => corpus.size_max = max,
+        Sizes::Fixed(size) => corpus.fixed = Some(size),
+    }
     // Generated ahead when it fits in memory (the timed part then only archives); streamed
     // from the generator under a lock for the million-item corpus.
     let ahead = n <= 50_000;
@@ -318,6 +345,7 @@ pub fn run(a: Args) -> Result<()> {
     let bin = spoold_binary()?;
     let (mut spool_rates, mut stored_rates, mut searchable_rates, mut ratio) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut fixed_stored, mut fixed_searchable) = (Vec::new(), Vec::new());
     for run in 0..a.runs {
         let dir = crate::scratch_dir(None)?;
         let state = dir.path().join("spoold");
@@ -337,9 +365,18 @@ pub fn run(a: Args) -> Result<()> {
             &dir.path().join("archive"),
             a.seed + run as u64,
             a.messages,
-            4 << 20,
-            8,
+            Sizes::Mix(4 << 20),
+            a.threads,
         )?;
+        let (f_stored, f_searchable, _, _) = ingest(
+            &dir.path().join("archive-4k"),
+            a.seed + run as u64,
+            a.messages,
+            Sizes::Fixed(4096),
+            a.threads,
+        )?;
+        fixed_stored.push(f_stored);
+        fixed_searchable.push(f_searchable);
         stored_rates.push(stored);
         searchable_rates.push(searchable);
         ratio.push(on_disk as f64 / raw as f64);
@@ -356,6 +393,16 @@ pub fn run(a: Args) -> Result<()> {
     let searchable = crate::median(searchable_rates);
     println!("\n| path | msgs/s | × spool ingest |\n|---|---|---|");
     println!("| spoold SMTP ingest, 4 KiB, fsync | {spool:.0} | 1.00 |");
+    let (fs, fq) = (crate::median(fixed_stored), crate::median(fixed_searchable));
+    println!(
+        "| archive, 4 KiB plain text: stored durably ({} threads) | {fs:.0} | {:.2} |",
+        a.threads,
+        fs / spool
+    );
+    println!(
+        "| archive, 4 KiB plain text: stored and searchable | {fq:.0} | {:.2} |",
+        fq / spool
+    );
     println!(
         "| archive: stored durably (8 threads) | {stored:.0} | {:.2} |",
         stored / spool
@@ -374,8 +421,13 @@ pub fn run(a: Args) -> Result<()> {
     // 3. Search latency at scale.
     let dir = crate::scratch_dir(None)?;
     let t = Instant::now();
-    let (rate, _, raw, on_disk) =
-        ingest(&dir.path().join("archive"), a.seed, a.search_items, 2048, 8)?;
+    let (rate, _, raw, on_disk) = ingest(
+        &dir.path().join("archive"),
+        a.seed,
+        a.search_items,
+        Sizes::Mix(2048),
+        a.threads,
+    )?;
     println!(
         "\nsearch corpus (sizes capped at 2 KiB): {} items archived in {:.0} s ({rate:.0} msgs/s stored), {:.1} GiB raw, {:.1} GiB stored",
         a.search_items,
@@ -412,7 +464,7 @@ pub fn run(a: Args) -> Result<()> {
         ),
         (
             "msgid:",
-            Box::new(|r, _| format!("msgid:<{}.0@bench.example>", r.gen_range(1..1000))),
+            Box::new(|r, _| format!("msgid:<{}@bench.example>", r.gen_range(1..1000))),
         ),
         (
             "after: before: (a week)",
@@ -428,8 +480,8 @@ pub fn run(a: Args) -> Result<()> {
             }),
         ),
         (
-            "has:attachment size:>100k",
-            Box::new(|_, _| "has:attachment size:>100k".to_string()),
+            "has:attachment size:>1500",
+            Box::new(|_, _| "has:attachment size:>1500".to_string()),
         ),
         (
             "from: + word + after:",
@@ -465,7 +517,13 @@ pub fn run(a: Args) -> Result<()> {
 
     // 4. Mirror catch-up.
     let (src, dst) = (crate::scratch_dir(None)?, crate::scratch_dir(None)?);
-    let (rate_in, _, _, _) = ingest(src.path(), a.seed + 7, a.backlog, 4 << 20, 8)?;
+    let (rate_in, _, _, _) = ingest(
+        src.path(),
+        a.seed + 7,
+        a.backlog,
+        Sizes::Mix(4 << 20),
+        a.threads,
+    )?;
     let from = Arc::new(open(src.path())?);
     let to = Arc::new(open(dst.path())?);
     let rt = tokio::runtime::Builder::new_multi_thread()
