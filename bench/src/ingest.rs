@@ -358,7 +358,7 @@ impl Spoold {
     }
 
     /// Resident set size now and at its peak, in MiB.
-    fn rss_mib(&self) -> (f64, f64) {
+    pub fn rss_mib(&self) -> (f64, f64) {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default();
         let field = |name: &str| {

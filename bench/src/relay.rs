@@ -107,7 +107,8 @@ fn clamd(dir: &Path) -> Result<Child> {
     Ok(child)
 }
 
-fn run_spoold(a: &Args, clamd_sock: Option<&Path>) -> Result<f64> {
+/// One spoold relay run: msgs/s end to end, and spoold's peak RSS in MiB.
+fn run_spoold(a: &Args, clamd_sock: Option<&Path>, archive: bool) -> Result<(f64, f64)> {
     let bin = spoold_binary()?;
     let dir = crate::scratch_dir(None)?;
     let sink_addr = free_addr()?;
@@ -115,7 +116,7 @@ fn run_spoold(a: &Args, clamd_sock: Option<&Path>) -> Result<f64> {
         .map(|p| format!("[filter]\nclamd = \"unix:{}\"\n", p.display()))
         .unwrap_or_default();
     let config = format!(
-        "[spool]\nsync = \"{}\"\n[delivery]\ndefault_next_hop = \"{sink_addr}\"\nconcurrency_max = 20\nper_destination_max = 20\n{filter}",
+        "[spool]\nsync = \"{}\"\n[delivery]\ndefault_next_hop = \"{sink_addr}\"\nconcurrency_max = 20\nper_destination_max = 20\n{filter}[archive]\nenabled = {archive}\n",
         a.sync
     );
     let sink = sink(sink_addr, a.messages)?;
@@ -130,9 +131,10 @@ fn run_spoold(a: &Args, clamd_sock: Option<&Path>) -> Result<f64> {
     load(d.smtp, shape)?;
     let result = wait_sink(sink, Duration::from_secs(600));
     let secs = t.elapsed().as_secs_f64();
+    let (_, peak) = d.rss_mib();
     drop(d);
     result?;
-    Ok(a.messages as f64 / secs)
+    Ok((a.messages as f64 / secs, peak))
 }
 
 fn run_postfix(a: &Args) -> Result<f64> {
@@ -161,7 +163,9 @@ fn run_postfix(a: &Args) -> Result<f64> {
 
 pub fn run(a: Args) -> Result<()> {
     let mut plain = Vec::new();
+    let mut unarchived = Vec::new();
     let mut scanned = Vec::new();
+    let mut rss = Vec::new();
     let mut postfix = Vec::new();
     let clam_dir = tempfile::tempdir_in("target")?;
     let mut clam = clamd(clam_dir.path())?;
@@ -169,9 +173,13 @@ pub fn run(a: Args) -> Result<()> {
     let settle = || std::thread::sleep(Duration::from_secs(a.settle));
     for _ in 0..a.runs {
         settle();
-        plain.push(run_spoold(&a, None)?);
+        let (rate, peak) = run_spoold(&a, None, true)?;
+        plain.push(rate);
+        rss.push(peak);
         settle();
-        scanned.push(run_spoold(&a, Some(&clam_dir.path().join("clamd.sock")))?);
+        unarchived.push(run_spoold(&a, None, false)?.0);
+        settle();
+        scanned.push(run_spoold(&a, Some(&clam_dir.path().join("clamd.sock")), true)?.0);
         if a.compare_postfix {
             settle();
             postfix.push(run_postfix(&a)?);
@@ -184,13 +192,23 @@ pub fn run(a: Args) -> Result<()> {
         "relay: {} sessions, {} messages of {} B per run, SMTP in → spool → SMTP out to smtp-sink, median of {} runs; spool.sync = {}",
         a.sessions, a.messages, a.size, a.runs, a.sync
     );
-    println!("{:<28} {:>10}", "setup", "msgs/s");
+    println!("{:<30} {:>10}", "setup", "msgs/s");
     let p = median(plain);
-    println!("{:<28} {:>10.0}", "spoold, no scan", p);
-    println!("{:<28} {:>10.0}", "spoold + clamd", median(scanned));
+    println!("{:<30} {:>10.0}", "spoold, no scan", p);
+    println!(
+        "{:<30} {:>10.0}",
+        "spoold, no scan, no archive",
+        median(unarchived)
+    );
+    println!("{:<30} {:>10.0}", "spoold + clamd", median(scanned));
+    println!(
+        "spoold peak RSS (no scan, archive on, {} sessions): {:.0} MiB",
+        a.sessions,
+        median(rss)
+    );
     if !postfix.is_empty() {
         let f = median(postfix);
-        println!("{:<28} {:>10.0}", "postfix (no scan)", f);
+        println!("{:<30} {:>10.0}", "postfix (no scan)", f);
         println!("spoold / postfix end to end = {:.2} (goal: >= 3)", p / f);
     }
     Ok(())

@@ -364,6 +364,15 @@ impl Admin {
             }),
             Request::Requeue { ids } => self.each(&ids, |id, f| self.requeue(id, f)),
             Request::Delete { ids } => self.each(&ids, |id, f| {
+                if let Some(a) = &self.archiving {
+                    // Deleted mail is archived first, as delivered mail is.
+                    let env = self
+                        .layout
+                        .read_envelope(f, id)
+                        .map_err(|e| e.to_string())?;
+                    a.ensure_blocking(&self.layout, f, &env)
+                        .map_err(|e| format!("not deleted: the archive cannot take it: {e}"))?;
+                }
                 self.lifecycle
                     .remove(id, f, false)
                     .map_err(|e| format!("{e:#}"))?;

@@ -166,10 +166,40 @@ impl Archiving {
         folder: Folder,
         env: &Envelope,
     ) -> Result<(), String> {
-        if matches!(env.scan, ScanState::Infected(_)) && !self.quarantined {
+        let Some(incoming) = self.incoming(env) else {
             return Ok(());
+        };
+        let archive = self.archive.clone();
+        let path = layout.path(folder, &env.id, Part::Body);
+        let len = env.body_len;
+        let outcome = tokio::task::spawn_blocking(move || store(&archive, incoming, &path, len))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+        self.record(&env.id, outcome)
+    }
+
+    /// [`Archiving::ensure`] from a blocking context (the admin socket).
+    pub fn ensure_blocking(
+        &self,
+        layout: &Layout,
+        folder: Folder,
+        env: &Envelope,
+    ) -> Result<(), String> {
+        let Some(incoming) = self.incoming(env) else {
+            return Ok(());
+        };
+        let path = layout.path(folder, &env.id, Part::Body);
+        let outcome = store(&self.archive, incoming, &path, env.body_len);
+        self.record(&env.id, outcome)
+    }
+
+    /// What the archive is given of a message, or `None` when it is not archived.
+    fn incoming(&self, env: &Envelope) -> Option<Incoming> {
+        if matches!(env.scan, ScanState::Infected(_)) && !self.quarantined {
+            return None;
         }
-        let incoming = Incoming {
+        Some(Incoming {
             id: env.id.to_string(),
             origin: env.origin.clone(),
             arrived_ms: env.arrived_ms,
@@ -178,32 +208,15 @@ impl Archiving {
             recipients: env.recipients.iter().map(|r| r.address.clone()).collect(),
             verdict: verdict(&env.scan),
             hash: env.body_sha256,
-        };
-        let archive = self.archive.clone();
-        let path = layout.path(folder, &env.id, Part::Body);
-        let len = env.body_len;
-        let outcome = tokio::task::spawn_blocking(move || -> Result<bool, String> {
-            if archive
-                .find(&incoming)
-                .map_err(|e| e.to_string())?
-                .is_some()
-            {
-                return Ok(false);
-            }
-            let body = MappedBody::open_verified(&path, len, &incoming.hash)
-                .map_err(|e| format!("read the body: {e}"))?;
-            let stored = archive
-                .archive(incoming, body.bytes())
-                .map_err(|e| e.to_string())?;
-            Ok(stored.new)
         })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r);
+    }
+
+    /// Counts an outcome: new items, failures, the messages waiting.
+    fn record(&self, id: &MessageId, outcome: Result<bool, String>) -> Result<(), String> {
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        match outcome {
+        let result = match outcome {
             Ok(new) => {
-                waiting.remove(&env.id);
+                waiting.remove(id);
                 if new {
                     self.metrics
                         .archive_archived
@@ -212,17 +225,17 @@ impl Archiving {
                     self.wake.notify_waiters();
                 }
                 *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                self.metrics.archive_waiting.set(waiting.len() as i64);
                 Ok(())
             }
             Err(e) => {
-                waiting.insert(env.id.clone());
+                waiting.insert(id.clone());
                 self.metrics.archive_failures.inc();
-                self.metrics.archive_waiting.set(waiting.len() as i64);
                 *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
                 Err(e)
             }
-        }
+        };
+        self.metrics.archive_waiting.set(waiting.len() as i64);
+        result
     }
 
     /// Why the archive is failing now, for `/readyz` and `spoolctl archive status`.
@@ -286,6 +299,28 @@ impl Archiving {
             r.auth_failures.load(Ordering::Relaxed),
         );
     }
+}
+
+/// Archives a message's body from `path` unless its item exists; true when stored new.
+fn store(
+    archive: &Archive,
+    incoming: Incoming,
+    path: &std::path::Path,
+    len: u64,
+) -> Result<bool, String> {
+    if archive
+        .find(&incoming)
+        .map_err(|e| e.to_string())?
+        .is_some()
+    {
+        return Ok(false);
+    }
+    let body = MappedBody::open_verified(path, len, &incoming.hash)
+        .map_err(|e| format!("read the body: {e}"))?;
+    let stored = archive
+        .archive(incoming, body.bytes())
+        .map_err(|e| e.to_string())?;
+    Ok(stored.new)
 }
 
 /// Brings a counter up to a total kept elsewhere.

@@ -387,3 +387,19 @@ fn retention_removes_expired_items_and_keeps_held_ones() {
     assert_eq!(ctl_json(&d, &["retention"])["removed"], 1);
     assert_eq!(items(&d), 1);
 }
+
+#[test]
+fn a_message_deleted_by_the_operator_is_archived_first() {
+    let d = Daemon::start_with(&[]); // spools, does not deliver
+    let acked = send_numbered(d.smtp, 0, 2);
+    assert_eq!(acked.len(), 2);
+    let ids = d.spooled_ids();
+    assert_eq!(items(&d), 0, "nothing archived before it is handled");
+    let (code, _, err) = spoolctl(&d, &["queue", "delete", &ids[0]]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(items(&d), 1);
+    assert!(wait_until(10, || found(&d, &format!("msgid:{}", acked[0]))
+        .len()
+        == 1));
+    assert_eq!(d.spooled_ids(), vec![ids[1].clone()]);
+}
