@@ -50,7 +50,7 @@ impl Activity {
         self.count(|a| &a.deliveries)
     }
 
-    /// One SMTP transaction between DATA and its reply.
+    /// One SMTP transaction between the end of its data and its reply.
     pub fn transaction(self: &Arc<Self>) -> InFlight {
         self.count(|a| &a.transactions)
     }

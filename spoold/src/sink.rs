@@ -137,7 +137,6 @@ impl SpoolSink {
             last_error: None,
         };
         let mut body = SpoolBody {
-            _in_flight: self.activity.transaction(),
             sink: self.clone(),
             pending: PendingBody::new(self.layout.clone(), id, self.spill_bytes),
             envelope,
@@ -224,7 +223,6 @@ impl Sink for SpoolSink {
 
 /// One message on its way into the spool.
 pub struct SpoolBody {
-    _in_flight: crate::handover::InFlight,
     sink: Arc<SpoolSink>,
     pending: PendingBody,
     envelope: Envelope,
@@ -250,11 +248,20 @@ impl BodySink for SpoolBody {
 
     async fn commit(self) -> Result<String, SinkError> {
         let SpoolBody {
-            _in_flight,
             sink,
             pending,
             mut envelope,
         } = self;
+        // Counted from the end of data, not from DATA: a handover waits for commits that may
+        // end in a 250, never for a client that stalls (or whose address moved to the
+        // partner) mid-DATA. Counted before the role is read, so a handover that has begun
+        // either waits for this commit or this commit sees the unit leaving.
+        let _in_flight = sink.activity.transaction();
+        if !sink.accepting() {
+            return Err(SinkError::Temporary(
+                "this unit is handing over to its partner; try again".into(),
+            ));
+        }
         let (body, len, sha) = pending.finish();
         envelope.body_len = len;
         envelope.body_sha256 = sha;

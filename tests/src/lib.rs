@@ -101,6 +101,8 @@ pub struct Daemon {
     pub extra_args: Vec<String>,
     /// Extra environment for the next (re)start, e.g. `SPOOLD_FAILPOINT`.
     pub extra_env: Vec<(String, String)>,
+    /// The network namespace it runs in (`ip netns`), if not the test's own.
+    pub netns: Option<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -134,6 +136,26 @@ impl Daemon {
         d
     }
 
+    /// Starts a delivering daemon in the network namespace `ns`, SMTP on `smtp` (e.g. every
+    /// address, to answer on a virtual one), HTTP on the namespace's loopback.
+    pub fn start_in_netns(ns: &str, smtp: SocketAddr, args: &[&str]) -> Daemon {
+        let mut d = Self::unstarted(args);
+        d.netns = Some(ns.to_string());
+        d.smtp = smtp;
+        d.http = SocketAddr::from(([127, 0, 0, 1], 9425));
+        d.restart();
+        d
+    }
+
+    /// `GET path` on the daemon's HTTP port, from its network namespace.
+    pub fn http(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let (addr, path) = (self.http, path.to_string());
+        match &self.netns {
+            None => http_get(addr, &path),
+            Some(ns) => in_netns(ns, move || http_get(addr, &path)),
+        }
+    }
+
     fn start_raw(args: &[&str]) -> Daemon {
         let mut d = Self::unstarted(args);
         d.restart();
@@ -151,6 +173,7 @@ impl Daemon {
             log: dir.path().join("spoold.log"),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             extra_env: Vec::new(),
+            netns: None,
             _dir: Some(dir),
         }
     }
@@ -163,7 +186,15 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(spoold_bin())
+        let mut cmd = match &self.netns {
+            None => Command::new(spoold_bin()),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(spoold_bin());
+                c
+            }
+        };
+        let child = cmd
             .arg("--state-dir")
             .arg(&self.state)
             .arg("--smtp-listen")
@@ -183,10 +214,7 @@ impl Daemon {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if http_get(self.http, "/readyz")
-                .map(|(s, _)| s == 200)
-                .unwrap_or(false)
-            {
+            if self.http("/readyz").map(|(s, _)| s == 200).unwrap_or(false) {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -207,6 +235,7 @@ impl Daemon {
             log: PathBuf::new(),
             extra_args: Vec::new(),
             extra_env: Vec::new(),
+            netns: None,
             _dir: None,
         }
     }
@@ -272,7 +301,7 @@ impl Daemon {
 
     /// A metric's value from `/metrics` (first sample whose line starts with `name`).
     pub fn metric(&self, name: &str) -> Option<f64> {
-        let (_, body) = http_get(self.http, "/metrics").ok()?;
+        let (_, body) = self.http("/metrics").ok()?;
         body.lines()
             .find(|l| l.starts_with(name) && !l.starts_with('#'))
             .and_then(|l| l.rsplit(' ').next())
@@ -339,6 +368,14 @@ impl Client {
     /// Connects and reads the greeting.
     pub fn connect(addr: SocketAddr) -> (Client, String) {
         Self::wrap(TcpStream::connect(addr).unwrap())
+    }
+
+    /// Connects within `timeout` and reads the greeting; `None` when nothing answers (a server
+    /// down, an address moving between units).
+    pub fn try_connect(addr: SocketAddr, timeout: Duration) -> Option<(Client, String)> {
+        TcpStream::connect_timeout(&addr, timeout)
+            .ok()
+            .map(Self::wrap)
     }
 
     /// Connects from the source address `from` (see [`stranger_ip`]) and reads the greeting.
@@ -635,6 +672,22 @@ impl CrashLoad {
     }
 }
 
+/// Runs `f` on a thread that has entered the network namespace `ns` (made with `ip netns add`):
+/// sockets it opens live there. Only that thread moves; the test stays where it is.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).unwrap();
+        // SAFETY: setns(2) moves only this thread, into the namespace `fd` names.
+        let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
 /// Polls `cond` every 50 ms until it holds or `secs` pass; returns whether it held.
 pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -701,6 +754,15 @@ impl SmtpSink {
 
     /// Starts smtp-sink on `addr` with extra options (e.g. `-r rcpt`: a 4xx for every RCPT).
     pub fn start_with(addr: SocketAddr, options: &[&str]) -> SmtpSink {
+        Self::start_where(None, addr, options)
+    }
+
+    /// Starts smtp-sink on `addr` in the network namespace `ns`.
+    pub fn start_in_netns(ns: &str, addr: SocketAddr) -> SmtpSink {
+        Self::start_where(Some(ns), addr, &[])
+    }
+
+    fn start_where(netns: Option<&str>, addr: SocketAddr, options: &[&str]) -> SmtpSink {
         assert!(
             have("smtp-sink"),
             "smtp-sink is required (apt-get install postfix)"
@@ -711,7 +773,14 @@ impl SmtpSink {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let mut cmd = Command::new("smtp-sink");
+        let mut cmd = match netns {
+            None => Command::new("smtp-sink"),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "smtp-sink"]);
+                c
+            }
+        };
         if unsafe { libc::geteuid() } == 0 {
             cmd.args(["-u", "nobody"]);
         }
@@ -724,10 +793,11 @@ impl SmtpSink {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        assert!(
-            wait_until(10, || TcpStream::connect(addr).is_ok()),
-            "smtp-sink did not start"
-        );
+        let reachable = || match netns {
+            None => TcpStream::connect(addr).is_ok(),
+            Some(ns) => in_netns(ns, move || TcpStream::connect(addr).is_ok()),
+        };
+        assert!(wait_until(10, reachable), "smtp-sink did not start");
         SmtpSink {
             child,
             addr,

@@ -27,6 +27,14 @@ fn items(d: &Daemon) -> u64 {
     ctl_json(d, &["status"])["items"].as_u64().unwrap()
 }
 
+/// Waits until every item archived so far is searchable (the index follows the catalog).
+fn searchable(d: &Daemon) {
+    assert!(wait_until(30, || {
+        let st = ctl_json(d, &["status"]);
+        st["indexed_through"] == st["last_seq"]
+    }));
+}
+
 /// Items a query finds: `(spool id, origin, mirrored)`.
 fn found(d: &Daemon, query: &str) -> Vec<(String, String, bool)> {
     let r = ctl_json(d, &["search", "--limit", "100000", query]);
@@ -77,6 +85,7 @@ fn mirrored_units_find_each_others_mail_and_a_killed_peer_catches_up() {
     }
     // Search finds each unit's mail on both, with its origin.
     for (d, who) in [(&a, "a"), (&b, "b")] {
+        searchable(d);
         let from_a = found(d, "origin:arch_a");
         let from_b = found(d, "origin:arch_b");
         assert_eq!((from_a.len(), from_b.len()), (40, 40), "on {who}");
@@ -119,6 +128,8 @@ fn mirrored_units_find_each_others_mail_and_a_killed_peer_catches_up() {
         "B holds {} items after catching up",
         items(&b)
     );
+    searchable(&a);
+    searchable(&b);
     let a_status = ctl_json(&a, &["status"]);
     eprintln!(
         "mirror backlog while B was down: {backlog}; after: {}",
@@ -201,6 +212,7 @@ fn exported_bytes_equal_the_accepted_bytes_for_awkward_mail() {
         items(&d),
         corpus.len()
     );
+    searchable(&d);
     let delivered = sink.received();
     for ((what, raw), id) in corpus.iter().zip(&ids) {
         let out = std::process::Command::new(tests::spoold_bin().with_file_name("spoolctl"))
@@ -260,6 +272,7 @@ fn the_same_message_inserted_twice_is_archived_once() {
     let body = b"Subject: inserted twice\r\nMessage-ID: <twice@example.com>\r\n\r\nonce in the archive\r\n";
     drop_pair(&d, &id, body, None);
     assert!(wait_until(30, || sink.dumped().len() == 1 && items(&d) == 1));
+    searchable(&d);
     drop_pair(&d, &id, body, None);
     assert!(
         wait_until(30, || sink.dumped().len() == 2),
@@ -366,7 +379,7 @@ fn retention_removes_expired_items_and_keeps_held_ones() {
         drop_pair(&d, &ids.next_id(), body.as_bytes(), when);
     }
     assert!(wait_until(30, || items(&d) == 3));
-    assert!(wait_until(10, || found(&d, "subject:old-kept").len() == 1));
+    searchable(&d);
     let held = ctl_json(&d, &["hold", "subject:old-kept"]);
     assert_eq!(
         (held["matched"].as_u64(), held["changed"].as_u64()),

@@ -1,0 +1,470 @@
+//! The HA pair as operators run it: two real `keepalived` (VRRP) and two spoolds in network
+//! namespaces on one segment, with the keepalived kit of `systemd/keepalived/` (track script and
+//! notify script). A client in a third namespace sends to the virtual address all along; a sink
+//! beside it counts what arrives. Kill -9 of the active spoold, and separately a stopped
+//! keepalived on the active unit: the address moves, the partner is promoted, mail goes on, and
+//! every message that got `250` arrives (after `spoolctl recover` for the async window).
+//! Needs root and keepalived (scripts/test installs it).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tests::{
+    have, in_netns, queued_id, sample_body, sample_message_id, spoolctl, wait_until,
+    write_self_signed, Client, Daemon, SmtpSink,
+};
+
+const VIP: [u8; 4] = [10, 99, 0, 25];
+const SECRET: &str = "keepalived pair secret 0123456789";
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Three hosts (a, b: the units; c: client and next hop) on a bridge in a fourth namespace.
+/// Removed on drop, with everything running in them.
+struct Lan {
+    tag: String,
+}
+
+impl Lan {
+    fn new() -> Lan {
+        let tag = format!("ka{}", std::process::id() % 100_000);
+        let lan = Lan { tag };
+        let sw = lan.ns("sw");
+        ip(&["netns", "add", &sw]);
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &sw, "link", "set", "br0", "up"]);
+        for (host, addr) in [
+            ("a", "10.99.0.1/24"),
+            ("b", "10.99.0.2/24"),
+            ("c", "10.99.0.3/24"),
+        ] {
+            let ns = lan.ns(host);
+            let port = format!("{}{host}", lan.tag);
+            ip(&["netns", "add", &ns]);
+            ip(&[
+                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ]);
+            ip(&["link", "set", &port, "netns", &sw]);
+            ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"]);
+            ip(&["-n", &ns, "addr", "add", addr, "dev", "eth0"]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        lan
+    }
+
+    fn ns(&self, host: &str) -> String {
+        format!("{}_{host}", self.tag)
+    }
+
+    /// Whether `host` holds the virtual address.
+    fn holds_vip(&self, host: &str) -> bool {
+        let out = Command::new("ip")
+            .args(["-n", &self.ns(host), "-4", "addr", "show", "dev", "eth0"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("10.99.0.25/")
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for host in ["a", "b", "c", "sw"] {
+            // Processes in a namespace keep it alive: end them first.
+            let ns = self.ns(host);
+            let pids = Command::new("ip").args(["netns", "pids", &ns]).output();
+            if let Ok(out) = pids {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+    }
+}
+
+/// One unit: spoold and keepalived in namespace `ns`.
+struct Unit {
+    name: &'static str,
+    spoold: Daemon,
+    keepalived: Option<Child>,
+    dir: tempfile::TempDir,
+    ns: String,
+}
+
+fn kit(file: &str) -> String {
+    tests::workspace_root()
+        .join("systemd/keepalived")
+        .join(file)
+        .display()
+        .to_string()
+}
+
+impl Unit {
+    fn start(lan: &Lan, host: &'static str, role: &str, priority: u32) -> Unit {
+        let ns = lan.ns(host);
+        let dir = tempfile::tempdir().unwrap();
+        let (me, partner) = if host == "a" {
+            ("10.99.0.1", "10.99.0.2")
+        } else {
+            ("10.99.0.2", "10.99.0.1")
+        };
+        let (cert, key) = write_self_signed(dir.path());
+        let config = dir.path().join("spoold.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "node_name = \"gw_{host}\"\n[smtp]\ntrusted_networks = [\"10.99.0.0/24\", \"127.0.0.0/8\"]\n\
+                 [delivery]\ndefault_next_hop = \"10.99.0.3:2526\"\nretry_schedule_secs = [1]\n\
+                 [ha]\npartner = \"{partner}:7400\"\nlisten = \"{me}:7400\"\nsecret = \"{SECRET}\"\nrole = \"{role}\"\n\
+                 tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let spoold = Daemon::start_in_netns(
+            &ns,
+            SocketAddr::from(([0, 0, 0, 0], 2525)),
+            &["--config", config.to_str().unwrap()],
+        );
+        let mut unit = Unit {
+            name: host,
+            spoold,
+            keepalived: None,
+            dir,
+            ns,
+        };
+        unit.start_keepalived(priority);
+        unit
+    }
+
+    fn run_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// keepalived with the kit's scripts, wrapped to point them at this unit.
+    fn start_keepalived(&mut self, priority: u32) {
+        let d = self.dir.path();
+        std::fs::create_dir_all(self.run_dir()).unwrap();
+        let env = format!(
+            "export SPOOLD_STATE_DIR={} SPOOLPAIR_RUN={} SPOOLCTL={} SPOOLD_HTTP=127.0.0.1:9425\n",
+            self.spoold.state.display(),
+            self.run_dir().display(),
+            tests::spoold_bin().with_file_name("spoolctl").display()
+        );
+        for (wrapper, script) in [("check", "check-spoold"), ("notify", "notify-spoold")] {
+            let path = d.join(wrapper);
+            std::fs::write(
+                &path,
+                format!("#!/bin/sh\n{env}exec {} \"$@\"\n", kit(script)),
+            )
+            .unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        // The kit's keepalived.conf with this test's interface, address and scripts (they live
+        // under /tmp, which script security would refuse).
+        let conf = std::fs::read_to_string(kit("keepalived.conf"))
+            .unwrap()
+            .replace("    enable_script_security\n", "")
+            .replace("192.0.2.25/24", "10.99.0.25/24")
+            .replace("priority 100", &format!("priority {priority}"))
+            .replace(
+                "/usr/share/spoolpair/keepalived/check-spoold",
+                &d.join("check").display().to_string(),
+            )
+            .replace(
+                "/usr/share/spoolpair/keepalived/notify-spoold",
+                &d.join("notify").display().to_string(),
+            );
+        assert!(
+            conf.contains(&d.join("notify").display().to_string()),
+            "kit config changed: {conf}"
+        );
+        std::fs::write(d.join("keepalived.conf"), conf).unwrap();
+        let log = std::fs::File::create(d.join("keepalived.log")).unwrap();
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "keepalived",
+                "--dont-fork",
+                "--log-console",
+                "--vrrp",
+            ])
+            .arg("--use-file")
+            .arg(d.join("keepalived.conf"))
+            .arg("--pid")
+            .arg(d.join("keepalived.pid"))
+            .arg("--vrrp_pid")
+            .arg(d.join("vrrp.pid"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.keepalived = Some(child);
+    }
+
+    fn stop_keepalived(&mut self) {
+        if let Some(c) = self.keepalived.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let mut c = c;
+            let _ = c.wait();
+        }
+    }
+
+    fn role(&self) -> String {
+        let (_, out, _) = spoolctl(&self.spoold, &["--json", "status"]);
+        serde_json::from_str::<serde_json::Value>(&out)
+            .map(|v| v["role"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    }
+
+    fn logs(&self) -> String {
+        format!(
+            "--- {} spoold:\n{}\n--- keepalived:\n{}\n--- notify:\n{}",
+            self.name,
+            self.spoold.log_text(),
+            std::fs::read_to_string(self.dir.path().join("keepalived.log")).unwrap_or_default(),
+            std::fs::read_to_string(self.run_dir().join("notify.log")).unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for Unit {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.keepalived.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A client in namespace c sending to the virtual address, one message per connection, until
+/// stopped: every `250` is recorded with its time and the node that queued it.
+struct VipLoad {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<(Instant, String, String)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl VipLoad {
+    fn start(ns: &str, seed_base: usize) -> VipLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let (s, a, ns) = (stop.clone(), acked.clone(), ns.to_string());
+        let thread = std::thread::spawn(move || {
+            in_netns(&ns, move || {
+                let vip = SocketAddr::from((IpAddr::from(VIP), 2525));
+                let mut seed = seed_base;
+                while !s.load(Ordering::SeqCst) {
+                    let body = sample_body(seed, 1200);
+                    let sent = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let (mut c, greeting) = Client::try_connect(vip, Duration::from_secs(1))?;
+                        if !greeting.starts_with("220") || !c.cmd("EHLO client").starts_with("250")
+                        {
+                            return None;
+                        }
+                        let reply = c.send_mail("client@example.com", &["rcpt@example.org"], &body);
+                        let _ = c.cmd("QUIT");
+                        queued_id(&reply)
+                    }));
+                    match sent.ok().flatten() {
+                        Some(id) => {
+                            let node = id.rsplit('-').next().unwrap_or("").to_string();
+                            a.lock()
+                                .unwrap()
+                                .push((Instant::now(), sample_message_id(seed), node));
+                            seed += 1;
+                        }
+                        None => std::thread::sleep(Duration::from_millis(50)),
+                    }
+                }
+            })
+        });
+        VipLoad {
+            stop,
+            acked,
+            thread: Some(thread),
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// The first `250` from `node` after `t`.
+    fn first_from(&self, node: &str, t: Instant) -> Option<Instant> {
+        self.acked
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(at, _, n)| *at > t && n == node)
+            .map(|(at, _, _)| *at)
+    }
+
+    fn stop(mut self) -> Vec<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.acked
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, id, _)| id.clone())
+            .collect()
+    }
+}
+
+/// Which unit answers on the virtual address once things settle: (active, other).
+fn wait_for_master(lan: &Lan, units: &[Unit; 2]) -> (usize, usize) {
+    let settled = wait_until(30, || {
+        (0..2).any(|i| lan.holds_vip(units[i].name) && units[i].role() == "active")
+    });
+    assert!(
+        settled,
+        "no unit took the address:\n{}\n{}",
+        units[0].logs(),
+        units[1].logs()
+    );
+    let active = (0..2).find(|&i| lan.holds_vip(units[i].name)).unwrap();
+    (active, 1 - active)
+}
+
+fn setup() -> Option<(Lan, SmtpSink, [Unit; 2])> {
+    if unsafe { libc::geteuid() } != 0 || !have("keepalived") {
+        eprintln!("skipped: needs root and keepalived (scripts/test installs it)");
+        assert!(std::env::var_os("CI").is_none(), "CI must run this test");
+        return None;
+    }
+    let lan = Lan::new();
+    let sink = SmtpSink::start_in_netns(&lan.ns("c"), "10.99.0.3:2526".parse().unwrap());
+    let a = Unit::start(&lan, "a", "active", 150);
+    // A's keepalived claims the address first; B joins as backup.
+    assert!(wait_until(20, || lan.holds_vip("a")), "{}", a.logs());
+    let b = Unit::start(&lan, "b", "passive", 100);
+    Some((lan, sink, [a, b]))
+}
+
+#[test]
+fn kill9_of_the_active_spoold_moves_the_address_and_loses_nothing_after_recover() {
+    let Some((lan, sink, mut units)) = setup() else {
+        return;
+    };
+    let (x, y) = wait_for_master(&lan, &units);
+    let load = VipLoad::start(&lan.ns("c"), 0);
+    assert!(
+        wait_until(20, || load.count() >= 50),
+        "no mail through the address"
+    );
+    let killed = Instant::now();
+    units[x].spoold.kill9();
+    let new_node = format!("gw_{}", units[y].name);
+    assert!(
+        wait_until(30, || load.first_from(&new_node, killed).is_some()),
+        "the partner never answered on the address:\n{}\n{}",
+        units[x].logs(),
+        units[y].logs()
+    );
+    let took = load.first_from(&new_node, killed).unwrap() - killed;
+    let before = load.count();
+    assert!(wait_until(20, || load.count() >= before + 50));
+    let acked = load.stop();
+    eprintln!(
+        "kill -9 of the active spoold: first 250 from the partner after {} ms; {} acknowledged",
+        took.as_millis(),
+        acked.len()
+    );
+    assert!(lan.holds_vip(units[y].name) && units[y].role() == "active");
+    // The killed unit comes back passive (as after any takeover) and its keepalived backs off;
+    // recovery on the active unit brings what the partner had not yet received.
+    units[x]
+        .spoold
+        .extra_args
+        .extend(["--role".to_string(), "passive".to_string()]);
+    units[x].spoold.restart();
+    assert!(wait_until(20, || units[x].role() == "passive"));
+    let (code, out, err) = spoolctl(&units[y].spoold, &["recover"]);
+    assert_eq!(code, 0, "recover: {out}{err}");
+    eprintln!("recover: {}", out.lines().last().unwrap_or(""));
+    assert!(
+        wait_until(60, || {
+            let seen = sink.arrivals();
+            acked.iter().all(|id| seen.contains_key(id))
+        }),
+        "lost: {:?}",
+        {
+            let seen = sink.arrivals();
+            acked
+                .iter()
+                .filter(|id| !seen.contains_key(*id))
+                .cloned()
+                .collect::<Vec<_>>()
+        }
+    );
+    let seen = sink.arrivals();
+    let twice = seen.values().filter(|n| **n > 1).count();
+    eprintln!(
+        "at the sink: {} acknowledged, all arrived, {twice} delivered twice (the crash window)",
+        acked.len()
+    );
+    assert!(
+        lan.holds_vip(units[y].name),
+        "the address stays with the unit that took over"
+    );
+}
+
+#[test]
+fn stopping_the_active_units_keepalived_hands_over_without_loss() {
+    let Some((lan, sink, mut units)) = setup() else {
+        return;
+    };
+    let (x, y) = wait_for_master(&lan, &units);
+    let load = VipLoad::start(&lan.ns("c"), 500_000);
+    assert!(
+        wait_until(20, || load.count() >= 50),
+        "no mail through the address"
+    );
+    let stopped = Instant::now();
+    units[x].stop_keepalived();
+    let new_node = format!("gw_{}", units[y].name);
+    assert!(
+        wait_until(30, || load.first_from(&new_node, stopped).is_some()),
+        "the partner never answered:\n{}\n{}",
+        units[x].logs(),
+        units[y].logs()
+    );
+    let took = load.first_from(&new_node, stopped).unwrap() - stopped;
+    let before = load.count();
+    assert!(wait_until(20, || load.count() >= before + 50));
+    let acked = load.stop();
+    eprintln!(
+        "keepalived stopped on the active unit: first 250 from the partner after {} ms; {} acknowledged",
+        took.as_millis(),
+        acked.len()
+    );
+    assert!(
+        wait_until(20, || units[x].role() == "passive"),
+        "the stopped unit did not hand over:\n{}",
+        units[x].logs()
+    );
+    assert_eq!(units[y].role(), "active");
+    assert!(wait_until(60, || acked
+        .iter()
+        .all(|id| sink.arrivals().contains_key(id))));
+    sink.assert_exactly_once(&acked);
+}
