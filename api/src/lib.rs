@@ -153,10 +153,18 @@ pub struct ArchiveItem {
 /// [`Request::ArchiveSearch`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveFound {
-    /// Items matching.
+    /// Items matching: all of them when `total_exact`, else at least this many (the search
+    /// stopped among the newest items once it had enough).
     pub total: usize,
+    /// Whether `total` counts every match.
+    #[serde(default = "exact")]
+    pub total_exact: bool,
     /// The newest of them, up to the limit.
     pub items: Vec<ArchiveItem>,
+}
+
+fn exact() -> bool {
+    true
 }
 
 /// [`Request::ArchiveShow`].

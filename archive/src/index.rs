@@ -87,6 +87,8 @@ pub struct SearchIndex {
     fields: Fields,
     /// Items indexed and committed, in sequence order, up to this one.
     pub indexed_through: Arc<AtomicU64>,
+    /// Newest items searched in the first pass (see [`SearchIndex::search`]).
+    pub first_window: u64,
 }
 
 /// The thread that keeps the index up with the catalog.
@@ -182,6 +184,7 @@ pub fn open(
             reader: reader.clone(),
             fields,
             indexed_through: indexed_through.clone(),
+            first_window: FIRST_WINDOW,
         },
         IndexerSetup {
             store,
@@ -385,24 +388,71 @@ fn floor_char_boundary(s: &str, at: usize) -> usize {
 
 /// One page of search results.
 pub struct Found {
-    /// Matching items in the index (before the catalog check).
+    /// Matching items in the index (before the catalog check): all of them when
+    /// `total_exact`, else those among the newest items searched.
     pub total: usize,
+    /// Whether `total` counts every match.
+    pub total_exact: bool,
     /// Matching sequence numbers, newest first.
     pub seqs: Vec<u64>,
 }
 
+/// The newest items searched first; each later pass searches this many times more.
+const FIRST_WINDOW: u64 = 1 << 16;
+const WINDOW_GROWTH: u64 = 8;
+
 impl SearchIndex {
-    /// Runs a query in the search language of [`crate::query`].
+    /// Runs a query in the search language of [`crate::query`]: the newest `limit` matches.
+    /// Matches are looked for among the newest items first (65,536, then 8 times more each
+    /// pass) and the search stops at the first pass that finds `limit` of them, so a query
+    /// matching most of a large archive costs what the newest items cost; `total` then counts
+    /// the matches in that window only (`total_exact` false).
     pub fn search(&self, q: &str, limit: usize) -> Result<Found, ArchiveError> {
         let clauses = query::parse(q).map_err(ArchiveError::Query)?;
         let query = self.build(&clauses)?;
         let searcher = self.reader.searcher();
-        let top = TopDocs::with_limit(limit.max(1)).order_by_u64_field("seq", Order::Desc);
-        let (docs, total) = searcher.search(&query, &(top, Count)).map_err(ix)?;
-        Ok(Found {
-            total,
-            seqs: docs.into_iter().filter_map(|(seq, _)| seq).collect(),
-        })
+        let newest = self.indexed_through.load(Ordering::SeqCst);
+        let mut window = self.first_window.max(1);
+        loop {
+            let from = newest.saturating_sub(window);
+            let within: Box<dyn Query> = if from == 0 {
+                query.box_clone()
+            } else {
+                Box::new(BooleanQuery::new(vec![
+                    (Occur::Must, query.box_clone()),
+                    (
+                        Occur::Must,
+                        range(self.fields.seq, Bound::Excluded(from), Bound::Unbounded),
+                    ),
+                ]))
+            };
+            let top = TopDocs::with_limit(limit.max(1)).order_by_u64_field("seq", Order::Desc);
+            let (docs, total) = searcher.search(&within, &(top, Count)).map_err(ix)?;
+            if from == 0 || total >= limit.max(1) {
+                return Ok(Found {
+                    total,
+                    total_exact: from == 0,
+                    seqs: docs.into_iter().filter_map(|(seq, _)| seq).collect(),
+                });
+            }
+            window = window.saturating_mul(WINDOW_GROWTH);
+        }
+    }
+
+    /// Every match, in no particular order (for a legal hold by query).
+    pub fn search_all(&self, q: &str) -> Result<Vec<u64>, ArchiveError> {
+        let clauses = query::parse(q).map_err(ArchiveError::Query)?;
+        let query = self.build(&clauses)?;
+        let searcher = self.reader.searcher();
+        let total = searcher.search(&query, &Count).map_err(ix)?;
+        let top = TopDocs::with_limit(total.max(1)).order_by_u64_field("seq", Order::Desc);
+        let docs = searcher.search(&query, &top).map_err(ix)?;
+        Ok(docs.into_iter().filter_map(|(seq, _)| seq).collect())
+    }
+
+    /// Documents in the index.
+    pub fn entries(&self) -> u64 {
+        self.reader.searcher().num_docs()
     }
 
     fn build(&self, clauses: &[Clause]) -> Result<Box<dyn Query>, ArchiveError> {

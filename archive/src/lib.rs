@@ -94,7 +94,7 @@ impl Options {
             segment_bytes_max: 256 << 20,
             free_bytes_min: 256 << 20,
             zstd_level: 3,
-            index_heap_bytes: 32 << 20,
+            index_heap_bytes: 16 << 20,
         }
     }
 }
@@ -154,8 +154,11 @@ pub struct Verified {
 /// One search answer.
 #[derive(Clone, Debug)]
 pub struct SearchResult {
-    /// Items matching in the index.
+    /// Items matching in the index: all of them when `total_exact`, else a lower bound (the
+    /// matches among the newest items, where the search stopped).
     pub total: usize,
+    /// Whether `total` counts every match.
+    pub total_exact: bool,
     /// The newest matching items, up to the limit.
     pub items: Vec<Item>,
 }
@@ -166,7 +169,7 @@ pub struct Archive {
     writer: Sender<Request>,
     indexer: Sender<index::IndexMsg>,
     index: index::SearchIndex,
-    zstd_level: i32,
+    compressors: Compressors,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -181,25 +184,31 @@ impl Drop for Archive {
     }
 }
 
-thread_local! {
-    /// A compression context per thread and level: making one costs more than compressing a
-    /// small message.
-    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
-        const { std::cell::RefCell::new(None) };
+/// Compression contexts kept for reuse: making one costs more than compressing a small
+/// message, and keeping one per thread (the daemon archives from many) costs memory.
+const COMPRESSORS_KEPT: usize = 4;
+
+/// A few zstd contexts, lent out one per compression.
+struct Compressors {
+    level: i32,
+    idle: std::sync::Mutex<Vec<zstd::bulk::Compressor<'static>>>,
 }
 
-fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>, ArchiveError> {
-    let io = |e: std::io::Error| ArchiveError::Io(format!("compress: {e}"));
-    COMPRESSOR.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.as_ref().is_none_or(|(l, _)| *l != level) {
-            *c = Some((level, zstd::bulk::Compressor::new(level).map_err(io)?));
+impl Compressors {
+    fn compress(&self, raw: &[u8]) -> Result<Vec<u8>, ArchiveError> {
+        let io = |e: std::io::Error| ArchiveError::Io(format!("compress: {e}"));
+        let taken = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut z = match taken {
+            Some(z) => z,
+            None => zstd::bulk::Compressor::new(self.level).map_err(io)?,
+        };
+        let out = z.compress(raw).map_err(io);
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < COMPRESSORS_KEPT {
+            idle.push(z);
         }
-        match c.as_mut() {
-            Some((_, z)) => z.compress(raw).map_err(io),
-            None => Err(ArchiveError::Stopped),
-        }
-    })
+        out
+    }
 }
 
 fn now_ms() -> u64 {
@@ -237,7 +246,10 @@ impl Archive {
             writer: wtx,
             indexer: itx,
             index: search,
-            zstd_level: opts.zstd_level,
+            compressors: Compressors {
+                level: opts.zstd_level,
+                idle: std::sync::Mutex::new(Vec::new()),
+            },
             threads: vec![writer_thread, index_thread],
         })
     }
@@ -264,7 +276,7 @@ impl Archive {
         if got != m.hash {
             return Err(ArchiveError::HashMismatch);
         }
-        let compressed = compress(raw, self.zstd_level)?;
+        let compressed = self.compressors.compress(raw)?;
         let item = Item {
             seq: 0,
             key: m.key(),
@@ -319,8 +331,14 @@ impl Archive {
         }
         Ok(SearchResult {
             total: found.total,
+            total_exact: found.total_exact,
             items,
         })
+    }
+
+    /// Every item a query matches (for a legal hold by query).
+    pub fn search_all(&self, q: &str) -> Result<Vec<u64>, ArchiveError> {
+        self.index.search_all(q)
     }
 
     /// The item numbered `seq`.
@@ -431,7 +449,7 @@ impl Archive {
             progress(v.items, total);
         }
         self.flush_index()?;
-        v.index_entries = self.index.search("", 1)?.total as u64;
+        v.index_entries = self.index.entries();
         Ok(v)
     }
 
@@ -445,6 +463,11 @@ impl Archive {
                 .indexed_through
                 .load(std::sync::atomic::Ordering::SeqCst),
         })
+    }
+
+    /// Newest items searched in a search's first pass (tests make it small).
+    pub fn set_first_window(&mut self, items: u64) {
+        self.index.first_window = items;
     }
 
     /// The store, for the mirror.

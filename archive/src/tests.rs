@@ -94,6 +94,49 @@ fn awkward_mail_comes_back_byte_exact_and_is_searchable() {
 }
 
 #[test]
+fn a_search_stops_at_the_newest_matches_and_counts_exactly_when_it_searched_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = open(dir.path());
+    a.set_first_window(64);
+    for i in 0..300 {
+        let raw = format!(
+            "Subject: window {i}{}\r\n\r\nbody\r\n",
+            if i == 3 { " rare" } else { "" }
+        );
+        a.archive(
+            incoming(&format!("a-{i}"), raw.as_bytes(), "b@x"),
+            raw.as_bytes(),
+        )
+        .unwrap();
+    }
+    a.flush_index().unwrap();
+    let r = a.search("subject:window", 10).unwrap();
+    let seqs: Vec<u64> = r.items.iter().map(|i| i.seq).collect();
+    assert_eq!(
+        seqs,
+        (291..=300).rev().collect::<Vec<u64>>(),
+        "the newest ten"
+    );
+    assert_eq!(
+        (r.total, r.total_exact),
+        (64, false),
+        "counted in the first window only"
+    );
+    let all = a.search("subject:window", 1000).unwrap();
+    assert_eq!(
+        (all.items.len(), all.total, all.total_exact),
+        (300, 300, true)
+    );
+    let rare = a.search("subject:rare", 10).unwrap();
+    assert_eq!(
+        (rare.items.len(), rare.items[0].seq, rare.total_exact),
+        (1, 4, true),
+        "found by widening"
+    );
+    assert_eq!(a.search_all("subject:window").unwrap().len(), 300);
+}
+
+#[test]
 fn the_same_message_is_stored_once_and_bodies_are_shared() {
     let dir = tempfile::tempdir().unwrap();
     let a = open(dir.path());

@@ -357,8 +357,9 @@ fn archive_human(cmd: &ArchiveCmd, data: &Value, out: &mut String) -> Result<(),
             for i in &r.items {
                 out.push_str(&item_line(i));
             }
+            let at_least = if r.total_exact { "" } else { "at least " };
             out.push_str(&format!(
-                "-- {} shown of {} matching\n",
+                "-- {} shown of {at_least}{} matching\n",
                 r.items.len(),
                 r.total
             ));

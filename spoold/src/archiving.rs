@@ -238,6 +238,13 @@ impl Archiving {
         result
     }
 
+    /// The message left the spool another way (set aside as corrupt): not waiting any more.
+    pub fn forget(&self, id: &MessageId) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        waiting.remove(id);
+        self.metrics.archive_waiting.set(waiting.len() as i64);
+    }
+
     /// Why the archive is failing now, for `/readyz` and `spoolctl archive status`.
     pub fn failing(&self) -> Option<String> {
         self.failing
@@ -391,6 +398,7 @@ impl Archiving {
         }
         Ok(api::ArchiveFound {
             total: found.total,
+            total_exact: found.total_exact,
             items,
         })
     }

@@ -156,10 +156,11 @@ pub struct HaConfig {
     /// Role on the very first start; afterwards the persisted role wins.
     #[serde(default = "default_role")]
     pub role: String,
-    /// PEM certificate for the peer link (self-signed is fine).
-    pub tls_cert: PathBuf,
+    /// PEM certificate for the peer link (self-signed is fine; unset: one is made at start,
+    /// since the shared secret is what authenticates).
+    pub tls_cert: Option<PathBuf>,
     /// PEM key for the peer link.
-    pub tls_key: PathBuf,
+    pub tls_key: Option<PathBuf>,
     /// Actions in flight without acknowledgement.
     #[serde(default = "default_window")]
     pub window: usize,
@@ -559,6 +560,9 @@ impl Config {
         if let Some(ha) = &self.ha {
             if ha.secret_file.is_some() == ha.secret.is_some() {
                 bail!("keys `ha.secret_file` and `ha.secret`: set exactly one");
+            }
+            if ha.tls_cert.is_some() != ha.tls_key.is_some() {
+                bail!("keys `ha.tls_cert` and `ha.tls_key`: set both or neither");
             }
             if hasync::proto::Role::parse(&ha.role).is_none() {
                 bail!(

@@ -53,7 +53,7 @@ pub struct Delivery {
     archiving: Option<Arc<crate::archiving::Archiving>>,
 }
 
-/// How long a message waits for an archive that could not take it.
+/// How long a message waits (in the spool, delivered) for an archive that could not take it.
 const ARCHIVE_RETRY: Duration = Duration::from_secs(15);
 
 /// When the queue manager looks at a message again.
@@ -295,23 +295,34 @@ impl Delivery {
         if env.next_attempt_ms > now_ms() {
             return Ok(Next::At(env.next_attempt_ms));
         }
-        if let Some(a) = &self.archiving {
-            // Nothing leaves the spool unarchived: an archive that cannot write holds the
-            // message here (counted, and said in /readyz) while mail keeps coming in.
-            if let Err(e) = a.ensure(&self.layout, Folder::Spool, &env).await {
-                tracing::warn!(id = %id, "archive failed, delivery waits: {e}");
-                return Ok(Next::At(now_ms() + ARCHIVE_RETRY.as_millis() as u64));
-            }
-        }
-        self.deliver(env).await
+        // Archived while it is delivered: the two overlap, and only the removal waits for the
+        // archive record (see `deliver`).
+        let archived = self.archiving.as_ref().map(|a| {
+            let (a, layout, e) = (a.clone(), self.layout.clone(), env.clone());
+            tokio::spawn(async move { a.ensure(&layout, Folder::Spool, &e).await })
+        });
+        self.deliver(env, archived).await
     }
 
-    async fn deliver(&self, mut env: Envelope) -> anyhow::Result<Next> {
+    /// Delivers to the pending recipients; once none is left, removes the message — after its
+    /// archive record is durable. An archive that cannot write holds the removal back: the
+    /// recipients' outcomes are recorded in the `.env` (so nothing is delivered again) and the
+    /// message waits in the spool, counted and said in /readyz, while mail keeps coming in.
+    async fn deliver(
+        &self,
+        mut env: Envelope,
+        archived: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    ) -> anyhow::Result<Next> {
         let id = env.id.clone();
         let body_path = self.layout.path(Folder::Spool, &id, Part::Body);
         let body = match MappedBody::open_verified(&body_path, env.body_len, &env.body_sha256) {
             Ok(b) => b,
             Err(e) => {
+                if let (Some(task), Some(a)) = (archived, &self.archiving) {
+                    // It could not read the body either; the message is not waiting for it.
+                    let _ = task.await;
+                    a.forget(&id);
+                }
                 let reason = format!("body unusable at delivery: {e}");
                 tracing::error!(id = %id, %reason, "moved to corrupt/");
                 spool::recovery::set_aside(&self.layout, Folder::Spool, &id.to_string(), &reason)?;
@@ -351,9 +362,10 @@ impl Delivery {
             results.extend(idx.into_iter().zip(outcome));
         }
         drop(body);
-        if results
-            .iter()
-            .all(|(_, r)| matches!(r, RcptResult::NotTried | RcptResult::Busy))
+        if !results.is_empty()
+            && results
+                .iter()
+                .all(|(_, r)| matches!(r, RcptResult::NotTried | RcptResult::Busy))
         {
             // Nothing happened: no attempt to record. Looked at again when the busy next hop
             // has a free slot, or once delivery may resume.
@@ -418,7 +430,20 @@ impl Delivery {
         if !failures.is_empty() {
             self.bounce(&env, &failures).await?;
         }
-        if env.recipients.iter().all(|r| r.state != RcptState::Pending) {
+        let archive_failed = match archived {
+            Some(task) => task.await.map_err(|e| e.to_string()).and_then(|r| r).err(),
+            None => None,
+        };
+        let all_final = env.recipients.iter().all(|r| r.state != RcptState::Pending);
+        if let (true, Some(why)) = (all_final, &archive_failed) {
+            tracing::warn!(id = %id, "archive failed: the message stays in the spool until it is archived: {why}");
+            env.next_attempt_ms = now_ms() + ARCHIVE_RETRY.as_millis() as u64;
+            let (layout, e) = (self.layout.clone(), env.clone());
+            tokio::task::spawn_blocking(move || layout.rewrite_envelope(Folder::Spool, &e))
+                .await??;
+            return Ok(Next::At(env.next_attempt_ms));
+        }
+        if all_final {
             self.log_leaving(&env)?;
             let (tx, rx) = tokio::sync::oneshot::channel();
             self.remover.remove(

@@ -256,24 +256,28 @@ pub fn prepare(cfg: &Config, layout: &Layout) -> Result<Option<HaSetup>> {
         return Ok(None);
     };
     let secret = ha.load_secret()?;
-    let open = |key: &str, p: &std::path::Path| {
-        std::fs::File::open(p)
-            .map(std::io::BufReader::new)
-            .with_context(|| format!("key `{key}`: open {}", p.display()))
+    let link = match (&ha.tls_cert, &ha.tls_key) {
+        (Some(cert), Some(key)) => {
+            let open = |name: &str, p: &std::path::Path| {
+                std::fs::File::open(p)
+                    .map(std::io::BufReader::new)
+                    .with_context(|| format!("key `{name}`: open {}", p.display()))
+            };
+            let certs = rustls_pemfile::certs(&mut open("ha.tls_cert", cert)?)
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("key `ha.tls_cert`: parse {}", cert.display()))?;
+            let key = rustls_pemfile::private_key(&mut open("ha.tls_key", key)?)
+                .with_context(|| format!("key `ha.tls_key`: parse {}", key.display()))?
+                .with_context(|| {
+                    format!("key `ha.tls_key`: no private key in {}", key.display())
+                })?;
+            LinkConfig::new(cfg.node_name.clone(), secret, ha.priority, certs, key)
+                .context("keys `ha.tls_cert`/`ha.tls_key`")?
+        }
+        // The shared secret authenticates the link; a certificate made at start serves TLS.
+        _ => LinkConfig::self_signed(&cfg.node_name, &secret, ha.priority)
+            .context("make the peer link's self-signed certificate")?,
     };
-    let certs = rustls_pemfile::certs(&mut open("ha.tls_cert", &ha.tls_cert)?)
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("key `ha.tls_cert`: parse {}", ha.tls_cert.display()))?;
-    let key = rustls_pemfile::private_key(&mut open("ha.tls_key", &ha.tls_key)?)
-        .with_context(|| format!("key `ha.tls_key`: parse {}", ha.tls_key.display()))?
-        .with_context(|| {
-            format!(
-                "key `ha.tls_key`: no private key in {}",
-                ha.tls_key.display()
-            )
-        })?;
-    let link = LinkConfig::new(cfg.node_name.clone(), secret, ha.priority, certs, key)
-        .context("keys `ha.tls_cert`/`ha.tls_key`")?;
     let log = Arc::new(
         TxLog::open(&layout.root().join("txlog"), ha.pending_max)
             .with_context(|| format!("open {}/txlog", layout.root().display()))?,

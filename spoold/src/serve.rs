@@ -172,7 +172,7 @@ pub async fn serve_http(
                 let archive = archiving
                     .as_ref()
                     .and_then(|a| a.failing())
-                    .map(|e| format!("archive failing, delivery held back: {e}\n"))
+                    .map(|e| format!("archive failing, delivered mail held in the spool: {e}\n"))
                     .unwrap_or_default();
                 async move {
                     if ready {
