@@ -184,29 +184,57 @@ impl Drop for Archive {
     }
 }
 
-/// Compression contexts kept for reuse: making one costs more than compressing a small
-/// message, and keeping one per thread (the daemon archives from many) costs memory.
-const COMPRESSORS_KEPT: usize = 4;
+/// Compression contexts: making one costs more than compressing a small message, and one per
+/// thread (the daemon archives from many) costs memory. Compressions wait for one of these;
+/// two cores are kept busy by far fewer.
+const COMPRESSORS: usize = 4;
 
 /// A few zstd contexts, lent out one per compression.
 struct Compressors {
     level: i32,
-    idle: std::sync::Mutex<Vec<zstd::bulk::Compressor<'static>>>,
+    /// Idle contexts, and how many exist.
+    pool: std::sync::Mutex<(Vec<zstd::bulk::Compressor<'static>>, usize)>,
+    returned: std::sync::Condvar,
 }
 
 impl Compressors {
+    fn new(level: i32) -> Compressors {
+        Compressors {
+            level,
+            pool: std::sync::Mutex::new((Vec::new(), 0)),
+            returned: std::sync::Condvar::new(),
+        }
+    }
+
     fn compress(&self, raw: &[u8]) -> Result<Vec<u8>, ArchiveError> {
         let io = |e: std::io::Error| ArchiveError::Io(format!("compress: {e}"));
-        let taken = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut z = match taken {
-            Some(z) => z,
-            None => zstd::bulk::Compressor::new(self.level).map_err(io)?,
+        let mut z = {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if let Some(z) = pool.0.pop() {
+                    break z;
+                }
+                if pool.1 < COMPRESSORS {
+                    pool.1 += 1;
+                    drop(pool);
+                    match zstd::bulk::Compressor::new(self.level) {
+                        Ok(z) => break z,
+                        Err(e) => {
+                            self.pool.lock().unwrap_or_else(|p| p.into_inner()).1 -= 1;
+                            return Err(io(e));
+                        }
+                    }
+                }
+                pool = self.returned.wait(pool).unwrap_or_else(|p| p.into_inner());
+            }
         };
         let out = z.compress(raw).map_err(io);
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < COMPRESSORS_KEPT {
-            idle.push(z);
-        }
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .push(z);
+        self.returned.notify_one();
         out
     }
 }
@@ -246,10 +274,7 @@ impl Archive {
             writer: wtx,
             indexer: itx,
             index: search,
-            compressors: Compressors {
-                level: opts.zstd_level,
-                idle: std::sync::Mutex::new(Vec::new()),
-            },
+            compressors: Compressors::new(opts.zstd_level),
             threads: vec![writer_thread, index_thread],
         })
     }
