@@ -37,7 +37,9 @@ struct Lan {
 
 impl Lan {
     fn new() -> Lan {
-        let tag = format!("ka{}", std::process::id() % 100_000);
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("ka{}x{n}", std::process::id() % 100_000);
         let lan = Lan { tag };
         let sw = lan.ns("sw");
         ip(&["netns", "add", &sw]);
@@ -345,7 +347,11 @@ fn wait_for_master(lan: &Lan, units: &[Unit; 2]) -> (usize, usize) {
     (active, 1 - active)
 }
 
-fn setup() -> Option<(Lan, SmtpSink, [Unit; 2])> {
+/// One pair at a time: VRRP timing is what these tests measure.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn setup() -> Option<(std::sync::MutexGuard<'static, ()>, Lan, SmtpSink, [Unit; 2])> {
+    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     if unsafe { libc::geteuid() } != 0 || !have("keepalived") {
         eprintln!("skipped: needs root and keepalived (scripts/test installs it)");
         assert!(std::env::var_os("CI").is_none(), "CI must run this test");
@@ -357,12 +363,12 @@ fn setup() -> Option<(Lan, SmtpSink, [Unit; 2])> {
     // A's keepalived claims the address first; B joins as backup.
     assert!(wait_until(20, || lan.holds_vip("a")), "{}", a.logs());
     let b = Unit::start(&lan, "b", "passive", 100);
-    Some((lan, sink, [a, b]))
+    Some((guard, lan, sink, [a, b]))
 }
 
 #[test]
 fn kill9_of_the_active_spoold_moves_the_address_and_loses_nothing_after_recover() {
-    let Some((lan, sink, mut units)) = setup() else {
+    let Some((_one, lan, sink, mut units)) = setup() else {
         return;
     };
     let (x, y) = wait_for_master(&lan, &units);
@@ -430,7 +436,7 @@ fn kill9_of_the_active_spoold_moves_the_address_and_loses_nothing_after_recover(
 
 #[test]
 fn stopping_the_active_units_keepalived_hands_over_without_loss() {
-    let Some((lan, sink, mut units)) = setup() else {
+    let Some((_one, lan, sink, mut units)) = setup() else {
         return;
     };
     let (x, y) = wait_for_master(&lan, &units);
