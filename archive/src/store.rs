@@ -617,22 +617,8 @@ impl Writer {
                 HELD,
                 new_items.iter().filter(|i| i.held).count() as i64,
             )?;
-            add(
-                &store,
-                &mut w,
-                &seg_key(self.segment, "total"),
-                frames.len() as i64,
-            )?;
-            add(
-                &store,
-                &mut w,
-                &seg_key(self.segment, "live"),
-                frames.len() as i64,
-            )?;
+            self.appended(&mut w, frames.len() as u64)?;
             store.meta.put(&mut w, NEXT_SEQ, &next_seq)?;
-            store
-                .meta
-                .put(&mut w, OPEN_LEN, &(self.len + frames.len() as u64))?;
             w.commit()?;
             Ok(())
         })();
@@ -645,6 +631,16 @@ impl Writer {
             self.seal()?;
         }
         Ok(results)
+    }
+
+    /// Records in `w` that `bytes` of live frames were appended to the open segment (its
+    /// counters and committed length).
+    fn appended(&self, w: &mut RwTxn<'_>, bytes: u64) -> Result<(), ArchiveError> {
+        for what in ["total", "live"] {
+            add(&self.store, w, &seg_key(self.segment, what), bytes as i64)?;
+        }
+        self.store.meta.put(w, OPEN_LEN, &(self.len + bytes))?;
+        Ok(())
     }
 
     /// Starts a new open segment; the old one is sealed (never written again).
@@ -771,23 +767,9 @@ impl Writer {
             for (hash, loc) in &moved {
                 store.blobs.put(&mut w, hash, &loc.encode())?;
             }
-            add(
-                &store,
-                &mut w,
-                &seg_key(self.segment, "total"),
-                frames.len() as i64,
-            )?;
-            add(
-                &store,
-                &mut w,
-                &seg_key(self.segment, "live"),
-                frames.len() as i64,
-            )?;
+            self.appended(&mut w, frames.len() as u64)?;
             store.meta.delete(&mut w, &seg_key(n, "total"))?;
             store.meta.delete(&mut w, &seg_key(n, "live"))?;
-            store
-                .meta
-                .put(&mut w, OPEN_LEN, &(self.len + frames.len() as u64))?;
             w.commit()?;
             self.len += frames.len() as u64;
             store

@@ -329,14 +329,8 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 
 /// A `/proc/self/status` field in MiB.
 fn status_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    crate::status_field_mib(&status, field)
 }
 
 pub fn run(a: Args) -> Result<()> {

@@ -72,6 +72,18 @@ pub fn median_shown(v: Vec<f64>, digits: usize, missing: &str) -> String {
     }
 }
 
+/// A field of a `/proc/<pid>/status` text (`VmRSS:`, `VmHWM:`, `RssAnon:`…) in MiB; 0 when
+/// absent.
+pub fn status_field_mib(status: &str, field: &str) -> f64 {
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
 /// Describes the file system holding `path` (type from /proc/mounts), for the report.
 pub fn describe_fs(path: &std::path::Path) -> String {
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());

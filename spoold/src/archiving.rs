@@ -161,25 +161,18 @@ impl Archiving {
     /// Archives the message in `folder` unless it already is; `Err` says why it could not be,
     /// and the caller keeps the message where it is.
     pub async fn ensure(
-        &self,
+        self: &Arc<Self>,
         layout: &Layout,
         folder: Folder,
         env: &Envelope,
     ) -> Result<(), String> {
-        let Some(incoming) = self.incoming(env) else {
-            return Ok(());
-        };
-        let archive = self.archive.clone();
-        let path = layout.path(folder, &env.id, Part::Body);
-        let len = env.body_len;
-        let outcome = tokio::task::spawn_blocking(move || store(&archive, incoming, &path, len))
+        let (me, layout, env) = (self.clone(), layout.clone(), env.clone());
+        tokio::task::spawn_blocking(move || me.ensure_blocking(&layout, folder, &env))
             .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
-        self.record(&env.id, outcome)
+            .map_err(|e| e.to_string())?
     }
 
-    /// [`Archiving::ensure`] from a blocking context (the admin socket).
+    /// [`Archiving::ensure`] from a blocking context (the admin socket, the async version).
     pub fn ensure_blocking(
         &self,
         layout: &Layout,

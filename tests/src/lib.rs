@@ -31,23 +31,28 @@ pub fn spoold_bin() -> PathBuf {
 
 /// Runs `spoolctl` against the daemon's state directory; returns exit code, stdout, stderr.
 pub fn spoolctl(d: &Daemon, args: &[&str]) -> (i32, String, String) {
+    let out = spoolctl_output(d, args);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs `spoolctl` against the daemon's state directory; its output as bytes.
+pub fn spoolctl_output(d: &Daemon, args: &[&str]) -> std::process::Output {
     let bin = spoold_bin().with_file_name("spoolctl");
     assert!(
         bin.exists(),
         "{} not found: cargo build --workspace --bins",
         bin.display()
     );
-    let out = Command::new(bin)
+    Command::new(bin)
         .arg("--state-dir")
         .arg(&d.state)
         .args(args)
         .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+        .unwrap()
 }
 
 /// Runs `cmd` with `input` on its standard input; returns its output.

@@ -153,6 +153,30 @@ fn mirrored_units_find_each_others_mail_and_a_killed_peer_catches_up() {
     assert!(wait_until(20, || ctl_json(&a, &["status"])["mirrors"][0]
         ["backlog"]
         == 0));
+    // The same figures for Prometheus (gauges refresh every 2 s).
+    let m = |d: &Daemon, name: &str| d.metric(name).unwrap_or(-1.0);
+    let to_b = format!("{{peer=\"{lb}\"}}");
+    assert!(wait_until(10, || {
+        m(&a, &format!("spoold_archive_mirror_backlog_items{to_b}")) == 0.0
+            && m(
+                &a,
+                &format!("spoold_archive_mirror_oldest_age_seconds{to_b}"),
+            ) == 0.0
+            && m(&a, "spoold_archive_items") == 380.0
+            && m(&b, "spoold_archive_index_lag_items") == 0.0
+    }));
+    assert_eq!(m(&a, &format!("spoold_archive_mirror_up{to_b}")), 1.0);
+    assert!(m(&a, &format!("spoold_archive_mirror_sent_total{to_b}")) >= 300.0);
+    // B's counters start again at its restart: it received at least the backlog since.
+    assert!(m(&b, "spoold_archive_mirror_received_total{result=\"new\"}") >= backlog as f64);
+    let (raw, stored) = (
+        m(&a, "spoold_archive_raw_bytes"),
+        m(&a, "spoold_archive_stored_bytes"),
+    );
+    assert!(
+        raw > 380.0 * 1500.0 && stored > 0.0 && stored < raw,
+        "raw {raw}, stored {stored}"
+    );
 }
 
 #[test]
@@ -215,12 +239,7 @@ fn exported_bytes_equal_the_accepted_bytes_for_awkward_mail() {
     searchable(&d);
     let delivered = sink.received();
     for ((what, raw), id) in corpus.iter().zip(&ids) {
-        let out = std::process::Command::new(tests::spoold_bin().with_file_name("spoolctl"))
-            .args(["--state-dir"])
-            .arg(&d.state)
-            .args(["archive", "export", id])
-            .output()
-            .unwrap();
+        let out = tests::spoolctl_output(&d, &["archive", "export", id]);
         assert!(
             out.status.success(),
             "{}",
@@ -387,6 +406,7 @@ fn retention_removes_expired_items_and_keeps_held_ones() {
         (held["matched"].as_u64(), held["changed"].as_u64()),
         (Some(1), Some(1))
     );
+    assert!(wait_until(10, || d.metric("spoold_archive_held_items") == Some(1.0)));
     let r = ctl_json(&d, &["retention"]);
     assert_eq!(r["removed"], 1, "{r}");
     let left: BTreeSet<String> = ["subject:old-kept", "subject:old-gone", "subject:new"]
