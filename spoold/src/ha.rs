@@ -258,19 +258,7 @@ pub fn prepare(cfg: &Config, layout: &Layout) -> Result<Option<HaSetup>> {
     let secret = ha.load_secret()?;
     let link = match (&ha.tls_cert, &ha.tls_key) {
         (Some(cert), Some(key)) => {
-            let open = |name: &str, p: &std::path::Path| {
-                std::fs::File::open(p)
-                    .map(std::io::BufReader::new)
-                    .with_context(|| format!("key `{name}`: open {}", p.display()))
-            };
-            let certs = rustls_pemfile::certs(&mut open("ha.tls_cert", cert)?)
-                .collect::<Result<Vec<_>, _>>()
-                .with_context(|| format!("key `ha.tls_cert`: parse {}", cert.display()))?;
-            let key = rustls_pemfile::private_key(&mut open("ha.tls_key", key)?)
-                .with_context(|| format!("key `ha.tls_key`: parse {}", key.display()))?
-                .with_context(|| {
-                    format!("key `ha.tls_key`: no private key in {}", key.display())
-                })?;
+            let (certs, key) = crate::tls::pem_identity("ha", cert, key)?;
             LinkConfig::new(cfg.node_name.clone(), secret, ha.priority, certs, key)
                 .context("keys `ha.tls_cert`/`ha.tls_key`")?
         }

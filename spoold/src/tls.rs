@@ -5,33 +5,47 @@ use crate::config::Config;
 use anyhow::{Context, Result};
 use std::sync::Arc;
 
+/// A certificate chain and its key from the PEM files of `<section>.tls_cert` and
+/// `<section>.tls_key`; errors name the key and the file.
+pub fn pem_identity(
+    section: &str,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<(
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+)> {
+    let open = |name: &str, p: &std::path::Path| {
+        std::fs::File::open(p)
+            .map(std::io::BufReader::new)
+            .with_context(|| format!("key `{section}.{name}`: open {}", p.display()))
+    };
+    let certs = rustls_pemfile::certs(&mut open("tls_cert", cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("key `{section}.tls_cert`: parse {}", cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!(
+            "key `{section}.tls_cert`: no certificate in {}",
+            cert.display()
+        );
+    }
+    let key = rustls_pemfile::private_key(&mut open("tls_key", key)?)
+        .with_context(|| format!("key `{section}.tls_key`: parse {}", key.display()))?
+        .with_context(|| {
+            format!(
+                "key `{section}.tls_key`: no private key in {}",
+                key.display()
+            )
+        })?;
+    Ok((certs, key))
+}
+
 /// The STARTTLS acceptor, when `smtp.tls_cert` and `smtp.tls_key` are set.
 pub fn server(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>> {
     let (Some(cert_path), Some(key_path)) = (&cfg.smtp.tls_cert, &cfg.smtp.tls_key) else {
         return Ok(None);
     };
-    let open = |key: &str, p: &std::path::Path| {
-        std::fs::File::open(p)
-            .map(std::io::BufReader::new)
-            .with_context(|| format!("key `{key}`: open {}", p.display()))
-    };
-    let certs = rustls_pemfile::certs(&mut open("smtp.tls_cert", cert_path)?)
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("key `smtp.tls_cert`: parse {}", cert_path.display()))?;
-    if certs.is_empty() {
-        anyhow::bail!(
-            "key `smtp.tls_cert`: no certificate in {}",
-            cert_path.display()
-        );
-    }
-    let key = rustls_pemfile::private_key(&mut open("smtp.tls_key", key_path)?)
-        .with_context(|| format!("key `smtp.tls_key`: parse {}", key_path.display()))?
-        .with_context(|| {
-            format!(
-                "key `smtp.tls_key`: no private key in {}",
-                key_path.display()
-            )
-        })?;
+    let (certs, key) = pem_identity("smtp", cert_path, key_path)?;
     let server = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
