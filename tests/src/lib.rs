@@ -383,6 +383,12 @@ impl Client {
             .map(Self::wrap)
     }
 
+    /// How long a reply may take before `reply()` gives up (30 s unless set).
+    pub fn set_timeout(&self, t: Duration) {
+        let _ = self.writer.set_read_timeout(Some(t));
+        let _ = self.reader.get_ref().set_read_timeout(Some(t));
+    }
+
     /// Connects from the source address `from` (see [`stranger_ip`]) and reads the greeting.
     pub fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> (Client, String) {
         use socket2::{Domain, Socket, Type};
