@@ -253,11 +253,14 @@ impl Indexer {
                         }
                         IndexMsg::Flush(done) => {
                             // Index what is there first, so a flush after a store sees it.
-                            if let Ok(rest) = self.store.items_after(mark, usize::MAX, |_| true) {
-                                for item in &rest {
+                            // A batch at a time: the index may be far behind.
+                            while let Ok(batch) = self.store.items_after(mark, 1024, |_| true) {
+                                let Some(last) = batch.last() else { break };
+                                let last = last.seq;
+                                for item in &batch {
                                     let _ = self.writer.add_document(self.document(item));
-                                    mark = item.seq;
                                 }
+                                mark = last;
                             }
                             self.commit(mark);
                             dirty = false;
