@@ -556,11 +556,33 @@ impl PowerCut {
     /// Power lost and back: unmount (every process using the file system must be dead), keep
     /// only what was synced, mount again.
     pub fn cut(&mut self) -> std::io::Result<()> {
+        self.wait_until_idle();
         if let Some(s) = self.session.take() {
             s.umount_and_join()?;
         }
         self.model.lock().unwrap_or_else(|p| p.into_inner()).cut();
         self.mount_again()
+    }
+
+    /// Waits (up to 10 s) until nothing holds the mount: a killed process's io_uring ring is
+    /// torn down after the process is gone, holding its files a little longer, and unmounting
+    /// meanwhile fails with EBUSY. `MNT_EXPIRE` only asks: EBUSY while in use, EAGAIN (marked
+    /// for expiry, not unmounted) once idle.
+    fn wait_until_idle(&self) {
+        use std::os::unix::ffi::OsStrExt;
+        let Ok(path) = std::ffi::CString::new(self.mountpoint.as_os_str().as_bytes()) else {
+            return;
+        };
+        for _ in 0..200 {
+            // SAFETY: umount2 with a valid C string; MNT_EXPIRE never unmounts on first call.
+            let rc = unsafe { libc::umount2(path.as_ptr(), libc::MNT_EXPIRE) };
+            let busy =
+                rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY);
+            if !busy {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// (file fsyncs, directory fsyncs) served so far.
