@@ -58,7 +58,7 @@ pub enum ArchiveError {
     #[error("no archived item {0}")]
     NotFound(String),
     /// The bytes given do not match the hash claimed for them.
-    #[error("body does not match its hash")]
+    #[error("body does not match its SHA-256")]
     HashMismatch,
     /// The archive's threads are gone.
     #[error("archive stopped")]

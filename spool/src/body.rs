@@ -156,6 +156,16 @@ impl MappedBody {
         len: u64,
         sha256: &[u8; 32],
     ) -> Result<Self, BodyError> {
+        let body = Self::open(path, len)?;
+        if Sha256::digest(body.bytes()).as_slice() != sha256 {
+            return Err(BodyError::Checksum);
+        }
+        Ok(body)
+    }
+
+    /// Maps `path` and checks its length only, for a reader that hashes the bytes itself
+    /// (the archive): hashing twice would cost a second pass over every message.
+    pub fn open(path: &std::path::Path, len: u64) -> Result<Self, BodyError> {
         let file = File::open(path)?;
         let actual = file.metadata()?.len();
         if actual != len {
@@ -171,11 +181,7 @@ impl MappedBody {
             // are only renamed or removed, which leaves an existing mapping valid.
             Some(unsafe { memmap2::Mmap::map(&file)? })
         };
-        let body = MappedBody { map };
-        if Sha256::digest(body.bytes()).as_slice() != sha256 {
-            return Err(BodyError::Checksum);
-        }
-        Ok(body)
+        Ok(MappedBody { map })
     }
 
     /// The body's bytes.

@@ -49,7 +49,7 @@ pub struct Delivery {
     remover: spool::remover::Remover,
     /// Messages in process, which a handover waits for.
     activity: Arc<crate::handover::Activity>,
-    /// The archive: a message is archived before it may be delivered.
+    /// The archive: a message leaves the spool only once it is archived.
     archiving: Option<Arc<crate::archiving::Archiving>>,
 }
 
@@ -299,7 +299,7 @@ impl Delivery {
         // archive record (see `deliver`).
         let archived = self.archiving.as_ref().map(|a| {
             let (a, layout, e) = (a.clone(), self.layout.clone(), env.clone());
-            tokio::spawn(async move { a.ensure(&layout, Folder::Spool, &e).await })
+            tokio::task::spawn_blocking(move || a.ensure_blocking(&layout, Folder::Spool, &e))
         });
         self.deliver(env, archived).await
     }
