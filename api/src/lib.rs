@@ -230,6 +230,34 @@ pub struct ArchiveStatus {
     pub waiting: u64,
     /// Each mirror peer.
     pub mirrors: Vec<MirrorState>,
+    /// The object store holding sealed segments, when there is one.
+    #[serde(default)]
+    pub object_store: Option<ObjectStoreState>,
+}
+
+/// The object store of [`ArchiveStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectStoreState {
+    /// Sealed segments confirmed in the store.
+    pub remote_segments: u64,
+    /// Their bytes.
+    pub remote_bytes: u64,
+    /// Sealed segments waiting for upload.
+    pub pending_segments: u64,
+    /// Their bytes.
+    pub pending_bytes: u64,
+    /// Age of the oldest waiting segment, seconds.
+    pub pending_oldest_age_secs: u64,
+    /// Local bytes of confirmed segments (the read cache).
+    pub cached_bytes: u64,
+    /// Uploads confirmed since the start.
+    pub uploads: u64,
+    /// Uploads that failed since the start (retried).
+    pub upload_failures: u64,
+    /// Records read from the store since the start.
+    pub fetches: u64,
+    /// Of them, failed.
+    pub fetch_failures: u64,
 }
 
 /// One mirror peer of [`ArchiveStatus`].

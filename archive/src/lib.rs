@@ -8,6 +8,8 @@
 //! - [`query`]: the search language.
 //! - [`mirror`]: copying local items to peers over the authenticated peer link, and receiving
 //!   theirs.
+//! - [`remote`]: sealed segments on an S3-compatible object store (uploaded by a thread of the
+//!   archive, read back by range, the local copies kept as a bounded cache).
 //!
 //! Not here: when a message is archived (the daemon's lifecycle decides), the admin protocol,
 //! metrics (callers read [`Archive::status`] and the mirror's counters).
@@ -18,16 +20,19 @@ pub mod mime;
 pub mod mirror;
 pub mod query;
 pub mod record;
+pub mod remote;
 pub mod store;
 #[cfg(test)]
 mod tests;
 
 pub use record::Item;
-pub use store::{CompactReport, Stored, Totals};
+pub use remote::{ObjectStoreConfig, Probe};
+pub use store::{CompactReport, RemoteCounters, Stored, Totals};
 
 use crossbeam_channel::Sender;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use store::{Prepared, Request, Store};
@@ -63,6 +68,9 @@ pub enum ArchiveError {
     /// The archive's threads are gone.
     #[error("archive stopped")]
     Stopped,
+    /// The object store failed or refused a request.
+    #[error("archive object store: {0}")]
+    Remote(String),
 }
 
 impl From<heed::Error> for ArchiveError {
@@ -84,6 +92,11 @@ pub struct Options {
     pub zstd_level: i32,
     /// Memory the index writer may buffer before it flushes a segment.
     pub index_heap_bytes: usize,
+    /// Sealed segments go to this object store; the local disk keeps the open segment and a
+    /// cache of sealed ones.
+    pub object_store: Option<ObjectStoreConfig>,
+    /// Local bytes of sealed segments already in the object store kept as a read cache.
+    pub cache_bytes: u64,
 }
 
 impl Options {
@@ -95,6 +108,8 @@ impl Options {
             free_bytes_min: 256 << 20,
             zstd_level: 3,
             index_heap_bytes: 16 << 20,
+            object_store: None,
+            cache_bytes: 1 << 30,
         }
     }
 }
@@ -136,6 +151,27 @@ pub struct Status {
     pub last_seq: u64,
     /// Items searchable, in sequence order, up to this one.
     pub indexed_through: u64,
+    /// Object store traffic since start, when there is an object store.
+    pub remote: Option<RemoteStats>,
+}
+
+/// Object store traffic since start.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RemoteStats {
+    /// Segments uploaded and confirmed.
+    pub uploads: u64,
+    /// Bytes of them.
+    pub upload_bytes: u64,
+    /// Uploads that failed (retried).
+    pub upload_failures: u64,
+    /// Records read from the store.
+    pub fetches: u64,
+    /// Reads from the store that failed.
+    pub fetch_failures: u64,
+    /// Replaced objects deleted.
+    pub deletes: u64,
+    /// Local copies evicted from the cache.
+    pub evictions: u64,
 }
 
 /// What [`Archive::verify`] found.
@@ -170,12 +206,15 @@ pub struct Archive {
     indexer: Sender<index::IndexMsg>,
     index: index::SearchIndex,
     compressors: Compressors,
+    /// Dropped to stop the object store's uploader.
+    uploader_stop: Option<Sender<()>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Archive {
     /// Stops the threads and waits for them, so the catalog is closed when this returns.
     fn drop(&mut self) {
+        self.uploader_stop = None;
         let _ = self.writer.send(Request::Stop);
         let _ = self.indexer.send(index::IndexMsg::Stop);
         for t in self.threads.drain(..) {
@@ -239,6 +278,38 @@ impl Compressors {
     }
 }
 
+/// The object store's upkeep: a pass a second while it works; after a failure, waits that
+/// double up to a minute (an unreachable store is not hammered), then a pass again.
+fn upload_loop(store: &Store, stopped: &crossbeam_channel::Receiver<()>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let wait = match store.sync_remote() {
+            Ok(_) => {
+                if backoff > Duration::from_secs(1) {
+                    tracing::info!("archive: object store reachable again");
+                }
+                backoff = Duration::from_secs(1);
+                backoff
+            }
+            Err(e) => {
+                tracing::warn!(
+                    retry_in_secs = backoff.as_secs(),
+                    "archive: object store upkeep failed, segments stay local: {e}"
+                );
+                let wait = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+                wait
+            }
+        };
+        if !matches!(
+            stopped.recv_timeout(wait),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout)
+        ) {
+            return;
+        }
+    }
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -249,7 +320,12 @@ fn now_ms() -> u64 {
 impl Archive {
     /// Opens (creating) the archive and starts its threads.
     pub fn open(opts: &Options) -> Result<Archive, ArchiveError> {
-        let store = Arc::new(Store::open(&opts.dir)?);
+        let remote = opts
+            .object_store
+            .as_ref()
+            .map(remote::Remote::new)
+            .transpose()?;
+        let store = Arc::new(Store::open_with(&opts.dir, remote, opts.cache_bytes)?);
         let (search, indexer) = index::open(
             &opts.dir.join("index"),
             store.clone(),
@@ -269,13 +345,27 @@ impl Archive {
             })
             .map_err(|e| ArchiveError::Io(e.to_string()))?;
         let index_thread = indexer.start(irx)?;
+        let mut threads = vec![writer_thread, index_thread];
+        let mut uploader_stop = None;
+        if store.remote().is_some() {
+            let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+            let store = store.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("archive-upload".into())
+                    .spawn(move || upload_loop(&store, &stopped))
+                    .map_err(|e| ArchiveError::Io(e.to_string()))?,
+            );
+            uploader_stop = Some(stop);
+        }
         Ok(Archive {
             store,
             writer: wtx,
             indexer: itx,
             index: search,
             compressors: Compressors::new(opts.zstd_level),
-            threads: vec![writer_thread, index_thread],
+            uploader_stop,
+            threads,
         })
     }
 
@@ -487,7 +577,31 @@ impl Archive {
                 .index
                 .indexed_through
                 .load(std::sync::atomic::Ordering::SeqCst),
+            remote: self.store.remote().map(|_| {
+                let c = &self.store.remote_counters;
+                let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+                RemoteStats {
+                    uploads: get(&c.uploads),
+                    upload_bytes: get(&c.upload_bytes),
+                    upload_failures: get(&c.upload_failures),
+                    fetches: get(&c.fetches),
+                    fetch_failures: get(&c.fetch_failures),
+                    deletes: get(&c.deletes),
+                    evictions: get(&c.evictions),
+                }
+            }),
         })
+    }
+
+    /// Uploads what is waiting and deletes what compaction replaced, now (tests, benchmarks).
+    pub fn sync_remote(&self) -> Result<store::SyncReport, ArchiveError> {
+        self.store.sync_remote()
+    }
+
+    /// Empties the local cache of segments already in the object store; answers how many
+    /// local copies went.
+    pub fn drop_cache(&self) -> Result<u32, ArchiveError> {
+        self.store.drop_cache()
     }
 
     /// Newest items searched in a search's first pass (tests make it small).

@@ -4,8 +4,15 @@
 //! frames appended and `fdatasync`ed first, then the catalog committed, so the catalog never
 //! names bytes that are not on disk. Whatever a crash leaves past the committed length of the
 //! open segment is cut at the next open.
+//!
+//! With an object store, sealed segments are uploaded by [`Store::sync_remote`] and marked in
+//! the catalog once the store confirms them; only then may their local files be evicted (the
+//! local copies are a bounded read cache). A read whose segment is not local fetches the
+//! record's byte range and checks it like a local read. Compaction marks a replaced object
+//! `gone` and deletes it only once the segment its live records moved to is confirmed.
 
 use crate::record::{self, BlobLoc, Item};
+use crate::remote::Remote;
 use crate::ArchiveError;
 use crossbeam_channel::{Receiver, Sender};
 use heed::byteorder::BE;
@@ -16,6 +23,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 const NEXT_SEQ: &str = "next_seq";
@@ -37,6 +45,53 @@ pub struct Store {
     meta: Database<Str, U64<BE>>,
     segments_dir: PathBuf,
     open_files: Mutex<HashMap<u32, Arc<File>>>,
+    remote: Option<Remote>,
+    /// Local bytes of confirmed sealed segments to keep.
+    cache_bytes: u64,
+    /// When each segment was last read (a counter), for evicting the least recently read.
+    last_read: Mutex<HashMap<u32, u64>>,
+    reads: AtomicU64,
+    /// Object store traffic since start.
+    pub remote_counters: RemoteCounters,
+}
+
+/// Object store traffic since start.
+#[derive(Debug, Default)]
+pub struct RemoteCounters {
+    /// Segments uploaded and confirmed.
+    pub uploads: AtomicU64,
+    /// Bytes of them.
+    pub upload_bytes: AtomicU64,
+    /// Uploads (or confirmations) that failed.
+    pub upload_failures: AtomicU64,
+    /// Records read from the store (not in the local cache).
+    pub fetches: AtomicU64,
+    /// Reads from the store that failed.
+    pub fetch_failures: AtomicU64,
+    /// Objects deleted (replaced by compaction).
+    pub deletes: AtomicU64,
+    /// Local copies evicted from the cache.
+    pub evictions: AtomicU64,
+}
+
+/// What one [`Store::sync_remote`] pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Segments uploaded and confirmed.
+    pub uploaded: u32,
+    /// Replaced objects deleted.
+    pub deleted: u32,
+    /// Local copies evicted.
+    pub evicted: u32,
+}
+
+/// A segment as the catalog knows it.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    n: u32,
+    total: u64,
+    remote: bool,
+    sealed_ms: u64,
 }
 
 /// A body compressed and hashed off the writer thread, ready to be stored.
@@ -90,6 +145,18 @@ pub struct Totals {
     pub stored_bytes: u64,
     /// Segment files.
     pub segments: u64,
+    /// Sealed segments confirmed in the object store, and their bytes.
+    pub remote_segments: u64,
+    /// Bytes of them.
+    pub remote_bytes: u64,
+    /// Sealed segments waiting for upload, their bytes, and when the oldest was sealed (ms).
+    pub pending_segments: u64,
+    /// Bytes of them.
+    pub pending_bytes: u64,
+    /// When the oldest waiting segment was sealed (ms since the epoch), 0 with none.
+    pub pending_oldest_ms: u64,
+    /// Bytes of confirmed segments also kept locally (the read cache).
+    pub cached_bytes: u64,
 }
 
 fn seg_key(n: u32, what: &str) -> String {
@@ -109,6 +176,16 @@ impl Store {
     /// deleting segments the catalog no longer refers to (a compaction that crashed after its
     /// commit).
     pub fn open(dir: &Path) -> Result<Store, ArchiveError> {
+        Store::open_with(dir, None, 0)
+    }
+
+    /// [`Store::open`], with sealed segments kept in an object store and `cache_bytes` of them
+    /// kept locally.
+    pub fn open_with(
+        dir: &Path,
+        remote: Option<Remote>,
+        cache_bytes: u64,
+    ) -> Result<Store, ArchiveError> {
         let catalog = dir.join("catalog");
         let segments_dir = dir.join("segments");
         std::fs::create_dir_all(&catalog).map_err(io)?;
@@ -134,6 +211,11 @@ impl Store {
             meta,
             segments_dir,
             open_files: Mutex::new(HashMap::new()),
+            remote,
+            cache_bytes,
+            last_read: Mutex::new(HashMap::new()),
+            reads: AtomicU64::new(0),
+            remote_counters: RemoteCounters::default(),
         };
         store.tidy_segments()?;
         Ok(store)
@@ -188,12 +270,12 @@ impl Store {
         Ok(())
     }
 
-    fn file(&self, n: u32) -> Result<Arc<File>, ArchiveError> {
+    fn file(&self, n: u32) -> std::io::Result<Arc<File>> {
         let mut files = self.open_files.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = files.get(&n) {
             return Ok(f.clone());
         }
-        let f = Arc::new(File::open(seg_path(&self.segments_dir, n)).map_err(io)?);
+        let f = Arc::new(File::open(seg_path(&self.segments_dir, n))?);
         if files.len() > 256 {
             files.clear();
         }
@@ -282,10 +364,7 @@ impl Store {
                 .and_then(BlobLoc::decode)
                 .ok_or_else(|| ArchiveError::Corrupt(format!("no body stored for {}", hex(hash))))?
         };
-        let mut buf = vec![0u8; loc.len as usize];
-        self.file(loc.segment)?
-            .read_exact_at(&mut buf, loc.offset)
-            .map_err(io)?;
+        let buf = self.read_record(loc.segment, loc.offset, u64::from(loc.len))?;
         let (got, compressed) = record::unframe(&buf).map_err(|e| {
             ArchiveError::Corrupt(format!(
                 "segment {} offset {}: {e}",
@@ -299,6 +378,201 @@ impl Store {
             )));
         }
         Ok((compressed.to_vec(), loc.raw_len))
+    }
+
+    /// Bytes of a segment: from the local file when there is one, else from the object store.
+    fn read_record(&self, n: u32, offset: u64, len: u64) -> Result<Vec<u8>, ArchiveError> {
+        let tick = self.reads.fetch_add(1, Ordering::Relaxed);
+        self.last_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(n, tick);
+        let mut buf = vec![0u8; len as usize];
+        match self.file(n).and_then(|f| f.read_exact_at(&mut buf, offset)) {
+            Ok(()) => Ok(buf),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let Some(remote) = &self.remote else {
+                    return Err(ArchiveError::Corrupt(format!(
+                        "segment {n} is not on disk{}",
+                        if self.segment(n)?.is_some_and(|s| s.remote) {
+                            " (it is in an object store, which is not configured)"
+                        } else {
+                            ""
+                        }
+                    )));
+                };
+                let c = &self.remote_counters;
+                c.fetches.fetch_add(1, Ordering::Relaxed);
+                remote.read_range(n, offset, len).inspect_err(|_| {
+                    c.fetch_failures.fetch_add(1, Ordering::Relaxed);
+                })
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// The whole of segment `n`, local or fetched.
+    fn read_segment(&self, n: u32) -> Result<Vec<u8>, ArchiveError> {
+        match std::fs::read(seg_path(&self.segments_dir, n)) {
+            Ok(data) => Ok(data),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match &self.remote {
+                Some(remote) => remote.read_all(n),
+                None => Err(io(e)),
+            },
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    fn segment(&self, n: u32) -> Result<Option<Segment>, ArchiveError> {
+        Ok(self.segments()?.into_iter().find(|s| s.n == n))
+    }
+
+    /// Every segment the catalog counts, in order, the open one included.
+    fn segments(&self) -> Result<Vec<Segment>, ArchiveError> {
+        let r = self.env.read_txn()?;
+        let mut out = Vec::new();
+        for kv in self.meta.prefix_iter(&r, "seg.")? {
+            let (k, total) = kv?;
+            let Some(n) = k
+                .strip_prefix("seg.")
+                .and_then(|s| s.strip_suffix(".total"))
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            out.push(Segment {
+                n,
+                total,
+                remote: self.meta.get(&r, &seg_key(n, "remote"))?.is_some(),
+                sealed_ms: self.meta.get(&r, &seg_key(n, "sealed"))?.unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+
+    /// One pass of the object store's upkeep: uploads sealed segments not yet there (oldest
+    /// first) and marks each once confirmed; deletes objects compaction replaced once their
+    /// records' new segment is confirmed; evicts the least recently read local copies of
+    /// confirmed segments past `cache_bytes`. Stops at the first failure (the caller backs off).
+    pub fn sync_remote(&self) -> Result<SyncReport, ArchiveError> {
+        let Some(remote) = &self.remote else {
+            return Ok(SyncReport::default());
+        };
+        let c = &self.remote_counters;
+        let mut report = SyncReport::default();
+        let open = {
+            let r = self.env.read_txn()?;
+            self.meta.get(&r, OPEN_SEGMENT)?.unwrap_or(1) as u32
+        };
+        for seg in self.segments()? {
+            if seg.n == open || seg.remote {
+                continue;
+            }
+            let path = seg_path(&self.segments_dir, seg.n);
+            let bytes = match remote.upload(seg.n, &path) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    c.upload_failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
+            };
+            let mut w = self.env.write_txn()?;
+            let still = self.meta.get(&w, &seg_key(seg.n, "total"))?.is_some();
+            if still {
+                self.meta.put(&mut w, &seg_key(seg.n, "remote"), &1)?;
+            }
+            w.commit()?;
+            if !still {
+                // Compacted away while it was uploading.
+                remote.delete(seg.n)?;
+                continue;
+            }
+            c.uploads.fetch_add(1, Ordering::Relaxed);
+            c.upload_bytes.fetch_add(bytes, Ordering::Relaxed);
+            report.uploaded += 1;
+            tracing::info!(
+                segment = seg.n,
+                bytes,
+                "archive: segment in the object store"
+            );
+        }
+        // Replaced objects whose records' new home is confirmed.
+        let gone: Vec<(u32, u32)> = {
+            let r = self.env.read_txn()?;
+            let mut v = Vec::new();
+            for kv in self.meta.prefix_iter(&r, "gone.")? {
+                let (k, holder) = kv?;
+                if let Some(n) = k.strip_prefix("gone.").and_then(|s| s.parse().ok()) {
+                    v.push((n, holder as u32));
+                }
+            }
+            v
+        };
+        for (n, holder) in gone {
+            if !self.segment(holder)?.is_some_and(|s| s.remote) {
+                continue;
+            }
+            remote.delete(n)?;
+            let mut w = self.env.write_txn()?;
+            self.meta.delete(&mut w, &format!("gone.{n:08}"))?;
+            w.commit()?;
+            c.deletes.fetch_add(1, Ordering::Relaxed);
+            report.deleted += 1;
+        }
+        report.evicted = self.evict(open, self.cache_bytes)?;
+        Ok(report)
+    }
+
+    /// Deletes local copies of confirmed sealed segments, least recently read first, until at
+    /// most `keep_bytes` of them remain. Answers how many went.
+    pub fn evict(&self, open: u32, keep_bytes: u64) -> Result<u32, ArchiveError> {
+        let last_read = self
+            .last_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut cached: Vec<(u64, u32, u64)> = Vec::new();
+        for seg in self.segments()? {
+            if seg.n == open || !seg.remote {
+                continue;
+            }
+            if let Ok(m) = std::fs::metadata(seg_path(&self.segments_dir, seg.n)) {
+                cached.push((last_read.get(&seg.n).copied().unwrap_or(0), seg.n, m.len()));
+            }
+        }
+        let mut local: u64 = cached.iter().map(|c| c.2).sum();
+        cached.sort_unstable();
+        let mut evicted = 0;
+        for (_, n, len) in cached {
+            if local <= keep_bytes {
+                break;
+            }
+            self.open_files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&n);
+            std::fs::remove_file(seg_path(&self.segments_dir, n)).map_err(io)?;
+            local -= len;
+            evicted += 1;
+            self.remote_counters
+                .evictions
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(evicted)
+    }
+
+    /// Empties the local cache of confirmed segments (`spoolctl archive cache drop`, tests).
+    pub fn drop_cache(&self) -> Result<u32, ArchiveError> {
+        let open = {
+            let r = self.env.read_txn()?;
+            self.meta.get(&r, OPEN_SEGMENT)?.unwrap_or(1) as u32
+        };
+        self.evict(open, 0)
+    }
+
+    /// The object store, when there is one.
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_ref()
     }
 
     /// The exact raw bytes of a body, verified against its hash.
@@ -360,11 +634,23 @@ impl Store {
             held: get(HELD)?,
             ..Totals::default()
         };
-        for kv in self.meta.prefix_iter(&r, "seg.")? {
-            let (k, v) = kv?;
-            if k.ends_with(".total") {
-                t.segments += 1;
-                t.stored_bytes += v;
+        let open = self.meta.get(&r, OPEN_SEGMENT)?.unwrap_or(1) as u32;
+        drop(r);
+        for seg in self.segments()? {
+            t.segments += 1;
+            t.stored_bytes += seg.total;
+            if seg.remote {
+                t.remote_segments += 1;
+                t.remote_bytes += seg.total;
+                if seg_path(&self.segments_dir, seg.n).exists() {
+                    t.cached_bytes += seg.total;
+                }
+            } else if seg.n != open && self.remote.is_some() {
+                t.pending_segments += 1;
+                t.pending_bytes += seg.total;
+                if t.pending_oldest_ms == 0 || seg.sealed_ms < t.pending_oldest_ms {
+                    t.pending_oldest_ms = seg.sealed_ms;
+                }
             }
         }
         Ok(t)
@@ -658,6 +944,9 @@ impl Writer {
         let mut w = self.store.env.write_txn()?;
         self.store
             .meta
+            .put(&mut w, &seg_key(self.segment, "sealed"), &now_ms())?;
+        self.store
+            .meta
             .put(&mut w, OPEN_SEGMENT, &u64::from(next))?;
         self.store.meta.put(&mut w, OPEN_LEN, &0)?;
         add(&self.store, &mut w, &seg_key(next, "total"), 0)?;
@@ -731,7 +1020,7 @@ impl Writer {
         let mut report = CompactReport::default();
         for (n, total) in sparse {
             self.check_space()?;
-            let data = std::fs::read(seg_path(&store.segments_dir, n)).map_err(io)?;
+            let data = store.read_segment(n)?;
             let mut frames = Vec::new();
             let mut moved: Vec<([u8; 32], BlobLoc)> = Vec::new();
             {
@@ -768,8 +1057,27 @@ impl Writer {
                 store.blobs.put(&mut w, hash, &loc.encode())?;
             }
             self.appended(&mut w, frames.len() as u64)?;
-            store.meta.delete(&mut w, &seg_key(n, "total"))?;
-            store.meta.delete(&mut w, &seg_key(n, "live"))?;
+            let was_remote = store.meta.get(&w, &seg_key(n, "remote"))?.is_some();
+            for what in ["total", "live", "remote", "sealed"] {
+                store.meta.delete(&mut w, &seg_key(n, what))?;
+            }
+            // Its object (and any it was waiting on for its own records) goes once the open
+            // segment, which now holds the records, is confirmed in the store.
+            let waiting: Vec<String> = store
+                .meta
+                .prefix_iter(&w, "gone.")?
+                .filter_map(|kv| kv.ok())
+                .filter(|(_, holder)| *holder == u64::from(n))
+                .map(|(k, _)| k.to_string())
+                .collect();
+            for k in waiting {
+                store.meta.put(&mut w, &k, &u64::from(self.segment))?;
+            }
+            if was_remote {
+                store
+                    .meta
+                    .put(&mut w, &format!("gone.{n:08}"), &u64::from(self.segment))?;
+            }
             w.commit()?;
             self.len += frames.len() as u64;
             store
@@ -777,7 +1085,11 @@ impl Writer {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&n);
-            std::fs::remove_file(seg_path(&store.segments_dir, n)).map_err(io)?;
+            match std::fs::remove_file(seg_path(&store.segments_dir, n)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(e)),
+            }
             sync_dir(&store.segments_dir)?;
             report.segments += 1;
             report.bytes_freed += total.saturating_sub(frames.len() as u64);
@@ -787,6 +1099,13 @@ impl Writer {
         }
         Ok(report)
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn add(store: &Store, w: &mut RwTxn<'_>, key: &str, delta: i64) -> Result<(), ArchiveError> {

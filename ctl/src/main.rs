@@ -411,6 +411,14 @@ fn archive_human(cmd: &ArchiveCmd, data: &Value, out: &mut String) -> Result<(),
                     m.auth_failures
                 ));
             }
+            if let Some(o) = &r.object_store {
+                out.push_str(&format!(
+                    "object store: {} segment(s) ({} bytes) stored, {} waiting ({} bytes, oldest {} s), {} bytes cached here; uploads {} (failed {}), fetches {} (failed {})\n",
+                    o.remote_segments, o.remote_bytes, o.pending_segments, o.pending_bytes,
+                    o.pending_oldest_age_secs, o.cached_bytes, o.uploads, o.upload_failures,
+                    o.fetches, o.fetch_failures
+                ));
+            }
         }
         ArchiveCmd::Retention => {
             let r: api::ArchiveExpired = data_as(data)?;

@@ -50,6 +50,22 @@ fn verdict(scan: &ScanState) -> String {
     }
 }
 
+/// Asks the object store whether it takes these credentials: an error when it refuses them
+/// (a configuration error), `Some(why)` when it does not answer (not one: it may come back).
+pub fn probe_object_store(store: &archive::ObjectStoreConfig) -> Result<Option<String>> {
+    let remote = archive::remote::Remote::new(store)?;
+    match remote.probe() {
+        archive::Probe::Ok => Ok(None),
+        archive::Probe::Refused(why) => anyhow::bail!(
+            "key `archive.object_store`: {} refused bucket {:?} with access key {:?}: {why}",
+            store.endpoint,
+            store.bucket,
+            store.access_key_id
+        ),
+        archive::Probe::Unreachable(why) => Ok(Some(why)),
+    }
+}
+
 impl Archiving {
     /// Opens the archive of `[archive]`, or nothing when it is disabled.
     pub fn open(cfg: &Config, metrics: Arc<Metrics>) -> Result<Option<Arc<Archiving>>> {
@@ -61,6 +77,17 @@ impl Archiving {
         let mut opts = archive::Options::new(dir.clone());
         opts.free_bytes_min = a.free_bytes_min;
         opts.segment_bytes_max = a.segment_bytes_max;
+        opts.cache_bytes = a.cache_bytes;
+        if let Some(o) = &a.object_store {
+            let store = o.resolve()?;
+            if let Some(unreachable) = probe_object_store(&store)? {
+                tracing::warn!(
+                    "archive: the object store at {} does not answer ({unreachable}): sealed segments stay local until it does",
+                    store.endpoint
+                );
+            }
+            opts.object_store = Some(store);
+        }
         let archive = Arc::new(
             Archive::open(&opts)
                 .with_context(|| format!("open the archive in {}", dir.display()))?,
@@ -259,6 +286,40 @@ impl Archiving {
         m.archive_index_lag
             .set(st.last_seq.saturating_sub(st.indexed_through) as i64);
         let now = crate::sink::now_ms();
+        if let Some(r) = st.remote {
+            let t = &st.totals;
+            m.archive_remote_segments
+                .with_label_values(&["remote"])
+                .set(t.remote_segments as i64);
+            m.archive_remote_segments
+                .with_label_values(&["pending"])
+                .set(t.pending_segments as i64);
+            m.archive_remote_pending_bytes.set(t.pending_bytes as i64);
+            m.archive_remote_pending_oldest
+                .set(if t.pending_oldest_ms == 0 {
+                    0.0
+                } else {
+                    now.saturating_sub(t.pending_oldest_ms) as f64 / 1000.0
+                });
+            m.archive_cache_bytes.set(t.cached_bytes as i64);
+            set_counter(&m.archive_remote_upload_bytes, r.upload_bytes);
+            for (op, ok, failed) in [
+                ("upload", r.uploads, r.upload_failures),
+                (
+                    "fetch",
+                    r.fetches.saturating_sub(r.fetch_failures),
+                    r.fetch_failures,
+                ),
+                ("delete", r.deletes, 0),
+                ("evict", r.evictions, 0),
+            ] {
+                set_counter(&m.archive_remote_ops.with_label_values(&[op, "ok"]), ok);
+                set_counter(
+                    &m.archive_remote_ops.with_label_values(&[op, "failed"]),
+                    failed,
+                );
+            }
+        }
         for (peer, s) in &self.mirrors {
             let oldest = s.oldest_ms.load(Ordering::Relaxed);
             let age = if oldest == 0 {
@@ -489,6 +550,25 @@ impl Archiving {
                     }
                 })
                 .collect(),
+            object_store: st.remote.map(|r| {
+                let t = &st.totals;
+                api::ObjectStoreState {
+                    remote_segments: t.remote_segments,
+                    remote_bytes: t.remote_bytes,
+                    pending_segments: t.pending_segments,
+                    pending_bytes: t.pending_bytes,
+                    pending_oldest_age_secs: if t.pending_oldest_ms == 0 {
+                        0
+                    } else {
+                        now.saturating_sub(t.pending_oldest_ms) / 1000
+                    },
+                    cached_bytes: t.cached_bytes,
+                    uploads: r.uploads,
+                    upload_failures: r.upload_failures,
+                    fetches: r.fetches,
+                    fetch_failures: r.fetch_failures,
+                }
+            }),
         })
     }
 

@@ -58,6 +58,83 @@ pub struct ArchiveConfig {
     pub secret: Option<String>,
     /// Peers every local item is copied to.
     pub mirror: Vec<MirrorConfig>,
+    /// With an object store: local bytes of sealed segments kept as a read cache.
+    pub cache_bytes: u64,
+    /// Sealed segments go to this S3-compatible object store.
+    pub object_store: Option<ObjectStoreToml>,
+}
+
+/// `[archive.object_store]`. The secret key comes from a file or the environment, never from
+/// this file, and is never logged.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectStoreToml {
+    /// `http(s)://host:port` of the S3 API.
+    pub endpoint: String,
+    /// The bucket.
+    pub bucket: String,
+    /// The region (default `us-east-1`; Garage's default is `garage`).
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Key prefix (two units may share a bucket with different prefixes).
+    #[serde(default)]
+    pub prefix: String,
+    /// Access key id (default: `AWS_ACCESS_KEY_ID` from the environment).
+    pub access_key_id: Option<String>,
+    /// File holding the secret access key (default: `AWS_SECRET_ACCESS_KEY` from the
+    /// environment).
+    pub secret_access_key_file: Option<PathBuf>,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+impl ObjectStoreToml {
+    /// The store's settings with the credentials read from their file or the environment.
+    pub fn resolve(&self) -> Result<archive::ObjectStoreConfig> {
+        let key = "archive.object_store";
+        let access_key_id = match &self.access_key_id {
+            Some(id) => id.clone(),
+            None => std::env::var("AWS_ACCESS_KEY_ID").map_err(|_| {
+                anyhow::anyhow!(
+                    "key `{key}.access_key_id`: not set, and AWS_ACCESS_KEY_ID is not in the environment"
+                )
+            })?,
+        };
+        let secret_access_key = match &self.secret_access_key_file {
+            Some(path) => String::from_utf8(
+                std::fs::read(path)
+                    .with_context(|| {
+                        format!("key `{key}.secret_access_key_file`: read {}", path.display())
+                    })?
+                    .trim_ascii()
+                    .to_vec(),
+            )
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "key `{key}.secret_access_key_file`: {} is not UTF-8",
+                    path.display()
+                )
+            })?,
+            None => std::env::var("AWS_SECRET_ACCESS_KEY").map_err(|_| {
+                anyhow::anyhow!(
+                    "key `{key}.secret_access_key_file`: not set, and AWS_SECRET_ACCESS_KEY is not in the environment"
+                )
+            })?,
+        };
+        if access_key_id.is_empty() || secret_access_key.is_empty() {
+            bail!("key `{key}`: empty access key id or secret access key");
+        }
+        Ok(archive::ObjectStoreConfig {
+            endpoint: self.endpoint.clone(),
+            bucket: self.bucket.clone(),
+            region: self.region.clone(),
+            prefix: self.prefix.clone(),
+            access_key_id,
+            secret_access_key,
+        })
+    }
 }
 
 /// `[[archive.mirror]]`.
@@ -85,6 +162,8 @@ impl Default for ArchiveConfig {
             secret_file: None,
             secret: None,
             mirror: Vec::new(),
+            cache_bytes: 1 << 30,
+            object_store: None,
         }
     }
 }
@@ -611,6 +690,20 @@ impl Config {
                 if m.secret_file.is_some() && m.secret.is_some() {
                     bail!("keys `archive.mirror.secret_file` and `archive.mirror.secret`: set at most one");
                 }
+            }
+        }
+        if let Some(o) = &a.object_store {
+            if !(o.endpoint.starts_with("http://") || o.endpoint.starts_with("https://")) {
+                bail!(
+                    "key `archive.object_store.endpoint`: {:?} is not an http:// or https:// address",
+                    o.endpoint
+                );
+            }
+            if o.bucket.is_empty() {
+                bail!("key `archive.object_store.bucket`: empty");
+            }
+            if a.enabled {
+                o.resolve()?;
             }
         }
         if self.spool.spill_bytes < 4096 {

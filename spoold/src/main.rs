@@ -140,6 +140,26 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
+        if let Some(o) = cfg
+            .archive
+            .object_store
+            .as_ref()
+            .filter(|_| cfg.archive.enabled)
+        {
+            match o
+                .resolve()
+                .and_then(|store| archiving::probe_object_store(&store))
+            {
+                Ok(None) => {}
+                Ok(Some(why)) => println!(
+                    "spoold: warning: the archive's object store does not answer now ({why})"
+                ),
+                Err(e) => {
+                    eprintln!("spoold: {e:#}");
+                    return ExitCode::from(78);
+                }
+            }
+        }
         println!("spoold: configuration ok");
         return ExitCode::SUCCESS;
     }

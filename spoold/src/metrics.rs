@@ -38,6 +38,19 @@ pub struct Metrics {
     pub archive_mirror_auth_failures: IntCounterVec,
     /// Items received from mirror peers, by result (new, duplicate, refused).
     pub archive_mirror_received: IntCounterVec,
+    /// Sealed segments by place: `remote` (confirmed in the object store), `pending` (waiting
+    /// for upload).
+    pub archive_remote_segments: IntGaugeVec,
+    /// Bytes of segments waiting for upload.
+    pub archive_remote_pending_bytes: IntGauge,
+    /// Age of the oldest segment waiting for upload.
+    pub archive_remote_pending_oldest: prometheus::Gauge,
+    /// Local bytes of confirmed segments (the read cache).
+    pub archive_cache_bytes: IntGauge,
+    /// Object store operations, by operation and result.
+    pub archive_remote_ops: IntCounterVec,
+    /// Bytes uploaded and confirmed.
+    pub archive_remote_upload_bytes: IntCounter,
     /// Messages acknowledged with 250.
     pub accepted_messages: IntCounter,
     /// Body bytes of acknowledged messages.
@@ -177,7 +190,39 @@ impl Metrics {
             &["peer"],
         )?;
         registry.register(Box::new(archive_mirror_oldest.clone()))?;
+        let archive_remote_pending_oldest = prometheus::Gauge::new(
+            "spoold_archive_remote_pending_oldest_age_seconds",
+            "Age of the oldest sealed archive segment waiting for upload to the object store.",
+        )?;
+        registry.register(Box::new(archive_remote_pending_oldest.clone()))?;
+        let archive_remote_ops = IntCounterVec::new(
+            Opts::new(
+                "spoold_archive_remote_operations_total",
+                "Object store operations of the archive, by operation (upload, fetch, delete, evict) and result (ok, failed).",
+            ),
+            &["op", "result"],
+        )?;
+        registry.register(Box::new(archive_remote_ops.clone()))?;
         Ok(Metrics {
+            archive_remote_segments: gauge_vec(
+                "spoold_archive_remote_segments",
+                "Sealed archive segments by place: remote (confirmed in the object store), pending (waiting for upload).",
+                "state",
+            )?,
+            archive_remote_pending_bytes: gauge(
+                "spoold_archive_remote_pending_bytes",
+                "Bytes of sealed archive segments waiting for upload.",
+            )?,
+            archive_remote_pending_oldest,
+            archive_cache_bytes: gauge(
+                "spoold_archive_cache_bytes",
+                "Local bytes of archive segments already in the object store (the read cache).",
+            )?,
+            archive_remote_ops,
+            archive_remote_upload_bytes: counter(
+                "spoold_archive_remote_upload_bytes_total",
+                "Bytes of archive segments uploaded to the object store and confirmed.",
+            )?,
             archive_items: gauge("spoold_archive_items", "Items in the archive.")?,
             archive_raw_bytes: gauge(
                 "spoold_archive_raw_bytes",

@@ -1,0 +1,286 @@
+//! Sealed segments on an S3-compatible object store (S3, MinIO, Ceph RGW, Garage), through the
+//! `object_store` crate: upload confirmed by the store's own size and MD5 ETag, ranged reads of
+//! single records, whole reads for compaction, deletes. One small tokio runtime of its own
+//! serves the requests, so callers on any thread (plain, blocking or async) simply wait.
+//!
+//! Not here: which segments to upload, keep or delete, and when (the [`crate::store`]); record
+//! checks (a fetched range is verified by the caller like a local read).
+
+use crate::ArchiveError;
+use md5::{Digest, Md5};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryConfig};
+use std::fmt;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where the sealed segments go. The credentials are never printed (`Debug` hides them).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ObjectStoreConfig {
+    /// `http(s)://host:port` of the S3 API.
+    pub endpoint: String,
+    /// The bucket.
+    pub bucket: String,
+    /// Its region (`garage` for a default Garage, `us-east-1` for many others).
+    pub region: String,
+    /// Key prefix: two units may share a bucket with different prefixes.
+    pub prefix: String,
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: String,
+}
+
+impl fmt::Debug for ObjectStoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObjectStoreConfig")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("prefix", &self.prefix)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"(hidden)")
+            .finish()
+    }
+}
+
+/// What a probe of the store found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// The store answered and the credentials work.
+    Ok,
+    /// The store refused the credentials or the bucket: a configuration error.
+    Refused(String),
+    /// The store did not answer (down, unreachable): not a configuration error.
+    Unreachable(String),
+}
+
+/// A connection to the object store.
+pub struct Remote {
+    /// Always `Some` until dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+}
+
+impl Drop for Remote {
+    /// Without waiting: a runtime may not block while it is dropped from async code (the
+    /// daemon's), and nothing in flight here matters once the archive closes.
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn remote_err(what: &str, e: object_store::Error) -> ArchiveError {
+    ArchiveError::Remote(format!("{what}: {e}"))
+}
+
+impl Remote {
+    /// Connects (lazily: nothing is sent until the first request).
+    pub fn new(config: &ObjectStoreConfig) -> Result<Remote, ArchiveError> {
+        // The HTTP client's TLS takes the process's crypto provider: the same as the peer link's.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("archive-remote")
+            .enable_all()
+            .build()
+            .map_err(|e| ArchiveError::Io(format!("object store runtime: {e}")))?;
+        // Short retries here: the uploader retries on its own schedule, and a read should
+        // fail in seconds, not minutes, when the store is down.
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(1),
+                base: 2.0,
+            },
+            max_retries: 2,
+            retry_timeout: Duration::from_secs(10),
+        };
+        let store = AmazonS3Builder::new()
+            .with_endpoint(&config.endpoint)
+            .with_region(&config.region)
+            .with_bucket_name(&config.bucket)
+            .with_access_key_id(&config.access_key_id)
+            .with_secret_access_key(&config.secret_access_key)
+            .with_virtual_hosted_style_request(false)
+            .with_client_options(
+                ClientOptions::new()
+                    .with_allow_http(config.endpoint.starts_with("http://"))
+                    .with_connect_timeout(Duration::from_secs(3))
+                    .with_timeout(Duration::from_secs(120)),
+            )
+            .with_retry(retry)
+            .build()
+            .map_err(|e| ArchiveError::Remote(format!("object store configuration: {e}")))?;
+        Ok(Remote {
+            runtime: Some(runtime),
+            store: Arc::new(store),
+            prefix: config.prefix.trim_matches('/').to_string(),
+        })
+    }
+
+    fn wait<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, ArchiveError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        if let Some(rt) = &self.runtime {
+            rt.spawn(async move {
+                let _ = tx.send(f.await);
+            });
+        }
+        // No answer: the runtime dropped the task, which it does only at shutdown.
+        rx.recv().map_err(|_| ArchiveError::Stopped)
+    }
+
+    /// The object name of segment `n`.
+    pub fn object(&self, n: u32) -> ObjectPath {
+        let name = format!("segments/{n:08}.seg");
+        if self.prefix.is_empty() {
+            ObjectPath::from(name)
+        } else {
+            ObjectPath::from(format!("{}/{name}", self.prefix))
+        }
+    }
+
+    /// Asks for an object that does not exist: "not found" means the store answered and took
+    /// the credentials.
+    pub fn probe(&self) -> Probe {
+        let store = self.store.clone();
+        let path = self.object(0);
+        let answer = match self.wait(async move { store.head(&path).await }) {
+            Ok(answer) => answer,
+            Err(e) => return Probe::Unreachable(e.to_string()),
+        };
+        match answer {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Probe::Ok,
+            Err(
+                e @ (object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }),
+            ) => Probe::Refused(e.to_string()),
+            Err(e) => {
+                let text = e.to_string();
+                // S3 error codes for a wrong key or secret, a missing bucket.
+                if [
+                    "InvalidAccessKeyId",
+                    "SignatureDoesNotMatch",
+                    "AccessDenied",
+                    "NoSuchBucket",
+                    "403",
+                ]
+                .iter()
+                .any(|c| text.contains(c))
+                {
+                    Probe::Refused(text)
+                } else {
+                    Probe::Unreachable(text)
+                }
+            }
+        }
+    }
+
+    /// Uploads the file of segment `n` and confirms it: the store's size and ETag (the MD5 of a
+    /// single-part upload) must match the file. Answers the bytes uploaded.
+    pub fn upload(&self, n: u32, file: &Path) -> Result<u64, ArchiveError> {
+        let f = std::fs::File::open(file)
+            .map_err(|e| ArchiveError::Io(format!("{}: {e}", file.display())))?;
+        let len = f
+            .metadata()
+            .map_err(|e| ArchiveError::Io(e.to_string()))?
+            .len();
+        let body = if len == 0 {
+            bytes::Bytes::new()
+        } else {
+            // SAFETY: sealed segments are never written again; a mapping of one stays valid
+            // even if compaction unlinks the file meanwhile.
+            let map = unsafe { memmap2::Mmap::map(&f) }
+                .map_err(|e| ArchiveError::Io(format!("{}: {e}", file.display())))?;
+            bytes::Bytes::from_owner(map)
+        };
+        let md5 = crate::store::hex(&Md5::digest(&body));
+        let store = self.store.clone();
+        let path = self.object(n);
+        let meta = self.wait(async move {
+            store.put(&path, PutPayload::from(body)).await?;
+            store.head(&path).await
+        })?;
+        let meta = meta.map_err(|e| remote_err(&format!("upload of segment {n}"), e))?;
+        let etag = meta.e_tag.unwrap_or_default();
+        if meta.size != len || etag.trim_matches('"') != md5 {
+            return Err(ArchiveError::Remote(format!(
+                "upload of segment {n} not confirmed: the store has {} bytes, ETag {etag}; the file {len} bytes, MD5 {md5}",
+                meta.size
+            )));
+        }
+        Ok(len)
+    }
+
+    /// Bytes `offset..offset + len` of segment `n`.
+    pub fn read_range(&self, n: u32, offset: u64, len: u64) -> Result<Vec<u8>, ArchiveError> {
+        let store = self.store.clone();
+        let path = self.object(n);
+        let got = self.wait(async move { store.get_range(&path, offset..offset + len).await })?;
+        let got = got.map_err(|e| remote_err(&format!("read of segment {n}"), e))?;
+        if got.len() as u64 != len {
+            return Err(ArchiveError::Remote(format!(
+                "read of segment {n} at {offset}: {} bytes, wanted {len}",
+                got.len()
+            )));
+        }
+        Ok(got.to_vec())
+    }
+
+    /// The whole of segment `n`.
+    pub fn read_all(&self, n: u32) -> Result<Vec<u8>, ArchiveError> {
+        let store = self.store.clone();
+        let path = self.object(n);
+        let got = self.wait(async move { store.get(&path).await?.bytes().await })?;
+        Ok(got
+            .map_err(|e| remote_err(&format!("read of segment {n}"), e))?
+            .to_vec())
+    }
+
+    /// Deletes segment `n` (gone already counts as done).
+    pub fn delete(&self, n: u32) -> Result<(), ArchiveError> {
+        let store = self.store.clone();
+        let path = self.object(n);
+        match self.wait(async move { store.delete(&path).await })? {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(remote_err(&format!("delete of segment {n}"), e)),
+        }
+    }
+
+    /// Names and sizes of the segments in the store (tests, `verify`).
+    pub fn list(&self) -> Result<Vec<(u32, u64)>, ArchiveError> {
+        use futures_util::TryStreamExt;
+        let store = self.store.clone();
+        let dir = if self.prefix.is_empty() {
+            ObjectPath::from("segments")
+        } else {
+            ObjectPath::from(format!("{}/segments", self.prefix))
+        };
+        let metas = self.wait(async move {
+            store
+                .list(Some(&dir))
+                .try_collect::<Vec<object_store::ObjectMeta>>()
+                .await
+        })?;
+        let metas = metas.map_err(|e| remote_err("list", e))?;
+        let mut out: Vec<(u32, u64)> = metas
+            .iter()
+            .filter_map(|m| {
+                let name = m.location.filename()?;
+                let n = name.strip_suffix(".seg")?.parse::<u32>().ok()?;
+                Some((n, m.size))
+            })
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+}
