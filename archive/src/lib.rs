@@ -279,7 +279,11 @@ impl Compressors {
 }
 
 /// The object store's upkeep: a pass a second while it works; after a failure, waits that
-/// double up to a minute (an unreachable store is not hammered), then a pass again.
+/// double up to [`UPLOAD_BACKOFF_MAX`] (an unreachable store is not hammered), then a pass again.
+/// The longest wait between passes while the object store fails: an attempt costs one refused
+/// connection or one error reply, and segments should not wait long once it is back.
+const UPLOAD_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
 fn upload_loop(store: &Store, stopped: &crossbeam_channel::Receiver<()>) {
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -297,7 +301,7 @@ fn upload_loop(store: &Store, stopped: &crossbeam_channel::Receiver<()>) {
                     "archive: object store upkeep failed, segments stay local: {e}"
                 );
                 let wait = backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(60));
+                backoff = (backoff * 2).min(UPLOAD_BACKOFF_MAX);
                 wait
             }
         };
@@ -325,6 +329,14 @@ impl Archive {
             .as_ref()
             .map(remote::Remote::new)
             .transpose()?;
+        Archive::open_with(opts, remote)
+    }
+
+    /// [`Archive::open`] with the object store given (`opts.object_store` is not read).
+    pub fn open_with(
+        opts: &Options,
+        remote: Option<remote::Remote>,
+    ) -> Result<Archive, ArchiveError> {
         let store = Arc::new(Store::open_with(&opts.dir, remote, opts.cache_bytes)?);
         let (search, indexer) = index::open(
             &opts.dir.join("index"),
@@ -550,18 +562,34 @@ impl Archive {
         let total = self.store.totals()?.items;
         let mut v = Verified::default();
         let mut after = 0;
+        let mut fetched: Option<u32> = None;
         loop {
             let batch = self.store.items_after(after, 1024, |_| true)?;
             let Some(last) = batch.last() else { break };
             after = last.seq;
             for item in &batch {
                 v.items += 1;
+                // Segments in the object store come back whole, once each.
+                let segment = self.store.segment_of(&item.hash)?;
+                if segment != fetched {
+                    if let Some(done) = fetched {
+                        self.store.release(done);
+                    }
+                    if let Some(n) = segment {
+                        // A failed download leaves the reads below to fetch each record.
+                        let _ = self.store.fetch_segment(n);
+                    }
+                    fetched = segment;
+                }
                 match self.store.raw(&item.hash) {
                     Ok(_) => v.ok += 1,
                     Err(e) => v.bad.push((item.seq, e.to_string())),
                 }
             }
             progress(v.items, total);
+        }
+        if let Some(done) = fetched {
+            self.store.release(done);
         }
         self.flush_index()?;
         v.index_entries = self.index.entries();

@@ -35,6 +35,9 @@ const HELD: &str = "held";
 /// Requests taken into one group commit at most.
 const GROUP_MAX: usize = 512;
 const GROUP_BYTES_MAX: usize = 32 << 20;
+/// After a failed read from the object store, reads of evicted segments fail at once for this
+/// long (a search listing items then shows them without their subjects, quickly).
+const FETCH_PAUSE_MS: u64 = 5_000;
 
 /// The catalog and the segment files.
 pub struct Store {
@@ -51,6 +54,11 @@ pub struct Store {
     /// When each segment was last read (a counter), for evicting the least recently read.
     last_read: Mutex<HashMap<u32, u64>>,
     reads: AtomicU64,
+    /// When a read from the object store last failed (ms): reads soon after fail at once
+    /// instead of each waiting for its own timeouts and retries.
+    fetch_failed_ms: AtomicU64,
+    /// Segments brought back whole for a bulk read, not evicted until released.
+    pinned: Mutex<std::collections::HashSet<u32>>,
     /// Object store traffic since start.
     pub remote_counters: RemoteCounters,
 }
@@ -215,6 +223,8 @@ impl Store {
             cache_bytes,
             last_read: Mutex::new(HashMap::new()),
             reads: AtomicU64::new(0),
+            fetch_failed_ms: AtomicU64::new(0),
+            pinned: Mutex::new(std::collections::HashSet::new()),
             remote_counters: RemoteCounters::default(),
         };
         store.tidy_segments()?;
@@ -227,6 +237,11 @@ impl Store {
         let open_len = self.meta.get(&r, OPEN_LEN)?.unwrap_or(0);
         for entry in std::fs::read_dir(&self.segments_dir).map_err(io)? {
             let path = entry.map_err(io)?.path();
+            if path.extension().is_some_and(|e| e == "part") {
+                // A segment download cut short.
+                std::fs::remove_file(&path).map_err(io)?;
+                continue;
+            }
             let Some(n) = path
                 .file_stem()
                 .and_then(|s| s.to_str())
@@ -401,10 +416,18 @@ impl Store {
                         }
                     )));
                 };
+                let failed = self.fetch_failed_ms.load(Ordering::Relaxed);
+                if now_ms().saturating_sub(failed) < FETCH_PAUSE_MS {
+                    return Err(ArchiveError::Remote(format!(
+                        "segment {n} is in the object store, which failed a read less than {} s ago",
+                        FETCH_PAUSE_MS / 1000
+                    )));
+                }
                 let c = &self.remote_counters;
                 c.fetches.fetch_add(1, Ordering::Relaxed);
                 remote.read_range(n, offset, len).inspect_err(|_| {
                     c.fetch_failures.fetch_add(1, Ordering::Relaxed);
+                    self.fetch_failed_ms.store(now_ms(), Ordering::Relaxed);
                 })
             }
             Err(e) => Err(io(e)),
@@ -421,6 +444,52 @@ impl Store {
             },
             Err(e) => Err(io(e)),
         }
+    }
+
+    /// The segment holding a body.
+    pub fn segment_of(&self, hash: &[u8; 32]) -> Result<Option<u32>, ArchiveError> {
+        let r = self.env.read_txn()?;
+        Ok(self
+            .blobs
+            .get(&r, hash)?
+            .and_then(BlobLoc::decode)
+            .map(|l| l.segment))
+    }
+
+    /// Brings segment `n` back from the object store into the local cache whole, for a read of
+    /// many of its records (one GET instead of one per record), and keeps it from eviction
+    /// until [`Store::release`]. Nothing to do when it is local or not in the store.
+    pub fn fetch_segment(&self, n: u32) -> Result<(), ArchiveError> {
+        self.pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(n);
+        let path = seg_path(&self.segments_dir, n);
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        if path.exists() || !self.segment(n)?.is_some_and(|s| s.remote) {
+            return Ok(());
+        }
+        let part = path.with_extension("part");
+        let c = &self.remote_counters;
+        c.fetches.fetch_add(1, Ordering::Relaxed);
+        let got = remote
+            .download(n, &part)
+            .and_then(|_| std::fs::rename(&part, &path).map_err(io));
+        if got.is_err() {
+            c.fetch_failures.fetch_add(1, Ordering::Relaxed);
+            let _ = std::fs::remove_file(&part);
+        }
+        got
+    }
+
+    /// Lets segment `n` be evicted again.
+    pub fn release(&self, n: u32) {
+        self.pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&n);
     }
 
     fn segment(&self, n: u32) -> Result<Option<Segment>, ArchiveError> {
@@ -531,9 +600,14 @@ impl Store {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let pinned = self
+            .pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut cached: Vec<(u64, u32, u64)> = Vec::new();
         for seg in self.segments()? {
-            if seg.n == open || !seg.remote {
+            if seg.n == open || !seg.remote || pinned.contains(&seg.n) {
                 continue;
             }
             if let Ok(m) = std::fs::metadata(seg_path(&self.segments_dir, seg.n)) {

@@ -385,3 +385,95 @@ async fn mirroring_copies_local_items_once_and_a_wrong_secret_copies_nothing() {
 }
 
 use std::sync::atomic::Ordering;
+
+/// Sealed segments on an object store (`object_store`'s in-memory one): uploaded and confirmed,
+/// evicted past a cache of 0 bytes, read back by range; retention and compaction write new
+/// segments and delete a replaced object only once the segment holding its records is
+/// confirmed; verify brings each segment back once.
+#[test]
+fn segments_on_an_object_store_survive_eviction_retention_and_compaction() {
+    use object_store::ObjectStore;
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = Options::new(dir.path().to_path_buf());
+    o.free_bytes_min = 0;
+    o.index_heap_bytes = 15 << 20;
+    o.segment_bytes_max = 4096;
+    o.cache_bytes = 0;
+    let memory: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+    let remote = remote::Remote::over(memory, "unit").unwrap();
+    let a = Archive::open_with(&o, Some(remote)).unwrap();
+    let body = |i: u32| -> Vec<u8> {
+        (0..600u32)
+            .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(i * 7919) >> 13) as u8)
+            .collect()
+    };
+    let mut seqs = Vec::new();
+    for i in 0..80u32 {
+        let raw = body(i);
+        let mut m = incoming(&format!("r-{i}"), &raw, "bob@example.net");
+        m.arrived_ms = 1_000 + u64::from(i); // long ago
+        seqs.push(a.archive(m, &raw).unwrap().seq);
+    }
+    let objects = |a: &Archive| a.store().remote().unwrap().list().unwrap();
+    a.sync_remote().unwrap();
+    let t = a.status().unwrap().totals;
+    assert!(t.remote_segments >= 4, "{t:?}");
+    assert_eq!(t.pending_segments, 0);
+    assert_eq!(t.cached_bytes, 0, "a cache of 0 bytes keeps nothing");
+    assert_eq!(objects(&a).len() as u64, t.remote_segments);
+    let local = std::fs::read_dir(dir.path().join("segments"))
+        .unwrap()
+        .count();
+    assert_eq!(local, 1, "only the open segment stays local");
+    for (i, s) in seqs.iter().enumerate() {
+        assert_eq!(
+            a.raw(*s).unwrap().1,
+            body(i as u32),
+            "item {s} read back by range"
+        );
+    }
+    assert!(a.status().unwrap().remote.unwrap().fetches >= 60);
+
+    // Retention removes most items; compaction rewrites sparse segments into the open one.
+    a.hold(&seqs[..5], true).unwrap();
+    assert_eq!(a.expire(Duration::from_secs(86_400), |_| {}).unwrap(), 75);
+    let before = objects(&a);
+    let report = a.compact(50).unwrap();
+    assert!(report.segments >= 3, "{report:?}");
+    // Their records now live in the open segment, which is not in the store: the old
+    // objects stay.
+    a.sync_remote().unwrap();
+    assert_eq!(
+        objects(&a),
+        before,
+        "replaced objects kept until their records are confirmed"
+    );
+    // New mail seals the segment holding the moved records; once it is confirmed, the
+    // replaced objects go.
+    for i in 80..100u32 {
+        let raw = body(i);
+        a.archive(incoming(&format!("r-{i}"), &raw, "bob@example.net"), &raw)
+            .unwrap();
+    }
+    a.sync_remote().unwrap();
+    let after = objects(&a);
+    let t = a.status().unwrap().totals;
+    assert_eq!(after.len() as u64, t.remote_segments, "{after:?} {t:?}");
+    assert!(a.status().unwrap().remote.unwrap().deletes >= 3);
+    for (i, s) in seqs[..5].iter().enumerate() {
+        assert_eq!(
+            a.raw(*s).unwrap().1,
+            body(i as u32),
+            "held item after compaction"
+        );
+    }
+    let fetches = a.status().unwrap().remote.unwrap().fetches;
+    let v = a.verify(|_, _| {}).unwrap();
+    assert_eq!((v.items, v.ok), (25, 25), "{:?}", v.bad);
+    let segment_gets = a.status().unwrap().remote.unwrap().fetches - fetches;
+    assert!(
+        segment_gets <= t.remote_segments,
+        "verify fetched {segment_gets} times for {} segments",
+        t.remote_segments
+    );
+}

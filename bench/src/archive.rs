@@ -10,7 +10,9 @@
 //! 3. search latency per query kind at `--search-items` items (p50/p99 of 200 queries each);
 //! 4. mirror catch-up: a backlog of `--backlog` items copied to a second archive over the
 //!    authenticated peer link on loopback;
-//! 5. the process's peak RSS.
+//! 5. with `--parts object-store`: upload throughput of sealed segments to a three-node Garage
+//!    cluster on loopback, and retrieval latency from a cold local cache beside local reads;
+//! 6. the process's peak RSS.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::ingest::{load, spoold_binary, Load, Spoold};
@@ -39,7 +41,7 @@ pub struct Args {
     /// Corpus seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Parts to run, comma-separated: ingest, search, mirror.
+    /// Parts to run, comma-separated: ingest, search, mirror, object-store (needs `garage`).
     #[arg(long, default_value = "ingest,search,mirror", value_delimiter = ',')]
     parts: Vec<String>,
     /// Threads archiving at once (the daemon archives from up to `delivery.concurrency_max`
@@ -348,6 +350,9 @@ pub fn run(a: Args) -> Result<()> {
     if part("mirror") {
         run_mirror(&a, &mut keep)?;
     }
+    if part("object-store") {
+        run_object_store(&a, &mut keep)?;
+    }
     println!(
         "\nbench process: peak RSS {:.0} MiB; now {:.0} MiB anonymous, {:.0} MiB file-backed (mapped catalog and index pages, reclaimable)",
         status_mib("VmHWM:"),
@@ -600,5 +605,99 @@ fn run_mirror(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
     drop(rt);
     keep.push(src);
     keep.push(dst);
+    Ok(())
+}
+
+/// Sealed segments uploaded to a local Garage cluster (three nodes, replication factor 3):
+/// the corpus is archived locally (16 MiB segments), then the archive is reopened with the
+/// object store and timed until every sealed segment is confirmed; then 500 random items are
+/// read back from the local segments and again after the local cache is emptied (each read a
+/// ranged GET, checked and decompressed).
+fn run_object_store(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
+    let garage = tests::garage::Garage::start(3);
+    let (mut mbps, mut segps, mut local, mut remote) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut segments = 0;
+    for run in 0..a.runs {
+        let dir = crate::scratch_dir(None)?;
+        let adir = dir.path().join("archive");
+        let mut o = Options::new(adir.clone());
+        o.free_bytes_min = 1 << 30;
+        o.segment_bytes_max = 16 << 20;
+        o.cache_bytes = u64::MAX;
+        {
+            std::fs::create_dir_all(&adir)?;
+            let mut corpus = Corpus::new(a.seed + run as u64);
+            let archive = Archive::open(&o)?;
+            for i in 0..a.messages {
+                let (raw, from, to) = corpus.next();
+                archive.archive(incoming(i, a.messages, &raw, from, to), &raw)?;
+            }
+        }
+        o.object_store = Some(archive::ObjectStoreConfig {
+            endpoint: garage.endpoint(0),
+            bucket: garage.bucket.clone(),
+            region: "garage".into(),
+            prefix: format!("bench/run{run}"),
+            access_key_id: garage.key_id.clone(),
+            secret_access_key: garage.secret.clone(),
+        });
+        let t = Instant::now();
+        let archive = Archive::open(&o)?;
+        let waiting = archive.status()?.totals;
+        while archive.status()?.totals.pending_segments > 0 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let took = t.elapsed().as_secs_f64();
+        segments = waiting.pending_segments;
+        mbps.push(waiting.pending_bytes as f64 / 1e6 / took);
+        segps.push(waiting.pending_segments as f64 / took);
+        let mut rng = StdRng::seed_from_u64(a.seed);
+        let picks: Vec<u64> = (0..500)
+            .map(|_| rng.gen_range(1..=a.messages as u64))
+            .collect();
+        let time_reads = || -> Result<Vec<f64>> {
+            picks
+                .iter()
+                .map(|&seq| {
+                    let t = Instant::now();
+                    archive.raw(seq)?;
+                    Ok(t.elapsed().as_secs_f64() * 1000.0)
+                })
+                .collect()
+        };
+        local.push(time_reads()?);
+        archive.drop_cache()?;
+        remote.push(time_reads()?);
+        let fetched = archive.status()?.remote.map(|r| r.fetches).unwrap_or(0);
+        eprintln!(
+            "run {run}: {} segments, {:.1} MB uploaded in {took:.2} s; {fetched} records fetched",
+            waiting.pending_segments,
+            waiting.pending_bytes as f64 / 1e6
+        );
+        keep.push(dir);
+    }
+    let p = |runs: &mut Vec<Vec<f64>>, q: f64| {
+        crate::median(runs.iter_mut().map(|v| pct(v, q)).collect())
+    };
+    println!(
+        "\nobject store: a three-node Garage cluster on loopback (replication factor 3), {segments} sealed segments of 16 MiB per run"
+    );
+    println!("\n| path | figure |\n|---|---|");
+    println!(
+        "| upload of sealed segments, confirmed (size and MD5 ETag) | {:.1} MB/s, {:.2} segments/s |",
+        crate::median(mbps),
+        crate::median(segps)
+    );
+    println!(
+        "| read an item, segment on local disk: p50 / p99 | {:.2} / {:.2} ms |",
+        p(&mut local, 0.5),
+        p(&mut local, 0.99)
+    );
+    println!(
+        "| read an item, cold cache (ranged GET from the store): p50 / p99 | {:.2} / {:.2} ms |",
+        p(&mut remote, 0.5),
+        p(&mut remote, 0.99)
+    );
     Ok(())
 }

@@ -1,0 +1,317 @@
+//! The archive on a real Garage cluster (three nodes on loopback, replication factor 3): sealed
+//! segments land as objects and leave the local disk (a cache of 0 bytes), one node killed
+//! changes nothing (quorum), the whole store stopped keeps ingest, delivery and search going
+//! while segments wait locally and uploads back off, and everything is uploaded once it
+//! returns; every body then reads back from the store, byte for byte. A key denied at run time
+//! is a counted failure, not a crash; a wrong secret fails `--check-config` and the start.
+//! Needs `garage` (scripts/test installs it with cargo).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::process::Command;
+use tests::garage::{garage_bin, Garage};
+use tests::{spoolctl, wait_until, write_config, Client, Daemon, SmtpSink};
+
+fn status(d: &Daemon) -> Value {
+    let (code, out, err) = spoolctl(d, &["--json", "archive", "status"]);
+    assert_eq!(code, 0, "archive status: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn store_state(d: &Daemon, key: &str) -> u64 {
+    status(d)["object_store"][key].as_u64().unwrap()
+}
+
+/// A body of `len` bytes that compresses like real mail with attachments (about 3:4), so that
+/// a few thousand messages fill several 1 MiB segments.
+fn body(seed: usize, len: usize) -> Vec<u8> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed as u64);
+    let mut b = format!(
+        "From: s{seed}@example.com\r\nSubject: object store {seed}\r\nMessage-ID: <{seed}@os.test>\r\n\r\n"
+    )
+    .into_bytes();
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    while b.len() < len {
+        for _ in 0..76 {
+            b.push(ALPHABET[rng.gen_range(0..64)]);
+        }
+        b.extend_from_slice(b"\r\n");
+    }
+    b
+}
+
+/// Sends messages `first..first + n` over 4 sessions; every one must get `250`.
+fn send(addr: SocketAddr, first: usize, n: usize) {
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let (mut c, _) = Client::connect(addr);
+                assert!(c.cmd("EHLO os").starts_with("250"));
+                for seed in (first..first + n).filter(|s| s % 4 == t) {
+                    let r = c.send_mail("s@example.com", &["r@example.org"], &body(seed, 3000));
+                    assert!(r.starts_with("250"), "message {seed}: {r}");
+                }
+                let _ = c.cmd("QUIT");
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+fn items(d: &Daemon) -> u64 {
+    status(d)["items"].as_u64().unwrap()
+}
+
+/// Waits until `n` items are archived and nothing waits for upload; answers the segments in
+/// the store.
+fn all_uploaded(d: &Daemon, g: &Garage, n: u64, secs: u64) -> u64 {
+    assert!(
+        wait_until(secs, || items(d) == n
+            && store_state(d, "pending_segments") == 0),
+        "not all uploaded: {}\n{}\n{}",
+        status(d),
+        d.log_text(),
+        g.diagnose()
+    );
+    store_state(d, "remote_segments")
+}
+
+fn local_segments(d: &Daemon) -> usize {
+    std::fs::read_dir(d.state.join("archive/segments"))
+        .unwrap()
+        .count()
+}
+
+fn skip() -> bool {
+    if garage_bin().is_none() {
+        eprintln!("skipped: needs garage (scripts/test installs it)");
+        assert!(std::env::var_os("CI").is_none(), "CI must run this test");
+        return true;
+    }
+    false
+}
+
+#[test]
+fn archive_on_a_garage_cluster_survives_a_node_and_the_whole_store_going_down() {
+    if skip() {
+        return;
+    }
+    let mut g = Garage::start(3);
+    let sink = SmtpSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "node_name = \"os_a\"\n[delivery]\ndefault_next_hop = \"{}\"\nretry_schedule_secs = [1]\n\
+             [archive]\nsegment_bytes_max = 1048576\ncache_bytes = 0\n{}",
+            sink.addr,
+            g.archive_config(0, "units/os_a", dir.path())
+        ),
+    );
+    let d = Daemon::start_delivering(&["--config", &cfg]);
+    let t0 = std::time::Instant::now();
+    let at = || format!("[{:.1} s]", t0.elapsed().as_secs_f64());
+
+    // A few thousand messages: every sealed segment becomes an object and leaves the disk.
+    send(d.smtp, 0, 2500);
+    let stored = all_uploaded(&d, &g, 2500, 120);
+    eprintln!("{} 2500 messages: {stored} segments in the store", at());
+    assert!(stored >= 4, "{}", status(&d));
+    assert_eq!(g.objects(), stored, "Garage's own count");
+    assert_eq!(local_segments(&d), 1, "only the open segment stays local");
+
+    // One node down: the other two are a quorum; uploads go on.
+    g.kill(2);
+    send(d.smtp, 2500, 1000);
+    let with_one_down = all_uploaded(&d, &g, 3500, 120);
+    eprintln!(
+        "{} one Garage node killed: {with_one_down} segments in the store",
+        at()
+    );
+    assert!(with_one_down > stored);
+
+    // The whole store down: ingest, delivery and search go on, segments wait locally.
+    g.kill(0);
+    g.kill(1);
+    send(d.smtp, 3500, 1500);
+    assert!(wait_until(60, || items(&d) == 5000), "{}", status(&d));
+    assert!(
+        wait_until(30, || store_state(&d, "pending_segments") >= 1
+            && store_state(&d, "upload_failures") >= 1),
+        "{}",
+        status(&d)
+    );
+    let waiting = store_state(&d, "pending_segments");
+    assert!(
+        local_segments(&d) as u64 > waiting,
+        "waiting segments stay on disk"
+    );
+    let pending_metric = d
+        .metric("spoold_archive_remote_segments{state=\"pending\"}")
+        .unwrap_or(0.0);
+    assert!(pending_metric >= 1.0, "{pending_metric}");
+    let metric = |name: &str| d.metric(name).unwrap_or(0.0);
+    assert!(
+        wait_until(20, || metric("spoold_archive_remote_pending_bytes") > 0.0
+            && metric("spoold_archive_remote_pending_oldest_age_seconds") > 0.0
+            && metric(
+                "spoold_archive_remote_operations_total{op=\"upload\",result=\"failed\"}"
+            ) >= 1.0),
+        "store-down metrics"
+    );
+    let (code, out, err) = spoolctl(
+        &d,
+        &[
+            "--json",
+            "archive",
+            "search",
+            "--limit",
+            "10",
+            "msgid:<7@os.test>",
+        ],
+    );
+    assert_eq!(code, 0, "search with the store down: {err}");
+    let found: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(found["total"], 1, "{found}");
+    eprintln!(
+        "{} store down: {waiting} segments waiting locally, search answers",
+        at()
+    );
+
+    // Back: everything is uploaded, and every body reads back from the store.
+    for i in 0..3 {
+        g.restart(i);
+    }
+    let after = all_uploaded(&d, &g, 5000, 180);
+    assert_eq!(g.objects(), after);
+    assert_eq!(local_segments(&d), 1);
+    eprintln!("{} store back, all uploaded", at());
+    assert!(
+        wait_until(20, || metric("spoold_archive_remote_upload_bytes_total")
+            > 5e6
+            && metric(
+                "spoold_archive_remote_operations_total{op=\"evict\",result=\"ok\"}"
+            ) >= after as f64
+            && metric("spoold_archive_remote_pending_bytes") == 0.0),
+        "upload metrics"
+    );
+    assert_eq!(metric("spoold_archive_cache_bytes"), 0.0);
+    let (code, out, err) = spoolctl(&d, &["--json", "archive", "verify"]);
+    assert_eq!(code, 0, "verify: {out}{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ok"], 5000, "{v}");
+    // One GET per segment (verify brings each back whole, then lets it be evicted).
+    assert!(store_state(&d, "fetches") >= after, "{}", status(&d));
+    assert!(wait_until(10, || local_segments(&d) == 1));
+    let fetches = store_state(&d, "fetches");
+    eprintln!("{} verified from the store", at());
+    for seed in [0usize, 2600, 4999] {
+        let id = {
+            let (_, out, _) = spoolctl(
+                &d,
+                &[
+                    "--json",
+                    "archive",
+                    "search",
+                    &format!("msgid:<{seed}@os.test>"),
+                ],
+            );
+            let v: Value = serde_json::from_str(&out).unwrap();
+            v["items"][0]["id"].as_str().unwrap().to_string()
+        };
+        let out = tests::spoolctl_output(&d, &["archive", "export", &id]);
+        assert!(out.status.success());
+        assert_eq!(
+            tests::strip_received(&out.stdout),
+            &body(seed, 3000)[..],
+            "message {seed} exported from the store"
+        );
+    }
+    assert!(
+        store_state(&d, "fetches") >= fetches + 3,
+        "each export reads its record from the store"
+    );
+    assert!(
+        wait_until(30, || sink.arrivals().len() == 5000),
+        "{} delivered",
+        sink.arrivals().len()
+    );
+    assert!(
+        sink.arrivals().values().all(|n| *n == 1),
+        "every message delivered once"
+    );
+
+    // The key denied at run time: counted failures, no crash; allowed again: caught up.
+    let failed_before = store_state(&d, "upload_failures");
+    g.allow(false);
+    send(d.smtp, 5000, 1000);
+    assert!(
+        wait_until(60, || store_state(&d, "upload_failures") > failed_before),
+        "{}",
+        status(&d)
+    );
+    assert!(d.http("/healthz").map(|(c, _)| c == 200).unwrap_or(false));
+    g.allow(true);
+    all_uploaded(&d, &g, 6000, 180);
+    eprintln!(
+        "{} key denied then allowed: {} upload failures counted, all uploaded after",
+        at(),
+        store_state(&d, "upload_failures") - failed_before
+    );
+}
+
+#[test]
+fn a_wrong_secret_fails_the_config_check_and_the_start() {
+    if skip() {
+        return;
+    }
+    let g = Garage::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let good = write_config(
+        dir.path(),
+        &format!("[archive]\n{}", g.archive_config(0, "check", dir.path())),
+    );
+    let ok = Command::new(tests::spoold_bin())
+        .args(["--config", &good, "--check-config"])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    std::fs::write(dir.path().join("s3.secret"), "0".repeat(64)).unwrap();
+    let bad = Command::new(tests::spoold_bin())
+        .args(["--config", &good, "--check-config"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("archive.object_store") && err.contains("refused"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(&"0".repeat(64)),
+        "the secret is never printed"
+    );
+    let start = Command::new(tests::spoold_bin())
+        .args(["--config", &good])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args([
+            "--smtp-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&start.stderr);
+    assert!(!start.status.success(), "started with a refused key");
+    assert!(err.contains("archive.object_store"), "{err}");
+}
