@@ -74,6 +74,14 @@ pub enum Request {
         #[serde(default)]
         progress: bool,
     },
+    /// Follow messages through this unit and its partner: [`Tracked`].
+    Track {
+        /// `id:`, `msgid:`, `from:`, `to:`, a bare term (any of those), `after:`/`before:`
+        /// (RFC 3339 or ms since the epoch); terms ANDed.
+        query: String,
+        /// Events returned at most.
+        limit: usize,
+    },
     /// Search the archive: [`ArchiveFound`].
     ArchiveSearch {
         /// The query (from: to: subject: msgid: after: before: has:attachment size:> words).
@@ -233,6 +241,44 @@ pub struct ArchiveStatus {
     /// The object store holding sealed segments, when there is one.
     #[serde(default)]
     pub object_store: Option<ObjectStoreState>,
+}
+
+/// One thing that happened to a message on a unit (a line of its tracking log).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackEvent {
+    /// When, ms since the epoch.
+    pub t: u64,
+    /// The unit (node name).
+    pub unit: String,
+    /// Spool id.
+    pub id: String,
+    /// What: `accepted`, `inserted`, `replicated`, `scanned`, `delivered`, `deferred`,
+    /// `failed`, `bounced`, `archived`, `removed`, `deleted`, `recovered`, `replica-removed`.
+    pub ev: String,
+    /// Details (client and size, next hop and reply, verdict, ...).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    /// Envelope sender, on events that name the envelope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Envelope recipients, on events that name the envelope.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<String>,
+    /// The Message-ID header, on events that name the envelope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msgid: Option<String>,
+}
+
+/// [`Request::Track`]: the events of every reachable unit, oldest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tracked {
+    /// The events.
+    pub events: Vec<TrackEvent>,
+    /// More events matched than the limit.
+    pub capped: bool,
+    /// Units that could not be asked, and why.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// The object store of [`ArchiveStatus`].

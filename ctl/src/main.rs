@@ -60,6 +60,19 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ArchiveCmd,
     },
+    /// Follow messages through this unit and its partner: every event of the messages QUERY
+    /// selects (accepted, replicated, scanned, each delivery attempt, bounced, archived,
+    /// removed, moved by takeover recovery), oldest first, naming the unit of each.
+    /// QUERY: id:ID msgid:<...> from:ADDR to:ADDR or a bare term (any of them), narrowed by
+    /// after:/before: (RFC 3339 or ms since the epoch); terms ANDed.
+    Track {
+        /// The query words.
+        #[arg(required = true)]
+        query: Vec<String>,
+        /// Events shown at most (a clear message says when more matched).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
     /// Takeover recovery, run on the unit that is active after takeback: list the partner's
     /// leftovers in spool/ and vscan/ over the authenticated peer link, keep there the copies
     /// of messages held here (they are replicas), copy the rest that was not delivered here
@@ -316,6 +329,37 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
             }
         }
         Cmd::Archive { cmd } => archive_human(cmd, data, &mut out)?,
+        Cmd::Track { limit, .. } => {
+            let r: api::Tracked = data_as(data)?;
+            for e in &r.events {
+                let when = chrono::DateTime::from_timestamp_millis(e.t as i64)
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+                    .unwrap_or_default();
+                let mut line = format!("{when}  {:<12} {:<15} {}", e.unit, e.ev, e.id);
+                if let Some(from) = &e.from {
+                    line.push_str(&format!("  <{from}> -> {}", e.to.join(", ")));
+                }
+                if let Some(m) = &e.msgid {
+                    line.push_str(&format!("  {m}"));
+                }
+                if !e.detail.is_empty() {
+                    line.push_str(&format!("  {}", e.detail));
+                }
+                out.push_str(&line);
+                out.push('\n');
+            }
+            if r.events.is_empty() {
+                out.push_str("no events\n");
+            }
+            if r.capped {
+                out.push_str(&format!(
+                    "-- capped at {limit} events: narrow the query (id:, after:, before:) or raise --limit\n"
+                ));
+            }
+            for n in &r.notes {
+                out.push_str(&format!("-- {n}\n"));
+            }
+        }
         Cmd::Flush => {
             let r: api::Flushed = data_as(data)?;
             out.push_str(&format!("requeued {}\n", r.requeued));
@@ -480,6 +524,10 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
         Cmd::Role { role } => Request::Role { role: role.clone() },
         Cmd::Insert => Request::Insert,
         Cmd::Flush => Request::Flush,
+        Cmd::Track { query, limit } => Request::Track {
+            query: query.join(" "),
+            limit: *limit,
+        },
         Cmd::Recover { dry_run, from_dir } => {
             let req = Request::Recover {
                 dry_run: *dry_run,

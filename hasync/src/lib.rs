@@ -79,6 +79,11 @@ pub trait ReplicaStore: Send + Sync {
     fn remove_many(&self, ids: &[MessageId]) -> std::io::Result<()> {
         ids.iter().try_for_each(|id| self.remove(id))
     }
+    /// Answers the partner's message-tracking query ([`proto::recovery_op::TRACK`]) from this
+    /// unit's tracking log; the request and the answer are the daemon's own format.
+    fn track(&self, _request: &[u8]) -> Result<Bytes, String> {
+        Err("this unit keeps no tracking log".into())
+    }
 }
 
 /// Told what replication does; every method must be cheap.

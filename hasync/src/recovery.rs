@@ -175,6 +175,7 @@ impl Replicator {
             LEDGER => Ok(Bytes::from(
                 self.log.delivered().map_err(|e| e.to_string())?.join("\n"),
             )),
+            TRACK => self.store.track(arg),
             other => Err(format!("unknown recovery operation {other}")),
         }
     }
@@ -243,6 +244,11 @@ impl RecoveryClient {
         let text = String::from_utf8_lossy(&data);
         text.parse()
             .map_err(|_| RecoveryError::Malformed(format!("count {text:?}")))
+    }
+
+    /// The partner's answer to a message-tracking query (both in the daemon's format).
+    pub async fn track(&mut self, request: &[u8]) -> Result<Bytes, RecoveryError> {
+        self.call(proto::recovery_op::TRACK, request).await
     }
 
     /// The ids in the partner's delivered ledger.

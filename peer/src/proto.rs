@@ -156,6 +156,9 @@ pub mod recovery_op {
     /// were not delivered there (its ledger), newline-separated: the sender's rebuild of its
     /// `ADD`s after a start (not takeover recovery, but the same request/reply frames).
     pub const MISSING: u8 = 5;
+    /// Message tracking: the events of this unit's tracking log that a query selects (the
+    /// argument and the answer are the daemon's, opaque here).
+    pub const TRACK: u8 = 6;
 }
 
 /// Operations of the archive mirror channel (`Request` from the copying side, `Reply` from

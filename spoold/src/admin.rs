@@ -28,6 +28,9 @@ async fn write_progress<W: tokio::io::AsyncWrite + Unpin>(
 }
 
 /// Runs `work`, sending the progress lines it reports (if asked) before its answer.
+/// How long `spoolctl track` waits for the partner's events.
+const TRACK_PARTNER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn with_progress<W, T>(
     w: &mut W,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<api::Progress>,
@@ -137,6 +140,10 @@ impl Admin {
                             };
                             with_progress(&mut w, rx, work, progress).await
                         }
+                        Ok(Request::Track { query, limit }) => match me.track(query, limit).await {
+                            Ok(t) => Line::reply(&serde_json::json!(t)),
+                            Err(e) => Line::refused(e),
+                        },
                         Ok(req) => {
                             let me2 = me.clone();
                             match tokio::task::spawn_blocking(move || me2.handle(req)).await {
@@ -164,6 +171,52 @@ impl Admin {
         Folder::LIVE
             .into_iter()
             .find(|&f| self.layout.path(f, id, Part::Env).exists())
+    }
+
+    /// `spoolctl track`: this unit's events and the partner's (over the peer link), merged by
+    /// time; a partner that cannot be asked is named in the answer's notes.
+    async fn track(&self, query: String, limit: usize) -> Result<api::Tracked, String> {
+        let limit = limit.clamp(1, 100_000);
+        let track = self.lifecycle.track.clone();
+        let q = query.clone();
+        let (mut events, mut capped) = tokio::task::spawn_blocking(move || track.search(&q, limit))
+            .await
+            .map_err(|e| e.to_string())??;
+        let mut notes = Vec::new();
+        if let Some(r) = &self.replicator {
+            let request = serde_json::json!({ "query": query, "limit": limit }).to_string();
+            let asked = tokio::time::timeout(TRACK_PARTNER_WITHIN, async {
+                let mut c = r.recovery_client().await.map_err(|e| e.to_string())?;
+                c.track(request.as_bytes()).await.map_err(|e| e.to_string())
+            })
+            .await;
+            match asked {
+                Ok(Ok(answer)) => match serde_json::from_slice::<api::Tracked>(&answer) {
+                    Ok(theirs) => {
+                        events.extend(theirs.events);
+                        capped |= theirs.capped;
+                    }
+                    Err(e) => notes.push(format!("partner: unreadable answer: {e}")),
+                },
+                Ok(Err(e)) => notes.push(format!("partner not asked: {e}")),
+                Err(_) => notes.push(format!(
+                    "partner: no answer within {} s",
+                    TRACK_PARTNER_WITHIN.as_secs()
+                )),
+            }
+        }
+        // By time, then unit: the same order whichever unit answers (a unit's own events keep
+        // their log order).
+        events.sort_by(|x, y| (x.t, &x.unit).cmp(&(y.t, &y.unit)));
+        if events.len() > limit {
+            events.truncate(limit);
+            capped = true;
+        }
+        Ok(api::Tracked {
+            events,
+            capped,
+            notes,
+        })
     }
 
     fn archiving(&self) -> Result<&crate::archiving::Archiving, String> {
@@ -377,9 +430,15 @@ impl Admin {
                     .remove(id, f, false)
                     .map_err(|e| format!("{e:#}"))?;
                 tracing::warn!(id = %id, folder = f.name(), "message deleted by spoolctl");
+                self.lifecycle.track.event(
+                    id,
+                    "deleted",
+                    format!("from {}/ by spoolctl", f.name()),
+                );
                 Ok(())
             }),
             Request::Recover { .. } => Err("recover is handled asynchronously".into()),
+            Request::Track { .. } => Err("track is handled asynchronously".into()),
             Request::Flush => {
                 let mut n = 0;
                 for e in std::fs::read_dir(self.layout.dir(Folder::Spool))

@@ -240,6 +240,13 @@ impl Delivery {
                 .scan_seconds
                 .observe(started.elapsed().as_secs_f64());
             let lifecycle = &self.sink.lifecycle;
+            let verdict = match &outcome {
+                StageOutcome::Clean => "clean".to_string(),
+                StageOutcome::Unscanned => "unscanned".to_string(),
+                StageOutcome::Quarantined(name) => format!("infected: {name}; quarantined"),
+                StageOutcome::Retry(why) => format!("scan failed, retried: {why}"),
+            };
+            lifecycle.track.event(id, "scanned", verdict);
             match outcome {
                 StageOutcome::Clean => {
                     self.metrics
@@ -357,7 +364,20 @@ impl Delivery {
                 Some(hop) => self.send_to(hop, &env, &rcpts, body.bytes()).await,
             };
             if outcome.iter().any(|r| matches!(r, RcptResult::Busy)) {
-                busy = hop;
+                busy = hop.clone();
+            }
+            let via = hop.as_ref().map_or("no route", |h| h.address.as_str());
+            for (&i, r) in idx.iter().zip(&outcome) {
+                let rcpt = &env.recipients[i].address;
+                let (ev, detail) = match r {
+                    RcptResult::Delivered => ("delivered", format!("{rcpt} via {via}")),
+                    RcptResult::Deferred(why) => ("deferred", format!("{rcpt} via {via}: {why}")),
+                    RcptResult::Failed(f) => {
+                        ("failed", format!("{rcpt} via {via}: {}", f.diagnostic))
+                    }
+                    RcptResult::NotTried | RcptResult::Busy => continue,
+                };
+                self.sink.lifecycle.track.event(&id, ev, detail);
             }
             results.extend(idx.into_iter().zip(outcome));
         }
@@ -431,7 +451,16 @@ impl Delivery {
             self.bounce(&env, &failures).await?;
         }
         let archive_failed = match archived {
-            Some(task) => task.await.map_err(|e| e.to_string()).and_then(|r| r).err(),
+            Some(task) => {
+                let failed = task.await.map_err(|e| e.to_string()).and_then(|r| r).err();
+                if failed.is_none() {
+                    self.sink
+                        .lifecycle
+                        .track
+                        .event(&id, "archived", String::new());
+                }
+                failed
+            }
             None => None,
         };
         let all_final = env.recipients.iter().all(|r| r.state != RcptState::Pending);
@@ -486,6 +515,14 @@ impl Delivery {
             .filter(|r| r.state == RcptState::Delivered)
             .count();
         tracing::info!(id = %env.id, delivered, failed = env.recipients.len() - delivered, "message removed from the spool");
+        self.sink.lifecycle.track.event(
+            &env.id,
+            "removed",
+            format!(
+                "{delivered} delivered, {} failed",
+                env.recipients.len() - delivered
+            ),
+        );
     }
 
     async fn bounce(&self, env: &Envelope, failures: &[Failure]) -> anyhow::Result<()> {
@@ -504,6 +541,11 @@ impl Delivery {
             .map_err(|e| anyhow::anyhow!("spool the bounce for {}: {e}", env.id))?;
         self.metrics.bounces.inc();
         tracing::info!(id = %env.id, dsn = %dsn_id, to = %env.sender, "bounce generated");
+        self.sink.lifecycle.track.event(
+            &env.id,
+            "bounced",
+            format!("DSN {dsn_id} to <{}>", env.sender),
+        );
         Ok(())
     }
 }

@@ -143,6 +143,12 @@ impl ReplicaStore for SpoolReplicas {
                 tracing::info!(id = %id, "replica of a message delivered here: ignored");
                 return Ok(Step::Nothing);
             }
+            self.lifecycle.track.event_with(
+                &id,
+                "replicated",
+                format!("from the partner, {} bytes", e.body_len),
+                crate::track::Envelope::of(&e, crate::track::message_id(&body)),
+            );
             let (tx, rx) = tokio::sync::oneshot::channel();
             self.writer.submit(CommitRequest {
                 id: id.clone(),
@@ -191,6 +197,27 @@ impl ReplicaStore for SpoolReplicas {
         self.remove_many(std::slice::from_ref(id))
     }
 
+    fn track(&self, request: &[u8]) -> Result<Bytes, String> {
+        #[derive(serde::Deserialize)]
+        struct Asked {
+            query: String,
+            limit: usize,
+        }
+        let asked: Asked = serde_json::from_slice(request).map_err(|e| e.to_string())?;
+        let (events, capped) = self
+            .lifecycle
+            .track
+            .search(&asked.query, asked.limit.clamp(1, 100_000))?;
+        let answer = api::Tracked {
+            events,
+            capped,
+            notes: Vec::new(),
+        };
+        serde_json::to_vec(&answer)
+            .map(Bytes::from)
+            .map_err(|e| e.to_string())
+    }
+
     fn remove_many(&self, ids: &[MessageId]) -> std::io::Result<()> {
         let mut touched = [false; Folder::LIVE.len()];
         for id in ids {
@@ -201,6 +228,11 @@ impl ReplicaStore for SpoolReplicas {
                 {
                     self.layout.discard_pair(id, f)?;
                     self.lifecycle.removed(id, f);
+                    self.lifecycle.track.event(
+                        id,
+                        "replica-removed",
+                        format!("from {}: delivered or removed on the partner", f.name()),
+                    );
                     touched[k] = true;
                 }
             }

@@ -18,11 +18,13 @@ use crate::queue::Queue;
 use anyhow::{Context, Result};
 use hasync::txlog::Kind;
 use spool::recovery::{insert_input, InsertOutcome};
-use spool::{Folder, Layout, MessageId};
+use spool::{Folder, Layout, MessageId, Part};
 use std::sync::Arc;
 
 /// See the module doc.
 pub struct Lifecycle {
+    /// What happened to each message here (`spoolctl track`).
+    pub track: Arc<crate::track::Tracker>,
     /// Paths.
     pub layout: Layout,
     /// Folder gauges.
@@ -33,6 +35,16 @@ pub struct Lifecycle {
     pub replication: Option<crate::ha::ReplicationLog>,
     /// How long delivered ids are remembered for takeover dedup, ms.
     pub ledger_retention_ms: u64,
+}
+
+/// The first bytes of a body file (its headers, for the Message-ID); empty if unreadable.
+fn read_head(path: &std::path::Path) -> Vec<u8> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = f.take(16 << 10).read_to_end(&mut head);
+    }
+    head
 }
 
 impl Lifecycle {
@@ -71,6 +83,15 @@ impl Lifecycle {
         for o in &outcomes {
             match o {
                 InsertOutcome::Inserted(id) => {
+                    if let Ok(env) = self.layout.read_envelope(Folder::Spool, id) {
+                        let head = read_head(&self.layout.path(Folder::Spool, id, Part::Body));
+                        self.track.event_with(
+                            id,
+                            "inserted",
+                            format!("from input/, {} bytes", env.body_len),
+                            crate::track::Envelope::of(&env, crate::track::message_id(&head)),
+                        );
+                    }
                     self.metrics.inserted.inc();
                     self.metrics.queue_add(Folder::Spool, 1);
                     self.queue.add(id.clone(), 0);

@@ -20,6 +20,7 @@ mod sink;
 mod storage;
 mod takeover;
 mod tls;
+mod track;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -255,7 +256,10 @@ async fn run(cfg: Config) -> Result<()> {
     };
     layout.set_recycling(cfg.spool.recycle_files);
     let ha_setup = ha::prepare(&cfg, &layout)?;
+    let track = track::Tracker::open(&cfg.node_name, &cfg.state_dir.join("track"))
+        .context("open the message tracking log")?;
     let lifecycle = Arc::new(lifecycle::Lifecycle {
+        track,
         layout: layout.clone(),
         metrics: metrics.clone(),
         queue: queue.clone(),

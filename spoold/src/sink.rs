@@ -140,6 +140,7 @@ impl SpoolSink {
             sink: self.clone(),
             pending: PendingBody::new(self.layout.clone(), id, self.spill_bytes),
             envelope,
+            head: Vec::new(),
         };
         body.push(Bytes::from(received))?;
         Ok(body)
@@ -226,7 +227,12 @@ pub struct SpoolBody {
     sink: Arc<SpoolSink>,
     pending: PendingBody,
     envelope: Envelope,
+    /// The first bytes, where the Message-ID header is looked for (message tracking).
+    head: Vec<u8>,
 }
+
+/// Bytes of a message's start kept for its Message-ID.
+const HEAD_BYTES: usize = 16 << 10;
 
 fn commit_error(e: CommitError) -> SinkError {
     match e {
@@ -237,6 +243,10 @@ fn commit_error(e: CommitError) -> SinkError {
 
 impl BodySink for SpoolBody {
     fn push(&mut self, chunk: Bytes) -> Result<(), SinkError> {
+        if self.head.len() < HEAD_BYTES {
+            let take = chunk.len().min(HEAD_BYTES - self.head.len());
+            self.head.extend_from_slice(&chunk[..take]);
+        }
         let will_touch_disk = self.pending.len() as usize + chunk.len() >= self.sink.spill_bytes;
         let result = if will_touch_disk && in_multi_thread_runtime() {
             tokio::task::block_in_place(|| self.pending.push(chunk))
@@ -251,6 +261,7 @@ impl BodySink for SpoolBody {
             sink,
             pending,
             mut envelope,
+            head,
         } = self;
         // Counted from the end of data, not from DATA: a handover waits for commits that may
         // end in a 250, never for a client that stalls (or whose address moved to the
@@ -299,6 +310,12 @@ impl BodySink for SpoolBody {
                 sink.metrics.accepted_messages.inc();
                 sink.metrics.accepted_bytes.inc_by(len);
                 sink.lifecycle.accepted(&id);
+                sink.lifecycle.track.event_with(
+                    &id,
+                    "accepted",
+                    format!("client={} size={len}", envelope.client),
+                    crate::track::Envelope::of(&envelope, crate::track::message_id(&head)),
+                );
                 tracing::info!(
                     id = %id,
                     from = %format_args!("<{}>", envelope.sender),

@@ -255,7 +255,17 @@ impl Admin {
                         return Err("checksum or length does not match the envelope".into());
                     }
                     self.put_input(&l.id, &env, &body)
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| e.to_string())?;
+                    self.lifecycle.track.event_with(
+                        &l.id,
+                        "recovered",
+                        format!(
+                            "copied from the partner's {}/ by takeover recovery",
+                            l.folder
+                        ),
+                        crate::track::Envelope::of(&decoded, crate::track::message_id(&body)),
+                    );
+                    Ok(())
                 })
             });
             match checked {
