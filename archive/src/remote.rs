@@ -85,12 +85,6 @@ impl Remote {
     pub fn new(config: &ObjectStoreConfig) -> Result<Remote, ArchiveError> {
         // The HTTP client's TLS takes the process's crypto provider: the same as the peer link's.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("archive-remote")
-            .enable_all()
-            .build()
-            .map_err(|e| ArchiveError::Io(format!("object store runtime: {e}")))?;
         // Short retries here: the uploader retries on its own schedule, and a read should
         // fail in seconds, not minutes, when the store is down.
         let retry = RetryConfig {
@@ -118,11 +112,7 @@ impl Remote {
             .with_retry(retry)
             .build()
             .map_err(|e| ArchiveError::Remote(format!("object store configuration: {e}")))?;
-        Ok(Remote {
-            runtime: Some(runtime),
-            store: Arc::new(store),
-            prefix: config.prefix.trim_matches('/').to_string(),
-        })
+        Remote::over(Arc::new(store), &config.prefix)
     }
 
     /// Over any `object_store` implementation (tests use its in-memory store).

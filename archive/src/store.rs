@@ -98,6 +98,7 @@ pub struct SyncReport {
 struct Segment {
     n: u32,
     total: u64,
+    live: u64,
     remote: bool,
     sealed_ms: u64,
 }
@@ -512,6 +513,7 @@ impl Store {
             out.push(Segment {
                 n,
                 total,
+                live: self.meta.get(&r, &seg_key(n, "live"))?.unwrap_or(0),
                 remote: self.meta.get(&r, &seg_key(n, "remote"))?.is_some(),
                 sealed_ms: self.meta.get(&r, &seg_key(n, "sealed"))?.unwrap_or(0),
             });
@@ -1072,25 +1074,12 @@ impl Writer {
     /// places, then deletes the old files.
     fn compact(&mut self, live_percent_min: u32) -> Result<CompactReport, ArchiveError> {
         let store = self.store.clone();
-        let sparse: Vec<(u32, u64)> = {
-            let r = store.env.read_txn()?;
-            let mut v = Vec::new();
-            for kv in store.meta.prefix_iter(&r, "seg.")? {
-                let (k, total) = kv?;
-                let Some(n) = k
-                    .strip_prefix("seg.")
-                    .and_then(|s| s.strip_suffix(".total"))
-                    .and_then(|s| s.parse::<u32>().ok())
-                else {
-                    continue;
-                };
-                let live = store.meta.get(&r, &seg_key(n, "live"))?.unwrap_or(0);
-                if n != self.segment && live * 100 < total * u64::from(live_percent_min) {
-                    v.push((n, total));
-                }
-            }
-            v
-        };
+        let sparse: Vec<(u32, u64)> = store
+            .segments()?
+            .into_iter()
+            .filter(|s| s.n != self.segment && s.live * 100 < s.total * u64::from(live_percent_min))
+            .map(|s| (s.n, s.total))
+            .collect();
         let mut report = CompactReport::default();
         for (n, total) in sparse {
             self.check_space()?;
