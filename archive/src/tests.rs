@@ -477,3 +477,64 @@ fn segments_on_an_object_store_survive_eviction_retention_and_compaction() {
         t.remote_segments
     );
 }
+
+/// Two archives (the two units of a pair) sharing one bucket under different prefixes: each
+/// uploads, lists and reads back only its own segments.
+#[test]
+fn two_archives_share_a_bucket_under_their_own_prefixes() {
+    use object_store::ObjectStore;
+    let memory: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let archives: Vec<Archive> = dirs
+        .iter()
+        .zip(["units/gw_a", "units/gw_b"])
+        .map(|(dir, prefix)| {
+            let mut o = Options::new(dir.path().to_path_buf());
+            o.free_bytes_min = 0;
+            o.index_heap_bytes = 15 << 20;
+            o.segment_bytes_max = 4096;
+            o.cache_bytes = 0;
+            let remote = remote::Remote::over(memory.clone(), prefix).unwrap();
+            Archive::open_with(&o, Some(remote)).unwrap()
+        })
+        .collect();
+    let mut seqs = [Vec::new(), Vec::new()];
+    for i in 0..30u32 {
+        for (k, a) in archives.iter().enumerate() {
+            let raw: Vec<u8> = (0..600u32)
+                .map(|j| {
+                    (j.wrapping_mul(2_654_435_761)
+                        .wrapping_add(i * 31 + k as u32)
+                        >> 11) as u8
+                })
+                .collect();
+            let m = incoming(&format!("u{k}-{i}"), &raw, "bob@example.net");
+            seqs[k].push((a.archive(m, &raw).unwrap().seq, raw));
+        }
+    }
+    for (k, a) in archives.iter().enumerate() {
+        a.sync_remote().unwrap();
+        let t = a.status().unwrap().totals;
+        let listed = a.store().remote().unwrap().list().unwrap();
+        assert_eq!(
+            listed.len() as u64,
+            t.remote_segments,
+            "unit {k} lists its own"
+        );
+        for (seq, raw) in &seqs[k] {
+            assert_eq!(&a.raw(*seq).unwrap().1, raw, "unit {k} item {seq}");
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let all = rt.block_on(async {
+        use futures_util::TryStreamExt;
+        memory.list(None).try_collect::<Vec<_>>().await.unwrap()
+    });
+    let total: u64 = archives
+        .iter()
+        .map(|a| a.status().unwrap().totals.remote_segments)
+        .sum();
+    assert_eq!(all.len() as u64, total, "the bucket holds both, apart");
+}

@@ -133,6 +133,28 @@ fn archive_on_a_garage_cluster_survives_a_node_and_the_whole_store_going_down() 
         at()
     );
     assert!(with_one_down > stored);
+    // Retrieval too: an evicted item read back from the two nodes left.
+    let export = |seed: usize| {
+        let (_, out, _) = spoolctl(
+            &d,
+            &[
+                "--json",
+                "archive",
+                "search",
+                &format!("msgid:<{seed}@os.test>"),
+            ],
+        );
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let id = v["items"][0]["id"].as_str().unwrap().to_string();
+        let out = tests::spoolctl_output(&d, &["archive", "export", &id]);
+        assert!(out.status.success(), "export {seed}");
+        assert_eq!(
+            tests::strip_received(&out.stdout),
+            &body(seed, 3000)[..],
+            "message {seed} exported from the store"
+        );
+    };
+    export(10);
 
     // The whole store down: ingest, delivery and search go on, segments wait locally.
     g.kill(0);
@@ -210,26 +232,7 @@ fn archive_on_a_garage_cluster_survives_a_node_and_the_whole_store_going_down() 
     let fetches = store_state(&d, "fetches");
     eprintln!("{} verified from the store", at());
     for seed in [0usize, 2600, 4999] {
-        let id = {
-            let (_, out, _) = spoolctl(
-                &d,
-                &[
-                    "--json",
-                    "archive",
-                    "search",
-                    &format!("msgid:<{seed}@os.test>"),
-                ],
-            );
-            let v: Value = serde_json::from_str(&out).unwrap();
-            v["items"][0]["id"].as_str().unwrap().to_string()
-        };
-        let out = tests::spoolctl_output(&d, &["archive", "export", &id]);
-        assert!(out.status.success());
-        assert_eq!(
-            tests::strip_received(&out.stdout),
-            &body(seed, 3000)[..],
-            "message {seed} exported from the store"
-        );
+        export(seed);
     }
     assert!(
         store_state(&d, "fetches") >= fetches + 3,
