@@ -82,6 +82,22 @@ pub enum Request {
         /// Events returned at most.
         limit: usize,
     },
+    /// Clustered settings, per key: the file's value, each level's, the effective one here:
+    /// [`ConfigShown`].
+    ConfigShow {
+        /// One key (default: every clusterable key).
+        key: Option<String>,
+    },
+    /// Set (or, without a value, unset) a clustered setting at a level (`cluster` or
+    /// `machine`), validated here, then sent to the partner: [`ConfigChanged`].
+    ConfigSet {
+        /// The key, e.g. `smtp.relay_domains`.
+        key: String,
+        /// A TOML value (`["a.example"]`, `[]`); absent: unset at that level.
+        value: Option<String>,
+        /// `cluster` or `machine`.
+        level: String,
+    },
     /// Search the archive: [`ArchiveFound`].
     ArchiveSearch {
         /// The query (from: to: subject: msgid: after: before: has:attachment size:> words).
@@ -241,6 +257,44 @@ pub struct ArchiveStatus {
     /// The object store holding sealed segments, when there is one.
     #[serde(default)]
     pub object_store: Option<ObjectStoreState>,
+}
+
+/// One key of [`ConfigShown`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigKey {
+    /// The key.
+    pub key: String,
+    /// Its value in this unit's configuration file (or the default).
+    pub file: Option<serde_json::Value>,
+    /// The levels that set it (`cluster`, `machine:<node>`): value (`None`: unset there) and
+    /// the stamp of the change (`ms.counter@node`).
+    pub levels: Vec<(String, Option<serde_json::Value>, String)>,
+    /// What applies on this unit.
+    pub effective: Option<serde_json::Value>,
+}
+
+/// [`Request::ConfigShow`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigShown {
+    /// The keys.
+    pub keys: Vec<ConfigKey>,
+    /// Changes that lost to a newer one (`key level value stamp, lost to stamp`).
+    pub conflicts: Vec<String>,
+    /// Keys that never leave their unit.
+    pub machine_only: Vec<String>,
+}
+
+/// [`Request::ConfigSet`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigChanged {
+    /// The key.
+    pub key: String,
+    /// The level changed.
+    pub level: String,
+    /// What applies here now.
+    pub effective: Option<serde_json::Value>,
+    /// What became of the partner's copy: `applied in N ms`, or why not (it catches up).
+    pub partner: String,
 }
 
 /// One thing that happened to a message on a unit (a line of its tracking log).

@@ -60,6 +60,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ArchiveCmd,
     },
+    /// Clustered settings, shared by the units of the pair: show, set, unset.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
     /// Follow messages through this unit and its partner: every event of the messages QUERY
     /// selects (accepted, replicated, scanned, each delivery attempt, bounced, archived,
     /// removed, moved by takeover recovery), oldest first, naming the unit of each.
@@ -87,6 +92,35 @@ enum Cmd {
         /// Offline: a spool folder copied out of a dead unit instead of the partner.
         #[arg(long, value_name = "PATH")]
         from_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Per key: the configuration file's value, each level that sets it (with the stamp of the
+    /// change), and the value in effect here; then changes that lost to newer ones.
+    Show {
+        /// One key (default: every clusterable key).
+        key: Option<String>,
+    },
+    /// Set KEY to a TOML VALUE (`'["a.example", ".b.example"]'`, `'[]'`) at a level, validated
+    /// here first, applied live, sent to the partner.
+    Set {
+        /// The key, e.g. smtp.relay_domains.
+        key: String,
+        /// The value, in TOML.
+        value: String,
+        /// cluster (every unit) or machine (this unit only, overriding cluster).
+        #[arg(long, default_value = "cluster")]
+        level: String,
+    },
+    /// Unset KEY at a level (a lower level or the file applies again).
+    Unset {
+        /// The key.
+        key: String,
+        /// cluster or machine.
+        #[arg(long, default_value = "cluster")]
+        level: String,
     },
 }
 
@@ -329,6 +363,36 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
             }
         }
         Cmd::Archive { cmd } => archive_human(cmd, data, &mut out)?,
+        Cmd::Config {
+            cmd: ConfigCmd::Show { .. },
+        } => {
+            let r: api::ConfigShown = data_as(data)?;
+            let show = |v: &Option<serde_json::Value>| {
+                v.as_ref().map_or("(unset)".to_string(), |v| v.to_string())
+            };
+            for k in &r.keys {
+                out.push_str(&format!("{}\n  file:      {}\n", k.key, show(&k.file)));
+                for (level, value, stamp) in &k.levels {
+                    out.push_str(&format!("  {level}: {}  ({stamp})\n", show(value)));
+                }
+                out.push_str(&format!("  effective: {}\n", show(&k.effective)));
+            }
+            for c in &r.conflicts {
+                out.push_str(&format!("conflict: {c}\n"));
+            }
+        }
+        Cmd::Config { .. } => {
+            let r: api::ConfigChanged = data_as(data)?;
+            out.push_str(&format!(
+                "{} at {}: effective here {}; partner: {}\n",
+                r.key,
+                r.level,
+                r.effective
+                    .as_ref()
+                    .map_or("(unset)".to_string(), |v| v.to_string()),
+                r.partner
+            ));
+        }
         Cmd::Track { limit, .. } => {
             let r: api::Tracked = data_as(data)?;
             for e in &r.events {
@@ -524,6 +588,19 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
         Cmd::Role { role } => Request::Role { role: role.clone() },
         Cmd::Insert => Request::Insert,
         Cmd::Flush => Request::Flush,
+        Cmd::Config { cmd } => match cmd {
+            ConfigCmd::Show { key } => Request::ConfigShow { key: key.clone() },
+            ConfigCmd::Set { key, value, level } => Request::ConfigSet {
+                key: key.clone(),
+                value: Some(value.clone()),
+                level: level.clone(),
+            },
+            ConfigCmd::Unset { key, level } => Request::ConfigSet {
+                key: key.clone(),
+                value: None,
+                level: level.clone(),
+            },
+        },
         Cmd::Track { query, limit } => Request::Track {
             query: query.join(" "),
             limit: *limit,

@@ -175,7 +175,7 @@ impl Replicator {
             LEDGER => Ok(Bytes::from(
                 self.log.delivered().map_err(|e| e.to_string())?.join("\n"),
             )),
-            TRACK => self.store.track(arg),
+            TRACK | SETTINGS => self.store.answer(op, arg),
             other => Err(format!("unknown recovery operation {other}")),
         }
     }
@@ -246,9 +246,10 @@ impl RecoveryClient {
             .map_err(|_| RecoveryError::Malformed(format!("count {text:?}")))
     }
 
-    /// The partner's answer to a message-tracking query (both in the daemon's format).
-    pub async fn track(&mut self, request: &[u8]) -> Result<Bytes, RecoveryError> {
-        self.call(proto::recovery_op::TRACK, request).await
+    /// The partner's answer to a request the daemon defines (`TRACK`, `SETTINGS`; both sides
+    /// in the daemon's format).
+    pub async fn ask(&mut self, op: u8, request: &[u8]) -> Result<Bytes, RecoveryError> {
+        self.call(op, request).await
     }
 
     /// The ids in the partner's delivered ledger.

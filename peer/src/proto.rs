@@ -159,6 +159,9 @@ pub mod recovery_op {
     /// Message tracking: the events of this unit's tracking log that a query selects (the
     /// argument and the answer are the daemon's, opaque here).
     pub const TRACK: u8 = 6;
+    /// Clustered settings: the asker's entries; the answer is the answerer's (each side keeps
+    /// the newest of every key and level; opaque here).
+    pub const SETTINGS: u8 = 7;
 }
 
 /// Operations of the archive mirror channel (`Request` from the copying side, `Reply` from

@@ -140,6 +140,12 @@ impl Admin {
                             };
                             with_progress(&mut w, rx, work, progress).await
                         }
+                        Ok(Request::ConfigSet { key, value, level }) => {
+                            match me.config_set(key, value, level).await {
+                                Ok(t) => Line::reply(&serde_json::json!(t)),
+                                Err(e) => Line::refused(e),
+                            }
+                        }
                         Ok(Request::Track { query, limit }) => match me.track(query, limit).await {
                             Ok(t) => Line::reply(&serde_json::json!(t)),
                             Err(e) => Line::refused(e),
@@ -173,6 +179,47 @@ impl Admin {
             .find(|&f| self.layout.path(f, id, Part::Env).exists())
     }
 
+    /// `spoolctl config set|unset`: validated and stored here, then exchanged with the partner
+    /// at once (a partner that cannot be reached gets it at its next exchange).
+    async fn config_set(
+        &self,
+        key: String,
+        value: Option<String>,
+        level: String,
+    ) -> Result<api::ConfigChanged, String> {
+        let settings = self.lifecycle.settings.clone();
+        let value = value
+            .map(|v| crate::cluster::parse_value(&key, &v))
+            .transpose()
+            .map_err(|e| format!("{e:#}"))?;
+        let entry = tokio::task::block_in_place(|| settings.set(&key, &level, value))
+            .map_err(|e| format!("{e:#}"))?;
+        let partner = match &self.replicator {
+            None => "no partner (standalone unit)".to_string(),
+            Some(r) => {
+                let started = std::time::Instant::now();
+                match crate::cluster::sync_with_partner(r, &settings).await {
+                    Ok(_) => format!(
+                        "sent to the partner in {} ms",
+                        started.elapsed().as_millis()
+                    ),
+                    Err(e) => format!(
+                        "{e:#} (it gets the change at its next exchange, within {} s of its return)",
+                        crate::cluster::SYNC_EVERY.as_secs()
+                    ),
+                }
+            }
+        };
+        Ok(api::ConfigChanged {
+            effective: settings
+                .effective_value(&key)
+                .map_err(|e| format!("{e:#}"))?,
+            key,
+            level: entry.level,
+            partner,
+        })
+    }
+
     /// `spoolctl track`: this unit's events and the partner's (over the peer link), merged by
     /// time; a partner that cannot be asked is named in the answer's notes.
     async fn track(&self, query: String, limit: usize) -> Result<api::Tracked, String> {
@@ -187,7 +234,9 @@ impl Admin {
             let request = serde_json::json!({ "query": query, "limit": limit }).to_string();
             let asked = tokio::time::timeout(TRACK_PARTNER_WITHIN, async {
                 let mut c = r.recovery_client().await.map_err(|e| e.to_string())?;
-                c.track(request.as_bytes()).await.map_err(|e| e.to_string())
+                c.ask(hasync::proto::recovery_op::TRACK, request.as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())
             })
             .await;
             match asked {
@@ -439,6 +488,11 @@ impl Admin {
             }),
             Request::Recover { .. } => Err("recover is handled asynchronously".into()),
             Request::Track { .. } => Err("track is handled asynchronously".into()),
+            Request::ConfigSet { .. } => Err("config set is handled asynchronously".into()),
+            Request::ConfigShow { key } => reply(
+                crate::cluster::show(&self.lifecycle.settings, key.as_deref())
+                    .map_err(|e| format!("{e:#}"))?,
+            ),
             Request::Flush => {
                 let mut n = 0;
                 for e in std::fs::read_dir(self.layout.dir(Folder::Spool))

@@ -25,6 +25,8 @@ use std::sync::Arc;
 pub struct Lifecycle {
     /// What happened to each message here (`spoolctl track`).
     pub track: Arc<crate::track::Tracker>,
+    /// Clustered settings (`spoolctl config`), shared with the partner.
+    pub settings: Arc<crate::cluster::Settings>,
     /// Paths.
     pub layout: Layout,
     /// Folder gauges.

@@ -7,6 +7,7 @@
 
 mod admin;
 mod archiving;
+mod cluster;
 mod config;
 mod delivery;
 mod dsn;
@@ -196,6 +197,33 @@ async fn run(cfg: Config) -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let tls = tls::server(&cfg)?;
     let client_tls = tls::client(&cfg)?;
+    let (server_cfg, server_cfg_rx) = watch::channel(Arc::new(smtp::ServerConfig {
+        hostname: cfg.hostname.clone(),
+        message_bytes_max: cfg.smtp.message_bytes_max,
+        recipients_max: cfg.smtp.recipients_max,
+        line_bytes_max: cfg.smtp.line_bytes_max,
+        idle_timeout: cfg.idle_timeout(),
+        errors_max: 20,
+        tls,
+        policy: smtp::RelayPolicy::default(),
+    }));
+    // Clustered settings on top of the file; every change (here or from the partner) reaches
+    // sessions that start after it.
+    let settings = Arc::new(cluster::Settings::open(
+        &cfg,
+        Box::new(move |c: &Config| {
+            let policy = smtp::RelayPolicy {
+                relay_domains: c.smtp.relay_domains.clone(),
+                trusted_networks: c.smtp.trusted_networks.clone(),
+                allow_untrusted_routing: c.smtp.allow_untrusted_routing,
+            };
+            server_cfg.send_modify(|s| {
+                let mut next = (**s).clone();
+                next.policy = policy;
+                *s = Arc::new(next);
+            });
+        }),
+    )?);
     let metrics = Arc::new(Metrics::new().context("register metrics")?);
     let layout = Layout::new(&cfg.state_dir);
     layout
@@ -260,6 +288,7 @@ async fn run(cfg: Config) -> Result<()> {
         .context("open the message tracking log")?;
     let lifecycle = Arc::new(lifecycle::Lifecycle {
         track,
+        settings,
         layout: layout.clone(),
         metrics: metrics.clone(),
         queue: queue.clone(),
@@ -327,20 +356,6 @@ async fn run(cfg: Config) -> Result<()> {
                 timeout: Duration::from_millis(h.sync_timeout_ms),
                 reject: h.sync_partner_down == "reject",
             }),
-    });
-    let server_cfg = Arc::new(smtp::ServerConfig {
-        hostname: cfg.hostname.clone(),
-        message_bytes_max: cfg.smtp.message_bytes_max,
-        recipients_max: cfg.smtp.recipients_max,
-        line_bytes_max: cfg.smtp.line_bytes_max,
-        idle_timeout: cfg.idle_timeout(),
-        errors_max: 20,
-        tls,
-        policy: smtp::RelayPolicy {
-            relay_domains: cfg.smtp.relay_domains.clone(),
-            trusted_networks: cfg.smtp.trusted_networks.clone(),
-            allow_untrusted_routing: cfg.smtp.allow_untrusted_routing,
-        },
     });
 
     let scanner: Option<Arc<dyn filter::Filter>> = match &cfg.filter.clamd {
@@ -412,7 +427,7 @@ async fn run(cfg: Config) -> Result<()> {
     let sessions = serve::Sessions::new();
     let accept = tokio::spawn(accept_loop(
         smtp_listener,
-        server_cfg,
+        server_cfg_rx,
         sink.clone(),
         shutdown_rx.clone(),
         sessions.clone(),
@@ -420,6 +435,9 @@ async fn run(cfg: Config) -> Result<()> {
         replicator.clone(),
     ));
     let delivery_task = tokio::spawn(delivery.clone().run(shutdown_rx.clone()));
+    if let Some(r) = &replicator {
+        tokio::spawn(cluster::keep_in_sync(r.clone(), lifecycle.settings.clone()));
+    }
     ready.store(true, Ordering::SeqCst);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     spawn_watchdog();

@@ -59,7 +59,7 @@ impl Drop for SessionGuard {
 
 pub async fn accept_loop(
     listener: TcpListener,
-    cfg: Arc<smtp::ServerConfig>,
+    cfg: watch::Receiver<Arc<smtp::ServerConfig>>,
     sink: Arc<SpoolSink>,
     shutdown: watch::Receiver<bool>,
     sessions: Sessions,
@@ -98,7 +98,9 @@ pub async fn accept_loop(
             continue;
         };
         sink.metrics.smtp_sessions.inc();
-        let (cfg, sink, shutdown) = (cfg.clone(), sink.clone(), shutdown.clone());
+        // The settings in force now (clustered changes apply to sessions that start after).
+        let current = cfg.borrow().clone();
+        let (cfg, sink, shutdown) = (current, sink.clone(), shutdown.clone());
         tokio::spawn(async move {
             let metrics = sink.metrics.clone();
             let end = smtp::serve(stream, peer, cfg, sink, shutdown).await;

@@ -1,0 +1,568 @@
+//! Clustered configuration: settings changed on any unit of the pair reach the other and apply
+//! live, validated where they are made. Each setting is stored per level (`cluster`, or
+//! `machine` for one node), with a hybrid logical clock stamp; the newest stamp of a
+//! (key, level) wins on every unit, and a change that loses is logged and kept in the list of
+//! conflicts. The store is `<state_dir>/cluster/settings.json` (written whole: temporary file,
+//! fsync, rename, directory fsync).
+//!
+//! Effective value of a key on a unit: its `machine` entry for this node, else the `cluster`
+//! entry, else the configuration file. An entry may hold an explicit empty list (which
+//! overrides) or be a tombstone (`config unset`: the level no longer sets it).
+//!
+//! Not here: the transport (the peer link's recovery channel carries [`Exchange`]s, see
+//! `admin.rs` and `ha.rs`), groups and membership beyond the HA pair.
+
+use crate::config::Config;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+/// Keys that can be clustered, and that apply live.
+pub const CLUSTERABLE: &[&str] = &["smtp.relay_domains", "smtp.trusted_networks"];
+
+/// Keys that never leave their unit (its identity, addresses, secrets and role).
+pub const MACHINE_ONLY: &[&str] = &[
+    "node_name",
+    "hostname",
+    "state_dir",
+    "smtp.listen",
+    "smtp.tls_cert",
+    "smtp.tls_key",
+    "http.listen",
+    "ha.partner",
+    "ha.listen",
+    "ha.secret",
+    "ha.secret_file",
+    "ha.tls_cert",
+    "ha.tls_key",
+    "ha.role",
+    "ha.priority",
+    "archive.dir",
+    "archive.listen",
+    "archive.secret",
+    "archive.secret_file",
+];
+
+/// A hybrid logical clock stamp: ms since the epoch, a counter within the ms, the node that
+/// made it. Ordered in that order, so ties between nodes resolve the same way everywhere.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Stamp {
+    /// Wall-clock ms (never behind any stamp seen).
+    pub ms: u64,
+    /// Orders stamps made within one ms.
+    pub counter: u32,
+    /// The node that made the change.
+    pub node: String,
+}
+
+/// One setting at one level.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The key, e.g. `smtp.relay_domains`.
+    pub key: String,
+    /// `cluster`, or `machine:<node>`.
+    pub level: String,
+    /// The value (TOML, as JSON); `None`: unset at this level.
+    pub value: Option<serde_json::Value>,
+    /// When and where it was made.
+    pub stamp: Stamp,
+}
+
+/// A change that lost to a newer one for the same key and level.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conflict {
+    /// The losing entry.
+    pub lost: Entry,
+    /// The stamp that won.
+    pub winner: Stamp,
+}
+
+/// What units exchange: every entry one holds (the receiver keeps the newest of each).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Exchange {
+    /// Protocol version; a unit refuses another version's entries and says so.
+    pub version: u32,
+    /// The entries.
+    pub entries: Vec<Entry>,
+}
+
+/// The protocol version of [`Exchange`].
+pub const PROTOCOL: u32 = 1;
+
+#[derive(Default, Serialize, Deserialize)]
+struct Stored {
+    entries: Vec<Entry>,
+    #[serde(default)]
+    conflicts: Vec<Conflict>,
+}
+
+/// This unit's clustered settings.
+pub struct Settings {
+    node: String,
+    path: PathBuf,
+    /// The configuration as the file (and command line) gave it.
+    file: Config,
+    state: Mutex<(Stored, Stamp)>,
+    /// Told the effective configuration after every change.
+    apply: Box<dyn Fn(&Config) + Send + Sync>,
+}
+
+fn now_ms() -> u64 {
+    crate::sink::now_ms()
+}
+
+/// A level as stored: `cluster` or `machine:<node>`.
+pub fn level_name(level: &str, node: &str) -> Result<String> {
+    match level {
+        "cluster" => Ok("cluster".into()),
+        "machine" => Ok(format!("machine:{node}")),
+        other if other.starts_with("group") => {
+            bail!("level `{other}`: groups are not supported yet (use cluster or machine)")
+        }
+        other => bail!("level `{other}`: must be cluster or machine"),
+    }
+}
+
+impl Settings {
+    /// Opens the store under `state_dir/cluster/` (created); `apply` is called with the
+    /// effective configuration now and after every change.
+    pub fn open(file: &Config, apply: Box<dyn Fn(&Config) + Send + Sync>) -> Result<Settings> {
+        let dir = file.state_dir.join("cluster");
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let path = dir.join("settings.json");
+        let stored: Stored = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .with_context(|| format!("{}: unreadable", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Stored::default(),
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
+        let last = stored
+            .entries
+            .iter()
+            .map(|e| e.stamp.clone())
+            .max()
+            .unwrap_or(Stamp {
+                ms: 0,
+                counter: 0,
+                node: String::new(),
+            });
+        let s = Settings {
+            node: file.node_name.clone(),
+            path,
+            file: file.clone(),
+            state: Mutex::new((stored, last)),
+            apply,
+        };
+        let effective = s.effective()?;
+        (s.apply)(&effective);
+        Ok(s)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Stored, Stamp)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The configuration in effect here: the file's, with the clustered entries on top.
+    pub fn effective(&self) -> Result<Config> {
+        effective(&self.file, &self.node, &self.lock().0.entries)
+    }
+
+    /// Every entry and the conflicts seen.
+    pub fn entries(&self) -> (Vec<Entry>, Vec<Conflict>) {
+        let st = self.lock();
+        (st.0.entries.clone(), st.0.conflicts.clone())
+    }
+
+    /// The file's value of `key`, as TOML text.
+    pub fn file_value(&self, key: &str) -> Option<serde_json::Value> {
+        value_of(&self.file, key)
+    }
+
+    /// The effective value of `key` here.
+    pub fn effective_value(&self, key: &str) -> Result<Option<serde_json::Value>> {
+        Ok(value_of(&self.effective()?, key))
+    }
+
+    /// Sets (`Some`) or unsets (`None`) `key` at `level` here: validated against the whole
+    /// effective configuration first (an invalid change is refused with the key and the reason
+    /// and goes nowhere), then stored durably and applied. Answers the entry, for the partner.
+    pub fn set(&self, key: &str, level: &str, value: Option<serde_json::Value>) -> Result<Entry> {
+        if MACHINE_ONLY.contains(&key) {
+            bail!("key `{key}` is machine-only: set it in this unit's configuration file");
+        }
+        if !CLUSTERABLE.contains(&key) {
+            bail!(
+                "key `{key}` is not clusterable (clusterable: {})",
+                CLUSTERABLE.join(", ")
+            );
+        }
+        let level = level_name(level, &self.node)?;
+        let mut st = self.lock();
+        let stamp = next_stamp(&st.1, &self.node);
+        let entry = Entry {
+            key: key.to_string(),
+            level,
+            value,
+            stamp: stamp.clone(),
+        };
+        let mut entries = st.0.entries.clone();
+        upsert(&mut entries, entry.clone());
+        let candidate = effective(&self.file, &self.node, &entries)?;
+        candidate.validate()?;
+        let mut next = Stored {
+            entries,
+            conflicts: st.0.conflicts.clone(),
+        };
+        std::mem::swap(&mut st.0, &mut next);
+        st.1 = stamp;
+        if let Err(e) = self.persist(&st.0) {
+            std::mem::swap(&mut st.0, &mut next);
+            return Err(e);
+        }
+        drop(st);
+        (self.apply)(&candidate);
+        tracing::info!(key, level = %entry.level, "clustered setting changed here");
+        Ok(entry)
+    }
+
+    /// Merges entries from the partner: the newest stamp of each (key, level) wins; losers on
+    /// either side are recorded as conflicts. An entry that would make the effective
+    /// configuration here invalid is refused (and logged). Answers whether anything changed.
+    pub fn merge(&self, theirs: &Exchange) -> Result<bool> {
+        if theirs.version != PROTOCOL {
+            bail!(
+                "clustered settings protocol {} here, {} from the partner: not exchanged",
+                PROTOCOL,
+                theirs.version
+            );
+        }
+        let mut st = self.lock();
+        let mut entries = st.0.entries.clone();
+        let mut conflicts = st.0.conflicts.clone();
+        let mut changed = false;
+        let mut last = st.1.clone();
+        for e in &theirs.entries {
+            if e.stamp > last {
+                last = e.stamp.clone();
+            }
+            match entries
+                .iter()
+                .find(|m| m.key == e.key && m.level == e.level)
+            {
+                Some(mine) if mine.stamp == e.stamp => {}
+                Some(mine) if mine.stamp > e.stamp => {
+                    // Theirs is older. A change made there that lost to one made here.
+                    if mine.stamp.node != e.stamp.node && !conflicts.iter().any(|c| c.lost == *e) {
+                        tracing::warn!(key = %e.key, level = %e.level, lost = ?e.stamp, won = ?mine.stamp, "clustered setting: a concurrent change lost");
+                        conflicts.push(Conflict {
+                            lost: e.clone(),
+                            winner: mine.stamp.clone(),
+                        });
+                    }
+                }
+                mine => {
+                    if let Some(mine) = mine.filter(|m| m.stamp.node != e.stamp.node) {
+                        tracing::warn!(key = %e.key, level = %e.level, lost = ?mine.stamp, won = ?e.stamp, "clustered setting: a change made here lost to a newer one");
+                        conflicts.push(Conflict {
+                            lost: mine.clone(),
+                            winner: e.stamp.clone(),
+                        });
+                    }
+                    upsert(&mut entries, e.clone());
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            st.1 = last;
+            return Ok(false);
+        }
+        let candidate = effective(&self.file, &self.node, &entries)?;
+        candidate
+            .validate()
+            .context("the partner's clustered settings are invalid here: not applied")?;
+        // The last 100 conflicts are kept.
+        let keep = conflicts.len().saturating_sub(100);
+        conflicts.drain(..keep);
+        let mut next = Stored { entries, conflicts };
+        std::mem::swap(&mut st.0, &mut next);
+        st.1 = last;
+        if let Err(e) = self.persist(&st.0) {
+            std::mem::swap(&mut st.0, &mut next);
+            return Err(e);
+        }
+        drop(st);
+        (self.apply)(&candidate);
+        tracing::info!("clustered settings updated from the partner");
+        Ok(true)
+    }
+
+    /// Everything this unit holds, to send.
+    pub fn exchange(&self) -> Exchange {
+        Exchange {
+            version: PROTOCOL,
+            entries: self.lock().0.entries.clone(),
+        }
+    }
+
+    fn persist(&self, stored: &Stored) -> Result<()> {
+        use std::io::Write;
+        let tmp = self.path.with_extension("tmp");
+        let bytes = serde_json::to_vec_pretty(stored)?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("write {}", tmp.display()))?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// How often a unit exchanges its settings with the partner, besides right after a change
+/// here: a partner that was down catches up within this.
+pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// One exchange with the partner over the peer link: ours go there, theirs come here, each
+/// side keeps the newest. Answers whether anything changed here.
+pub async fn sync_with_partner(r: &hasync::Replicator, settings: &Settings) -> Result<bool> {
+    let mut client = r
+        .recovery_client()
+        .await
+        .map_err(|e| anyhow::anyhow!("partner not reachable: {e}"))?;
+    let ours = serde_json::to_vec(&settings.exchange())?;
+    let answer = client
+        .ask(hasync::proto::recovery_op::SETTINGS, &ours)
+        .await
+        .map_err(|e| anyhow::anyhow!("partner: {e}"))?;
+    let theirs: Exchange = serde_json::from_slice(&answer).context("partner's answer")?;
+    tokio::task::block_in_place(|| settings.merge(&theirs))
+}
+
+/// Exchanges settings with the partner every [`SYNC_EVERY`], for ever.
+pub async fn keep_in_sync(
+    r: std::sync::Arc<hasync::Replicator>,
+    settings: std::sync::Arc<Settings>,
+) {
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(SYNC_EVERY).await;
+        match sync_with_partner(&r, &settings).await {
+            Ok(_) => failing = false,
+            Err(e) if !failing => {
+                failing = true;
+                tracing::info!("clustered settings: not exchanged with the partner now: {e:#}");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// `spoolctl config show`.
+pub fn show(settings: &Settings, key: Option<&str>) -> Result<api::ConfigShown> {
+    let keys: Vec<&str> = match key {
+        Some(k) if CLUSTERABLE.contains(&k) => vec![k],
+        Some(k) if MACHINE_ONLY.contains(&k) => {
+            bail!("key `{k}` is machine-only: it is in this unit's configuration file")
+        }
+        Some(k) => bail!(
+            "key `{k}` is not clusterable (clusterable: {})",
+            CLUSTERABLE.join(", ")
+        ),
+        None => CLUSTERABLE.to_vec(),
+    };
+    let (entries, conflicts) = settings.entries();
+    let effective = settings.effective()?;
+    let stamp = |s: &Stamp| format!("{}.{}@{}", s.ms, s.counter, s.node);
+    Ok(api::ConfigShown {
+        keys: keys
+            .into_iter()
+            .map(|k| api::ConfigKey {
+                key: k.to_string(),
+                file: settings.file_value(k),
+                levels: entries
+                    .iter()
+                    .filter(|e| e.key == k)
+                    .map(|e| (e.level.clone(), e.value.clone(), stamp(&e.stamp)))
+                    .collect(),
+                effective: value_of(&effective, k),
+            })
+            .collect(),
+        conflicts: conflicts
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {} {} {}, lost to {}",
+                    c.lost.key,
+                    c.lost.level,
+                    c.lost
+                        .value
+                        .as_ref()
+                        .map_or("(unset)".to_string(), |v| v.to_string()),
+                    stamp(&c.lost.stamp),
+                    stamp(&c.winner)
+                )
+            })
+            .collect(),
+        machine_only: MACHINE_ONLY.iter().map(|k| k.to_string()).collect(),
+    })
+}
+
+fn next_stamp(last: &Stamp, node: &str) -> Stamp {
+    let now = now_ms();
+    if now > last.ms {
+        Stamp {
+            ms: now,
+            counter: 0,
+            node: node.to_string(),
+        }
+    } else {
+        Stamp {
+            ms: last.ms,
+            counter: last.counter + 1,
+            node: node.to_string(),
+        }
+    }
+}
+
+fn upsert(entries: &mut Vec<Entry>, e: Entry) {
+    match entries
+        .iter_mut()
+        .find(|m| m.key == e.key && m.level == e.level)
+    {
+        Some(m) => *m = e,
+        None => entries.push(e),
+    }
+}
+
+/// The file's configuration with the entries that apply to `node` on top.
+fn effective(file: &Config, node: &str, entries: &[Entry]) -> Result<Config> {
+    let mut c = file.clone();
+    let machine = format!("machine:{node}");
+    for key in CLUSTERABLE {
+        let at = |level: &str| {
+            entries
+                .iter()
+                .find(|e| e.key == *key && e.level == level)
+                .and_then(|e| e.value.clone())
+        };
+        if let Some(v) = at(&machine).or_else(|| at("cluster")) {
+            set_value(&mut c, key, v)?;
+        }
+    }
+    Ok(c)
+}
+
+fn set_value(c: &mut Config, key: &str, v: serde_json::Value) -> Result<()> {
+    let bad = |e: serde_json::Error| anyhow::anyhow!("key `{key}`: {e}");
+    match key {
+        "smtp.relay_domains" => c.smtp.relay_domains = serde_json::from_value(v).map_err(bad)?,
+        "smtp.trusted_networks" => {
+            c.smtp.trusted_networks = serde_json::from_value(v).map_err(bad)?
+        }
+        other => bail!("key `{other}` is not clusterable"),
+    }
+    Ok(())
+}
+
+fn value_of(c: &Config, key: &str) -> Option<serde_json::Value> {
+    match key {
+        "smtp.relay_domains" => serde_json::to_value(&c.smtp.relay_domains).ok(),
+        "smtp.trusted_networks" => serde_json::to_value(&c.smtp.trusted_networks).ok(),
+        _ => None,
+    }
+}
+
+/// A value as `spoolctl config set` gives it: TOML (`["a.example", "b.example"]`, `[]`).
+pub fn parse_value(key: &str, text: &str) -> Result<serde_json::Value> {
+    let doc: toml::Table = toml::from_str(&format!("v = {text}"))
+        .map_err(|e| anyhow::anyhow!("key `{key}`: {text:?} is not a TOML value: {e}"))?;
+    let v = doc
+        .get("v")
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("key `{key}`: no value"))?;
+    Ok(serde_json::to_value(v)?)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::Arc;
+
+    fn settings(node: &str, dir: &std::path::Path) -> (Settings, Arc<Mutex<Vec<String>>>) {
+        let c = Config {
+            node_name: node.into(),
+            state_dir: dir.to_path_buf(),
+            ..Config::default()
+        };
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let s = Settings::open(
+            &c,
+            Box::new(move |c: &Config| s2.lock().unwrap().push(c.smtp.relay_domains.join(","))),
+        )
+        .unwrap();
+        (s, seen)
+    }
+
+    #[test]
+    fn levels_validation_merge_and_conflicts() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, seen_a) = settings("gw_a", da.path());
+        let (b, _) = settings("gw_b", db.path());
+        let v = |t: &str| parse_value("smtp.relay_domains", t).unwrap();
+        // Refused at the origin: a bad value, a machine-only key, an unknown level.
+        assert!(a
+            .set(
+                "smtp.relay_domains",
+                "cluster",
+                Some(v(r#"["not a domain"]"#))
+            )
+            .is_err());
+        assert!(a.set("smtp.listen", "cluster", Some(v("[]"))).is_err());
+        assert!(a.set("smtp.relay_domains", "group", Some(v("[]"))).is_err());
+        assert!(a.entries().0.is_empty());
+        // A cluster value reaches B through an exchange.
+        a.set("smtp.relay_domains", "cluster", Some(v(r#"["x.example"]"#)))
+            .unwrap();
+        assert_eq!(seen_a.lock().unwrap().last().unwrap(), "x.example");
+        assert!(b.merge(&a.exchange()).unwrap());
+        assert_eq!(b.effective().unwrap().smtp.relay_domains, ["x.example"]);
+        assert!(!b.merge(&a.exchange()).unwrap(), "idempotent");
+        // A machine override on A (an explicit empty list) stays A's.
+        a.set("smtp.relay_domains", "machine", Some(v("[]")))
+            .unwrap();
+        assert!(a.effective().unwrap().smtp.relay_domains.is_empty());
+        b.merge(&a.exchange()).unwrap();
+        assert_eq!(b.effective().unwrap().smtp.relay_domains, ["x.example"]);
+        // Unset at the machine level: the cluster value applies again.
+        a.set("smtp.relay_domains", "machine", None).unwrap();
+        assert_eq!(a.effective().unwrap().smtp.relay_domains, ["x.example"]);
+        // Concurrent changes: the newer stamp wins on both, the loser is recorded on both.
+        a.set("smtp.relay_domains", "cluster", Some(v(r#"["a.example"]"#)))
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        b.set("smtp.relay_domains", "cluster", Some(v(r#"["b.example"]"#)))
+            .unwrap();
+        let (ea, eb) = (a.exchange(), b.exchange());
+        a.merge(&eb).unwrap();
+        b.merge(&ea).unwrap();
+        for s in [&a, &b] {
+            assert_eq!(s.effective().unwrap().smtp.relay_domains, ["b.example"]);
+            assert_eq!(s.entries().1.len(), 1, "the loser is reported");
+            assert_eq!(s.entries().1[0].lost.stamp.node, "gw_a");
+        }
+        // Another protocol version is refused.
+        let mut other = a.exchange();
+        other.version = 99;
+        assert!(b.merge(&other).is_err());
+        // Durable: reopened, the same.
+        drop(a);
+        let (a, _) = settings("gw_a", da.path());
+        assert_eq!(a.effective().unwrap().smtp.relay_domains, ["b.example"]);
+    }
+}

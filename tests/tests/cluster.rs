@@ -1,0 +1,168 @@
+//! Clustered settings on a pair: a relay domain set on the passive unit is accepted by the
+//! active unit's SMTP listener within a second; an invalid change and a machine-only key are
+//! refused where they are made and change nothing anywhere; a machine-level override (an
+//! explicit empty list) stays on its unit; a unit that was down catches up; concurrent changes
+//! converge on the newer one and the loser is reported; settings survive a restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use tests::{pair_config, spoolctl, wait_until, Client, Daemon};
+
+/// The reply to `RCPT TO:<x@domain>` from a client outside the trusted networks.
+fn rcpt(d: &Daemon, domain: &str) -> String {
+    let (mut c, _) = Client::connect(d.smtp);
+    assert!(c.cmd("EHLO stranger").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<s@example.com>").starts_with("250"));
+    let r = c.cmd(&format!("RCPT TO:<x@{domain}>"));
+    let _ = c.cmd("QUIT");
+    r
+}
+
+fn effective(d: &Daemon) -> Value {
+    let (code, out, err) = spoolctl(d, &["--json", "config", "show", "smtp.relay_domains"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["keys"][0]["effective"].clone()
+}
+
+fn set(d: &Daemon, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["config"];
+    all.extend_from_slice(args);
+    spoolctl(d, &all)
+}
+
+#[test]
+fn clustered_settings_reach_the_partner_live_and_converge() {
+    // Loopback is not trusted here, so the tests' client is a stranger.
+    let p = pair_config(
+        "[smtp]\nrelay_domains = [\"file.example\"]\ntrusted_networks = [\"192.0.2.0/24\"]\n",
+        None,
+    );
+    let mut a = Daemon::start_with(&["--config", &p.a_config]);
+    let mut b = Daemon::start_with(&["--config", &p.b_config]);
+    assert!(wait_until(10, || a.metric("spoold_ha_link_up") == Some(1.0)));
+    assert!(rcpt(&a, "file.example").starts_with("250"));
+    assert!(rcpt(&a, "added.example").starts_with("554 5.7.1"));
+
+    // Set on the passive unit, accepted by the active unit's listener.
+    let t = Instant::now();
+    let (code, out, err) = set(
+        &b,
+        &[
+            "set",
+            "smtp.relay_domains",
+            r#"["file.example", "added.example"]"#,
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("sent to the partner"), "{out}");
+    assert!(wait_until(5, || rcpt(&a, "added.example").starts_with("250")));
+    let took = t.elapsed();
+    eprintln!(
+        "a relay domain set on B accepted by A's listener after {} ms",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert_eq!(effective(&a), effective(&b));
+
+    // Refused at the origin, changing nothing anywhere.
+    let before = effective(&a);
+    let (code, _, err) = set(&a, &["set", "smtp.relay_domains", r#"["bad domain"]"#]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("smtp.relay_domains") && err.contains("not a domain"),
+        "{err}"
+    );
+    let (code, _, err) = set(&a, &["set", "smtp.listen", r#""0.0.0.0:25""#]);
+    assert_ne!(code, 0);
+    assert!(err.contains("machine-only"), "{err}");
+    let (code, _, err) = set(&a, &["set", "smtp.relay_domains", "[unclosed"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not a TOML value"), "{err}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        (effective(&a), effective(&b)),
+        (before.clone(), before.clone())
+    );
+
+    // A machine-level explicit empty list: A relays nothing, B is unchanged.
+    let (code, out, err) = set(
+        &a,
+        &["set", "smtp.relay_domains", "[]", "--level", "machine"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(rcpt(&a, "file.example").starts_with("554"));
+    assert_eq!(effective(&a), serde_json::json!([]));
+    assert_eq!(effective(&b), before);
+    let (code, _, _) = set(&a, &["unset", "smtp.relay_domains", "--level", "machine"]);
+    assert_eq!(code, 0);
+    assert!(rcpt(&a, "added.example").starts_with("250"));
+
+    // B down during a change: it catches up when it returns.
+    b.kill9();
+    let (code, out, _) = set(
+        &a,
+        &[
+            "set",
+            "smtp.relay_domains",
+            r#"["file.example", "later.example"]"#,
+        ],
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("next exchange"), "{out}");
+    b.restart();
+    let later = serde_json::json!(["file.example", "later.example"]);
+    assert!(
+        wait_until(15, || effective(&b) == later),
+        "B did not catch up: {}",
+        effective(&b)
+    );
+
+    // Concurrent changes: both units end with the newer, and the loser is reported.
+    let (a_args, b_args) = (
+        [
+            "config",
+            "set",
+            "smtp.relay_domains",
+            r#"["from-a.example"]"#,
+        ],
+        [
+            "config",
+            "set",
+            "smtp.relay_domains",
+            r#"["from-b.example"]"#,
+        ],
+    );
+    std::thread::scope(|s| {
+        s.spawn(|| assert_eq!(spoolctl(&a, &a_args).0, 0));
+        s.spawn(|| assert_eq!(spoolctl(&b, &b_args).0, 0));
+    });
+    assert!(
+        wait_until(15, || effective(&a) == effective(&b)),
+        "not converged: {} vs {}",
+        effective(&a),
+        effective(&b)
+    );
+    let conflicts = |d: &Daemon| {
+        let (_, out, _) = spoolctl(d, &["--json", "config", "show"]);
+        serde_json::from_str::<Value>(&out).unwrap()["conflicts"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert!(
+        wait_until(15, || conflicts(&a) + conflicts(&b) >= 1),
+        "the losing change is reported"
+    );
+    let (_, text, _) = spoolctl(&a, &["config", "show"]);
+    eprintln!("{text}");
+
+    // Durable: after a restart A applies the same.
+    let now = effective(&a);
+    a.kill9();
+    a.restart();
+    assert_eq!(effective(&a), now);
+    let domain = now[0].as_str().unwrap().to_string();
+    assert!(rcpt(&a, &domain).starts_with("250"));
+}
