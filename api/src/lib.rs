@@ -88,6 +88,9 @@ pub enum Request {
         /// One key (default: every clusterable key).
         key: Option<String>,
     },
+    /// The configuration in effect here, as a TOML file `spoold --check-config` accepts:
+    /// [`ConfigExported`].
+    ConfigExport,
     /// Set (or, without a value, unset) a clustered setting at a level (`cluster` or
     /// `machine`), validated here, then sent to the partner: [`ConfigChanged`].
     ConfigSet {
@@ -282,6 +285,13 @@ pub struct ConfigShown {
     pub conflicts: Vec<String>,
     /// Keys that never leave their unit.
     pub machine_only: Vec<String>,
+}
+
+/// [`Request::ConfigExport`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigExported {
+    /// The TOML text.
+    pub toml: String,
 }
 
 /// [`Request::ConfigSet`].

@@ -114,6 +114,9 @@ enum ConfigCmd {
         #[arg(long, default_value = "cluster")]
         level: String,
     },
+    /// Print the configuration in effect here (file and clustered settings) as a TOML file
+    /// that `spoold --check-config` accepts.
+    Export,
     /// Unset KEY at a level (a lower level or the file applies again).
     Unset {
         /// The key.
@@ -381,6 +384,12 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
                 out.push_str(&format!("conflict: {c}\n"));
             }
         }
+        Cmd::Config {
+            cmd: ConfigCmd::Export,
+        } => {
+            let r: api::ConfigExported = data_as(data)?;
+            out.push_str(&r.toml);
+        }
         Cmd::Config { .. } => {
             let r: api::ConfigChanged = data_as(data)?;
             out.push_str(&format!(
@@ -590,6 +599,7 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
         Cmd::Flush => Request::Flush,
         Cmd::Config { cmd } => match cmd {
             ConfigCmd::Show { key } => Request::ConfigShow { key: key.clone() },
+            ConfigCmd::Export => Request::ConfigExport,
             ConfigCmd::Set { key, value, level } => Request::ConfigSet {
                 key: key.clone(),
                 value: Some(value.clone()),

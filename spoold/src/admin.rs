@@ -489,6 +489,20 @@ impl Admin {
             Request::Recover { .. } => Err("recover is handled asynchronously".into()),
             Request::Track { .. } => Err("track is handled asynchronously".into()),
             Request::ConfigSet { .. } => Err("config set is handled asynchronously".into()),
+            Request::ConfigExport => {
+                let effective = self
+                    .lifecycle
+                    .settings
+                    .effective()
+                    .map_err(|e| format!("{e:#}"))?;
+                let text = toml::to_string(&effective).map_err(|e| e.to_string())?;
+                reply(api::ConfigExported {
+                    toml: format!(
+                        "# spoold's configuration in effect on {} (file and clustered settings)\n{text}",
+                        effective.node_name
+                    ),
+                })
+            }
             Request::ConfigShow { key } => reply(
                 crate::cluster::show(&self.lifecycle.settings, key.as_deref())
                     .map_err(|e| format!("{e:#}"))?,

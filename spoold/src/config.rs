@@ -3,13 +3,13 @@
 
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The whole configuration, as read from TOML (every key optional).
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// This node's name in message ids and envelopes: 1-32 of `[a-z0-9_]`.
@@ -35,7 +35,7 @@ pub struct Config {
 }
 
 /// `[archive]`.
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct ArchiveConfig {
     /// Archive every accepted message (default true).
@@ -66,7 +66,7 @@ pub struct ArchiveConfig {
 
 /// `[archive.object_store]`. The secret key comes from a file or the environment, never from
 /// this file, and is never logged.
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct ObjectStoreToml {
     /// `http(s)://host:port` of the S3 API.
@@ -138,7 +138,7 @@ impl ObjectStoreToml {
 }
 
 /// `[[archive.mirror]]`.
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct MirrorConfig {
     /// The peer's `archive.listen` address.
@@ -218,7 +218,7 @@ fn load_secret(prefix: &str, file: Option<&Path>, secret: Option<&str>) -> Resul
 }
 
 /// `[ha]`.
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct HaConfig {
     /// The partner's peer-link address, `ip:port`.
@@ -304,7 +304,7 @@ impl HaConfig {
 }
 
 /// STARTTLS toward a next hop (like Postfix's `smtp_tls_security_level`).
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsSetting {
     /// Never.
@@ -316,7 +316,7 @@ pub enum TlsSetting {
 }
 
 /// One `[[delivery.routes]]` entry.
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// `example.org` (exactly) or `*.example.org` (any subdomain).
@@ -328,7 +328,7 @@ pub struct Route {
 }
 
 /// `[delivery]`.
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
     /// Deliver at all (false: mail stays queued).
@@ -360,7 +360,7 @@ pub struct DeliveryConfig {
 }
 
 /// `[filter]`.
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct FilterConfig {
     /// clamd address, `unix:/path` or `tcp:host:port`; unset: no scanning (mail is marked
@@ -409,7 +409,7 @@ impl Default for FilterConfig {
 }
 
 /// `[smtp]`.
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct SmtpConfig {
     /// Listen address.
@@ -438,7 +438,7 @@ pub struct SmtpConfig {
 }
 
 /// `[http]`.
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Listen address for `/metrics`, `/healthz`, `/readyz`.
@@ -446,7 +446,7 @@ pub struct HttpConfig {
 }
 
 /// `[spool]`.
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
     /// Use io_uring when the kernel allows it (false: always the portable writer).
@@ -469,7 +469,7 @@ pub struct SpoolConfig {
 }
 
 /// `spool.sync`.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Deserialize, Serialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum SyncSetting {
     /// `syncfs` on a file system mounted at the state directory, else `fsync`.

@@ -158,6 +158,25 @@ fn clustered_settings_reach_the_partner_live_and_converge() {
     let (_, text, _) = spoolctl(&a, &["config", "show"]);
     eprintln!("{text}");
 
+    // Exported, the configuration in effect is a file spoold accepts, with the clustered value.
+    let (code, exported, err) = spoolctl(&a, &["config", "export"]);
+    assert_eq!(code, 0, "{err}");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &exported).unwrap();
+    let check = std::process::Command::new(tests::spoold_bin())
+        .arg("--config")
+        .arg(file.path())
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}\n{exported}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let domain = effective(&a)[0].as_str().unwrap().to_string();
+    assert!(exported.contains(&domain), "{exported}");
+
     // Durable: after a restart A applies the same.
     let now = effective(&a);
     a.kill9();
