@@ -19,7 +19,13 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 /// Keys that can be clustered, and that apply live.
-pub const CLUSTERABLE: &[&str] = &["smtp.relay_domains", "smtp.trusted_networks"];
+pub const CLUSTERABLE: &[&str] = &[
+    "smtp.relay_domains",
+    "smtp.trusted_networks",
+    "smtp.message_bytes_max",
+    "smtp.recipients_max",
+    "smtp.idle_timeout_secs",
+];
 
 /// Keys that never leave their unit (its identity, addresses, secrets and role).
 pub const MACHINE_ONLY: &[&str] = &[
@@ -463,6 +469,13 @@ fn set_value(c: &mut Config, key: &str, v: serde_json::Value) -> Result<()> {
         "smtp.trusted_networks" => {
             c.smtp.trusted_networks = serde_json::from_value(v).map_err(bad)?
         }
+        "smtp.message_bytes_max" => {
+            c.smtp.message_bytes_max = serde_json::from_value(v).map_err(bad)?
+        }
+        "smtp.recipients_max" => c.smtp.recipients_max = serde_json::from_value(v).map_err(bad)?,
+        "smtp.idle_timeout_secs" => {
+            c.smtp.idle_timeout_secs = serde_json::from_value(v).map_err(bad)?
+        }
         other => bail!("key `{other}` is not clusterable"),
     }
     Ok(())
@@ -472,6 +485,9 @@ fn value_of(c: &Config, key: &str) -> Option<serde_json::Value> {
     match key {
         "smtp.relay_domains" => serde_json::to_value(&c.smtp.relay_domains).ok(),
         "smtp.trusted_networks" => serde_json::to_value(&c.smtp.trusted_networks).ok(),
+        "smtp.message_bytes_max" => serde_json::to_value(c.smtp.message_bytes_max).ok(),
+        "smtp.recipients_max" => serde_json::to_value(c.smtp.recipients_max).ok(),
+        "smtp.idle_timeout_secs" => serde_json::to_value(c.smtp.idle_timeout_secs).ok(),
         _ => None,
     }
 }

@@ -217,9 +217,17 @@ async fn run(cfg: Config) -> Result<()> {
                 trusted_networks: c.smtp.trusted_networks.clone(),
                 allow_untrusted_routing: c.smtp.allow_untrusted_routing,
             };
+            let (size, rcpts, idle) = (
+                c.smtp.message_bytes_max,
+                c.smtp.recipients_max,
+                c.idle_timeout(),
+            );
             server_cfg.send_modify(|s| {
                 let mut next = (**s).clone();
                 next.policy = policy;
+                next.message_bytes_max = size;
+                next.recipients_max = rcpts;
+                next.idle_timeout = idle;
                 *s = Arc::new(next);
             });
         }),

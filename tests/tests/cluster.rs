@@ -66,6 +66,29 @@ fn clustered_settings_reach_the_partner_live_and_converge() {
     assert!(took < Duration::from_secs(1), "{took:?}");
     assert_eq!(effective(&a), effective(&b));
 
+    // A limit too: recipients per message, set on B, enforced by A's next session.
+    let (code, _, err) = set(&b, &["set", "smtp.recipients_max", "0"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("smtp.recipients_max"), "{err}");
+    assert_eq!(set(&b, &["set", "smtp.recipients_max", "2"]).0, 0);
+    let replies = || {
+        let (mut c, _) = Client::connect(a.smtp);
+        c.cmd("EHLO stranger");
+        c.cmd("MAIL FROM:<s@example.com>");
+        let r: Vec<String> = (0..3)
+            .map(|i| c.cmd(&format!("RCPT TO:<r{i}@file.example>")))
+            .collect();
+        let _ = c.cmd("QUIT");
+        r
+    };
+    assert!(
+        wait_until(5, || replies()[2].starts_with("452")),
+        "{:?}",
+        replies()
+    );
+    assert_eq!(set(&b, &["unset", "smtp.recipients_max"]).0, 0);
+    assert!(wait_until(5, || replies()[2].starts_with("250")));
+
     // Refused at the origin, changing nothing anywhere.
     let before = effective(&a);
     let (code, _, err) = set(&a, &["set", "smtp.relay_domains", r#"["bad domain"]"#]);
