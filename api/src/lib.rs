@@ -88,6 +88,8 @@ pub enum Request {
         /// One key (default: every clusterable key).
         key: Option<String>,
     },
+    /// This unit and its partner as clustered-settings members: [`ClusterStatus`].
+    ClusterStatus,
     /// The configuration in effect here, as a TOML file `spoold --check-config` accepts:
     /// [`ConfigExported`].
     ConfigExport,
@@ -285,6 +287,42 @@ pub struct ConfigShown {
     pub conflicts: Vec<String>,
     /// Keys that never leave their unit.
     pub machine_only: Vec<String>,
+}
+
+/// [`Request::ClusterStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This unit.
+    pub node: String,
+    /// The newest stamp of its settings (`ms.counter@node`), if any.
+    pub version: Option<String>,
+    /// Entries held (keys × levels).
+    pub entries: usize,
+    /// Changes that lost to newer ones.
+    pub conflicts: usize,
+    /// The settings protocol spoken here.
+    pub protocol: u32,
+    /// The partner, once an exchange has been tried.
+    pub partner: Option<ClusterMember>,
+}
+
+/// The partner in [`ClusterStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMember {
+    /// Its node name.
+    pub node: String,
+    /// The last exchange succeeded.
+    pub connected: bool,
+    /// Seconds since the last successful exchange.
+    pub last_contact_secs: Option<u64>,
+    /// How long that exchange took, ms.
+    pub last_sync_ms: u64,
+    /// The newest stamp it held then.
+    pub version: Option<String>,
+    /// Keys and levels that differed before that exchange (it then took ours, we took its).
+    pub differing: Vec<String>,
+    /// Why the last exchange failed.
+    pub error: Option<String>,
 }
 
 /// [`Request::ConfigExport`].

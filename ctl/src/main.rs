@@ -65,6 +65,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+    /// The units sharing clustered settings: this one and its partner (connected, last
+    /// contact, the last exchange's duration, settings version, what differed).
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
     /// Follow messages through this unit and its partner: every event of the messages QUERY
     /// selects (accepted, replicated, scanned, each delivery attempt, bounced, archived,
     /// removed, moved by takeover recovery), oldest first, naming the unit of each.
@@ -93,6 +99,12 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         from_dir: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// This unit and its partner as the last settings exchange saw them.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -384,6 +396,46 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
                 out.push_str(&format!("conflict: {c}\n"));
             }
         }
+        Cmd::Cluster { .. } => {
+            let r: api::ClusterStatus = data_as(data)?;
+            let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
+            out.push_str(&format!(
+                "{} (here): version {}, {} entries, {} conflicts, protocol {}\n",
+                r.node,
+                or_none(&r.version),
+                r.entries,
+                r.conflicts,
+                r.protocol
+            ));
+            match &r.partner {
+                None => out.push_str("partner: none, or not asked yet\n"),
+                Some(p) => out.push_str(&format!(
+                    "{}: {}, last contact {} s ago, last exchange {} ms, version {}{}{}\n",
+                    if p.node.is_empty() {
+                        "partner"
+                    } else {
+                        &p.node
+                    },
+                    if p.connected {
+                        "connected"
+                    } else {
+                        "not connected"
+                    },
+                    p.last_contact_secs
+                        .map_or("never".to_string(), |s| s.to_string()),
+                    p.last_sync_ms,
+                    or_none(&p.version),
+                    if p.differing.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", differed: {}", p.differing.join("; "))
+                    },
+                    p.error
+                        .as_ref()
+                        .map_or(String::new(), |e| format!(", last error: {e}"))
+                )),
+            }
+        }
         Cmd::Config {
             cmd: ConfigCmd::Export,
         } => {
@@ -597,6 +649,9 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
         Cmd::Role { role } => Request::Role { role: role.clone() },
         Cmd::Insert => Request::Insert,
         Cmd::Flush => Request::Flush,
+        Cmd::Cluster {
+            cmd: ClusterCmd::Status,
+        } => Request::ClusterStatus,
         Cmd::Config { cmd } => match cmd {
             ConfigCmd::Show { key } => Request::ConfigShow { key: key.clone() },
             ConfigCmd::Export => Request::ConfigExport,

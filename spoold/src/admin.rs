@@ -489,6 +489,7 @@ impl Admin {
             Request::Recover { .. } => Err("recover is handled asynchronously".into()),
             Request::Track { .. } => Err("track is handled asynchronously".into()),
             Request::ConfigSet { .. } => Err("config set is handled asynchronously".into()),
+            Request::ClusterStatus => reply(crate::cluster::status(&self.lifecycle.settings)),
             Request::ConfigExport => {
                 let effective = self
                     .lifecycle

@@ -103,9 +103,26 @@ struct Stored {
     conflicts: Vec<Conflict>,
 }
 
+/// What this unit knows of the partner's settings, from the last exchange.
+#[derive(Clone, Debug, Default)]
+struct PartnerState {
+    /// When an exchange last succeeded (ms).
+    last_ok_ms: u64,
+    /// How long it took.
+    last_latency_ms: u64,
+    /// The partner's node name and the newest stamp it held.
+    node: String,
+    version: Option<Stamp>,
+    /// Keys and levels whose entries differed after the last exchange (none once in sync).
+    differing: Vec<String>,
+    /// Why the last exchange failed, if it did.
+    last_error: Option<String>,
+}
+
 /// This unit's clustered settings.
 pub struct Settings {
     node: String,
+    partner: Mutex<PartnerState>,
     path: PathBuf,
     /// The configuration as the file (and command line) gave it.
     file: Config,
@@ -154,6 +171,7 @@ impl Settings {
                 node: String::new(),
             });
         let s = Settings {
+            partner: Mutex::new(PartnerState::default()),
             node: file.node_name.clone(),
             path,
             file: file.clone(),
@@ -335,17 +353,73 @@ pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// One exchange with the partner over the peer link: ours go there, theirs come here, each
 /// side keeps the newest. Answers whether anything changed here.
 pub async fn sync_with_partner(r: &hasync::Replicator, settings: &Settings) -> Result<bool> {
-    let mut client = r
-        .recovery_client()
-        .await
-        .map_err(|e| anyhow::anyhow!("partner not reachable: {e}"))?;
-    let ours = serde_json::to_vec(&settings.exchange())?;
-    let answer = client
-        .ask(hasync::proto::recovery_op::SETTINGS, &ours)
-        .await
-        .map_err(|e| anyhow::anyhow!("partner: {e}"))?;
-    let theirs: Exchange = serde_json::from_slice(&answer).context("partner's answer")?;
-    tokio::task::block_in_place(|| settings.merge(&theirs))
+    let started = std::time::Instant::now();
+    let exchanged = async {
+        let mut client = r
+            .recovery_client()
+            .await
+            .map_err(|e| anyhow::anyhow!("partner not reachable: {e}"))?;
+        let ours = serde_json::to_vec(&settings.exchange())?;
+        let answer = client
+            .ask(hasync::proto::recovery_op::SETTINGS, &ours)
+            .await
+            .map_err(|e| anyhow::anyhow!("partner: {e}"))?;
+        let theirs: Exchange = serde_json::from_slice(&answer).context("partner's answer")?;
+        let changed = tokio::task::block_in_place(|| settings.merge(&theirs))?;
+        Ok::<_, anyhow::Error>((theirs, changed))
+    }
+    .await;
+    let mut p = settings.partner.lock().unwrap_or_else(|p| p.into_inner());
+    match exchanged {
+        Ok((theirs, changed)) => {
+            let ours = settings.exchange();
+            p.last_ok_ms = now_ms();
+            p.last_latency_ms = started.elapsed().as_millis() as u64;
+            p.node = r.peer().map(|s| s.node).unwrap_or_default();
+            p.version = theirs.entries.iter().map(|e| e.stamp.clone()).max();
+            // What the partner held before it took ours in: what differed.
+            p.differing = ours
+                .entries
+                .iter()
+                .filter(|e| !theirs.entries.contains(e))
+                .map(|e| format!("{} {}", e.key, e.level))
+                .collect();
+            p.last_error = None;
+            Ok(changed)
+        }
+        Err(e) => {
+            p.last_error = Some(format!("{e:#}"));
+            Err(e)
+        }
+    }
+}
+
+/// `spoolctl cluster status`: this unit and its partner, as the last exchange saw it.
+pub fn status(settings: &Settings) -> api::ClusterStatus {
+    let version = |s: Option<&Stamp>| s.map(|s| format!("{}.{}@{}", s.ms, s.counter, s.node));
+    let (entries, conflicts) = settings.entries();
+    let p = settings
+        .partner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    api::ClusterStatus {
+        node: settings.node.clone(),
+        version: version(entries.iter().map(|e| &e.stamp).max()),
+        entries: entries.len(),
+        conflicts: conflicts.len(),
+        protocol: PROTOCOL,
+        partner: (p.last_ok_ms > 0 || p.last_error.is_some()).then(|| api::ClusterMember {
+            node: p.node.clone(),
+            connected: p.last_error.is_none() && p.last_ok_ms > 0,
+            last_contact_secs: (p.last_ok_ms > 0)
+                .then(|| now_ms().saturating_sub(p.last_ok_ms) / 1000),
+            last_sync_ms: p.last_latency_ms,
+            version: version(p.version.as_ref()),
+            differing: p.differing.clone(),
+            error: p.last_error.clone(),
+        }),
+    }
 }
 
 /// Exchanges settings with the partner every [`SYNC_EVERY`], for ever.

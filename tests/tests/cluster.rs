@@ -134,6 +134,14 @@ fn clustered_settings_reach_the_partner_live_and_converge() {
     );
     assert_eq!(code, 0);
     assert!(out.contains("next exchange"), "{out}");
+    let status = |d: &Daemon| {
+        let (code, out, err) = spoolctl(d, &["--json", "cluster", "status"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    let down = status(&a);
+    assert_eq!(down["partner"]["connected"], false, "{down}");
+    assert!(down["partner"]["error"].is_string(), "{down}");
     b.restart();
     let later = serde_json::json!(["file.example", "later.example"]);
     assert!(
@@ -179,6 +187,22 @@ fn clustered_settings_reach_the_partner_live_and_converge() {
         "the losing change is reported"
     );
     let (_, text, _) = spoolctl(&a, &["config", "show"]);
+    eprintln!("{text}");
+    // Both see the other connected, at the same settings version.
+    assert!(
+        wait_until(15, || {
+            let (sa, sb) = (status(&a), status(&b));
+            sa["partner"]["connected"] == true
+                && sa["partner"]["node"] == "gw_b"
+                && sa["partner"]["version"] == sa["version"]
+                && sb["partner"]["version"] == sb["version"]
+                && sa["version"] == sb["version"]
+        }),
+        "{} {}",
+        status(&a),
+        status(&b)
+    );
+    let (_, text, _) = spoolctl(&a, &["cluster", "status"]);
     eprintln!("{text}");
 
     // Exported, the configuration in effect is a file spoold accepts, with the clustered value.
