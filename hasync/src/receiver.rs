@@ -17,6 +17,9 @@ enum Event {
     Tick,
 }
 
+/// What a session that the other side closed ends with.
+const LINK_CLOSED: &str = "link closed";
+
 impl Replicator {
     /// Runs the receiver: accept partner links and apply what they send.
     pub async fn run_receiver(self: Arc<Self>, listener: tokio::net::TcpListener) {
@@ -39,8 +42,20 @@ impl Replicator {
                         tracing::warn!(%from, channel = ?l.peer.channel, "peer link for a channel not served here: closed");
                     }
                     Ok(l) => {
-                        if let Err(e) = me.clone().receive_session(l).await {
-                            tracing::warn!(%from, "replication receiver: {e}");
+                        let requests = l.peer.channel == proto::Channel::Recovery;
+                        match me.clone().receive_session(l).await {
+                            Ok(()) => {}
+                            // A request session (recovery, tracking, settings) ends when the
+                            // asker has its answers and hangs up: not a fault.
+                            Err(LinkError::Protocol(why)) if requests && why == LINK_CLOSED => {
+                                tracing::debug!(%from, "request session ended");
+                            }
+                            Err(LinkError::Io(e))
+                                if requests && e.kind() == std::io::ErrorKind::UnexpectedEof =>
+                            {
+                                tracing::debug!(%from, "request session ended without a TLS close: {e}");
+                            }
+                            Err(e) => tracing::warn!(%from, "replication receiver: {e}"),
                         }
                     }
                     Err(e) => {
@@ -141,7 +156,7 @@ impl Replicator {
                     let mut removals: Vec<(u64, MessageId)> = Vec::new();
                     for f in batch {
                         match f {
-                            None => return Err(LinkError::Protocol("link closed".into())),
+                            None => return Err(LinkError::Protocol(LINK_CLOSED.into())),
                             Some(Err(e)) => return Err(e),
                             Some(Ok(Frame::Heartbeat { role, priority })) => {
                                 self.heard(&peer.node, role, priority)

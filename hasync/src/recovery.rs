@@ -252,6 +252,12 @@ impl RecoveryClient {
         self.call(op, request).await
     }
 
+    /// Ends the session cleanly (a TLS close, then the socket's), so the partner sees a hang-up,
+    /// not a broken link.
+    pub async fn close(mut self) {
+        let _ = self.w.shutdown().await;
+    }
+
     /// The ids in the partner's delivered ledger.
     pub async fn ledger(&mut self) -> Result<Vec<MessageId>, RecoveryError> {
         let data = self.call(proto::recovery_op::LEDGER, b"").await?;

@@ -234,9 +234,12 @@ impl Admin {
             let request = serde_json::json!({ "query": query, "limit": limit }).to_string();
             let asked = tokio::time::timeout(TRACK_PARTNER_WITHIN, async {
                 let mut c = r.recovery_client().await.map_err(|e| e.to_string())?;
-                c.ask(hasync::proto::recovery_op::TRACK, request.as_bytes())
+                let answer = c
+                    .ask(hasync::proto::recovery_op::TRACK, request.as_bytes())
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string());
+                c.close().await;
+                answer
             })
             .await;
             match asked {

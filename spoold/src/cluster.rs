@@ -364,6 +364,7 @@ pub async fn sync_with_partner(r: &hasync::Replicator, settings: &Settings) -> R
             .ask(hasync::proto::recovery_op::SETTINGS, &ours)
             .await
             .map_err(|e| anyhow::anyhow!("partner: {e}"))?;
+        client.close().await;
         let theirs: Exchange = serde_json::from_slice(&answer).context("partner's answer")?;
         let changed = tokio::task::block_in_place(|| settings.merge(&theirs))?;
         Ok::<_, anyhow::Error>((theirs, changed))

@@ -292,8 +292,12 @@ async fn run(cfg: Config) -> Result<()> {
     };
     layout.set_recycling(cfg.spool.recycle_files);
     let ha_setup = ha::prepare(&cfg, &layout)?;
-    let track = track::Tracker::open(&cfg.node_name, &cfg.state_dir.join("track"))
-        .context("open the message tracking log")?;
+    let track = track::Tracker::open(
+        &cfg.node_name,
+        &cfg.state_dir.join("track"),
+        metrics.track_dropped.clone(),
+    )
+    .context("open the message tracking log")?;
     let lifecycle = Arc::new(lifecycle::Lifecycle {
         track,
         settings,

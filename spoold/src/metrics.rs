@@ -51,6 +51,8 @@ pub struct Metrics {
     pub archive_remote_ops: IntCounterVec,
     /// Bytes uploaded and confirmed.
     pub archive_remote_upload_bytes: IntCounter,
+    /// Message tracking events dropped because the tracking log's writer was behind.
+    pub track_dropped: IntCounter,
     /// Messages acknowledged with 250.
     pub accepted_messages: IntCounter,
     /// Body bytes of acknowledged messages.
@@ -219,6 +221,10 @@ impl Metrics {
                 "Local bytes of archive segments already in the object store (the read cache).",
             )?,
             archive_remote_ops,
+            track_dropped: counter(
+                "spoold_track_events_dropped_total",
+                "Message tracking events dropped because the tracking log's writer was behind (mail never waits for it).",
+            )?,
             archive_remote_upload_bytes: counter(
                 "spoold_archive_remote_upload_bytes_total",
                 "Bytes of archive segments uploaded to the object store and confirmed.",

@@ -13,7 +13,6 @@
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One file of the log is closed past this size.
 pub const FILE_BYTES: u64 = 16 << 20;
@@ -51,8 +50,8 @@ pub struct Tracker {
     unit: String,
     dir: PathBuf,
     tx: crossbeam_channel::Sender<Event>,
-    /// Events dropped because the writer was behind.
-    pub dropped: AtomicU64,
+    /// Events dropped because the writer was behind (`spoold_track_events_dropped_total`).
+    dropped: prometheus::IntCounter,
 }
 
 fn file_path(dir: &Path, n: u64) -> PathBuf {
@@ -80,7 +79,11 @@ fn files(dir: &Path) -> Vec<u64> {
 
 impl Tracker {
     /// Opens the log in `dir` (created) and starts its writer thread.
-    pub fn open(unit: &str, dir: &Path) -> std::io::Result<std::sync::Arc<Tracker>> {
+    pub fn open(
+        unit: &str,
+        dir: &Path,
+        dropped: prometheus::IntCounter,
+    ) -> std::io::Result<std::sync::Arc<Tracker>> {
         std::fs::create_dir_all(dir)?;
         let (tx, rx) = crossbeam_channel::bounded::<Event>(QUEUE);
         let writer_dir = dir.to_path_buf();
@@ -91,7 +94,7 @@ impl Tracker {
             unit: unit.to_string(),
             dir: dir.to_path_buf(),
             tx,
-            dropped: AtomicU64::new(0),
+            dropped,
         }))
     }
 
@@ -121,7 +124,7 @@ impl Tracker {
             msgid,
         };
         if self.tx.try_send(event).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
         }
     }
 
@@ -333,7 +336,8 @@ mod tests {
     #[test]
     fn a_search_follows_every_event_of_the_messages_it_selects() {
         let dir = tempfile::tempdir().unwrap();
-        let t = Tracker::open("gw_a", dir.path()).unwrap();
+        let dropped = prometheus::IntCounter::new("dropped", "dropped").unwrap();
+        let t = Tracker::open("gw_a", dir.path(), dropped.clone()).unwrap();
         let env = |from: &'static str, msgid: &str| Envelope {
             from,
             to: vec!["bob@example.org".into()],

@@ -224,6 +224,13 @@ fn clustered_settings_reach_the_partner_live_and_converge() {
     let domain = effective(&a)[0].as_str().unwrap().to_string();
     assert!(exported.contains(&domain), "{exported}");
 
+    // The exchanges (request sessions the partner hangs up) are not faults in the log.
+    assert!(
+        !a.log_text().contains("replication receiver"),
+        "{}",
+        a.log_text()
+    );
+
     // Durable: after a restart A applies the same.
     let now = effective(&a);
     a.kill9();

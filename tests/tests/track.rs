@@ -138,6 +138,7 @@ fn track_follows_messages_through_replication_takeover_recovery_and_delivery() {
         assert!(on_b["notes"].as_array().unwrap().is_empty(), "{on_b}");
     }
     assert_eq!(sink.dumped().len(), 2, "each delivered once");
+    assert_eq!(b.metric("spoold_track_events_dropped_total"), Some(0.0));
 
     // Capped: the human form says so.
     let (code, text, _) = spoolctl(&b, &["track", "--limit", "2", "from:alice@example.com"]);
