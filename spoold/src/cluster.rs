@@ -25,6 +25,10 @@ pub const CLUSTERABLE: &[&str] = &[
     "smtp.message_bytes_max",
     "smtp.recipients_max",
     "smtp.idle_timeout_secs",
+    "delivery.default_next_hop",
+    "delivery.routes",
+    "delivery.retry_schedule_secs",
+    "delivery.queue_lifetime_secs",
 ];
 
 /// Keys that never leave their unit (its identity, addresses, secrets and role).
@@ -551,6 +555,16 @@ fn set_value(c: &mut Config, key: &str, v: serde_json::Value) -> Result<()> {
         "smtp.idle_timeout_secs" => {
             c.smtp.idle_timeout_secs = serde_json::from_value(v).map_err(bad)?
         }
+        "delivery.default_next_hop" => {
+            c.delivery.default_next_hop = serde_json::from_value(v).map_err(bad)?
+        }
+        "delivery.routes" => c.delivery.routes = serde_json::from_value(v).map_err(bad)?,
+        "delivery.retry_schedule_secs" => {
+            c.delivery.retry_schedule_secs = serde_json::from_value(v).map_err(bad)?
+        }
+        "delivery.queue_lifetime_secs" => {
+            c.delivery.queue_lifetime_secs = serde_json::from_value(v).map_err(bad)?
+        }
         other => bail!("key `{other}` is not clusterable"),
     }
     Ok(())
@@ -563,6 +577,12 @@ fn value_of(c: &Config, key: &str) -> Option<serde_json::Value> {
         "smtp.message_bytes_max" => serde_json::to_value(c.smtp.message_bytes_max).ok(),
         "smtp.recipients_max" => serde_json::to_value(c.smtp.recipients_max).ok(),
         "smtp.idle_timeout_secs" => serde_json::to_value(c.smtp.idle_timeout_secs).ok(),
+        "delivery.default_next_hop" => serde_json::to_value(&c.delivery.default_next_hop).ok(),
+        "delivery.routes" => serde_json::to_value(&c.delivery.routes).ok(),
+        "delivery.retry_schedule_secs" => {
+            serde_json::to_value(&c.delivery.retry_schedule_secs).ok()
+        }
+        "delivery.queue_lifetime_secs" => serde_json::to_value(c.delivery.queue_lifetime_secs).ok(),
         _ => None,
     }
 }

@@ -30,12 +30,12 @@ pub struct Delivery {
     pub sink: Arc<SpoolSink>,
     pub metrics: Arc<Metrics>,
     pub stage: VscanStage,
-    pub routes: Routes,
+    /// Routes, retry schedule and queue lifetime: clustered settings, so they can change while
+    /// the daemon runs; each attempt reads them once.
+    pub policy: tokio::sync::watch::Receiver<Arc<DeliveryPolicy>>,
     pub client: ClientConfig,
     pub hostname: String,
     pub enabled: bool,
-    pub retry_schedule: Vec<Duration>,
-    pub lifetime: Duration,
     pub scan_retry: Duration,
     pub notify_quarantine: bool,
     pub concurrency: Arc<Semaphore>,
@@ -51,6 +51,29 @@ pub struct Delivery {
     activity: Arc<crate::handover::Activity>,
     /// The archive: a message leaves the spool only once it is archived.
     archiving: Option<Arc<crate::archiving::Archiving>>,
+}
+
+/// The parts of `[delivery]` that clustered settings may change live.
+pub struct DeliveryPolicy {
+    routes: Routes,
+    retry_schedule: Vec<Duration>,
+    lifetime: Duration,
+}
+
+impl DeliveryPolicy {
+    /// From a (validated) configuration.
+    pub fn from_config(cfg: &Config) -> DeliveryPolicy {
+        let d = &cfg.delivery;
+        DeliveryPolicy {
+            routes: Routes::from_config(cfg),
+            retry_schedule: d
+                .retry_schedule_secs
+                .iter()
+                .map(|&s| Duration::from_secs(s))
+                .collect(),
+            lifetime: Duration::from_secs(d.queue_lifetime_secs),
+        }
+    }
 }
 
 /// How long a message waits (in the spool, delivered) for an archive that could not take it.
@@ -90,6 +113,7 @@ impl Delivery {
         metrics: Arc<Metrics>,
         stage: VscanStage,
         client: ClientConfig,
+        policy: tokio::sync::watch::Receiver<Arc<DeliveryPolicy>>,
         ha: Option<Arc<hasync::Replicator>>,
         remover: spool::remover::Remover,
         activity: Arc<crate::handover::Activity>,
@@ -102,16 +126,10 @@ impl Delivery {
             sink,
             metrics,
             stage,
-            routes: Routes::from_config(cfg),
+            policy,
             client,
             hostname: cfg.hostname.clone(),
             enabled: d.enabled,
-            retry_schedule: d
-                .retry_schedule_secs
-                .iter()
-                .map(|&s| Duration::from_secs(s))
-                .collect(),
-            lifetime: Duration::from_secs(d.queue_lifetime_secs),
             scan_retry: Duration::from_secs(cfg.filter.retry_secs),
             notify_quarantine: cfg.filter.notify_sender,
             concurrency: Arc::new(Semaphore::new(d.concurrency_max)),
@@ -338,12 +356,13 @@ impl Delivery {
                 return Ok(Next::Done);
             }
         };
+        let policy = self.policy.borrow().clone();
         // Group the recipients still pending by next hop.
         let mut groups: BTreeMap<Option<Hop>, Vec<usize>> = BTreeMap::new();
         for (i, r) in env.recipients.iter().enumerate() {
             if r.state == RcptState::Pending {
                 groups
-                    .entry(self.routes.lookup(&r.address).cloned())
+                    .entry(policy.routes.lookup(&r.address).cloned())
                     .or_default()
                     .push(i);
             }
@@ -429,7 +448,7 @@ impl Delivery {
         }
         env.attempts += 1;
         let age = Duration::from_millis(now_ms().saturating_sub(env.arrived_ms));
-        if deferred.is_some() && age >= self.lifetime {
+        if deferred.is_some() && age >= policy.lifetime {
             let why = format!(
                 "queue lifetime exceeded; last error: {}",
                 deferred.take().unwrap_or_default()
@@ -489,12 +508,16 @@ impl Delivery {
         }
         let step = (env.attempts as usize)
             .saturating_sub(1)
-            .min(self.retry_schedule.len() - 1);
+            .min(policy.retry_schedule.len().saturating_sub(1));
         // Recipients of a busy next hop were not tried: they go as soon as it has a slot.
         env.next_attempt_ms = if busy.is_some() {
             0
         } else {
-            now_ms() + self.retry_schedule[step].as_millis() as u64
+            now_ms()
+                + policy
+                    .retry_schedule
+                    .get(step)
+                    .map_or(60_000, |d| d.as_millis() as u64)
         };
         env.last_error = deferred;
         let (layout, e) = (self.layout.clone(), env.clone());

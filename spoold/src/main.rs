@@ -207,11 +207,14 @@ async fn run(cfg: Config) -> Result<()> {
         tls,
         policy: smtp::RelayPolicy::default(),
     }));
+    let (delivery_policy, delivery_policy_rx) =
+        watch::channel(Arc::new(delivery::DeliveryPolicy::from_config(&cfg)));
     // Clustered settings on top of the file; every change (here or from the partner) reaches
-    // sessions that start after it.
+    // SMTP sessions that start after it and delivery attempts that start after it.
     let settings = Arc::new(cluster::Settings::open(
         &cfg,
         Box::new(move |c: &Config| {
+            delivery_policy.send_replace(Arc::new(delivery::DeliveryPolicy::from_config(c)));
             let policy = smtp::RelayPolicy {
                 relay_domains: c.smtp.relay_domains.clone(),
                 trusted_networks: c.smtp.trusted_networks.clone(),
@@ -397,6 +400,7 @@ async fn run(cfg: Config) -> Result<()> {
             data_timeout,
             tls: Some(client_tls),
         },
+        delivery_policy_rx,
         replicator.clone(),
         spool::remover::Remover::start(layout.clone()).context("start the spool remover")?,
         activity.clone(),

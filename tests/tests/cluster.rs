@@ -239,3 +239,46 @@ fn clustered_settings_reach_the_partner_live_and_converge() {
     let domain = now[0].as_str().unwrap().to_string();
     assert!(rcpt(&a, &domain).starts_with("250"));
 }
+
+/// Delivery settings apply live too: a message waiting for lack of a route on A is delivered
+/// once its next hop is set on B.
+#[test]
+fn a_next_hop_set_on_the_partner_delivers_waiting_mail() {
+    let sink = tests::SmtpSink::start();
+    let p = pair_config("[delivery]\nretry_schedule_secs = [1]\n", None);
+    let a = Daemon::start_delivering(&["--config", &p.a_config]);
+    let b = Daemon::start_with(&["--config", &p.b_config]);
+    assert!(wait_until(10, || a.metric("spoold_ha_link_up") == Some(1.0)));
+    let (mut c, _) = Client::connect(a.smtp);
+    assert!(c.cmd("EHLO hop").starts_with("250"));
+    let r = c.send_mail(
+        "s@example.com",
+        &["r@example.org"],
+        &tests::sample_body(5, 600),
+    );
+    let id = tests::queued_id(&r).unwrap();
+    let track = |d: &Daemon| {
+        let (_, out, _) = spoolctl(d, &["--json", "track", &format!("id:{id}")]);
+        serde_json::from_str::<Value>(&out).unwrap()["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["ev"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert!(wait_until(5, || track(&a).contains(&"deferred".to_string())));
+    assert!(sink.dumped().is_empty());
+    let hop = format!("\"{}\"", sink.addr);
+    let (code, out, err) = set(&b, &["set", "delivery.default_next_hop", &hop]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        wait_until(10, || sink.dumped().len() == 1),
+        "not delivered: {:?}",
+        track(&a)
+    );
+    assert!(track(&a).contains(&"delivered".to_string()));
+    // An invalid hop is refused where it is typed.
+    let (code, _, err) = set(&b, &["set", "delivery.default_next_hop", "\"nowhere\""]);
+    assert_ne!(code, 0);
+    assert!(err.contains("delivery.default_next_hop"), "{err}");
+}
