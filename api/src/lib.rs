@@ -88,6 +88,17 @@ pub enum Request {
         /// One key (default: every clusterable key).
         key: Option<String>,
     },
+    /// Copy (or move) a clustered setting from one level to another: [`ConfigChanged`].
+    ConfigCopy {
+        /// The key.
+        key: String,
+        /// The level it is set at (`cluster`, `group:NAME`, `machine[:NODE]`).
+        from: String,
+        /// The level to set it at.
+        to: String,
+        /// Move: unset it at `from` afterwards.
+        remove: bool,
+    },
     /// This unit and its partner as clustered-settings members: [`ClusterStatus`].
     ClusterStatus,
     /// The configuration in effect here, as a TOML file `spoold --check-config` accepts:
@@ -100,7 +111,7 @@ pub enum Request {
         key: String,
         /// A TOML value (`["a.example"]`, `[]`); absent: unset at that level.
         value: Option<String>,
-        /// `cluster` or `machine`.
+        /// `cluster`, `group:NAME` or `machine[:NODE]`.
         level: String,
     },
     /// Search the archive: [`ArchiveFound`].

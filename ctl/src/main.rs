@@ -122,18 +122,41 @@ enum ConfigCmd {
         key: String,
         /// The value, in TOML.
         value: String,
-        /// cluster (every unit) or machine (this unit only, overriding cluster).
+        /// cluster (every unit), group:NAME (units whose machine.group is NAME, overriding
+        /// cluster), machine (this unit, overriding both) or machine:NODE.
         #[arg(long, default_value = "cluster")]
         level: String,
     },
     /// Print the configuration in effect here (file and clustered settings) as a TOML file
     /// that `spoold --check-config` accepts.
     Export,
+    /// Copy KEY's value from one level to another.
+    Copy {
+        /// The key.
+        key: String,
+        /// cluster, group:NAME or machine[:NODE].
+        #[arg(long)]
+        from: String,
+        /// cluster, group:NAME or machine[:NODE].
+        #[arg(long)]
+        to: String,
+    },
+    /// Move KEY's value from one level to another (unset at --from afterwards).
+    Move {
+        /// The key.
+        key: String,
+        /// cluster, group:NAME or machine[:NODE].
+        #[arg(long)]
+        from: String,
+        /// cluster, group:NAME or machine[:NODE].
+        #[arg(long)]
+        to: String,
+    },
     /// Unset KEY at a level (a lower level or the file applies again).
     Unset {
         /// The key.
         key: String,
-        /// cluster or machine.
+        /// cluster, group:NAME, machine or machine:NODE.
         #[arg(long, default_value = "cluster")]
         level: String,
     },
@@ -655,6 +678,18 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
         Cmd::Config { cmd } => match cmd {
             ConfigCmd::Show { key } => Request::ConfigShow { key: key.clone() },
             ConfigCmd::Export => Request::ConfigExport,
+            ConfigCmd::Copy { key, from, to } => Request::ConfigCopy {
+                key: key.clone(),
+                from: from.clone(),
+                to: to.clone(),
+                remove: false,
+            },
+            ConfigCmd::Move { key, from, to } => Request::ConfigCopy {
+                key: key.clone(),
+                from: from.clone(),
+                to: to.clone(),
+                remove: true,
+            },
             ConfigCmd::Set { key, value, level } => Request::ConfigSet {
                 key: key.clone(),
                 value: Some(value.clone()),

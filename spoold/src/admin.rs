@@ -140,6 +140,15 @@ impl Admin {
                             };
                             with_progress(&mut w, rx, work, progress).await
                         }
+                        Ok(Request::ConfigCopy {
+                            key,
+                            from,
+                            to,
+                            remove,
+                        }) => match me.config_copy(key, from, to, remove).await {
+                            Ok(t) => Line::reply(&serde_json::json!(t)),
+                            Err(e) => Line::refused(e),
+                        },
                         Ok(Request::ConfigSet { key, value, level }) => {
                             match me.config_set(key, value, level).await {
                                 Ok(t) => Line::reply(&serde_json::json!(t)),
@@ -194,11 +203,35 @@ impl Admin {
             .map_err(|e| format!("{e:#}"))?;
         let entry = tokio::task::block_in_place(|| settings.set(&key, &level, value))
             .map_err(|e| format!("{e:#}"))?;
+        self.settings_changed(key, entry.level).await
+    }
+
+    /// `spoolctl config copy|move`.
+    async fn config_copy(
+        &self,
+        key: String,
+        from: String,
+        to: String,
+        remove: bool,
+    ) -> Result<api::ConfigChanged, String> {
+        let settings = self.lifecycle.settings.clone();
+        tokio::task::block_in_place(|| settings.copy(&key, &from, &to, remove))
+            .map_err(|e| format!("{e:#}"))?;
+        self.settings_changed(key, to).await
+    }
+
+    /// After a change here: sends the settings to the partner now, and answers what applies.
+    async fn settings_changed(
+        &self,
+        key: String,
+        level: String,
+    ) -> Result<api::ConfigChanged, String> {
+        let settings = &self.lifecycle.settings;
         let partner = match &self.replicator {
             None => "no partner (standalone unit)".to_string(),
             Some(r) => {
                 let started = std::time::Instant::now();
-                match crate::cluster::sync_with_partner(r, &settings).await {
+                match crate::cluster::sync_with_partner(r, settings).await {
                     Ok(_) => format!(
                         "sent to the partner in {} ms",
                         started.elapsed().as_millis()
@@ -215,7 +248,7 @@ impl Admin {
                 .effective_value(&key)
                 .map_err(|e| format!("{e:#}"))?,
             key,
-            level: entry.level,
+            level,
             partner,
         })
     }
@@ -491,7 +524,9 @@ impl Admin {
             }),
             Request::Recover { .. } => Err("recover is handled asynchronously".into()),
             Request::Track { .. } => Err("track is handled asynchronously".into()),
-            Request::ConfigSet { .. } => Err("config set is handled asynchronously".into()),
+            Request::ConfigSet { .. } | Request::ConfigCopy { .. } => {
+                Err("config changes are handled asynchronously".into())
+            }
             Request::ClusterStatus => reply(crate::cluster::status(&self.lifecycle.settings)),
             Request::ConfigExport => {
                 let effective = self

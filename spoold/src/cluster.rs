@@ -141,15 +141,25 @@ fn now_ms() -> u64 {
 
 /// A level as stored: `cluster` or `machine:<node>`.
 pub fn level_name(level: &str, node: &str) -> Result<String> {
-    match level {
-        "cluster" => Ok("cluster".into()),
-        "machine" => Ok(format!("machine:{node}")),
-        other if other.starts_with("group") => {
-            bail!("level `{other}`: groups are not supported yet (use cluster or machine)")
-        }
-        other => bail!("level `{other}`: must be cluster or machine"),
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 32
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    };
+    match level.split_once(':') {
+        None if level == "cluster" => Ok("cluster".into()),
+        None if level == "machine" => Ok(format!("machine:{node}")),
+        Some(("group", g)) if name_ok(g) => Ok(level.to_string()),
+        Some(("machine", n)) if name_ok(n) => Ok(level.to_string()),
+        _ => bail!(
+            "level `{level}`: must be cluster, group:NAME or machine[:NODE] (names: a-z, 0-9, _ and -)"
+        ),
     }
 }
+
+/// The key that puts a node in a group (set at `machine:<node>`; its value is the group name).
+pub const GROUP_KEY: &str = "machine.group";
 
 impl Settings {
     /// Opens the store under `state_dir/cluster/` (created); `apply` is called with the
@@ -216,10 +226,18 @@ impl Settings {
     /// effective configuration first (an invalid change is refused with the key and the reason
     /// and goes nowhere), then stored durably and applied. Answers the entry, for the partner.
     pub fn set(&self, key: &str, level: &str, value: Option<serde_json::Value>) -> Result<Entry> {
-        if MACHINE_ONLY.contains(&key) {
+        if key == GROUP_KEY {
+            if !level.starts_with("machine") {
+                bail!("key `{GROUP_KEY}`: set it at a machine level (machine or machine:NODE)");
+            }
+            if let Some(v) = &value {
+                let g = v.as_str().unwrap_or("");
+                level_name(&format!("group:{g}"), &self.node)
+                    .with_context(|| format!("key `{GROUP_KEY}`: {v} is not a group name"))?;
+            }
+        } else if MACHINE_ONLY.contains(&key) {
             bail!("key `{key}` is machine-only: set it in this unit's configuration file");
-        }
-        if !CLUSTERABLE.contains(&key) {
+        } else if !CLUSTERABLE.contains(&key) {
             bail!(
                 "key `{key}` is not clusterable (clusterable: {})",
                 CLUSTERABLE.join(", ")
@@ -252,6 +270,25 @@ impl Settings {
         (self.apply)(&candidate);
         tracing::info!(key, level = %entry.level, "clustered setting changed here");
         Ok(entry)
+    }
+
+    /// `config copy|move KEY --from LEVEL --to LEVEL`: the value at `from` set at `to` (and, for
+    /// a move, unset at `from`), each step validated like [`Settings::set`].
+    pub fn copy(&self, key: &str, from: &str, to: &str, remove: bool) -> Result<()> {
+        let from_level = level_name(from, &self.node)?;
+        let value = self
+            .lock()
+            .0
+            .entries
+            .iter()
+            .find(|e| e.key == key && e.level == from_level)
+            .and_then(|e| e.value.clone())
+            .ok_or_else(|| anyhow::anyhow!("key `{key}` is not set at level `{from}`"))?;
+        self.set(key, to, Some(value))?;
+        if remove {
+            self.set(key, from, None)?;
+        }
+        Ok(())
     }
 
     /// Merges entries from the partner: the newest stamp of each (key, level) wins; losers on
@@ -449,7 +486,7 @@ pub async fn keep_in_sync(
 /// `spoolctl config show`.
 pub fn show(settings: &Settings, key: Option<&str>) -> Result<api::ConfigShown> {
     let keys: Vec<&str> = match key {
-        Some(k) if CLUSTERABLE.contains(&k) => vec![k],
+        Some(k) if CLUSTERABLE.contains(&k) || k == GROUP_KEY => vec![k],
         Some(k) if MACHINE_ONLY.contains(&k) => {
             bail!("key `{k}` is machine-only: it is in this unit's configuration file")
         }
@@ -457,7 +494,11 @@ pub fn show(settings: &Settings, key: Option<&str>) -> Result<api::ConfigShown> 
             "key `{k}` is not clusterable (clusterable: {})",
             CLUSTERABLE.join(", ")
         ),
-        None => CLUSTERABLE.to_vec(),
+        None => CLUSTERABLE
+            .iter()
+            .copied()
+            .chain(std::iter::once(GROUP_KEY))
+            .collect(),
     };
     let (entries, conflicts) = settings.entries();
     let effective = settings.effective()?;
@@ -473,7 +514,14 @@ pub fn show(settings: &Settings, key: Option<&str>) -> Result<api::ConfigShown> 
                     .filter(|e| e.key == k)
                     .map(|e| (e.level.clone(), e.value.clone(), stamp(&e.stamp)))
                     .collect(),
-                effective: value_of(&effective, k),
+                effective: if k == GROUP_KEY {
+                    entries
+                        .iter()
+                        .find(|e| e.key == k && e.level == format!("machine:{}", settings.node))
+                        .and_then(|e| e.value.clone())
+                } else {
+                    value_of(&effective, k)
+                },
             })
             .collect(),
         conflicts: conflicts
@@ -526,15 +574,20 @@ fn upsert(entries: &mut Vec<Entry>, e: Entry) {
 /// The file's configuration with the entries that apply to `node` on top.
 fn effective(file: &Config, node: &str, entries: &[Entry]) -> Result<Config> {
     let mut c = file.clone();
+    let at = |key: &str, level: &str| {
+        entries
+            .iter()
+            .find(|e| e.key == key && e.level == level)
+            .and_then(|e| e.value.clone())
+    };
     let machine = format!("machine:{node}");
+    let group = at(GROUP_KEY, &machine).and_then(|g| g.as_str().map(|g| format!("group:{g}")));
     for key in CLUSTERABLE {
-        let at = |level: &str| {
-            entries
-                .iter()
-                .find(|e| e.key == *key && e.level == level)
-                .and_then(|e| e.value.clone())
-        };
-        if let Some(v) = at(&machine).or_else(|| at("cluster")) {
+        // machine, then the node's group, then cluster.
+        let v = at(key, &machine)
+            .or_else(|| group.as_deref().and_then(|g| at(key, g)))
+            .or_else(|| at(key, "cluster"));
+        if let Some(v) = v {
             set_value(&mut c, key, v)?;
         }
     }
@@ -667,6 +720,43 @@ mod tests {
             assert_eq!(s.entries().1.len(), 1, "the loser is reported");
             assert_eq!(s.entries().1[0].lost.stamp.node, "gw_a");
         }
+        // Groups: machine beats the node's group, which beats cluster.
+        a.set(GROUP_KEY, "machine", Some(serde_json::json!("edge")))
+            .unwrap();
+        a.set(
+            "smtp.relay_domains",
+            "group:edge",
+            Some(v(r#"["edge.example"]"#)),
+        )
+        .unwrap();
+        assert_eq!(a.effective().unwrap().smtp.relay_domains, ["edge.example"]);
+        b.merge(&a.exchange()).unwrap();
+        assert_eq!(
+            b.effective().unwrap().smtp.relay_domains,
+            ["b.example"],
+            "B is in no group"
+        );
+        a.set(GROUP_KEY, "machine:gw_b", Some(serde_json::json!("edge")))
+            .unwrap();
+        b.merge(&a.exchange()).unwrap();
+        assert_eq!(b.effective().unwrap().smtp.relay_domains, ["edge.example"]);
+        assert!(a
+            .set(GROUP_KEY, "cluster", Some(serde_json::json!("edge")))
+            .is_err());
+        assert!(a
+            .set(GROUP_KEY, "machine", Some(serde_json::json!("Bad Name")))
+            .is_err());
+        // Move: the group's value to the cluster level; the group no longer sets it.
+        a.copy("smtp.relay_domains", "group:edge", "cluster", true)
+            .unwrap();
+        assert_eq!(a.effective().unwrap().smtp.relay_domains, ["edge.example"]);
+        assert!(a
+            .copy("smtp.relay_domains", "group:edge", "cluster", false)
+            .is_err());
+        a.set(GROUP_KEY, "machine", None).unwrap();
+        a.set("smtp.relay_domains", "cluster", Some(v(r#"["b.example"]"#)))
+            .unwrap();
+        b.merge(&a.exchange()).unwrap();
         // Another protocol version is refused.
         let mut other = a.exchange();
         other.version = 99;

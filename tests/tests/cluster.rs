@@ -224,6 +224,51 @@ fn clustered_settings_reach_the_partner_live_and_converge() {
     let domain = effective(&a)[0].as_str().unwrap().to_string();
     assert!(exported.contains(&domain), "{exported}");
 
+    // Groups: B put in group `edge` from A; a value for the group applies on B only; moved to
+    // the cluster level, it applies on both.
+    let before_a = effective(&a);
+    assert_eq!(
+        set(
+            &a,
+            &[
+                "set",
+                "machine.group",
+                "\"edge\"",
+                "--level",
+                "machine:gw_b"
+            ]
+        )
+        .0,
+        0
+    );
+    let edge = serde_json::json!(["edge.example"]);
+    let (code, out, err) = set(
+        &a,
+        &[
+            "set",
+            "smtp.relay_domains",
+            r#"["edge.example"]"#,
+            "--level",
+            "group:edge",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(wait_until(5, || effective(&b) == edge), "{}", effective(&b));
+    assert_eq!(effective(&a), before_a, "A is in no group");
+    let (code, out, err) = set(
+        &a,
+        &[
+            "move",
+            "smtp.relay_domains",
+            "--from",
+            "group:edge",
+            "--to",
+            "cluster",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(wait_until(5, || effective(&a) == edge && effective(&b) == edge));
+
     // The exchanges (request sessions the partner hangs up) are not faults in the log.
     assert!(
         !a.log_text().contains("replication receiver"),
