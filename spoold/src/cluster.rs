@@ -1,16 +1,17 @@
 //! Clustered configuration: settings changed on any unit of the pair reach the other and apply
-//! live, validated where they are made. Each setting is stored per level (`cluster`, or
-//! `machine` for one node), with a hybrid logical clock stamp; the newest stamp of a
-//! (key, level) wins on every unit, and a change that loses is logged and kept in the list of
+//! live, validated where they are made. Each setting is stored per level (`cluster`,
+//! `group:<name>`, or `machine:<node>`), with a hybrid logical clock stamp; the newest stamp of
+//! a (key, level) wins on every unit, and a change that loses is logged and kept in the list of
 //! conflicts. The store is `<state_dir>/cluster/settings.json` (written whole: temporary file,
 //! fsync, rename, directory fsync).
 //!
-//! Effective value of a key on a unit: its `machine` entry for this node, else the `cluster`
-//! entry, else the configuration file. An entry may hold an explicit empty list (which
-//! overrides) or be a tombstone (`config unset`: the level no longer sets it).
+//! Effective value of a key on a unit: its `machine` entry, else its group's (the group is the
+//! `machine.group` entry of the node), else the `cluster` entry, else the configuration file.
+//! An entry may hold an explicit empty list (which overrides) or be a tombstone
+//! (`config unset`: the level no longer sets it).
 //!
 //! Not here: the transport (the peer link's recovery channel carries [`Exchange`]s, see
-//! `admin.rs` and `ha.rs`), groups and membership beyond the HA pair.
+//! `admin.rs` and `ha.rs`), membership beyond the HA pair.
 
 use crate::config::Config;
 use anyhow::{bail, Context, Result};
