@@ -101,6 +101,12 @@ pub enum Request {
     },
     /// This unit and its partner as clustered-settings members: [`ClusterStatus`].
     ClusterStatus,
+    /// Stop (true) or resume (false) exchanging settings with the partner, e.g. around an
+    /// upgrade; changes made meanwhile are exchanged on reconnect: [`ClusterStatus`].
+    ClusterDisconnect {
+        /// Disconnect (true) or reconnect (false).
+        disconnected: bool,
+    },
     /// The configuration in effect here, as a TOML file `spoold --check-config` accepts:
     /// [`ConfigExported`].
     ConfigExport,
@@ -311,6 +317,9 @@ pub struct ClusterStatus {
     pub entries: usize,
     /// Changes that lost to newer ones.
     pub conflicts: usize,
+    /// An operator disconnected this unit from the exchanges.
+    #[serde(default)]
+    pub disconnected: bool,
     /// The settings protocol spoken here.
     pub protocol: u32,
     /// The partner, once an exchange has been tried.

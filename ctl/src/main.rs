@@ -105,6 +105,11 @@ enum Cmd {
 enum ClusterCmd {
     /// This unit and its partner as the last settings exchange saw them.
     Status,
+    /// Stop exchanging settings with the partner (for an upgrade); changes made meanwhile
+    /// stay here, and the partner's wait, until `reconnect`.
+    Disconnect,
+    /// Resume exchanging settings: what changed meanwhile on either side is exchanged.
+    Reconnect,
 }
 
 #[derive(Subcommand)]
@@ -423,12 +428,17 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
             let r: api::ClusterStatus = data_as(data)?;
             let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
             out.push_str(&format!(
-                "{} (here): version {}, {} entries, {} conflicts, protocol {}\n",
+                "{} (here): version {}, {} entries, {} conflicts, protocol {}{}\n",
                 r.node,
                 or_none(&r.version),
                 r.entries,
                 r.conflicts,
-                r.protocol
+                r.protocol,
+                if r.disconnected {
+                    ", DISCONNECTED by an operator (spoolctl cluster reconnect)"
+                } else {
+                    ""
+                }
             ));
             match &r.partner {
                 None => out.push_str("partner: none, or not asked yet\n"),
@@ -672,9 +682,13 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
         Cmd::Role { role } => Request::Role { role: role.clone() },
         Cmd::Insert => Request::Insert,
         Cmd::Flush => Request::Flush,
-        Cmd::Cluster {
-            cmd: ClusterCmd::Status,
-        } => Request::ClusterStatus,
+        Cmd::Cluster { cmd } => match cmd {
+            ClusterCmd::Status => Request::ClusterStatus,
+            ClusterCmd::Disconnect => Request::ClusterDisconnect { disconnected: true },
+            ClusterCmd::Reconnect => Request::ClusterDisconnect {
+                disconnected: false,
+            },
+        },
         Cmd::Config { cmd } => match cmd {
             ConfigCmd::Show { key } => Request::ConfigShow { key: key.clone() },
             ConfigCmd::Export => Request::ConfigExport,

@@ -528,6 +528,30 @@ impl Admin {
                 Err("config changes are handled asynchronously".into())
             }
             Request::ClusterStatus => reply(crate::cluster::status(&self.lifecycle.settings)),
+            Request::ClusterDisconnect { disconnected } => {
+                let s = &self.lifecycle.settings;
+                s.set_disconnected(disconnected)
+                    .map_err(|e| format!("{e:#}"))?;
+                tracing::warn!(
+                    disconnected,
+                    "clustered settings: {} by an operator",
+                    if disconnected {
+                        "disconnected"
+                    } else {
+                        "reconnected"
+                    }
+                );
+                if let (false, Some(r)) = (disconnected, &self.replicator) {
+                    // What changed meanwhile, on either side, is exchanged now.
+                    let (r, s) = (r.clone(), s.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = crate::cluster::sync_with_partner(&r, &s).await {
+                            tracing::info!("clustered settings after reconnect: {e:#}");
+                        }
+                    });
+                }
+                reply(crate::cluster::status(s))
+            }
             Request::ConfigExport => {
                 let effective = self
                     .lifecycle

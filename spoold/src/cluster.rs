@@ -106,6 +106,10 @@ struct Stored {
     entries: Vec<Entry>,
     #[serde(default)]
     conflicts: Vec<Conflict>,
+    /// An operator disconnected this unit from the exchanges (`spoolctl cluster disconnect`,
+    /// for an upgrade): changes stay here until `reconnect`.
+    #[serde(default)]
+    disconnected: bool,
 }
 
 /// What this unit knows of the partner's settings, from the last exchange.
@@ -260,6 +264,7 @@ impl Settings {
         let mut next = Stored {
             entries,
             conflicts: st.0.conflicts.clone(),
+            disconnected: st.0.disconnected,
         };
         std::mem::swap(&mut st.0, &mut next);
         st.1 = stamp;
@@ -296,6 +301,9 @@ impl Settings {
     /// either side are recorded as conflicts. An entry that would make the effective
     /// configuration here invalid is refused (and logged). Answers whether anything changed.
     pub fn merge(&self, theirs: &Exchange) -> Result<bool> {
+        if self.disconnected() {
+            bail!("this unit is disconnected from the clustered settings by an operator (spoolctl cluster reconnect)");
+        }
         if theirs.version != PROTOCOL {
             bail!(
                 "clustered settings protocol {} here, {} from the partner: not exchanged",
@@ -351,7 +359,11 @@ impl Settings {
         // The last 100 conflicts are kept.
         let keep = conflicts.len().saturating_sub(100);
         conflicts.drain(..keep);
-        let mut next = Stored { entries, conflicts };
+        let mut next = Stored {
+            entries,
+            conflicts,
+            disconnected: st.0.disconnected,
+        };
         std::mem::swap(&mut st.0, &mut next);
         st.1 = last;
         if let Err(e) = self.persist(&st.0) {
@@ -362,6 +374,18 @@ impl Settings {
         (self.apply)(&candidate);
         tracing::info!("clustered settings updated from the partner");
         Ok(true)
+    }
+
+    /// Whether an operator disconnected this unit from the exchanges.
+    pub fn disconnected(&self) -> bool {
+        self.lock().0.disconnected
+    }
+
+    /// `spoolctl cluster disconnect|reconnect`: stops or resumes the exchanges (durable).
+    pub fn set_disconnected(&self, disconnected: bool) -> Result<()> {
+        let mut st = self.lock();
+        st.0.disconnected = disconnected;
+        self.persist(&st.0)
     }
 
     /// Everything this unit holds, to send.
@@ -395,6 +419,9 @@ pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// One exchange with the partner over the peer link: ours go there, theirs come here, each
 /// side keeps the newest. Answers whether anything changed here.
 pub async fn sync_with_partner(r: &hasync::Replicator, settings: &Settings) -> Result<bool> {
+    if settings.disconnected() {
+        bail!("disconnected from the clustered settings by an operator: nothing exchanged (spoolctl cluster reconnect)");
+    }
     let started = std::time::Instant::now();
     let exchanged = async {
         let mut client = r
@@ -451,6 +478,7 @@ pub fn status(settings: &Settings) -> api::ClusterStatus {
         version: version(entries.iter().map(|e| &e.stamp).max()),
         entries: entries.len(),
         conflicts: conflicts.len(),
+        disconnected: settings.disconnected(),
         protocol: PROTOCOL,
         partner: (p.last_ok_ms > 0 || p.last_error.is_some()).then(|| api::ClusterMember {
             node: p.node.clone(),

@@ -269,6 +269,22 @@ fn clustered_settings_reach_the_partner_live_and_converge() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(wait_until(5, || effective(&a) == edge && effective(&b) == edge));
 
+    // Disconnected for an upgrade: a change stays on A; reconnected, it reaches B at once.
+    assert_eq!(spoolctl(&a, &["cluster", "disconnect"]).0, 0);
+    let (code, out, _) = set(&a, &["set", "smtp.relay_domains", r#"["upgrade.example"]"#]);
+    assert_eq!(code, 0);
+    assert!(out.contains("disconnected"), "{out}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(effective(&b), edge, "B kept its settings");
+    assert_eq!(status(&a)["disconnected"], true);
+    assert_eq!(spoolctl(&a, &["cluster", "reconnect"]).0, 0);
+    let upgrade = serde_json::json!(["upgrade.example"]);
+    assert!(
+        wait_until(3, || effective(&b) == upgrade),
+        "{}",
+        effective(&b)
+    );
+
     // The exchanges (request sessions the partner hangs up) are not faults in the log.
     assert!(
         !a.log_text().contains("replication receiver"),
