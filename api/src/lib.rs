@@ -101,6 +101,13 @@ pub enum Request {
     },
     /// This unit and its partner as clustered-settings members: [`ClusterStatus`].
     ClusterStatus,
+    /// Compare every key and level with the partner; optionally resolve from one member:
+    /// [`ClusterChecked`].
+    ClusterCheck {
+        /// Take this member's value of every differing entry (this unit's or the partner's
+        /// node name).
+        resolve_from: Option<String>,
+    },
     /// Stop (true) or resume (false) exchanging settings with the partner, e.g. around an
     /// upgrade; changes made meanwhile are exchanged on reconnect: [`ClusterStatus`].
     ClusterDisconnect {
@@ -343,6 +350,15 @@ pub struct ClusterMember {
     pub differing: Vec<String>,
     /// Why the last exchange failed.
     pub error: Option<String>,
+}
+
+/// [`Request::ClusterCheck`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterChecked {
+    /// `key level: here V, node W` for each entry that differs.
+    pub differences: Vec<String>,
+    /// Entries set again from the chosen member.
+    pub resolved: usize,
 }
 
 /// [`Request::ConfigExport`].

@@ -105,6 +105,12 @@ enum Cmd {
 enum ClusterCmd {
     /// This unit and its partner as the last settings exchange saw them.
     Status,
+    /// Compare every clustered setting with the partner's, key by key and level by level.
+    Check {
+        /// Settle every difference with this member's value (its node name).
+        #[arg(long, value_name = "NODE")]
+        resolve_from: Option<String>,
+    },
     /// Stop exchanging settings with the partner (for an upgrade); changes made meanwhile
     /// stay here, and the partner's wait, until `reconnect`.
     Disconnect,
@@ -424,6 +430,20 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
                 out.push_str(&format!("conflict: {c}\n"));
             }
         }
+        Cmd::Cluster {
+            cmd: ClusterCmd::Check { .. },
+        } => {
+            let r: api::ClusterChecked = data_as(data)?;
+            for d in &r.differences {
+                out.push_str(&format!("differs: {d}\n"));
+            }
+            if r.differences.is_empty() {
+                out.push_str("in agreement: every key at every level is the same on both units\n");
+            }
+            if r.resolved > 0 {
+                out.push_str(&format!("resolved {} entr(ies)\n", r.resolved));
+            }
+        }
         Cmd::Cluster { .. } => {
             let r: api::ClusterStatus = data_as(data)?;
             let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
@@ -684,6 +704,9 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
         Cmd::Flush => Request::Flush,
         Cmd::Cluster { cmd } => match cmd {
             ClusterCmd::Status => Request::ClusterStatus,
+            ClusterCmd::Check { resolve_from } => Request::ClusterCheck {
+                resolve_from: resolve_from.clone(),
+            },
             ClusterCmd::Disconnect => Request::ClusterDisconnect { disconnected: true },
             ClusterCmd::Reconnect => Request::ClusterDisconnect {
                 disconnected: false,

@@ -149,6 +149,12 @@ impl Admin {
                             Ok(t) => Line::reply(&serde_json::json!(t)),
                             Err(e) => Line::refused(e),
                         },
+                        Ok(Request::ClusterCheck { resolve_from }) => {
+                            match me.cluster_check(resolve_from).await {
+                                Ok(t) => Line::reply(&serde_json::json!(t)),
+                                Err(e) => Line::refused(e),
+                            }
+                        }
                         Ok(Request::ConfigSet { key, value, level }) => {
                             match me.config_set(key, value, level).await {
                                 Ok(t) => Line::reply(&serde_json::json!(t)),
@@ -204,6 +210,33 @@ impl Admin {
         let entry = tokio::task::block_in_place(|| settings.set(&key, &level, value))
             .map_err(|e| format!("{e:#}"))?;
         self.settings_changed(key, entry.level).await
+    }
+
+    /// `spoolctl cluster check [--resolve-from NODE]`: compares with the partner's entries
+    /// (merging nothing); a resolution is then exchanged like any change.
+    async fn cluster_check(
+        &self,
+        resolve_from: Option<String>,
+    ) -> Result<api::ClusterChecked, String> {
+        let r = self
+            .replicator
+            .as_ref()
+            .ok_or("no [ha] section: this unit has no partner to compare with")?;
+        let theirs = crate::cluster::partner_entries(r)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        let partner = r.peer().map(|p| p.node).unwrap_or_default();
+        let settings = self.lifecycle.settings.clone();
+        let checked = tokio::task::block_in_place(|| {
+            crate::cluster::check(&settings, &partner, &theirs, resolve_from.as_deref())
+        })
+        .map_err(|e| format!("{e:#}"))?;
+        if checked.resolved > 0 && !settings.disconnected() {
+            crate::cluster::sync_with_partner(r, &settings)
+                .await
+                .map_err(|e| format!("resolved here; not yet at the partner: {e:#}"))?;
+        }
+        Ok(checked)
     }
 
     /// `spoolctl config copy|move`.
@@ -524,7 +557,9 @@ impl Admin {
             }),
             Request::Recover { .. } => Err("recover is handled asynchronously".into()),
             Request::Track { .. } => Err("track is handled asynchronously".into()),
-            Request::ConfigSet { .. } | Request::ConfigCopy { .. } => {
+            Request::ConfigSet { .. }
+            | Request::ConfigCopy { .. }
+            | Request::ClusterCheck { .. } => {
                 Err("config changes are handled asynchronously".into())
             }
             Request::ClusterStatus => reply(crate::cluster::status(&self.lifecycle.settings)),

@@ -96,6 +96,9 @@ pub struct Exchange {
     pub version: u32,
     /// The entries.
     pub entries: Vec<Entry>,
+    /// Only asking: the answerer sends its entries and merges nothing (`cluster check`).
+    #[serde(default)]
+    pub peek: bool,
 }
 
 /// The protocol version of [`Exchange`].
@@ -393,6 +396,7 @@ impl Settings {
         Exchange {
             version: PROTOCOL,
             entries: self.lock().0.entries.clone(),
+            peek: false,
         }
     }
 
@@ -462,6 +466,82 @@ pub async fn sync_with_partner(r: &hasync::Replicator, settings: &Settings) -> R
             Err(e)
         }
     }
+}
+
+/// The partner's entries as it holds them, merging nothing on either side.
+pub async fn partner_entries(r: &hasync::Replicator) -> Result<Exchange> {
+    let mut client = r
+        .recovery_client()
+        .await
+        .map_err(|e| anyhow::anyhow!("partner not reachable: {e}"))?;
+    let ask = serde_json::to_vec(&Exchange {
+        version: PROTOCOL,
+        entries: Vec::new(),
+        peek: true,
+    })?;
+    let answer = client
+        .ask(hasync::proto::recovery_op::SETTINGS, &ask)
+        .await
+        .map_err(|e| anyhow::anyhow!("partner: {e}"))?;
+    client.close().await;
+    Ok(serde_json::from_slice(&answer).context("partner's answer")?)
+}
+
+/// `spoolctl cluster check [--resolve-from NODE]`: every key and level whose entry differs
+/// between this unit and its partner; with `resolve_from`, that member's value of each is set
+/// again here (with a new stamp, so it wins everywhere at the next exchange).
+pub fn check(
+    settings: &Settings,
+    partner_node: &str,
+    theirs: &Exchange,
+    resolve_from: Option<&str>,
+) -> Result<api::ClusterChecked> {
+    let (ours, _) = settings.entries();
+    let show = |e: Option<&Entry>| match e {
+        None => "(not set)".to_string(),
+        Some(e) => e
+            .value
+            .as_ref()
+            .map_or("(unset)".to_string(), |v| v.to_string()),
+    };
+    let mut keys: Vec<(String, String)> = ours
+        .iter()
+        .chain(&theirs.entries)
+        .map(|e| (e.key.clone(), e.level.clone()))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    let mut differences = Vec::new();
+    let mut resolved = 0;
+    for (key, level) in keys {
+        let find = |v: &[Entry]| v.iter().find(|e| e.key == key && e.level == level).cloned();
+        let (mine, their) = (find(&ours), find(&theirs.entries));
+        if mine == their {
+            continue;
+        }
+        differences.push(format!(
+            "{key} {level}: here {}, {partner_node} {}",
+            show(mine.as_ref()),
+            show(their.as_ref())
+        ));
+        let pick = match resolve_from {
+            None => continue,
+            Some(n) if n == settings.node => mine,
+            Some(n) if n == partner_node => their,
+            Some(n) => bail!(
+                "--resolve-from {n}: not a member (here: {}, partner: {partner_node})",
+                settings.node
+            ),
+        };
+        if let Some(e) = pick {
+            settings.set(&e.key, &e.level, e.value.clone())?;
+            resolved += 1;
+        }
+    }
+    Ok(api::ClusterChecked {
+        differences,
+        resolved,
+    })
 }
 
 /// `spoolctl cluster status`: this unit and its partner, as the last exchange saw it.

@@ -233,7 +233,9 @@ impl ReplicaStore for SpoolReplicas {
                 let theirs: crate::cluster::Exchange =
                     serde_json::from_slice(request).map_err(|e| e.to_string())?;
                 let settings = &self.lifecycle.settings;
-                settings.merge(&theirs).map_err(|e| format!("{e:#}"))?;
+                if !theirs.peek {
+                    settings.merge(&theirs).map_err(|e| format!("{e:#}"))?;
+                }
                 serde_json::to_vec(&settings.exchange())
                     .map(Bytes::from)
                     .map_err(|e| e.to_string())

@@ -277,6 +277,21 @@ fn clustered_settings_reach_the_partner_live_and_converge() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(effective(&b), edge, "B kept its settings");
     assert_eq!(status(&a)["disconnected"], true);
+    let check = |d: &Daemon, extra: &[&str]| {
+        let mut args = vec!["--json", "cluster", "check"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = spoolctl(d, &args);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    let differs = check(&a, &[]);
+    assert!(
+        differs["differences"][0]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("smtp.relay_domains cluster"),
+        "{differs}"
+    );
     assert_eq!(spoolctl(&a, &["cluster", "reconnect"]).0, 0);
     let upgrade = serde_json::json!(["upgrade.example"]);
     assert!(
@@ -284,6 +299,21 @@ fn clustered_settings_reach_the_partner_live_and_converge() {
         "{}",
         effective(&b)
     );
+    assert!(wait_until(3, || check(&a, &[])["differences"]
+        .as_array()
+        .unwrap()
+        .is_empty()));
+    // A difference settled from one member: A takes B's value back.
+    assert_eq!(spoolctl(&a, &["cluster", "disconnect"]).0, 0);
+    assert_eq!(
+        set(&a, &["set", "smtp.relay_domains", r#"["stray.example"]"#]).0,
+        0
+    );
+    let resolved = check(&a, &["--resolve-from", "gw_b"]);
+    assert_eq!(resolved["resolved"], 1, "{resolved}");
+    assert_eq!(effective(&a), upgrade);
+    assert_eq!(spoolctl(&a, &["cluster", "reconnect"]).0, 0);
+    assert!(wait_until(3, || effective(&b) == upgrade && effective(&a) == upgrade));
 
     // The exchanges (request sessions the partner hangs up) are not faults in the log.
     assert!(
