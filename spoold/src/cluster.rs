@@ -264,17 +264,8 @@ impl Settings {
         upsert(&mut entries, entry.clone());
         let candidate = effective(&self.file, &self.node, &entries)?;
         candidate.validate()?;
-        let mut next = Stored {
-            entries,
-            conflicts: st.0.conflicts.clone(),
-            disconnected: st.0.disconnected,
-        };
-        std::mem::swap(&mut st.0, &mut next);
-        st.1 = stamp;
-        if let Err(e) = self.persist(&st.0) {
-            std::mem::swap(&mut st.0, &mut next);
-            return Err(e);
-        }
+        let conflicts = st.0.conflicts.clone();
+        self.commit(&mut st, entries, conflicts, stamp)?;
         drop(st);
         (self.apply)(&candidate);
         tracing::info!(key, level = %entry.level, "clustered setting changed here");
@@ -362,21 +353,30 @@ impl Settings {
         // The last 100 conflicts are kept.
         let keep = conflicts.len().saturating_sub(100);
         conflicts.drain(..keep);
-        let mut next = Stored {
-            entries,
-            conflicts,
-            disconnected: st.0.disconnected,
-        };
-        std::mem::swap(&mut st.0, &mut next);
-        st.1 = last;
-        if let Err(e) = self.persist(&st.0) {
-            std::mem::swap(&mut st.0, &mut next);
-            return Err(e);
-        }
+        self.commit(&mut st, entries, conflicts, last)?;
         drop(st);
         (self.apply)(&candidate);
         tracing::info!("clustered settings updated from the partner");
         Ok(true)
+    }
+
+    /// Replaces the entries and conflicts, durably first: if the write fails nothing changes.
+    fn commit(
+        &self,
+        st: &mut (Stored, Stamp),
+        entries: Vec<Entry>,
+        conflicts: Vec<Conflict>,
+        last: Stamp,
+    ) -> Result<()> {
+        let next = Stored {
+            entries,
+            conflicts,
+            disconnected: st.0.disconnected,
+        };
+        self.persist(&next)?;
+        st.0 = next;
+        st.1 = last;
+        Ok(())
     }
 
     /// Whether an operator disconnected this unit from the exchanges.
