@@ -72,12 +72,27 @@ pub struct Stamp {
 pub struct Entry {
     /// The key, e.g. `smtp.relay_domains`.
     pub key: String,
-    /// `cluster`, or `machine:<node>`.
+    /// `cluster`, `group:<name>` or `machine:<node>`.
     pub level: String,
     /// The value (TOML, as JSON); `None`: unset at this level.
     pub value: Option<serde_json::Value>,
     /// When and where it was made.
     pub stamp: Stamp,
+    /// The stamps of the entries it replaced where it was made, newest first (a few): an older
+    /// entry among them was seen and overridden, not lost in a race.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supersedes: Vec<Stamp>,
+}
+
+/// Entries of a lineage remembered in [`Entry::supersedes`].
+const LINEAGE: usize = 8;
+
+impl Entry {
+    /// Whether `older` lost to this entry in a race (neither made on the same node, nor seen
+    /// and replaced where this one was made).
+    fn raced(&self, older: &Entry) -> bool {
+        self.stamp.node != older.stamp.node && !self.supersedes.contains(&older.stamp)
+    }
 }
 
 /// A change that lost to a newer one for the same key and level.
@@ -254,11 +269,24 @@ impl Settings {
         let level = level_name(level, &self.node)?;
         let mut st = self.lock();
         let stamp = next_stamp(&st.1, &self.node);
+        let supersedes = st
+            .0
+            .entries
+            .iter()
+            .find(|e| e.key == key && e.level == level)
+            .map(|prev| {
+                std::iter::once(prev.stamp.clone())
+                    .chain(prev.supersedes.iter().cloned())
+                    .take(LINEAGE)
+                    .collect()
+            })
+            .unwrap_or_default();
         let entry = Entry {
             key: key.to_string(),
             level,
             value,
             stamp: stamp.clone(),
+            supersedes,
         };
         let mut entries = st.0.entries.clone();
         upsert(&mut entries, entry.clone());
@@ -320,8 +348,9 @@ impl Settings {
             {
                 Some(mine) if mine.stamp == e.stamp => {}
                 Some(mine) if mine.stamp > e.stamp => {
-                    // Theirs is older. A change made there that lost to one made here.
-                    if mine.stamp.node != e.stamp.node && !conflicts.iter().any(|c| c.lost == *e) {
+                    // Theirs is older: a change made there that lost a race to one made here, or
+                    // one this side saw and replaced (the partner has not caught up yet).
+                    if mine.raced(e) && !conflicts.iter().any(|c| c.lost == *e) {
                         tracing::warn!(key = %e.key, level = %e.level, lost = ?e.stamp, won = ?mine.stamp, "clustered setting: a concurrent change lost");
                         conflicts.push(Conflict {
                             lost: e.clone(),
@@ -330,7 +359,7 @@ impl Settings {
                     }
                 }
                 mine => {
-                    if let Some(mine) = mine.filter(|m| m.stamp.node != e.stamp.node) {
+                    if let Some(mine) = mine.filter(|m| e.raced(m)) {
                         tracing::warn!(key = %e.key, level = %e.level, lost = ?mine.stamp, won = ?e.stamp, "clustered setting: a change made here lost to a newer one");
                         conflicts.push(Conflict {
                             lost: mine.clone(),
@@ -342,17 +371,23 @@ impl Settings {
                 }
             }
         }
+        // The last 100 conflicts are kept.
+        let keep = conflicts.len().saturating_sub(100);
+        conflicts.drain(..keep);
         if !changed {
-            st.1 = last;
+            // Nothing newer from there; a race it lost is still recorded here.
+            if conflicts != st.0.conflicts {
+                let entries = st.0.entries.clone();
+                self.commit(&mut st, entries, conflicts, last)?;
+            } else {
+                st.1 = last;
+            }
             return Ok(false);
         }
         let candidate = effective(&self.file, &self.node, &entries)?;
         candidate
             .validate()
             .context("the partner's clustered settings are invalid here: not applied")?;
-        // The last 100 conflicts are kept.
-        let keep = conflicts.len().saturating_sub(100);
-        conflicts.drain(..keep);
         self.commit(&mut st, entries, conflicts, last)?;
         drop(st);
         (self.apply)(&candidate);
@@ -815,6 +850,19 @@ mod tests {
         // Unset at the machine level: the cluster value applies again.
         a.set("smtp.relay_domains", "machine", None).unwrap();
         assert_eq!(a.effective().unwrap().smtp.relay_domains, ["x.example"]);
+        // A change made on B after it saw A's is no conflict, whatever order the exchanges take.
+        let x = a.entries().0;
+        b.set("smtp.relay_domains", "cluster", Some(v(r#"["y.example"]"#)))
+            .unwrap();
+        b.merge(&Exchange {
+            version: PROTOCOL,
+            entries: x,
+            peek: false,
+        })
+        .unwrap();
+        a.merge(&b.exchange()).unwrap();
+        assert!(a.entries().1.is_empty() && b.entries().1.is_empty(), "no conflict");
+        assert_eq!(a.effective().unwrap().smtp.relay_domains, ["y.example"]);
         // Concurrent changes: the newer stamp wins on both, the loser is recorded on both.
         a.set("smtp.relay_domains", "cluster", Some(v(r#"["a.example"]"#)))
             .unwrap();
