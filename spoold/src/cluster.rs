@@ -269,18 +269,17 @@ impl Settings {
         let level = level_name(level, &self.node)?;
         let mut st = self.lock();
         let stamp = next_stamp(&st.1, &self.node);
-        let supersedes = st
-            .0
-            .entries
-            .iter()
-            .find(|e| e.key == key && e.level == level)
-            .map(|prev| {
-                std::iter::once(prev.stamp.clone())
-                    .chain(prev.supersedes.iter().cloned())
-                    .take(LINEAGE)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let supersedes =
+            st.0.entries
+                .iter()
+                .find(|e| e.key == key && e.level == level)
+                .map(|prev| {
+                    std::iter::once(prev.stamp.clone())
+                        .chain(prev.supersedes.iter().cloned())
+                        .take(LINEAGE)
+                        .collect()
+                })
+                .unwrap_or_default();
         let entry = Entry {
             key: key.to_string(),
             level,
@@ -861,7 +860,10 @@ mod tests {
         })
         .unwrap();
         a.merge(&b.exchange()).unwrap();
-        assert!(a.entries().1.is_empty() && b.entries().1.is_empty(), "no conflict");
+        assert!(
+            a.entries().1.is_empty() && b.entries().1.is_empty(),
+            "no conflict"
+        );
         assert_eq!(a.effective().unwrap().smtp.relay_domains, ["y.example"]);
         // Concurrent changes: the newer stamp wins on both, the loser is recorded on both.
         a.set("smtp.relay_domains", "cluster", Some(v(r#"["a.example"]"#)))
