@@ -201,6 +201,17 @@ impl Replicator {
     }
 }
 
+impl Replicator {
+    /// One request the daemon defines (`TRACK`, `SETTINGS`) in a session of its own: opened,
+    /// asked, closed cleanly.
+    pub async fn ask_partner(&self, op: u8, request: &[u8]) -> Result<Bytes, RecoveryError> {
+        let mut client = self.recovery_client().await?;
+        let answer = client.ask(op, request).await;
+        client.close().await;
+        answer
+    }
+}
+
 /// The client side of takeover recovery: requests to the partner, one at a time.
 pub struct RecoveryClient {
     frames: tokio::sync::mpsc::Receiver<Result<Frame, LinkError>>,

@@ -298,15 +298,10 @@ impl Admin {
         let mut notes = Vec::new();
         if let Some(r) = &self.replicator {
             let request = serde_json::json!({ "query": query, "limit": limit }).to_string();
-            let asked = tokio::time::timeout(TRACK_PARTNER_WITHIN, async {
-                let mut c = r.recovery_client().await.map_err(|e| e.to_string())?;
-                let answer = c
-                    .ask(hasync::proto::recovery_op::TRACK, request.as_bytes())
-                    .await
-                    .map_err(|e| e.to_string());
-                c.close().await;
-                answer
-            })
+            let asked = tokio::time::timeout(
+                TRACK_PARTNER_WITHIN,
+                r.ask_partner(hasync::proto::recovery_op::TRACK, request.as_bytes()),
+            )
             .await;
             match asked {
                 Ok(Ok(answer)) => match serde_json::from_slice::<api::Tracked>(&answer) {

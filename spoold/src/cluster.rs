@@ -462,16 +462,11 @@ pub async fn sync_with_partner(r: &hasync::Replicator, settings: &Settings) -> R
     }
     let started = std::time::Instant::now();
     let exchanged = async {
-        let mut client = r
-            .recovery_client()
-            .await
-            .map_err(|e| anyhow::anyhow!("partner not reachable: {e}"))?;
         let ours = serde_json::to_vec(&settings.exchange())?;
-        let answer = client
-            .ask(hasync::proto::recovery_op::SETTINGS, &ours)
+        let answer = r
+            .ask_partner(hasync::proto::recovery_op::SETTINGS, &ours)
             .await
             .map_err(|e| anyhow::anyhow!("partner: {e}"))?;
-        client.close().await;
         let theirs: Exchange = serde_json::from_slice(&answer).context("partner's answer")?;
         let changed = tokio::task::block_in_place(|| settings.merge(&theirs))?;
         Ok::<_, anyhow::Error>((theirs, changed))
@@ -504,20 +499,15 @@ pub async fn sync_with_partner(r: &hasync::Replicator, settings: &Settings) -> R
 
 /// The partner's entries as it holds them, merging nothing on either side.
 pub async fn partner_entries(r: &hasync::Replicator) -> Result<Exchange> {
-    let mut client = r
-        .recovery_client()
-        .await
-        .map_err(|e| anyhow::anyhow!("partner not reachable: {e}"))?;
     let ask = serde_json::to_vec(&Exchange {
         version: PROTOCOL,
         entries: Vec::new(),
         peek: true,
     })?;
-    let answer = client
-        .ask(hasync::proto::recovery_op::SETTINGS, &ask)
+    let answer = r
+        .ask_partner(hasync::proto::recovery_op::SETTINGS, &ask)
         .await
         .map_err(|e| anyhow::anyhow!("partner: {e}"))?;
-    client.close().await;
     serde_json::from_slice(&answer).context("partner's answer")
 }
 
