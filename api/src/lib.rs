@@ -99,20 +99,62 @@ pub enum Request {
         /// Move: unset it at `from` afterwards.
         remove: bool,
     },
-    /// This unit and its partner as clustered-settings members: [`ClusterStatus`].
+    /// This unit and the others it shares settings with (its cluster's members, or its
+    /// partner): [`ClusterStatus`].
     ClusterStatus,
-    /// Compare every key and level with the partner; optionally resolve from one member:
+    /// Compare every key and level with every member; optionally resolve from one member:
     /// [`ClusterChecked`].
     ClusterCheck {
-        /// Take this member's value of every differing entry (this unit's or the partner's
-        /// node name).
+        /// Take this member's value of every differing entry (a node name).
         resolve_from: Option<String>,
     },
-    /// Stop (true) or resume (false) exchanging settings with the partner, e.g. around an
-    /// upgrade; changes made meanwhile are exchanged on reconnect: [`ClusterStatus`].
+    /// Stop (true) or resume (false) exchanging settings, with every member or with one, e.g.
+    /// around an upgrade; changes made meanwhile are exchanged on reconnect: [`ClusterStatus`].
     ClusterDisconnect {
         /// Disconnect (true) or reconnect (false).
         disconnected: bool,
+        /// Only this member (default: all).
+        #[serde(default)]
+        node: Option<String>,
+    },
+    /// Make this unit the first member of a new cluster: [`ClusterList`].
+    ClusterCreate {
+        /// The cluster's name.
+        name: String,
+    },
+    /// Join the cluster of the member at this cluster-link address; this unit's clustered
+    /// settings are replaced by the cluster's (saved first): [`ClusterList`].
+    ClusterJoin {
+        /// `ip:port` of a member's cluster link.
+        addr: String,
+    },
+    /// Leave the cluster, keeping the settings in effect here: [`ClusterList`].
+    ClusterLeave,
+    /// The cluster, its groups and members: [`ClusterList`].
+    ClusterList,
+    /// Add a group: [`ClusterList`].
+    GroupAdd {
+        /// Its name.
+        name: String,
+    },
+    /// Rename a group (its settings and machines follow): [`ClusterList`].
+    GroupRename {
+        /// The current name.
+        from: String,
+        /// The new one.
+        to: String,
+    },
+    /// Delete an empty group and its settings: [`ClusterList`].
+    GroupDelete {
+        /// Its name.
+        name: String,
+    },
+    /// Put a machine in a group (or in none): [`ClusterList`].
+    MachineSetGroup {
+        /// The machine's node name.
+        node: String,
+        /// The group; absent: none.
+        group: Option<String>,
     },
     /// The configuration in effect here, as a TOML file `spoold --check-config` accepts:
     /// [`ConfigExported`].
@@ -329,15 +371,21 @@ pub struct ClusterStatus {
     pub disconnected: bool,
     /// The settings protocol spoken here.
     pub protocol: u32,
-    /// The partner, once an exchange has been tried.
-    pub partner: Option<ClusterMember>,
+    /// The cluster this unit is a member of (none: it shares settings with its partner only).
+    pub cluster: Option<String>,
+    /// The others: every member of the cluster, or the partner once an exchange was tried.
+    pub members: Vec<ClusterMember>,
 }
 
-/// The partner in [`ClusterStatus`].
+/// Another unit in [`ClusterStatus`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterMember {
     /// Its node name.
     pub node: String,
+    /// Its cluster-link address (none: the HA partner, reached over the peer link).
+    pub addr: Option<String>,
+    /// An operator disconnected this unit from it.
+    pub paused: bool,
     /// The last exchange succeeded.
     pub connected: bool,
     /// Seconds since the last successful exchange.
@@ -352,6 +400,21 @@ pub struct ClusterMember {
     pub error: Option<String>,
 }
 
+/// [`Request::ClusterList`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterList {
+    /// The cluster's name (none: this unit is in no cluster).
+    pub cluster: Option<String>,
+    /// This unit.
+    pub node: String,
+    /// Members: node name, cluster-link address, group.
+    pub members: Vec<(String, String, Option<String>)>,
+    /// Groups and the machines in each.
+    pub groups: Vec<(String, Vec<String>)>,
+    /// What happened (a join's backup, members told of a change or not).
+    pub notes: Vec<String>,
+}
+
 /// [`Request::ClusterCheck`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterChecked {
@@ -359,6 +422,9 @@ pub struct ClusterChecked {
     pub differences: Vec<String>,
     /// Entries set again from the chosen member.
     pub resolved: usize,
+    /// Members that could not be compared, and why.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// [`Request::ConfigExport`].
@@ -377,8 +443,8 @@ pub struct ConfigChanged {
     pub level: String,
     /// What applies here now.
     pub effective: Option<serde_json::Value>,
-    /// What became of the partner's copy: `applied in N ms`, or why not (it catches up).
-    pub partner: String,
+    /// What became of the others' copies: `sent to NODE in N ms`, or why not (it catches up).
+    pub sent: Vec<String>,
 }
 
 /// One thing that happened to a message on a unit (a line of its tracking log).

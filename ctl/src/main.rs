@@ -60,16 +60,28 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ArchiveCmd,
     },
-    /// Clustered settings, shared by the units of the pair: show, set, unset.
+    /// Clustered settings, shared by the members of the cluster (or the units of the pair):
+    /// show, set, unset, copy, move, export.
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
-    /// The units sharing clustered settings: this one and its partner (connected, last
-    /// contact, the last exchange's duration, settings version, what differed).
+    /// The units sharing clustered settings: create, join or leave a cluster, list its
+    /// members, their status (connected, last contact, the last exchange's duration, settings
+    /// version, what differed), compare and resolve, disconnect for an upgrade.
     Cluster {
         #[command(subcommand)]
         cmd: ClusterCmd,
+    },
+    /// Groups of machines in the cluster (a group's settings override the cluster's).
+    Group {
+        #[command(subcommand)]
+        cmd: GroupCmd,
+    },
+    /// A machine's place in the cluster.
+    Machine {
+        #[command(subcommand)]
+        cmd: MachineCmd,
     },
     /// Follow messages through this unit and its partner: every event of the messages QUERY
     /// selects (accepted, replicated, scanned, each delivery attempt, bounced, archived,
@@ -103,19 +115,73 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ClusterCmd {
-    /// This unit and its partner as the last settings exchange saw them.
+    /// Make this unit the first member of a new cluster (needs [cluster] in its file).
+    Create {
+        /// The cluster's name (a-z, 0-9, _ and -).
+        name: String,
+    },
+    /// Join the cluster of the member whose cluster link is at ADDR (the shared secret of
+    /// [cluster] authenticates). This unit's clustered settings are REPLACED by the cluster's;
+    /// the previous ones are saved in the state directory first.
+    Join {
+        /// ip:port of a member's cluster link.
+        addr: String,
+    },
+    /// Leave the cluster; the settings in effect here stay.
+    Leave,
+    /// The cluster, its groups and members.
+    List,
+    /// This unit and every other member as the last settings exchange saw them.
     Status,
-    /// Compare every clustered setting with the partner's, key by key and level by level.
+    /// Compare every clustered setting with every member's, key by key and level by level.
     Check {
         /// Settle every difference with this member's value (its node name).
         #[arg(long, value_name = "NODE")]
         resolve_from: Option<String>,
     },
-    /// Stop exchanging settings with the partner (for an upgrade); changes made meanwhile
-    /// stay here, and the partner's wait, until `reconnect`.
-    Disconnect,
+    /// Stop exchanging settings with every member, or with NODE (for an upgrade); changes
+    /// made meanwhile stay on their side until `reconnect`.
+    Disconnect {
+        /// Only this member.
+        node: Option<String>,
+    },
     /// Resume exchanging settings: what changed meanwhile on either side is exchanged.
-    Reconnect,
+    Reconnect {
+        /// Only this member.
+        node: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    /// Add a group.
+    Add {
+        /// Its name (a-z, 0-9, _ and -).
+        name: String,
+    },
+    /// Rename a group; its settings and machines follow.
+    Rename {
+        /// The current name.
+        from: String,
+        /// The new one.
+        to: String,
+    },
+    /// Delete a group that holds no machine, and its settings.
+    Delete {
+        /// Its name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum MachineCmd {
+    /// Put machine NODE in GROUP (without GROUP: in none).
+    Setgroup {
+        /// The machine's node name.
+        node: String,
+        /// The group.
+        group: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -127,7 +193,7 @@ enum ConfigCmd {
         key: Option<String>,
     },
     /// Set KEY to a TOML VALUE (`'["a.example", ".b.example"]'`, `'[]'`) at a level, validated
-    /// here first, applied live, sent to the partner.
+    /// here first, applied live, sent to every member.
     Set {
         /// The key, e.g. smtp.relay_domains.
         key: String,
@@ -438,13 +504,20 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
                 out.push_str(&format!("differs: {d}\n"));
             }
             if r.differences.is_empty() {
-                out.push_str("in agreement: every key at every level is the same on both units\n");
+                out.push_str(
+                    "in agreement: every key at every level is the same on every unit compared\n",
+                );
             }
             if r.resolved > 0 {
                 out.push_str(&format!("resolved {} entr(ies)\n", r.resolved));
             }
+            for n in &r.notes {
+                out.push_str(&format!("{n}\n"));
+            }
         }
-        Cmd::Cluster { .. } => {
+        Cmd::Cluster {
+            cmd: ClusterCmd::Status | ClusterCmd::Disconnect { .. } | ClusterCmd::Reconnect { .. },
+        } => {
             let r: api::ClusterStatus = data_as(data)?;
             let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
             out.push_str(&format!(
@@ -460,16 +533,20 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
                     ""
                 }
             ));
-            match &r.partner {
-                None => out.push_str("partner: none, or not asked yet\n"),
-                Some(p) => out.push_str(&format!(
-                    "{}: {}, last contact {} s ago, last exchange {} ms, version {}{}{}\n",
-                    if p.node.is_empty() {
-                        "partner"
-                    } else {
-                        &p.node
-                    },
-                    if p.connected {
+            if let Some(c) = &r.cluster {
+                out.push_str(&format!("cluster: {c}\n"));
+            }
+            if r.members.is_empty() {
+                out.push_str("others: none, or not asked yet\n");
+            }
+            for p in &r.members {
+                out.push_str(&format!(
+                    "{}{}: {}, last contact {} s ago, last exchange {} ms, version {}{}{}\n",
+                    p.node,
+                    p.addr.as_ref().map_or(String::new(), |a| format!(" ({a})")),
+                    if p.paused {
+                        "DISCONNECTED by an operator"
+                    } else if p.connected {
                         "connected"
                     } else {
                         "not connected"
@@ -486,7 +563,43 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
                     p.error
                         .as_ref()
                         .map_or(String::new(), |e| format!(", last error: {e}"))
-                )),
+                ));
+            }
+        }
+        Cmd::Cluster {
+            cmd:
+                ClusterCmd::Create { .. }
+                | ClusterCmd::Join { .. }
+                | ClusterCmd::Leave
+                | ClusterCmd::List,
+        }
+        | Cmd::Group { .. }
+        | Cmd::Machine { .. } => {
+            let r: api::ClusterList = data_as(data)?;
+            for n in &r.notes {
+                out.push_str(&format!("{n}\n"));
+            }
+            match &r.cluster {
+                None => out.push_str(&format!("{}: in no cluster\n", r.node)),
+                Some(c) => {
+                    out.push_str(&format!("cluster {c} ({} here)\n", r.node));
+                    for (node, addr, group) in &r.members {
+                        out.push_str(&format!(
+                            "  member {node:<16} {addr:<22} group {}\n",
+                            group.as_deref().unwrap_or("-")
+                        ));
+                    }
+                }
+            }
+            for (g, nodes) in &r.groups {
+                out.push_str(&format!(
+                    "  group {g}: {}\n",
+                    if nodes.is_empty() {
+                        "(empty)".to_string()
+                    } else {
+                        nodes.join(", ")
+                    }
+                ));
             }
         }
         Cmd::Config {
@@ -498,14 +611,16 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
         Cmd::Config { .. } => {
             let r: api::ConfigChanged = data_as(data)?;
             out.push_str(&format!(
-                "{} at {}: effective here {}; partner: {}\n",
+                "{} at {}: effective here {}\n",
                 r.key,
                 r.level,
                 r.effective
                     .as_ref()
                     .map_or("(unset)".to_string(), |v| v.to_string()),
-                r.partner
             ));
+            for line in &r.sent {
+                out.push_str(&format!("  {line}\n"));
+            }
         }
         Cmd::Track { limit, .. } => {
             let r: api::Tracked = data_as(data)?;
@@ -707,10 +822,32 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
             ClusterCmd::Check { resolve_from } => Request::ClusterCheck {
                 resolve_from: resolve_from.clone(),
             },
-            ClusterCmd::Disconnect => Request::ClusterDisconnect { disconnected: true },
-            ClusterCmd::Reconnect => Request::ClusterDisconnect {
-                disconnected: false,
+            ClusterCmd::Disconnect { node } => Request::ClusterDisconnect {
+                disconnected: true,
+                node: node.clone(),
             },
+            ClusterCmd::Reconnect { node } => Request::ClusterDisconnect {
+                disconnected: false,
+                node: node.clone(),
+            },
+            ClusterCmd::Create { name } => Request::ClusterCreate { name: name.clone() },
+            ClusterCmd::Join { addr } => Request::ClusterJoin { addr: addr.clone() },
+            ClusterCmd::Leave => Request::ClusterLeave,
+            ClusterCmd::List => Request::ClusterList,
+        },
+        Cmd::Group { cmd } => match cmd {
+            GroupCmd::Add { name } => Request::GroupAdd { name: name.clone() },
+            GroupCmd::Rename { from, to } => Request::GroupRename {
+                from: from.clone(),
+                to: to.clone(),
+            },
+            GroupCmd::Delete { name } => Request::GroupDelete { name: name.clone() },
+        },
+        Cmd::Machine {
+            cmd: MachineCmd::Setgroup { node, group },
+        } => Request::MachineSetGroup {
+            node: node.clone(),
+            group: group.clone(),
         },
         Cmd::Config { cmd } => match cmd {
             ConfigCmd::Show { key } => Request::ConfigShow { key: key.clone() },

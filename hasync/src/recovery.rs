@@ -276,36 +276,7 @@ impl RecoveryClient {
     }
 }
 
-/// Sends one request on a link and waits for its reply; nothing else may be in flight.
-pub(crate) async fn request(
-    frames: &mut tokio::sync::mpsc::Receiver<Result<Frame, LinkError>>,
-    w: &mut tokio::io::WriteHalf<Box<dyn link::LinkIo>>,
-    op: u8,
-    arg: &[u8],
-) -> Result<Result<Bytes, String>, LinkError> {
-    link::write_frame(
-        w,
-        &Frame::Request {
-            op,
-            arg: Bytes::copy_from_slice(arg),
-        },
-        &[],
-    )
-    .await?;
-    w.flush().await?;
-    loop {
-        match frames.recv().await {
-            Some(Ok(Frame::Reply { ok: true, data })) => return Ok(Ok(data)),
-            Some(Ok(Frame::Reply { ok: false, data })) => {
-                return Ok(Err(String::from_utf8_lossy(&data).into_owned()))
-            }
-            Some(Ok(Frame::Heartbeat { .. })) => continue,
-            Some(Ok(other)) => return Err(LinkError::Protocol(format!("unexpected {other:?}"))),
-            Some(Err(e)) => return Err(e),
-            None => return Err(LinkError::Protocol("link closed".into())),
-        }
-    }
-}
+pub(crate) use link::request;
 
 #[cfg(test)]
 mod tests {

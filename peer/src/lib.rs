@@ -1,10 +1,10 @@
 //! `peer`: the authenticated link between the units of an HA pair and between archive mirrors
-//! (and, next, cluster members), shared by every service that talks to a peer.
+//! and between cluster members, shared by every service that talks to a peer.
 //!
 //! It is: the TLS 1.3 link on which both sides prove the shared secret with an HMAC over the TLS
 //! exporter ([`link`]), the frame codec and batched writes ([`proto`], [`link::FrameBatch`]), the
 //! [`proto::Channel`] each connection declares in its `Hello` (replication, recovery requests,
-//! the archive mirror, and room for cluster configuration), self-signed link identities
+//! the archive mirror, the cluster channel), self-signed link identities
 //! ([`link::LinkConfig::self_signed`]: the secret authenticates), and the timing every service
 //! uses: [`HEARTBEAT`], [`SILENCE_MAX`] with [`within`], and reconnection with [`Backoff`].
 //!

@@ -450,6 +450,55 @@ impl ServerCertVerifier for AnyCertificate {
     }
 }
 
+/// Sends one request on a link and waits for its reply (heartbeats in between are skipped);
+/// nothing else may be in flight. The inner error is the peer's refusal.
+pub async fn request(
+    frames: &mut tokio::sync::mpsc::Receiver<Result<Frame, LinkError>>,
+    w: &mut tokio::io::WriteHalf<Box<dyn LinkIo>>,
+    op: u8,
+    arg: &[u8],
+) -> Result<Result<Bytes, String>, LinkError> {
+    write_frame(
+        w,
+        &Frame::Request {
+            op,
+            arg: Bytes::copy_from_slice(arg),
+        },
+        &[],
+    )
+    .await?;
+    w.flush().await?;
+    loop {
+        match frames.recv().await {
+            Some(Ok(Frame::Reply { ok: true, data })) => return Ok(Ok(data)),
+            Some(Ok(Frame::Reply { ok: false, data })) => {
+                return Ok(Err(String::from_utf8_lossy(&data).into_owned()))
+            }
+            Some(Ok(Frame::Heartbeat { .. })) => continue,
+            Some(Ok(other)) => return Err(LinkError::Protocol(format!("unexpected {other:?}"))),
+            Some(Err(e)) => return Err(e),
+            None => return Err(LinkError::Protocol("link closed".into())),
+        }
+    }
+}
+
+/// One request in a session of its own on `channel`: connected, asked, closed cleanly (a TLS
+/// close, so the peer sees a hang-up, not a broken link).
+pub async fn ask(
+    addr: SocketAddr,
+    cfg: &LinkConfig,
+    channel: Channel,
+    op: u8,
+    arg: &[u8],
+) -> Result<Result<Bytes, String>, LinkError> {
+    let link = connect(addr, cfg, Role::Active, channel).await?;
+    let (r, mut w) = tokio::io::split(link.io);
+    let mut frames = spawn_reader(r);
+    let answer = request(&mut frames, &mut w, op, arg).await;
+    let _ = w.shutdown().await;
+    answer
+}
+
 /// Frames from a link's read half, for tasks that also write.
 pub fn spawn_reader(
     mut r: tokio::io::ReadHalf<Box<dyn LinkIo>>,

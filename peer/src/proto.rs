@@ -48,9 +48,9 @@ pub enum Channel {
     Replication,
     /// Requests and replies (takeover recovery).
     Recovery,
-    /// Archive mirroring (reserved).
+    /// Archive mirroring.
     ArchiveMirror,
-    /// Cluster configuration (reserved).
+    /// Cluster membership, clustered settings and message tracking between cluster members.
     ClusterConfig,
 }
 
@@ -170,6 +170,17 @@ pub mod mirror_op {
     /// One archived item: `u32` length of the catalog item bytes, the item, the zstd body.
     /// Replied `ok` with the receiver's sequence number (8 bytes) once durable there.
     pub const ITEM: u8 = 1;
+}
+
+/// Operations of the cluster channel (`Request` from the asking member, one `Reply` each; the
+/// arguments and answers are the daemon's, opaque here).
+pub mod cluster_op {
+    /// Clustered settings: the asker's entries; the answer is the answerer's.
+    pub const SETTINGS: u8 = 1;
+    /// A unit asks to join the answerer's cluster; the answer is the cluster's settings.
+    pub const JOIN: u8 = 2;
+    /// Message tracking: the answerer's events of the messages a query selects.
+    pub const TRACK: u8 = 3;
 }
 
 /// A frame that cannot be decoded.

@@ -28,9 +28,6 @@ async fn write_progress<W: tokio::io::AsyncWrite + Unpin>(
 }
 
 /// Runs `work`, sending the progress lines it reports (if asked) before its answer.
-/// How long `spoolctl track` waits for the partner's events.
-const TRACK_PARTNER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
-
 async fn with_progress<W, T>(
     w: &mut W,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<api::Progress>,
@@ -78,6 +75,8 @@ pub struct Admin {
     pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
     /// The archive, unless disabled.
     pub archiving: Option<Arc<crate::archiving::Archiving>>,
+    /// Who shares clustered settings with this unit.
+    pub membership: Arc<crate::membership::Membership>,
 }
 
 fn folder_named(name: &str) -> Option<Folder> {
@@ -140,29 +139,23 @@ impl Admin {
                             };
                             with_progress(&mut w, rx, work, progress).await
                         }
-                        Ok(Request::ConfigCopy {
-                            key,
-                            from,
-                            to,
-                            remove,
-                        }) => match me.config_copy(key, from, to, remove).await {
-                            Ok(t) => Line::reply(&serde_json::json!(t)),
-                            Err(e) => Line::refused(e),
-                        },
-                        Ok(Request::ClusterCheck { resolve_from }) => {
-                            match me.cluster_check(resolve_from).await {
-                                Ok(t) => Line::reply(&serde_json::json!(t)),
-                                Err(e) => Line::refused(e),
-                            }
-                        }
-                        Ok(Request::ConfigSet { key, value, level }) => {
-                            match me.config_set(key, value, level).await {
-                                Ok(t) => Line::reply(&serde_json::json!(t)),
-                                Err(e) => Line::refused(e),
-                            }
-                        }
-                        Ok(Request::Track { query, limit }) => match me.track(query, limit).await {
-                            Ok(t) => Line::reply(&serde_json::json!(t)),
+                        Ok(
+                            req @ (Request::ConfigCopy { .. }
+                            | Request::ConfigSet { .. }
+                            | Request::ClusterCheck { .. }
+                            | Request::ClusterStatus
+                            | Request::ClusterDisconnect { .. }
+                            | Request::ClusterCreate { .. }
+                            | Request::ClusterJoin { .. }
+                            | Request::ClusterLeave
+                            | Request::ClusterList
+                            | Request::GroupAdd { .. }
+                            | Request::GroupRename { .. }
+                            | Request::GroupDelete { .. }
+                            | Request::MachineSetGroup { .. }
+                            | Request::Track { .. }),
+                        ) => match me.cluster(req).await {
+                            Ok(t) => Line::reply(&t),
                             Err(e) => Line::refused(e),
                         },
                         Ok(req) => {
@@ -194,142 +187,90 @@ impl Admin {
             .find(|&f| self.layout.path(f, id, Part::Env).exists())
     }
 
-    /// `spoolctl config set|unset`: validated and stored here, then exchanged with the partner
-    /// at once (a partner that cannot be reached gets it at its next exchange).
-    async fn config_set(
-        &self,
-        key: String,
-        value: Option<String>,
-        level: String,
-    ) -> Result<api::ConfigChanged, String> {
+    /// Clustered settings, membership and tracking: requests that wait on other units.
+    async fn cluster(&self, req: Request) -> Result<serde_json::Value, String> {
+        let m = &self.membership;
         let settings = self.lifecycle.settings.clone();
-        let value = value
-            .map(|v| crate::cluster::parse_value(&key, &v))
-            .transpose()
-            .map_err(|e| format!("{e:#}"))?;
-        let entry = tokio::task::block_in_place(|| settings.set(&key, &level, value))
-            .map_err(|e| format!("{e:#}"))?;
-        self.settings_changed(key, entry.level).await
-    }
-
-    /// `spoolctl cluster check [--resolve-from NODE]`: compares with the partner's entries
-    /// (merging nothing); a resolution is then exchanged like any change.
-    async fn cluster_check(
-        &self,
-        resolve_from: Option<String>,
-    ) -> Result<api::ClusterChecked, String> {
-        let r = self
-            .replicator
-            .as_ref()
-            .ok_or("no [ha] section: this unit has no partner to compare with")?;
-        let theirs = crate::cluster::partner_entries(r)
-            .await
-            .map_err(|e| format!("{e:#}"))?;
-        let partner = r.peer().map(|p| p.node).unwrap_or_default();
-        let settings = self.lifecycle.settings.clone();
-        let checked = tokio::task::block_in_place(|| {
-            crate::cluster::check(&settings, &partner, &theirs, resolve_from.as_deref())
-        })
-        .map_err(|e| format!("{e:#}"))?;
-        if checked.resolved > 0 && !settings.disconnected() {
-            crate::cluster::sync_with_partner(r, &settings)
-                .await
-                .map_err(|e| format!("resolved here; not yet at the partner: {e:#}"))?;
+        let text = |e: anyhow::Error| format!("{e:#}");
+        let json = |v: Result<serde_json::Value, serde_json::Error>| v.map_err(|e| e.to_string());
+        use crate::membership::GroupChange;
+        match req {
+            Request::ConfigSet { key, value, level } => {
+                let value = value
+                    .map(|v| crate::cluster::parse_value(&key, &v))
+                    .transpose()
+                    .map_err(text)?;
+                let entry = tokio::task::block_in_place(|| settings.set(&key, &level, value))
+                    .map_err(text)?;
+                self.settings_changed(key, entry.level).await
+            }
+            Request::ConfigCopy {
+                key,
+                from,
+                to,
+                remove,
+            } => {
+                tokio::task::block_in_place(|| settings.copy(&key, &from, &to, remove))
+                    .map_err(text)?;
+                self.settings_changed(key, to).await
+            }
+            Request::ClusterCheck { resolve_from } => json(serde_json::to_value(
+                m.check(resolve_from.as_deref()).await.map_err(text)?,
+            )),
+            Request::ClusterStatus => json(serde_json::to_value(m.status())),
+            Request::ClusterDisconnect { disconnected, node } => {
+                m.disconnect(disconnected, node.as_deref())
+                    .await
+                    .map_err(text)?;
+                json(serde_json::to_value(m.status()))
+            }
+            Request::ClusterCreate { name } => {
+                json(serde_json::to_value(m.create(&name).await.map_err(text)?))
+            }
+            Request::ClusterJoin { addr } => {
+                json(serde_json::to_value(m.join(&addr).await.map_err(text)?))
+            }
+            Request::ClusterLeave => json(serde_json::to_value(m.leave().await.map_err(text)?)),
+            Request::ClusterList => json(serde_json::to_value(m.list(Vec::new()))),
+            Request::GroupAdd { name } => json(serde_json::to_value(
+                m.group(GroupChange::Add(name)).await.map_err(text)?,
+            )),
+            Request::GroupRename { from, to } => json(serde_json::to_value(
+                m.group(GroupChange::Rename(from, to)).await.map_err(text)?,
+            )),
+            Request::GroupDelete { name } => json(serde_json::to_value(
+                m.group(GroupChange::Delete(name)).await.map_err(text)?,
+            )),
+            Request::MachineSetGroup { node, group } => json(serde_json::to_value(
+                m.group(GroupChange::SetGroup(node, group))
+                    .await
+                    .map_err(text)?,
+            )),
+            Request::Track { query, limit } => {
+                json(serde_json::to_value(m.track(query, limit).await?))
+            }
+            other => Err(format!("{other:?} is not a cluster request")),
         }
-        Ok(checked)
     }
 
-    /// `spoolctl config copy|move`.
-    async fn config_copy(
-        &self,
-        key: String,
-        from: String,
-        to: String,
-        remove: bool,
-    ) -> Result<api::ConfigChanged, String> {
-        let settings = self.lifecycle.settings.clone();
-        tokio::task::block_in_place(|| settings.copy(&key, &from, &to, remove))
-            .map_err(|e| format!("{e:#}"))?;
-        self.settings_changed(key, to).await
-    }
-
-    /// After a change here: sends the settings to the partner now, and answers what applies.
+    /// After a change here: sends the settings to every other unit now, and answers what
+    /// applies here.
     async fn settings_changed(
         &self,
         key: String,
         level: String,
-    ) -> Result<api::ConfigChanged, String> {
+    ) -> Result<serde_json::Value, String> {
         let settings = &self.lifecycle.settings;
-        let partner = match &self.replicator {
-            None => "no partner (standalone unit)".to_string(),
-            Some(r) => {
-                let started = std::time::Instant::now();
-                match crate::cluster::sync_with_partner(r, settings).await {
-                    Ok(_) => format!(
-                        "sent to the partner in {} ms",
-                        started.elapsed().as_millis()
-                    ),
-                    Err(e) => format!(
-                        "{e:#} (it gets the change at its next exchange, within {} s of its return)",
-                        crate::cluster::SYNC_EVERY.as_secs()
-                    ),
-                }
-            }
-        };
-        Ok(api::ConfigChanged {
+        let sent = self.membership.sync_all().await;
+        serde_json::to_value(api::ConfigChanged {
             effective: settings
                 .effective_value(&key)
                 .map_err(|e| format!("{e:#}"))?,
             key,
             level,
-            partner,
+            sent,
         })
-    }
-
-    /// `spoolctl track`: this unit's events and the partner's (over the peer link), merged by
-    /// time; a partner that cannot be asked is named in the answer's notes.
-    async fn track(&self, query: String, limit: usize) -> Result<api::Tracked, String> {
-        let limit = limit.clamp(1, 100_000);
-        let track = self.lifecycle.track.clone();
-        let q = query.clone();
-        let (mut events, mut capped) = tokio::task::spawn_blocking(move || track.search(&q, limit))
-            .await
-            .map_err(|e| e.to_string())??;
-        let mut notes = Vec::new();
-        if let Some(r) = &self.replicator {
-            let request = serde_json::json!({ "query": query, "limit": limit }).to_string();
-            let asked = tokio::time::timeout(
-                TRACK_PARTNER_WITHIN,
-                r.ask_partner(hasync::proto::recovery_op::TRACK, request.as_bytes()),
-            )
-            .await;
-            match asked {
-                Ok(Ok(answer)) => match serde_json::from_slice::<api::Tracked>(&answer) {
-                    Ok(theirs) => {
-                        events.extend(theirs.events);
-                        capped |= theirs.capped;
-                    }
-                    Err(e) => notes.push(format!("partner: unreadable answer: {e}")),
-                },
-                Ok(Err(e)) => notes.push(format!("partner not asked: {e}")),
-                Err(_) => notes.push(format!(
-                    "partner: no answer within {} s",
-                    TRACK_PARTNER_WITHIN.as_secs()
-                )),
-            }
-        }
-        // By time, then unit: the same order whichever unit answers (a unit's own events keep
-        // their log order).
-        events.sort_by(|x, y| (x.t, &x.unit).cmp(&(y.t, &y.unit)));
-        if events.len() > limit {
-            events.truncate(limit);
-            capped = true;
-        }
-        Ok(api::Tracked {
-            events,
-            capped,
-            notes,
-        })
+        .map_err(|e| e.to_string())
     }
 
     fn archiving(&self) -> Result<&crate::archiving::Archiving, String> {
@@ -551,37 +492,20 @@ impl Admin {
                 Ok(())
             }),
             Request::Recover { .. } => Err("recover is handled asynchronously".into()),
-            Request::Track { .. } => Err("track is handled asynchronously".into()),
-            Request::ConfigSet { .. }
+            Request::Track { .. }
+            | Request::ConfigSet { .. }
             | Request::ConfigCopy { .. }
-            | Request::ClusterCheck { .. } => {
-                Err("config changes are handled asynchronously".into())
-            }
-            Request::ClusterStatus => reply(crate::cluster::status(&self.lifecycle.settings)),
-            Request::ClusterDisconnect { disconnected } => {
-                let s = &self.lifecycle.settings;
-                s.set_disconnected(disconnected)
-                    .map_err(|e| format!("{e:#}"))?;
-                tracing::warn!(
-                    disconnected,
-                    "clustered settings: {} by an operator",
-                    if disconnected {
-                        "disconnected"
-                    } else {
-                        "reconnected"
-                    }
-                );
-                if let (false, Some(r)) = (disconnected, &self.replicator) {
-                    // What changed meanwhile, on either side, is exchanged now.
-                    let (r, s) = (r.clone(), s.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = crate::cluster::sync_with_partner(&r, &s).await {
-                            tracing::info!("clustered settings after reconnect: {e:#}");
-                        }
-                    });
-                }
-                reply(crate::cluster::status(s))
-            }
+            | Request::ClusterCheck { .. }
+            | Request::ClusterStatus
+            | Request::ClusterDisconnect { .. }
+            | Request::ClusterCreate { .. }
+            | Request::ClusterJoin { .. }
+            | Request::ClusterLeave
+            | Request::ClusterList
+            | Request::GroupAdd { .. }
+            | Request::GroupRename { .. }
+            | Request::GroupDelete { .. }
+            | Request::MachineSetGroup { .. } => Err("handled asynchronously".into()),
             Request::ConfigExport => {
                 let effective = self
                     .lifecycle

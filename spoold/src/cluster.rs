@@ -1,5 +1,5 @@
-//! Clustered configuration: settings changed on any unit of the pair reach the other and apply
-//! live, validated where they are made. Each setting is stored per level (`cluster`,
+//! Clustered configuration: settings changed on any unit reach the others (the HA partner, or
+//! every member of the unit's cluster) and apply live, validated where they are made. Each setting is stored per level (`cluster`,
 //! `group:<name>`, or `machine:<node>`), with a hybrid logical clock stamp; the newest stamp of
 //! a (key, level) wins on every unit, and a change that loses is logged and kept in the list of
 //! conflicts. The store is `<state_dir>/cluster/settings.json` (written whole: temporary file,
@@ -10,8 +10,13 @@
 //! An entry may hold an explicit empty list (which overrides) or be a tombstone
 //! (`config unset`: the level no longer sets it).
 //!
-//! Not here: the transport (the peer link's recovery channel carries [`Exchange`]s, see
-//! `admin.rs` and `ha.rs`), membership beyond the HA pair.
+//! Membership is stored here too, as entries that merge like settings: `cluster.member` at
+//! `machine:<node>` (the member's cluster-link address; unset when it left) and `cluster.group`
+//! at `group:<name>` (the group exists). The cluster's name is this unit's own: set by
+//! `create` or `join`, cleared by `leave`; exchanges between units of different clusters (or a
+//! member and a unit in none) are refused.
+//!
+//! Not here: the transport and who is asked (`membership.rs`).
 
 use crate::config::Config;
 use anyhow::{bail, Context, Result};
@@ -54,6 +59,11 @@ pub const MACHINE_ONLY: &[&str] = &[
     "archive.secret",
     "archive.secret_file",
 ];
+
+/// Membership: the address of a member's cluster link, at `machine:<node>`.
+pub const MEMBER_KEY: &str = "cluster.member";
+/// A group exists (`spoolctl group add`), at `group:<name>`.
+pub const GROUP_MARK_KEY: &str = "cluster.group";
 
 /// A hybrid logical clock stamp: ms since the epoch, a counter within the ms, the node that
 /// made it. Ordered in that order, so ties between nodes resolve the same way everywhere.
@@ -114,6 +124,13 @@ pub struct Exchange {
     /// Only asking: the answerer sends its entries and merges nothing (`cluster check`).
     #[serde(default)]
     pub peek: bool,
+    /// The sender's cluster (none: a pair outside any cluster); units of different clusters
+    /// exchange nothing.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// The sender's node name.
+    #[serde(default)]
+    pub from: String,
 }
 
 /// The protocol version of [`Exchange`].
@@ -128,28 +145,17 @@ struct Stored {
     /// for an upgrade): changes stay here until `reconnect`.
     #[serde(default)]
     disconnected: bool,
-}
-
-/// What this unit knows of the partner's settings, from the last exchange.
-#[derive(Clone, Debug, Default)]
-struct PartnerState {
-    /// When an exchange last succeeded (ms).
-    last_ok_ms: u64,
-    /// How long it took.
-    last_latency_ms: u64,
-    /// The partner's node name and the newest stamp it held.
-    node: String,
-    version: Option<Stamp>,
-    /// Keys and levels whose entries differed after the last exchange (none once in sync).
-    differing: Vec<String>,
-    /// Why the last exchange failed, if it did.
-    last_error: Option<String>,
+    /// The cluster this unit is a member of (`create`, `join`; cleared by `leave`).
+    #[serde(default)]
+    cluster: Option<String>,
+    /// Members an operator disconnected this unit from (`cluster disconnect NODE`).
+    #[serde(default)]
+    paused: Vec<String>,
 }
 
 /// This unit's clustered settings.
 pub struct Settings {
     node: String,
-    partner: Mutex<PartnerState>,
     path: PathBuf,
     /// The configuration as the file (and command line) gave it.
     file: Config,
@@ -208,7 +214,6 @@ impl Settings {
                 node: String::new(),
             });
         let s = Settings {
-            partner: Mutex::new(PartnerState::default()),
             node: file.node_name.clone(),
             path,
             file: file.clone(),
@@ -266,6 +271,11 @@ impl Settings {
                 CLUSTERABLE.join(", ")
             );
         }
+        self.put(key, level, value)
+    }
+
+    /// Sets or unsets any entry (settings, membership, groups): validated, stored, applied.
+    pub fn put(&self, key: &str, level: &str, value: Option<serde_json::Value>) -> Result<Entry> {
         let level = level_name(level, &self.node)?;
         let mut st = self.lock();
         let stamp = next_stamp(&st.1, &self.node);
@@ -327,12 +337,32 @@ impl Settings {
         }
         if theirs.version != PROTOCOL {
             bail!(
-                "clustered settings protocol {} here, {} from the partner: not exchanged",
+                "clustered settings protocol {} here, {} from {}: not exchanged",
                 PROTOCOL,
-                theirs.version
+                theirs.version,
+                theirs.from
             );
         }
         let mut st = self.lock();
+        if st.0.cluster != theirs.cluster {
+            let name = |c: &Option<String>| {
+                c.as_ref()
+                    .map_or("no cluster".to_string(), |c| format!("cluster {c:?}"))
+            };
+            bail!(
+                "{} is in {}, this unit in {}: settings not exchanged",
+                theirs.from,
+                name(&theirs.cluster),
+                name(&st.0.cluster)
+            );
+        }
+        if st.0.paused.contains(&theirs.from) {
+            bail!(
+                "this unit is disconnected from {} by an operator (spoolctl cluster reconnect {})",
+                theirs.from,
+                theirs.from
+            );
+        }
         let mut entries = st.0.entries.clone();
         let mut conflicts = st.0.conflicts.clone();
         let mut changed = false;
@@ -390,7 +420,7 @@ impl Settings {
         self.commit(&mut st, entries, conflicts, last)?;
         drop(st);
         (self.apply)(&candidate);
-        tracing::info!("clustered settings updated from the partner");
+        tracing::info!(from = %theirs.from, "clustered settings updated");
         Ok(true)
     }
 
@@ -406,6 +436,8 @@ impl Settings {
             entries,
             conflicts,
             disconnected: st.0.disconnected,
+            cluster: st.0.cluster.clone(),
+            paused: st.0.paused.clone(),
         };
         self.persist(&next)?;
         st.0 = next;
@@ -427,100 +459,223 @@ impl Settings {
 
     /// Everything this unit holds, to send.
     pub fn exchange(&self) -> Exchange {
+        let st = self.lock();
         Exchange {
             version: PROTOCOL,
-            entries: self.lock().0.entries.clone(),
+            entries: st.0.entries.clone(),
             peek: false,
+            cluster: st.0.cluster.clone(),
+            from: self.node.clone(),
         }
     }
 
+    /// This unit's node name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The cluster this unit is a member of.
+    pub fn cluster_name(&self) -> Option<String> {
+        self.lock().0.cluster.clone()
+    }
+
+    /// Members an operator disconnected this unit from.
+    pub fn paused(&self) -> Vec<String> {
+        self.lock().0.paused.clone()
+    }
+
+    /// `spoolctl cluster disconnect|reconnect NODE` (durable).
+    pub fn set_paused(&self, node: &str, paused: bool) -> Result<()> {
+        let mut st = self.lock();
+        let mut next: Vec<String> = st.0.paused.iter().filter(|n| *n != node).cloned().collect();
+        if paused {
+            next.push(node.to_string());
+        }
+        let before = std::mem::replace(&mut st.0.paused, next);
+        if let Err(e) = self.persist(&st.0) {
+            st.0.paused = before;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The members (this unit included) and their cluster-link addresses, by node name.
+    pub fn members(&self) -> Vec<(String, String)> {
+        let st = self.lock();
+        let mut m: Vec<(String, String)> =
+            st.0.entries
+                .iter()
+                .filter(|e| e.key == MEMBER_KEY)
+                .filter_map(|e| {
+                    let node = e.level.strip_prefix("machine:")?;
+                    Some((node.to_string(), e.value.as_ref()?.as_str()?.to_string()))
+                })
+                .collect();
+        m.sort();
+        m
+    }
+
+    /// The groups: those added, and those a machine names; each with the nodes in it.
+    pub fn groups(&self) -> Vec<(String, Vec<String>)> {
+        let st = self.lock();
+        let mut groups: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for e in &st.0.entries {
+            match (e.key.as_str(), &e.value) {
+                (GROUP_MARK_KEY, Some(_)) => {
+                    if let Some(g) = e.level.strip_prefix("group:") {
+                        groups.entry(g.to_string()).or_default();
+                    }
+                }
+                (GROUP_KEY, Some(serde_json::Value::String(g))) => {
+                    if let Some(n) = e.level.strip_prefix("machine:") {
+                        groups.entry(g.clone()).or_default().push(n.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+        groups.into_iter().collect()
+    }
+
+    /// `spoolctl cluster create NAME`: this unit becomes the first member, reachable at `addr`;
+    /// its settings are the cluster's.
+    pub fn create(&self, name: &str, addr: std::net::SocketAddr) -> Result<()> {
+        level_name(&format!("group:{name}"), &self.node)
+            .map_err(|_| anyhow::anyhow!("cluster name {name:?}: 1 to 32 of a-z, 0-9, _ and -"))?;
+        self.set_cluster(Some(name.to_string()), |_| Ok(()))?;
+        self.put(MEMBER_KEY, "machine", Some(addr.to_string().into()))?;
+        Ok(())
+    }
+
+    /// Joining a cluster: this unit's entries are replaced by the cluster's (`theirs`), after
+    /// the current store is saved beside it. Answers the backup's path.
+    pub fn adopt(&self, theirs: &Exchange) -> Result<PathBuf> {
+        let name = theirs
+            .cluster
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("{} is in no cluster", theirs.from))?;
+        if theirs.version != PROTOCOL {
+            bail!(
+                "clustered settings protocol {} here, {} at {}: not joined",
+                PROTOCOL,
+                theirs.version,
+                theirs.from
+            );
+        }
+        let candidate = effective(&self.file, &self.node, &theirs.entries)?;
+        candidate
+            .validate()
+            .context("the cluster's settings are invalid on this unit: not joined")?;
+        let backup = self
+            .path
+            .with_file_name(format!("settings.before-join.{}.json", now_ms()));
+        {
+            let st = self.lock();
+            self.persist_to(&st.0, &backup)?;
+        }
+        self.set_cluster(Some(name), |st| {
+            st.entries = theirs.entries.clone();
+            st.conflicts.clear();
+            Ok(())
+        })?;
+        (self.apply)(&candidate);
+        Ok(backup)
+    }
+
+    /// `spoolctl cluster leave` (after the others were told): this unit is in no cluster and
+    /// forgets the members; every setting it used stays, so nothing changes here.
+    pub fn leave(&self) -> Result<()> {
+        self.set_cluster(None, |st| {
+            st.entries.retain(|e| e.key != MEMBER_KEY);
+            Ok(())
+        })
+    }
+
+    fn set_cluster(
+        &self,
+        name: Option<String>,
+        change: impl FnOnce(&mut Stored) -> Result<()>,
+    ) -> Result<()> {
+        let mut st = self.lock();
+        if name.is_some() {
+            if let Some(c) = &st.0.cluster {
+                bail!("this unit is already a member of cluster {c:?} (spoolctl cluster leave)");
+            }
+        }
+        let mut next = Stored {
+            entries: st.0.entries.clone(),
+            conflicts: st.0.conflicts.clone(),
+            disconnected: st.0.disconnected,
+            cluster: name,
+            paused: Vec::new(),
+        };
+        change(&mut next)?;
+        self.persist(&next)?;
+        if let Some(last) = next.entries.iter().map(|e| e.stamp.clone()).max() {
+            if last > st.1 {
+                st.1 = last;
+            }
+        }
+        st.0 = next;
+        Ok(())
+    }
+
     fn persist(&self, stored: &Stored) -> Result<()> {
+        self.persist_to(stored, &self.path)
+    }
+
+    /// Writes `stored` whole: temporary file, fsync, rename, directory fsync.
+    fn persist_to(&self, stored: &Stored, path: &std::path::Path) -> Result<()> {
         use std::io::Write;
-        let tmp = self.path.with_extension("tmp");
+        let tmp = path.with_extension("tmp");
         let bytes = serde_json::to_vec_pretty(stored)?;
         let mut f =
             std::fs::File::create(&tmp).with_context(|| format!("write {}", tmp.display()))?;
         f.write_all(&bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
             std::fs::File::open(dir)?.sync_all()?;
         }
         Ok(())
     }
 }
 
-/// How often a unit exchanges its settings with the partner, besides right after a change
-/// here: a partner that was down catches up within this.
-pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// One exchange with the partner over the peer link: ours go there, theirs come here, each
-/// side keeps the newest. Answers whether anything changed here.
-pub async fn sync_with_partner(r: &hasync::Replicator, settings: &Settings) -> Result<bool> {
-    if settings.disconnected() {
-        bail!("disconnected from the clustered settings by an operator: nothing exchanged (spoolctl cluster reconnect)");
+/// Answers an exchange from another unit (the HA partner's recovery channel or the cluster
+/// link): merges theirs unless only peeking, then sends ours.
+pub fn answer_exchange(settings: &Settings, request: &[u8]) -> Result<bytes::Bytes, String> {
+    let theirs: Exchange = serde_json::from_slice(request).map_err(|e| e.to_string())?;
+    if !theirs.peek {
+        settings.merge(&theirs).map_err(|e| format!("{e:#}"))?;
     }
-    let started = std::time::Instant::now();
-    let exchanged = async {
-        let ours = serde_json::to_vec(&settings.exchange())?;
-        let answer = r
-            .ask_partner(hasync::proto::recovery_op::SETTINGS, &ours)
-            .await
-            .map_err(|e| anyhow::anyhow!("partner: {e}"))?;
-        let theirs: Exchange = serde_json::from_slice(&answer).context("partner's answer")?;
-        let changed = tokio::task::block_in_place(|| settings.merge(&theirs))?;
-        Ok::<_, anyhow::Error>((theirs, changed))
-    }
-    .await;
-    let mut p = settings.partner.lock().unwrap_or_else(|p| p.into_inner());
-    match exchanged {
-        Ok((theirs, changed)) => {
-            let ours = settings.exchange();
-            p.last_ok_ms = now_ms();
-            p.last_latency_ms = started.elapsed().as_millis() as u64;
-            p.node = r.peer().map(|s| s.node).unwrap_or_default();
-            p.version = theirs.entries.iter().map(|e| e.stamp.clone()).max();
-            // What the partner held before it took ours in: what differed.
-            p.differing = ours
-                .entries
-                .iter()
-                .filter(|e| !theirs.entries.contains(e))
-                .map(|e| format!("{} {}", e.key, e.level))
-                .collect();
-            p.last_error = None;
-            Ok(changed)
-        }
-        Err(e) => {
-            p.last_error = Some(format!("{e:#}"));
-            Err(e)
-        }
-    }
+    serde_json::to_vec(&settings.exchange())
+        .map(bytes::Bytes::from)
+        .map_err(|e| e.to_string())
 }
 
-/// The partner's entries as it holds them, merging nothing on either side.
-pub async fn partner_entries(r: &hasync::Replicator) -> Result<Exchange> {
-    let ask = serde_json::to_vec(&Exchange {
-        version: PROTOCOL,
-        entries: Vec::new(),
-        peek: true,
-    })?;
-    let answer = r
-        .ask_partner(hasync::proto::recovery_op::SETTINGS, &ask)
-        .await
-        .map_err(|e| anyhow::anyhow!("partner: {e}"))?;
-    serde_json::from_slice(&answer).context("partner's answer")
-}
-
-/// `spoolctl cluster check [--resolve-from NODE]`: every key and level whose entry differs
-/// between this unit and its partner; with `resolve_from`, that member's value of each is set
-/// again here (with a new stamp, so it wins everywhere at the next exchange).
+/// `spoolctl cluster check [--resolve-from NODE]` on the entries every other unit holds:
+/// each key and level whose entry differs between this unit and another; with `resolve_from`,
+/// that unit's value of each is set again here (with a new stamp, so it wins everywhere at the
+/// next exchange).
 pub fn check(
     settings: &Settings,
-    partner_node: &str,
-    theirs: &Exchange,
+    theirs: &[(String, Exchange)],
     resolve_from: Option<&str>,
 ) -> Result<api::ClusterChecked> {
     let (ours, _) = settings.entries();
+    if let Some(n) = resolve_from {
+        if n != settings.node && !theirs.iter().any(|(m, _)| m == n) {
+            bail!(
+                "--resolve-from {n}: not a member compared (here: {}; others: {})",
+                settings.node,
+                theirs
+                    .iter()
+                    .map(|(m, _)| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
     let show = |e: Option<&Entry>| match e {
         None => "(not set)".to_string(),
         Some(e) => e
@@ -530,7 +685,7 @@ pub fn check(
     };
     let mut keys: Vec<(String, String)> = ours
         .iter()
-        .chain(&theirs.entries)
+        .chain(theirs.iter().flat_map(|(_, t)| &t.entries))
         .map(|e| (e.key.clone(), e.level.clone()))
         .collect();
     keys.sort();
@@ -539,81 +694,41 @@ pub fn check(
     let mut resolved = 0;
     for (key, level) in keys {
         let find = |v: &[Entry]| v.iter().find(|e| e.key == key && e.level == level).cloned();
-        let (mine, their) = (find(&ours), find(&theirs.entries));
-        if mine == their {
+        let mine = find(&ours);
+        let others: Vec<(&str, Option<Entry>)> = theirs
+            .iter()
+            .map(|(n, t)| (n.as_str(), find(&t.entries)))
+            .collect();
+        if others.iter().all(|(_, e)| *e == mine) {
             continue;
         }
         differences.push(format!(
-            "{key} {level}: here {}, {partner_node} {}",
+            "{key} {level}: here {}, {}",
             show(mine.as_ref()),
-            show(their.as_ref())
+            others
+                .iter()
+                .map(|(n, e)| format!("{n} {}", show(e.as_ref())))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
         let pick = match resolve_from {
             None => continue,
             Some(n) if n == settings.node => mine,
-            Some(n) if n == partner_node => their,
-            Some(n) => bail!(
-                "--resolve-from {n}: not a member (here: {}, partner: {partner_node})",
-                settings.node
-            ),
+            Some(n) => others
+                .iter()
+                .find(|(m, _)| *m == n)
+                .and_then(|(_, e)| e.clone()),
         };
         if let Some(e) = pick {
-            settings.set(&e.key, &e.level, e.value.clone())?;
+            settings.put(&e.key, &e.level, e.value.clone())?;
             resolved += 1;
         }
     }
     Ok(api::ClusterChecked {
         differences,
         resolved,
+        notes: Vec::new(),
     })
-}
-
-/// `spoolctl cluster status`: this unit and its partner, as the last exchange saw it.
-pub fn status(settings: &Settings) -> api::ClusterStatus {
-    let version = |s: Option<&Stamp>| s.map(|s| format!("{}.{}@{}", s.ms, s.counter, s.node));
-    let (entries, conflicts) = settings.entries();
-    let p = settings
-        .partner
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    api::ClusterStatus {
-        node: settings.node.clone(),
-        version: version(entries.iter().map(|e| &e.stamp).max()),
-        entries: entries.len(),
-        conflicts: conflicts.len(),
-        disconnected: settings.disconnected(),
-        protocol: PROTOCOL,
-        partner: (p.last_ok_ms > 0 || p.last_error.is_some()).then(|| api::ClusterMember {
-            node: p.node.clone(),
-            connected: p.last_error.is_none() && p.last_ok_ms > 0,
-            last_contact_secs: (p.last_ok_ms > 0)
-                .then(|| now_ms().saturating_sub(p.last_ok_ms) / 1000),
-            last_sync_ms: p.last_latency_ms,
-            version: version(p.version.as_ref()),
-            differing: p.differing.clone(),
-            error: p.last_error.clone(),
-        }),
-    }
-}
-
-/// Exchanges settings with the partner every [`SYNC_EVERY`], for ever.
-pub async fn keep_in_sync(
-    r: std::sync::Arc<hasync::Replicator>,
-    settings: std::sync::Arc<Settings>,
-) {
-    let mut failing = false;
-    loop {
-        tokio::time::sleep(SYNC_EVERY).await;
-        match sync_with_partner(&r, &settings).await {
-            Ok(_) => failing = false,
-            Err(e) if !failing => {
-                failing = true;
-                tracing::info!("clustered settings: not exchanged with the partner now: {e:#}");
-            }
-            Err(_) => {}
-        }
-    }
 }
 
 /// `spoolctl config show`.
@@ -844,9 +959,8 @@ mod tests {
         b.set("smtp.relay_domains", "cluster", Some(v(r#"["y.example"]"#)))
             .unwrap();
         b.merge(&Exchange {
-            version: PROTOCOL,
             entries: x,
-            peek: false,
+            ..a.exchange()
         })
         .unwrap();
         a.merge(&b.exchange()).unwrap();

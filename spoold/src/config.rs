@@ -32,6 +32,40 @@ pub struct Config {
     pub ha: Option<HaConfig>,
     /// The message archive and its mirrors.
     pub archive: ArchiveConfig,
+    /// The cluster link (membership beyond the pair); absent: clustered settings are shared
+    /// with the HA partner only.
+    pub cluster: Option<ClusterLinkConfig>,
+}
+
+/// `[cluster]`: where other cluster members reach this unit, and the secret they prove.
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterLinkConfig {
+    /// The cluster link's listen address, `ip:port`.
+    pub listen: SocketAddr,
+    /// The address members are told to reach this unit at (default: `listen`; set it when
+    /// `listen` is a wildcard address).
+    pub advertise: Option<SocketAddr>,
+    /// File holding the cluster's shared secret (preferred over `secret`).
+    pub secret_file: Option<PathBuf>,
+    /// The cluster's shared secret itself.
+    pub secret: Option<String>,
+}
+
+impl ClusterLinkConfig {
+    /// The cluster's shared secret.
+    pub fn load_secret(&self) -> Result<Vec<u8>> {
+        load_secret(
+            "cluster",
+            self.secret_file.as_deref(),
+            self.secret.as_deref(),
+        )
+    }
+
+    /// Where members reach this unit.
+    pub fn advertised(&self) -> SocketAddr {
+        self.advertise.unwrap_or(self.listen)
+    }
 }
 
 /// `[archive]`.
@@ -493,6 +527,7 @@ impl Default for Config {
             filter: FilterConfig::default(),
             ha: None,
             archive: ArchiveConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -668,6 +703,17 @@ impl Config {
                 bail!(
                     "key `ha.outbox_bytes`: {} is more than 1 GiB of memory",
                     ha.outbox_bytes
+                );
+            }
+        }
+        if let Some(c) = &self.cluster {
+            if c.secret_file.is_some() == c.secret.is_some() {
+                bail!("keys `cluster.secret_file` and `cluster.secret`: set exactly one (the cluster's shared secret)");
+            }
+            if c.advertised().ip().is_unspecified() {
+                bail!(
+                    "key `cluster.advertise`: members cannot reach {}; set the address they can",
+                    c.advertised()
                 );
             }
         }

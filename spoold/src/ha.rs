@@ -228,44 +228,10 @@ impl ReplicaStore for SpoolReplicas {
     fn answer(&self, op: u8, request: &[u8]) -> Result<Bytes, String> {
         use hasync::proto::recovery_op::{SETTINGS, TRACK};
         match op {
-            TRACK => self.track(request),
-            SETTINGS => {
-                let theirs: crate::cluster::Exchange =
-                    serde_json::from_slice(request).map_err(|e| e.to_string())?;
-                let settings = &self.lifecycle.settings;
-                if !theirs.peek {
-                    settings.merge(&theirs).map_err(|e| format!("{e:#}"))?;
-                }
-                serde_json::to_vec(&settings.exchange())
-                    .map(Bytes::from)
-                    .map_err(|e| e.to_string())
-            }
+            TRACK => crate::track::answer(&self.lifecycle.track, request),
+            SETTINGS => crate::cluster::answer_exchange(&self.lifecycle.settings, request),
             other => Err(format!("operation {other} is not answered here")),
         }
-    }
-}
-
-impl SpoolReplicas {
-    /// Message tracking for the partner: this unit's events of the messages asked about.
-    fn track(&self, request: &[u8]) -> Result<Bytes, String> {
-        #[derive(serde::Deserialize)]
-        struct Asked {
-            query: String,
-            limit: usize,
-        }
-        let asked: Asked = serde_json::from_slice(request).map_err(|e| e.to_string())?;
-        let (events, capped) = self
-            .lifecycle
-            .track
-            .search(&asked.query, asked.limit.clamp(1, 100_000))?;
-        let answer = api::Tracked {
-            events,
-            capped,
-            notes: Vec::new(),
-        };
-        serde_json::to_vec(&answer)
-            .map(Bytes::from)
-            .map_err(|e| e.to_string())
     }
 }
 

@@ -14,6 +14,7 @@ mod dsn;
 mod ha;
 mod handover;
 mod lifecycle;
+mod membership;
 mod metrics;
 mod queue;
 mod serve;
@@ -407,7 +408,27 @@ async fn run(cfg: Config) -> Result<()> {
         archiving.clone(),
     ));
 
+    // The cluster link: bound now, so a taken port fails the start.
+    let (cluster_link, cluster_listener) = match &cfg.cluster {
+        Some(c) => {
+            let secret = c.load_secret()?;
+            let link = peer::link::LinkConfig::self_signed(&cfg.node_name, &secret, 0)
+                .context("cluster link TLS settings")?;
+            let listener = TcpListener::bind(c.listen)
+                .await
+                .with_context(|| format!("key `cluster.listen`: bind {}", c.listen))?;
+            (Some((link, c.advertised())), Some(listener))
+        }
+        None => (None, None),
+    };
+    let membership = Arc::new(membership::Membership::new(
+        lifecycle.settings.clone(),
+        lifecycle.track.clone(),
+        replicator.clone(),
+        cluster_link,
+    ));
     Arc::new(admin::Admin {
+        membership: membership.clone(),
         layout: layout.clone(),
         queue: queue.clone(),
         replicator: replicator.clone(),
@@ -451,9 +472,10 @@ async fn run(cfg: Config) -> Result<()> {
         replicator.clone(),
     ));
     let delivery_task = tokio::spawn(delivery.clone().run(shutdown_rx.clone()));
-    if let Some(r) = &replicator {
-        tokio::spawn(cluster::keep_in_sync(r.clone(), lifecycle.settings.clone()));
+    if let Some(l) = cluster_listener {
+        tokio::spawn(membership.clone().serve(l));
     }
+    tokio::spawn(membership.keep_in_sync());
     ready.store(true, Ordering::SeqCst);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     spawn_watchdog();

@@ -309,6 +309,26 @@ impl Query {
     }
 }
 
+/// Answers another unit's tracking query (`{"query": ..., "limit": N}`): this unit's events of
+/// the messages it selects.
+pub fn answer(tracker: &Tracker, request: &[u8]) -> Result<bytes::Bytes, String> {
+    #[derive(serde::Deserialize)]
+    struct Asked {
+        query: String,
+        limit: usize,
+    }
+    let asked: Asked = serde_json::from_slice(request).map_err(|e| e.to_string())?;
+    let (events, capped) = tracker.search(&asked.query, asked.limit.clamp(1, 100_000))?;
+    let answer = api::Tracked {
+        events,
+        capped,
+        notes: Vec::new(),
+    };
+    serde_json::to_vec(&answer)
+        .map(bytes::Bytes::from)
+        .map_err(|e| e.to_string())
+}
+
 /// The Message-ID header of a message, from its header block (the first 64 KiB at most).
 pub fn message_id(raw: &[u8]) -> Option<String> {
     let head = &raw[..raw.len().min(64 << 10)];
