@@ -58,6 +58,10 @@ pub const MACHINE_ONLY: &[&str] = &[
     "archive.listen",
     "archive.secret",
     "archive.secret_file",
+    "cluster.listen",
+    "cluster.advertise",
+    "cluster.secret",
+    "cluster.secret_file",
 ];
 
 /// Membership: the address of a member's cluster link, at `machine:<node>`.
@@ -131,6 +135,10 @@ pub struct Exchange {
     /// The sender's node name.
     #[serde(default)]
     pub from: String,
+    /// The conflicts the sender knows of: every unit reports every lost change, wherever the
+    /// race was seen.
+    #[serde(default)]
+    pub conflicts: Vec<Conflict>,
 }
 
 /// The protocol version of [`Exchange`].
@@ -400,6 +408,11 @@ impl Settings {
                 }
             }
         }
+        for c in &theirs.conflicts {
+            if !conflicts.contains(c) {
+                conflicts.push(c.clone());
+            }
+        }
         // The last 100 conflicts are kept.
         let keep = conflicts.len().saturating_sub(100);
         conflicts.drain(..keep);
@@ -466,6 +479,7 @@ impl Settings {
             peek: false,
             cluster: st.0.cluster.clone(),
             from: self.node.clone(),
+            conflicts: st.0.conflicts.clone(),
         }
     }
 

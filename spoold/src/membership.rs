@@ -200,9 +200,13 @@ impl Membership {
             Ok::<_, anyhow::Error>((theirs, changed))
         }
         .await;
-        let name = self.name_of(o);
+        // The partner's name is known only once its link is up: kept under one key.
+        let key = match o {
+            Other::Partner => "partner".to_string(),
+            Other::Member { node, .. } => node.clone(),
+        };
         let mut seen = self.seen();
-        let s = seen.entry(name).or_default();
+        let s = seen.entry(key).or_default();
         match exchanged {
             Ok((theirs, changed)) => {
                 let ours = self.settings.exchange();
@@ -567,8 +571,8 @@ impl Membership {
         let (entries, conflicts) = s.entries();
         let paused = s.paused();
         let seen = self.seen().clone();
-        let member = |node: String, addr: Option<String>| {
-            let p = seen.get(&node).cloned().unwrap_or_default();
+        let member = |node: String, key: &str, addr: Option<String>| {
+            let p = seen.get(key).cloned().unwrap_or_default();
             api::ClusterMember {
                 paused: paused.contains(&node),
                 node,
@@ -586,10 +590,12 @@ impl Membership {
             s.members()
                 .into_iter()
                 .filter(|(n, _)| n != s.node())
-                .map(|(n, a)| member(n, Some(a)))
+                .map(|(n, a)| member(n.clone(), &n, Some(a)))
                 .collect()
         } else {
-            seen.keys().map(|n| member(n.clone(), None)).collect()
+            seen.keys()
+                .map(|key| member(self.name_of(&Other::Partner), key, None))
+                .collect()
         };
         api::ClusterStatus {
             node: s.node().to_string(),
@@ -638,6 +644,7 @@ impl Membership {
             peek: true,
             cluster: self.settings.cluster_name(),
             from: self.settings.node().to_string(),
+            conflicts: Vec::new(),
         })?;
         let mut theirs: Vec<(String, Exchange)> = Vec::new();
         let mut notes = Vec::new();
