@@ -195,18 +195,12 @@ pub enum StageError {
 pub struct VscanStage {
     layout: Layout,
     filter: Option<Arc<dyn Filter>>,
-    fail_open: bool,
 }
 
 impl VscanStage {
-    /// A stage with `filter` (none: every message passes as unscanned). With `fail_open`, a
-    /// scanner without a verdict lets the message through unscanned instead of holding it.
-    pub fn new(layout: Layout, filter: Option<Arc<dyn Filter>>, fail_open: bool) -> Self {
-        VscanStage {
-            layout,
-            filter,
-            fail_open,
-        }
+    /// A stage with `filter` (none: every message passes as unscanned).
+    pub fn new(layout: Layout, filter: Option<Arc<dyn Filter>>) -> Self {
+        VscanStage { layout, filter }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -226,8 +220,14 @@ impl VscanStage {
     }
 
     /// Runs the stage for a message currently in `from` (`spool/`, or `vscan/` after a crash
-    /// mid-scan) whose envelope is `env`; updates `env` to what was written.
-    pub async fn run(&self, from: Folder, env: &mut Envelope) -> Result<StageOutcome, StageError> {
+    /// mid-scan) whose envelope is `env`; updates `env` to what was written. With `fail_open`,
+    /// a scanner without a verdict lets the message through unscanned instead of holding it.
+    pub async fn run(
+        &self,
+        from: Folder,
+        env: &mut Envelope,
+        fail_open: bool,
+    ) -> Result<StageOutcome, StageError> {
         let id = env.id.clone();
         let layout = self.layout.clone();
         if self.filter.is_none() && from == Folder::Spool {
@@ -263,7 +263,7 @@ impl VscanStage {
                 Folder::Quarantine,
             ),
             Err(None) => (StageOutcome::Unscanned, ScanState::Unscanned, Folder::Spool),
-            Err(Some(e)) if self.fail_open => {
+            Err(Some(e)) if fail_open => {
                 tracing::warn!(id = %id, error = %e, "scanner failed; fail_open delivers unscanned");
                 (StageOutcome::Unscanned, ScanState::Unscanned, Folder::Spool)
             }

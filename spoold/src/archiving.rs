@@ -26,8 +26,9 @@ pub struct Archiving {
     pub archive: Arc<Archive>,
     /// Archive quarantined messages too.
     pub quarantined: bool,
-    /// Keep items this long (None: for ever).
-    pub retention: Option<Duration>,
+    /// Keep items this many days (0: for ever): a clustered setting, so it can change while
+    /// the daemon runs.
+    retention_days: tokio::sync::watch::Receiver<u64>,
     /// Messages waiting because the archive could not take them.
     waiting: Mutex<HashSet<MessageId>>,
     /// The last failure, until an archive write succeeds again.
@@ -68,7 +69,12 @@ pub fn probe_object_store(store: &archive::ObjectStoreConfig) -> Result<Option<S
 
 impl Archiving {
     /// Opens the archive of `[archive]`, or nothing when it is disabled.
-    pub fn open(cfg: &Config, metrics: Arc<Metrics>) -> Result<Option<Arc<Archiving>>> {
+    /// `retention_days` follows `archive.retention_days` as clustered settings change it.
+    pub fn open(
+        cfg: &Config,
+        metrics: Arc<Metrics>,
+        retention_days: tokio::sync::watch::Receiver<u64>,
+    ) -> Result<Option<Arc<Archiving>>> {
         let a = &cfg.archive;
         if !a.enabled {
             return Ok(None);
@@ -100,8 +106,7 @@ impl Archiving {
         Ok(Some(Arc::new(Archiving {
             archive,
             quarantined: a.archive_quarantined,
-            retention: (a.retention_days > 0)
-                .then(|| Duration::from_secs(a.retention_days.saturating_mul(86_400))),
+            retention_days,
             waiting: Mutex::new(HashSet::new()),
             failing: Mutex::new(None),
             mirrors,
@@ -150,10 +155,14 @@ impl Archiving {
                 tokio::time::sleep(GAUGES_EVERY).await;
             }
         });
-        if let Some(retention) = self.retention {
+        {
             let me = self.clone();
             tokio::spawn(async move {
                 loop {
+                    let Some(retention) = me.retention() else {
+                        tokio::time::sleep(RETENTION_EVERY).await;
+                        continue;
+                    };
                     let m = me.clone();
                     match tokio::task::spawn_blocking(move || m.retention_pass(retention, |_| {}))
                         .await
@@ -172,6 +181,12 @@ impl Archiving {
             });
         }
         Ok(())
+    }
+
+    /// How long items are kept now (None: for ever).
+    pub fn retention(&self) -> Option<Duration> {
+        let days = *self.retention_days.borrow();
+        (days > 0).then(|| Duration::from_secs(days.saturating_mul(86_400)))
     }
 
     /// Removes expired items (not those on hold) and compacts what they left sparse.
@@ -575,7 +590,7 @@ impl Archiving {
     /// `archive retention`: the pass run by hand (with no retention set, nothing expires,
     /// compaction still runs).
     pub fn run_retention(&self, progress: impl FnMut(u64)) -> Result<api::ArchiveExpired, String> {
-        let (removed, report) = match self.retention {
+        let (removed, report) = match self.retention() {
             Some(r) => self.retention_pass(r, progress),
             None => self.archive.compact(COMPACT_LIVE_PERCENT).map(|c| (0, c)),
         }

@@ -35,6 +35,11 @@ pub const CLUSTERABLE: &[&str] = &[
     "delivery.routes",
     "delivery.retry_schedule_secs",
     "delivery.queue_lifetime_secs",
+    "delivery.tls",
+    "filter.fail_open",
+    "filter.retry_secs",
+    "filter.notify_sender",
+    "archive.retention_days",
 ];
 
 /// Keys that never leave their unit (its identity, addresses, secrets and role).
@@ -880,6 +885,15 @@ fn set_value(c: &mut Config, key: &str, v: serde_json::Value) -> Result<()> {
         "delivery.queue_lifetime_secs" => {
             c.delivery.queue_lifetime_secs = serde_json::from_value(v).map_err(bad)?
         }
+        "delivery.tls" => c.delivery.tls = serde_json::from_value(v).map_err(bad)?,
+        "filter.fail_open" => c.filter.fail_open = serde_json::from_value(v).map_err(bad)?,
+        "filter.retry_secs" => c.filter.retry_secs = serde_json::from_value(v).map_err(bad)?,
+        "filter.notify_sender" => {
+            c.filter.notify_sender = serde_json::from_value(v).map_err(bad)?
+        }
+        "archive.retention_days" => {
+            c.archive.retention_days = serde_json::from_value(v).map_err(bad)?
+        }
         other => bail!("key `{other}` is not clusterable"),
     }
     Ok(())
@@ -898,6 +912,11 @@ fn value_of(c: &Config, key: &str) -> Option<serde_json::Value> {
             serde_json::to_value(&c.delivery.retry_schedule_secs).ok()
         }
         "delivery.queue_lifetime_secs" => serde_json::to_value(c.delivery.queue_lifetime_secs).ok(),
+        "delivery.tls" => serde_json::to_value(c.delivery.tls).ok(),
+        "filter.fail_open" => serde_json::to_value(c.filter.fail_open).ok(),
+        "filter.retry_secs" => serde_json::to_value(c.filter.retry_secs).ok(),
+        "filter.notify_sender" => serde_json::to_value(c.filter.notify_sender).ok(),
+        "archive.retention_days" => serde_json::to_value(c.archive.retention_days).ok(),
         _ => None,
     }
 }
@@ -1034,6 +1053,20 @@ mod tests {
         a.set("smtp.relay_domains", "cluster", Some(v(r#"["b.example"]"#)))
             .unwrap();
         b.merge(&a.exchange()).unwrap();
+        // The filter, TLS and archive policies are clustered too, and validated.
+        let set = |k: &str, t: &str| a.set(k, "cluster", Some(parse_value(k, t).unwrap()));
+        set("delivery.tls", r#""encrypt""#).unwrap();
+        assert!(set("delivery.tls", r#""sometimes""#).is_err());
+        set("filter.fail_open", "true").unwrap();
+        assert!(set("filter.retry_secs", "0").is_err());
+        set("archive.retention_days", "30").unwrap();
+        b.merge(&a.exchange()).unwrap();
+        let eb = b.effective().unwrap();
+        assert!(eb.filter.fail_open && eb.archive.retention_days == 30);
+        assert_eq!(
+            value_of(&eb, "delivery.tls"),
+            Some(serde_json::json!("encrypt"))
+        );
         // Another protocol version is refused.
         let mut other = a.exchange();
         other.version = 99;

@@ -667,6 +667,9 @@ impl Config {
             }
             check_next_hop("delivery.routes.next_hop", &r.next_hop)?;
         }
+        if self.filter.retry_secs == 0 {
+            bail!("key `filter.retry_secs`: must be greater than 0");
+        }
         if let Some(c) = &self.filter.clamd {
             c.parse::<filter::ClamdAddress>()
                 .map_err(|e| anyhow::anyhow!("key `filter.clamd`: {e}"))?;

@@ -30,14 +30,13 @@ pub struct Delivery {
     pub sink: Arc<SpoolSink>,
     pub metrics: Arc<Metrics>,
     pub stage: VscanStage,
-    /// Routes, retry schedule and queue lifetime: clustered settings, so they can change while
-    /// the daemon runs; each attempt reads them once.
+    /// Routes (with their TLS policy), retry schedule, queue lifetime and the filter policy:
+    /// clustered settings, so they can change while the daemon runs; each attempt reads them
+    /// once.
     pub policy: tokio::sync::watch::Receiver<Arc<DeliveryPolicy>>,
     pub client: ClientConfig,
     pub hostname: String,
     pub enabled: bool,
-    pub scan_retry: Duration,
-    pub notify_quarantine: bool,
     pub concurrency: Arc<Semaphore>,
     pub per_destination_max: usize,
     per_destination: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -58,6 +57,12 @@ pub struct DeliveryPolicy {
     routes: Routes,
     retry_schedule: Vec<Duration>,
     lifetime: Duration,
+    /// The filter policy: a scanner without a verdict lets mail through unscanned.
+    scan_fail_open: bool,
+    /// How soon a message whose scan failed is scanned again.
+    scan_retry: Duration,
+    /// Tell the sender of a quarantined message.
+    notify_quarantine: bool,
 }
 
 impl DeliveryPolicy {
@@ -72,6 +77,9 @@ impl DeliveryPolicy {
                 .map(|&s| Duration::from_secs(s))
                 .collect(),
             lifetime: Duration::from_secs(d.queue_lifetime_secs),
+            scan_fail_open: cfg.filter.fail_open,
+            scan_retry: Duration::from_secs(cfg.filter.retry_secs),
+            notify_quarantine: cfg.filter.notify_sender,
         }
     }
 }
@@ -130,8 +138,6 @@ impl Delivery {
             client,
             hostname: cfg.hostname.clone(),
             enabled: d.enabled,
-            scan_retry: Duration::from_secs(cfg.filter.retry_secs),
-            notify_quarantine: cfg.filter.notify_sender,
             concurrency: Arc::new(Semaphore::new(d.concurrency_max)),
             per_destination_max: d.per_destination_max,
             per_destination: Mutex::new(HashMap::new()),
@@ -253,7 +259,11 @@ impl Delivery {
         let mut env = self.layout.read_envelope(folder, id)?;
         if env.scan == spool::ScanState::Pending || folder == Folder::Vscan {
             let started = Instant::now();
-            let outcome = self.stage.run(folder, &mut env).await?;
+            let policy = self.policy.borrow().clone();
+            let outcome = self
+                .stage
+                .run(folder, &mut env, policy.scan_fail_open)
+                .await?;
             self.metrics
                 .scan_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -294,7 +304,7 @@ impl Delivery {
                         }
                     }
                     self.log_leaving(&env)?;
-                    if self.notify_quarantine && !env.sender.is_empty() {
+                    if policy.notify_quarantine && !env.sender.is_empty() {
                         let notice = dsn::quarantine_notice(&self.hostname, &env, &name);
                         if let Err(e) = self
                             .sink
@@ -313,7 +323,7 @@ impl Delivery {
                         .inc();
                     lifecycle.moved(folder, Folder::Vscan);
                     tracing::warn!(id = %id, error = %why, "scan failed; message waits in vscan/");
-                    return Ok(Next::At(now_ms() + self.scan_retry.as_millis() as u64));
+                    return Ok(Next::At(now_ms() + policy.scan_retry.as_millis() as u64));
                 }
             }
         }

@@ -210,12 +210,14 @@ async fn run(cfg: Config) -> Result<()> {
     }));
     let (delivery_policy, delivery_policy_rx) =
         watch::channel(Arc::new(delivery::DeliveryPolicy::from_config(&cfg)));
+    let (retention_days, retention_days_rx) = watch::channel(cfg.archive.retention_days);
     // Clustered settings on top of the file; every change (here or from the partner) reaches
     // SMTP sessions that start after it and delivery attempts that start after it.
     let settings = Arc::new(cluster::Settings::open(
         &cfg,
         Box::new(move |c: &Config| {
             delivery_policy.send_replace(Arc::new(delivery::DeliveryPolicy::from_config(c)));
+            retention_days.send_replace(c.archive.retention_days);
             let policy = smtp::RelayPolicy {
                 relay_domains: c.smtp.relay_domains.clone(),
                 trusted_networks: c.smtp.trusted_networks.clone(),
@@ -382,7 +384,7 @@ async fn run(cfg: Config) -> Result<()> {
         ))),
         None => None,
     };
-    let archiving = archiving::Archiving::open(&cfg, metrics.clone())?;
+    let archiving = archiving::Archiving::open(&cfg, metrics.clone(), retention_days_rx)?;
     if let Some(a) = &archiving {
         a.start(&cfg).await?;
     }
@@ -393,7 +395,7 @@ async fn run(cfg: Config) -> Result<()> {
         queue.clone(),
         sink.clone(),
         metrics.clone(),
-        filter::VscanStage::new(layout.clone(), scanner, cfg.filter.fail_open),
+        filter::VscanStage::new(layout.clone(), scanner),
         smtp::client::ClientConfig {
             helo: cfg.hostname.clone(),
             connect_timeout,
