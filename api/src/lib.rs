@@ -392,6 +392,9 @@ pub struct ClusterMember {
     pub last_contact_secs: Option<u64>,
     /// How long that exchange took, ms.
     pub last_sync_ms: u64,
+    /// How long the last exchange that brought it a change it lacked took, ms.
+    #[serde(default)]
+    pub last_change_ms: Option<u64>,
     /// The newest stamp it held then.
     pub version: Option<String>,
     /// Keys and levels that differed before that exchange (it then took ours, we took its).

@@ -541,7 +541,7 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
             }
             for p in &r.members {
                 out.push_str(&format!(
-                    "{}{}: {}, last contact {} s ago, last exchange {} ms, version {}{}{}\n",
+                    "{}{}: {}, last contact {} s ago, last exchange {} ms{}, version {}{}{}\n",
                     p.node,
                     p.addr.as_ref().map_or(String::new(), |a| format!(" ({a})")),
                     if p.paused {
@@ -554,6 +554,9 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
                     p.last_contact_secs
                         .map_or("never".to_string(), |s| s.to_string()),
                     p.last_sync_ms,
+                    p.last_change_ms.map_or(String::new(), |ms| format!(
+                        " (last change reached it in {ms} ms)"
+                    )),
                     or_none(&p.version),
                     if p.differing.is_empty() {
                         String::new()

@@ -428,6 +428,7 @@ async fn run(cfg: Config) -> Result<()> {
         lifecycle.track.clone(),
         replicator.clone(),
         cluster_link,
+        metrics.clone(),
     ));
     Arc::new(admin::Admin {
         membership: membership.clone(),

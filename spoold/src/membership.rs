@@ -35,6 +35,8 @@ const ASK_WITHIN: Duration = Duration::from_secs(5);
 struct Seen {
     last_ok_ms: u64,
     last_latency_ms: u64,
+    /// How long the last exchange that brought it something it lacked took.
+    last_change_ms: Option<u64>,
     version: Option<String>,
     differing: Vec<String>,
     last_error: Option<String>,
@@ -72,6 +74,7 @@ pub struct Membership {
     /// The cluster link's identity and this unit's advertised address (`[cluster]`).
     link: Option<(LinkConfig, SocketAddr)>,
     seen: Mutex<BTreeMap<String, Seen>>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn now_ms() -> u64 {
@@ -89,6 +92,7 @@ impl Membership {
         tracker: Arc<Tracker>,
         replicator: Option<Arc<hasync::Replicator>>,
         link: Option<(LinkConfig, SocketAddr)>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Membership {
         Membership {
             settings,
@@ -96,6 +100,7 @@ impl Membership {
             replicator,
             link,
             seen: Mutex::new(BTreeMap::new()),
+            metrics,
         }
     }
 
@@ -205,6 +210,13 @@ impl Membership {
             Other::Partner => "partner".to_string(),
             Other::Member { node, .. } => node.clone(),
         };
+        self.metrics
+            .cluster_member_up
+            .with_label_values(&[&key])
+            .set(i64::from(exchanged.is_ok()));
+        self.metrics
+            .cluster_conflicts
+            .set(self.settings.entries().1.len() as i64);
         let mut seen = self.seen();
         let s = seen.entry(key).or_default();
         match exchanged {
@@ -225,6 +237,9 @@ impl Membership {
                     .filter(|e| !theirs.entries.contains(e))
                     .map(|e| format!("{} {}", e.key, e.level))
                     .collect();
+                if !s.differing.is_empty() {
+                    s.last_change_ms = Some(s.last_latency_ms);
+                }
                 s.last_error = None;
                 Ok(changed)
             }
@@ -266,18 +281,17 @@ impl Membership {
     pub async fn keep_in_sync(self: Arc<Self>) {
         let mut failing: BTreeMap<String, bool> = BTreeMap::new();
         loop {
-            for o in self.others() {
-                let name = self.name_of(&o);
-                let was_failing = failing.get(&name).copied().unwrap_or(false);
-                match self.sync_one(&o).await {
-                    Ok(_) => {
-                        failing.insert(name, false);
-                    }
-                    Err(e) => {
-                        if !was_failing {
-                            tracing::info!(member = %name, "clustered settings: not exchanged now: {e:#}");
-                        }
-                        failing.insert(name, true);
+            let others = self.others();
+            // All at once: one member that does not answer delays nobody else.
+            let runs = others
+                .iter()
+                .map(|o| async { (self.name_of(o), self.sync_one(o).await) });
+            for (name, r) in futures_util::future::join_all(runs).await {
+                let was_failing = failing.insert(name.clone(), r.is_err()) == Some(true);
+                if let Err(e) = r {
+                    // Once per outage, not every round.
+                    if !was_failing {
+                        tracing::info!(member = %name, "clustered settings: not exchanged now: {e:#}");
                     }
                 }
             }
@@ -307,7 +321,12 @@ impl Membership {
                             tracing::warn!(%from, %node, "cluster link: {e}");
                         }
                     }
-                    Err(e) => tracing::warn!(%from, "cluster link refused: {e}"),
+                    Err(e) => {
+                        if matches!(e, link::LinkError::AuthFailed { .. }) {
+                            me.metrics.cluster_auth_failures.inc();
+                        }
+                        tracing::warn!(%from, "cluster link refused: {e}");
+                    }
                 }
             });
         }
@@ -581,6 +600,7 @@ impl Membership {
                 last_contact_secs: (p.last_ok_ms > 0)
                     .then(|| now_ms().saturating_sub(p.last_ok_ms) / 1000),
                 last_sync_ms: p.last_latency_ms,
+                last_change_ms: p.last_change_ms,
                 version: p.version.clone(),
                 differing: p.differing.clone(),
                 error: p.last_error.clone(),

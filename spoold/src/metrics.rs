@@ -126,6 +126,12 @@ pub struct Metrics {
     pub ha_sync_fallbacks: IntCounter,
     /// Sync mode: messages withdrawn and answered 451 for want of the partner's acknowledgement.
     pub ha_sync_rejected: IntCounter,
+    /// 1 while the last settings exchange with a member (or the partner) succeeded, by member.
+    pub cluster_member_up: IntGaugeVec,
+    /// Changes that lost a race to a newer one, as this unit knows them.
+    pub cluster_conflicts: IntGauge,
+    /// Cluster links refused for a wrong shared secret or a replayed proof.
+    pub cluster_auth_failures: IntCounter,
 }
 
 impl Metrics {
@@ -221,6 +227,19 @@ impl Metrics {
                 "Local bytes of archive segments already in the object store (the read cache).",
             )?,
             archive_remote_ops,
+            cluster_member_up: gauge_vec(
+                "spoold_cluster_member_up",
+                "1 while the last clustered-settings exchange with a member (or the partner) succeeded, by member.",
+                "member",
+            )?,
+            cluster_conflicts: gauge(
+                "spoold_cluster_conflicts",
+                "Clustered-setting changes that lost a race to a newer one (the last 100 are kept).",
+            )?,
+            cluster_auth_failures: counter(
+                "spoold_cluster_auth_failures_total",
+                "Cluster links refused for a wrong shared secret or a replayed proof.",
+            )?,
             track_dropped: counter(
                 "spoold_track_events_dropped_total",
                 "Message tracking events dropped because the tracking log's writer was behind (mail never waits for it).",
