@@ -330,6 +330,29 @@ fn default_ledger_secs() -> u64 {
     7 * 24 * 3600
 }
 
+impl Config {
+    /// Reads every shared secret the configuration names (HA, cluster, archive mirror), so a
+    /// missing or short one fails the start (and `--check-config`) naming its key.
+    pub fn check_secrets(&self) -> Result<()> {
+        if let Some(ha) = &self.ha {
+            ha.load_secret()?;
+        }
+        if let Some(c) = &self.cluster {
+            c.load_secret()?;
+        }
+        let a = &self.archive;
+        if a.enabled {
+            if a.listen.is_some() {
+                a.load_secret()?;
+            }
+            for m in &a.mirror {
+                m.load_secret(a)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl HaConfig {
     /// The shared secret, from `secret_file` or `secret`.
     pub fn load_secret(&self) -> Result<Vec<u8>> {
@@ -862,5 +885,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("ha.outbox_bytes") && e.contains("1 GiB"), "{e}");
+        let cluster = "[cluster]\nlisten = \"127.0.0.1:3\"\n";
+        let e = load(cluster).unwrap_err().to_string();
+        assert!(e.contains("cluster.secret_file"), "{e}");
+        load(&format!("{cluster}secret = \"0123456789abcdef\"\n")).unwrap();
+        let e = load("[cluster]\nlisten = \"0.0.0.0:3\"\nsecret = \"0123456789abcdef\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cluster.advertise"), "{e}");
+        let e = load("[filter]\nretry_secs = 0\n").unwrap_err().to_string();
+        assert!(e.contains("filter.retry_secs"), "{e}");
     }
 }

@@ -135,7 +135,7 @@ fn main() -> ExitCode {
             "SPOOLD_FAILPOINT is set: this daemon will abort on purpose when takeover recovery reaches that step (a test hook; never set it in production)"
         );
     }
-    let cfg = match load_config(&cli) {
+    let cfg = match load_config(&cli).and_then(|c| c.check_secrets().map(|()| c)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("spoold: {e:#}");
