@@ -404,6 +404,25 @@ impl Membership {
             bail!("{} is this unit's own node name", asked.node);
         }
         let addr: SocketAddr = asked.addr.parse().context("join: address")?;
+        // A unit may join again (from a new address, after a reinstall), but not take the
+        // name of a member that is up elsewhere.
+        let elsewhere = self
+            .settings
+            .members()
+            .into_iter()
+            .find(|(n, a)| *n == asked.node && *a != addr.to_string());
+        if let Some((_, at)) = elsewhere {
+            let up = self
+                .seen()
+                .get(&asked.node)
+                .is_some_and(|s| s.last_error.is_none() && s.last_ok_ms > 0);
+            if up {
+                bail!(
+                    "a member named {} is up at {at}: node names are unique in a cluster",
+                    asked.node
+                );
+            }
+        }
         self.settings.put(
             MEMBER_KEY,
             &format!("machine:{}", asked.node),
