@@ -14,6 +14,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod archive;
+mod cluster;
 mod ingest;
 mod instant_partner;
 mod raw;
@@ -44,6 +45,8 @@ enum Cmd {
     Replicate(replicate::Args),
     /// Archive ingest beside spool ingest, bytes stored, search latency, mirror catch-up.
     Archive(archive::Args),
+    /// Clustered settings: a change on one member until it is in effect on every other.
+    Cluster(cluster::Args),
 }
 
 fn main() -> Result<()> {
@@ -54,6 +57,7 @@ fn main() -> Result<()> {
         Cmd::Relay(a) => relay::run(a),
         Cmd::Replicate(a) => replicate::run(a),
         Cmd::Archive(a) => archive::run(a),
+        Cmd::Cluster(a) => cluster::run(a),
     }
 }
 

@@ -11,14 +11,14 @@
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tests::{free_addr, spoolctl, wait_until, Client, Daemon};
+use tests::{free_addr, pair_config, spoolctl, wait_until, Client, Daemon};
 
 const SECRET: &str = "cluster secret: eleven pipers piping";
 
 struct Member {
     d: Daemon,
     link: SocketAddr,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 fn member(name: &str, secret: &str) -> Member {
@@ -35,7 +35,37 @@ fn member(name: &str, secret: &str) -> Member {
     )
     .unwrap();
     let d = Daemon::start_with(&["--config", path.to_str().unwrap()]);
-    Member { d, link, _dir: dir }
+    Member {
+        d,
+        link,
+        _dir: Some(dir),
+    }
+}
+
+/// Sends one message to `m` (a stranger, to a relay domain); answers the `250` line.
+fn send(m: &Member, msgid: &str) -> String {
+    let (mut cl, _) = Client::connect(m.d.smtp);
+    cl.cmd("EHLO stranger");
+    cl.cmd("MAIL FROM:<tracked@example.com>");
+    assert!(cl.cmd("RCPT TO:<x@file.example>").starts_with("250"));
+    assert!(cl.cmd("DATA").starts_with("354"));
+    let r = cl.cmd(&format!("Message-ID: {msgid}\r\nSubject: t\r\n\r\nhi\r\n."));
+    let _ = cl.cmd("QUIT");
+    assert!(r.starts_with("250"), "{r}");
+    r
+}
+
+/// The units that logged event `ev` for the message with this Message-ID, asked of `m`.
+fn tracked_units(m: &Member, msgid: &str, ev: &str) -> Vec<String> {
+    let mut units: Vec<String> = json(m, &["track", &format!("msgid:{msgid}")])["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["ev"] == ev)
+        .map(|e| e["unit"].as_str().unwrap().to_string())
+        .collect();
+    units.sort();
+    units
 }
 
 fn ctl(m: &Member, args: &[&str]) -> (i32, String, String) {
@@ -327,22 +357,12 @@ fn three_members_share_settings() {
     assert_eq!(ctl(&a, &["cluster", "reconnect", "gw_c"]).0, 0);
 
     // Tracking answers from every member: a message accepted on A, found from C.
-    let (mut cl, _) = Client::connect(a.d.smtp);
-    cl.cmd("EHLO stranger");
-    cl.cmd("MAIL FROM:<tracked@example.com>");
-    assert!(cl.cmd("RCPT TO:<x@from-c.example>").starts_with("250"));
-    assert!(cl.cmd("DATA").starts_with("354"));
-    assert!(cl
-        .cmd("Message-ID: <three@example.com>\r\nSubject: t\r\n\r\nhi\r\n.")
-        .starts_with("250"));
-    let _ = cl.cmd("QUIT");
-    assert!(wait_until(5, || {
-        json(&c, &["track", "msgid:<three@example.com>"])["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["unit"] == "gw_a" && e["ev"] == "accepted")
-    }));
+    send(&a, "<three@example.com>");
+    assert!(wait_until(5, || tracked_units(
+        &c,
+        "<three@example.com>",
+        "accepted"
+    ) == ["gw_a"]));
 
     // C leaves: it keeps the settings it used; nothing more is exchanged either way.
     let kept = json(&c, &["config", "show"]);
@@ -367,4 +387,80 @@ fn three_members_share_settings() {
     assert_eq!(effective(&c, "smtp.recipients_max"), 4);
     assert_eq!(effective(&a, "smtp.recipients_max"), 9);
     assert_eq!(effective(&b, "smtp.recipients_max"), 9);
+}
+
+/// Both units of an HA pair and a third unit in one cluster: the pair joins like any member
+/// (each unit on its own cluster link), a change made on the third unit reaches both units of
+/// the pair, and tracking asked of the third unit follows a message accepted on the active
+/// unit and replicated to the passive one.
+#[test]
+fn a_pair_and_a_third_unit_in_one_cluster() {
+    let p = pair_config(
+        "[smtp]\nrelay_domains = [\"file.example\"]\ntrusted_networks = [\"192.0.2.0/24\"]\n",
+        None,
+    );
+    let with_link = |config: &str| {
+        let link = free_addr();
+        let text = std::fs::read_to_string(config).unwrap();
+        std::fs::write(
+            config,
+            format!("{text}[cluster]\nlisten = \"{link}\"\nsecret = \"{SECRET}\"\n"),
+        )
+        .unwrap();
+        link
+    };
+    let (la, lb) = (with_link(&p.a_config), with_link(&p.b_config));
+    let a = Member {
+        d: Daemon::start_with(&["--config", &p.a_config]),
+        link: la,
+        _dir: None,
+    };
+    let b = Member {
+        d: Daemon::start_with(&["--config", &p.b_config]),
+        link: lb,
+        _dir: None,
+    };
+    let c = member("gw_c", SECRET);
+    assert!(wait_until(10, || a.d.metric("spoold_ha_link_up") == Some(1.0)));
+
+    assert_eq!(ctl(&a, &["cluster", "create", "pairs"]).0, 0);
+    assert_eq!(ctl(&b, &["cluster", "join", &a.link.to_string()]).0, 0);
+    assert_eq!(ctl(&c, &["cluster", "join", &b.link.to_string()]).0, 0);
+    assert!(wait_until(3, || members(&a).len() == 3));
+
+    let t = Instant::now();
+    assert_eq!(
+        ctl(
+            &c,
+            &[
+                "config",
+                "set",
+                "smtp.relay_domains",
+                r#"["file.example", "third.example"]"#
+            ]
+        )
+        .0,
+        0
+    );
+    for m in [&a, &b] {
+        assert!(wait_until(5, || accepts(m, "third.example")));
+    }
+    eprintln!(
+        "relay domain set on the third unit, accepted by both units of the pair after {} ms",
+        t.elapsed().as_millis()
+    );
+    assert!(t.elapsed() < Duration::from_secs(1));
+
+    send(&a, "<paired@example.com>");
+    assert!(
+        wait_until(5, || tracked_units(&c, "<paired@example.com>", "accepted")
+            == ["gw_a"]
+            && tracked_units(&c, "<paired@example.com>", "replicated")
+                == ["gw_b"]),
+        "{}",
+        json(&c, &["track", "msgid:<paired@example.com>"])
+    );
+    let s = json(&c, &["cluster", "status"]);
+    assert_eq!(s["cluster"], "pairs");
+    assert_eq!(s["members"].as_array().unwrap().len(), 2, "{s}");
 }
