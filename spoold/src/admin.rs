@@ -79,6 +79,28 @@ pub struct Admin {
     pub membership: Arc<crate::membership::Membership>,
 }
 
+/// Clustered settings, membership and tracking: requests answered on the async threads, since
+/// they wait on other units ([`Admin::cluster`]).
+fn waits_on_other_units(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::ConfigCopy { .. }
+            | Request::ConfigSet { .. }
+            | Request::ClusterCheck { .. }
+            | Request::ClusterStatus
+            | Request::ClusterDisconnect { .. }
+            | Request::ClusterCreate { .. }
+            | Request::ClusterJoin { .. }
+            | Request::ClusterLeave
+            | Request::ClusterList
+            | Request::GroupAdd { .. }
+            | Request::GroupRename { .. }
+            | Request::GroupDelete { .. }
+            | Request::MachineSetGroup { .. }
+            | Request::Track { .. }
+    )
+}
+
 fn folder_named(name: &str) -> Option<Folder> {
     Folder::ALL.into_iter().find(|f| f.name() == name)
 }
@@ -139,22 +161,7 @@ impl Admin {
                             };
                             with_progress(&mut w, rx, work, progress).await
                         }
-                        Ok(
-                            req @ (Request::ConfigCopy { .. }
-                            | Request::ConfigSet { .. }
-                            | Request::ClusterCheck { .. }
-                            | Request::ClusterStatus
-                            | Request::ClusterDisconnect { .. }
-                            | Request::ClusterCreate { .. }
-                            | Request::ClusterJoin { .. }
-                            | Request::ClusterLeave
-                            | Request::ClusterList
-                            | Request::GroupAdd { .. }
-                            | Request::GroupRename { .. }
-                            | Request::GroupDelete { .. }
-                            | Request::MachineSetGroup { .. }
-                            | Request::Track { .. }),
-                        ) => match me.cluster(req).await {
+                        Ok(req) if waits_on_other_units(&req) => match me.cluster(req).await {
                             Ok(t) => Line::reply(&t),
                             Err(e) => Line::refused(e),
                         },
@@ -492,20 +499,6 @@ impl Admin {
                 Ok(())
             }),
             Request::Recover { .. } => Err("recover is handled asynchronously".into()),
-            Request::Track { .. }
-            | Request::ConfigSet { .. }
-            | Request::ConfigCopy { .. }
-            | Request::ClusterCheck { .. }
-            | Request::ClusterStatus
-            | Request::ClusterDisconnect { .. }
-            | Request::ClusterCreate { .. }
-            | Request::ClusterJoin { .. }
-            | Request::ClusterLeave
-            | Request::ClusterList
-            | Request::GroupAdd { .. }
-            | Request::GroupRename { .. }
-            | Request::GroupDelete { .. }
-            | Request::MachineSetGroup { .. } => Err("handled asynchronously".into()),
             Request::ConfigExport => {
                 let effective = self
                     .lifecycle
@@ -543,6 +536,8 @@ impl Admin {
                 }
                 reply(api::Flushed { requeued: n })
             }
+            // Those that wait on other units ([`waits_on_other_units`]).
+            req => Err(format!("{req:?} is answered on the async threads")),
         }
     }
 
