@@ -226,33 +226,24 @@ pub async fn receive(
     cfg: LinkConfig,
     stats: Arc<ReceiverStats>,
 ) {
-    loop {
-        let Ok((tcp, from)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let (archive, cfg, stats) = (archive.clone(), cfg.clone(), stats.clone());
-        tokio::spawn(async move {
-            match link::accept(tcp, &cfg, Role::Active).await {
-                Ok(l) if l.peer.channel != Channel::ArchiveMirror => {
-                    tracing::warn!(%from, channel = ?l.peer.channel, "archive listener: link for another channel closed");
-                }
-                Ok(l) => {
-                    let node = l.peer.node.clone();
-                    tracing::info!(%from, %node, "archive mirror peer connected");
-                    if let Err(e) = receive_session(&archive, l, &stats).await {
-                        tracing::warn!(%from, %node, "archive mirror receiver: {e}");
-                    }
-                }
-                Err(e) => {
-                    if matches!(e, LinkError::AuthFailed { .. }) {
-                        stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                    tracing::warn!(%from, "archive mirror link refused: {e}");
-                }
+    let failures = stats.clone();
+    link::serve(
+        listener,
+        cfg,
+        Channel::ArchiveMirror,
+        "archive mirror",
+        move || {
+            failures.auth_failures.fetch_add(1, Ordering::Relaxed);
+        },
+        move |l| {
+            let (archive, stats) = (archive.clone(), stats.clone());
+            async move {
+                tracing::info!(node = %l.peer.node, "archive mirror peer connected");
+                receive_session(&archive, l, &stats).await
             }
-        });
-    }
+        },
+    )
+    .await
 }
 
 async fn receive_session(

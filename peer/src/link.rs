@@ -499,6 +499,53 @@ pub async fn ask(
     answer
 }
 
+/// Accepts links on `listener` for ever and runs `session` for each one that authenticates and
+/// declares `channel`, each in a task of its own; a link for another channel is closed, a
+/// refused one logged (and, for a wrong secret, reported to `on_auth_failure`). `service`
+/// names the listener in the log.
+pub async fn serve<S, F>(
+    listener: tokio::net::TcpListener,
+    cfg: LinkConfig,
+    channel: Channel,
+    service: &'static str,
+    on_auth_failure: impl Fn() + Send + Sync + 'static,
+    session: S,
+) where
+    S: Fn(Link) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<(), LinkError>> + Send + 'static,
+{
+    let on_auth_failure = Arc::new(on_auth_failure);
+    let session = Arc::new(session);
+    loop {
+        let Ok((tcp, from)) = listener.accept().await else {
+            // EMFILE and friends: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (cfg, on_auth_failure, session) =
+            (cfg.clone(), on_auth_failure.clone(), session.clone());
+        tokio::spawn(async move {
+            match accept(tcp, &cfg, Role::Active).await {
+                Ok(l) if l.peer.channel != channel => {
+                    tracing::warn!(%from, channel = ?l.peer.channel, "{service} listener: link for another channel closed");
+                }
+                Ok(l) => {
+                    let node = l.peer.node.clone();
+                    if let Err(e) = session(l).await {
+                        tracing::warn!(%from, %node, "{service}: {e}");
+                    }
+                }
+                Err(e) => {
+                    if matches!(e, LinkError::AuthFailed { .. }) {
+                        on_auth_failure();
+                    }
+                    tracing::warn!(%from, "{service} link refused: {e}");
+                }
+            }
+        });
+    }
+}
+
 /// Frames from a link's read half, for tasks that also write.
 pub fn spawn_reader(
     mut r: tokio::io::ReadHalf<Box<dyn LinkIo>>,

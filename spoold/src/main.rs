@@ -135,13 +135,25 @@ fn main() -> ExitCode {
             "SPOOLD_FAILPOINT is set: this daemon will abort on purpose when takeover recovery reaches that step (a test hook; never set it in production)"
         );
     }
-    let cfg = match load_config(&cli).and_then(|c| c.check_secrets().map(|()| c)) {
+    let cfg = match load_config(&cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("spoold: {e:#}");
             return ExitCode::from(78); // EX_CONFIG
         }
     };
+    // A shared secret that is too short is a configuration error; one whose file cannot be
+    // read stops the start, and `--check-config` (which may run before the files are made, as
+    // on a fresh install) warns of it.
+    if let Err(e) = cfg.check_secrets() {
+        let unreadable = e.root_cause().downcast_ref::<std::io::Error>().is_some();
+        if cli.check_config && unreadable {
+            println!("spoold: warning: {e:#} (spoold will not start until it can be read)");
+        } else {
+            eprintln!("spoold: {e:#}");
+            return ExitCode::from(78);
+        }
+    }
     if cli.check_config {
         if let Some(o) = cfg
             .archive

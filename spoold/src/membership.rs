@@ -17,7 +17,7 @@ use crate::track::Tracker;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use peer::link::{self, LinkConfig};
-use peer::proto::{cluster_op, recovery_op, Channel, Frame, Role};
+use peer::proto::{cluster_op, recovery_op, Channel, Frame};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -304,32 +304,19 @@ impl Membership {
         let Some((cfg, _)) = self.link.clone() else {
             return;
         };
-        loop {
-            let Ok((tcp, from)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            };
-            let (me, cfg) = (self.clone(), cfg.clone());
-            tokio::spawn(async move {
-                match link::accept(tcp, &cfg, Role::Active).await {
-                    Ok(l) if l.peer.channel != Channel::ClusterConfig => {
-                        tracing::warn!(%from, channel = ?l.peer.channel, "cluster listener: link for another channel closed");
-                    }
-                    Ok(l) => {
-                        let node = l.peer.node.clone();
-                        if let Err(e) = me.answer_session(l).await {
-                            tracing::warn!(%from, %node, "cluster link: {e}");
-                        }
-                    }
-                    Err(e) => {
-                        if matches!(e, link::LinkError::AuthFailed { .. }) {
-                            me.metrics.cluster_auth_failures.inc();
-                        }
-                        tracing::warn!(%from, "cluster link refused: {e}");
-                    }
-                }
-            });
-        }
+        let metrics = self.metrics.clone();
+        link::serve(
+            listener,
+            cfg,
+            Channel::ClusterConfig,
+            "cluster link",
+            move || metrics.cluster_auth_failures.inc(),
+            move |l| {
+                let me = self.clone();
+                async move { me.answer_session(l).await }
+            },
+        )
+        .await
     }
 
     async fn answer_session(self: &Arc<Self>, l: link::Link) -> Result<(), link::LinkError> {

@@ -161,6 +161,7 @@ fn three_members_share_settings() {
     assert!(err.contains("authentication"), "{err}");
     assert_eq!(members(&a), ["gw_a", "gw_b"]);
     assert!(json(&intruder, &["cluster", "list"])["cluster"].is_null());
+    assert_eq!(a.d.metric("spoold_cluster_auth_failures_total"), Some(1.0));
     drop(intruder);
 
     // C joins through B; A learns of it from B.
@@ -296,6 +297,7 @@ fn three_members_share_settings() {
         );
         assert!(json(m, &["cluster", "status"])["conflicts"].as_u64() >= Some(1));
     }
+    assert!(wait_until(5, || a.d.metric("spoold_cluster_conflicts") >= Some(1.0)));
     assert!(a.d.log_text().contains("lost"), "the log reports the loser");
 
     // Groups: a group's value applies to its machines only, and follows a rename.
@@ -343,6 +345,10 @@ fn three_members_share_settings() {
                 .iter()
                 .all(|m| m["connected"] == true && m["version"] == s["version"])
     }));
+    for member in ["gw_b", "gw_c"] {
+        let up = format!("spoold_cluster_member_up{{member=\"{member}\"}}");
+        assert_eq!(a.d.metric(&up), Some(1.0), "{up}");
+    }
     let checked = json(&a, &["cluster", "check"]);
     assert_eq!(checked["differences"], serde_json::json!([]), "{checked}");
     let (_, text, _) = ctl(&a, &["cluster", "status"]);
