@@ -265,7 +265,7 @@ impl Settings {
 
     /// Sets (`Some`) or unsets (`None`) `key` at `level` here: validated against the whole
     /// effective configuration first (an invalid change is refused with the key and the reason
-    /// and goes nowhere), then stored durably and applied. Answers the entry, for the partner.
+    /// and goes nowhere), then stored durably and applied. Answers the entry.
     pub fn set(&self, key: &str, level: &str, value: Option<serde_json::Value>) -> Result<Entry> {
         if key == GROUP_KEY {
             if !level.starts_with("machine") {
@@ -341,7 +341,7 @@ impl Settings {
         Ok(())
     }
 
-    /// Merges entries from the partner: the newest stamp of each (key, level) wins; losers on
+    /// Merges entries from another unit: the newest stamp of each (key, level) wins; losers on
     /// either side are recorded as conflicts. An entry that would make the effective
     /// configuration here invalid is refused (and logged). Answers whether anything changed.
     pub fn merge(&self, theirs: &Exchange) -> Result<bool> {
@@ -391,7 +391,7 @@ impl Settings {
                 Some(mine) if mine.stamp == e.stamp => {}
                 Some(mine) if mine.stamp > e.stamp => {
                     // Theirs is older: a change made there that lost a race to one made here, or
-                    // one this side saw and replaced (the partner has not caught up yet).
+                    // one this side saw and replaced (the other has not caught up yet).
                     if mine.raced(e) && !conflicts.iter().any(|c| c.lost == *e) {
                         tracing::warn!(key = %e.key, level = %e.level, lost = ?e.stamp, won = ?mine.stamp, "clustered setting: a concurrent change lost");
                         conflicts.push(Conflict {
@@ -432,9 +432,12 @@ impl Settings {
             return Ok(false);
         }
         let candidate = effective(&self.file, &self.node, &entries)?;
-        candidate
-            .validate()
-            .context("the partner's clustered settings are invalid here: not applied")?;
+        candidate.validate().with_context(|| {
+            format!(
+                "the clustered settings from {} are invalid here: not applied",
+                theirs.from
+            )
+        })?;
         self.commit(&mut st, entries, conflicts, last)?;
         drop(st);
         (self.apply)(&candidate);
