@@ -130,6 +130,11 @@ pub enum Request {
     },
     /// Leave the cluster, keeping the settings in effect here: [`ClusterList`].
     ClusterLeave,
+    /// Remove a member that cannot leave by itself (dead, or gone for good): [`ClusterList`].
+    ClusterRemove {
+        /// Its node name.
+        node: String,
+    },
     /// The cluster, its groups and members: [`ClusterList`].
     ClusterList,
     /// Add a group: [`ClusterList`].

@@ -129,6 +129,12 @@ enum ClusterCmd {
     },
     /// Leave the cluster; the settings in effect here stay.
     Leave,
+    /// Remove a member that cannot leave by itself (dead, or gone for good); refused while it
+    /// answers (run `cluster leave` on it instead).
+    Remove {
+        /// Its node name.
+        node: String,
+    },
     /// The cluster, its groups and members.
     List,
     /// This unit and every other member as the last settings exchange saw them.
@@ -574,6 +580,7 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
                 ClusterCmd::Create { .. }
                 | ClusterCmd::Join { .. }
                 | ClusterCmd::Leave
+                | ClusterCmd::Remove { .. }
                 | ClusterCmd::List,
         }
         | Cmd::Group { .. }
@@ -836,6 +843,7 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
             ClusterCmd::Create { name } => Request::ClusterCreate { name: name.clone() },
             ClusterCmd::Join { addr } => Request::ClusterJoin { addr: addr.clone() },
             ClusterCmd::Leave => Request::ClusterLeave,
+            ClusterCmd::Remove { node } => Request::ClusterRemove { node: node.clone() },
             ClusterCmd::List => Request::ClusterList,
         },
         Cmd::Group { cmd } => match cmd {

@@ -92,6 +92,7 @@ fn waits_on_other_units(req: &Request) -> bool {
             | Request::ClusterCreate { .. }
             | Request::ClusterJoin { .. }
             | Request::ClusterLeave
+            | Request::ClusterRemove { .. }
             | Request::ClusterList
             | Request::GroupAdd { .. }
             | Request::GroupRename { .. }
@@ -238,6 +239,9 @@ impl Admin {
                 json(serde_json::to_value(m.join(&addr).await.map_err(text)?))
             }
             Request::ClusterLeave => json(serde_json::to_value(m.leave().await.map_err(text)?)),
+            Request::ClusterRemove { node } => {
+                json(serde_json::to_value(m.remove(&node).await.map_err(text)?))
+            }
             Request::ClusterList => json(serde_json::to_value(m.list(Vec::new()))),
             Request::GroupAdd { name } => json(serde_json::to_value(
                 m.group(GroupChange::Add(name)).await.map_err(text)?,

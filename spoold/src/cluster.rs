@@ -413,6 +413,25 @@ impl Settings {
                 }
             }
         }
+        // Within a cluster, only members exchange: one that was removed is refused (its own
+        // exchange may carry the entry that says it joined, so this looks after the merge).
+        if let Some(name) = &st.0.cluster {
+            let its_own =
+                |e: &&Entry| e.key == MEMBER_KEY && e.level == format!("machine:{}", theirs.from);
+            let member = entries.iter().filter(its_own).any(|e| e.value.is_some());
+            // A member's last exchange as it leaves carries its own tombstone.
+            let leaving = theirs
+                .entries
+                .iter()
+                .filter(its_own)
+                .any(|e| e.value.is_none() && e.stamp.node == theirs.from);
+            if !member && !leaving {
+                bail!(
+                    "{} is not a member of cluster {name:?} (it left or was removed): spoolctl cluster join",
+                    theirs.from
+                );
+            }
+        }
         for c in &theirs.conflicts {
             if !conflicts.contains(c) {
                 conflicts.push(c.clone());

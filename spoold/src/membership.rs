@@ -485,6 +485,39 @@ impl Membership {
         Ok(self.list(notes))
     }
 
+    /// `spoolctl cluster remove NODE`: a member that cannot leave by itself (dead, or gone for
+    /// good) is removed here and the others are told; refused while it answers.
+    pub async fn remove(&self, node: &str) -> Result<api::ClusterList> {
+        if node == self.settings.node() {
+            bail!("{node} is this unit: spoolctl cluster leave");
+        }
+        let (_, addr) = self
+            .settings
+            .members()
+            .into_iter()
+            .find(|(n, _)| n == node)
+            .ok_or_else(|| anyhow!("{node} is not a member"))?;
+        let addr: SocketAddr = addr.parse().context("its address")?;
+        let peek = serde_json::to_vec(&Exchange {
+            peek: true,
+            entries: Vec::new(),
+            conflicts: Vec::new(),
+            ..self.settings.exchange()
+        })?;
+        if self.ask_addr(addr, Ask::Settings, &peek).await.is_ok() {
+            bail!("{node} answers at {addr}: run `spoolctl cluster leave` on it instead");
+        }
+        tokio::task::block_in_place(|| {
+            self.settings
+                .put(MEMBER_KEY, &format!("machine:{node}"), None)
+        })?;
+        self.seen().remove(node);
+        tracing::warn!(member = node, "member removed by an operator");
+        let mut notes = vec![format!("{node} removed from the cluster")];
+        notes.extend(self.sync_all().await);
+        Ok(self.list(notes))
+    }
+
     /// `spoolctl cluster list`.
     pub fn list(&self, notes: Vec<String>) -> api::ClusterList {
         let groups = self.settings.groups();

@@ -471,4 +471,25 @@ fn a_pair_and_a_third_unit_in_one_cluster() {
     let s = json(&c, &["cluster", "status"]);
     assert_eq!(s["cluster"], "pairs");
     assert_eq!(s["members"].as_array().unwrap().len(), 2, "{s}");
+
+    // A member that answers cannot be removed; once dead, it can, and the others drop it.
+    let (code, _, err) = ctl(&a, &["cluster", "remove", "gw_c"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cluster leave"), "{err}");
+    let mut c = c;
+    c.d.kill9();
+    let (code, out, err) = ctl(&a, &["cluster", "remove", "gw_c"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(members(&a), ["gw_a", "gw_b"]);
+    assert!(wait_until(3, || members(&b) == ["gw_a", "gw_b"]));
+    // Back, it is no longer a member: its exchanges are refused and say why.
+    c.d.restart();
+    let (code, out, err) = ctl(
+        &c,
+        &["config", "set", "smtp.relay_domains", r#"["late.example"]"#],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("gw_c is not a member"), "{out}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!accepts(&a, "late.example"));
 }
