@@ -504,7 +504,13 @@ impl Membership {
             conflicts: Vec::new(),
             ..self.settings.exchange()
         })?;
-        if self.ask_addr(addr, Ask::Settings, &peek).await.is_ok() {
+        // A unit that left while nobody heard it still answers, from no cluster (or another).
+        let still_member = match self.ask_addr(addr, Ask::Settings, &peek).await {
+            Ok(answer) => serde_json::from_slice::<Exchange>(&answer)
+                .is_ok_and(|theirs| theirs.cluster == self.settings.cluster_name()),
+            Err(_) => false,
+        };
+        if still_member {
             bail!("{node} answers at {addr}: run `spoolctl cluster leave` on it instead");
         }
         tokio::task::block_in_place(|| {

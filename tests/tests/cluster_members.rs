@@ -393,6 +393,27 @@ fn three_members_share_settings() {
     assert_eq!(effective(&c, "smtp.recipients_max"), 4);
     assert_eq!(effective(&a, "smtp.recipients_max"), 9);
     assert_eq!(effective(&b, "smtp.recipients_max"), 9);
+
+    // C joins again, then leaves while the others are down: they still list it when they come
+    // back, and since it answers from no cluster, `cluster remove` clears it.
+    assert_eq!(ctl(&c, &["cluster", "join", &a.link.to_string()]).0, 0);
+    assert_eq!(
+        effective(&c, "smtp.recipients_max"),
+        9,
+        "the cluster's, again"
+    );
+    assert!(wait_until(3, || members(&b).len() == 3));
+    let (mut a, mut b) = (a, b);
+    a.d.kill9();
+    b.d.kill9();
+    let (code, out, err) = ctl(&c, &["cluster", "leave"]);
+    assert_eq!(code, 0, "{out}{err}");
+    a.d.restart();
+    b.d.restart();
+    assert_eq!(members(&a), ["gw_a", "gw_b", "gw_c"]);
+    let (code, out, err) = ctl(&a, &["cluster", "remove", "gw_c"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(wait_until(3, || members(&b) == ["gw_a", "gw_b"]));
 }
 
 /// Both units of an HA pair and a third unit in one cluster: the pair joins like any member
