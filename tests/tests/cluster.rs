@@ -165,10 +165,15 @@ fn clustered_settings_reach_the_partner_live_and_converge() {
             r#"["from-b.example"]"#,
         ],
     );
+    // A true race: neither sees the other's change before making its own (A is cut off from
+    // the exchanges meanwhile; without that, one change may well reach the other unit first,
+    // and the later one is then an override, not a conflict).
+    assert_eq!(spoolctl(&a, &["cluster", "disconnect"]).0, 0);
     std::thread::scope(|s| {
         s.spawn(|| assert_eq!(spoolctl(&a, &a_args).0, 0));
         s.spawn(|| assert_eq!(spoolctl(&b, &b_args).0, 0));
     });
+    assert_eq!(spoolctl(&a, &["cluster", "reconnect"]).0, 0);
     assert!(
         wait_until(15, || effective(&a) == effective(&b)),
         "not converged: {} vs {}",
