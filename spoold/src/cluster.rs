@@ -510,6 +510,20 @@ impl Settings {
         }
     }
 
+    /// A request for another unit's entries that merges nothing on either side (`cluster
+    /// check`, `cluster remove`).
+    pub fn peek_request(&self) -> Result<Vec<u8>> {
+        let st = self.lock();
+        Ok(serde_json::to_vec(&Exchange {
+            version: PROTOCOL,
+            entries: Vec::new(),
+            peek: true,
+            cluster: st.0.cluster.clone(),
+            from: self.node.clone(),
+            conflicts: Vec::new(),
+        })?)
+    }
+
     /// This unit's node name.
     pub fn node(&self) -> &str {
         &self.node

@@ -498,12 +498,7 @@ impl Membership {
             .find(|(n, _)| n == node)
             .ok_or_else(|| anyhow!("{node} is not a member"))?;
         let addr: SocketAddr = addr.parse().context("its address")?;
-        let peek = serde_json::to_vec(&Exchange {
-            peek: true,
-            entries: Vec::new(),
-            conflicts: Vec::new(),
-            ..self.settings.exchange()
-        })?;
+        let peek = self.settings.peek_request()?;
         // A unit that left while nobody heard it still answers, from no cluster (or another).
         let still_member = match self.ask_addr(addr, Ask::Settings, &peek).await {
             Ok(answer) => serde_json::from_slice::<Exchange>(&answer)
@@ -703,14 +698,7 @@ impl Membership {
     /// differs between this unit and any other; with `resolve_from`, that unit's value of each
     /// is set again here (with a new stamp, so it wins everywhere at the next exchange).
     pub async fn check(&self, resolve_from: Option<&str>) -> Result<api::ClusterChecked> {
-        let peek = serde_json::to_vec(&Exchange {
-            version: PROTOCOL,
-            entries: Vec::new(),
-            peek: true,
-            cluster: self.settings.cluster_name(),
-            from: self.settings.node().to_string(),
-            conflicts: Vec::new(),
-        })?;
+        let peek = self.settings.peek_request()?;
         let mut theirs: Vec<(String, Exchange)> = Vec::new();
         let mut notes = Vec::new();
         for o in self.compared() {
