@@ -17,7 +17,7 @@ use crate::ArchiveError;
 use crossbeam_channel::{Receiver, Sender};
 use heed::byteorder::BE;
 use heed::types::{Bytes, Str, U64};
-use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn};
+use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fs::File;
@@ -32,6 +32,9 @@ const OPEN_LEN: &str = "open_len";
 const ITEMS: &str = "items";
 const RAW_BYTES: &str = "raw_bytes";
 const HELD: &str = "held";
+/// LMDB reader slots: more than the read transactions that can be open at once (the blocking
+/// threads of a runtime, the index and mirror threads). A slot costs 64 bytes of the lock file.
+const READERS_MAX: u32 = 1024;
 /// Requests taken into one group commit at most.
 const GROUP_MAX: usize = 512;
 const GROUP_BYTES_MAX: usize = 32 << 20;
@@ -41,7 +44,7 @@ const FETCH_PAUSE_MS: u64 = 5_000;
 
 /// The catalog and the segment files.
 pub struct Store {
-    env: Env,
+    env: Env<WithoutTls>,
     items: Database<U64<BE>, Bytes>,
     keys: Database<Bytes, U64<BE>>,
     blobs: Database<Bytes, Bytes>,
@@ -199,9 +202,16 @@ impl Store {
         let segments_dir = dir.join("segments");
         std::fs::create_dir_all(&catalog).map_err(io)?;
         std::fs::create_dir_all(&segments_dir).map_err(io)?;
+        // Without thread-local reader slots: LMDB's default ties a slot to every thread that ever
+        // read until that thread ends, and archiving runs on the runtime's blocking threads (up to
+        // 512 of them), which exhausted the default table of 126 (MDB_READERS_FULL). Here a slot is
+        // held only for the life of a read transaction, and the table is sized beyond the
+        // blocking-thread limit anyway.
         // SAFETY: the environment is opened once per process (spoold owns its archive dir).
         let env = unsafe {
             EnvOpenOptions::new()
+                .read_txn_without_tls()
+                .max_readers(READERS_MAX)
                 .map_size(1 << 38)
                 .max_dbs(8)
                 .open(&catalog)?
@@ -300,14 +310,14 @@ impl Store {
     }
 
     /// A read transaction.
-    pub fn read(&self) -> Result<RoTxn<'_, heed::WithTls>, ArchiveError> {
+    pub fn read(&self) -> Result<RoTxn<'_, WithoutTls>, ArchiveError> {
         Ok(self.env.read_txn()?)
     }
 
     /// The item numbered `seq`.
     pub fn item(
         &self,
-        r: &RoTxn<'_, heed::WithTls>,
+        r: &RoTxn<'_, WithoutTls>,
         seq: u64,
     ) -> Result<Option<Item>, ArchiveError> {
         match self.items.get(r, &seq)? {

@@ -20,7 +20,7 @@
 
 use heed::byteorder::BE;
 use heed::types::{Bytes, Str, U64};
-use heed::{Database, Env, EnvOpenOptions};
+use heed::{Database, Env, EnvOpenOptions, WithoutTls};
 use spool::MessageId;
 use std::collections::{HashSet, VecDeque};
 use std::path::Path;
@@ -69,7 +69,7 @@ pub enum LogError {
 
 /// The log.
 pub struct TxLog {
-    env: Env,
+    env: Env<WithoutTls>,
     actions: Database<U64<BE>, Bytes>,
     meta: Database<Str, U64<BE>>,
     strings: Database<Str, Str>,
@@ -140,8 +140,12 @@ impl TxLog {
     pub fn open(dir: &Path, pending_max: u64) -> Result<TxLog, LogError> {
         std::fs::create_dir_all(dir).map_err(|e| LogError::Lmdb(heed::Error::Io(e)))?;
         // SAFETY: the environment is opened once per process (spoold owns its state dir).
+        // Reader slots held per transaction, not per thread that ever read (see the archive's
+        // catalog: the blocking threads that read are many).
         let env = unsafe {
             EnvOpenOptions::new()
+                .read_txn_without_tls()
+                .max_readers(1024)
                 .map_size(1 << 30)
                 .max_dbs(8)
                 .open(dir)?

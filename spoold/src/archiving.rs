@@ -39,7 +39,14 @@ pub struct Archiving {
     pub received: Arc<ReceiverStats>,
     wake: Arc<tokio::sync::Notify>,
     metrics: Arc<Metrics>,
+    /// Archive writes in flight from the async side: each holds a blocking thread, and a backlog
+    /// drained at full speed must not turn into hundreds of threads waiting on one catalog.
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Archive writes started at once from the async side; the catalog takes one writer at a time,
+/// so more only add threads.
+const IN_FLIGHT_MAX: usize = 8;
 
 /// The verdict as the archive records it.
 fn verdict(scan: &ScanState) -> String {
@@ -109,6 +116,7 @@ impl Archiving {
             retention_days,
             waiting: Mutex::new(HashSet::new()),
             failing: Mutex::new(None),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MAX)),
             mirrors,
             received: Arc::new(ReceiverStats::default()),
             wake: Arc::new(tokio::sync::Notify::new()),
@@ -208,10 +216,30 @@ impl Archiving {
         folder: Folder,
         env: &Envelope,
     ) -> Result<(), String> {
-        let (me, layout, env) = (self.clone(), layout.clone(), env.clone());
-        tokio::task::spawn_blocking(move || me.ensure_blocking(&layout, folder, &env))
+        self.spawn_ensure(layout, folder, env)
             .await
             .map_err(|e| e.to_string())?
+    }
+
+    /// [`Archiving::ensure`] started now and awaited later, at most [`IN_FLIGHT_MAX`] at once.
+    pub fn spawn_ensure(
+        self: &Arc<Self>,
+        layout: &Layout,
+        folder: Folder,
+        env: &Envelope,
+    ) -> tokio::task::JoinHandle<Result<(), String>> {
+        let (me, layout, env) = (self.clone(), layout.clone(), env.clone());
+        tokio::spawn(async move {
+            let _permit = me
+                .in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::task::spawn_blocking(move || me.ensure_blocking(&layout, folder, &env))
+                .await
+                .map_err(|e| e.to_string())?
+        })
     }
 
     /// [`Archiving::ensure`] from a blocking context (the admin socket, the async version).

@@ -332,10 +332,10 @@ impl Delivery {
         }
         // Archived while it is delivered: the two overlap, and only the removal waits for the
         // archive record (see `deliver`).
-        let archived = self.archiving.as_ref().map(|a| {
-            let (a, layout, e) = (a.clone(), self.layout.clone(), env.clone());
-            tokio::task::spawn_blocking(move || a.ensure_blocking(&layout, Folder::Spool, &e))
-        });
+        let archived = self
+            .archiving
+            .as_ref()
+            .map(|a| a.spawn_ensure(&self.layout, Folder::Spool, &env));
         self.deliver(env, archived).await
     }
 

@@ -528,3 +528,56 @@ fn a_message_past_its_queue_lifetime_bounces_to_the_sender() {
     assert!(wait_until(5, || !d.spooled_ids().contains(&id)));
     assert_eq!(d.metric("spoold_bounces_total"), Some(1.0));
 }
+
+/// Regression: draining a backlog with the archive on (the default) ran archive writes on as
+/// many blocking threads as the runtime would make, each holding an LMDB reader slot for life,
+/// until the catalog refused readers (`MDB_READERS_FULL`) and messages stayed in the spool.
+#[test]
+fn a_backlog_of_thousands_drains_with_the_archive_on_and_no_archive_failure() {
+    let sink_addr = free_addr();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!("[delivery]\ndefault_next_hop = \"{sink_addr}\"\nretry_schedule_secs = [1]\n"),
+    );
+    // Spooled while nothing delivers, then drained at full speed.
+    let mut d = Daemon::start_with(&["--config", &cfg]);
+    let sent = send_many(&d, 8, 500, 1500);
+    assert_eq!(d.spooled_ids().len(), 4000);
+    d.stop();
+    d.extra_args.retain(|a| a != "--no-delivery");
+    let sink = SmtpSink::start_on(sink_addr);
+    let started = std::time::Instant::now();
+    d.restart();
+    assert!(
+        wait_until(120, || d.spooled_ids().is_empty()),
+        "{} still spooled after 120 s; archive failures: {:?}",
+        d.spooled_ids().len(),
+        d.metric("spoold_archive_failures_total")
+    );
+    let drained = started.elapsed();
+    eprintln!("4,000 messages drained with the archive on in {drained:?}");
+    assert_eq!(d.metric("spoold_archive_failures_total"), Some(0.0));
+    assert!(
+        !d.log_text().contains("archive failed"),
+        "{}",
+        d.log_text()
+            .lines()
+            .filter(|l| l.contains("archive failed"))
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let (code, status, err) = tests::spoolctl(&d, &["--json", "archive", "status"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["items"], 4000, "every delivered message is archived");
+    assert_eq!(status["waiting"], 0);
+    let arrivals = sink.arrivals();
+    let mut want: Vec<&String> = sent.keys().collect();
+    want.sort();
+    let mut got: Vec<&String> = arrivals.keys().collect();
+    got.sort();
+    assert_eq!(got, want, "the sink holds exactly the spooled Message-IDs");
+    assert!(arrivals.values().all(|&n| n == 1), "nothing twice");
+}
