@@ -315,11 +315,7 @@ impl Store {
     }
 
     /// The item numbered `seq`.
-    pub fn item(
-        &self,
-        r: &RoTxn<'_, WithoutTls>,
-        seq: u64,
-    ) -> Result<Option<Item>, ArchiveError> {
+    pub fn item(&self, r: &RoTxn<'_, WithoutTls>, seq: u64) -> Result<Option<Item>, ArchiveError> {
         match self.items.get(r, &seq)? {
             None => Ok(None),
             Some(b) => Item::decode(b)

@@ -87,12 +87,7 @@ fn local_segments(d: &Daemon) -> usize {
 }
 
 fn skip() -> bool {
-    if garage_bin().is_none() {
-        eprintln!("skipped: needs garage (scripts/test installs it)");
-        assert!(std::env::var_os("CI").is_none(), "CI must run this test");
-        return true;
-    }
-    false
+    !tests::needs("garage", garage_bin().is_some())
 }
 
 #[test]
