@@ -64,12 +64,11 @@ pub fn probe_object_store(store: &archive::ObjectStoreConfig) -> Result<Option<S
     let remote = archive::remote::Remote::new(store)?;
     match remote.probe() {
         archive::Probe::Ok => Ok(None),
-        archive::Probe::Refused(why) => anyhow::bail!(
+        archive::Probe::Refused(why) => Err(crate::config::Misconfigured(format!(
             "key `archive.object_store`: {} refused bucket {:?} with access key {:?}: {why}",
-            store.endpoint,
-            store.bucket,
-            store.access_key_id
-        ),
+            store.endpoint, store.bucket, store.access_key_id
+        ))
+        .into()),
         archive::Probe::Unreachable(why) => Ok(Some(why)),
     }
 }

@@ -353,6 +353,19 @@ impl Config {
     }
 }
 
+/// A configuration error found only once the daemon looks outside its file (an object store
+/// that refuses the configured key): the start stops with exit 78 like any bad configuration.
+#[derive(Debug)]
+pub struct Misconfigured(pub String);
+
+impl std::fmt::Display for Misconfigured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Misconfigured {}
+
 impl HaConfig {
     /// The shared secret, from `secret_file` or `secret`.
     pub fn load_secret(&self) -> Result<Vec<u8>> {

@@ -170,7 +170,7 @@ fn main() -> ExitCode {
                     "spoold: warning: the archive's object store does not answer now ({why})"
                 ),
                 Err(e) => {
-                    eprintln!("spoold: {e:#}");
+                    eprintln!("spoold: {}{e:#}", config_file_prefix(&cli));
                     return ExitCode::from(78);
                 }
             }
@@ -190,12 +190,27 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.chain().any(|c| c.is::<config::Misconfigured>()) => {
+            let line = format!("{}{e:#}", config_file_prefix(&cli));
+            tracing::error!("fatal: {line}");
+            eprintln!("spoold: {line}");
+            ExitCode::from(78)
+        }
         Err(e) => {
             tracing::error!("fatal: {e:#}");
             eprintln!("spoold: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// "config file PATH: " for a configuration error found after the file was read, or nothing
+/// on the embedded default.
+fn config_file_prefix(cli: &Cli) -> String {
+    cli.config
+        .as_ref()
+        .map(|p| format!("config file {}: ", p.display()))
+        .unwrap_or_default()
 }
 
 /// Inserts `input/` off the async threads (see [`lifecycle::Lifecycle::insert_input`]).

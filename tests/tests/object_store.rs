@@ -310,6 +310,11 @@ fn a_wrong_secret_fails_the_config_check_and_the_start() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&start.stderr);
-    assert!(!start.status.success(), "started with a refused key");
+    assert_eq!(
+        start.status.code(),
+        Some(78),
+        "a refused key is a configuration error: {err}"
+    );
     assert!(err.contains("archive.object_store"), "{err}");
+    assert!(err.contains(&good), "the message names the file: {err}");
 }
