@@ -100,14 +100,17 @@ fn every_dashboard_panel_returns_data_from_a_real_prometheus() {
     };
     let mut empty = Vec::new();
     for (title, expr) in &exprs {
-        // A number (not NaN) in at least one series: the panel shows a line.
+        // A number (not NaN) in at least one series: the panel shows a line. Under load, a
+        // panel built on a rate must show movement: a rate of 0 there means a counter that
+        // never moves (a renamed metric, a label that no longer matches), not data.
+        let under_load = expr.contains("rate(");
         let has_data = || {
             query(expr)["data"]["result"].as_array().is_some_and(|r| {
                 r.iter().any(|s| {
                     s["value"][1]
                         .as_str()
                         .and_then(|v| v.parse::<f64>().ok())
-                        .is_some_and(|v| v.is_finite())
+                        .is_some_and(|v| v.is_finite() && (!under_load || v > 0.0))
                 })
             })
         };
