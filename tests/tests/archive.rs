@@ -312,25 +312,53 @@ fn kill9_during_archive_writes_loses_no_archived_item_and_no_entry_lacks_its_bod
     d.kill9();
     load.stop();
     d.restart();
-    let acked = acked.lock().unwrap().len();
-    assert!(acked > 50, "load too small to prove anything: {acked}");
+    let acked: BTreeSet<String> = acked
+        .lock()
+        .unwrap()
+        .values()
+        .map(|body| tests::message_id_of(&String::from_utf8_lossy(body)).unwrap())
+        .collect();
+    assert!(
+        acked.len() > 50,
+        "load too small to prove anything: {}",
+        acked.len()
+    );
     assert!(
         wait_until(90, || d.spooled_ids().is_empty()
-            && sink.arrivals().len() >= acked),
+            && sink.arrivals().len() >= acked.len()),
         "spool not drained"
     );
-    // Everything delivered was archived first; every item reads back whole and the index
-    // holds exactly the items.
+    // Every acknowledged message was delivered (a few more may have been: accepted, their
+    // `250` lost with the kill), and every delivered one was archived first: the archive holds
+    // exactly the delivered Message-IDs, each once.
     let delivered: BTreeSet<String> = sink.arrivals().into_keys().collect();
-    let archived = items(&d);
+    let undelivered: Vec<&String> = acked.difference(&delivered).collect();
     assert!(
-        archived as usize >= delivered.len(),
-        "{archived} items for {} delivered",
-        delivered.len()
+        undelivered.is_empty(),
+        "acknowledged, never delivered: {undelivered:?}"
+    );
+    searchable(&d);
+    let mut not_archived_once = Vec::new();
+    for mid in &delivered {
+        let hits = found(&d, &format!("msgid:{mid}"));
+        if hits.len() != 1 {
+            not_archived_once.push(format!("{mid}: {} items", hits.len()));
+        }
+    }
+    assert!(
+        not_archived_once.is_empty(),
+        "delivered but not archived exactly once: {not_archived_once:?}"
+    );
+    let archived = items(&d);
+    assert_eq!(
+        archived as usize,
+        delivered.len(),
+        "no item beyond the delivered mail"
     );
     let v = ctl_json(&d, &["verify"]);
     eprintln!(
-        "acknowledged {acked}, delivered {}, verify: {v}",
+        "acknowledged {}, delivered {}, verify: {v}",
+        acked.len(),
         delivered.len()
     );
     assert_eq!(v["items"], archived);
