@@ -74,6 +74,13 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Runs `spoolctl` and asserts that it succeeded; returns its standard output.
+pub fn spoolctl_ok(d: &Daemon, args: &[&str]) -> String {
+    let (code, out, err) = spoolctl(d, args);
+    assert_eq!(code, 0, "spoolctl {args:?} failed: {out}{err}");
+    out
+}
+
 /// Runs `spoolctl` against the daemon's state directory; returns exit code, stdout, stderr.
 pub fn spoolctl(d: &Daemon, args: &[&str]) -> (i32, String, String) {
     let out = spoolctl_output(d, args);

@@ -181,7 +181,7 @@ fn clustered_settings_reach_the_partner_live_and_converge() {
         effective(&b)
     );
     let conflicts = |d: &Daemon| {
-        let (_, out, _) = spoolctl(d, &["--json", "config", "show"]);
+        let out = tests::spoolctl_ok(d, &["--json", "config", "show"]);
         serde_json::from_str::<Value>(&out).unwrap()["conflicts"]
             .as_array()
             .unwrap()
@@ -354,7 +354,7 @@ fn a_next_hop_set_on_the_partner_delivers_waiting_mail() {
     );
     let id = tests::queued_id(&r).unwrap();
     let track = |d: &Daemon| {
-        let (_, out, _) = spoolctl(d, &["--json", "track", &format!("id:{id}")]);
+        let out = tests::spoolctl_ok(d, &["--json", "track", &format!("id:{id}")]);
         serde_json::from_str::<Value>(&out).unwrap()["events"]
             .as_array()
             .unwrap()

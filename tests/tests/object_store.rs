@@ -130,7 +130,7 @@ fn archive_on_a_garage_cluster_survives_a_node_and_the_whole_store_going_down() 
     assert!(with_one_down > stored);
     // Retrieval too: an evicted item read back from the two nodes left.
     let export = |seed: usize| {
-        let (_, out, _) = spoolctl(
+        let out = tests::spoolctl_ok(
             &d,
             &[
                 "--json",

@@ -29,12 +29,12 @@ fn queue_tools_list_show_hold_release_requeue_delete() {
         out.contains(&a) && out.contains(&b) && out.contains("-- 2 message(s)"),
         "{out}"
     );
-    let (_, out, _) = spoolctl(&d, &["--json", "queue", "list", "--sender", "alice"]);
+    let out = tests::spoolctl_ok(&d, &["--json", "queue", "list", "--sender", "alice"]);
     let list = json(&out);
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["id"], a.as_str());
     assert_eq!(list[0]["recipients"][0], "x@example.org");
-    let (_, out, _) = spoolctl(&d, &["--json", "queue", "list", "--rcpt", "y@"]);
+    let out = tests::spoolctl_ok(&d, &["--json", "queue", "list", "--rcpt", "y@"]);
     assert_eq!(json(&out)[0]["id"], b.as_str());
 
     let (code, out, _) = spoolctl(&d, &["queue", "show", &a]);
@@ -47,13 +47,13 @@ fn queue_tools_list_show_hold_release_requeue_delete() {
     assert_eq!(spoolctl(&d, &["queue", "hold", &a]).0, 0);
     assert!(d.folder("hold").contains(&format!("{a}.env")));
     assert!(!d.spooled_ids().contains(&a));
-    let (_, out, _) = spoolctl(&d, &["--json", "queue", "list", "--folder", "hold"]);
+    let out = tests::spoolctl_ok(&d, &["--json", "queue", "list", "--folder", "hold"]);
     assert_eq!(json(&out).as_array().unwrap().len(), 1);
     assert_eq!(spoolctl(&d, &["queue", "release", &a]).0, 0);
     assert!(d.spooled_ids().contains(&a));
 
     assert_eq!(spoolctl(&d, &["queue", "requeue", &a, &b]).0, 0);
-    let (_, out, _) = spoolctl(&d, &["--json", "flush"]);
+    let out = tests::spoolctl_ok(&d, &["--json", "flush"]);
     assert_eq!(json(&out)["requeued"], 2);
 
     let (code, _, _) = spoolctl(&d, &["queue", "delete", "--all", "--sender", "bob"]);

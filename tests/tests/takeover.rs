@@ -70,7 +70,13 @@ fn takeover_takeback_and_recover_lose_nothing() {
 
     // B takes over, delivers its replicas, and takes new mail.
     assert_eq!(spoolctl(&b, &["role", "active"]).0, 0);
-    acked.extend(send(&b, 10_000, 60));
+    let on_b = send(&b, 10_000, 60);
+    assert_eq!(
+        on_b.len(),
+        60,
+        "the promoted partner acknowledges every message"
+    );
+    acked.extend(on_b);
 
     // A comes back as passive; B replicates to it. Then takeback: B passive, A active.
     a.extra_args
@@ -118,7 +124,8 @@ fn takeover_takeback_and_recover_lose_nothing() {
         "B holds what A does not: {b_extra:?}"
     );
     // Idempotent: a second run finds nothing to do.
-    let (_, out, _) = spoolctl(&a, &["--json", "recover"]);
+    let (code, out, err) = spoolctl(&a, &["--json", "recover"]);
+    assert_eq!(code, 0, "{out}{err}");
     let again = json(&out);
     assert!(
         again["moved"].as_array().unwrap().is_empty()
@@ -272,7 +279,7 @@ fn leftover_scenario(failpoint: Option<&str>) {
     );
 
     // Idempotent: a second run moves and removes nothing and keeps the replicas.
-    let (_, out, _) = spoolctl(&a, &["--json", "recover"]);
+    let out = tests::spoolctl_ok(&a, &["--json", "recover"]);
     let again = json(&out);
     assert!(
         again["plan"]
@@ -382,7 +389,7 @@ fn recover_from_a_copied_out_spool_folder() {
     assert_eq!(r["moved"].as_array().unwrap().len(), 3);
     assert_eq!(r["failed"].as_array().unwrap().len(), 1);
     assert_eq!(fresh.spooled_ids().len(), 3);
-    let (_, out, _) = spoolctl(
+    let (code, out, _) = spoolctl(
         &fresh,
         &[
             "--json",
@@ -392,6 +399,8 @@ fn recover_from_a_copied_out_spool_folder() {
         ],
     );
     let again = json(&out);
+    assert_eq!(code, 1, "the tampered pair still fails: {again}");
+    assert_eq!(again["failed"].as_array().unwrap().len(), 1);
     assert_eq!(
         again["held_here_kept"].as_array().unwrap().len(),
         3,
