@@ -10,6 +10,7 @@
 
 pub mod body;
 pub mod envelope;
+pub mod failpoint;
 pub mod id;
 pub mod layout;
 pub mod recovery;

@@ -514,7 +514,7 @@ impl Publisher {
                 Err(e) => job.error = Some(e),
             }
         }
-        let dir_result = if renamed > 0 {
+        let dir_result = if renamed > 0 && !crate::failpoint::skip_spool_dir_fsync() {
             self.spool_dir.sync_all()
         } else {
             Ok(())

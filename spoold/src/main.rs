@@ -132,7 +132,7 @@ fn main() -> ExitCode {
     if let Ok(point) = std::env::var("SPOOLD_FAILPOINT") {
         tracing::warn!(
             failpoint = %point,
-            "SPOOLD_FAILPOINT is set: this daemon will abort on purpose when takeover recovery reaches that step (a test hook; never set it in production)"
+            "SPOOLD_FAILPOINT is set: this daemon will fail on purpose at that point (a test hook; never set it in production)"
         );
     }
     let cfg = match load_config(&cli) {

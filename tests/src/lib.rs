@@ -220,7 +220,7 @@ impl Daemon {
     }
 
     /// A daemon handle, not started.
-    fn unstarted(args: &[&str]) -> Daemon {
+    pub fn unstarted(args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         Daemon {
             child: None,

@@ -3,7 +3,8 @@
 //! alike, when the power is "cut". Under SMTP load the daemon is killed and the power cut at a
 //! random instant, the file system remounted and the daemon restarted: every message that got a
 //! `250` must be there, whole, and no half-written pair may be visible. The harness is shown
-//! to fail a writer that skips an fsync. Writer modes: io_uring and the portable writer (both
+//! to forget what a writer that skips an fsync would lose, and the check to fail a daemon built
+//! to skip its directory fsync (a fail-point of debug builds). Writer modes: io_uring and the portable writer (both
 //! with named files: FUSE has no `O_TMPFILE` here); `syncfs` is not tested, since it does not
 //! reach a FUSE server, and `spool.sync = auto` must not choose it on such a file system.
 //! The random seed is printed; `TEST_SEED=<n>` replays a run.
@@ -130,4 +131,41 @@ fn power_cut_under_load_with_io_uring() {
 #[test]
 fn power_cut_under_load_with_the_portable_writer() {
     power_cuts_under_load("portable writer", "io_uring = false", 3);
+}
+
+/// The check above catches the bug it exists for: a daemon that acknowledges before the names
+/// of its files are durable (the `skip-spool-dir-fsync` fail-point: no fsync of `spool/` after
+/// linking a round) loses acknowledged messages at the cut, and the same check fails.
+#[test]
+fn a_daemon_that_skips_its_directory_fsync_fails_the_power_cut_check() {
+    for (mode, settings) in [("io_uring", ""), ("portable writer", "io_uring = false")] {
+        let (dir, mut fs, mnt) = mounted();
+        let cfg = write_config(dir.path(), &format!("[spool]\n{settings}\n"));
+        let mut d = Daemon::unstarted(&["--no-delivery", "--config", &cfg]);
+        d.state = mnt.clone();
+        d.extra_env = vec![("SPOOLD_FAILPOINT".into(), "skip-spool-dir-fsync".into())];
+        d.restart();
+        let acked = Acked::default();
+        let load = CrashLoad::start(d.smtp, 4, 90, |_| 2_500, &acked);
+        std::thread::sleep(Duration::from_millis(800));
+        d.kill9();
+        load.stop();
+        fs.cut().unwrap();
+        d.extra_env.clear();
+        d.restart();
+        let acked = acked.lock().unwrap();
+        assert!(acked.len() > 20, "{mode}: too little load: {}", acked.len());
+        let check = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tests::assert_acknowledged_whole(&d, &acked, mode)
+        }));
+        let held = d.spooled_ids().len();
+        eprintln!(
+            "{mode}, directory fsync skipped: {} acknowledged, {held} in spool/ after the cut",
+            acked.len()
+        );
+        assert!(
+            check.is_err(),
+            "{mode}: the power-cut check passed a daemon that skips its directory fsync"
+        );
+    }
 }
