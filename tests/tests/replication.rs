@@ -622,3 +622,169 @@ fn a_silent_partner_is_dropped_after_a_few_heartbeats_and_caught_up_when_it_answ
         ids(&b).len()
     );
 }
+
+/// A pair whose `[ha]` sections end with `ha_extra`, both spooling without delivering, link up.
+fn pair_with(ha_extra: &str) -> (tests::PairConfig, Daemon, Daemon) {
+    let p = pair_config("", None);
+    for path in [&p.a_config, &p.b_config] {
+        let text = std::fs::read_to_string(path).unwrap();
+        std::fs::write(path, format!("{text}{ha_extra}")).unwrap();
+    }
+    let a = Daemon::start_with(&["--config", &p.a_config]);
+    let b = Daemon::start_with(&["--config", &p.b_config]);
+    assert!(wait_until(10, || a.metric("spoold_ha_link_up") == Some(1.0)));
+    (p, a, b)
+}
+
+/// One message on a new session: the reply to its data, and how long that reply took.
+fn send_one(d: &Daemon, n: usize) -> (String, Duration) {
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO frozen");
+    let body = tests::sample_body(n, 800);
+    let started = Instant::now();
+    let reply = c.send_mail("s@example.com", &["r@example.org"], &body);
+    (reply, started.elapsed())
+}
+
+/// Sync mode against a partner that is frozen (SIGSTOP: its connections stay open and nothing
+/// answers), not down: after `sync_timeout_ms`, `reject` answers `451` and keeps nothing,
+/// `accept` answers `250` and counts the fallback to async.
+#[test]
+fn sync_mode_with_a_frozen_partner_answers_as_sync_partner_down_says() {
+    for policy in ["reject", "accept"] {
+        let (_p, a, b) = pair_with(&format!(
+            "replication = \"sync\"\nsync_partner_down = \"{policy}\"\nsync_timeout_ms = 500\n"
+        ));
+        b.signal(libc::SIGSTOP);
+        let replies: Vec<(String, Duration)> = (0..2).map(|n| send_one(&a, n)).collect();
+        b.signal(libc::SIGCONT);
+        eprintln!("sync, {policy}, partner frozen: {replies:?}");
+        for (reply, took) in &replies {
+            let want = if policy == "reject" {
+                "451 4.3.0"
+            } else {
+                "250 2.0.0"
+            };
+            assert!(reply.starts_with(want), "{policy}: {reply}");
+            assert!(
+                *took >= Duration::from_millis(450),
+                "{policy}: answered after {took:?}, before the sync timeout"
+            );
+        }
+        let (rejected, fallbacks) = (
+            a.metric("spoold_ha_sync_rejected_total"),
+            a.metric("spoold_ha_sync_fallbacks_total"),
+        );
+        if policy == "reject" {
+            assert_eq!((rejected, fallbacks), (Some(2.0), Some(0.0)));
+            assert!(a.spooled_ids().is_empty(), "withdrawn: nothing kept");
+        } else {
+            assert_eq!((rejected, fallbacks), (Some(0.0), Some(2.0)));
+            assert_eq!(a.spooled_ids().len(), 2);
+            assert!(
+                wait_until(10, || ids(&b) == ids(&a)),
+                "replicated once the partner answers"
+            );
+        }
+    }
+    // A partner that thaws within the timeout: the `250` waits for it, and from then on it
+    // holds the message, even when the active unit dies right after answering.
+    let (_p, mut a, b) = pair_with(
+        "replication = \"sync\"\nsync_partner_down = \"reject\"\nsync_timeout_ms = 2500\n",
+    );
+    b.signal(libc::SIGSTOP);
+    let pid = b.child.as_ref().unwrap().id() as i32;
+    let thaw = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1000));
+        // SAFETY: kill(2) on the test's own child.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    });
+    let (reply, took) = send_one(&a, 7);
+    a.kill9();
+    thaw.join().unwrap();
+    eprintln!("sync, partner thawed after 1 s: {reply:?} in {took:?}");
+    assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "answered before the partner had it: {took:?}"
+    );
+    let id = queued_id(&reply).unwrap();
+    assert!(
+        wait_until(5, || ids(&b).contains(&id)),
+        "the partner holds {id}"
+    );
+}
+
+/// What sync mode buys: the active unit killed right after its `250`s. The partner is cut off
+/// (a partition: nothing sent reaches it) and comes back 1 s later; mail sent meanwhile gets
+/// its reply, and the active unit is killed at once. Async mode has acknowledged mail that only
+/// the dead unit holds; sync mode acknowledged only what the partner holds (it answered once
+/// the partner had the message, or refused with `451`).
+#[test]
+fn a_kill_right_after_the_250s_loses_nothing_in_sync_mode_and_async_mode_may() {
+    for mode in ["sync", "async"] {
+        let mut proxy = None;
+        let p = tests::pair_config_via("", None, |b| {
+            let px = tests::proxy::FaultProxy::start(b);
+            let addr = px.addr;
+            proxy = Some(px);
+            addr
+        });
+        let proxy = Arc::new(proxy.unwrap());
+        for path in [&p.a_config, &p.b_config] {
+            let text = std::fs::read_to_string(path).unwrap();
+            std::fs::write(
+                path,
+                format!("{text}replication = \"{mode}\"\nsync_partner_down = \"reject\"\nsync_timeout_ms = 2500\n"),
+            )
+            .unwrap();
+        }
+        let mut a = Daemon::start_with(&["--config", &p.a_config]);
+        let b = Daemon::start_with(&["--config", &p.b_config]);
+        assert!(wait_until(10, || a.metric("spoold_ha_link_up") == Some(1.0)));
+        proxy.partition(true);
+        let heal = {
+            let proxy = proxy.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(1000));
+                proxy.partition(false);
+            })
+        };
+        let senders: Vec<_> = (0..4)
+            .map(|n| {
+                let handle = Daemon::handle_for(a.smtp);
+                std::thread::spawn(move || send_one(&handle, 100 + n))
+            })
+            .collect();
+        let replies: Vec<(String, Duration)> =
+            senders.into_iter().map(|s| s.join().unwrap()).collect();
+        a.kill9();
+        heal.join().unwrap();
+        let acked: BTreeSet<String> = replies.iter().filter_map(|(r, _)| queued_id(r)).collect();
+        for (reply, _) in &replies {
+            assert!(
+                reply.starts_with("250 2.0.0") || reply.starts_with("451 4.3.0"),
+                "{mode}: {reply}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+        let on_b = ids(&b);
+        let missing: Vec<&String> = acked.difference(&on_b).collect();
+        eprintln!(
+            "{mode}: {} of 4 acknowledged (replies {:?}), {} of them missing on the partner after the kill",
+            acked.len(),
+            replies.iter().map(|(r, t)| format!("{} in {t:?}", &r[..3])).collect::<Vec<_>>(),
+            missing.len()
+        );
+        if mode == "sync" {
+            assert!(missing.is_empty(), "sync mode lost {missing:?}");
+        } else {
+            assert_eq!(acked.len(), 4, "async mode acknowledges at once");
+            assert_eq!(
+                missing.len(),
+                4,
+                "async mode: the cut-off partner cannot hold what the active acknowledged"
+            );
+        }
+    }
+}
