@@ -928,7 +928,49 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
     call(&cli.state_dir, &req)
 }
 
+/// With `SPOOLPAIR_MAN_DIR` set, spoolctl writes its manual pages there and exits: `spoolctl.1`
+/// and one `spoolctl-<command>[-<subcommand>].1` per command, from the same definitions that
+/// parse its command line (so the two cannot drift). The Debian package is built with them.
+fn write_manuals(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let mut top = Cli::command();
+    top.build();
+    write_manual(dir, &top, &[])
+}
+
+/// The page of `cmd` (reached by `path` of subcommand names) and those of its subcommands.
+fn write_manual(dir: &std::path::Path, cmd: &clap::Command, path: &[&str]) -> std::io::Result<()> {
+    let mut names = vec!["spoolctl"];
+    names.extend_from_slice(path);
+    let page_name = names.join("-");
+    let page = cmd
+        .clone()
+        .name(page_name.clone())
+        .bin_name(names.join(" "));
+    let mut roff = Vec::new();
+    clap_mangen::Man::new(page).render(&mut roff)?;
+    std::fs::write(dir.join(format!("{page_name}.1")), roff)?;
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+        let mut deeper = path.to_vec();
+        deeper.push(sub.get_name());
+        write_manual(dir, sub, &deeper)?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
+    if let Some(dir) = std::env::var_os("SPOOLPAIR_MAN_DIR") {
+        return match write_manuals(std::path::Path::new(&dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "spoolctl: write the manual pages to {}: {e}",
+                    dir.to_string_lossy()
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     // Recovery can take a while on a large spool: count its steps (on a terminal only).
     let long = matches!(

@@ -116,9 +116,31 @@ fn load_config(cli: &Cli) -> Result<Config> {
 /// arenas (BENCHMARKS.md, "Memory").
 const MALLOC_ARENAS_MAX: libc::c_int = 2;
 
+/// With `SPOOLPAIR_MAN_DIR` set, spoold writes its manual page (`spoold.1`, from the same
+/// definitions that parse its command line, so the two cannot drift) there and exits: the
+/// Debian package is built with it.
+fn write_manual(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+    std::fs::write(dir.join("spoold.1"), page)
+}
+
 fn main() -> ExitCode {
     // SAFETY: mallopt is called before any other thread exists; it only sets a limit.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS_MAX) };
+    if let Some(dir) = std::env::var_os("SPOOLPAIR_MAN_DIR") {
+        return match write_manual(std::path::Path::new(&dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "spoold: write the manual page to {}: {e}",
+                    dir.to_string_lossy()
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
