@@ -155,6 +155,13 @@ impl Delivery {
             tracing::warn!("delivery.enabled = false: mail stays queued");
             return;
         }
+        if spool::failpoint::active("panic-in-queue-manager") {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            #[allow(clippy::panic)]
+            {
+                panic!("fail-point panic-in-queue-manager");
+            }
+        }
         let mut last_gauges = Instant::now() - Duration::from_secs(10);
         loop {
             if *shutdown.borrow() {

@@ -13,6 +13,7 @@ mod delivery;
 mod dsn;
 mod ha;
 mod handover;
+mod last_words;
 mod lifecycle;
 mod membership;
 mod metrics;
@@ -29,7 +30,7 @@ use clap::Parser;
 use config::Config;
 use metrics::Metrics;
 use queue::Queue;
-use serve::{accept_loop, follow_role, serve_http, spawn_watchdog};
+use serve::{accept_loop, follow_role, serve_http};
 use sink::SpoolSink;
 use spool::recovery::{recover, InsertOutcome};
 use spool::{Backend, BackendChoice, Folder, IdGenerator, Layout, SpoolWriter};
@@ -151,6 +152,8 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    last_words::log_panics();
+    last_words::log_fatal_signals();
     if let Ok(point) = std::env::var("SPOOLD_FAILPOINT") {
         tracing::warn!(
             failpoint = %point,
@@ -514,7 +517,7 @@ async fn run(cfg: Config) -> Result<()> {
     ));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let sessions = serve::Sessions::new();
-    let accept = tokio::spawn(accept_loop(
+    let mut accept = tokio::spawn(accept_loop(
         smtp_listener,
         server_cfg_rx,
         sink.clone(),
@@ -523,14 +526,14 @@ async fn run(cfg: Config) -> Result<()> {
         cfg.smtp.sessions_max,
         replicator.clone(),
     ));
-    let delivery_task = tokio::spawn(delivery.clone().run(shutdown_rx.clone()));
+    let mut delivery_task = tokio::spawn(delivery.clone().run(shutdown_rx.clone()));
     if let Some(l) = cluster_listener {
         tokio::spawn(membership.clone().serve(l));
     }
     tokio::spawn(membership.keep_in_sync());
     ready.store(true, Ordering::SeqCst);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    spawn_watchdog();
+    last_words::watch_runtime();
     tracing::info!(
         smtp = %cfg.smtp.listen,
         http = %cfg.http.listen,
@@ -542,10 +545,25 @@ async fn run(cfg: Config) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut usr2 = signal(SignalKind::user_defined2()).context("install SIGUSR2 handler")?;
+    // The accept loop and the queue manager run until shutdown: either ending before it is a
+    // daemon that can no longer do its job, said in the log and ended with exit 1 (systemd
+    // restarts it).
+    let mut failure = None;
+    let (mut accept_ended, mut delivery_ended) = (false, !cfg.delivery.enabled);
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            ended = &mut accept, if !accept_ended => {
+                accept_ended = true;
+                failure = Some(format!("the SMTP accept loop ended: {}", task_end(ended)));
+                break;
+            }
+            ended = &mut delivery_task, if !delivery_ended => {
+                delivery_ended = true;
+                failure = Some(format!("the queue manager ended: {}", task_end(ended)));
+                break;
+            }
             _ = usr2.recv() => {
                 match insert(&lifecycle).await {
                     Ok(o) => tracing::info!(pairs = o.len(), "input/ insertion done"),
@@ -562,9 +580,13 @@ async fn run(cfg: Config) -> Result<()> {
     if !sessions.wait_closed(SHUTDOWN_GRACE).await {
         tracing::warn!("sessions still open after the grace period: their messages get 451");
     }
-    accept.abort();
-    let _ = accept.await;
-    let _ = delivery_task.await;
+    if !accept_ended {
+        accept.abort();
+        let _ = accept.await;
+    }
+    if !delivery_ended {
+        let _ = delivery_task.await;
+    }
     drop(delivery);
     // Finishes what was submitted; anything later is refused (a 451 to its client).
     let s = sink.clone();
@@ -572,6 +594,18 @@ async fn run(cfg: Config) -> Result<()> {
         .await
         .context("writer shutdown")?;
     let _ = std::fs::remove_file(admin::Admin::socket_path(&layout));
+    if let Some(why) = failure {
+        anyhow::bail!("{why}");
+    }
     tracing::info!("spoold stopped");
     Ok(())
+}
+
+/// How a task that should have run until shutdown ended.
+fn task_end<T>(ended: Result<T, tokio::task::JoinError>) -> String {
+    match ended {
+        Ok(_) => "it returned".into(),
+        Err(e) if e.is_panic() => "it panicked (the panic is logged above)".into(),
+        Err(e) => format!("it was cancelled: {e}"),
+    }
 }

@@ -250,17 +250,3 @@ pub async fn follow_role(
         }
     }
 }
-
-/// Pings systemd's watchdog at half its interval when `WatchdogSec=` is set.
-pub fn spawn_watchdog() {
-    let mut usec = 0u64;
-    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
-        let every = Duration::from_micros(usec / 2);
-        tokio::spawn(async move {
-            loop {
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-                tokio::time::sleep(every).await;
-            }
-        });
-    }
-}
