@@ -342,11 +342,50 @@ pub struct ConfigKey {
     pub key: String,
     /// Its value in this unit's configuration file (or the default).
     pub file: Option<serde_json::Value>,
-    /// The levels that set it (`cluster`, `machine:<node>`): value (`None`: unset there) and
-    /// the stamp of the change (`ms.counter@node`).
-    pub levels: Vec<(String, Option<serde_json::Value>, String)>,
+    /// The levels that set it.
+    pub levels: Vec<LevelValue>,
     /// What applies on this unit.
     pub effective: Option<serde_json::Value>,
+}
+
+/// A level's value of one key in [`ConfigKey`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LevelValue {
+    /// `cluster`, `group:<name>` or `machine:<node>`.
+    pub level: String,
+    /// The value set there (`None`: unset there).
+    pub value: Option<serde_json::Value>,
+    /// The stamp of the change (`ms.counter@node`).
+    pub stamp: String,
+}
+
+/// A change that lost to a newer one, in [`ConfigShown`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigConflict {
+    /// The key.
+    pub key: String,
+    /// The level it was made at.
+    pub level: String,
+    /// The value that lost (`None`: an unset).
+    pub value: Option<serde_json::Value>,
+    /// Its stamp (`ms.counter@node`: when and where it was made).
+    pub stamp: String,
+    /// The stamp of the change that won.
+    pub lost_to: String,
+}
+
+impl std::fmt::Display for ConfigConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let value = self
+            .value
+            .as_ref()
+            .map_or("(unset)".to_string(), |v| v.to_string());
+        write!(
+            f,
+            "{} {} {value} {}, lost to {}",
+            self.key, self.level, self.stamp, self.lost_to
+        )
+    }
 }
 
 /// [`Request::ConfigShow`].
@@ -354,8 +393,8 @@ pub struct ConfigKey {
 pub struct ConfigShown {
     /// The keys.
     pub keys: Vec<ConfigKey>,
-    /// Changes that lost to a newer one (`key level value stamp, lost to stamp`).
-    pub conflicts: Vec<String>,
+    /// Changes that lost to a newer one.
+    pub conflicts: Vec<ConfigConflict>,
     /// Keys that never leave their unit.
     pub machine_only: Vec<String>,
 }
@@ -415,12 +454,32 @@ pub struct ClusterList {
     pub cluster: Option<String>,
     /// This unit.
     pub node: String,
-    /// Members: node name, cluster-link address, group.
-    pub members: Vec<(String, String, Option<String>)>,
+    /// Members.
+    pub members: Vec<ListedMember>,
     /// Groups and the machines in each.
-    pub groups: Vec<(String, Vec<String>)>,
+    pub groups: Vec<ListedGroup>,
     /// What happened (a join's backup, members told of a change or not).
     pub notes: Vec<String>,
+}
+
+/// A member in [`ClusterList`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedMember {
+    /// Its node name.
+    pub node: String,
+    /// Its cluster-link address.
+    pub addr: String,
+    /// Its group, if any.
+    pub group: Option<String>,
+}
+
+/// A group in [`ClusterList`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedGroup {
+    /// Its name.
+    pub name: String,
+    /// The machines in it.
+    pub machines: Vec<String>,
 }
 
 /// [`Request::ClusterCheck`].

@@ -83,7 +83,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: MachineCmd,
     },
-    /// Follow messages through this unit and its partner: every event of the messages QUERY
+    /// Follow messages through this unit and every other member of its cluster (its partner
+    /// when it is in no cluster): every event of the messages QUERY
     /// selects (accepted, replicated, scanned, each delivery attempt, bounced, archived,
     /// removed, moved by takeover recovery), oldest first, naming the unit of each.
     /// QUERY: id:ID msgid:<...> from:ADDR to:ADDR or a bare term (any of them), narrowed by
@@ -493,8 +494,13 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
             };
             for k in &r.keys {
                 out.push_str(&format!("{}\n  file:      {}\n", k.key, show(&k.file)));
-                for (level, value, stamp) in &k.levels {
-                    out.push_str(&format!("  {level}: {}  ({stamp})\n", show(value)));
+                for l in &k.levels {
+                    out.push_str(&format!(
+                        "  {}: {}  ({})\n",
+                        l.level,
+                        show(&l.value),
+                        l.stamp
+                    ));
                 }
                 out.push_str(&format!("  effective: {}\n", show(&k.effective)));
             }
@@ -593,21 +599,24 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
                 None => out.push_str(&format!("{}: in no cluster\n", r.node)),
                 Some(c) => {
                     out.push_str(&format!("cluster {c} ({} here)\n", r.node));
-                    for (node, addr, group) in &r.members {
+                    for m in &r.members {
                         out.push_str(&format!(
-                            "  member {node:<16} {addr:<22} group {}\n",
-                            group.as_deref().unwrap_or("-")
+                            "  member {:<16} {:<22} group {}\n",
+                            m.node,
+                            m.addr,
+                            m.group.as_deref().unwrap_or("-")
                         ));
                     }
                 }
             }
-            for (g, nodes) in &r.groups {
+            for g in &r.groups {
                 out.push_str(&format!(
-                    "  group {g}: {}\n",
-                    if nodes.is_empty() {
+                    "  group {}: {}\n",
+                    g.name,
+                    if g.machines.is_empty() {
                         "(empty)".to_string()
                     } else {
-                        nodes.join(", ")
+                        g.machines.join(", ")
                     }
                 ));
             }

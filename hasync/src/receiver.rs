@@ -62,7 +62,7 @@ impl Replicator {
                         if matches!(e, LinkError::AuthFailed { .. }) {
                             me.observer.auth_failure();
                         }
-                        tracing::warn!(%from, "peer link refused: {e}");
+                        tracing::warn!(%from, "replication link refused: {e}");
                     }
                 }
             });

@@ -26,7 +26,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[non_exhaustive]
 pub enum LinkError {
     /// Socket or TLS error.
-    #[error("peer link I/O: {0}")]
+    #[error("link I/O: {0}")]
     Io(#[from] std::io::Error),
     /// The peer's proof did not verify: wrong shared secret, or a replayed proof.
     #[error("peer {node:?} failed authentication (wrong shared secret or replayed proof)")]
@@ -35,10 +35,10 @@ pub enum LinkError {
         node: String,
     },
     /// The peer speaks something else.
-    #[error("peer link protocol: {0}")]
+    #[error("link protocol: {0}")]
     Protocol(String),
     /// Handshake took too long.
-    #[error("peer link handshake timed out")]
+    #[error("link handshake timed out")]
     Timeout,
 }
 

@@ -145,8 +145,50 @@ pub enum BodyError {
 }
 
 /// A stored body, memory-mapped. An empty body maps to an empty slice.
+///
+/// While it lives, its file is registered as mapped ([`MAPPED`]): the recycling of removed
+/// messages' files (which truncates a file and writes new mail into it) passes it by. A file is
+/// otherwise never changed in place after its commit round, only renamed or removed, which
+/// leaves a mapping valid.
 pub struct MappedBody {
     map: Option<memmap2::Mmap>,
+    /// The mapped file's (device, inode), registered in [`MAPPED`].
+    inode: (u64, u64),
+}
+
+/// The files (device, inode) that live [`MappedBody`]s map in this process, with how many map
+/// each. A file that is recycled while mapped loses its pages under the reader: touching them
+/// past the new end of file kills the process with SIGBUS. The recycler checks this set and
+/// truncates under its lock ([`open_recycled`]); a reader registers under the same lock before
+/// it checks the file's length, so one always sees the other.
+static MAPPED: std::sync::Mutex<Option<std::collections::HashMap<(u64, u64), usize>>> =
+    std::sync::Mutex::new(None);
+
+fn mapped_set(
+) -> std::sync::MutexGuard<'static, Option<std::collections::HashMap<(u64, u64), usize>>> {
+    MAPPED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn inode_of(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
+/// Opens the recycled file at `path` for new content (truncated), unless a [`MappedBody`]
+/// maps it: then `None`, and the file stays in the pool for later.
+pub(crate) fn open_recycled(path: &std::path::Path) -> io::Result<Option<File>> {
+    let set = mapped_set();
+    let inode = inode_of(&std::fs::symlink_metadata(path)?);
+    if set.as_ref().is_some_and(|m| m.contains_key(&inode)) {
+        return Ok(None);
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)?;
+    drop(set);
+    Ok(Some(file))
 }
 
 impl MappedBody {
@@ -167,6 +209,15 @@ impl MappedBody {
     /// (the archive): hashing twice would cost a second pass over every message.
     pub fn open(path: &std::path::Path, len: u64) -> Result<Self, BodyError> {
         let file = File::open(path)?;
+        let meta = file.metadata()?;
+        let inode = inode_of(&meta);
+        // Registered before the length is read: a recycler that truncated the file first is
+        // seen in the length, one that comes later sees the registration.
+        *mapped_set()
+            .get_or_insert_with(Default::default)
+            .entry(inode)
+            .or_insert(0) += 1;
+        let body = MappedBody { map: None, inode };
         let actual = file.metadata()?.len();
         if actual != len {
             return Err(BodyError::Length {
@@ -174,19 +225,34 @@ impl MappedBody {
                 actual,
             });
         }
-        let map = if actual == 0 {
-            None
-        } else {
-            // SAFETY: spool files are never modified in place after their commit round; they
-            // are only renamed or removed, which leaves an existing mapping valid.
-            Some(unsafe { memmap2::Mmap::map(&file)? })
-        };
-        Ok(MappedBody { map })
+        if actual == 0 {
+            return Ok(body);
+        }
+        // SAFETY: spool files are never modified in place after their commit round (they are
+        // only renamed or removed, which leaves the mapping valid), and the one exception,
+        // recycling, passes by a file registered in MAPPED, as this one now is.
+        let mut body = body;
+        body.map = Some(unsafe { memmap2::Mmap::map(&file)? });
+        Ok(body)
     }
 
     /// The body's bytes.
     pub fn bytes(&self) -> &[u8] {
         self.map.as_deref().unwrap_or(&[])
+    }
+}
+
+impl Drop for MappedBody {
+    fn drop(&mut self) {
+        let mut set = mapped_set();
+        if let Some(m) = set.as_mut() {
+            if let Some(n) = m.get_mut(&self.inode) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.inode);
+                }
+            }
+        }
     }
 }
 

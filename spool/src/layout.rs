@@ -129,13 +129,23 @@ impl Layout {
         }
     }
 
-    /// Takes a recycled file's path (in `tmp/`), if the pool has one.
-    pub fn take_recycled(&self) -> Option<PathBuf> {
-        self.pool
-            .names
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
+    /// Takes a recycled file (in `tmp/`) for new content: opened for writing and truncated,
+    /// with its path. A file some reader still maps stays in the pool (rewriting it would pull
+    /// the pages from under that reader); one that cannot be opened is dropped from it.
+    pub fn take_recycled(&self) -> Option<(File, PathBuf)> {
+        let mut names = self.pool.names.lock().unwrap_or_else(|p| p.into_inner());
+        let mut i = names.len();
+        while i > 0 {
+            i -= 1;
+            match crate::body::open_recycled(&names[i]) {
+                Ok(Some(file)) => return Some((file, names.swap_remove(i))),
+                Ok(None) => {} // mapped: later
+                Err(_) => {
+                    let _ = fs::remove_file(names.swap_remove(i));
+                }
+            }
+        }
+        None
     }
 
     /// Files waiting for reuse.

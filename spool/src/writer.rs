@@ -570,18 +570,8 @@ impl Worker {
     /// A new, empty file for one part: a recycled file from `tmp/` (truncated), else nameless
     /// in `spool/`, or `tmp/<id>.<part>`.
     fn create(&self, id: &MessageId, part: Part) -> io::Result<(File, Option<PathBuf>)> {
-        while let Some(path) = self.layout.take_recycled() {
-            match OpenOptions::new()
-                .write(true)
-                .truncate(true)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(&path)
-            {
-                Ok(f) => return Ok((f, Some(path))),
-                Err(_) => {
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
+        if let Some((f, path)) = self.layout.take_recycled() {
+            return Ok((f, Some(path)));
         }
         if self.nameless {
             if let Some(f) = self.spares.as_ref().and_then(|s| s.files.try_recv().ok()) {

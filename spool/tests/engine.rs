@@ -471,3 +471,58 @@ fn the_publish_hook_gets_each_published_message_with_its_contents() {
     let expected = (id, true, env, b"Received: x\r\n\r\nbody\r\n".to_vec(), true);
     assert_eq!(seen, vec![expected]);
 }
+
+/// Regression: a removed message's files are recycled, truncated and rewritten in place for new
+/// mail; a reader still mapping the old body (a replication sender, a delivery's DSN, the
+/// archive) then touched pages past the new end of file and the process died of SIGBUS, without
+/// a line in its log. A mapped file is not reused while it is mapped.
+#[test]
+fn a_body_still_mapped_is_not_recycled_under_its_reader() {
+    for backend in [BackendChoice::Portable, BackendChoice::Auto] {
+        let (_d, layout, ids) = setup();
+        layout.set_recycling(16);
+        let writer = SpoolWriter::start(
+            layout.clone(),
+            WriterOptions {
+                backend,
+                batch_max: 64,
+                sync: SyncMode::PerFile,
+                nameless: true,
+            },
+            None,
+        )
+        .unwrap();
+        let commit = |body: &[u8]| {
+            let id = ids.next_id();
+            let env = envelope(&id, body).encode();
+            let parts = BodyParts {
+                spilled: None,
+                chunks: vec![Bytes::from(body.to_vec())],
+            };
+            writer.commit_blocking(id.clone(), env, parts).unwrap();
+            id
+        };
+        let old_body = body_of(7, 64 * 1024);
+        let old = commit(&old_body);
+        let mapped =
+            MappedBody::open(&layout.path(Folder::Spool, &old, Part::Body), 65536).unwrap();
+        layout.remove_pair(&old, Folder::Spool).unwrap();
+        assert_eq!(layout.recycled(), 2, "both files kept for reuse");
+        // New mail, shorter: it takes recycled files (but not the one still mapped).
+        for i in 0..4 {
+            let body = body_of(100 + i, 10);
+            let id = commit(&body);
+            assert_spooled_whole(&layout, &id, &body);
+        }
+        assert_eq!(
+            mapped.bytes(),
+            &old_body[..],
+            "{backend:?}: the mapping reads the old body"
+        );
+        drop(mapped);
+        // Unmapped, it is reused like any other.
+        let id = commit(&body_of(200, 10));
+        assert_spooled_whole(&layout, &id, &body_of(200, 10));
+        assert_eq!(layout.recycled(), 0, "{backend:?}");
+    }
+}

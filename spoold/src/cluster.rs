@@ -815,7 +815,11 @@ pub fn show(settings: &Settings, key: Option<&str>) -> Result<api::ConfigShown> 
                 levels: entries
                     .iter()
                     .filter(|e| e.key == k)
-                    .map(|e| (e.level.clone(), e.value.clone(), stamp(&e.stamp)))
+                    .map(|e| api::LevelValue {
+                        level: e.level.clone(),
+                        value: e.value.clone(),
+                        stamp: stamp(&e.stamp),
+                    })
                     .collect(),
                 effective: if k == GROUP_KEY {
                     entries
@@ -829,18 +833,12 @@ pub fn show(settings: &Settings, key: Option<&str>) -> Result<api::ConfigShown> 
             .collect(),
         conflicts: conflicts
             .iter()
-            .map(|c| {
-                format!(
-                    "{} {} {} {}, lost to {}",
-                    c.lost.key,
-                    c.lost.level,
-                    c.lost
-                        .value
-                        .as_ref()
-                        .map_or("(unset)".to_string(), |v| v.to_string()),
-                    stamp(&c.lost.stamp),
-                    stamp(&c.winner)
-                )
+            .map(|c| api::ConfigConflict {
+                key: c.lost.key.clone(),
+                level: c.lost.level.clone(),
+                value: c.lost.value.clone(),
+                stamp: stamp(&c.lost.stamp),
+                lost_to: stamp(&c.winner),
             })
             .collect(),
         machine_only: MACHINE_ONLY.iter().map(|k| k.to_string()).collect(),

@@ -166,10 +166,15 @@ impl Membership {
             link::ask(addr, cfg, Channel::ClusterConfig, op, arg),
         )
         .await
-        .map_err(|_| anyhow!("{addr}: no answer within {} s", ASK_WITHIN.as_secs()))?;
+        .map_err(|_| {
+            anyhow!(
+                "cluster link to {addr}: no answer within {} s",
+                ASK_WITHIN.as_secs()
+            )
+        })?;
         asked
-            .map_err(|e| anyhow!("{addr}: {e}"))?
-            .map_err(|e| anyhow!("{addr} refused: {e}"))
+            .map_err(|e| anyhow!("cluster link to {addr}: {e}"))?
+            .map_err(|e| anyhow!("cluster link to {addr}: refused: {e}"))
     }
 
     async fn ask(&self, o: &Other, ask: Ask, arg: &[u8]) -> Result<Bytes> {
@@ -535,12 +540,16 @@ impl Membership {
                 .settings
                 .members()
                 .into_iter()
-                .map(|(n, a)| {
-                    let g = group_of(&n);
-                    (n, a, g)
+                .map(|(node, addr)| api::ListedMember {
+                    group: group_of(&node),
+                    node,
+                    addr,
                 })
                 .collect(),
-            groups,
+            groups: groups
+                .into_iter()
+                .map(|(name, machines)| api::ListedGroup { name, machines })
+                .collect(),
             notes,
         }
     }

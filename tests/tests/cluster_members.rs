@@ -89,7 +89,7 @@ fn members(m: &Member) -> Vec<String> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|x| x[0].as_str().unwrap().to_string())
+        .map(|x| x["node"].as_str().unwrap().to_string())
         .collect()
 }
 
@@ -252,6 +252,13 @@ fn three_members_share_settings() {
         .unwrap()
         .clone();
     assert_eq!(gw_c["connected"], false, "{status}");
+    // The error names the link it happened on (the replication link's read the same before).
+    assert!(
+        gw_c["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("cluster link to ")),
+        "{status}"
+    );
     let t = Instant::now();
     c.d.restart();
     assert!(
@@ -288,10 +295,10 @@ fn three_members_share_settings() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|c| c
-                    .as_str()
-                    .unwrap()
-                    .starts_with("smtp.idle_timeout_secs cluster 111"))),
+                .any(|c| c["key"] == "smtp.idle_timeout_secs"
+                    && c["level"] == "cluster"
+                    && c["value"] == 111
+                    && c["lost_to"].is_string())),
             "{}",
             json(m, &["config", "show"])["conflicts"]
         );
@@ -327,7 +334,7 @@ fn three_members_share_settings() {
     let list = json(&a, &["cluster", "list"]);
     assert!(
         wait_until(3, || json(&a, &["cluster", "list"])["groups"]
-            == serde_json::json!([["edge_in", ["gw_c"]]])),
+            == serde_json::json!([{"name": "edge_in", "machines": ["gw_c"]}])),
         "{list}"
     );
     assert!(accepts(&c, "dmz.example"), "the group's settings followed");
