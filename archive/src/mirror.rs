@@ -41,6 +41,20 @@ pub struct PeerStats {
     pub errors: AtomicU64,
 }
 
+impl PeerStats {
+    /// How long the oldest unconfirmed item has waited, ms at `now_ms`; 0 with no backlog.
+    /// The two figures are counted at different moments (the backlog as items are confirmed,
+    /// the oldest item's time at each recount): an empty backlog has no oldest item, whatever
+    /// the last recount saw.
+    pub fn oldest_age_ms(&self, now_ms: u64) -> u64 {
+        let oldest = self.oldest_ms.load(Ordering::Relaxed);
+        if self.backlog.load(Ordering::Relaxed) == 0 || oldest == 0 {
+            return 0;
+        }
+        now_ms.saturating_sub(oldest)
+    }
+}
+
 /// What the receiving side has done.
 #[derive(Debug, Default)]
 pub struct ReceiverStats {
@@ -215,6 +229,9 @@ async fn session(
             .load(Ordering::Relaxed)
             .saturating_sub(confirmed as u64);
         stats.backlog.store(left, Ordering::Relaxed);
+        if left == 0 {
+            stats.oldest_ms.store(0, Ordering::Relaxed);
+        }
         backoff.reset();
     }
 }
@@ -317,4 +334,28 @@ async fn receive_session(
         w.flush().await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod oldest_age_tests {
+    use super::PeerStats;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn an_empty_backlog_has_no_oldest_age_whatever_the_last_recount_saw() {
+        // (backlog, oldest_ms at the last recount, now) → age in ms
+        let cases = [
+            (0, 0, 50_000, 0),
+            (0, 20_000, 50_000, 0), // caught up since the recount
+            (3, 20_000, 50_000, 30_000),
+            (3, 0, 50_000, 0),      // not recounted yet
+            (3, 60_000, 50_000, 0), // clock behind the item: never negative
+        ];
+        for (backlog, oldest, now, want) in cases {
+            let s = PeerStats::default();
+            s.backlog.store(backlog, Ordering::Relaxed);
+            s.oldest_ms.store(oldest, Ordering::Relaxed);
+            assert_eq!(s.oldest_age_ms(now), want, "{backlog} {oldest} {now}");
+        }
+    }
 }

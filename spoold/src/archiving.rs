@@ -363,12 +363,7 @@ impl Archiving {
             }
         }
         for (peer, s) in &self.mirrors {
-            let oldest = s.oldest_ms.load(Ordering::Relaxed);
-            let age = if oldest == 0 {
-                0.0
-            } else {
-                now.saturating_sub(oldest) as f64 / 1000.0
-            };
+            let age = s.oldest_age_ms(now) as f64 / 1000.0;
             m.archive_mirror_backlog
                 .with_label_values(&[peer])
                 .set(s.backlog.load(Ordering::Relaxed) as i64);
@@ -576,20 +571,13 @@ impl Archiving {
             mirrors: self
                 .mirrors
                 .iter()
-                .map(|(peer, s)| {
-                    let oldest = s.oldest_ms.load(Ordering::Relaxed);
-                    api::MirrorState {
-                        peer: peer.clone(),
-                        connected: s.connected.load(Ordering::Relaxed),
-                        backlog: s.backlog.load(Ordering::Relaxed),
-                        oldest_age_secs: if oldest == 0 {
-                            0
-                        } else {
-                            now.saturating_sub(oldest) / 1000
-                        },
-                        sent: s.sent.load(Ordering::Relaxed),
-                        auth_failures: s.auth_failures.load(Ordering::Relaxed),
-                    }
+                .map(|(peer, s)| api::MirrorState {
+                    peer: peer.clone(),
+                    connected: s.connected.load(Ordering::Relaxed),
+                    backlog: s.backlog.load(Ordering::Relaxed),
+                    oldest_age_secs: s.oldest_age_ms(now) / 1000,
+                    sent: s.sent.load(Ordering::Relaxed),
+                    auth_failures: s.auth_failures.load(Ordering::Relaxed),
                 })
                 .collect(),
             object_store: st.remote.map(|r| {

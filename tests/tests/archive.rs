@@ -153,6 +153,16 @@ fn mirrored_units_find_each_others_mail_and_a_killed_peer_catches_up() {
     assert!(wait_until(20, || ctl_json(&a, &["status"])["mirrors"][0]
         ["backlog"]
         == 0));
+    // Right after the catch-up: no backlog means no oldest item, in the same answer.
+    let caught_up = ctl_json(&a, &["status"])["mirrors"][0].clone();
+    assert_eq!(
+        (
+            caught_up["backlog"].as_u64(),
+            caught_up["oldest_age_secs"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{caught_up}"
+    );
     // The same figures for Prometheus (gauges refresh every 2 s).
     let m = |d: &Daemon, name: &str| d.metric(name).unwrap_or(-1.0);
     let to_b = format!("{{peer=\"{lb}\"}}");
