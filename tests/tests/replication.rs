@@ -788,3 +788,80 @@ fn a_kill_right_after_the_250s_loses_nothing_in_sync_mode_and_async_mode_may() {
         }
     }
 }
+
+/// Regression: a sender reading a message's body from its file (no outbox) keeps the mapping
+/// while the link drains; meanwhile the active unit delivers and removes the message, and its
+/// file was recycled for new mail, truncated under the mapping: the next read of those pages
+/// (rustls encrypting them once the link could take more) killed the daemon with SIGBUS and
+/// left no line in its log. The partner is frozen for a moment so that the link backs up.
+#[test]
+fn a_sender_reading_files_that_delivery_removes_and_recycles_keeps_the_daemon_alive() {
+    let sink = SmtpSink::start();
+    let p = pair_config(
+        &format!(
+            "[delivery]\ndefault_next_hop = \"{}\"\nretry_schedule_secs = [1]\n",
+            sink.addr
+        ),
+        None,
+    );
+    let mut config = std::fs::read_to_string(&p.a_config).unwrap();
+    config.push_str("outbox_bytes = 0\n"); // the [ha] table is the file's last
+    std::fs::write(&p.a_config, config).unwrap();
+    let mut a = Daemon::start_delivering(&["--config", &p.a_config]);
+    let b = Daemon::start_with(&["--config", &p.b_config]);
+    assert!(wait_until(10, || a.metric("spoold_ha_link_up") == Some(1.0)));
+    let mut acked = BTreeSet::new();
+    for round in 0..6 {
+        b.signal(libc::SIGSTOP);
+        let sent: Vec<_> = (0..4)
+            .map(|t| {
+                let smtp = a.smtp;
+                std::thread::spawn(move || {
+                    let (mut c, _) = Client::connect(smtp);
+                    c.cmd("EHLO big");
+                    let mut ids = Vec::new();
+                    for i in 0..15 {
+                        let n = round * 10_000 + t * 1_000 + i;
+                        let body = sample_body(n, 60_000 + (n % 7) * 20_000);
+                        let r = c.send_mail("s@example.com", &["r@example.org"], &body);
+                        match queued_id(&r) {
+                            Some(_) => ids.push(
+                                tests::message_id_of(&String::from_utf8_lossy(&body)).unwrap(),
+                            ),
+                            None => break,
+                        }
+                    }
+                    ids
+                })
+            })
+            .collect();
+        for s in sent {
+            acked.extend(s.join().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        b.signal(libc::SIGCONT);
+        std::thread::sleep(Duration::from_millis(500));
+        let alive = a.child.as_mut().unwrap().try_wait().unwrap();
+        assert!(
+            alive.is_none(),
+            "round {round}: the active unit died ({alive:?}):\n{}",
+            a.log_text()
+        );
+    }
+    assert!(acked.len() >= 300, "{}", acked.len());
+    assert!(
+        wait_until(60, || a.spooled_ids().is_empty()),
+        "the active unit's spool drains"
+    );
+    let arrivals = sink.arrivals();
+    let lost: Vec<&String> = acked
+        .iter()
+        .filter(|m| !arrivals.contains_key(*m))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged, never delivered: {lost:?}");
+    let from_spool = a.metric("spoold_ha_sent_adds_total{from=\"spool\"}");
+    eprintln!(
+        "{} acknowledged and delivered; ADDs read from the files: {from_spool:?}",
+        acked.len()
+    );
+}
