@@ -1075,6 +1075,27 @@ pub fn pair_config(extra: &str, b_secret: Option<&str>) -> PairConfig {
     pair_config_via(extra, b_secret, |b| b)
 }
 
+/// [`pair_config`] for a pair that delivers to `next_hop`, retrying every second.
+pub fn pair_delivering_to(next_hop: SocketAddr) -> PairConfig {
+    pair_config(
+        &format!("[delivery]\ndefault_next_hop = \"{next_hop}\"\nretry_schedule_secs = [1]\n"),
+        None,
+    )
+}
+
+/// [`pair_config`] where A reaches B's peer link through a [`proxy::FaultProxy`] (to partition
+/// the pair or slow its link).
+pub fn pair_config_through_proxy(extra: &str) -> (PairConfig, proxy::FaultProxy) {
+    let mut proxy = None;
+    let p = pair_config_via(extra, None, |b| {
+        let px = proxy::FaultProxy::start(b);
+        let addr = px.addr;
+        proxy = Some(px);
+        addr
+    });
+    (p, proxy.unwrap())
+}
+
 /// [`pair_config`] where A reaches B's peer link through `route(b_peer)` (a fault proxy).
 pub fn pair_config_via(
     extra: &str,

@@ -430,14 +430,7 @@ fn active_killed_in_async_mode_loses_at_most_the_lag_and_the_partner_takes_over(
 
 #[test]
 fn partition_through_a_fault_proxy_then_catch_up() {
-    let mut proxy = None;
-    let p = tests::pair_config_via("", None, |b| {
-        let px = tests::proxy::FaultProxy::start(b);
-        let addr = px.addr;
-        proxy = Some(px);
-        addr
-    });
-    let proxy = proxy.unwrap();
+    let (p, proxy) = tests::pair_config_through_proxy("");
     let a = Daemon::start_with(&["--config", &p.a_config]);
     let b = Daemon::start_with(&["--config", &p.b_config]);
     assert!(wait_until(10, || a.metric("spoold_ha_link_up") == Some(1.0)));
@@ -723,14 +716,8 @@ fn sync_mode_with_a_frozen_partner_answers_as_sync_partner_down_says() {
 #[test]
 fn a_kill_right_after_the_250s_loses_nothing_in_sync_mode_and_async_mode_may() {
     for mode in ["sync", "async"] {
-        let mut proxy = None;
-        let p = tests::pair_config_via("", None, |b| {
-            let px = tests::proxy::FaultProxy::start(b);
-            let addr = px.addr;
-            proxy = Some(px);
-            addr
-        });
-        let proxy = Arc::new(proxy.unwrap());
+        let (p, proxy) = tests::pair_config_through_proxy("");
+        let proxy = Arc::new(proxy);
         for path in [&p.a_config, &p.b_config] {
             let text = std::fs::read_to_string(path).unwrap();
             std::fs::write(
@@ -797,13 +784,7 @@ fn a_kill_right_after_the_250s_loses_nothing_in_sync_mode_and_async_mode_may() {
 #[test]
 fn a_sender_reading_files_that_delivery_removes_and_recycles_keeps_the_daemon_alive() {
     let sink = SmtpSink::start();
-    let p = pair_config(
-        &format!(
-            "[delivery]\ndefault_next_hop = \"{}\"\nretry_schedule_secs = [1]\n",
-            sink.addr
-        ),
-        None,
-    );
+    let p = tests::pair_delivering_to(sink.addr);
     let mut config = std::fs::read_to_string(&p.a_config).unwrap();
     config.push_str("outbox_bytes = 0\n"); // the [ha] table is the file's last
     std::fs::write(&p.a_config, config).unwrap();

@@ -28,13 +28,7 @@ fn takeover_takeback_and_recover_lose_nothing() {
     // A slow next hop, so that A holds a backlog when it is killed.
     let slow = tests::proxy::FaultProxy::start(sink.addr);
     slow.set_reply_delay_ms(100);
-    let p = pair_config(
-        &format!(
-            "[delivery]\ndefault_next_hop = \"{}\"\nretry_schedule_secs = [1]\n",
-            slow.addr
-        ),
-        None,
-    );
+    let p = tests::pair_delivering_to(slow.addr);
     let mut a = Daemon::start_delivering(&["--config", &p.a_config]);
     let b = Daemon::start_delivering(&["--config", &p.b_config]);
     assert!(wait_until(10, || a.metric("spoold_ha_link_up") == Some(1.0)));
