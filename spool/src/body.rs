@@ -157,16 +157,23 @@ pub struct MappedBody {
 }
 
 /// The files (device, inode) that live [`MappedBody`]s map in this process, with how many map
-/// each. A file that is recycled while mapped loses its pages under the reader: touching them
-/// past the new end of file kills the process with SIGBUS. The recycler checks this set and
-/// truncates under its lock ([`open_recycled`]); a reader registers under the same lock before
-/// it checks the file's length, so one always sees the other.
-static MAPPED: std::sync::Mutex<Option<std::collections::HashMap<(u64, u64), usize>>> =
-    std::sync::Mutex::new(None);
+/// each, and those being recycled right now. A file that is recycled while mapped loses its
+/// pages under the reader: touching them past the new end of file kills the process with
+/// SIGBUS. The recycler reserves a file that nobody maps before it truncates it
+/// ([`open_recycled`]); a reader registers before it reads the file's length and gives up on a
+/// file being recycled, so one always sees the other. The lock is held for the set operations
+/// only, never across a system call: readers take it on the async threads.
+static MAPPED: std::sync::Mutex<Option<Mapped>> = std::sync::Mutex::new(None);
 
-fn mapped_set(
-) -> std::sync::MutexGuard<'static, Option<std::collections::HashMap<(u64, u64), usize>>> {
-    MAPPED.lock().unwrap_or_else(|p| p.into_inner())
+#[derive(Default)]
+struct Mapped {
+    readers: std::collections::HashMap<(u64, u64), usize>,
+    recycling: std::collections::HashSet<(u64, u64)>,
+}
+
+fn with_mapped<T>(f: impl FnOnce(&mut Mapped) -> T) -> T {
+    let mut guard = MAPPED.lock().unwrap_or_else(|p| p.into_inner());
+    f(guard.get_or_insert_with(Default::default))
 }
 
 fn inode_of(meta: &std::fs::Metadata) -> (u64, u64) {
@@ -177,18 +184,18 @@ fn inode_of(meta: &std::fs::Metadata) -> (u64, u64) {
 /// Opens the recycled file at `path` for new content (truncated), unless a [`MappedBody`]
 /// maps it: then `None`, and the file stays in the pool for later.
 pub(crate) fn open_recycled(path: &std::path::Path) -> io::Result<Option<File>> {
-    let set = mapped_set();
     let inode = inode_of(&std::fs::symlink_metadata(path)?);
-    if set.as_ref().is_some_and(|m| m.contains_key(&inode)) {
+    let reserved = with_mapped(|m| !m.readers.contains_key(&inode) && m.recycling.insert(inode));
+    if !reserved {
         return Ok(None);
     }
-    let file = OpenOptions::new()
+    let opened = OpenOptions::new()
         .write(true)
         .truncate(true)
         .custom_flags(libc::O_CLOEXEC)
-        .open(path)?;
-    drop(set);
-    Ok(Some(file))
+        .open(path);
+    with_mapped(|m| m.recycling.remove(&inode));
+    opened.map(Some)
 }
 
 impl MappedBody {
@@ -212,11 +219,21 @@ impl MappedBody {
         let meta = file.metadata()?;
         let inode = inode_of(&meta);
         // Registered before the length is read: a recycler that truncated the file first is
-        // seen in the length, one that comes later sees the registration.
-        *mapped_set()
-            .get_or_insert_with(Default::default)
-            .entry(inode)
-            .or_insert(0) += 1;
+        // seen in the length, one that comes later sees the registration, and one at work now
+        // means the message is gone.
+        let registered = with_mapped(|m| {
+            if m.recycling.contains(&inode) {
+                return false;
+            }
+            *m.readers.entry(inode).or_insert(0) += 1;
+            true
+        });
+        if !registered {
+            return Err(BodyError::Io(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the message was removed (its file is being reused)",
+            )));
+        }
         let body = MappedBody { map: None, inode };
         let actual = file.metadata()?.len();
         if actual != len {
@@ -244,15 +261,14 @@ impl MappedBody {
 
 impl Drop for MappedBody {
     fn drop(&mut self) {
-        let mut set = mapped_set();
-        if let Some(m) = set.as_mut() {
-            if let Some(n) = m.get_mut(&self.inode) {
+        with_mapped(|m| {
+            if let Some(n) = m.readers.get_mut(&self.inode) {
                 *n -= 1;
                 if *n == 0 {
-                    m.remove(&self.inode);
+                    m.readers.remove(&self.inode);
                 }
             }
-        }
+        });
     }
 }
 

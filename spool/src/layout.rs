@@ -133,19 +133,35 @@ impl Layout {
     /// with its path. A file some reader still maps stays in the pool (rewriting it would pull
     /// the pages from under that reader); one that cannot be opened is dropped from it.
     pub fn take_recycled(&self) -> Option<(File, PathBuf)> {
-        let mut names = self.pool.names.lock().unwrap_or_else(|p| p.into_inner());
-        let mut i = names.len();
-        while i > 0 {
-            i -= 1;
-            match crate::body::open_recycled(&names[i]) {
-                Ok(Some(file)) => return Some((file, names.swap_remove(i))),
-                Ok(None) => {} // mapped: later
+        // Names are taken out one at a time and the pool's lock is not held while a file is
+        // opened (the remover adds to the pool meanwhile); mapped ones go back afterwards.
+        let pop = || {
+            self.pool
+                .names
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+        };
+        let mut mapped = Vec::new();
+        let mut taken = None;
+        while let Some(path) = pop() {
+            match crate::body::open_recycled(&path) {
+                Ok(Some(file)) => {
+                    taken = Some((file, path));
+                    break;
+                }
+                Ok(None) => mapped.push(path),
                 Err(_) => {
-                    let _ = fs::remove_file(names.swap_remove(i));
+                    let _ = fs::remove_file(&path);
                 }
             }
         }
-        None
+        if !mapped.is_empty() {
+            let mut names = self.pool.names.lock().unwrap_or_else(|p| p.into_inner());
+            // Back at the bottom of the stack: the newest files are tried first.
+            names.splice(0..0, mapped);
+        }
+        taken
     }
 
     /// Files waiting for reuse.
