@@ -515,30 +515,7 @@ pub struct ConfigChanged {
 }
 
 /// One thing that happened to a message on a unit (a line of its tracking log).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TrackEvent {
-    /// When, ms since the epoch.
-    pub t: u64,
-    /// The unit (node name).
-    pub unit: String,
-    /// Spool id.
-    pub id: String,
-    /// What: `accepted`, `inserted`, `replicated`, `scanned`, `delivered`, `deferred`,
-    /// `failed`, `bounced`, `archived`, `removed`, `deleted`, `recovered`, `replica-removed`.
-    pub ev: String,
-    /// Details (client and size, next hop and reply, verdict, ...).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub detail: String,
-    /// Envelope sender, on events that name the envelope.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from: Option<String>,
-    /// Envelope recipients, on events that name the envelope.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub to: Vec<String>,
-    /// The Message-ID header, on events that name the envelope.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub msgid: Option<String>,
-}
+pub use track::{Event as TrackEvent, EventKind};
 
 /// [`Request::Track`]: the events of every reachable unit, oldest first.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -644,14 +644,14 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
         Cmd::Track { limit, .. } => {
             let r: api::Tracked = data_as(data)?;
             for e in &r.events {
-                let when = chrono::DateTime::from_timestamp_millis(e.t as i64)
+                let when = chrono::DateTime::from_timestamp_millis(e.at_ms as i64)
                     .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
                     .unwrap_or_default();
-                let mut line = format!("{when}  {:<12} {:<15} {}", e.unit, e.ev, e.id);
-                if let Some(from) = &e.from {
-                    line.push_str(&format!("  <{from}> -> {}", e.to.join(", ")));
+                let mut line = format!("{when}  {:<12} {:<15} {}", e.unit, e.kind, e.spool_id);
+                if let Some(from) = &e.sender {
+                    line.push_str(&format!("  <{from}> -> {}", e.recipients.join(", ")));
                 }
-                if let Some(m) = &e.msgid {
+                if let Some(m) = &e.message_id {
                     line.push_str(&format!("  {m}"));
                 }
                 if !e.detail.is_empty() {

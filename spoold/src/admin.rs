@@ -497,7 +497,7 @@ impl Admin {
                 tracing::warn!(id = %id, folder = f.name(), "message deleted by spoolctl");
                 self.lifecycle.track.event(
                     id,
-                    "deleted",
+                    track::EventKind::Deleted,
                     format!("from {}/ by spoolctl", f.name()),
                 );
                 Ok(())

@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Semaphore};
+use track::EventKind;
 
 mod nexthop;
 use nexthop::{Hop, Routes};
@@ -281,7 +282,9 @@ impl Delivery {
                 StageOutcome::Quarantined(name) => format!("infected: {name}; quarantined"),
                 StageOutcome::Retry(why) => format!("scan failed, retried: {why}"),
             };
-            lifecycle.track.event(id, "scanned", verdict);
+            lifecycle
+                .track
+                .event(id, track::EventKind::Scanned, verdict);
             match outcome {
                 StageOutcome::Clean => {
                     self.metrics
@@ -406,11 +409,14 @@ impl Delivery {
             for (&i, r) in idx.iter().zip(&outcome) {
                 let rcpt = &env.recipients[i].address;
                 let (ev, detail) = match r {
-                    RcptResult::Delivered => ("delivered", format!("{rcpt} via {via}")),
-                    RcptResult::Deferred(why) => ("deferred", format!("{rcpt} via {via}: {why}")),
-                    RcptResult::Failed(f) => {
-                        ("failed", format!("{rcpt} via {via}: {}", f.diagnostic))
+                    RcptResult::Delivered => (EventKind::Delivered, format!("{rcpt} via {via}")),
+                    RcptResult::Deferred(why) => {
+                        (EventKind::Deferred, format!("{rcpt} via {via}: {why}"))
                     }
+                    RcptResult::Failed(f) => (
+                        EventKind::Failed,
+                        format!("{rcpt} via {via}: {}", f.diagnostic),
+                    ),
                     RcptResult::NotTried | RcptResult::Busy => continue,
                 };
                 self.sink.lifecycle.track.event(&id, ev, detail);
@@ -493,7 +499,7 @@ impl Delivery {
                     self.sink
                         .lifecycle
                         .track
-                        .event(&id, "archived", String::new());
+                        .event(&id, track::EventKind::Archived, String::new());
                 }
                 failed
             }
@@ -557,7 +563,7 @@ impl Delivery {
         tracing::info!(id = %env.id, delivered, failed = env.recipients.len() - delivered, "message removed from the spool");
         self.sink.lifecycle.track.event(
             &env.id,
-            "removed",
+            track::EventKind::Removed,
             format!(
                 "{delivered} delivered, {} failed",
                 env.recipients.len() - delivered
@@ -583,7 +589,7 @@ impl Delivery {
         tracing::info!(id = %env.id, dsn = %dsn_id, to = %env.sender, "bounce generated");
         self.sink.lifecycle.track.event(
             &env.id,
-            "bounced",
+            track::EventKind::Bounced,
             format!("DSN {dsn_id} to <{}>", env.sender),
         );
         Ok(())

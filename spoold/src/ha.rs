@@ -145,9 +145,9 @@ impl ReplicaStore for SpoolReplicas {
             }
             self.lifecycle.track.event_with(
                 &id,
-                "replicated",
+                track::EventKind::Replicated,
                 format!("from the partner, {} bytes", e.body_len),
-                crate::track::Envelope::of(&e, crate::track::message_id(&body)),
+                crate::lifecycle::tracked(&e, &body),
             );
             let (tx, rx) = tokio::sync::oneshot::channel();
             self.writer.submit(CommitRequest {
@@ -209,7 +209,7 @@ impl ReplicaStore for SpoolReplicas {
                     self.lifecycle.removed(id, f);
                     self.lifecycle.track.event(
                         id,
-                        "replica-removed",
+                        track::EventKind::ReplicaRemoved,
                         format!("from {}: delivered or removed on the partner", f.name()),
                     );
                     touched[k] = true;
@@ -228,7 +228,7 @@ impl ReplicaStore for SpoolReplicas {
     fn answer(&self, op: u8, request: &[u8]) -> Result<Bytes, String> {
         use hasync::proto::recovery_op::{SETTINGS, TRACK};
         match op {
-            TRACK => crate::track::answer(&self.lifecycle.track, request),
+            TRACK => crate::membership::answer_track(&self.lifecycle.track, request),
             SETTINGS => crate::cluster::answer_exchange(&self.lifecycle.settings, request),
             other => Err(format!("operation {other} is not answered here")),
         }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 /// See the module doc.
 pub struct Lifecycle {
     /// What happened to each message here (`spoolctl track`).
-    pub track: Arc<crate::track::Tracker>,
+    pub track: Arc<track::Tracker>,
     /// Clustered settings (`spoolctl config`), shared with the partner.
     pub settings: Arc<crate::cluster::Settings>,
     /// Paths.
@@ -47,6 +47,15 @@ fn read_head(path: &std::path::Path) -> Vec<u8> {
         let _ = f.take(16 << 10).read_to_end(&mut head);
     }
     head
+}
+
+/// The tracking log's view of an envelope, with the Message-ID from the message's head.
+pub fn tracked(env: &spool::Envelope, head: &[u8]) -> track::Envelope {
+    track::Envelope {
+        sender: env.sender.clone(),
+        recipients: env.recipients.iter().map(|r| r.address.clone()).collect(),
+        message_id: track::message_id(head),
+    }
 }
 
 impl Lifecycle {
@@ -89,9 +98,9 @@ impl Lifecycle {
                         let head = read_head(&self.layout.path(Folder::Spool, id, Part::Body));
                         self.track.event_with(
                             id,
-                            "inserted",
+                            track::EventKind::Inserted,
                             format!("from input/, {} bytes", env.body_len),
-                            crate::track::Envelope::of(&env, crate::track::message_id(&head)),
+                            crate::lifecycle::tracked(&env, &head),
                         );
                     }
                     self.metrics.inserted.inc();

@@ -23,7 +23,6 @@ mod sink;
 mod storage;
 mod takeover;
 mod tls;
-mod track;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -353,7 +352,10 @@ async fn run(cfg: Config) -> Result<()> {
     let track = track::Tracker::open(
         &cfg.node_name,
         &cfg.state_dir.join("track"),
-        metrics.track_dropped.clone(),
+        Box::new({
+            let dropped = metrics.track_dropped.clone();
+            move || dropped.inc()
+        }),
     )
     .context("open the message tracking log")?;
     let lifecycle = Arc::new(lifecycle::Lifecycle {

@@ -13,7 +13,6 @@
 //! Not here: the settings themselves, their levels, stamps and merge (`cluster.rs`).
 
 use crate::cluster::{Exchange, Settings, GROUP_KEY, GROUP_MARK_KEY, MEMBER_KEY, PROTOCOL};
-use crate::track::Tracker;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use peer::link::{self, LinkConfig};
@@ -23,6 +22,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use track::Tracker;
 
 /// How often a unit exchanges its settings with each member, besides right after a change
 /// here: a member that was away catches up within this of its return.
@@ -367,7 +367,7 @@ impl Membership {
     fn answer(&self, op: u8, from: &str, arg: &[u8]) -> Result<Bytes, String> {
         match op {
             cluster_op::SETTINGS => crate::cluster::answer_exchange(&self.settings, arg),
-            cluster_op::TRACK => crate::track::answer(&self.tracker, arg),
+            cluster_op::TRACK => answer_track(&self.tracker, arg),
             cluster_op::JOIN => self.admit(from, arg).map_err(|e| format!("{e:#}")),
             other => Err(format!("cluster operation {other} is not answered here")),
         }
@@ -737,7 +737,7 @@ impl Membership {
     /// `spoolctl track`: this unit's events and every other unit's, merged by time; a unit
     /// that cannot be asked is named in the answer's notes.
     pub async fn track(&self, query: String, limit: usize) -> Result<api::Tracked, String> {
-        let limit = limit.clamp(1, 100_000);
+        let limit = limit.clamp(1, track::LIMIT_MAX);
         let track = self.tracker.clone();
         let q = query.clone();
         let (mut events, mut capped) = tokio::task::spawn_blocking(move || track.search(&q, limit))
@@ -764,7 +764,7 @@ impl Membership {
         }
         // By time, then unit: the same order whichever unit answers (a unit's own events keep
         // their log order).
-        events.sort_by(|x, y| (x.t, &x.unit).cmp(&(y.t, &y.unit)));
+        events.sort_by(|x, y| (x.at_ms, &x.unit).cmp(&(y.at_ms, &y.unit)));
         if events.len() > limit {
             events.truncate(limit);
             capped = true;
@@ -775,6 +775,26 @@ impl Membership {
             notes,
         })
     }
+}
+
+/// Answers another unit's tracking query (`{"query": ..., "limit": N}`): this unit's events of
+/// the messages it selects.
+pub fn answer_track(tracker: &track::Tracker, request: &[u8]) -> Result<Bytes, String> {
+    #[derive(serde::Deserialize)]
+    struct Asked {
+        query: String,
+        limit: usize,
+    }
+    let asked: Asked = serde_json::from_slice(request).map_err(|e| e.to_string())?;
+    let (events, capped) = tracker.search(&asked.query, asked.limit)?;
+    let answer = api::Tracked {
+        events,
+        capped,
+        notes: Vec::new(),
+    };
+    serde_json::to_vec(&answer)
+        .map(Bytes::from)
+        .map_err(|e| e.to_string())
 }
 
 /// A change to the groups.

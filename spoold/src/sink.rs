@@ -312,9 +312,9 @@ impl BodySink for SpoolBody {
                 sink.lifecycle.accepted(&id);
                 sink.lifecycle.track.event_with(
                     &id,
-                    "accepted",
+                    track::EventKind::Accepted,
                     format!("client={} size={len}", envelope.client),
-                    crate::track::Envelope::of(&envelope, crate::track::message_id(&head)),
+                    crate::lifecycle::tracked(&envelope, &head),
                 );
                 tracing::info!(
                     id = %id,

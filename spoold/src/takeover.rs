@@ -258,12 +258,12 @@ impl Admin {
                         .map_err(|e| e.to_string())?;
                     self.lifecycle.track.event_with(
                         &l.id,
-                        "recovered",
+                        track::EventKind::Recovered,
                         format!(
                             "copied from the partner's {}/ by takeover recovery",
                             l.folder
                         ),
-                        crate::track::Envelope::of(&decoded, crate::track::message_id(&body)),
+                        crate::lifecycle::tracked(&decoded, &body),
                     );
                     Ok(())
                 })
