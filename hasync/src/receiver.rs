@@ -17,9 +17,6 @@ enum Event {
     Tick,
 }
 
-/// What a session that the other side closed ends with.
-const LINK_CLOSED: &str = "link closed";
-
 impl Replicator {
     /// Runs the receiver: accept partner links and apply what they send.
     pub async fn run_receiver(self: Arc<Self>, listener: tokio::net::TcpListener) {
@@ -36,18 +33,18 @@ impl Replicator {
                     Ok(l)
                         if !matches!(
                             l.peer.channel,
-                            proto::Channel::Replication | proto::Channel::Recovery
+                            proto::Channel::Replication | proto::Channel::PartnerRequests
                         ) =>
                     {
                         tracing::warn!(%from, channel = ?l.peer.channel, "peer link for a channel not served here: closed");
                     }
                     Ok(l) => {
-                        let requests = l.peer.channel == proto::Channel::Recovery;
+                        let requests = l.peer.channel == proto::Channel::PartnerRequests;
                         match me.clone().receive_session(l).await {
                             Ok(()) => {}
                             // A request session (recovery, tracking, settings) ends when the
                             // asker has its answers and hangs up: not a fault.
-                            Err(LinkError::Protocol(why)) if requests && why == LINK_CLOSED => {
+                            Err(LinkError::Closed) if requests => {
                                 tracing::debug!(%from, "request session ended");
                             }
                             Err(LinkError::Io(e))
@@ -156,7 +153,7 @@ impl Replicator {
                     let mut removals: Vec<(u64, MessageId)> = Vec::new();
                     for f in batch {
                         match f {
-                            None => return Err(LinkError::Protocol(LINK_CLOSED.into())),
+                            None => return Err(LinkError::Closed),
                             Some(Err(e)) => return Err(e),
                             Some(Ok(Frame::Heartbeat { role, priority })) => {
                                 self.heard(&peer.node, role, priority)

@@ -90,9 +90,9 @@ pub enum RecoveryError {
 }
 
 impl Replicator {
-    /// Answers a takeover-recovery request from the partner (see [`proto::recovery_op`]).
+    /// Answers a takeover-recovery request from the partner (see [`proto::partner_op`]).
     pub(crate) fn answer(&self, op: u8, arg: &[u8]) -> Result<Bytes, String> {
-        use proto::recovery_op::*;
+        use proto::partner_op::*;
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         match op {
             LIST => {
@@ -186,7 +186,7 @@ impl Replicator {
             self.cfg.partner,
             &self.cfg.link,
             self.role(),
-            proto::Channel::Recovery,
+            proto::Channel::PartnerRequests,
         )
         .await?;
         let (r, w) = tokio::io::split(link.io);
@@ -228,7 +228,7 @@ impl RecoveryClient {
 
     /// The messages the partner holds in `spool/` and `vscan/`.
     pub async fn list(&mut self) -> Result<Vec<Held>, RecoveryError> {
-        let data = self.call(proto::recovery_op::LIST, b"").await?;
+        let data = self.call(proto::partner_op::LIST, b"").await?;
         String::from_utf8_lossy(&data)
             .lines()
             .filter(|l| !l.is_empty())
@@ -239,7 +239,7 @@ impl RecoveryClient {
     /// One pair the partner holds: (envelope, body), as stored (not yet verified).
     pub async fn fetch(&mut self, id: &MessageId) -> Result<(Vec<u8>, Vec<u8>), RecoveryError> {
         let data = self
-            .call(proto::recovery_op::FETCH, id.to_string().as_bytes())
+            .call(proto::partner_op::FETCH, id.to_string().as_bytes())
             .await?;
         parse_pair(&data)
     }
@@ -250,7 +250,7 @@ impl RecoveryClient {
             return Ok(0);
         }
         let data = self
-            .call(proto::recovery_op::REMOVE, id_lines(ids).as_bytes())
+            .call(proto::partner_op::REMOVE, id_lines(ids).as_bytes())
             .await?;
         let text = String::from_utf8_lossy(&data);
         text.parse()
@@ -271,7 +271,7 @@ impl RecoveryClient {
 
     /// The ids in the partner's delivered ledger.
     pub async fn ledger(&mut self) -> Result<Vec<MessageId>, RecoveryError> {
-        let data = self.call(proto::recovery_op::LEDGER, b"").await?;
+        let data = self.call(proto::partner_op::LEDGER, b"").await?;
         parse_ids(&String::from_utf8_lossy(&data)).map_err(RecoveryError::Malformed)
     }
 }

@@ -151,7 +151,7 @@ impl Replicator {
                     Some(Ok(Frame::Heartbeat { role, priority })) => self.heard(&link.peer.node, role, priority),
                     Some(Ok(other)) => return Err(LinkError::Protocol(format!("unexpected {other:?}"))),
                     Some(Err(e)) => return Err(e),
-                    None => return Err(LinkError::Protocol("link closed".into())),
+                    None => return Err(LinkError::Closed),
                 },
                 _ = self.staging.notified() => {}
                 _ = tick.tick() => {
@@ -215,7 +215,7 @@ impl Replicator {
                     }
                 })
                 .collect();
-            let asked = request(frames, w, proto::recovery_op::MISSING, arg.as_bytes());
+            let asked = request(frames, w, proto::partner_op::MISSING, arg.as_bytes());
             let answer = tokio::time::timeout(REBUILD_ANSWER_WITHIN, asked)
                 .await
                 .map_err(|_| LinkError::Protocol("partner did not answer the rebuild".into()))?;

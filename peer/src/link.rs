@@ -40,6 +40,10 @@ pub enum LinkError {
     /// Handshake took too long.
     #[error("link handshake timed out")]
     Timeout,
+    /// The other side ended the session between frames (a request session ends so when the
+    /// asker has its answers).
+    #[error("link closed")]
+    Closed,
 }
 
 /// This node's side of the link.
@@ -477,7 +481,7 @@ pub async fn request(
             Some(Ok(Frame::Heartbeat { .. })) => continue,
             Some(Ok(other)) => return Err(LinkError::Protocol(format!("unexpected {other:?}"))),
             Some(Err(e)) => return Err(e),
-            None => return Err(LinkError::Protocol("link closed".into())),
+            None => return Err(LinkError::Closed),
         }
     }
 }
@@ -720,7 +724,7 @@ mod tests {
             let (tcp, _) = listener.accept().await.unwrap();
             accept(tcp, &b, Role::Passive).await
         });
-        let client = connect(addr, &a, Role::Active, Channel::Recovery).await;
+        let client = connect(addr, &a, Role::Active, Channel::PartnerRequests).await;
         (client, server.await.unwrap())
     }
 
@@ -733,7 +737,7 @@ mod tests {
         assert_eq!(s.peer.role, Role::Active);
         assert_eq!(
             s.peer.channel,
-            Channel::Recovery,
+            Channel::PartnerRequests,
             "the connecting side's channel"
         );
     }

@@ -46,8 +46,9 @@ impl Role {
 pub enum Channel {
     /// HA replication: `ADD`/`DELETE` from the active unit, acknowledgements back.
     Replication,
-    /// Requests and replies (takeover recovery).
-    Recovery,
+    /// Requests and replies between HA partners: takeover recovery, the sender's rebuild of
+    /// its `ADD`s, and (for a pair in no cluster) clustered settings and message tracking.
+    PartnerRequests,
     /// Archive mirroring.
     ArchiveMirror,
     /// Cluster membership, clustered settings and message tracking between cluster members.
@@ -58,7 +59,7 @@ impl Channel {
     fn byte(self) -> u8 {
         match self {
             Channel::Replication => 0,
-            Channel::Recovery => 1,
+            Channel::PartnerRequests => 1,
             Channel::ArchiveMirror => 2,
             Channel::ClusterConfig => 3,
         }
@@ -67,7 +68,7 @@ impl Channel {
     fn of(b: u8) -> Result<Channel, FrameError> {
         Ok(match b {
             0 => Channel::Replication,
-            1 => Channel::Recovery,
+            1 => Channel::PartnerRequests,
             2 => Channel::ArchiveMirror,
             3 => Channel::ClusterConfig,
             _ => return Err(FrameError("channel")),
@@ -125,7 +126,7 @@ pub enum Frame {
         /// Sender's priority.
         priority: u32,
     },
-    /// Takeover recovery: a request to the partner (see [`recovery_op`]).
+    /// Takeover recovery: a request to the partner (see [`partner_op`]).
     Request {
         /// Operation code.
         op: u8,
@@ -141,8 +142,9 @@ pub enum Frame {
     },
 }
 
-/// Operations of takeover recovery over the peer link.
-pub mod recovery_op {
+/// Operations of the [`Channel::PartnerRequests`] channel: takeover recovery, the sender's
+/// rebuild, and the settings and tracking of a pair in no cluster.
+pub mod partner_op {
     /// List leftovers in `spool/` and `vscan/`: lines `id folder size sha256hex`.
     pub const LIST: u8 = 1;
     /// Fetch one pair: `u32` envelope length, envelope, body.
@@ -396,7 +398,7 @@ mod tests {
                 version: VERSION,
                 role: Role::Active,
                 priority: 7,
-                channel: Channel::Recovery,
+                channel: Channel::PartnerRequests,
                 node: "gw_a".into(),
             },
             Frame::Proof([9; 32]),

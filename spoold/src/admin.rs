@@ -76,7 +76,7 @@ pub struct Admin {
     /// The archive, unless disabled.
     pub archiving: Option<Arc<crate::archiving::Archiving>>,
     /// Who shares clustered settings with this unit.
-    pub membership: Arc<crate::membership::Membership>,
+    pub membership: Arc<crate::clustered::Membership>,
 }
 
 /// Clustered settings, membership and tracking: requests answered on the async threads, since
@@ -201,16 +201,16 @@ impl Admin {
         let settings = self.lifecycle.settings.clone();
         let text = |e: anyhow::Error| format!("{e:#}");
         let json = |v: Result<serde_json::Value, serde_json::Error>| v.map_err(|e| e.to_string());
-        use crate::membership::GroupChange;
+        use cluster::GroupChange;
         match req {
             Request::ConfigSet { key, value, level } => {
                 let value = value
-                    .map(|v| crate::cluster::parse_value(&key, &v))
+                    .map(|v| cluster::parse_value(&key, &v))
                     .transpose()
                     .map_err(text)?;
                 let entry = tokio::task::block_in_place(|| settings.set(&key, &level, value))
                     .map_err(text)?;
-                self.settings_changed(key, entry.level).await
+                self.settings_changed(key, entry.level.to_string()).await
             }
             Request::ConfigCopy {
                 key,
@@ -518,7 +518,9 @@ impl Admin {
                 })
             }
             Request::ConfigShow { key } => reply(
-                crate::cluster::show(&self.lifecycle.settings, key.as_deref())
+                self.lifecycle
+                    .settings
+                    .show(key.as_deref())
                     .map_err(|e| format!("{e:#}"))?,
             ),
             Request::Flush => {

@@ -226,12 +226,36 @@ impl ReplicaStore for SpoolReplicas {
     }
 
     fn answer(&self, op: u8, request: &[u8]) -> Result<Bytes, String> {
-        use hasync::proto::recovery_op::{SETTINGS, TRACK};
-        match op {
-            TRACK => crate::membership::answer_track(&self.lifecycle.track, request),
-            SETTINGS => crate::cluster::answer_exchange(&self.lifecycle.settings, request),
-            other => Err(format!("operation {other} is not answered here")),
-        }
+        cluster::membership::answer_partner(
+            &self.lifecycle.settings,
+            &self.lifecycle.track,
+            op,
+            request,
+        )
+        .unwrap_or_else(|| Err(format!("operation {op} is not answered here")))
+    }
+}
+
+/// The HA partner as the cluster crate asks it: over the replication link's
+/// `PartnerRequests` channel.
+pub struct PartnerLink(pub Arc<hasync::Replicator>);
+
+impl cluster::Partner for PartnerLink {
+    fn name(&self) -> Option<String> {
+        self.0.peer().map(|p| p.node)
+    }
+
+    fn ask(
+        &self,
+        op: u8,
+        arg: Vec<u8>,
+    ) -> futures_util::future::BoxFuture<'_, Result<Bytes, String>> {
+        Box::pin(async move {
+            self.0
+                .ask_partner(op, &arg)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 

@@ -26,7 +26,7 @@ pub struct Lifecycle {
     /// What happened to each message here (`spoolctl track`).
     pub track: Arc<track::Tracker>,
     /// Clustered settings (`spoolctl config`), shared with the partner.
-    pub settings: Arc<crate::cluster::Settings>,
+    pub settings: Arc<crate::clustered::Settings>,
     /// Paths.
     pub layout: Layout,
     /// Folder gauges.

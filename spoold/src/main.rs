@@ -7,7 +7,7 @@
 
 mod admin;
 mod archiving;
-mod cluster;
+mod clustered;
 mod config;
 mod delivery;
 mod dsn;
@@ -15,7 +15,6 @@ mod ha;
 mod handover;
 mod last_words;
 mod lifecycle;
-mod membership;
 mod metrics;
 mod queue;
 mod serve;
@@ -249,45 +248,14 @@ async fn run(cfg: Config) -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let tls = tls::server(&cfg)?;
     let client_tls = tls::client(&cfg)?;
-    let (server_cfg, server_cfg_rx) = watch::channel(Arc::new(smtp::ServerConfig {
-        hostname: cfg.hostname.clone(),
-        message_bytes_max: cfg.smtp.message_bytes_max,
-        recipients_max: cfg.smtp.recipients_max,
-        line_bytes_max: cfg.smtp.line_bytes_max,
-        idle_timeout: cfg.idle_timeout(),
-        errors_max: 20,
-        tls,
-        policy: smtp::RelayPolicy::default(),
-    }));
-    let (delivery_policy, delivery_policy_rx) =
-        watch::channel(Arc::new(delivery::DeliveryPolicy::from_config(&cfg)));
-    let (retention_days, retention_days_rx) = watch::channel(cfg.archive.retention_days);
-    // Clustered settings on top of the file; every change (here or from the partner) reaches
-    // SMTP sessions that start after it and delivery attempts that start after it.
-    let settings = Arc::new(cluster::Settings::open(
-        &cfg,
-        Box::new(move |c: &Config| {
-            delivery_policy.send_replace(Arc::new(delivery::DeliveryPolicy::from_config(c)));
-            retention_days.send_replace(c.archive.retention_days);
-            let policy = smtp::RelayPolicy {
-                relay_domains: c.smtp.relay_domains.clone(),
-                trusted_networks: c.smtp.trusted_networks.clone(),
-                allow_untrusted_routing: c.smtp.allow_untrusted_routing,
-            };
-            let (size, rcpts, idle) = (
-                c.smtp.message_bytes_max,
-                c.smtp.recipients_max,
-                c.idle_timeout(),
-            );
-            server_cfg.send_modify(|s| {
-                let mut next = (**s).clone();
-                next.policy = policy;
-                next.message_bytes_max = size;
-                next.recipients_max = rcpts;
-                next.idle_timeout = idle;
-                *s = Arc::new(next);
-            });
-        }),
+    // Clustered settings on top of the file; every change (here or from another unit) reaches
+    // SMTP sessions, delivery attempts and retention passes that start after it.
+    let (live, live_rx) = clustered::LiveConfig::channels(&cfg, tls);
+    let settings = Arc::new(clustered::Settings::open(
+        &cfg.node_name,
+        &cfg.state_dir,
+        cfg.clone(),
+        live,
     )?);
     let metrics = Arc::new(Metrics::new().context("register metrics")?);
     let layout = Layout::new(&cfg.state_dir);
@@ -438,7 +406,7 @@ async fn run(cfg: Config) -> Result<()> {
         ))),
         None => None,
     };
-    let archiving = archiving::Archiving::open(&cfg, metrics.clone(), retention_days_rx)?;
+    let archiving = archiving::Archiving::open(&cfg, metrics.clone(), live_rx.retention_days)?;
     if let Some(a) = &archiving {
         a.start(&cfg).await?;
     }
@@ -457,7 +425,7 @@ async fn run(cfg: Config) -> Result<()> {
             data_timeout,
             tls: Some(client_tls),
         },
-        delivery_policy_rx,
+        live_rx.delivery,
         replicator.clone(),
         spool::remover::Remover::start(layout.clone()).context("start the spool remover")?,
         activity.clone(),
@@ -477,12 +445,18 @@ async fn run(cfg: Config) -> Result<()> {
         }
         None => (None, None),
     };
-    let membership = Arc::new(membership::Membership::new(
+    let membership = Arc::new(clustered::Membership::new(
         lifecycle.settings.clone(),
         lifecycle.track.clone(),
-        replicator.clone(),
+        replicator
+            .clone()
+            .map(|r| Arc::new(ha::PartnerLink(r)) as Arc<dyn cluster::Partner>),
         cluster_link,
-        metrics.clone(),
+        cluster::Gauges {
+            member_up: metrics.cluster_member_up.clone(),
+            conflicts: metrics.cluster_conflicts.clone(),
+            auth_failures: metrics.cluster_auth_failures.clone(),
+        },
     ));
     Arc::new(admin::Admin {
         membership: membership.clone(),
@@ -521,7 +495,7 @@ async fn run(cfg: Config) -> Result<()> {
     let sessions = serve::Sessions::new();
     let mut accept = tokio::spawn(accept_loop(
         smtp_listener,
-        server_cfg_rx,
+        live_rx.smtp,
         sink.clone(),
         shutdown_rx.clone(),
         sessions.clone(),

@@ -1,28 +1,54 @@
 //! Who shares clustered settings with this unit, and the exchanges with them: the members of
 //! its cluster over the cluster link (`[cluster]`: its own listener and shared secret, the
-//! peer link's `ClusterConfig` channel), or, for a unit in no cluster, its HA partner over the
-//! replication link's recovery channel. Here: `spoolctl cluster create|join|leave|list|status|
-//! check|disconnect|reconnect`, `group add|rename|delete`, `machine setgroup`, the exchange
-//! after every change and every [`SYNC_EVERY`], and `spoolctl track` asked of every member.
+//! peer link's `ClusterConfig` channel), or, for a unit in no cluster, its HA partner (a
+//! [`Partner`], which the daemon implements over the replication link). Here: `spoolctl
+//! cluster create|join|leave|list|status|check|disconnect|reconnect`, `group
+//! add|rename|delete`, `machine setgroup`, the exchange after every change and every
+//! [`SYNC_EVERY`], and `spoolctl track` asked of every member.
 //!
 //! A join is a request to any member: it records the newcomer (a `cluster.member` entry, which
 //! then reaches the others like any change) and answers the cluster's settings, which replace
 //! the newcomer's after a backup. Each member exchanges with every other: no primary, no
 //! coordinator; a member that was away catches up at its first exchange.
 //!
-//! Not here: the settings themselves, their levels, stamps and merge (`cluster.rs`).
+//! Not here: the settings themselves (`settings.rs`), their merge (`merge.rs`), the wire
+//! (`proto.rs`).
 
-use crate::cluster::{Exchange, Settings, GROUP_KEY, GROUP_MARK_KEY, MEMBER_KEY, PROTOCOL};
+use crate::entry::{GROUP_KEY, GROUP_MARK_KEY, MEMBER_KEY};
+use crate::level::{name_ok, Level};
+use crate::proto::{Exchange, JoinRequest, Reply, Request, TrackQuery, Via, PROTOCOL};
+use crate::schema::Schema;
+use crate::settings::Settings;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use peer::link::{self, LinkConfig};
-use peer::proto::{cluster_op, recovery_op, Channel, Frame};
-use serde::{Deserialize, Serialize};
+use peer::proto::{Channel, Frame};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use track::Tracker;
+
+/// The HA partner, for a unit in no cluster: asked over the replication link's
+/// `PartnerRequests` channel.
+pub trait Partner: Send + Sync {
+    /// The partner's node name, once its link has been up.
+    fn name(&self) -> Option<String>;
+    /// Sends operation `op` with `arg` and waits for the answer (`Err`: the partner's refusal
+    /// or the link's failure, as text).
+    fn ask(&self, op: u8, arg: Vec<u8>) -> BoxFuture<'_, Result<Bytes, String>>;
+}
+
+/// The metrics membership keeps.
+pub struct Gauges {
+    /// `spoold_cluster_member_up{member}`: the last exchange with it worked.
+    pub member_up: prometheus::IntGaugeVec,
+    /// `spoold_cluster_conflicts`: the conflicts this unit knows of.
+    pub conflicts: prometheus::IntGauge,
+    /// `spoold_cluster_auth_failures_total`: cluster-link peers that failed authentication.
+    pub auth_failures: prometheus::IntCounter,
+}
 
 /// How often a unit exchanges its settings with each member, besides right after a change
 /// here: a member that was away catches up within this of its return.
@@ -51,57 +77,45 @@ enum Other {
     Member { node: String, addr: SocketAddr },
 }
 
-/// What a request is for, whichever link carries it.
-#[derive(Clone, Copy)]
-enum Ask {
-    Settings,
-    Track,
-    Join,
-}
-
-#[derive(Serialize, Deserialize)]
-struct JoinRequest {
-    node: String,
-    addr: String,
-    protocol: u32,
-}
-
 /// Membership and exchanges of this unit.
-pub struct Membership {
-    settings: Arc<Settings>,
+pub struct Membership<S: Schema> {
+    settings: Arc<Settings<S>>,
     tracker: Arc<Tracker>,
-    replicator: Option<Arc<hasync::Replicator>>,
+    partner: Option<Arc<dyn Partner>>,
     /// The cluster link's identity and this unit's advertised address (`[cluster]`).
     link: Option<(LinkConfig, SocketAddr)>,
     seen: Mutex<BTreeMap<String, Seen>>,
-    metrics: Arc<crate::metrics::Metrics>,
+    gauges: Gauges,
 }
 
 fn now_ms() -> u64 {
-    crate::sink::now_ms()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn stamp_text(s: &crate::cluster::Stamp) -> String {
-    format!("{}.{}@{}", s.ms, s.counter, s.node)
-}
-
-impl Membership {
+impl<S: Schema> Membership<S> {
     /// `link`: the cluster link's identity and advertised address, when `[cluster]` is set.
     pub fn new(
-        settings: Arc<Settings>,
+        settings: Arc<Settings<S>>,
         tracker: Arc<Tracker>,
-        replicator: Option<Arc<hasync::Replicator>>,
+        partner: Option<Arc<dyn Partner>>,
         link: Option<(LinkConfig, SocketAddr)>,
-        metrics: Arc<crate::metrics::Metrics>,
-    ) -> Membership {
+        gauges: Gauges,
+    ) -> Membership<S> {
         Membership {
             settings,
             tracker,
-            replicator,
+            partner,
             link,
             seen: Mutex::new(BTreeMap::new()),
-            metrics,
+            gauges,
         }
+    }
+
+    /// The settings store.
+    pub fn settings(&self) -> &Arc<Settings<S>> {
+        &self.settings
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Seen>> {
@@ -134,8 +148,8 @@ impl Membership {
                 })
                 .collect();
         }
-        match &self.replicator {
-            Some(r) if !r.peer().is_some_and(|p| paused.contains(&p.node)) => vec![Other::Partner],
+        match &self.partner {
+            Some(p) if !p.name().is_some_and(|n| paused.contains(&n)) => vec![Other::Partner],
             _ => Vec::new(),
         }
     }
@@ -144,26 +158,25 @@ impl Membership {
         match o {
             Other::Member { node, .. } => node.clone(),
             Other::Partner => self
-                .replicator
+                .partner
                 .as_ref()
-                .and_then(|r| r.peer())
-                .map_or_else(|| "partner".to_string(), |p| p.node),
+                .and_then(|p| p.name())
+                .unwrap_or_else(|| "partner".to_string()),
         }
     }
 
-    async fn ask_addr(&self, addr: SocketAddr, ask: Ask, arg: &[u8]) -> Result<Bytes> {
+    async fn ask_addr(&self, addr: SocketAddr, request: &Request) -> Result<Reply> {
         let (cfg, _) = self
             .link
             .as_ref()
             .ok_or_else(|| anyhow!("no [cluster] section: this unit has no cluster link"))?;
-        let op = match ask {
-            Ask::Settings => cluster_op::SETTINGS,
-            Ask::Track => cluster_op::TRACK,
-            Ask::Join => cluster_op::JOIN,
-        };
+        let op = request
+            .op(Via::ClusterLink)
+            .ok_or_else(|| anyhow!("not a cluster-link request"))?;
+        let arg = request.encode().map_err(|e| anyhow!(e))?;
         let asked = tokio::time::timeout(
             ASK_WITHIN,
-            link::ask(addr, cfg, Channel::ClusterConfig, op, arg),
+            link::ask(addr, cfg, Channel::ClusterConfig, op, &arg),
         )
         .await
         .map_err(|_| {
@@ -172,29 +185,35 @@ impl Membership {
                 ASK_WITHIN.as_secs()
             )
         })?;
-        asked
+        let answer = asked
             .map_err(|e| anyhow!("cluster link to {addr}: {e}"))?
-            .map_err(|e| anyhow!("cluster link to {addr}: refused: {e}"))
+            .map_err(|e| anyhow!("cluster link to {addr}: refused: {e}"))?;
+        Reply::decode(request, &answer).map_err(|e| anyhow!("cluster link to {addr}: {e}"))
     }
 
-    async fn ask(&self, o: &Other, ask: Ask, arg: &[u8]) -> Result<Bytes> {
+    async fn ask(&self, o: &Other, request: &Request) -> Result<Reply> {
         match o {
-            Other::Member { addr, .. } => self.ask_addr(*addr, ask, arg).await,
+            Other::Member { addr, .. } => self.ask_addr(*addr, request).await,
             Other::Partner => {
-                let r = self
-                    .replicator
-                    .as_ref()
-                    .ok_or_else(|| anyhow!("no partner"))?;
-                let op = match ask {
-                    Ask::Settings => recovery_op::SETTINGS,
-                    Ask::Track => recovery_op::TRACK,
-                    Ask::Join => bail!("joins go over the cluster link"),
-                };
-                tokio::time::timeout(ASK_WITHIN, r.ask_partner(op, arg))
+                let p = self.partner.as_ref().ok_or_else(|| anyhow!("no partner"))?;
+                let op = request
+                    .op(Via::Partner)
+                    .ok_or_else(|| anyhow!("joins go over the cluster link"))?;
+                let arg = request.encode().map_err(|e| anyhow!(e))?;
+                let answer = tokio::time::timeout(ASK_WITHIN, p.ask(op, arg))
                     .await
                     .map_err(|_| anyhow!("no answer within {} s", ASK_WITHIN.as_secs()))?
-                    .map_err(|e| anyhow!("{e}"))
+                    .map_err(|e| anyhow!("{e}"))?;
+                Reply::decode(request, &answer).map_err(|e| anyhow!(e))
             }
+        }
+    }
+
+    /// Asks `o` for its entries (ours go with the request unless `peek`).
+    async fn ask_settings(&self, o: &Other, ours: Exchange) -> Result<Exchange> {
+        match self.ask(o, &Request::Settings(ours)).await? {
+            Reply::Exchange(x) => Ok(x),
+            Reply::Tracked(_) => bail!("answered tracking events to a settings exchange"),
         }
     }
 
@@ -203,9 +222,7 @@ impl Membership {
     async fn sync_one(&self, o: &Other) -> Result<bool> {
         let started = Instant::now();
         let exchanged = async {
-            let ours = serde_json::to_vec(&self.settings.exchange())?;
-            let answer = self.ask(o, Ask::Settings, &ours).await?;
-            let theirs: Exchange = serde_json::from_slice(&answer).context("unreadable answer")?;
+            let theirs = self.ask_settings(o, self.settings.exchange()).await?;
             let changed = tokio::task::block_in_place(|| self.settings.merge(&theirs))?;
             Ok::<_, anyhow::Error>((theirs, changed))
         }
@@ -215,12 +232,12 @@ impl Membership {
             Other::Partner => "partner".to_string(),
             Other::Member { node, .. } => node.clone(),
         };
-        self.metrics
-            .cluster_member_up
+        self.gauges
+            .member_up
             .with_label_values(&[&key])
             .set(i64::from(exchanged.is_ok()));
-        self.metrics
-            .cluster_conflicts
+        self.gauges
+            .conflicts
             .set(self.settings.entries().1.len() as i64);
         let mut seen = self.seen();
         let s = seen.entry(key).or_default();
@@ -234,7 +251,7 @@ impl Membership {
                     .iter()
                     .map(|e| &e.stamp)
                     .max()
-                    .map(stamp_text);
+                    .map(|s| s.to_string());
                 // What it held before it took ours in: what differed.
                 s.differing = ours
                     .entries
@@ -309,13 +326,13 @@ impl Membership {
         let Some((cfg, _)) = self.link.clone() else {
             return;
         };
-        let metrics = self.metrics.clone();
+        let auth_failures = self.gauges.auth_failures.clone();
         link::serve(
             listener,
             cfg,
             Channel::ClusterConfig,
             "cluster link",
-            move || metrics.cluster_auth_failures.inc(),
+            move || auth_failures.inc(),
             move |l| {
                 let me = self.clone();
                 async move { me.answer_session(l).await }
@@ -341,15 +358,20 @@ impl Membership {
                 Err(link::LinkError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     return Ok(())
                 }
-                Err(link::LinkError::Protocol(m)) if m == "link closed" => return Ok(()),
+                Err(link::LinkError::Closed) => return Ok(()),
                 Err(e) => return Err(e),
             };
             let me = self.clone();
             let from = node.clone();
-            let answer = tokio::task::spawn_blocking(move || me.answer(op, &from, &arg))
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
-            if op == cluster_op::JOIN && answer.is_ok() {
+            let request = Request::decode(Via::ClusterLink, op, &arg);
+            let joined = matches!(request, Ok(Some(Request::Join(_))));
+            let answer = tokio::task::spawn_blocking(move || match request? {
+                Some(r) => me.answer(&from, &r)?.encode(),
+                None => Err(format!("cluster operation {op} is not answered here")),
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            if joined && answer.is_ok() {
                 // The others learn of the newcomer now, not at their next exchange.
                 let me = self.clone();
                 tokio::spawn(async move { me.sync_all().await });
@@ -364,18 +386,19 @@ impl Membership {
         Ok(())
     }
 
-    fn answer(&self, op: u8, from: &str, arg: &[u8]) -> Result<Bytes, String> {
-        match op {
-            cluster_op::SETTINGS => crate::cluster::answer_exchange(&self.settings, arg),
-            cluster_op::TRACK => answer_track(&self.tracker, arg),
-            cluster_op::JOIN => self.admit(from, arg).map_err(|e| format!("{e:#}")),
-            other => Err(format!("cluster operation {other} is not answered here")),
+    /// Answers a request that came over the cluster link from member `from`.
+    fn answer(&self, from: &str, request: &Request) -> Result<Reply, String> {
+        match request {
+            Request::Join(asked) => self
+                .admit(from, asked)
+                .map(Reply::Exchange)
+                .map_err(|e| format!("{e:#}")),
+            shared => answer(&self.settings, &self.tracker, shared),
         }
     }
 
     /// A unit asks to join: recorded as a member, answered the cluster's settings.
-    fn admit(&self, from: &str, arg: &[u8]) -> Result<Bytes> {
-        let asked: JoinRequest = serde_json::from_slice(arg).context("join request")?;
+    fn admit(&self, from: &str, asked: &JoinRequest) -> Result<Exchange> {
         let name = self.settings.cluster_name().ok_or_else(|| {
             anyhow!(
                 "{} is in no cluster (spoolctl cluster create NAME there first)",
@@ -417,11 +440,11 @@ impl Membership {
         }
         self.settings.put(
             MEMBER_KEY,
-            &format!("machine:{}", asked.node),
+            &Level::machine(&asked.node),
             Some(addr.to_string().into()),
         )?;
         tracing::warn!(node = %asked.node, %addr, cluster = %name, "a unit joined the cluster");
-        Ok(Bytes::from(serde_json::to_vec(&self.settings.exchange())?))
+        Ok(self.settings.exchange())
     }
 
     fn advertised(&self) -> Result<SocketAddr> {
@@ -449,13 +472,14 @@ impl Membership {
         let target: SocketAddr = addr
             .parse()
             .map_err(|_| anyhow!("{addr:?} is not an ip:port address"))?;
-        let asked = serde_json::to_vec(&JoinRequest {
+        let asked = Request::Join(JoinRequest {
             node: self.settings.node().to_string(),
             addr: me.to_string(),
             protocol: PROTOCOL,
-        })?;
-        let answer = self.ask_addr(target, Ask::Join, &asked).await?;
-        let theirs: Exchange = serde_json::from_slice(&answer).context("unreadable answer")?;
+        });
+        let Reply::Exchange(theirs) = self.ask_addr(target, &asked).await? else {
+            bail!("{target} answered the join with something else than the cluster's settings");
+        };
         let backup = tokio::task::block_in_place(|| self.settings.adopt(&theirs))?;
         let name = theirs.cluster.clone().unwrap_or_default();
         tracing::warn!(
@@ -479,7 +503,10 @@ impl Membership {
             .settings
             .cluster_name()
             .ok_or_else(|| anyhow!("this unit is in no cluster"))?;
-        tokio::task::block_in_place(|| self.settings.put(MEMBER_KEY, "machine", None))?;
+        tokio::task::block_in_place(|| {
+            self.settings
+                .put(MEMBER_KEY, &Level::machine(self.settings.node()), None)
+        })?;
         let mut notes = self.sync_all().await;
         tokio::task::block_in_place(|| self.settings.leave())?;
         self.seen().clear();
@@ -503,20 +530,16 @@ impl Membership {
             .find(|(n, _)| n == node)
             .ok_or_else(|| anyhow!("{node} is not a member"))?;
         let addr: SocketAddr = addr.parse().context("its address")?;
-        let peek = self.settings.peek_request()?;
+        let peek = Request::Settings(self.settings.peek_request());
         // A unit that left while nobody heard it still answers, from no cluster (or another).
-        let still_member = match self.ask_addr(addr, Ask::Settings, &peek).await {
-            Ok(answer) => serde_json::from_slice::<Exchange>(&answer)
-                .is_ok_and(|theirs| theirs.cluster == self.settings.cluster_name()),
-            Err(_) => false,
+        let still_member = match self.ask_addr(addr, &peek).await {
+            Ok(Reply::Exchange(theirs)) => theirs.cluster == self.settings.cluster_name(),
+            Ok(Reply::Tracked(_)) | Err(_) => false,
         };
         if still_member {
             bail!("{node} answers at {addr}: run `spoolctl cluster leave` on it instead");
         }
-        tokio::task::block_in_place(|| {
-            self.settings
-                .put(MEMBER_KEY, &format!("machine:{node}"), None)
-        })?;
+        tokio::task::block_in_place(|| self.settings.put(MEMBER_KEY, &Level::machine(node), None))?;
         self.seen().remove(node);
         tracing::warn!(member = node, "member removed by an operator");
         let mut notes = vec![format!("{node} removed from the cluster")];
@@ -565,7 +588,7 @@ impl Membership {
                     if exists(g) {
                         bail!("group {g:?} exists");
                     }
-                    s.put(GROUP_MARK_KEY, &format!("group:{g}"), Some(true.into()))?;
+                    s.put(GROUP_MARK_KEY, &group_level(g)?, Some(true.into()))?;
                 }
                 GroupChange::Rename(from, to) => {
                     if !exists(from) {
@@ -574,8 +597,7 @@ impl Membership {
                     if exists(to) {
                         bail!("group {to:?} exists");
                     }
-                    let (old, new) = (format!("group:{from}"), format!("group:{to}"));
-                    crate::cluster::level_name(&new, s.node())?;
+                    let (old, new) = (Level::group(from), group_level(to)?);
                     let (entries, _) = s.entries();
                     for e in entries
                         .iter()
@@ -605,7 +627,7 @@ impl Membership {
                             in_it.join(", ")
                         );
                     }
-                    let level = format!("group:{g}");
+                    let level = Level::group(g);
                     let (entries, _) = s.entries();
                     for e in entries
                         .iter()
@@ -622,7 +644,7 @@ impl Membership {
                     }
                     s.set(
                         GROUP_KEY,
-                        &format!("machine:{node}"),
+                        &Level::machine(node).to_string(),
                         group.as_ref().map(|g| g.as_str().into()),
                     )?;
                 }
@@ -668,7 +690,11 @@ impl Membership {
         };
         api::ClusterStatus {
             node: s.node().to_string(),
-            version: entries.iter().map(|e| &e.stamp).max().map(stamp_text),
+            version: entries
+                .iter()
+                .map(|e| &e.stamp)
+                .max()
+                .map(|s| s.to_string()),
             entries: entries.len(),
             conflicts: conflicts.len(),
             disconnected: s.disconnected(),
@@ -707,16 +733,11 @@ impl Membership {
     /// differs between this unit and any other; with `resolve_from`, that unit's value of each
     /// is set again here (with a new stamp, so it wins everywhere at the next exchange).
     pub async fn check(&self, resolve_from: Option<&str>) -> Result<api::ClusterChecked> {
-        let peek = self.settings.peek_request()?;
         let mut theirs: Vec<(String, Exchange)> = Vec::new();
         let mut notes = Vec::new();
         for o in self.compared() {
             let name = self.name_of(&o);
-            let asked = async {
-                let answer = self.ask(&o, Ask::Settings, &peek).await?;
-                Ok::<Exchange, anyhow::Error>(serde_json::from_slice(&answer)?)
-            };
-            match asked.await {
+            match self.ask_settings(&o, self.settings.peek_request()).await {
                 Ok(t) => theirs.push((self.name_of(&o), t)),
                 Err(e) => notes.push(format!("{name}: not compared: {e:#}")),
             }
@@ -725,9 +746,7 @@ impl Membership {
             bail!("no other unit shares settings with this one");
         }
         let settings = self.settings.clone();
-        let checked = tokio::task::block_in_place(|| {
-            crate::cluster::check(&settings, &theirs, resolve_from)
-        })?;
+        let checked = tokio::task::block_in_place(|| settings.check(&theirs, resolve_from))?;
         if checked.resolved > 0 {
             notes.extend(self.sync_all().await);
         }
@@ -744,20 +763,23 @@ impl Membership {
             .await
             .map_err(|e| e.to_string())??;
         let mut notes = Vec::new();
-        let request = serde_json::json!({ "query": query, "limit": limit }).to_string();
+        let request = Request::Track(TrackQuery { query, limit });
         let others = self.compared();
         let asks = others.iter().map(|o| async {
             let name = match o {
                 Other::Partner => format!("partner {}", self.name_of(o)),
                 Other::Member { node, .. } => node.clone(),
             };
-            (name, self.ask(o, Ask::Track, request.as_bytes()).await)
+            (name, self.ask(o, &request).await)
         });
         for (name, asked) in futures_util::future::join_all(asks).await {
-            match asked.and_then(|a| Ok(serde_json::from_slice::<api::Tracked>(&a)?)) {
-                Ok(theirs) => {
+            match asked {
+                Ok(Reply::Tracked(theirs)) => {
                     events.extend(theirs.events);
                     capped |= theirs.capped;
+                }
+                Ok(Reply::Exchange(_)) => {
+                    notes.push(format!("{name} not asked: it answered settings"))
                 }
                 Err(e) => notes.push(format!("{name} not asked: {e:#}")),
             }
@@ -777,24 +799,50 @@ impl Membership {
     }
 }
 
-/// Answers another unit's tracking query (`{"query": ..., "limit": N}`): this unit's events of
-/// the messages it selects.
-pub fn answer_track(tracker: &track::Tracker, request: &[u8]) -> Result<Bytes, String> {
-    #[derive(serde::Deserialize)]
-    struct Asked {
-        query: String,
-        limit: usize,
+/// The level of group `name`, refused unless the name is one.
+fn group_level(name: &str) -> Result<Level> {
+    if !name_ok(name) {
+        bail!(crate::level::BadLevel(format!("group:{name}")));
     }
-    let asked: Asked = serde_json::from_slice(request).map_err(|e| e.to_string())?;
-    let (events, capped) = tracker.search(&asked.query, asked.limit)?;
-    let answer = api::Tracked {
-        events,
-        capped,
-        notes: Vec::new(),
-    };
-    serde_json::to_vec(&answer)
-        .map(Bytes::from)
-        .map_err(|e| e.to_string())
+    Ok(Level::group(name))
+}
+
+/// Answers the requests both links carry: a settings exchange, a tracking query.
+pub fn answer<S: Schema>(
+    settings: &Settings<S>,
+    tracker: &Tracker,
+    request: &Request,
+) -> Result<Reply, String> {
+    match request {
+        Request::Settings(theirs) => settings
+            .answer(theirs)
+            .map(Reply::Exchange)
+            .map_err(|e| format!("{e:#}")),
+        Request::Track(q) => {
+            let (events, capped) = tracker.search(&q.query, q.limit)?;
+            Ok(Reply::Tracked(api::Tracked {
+                events,
+                capped,
+                notes: Vec::new(),
+            }))
+        }
+        Request::Join(_) => Err("joins go over the cluster link".into()),
+    }
+}
+
+/// Answers operation `op` of the HA partner's `PartnerRequests` channel if it is one of
+/// ours (settings, tracking); `None`: another of the channel's operations.
+pub fn answer_partner<S: Schema>(
+    settings: &Settings<S>,
+    tracker: &Tracker,
+    op: u8,
+    arg: &[u8],
+) -> Option<Result<Bytes, String>> {
+    match Request::decode(Via::Partner, op, arg) {
+        Ok(None) => None,
+        Ok(Some(request)) => Some(answer(settings, tracker, &request).and_then(|r| r.encode())),
+        Err(e) => Some(Err(e)),
+    }
 }
 
 /// A change to the groups.
