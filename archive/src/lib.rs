@@ -14,6 +14,7 @@
 //! Not here: when a message is archived (the daemon's lifecycle decides), the admin protocol,
 //! metrics (callers read [`Archive::status`] and the mirror's counters).
 
+mod basics;
 pub mod corpus;
 pub mod index;
 pub mod mime;
@@ -29,6 +30,7 @@ pub use record::Item;
 pub use remote::{ObjectStoreConfig, Probe};
 pub use store::{CompactReport, RemoteCounters, Stored, Totals};
 
+use basics::now_ms;
 use crossbeam_channel::Sender;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
@@ -312,13 +314,6 @@ fn upload_loop(store: &Store, stopped: &crossbeam_channel::Receiver<()>) {
             return;
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Archive {

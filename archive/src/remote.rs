@@ -210,7 +210,7 @@ impl Remote {
                 .map_err(|e| ArchiveError::Io(format!("{}: {e}", file.display())))?;
             bytes::Bytes::from_owner(map)
         };
-        let md5 = crate::store::hex(&Md5::digest(&body));
+        let md5 = crate::basics::hex(&Md5::digest(&body));
         let store = self.store.clone();
         let path = self.object(n);
         let meta = self.wait(async move {
@@ -224,7 +224,7 @@ impl Remote {
         let stored_md5 = if is_md5 {
             etag.to_ascii_lowercase()
         } else {
-            crate::store::hex(&Md5::digest(self.read_all(n)?))
+            crate::basics::hex(&Md5::digest(self.read_all(n)?))
         };
         if meta.size != len || stored_md5 != md5 {
             return Err(ArchiveError::Remote(format!(

@@ -11,6 +11,7 @@
 //! record's byte range and checks it like a local read. Compaction marks a replaced object
 //! `gone` and deletes it only once the segment its live records moved to is confirmed.
 
+use crate::basics::{hex, now_ms};
 use crate::record::{self, BlobLoc, Item};
 use crate::remote::Remote;
 use crate::ArchiveError;
@@ -776,10 +777,6 @@ pub fn decompress_verified(
 }
 
 /// Lowercase hex.
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn sync_dir(dir: &Path) -> Result<(), ArchiveError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io)
 }
@@ -1168,13 +1165,6 @@ impl Writer {
         }
         Ok(report)
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn add(store: &Store, w: &mut RwTxn<'_>, key: &str, delta: i64) -> Result<(), ArchiveError> {

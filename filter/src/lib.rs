@@ -191,16 +191,29 @@ pub enum StageError {
     },
 }
 
+/// Moves a message's pair between folders for the stage: the daemon's one owner of message
+/// moves, which also keeps its folder counts. Blocking.
+pub trait Mover: Send + Sync {
+    /// Moves `id` from `from` to `to`.
+    fn move_pair(&self, id: &MessageId, from: Folder, to: Folder) -> std::io::Result<()>;
+}
+
 /// The vscan stage over a state directory.
 pub struct VscanStage {
     layout: Layout,
     filter: Option<Arc<dyn Filter>>,
+    mover: Arc<dyn Mover>,
 }
 
 impl VscanStage {
-    /// A stage with `filter` (none: every message passes as unscanned).
-    pub fn new(layout: Layout, filter: Option<Arc<dyn Filter>>) -> Self {
-        VscanStage { layout, filter }
+    /// A stage with `filter` (none: every message passes as unscanned) whose moves `mover`
+    /// makes.
+    pub fn new(layout: Layout, filter: Option<Arc<dyn Filter>>, mover: Arc<dyn Mover>) -> Self {
+        VscanStage {
+            layout,
+            filter,
+            mover,
+        }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -237,8 +250,8 @@ impl VscanStage {
             return Ok(StageOutcome::Unscanned);
         }
         if from != Folder::Vscan {
-            let (l, i) = (layout.clone(), id.clone());
-            Self::blocking(&id, move || l.move_pair(&i, from, Folder::Vscan)).await?;
+            let (m, i) = (self.mover.clone(), id.clone());
+            Self::blocking(&id, move || m.move_pair(&i, from, Folder::Vscan)).await?;
         }
         let verdict = match &self.filter {
             None => Err(None),
@@ -270,10 +283,10 @@ impl VscanStage {
             Err(Some(e)) => return Ok(StageOutcome::Retry(e.to_string())),
         };
         env.scan = scan;
-        let (l, e, i) = (layout, env.clone(), id.clone());
+        let (l, m, e, i) = (layout, self.mover.clone(), env.clone(), id.clone());
         Self::blocking(&id, move || {
             l.rewrite_envelope(Folder::Vscan, &e)?;
-            l.move_pair(&i, Folder::Vscan, to)
+            m.move_pair(&i, Folder::Vscan, to)
         })
         .await?;
         Ok(outcome)

@@ -3,6 +3,7 @@
 
 use crate::id::MessageId;
 use crate::layout::{Folder, Layout, Part};
+use crate::mapped;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
@@ -146,56 +147,14 @@ pub enum BodyError {
 
 /// A stored body, memory-mapped. An empty body maps to an empty slice.
 ///
-/// While it lives, its file is registered as mapped ([`MAPPED`]): the recycling of removed
+/// While it lives, its file is registered as mapped (`crate::mapped`): the recycling of removed
 /// messages' files (which truncates a file and writes new mail into it) passes it by. A file is
 /// otherwise never changed in place after its commit round, only renamed or removed, which
 /// leaves a mapping valid.
 pub struct MappedBody {
     map: Option<memmap2::Mmap>,
-    /// The mapped file's (device, inode), registered in [`MAPPED`].
+    /// The mapped file's (device, inode), registered in `crate::mapped`.
     inode: (u64, u64),
-}
-
-/// The files (device, inode) that live [`MappedBody`]s map in this process, with how many map
-/// each, and those being recycled right now. A file that is recycled while mapped loses its
-/// pages under the reader: touching them past the new end of file kills the process with
-/// SIGBUS. The recycler reserves a file that nobody maps before it truncates it
-/// ([`open_recycled`]); a reader registers before it reads the file's length and gives up on a
-/// file being recycled, so one always sees the other. The lock is held for the set operations
-/// only, never across a system call: readers take it on the async threads.
-static MAPPED: std::sync::Mutex<Option<Mapped>> = std::sync::Mutex::new(None);
-
-#[derive(Default)]
-struct Mapped {
-    readers: std::collections::HashMap<(u64, u64), usize>,
-    recycling: std::collections::HashSet<(u64, u64)>,
-}
-
-fn with_mapped<T>(f: impl FnOnce(&mut Mapped) -> T) -> T {
-    let mut guard = MAPPED.lock().unwrap_or_else(|p| p.into_inner());
-    f(guard.get_or_insert_with(Default::default))
-}
-
-fn inode_of(meta: &std::fs::Metadata) -> (u64, u64) {
-    use std::os::unix::fs::MetadataExt;
-    (meta.dev(), meta.ino())
-}
-
-/// Opens the recycled file at `path` for new content (truncated), unless a [`MappedBody`]
-/// maps it: then `None`, and the file stays in the pool for later.
-pub(crate) fn open_recycled(path: &std::path::Path) -> io::Result<Option<File>> {
-    let inode = inode_of(&std::fs::symlink_metadata(path)?);
-    let reserved = with_mapped(|m| !m.readers.contains_key(&inode) && m.recycling.insert(inode));
-    if !reserved {
-        return Ok(None);
-    }
-    let opened = OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path);
-    with_mapped(|m| m.recycling.remove(&inode));
-    opened.map(Some)
 }
 
 impl MappedBody {
@@ -217,18 +176,11 @@ impl MappedBody {
     pub fn open(path: &std::path::Path, len: u64) -> Result<Self, BodyError> {
         let file = File::open(path)?;
         let meta = file.metadata()?;
-        let inode = inode_of(&meta);
+        let inode = mapped::inode_of(&meta);
         // Registered before the length is read: a recycler that truncated the file first is
         // seen in the length, one that comes later sees the registration, and one at work now
         // means the message is gone.
-        let registered = with_mapped(|m| {
-            if m.recycling.contains(&inode) {
-                return false;
-            }
-            *m.readers.entry(inode).or_insert(0) += 1;
-            true
-        });
-        if !registered {
+        if !mapped::register_reader(inode) {
             return Err(BodyError::Io(io::Error::new(
                 io::ErrorKind::NotFound,
                 "the message was removed (its file is being reused)",
@@ -247,7 +199,7 @@ impl MappedBody {
         }
         // SAFETY: spool files are never modified in place after their commit round (they are
         // only renamed or removed, which leaves the mapping valid), and the one exception,
-        // recycling, passes by a file registered in MAPPED, as this one now is.
+        // recycling, passes by a file registered as mapped, as this one now is.
         let mut body = body;
         body.map = Some(unsafe { memmap2::Mmap::map(&file)? });
         Ok(body)
@@ -261,14 +213,7 @@ impl MappedBody {
 
 impl Drop for MappedBody {
     fn drop(&mut self) {
-        with_mapped(|m| {
-            if let Some(n) = m.readers.get_mut(&self.inode) {
-                *n -= 1;
-                if *n == 0 {
-                    m.readers.remove(&self.inode);
-                }
-            }
-        });
+        mapped::unregister_reader(self.inode);
     }
 }
 

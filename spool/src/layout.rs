@@ -145,7 +145,7 @@ impl Layout {
         let mut mapped = Vec::new();
         let mut taken = None;
         while let Some(path) = pop() {
-            match crate::body::open_recycled(&path) {
+            match crate::mapped::open_recycled(&path) {
                 Ok(Some(file)) => {
                     taken = Some((file, path));
                     break;

@@ -13,6 +13,7 @@ pub mod envelope;
 pub mod failpoint;
 pub mod id;
 pub mod layout;
+mod mapped;
 pub mod recovery;
 pub mod remover;
 pub mod writer;

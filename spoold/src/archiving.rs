@@ -327,7 +327,7 @@ impl Archiving {
         m.archive_held.set(st.totals.held as i64);
         m.archive_index_lag
             .set(st.last_seq.saturating_sub(st.indexed_through) as i64);
-        let now = crate::sink::now_ms();
+        let now = crate::clock::now_ms();
         if let Some(r) = st.remote {
             let t = &st.totals;
             m.archive_remote_segments
@@ -557,7 +557,7 @@ impl Archiving {
     /// `archive status`.
     pub fn status(&self) -> Result<api::ArchiveStatus, String> {
         let st = self.archive.status().map_err(|e| e.to_string())?;
-        let now = crate::sink::now_ms();
+        let now = crate::clock::now_ms();
         Ok(api::ArchiveStatus {
             items: st.totals.items,
             raw_bytes: st.totals.raw_bytes,

@@ -10,6 +10,11 @@
 //! 2. the files;
 //! 3. the folder gauges (`spoold_queue_messages{folder}`) and the schedule.
 //!
+//! Every move goes through here: the vscan stage's (as its [`filter::Mover`]), a replica's
+//! (stored, moved, removed at the partner's word), a withdrawn sync-mode message, a body set
+//! aside as corrupt. The one removal made elsewhere is the group remover's, for delivered mail,
+//! whose completion is counted here ([`Lifecycle::removed`]).
+//!
 //! It is not: the write path of new mail (the writer's publish hook logs those `ADD`s), nor the
 //! decision of what happens to a message (the queue manager and the admin socket decide).
 
@@ -24,19 +29,17 @@ use std::sync::Arc;
 /// See the module doc.
 pub struct Lifecycle {
     /// What happened to each message here (`spoolctl track`).
-    pub track: Arc<track::Tracker>,
-    /// Clustered settings (`spoolctl config`), shared with the partner.
-    pub settings: Arc<crate::clustered::Settings>,
+    track: Arc<track::Tracker>,
     /// Paths.
-    pub layout: Layout,
+    layout: Layout,
     /// Folder gauges.
-    pub metrics: Arc<Metrics>,
+    metrics: Arc<Metrics>,
     /// The delivery schedule.
-    pub queue: Arc<Queue>,
+    queue: Arc<Queue>,
     /// The replication log (absent on a standalone unit).
-    pub replication: Option<crate::ha::ReplicationLog>,
+    replication: Option<crate::ha::log::ReplicationLog>,
     /// How long delivered ids are remembered for takeover dedup, ms.
-    pub ledger_retention_ms: u64,
+    ledger_retention_ms: u64,
 }
 
 /// The first bytes of a body file (its headers, for the Message-ID); empty if unreadable.
@@ -59,7 +62,32 @@ pub fn tracked(env: &spool::Envelope, head: &[u8]) -> track::Envelope {
 }
 
 impl Lifecycle {
-    fn ha(&self) -> Option<&crate::ha::ReplicationLog> {
+    /// The owner of the moves in `layout`, counted in `metrics`, scheduled in `queue`, logged in
+    /// `replication` (with delivered ids kept `ledger_retention_ms`) and recorded in `track`.
+    pub fn new(
+        layout: Layout,
+        metrics: Arc<Metrics>,
+        queue: Arc<Queue>,
+        replication: Option<crate::ha::log::ReplicationLog>,
+        ledger_retention_ms: u64,
+        track: Arc<track::Tracker>,
+    ) -> Lifecycle {
+        Lifecycle {
+            track,
+            layout,
+            metrics,
+            queue,
+            replication,
+            ledger_retention_ms,
+        }
+    }
+
+    /// The tracking log, for the events of those who decide (delivery attempts, verdicts).
+    pub fn track(&self) -> &Arc<track::Tracker> {
+        &self.track
+    }
+
+    fn ha(&self) -> Option<&crate::ha::log::ReplicationLog> {
         self.replication.as_ref()
     }
 
@@ -71,7 +99,7 @@ impl Lifecycle {
         }
         let items: Vec<(Kind, &MessageId)> = ids.iter().map(|id| (Kind::Add, *id)).collect();
         r.log
-            .append(&items, crate::sink::now_ms())
+            .append(&items, crate::clock::now_ms())
             .context("log ADD")?;
         r.notify();
         Ok(())
@@ -100,7 +128,7 @@ impl Lifecycle {
                             id,
                             track::EventKind::Inserted,
                             format!("from input/, {} bytes", env.body_len),
-                            crate::lifecycle::tracked(&env, &head),
+                            tracked(&env, &head),
                         );
                     }
                     self.metrics.inserted.inc();
@@ -133,8 +161,8 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// Counts a move that someone else made on disk (the vscan stage, corrupt/).
-    pub fn moved(&self, from: Folder, to: Folder) {
+    /// Counts a move made here.
+    fn moved(&self, from: Folder, to: Folder) {
         if from != to {
             self.metrics.queue_add(from, -1);
             self.metrics.queue_add(to, 1);
@@ -146,7 +174,7 @@ impl Lifecycle {
     /// its files go.
     pub fn leaving(&self, id: &MessageId, delivered: bool) -> Result<()> {
         let Some(r) = self.ha() else { return Ok(()) };
-        let now = crate::sink::now_ms();
+        let now = crate::clock::now_ms();
         r.log
             .append(&[(Kind::Delete, id)], now)
             .with_context(|| format!("log DELETE {id}"))?;
@@ -179,12 +207,71 @@ impl Lifecycle {
 
     /// Counts and schedules a message the writer published in `spool/` (SMTP, a DSN).
     pub fn accepted(&self, id: &MessageId) {
-        self.arrived(Folder::Spool);
+        self.metrics.queue_add(Folder::Spool, 1);
         self.queue.add(id.clone(), 0);
     }
 
-    /// Counts a message that arrived in `folder` (a replica stored by the receiver).
-    pub fn arrived(&self, folder: Folder) {
-        self.metrics.queue_add(folder, 1);
+    /// Counts a replica the writer stored in `spool/` for the partner.
+    pub fn replica_stored(&self) {
+        self.metrics.queue_add(Folder::Spool, 1);
+    }
+
+    /// Moves a replica to the place the partner holds it in (hold, release, the vscan stage
+    /// there): files and gauges; the partner's log is the truth, so nothing is logged. Blocking.
+    pub fn replica_moved(&self, id: &MessageId, from: Folder, to: Folder) -> std::io::Result<()> {
+        self.layout.move_pair(id, from, to)?;
+        self.moved(from, to);
+        Ok(())
+    }
+
+    /// Removes a replica the partner delivered or removed, from `folder`: files (the caller
+    /// syncs the folder once for a batch), gauge, schedule, tracking. Blocking.
+    pub fn replica_removed(&self, id: &MessageId, folder: Folder) -> std::io::Result<()> {
+        self.layout.discard_pair(id, folder)?;
+        self.removed(id, folder);
+        self.track.event(
+            id,
+            track::EventKind::ReplicaRemoved,
+            format!(
+                "from {}: delivered or removed on the partner",
+                folder.name()
+            ),
+        );
+        Ok(())
+    }
+
+    /// Schedules a message for delivery now, unless it is scheduled already.
+    pub fn schedule_now(&self, id: &MessageId) {
+        self.queue.ensure(id.clone(), 0);
+    }
+
+    /// Takes back a message whose partner acknowledgement never came (sync mode, `reject`):
+    /// its `DELETE` first, then its files, so neither unit keeps it. Not counted in the gauges
+    /// yet (the `250` was never sent), so not uncounted either. Blocking.
+    pub fn withdraw(&self, id: &MessageId) -> Result<()> {
+        self.leaving(id, false)?;
+        self.layout
+            .remove_pair(id, Folder::Spool)
+            .with_context(|| format!("withdraw {id}"))
+    }
+
+    /// Sets a message whose body cannot be used aside in `corrupt/`, with the reason.
+    /// Blocking.
+    pub fn set_aside(&self, id: &MessageId, from: Folder, reason: &str) -> Result<()> {
+        spool::recovery::set_aside(&self.layout, from, &id.to_string(), reason)?;
+        self.metrics.corrupt.inc();
+        self.moved(from, Folder::Corrupt);
+        Ok(())
+    }
+}
+
+/// The vscan stage's moves (into `vscan/`, then to `spool/` or `quarantine/` with the verdict):
+/// files and gauges. The partner's replica stays where it is: the outcome settles it (a
+/// quarantined message's `DELETE`, a delivery).
+impl filter::Mover for Lifecycle {
+    fn move_pair(&self, id: &MessageId, from: Folder, to: Folder) -> std::io::Result<()> {
+        self.layout.move_pair(id, from, to)?;
+        self.moved(from, to);
+        Ok(())
     }
 }

@@ -7,29 +7,29 @@
 
 mod admin;
 mod archiving;
+mod clock;
 mod clustered;
 mod config;
 mod delivery;
-mod dsn;
 mod ha;
-mod handover;
+mod http;
+mod ingest;
 mod last_words;
 mod lifecycle;
 mod metrics;
 mod queue;
-mod serve;
-mod sink;
 mod storage;
-mod takeover;
 mod tls;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use config::Config;
+use ha::role::follow_role;
+use http::serve_http;
+use ingest::accept::accept_loop;
+use ingest::sink::{self, SpoolSink};
 use metrics::Metrics;
 use queue::Queue;
-use serve::{accept_loop, follow_role, serve_http};
-use sink::SpoolSink;
 use spool::recovery::{recover, InsertOutcome};
 use spool::{Backend, BackendChoice, Folder, IdGenerator, Layout, SpoolWriter};
 use std::net::SocketAddr;
@@ -326,18 +326,16 @@ async fn run(cfg: Config) -> Result<()> {
         }),
     )
     .context("open the message tracking log")?;
-    let lifecycle = Arc::new(lifecycle::Lifecycle {
-        track,
-        settings,
-        layout: layout.clone(),
-        metrics: metrics.clone(),
-        queue: queue.clone(),
-        replication: ha_setup.as_ref().map(|s| s.repl.clone()),
-        ledger_retention_ms: cfg
-            .ha
+    let lifecycle = Arc::new(lifecycle::Lifecycle::new(
+        layout.clone(),
+        metrics.clone(),
+        queue.clone(),
+        ha_setup.as_ref().map(|s| s.repl.clone()),
+        cfg.ha
             .as_ref()
             .map_or(0, |h| h.ledger_retention_secs.saturating_mul(1000)),
-    });
+        track,
+    ));
     // Pairs dropped into input/ while the daemon was down: their ADDs are logged at once.
     insert(&lifecycle).await?;
     let hook = ha_setup.as_ref().map(|s| {
@@ -369,13 +367,14 @@ async fn run(cfg: Config) -> Result<()> {
                 &layout,
                 writer.clone(),
                 lifecycle.clone(),
+                settings.clone(),
                 metrics.clone(),
             )
             .await?,
         ),
         None => None,
     };
-    let activity = Arc::new(handover::Activity::default());
+    let activity = Arc::new(ha::handover::Activity::default());
     let sink = Arc::new(SpoolSink {
         lifecycle: lifecycle.clone(),
         activity: activity.clone(),
@@ -417,7 +416,7 @@ async fn run(cfg: Config) -> Result<()> {
         queue.clone(),
         sink.clone(),
         metrics.clone(),
-        filter::VscanStage::new(layout.clone(), scanner),
+        filter::VscanStage::new(layout.clone(), scanner, lifecycle.clone()),
         smtp::client::ClientConfig {
             helo: cfg.hostname.clone(),
             connect_timeout,
@@ -446,8 +445,8 @@ async fn run(cfg: Config) -> Result<()> {
         None => (None, None),
     };
     let membership = Arc::new(clustered::Membership::new(
-        lifecycle.settings.clone(),
-        lifecycle.track.clone(),
+        settings.clone(),
+        lifecycle.track().clone(),
         replicator
             .clone()
             .map(|r| Arc::new(ha::PartnerLink(r)) as Arc<dyn cluster::Partner>),
@@ -492,7 +491,7 @@ async fn run(cfg: Config) -> Result<()> {
         archiving.clone(),
     ));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let sessions = serve::Sessions::new();
+    let sessions = ingest::accept::Sessions::new();
     let mut accept = tokio::spawn(accept_loop(
         smtp_listener,
         live_rx.smtp,

@@ -7,7 +7,7 @@
 
 use super::{Delivery, RcptResult};
 use crate::config::{Config, TlsSetting};
-use crate::dsn::Failure;
+use crate::delivery::dsn::Failure;
 use crate::queue::Queue;
 use smtp::client::{ClientError, Connection, TlsPolicy};
 use spool::Envelope;

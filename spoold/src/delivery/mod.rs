@@ -7,11 +7,12 @@
 //! Crash window, by design: between a next hop's `250` and the `.env` rewrite that records it, a
 //! crash makes the message go out again after restart (at-least-once, like every MTA).
 
+use crate::clock::now_ms;
 use crate::config::Config;
-use crate::dsn::{self, Failure};
+use crate::ingest::sink::SpoolSink;
 use crate::metrics::Metrics;
 use crate::queue::Queue;
-use crate::sink::{now_ms, SpoolSink};
+use dsn::Failure;
 use filter::{StageOutcome, VscanStage};
 use smtp::client::{ClientConfig, Connection};
 use spool::{Envelope, Folder, Layout, MappedBody, MessageId, Part, RcptState};
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Semaphore};
 use track::EventKind;
 
+pub mod dsn;
 mod nexthop;
 use nexthop::{Hop, Routes};
 
@@ -48,7 +50,7 @@ pub struct Delivery {
     /// Removes delivered messages in groups, one directory fsync per group.
     remover: spool::remover::Remover,
     /// Messages in process, which a handover waits for.
-    activity: Arc<crate::handover::Activity>,
+    activity: Arc<crate::ha::handover::Activity>,
     /// The archive: a message leaves the spool only once it is archived.
     archiving: Option<Arc<crate::archiving::Archiving>>,
 }
@@ -125,7 +127,7 @@ impl Delivery {
         policy: tokio::sync::watch::Receiver<Arc<DeliveryPolicy>>,
         ha: Option<Arc<hasync::Replicator>>,
         remover: spool::remover::Remover,
-        activity: Arc<crate::handover::Activity>,
+        activity: Arc<crate::ha::handover::Activity>,
         archiving: Option<Arc<crate::archiving::Archiving>>,
     ) -> Delivery {
         let d = &cfg.delivery;
@@ -217,9 +219,9 @@ impl Delivery {
     }
 
     /// Only an active unit whose partner has released it delivers; in a split brain the
-    /// lower-priority unit holds too. See [`crate::handover`].
+    /// lower-priority unit holds too. See [`crate::ha::handover`].
     fn held(&self) -> bool {
-        !crate::handover::may_deliver(self.ha.as_ref())
+        !crate::ha::handover::may_deliver(self.ha.as_ref())
     }
 
     /// `env` leaves the spool for good: see [`crate::lifecycle::Lifecycle::leaving`].
@@ -283,7 +285,7 @@ impl Delivery {
                 StageOutcome::Retry(why) => format!("scan failed, retried: {why}"),
             };
             lifecycle
-                .track
+                .track()
                 .event(id, track::EventKind::Scanned, verdict);
             match outcome {
                 StageOutcome::Clean => {
@@ -291,21 +293,18 @@ impl Delivery {
                         .scan_verdicts
                         .with_label_values(&["clean"])
                         .inc();
-                    lifecycle.moved(folder, Folder::Spool);
                 }
                 StageOutcome::Unscanned => {
                     self.metrics
                         .scan_verdicts
                         .with_label_values(&["unscanned"])
                         .inc();
-                    lifecycle.moved(folder, Folder::Spool);
                 }
                 StageOutcome::Quarantined(name) => {
                     self.metrics
                         .scan_verdicts
                         .with_label_values(&["infected"])
                         .inc();
-                    lifecycle.moved(folder, Folder::Quarantine);
                     tracing::warn!(id = %id, virus = %name, "message quarantined");
                     if let Some(a) = &self.archiving {
                         // Kept in quarantine/ whatever happens here: nothing is lost.
@@ -331,7 +330,6 @@ impl Delivery {
                         .scan_verdicts
                         .with_label_values(&["error"])
                         .inc();
-                    lifecycle.moved(folder, Folder::Vscan);
                     tracing::warn!(id = %id, error = %why, "scan failed; message waits in vscan/");
                     return Ok(Next::At(now_ms() + policy.scan_retry.as_millis() as u64));
                 }
@@ -370,9 +368,7 @@ impl Delivery {
                 }
                 let reason = format!("body unusable at delivery: {e}");
                 tracing::error!(id = %id, %reason, "moved to corrupt/");
-                spool::recovery::set_aside(&self.layout, Folder::Spool, &id.to_string(), &reason)?;
-                self.metrics.corrupt.inc();
-                self.sink.lifecycle.moved(Folder::Spool, Folder::Corrupt);
+                self.sink.lifecycle.set_aside(&id, Folder::Spool, &reason)?;
                 return Ok(Next::Done);
             }
         };
@@ -419,7 +415,7 @@ impl Delivery {
                     ),
                     RcptResult::NotTried | RcptResult::Busy => continue,
                 };
-                self.sink.lifecycle.track.event(&id, ev, detail);
+                self.sink.lifecycle.track().event(&id, ev, detail);
             }
             results.extend(idx.into_iter().zip(outcome));
         }
@@ -496,10 +492,11 @@ impl Delivery {
             Some(task) => {
                 let failed = task.await.map_err(|e| e.to_string()).and_then(|r| r).err();
                 if failed.is_none() {
-                    self.sink
-                        .lifecycle
-                        .track
-                        .event(&id, track::EventKind::Archived, String::new());
+                    self.sink.lifecycle.track().event(
+                        &id,
+                        track::EventKind::Archived,
+                        String::new(),
+                    );
                 }
                 failed
             }
@@ -561,7 +558,7 @@ impl Delivery {
             .filter(|r| r.state == RcptState::Delivered)
             .count();
         tracing::info!(id = %env.id, delivered, failed = env.recipients.len() - delivered, "message removed from the spool");
-        self.sink.lifecycle.track.event(
+        self.sink.lifecycle.track().event(
             &env.id,
             track::EventKind::Removed,
             format!(
@@ -587,7 +584,7 @@ impl Delivery {
             .map_err(|e| anyhow::anyhow!("spool the bounce for {}: {e}", env.id))?;
         self.metrics.bounces.inc();
         tracing::info!(id = %env.id, dsn = %dsn_id, to = %env.sender, "bounce generated");
-        self.sink.lifecycle.track.event(
+        self.sink.lifecycle.track().event(
             &env.id,
             track::EventKind::Bounced,
             format!("DSN {dsn_id} to <{}>", env.sender),

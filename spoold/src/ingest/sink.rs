@@ -1,13 +1,14 @@
 //! The bridge from SMTP to the spool: each DATA becomes a `PendingBody` and an `Envelope`,
 //! committed by the group-commit writer; the `250` waits for the writer's completion.
 
+use crate::clock::now_ms;
 use crate::metrics::Metrics;
 use bytes::Bytes;
 use smtp::{BodySink, Sink, SinkError, Transaction};
 use spool::writer::CommitRequest;
 use spool::{
-    BodyType, CommitError, Envelope, Folder, IdGenerator, Layout, MessageId, PendingBody,
-    RcptState, Recipient, SpoolWriter,
+    BodyType, CommitError, Envelope, IdGenerator, Layout, MessageId, PendingBody, RcptState,
+    Recipient, SpoolWriter,
 };
 use std::sync::Arc;
 
@@ -36,7 +37,7 @@ pub struct SpoolSink {
     /// Counts, schedules and removes messages (see [`crate::lifecycle`]).
     pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
     /// Transactions in flight, which a handover waits for.
-    pub activity: Arc<crate::handover::Activity>,
+    pub activity: Arc<crate::ha::handover::Activity>,
 }
 
 /// `ha.replication = "sync"` settings.
@@ -66,8 +67,7 @@ impl SpoolSink {
     /// logs its `DELETE` first, then removes it, so neither unit keeps it. (Not counted in the
     /// gauges yet, so not uncounted either.)
     fn withdraw(&self, id: &MessageId) -> anyhow::Result<()> {
-        self.lifecycle.leaving(id, false)?;
-        Ok(self.layout.remove_pair(id, Folder::Spool)?)
+        self.lifecycle.withdraw(id)
     }
 }
 
@@ -81,14 +81,6 @@ fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Where a message comes from, for its envelope and its `Received:` header.
@@ -310,7 +302,7 @@ impl BodySink for SpoolBody {
                 sink.metrics.accepted_messages.inc();
                 sink.metrics.accepted_bytes.inc_by(len);
                 sink.lifecycle.accepted(&id);
-                sink.lifecycle.track.event_with(
+                sink.lifecycle.track().event_with(
                     &id,
                     track::EventKind::Accepted,
                     format!("client={} size={len}", envelope.client),

@@ -11,7 +11,7 @@
 //!
 //! It is not: the protocol (typed in `hasync::recovery`) nor the admin socket (`admin.rs`).
 
-use crate::admin::Admin;
+use super::Admin;
 use api::{Failed, Planned, Progress, Recovered};
 use hasync::{Held, RecoveryClient};
 use spool::hex;
@@ -256,7 +256,7 @@ impl Admin {
                     }
                     self.put_input(&l.id, &env, &body)
                         .map_err(|e| e.to_string())?;
-                    self.lifecycle.track.event_with(
+                    self.lifecycle.track().event_with(
                         &l.id,
                         track::EventKind::Recovered,
                         format!(

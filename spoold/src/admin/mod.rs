@@ -4,6 +4,9 @@
 //! tools in the manner of postqueue/postsuper: list, show, hold, release, requeue, delete,
 //! flush; plus insert, role and status. Takeover recovery is in `takeover.rs`.
 
+mod takeover;
+
+use crate::clock::now_ms;
 use crate::queue::Queue;
 use api::{Line, Request};
 use serde::Serialize;
@@ -70,7 +73,7 @@ pub struct Admin {
     /// Replication, if configured.
     pub replicator: Option<Arc<hasync::Replicator>>,
     /// Work in flight, which a handover to passive waits for.
-    pub activity: Arc<crate::handover::Activity>,
+    pub activity: Arc<crate::ha::handover::Activity>,
     /// Every insertion, move and removal goes through it.
     pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
     /// The archive, unless disabled.
@@ -104,10 +107,6 @@ fn waits_on_other_units(req: &Request) -> bool {
 
 fn folder_named(name: &str) -> Option<Folder> {
     Folder::ALL.into_iter().find(|f| f.name() == name)
-}
-
-fn now_ms() -> u64 {
-    crate::sink::now_ms()
 }
 
 impl Admin {
@@ -198,7 +197,7 @@ impl Admin {
     /// Clustered settings, membership and tracking: requests that wait on other units.
     async fn cluster(&self, req: Request) -> Result<serde_json::Value, String> {
         let m = &self.membership;
-        let settings = self.lifecycle.settings.clone();
+        let settings = self.membership.settings().clone();
         let text = |e: anyhow::Error| format!("{e:#}");
         let json = |v: Result<serde_json::Value, serde_json::Error>| v.map_err(|e| e.to_string());
         use cluster::GroupChange;
@@ -271,7 +270,7 @@ impl Admin {
         key: String,
         level: String,
     ) -> Result<serde_json::Value, String> {
-        let settings = &self.lifecycle.settings;
+        let settings = self.membership.settings();
         let sent = self.membership.sync_all().await;
         serde_json::to_value(api::ConfigChanged {
             effective: settings
@@ -338,7 +337,7 @@ impl Admin {
                     .ok_or("no [ha] section: this unit is standalone")?;
                 let role =
                     hasync::proto::Role::parse(&role).ok_or("role must be active or passive")?;
-                reply(crate::handover::set_role(r, &self.activity, role)?)
+                reply(crate::ha::handover::set_role(r, &self.activity, role)?)
             }
             Request::Insert => {
                 let outcomes = self
@@ -495,7 +494,7 @@ impl Admin {
                     .remove(id, f, false)
                     .map_err(|e| format!("{e:#}"))?;
                 tracing::warn!(id = %id, folder = f.name(), "message deleted by spoolctl");
-                self.lifecycle.track.event(
+                self.lifecycle.track().event(
                     id,
                     track::EventKind::Deleted,
                     format!("from {}/ by spoolctl", f.name()),
@@ -505,8 +504,8 @@ impl Admin {
             Request::Recover { .. } => Err("recover is handled asynchronously".into()),
             Request::ConfigExport => {
                 let effective = self
-                    .lifecycle
-                    .settings
+                    .membership
+                    .settings()
                     .effective()
                     .map_err(|e| format!("{e:#}"))?;
                 let text = toml::to_string(&effective).map_err(|e| e.to_string())?;
@@ -518,8 +517,8 @@ impl Admin {
                 })
             }
             Request::ConfigShow { key } => reply(
-                self.lifecycle
-                    .settings
+                self.membership
+                    .settings()
                     .show(key.as_deref())
                     .map_err(|e| format!("{e:#}"))?,
             ),
