@@ -12,10 +12,84 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// One request.
+/// One request, by how the daemon serves it. On the wire the classes do not show: every
+/// request is one JSON object whose `cmd` names it (`{"cmd": "status"}`), and each class's
+/// handler matches its own enum exhaustively, so a request cannot be served the wrong way.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Request {
+    /// Answered from this unit's own state, at once (on a blocking thread).
+    Local(Local),
+    /// Waits on other units (the partner, the cluster's members): served on the async threads.
+    Cluster(Cluster),
+    /// Long work that reports progress lines as it goes.
+    Long(Long),
+}
+
+impl<'de> Deserialize<'de> for Request {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Request, D::Error> {
+        use serde::de::Error;
+        let value = serde_json::Value::deserialize(d)?;
+        let cmd = value
+            .get("cmd")
+            .and_then(|c| c.as_str())
+            .ok_or_else(|| D::Error::custom("no `cmd`"))?
+            .to_string();
+        // The class whose enum knows the command answers; its error (a missing or unknown
+        // field) is the one reported.
+        let unknown = |e: &serde_json::Error| e.to_string().starts_with("unknown variant");
+        match serde_json::from_value::<Local>(value.clone()) {
+            Ok(r) => return Ok(Request::Local(r)),
+            Err(e) if !unknown(&e) => return Err(D::Error::custom(e)),
+            Err(_) => {}
+        }
+        match serde_json::from_value::<Cluster>(value.clone()) {
+            Ok(r) => return Ok(Request::Cluster(r)),
+            Err(e) if !unknown(&e) => return Err(D::Error::custom(e)),
+            Err(_) => {}
+        }
+        match serde_json::from_value::<Long>(value) {
+            Ok(r) => Ok(Request::Long(r)),
+            Err(e) if !unknown(&e) => Err(D::Error::custom(e)),
+            Err(_) => Err(D::Error::custom(format!("unknown command `{cmd}`"))),
+        }
+    }
+}
+
+impl Long {
+    /// Whether the asker wants progress lines.
+    pub fn progress(&self) -> bool {
+        match self {
+            Long::Recover { progress, .. }
+            | Long::ArchiveRetention { progress }
+            | Long::ArchiveVerify { progress }
+            | Long::ArchiveReindex { progress } => *progress,
+        }
+    }
+}
+
+impl From<Local> for Request {
+    fn from(r: Local) -> Request {
+        Request::Local(r)
+    }
+}
+
+impl From<Cluster> for Request {
+    fn from(r: Cluster) -> Request {
+        Request::Cluster(r)
+    }
+}
+
+impl From<Long> for Request {
+    fn from(r: Long) -> Request {
+        Request::Long(r)
+    }
+}
+
+/// [`Request::Local`]: answered from this unit's own state, at once.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
+pub enum Local {
     /// Role, partner link, lag, pending actions, queue depth by folder: [`Status`].
     Status,
     /// Set the role (`active` or `passive`; turning passive is a handover): [`RoleSet`].
@@ -63,17 +137,47 @@ pub enum Request {
     },
     /// Retry every deferred message now: [`Flushed`].
     Flush,
-    /// Takeover recovery: bring the partner's leftovers (or a copied-out spool folder) here:
-    /// [`Recovered`].
-    Recover {
-        /// Only report the plan.
-        dry_run: bool,
-        /// Offline: a spool folder copied from a dead unit instead of the partner.
-        from_dir: Option<String>,
-        /// Send a [`Progress`] line as each step advances.
-        #[serde(default)]
-        progress: bool,
+    /// Clustered settings, per key: the file's value, each level's, the effective one here:
+    /// [`ConfigShown`].
+    ConfigShow {
+        /// One key (default: every clusterable key).
+        key: Option<String>,
     },
+    /// The configuration in effect here, as a TOML file `spoold --check-config` accepts:
+    /// [`ConfigExported`].
+    ConfigExport,
+    /// Search the archive: [`ArchiveFound`].
+    ArchiveSearch {
+        /// The query (from: to: subject: msgid: after: before: has:attachment size:> words).
+        query: String,
+        /// Items returned at most.
+        limit: usize,
+    },
+    /// One archived item with its headers and parts: [`ArchiveShown`].
+    ArchiveShow {
+        /// Its number, or the spool id it had.
+        id: String,
+    },
+    /// The exact accepted bytes of an item: [`ArchiveExported`].
+    ArchiveExport {
+        /// Its number, or the spool id it had.
+        id: String,
+    },
+    /// Put items on legal hold or release them: [`ArchiveHeld`].
+    ArchiveHold {
+        /// An item number, a spool id, or a query selecting every item it matches.
+        target: String,
+        /// Hold (true) or release (false).
+        held: bool,
+    },
+    /// Items, bytes, segments, index and mirror backlogs: [`ArchiveStatus`].
+    ArchiveStatus,
+}
+
+/// [`Request::Cluster`]: waits on other units.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Cluster {
     /// Follow messages through this unit and its partner: [`Tracked`].
     Track {
         /// `id:`, `msgid:`, `from:`, `to:`, a bare term (any of those), `after:`/`before:`
@@ -81,12 +185,6 @@ pub enum Request {
         query: String,
         /// Events returned at most.
         limit: usize,
-    },
-    /// Clustered settings, per key: the file's value, each level's, the effective one here:
-    /// [`ConfigShown`].
-    ConfigShow {
-        /// One key (default: every clusterable key).
-        key: Option<String>,
     },
     /// Copy (or move) a clustered setting from one level to another: [`ConfigChanged`].
     ConfigCopy {
@@ -161,9 +259,6 @@ pub enum Request {
         /// The group; absent: none.
         group: Option<String>,
     },
-    /// The configuration in effect here, as a TOML file `spoold --check-config` accepts:
-    /// [`ConfigExported`].
-    ConfigExport,
     /// Set (or, without a value, unset) a clustered setting at a level (`cluster` or
     /// `machine`), validated here, then sent to the partner: [`ConfigChanged`].
     ConfigSet {
@@ -174,32 +269,23 @@ pub enum Request {
         /// `cluster`, `group:NAME` or `machine[:NODE]`.
         level: String,
     },
-    /// Search the archive: [`ArchiveFound`].
-    ArchiveSearch {
-        /// The query (from: to: subject: msgid: after: before: has:attachment size:> words).
-        query: String,
-        /// Items returned at most.
-        limit: usize,
+}
+
+/// [`Request::Long`]: long work with progress lines.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Long {
+    /// Takeover recovery: bring the partner's leftovers (or a copied-out spool folder) here:
+    /// [`Recovered`].
+    Recover {
+        /// Only report the plan.
+        dry_run: bool,
+        /// Offline: a spool folder copied from a dead unit instead of the partner.
+        from_dir: Option<String>,
+        /// Send a [`Progress`] line as each step advances.
+        #[serde(default)]
+        progress: bool,
     },
-    /// One archived item with its headers and parts: [`ArchiveShown`].
-    ArchiveShow {
-        /// Its number, or the spool id it had.
-        id: String,
-    },
-    /// The exact accepted bytes of an item: [`ArchiveExported`].
-    ArchiveExport {
-        /// Its number, or the spool id it had.
-        id: String,
-    },
-    /// Put items on legal hold or release them: [`ArchiveHeld`].
-    ArchiveHold {
-        /// An item number, a spool id, or a query selecting every item it matches.
-        target: String,
-        /// Hold (true) or release (false).
-        held: bool,
-    },
-    /// Items, bytes, segments, index and mirror backlogs: [`ArchiveStatus`].
-    ArchiveStatus,
     /// Run the retention pass now (then compaction): [`ArchiveExpired`].
     ArchiveRetention {
         /// Send [`Progress`] lines.
@@ -250,7 +336,7 @@ pub struct ArchiveItem {
     pub subject: Option<String>,
 }
 
-/// [`Request::ArchiveSearch`].
+/// [`Local::ArchiveSearch`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveFound {
     /// Items matching: all of them when `total_exact`, else at least this many (the search
@@ -267,7 +353,7 @@ fn exact() -> bool {
     true
 }
 
-/// [`Request::ArchiveShow`].
+/// [`Local::ArchiveShow`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveShown {
     /// The item.
@@ -289,7 +375,7 @@ pub struct ArchivePart {
     pub size: u64,
 }
 
-/// [`Request::ArchiveExport`].
+/// [`Local::ArchiveExport`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveExported {
     /// The item.
@@ -298,7 +384,7 @@ pub struct ArchiveExported {
     pub base64: String,
 }
 
-/// [`Request::ArchiveHold`].
+/// [`Local::ArchiveHold`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveHeld {
     /// Items the target selected.
@@ -307,7 +393,7 @@ pub struct ArchiveHeld {
     pub changed: u64,
 }
 
-/// [`Request::ArchiveStatus`].
+/// [`Local::ArchiveStatus`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveStatus {
     /// Items.
@@ -388,7 +474,7 @@ impl std::fmt::Display for ConfigConflict {
     }
 }
 
-/// [`Request::ConfigShow`].
+/// [`Local::ConfigShow`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigShown {
     /// The keys.
@@ -399,7 +485,7 @@ pub struct ConfigShown {
     pub machine_only: Vec<String>,
 }
 
-/// [`Request::ClusterStatus`].
+/// [`Cluster::ClusterStatus`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterStatus {
     /// This unit.
@@ -447,7 +533,7 @@ pub struct ClusterMember {
     pub error: Option<String>,
 }
 
-/// [`Request::ClusterList`].
+/// [`Cluster::ClusterList`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterList {
     /// The cluster's name (none: this unit is in no cluster).
@@ -482,7 +568,7 @@ pub struct ListedGroup {
     pub machines: Vec<String>,
 }
 
-/// [`Request::ClusterCheck`].
+/// [`Cluster::ClusterCheck`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterChecked {
     /// `key level: here V, node W` for each entry that differs.
@@ -494,14 +580,14 @@ pub struct ClusterChecked {
     pub notes: Vec<String>,
 }
 
-/// [`Request::ConfigExport`].
+/// [`Local::ConfigExport`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigExported {
     /// The TOML text.
     pub toml: String,
 }
 
-/// [`Request::ConfigSet`].
+/// [`Cluster::ConfigSet`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigChanged {
     /// The key.
@@ -517,7 +603,7 @@ pub struct ConfigChanged {
 /// One thing that happened to a message on a unit (a line of its tracking log).
 pub use track::{Event as TrackEvent, EventKind};
 
-/// [`Request::Track`]: the events of every reachable unit, oldest first.
+/// [`Cluster::Track`]: the events of every reachable unit, oldest first.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tracked {
     /// The events.
@@ -571,7 +657,7 @@ pub struct MirrorState {
     pub auth_failures: u64,
 }
 
-/// [`Request::ArchiveRetention`].
+/// [`Long::ArchiveRetention`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveExpired {
     /// Items removed.
@@ -582,7 +668,7 @@ pub struct ArchiveExpired {
     pub bytes_freed: u64,
 }
 
-/// [`Request::ArchiveVerify`].
+/// [`Long::ArchiveVerify`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveVerified {
     /// Items in the catalog.
@@ -595,7 +681,7 @@ pub struct ArchiveVerified {
     pub index_entries: u64,
 }
 
-/// [`Request::ArchiveReindex`].
+/// [`Long::ArchiveReindex`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArchiveReindexed {
     /// Items indexed.
@@ -671,7 +757,7 @@ pub fn data_as<T: DeserializeOwned>(data: &serde_json::Value) -> Result<T, Strin
     T::deserialize(data).map_err(|e| format!("unexpected reply from spoold: {e}"))
 }
 
-/// [`Request::Status`].
+/// [`Local::Status`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     /// `active`, `passive` or `leaving`; a standalone unit is always `active`.
@@ -705,7 +791,7 @@ pub struct HaStatus {
     pub partner_role: Option<String>,
 }
 
-/// [`Request::Role`].
+/// [`Local::Role`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoleSet {
     /// The role now.
@@ -722,7 +808,7 @@ pub struct RoleSet {
     pub unshipped_actions: Option<u64>,
 }
 
-/// [`Request::Insert`].
+/// [`Local::Insert`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inserted {
     /// Ids now in `spool/`.
@@ -742,7 +828,7 @@ pub struct Rejected {
     pub reason: String,
 }
 
-/// One message of [`Request::List`].
+/// One message of [`Local::List`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Listed {
     /// Its id.
@@ -765,7 +851,7 @@ pub struct Listed {
     pub last_error: Option<String>,
 }
 
-/// [`Request::Show`].
+/// [`Local::Show`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shown {
     /// Its id.
@@ -795,7 +881,7 @@ pub struct RecipientState {
     pub state: String,
 }
 
-/// [`Request::Hold`], [`Request::Release`], [`Request::Requeue`], [`Request::Delete`].
+/// [`Local::Hold`], [`Local::Release`], [`Local::Requeue`], [`Local::Delete`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Each {
     /// Ids done.
@@ -813,14 +899,14 @@ pub struct Failed {
     pub error: String,
 }
 
-/// [`Request::Flush`].
+/// [`Local::Flush`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flushed {
     /// Messages made due now.
     pub requeued: usize,
 }
 
-/// [`Request::Recover`].
+/// [`Long::Recover`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recovered {
     /// Only the plan was made.
@@ -869,15 +955,47 @@ mod tests {
             serde_json::from_str(r#"{"cmd":"recover","dry_run":true,"from_dir":null}"#).unwrap();
         assert_eq!(
             req,
-            Request::Recover {
+            Request::Long(Long::Recover {
                 dry_run: true,
                 from_dir: None,
                 progress: false
-            }
+            })
         );
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"frobnicate"}"#).is_err());
+        // Each class's commands on the wire as before, by their `cmd` alone.
+        let classes: &[(&str, Request)] = &[
+            (r#"{"cmd":"status"}"#, Local::Status.into()),
+            (r#"{"cmd":"cluster_leave"}"#, Cluster::ClusterLeave.into()),
+            (
+                r#"{"cmd":"track","query":"id:x","limit":5}"#,
+                Cluster::Track {
+                    query: "id:x".into(),
+                    limit: 5,
+                }
+                .into(),
+            ),
+            (
+                r#"{"cmd":"archive_verify","progress":true}"#,
+                Long::ArchiveVerify { progress: true }.into(),
+            ),
+        ];
+        for (wire, request) in classes {
+            assert_eq!(serde_json::from_str::<Request>(wire).unwrap(), *request);
+            let back = serde_json::to_string(request).unwrap();
+            assert_eq!(serde_json::from_str::<Request>(&back).unwrap(), *request);
+        }
+        let unknown = serde_json::from_str::<Request>(r#"{"cmd":"frobnicate"}"#).unwrap_err();
         assert!(
-            serde_json::from_str::<Request>(r#"{"cmd":"role","role":"active","x":1}"#).is_err()
+            unknown.to_string().contains("unknown command `frobnicate`"),
+            "{unknown}"
+        );
+        // A known command with a field too many is refused with that field named.
+        let extra =
+            serde_json::from_str::<Request>(r#"{"cmd":"role","role":"active","x":1}"#).unwrap_err();
+        assert!(extra.to_string().contains("unknown field `x`"), "{extra}");
+        let missing = serde_json::from_str::<Request>(r#"{"cmd":"cluster_join"}"#).unwrap_err();
+        assert!(
+            missing.to_string().contains("missing field `addr`"),
+            "{missing}"
         );
         let line = Line::reply(&Flushed { requeued: 2 }).to_wire();
         assert_eq!(line, "{\"ok\":true,\"data\":{\"requeued\":2}}\n");

@@ -45,9 +45,9 @@ fn ask(state: &Path, req: &api::Request) -> Result<serde_json::Value> {
 fn effective(state: &Path) -> Result<serde_json::Value> {
     let shown = ask(
         state,
-        &api::Request::ConfigShow {
+        &api::Request::from(api::Local::ConfigShow {
             key: Some("smtp.relay_domains".into()),
-        },
+        }),
     )?;
     Ok(shown["keys"][0]["effective"].clone())
 }
@@ -75,7 +75,7 @@ pub fn run(a: Args) -> Result<()> {
         let d = Spoold::start_config(&bin, &state, &config, false)?;
         // The admin socket comes up just after SMTP.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while ask(&state, &api::Request::ClusterList).is_err() {
+        while ask(&state, &api::Request::from(api::Cluster::ClusterList)).is_err() {
             anyhow::ensure!(Instant::now() < deadline, "m{i}: no admin socket");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -83,16 +83,16 @@ pub fn run(a: Args) -> Result<()> {
     }
     ask(
         &units[0].1,
-        &api::Request::ClusterCreate {
+        &api::Request::from(api::Cluster::ClusterCreate {
             name: "bench".into(),
-        },
+        }),
     )?;
     for u in &units[1..] {
         ask(
             &u.1,
-            &api::Request::ClusterJoin {
+            &api::Request::from(api::Cluster::ClusterJoin {
                 addr: units[0].2.to_string(),
-            },
+            }),
         )?;
     }
     let (mut set_ms, mut all_ms) = (Vec::new(), Vec::new());
@@ -103,11 +103,11 @@ pub fn run(a: Args) -> Result<()> {
         let t = Instant::now();
         ask(
             &units[origin].1,
-            &api::Request::ConfigSet {
+            &api::Request::from(api::Cluster::ConfigSet {
                 key: "smtp.relay_domains".into(),
                 value: Some(value),
                 level: "cluster".into(),
-            },
+            }),
         )?;
         set_ms.push(t.elapsed().as_secs_f64() * 1e3);
         for (i, u) in units.iter().enumerate() {

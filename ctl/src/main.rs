@@ -7,7 +7,9 @@
 //! Exit codes: 0 done; 1 the daemon refused or part of the request failed; 2 usage error;
 //! 3 the daemon could not be reached.
 
-use api::{data_as, Line, Request};
+mod render;
+
+use api::{data_as, Cluster, Line, Local, Long, Request};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
@@ -366,221 +368,41 @@ fn ids_for(cli: &Cli, ids: &Ids) -> Result<Vec<String>, (u8, String)> {
     }
     let list = call(
         &cli.state_dir,
-        &Request::List {
+        &Request::from(Local::List {
             folder: ids.folder.clone(),
             sender: ids.sender.clone(),
             rcpt: ids.rcpt.clone(),
             older_than_secs: None,
-        },
+        }),
     )?;
     let list: Vec<api::Listed> = data_as(&list).map_err(|e| (3, e))?;
     Ok(list.into_iter().map(|m| m.id).collect())
 }
 
-/// The answer for a person; `Err` when it is not the reply the request expects.
+/// The answer to `cmd` as a person reads it; `Err` when it is not the reply the request
+/// expects.
 fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
-    let mut out = String::new();
-    match cmd {
+    Ok(match cmd {
         Cmd::Queue {
             cmd: QueueCmd::List { .. },
-        } => {
-            let list: Vec<api::Listed> = data_as(data)?;
-            for m in &list {
-                out.push_str(&format!(
-                    "{:<28} {:<10} {:>9} {:<30} {}\n",
-                    m.id,
-                    m.folder,
-                    m.size,
-                    format!("<{}>", m.sender),
-                    m.recipients.join(" ")
-                ));
-                if let Some(e) = &m.last_error {
-                    out.push_str(&format!("    ({e})\n"));
-                }
-            }
-            out.push_str(&format!("-- {} message(s)\n", list.len()));
-        }
+        } => text::<Vec<api::Listed>>(data)?,
         Cmd::Queue {
             cmd: QueueCmd::Show { .. },
-        } => {
-            let shown: api::Shown = data_as(data)?;
-            out.push_str(&shown.envelope);
-            out.push('\n');
-            out.push_str(&shown.headers.replace("\r\n", "\n"));
-        }
-        Cmd::Insert => {
-            let r: api::Inserted = data_as(data)?;
-            for id in &r.inserted {
-                out.push_str(&format!("new mail inserted (id={id})\n"));
-            }
-            for id in &r.duplicates {
-                out.push_str(&format!("duplicate removed from input/ (id={id})\n"));
-            }
-            for c in &r.corrupt {
-                out.push_str(&format!("rejected {}: {}\n", c.name, c.reason));
-            }
-        }
-        Cmd::Recover { .. } => {
-            let r: api::Recovered = data_as(data)?;
-            for p in &r.plan {
-                out.push_str(&format!(
-                    "{:<28} {:<8} {:>9}  {}\n",
-                    p.id,
-                    p.folder.rsplit('/').next().unwrap_or(""),
-                    p.size,
-                    p.action
-                ));
-            }
-            for f in &r.failed {
-                out.push_str(&format!("FAILED {}: {}\n", f.id, f.error));
-            }
-            if r.dry_run {
-                out.push_str("dry run: nothing changed\n");
-            } else {
-                out.push_str(&format!(
-                    "moved {} / duplicates removed {} / held here, kept {} / removed here (delivered by partner) {} / failed {}\n",
-                    r.moved.len(),
-                    r.duplicates.len(),
-                    r.held_here_kept.len(),
-                    r.delivered_by_partner_removed_here.len(),
-                    r.failed.len()
-                ));
-            }
-        }
-        Cmd::Status => {
-            let st: api::Status = data_as(data)?;
-            out.push_str(&format!("role: {}\n", st.role));
-            if let Some(ha) = &st.ha {
-                let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-                out.push_str(&format!(
-                    "link: {}\nsplit_brain: {}\npending_actions: {}\noldest_pending_age_ms: {}\nlast_lag_ms: {}\npartner: {}\npartner_role: {}\n",
-                    ha.link,
-                    ha.split_brain,
-                    ha.pending_actions,
-                    ha.oldest_pending_age_ms.map_or("-".into(), |v| v.to_string()),
-                    ha.last_lag_ms,
-                    or_dash(&ha.partner),
-                    or_dash(&ha.partner_role),
-                ));
-            }
-            for (k, v) in &st.queue {
-                out.push_str(&format!("queue {k}: {v}\n"));
-            }
-        }
-        Cmd::Role { .. } => {
-            let r: api::RoleSet = data_as(data)?;
-            out.push_str(&format!("role: {}\n", r.role));
-            if let (Some(ms), Some(complete)) = (r.handover_ms, r.complete) {
-                out.push_str(&format!(
-                    "handover: {ms} ms, {}\n",
-                    if complete {
-                        "everything handed over".to_string()
-                    } else {
-                        format!(
-                            "incomplete ({} actions not acknowledged by the partner: run `spoolctl recover` on it)",
-                            r.unshipped_actions.unwrap_or(0)
-                        )
-                    }
-                ));
-            }
-        }
-        Cmd::Archive { cmd } => archive_human(cmd, data, &mut out)?,
+        } => text::<api::Shown>(data)?,
+        Cmd::Insert => text::<api::Inserted>(data)?,
+        Cmd::Recover { .. } => text::<api::Recovered>(data)?,
+        Cmd::Status => text::<api::Status>(data)?,
+        Cmd::Role { .. } => text::<api::RoleSet>(data)?,
+        Cmd::Archive { cmd } => archive_human(cmd, data)?,
         Cmd::Config {
             cmd: ConfigCmd::Show { .. },
-        } => {
-            let r: api::ConfigShown = data_as(data)?;
-            let show = |v: &Option<serde_json::Value>| {
-                v.as_ref().map_or("(unset)".to_string(), |v| v.to_string())
-            };
-            for k in &r.keys {
-                out.push_str(&format!("{}\n  file:      {}\n", k.key, show(&k.file)));
-                for l in &k.levels {
-                    out.push_str(&format!(
-                        "  {}: {}  ({})\n",
-                        l.level,
-                        show(&l.value),
-                        l.stamp
-                    ));
-                }
-                out.push_str(&format!("  effective: {}\n", show(&k.effective)));
-            }
-            for c in &r.conflicts {
-                out.push_str(&format!("conflict: {c}\n"));
-            }
-        }
+        } => text::<api::ConfigShown>(data)?,
         Cmd::Cluster {
             cmd: ClusterCmd::Check { .. },
-        } => {
-            let r: api::ClusterChecked = data_as(data)?;
-            for d in &r.differences {
-                out.push_str(&format!("differs: {d}\n"));
-            }
-            if r.differences.is_empty() {
-                out.push_str(
-                    "in agreement: every key at every level is the same on every unit compared\n",
-                );
-            }
-            if r.resolved > 0 {
-                out.push_str(&format!("resolved {} entr(ies)\n", r.resolved));
-            }
-            for n in &r.notes {
-                out.push_str(&format!("{n}\n"));
-            }
-        }
+        } => text::<api::ClusterChecked>(data)?,
         Cmd::Cluster {
             cmd: ClusterCmd::Status | ClusterCmd::Disconnect { .. } | ClusterCmd::Reconnect { .. },
-        } => {
-            let r: api::ClusterStatus = data_as(data)?;
-            let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
-            out.push_str(&format!(
-                "{} (here): version {}, {} entries, {} conflicts, protocol {}{}\n",
-                r.node,
-                or_none(&r.version),
-                r.entries,
-                r.conflicts,
-                r.protocol,
-                if r.disconnected {
-                    ", DISCONNECTED by an operator (spoolctl cluster reconnect)"
-                } else {
-                    ""
-                }
-            ));
-            if let Some(c) = &r.cluster {
-                out.push_str(&format!("cluster: {c}\n"));
-            }
-            if r.members.is_empty() {
-                out.push_str("others: none, or not asked yet\n");
-            }
-            for p in &r.members {
-                out.push_str(&format!(
-                    "{}{}: {}, last contact {} s ago, last exchange {} ms{}, version {}{}{}\n",
-                    p.node,
-                    p.addr.as_ref().map_or(String::new(), |a| format!(" ({a})")),
-                    if p.paused {
-                        "DISCONNECTED by an operator"
-                    } else if p.connected {
-                        "connected"
-                    } else {
-                        "not connected"
-                    },
-                    p.last_contact_secs
-                        .map_or("never".to_string(), |s| s.to_string()),
-                    p.last_sync_ms,
-                    p.last_change_ms.map_or(String::new(), |ms| format!(
-                        " (last change reached it in {ms} ms)"
-                    )),
-                    or_none(&p.version),
-                    if p.differing.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", differed: {}", p.differing.join("; "))
-                    },
-                    p.error
-                        .as_ref()
-                        .map_or(String::new(), |e| format!(", last error: {e}"))
-                ));
-            }
-        }
+        } => text::<api::ClusterStatus>(data)?,
         Cmd::Cluster {
             cmd:
                 ClusterCmd::Create { .. }
@@ -590,240 +412,57 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
                 | ClusterCmd::List,
         }
         | Cmd::Group { .. }
-        | Cmd::Machine { .. } => {
-            let r: api::ClusterList = data_as(data)?;
-            for n in &r.notes {
-                out.push_str(&format!("{n}\n"));
-            }
-            match &r.cluster {
-                None => out.push_str(&format!("{}: in no cluster\n", r.node)),
-                Some(c) => {
-                    out.push_str(&format!("cluster {c} ({} here)\n", r.node));
-                    for m in &r.members {
-                        out.push_str(&format!(
-                            "  member {:<16} {:<22} group {}\n",
-                            m.node,
-                            m.addr,
-                            m.group.as_deref().unwrap_or("-")
-                        ));
-                    }
-                }
-            }
-            for g in &r.groups {
-                out.push_str(&format!(
-                    "  group {}: {}\n",
-                    g.name,
-                    if g.machines.is_empty() {
-                        "(empty)".to_string()
-                    } else {
-                        g.machines.join(", ")
-                    }
-                ));
-            }
-        }
+        | Cmd::Machine { .. } => text::<api::ClusterList>(data)?,
         Cmd::Config {
             cmd: ConfigCmd::Export,
-        } => {
-            let r: api::ConfigExported = data_as(data)?;
-            out.push_str(&r.toml);
-        }
-        Cmd::Config { .. } => {
-            let r: api::ConfigChanged = data_as(data)?;
-            out.push_str(&format!(
-                "{} at {}: effective here {}\n",
-                r.key,
-                r.level,
-                r.effective
-                    .as_ref()
-                    .map_or("(unset)".to_string(), |v| v.to_string()),
-            ));
-            for line in &r.sent {
-                out.push_str(&format!("  {line}\n"));
-            }
-        }
-        Cmd::Track { limit, .. } => {
-            let r: api::Tracked = data_as(data)?;
-            for e in &r.events {
-                let when = chrono::DateTime::from_timestamp_millis(e.at_ms as i64)
-                    .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
-                    .unwrap_or_default();
-                let mut line = format!("{when}  {:<12} {:<15} {}", e.unit, e.kind, e.spool_id);
-                if let Some(from) = &e.sender {
-                    line.push_str(&format!("  <{from}> -> {}", e.recipients.join(", ")));
-                }
-                if let Some(m) = &e.message_id {
-                    line.push_str(&format!("  {m}"));
-                }
-                if !e.detail.is_empty() {
-                    line.push_str(&format!("  {}", e.detail));
-                }
-                out.push_str(&line);
-                out.push('\n');
-            }
-            if r.events.is_empty() {
-                out.push_str("no events\n");
-            }
-            if r.capped {
-                out.push_str(&format!(
-                    "-- capped at {limit} events: narrow the query (id:, after:, before:) or raise --limit\n"
-                ));
-            }
-            for n in &r.notes {
-                out.push_str(&format!("-- {n}\n"));
-            }
-        }
-        Cmd::Flush => {
-            let r: api::Flushed = data_as(data)?;
-            out.push_str(&format!("requeued {}\n", r.requeued));
-        }
-        Cmd::Queue { .. } => {
-            let r: api::Each = data_as(data)?;
-            for id in &r.done {
-                out.push_str(&format!("ok {id}\n"));
-            }
-            for f in &r.failed {
-                out.push_str(&format!("failed {}\n", f.error));
-            }
-        }
-    }
-    Ok(out)
+        } => text::<api::ConfigExported>(data)?,
+        Cmd::Config { .. } => text::<api::ConfigChanged>(data)?,
+        Cmd::Track { .. } => text::<api::Tracked>(data)?,
+        Cmd::Flush => text::<api::Flushed>(data)?,
+        Cmd::Queue { .. } => text::<api::Each>(data)?,
+    })
 }
 
-fn archive_human(cmd: &ArchiveCmd, data: &Value, out: &mut String) -> Result<(), String> {
-    let item_line = |i: &api::ArchiveItem| {
-        let when = chrono::DateTime::from_timestamp_millis(i.arrived_ms as i64)
-            .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
-            .unwrap_or_default();
-        format!(
-            "{:>8} {} {:<28} {:<10}{} {:>9}  <{}> {}{}\n",
-            i.seq,
-            when,
-            i.id,
-            i.origin,
-            if i.mirrored { "(m)" } else { "   " },
-            i.size,
-            i.sender,
-            i.subject.as_deref().unwrap_or(""),
-            if i.held { "  [hold]" } else { "" }
-        )
-    };
-    match cmd {
-        ArchiveCmd::Search { .. } => {
-            let r: api::ArchiveFound = data_as(data)?;
-            for i in &r.items {
-                out.push_str(&item_line(i));
-            }
-            let at_least = if r.total_exact { "" } else { "at least " };
-            out.push_str(&format!(
-                "-- {} shown of {at_least}{} matching\n",
-                r.items.len(),
-                r.total
-            ));
-        }
-        ArchiveCmd::Show { .. } => {
-            let r: api::ArchiveShown = data_as(data)?;
-            let i = &r.item;
-            out.push_str(&format!(
-                "item: {}\nid: {}\norigin: {}{}\nsender: <{}>\nrecipients: {}\nverdict: {}\nsize: {}\nsha256: {}\nhold: {}\n\n",
-                i.seq, i.id, i.origin, if i.mirrored { " (mirrored)" } else { "" }, i.sender,
-                i.recipients.join(" "), i.verdict, i.size, i.sha256, i.held
-            ));
-            out.push_str(&r.headers.replace("\r\n", "\n"));
-            out.push_str("\nparts:\n");
-            for p in &r.parts {
-                out.push_str(&format!(
-                    "  {:<32} {:>9}  {}\n",
-                    p.content_type,
-                    p.size,
-                    p.name.as_deref().unwrap_or("")
-                ));
-            }
-        }
-        ArchiveCmd::Export { .. } => {} // written as bytes by main
-        ArchiveCmd::Hold { .. } | ArchiveCmd::Unhold { .. } => {
-            let r: api::ArchiveHeld = data_as(data)?;
-            out.push_str(&format!("matched {}, changed {}\n", r.matched, r.changed));
-        }
-        ArchiveCmd::Status => {
-            let r: api::ArchiveStatus = data_as(data)?;
-            let ratio = if r.raw_bytes > 0 {
-                r.stored_bytes as f64 / r.raw_bytes as f64
-            } else {
-                0.0
-            };
-            out.push_str(&format!(
-                "items: {}\nraw_bytes: {}\nstored_bytes: {} ({:.0}% of raw)\nsegments: {}\nheld: {}\nindexed: {} of {}\nwaiting_in_spool: {}\nfailing: {}\n",
-                r.items, r.raw_bytes, r.stored_bytes, ratio * 100.0, r.segments, r.held,
-                r.indexed_through, r.last_seq, r.waiting, r.failing.as_deref().unwrap_or("no")
-            ));
-            for m in &r.mirrors {
-                out.push_str(&format!(
-                    "mirror {}: {} backlog {} oldest {} s sent {} auth_failures {}\n",
-                    m.peer,
-                    if m.connected { "up" } else { "down" },
-                    m.backlog,
-                    m.oldest_age_secs,
-                    m.sent,
-                    m.auth_failures
-                ));
-            }
-            if let Some(o) = &r.object_store {
-                out.push_str(&format!(
-                    "object store: {} segment(s) ({} bytes) stored, {} waiting ({} bytes, oldest {} s), {} bytes cached here; uploads {} (failed {}), fetches {} (failed {})\n",
-                    o.remote_segments, o.remote_bytes, o.pending_segments, o.pending_bytes,
-                    o.pending_oldest_age_secs, o.cached_bytes, o.uploads, o.upload_failures,
-                    o.fetches, o.fetch_failures
-                ));
-            }
-        }
-        ArchiveCmd::Retention => {
-            let r: api::ArchiveExpired = data_as(data)?;
-            out.push_str(&format!(
-                "removed {} item(s); compacted {} segment(s), {} bytes freed\n",
-                r.removed, r.segments_compacted, r.bytes_freed
-            ));
-        }
-        ArchiveCmd::Verify => {
-            let r: api::ArchiveVerified = data_as(data)?;
-            for f in &r.failed {
-                out.push_str(&format!("FAILED item {}: {}\n", f.id, f.error));
-            }
-            out.push_str(&format!(
-                "items {} / bodies whole {} / failed {} / index entries {}\n",
-                r.items,
-                r.ok,
-                r.failed.len(),
-                r.index_entries
-            ));
-        }
-        ArchiveCmd::Reindex => {
-            let r: api::ArchiveReindexed = data_as(data)?;
-            out.push_str(&format!("indexed {} item(s)\n", r.items));
-        }
-    }
-    Ok(())
+/// The reply as a person reads it.
+fn text<T: render::Render + for<'de> serde::Deserialize<'de>>(
+    data: &Value,
+) -> Result<String, String> {
+    Ok(render::to_text(&data_as::<T>(data)?))
+}
+
+fn archive_human(cmd: &ArchiveCmd, data: &Value) -> Result<String, String> {
+    Ok(match cmd {
+        ArchiveCmd::Search { .. } => text::<api::ArchiveFound>(data)?,
+        ArchiveCmd::Show { .. } => text::<api::ArchiveShown>(data)?,
+        ArchiveCmd::Export { .. } => String::new(), // written as bytes by main
+        ArchiveCmd::Hold { .. } | ArchiveCmd::Unhold { .. } => text::<api::ArchiveHeld>(data)?,
+        ArchiveCmd::Status => text::<api::ArchiveStatus>(data)?,
+        ArchiveCmd::Retention => text::<api::ArchiveExpired>(data)?,
+        ArchiveCmd::Verify => text::<api::ArchiveVerified>(data)?,
+        ArchiveCmd::Reindex => text::<api::ArchiveReindexed>(data)?,
+    })
 }
 
 fn archive_request(cmd: &ArchiveCmd) -> Request {
     match cmd {
-        ArchiveCmd::Search { query, limit } => Request::ArchiveSearch {
+        ArchiveCmd::Search { query, limit } => Request::from(Local::ArchiveSearch {
             query: query.clone(),
             limit: *limit,
-        },
-        ArchiveCmd::Show { id } => Request::ArchiveShow { id: id.clone() },
-        ArchiveCmd::Export { id } => Request::ArchiveExport { id: id.clone() },
-        ArchiveCmd::Hold { target } => Request::ArchiveHold {
+        }),
+        ArchiveCmd::Show { id } => Request::from(Local::ArchiveShow { id: id.clone() }),
+        ArchiveCmd::Export { id } => Request::from(Local::ArchiveExport { id: id.clone() }),
+        ArchiveCmd::Hold { target } => Request::from(Local::ArchiveHold {
             target: target.clone(),
             held: true,
-        },
-        ArchiveCmd::Unhold { target } => Request::ArchiveHold {
+        }),
+        ArchiveCmd::Unhold { target } => Request::from(Local::ArchiveHold {
             target: target.clone(),
             held: false,
-        },
-        ArchiveCmd::Status => Request::ArchiveStatus,
-        ArchiveCmd::Retention => Request::ArchiveRetention { progress: true },
-        ArchiveCmd::Reindex => Request::ArchiveReindex { progress: true },
-        ArchiveCmd::Verify => Request::ArchiveVerify { progress: true },
+        }),
+        ArchiveCmd::Status => Request::from(Local::ArchiveStatus),
+        ArchiveCmd::Retention => Request::from(Long::ArchiveRetention { progress: true }),
+        ArchiveCmd::Reindex => Request::from(Long::ArchiveReindex { progress: true }),
+        ArchiveCmd::Verify => Request::from(Long::ArchiveVerify { progress: true }),
     }
 }
 
@@ -832,79 +471,83 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
         Cmd::Archive { cmd } => {
             return call_with_progress(&cli.state_dir, &archive_request(cmd), on_progress)
         }
-        Cmd::Status => Request::Status,
-        Cmd::Role { role } => Request::Role { role: role.clone() },
-        Cmd::Insert => Request::Insert,
-        Cmd::Flush => Request::Flush,
+        Cmd::Status => Request::from(Local::Status),
+        Cmd::Role { role } => Request::from(Local::Role { role: role.clone() }),
+        Cmd::Insert => Request::from(Local::Insert),
+        Cmd::Flush => Request::from(Local::Flush),
         Cmd::Cluster { cmd } => match cmd {
-            ClusterCmd::Status => Request::ClusterStatus,
-            ClusterCmd::Check { resolve_from } => Request::ClusterCheck {
+            ClusterCmd::Status => Request::from(Cluster::ClusterStatus),
+            ClusterCmd::Check { resolve_from } => Request::from(Cluster::ClusterCheck {
                 resolve_from: resolve_from.clone(),
-            },
-            ClusterCmd::Disconnect { node } => Request::ClusterDisconnect {
+            }),
+            ClusterCmd::Disconnect { node } => Request::from(Cluster::ClusterDisconnect {
                 disconnected: true,
                 node: node.clone(),
-            },
-            ClusterCmd::Reconnect { node } => Request::ClusterDisconnect {
+            }),
+            ClusterCmd::Reconnect { node } => Request::from(Cluster::ClusterDisconnect {
                 disconnected: false,
                 node: node.clone(),
-            },
-            ClusterCmd::Create { name } => Request::ClusterCreate { name: name.clone() },
-            ClusterCmd::Join { addr } => Request::ClusterJoin { addr: addr.clone() },
-            ClusterCmd::Leave => Request::ClusterLeave,
-            ClusterCmd::Remove { node } => Request::ClusterRemove { node: node.clone() },
-            ClusterCmd::List => Request::ClusterList,
+            }),
+            ClusterCmd::Create { name } => {
+                Request::from(Cluster::ClusterCreate { name: name.clone() })
+            }
+            ClusterCmd::Join { addr } => Request::from(Cluster::ClusterJoin { addr: addr.clone() }),
+            ClusterCmd::Leave => Request::from(Cluster::ClusterLeave),
+            ClusterCmd::Remove { node } => {
+                Request::from(Cluster::ClusterRemove { node: node.clone() })
+            }
+            ClusterCmd::List => Request::from(Cluster::ClusterList),
         },
         Cmd::Group { cmd } => match cmd {
-            GroupCmd::Add { name } => Request::GroupAdd { name: name.clone() },
-            GroupCmd::Rename { from, to } => Request::GroupRename {
+            GroupCmd::Add { name } => Request::from(Cluster::GroupAdd { name: name.clone() }),
+            GroupCmd::Rename { from, to } => Request::from(Cluster::GroupRename {
                 from: from.clone(),
                 to: to.clone(),
-            },
-            GroupCmd::Delete { name } => Request::GroupDelete { name: name.clone() },
+            }),
+            GroupCmd::Delete { name } => Request::from(Cluster::GroupDelete { name: name.clone() }),
         },
         Cmd::Machine {
             cmd: MachineCmd::Setgroup { node, group },
-        } => Request::MachineSetGroup {
+        } => Request::from(Cluster::MachineSetGroup {
             node: node.clone(),
             group: group.clone(),
-        },
+        }),
         Cmd::Config { cmd } => match cmd {
-            ConfigCmd::Show { key } => Request::ConfigShow { key: key.clone() },
-            ConfigCmd::Export => Request::ConfigExport,
-            ConfigCmd::Copy { key, from, to } => Request::ConfigCopy {
+            ConfigCmd::Show { key } => Request::from(Local::ConfigShow { key: key.clone() }),
+            ConfigCmd::Export => Request::from(Local::ConfigExport),
+            ConfigCmd::Copy { key, from, to } => Request::from(Cluster::ConfigCopy {
                 key: key.clone(),
                 from: from.clone(),
                 to: to.clone(),
                 remove: false,
-            },
-            ConfigCmd::Move { key, from, to } => Request::ConfigCopy {
+            }),
+            ConfigCmd::Move { key, from, to } => Request::from(Cluster::ConfigCopy {
                 key: key.clone(),
                 from: from.clone(),
                 to: to.clone(),
                 remove: true,
-            },
-            ConfigCmd::Set { key, value, level } => Request::ConfigSet {
+            }),
+            ConfigCmd::Set { key, value, level } => Request::from(Cluster::ConfigSet {
                 key: key.clone(),
                 value: Some(value.clone()),
                 level: level.clone(),
-            },
-            ConfigCmd::Unset { key, level } => Request::ConfigSet {
+            }),
+            ConfigCmd::Unset { key, level } => Request::from(Cluster::ConfigSet {
                 key: key.clone(),
                 value: None,
                 level: level.clone(),
-            },
+            }),
         },
-        Cmd::Track { query, limit } => Request::Track {
+        Cmd::Track { query, limit } => Request::from(Cluster::Track {
             query: query.join(" "),
             limit: *limit,
-        },
+        }),
         Cmd::Recover { dry_run, from_dir } => {
-            let req = Request::Recover {
+            let req = Request::from(Long::Recover {
                 dry_run: *dry_run,
                 from_dir: from_dir.as_ref().map(|p| p.display().to_string()),
                 progress: true,
-            };
+            });
             return call_with_progress(&cli.state_dir, &req, on_progress);
         }
         Cmd::Queue { cmd } => match cmd {
@@ -913,25 +556,25 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
                 sender,
                 rcpt,
                 older_than,
-            } => Request::List {
+            } => Request::from(Local::List {
                 folder: folder.clone(),
                 sender: sender.clone(),
                 rcpt: rcpt.clone(),
                 older_than_secs: *older_than,
-            },
-            QueueCmd::Show { id } => Request::Show { id: id.clone() },
-            QueueCmd::Hold(ids) => Request::Hold {
+            }),
+            QueueCmd::Show { id } => Request::from(Local::Show { id: id.clone() }),
+            QueueCmd::Hold(ids) => Request::from(Local::Hold {
                 ids: ids_for(cli, ids)?,
-            },
-            QueueCmd::Release(ids) => Request::Release {
+            }),
+            QueueCmd::Release(ids) => Request::from(Local::Release {
                 ids: ids_for(cli, ids)?,
-            },
-            QueueCmd::Requeue(ids) => Request::Requeue {
+            }),
+            QueueCmd::Requeue(ids) => Request::from(Local::Requeue {
                 ids: ids_for(cli, ids)?,
-            },
-            QueueCmd::Delete(ids) => Request::Delete {
+            }),
+            QueueCmd::Delete(ids) => Request::from(Local::Delete {
                 ids: ids_for(cli, ids)?,
-            },
+            }),
         },
     };
     call(&cli.state_dir, &req)

@@ -8,7 +8,7 @@ mod takeover;
 
 use crate::clock::now_ms;
 use crate::queue::Queue;
-use api::{Line, Request};
+use api::{Cluster, Line, Local, Long, Request};
 use serde::Serialize;
 use serde_json::Value;
 use spool::recovery::InsertOutcome;
@@ -82,27 +82,12 @@ pub struct Admin {
     pub membership: Arc<crate::clustered::Membership>,
 }
 
-/// Clustered settings, membership and tracking: requests answered on the async threads, since
-/// they wait on other units ([`Admin::cluster`]).
-fn waits_on_other_units(req: &Request) -> bool {
-    matches!(
-        req,
-        Request::ConfigCopy { .. }
-            | Request::ConfigSet { .. }
-            | Request::ClusterCheck { .. }
-            | Request::ClusterStatus
-            | Request::ClusterDisconnect { .. }
-            | Request::ClusterCreate { .. }
-            | Request::ClusterJoin { .. }
-            | Request::ClusterLeave
-            | Request::ClusterRemove { .. }
-            | Request::ClusterList
-            | Request::GroupAdd { .. }
-            | Request::GroupRename { .. }
-            | Request::GroupDelete { .. }
-            | Request::MachineSetGroup { .. }
-            | Request::Track { .. }
-    )
+/// The archive's passes that report progress.
+#[derive(Clone, Copy)]
+enum ArchivePass {
+    Retention,
+    Reindex,
+    Verify,
 }
 
 fn folder_named(name: &str) -> Option<Folder> {
@@ -138,34 +123,16 @@ impl Admin {
                         return;
                     }
                     let reply = match serde_json::from_str::<Request>(&line) {
-                        Ok(Request::Recover {
-                            dry_run,
-                            from_dir,
-                            progress,
-                        }) => {
+                        Ok(Request::Long(req)) => {
                             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                            let work = me.recover(dry_run, from_dir, tx);
-                            with_progress(&mut w, rx, work, progress).await
+                            let progress = req.progress();
+                            with_progress(&mut w, rx, me.long(req, tx), progress).await
                         }
-                        Ok(
-                            req @ (Request::ArchiveRetention { progress }
-                            | Request::ArchiveReindex { progress }
-                            | Request::ArchiveVerify { progress }),
-                        ) => {
-                            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                            let me2 = me.clone();
-                            let work = async move {
-                                tokio::task::spawn_blocking(move || me2.archive_long(req, tx))
-                                    .await
-                                    .map_err(|e| e.to_string())?
-                            };
-                            with_progress(&mut w, rx, work, progress).await
-                        }
-                        Ok(req) if waits_on_other_units(&req) => match me.cluster(req).await {
+                        Ok(Request::Cluster(req)) => match me.cluster(req).await {
                             Ok(t) => Line::reply(&t),
                             Err(e) => Line::refused(e),
                         },
-                        Ok(req) => {
+                        Ok(Request::Local(req)) => {
                             let me2 = me.clone();
                             match tokio::task::spawn_blocking(move || me2.handle(req)).await {
                                 Ok(Ok(data)) => Line::reply(&data),
@@ -194,15 +161,36 @@ impl Admin {
             .find(|&f| self.layout.path(f, id, Part::Env).exists())
     }
 
+    /// Long work with progress lines: takeover recovery (on the async threads, since it waits
+    /// on the partner) and the archive's passes (on a blocking thread).
+    async fn long(
+        self: &Arc<Self>,
+        req: Long,
+        tx: tokio::sync::mpsc::UnboundedSender<api::Progress>,
+    ) -> Result<Value, String> {
+        let archive_pass = match req {
+            Long::Recover {
+                dry_run, from_dir, ..
+            } => return reply(self.recover(dry_run, from_dir, tx).await?),
+            Long::ArchiveRetention { .. } => ArchivePass::Retention,
+            Long::ArchiveReindex { .. } => ArchivePass::Reindex,
+            Long::ArchiveVerify { .. } => ArchivePass::Verify,
+        };
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.archive_pass(archive_pass, tx))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
     /// Clustered settings, membership and tracking: requests that wait on other units.
-    async fn cluster(&self, req: Request) -> Result<serde_json::Value, String> {
+    async fn cluster(&self, req: Cluster) -> Result<serde_json::Value, String> {
         let m = &self.membership;
         let settings = self.membership.settings().clone();
         let text = |e: anyhow::Error| format!("{e:#}");
         let json = |v: Result<serde_json::Value, serde_json::Error>| v.map_err(|e| e.to_string());
         use cluster::GroupChange;
         match req {
-            Request::ConfigSet { key, value, level } => {
+            Cluster::ConfigSet { key, value, level } => {
                 let value = value
                     .map(|v| cluster::parse_value(&key, &v))
                     .transpose()
@@ -211,7 +199,7 @@ impl Admin {
                     .map_err(text)?;
                 self.settings_changed(key, entry.level.to_string()).await
             }
-            Request::ConfigCopy {
+            Cluster::ConfigCopy {
                 key,
                 from,
                 to,
@@ -221,45 +209,44 @@ impl Admin {
                     .map_err(text)?;
                 self.settings_changed(key, to).await
             }
-            Request::ClusterCheck { resolve_from } => json(serde_json::to_value(
+            Cluster::ClusterCheck { resolve_from } => json(serde_json::to_value(
                 m.check(resolve_from.as_deref()).await.map_err(text)?,
             )),
-            Request::ClusterStatus => json(serde_json::to_value(m.status())),
-            Request::ClusterDisconnect { disconnected, node } => {
+            Cluster::ClusterStatus => json(serde_json::to_value(m.status())),
+            Cluster::ClusterDisconnect { disconnected, node } => {
                 m.disconnect(disconnected, node.as_deref())
                     .await
                     .map_err(text)?;
                 json(serde_json::to_value(m.status()))
             }
-            Request::ClusterCreate { name } => {
+            Cluster::ClusterCreate { name } => {
                 json(serde_json::to_value(m.create(&name).await.map_err(text)?))
             }
-            Request::ClusterJoin { addr } => {
+            Cluster::ClusterJoin { addr } => {
                 json(serde_json::to_value(m.join(&addr).await.map_err(text)?))
             }
-            Request::ClusterLeave => json(serde_json::to_value(m.leave().await.map_err(text)?)),
-            Request::ClusterRemove { node } => {
+            Cluster::ClusterLeave => json(serde_json::to_value(m.leave().await.map_err(text)?)),
+            Cluster::ClusterRemove { node } => {
                 json(serde_json::to_value(m.remove(&node).await.map_err(text)?))
             }
-            Request::ClusterList => json(serde_json::to_value(m.list(Vec::new()))),
-            Request::GroupAdd { name } => json(serde_json::to_value(
+            Cluster::ClusterList => json(serde_json::to_value(m.list(Vec::new()))),
+            Cluster::GroupAdd { name } => json(serde_json::to_value(
                 m.group(GroupChange::Add(name)).await.map_err(text)?,
             )),
-            Request::GroupRename { from, to } => json(serde_json::to_value(
+            Cluster::GroupRename { from, to } => json(serde_json::to_value(
                 m.group(GroupChange::Rename(from, to)).await.map_err(text)?,
             )),
-            Request::GroupDelete { name } => json(serde_json::to_value(
+            Cluster::GroupDelete { name } => json(serde_json::to_value(
                 m.group(GroupChange::Delete(name)).await.map_err(text)?,
             )),
-            Request::MachineSetGroup { node, group } => json(serde_json::to_value(
+            Cluster::MachineSetGroup { node, group } => json(serde_json::to_value(
                 m.group(GroupChange::SetGroup(node, group))
                     .await
                     .map_err(text)?,
             )),
-            Request::Track { query, limit } => {
+            Cluster::Track { query, limit } => {
                 json(serde_json::to_value(m.track(query, limit).await?))
             }
-            other => Err(format!("{other:?} is not a cluster request")),
         }
     }
 
@@ -289,10 +276,10 @@ impl Admin {
             .ok_or_else(|| "the archive is disabled (archive.enabled = false)".to_string())
     }
 
-    /// The archive's long operations, reporting progress.
-    fn archive_long(
+    /// The archive's long passes, reporting progress.
+    fn archive_pass(
         &self,
-        req: Request,
+        pass: ArchivePass,
         tx: tokio::sync::mpsc::UnboundedSender<api::Progress>,
     ) -> Result<Value, String> {
         let a = self.archiving()?;
@@ -303,34 +290,28 @@ impl Admin {
                 total: total as usize,
             });
         };
-        match req {
-            Request::ArchiveRetention { .. } => {
+        match pass {
+            ArchivePass::Retention => {
                 let total = a.archive.status().map(|s| s.totals.items).unwrap_or(0);
                 reply(a.run_retention(|n| step("expire", n, total))?)
             }
-            Request::ArchiveReindex { .. } => reply(a.reindex(|d, t| step("reindex", d, t))?),
-            Request::ArchiveVerify { .. } => reply(a.verify(|d, t| step("verify", d, t))?),
-            _ => Err("not a long archive operation".into()),
+            ArchivePass::Reindex => reply(a.reindex(|d, t| step("reindex", d, t))?),
+            ArchivePass::Verify => reply(a.verify(|d, t| step("verify", d, t))?),
         }
     }
 
-    fn handle(&self, req: Request) -> Result<Value, String> {
+    /// Requests answered from this unit's own state.
+    fn handle(&self, req: Local) -> Result<Value, String> {
         match req {
-            Request::ArchiveSearch { query, limit } => {
+            Local::ArchiveSearch { query, limit } => {
                 reply(self.archiving()?.search(&query, limit)?)
             }
-            Request::ArchiveShow { id } => reply(self.archiving()?.show(&id)?),
-            Request::ArchiveExport { id } => reply(self.archiving()?.export(&id)?),
-            Request::ArchiveHold { target, held } => reply(self.archiving()?.hold(&target, held)?),
-            Request::ArchiveStatus => reply(self.archiving()?.status()?),
-            Request::ArchiveRetention { .. }
-            | Request::ArchiveReindex { .. }
-            | Request::ArchiveVerify { .. } => {
-                let (tx, _) = tokio::sync::mpsc::unbounded_channel();
-                self.archive_long(req, tx)
-            }
-            Request::Status => reply(self.status()),
-            Request::Role { role } => {
+            Local::ArchiveShow { id } => reply(self.archiving()?.show(&id)?),
+            Local::ArchiveExport { id } => reply(self.archiving()?.export(&id)?),
+            Local::ArchiveHold { target, held } => reply(self.archiving()?.hold(&target, held)?),
+            Local::ArchiveStatus => reply(self.archiving()?.status()?),
+            Local::Status => reply(self.status()),
+            Local::Role { role } => {
                 let r = self
                     .replicator
                     .as_ref()
@@ -339,7 +320,7 @@ impl Admin {
                     hasync::proto::Role::parse(&role).ok_or("role must be active or passive")?;
                 reply(crate::ha::handover::set_role(r, &self.activity, role)?)
             }
-            Request::Insert => {
+            Local::Insert => {
                 let outcomes = self
                     .lifecycle
                     .insert_input()
@@ -362,7 +343,7 @@ impl Admin {
                     corrupt,
                 })
             }
-            Request::List {
+            Local::List {
                 folder,
                 sender,
                 rcpt,
@@ -427,7 +408,7 @@ impl Admin {
                 }
                 reply(out)
             }
-            Request::Show { id } => {
+            Local::Show { id } => {
                 let id: MessageId = id.parse().map_err(|e: spool::id::IdError| e.to_string())?;
                 let f = self.locate(&id).ok_or(format!("{id}: not queued"))?;
                 let env = self
@@ -459,7 +440,7 @@ impl Admin {
                         .collect(),
                 })
             }
-            Request::Hold { ids } => self.each(&ids, |id, f| {
+            Local::Hold { ids } => self.each(&ids, |id, f| {
                 if f != Folder::Spool {
                     return Err(format!(
                         "{id}: in {}/, only spool/ messages can be held",
@@ -470,7 +451,7 @@ impl Admin {
                     .move_to(id, Folder::Spool, Folder::Hold)
                     .map_err(|e| format!("{e:#}"))
             }),
-            Request::Release { ids } => self.each(&ids, |id, f| {
+            Local::Release { ids } => self.each(&ids, |id, f| {
                 if f != Folder::Hold {
                     return Err(format!("{id}: not held"));
                 }
@@ -479,8 +460,8 @@ impl Admin {
                     .map_err(|e| format!("{e:#}"))?;
                 self.requeue(id, Folder::Spool)
             }),
-            Request::Requeue { ids } => self.each(&ids, |id, f| self.requeue(id, f)),
-            Request::Delete { ids } => self.each(&ids, |id, f| {
+            Local::Requeue { ids } => self.each(&ids, |id, f| self.requeue(id, f)),
+            Local::Delete { ids } => self.each(&ids, |id, f| {
                 if let Some(a) = &self.archiving {
                     // Deleted mail is archived first, as delivered mail is.
                     let env = self
@@ -501,8 +482,7 @@ impl Admin {
                 );
                 Ok(())
             }),
-            Request::Recover { .. } => Err("recover is handled asynchronously".into()),
-            Request::ConfigExport => {
+            Local::ConfigExport => {
                 let effective = self
                     .membership
                     .settings()
@@ -516,13 +496,13 @@ impl Admin {
                     ),
                 })
             }
-            Request::ConfigShow { key } => reply(
+            Local::ConfigShow { key } => reply(
                 self.membership
                     .settings()
                     .show(key.as_deref())
                     .map_err(|e| format!("{e:#}"))?,
             ),
-            Request::Flush => {
+            Local::Flush => {
                 let mut n = 0;
                 for e in std::fs::read_dir(self.layout.dir(Folder::Spool))
                     .map_err(|e| e.to_string())?
@@ -541,8 +521,6 @@ impl Admin {
                 }
                 reply(api::Flushed { requeued: n })
             }
-            // Those that wait on other units ([`waits_on_other_units`]).
-            req => Err(format!("{req:?} is answered on the async threads")),
         }
     }
 

@@ -1,0 +1,456 @@
+//! How each reply of the admin socket reads for a person: one [`Render`] per reply type
+//! (`--json` prints the replies as they came).
+
+/// Writes a reply as text for a person.
+pub trait Render {
+    /// Appends the text to `out`.
+    fn render(&self, out: &mut String);
+}
+
+/// The text of `reply`.
+pub fn to_text(reply: &impl Render) -> String {
+    let mut out = String::new();
+    reply.render(&mut out);
+    out
+}
+
+impl Render for Vec<api::Listed> {
+    fn render(&self, out: &mut String) {
+        for m in self {
+            out.push_str(&format!(
+                "{:<28} {:<10} {:>9} {:<30} {}\n",
+                m.id,
+                m.folder,
+                m.size,
+                format!("<{}>", m.sender),
+                m.recipients.join(" ")
+            ));
+            if let Some(e) = &m.last_error {
+                out.push_str(&format!("    ({e})\n"));
+            }
+        }
+        out.push_str(&format!("-- {} message(s)\n", self.len()));
+    }
+}
+
+/// One archived item on one line (search results).
+fn item_line(i: &api::ArchiveItem) -> String {
+    let when = chrono::DateTime::from_timestamp_millis(i.arrived_ms as i64)
+        .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+        .unwrap_or_default();
+    format!(
+        "{:>8} {} {:<28} {:<10}{} {:>9}  <{}> {}{}\n",
+        i.seq,
+        when,
+        i.id,
+        i.origin,
+        if i.mirrored { "(m)" } else { "   " },
+        i.size,
+        i.sender,
+        i.subject.as_deref().unwrap_or(""),
+        if i.held { "  [hold]" } else { "" }
+    )
+}
+
+impl Render for api::Shown {
+    fn render(&self, out: &mut String) {
+        out.push_str(&self.envelope);
+        out.push('\n');
+        out.push_str(&self.headers.replace("\r\n", "\n"));
+    }
+}
+
+impl Render for api::Inserted {
+    fn render(&self, out: &mut String) {
+        for id in &self.inserted {
+            out.push_str(&format!("new mail inserted (id={id})\n"));
+        }
+        for id in &self.duplicates {
+            out.push_str(&format!("duplicate removed from input/ (id={id})\n"));
+        }
+        for c in &self.corrupt {
+            out.push_str(&format!("rejected {}: {}\n", c.name, c.reason));
+        }
+    }
+}
+
+impl Render for api::Recovered {
+    fn render(&self, out: &mut String) {
+        for p in &self.plan {
+            out.push_str(&format!(
+                "{:<28} {:<8} {:>9}  {}\n",
+                p.id,
+                p.folder.rsplit('/').next().unwrap_or(""),
+                p.size,
+                p.action
+            ));
+        }
+        for f in &self.failed {
+            out.push_str(&format!("FAILED {}: {}\n", f.id, f.error));
+        }
+        if self.dry_run {
+            out.push_str("dry run: nothing changed\n");
+        } else {
+            out.push_str(&format!(
+                "moved {} / duplicates removed {} / held here, kept {} / removed here (delivered by partner) {} / failed {}\n",
+                self.moved.len(),
+                self.duplicates.len(),
+                self.held_here_kept.len(),
+                self.delivered_by_partner_removed_here.len(),
+                self.failed.len()
+            ));
+        }
+    }
+}
+
+impl Render for api::Status {
+    fn render(&self, out: &mut String) {
+        out.push_str(&format!("role: {}\n", self.role));
+        if let Some(ha) = &self.ha {
+            let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+            out.push_str(&format!(
+                "link: {}\nsplit_brain: {}\npending_actions: {}\noldest_pending_age_ms: {}\nlast_lag_ms: {}\npartner: {}\npartner_role: {}\n",
+                ha.link,
+                ha.split_brain,
+                ha.pending_actions,
+                ha.oldest_pending_age_ms.map_or("-".into(), |v| v.to_string()),
+                ha.last_lag_ms,
+                or_dash(&ha.partner),
+                or_dash(&ha.partner_role),
+            ));
+        }
+        for (k, v) in &self.queue {
+            out.push_str(&format!("queue {k}: {v}\n"));
+        }
+    }
+}
+
+impl Render for api::RoleSet {
+    fn render(&self, out: &mut String) {
+        out.push_str(&format!("role: {}\n", self.role));
+        if let (Some(ms), Some(complete)) = (self.handover_ms, self.complete) {
+            out.push_str(&format!(
+                "handover: {ms} ms, {}\n",
+                if complete {
+                    "everything handed over".to_string()
+                } else {
+                    format!(
+                        "incomplete ({} actions not acknowledged by the partner: run `spoolctl recover` on it)",
+                        self.unshipped_actions.unwrap_or(0)
+                    )
+                }
+            ));
+        }
+    }
+}
+
+impl Render for api::ConfigShown {
+    fn render(&self, out: &mut String) {
+        let show = |v: &Option<serde_json::Value>| {
+            v.as_ref().map_or("(unset)".to_string(), |v| v.to_string())
+        };
+        for k in &self.keys {
+            out.push_str(&format!("{}\n  file:      {}\n", k.key, show(&k.file)));
+            for l in &k.levels {
+                out.push_str(&format!(
+                    "  {}: {}  ({})\n",
+                    l.level,
+                    show(&l.value),
+                    l.stamp
+                ));
+            }
+            out.push_str(&format!("  effective: {}\n", show(&k.effective)));
+        }
+        for c in &self.conflicts {
+            out.push_str(&format!("conflict: {c}\n"));
+        }
+    }
+}
+
+impl Render for api::ClusterChecked {
+    fn render(&self, out: &mut String) {
+        for d in &self.differences {
+            out.push_str(&format!("differs: {d}\n"));
+        }
+        if self.differences.is_empty() {
+            out.push_str(
+                "in agreement: every key at every level is the same on every unit compared\n",
+            );
+        }
+        if self.resolved > 0 {
+            out.push_str(&format!("resolved {} entr(ies)\n", self.resolved));
+        }
+        for n in &self.notes {
+            out.push_str(&format!("{n}\n"));
+        }
+    }
+}
+
+impl Render for api::ClusterStatus {
+    fn render(&self, out: &mut String) {
+        let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
+        out.push_str(&format!(
+            "{} (here): version {}, {} entries, {} conflicts, protocol {}{}\n",
+            self.node,
+            or_none(&self.version),
+            self.entries,
+            self.conflicts,
+            self.protocol,
+            if self.disconnected {
+                ", DISCONNECTED by an operator (spoolctl cluster reconnect)"
+            } else {
+                ""
+            }
+        ));
+        if let Some(c) = &self.cluster {
+            out.push_str(&format!("cluster: {c}\n"));
+        }
+        if self.members.is_empty() {
+            out.push_str("others: none, or not asked yet\n");
+        }
+        for p in &self.members {
+            out.push_str(&format!(
+                "{}{}: {}, last contact {} s ago, last exchange {} ms{}, version {}{}{}\n",
+                p.node,
+                p.addr.as_ref().map_or(String::new(), |a| format!(" ({a})")),
+                if p.paused {
+                    "DISCONNECTED by an operator"
+                } else if p.connected {
+                    "connected"
+                } else {
+                    "not connected"
+                },
+                p.last_contact_secs
+                    .map_or("never".to_string(), |s| s.to_string()),
+                p.last_sync_ms,
+                p.last_change_ms.map_or(String::new(), |ms| format!(
+                    " (last change reached it in {ms} ms)"
+                )),
+                or_none(&p.version),
+                if p.differing.is_empty() {
+                    String::new()
+                } else {
+                    format!(", differed: {}", p.differing.join("; "))
+                },
+                p.error
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(", last error: {e}"))
+            ));
+        }
+    }
+}
+
+impl Render for api::ClusterList {
+    fn render(&self, out: &mut String) {
+        for n in &self.notes {
+            out.push_str(&format!("{n}\n"));
+        }
+        match &self.cluster {
+            None => out.push_str(&format!("{}: in no cluster\n", self.node)),
+            Some(c) => {
+                out.push_str(&format!("cluster {c} ({} here)\n", self.node));
+                for m in &self.members {
+                    out.push_str(&format!(
+                        "  member {:<16} {:<22} group {}\n",
+                        m.node,
+                        m.addr,
+                        m.group.as_deref().unwrap_or("-")
+                    ));
+                }
+            }
+        }
+        for g in &self.groups {
+            out.push_str(&format!(
+                "  group {}: {}\n",
+                g.name,
+                if g.machines.is_empty() {
+                    "(empty)".to_string()
+                } else {
+                    g.machines.join(", ")
+                }
+            ));
+        }
+    }
+}
+
+impl Render for api::ConfigExported {
+    fn render(&self, out: &mut String) {
+        out.push_str(&self.toml);
+    }
+}
+
+impl Render for api::ConfigChanged {
+    fn render(&self, out: &mut String) {
+        out.push_str(&format!(
+            "{} at {}: effective here {}\n",
+            self.key,
+            self.level,
+            self.effective
+                .as_ref()
+                .map_or("(unset)".to_string(), |v| v.to_string()),
+        ));
+        for line in &self.sent {
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
+}
+
+impl Render for api::Tracked {
+    fn render(&self, out: &mut String) {
+        for e in &self.events {
+            let when = chrono::DateTime::from_timestamp_millis(e.at_ms as i64)
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+                .unwrap_or_default();
+            let mut line = format!("{when}  {:<12} {:<15} {}", e.unit, e.kind, e.spool_id);
+            if let Some(from) = &e.sender {
+                line.push_str(&format!("  <{from}> -> {}", e.recipients.join(", ")));
+            }
+            if let Some(m) = &e.message_id {
+                line.push_str(&format!("  {m}"));
+            }
+            if !e.detail.is_empty() {
+                line.push_str(&format!("  {}", e.detail));
+            }
+            out.push_str(&line);
+            out.push('\n');
+        }
+        if self.events.is_empty() {
+            out.push_str("no events\n");
+        }
+        if self.capped {
+            out.push_str(&format!(
+                "-- capped at {} events: narrow the query (id:, after:, before:) or raise --limit\n",
+                // A capped answer holds exactly the limit asked.
+                self.events.len()
+            ));
+        }
+        for n in &self.notes {
+            out.push_str(&format!("-- {n}\n"));
+        }
+    }
+}
+
+impl Render for api::Flushed {
+    fn render(&self, out: &mut String) {
+        out.push_str(&format!("requeued {}\n", self.requeued));
+    }
+}
+
+impl Render for api::Each {
+    fn render(&self, out: &mut String) {
+        for id in &self.done {
+            out.push_str(&format!("ok {id}\n"));
+        }
+        for f in &self.failed {
+            out.push_str(&format!("failed {}\n", f.error));
+        }
+    }
+}
+
+impl Render for api::ArchiveFound {
+    fn render(&self, out: &mut String) {
+        for i in &self.items {
+            out.push_str(&item_line(i));
+        }
+        let at_least = if self.total_exact { "" } else { "at least " };
+        out.push_str(&format!(
+            "-- {} shown of {at_least}{} matching\n",
+            self.items.len(),
+            self.total
+        ));
+    }
+}
+
+impl Render for api::ArchiveShown {
+    fn render(&self, out: &mut String) {
+        let i = &self.item;
+        out.push_str(&format!(
+            "item: {}\nid: {}\norigin: {}{}\nsender: <{}>\nrecipients: {}\nverdict: {}\nsize: {}\nsha256: {}\nhold: {}\n\n",
+            i.seq, i.id, i.origin, if i.mirrored { " (mirrored)" } else { "" }, i.sender,
+            i.recipients.join(" "), i.verdict, i.size, i.sha256, i.held
+        ));
+        out.push_str(&self.headers.replace("\r\n", "\n"));
+        out.push_str("\nparts:\n");
+        for p in &self.parts {
+            out.push_str(&format!(
+                "  {:<32} {:>9}  {}\n",
+                p.content_type,
+                p.size,
+                p.name.as_deref().unwrap_or("")
+            ));
+        }
+    }
+}
+
+impl Render for api::ArchiveHeld {
+    fn render(&self, out: &mut String) {
+        out.push_str(&format!(
+            "matched {}, changed {}\n",
+            self.matched, self.changed
+        ));
+    }
+}
+
+impl Render for api::ArchiveStatus {
+    fn render(&self, out: &mut String) {
+        let ratio = if self.raw_bytes > 0 {
+            self.stored_bytes as f64 / self.raw_bytes as f64
+        } else {
+            0.0
+        };
+        out.push_str(&format!(
+            "items: {}\nraw_bytes: {}\nstored_bytes: {} ({:.0}% of raw)\nsegments: {}\nheld: {}\nindexed: {} of {}\nwaiting_in_spool: {}\nfailing: {}\n",
+            self.items, self.raw_bytes, self.stored_bytes, ratio * 100.0, self.segments, self.held,
+            self.indexed_through, self.last_seq, self.waiting, self.failing.as_deref().unwrap_or("no")
+        ));
+        for m in &self.mirrors {
+            out.push_str(&format!(
+                "mirror {}: {} backlog {} oldest {} s sent {} auth_failures {}\n",
+                m.peer,
+                if m.connected { "up" } else { "down" },
+                m.backlog,
+                m.oldest_age_secs,
+                m.sent,
+                m.auth_failures
+            ));
+        }
+        if let Some(o) = &self.object_store {
+            out.push_str(&format!(
+                "object store: {} segment(s) ({} bytes) stored, {} waiting ({} bytes, oldest {} s), {} bytes cached here; uploads {} (failed {}), fetches {} (failed {})\n",
+                o.remote_segments, o.remote_bytes, o.pending_segments, o.pending_bytes,
+                o.pending_oldest_age_secs, o.cached_bytes, o.uploads, o.upload_failures,
+                o.fetches, o.fetch_failures
+            ));
+        }
+    }
+}
+
+impl Render for api::ArchiveExpired {
+    fn render(&self, out: &mut String) {
+        out.push_str(&format!(
+            "removed {} item(s); compacted {} segment(s), {} bytes freed\n",
+            self.removed, self.segments_compacted, self.bytes_freed
+        ));
+    }
+}
+
+impl Render for api::ArchiveVerified {
+    fn render(&self, out: &mut String) {
+        for f in &self.failed {
+            out.push_str(&format!("FAILED item {}: {}\n", f.id, f.error));
+        }
+        out.push_str(&format!(
+            "items {} / bodies whole {} / failed {} / index entries {}\n",
+            self.items,
+            self.ok,
+            self.failed.len(),
+            self.index_entries
+        ));
+    }
+}
+
+impl Render for api::ArchiveReindexed {
+    fn render(&self, out: &mut String) {
+        out.push_str(&format!("indexed {} item(s)\n", self.items));
+    }
+}
