@@ -177,37 +177,9 @@ impl Admin {
         progress: ProgressSender,
     ) -> Result<Recovered, String> {
         let mut failures: Vec<Failed> = Vec::new();
-        // 1. The leftovers.
-        let (mut source, leftovers) = match &from_dir {
-            Some(dir) => {
-                let listed = tokio::task::block_in_place(|| Self::list_folder(dir, &mut failures));
-                (Source::Folder, listed)
-            }
-            None => {
-                let r = self
-                    .replicator
-                    .as_ref()
-                    .ok_or("no [ha] section: use --from-dir for a copied-out spool")?;
-                let mut c = r
-                    .recovery_client()
-                    .await
-                    .map_err(|e| format!("partner: {e}"))?;
-                let listed = c.list().await.map_err(|e| e.to_string())?;
-                (Source::Partner(Box::new(c)), listed)
-            }
-        };
+        let (mut source, leftovers) = self.leftovers(from_dir.as_deref(), &mut failures).await?;
         report(&progress, "list", leftovers.len(), leftovers.len());
-        // 2. The plan.
-        let ledger = self.replicator.as_ref().map(|r| r.log().clone());
-        let actions = plan(
-            &leftovers,
-            |l| self.held_locally(l),
-            |id| {
-                ledger
-                    .as_ref()
-                    .is_some_and(|g| g.was_delivered(id).unwrap_or(false))
-            },
-        );
+        let actions = self.plan(&leftovers);
         let planned: Vec<Planned> = leftovers
             .iter()
             .zip(&actions)
@@ -218,6 +190,14 @@ impl Admin {
                 action: a.label().to_string(),
             })
             .collect();
+        if dry_run {
+            return Ok(Recovered {
+                dry_run: true,
+                plan: planned,
+                failed: failures,
+                ..Recovered::default()
+            });
+        }
         let with = |want: Action| -> Vec<&Held> {
             leftovers
                 .iter()
@@ -231,104 +211,23 @@ impl Admin {
             with(Action::Duplicate),
             with(Action::Kept),
         );
-        if dry_run {
-            return Ok(Recovered {
-                dry_run: true,
-                plan: planned,
-                failed: failures,
-                ..Recovered::default()
-            });
-        }
         failpoint("recover-after-plan");
-        // 3. Copy into input/, verifying checksums.
-        let mut copied = Vec::new();
-        for (k, l) in to_move.iter().enumerate() {
-            let fetched = Self::fetch(&mut source, l).await;
-            // File I/O and fsyncs: off the async worker, which SMTP sessions share.
-            let checked = tokio::task::block_in_place(|| {
-                fetched.and_then(|(env, body)| {
-                    let decoded = spool::Envelope::decode(&env).map_err(|e| e.to_string())?;
-                    if decoded.id != l.id
-                        || hex(&spool::body::sha256(&body)) != l.sha256
-                        || decoded.body_len != body.len() as u64
-                    {
-                        return Err("checksum or length does not match the envelope".into());
-                    }
-                    self.put_input(&l.id, &env, &body)
-                        .map_err(|e| e.to_string())?;
-                    self.lifecycle.track().event_with(
-                        &l.id,
-                        track::EventKind::Recovered,
-                        format!(
-                            "copied from the partner's {}/ by takeover recovery",
-                            l.folder
-                        ),
-                        crate::lifecycle::tracked(&decoded, &body),
-                    );
-                    Ok(())
-                })
-            });
-            match checked {
-                Ok(()) => {
-                    copied.push(l.id.clone());
-                    if copied.len() == 1 {
-                        failpoint("recover-mid-copy");
-                    }
-                }
-                Err(e) => failures.push(failed(&l.id, e)),
-            }
-            report(&progress, "copy", k + 1, to_move.len());
-            // A copy from a local folder never waits: let the progress line out.
-            tokio::task::yield_now().await;
-        }
+        let copied = self
+            .copy_to_input(&mut source, &to_move, &mut failures, &progress)
+            .await;
         failpoint("recover-after-copy");
-        // 4. Insert and verify every copied id is spooled now.
-        tokio::task::block_in_place(|| self.lifecycle.insert_input())
-            .map_err(|e| format!("{e:#}"))?;
-        let mut moved = Vec::new();
-        for id in copied {
-            if self.layout.path(Folder::Spool, &id, Part::Env).exists() {
-                tracing::info!(id = %id, "new mail inserted (id={id}) by takeover recovery");
-                moved.push(id);
-            } else {
-                failures.push(failed(&id, "not spooled after insertion (see corrupt/)"));
-            }
-        }
+        let moved = self.insert_copied(copied, &mut failures)?;
         report(&progress, "insert", moved.len(), to_move.len());
         failpoint("recover-after-insert");
-        // 5. Only now remove, on the partner, what was moved and the duplicates.
-        let mut removed_on_partner = 0;
-        if let Source::Partner(c) = &mut source {
-            let ids: Vec<MessageId> = moved
-                .iter()
-                .cloned()
-                .chain(dups.iter().map(|l| l.id.clone()))
-                .collect();
-            removed_on_partner = c.remove(&ids).await.map_err(|e| e.to_string())?;
-            report(&progress, "partner-removal", removed_on_partner, ids.len());
-        }
+        let removed_on_partner = match &mut source {
+            Source::Partner(c) => Self::remove_on_partner(c, &moved, &dups, &progress).await?,
+            Source::Folder => 0,
+        };
         failpoint("recover-after-partner-removal");
-        // 6. What the partner delivered while it was active must not go out again from here.
-        let mut removed_here = Vec::new();
-        if let Source::Partner(c) = &mut source {
-            let delivered = c.ledger().await.map_err(|e| e.to_string())?;
-            tokio::task::block_in_place(|| -> Result<(), String> {
-                for id in delivered {
-                    for f in Folder::REPLICATED {
-                        if self.layout.path(f, &id, Part::Env).exists() {
-                            self.lifecycle
-                                .remove(&id, f, false)
-                                .map_err(|e| format!("{e:#}"))?;
-                            removed_here.push(id.to_string());
-                            if removed_here.len() == 1 {
-                                failpoint("recover-mid-local-removal");
-                            }
-                        }
-                    }
-                }
-                Ok(())
-            })?;
-        }
+        let removed_here = match &mut source {
+            Source::Partner(c) => self.remove_delivered_by_partner(c).await?,
+            Source::Folder => Vec::new(),
+        };
         failpoint("recover-after-local-removal");
         // 7. What the partner holds changed (moved ids removed there): replicate anew what is
         // held here, moved mail included.
@@ -355,6 +254,162 @@ impl Admin {
             delivered_by_partner_removed_here: removed_here,
             failed: failures,
         })
+    }
+
+    /// Step 1: the leftovers, from a copied-out folder or the partner.
+    async fn leftovers(
+        &self,
+        from_dir: Option<&str>,
+        failures: &mut Vec<Failed>,
+    ) -> Result<(Source, Vec<Held>), String> {
+        if let Some(dir) = from_dir {
+            let listed = tokio::task::block_in_place(|| Self::list_folder(dir, failures));
+            return Ok((Source::Folder, listed));
+        }
+        let r = self
+            .replicator
+            .as_ref()
+            .ok_or("no [ha] section: use --from-dir for a copied-out spool")?;
+        let mut c = r
+            .recovery_client()
+            .await
+            .map_err(|e| format!("partner: {e}"))?;
+        let listed = c.list().await.map_err(|e| e.to_string())?;
+        Ok((Source::Partner(Box::new(c)), listed))
+    }
+
+    /// Step 2: what happens to each leftover ([`plan`], with what this unit holds and what
+    /// its ledger says it delivered).
+    fn plan(&self, leftovers: &[Held]) -> Vec<Action> {
+        let ledger = self.replicator.as_ref().map(|r| r.log().clone());
+        plan(
+            leftovers,
+            |l| self.held_locally(l),
+            |id| {
+                ledger
+                    .as_ref()
+                    .is_some_and(|g| g.was_delivered(id).unwrap_or(false))
+            },
+        )
+    }
+
+    /// Step 3: each leftover to move copied into `input/`, its checksum and length verified;
+    /// answers the ids copied.
+    async fn copy_to_input(
+        &self,
+        source: &mut Source,
+        to_move: &[&Held],
+        failures: &mut Vec<Failed>,
+        progress: &ProgressSender,
+    ) -> Vec<MessageId> {
+        let mut copied = Vec::new();
+        for (k, l) in to_move.iter().enumerate() {
+            let fetched = Self::fetch(source, l).await;
+            // File I/O and fsyncs: off the async worker, which SMTP sessions share.
+            let checked = tokio::task::block_in_place(|| {
+                fetched.and_then(|(env, body)| self.copy_one(l, &env, &body))
+            });
+            match checked {
+                Ok(()) => {
+                    copied.push(l.id.clone());
+                    if copied.len() == 1 {
+                        failpoint("recover-mid-copy");
+                    }
+                }
+                Err(e) => failures.push(failed(&l.id, e)),
+            }
+            report(progress, "copy", k + 1, to_move.len());
+            // A copy from a local folder never waits: let the progress line out.
+            tokio::task::yield_now().await;
+        }
+        copied
+    }
+
+    /// One pair into `input/`, if it is the one listed. Blocking.
+    fn copy_one(&self, l: &Held, env: &[u8], body: &[u8]) -> Result<(), String> {
+        let decoded = spool::Envelope::decode(env).map_err(|e| e.to_string())?;
+        if decoded.id != l.id
+            || hex(&spool::body::sha256(body)) != l.sha256
+            || decoded.body_len != body.len() as u64
+        {
+            return Err("checksum or length does not match the envelope".into());
+        }
+        self.put_input(&l.id, env, body)
+            .map_err(|e| e.to_string())?;
+        self.lifecycle.track().event_with(
+            &l.id,
+            track::EventKind::Recovered,
+            format!(
+                "copied from the partner's {}/ by takeover recovery",
+                l.folder
+            ),
+            crate::lifecycle::tracked(&decoded, body),
+        );
+        Ok(())
+    }
+
+    /// Step 4: `input/` inserted, and every copied id verified spooled; answers those moved.
+    fn insert_copied(
+        &self,
+        copied: Vec<MessageId>,
+        failures: &mut Vec<Failed>,
+    ) -> Result<Vec<MessageId>, String> {
+        tokio::task::block_in_place(|| self.lifecycle.insert_input())
+            .map_err(|e| format!("{e:#}"))?;
+        let mut moved = Vec::new();
+        for id in copied {
+            if self.layout.path(Folder::Spool, &id, Part::Env).exists() {
+                tracing::info!(id = %id, "new mail inserted (id={id}) by takeover recovery");
+                moved.push(id);
+            } else {
+                failures.push(failed(&id, "not spooled after insertion (see corrupt/)"));
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Step 5: only now, on the partner, what was moved and the duplicates removed.
+    async fn remove_on_partner(
+        c: &mut RecoveryClient,
+        moved: &[MessageId],
+        dups: &[&Held],
+        progress: &ProgressSender,
+    ) -> Result<usize, String> {
+        let ids: Vec<MessageId> = moved
+            .iter()
+            .cloned()
+            .chain(dups.iter().map(|l| l.id.clone()))
+            .collect();
+        let removed = c.remove(&ids).await.map_err(|e| e.to_string())?;
+        report(progress, "partner-removal", removed, ids.len());
+        Ok(removed)
+    }
+
+    /// Step 6: what the partner delivered while it was active must not go out again from here
+    /// (removed, its `DELETE` first); answers the ids removed.
+    async fn remove_delivered_by_partner(
+        &self,
+        c: &mut RecoveryClient,
+    ) -> Result<Vec<String>, String> {
+        let delivered = c.ledger().await.map_err(|e| e.to_string())?;
+        let mut removed_here = Vec::new();
+        tokio::task::block_in_place(|| -> Result<(), String> {
+            for id in delivered {
+                for f in Folder::REPLICATED {
+                    if self.layout.path(f, &id, Part::Env).exists() {
+                        self.lifecycle
+                            .remove(&id, f, false)
+                            .map_err(|e| format!("{e:#}"))?;
+                        removed_here.push(id.to_string());
+                        if removed_here.len() == 1 {
+                            failpoint("recover-mid-local-removal");
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        Ok(removed_here)
     }
 }
 

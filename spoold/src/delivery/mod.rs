@@ -356,24 +356,69 @@ impl Delivery {
         mut env: Envelope,
         archived: Option<tokio::task::JoinHandle<Result<(), String>>>,
     ) -> anyhow::Result<Next> {
-        let id = env.id.clone();
-        let body_path = self.layout.path(Folder::Spool, &id, Part::Body);
-        let body = match MappedBody::open_verified(&body_path, env.body_len, &env.body_sha256) {
-            Ok(b) => b,
-            Err(e) => {
-                if let (Some(task), Some(a)) = (archived, &self.archiving) {
-                    // It could not read the body either; the message is not waiting for it.
-                    let _ = task.await;
-                    a.forget(&id);
-                }
-                let reason = format!("body unusable at delivery: {e}");
-                tracing::error!(id = %id, %reason, "moved to corrupt/");
-                self.sink.lifecycle.set_aside(&id, Folder::Spool, &reason)?;
-                return Ok(Next::Done);
+        let Some(body) = self.open_body(&env)? else {
+            if let (Some(task), Some(a)) = (archived, &self.archiving) {
+                // It could not read the body either; the message is not waiting for it.
+                let _ = task.await;
+                a.forget(&env.id);
             }
+            return Ok(Next::Done);
         };
         let policy = self.policy.borrow().clone();
-        // Group the recipients still pending by next hop.
+        let (results, busy) = self.attempt(&env, body.bytes(), &policy).await;
+        drop(body);
+        if !results.is_empty()
+            && results
+                .iter()
+                .all(|(_, r)| matches!(r, RcptResult::NotTried | RcptResult::Busy))
+        {
+            // Nothing happened: no attempt to record. Looked at again when the busy next hop
+            // has a free slot, or once delivery may resume.
+            return Ok(match busy {
+                Some(hop) => Next::WhenFree(hop),
+                None => Next::At(now_ms() + 1000),
+            });
+        }
+        let (mut failures, mut deferred) = self.record(&mut env, results);
+        env.attempts += 1;
+        failures.extend(expire_if_too_old(&mut env, &mut deferred, policy.lifetime));
+        if !failures.is_empty() {
+            self.bounce(&env, &failures).await?;
+        }
+        let archive_failed = self.archive_outcome(&env.id, archived).await;
+        let all_final = env.recipients.iter().all(|r| r.state != RcptState::Pending);
+        match (all_final, archive_failed) {
+            (true, Some(why)) => self.hold_for_archive(env, &why).await,
+            (true, None) => self.remove_finished(&env).await,
+            (false, _) => self.reschedule(env, deferred, busy, &policy).await,
+        }
+    }
+
+    /// The message's body, checked against its envelope; one that cannot be used is set aside
+    /// in `corrupt/` (`None`).
+    fn open_body(&self, env: &Envelope) -> anyhow::Result<Option<MappedBody>> {
+        let body_path = self.layout.path(Folder::Spool, &env.id, Part::Body);
+        match MappedBody::open_verified(&body_path, env.body_len, &env.body_sha256) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) => {
+                let reason = format!("body unusable at delivery: {e}");
+                tracing::error!(id = %env.id, %reason, "moved to corrupt/");
+                self.sink
+                    .lifecycle
+                    .set_aside(&env.id, Folder::Spool, &reason)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// One attempt for every pending recipient, grouped by next hop: each recipient's result
+    /// (tracked as it comes), and a next hop that was busy.
+    async fn attempt(
+        &self,
+        env: &Envelope,
+        body: &[u8],
+        policy: &DeliveryPolicy,
+    ) -> (Vec<(usize, RcptResult)>, Option<Hop>) {
         let mut groups: BTreeMap<Option<Hop>, Vec<usize>> = BTreeMap::new();
         for (i, r) in env.recipients.iter().enumerate() {
             if r.state == RcptState::Pending {
@@ -396,7 +441,7 @@ impl Delivery {
                 .collect();
             let outcome = match &hop {
                 None => vec![RcptResult::Deferred("no route to the recipient's domain (set delivery.default_next_hop or a route)".into()); idx.len()],
-                Some(hop) => self.send_to(hop, &env, &rcpts, body.bytes()).await,
+                Some(hop) => self.send_to(hop, env, &rcpts, body).await,
             };
             if outcome.iter().any(|r| matches!(r, RcptResult::Busy)) {
                 busy = hop.clone();
@@ -415,24 +460,20 @@ impl Delivery {
                     ),
                     RcptResult::NotTried | RcptResult::Busy => continue,
                 };
-                self.sink.lifecycle.track().event(&id, ev, detail);
+                self.sink.lifecycle.track().event(&env.id, ev, detail);
             }
             results.extend(idx.into_iter().zip(outcome));
         }
-        drop(body);
-        if !results.is_empty()
-            && results
-                .iter()
-                .all(|(_, r)| matches!(r, RcptResult::NotTried | RcptResult::Busy))
-        {
-            // Nothing happened: no attempt to record. Looked at again when the busy next hop
-            // has a free slot, or once delivery may resume.
-            return Ok(match busy {
-                Some(hop) => Next::WhenFree(hop),
-                None => Next::At(now_ms() + 1000),
-            });
-        }
+        (results, busy)
+    }
 
+    /// Records each recipient's result in the envelope (not yet on disk) and the metrics:
+    /// the permanent failures, and the last reason for a deferral.
+    fn record(
+        &self,
+        env: &mut Envelope,
+        results: Vec<(usize, RcptResult)>,
+    ) -> (Vec<Failure>, Option<String>) {
         let mut failures = Vec::new();
         let mut deferred = None;
         for (i, r) in results {
@@ -451,7 +492,7 @@ impl Delivery {
                         .delivery_attempts
                         .with_label_values(&["deferred"])
                         .inc();
-                    tracing::info!(id = %id, rcpt = %rcpt.address, reason = %why, "deferred");
+                    tracing::info!(id = %env.id, rcpt = %rcpt.address, reason = %why, "deferred");
                     deferred = Some(why);
                 }
                 RcptResult::Failed(f) => {
@@ -460,72 +501,70 @@ impl Delivery {
                         .delivery_attempts
                         .with_label_values(&["failed"])
                         .inc();
-                    tracing::info!(id = %id, rcpt = %rcpt.address, reason = %f.diagnostic, "failed permanently");
+                    tracing::info!(id = %env.id, rcpt = %rcpt.address, reason = %f.diagnostic, "failed permanently");
                     failures.push(f);
                 }
             }
         }
-        env.attempts += 1;
-        let age = Duration::from_millis(now_ms().saturating_sub(env.arrived_ms));
-        if deferred.is_some() && age >= policy.lifetime {
-            let why = format!(
-                "queue lifetime exceeded; last error: {}",
-                deferred.take().unwrap_or_default()
-            );
-            for r in env
-                .recipients
-                .iter_mut()
-                .filter(|r| r.state == RcptState::Pending)
-            {
-                r.state = RcptState::Failed;
-                failures.push(Failure {
-                    recipient: r.address.clone(),
-                    diagnostic: why.clone(),
-                    remote: None,
-                });
-            }
+        (failures, deferred)
+    }
+
+    /// Waits for the archive's record of the message, made while it was delivered; answers
+    /// why it failed, if it did.
+    async fn archive_outcome(
+        &self,
+        id: &MessageId,
+        archived: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    ) -> Option<String> {
+        let task = archived?;
+        let failed = task.await.map_err(|e| e.to_string()).and_then(|r| r).err();
+        if failed.is_none() {
+            self.sink
+                .lifecycle
+                .track()
+                .event(id, track::EventKind::Archived, String::new());
         }
-        if !failures.is_empty() {
-            self.bounce(&env, &failures).await?;
-        }
-        let archive_failed = match archived {
-            Some(task) => {
-                let failed = task.await.map_err(|e| e.to_string()).and_then(|r| r).err();
-                if failed.is_none() {
-                    self.sink.lifecycle.track().event(
-                        &id,
-                        track::EventKind::Archived,
-                        String::new(),
-                    );
-                }
-                failed
-            }
-            None => None,
-        };
-        let all_final = env.recipients.iter().all(|r| r.state != RcptState::Pending);
-        if let (true, Some(why)) = (all_final, &archive_failed) {
-            tracing::warn!(id = %id, "archive failed: the message stays in the spool until it is archived: {why}");
-            env.next_attempt_ms = now_ms() + ARCHIVE_RETRY.as_millis() as u64;
-            let (layout, e) = (self.layout.clone(), env.clone());
-            tokio::task::spawn_blocking(move || layout.rewrite_envelope(Folder::Spool, &e))
-                .await??;
-            return Ok(Next::At(env.next_attempt_ms));
-        }
-        if all_final {
-            self.log_leaving(&env)?;
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            self.remover.remove(
-                id.clone(),
-                Folder::Spool,
-                Box::new(move |r| {
-                    let _ = tx.send(r);
-                }),
-            );
-            rx.await
-                .map_err(|_| anyhow::anyhow!("spool remover stopped"))??;
-            self.message_removed(&env);
-            return Ok(Next::Done);
-        }
+        failed
+    }
+
+    /// Every recipient is done but the archive failed: the message stays in the spool until it
+    /// is archived.
+    async fn hold_for_archive(&self, mut env: Envelope, why: &str) -> anyhow::Result<Next> {
+        tracing::warn!(id = %env.id, "archive failed: the message stays in the spool until it is archived: {why}");
+        env.next_attempt_ms = now_ms() + ARCHIVE_RETRY.as_millis() as u64;
+        let next = env.next_attempt_ms;
+        let layout = self.layout.clone();
+        tokio::task::spawn_blocking(move || layout.rewrite_envelope(Folder::Spool, &env)).await??;
+        Ok(Next::At(next))
+    }
+
+    /// Every recipient is done and the message archived: its `DELETE` is logged, then its files
+    /// go (the group remover), then it is counted out.
+    async fn remove_finished(&self, env: &Envelope) -> anyhow::Result<Next> {
+        self.log_leaving(env)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.remover.remove(
+            env.id.clone(),
+            Folder::Spool,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.await
+            .map_err(|_| anyhow::anyhow!("spool remover stopped"))??;
+        self.message_removed(env);
+        Ok(Next::Done)
+    }
+
+    /// Recipients remain: the next attempt by the retry schedule (or as soon as a busy next
+    /// hop has a slot), written in the envelope.
+    async fn reschedule(
+        &self,
+        mut env: Envelope,
+        deferred: Option<String>,
+        busy: Option<Hop>,
+        policy: &DeliveryPolicy,
+    ) -> anyhow::Result<Next> {
         let step = (env.attempts as usize)
             .saturating_sub(1)
             .min(policy.retry_schedule.len().saturating_sub(1));
@@ -540,11 +579,12 @@ impl Delivery {
                     .map_or(60_000, |d| d.as_millis() as u64)
         };
         env.last_error = deferred;
-        let (layout, e) = (self.layout.clone(), env.clone());
-        tokio::task::spawn_blocking(move || layout.rewrite_envelope(Folder::Spool, &e)).await??;
+        let next = env.next_attempt_ms;
+        let layout = self.layout.clone();
+        tokio::task::spawn_blocking(move || layout.rewrite_envelope(Folder::Spool, &env)).await??;
         Ok(match busy {
             Some(hop) => Next::WhenFree(hop),
-            None => Next::At(env.next_attempt_ms),
+            None => Next::At(next),
         })
     }
 
@@ -591,4 +631,33 @@ impl Delivery {
         );
         Ok(())
     }
+}
+
+/// Past its queue lifetime, a message still deferred fails for its pending recipients: their
+/// failures (the last deferral's reason in each), for the bounce.
+fn expire_if_too_old(
+    env: &mut Envelope,
+    deferred: &mut Option<String>,
+    lifetime: Duration,
+) -> Vec<Failure> {
+    let age = Duration::from_millis(now_ms().saturating_sub(env.arrived_ms));
+    if deferred.is_none() || age < lifetime {
+        return Vec::new();
+    }
+    let why = format!(
+        "queue lifetime exceeded; last error: {}",
+        deferred.take().unwrap_or_default()
+    );
+    env.recipients
+        .iter_mut()
+        .filter(|r| r.state == RcptState::Pending)
+        .map(|r| {
+            r.state = RcptState::Failed;
+            Failure {
+                recipient: r.address.clone(),
+                diagnostic: why.clone(),
+                remote: None,
+            }
+        })
+        .collect()
 }
