@@ -9,7 +9,7 @@
 //!    ledger), with a `DELETE` first; 7. ask replication to rebuild, so the partner gets replicas
 //!    of everything held here, the moved mail included.
 //!
-//! It is not: the protocol (typed in `hasync::recovery`) nor the admin socket (`admin.rs`).
+//! It is not: the protocol (typed in `hasync::recovery`) nor the admin socket (`mod.rs`).
 
 use super::Admin;
 use api::{Failed, Planned, Progress, Recovered};

@@ -3,7 +3,7 @@
 //! global slot, while every connection of its next hop is taken), the pool of idle connections,
 //! and one SMTP transaction to a next hop with its per-recipient results.
 //!
-//! It is not: what to do with the results (the queue manager in `delivery.rs` records them).
+//! It is not: what to do with the results (the queue manager in `mod.rs` records them).
 
 use super::{Delivery, RcptResult};
 use crate::config::{Config, TlsSetting};
