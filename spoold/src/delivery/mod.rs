@@ -278,33 +278,21 @@ impl Delivery {
                 .scan_seconds
                 .observe(started.elapsed().as_secs_f64());
             let lifecycle = &self.sink.lifecycle;
-            let verdict = match &outcome {
-                StageOutcome::Clean => "clean".to_string(),
-                StageOutcome::Unscanned => "unscanned".to_string(),
-                StageOutcome::Quarantined(name) => format!("infected: {name}; quarantined"),
-                StageOutcome::Retry(why) => format!("scan failed, retried: {why}"),
+            let (label, verdict) = match &outcome {
+                StageOutcome::Clean => ("clean", "clean".to_string()),
+                StageOutcome::Unscanned => ("unscanned", "unscanned".to_string()),
+                StageOutcome::Quarantined(name) => {
+                    ("infected", format!("infected: {name}; quarantined"))
+                }
+                StageOutcome::Retry(why) => ("error", format!("scan failed, retried: {why}")),
             };
+            self.metrics.scan_verdicts.with_label_values(&[label]).inc();
             lifecycle
                 .track()
                 .event(id, track::EventKind::Scanned, verdict);
             match outcome {
-                StageOutcome::Clean => {
-                    self.metrics
-                        .scan_verdicts
-                        .with_label_values(&["clean"])
-                        .inc();
-                }
-                StageOutcome::Unscanned => {
-                    self.metrics
-                        .scan_verdicts
-                        .with_label_values(&["unscanned"])
-                        .inc();
-                }
+                StageOutcome::Clean | StageOutcome::Unscanned => {}
                 StageOutcome::Quarantined(name) => {
-                    self.metrics
-                        .scan_verdicts
-                        .with_label_values(&["infected"])
-                        .inc();
                     tracing::warn!(id = %id, virus = %name, "message quarantined");
                     if let Some(a) = &self.archiving {
                         // Kept in quarantine/ whatever happens here: nothing is lost.
@@ -326,10 +314,6 @@ impl Delivery {
                     return Ok(Next::Done);
                 }
                 StageOutcome::Retry(why) => {
-                    self.metrics
-                        .scan_verdicts
-                        .with_label_values(&["error"])
-                        .inc();
                     tracing::warn!(id = %id, error = %why, "scan failed; message waits in vscan/");
                     return Ok(Next::At(now_ms() + policy.scan_retry.as_millis() as u64));
                 }
