@@ -48,7 +48,7 @@ fn a_panic_in_the_queue_manager_is_logged_and_ends_the_daemon_with_exit_1() {
         .find(|l| l.contains("panic: fail-point panic-in-queue-manager"))
         .unwrap_or_else(|| panic!("no panic line: {log}"));
     assert!(
-        panic_line.contains("location=spoold/src/delivery.rs:"),
+        panic_line.contains("location=spoold/src/delivery/mod.rs:"),
         "{panic_line}"
     );
     assert!(
