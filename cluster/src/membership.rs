@@ -19,6 +19,7 @@ use crate::level::{name_ok, Level};
 use crate::proto::{Exchange, JoinRequest, Reply, Request, TrackQuery, Via, PROTOCOL};
 use crate::schema::Schema;
 use crate::settings::Settings;
+use crate::stamp::now_ms;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -86,12 +87,6 @@ pub struct Membership<S: Schema> {
     link: Option<(LinkConfig, SocketAddr)>,
     seen: Mutex<BTreeMap<String, Seen>>,
     gauges: Gauges,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl<S: Schema> Membership<S> {

@@ -10,7 +10,7 @@ use crate::level::{name_ok, Level};
 use crate::merge::merge;
 use crate::proto::{Exchange, PROTOCOL};
 use crate::schema::Schema;
-use crate::stamp::Stamp;
+use crate::stamp::{now_ms, Stamp};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -30,13 +30,6 @@ pub struct Settings<S: Schema> {
     /// The configuration as the file (and command line) gave it.
     file: S::Config,
     held: Mutex<Held>,
-}
-
-/// Milliseconds since the Unix epoch: the wall-clock part of a new stamp.
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl<S: Schema> Settings<S> {

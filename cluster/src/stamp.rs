@@ -36,6 +36,14 @@ impl Stamp {
     }
 }
 
+/// Milliseconds since the Unix epoch: the wall-clock part of a new stamp, and the crate's one
+/// clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl std::fmt::Display for Stamp {
     /// `ms.counter@node`, as `spoolctl config show` and `cluster status` print it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -278,10 +278,17 @@ fn active_killed_with_unsent_adds_rebuilds_them_from_its_spool_after_restart() {
     let mut a = Daemon::start_with(&["--config", &p.a_config]);
     let mut b = Daemon::start_with(&["--config", &p.b_config]);
     assert_eq!(load(&a, 2, 10, Arc::default()).finish().len(), 20);
-    assert!(wait_until(10, || ids(&b).len() == 20));
+    // B holds the first 20 and A has their acknowledgements (B's files show before its
+    // acknowledgement reaches A: killed in between, A would count those as pending too).
+    assert!(wait_until(10, || ids(&b).len() == 20
+        && a.metric("spoold_ha_pending_actions") == Some(0.0)));
     b.kill9();
     assert_eq!(load(&a, 4, 25, Arc::default()).finish().len(), 100);
-    assert!(wait_until(5, || a.metric("spoold_ha_pending_actions") == Some(100.0)));
+    assert!(
+        wait_until(5, || a.metric("spoold_ha_pending_actions") == Some(100.0)),
+        "pending actions: {:?}",
+        a.metric("spoold_ha_pending_actions")
+    );
     a.kill9();
     a.restart();
     assert_eq!(ids(&a).len(), 120, "A's spool kept all it acknowledged");
