@@ -16,6 +16,7 @@
 
 mod basics;
 pub mod corpus;
+pub mod identity;
 pub mod index;
 pub mod mime;
 pub mod mirror;
@@ -73,6 +74,10 @@ pub enum ArchiveError {
     /// The object store failed or refused a request.
     #[error("archive object store: {0}")]
     Remote(String),
+    /// The object store's prefix belongs to another archive (or this unit cannot tell it is
+    /// its own): nothing is written there.
+    #[error("archive object store: {0}")]
+    NotOurs(String),
 }
 
 impl From<heed::Error> for ArchiveError {
@@ -99,6 +104,10 @@ pub struct Options {
     pub object_store: Option<ObjectStoreConfig>,
     /// Local bytes of sealed segments already in the object store kept as a read cache.
     pub cache_bytes: u64,
+    /// This unit's node name (written in the manifest of an object-store prefix it claims).
+    pub node: String,
+    /// How long a new archive waits before reading its manifest back ([`store::CLAIM_SETTLE`]).
+    pub claim_settle: Duration,
 }
 
 impl Options {
@@ -112,6 +121,8 @@ impl Options {
             index_heap_bytes: 16 << 20,
             object_store: None,
             cache_bytes: 1 << 30,
+            node: String::new(),
+            claim_settle: store::CLAIM_SETTLE,
         }
     }
 }
@@ -298,10 +309,17 @@ fn upload_loop(store: &Store, stopped: &crossbeam_channel::Receiver<()>) {
                 backoff
             }
             Err(e) => {
-                tracing::warn!(
-                    retry_in_secs = backoff.as_secs(),
-                    "archive: object store upkeep failed, segments stay local: {e}"
-                );
+                if matches!(e, ArchiveError::NotOurs(_)) {
+                    tracing::error!(
+                        retry_in_secs = backoff.as_secs(),
+                        "archive: {e}; sealed segments stay local"
+                    );
+                } else {
+                    tracing::warn!(
+                        retry_in_secs = backoff.as_secs(),
+                        "archive: object store upkeep failed, segments stay local: {e}"
+                    );
+                }
                 let wait = backoff;
                 backoff = (backoff * 2).min(UPLOAD_BACKOFF_MAX);
                 wait
@@ -332,7 +350,9 @@ impl Archive {
         opts: &Options,
         remote: Option<remote::Remote>,
     ) -> Result<Archive, ArchiveError> {
-        let store = Arc::new(Store::open_with(&opts.dir, remote, opts.cache_bytes)?);
+        let mut store = Store::open_with(&opts.dir, remote, opts.cache_bytes, &opts.node)?;
+        store.set_claim_settle(opts.claim_settle);
+        let store = Arc::new(store);
         let (search, indexer) = index::open(
             &opts.dir.join("index"),
             store.clone(),

@@ -6,6 +6,7 @@
 //! Not here: which segments to upload, keep or delete, and when (the [`crate::store`]); record
 //! checks (a fetched range is verified by the caller like a local read).
 
+use crate::identity::Manifest;
 use crate::ArchiveError;
 use md5::{Digest, Md5};
 use object_store::aws::AmazonS3Builder;
@@ -16,6 +17,9 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The manifest's object name under the prefix.
+pub const MANIFEST_OBJECT: &str = "archive.json";
 
 /// Where the sealed segments go. The credentials are never printed (`Debug` hides them).
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -144,13 +148,60 @@ impl Remote {
         rx.recv().map_err(|_| ArchiveError::Stopped)
     }
 
-    /// The object name of segment `n`.
-    pub fn object(&self, n: u32) -> ObjectPath {
-        let name = format!("segments/{n:08}.seg");
+    /// The object `name` under the prefix.
+    fn under_prefix(&self, name: &str) -> ObjectPath {
         if self.prefix.is_empty() {
             ObjectPath::from(name)
         } else {
             ObjectPath::from(format!("{}/{name}", self.prefix))
+        }
+    }
+
+    /// The object name of segment `n`.
+    pub fn object(&self, n: u32) -> ObjectPath {
+        self.under_prefix(&format!("segments/{n:08}.seg"))
+    }
+
+    /// The prefix, as configured (for messages).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The manifest under the prefix, if there is one (`crate::identity`).
+    pub fn manifest(&self) -> Result<Option<Manifest>, ArchiveError> {
+        let store = self.store.clone();
+        let path = self.under_prefix(MANIFEST_OBJECT);
+        let got = self.wait(async move { store.get(&path).await?.bytes().await })?;
+        match got {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                ArchiveError::Remote(format!(
+                    "{MANIFEST_OBJECT} under prefix {:?}: {e}",
+                    self.prefix
+                ))
+            }),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(remote_err("read of the manifest", e)),
+        }
+    }
+
+    /// Creates the manifest unless one exists (`If-None-Match: *`: a store that honours it
+    /// lets one of two racing units win; one that ignores it lets the last writer win, which
+    /// the caller's read-back then sees). Answers false when one existed.
+    pub fn create_manifest(&self, m: &Manifest) -> Result<bool, ArchiveError> {
+        let body = serde_json::to_vec_pretty(m).map_err(|e| ArchiveError::Remote(e.to_string()))?;
+        let store = self.store.clone();
+        let path = self.under_prefix(MANIFEST_OBJECT);
+        let put = self.wait(async move {
+            let opts = object_store::PutOptions {
+                mode: object_store::PutMode::Create,
+                ..Default::default()
+            };
+            store.put_opts(&path, PutPayload::from(body), opts).await
+        })?;
+        match put {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(remote_err("creation of the manifest", e)),
         }
     }
 

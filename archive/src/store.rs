@@ -12,6 +12,7 @@
 //! `gone` and deletes it only once the segment its live records moved to is confirmed.
 
 use crate::basics::{hex, now_ms};
+use crate::identity::{decide, ArchiveId, Claim, Found, Manifest, MANIFEST_FORMAT};
 use crate::record::{self, BlobLoc, Item};
 use crate::remote::Remote;
 use crate::ArchiveError;
@@ -33,6 +34,12 @@ const OPEN_LEN: &str = "open_len";
 const ITEMS: &str = "items";
 const RAW_BYTES: &str = "raw_bytes";
 const HELD: &str = "held";
+/// How long a new archive waits after writing its manifest before it reads it back (see
+/// [`Store::claim`]).
+pub const CLAIM_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+/// The archive's id (`crate::identity`), as two halves.
+const ARCHIVE_ID_HI: &str = "archive_id.hi";
+const ARCHIVE_ID_LO: &str = "archive_id.lo";
 /// LMDB reader slots: more than the read transactions that can be open at once (the blocking
 /// threads of a runtime, the index and mirror threads). A slot costs 64 bytes of the lock file.
 const READERS_MAX: u32 = 1024;
@@ -65,6 +72,19 @@ pub struct Store {
     pinned: Mutex<std::collections::HashSet<u32>>,
     /// Object store traffic since start.
     pub remote_counters: RemoteCounters,
+    /// This unit's node name, for the manifest it creates.
+    node: String,
+    /// Whether the object store's prefix was found to be this archive's (nothing is written
+    /// there before).
+    claimed: std::sync::atomic::AtomicBool,
+    /// One claim at a time: the daemon's check at start and the upload thread's first pass
+    /// would otherwise each make an id.
+    claiming: Mutex<()>,
+    /// How long a new archive waits after writing its manifest before reading it back.
+    claim_settle: std::time::Duration,
+    /// One upkeep pass at a time: a pass that evicts a confirmed segment's file must not run
+    /// beside one still uploading it (the upload thread's pass and an explicit one).
+    upkeep: Mutex<()>,
 }
 
 /// Object store traffic since start.
@@ -189,15 +209,16 @@ impl Store {
     /// deleting segments the catalog no longer refers to (a compaction that crashed after its
     /// commit).
     pub fn open(dir: &Path) -> Result<Store, ArchiveError> {
-        Store::open_with(dir, None, 0)
+        Store::open_with(dir, None, 0, "")
     }
 
     /// [`Store::open`], with sealed segments kept in an object store and `cache_bytes` of them
-    /// kept locally.
+    /// kept locally; `node` is this unit's name, written in the manifest of a prefix it claims.
     pub fn open_with(
         dir: &Path,
         remote: Option<Remote>,
         cache_bytes: u64,
+        node: &str,
     ) -> Result<Store, ArchiveError> {
         let catalog = dir.join("catalog");
         let segments_dir = dir.join("segments");
@@ -238,6 +259,11 @@ impl Store {
             fetch_failed_ms: AtomicU64::new(0),
             pinned: Mutex::new(std::collections::HashSet::new()),
             remote_counters: RemoteCounters::default(),
+            node: node.to_string(),
+            claimed: std::sync::atomic::AtomicBool::new(false),
+            claiming: Mutex::new(()),
+            claim_settle: CLAIM_SETTLE,
+            upkeep: Mutex::new(()),
         };
         store.tidy_segments()?;
         Ok(store)
@@ -536,6 +562,8 @@ impl Store {
         let Some(remote) = &self.remote else {
             return Ok(SyncReport::default());
         };
+        let _one = self.upkeep.lock().unwrap_or_else(|p| p.into_inner());
+        self.claim()?;
         let c = &self.remote_counters;
         let mut report = SyncReport::default();
         let open = {
@@ -601,6 +629,104 @@ impl Store {
         Ok(report)
     }
 
+    /// Sets how long a new archive waits before reading its manifest back (tests on a store
+    /// that honours `If-None-Match` need not wait).
+    pub fn set_claim_settle(&mut self, settle: std::time::Duration) {
+        self.claim_settle = settle;
+    }
+
+    /// This archive's id, once it has met its object store.
+    pub fn archive_id(&self) -> Result<Option<ArchiveId>, ArchiveError> {
+        let r = self.env.read_txn()?;
+        let hi = self.meta.get(&r, ARCHIVE_ID_HI)?;
+        let lo = self.meta.get(&r, ARCHIVE_ID_LO)?;
+        Ok(hi.zip(lo).map(|(hi, lo)| ArchiveId::from_halves(hi, lo)))
+    }
+
+    /// Makes sure the object store's prefix is this archive's before anything is written there
+    /// (`crate::identity`): answers at once once it was; creates the manifest of a new
+    /// archive (its id recorded in the catalog first, so a crash in between finds it again);
+    /// refuses a prefix that belongs to another archive.
+    pub fn claim(&self) -> Result<(), ArchiveError> {
+        use std::sync::atomic::Ordering::{Acquire, Release};
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        if self.claimed.load(Acquire) {
+            return Ok(());
+        }
+        let _one = self.claiming.lock().unwrap_or_else(|p| p.into_inner());
+        if self.claimed.load(Acquire) {
+            return Ok(());
+        }
+        let ours = self.archive_id()?;
+        let uploaded_here = {
+            let r = self.env.read_txn()?;
+            let mut marks = self.meta.prefix_iter(&r, "seg.")?;
+            let any = marks.any(|kv| kv.is_ok_and(|(k, _)| k.ends_with(".remote")));
+            drop(marks);
+            any || self.meta.prefix_iter(&r, "gone.")?.next().is_some()
+        };
+        let found = |manifest| -> Result<Found, ArchiveError> {
+            Ok(Found {
+                manifest,
+                segments: !remote.list()?.is_empty(),
+            })
+        };
+        let refused = |why: String| {
+            ArchiveError::NotOurs(format!(
+                "prefix {:?} of the bucket: {why}; nothing is written there (give each archive its own prefix)",
+                remote.prefix()
+            ))
+        };
+        let mut ours = ours;
+        for _attempt in 0..3 {
+            let looked = std::time::Instant::now();
+            match decide(ours, uploaded_here, &found(remote.manifest()?)?) {
+                Claim::Ours => {
+                    self.claimed.store(true, Release);
+                    return Ok(());
+                }
+                Claim::Refuse(why) => return Err(refused(why)),
+                Claim::Create(id) => {
+                    // The id first: a crash before the manifest is written finds it again.
+                    let mut w = self.env.write_txn()?;
+                    let (hi, lo) = id.halves();
+                    self.meta.put(&mut w, ARCHIVE_ID_HI, &hi)?;
+                    self.meta.put(&mut w, ARCHIVE_ID_LO, &lo)?;
+                    w.commit()?;
+                    ours = Some(id);
+                    remote.create_manifest(&Manifest {
+                        format: MANIFEST_FORMAT,
+                        archive: id.to_string(),
+                        node: self.node.clone(),
+                        created_ms: now_ms(),
+                    })?;
+                    // A store that ignores `If-None-Match` (Garage 2.5 does) keeps the last
+                    // writer's manifest. Another unit that looked before this one wrote has
+                    // written within `claim_settle / 2` of its look; after `claim_settle` every
+                    // racer reads the same last manifest. A look this old is tried again.
+                    if !self.claim_settle.is_zero() && looked.elapsed() > self.claim_settle / 2 {
+                        continue;
+                    }
+                    std::thread::sleep(self.claim_settle);
+                    if let Claim::Refuse(why) =
+                        decide(Some(id), uploaded_here, &found(remote.manifest()?)?)
+                    {
+                        return Err(refused(why));
+                    }
+                    tracing::info!(archive = %id, prefix = remote.prefix(), "archive: the object store's prefix is this archive's");
+                    self.claimed.store(true, Release);
+                    return Ok(());
+                }
+            }
+        }
+        Err(ArchiveError::Remote(format!(
+            "prefix {:?}: the object store answered too slowly to claim it (tried 3 times)",
+            remote.prefix()
+        )))
+    }
+
     /// Deletes local copies of confirmed sealed segments, least recently read first, until at
     /// most `keep_bytes` of them remain. Answers how many went.
     pub fn evict(&self, open: u32, keep_bytes: u64) -> Result<u32, ArchiveError> {
@@ -646,6 +772,7 @@ impl Store {
 
     /// Empties the local cache of confirmed segments (`spoolctl archive cache drop`, tests).
     pub fn drop_cache(&self) -> Result<u32, ArchiveError> {
+        let _one = self.upkeep.lock().unwrap_or_else(|p| p.into_inner());
         let open = {
             let r = self.env.read_txn()?;
             self.meta.get(&r, OPEN_SEGMENT)?.unwrap_or(1) as u32

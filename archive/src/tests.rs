@@ -539,5 +539,232 @@ fn two_archives_share_a_bucket_under_their_own_prefixes() {
         .iter()
         .map(|a| a.status().unwrap().totals.remote_segments)
         .sum();
-    assert_eq!(all.len() as u64, total, "the bucket holds both, apart");
+    assert_eq!(
+        all.len() as u64,
+        total + 2,
+        "the bucket holds both, apart, and a manifest each"
+    );
+}
+
+/// An archive on the object store, its prefix claimed: (the archive, its store).
+fn archive_on(
+    memory: &Arc<dyn object_store::ObjectStore>,
+    dir: &std::path::Path,
+    prefix: &str,
+    node: &str,
+) -> Archive {
+    let mut o = Options::new(dir.to_path_buf());
+    o.free_bytes_min = 0;
+    o.index_heap_bytes = 15 << 20;
+    o.segment_bytes_max = 4096;
+    o.cache_bytes = 0;
+    o.node = node.into();
+    // The in-memory store honours `If-None-Match`: no read-back delay needed.
+    o.claim_settle = Duration::ZERO;
+    let remote = remote::Remote::over(memory.clone(), prefix).unwrap();
+    Archive::open_with(&o, Some(remote)).unwrap()
+}
+
+/// Every object in the store, with its size and ETag.
+fn objects(memory: &Arc<dyn object_store::ObjectStore>) -> Vec<(String, u64, Option<String>)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use futures_util::TryStreamExt;
+        let mut v: Vec<_> = memory
+            .list(None)
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.location.to_string(), m.size, m.e_tag))
+            .collect();
+        v.sort();
+        v
+    })
+}
+
+/// A unit started with an empty state directory on another archive's prefix (a reinstall, a
+/// copied configuration) numbered its segments from 1 again and overwrote the other's
+/// objects. Now it is refused and writes nothing there.
+#[test]
+fn a_second_archive_on_a_prefix_is_refused_and_writes_nothing() {
+    let memory: Arc<dyn object_store::ObjectStore> =
+        Arc::new(object_store::memory::InMemory::new());
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = archive_on(&memory, da.path(), "units/gw", "gw_a");
+    let b = archive_on(&memory, db.path(), "units/gw", "gw_b");
+    let fill = |x: &Archive, tag: &str| {
+        for i in 0..20u32 {
+            let raw: Vec<u8> = (0..900u32)
+                .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(i) >> 9) as u8)
+                .chain(tag.bytes())
+                .collect();
+            x.archive(
+                incoming(&format!("{tag}-{i}"), &raw, "bob@example.net"),
+                &raw,
+            )
+            .unwrap();
+        }
+    };
+    fill(&a, "a");
+    a.sync_remote().unwrap();
+    let before = objects(&memory);
+    assert!(before.len() > 2, "{before:?}");
+    fill(&b, "b");
+    let refused = b.sync_remote().unwrap_err();
+    assert!(matches!(refused, ArchiveError::NotOurs(_)), "{refused}");
+    let text = refused.to_string();
+    assert!(text.contains("gw_a") && text.contains("units/gw"), "{text}");
+    assert_eq!(objects(&memory), before, "nothing written or deleted there");
+    // A's archive is whole, and it goes on uploading.
+    fill(&a, "a2");
+    a.sync_remote().unwrap();
+    assert!(objects(&memory).len() > before.len());
+    // B's own prefix is its own.
+    drop(b);
+    let b = archive_on(&memory, db.path(), "units/gw_b", "gw_b");
+    b.sync_remote().unwrap();
+}
+
+/// A store that, like Garage 2.5, ignores `If-None-Match`: a create overwrites.
+#[derive(Debug)]
+struct IgnoresCreate(Arc<dyn object_store::ObjectStore>);
+
+impl std::fmt::Display for IgnoresCreate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IgnoresCreate({})", self.0)
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::ObjectStore for IgnoresCreate {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        payload: object_store::PutPayload,
+        mut opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        opts.mode = object_store::PutMode::Overwrite;
+        self.0.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.0.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.0.get_opts(location, options).await
+    }
+    async fn delete(&self, location: &object_store::path::Path) -> object_store::Result<()> {
+        self.0.delete(location).await
+    }
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures_util::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+    {
+        self.0.list(prefix)
+    }
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.0.list_with_delimiter(prefix).await
+    }
+    async fn copy(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+    ) -> object_store::Result<()> {
+        self.0.copy(from, to).await
+    }
+    async fn copy_if_not_exists(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+    ) -> object_store::Result<()> {
+        self.0.copy_if_not_exists(from, to).await
+    }
+}
+
+/// Two new archives racing for one empty prefix: exactly one owns it, on a store that honours
+/// `If-None-Match: *` (the in-memory one, like S3 and MinIO) and, through the read-back after
+/// the settle time, on one that ignores it (like Garage 2.5).
+#[test]
+fn two_archives_racing_for_an_empty_prefix_one_wins() {
+    for round in 0..16 {
+        let honours = round % 2 == 0;
+        let memory: Arc<dyn object_store::ObjectStore> = if honours {
+            Arc::new(object_store::memory::InMemory::new())
+        } else {
+            Arc::new(IgnoresCreate(Arc::new(
+                object_store::memory::InMemory::new(),
+            )))
+        };
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        // Stores without the archive's threads: the upload thread would claim at once.
+        let stores: Vec<store::Store> = dirs
+            .iter()
+            .zip(["gw_a", "gw_b"])
+            .map(|(d, node)| {
+                let remote = remote::Remote::over(memory.clone(), "shared").unwrap();
+                let mut st = store::Store::open_with(d.path(), Some(remote), 0, node).unwrap();
+                st.set_claim_settle(if honours {
+                    Duration::ZERO
+                } else {
+                    Duration::from_millis(300)
+                });
+                st
+            })
+            .collect();
+        let barrier = std::sync::Barrier::new(2);
+        let claims: Vec<bool> = std::thread::scope(|s| {
+            let runs: Vec<_> = stores
+                .iter()
+                .map(|st| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        barrier.wait();
+                        st.claim().is_ok()
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        assert_eq!(
+            claims.iter().filter(|&&c| c).count(),
+            1,
+            "round {round} (store honours If-None-Match: {honours}): {claims:?}"
+        );
+    }
+}
+
+/// The daemon's check at start and the upload thread's first pass claim at once: one id, the
+/// one in the manifest (two made a second id and refused the unit its own prefix).
+#[test]
+fn one_archive_claiming_from_two_threads_makes_one_id() {
+    for round in 0..20 {
+        let memory: Arc<dyn object_store::ObjectStore> =
+            Arc::new(object_store::memory::InMemory::new());
+        let dir = tempfile::tempdir().unwrap();
+        let a = archive_on(&memory, dir.path(), "p", "gw_a");
+        let claims: Vec<bool> = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..2)
+                .map(|_| s.spawn(|| a.store().claim().is_ok()))
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        assert_eq!(claims, [true, true], "round {round}");
+        let manifest = a.store().remote().unwrap().manifest().unwrap().unwrap();
+        let id = a.store().archive_id().unwrap().unwrap();
+        assert_eq!(manifest.archive, id.to_string(), "round {round}");
+    }
 }

@@ -90,13 +90,16 @@ impl Archiving {
         opts.free_bytes_min = a.free_bytes_min;
         opts.segment_bytes_max = a.segment_bytes_max;
         opts.cache_bytes = a.cache_bytes;
+        opts.node = cfg.node_name.clone();
+        let mut reachable = false;
         if let Some(o) = &a.object_store {
             let store = o.resolve()?;
-            if let Some(unreachable) = probe_object_store(&store)? {
-                tracing::warn!(
+            match probe_object_store(&store)? {
+                None => reachable = true,
+                Some(unreachable) => tracing::warn!(
                     "archive: the object store at {} does not answer ({unreachable}): sealed segments stay local until it does",
                     store.endpoint
-                );
+                ),
             }
             opts.object_store = Some(store);
         }
@@ -104,6 +107,23 @@ impl Archiving {
             Archive::open(&opts)
                 .with_context(|| format!("open the archive in {}", dir.display()))?,
         );
+        if reachable {
+            // Whose prefix it is, before this unit writes anything there: another archive's
+            // is a configuration error (the same store settings copied to a second unit, or a
+            // unit reinstalled with an empty state directory).
+            match archive.store().claim() {
+                Ok(()) => {}
+                Err(e @ archive::ArchiveError::NotOurs(_)) => {
+                    return Err(crate::config::Misconfigured(format!(
+                        "key `archive.object_store.prefix`: {e}"
+                    ))
+                    .into())
+                }
+                Err(e) => tracing::warn!(
+                    "archive: the object store's prefix was not checked now ({e}): nothing is uploaded until it is"
+                ),
+            }
+        }
         let mirrors = a
             .mirror
             .iter()

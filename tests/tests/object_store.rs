@@ -3,7 +3,9 @@
 //! changes nothing (quorum), the whole store stopped keeps ingest, delivery and search going
 //! while segments wait locally and uploads back off, and everything is uploaded once it
 //! returns; every body then reads back from the store, byte for byte. A key denied at run time
-//! is a counted failure, not a crash; a wrong secret fails `--check-config` and the start.
+//! is a counted failure, not a crash; a wrong secret fails `--check-config` and the start. A
+//! second unit on a prefix that holds another archive is refused (exit 78) and writes nothing
+//! there; two new units racing for one empty prefix: exactly one owns it.
 //! Needs `garage` (scripts/test installs it with cargo).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -116,7 +118,11 @@ fn archive_on_a_garage_cluster_survives_a_node_and_the_whole_store_going_down() 
     let stored = all_uploaded(&d, &g, 2500, 120);
     eprintln!("{} 2500 messages: {stored} segments in the store", at());
     assert!(stored >= 4, "{}", status(&d));
-    assert_eq!(g.objects(), stored, "Garage's own count");
+    assert_eq!(
+        g.objects(),
+        stored + 1,
+        "Garage's own count: the segments and the manifest"
+    );
     assert_eq!(local_segments(&d), 1, "only the open segment stays local");
 
     // One node down: the other two are a quorum; uploads go on.
@@ -204,7 +210,7 @@ fn archive_on_a_garage_cluster_survives_a_node_and_the_whole_store_going_down() 
         g.restart(i);
     }
     let after = all_uploaded(&d, &g, 5000, 180);
-    assert_eq!(g.objects(), after);
+    assert_eq!(g.objects(), after + 1, "the segments and the manifest");
     assert_eq!(local_segments(&d), 1);
     eprintln!("{} store back, all uploaded", at());
     assert!(
@@ -317,4 +323,112 @@ fn a_wrong_secret_fails_the_config_check_and_the_start() {
     );
     assert!(err.contains("archive.object_store"), "{err}");
     assert!(err.contains(&good), "the message names the file: {err}");
+}
+
+/// A `spoold` child, killed when dropped (a failed assertion must not leave it running).
+struct Unit(std::process::Child);
+
+impl Drop for Unit {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `spoold` on the store's `prefix` with a fresh state directory under `dir`, started and left
+/// running (or exiting).
+fn spawn_unit(g: &Garage, dir: &std::path::Path, node: &str, prefix: &str) -> Unit {
+    let unit = dir.join(node);
+    std::fs::create_dir_all(&unit).unwrap();
+    let cfg = write_config(
+        &unit,
+        &format!(
+            "node_name = \"{node}\"\n[archive]\nsegment_bytes_max = 1048576\n{}",
+            g.archive_config(0, prefix, &unit)
+        ),
+    );
+    Unit(
+        Command::new(tests::spoold_bin())
+            .args(["--config", &cfg])
+            .arg("--state-dir")
+            .arg(unit.join("state"))
+            .args([
+                "--smtp-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Waits up to `secs` for `child` to exit: its exit code and stderr, or `None` while it runs.
+fn exited(unit: &mut Unit, secs: u64) -> Option<(Option<i32>, String)> {
+    use std::io::Read;
+    let child = &mut unit.0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            return Some((status.code(), err));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+fn a_prefix_belongs_to_one_archive_and_a_second_unit_there_is_refused() {
+    if skip() {
+        return;
+    }
+    let g = Garage::start(3);
+    let sink = SmtpSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "node_name = \"os_a\"\n[delivery]\ndefault_next_hop = \"{}\"\n\
+             [archive]\nsegment_bytes_max = 1048576\ncache_bytes = 0\n{}",
+            sink.addr,
+            g.archive_config(0, "units/shared", dir.path())
+        ),
+    );
+    let d = Daemon::start_delivering(&["--config", &cfg]);
+    send(d.smtp, 0, 600);
+    let stored = all_uploaded(&d, &g, 600, 120);
+    assert!(stored >= 1, "{}", status(&d));
+    let before = g.objects();
+    assert_eq!(before, stored + 1, "the segments and the manifest");
+
+    // The same store settings on a unit with an empty state directory (a reinstall, a copied
+    // configuration): refused at start, and the store unchanged.
+    let mut b = spawn_unit(&g, dir.path(), "os_b", "units/shared");
+    let (code, err) = exited(&mut b, 30).expect("the second unit was not refused");
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("archive.object_store.prefix") && err.contains("os_a"),
+        "names the setting and the other archive's unit: {err}"
+    );
+    assert_eq!(g.objects(), before, "nothing written there");
+    // The first unit goes on archiving and uploading.
+    send(d.smtp, 600, 300);
+    assert!(all_uploaded(&d, &g, 900, 120) >= stored);
+
+    // Two new units started at once on one empty prefix: exactly one owns it; the other stops
+    // with exit 78 and the one that runs keeps running.
+    let mut racers = [
+        spawn_unit(&g, dir.path(), "os_c", "units/race"),
+        spawn_unit(&g, dir.path(), "os_d", "units/race"),
+    ];
+    let outcomes: Vec<_> = racers.iter_mut().map(|r| exited(r, 20)).collect();
+    let refused: Vec<_> = outcomes.iter().flatten().collect();
+    assert_eq!(refused.len(), 1, "exactly one refused: {outcomes:?}");
+    assert_eq!(refused[0].0, Some(78), "{outcomes:?}");
 }

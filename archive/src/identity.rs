@@ -1,0 +1,236 @@
+//! Who owns a prefix of the object store. Each archive gets an id when it first meets its
+//! store, written in the catalog and in a manifest object under the prefix
+//! (`<prefix>/archive.json`, created with `If-None-Match: *`, so two units racing on one empty
+//! prefix cannot both win where the store honours it). A unit whose catalog does not name the
+//! manifest's archive writes nothing there: numbering its segments from 1 again would
+//! overwrite another archive's objects.
+//!
+//! The decision is pure ([`decide`], table-tested); the store's requests are in `remote.rs` and
+//! the catalog's keys in `store.rs`.
+
+use serde::{Deserialize, Serialize};
+
+/// An archive's id: 16 random bytes, shown as 32 hex digits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArchiveId(pub [u8; 16]);
+
+impl ArchiveId {
+    /// A new, random id.
+    pub fn random() -> ArchiveId {
+        ArchiveId(rand::random())
+    }
+
+    /// From its hex text.
+    pub fn parse(text: &str) -> Option<ArchiveId> {
+        if text.len() != 32 {
+            return None;
+        }
+        let mut b = [0u8; 16];
+        for (i, byte) in b.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(ArchiveId(b))
+    }
+
+    /// The id as two numbers (the catalog's counters are u64s).
+    pub fn halves(&self) -> (u64, u64) {
+        let (hi, lo) = self.0.split_at(8);
+        let n = |s: &[u8]| s.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+        (n(hi), n(lo))
+    }
+
+    /// From [`ArchiveId::halves`].
+    pub fn from_halves(hi: u64, lo: u64) -> ArchiveId {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&hi.to_be_bytes());
+        b[8..].copy_from_slice(&lo.to_be_bytes());
+        ArchiveId(b)
+    }
+}
+
+impl std::fmt::Display for ArchiveId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::basics::hex(&self.0))
+    }
+}
+
+/// The manifest object: which archive the prefix belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Its format (1).
+    pub format: u32,
+    /// The archive's id (hex).
+    pub archive: String,
+    /// The unit that created it (its node name).
+    pub node: String,
+    /// When, ms since the epoch.
+    pub created_ms: u64,
+}
+
+/// The manifest's format.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// What this unit finds under its prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    /// The manifest, if there is one.
+    pub manifest: Option<Manifest>,
+    /// Whether segment objects are there.
+    pub segments: bool,
+}
+
+/// What to do about the prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The manifest names this archive: go on.
+    Ours,
+    /// Create the manifest for this id (new, or this archive's own, written before manifests
+    /// existed); record the id in the catalog once the store holds it.
+    Create(ArchiveId),
+    /// Another archive's prefix, or one this unit cannot tell is its own: write nothing.
+    Refuse(String),
+}
+
+/// Decides from this archive's id (`None`: the catalog has none yet), whether its catalog
+/// has uploaded segments, and what the prefix holds.
+pub fn decide(ours: Option<ArchiveId>, uploaded_here: bool, found: &Found) -> Claim {
+    match (&found.manifest, ours) {
+        (Some(m), Some(id)) if ArchiveId::parse(&m.archive) == Some(id) => Claim::Ours,
+        (Some(m), ours) => Claim::Refuse(format!(
+            "it belongs to archive {} of unit {:?} (created at {} ms); this unit's archive is {}",
+            m.archive,
+            m.node,
+            m.created_ms,
+            ours.map_or("new (an empty catalog)".to_string(), |id| id.to_string())
+        )),
+        // Segments without a manifest: an archive written before manifests existed. Only the
+        // unit whose catalog uploaded segments can be the one that wrote them.
+        (None, _) if found.segments && !uploaded_here => Claim::Refuse(
+            "it holds segments of an archive without a manifest, which this unit's catalog did not upload".into(),
+        ),
+        (None, ours) => Claim::Create(ours.unwrap_or_else(ArchiveId::random)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn an_archive_writes_only_under_a_prefix_it_owns() {
+        let a = ArchiveId([1; 16]);
+        let b = ArchiveId([2; 16]);
+        let manifest = |id: ArchiveId| Manifest {
+            format: MANIFEST_FORMAT,
+            archive: id.to_string(),
+            node: "gw_a".into(),
+            created_ms: 5,
+        };
+        let found = |m: Option<Manifest>, segments: bool| Found {
+            manifest: m,
+            segments,
+        };
+        // (case, ours, uploaded here, found, expected: Ours / Create(which) / Refuse)
+        type Row = (&'static str, Option<ArchiveId>, bool, Found, &'static str);
+        let table: Vec<Row> = vec![
+            (
+                "ours",
+                Some(a),
+                true,
+                found(Some(manifest(a)), true),
+                "ours",
+            ),
+            (
+                "another archive's",
+                Some(a),
+                true,
+                found(Some(manifest(b)), true),
+                "refuse",
+            ),
+            (
+                "a fresh unit on a used prefix",
+                None,
+                false,
+                found(Some(manifest(b)), true),
+                "refuse",
+            ),
+            (
+                "a fresh unit, an empty manifest-only prefix",
+                None,
+                false,
+                found(Some(manifest(b)), false),
+                "refuse",
+            ),
+            (
+                "a fresh unit on an empty prefix",
+                None,
+                false,
+                found(None, false),
+                "create new",
+            ),
+            (
+                "an older archive of ours",
+                None,
+                true,
+                found(None, true),
+                "create new",
+            ),
+            (
+                "an older archive not ours",
+                None,
+                false,
+                found(None, true),
+                "refuse",
+            ),
+            (
+                "our id, the manifest gone, nothing there",
+                Some(a),
+                false,
+                found(None, false),
+                "create ours",
+            ),
+            (
+                "our id, the manifest gone, our segments",
+                Some(a),
+                true,
+                found(None, true),
+                "create ours",
+            ),
+            (
+                "our id, someone's segments, no manifest",
+                Some(a),
+                false,
+                found(None, true),
+                "refuse",
+            ),
+        ];
+        for (case, ours, uploaded, found, want) in table {
+            let got = decide(ours, uploaded, &found);
+            let is = match (&got, want) {
+                (Claim::Ours, "ours") | (Claim::Refuse(_), "refuse") => true,
+                (Claim::Create(id), "create ours") => Some(*id) == ours,
+                (Claim::Create(id), "create new") => ours.is_none() && *id != a && *id != b,
+                _ => false,
+            };
+            assert!(is, "{case}: {got:?}");
+        }
+        let Claim::Refuse(why) = decide(None, false, &found(Some(manifest(b)), true)) else {
+            panic!()
+        };
+        assert!(
+            why.contains(&b.to_string()) && why.contains("gw_a"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn ids_survive_their_text_and_halves() {
+        let id = ArchiveId::random();
+        assert_eq!(ArchiveId::parse(&id.to_string()), Some(id));
+        let (hi, lo) = id.halves();
+        assert_eq!(ArchiveId::from_halves(hi, lo), id);
+        assert_eq!(ArchiveId::parse("xyz"), None);
+        assert_ne!(ArchiveId::random(), id);
+    }
+}
