@@ -172,6 +172,8 @@ pub enum Local {
     },
     /// Items, bytes, segments, index and mirror backlogs: [`ArchiveStatus`].
     ArchiveStatus,
+    /// Seal the open segment now, so that it goes to the object store: [`ArchiveSealed`].
+    ArchiveSeal,
 }
 
 /// [`Request::Cluster`]: waits on other units.
@@ -391,6 +393,15 @@ pub struct ArchiveHeld {
     pub matched: u64,
     /// Of those, items whose hold changed.
     pub changed: u64,
+}
+
+/// [`Local::ArchiveSeal`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveSealed {
+    /// The segment sealed; none when the open segment held nothing.
+    pub segment: Option<u32>,
+    /// Whether an object store takes sealed segments (the upload follows within seconds).
+    pub object_store: bool,
 }
 
 /// [`Local::ArchiveStatus`].

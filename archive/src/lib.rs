@@ -108,6 +108,9 @@ pub struct Options {
     pub node: String,
     /// How long a new archive waits before reading its manifest back ([`store::CLAIM_SETTLE`]).
     pub claim_settle: Duration,
+    /// With an object store: seal the open segment once it has held something this long, so
+    /// the store lags the unit by this rather than by `segment_bytes_max` (`None`: by size only).
+    pub seal_after: Option<Duration>,
 }
 
 impl Options {
@@ -123,6 +126,7 @@ impl Options {
             cache_bytes: 1 << 30,
             node: String::new(),
             claim_settle: store::CLAIM_SETTLE,
+            seal_after: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -350,6 +354,7 @@ impl Archive {
         opts: &Options,
         remote: Option<remote::Remote>,
     ) -> Result<Archive, ArchiveError> {
+        let has_remote = remote.is_some();
         let mut store = Store::open_with(&opts.dir, remote, opts.cache_bytes, &opts.node)?;
         store.set_claim_settle(opts.claim_settle);
         let store = Arc::new(store);
@@ -358,8 +363,10 @@ impl Archive {
             store.clone(),
             opts.index_heap_bytes,
         )?;
-        let writer =
+        let mut writer =
             store::Writer::new(store.clone(), opts.segment_bytes_max, opts.free_bytes_min)?;
+        // Sealing by age matters where sealed segments leave the unit.
+        writer.seal_after = opts.seal_after.filter(|_| has_remote);
         let (wtx, wrx) = crossbeam_channel::bounded(4096);
         let (itx, irx) = crossbeam_channel::unbounded();
         let wake = itx.clone();
@@ -536,6 +543,16 @@ impl Archive {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.writer
             .send(Request::Compact(live_percent_min, tx))
+            .map_err(|_| ArchiveError::Stopped)?;
+        rx.recv().map_err(|_| ArchiveError::Stopped)?
+    }
+
+    /// Seals the open segment now if it holds anything (`spoolctl archive seal`); answers the
+    /// segment sealed. With an object store, the upload thread takes it at its next pass.
+    pub fn seal(&self) -> Result<Option<u32>, ArchiveError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.writer
+            .send(Request::Seal(tx))
             .map_err(|_| ArchiveError::Stopped)?;
         rx.recv().map_err(|_| ArchiveError::Stopped)?
     }

@@ -152,6 +152,8 @@ pub enum Request {
     Remove(Vec<u64>, Sender<Result<Vec<u64>, ArchiveError>>),
     /// Rewrite sealed segments whose live share is below the bound (percent).
     Compact(u32, Sender<Result<CompactReport, ArchiveError>>),
+    /// Seal the open segment now if it holds anything; answers the segment sealed.
+    Seal(Sender<Result<Option<u32>, ArchiveError>>),
     /// Finish: the archive is closing.
     Stop,
 }
@@ -918,7 +920,15 @@ pub struct Writer {
     pub segment_bytes_max: u64,
     /// Refuse to write with less free space than this on the archive's file system.
     pub free_bytes_min: u64,
+    /// Seal the open segment once it has held something this long (`None`: by size only).
+    pub seal_after: Option<std::time::Duration>,
+    /// Since when the open segment holds something (in this process: a segment found holding
+    /// something at start counts from the start).
+    holding_since: Option<std::time::Instant>,
 }
+
+/// How long the writer waits for work when no seal is due.
+const IDLE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Writer {
     /// Takes over the open segment.
@@ -946,12 +956,51 @@ impl Writer {
             len,
             segment_bytes_max,
             free_bytes_min,
+            seal_after: None,
+            holding_since: (len > 0).then(std::time::Instant::now),
         })
+    }
+
+    /// Seals the open segment if it has held something for `seal_after`, and answers how long
+    /// to wait for work before looking again.
+    fn seal_if_due(&mut self) -> std::time::Duration {
+        let (Some(after), Some(since)) = (self.seal_after, self.holding_since) else {
+            return IDLE_WAIT;
+        };
+        let age = since.elapsed();
+        if age < after {
+            return after - age;
+        }
+        match self.seal_now() {
+            Ok(Some(n)) => tracing::info!(segment = n, "archive: segment sealed by age"),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!("archive: sealing by age failed: {e}");
+                return after;
+            }
+        }
+        IDLE_WAIT
+    }
+
+    /// Seals the open segment if it holds anything: answers the segment sealed.
+    fn seal_now(&mut self) -> Result<Option<u32>, ArchiveError> {
+        if self.len == 0 {
+            return Ok(None);
+        }
+        let n = self.segment;
+        self.seal()?;
+        Ok(Some(n))
     }
 
     /// Serves requests until every sender is gone; `stored` hears of each new item.
     pub fn run(mut self, rx: Receiver<Request>, stored: impl Fn(u64)) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            let wait = self.seal_if_due();
+            let first = match rx.recv_timeout(wait) {
+                Ok(r) => r,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            };
             if matches!(first, Request::Stop) {
                 return;
             }
@@ -999,6 +1048,9 @@ impl Writer {
                 }
                 o => self.serve_other(o),
             }
+            if self.len > 0 && self.holding_since.is_none() {
+                self.holding_since = Some(std::time::Instant::now());
+            }
         }
     }
 
@@ -1010,6 +1062,9 @@ impl Writer {
             }
             Request::Compact(percent, reply) => {
                 let _ = reply.send(self.compact(percent));
+            }
+            Request::Seal(reply) => {
+                let _ = reply.send(self.seal_now());
             }
         }
     }
@@ -1160,6 +1215,7 @@ impl Writer {
         self.file = file;
         self.segment = next;
         self.len = 0;
+        self.holding_since = None;
         Ok(())
     }
 

@@ -768,3 +768,56 @@ fn one_archive_claiming_from_two_threads_makes_one_id() {
         assert_eq!(manifest.archive, id.to_string(), "round {round}");
     }
 }
+
+/// With an object store, the open segment is sealed once it has held something for
+/// `seal_after` and uploaded at the next pass: the store lags the unit by that, not by
+/// `segment_bytes_max`. `seal()` does it at once; an empty open segment is not sealed.
+#[test]
+fn the_open_segment_is_sealed_by_age_and_on_request() {
+    let memory: Arc<dyn object_store::ObjectStore> =
+        Arc::new(object_store::memory::InMemory::new());
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = Options::new(dir.path().to_path_buf());
+    o.free_bytes_min = 0;
+    o.index_heap_bytes = 15 << 20;
+    o.segment_bytes_max = 1 << 20;
+    o.claim_settle = Duration::ZERO;
+    o.seal_after = Some(Duration::from_millis(300));
+    let remote = remote::Remote::over(memory.clone(), "p").unwrap();
+    let a = Archive::open_with(&o, Some(remote)).unwrap();
+    let listed = || a.store().remote().unwrap().list().unwrap();
+    for i in 0..3 {
+        let raw = format!("Subject: {i}\r\n\r\nbody {i}\r\n").into_bytes();
+        a.archive(incoming(&format!("m{i}"), &raw, "bob@example.net"), &raw)
+            .unwrap();
+    }
+    assert!(
+        listed().is_empty(),
+        "far below segment_bytes_max: nothing sealed yet"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while listed().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(listed().len(), 1, "sealed by age and uploaded");
+    // On request: sealed now, once; an empty open segment is left alone.
+    let raw = b"Subject: later\r\n\r\nlater\r\n".to_vec();
+    a.archive(incoming("m9", &raw, "bob@example.net"), &raw)
+        .unwrap();
+    let sealed = a.seal().unwrap();
+    assert_eq!(sealed, Some(2));
+    assert_eq!(a.seal().unwrap(), None, "nothing held: nothing sealed");
+    a.sync_remote().unwrap();
+    assert_eq!(listed().len(), 2);
+    for i in 0..3 {
+        let seq = a
+            .find(&incoming(
+                &format!("m{i}"),
+                format!("Subject: {i}\r\n\r\nbody {i}\r\n").as_bytes(),
+                "bob@example.net",
+            ))
+            .unwrap()
+            .unwrap();
+        assert!(a.raw(seq).is_ok());
+    }
+}

@@ -269,6 +269,9 @@ enum ArchiveCmd {
     Unhold { target: String },
     /// Items, bytes stored against raw, segments, index and per-peer mirror backlog.
     Status,
+    /// Seal the open segment now, so that it goes to the object store (it is sealed by age
+    /// anyway: `archive.seal_secs`).
+    Seal,
     /// Run the retention pass now, then compact sparse segments.
     Retention,
     /// Rebuild the full-text index from the catalog.
@@ -437,6 +440,7 @@ fn archive_human(cmd: &ArchiveCmd, data: &Value) -> Result<String, String> {
         ArchiveCmd::Export { .. } => String::new(), // written as bytes by main
         ArchiveCmd::Hold { .. } | ArchiveCmd::Unhold { .. } => text::<api::ArchiveHeld>(data)?,
         ArchiveCmd::Status => text::<api::ArchiveStatus>(data)?,
+        ArchiveCmd::Seal => text::<api::ArchiveSealed>(data)?,
         ArchiveCmd::Retention => text::<api::ArchiveExpired>(data)?,
         ArchiveCmd::Verify => text::<api::ArchiveVerified>(data)?,
         ArchiveCmd::Reindex => text::<api::ArchiveReindexed>(data)?,
@@ -460,6 +464,7 @@ fn archive_request(cmd: &ArchiveCmd) -> Request {
             held: false,
         }),
         ArchiveCmd::Status => Request::from(Local::ArchiveStatus),
+        ArchiveCmd::Seal => Request::from(Local::ArchiveSeal),
         ArchiveCmd::Retention => Request::from(Long::ArchiveRetention { progress: true }),
         ArchiveCmd::Reindex => Request::from(Long::ArchiveReindex { progress: true }),
         ArchiveCmd::Verify => Request::from(Long::ArchiveVerify { progress: true }),

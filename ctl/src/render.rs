@@ -454,3 +454,15 @@ impl Render for api::ArchiveReindexed {
         out.push_str(&format!("indexed {} item(s)\n", self.items));
     }
 }
+
+impl Render for api::ArchiveSealed {
+    fn render(&self, out: &mut String) {
+        match (self.segment, self.object_store) {
+            (None, _) => out.push_str("the open segment holds nothing: nothing sealed\n"),
+            (Some(n), true) => out.push_str(&format!(
+                "segment {n} sealed; it goes to the object store at the upload thread's next pass\n"
+            )),
+            (Some(n), false) => out.push_str(&format!("segment {n} sealed\n")),
+        }
+    }
+}

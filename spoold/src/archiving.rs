@@ -91,6 +91,7 @@ impl Archiving {
         opts.segment_bytes_max = a.segment_bytes_max;
         opts.cache_bytes = a.cache_bytes;
         opts.node = cfg.node_name.clone();
+        opts.seal_after = (a.seal_secs > 0).then(|| std::time::Duration::from_secs(a.seal_secs));
         let mut reachable = false;
         if let Some(o) = &a.object_store {
             let store = o.resolve()?;

@@ -94,6 +94,9 @@ pub struct ArchiveConfig {
     pub mirror: Vec<MirrorConfig>,
     /// With an object store: local bytes of sealed segments kept as a read cache.
     pub cache_bytes: u64,
+    /// With an object store: seal the open segment once it has held mail this long (0: only
+    /// by size), so the store lags this unit by minutes.
+    pub seal_secs: u64,
     /// Sealed segments go to this S3-compatible object store.
     pub object_store: Option<ObjectStoreToml>,
 }
@@ -197,6 +200,7 @@ impl Default for ArchiveConfig {
             secret: None,
             mirror: Vec::new(),
             cache_bytes: 1 << 30,
+            seal_secs: 300,
             object_store: None,
         }
     }

@@ -432,3 +432,73 @@ fn a_prefix_belongs_to_one_archive_and_a_second_unit_there_is_refused() {
     assert_eq!(refused.len(), 1, "exactly one refused: {outcomes:?}");
     assert_eq!(refused[0].0, Some(78), "{outcomes:?}");
 }
+
+#[test]
+fn archived_mail_reaches_the_store_within_seal_secs() {
+    if skip() {
+        return;
+    }
+    let g = Garage::start(3);
+    let sink = SmtpSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    // The default segment size (256 MiB): without sealing by age, nothing would leave.
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "node_name = \"os_s\"\n[delivery]\ndefault_next_hop = \"{}\"\n\
+             [archive]\nseal_secs = 2\n{}",
+            sink.addr,
+            g.archive_config(0, "units/os_s", dir.path())
+        ),
+    );
+    let d = Daemon::start_delivering(&["--config", &cfg]);
+    send(d.smtp, 0, 40);
+    assert!(wait_until(60, || items(&d) == 40), "{}", status(&d));
+    let archived = std::time::Instant::now();
+    // Counted by Garage itself: the manifest and one segment holding the 40.
+    assert!(
+        wait_until(30, || g.objects() >= 2),
+        "not in the store: {}\n{}",
+        status(&d),
+        d.log_text()
+    );
+    let took = archived.elapsed();
+    eprintln!(
+        "40 messages archived: in the store {} ms later (seal_secs = 2)",
+        took.as_millis()
+    );
+    assert!(
+        took.as_secs() <= 2 + 10,
+        "seal_secs plus the upload: {took:?}"
+    );
+    assert_eq!(store_state(&d, "pending_segments"), 0);
+    // `seal_secs = 0`: by size only, until `spoolctl archive seal` seals it at once.
+    drop(d);
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "node_name = \"os_t\"\n[delivery]\ndefault_next_hop = \"{}\"\n\
+             [archive]\nseal_secs = 0\n{}",
+            sink.addr,
+            g.archive_config(0, "units/os_t", dir.path())
+        ),
+    );
+    let d = Daemon::start_delivering(&["--config", &cfg]);
+    // Its manifest is written as it starts.
+    let before = g.objects();
+    send(d.smtp, 100, 5);
+    assert!(wait_until(60, || items(&d) == 5));
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(g.objects(), before, "nothing sealed by age");
+    let (code, out, err) = spoolctl(&d, &["archive", "seal"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("segment 1 sealed;"), "{out}");
+    assert!(
+        wait_until(10, || g.objects() == before + 1),
+        "{}",
+        status(&d)
+    );
+    let (code, out, _) = spoolctl(&d, &["archive", "seal"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("nothing sealed"), "{out}");
+}

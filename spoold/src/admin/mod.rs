@@ -310,6 +310,13 @@ impl Admin {
             Local::ArchiveExport { id } => reply(self.archiving()?.export(&id)?),
             Local::ArchiveHold { target, held } => reply(self.archiving()?.hold(&target, held)?),
             Local::ArchiveStatus => reply(self.archiving()?.status()?),
+            Local::ArchiveSeal => {
+                let a = self.archiving()?;
+                reply(api::ArchiveSealed {
+                    segment: a.archive.seal().map_err(|e| e.to_string())?,
+                    object_store: a.archive.store().remote().is_some(),
+                })
+            }
             Local::Status => reply(self.status()),
             Local::Role { role } => {
                 let r = self
