@@ -88,6 +88,27 @@ fn local_segments(d: &Daemon) -> usize {
         .count()
 }
 
+/// A unit `node` delivering to `sink`, its archive on the store under `prefix` with the
+/// `[archive]` keys `archive` (TOML lines).
+fn delivering_unit(
+    g: &Garage,
+    sink: &SmtpSink,
+    dir: &std::path::Path,
+    node: &str,
+    prefix: &str,
+    archive: &str,
+) -> Daemon {
+    let cfg = write_config(
+        dir,
+        &format!(
+            "node_name = \"{node}\"\n[delivery]\ndefault_next_hop = \"{}\"\n[archive]\n{archive}{}",
+            sink.addr,
+            g.archive_config(0, prefix, dir)
+        ),
+    );
+    Daemon::start_delivering(&["--config", &cfg])
+}
+
 fn skip() -> bool {
     !tests::needs("garage", garage_bin().is_some())
 }
@@ -391,16 +412,14 @@ fn a_prefix_belongs_to_one_archive_and_a_second_unit_there_is_refused() {
     let g = Garage::start(3);
     let sink = SmtpSink::start();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
+    let d = delivering_unit(
+        &g,
+        &sink,
         dir.path(),
-        &format!(
-            "node_name = \"os_a\"\n[delivery]\ndefault_next_hop = \"{}\"\n\
-             [archive]\nsegment_bytes_max = 1048576\ncache_bytes = 0\n{}",
-            sink.addr,
-            g.archive_config(0, "units/shared", dir.path())
-        ),
+        "os_a",
+        "units/shared",
+        "segment_bytes_max = 1048576\ncache_bytes = 0\n",
     );
-    let d = Daemon::start_delivering(&["--config", &cfg]);
     send(d.smtp, 0, 600);
     let stored = all_uploaded(&d, &g, 600, 120);
     assert!(stored >= 1, "{}", status(&d));
@@ -442,16 +461,14 @@ fn archived_mail_reaches_the_store_within_seal_secs() {
     let sink = SmtpSink::start();
     let dir = tempfile::tempdir().unwrap();
     // The default segment size (256 MiB): without sealing by age, nothing would leave.
-    let cfg = write_config(
+    let d = delivering_unit(
+        &g,
+        &sink,
         dir.path(),
-        &format!(
-            "node_name = \"os_s\"\n[delivery]\ndefault_next_hop = \"{}\"\n\
-             [archive]\nseal_secs = 2\n{}",
-            sink.addr,
-            g.archive_config(0, "units/os_s", dir.path())
-        ),
+        "os_s",
+        "units/os_s",
+        "seal_secs = 2\n",
     );
-    let d = Daemon::start_delivering(&["--config", &cfg]);
     send(d.smtp, 0, 40);
     assert!(wait_until(60, || items(&d) == 40), "{}", status(&d));
     let archived = std::time::Instant::now();
@@ -474,16 +491,14 @@ fn archived_mail_reaches_the_store_within_seal_secs() {
     assert_eq!(store_state(&d, "pending_segments"), 0);
     // `seal_secs = 0`: by size only, until `spoolctl archive seal` seals it at once.
     drop(d);
-    let cfg = write_config(
+    let d = delivering_unit(
+        &g,
+        &sink,
         dir.path(),
-        &format!(
-            "node_name = \"os_t\"\n[delivery]\ndefault_next_hop = \"{}\"\n\
-             [archive]\nseal_secs = 0\n{}",
-            sink.addr,
-            g.archive_config(0, "units/os_t", dir.path())
-        ),
+        "os_t",
+        "units/os_t",
+        "seal_secs = 0\n",
     );
-    let d = Daemon::start_delivering(&["--config", &cfg]);
     // Its manifest is written as it starts.
     let before = g.objects();
     send(d.smtp, 100, 5);
