@@ -91,15 +91,11 @@ mod tests {
             .status()
             .is_ok_and(|s| s.success());
         // The dedicated case needs root (CI runs as root); like every test here, it fails
-        // rather than passing untested unless SPOOLPAIR_TESTS_MAY_SKIP says otherwise.
-        if !mounted {
-            assert!(
-                std::env::var_os("SPOOLPAIR_TESTS_MAY_SKIP").is_some(),
-                "the dedicated case needs to mount a tmpfs (root); set SPOOLPAIR_TESTS_MAY_SKIP=1 to skip it on purpose"
-            );
-            eprintln!("skipped (SPOOLPAIR_TESTS_MAY_SKIP is set): cannot mount a tmpfs here");
-            return;
-        }
+        // rather than passing untested.
+        assert!(
+            mounted,
+            "the dedicated case needs to mount a tmpfs (root; scripts/test runs as root in CI)"
+        );
         let dedicated = Layout::new(&mount_point);
         dedicated.create().unwrap();
         let mode = sync_mode(config::SyncSetting::Auto, &dedicated);

@@ -30,43 +30,14 @@ pub fn spoold_bin() -> PathBuf {
     bin
 }
 
-/// The opt-out that lets a test whose tool is missing be skipped instead of failing. Nothing in
-/// the repository sets it: a missing tool fails the suite unless someone chose otherwise.
-pub const MAY_SKIP: &str = "SPOOLPAIR_TESTS_MAY_SKIP";
-
-/// The list of skipped tests, one line each, beside the binaries (`scripts/test` prints it).
-pub fn skipped_list() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("skipped-tests.txt")
-}
-
-/// `true` when what a test needs is there. When it is not, the test fails, naming `what`; only
-/// with [`MAY_SKIP`] set is it recorded in [`skipped_list`] and `false` returned (the caller
-/// returns).
-pub fn needs(what: &str, available: bool) -> bool {
-    if available {
-        return true;
-    }
+/// Fails the calling test, naming `what`, unless what it needs is there: a test whose tool is
+/// missing never passes by skipping.
+pub fn needs(what: &str, available: bool) {
     let test = std::thread::current()
         .name()
         .unwrap_or("(unnamed)")
         .to_string();
-    assert!(
-        std::env::var_os(MAY_SKIP).is_some(),
-        "{test} needs {what} (scripts/test installs it); set {MAY_SKIP}=1 to skip it on purpose"
-    );
-    eprintln!("skipped ({MAY_SKIP} is set): needs {what}");
-    use std::io::Write;
-    let mut list = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(skipped_list())
-        .unwrap();
-    writeln!(list, "{test}: needs {what}").unwrap();
-    false
+    assert!(available, "{test} needs {what} (scripts/test installs it)");
 }
 
 /// Whether this process runs as root.

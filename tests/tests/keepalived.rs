@@ -417,31 +417,30 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 type Setup = (std::sync::MutexGuard<'static, ()>, Lan, SmtpSink);
 
 /// The segment and the sink, once root and keepalived are there.
-fn lan() -> Option<Setup> {
+fn lan() -> Setup {
     let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    if !tests::needs("root", tests::is_root()) || !tests::needs("keepalived", have("keepalived")) {
-        return None;
-    }
+    tests::needs("root", tests::is_root());
+    tests::needs("keepalived", have("keepalived"));
     let lan = Lan::new();
     let sink = SmtpSink::start_in_netns(&lan.ns("c"), "10.99.0.3:2526".parse().unwrap());
-    Some((guard, lan, sink))
+    (guard, lan, sink)
 }
 
 /// A pair in service: A active holding the address, B passive; `ha_extra` goes in both `[ha]`.
-fn setup_with(ha_extra: &str) -> Option<(Setup, [Unit; 2])> {
-    let (guard, lan, sink) = lan()?;
+fn setup_with(ha_extra: &str) -> (Setup, [Unit; 2]) {
+    let (guard, lan, sink) = lan();
     let mut a = Unit::start_spoold(&lan, "a", "active", ha_extra);
     a.start_keepalived(150);
     // A's keepalived claims the address first; B joins as backup.
     assert!(wait_until(20, || lan.holds_vip("a")), "{}", a.logs());
     let mut b = Unit::start_spoold(&lan, "b", "passive", ha_extra);
     b.start_keepalived(100);
-    Some(((guard, lan, sink), [a, b]))
+    ((guard, lan, sink), [a, b])
 }
 
-fn setup() -> Option<(std::sync::MutexGuard<'static, ()>, Lan, SmtpSink, [Unit; 2])> {
-    let ((guard, lan, sink), units) = setup_with("")?;
-    Some((guard, lan, sink, units))
+fn setup() -> (std::sync::MutexGuard<'static, ()>, Lan, SmtpSink, [Unit; 2]) {
+    let ((guard, lan, sink), units) = setup_with("");
+    (guard, lan, sink, units)
 }
 
 /// What README promises for each way the active unit fails: the partner's first `250` on the
@@ -535,9 +534,7 @@ fn all_arrive(sink: &SmtpSink, acked: &[String], within_secs: u64) -> usize {
 
 #[test]
 fn kill9_of_the_active_spoold_moves_the_address_and_loses_nothing_after_recover() {
-    let Some((_one, lan, sink, mut units)) = setup() else {
-        return;
-    };
+    let (_one, lan, sink, mut units) = setup();
     let (acked, _, x, y) = fail_the_active_under_load(
         &lan,
         &mut units,
@@ -571,9 +568,10 @@ fn kill9_of_the_active_spoold_moves_the_address_and_loses_nothing_after_recover(
 
 #[test]
 fn kill9_of_the_active_spoold_in_sync_mode_loses_nothing_even_before_recover() {
-    let Some(((_one, lan, sink), mut units)) = setup_with("replication = \"sync\"\n") else {
-        return;
-    };
+    let ((_one, lan, sink), mut units) = setup_with(
+        "replication = \"sync\"
+",
+    );
     let (acked, _, x, _) = fail_the_active_under_load(
         &lan,
         &mut units,
@@ -594,9 +592,7 @@ fn kill9_of_the_active_spoold_in_sync_mode_loses_nothing_even_before_recover() {
 
 #[test]
 fn cutting_the_active_units_cable_moves_the_address_and_loses_nothing_after_recover() {
-    let Some((_one, lan, sink, mut units)) = setup() else {
-        return;
-    };
+    let (_one, lan, sink, mut units) = setup();
     let (acked, _, x, y) = fail_the_active_under_load(
         &lan,
         &mut units,
@@ -652,9 +648,7 @@ fn cutting_the_active_units_cable_moves_the_address_and_loses_nothing_after_reco
 
 #[test]
 fn both_units_booting_at_once_settle_on_one_active_holder() {
-    let Some((_one, lan, sink)) = lan() else {
-        return;
-    };
+    let (_one, lan, sink) = lan();
     // A cold start of the whole pair: both spoolds passive, both keepalived started together
     // with the same priority (the kit's configuration as shipped).
     let mut units = [
@@ -709,9 +703,7 @@ fn both_units_booting_at_once_settle_on_one_active_holder() {
 
 #[test]
 fn stopping_the_active_units_keepalived_hands_over_without_loss() {
-    let Some((_one, lan, sink, mut units)) = setup() else {
-        return;
-    };
+    let (_one, lan, sink, mut units) = setup();
     let (acked, _, x, y) = fail_the_active_under_load(
         &lan,
         &mut units,

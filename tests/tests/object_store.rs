@@ -109,15 +109,13 @@ fn delivering_unit(
     Daemon::start_delivering(&["--config", &cfg])
 }
 
-fn skip() -> bool {
-    !tests::needs("garage", garage_bin().is_some())
+fn needs_garage() {
+    tests::needs("garage", garage_bin().is_some());
 }
 
 #[test]
 fn archive_on_a_garage_cluster_survives_a_node_and_the_whole_store_going_down() {
-    if skip() {
-        return;
-    }
+    needs_garage();
     let mut g = Garage::start(3);
     let sink = SmtpSink::start();
     let dir = tempfile::tempdir().unwrap();
@@ -291,9 +289,7 @@ fn archive_on_a_garage_cluster_survives_a_node_and_the_whole_store_going_down() 
 
 #[test]
 fn a_wrong_secret_fails_the_config_check_and_the_start() {
-    if skip() {
-        return;
-    }
+    needs_garage();
     let g = Garage::start(3);
     let dir = tempfile::tempdir().unwrap();
     let good = write_config(
@@ -406,9 +402,7 @@ fn exited(unit: &mut Unit, secs: u64) -> Option<(Option<i32>, String)> {
 
 #[test]
 fn a_prefix_belongs_to_one_archive_and_a_second_unit_there_is_refused() {
-    if skip() {
-        return;
-    }
+    needs_garage();
     let g = Garage::start(3);
     let sink = SmtpSink::start();
     let dir = tempfile::tempdir().unwrap();
@@ -454,9 +448,7 @@ fn a_prefix_belongs_to_one_archive_and_a_second_unit_there_is_refused() {
 
 #[test]
 fn archived_mail_reaches_the_store_within_seal_secs() {
-    if skip() {
-        return;
-    }
+    needs_garage();
     let g = Garage::start(3);
     let sink = SmtpSink::start();
     let dir = tempfile::tempdir().unwrap();
