@@ -75,7 +75,7 @@ pub const MANIFEST_FORMAT: u32 = 1;
 pub struct Found {
     /// The manifest, if there is one.
     pub manifest: Option<Manifest>,
-    /// Whether segment objects are there.
+    /// Whether segment objects are there (it matters only without a manifest).
     pub segments: bool,
 }
 

@@ -669,11 +669,11 @@ impl Store {
             drop(marks);
             any || self.meta.prefix_iter(&r, "gone.")?.next().is_some()
         };
-        let found = |manifest| -> Result<Found, ArchiveError> {
-            Ok(Found {
-                manifest,
-                segments: !remote.list()?.is_empty(),
-            })
+        // The prefix is listed only when there is no manifest: that is the one case the
+        // segments decide, and a prefix of a large archive holds many thousands of them.
+        let found = |manifest: Option<Manifest>| -> Result<Found, ArchiveError> {
+            let segments = manifest.is_none() && !remote.list()?.is_empty();
+            Ok(Found { manifest, segments })
         };
         let refused = |why: String| {
             ArchiveError::NotOurs(format!(
