@@ -365,6 +365,7 @@ impl Archive {
         )?;
         let mut writer =
             store::Writer::new(store.clone(), opts.segment_bytes_max, opts.free_bytes_min)?;
+        writer.describe_items()?;
         // Sealing by age matters where sealed segments leave the unit.
         writer.seal_after = opts.seal_after.filter(|_| has_remote);
         let (wtx, wrx) = crossbeam_channel::bounded(4096);
@@ -507,7 +508,11 @@ impl Archive {
 
     /// Puts items on legal hold or releases them; answers how many changed.
     pub fn hold(&self, seqs: &[u64], held: bool) -> Result<u64, ArchiveError> {
-        self.store.set_held(seqs, held)
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.writer
+            .send(Request::Hold(seqs.to_vec(), held, tx))
+            .map_err(|_| ArchiveError::Stopped)?;
+        rx.recv().map_err(|_| ArchiveError::Stopped)?
     }
 
     /// Removes items accepted more than `retention` ago and not on hold; `progress` hears the

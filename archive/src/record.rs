@@ -164,41 +164,112 @@ impl BlobLoc {
     }
 }
 
-/// Segment record frame: `magic(4) payload_len(4) crc32c(payload)(4) reserved(4)`, then the
-/// payload `hash(32) zstd(raw)`.
+/// Segment record frame: `magic(4) payload_len(4) crc32c(payload)(4) kind(4)`, then the
+/// payload. The kind was a reserved zero before segments described their items, so every frame
+/// of an archive written before is a body record and reads as one.
 pub const FRAME_MAGIC: [u8; 4] = *b"SPAB";
 /// Frame header length.
 pub const FRAME_HEAD: usize = 16;
 
-/// Frames a compressed body.
-pub fn frame(hash: &[u8; 32], compressed: &[u8], out: &mut Vec<u8>) {
-    let payload_len = 32 + compressed.len();
-    let mut crc = crc32c::crc32c(hash);
-    crc = crc32c::crc32c_append(crc, compressed);
+/// What a frame holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Kind {
+    /// `hash(32) zstd(raw)`: a body, stored once whatever the items that refer to it.
+    Body = 0,
+    /// `rev(8) item`: an item's catalog fields (the catalog value encoding), as of `rev`.
+    Item = 1,
+    /// `seq(8)`: the item was removed (retention); final, sequence numbers are never reused.
+    Removed = 2,
+}
+
+/// A frame's content, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record<'a> {
+    /// A body: its hash and its zstd bytes.
+    Body([u8; 32], &'a [u8]),
+    /// An item's state as of a revision (a higher revision of the same item supersedes it).
+    Item(u64, Item),
+    /// An item removed.
+    Removed(u64),
+}
+
+fn frame_of(kind: Kind, parts: &[&[u8]], out: &mut Vec<u8>) {
+    let payload_len: usize = parts.iter().map(|p| p.len()).sum();
+    let crc = parts.iter().fold(0, |crc, p| crc32c::crc32c_append(crc, p));
     out.extend_from_slice(&FRAME_MAGIC);
     out.extend_from_slice(&(payload_len as u32).to_be_bytes());
     out.extend_from_slice(&crc.to_be_bytes());
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(hash);
-    out.extend_from_slice(compressed);
+    out.extend_from_slice(&(kind as u32).to_be_bytes());
+    for p in parts {
+        out.extend_from_slice(p);
+    }
 }
 
-/// Checks a frame read back from a segment and returns `(hash, compressed bytes)`.
-pub fn unframe(b: &[u8]) -> Result<([u8; 32], &[u8]), &'static str> {
-    if b.len() < FRAME_HEAD + 32 || b[0..4] != FRAME_MAGIC {
+/// Frames a compressed body.
+pub fn frame(hash: &[u8; 32], compressed: &[u8], out: &mut Vec<u8>) {
+    frame_of(Kind::Body, &[hash, compressed], out);
+}
+
+/// Frames an item's state as of revision `rev`.
+pub fn frame_item(rev: u64, item: &Item, out: &mut Vec<u8>) {
+    frame_of(Kind::Item, &[&rev.to_be_bytes(), &item.encode()], out);
+}
+
+/// Frames the removal of item `seq`.
+pub fn frame_removed(seq: u64, out: &mut Vec<u8>) {
+    frame_of(Kind::Removed, &[&seq.to_be_bytes()], out);
+}
+
+/// Checks the frame at the start of `b`: answers its kind (the raw number), its payload and its
+/// whole length.
+fn checked(b: &[u8]) -> Result<(u32, &[u8], usize), &'static str> {
+    if b.len() < FRAME_HEAD || b[0..4] != FRAME_MAGIC {
         return Err("no record frame here");
     }
     let len = u32::from_be_bytes([b[4], b[5], b[6], b[7]]) as usize;
     let crc = u32::from_be_bytes([b[8], b[9], b[10], b[11]]);
+    let kind = u32::from_be_bytes([b[12], b[13], b[14], b[15]]);
     let payload = b
         .get(FRAME_HEAD..FRAME_HEAD + len)
         .ok_or("record cut short")?;
     if crc32c::crc32c(payload) != crc {
         return Err("record checksum mismatch");
     }
-    let mut hash = [0u8; 32];
-    hash.copy_from_slice(&payload[..32]);
-    Ok((hash, &payload[32..]))
+    Ok((kind, payload, FRAME_HEAD + len))
+}
+
+/// Checks a body frame read back from a segment and returns `(hash, compressed bytes)`.
+pub fn unframe(b: &[u8]) -> Result<([u8; 32], &[u8]), &'static str> {
+    match next(b)? {
+        (Record::Body(hash, compressed), _) => Ok((hash, compressed)),
+        _ => Err("not a body record"),
+    }
+}
+
+/// Parses the frame at the start of `b`: the record and the frame's length. A frame of a kind
+/// this version does not know is an error (a newer unit's segment: read it with that version).
+pub fn next(b: &[u8]) -> Result<(Record<'_>, usize), &'static str> {
+    let (kind, payload, len) = checked(b)?;
+    let record = match kind {
+        k if k == Kind::Body as u32 => {
+            let hash = payload.get(..32).ok_or("body record cut short")?;
+            let mut h = [0u8; 32];
+            h.copy_from_slice(hash);
+            Record::Body(h, &payload[32..])
+        }
+        k if k == Kind::Item as u32 => {
+            let mut r = Reader(payload);
+            let rev = r.u64().ok_or("item record cut short")?;
+            Record::Item(rev, Item::decode(r.0).ok_or("item record unreadable")?)
+        }
+        k if k == Kind::Removed as u32 => {
+            let seq = Reader(payload).u64().ok_or("removal record cut short")?;
+            Record::Removed(seq)
+        }
+        _ => return Err("record of an unknown kind (written by a newer version)"),
+    };
+    Ok((record, len))
 }
 
 fn put_str(b: &mut Vec<u8>, s: &str) {
@@ -277,6 +348,43 @@ mod tests {
         bad[FRAME_HEAD + 40] ^= 1;
         assert_eq!(unframe(&bad).err(), Some("record checksum mismatch"));
         assert!(unframe(&f[..f.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn every_kind_of_record_reads_back_and_a_frame_of_before_is_a_body() {
+        let item = Item {
+            seq: 3,
+            id: "x".into(),
+            recipients: vec!["r@y".into()],
+            ..Item::default()
+        };
+        let mut b = Vec::new();
+        frame(&[7; 32], b"zz", &mut b);
+        frame_item(42, &item, &mut b);
+        frame_removed(3, &mut b);
+        let mut at = 0;
+        let mut got = Vec::new();
+        while at < b.len() {
+            let (r, len) = next(&b[at..]).unwrap();
+            got.push(format!("{r:?}"));
+            at += len;
+        }
+        assert_eq!(
+            got,
+            [
+                format!("{:?}", Record::Body([7; 32], b"zz")),
+                format!("{:?}", Record::Item(42, item)),
+                format!("{:?}", Record::Removed(3)),
+            ]
+        );
+        // The body frame's kind field is the zero that was reserved before kinds existed.
+        assert_eq!(&b[12..16], &[0; 4]);
+        // A kind from a newer version is refused, not taken for a body.
+        let mut newer = Vec::new();
+        frame_removed(3, &mut newer);
+        newer[15] = 9;
+        assert!(next(&newer).is_err());
+        assert_eq!(unframe(&b[b.len() - 24..]).err(), Some("not a body record"));
     }
 
     #[test]

@@ -34,6 +34,11 @@ const OPEN_LEN: &str = "open_len";
 const ITEMS: &str = "items";
 const RAW_BYTES: &str = "raw_bytes";
 const HELD: &str = "held";
+/// The revision the next item record takes (records of one item: the highest wins).
+const NEXT_REV: &str = "next_rev";
+/// Set once every item has a record in the segments (new archives from the start; an archive
+/// written before item records, after the migration at its first open).
+const DESCRIBED: &str = "described";
 /// How long a new archive waits after writing its manifest before it reads it back (see
 /// [`Store::claim`]).
 pub const CLAIM_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -150,6 +155,8 @@ pub enum Request {
     Store(Box<Prepared>, Sender<Result<Stored, ArchiveError>>),
     /// Remove these items (retention); answers the sequences removed.
     Remove(Vec<u64>, Sender<Result<Vec<u64>, ArchiveError>>),
+    /// Put these items on legal hold (`true`) or release them; answers how many changed.
+    Hold(Vec<u64>, bool, Sender<Result<u64, ArchiveError>>),
     /// Rewrite sealed segments whose live share is below the bound (percent).
     Compact(u32, Sender<Result<CompactReport, ArchiveError>>),
     /// Seal the open segment now if it holds anything; answers the segment sealed.
@@ -793,31 +800,6 @@ impl Store {
         decompress_verified(&compressed, raw_len, hash)
     }
 
-    /// Sets or clears legal hold; answers how many items changed.
-    pub fn set_held(&self, seqs: &[u64], held: bool) -> Result<u64, ArchiveError> {
-        let mut w = self.env.write_txn()?;
-        let mut changed = 0u64;
-        for &seq in seqs {
-            let Some(mut item) = self.items.get(&w, &seq)?.and_then(Item::decode) else {
-                continue;
-            };
-            if item.held != held {
-                item.held = held;
-                self.items.put(&mut w, &seq, &item.encode())?;
-                changed += 1;
-            }
-        }
-        let count = self.meta.get(&w, HELD)?.unwrap_or(0);
-        let count = if held {
-            count + changed
-        } else {
-            count.saturating_sub(changed)
-        };
-        self.meta.put(&mut w, HELD, &count)?;
-        w.commit()?;
-        Ok(changed)
-    }
-
     /// Items archived before `cutoff_ms` and not on hold, oldest first, at most `limit`.
     pub fn expired(&self, cutoff_ms: u64, limit: usize) -> Result<Vec<u64>, ArchiveError> {
         let r = self.env.read_txn()?;
@@ -925,6 +907,8 @@ pub struct Writer {
     /// Since when the open segment holds something (in this process: a segment found holding
     /// something at start counts from the start).
     holding_since: Option<std::time::Instant>,
+    /// The revision the next item record takes.
+    next_rev: u64,
 }
 
 /// How long the writer waits for work when no seal is due.
@@ -937,11 +921,12 @@ impl Writer {
         segment_bytes_max: u64,
         free_bytes_min: u64,
     ) -> Result<Writer, ArchiveError> {
-        let (segment, len) = {
+        let (segment, len, next_rev) = {
             let r = store.env.read_txn()?;
             (
                 store.meta.get(&r, OPEN_SEGMENT)?.unwrap_or(1) as u32,
                 store.meta.get(&r, OPEN_LEN)?.unwrap_or(0),
+                store.meta.get(&r, NEXT_REV)?.unwrap_or(1),
             )
         };
         let file = std::fs::OpenOptions::new()
@@ -958,7 +943,83 @@ impl Writer {
             free_bytes_min,
             seal_after: None,
             holding_since: (len > 0).then(std::time::Instant::now),
+            next_rev,
         })
+    }
+
+    /// The migration of an archive written before item records: one record per item, appended
+    /// to the open segment, so that a rebuild finds every item. Runs once (the catalog
+    /// remembers); a crash part-way runs it again whole (a record twice is harmless).
+    pub fn describe_items(&mut self) -> Result<u64, ArchiveError> {
+        let store = self.store.clone();
+        let r = store.env.read_txn()?;
+        if store.meta.get(&r, DESCRIBED)?.is_some() {
+            return Ok(0);
+        }
+        drop(r);
+        let mut after = 0;
+        let mut described = 0;
+        loop {
+            let batch = store.items_after(after, 4096, |_| true)?;
+            let Some(last) = batch.last() else { break };
+            after = last.seq;
+            let mut frames = Vec::new();
+            for item in &batch {
+                record::frame_item(self.take_rev(), item, &mut frames);
+            }
+            self.append_and_commit(&frames, |_| Ok(()))?;
+            described += batch.len() as u64;
+        }
+        let mut w = store.env.write_txn()?;
+        store.meta.put(&mut w, DESCRIBED, &1)?;
+        w.commit()?;
+        if described > 0 {
+            tracing::info!(
+                items = described,
+                "archive: item records written for an archive from before them"
+            );
+        }
+        Ok(described)
+    }
+
+    fn take_rev(&mut self) -> u64 {
+        self.next_rev += 1;
+        self.next_rev - 1
+    }
+
+    /// Appends `frames` to the open segment, `fdatasync`s it, then commits `changes` with the
+    /// segment's counters and the revision counter in one transaction; on any failure the
+    /// segment is cut back, so the catalog never names bytes that are not on disk.
+    fn append_and_commit(
+        &mut self,
+        frames: &[u8],
+        changes: impl FnOnce(&mut RwTxn<'_>) -> Result<(), ArchiveError>,
+    ) -> Result<(), ArchiveError> {
+        if !frames.is_empty() {
+            let written = self
+                .file
+                .write_all_at(frames, self.len)
+                .and_then(|()| self.file.sync_data());
+            if let Err(e) = written {
+                let _ = self.file.set_len(self.len);
+                return Err(io(e));
+            }
+        }
+        let store = self.store.clone();
+        let committed = (|| -> Result<(), ArchiveError> {
+            let mut w = store.env.write_txn()?;
+            changes(&mut w)?;
+            self.appended(&mut w, frames.len() as u64)?;
+            store.meta.put(&mut w, NEXT_REV, &self.next_rev)?;
+            w.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = committed {
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
+        self.len += frames.len() as u64;
+        Ok(())
     }
 
     /// Seals the open segment if it has held something for `seal_after`, and answers how long
@@ -1060,6 +1121,9 @@ impl Writer {
             Request::Remove(seqs, reply) => {
                 let _ = reply.send(self.remove(&seqs));
             }
+            Request::Hold(seqs, held, reply) => {
+                let _ = reply.send(self.set_held(&seqs, held));
+            }
             Request::Compact(percent, reply) => {
                 let _ = reply.send(self.compact(percent));
             }
@@ -1120,6 +1184,8 @@ impl Writer {
                     },
                 );
             }
+            // The item's own record, after its body: the segments describe the catalog.
+            record::frame_item(self.take_rev(), &item, &mut frames);
             results.push(Stored {
                 seq: item.seq,
                 new: true,
@@ -1130,50 +1196,32 @@ impl Writer {
         if new_items.is_empty() {
             return Ok(results);
         }
-        if !frames.is_empty() {
-            let written = self
-                .file
-                .write_all_at(&frames, self.len)
-                .and_then(|()| self.file.sync_data());
-            if let Err(e) = written {
-                let _ = self.file.set_len(self.len);
-                return Err(io(e));
-            }
-        }
-        let committed = (|| -> Result<(), ArchiveError> {
-            let mut w = store.env.write_txn()?;
+        self.append_and_commit(&frames, |w| {
             for item in &new_items {
-                store.items.put(&mut w, &item.seq, &item.encode())?;
-                store.keys.put(&mut w, &item.key, &item.seq)?;
+                store.items.put(w, &item.seq, &item.encode())?;
+                store.keys.put(w, &item.key, &item.seq)?;
             }
             for (hash, loc) in &new_blobs {
-                store.blobs.put(&mut w, hash, &loc.encode())?;
+                store.blobs.put(w, hash, &loc.encode())?;
             }
             for (hash, more) in &ref_more {
-                if let Some(mut loc) = store.blobs.get(&w, hash)?.and_then(BlobLoc::decode) {
+                if let Some(mut loc) = store.blobs.get(w, hash)?.and_then(BlobLoc::decode) {
                     loc.refs += more;
-                    store.blobs.put(&mut w, hash, &loc.encode())?;
+                    store.blobs.put(w, hash, &loc.encode())?;
                 }
             }
             let raw: u64 = new_items.iter().map(|i| i.raw_len).sum();
-            add(&store, &mut w, ITEMS, new_items.len() as i64)?;
-            add(&store, &mut w, RAW_BYTES, raw as i64)?;
+            add(&store, w, ITEMS, new_items.len() as i64)?;
+            add(&store, w, RAW_BYTES, raw as i64)?;
             add(
                 &store,
-                &mut w,
+                w,
                 HELD,
                 new_items.iter().filter(|i| i.held).count() as i64,
             )?;
-            self.appended(&mut w, frames.len() as u64)?;
-            store.meta.put(&mut w, NEXT_SEQ, &next_seq)?;
-            w.commit()?;
+            store.meta.put(w, NEXT_SEQ, &next_seq)?;
             Ok(())
-        })();
-        if let Err(e) = committed {
-            let _ = self.file.set_len(self.len);
-            return Err(e);
-        }
-        self.len += frames.len() as u64;
+        })?;
         if self.len >= self.segment_bytes_max {
             self.seal()?;
         }
@@ -1219,41 +1267,88 @@ impl Writer {
         Ok(())
     }
 
+    /// Removes items (retention), each with a removal record in the open segment first.
     fn remove(&mut self, seqs: &[u64]) -> Result<Vec<u64>, ArchiveError> {
         let store = self.store.clone();
-        let mut w = store.env.write_txn()?;
-        let mut removed = Vec::new();
-        let mut raw = 0u64;
+        let r = store.env.read_txn()?;
+        let mut going = Vec::new();
         for &seq in seqs {
-            let Some(item) = store.items.get(&w, &seq)?.and_then(Item::decode) else {
-                continue;
-            };
-            if item.held {
-                continue;
-            }
-            store.items.delete(&mut w, &seq)?;
-            store.keys.delete(&mut w, &item.key)?;
-            if let Some(mut loc) = store.blobs.get(&w, &item.hash)?.and_then(BlobLoc::decode) {
-                loc.refs = loc.refs.saturating_sub(1);
-                if loc.refs == 0 {
-                    store.blobs.delete(&mut w, &item.hash)?;
-                    add(
-                        &store,
-                        &mut w,
-                        &seg_key(loc.segment, "live"),
-                        -i64::from(loc.len),
-                    )?;
-                } else {
-                    store.blobs.put(&mut w, &item.hash, &loc.encode())?;
+            if let Some(item) = store.items.get(&r, &seq)?.and_then(Item::decode) {
+                if !item.held {
+                    going.push(item);
                 }
             }
-            raw += item.raw_len;
-            removed.push(seq);
         }
-        add(&store, &mut w, ITEMS, -(removed.len() as i64))?;
-        add(&store, &mut w, RAW_BYTES, -(raw as i64))?;
-        w.commit()?;
-        Ok(removed)
+        drop(r);
+        let mut frames = Vec::new();
+        for item in &going {
+            record::frame_removed(item.seq, &mut frames);
+        }
+        self.append_and_commit(&frames, |w| {
+            let mut raw = 0u64;
+            for item in &going {
+                store.items.delete(w, &item.seq)?;
+                store.keys.delete(w, &item.key)?;
+                if let Some(mut loc) = store.blobs.get(w, &item.hash)?.and_then(BlobLoc::decode) {
+                    loc.refs = loc.refs.saturating_sub(1);
+                    if loc.refs == 0 {
+                        store.blobs.delete(w, &item.hash)?;
+                        add(
+                            &store,
+                            w,
+                            &seg_key(loc.segment, "live"),
+                            -i64::from(loc.len),
+                        )?;
+                    } else {
+                        store.blobs.put(w, &item.hash, &loc.encode())?;
+                    }
+                }
+                raw += item.raw_len;
+            }
+            add(&store, w, ITEMS, -(going.len() as i64))?;
+            add(&store, w, RAW_BYTES, -(raw as i64))?;
+            Ok(())
+        })?;
+        self.seal_if_full()?;
+        Ok(going.into_iter().map(|i| i.seq).collect())
+    }
+
+    /// Sets or clears legal hold, each change an item record in the open segment first;
+    /// answers how many items changed.
+    fn set_held(&mut self, seqs: &[u64], held: bool) -> Result<u64, ArchiveError> {
+        let store = self.store.clone();
+        let r = store.env.read_txn()?;
+        let mut changing = Vec::new();
+        for &seq in seqs {
+            if let Some(mut item) = store.items.get(&r, &seq)?.and_then(Item::decode) {
+                if item.held != held {
+                    item.held = held;
+                    changing.push(item);
+                }
+            }
+        }
+        drop(r);
+        let mut frames = Vec::new();
+        for item in &changing {
+            record::frame_item(self.take_rev(), item, &mut frames);
+        }
+        let changed = changing.len() as i64;
+        self.append_and_commit(&frames, |w| {
+            for item in &changing {
+                store.items.put(w, &item.seq, &item.encode())?;
+            }
+            add(&store, w, HELD, if held { changed } else { -changed })?;
+            Ok(())
+        })?;
+        self.seal_if_full()?;
+        Ok(changed as u64)
+    }
+
+    fn seal_if_full(&mut self) -> Result<(), ArchiveError> {
+        if self.len >= self.segment_bytes_max {
+            self.seal()?;
+        }
+        Ok(())
     }
 
     /// Copies the live records of sparse sealed segments into the open one, commits their new
@@ -1274,24 +1369,49 @@ impl Writer {
             let mut moved: Vec<([u8; 32], BlobLoc)> = Vec::new();
             {
                 let r = store.env.read_txn()?;
+                let mut described = std::collections::HashSet::new();
                 let mut at = 0usize;
                 while at < data.len() {
-                    let (hash, compressed) = record::unframe(&data[at..]).map_err(|e| {
+                    let (rec, len) = record::next(&data[at..]).map_err(|e| {
                         ArchiveError::Corrupt(format!("segment {n} offset {at}: {e}"))
                     })?;
-                    let len = record::FRAME_HEAD + 32 + compressed.len();
-                    if let Some(loc) = store.blobs.get(&r, &hash)?.and_then(BlobLoc::decode) {
-                        if loc.segment == n && loc.offset == at as u64 {
-                            let offset = self.len + frames.len() as u64;
+                    match rec {
+                        record::Record::Body(hash, _) => {
+                            let Some(loc) = store.blobs.get(&r, &hash)?.and_then(BlobLoc::decode)
+                            else {
+                                at += len;
+                                continue;
+                            };
+                            if loc.segment == n && loc.offset == at as u64 {
+                                let offset = self.len + frames.len() as u64;
+                                frames.extend_from_slice(&data[at..at + len]);
+                                moved.push((
+                                    hash,
+                                    BlobLoc {
+                                        segment: self.segment,
+                                        offset,
+                                        ..loc
+                                    },
+                                ));
+                            }
+                        }
+                        // An item's record goes on as the item's state now (a newer revision),
+                        // or as its removal: what the segments say must not change when this
+                        // one is gone.
+                        record::Record::Item(_, old) => {
+                            if described.insert(old.seq) {
+                                match store.items.get(&r, &old.seq)?.and_then(Item::decode) {
+                                    Some(now) => {
+                                        record::frame_item(self.take_rev(), &now, &mut frames)
+                                    }
+                                    None => record::frame_removed(old.seq, &mut frames),
+                                }
+                            }
+                        }
+                        // Removals are final and small: kept, so that no older record of the
+                        // item, in a segment not compacted yet, brings it back in a rebuild.
+                        record::Record::Removed(_) => {
                             frames.extend_from_slice(&data[at..at + len]);
-                            moved.push((
-                                hash,
-                                BlobLoc {
-                                    segment: self.segment,
-                                    offset,
-                                    ..loc
-                                },
-                            ));
                         }
                     }
                     at += len;
@@ -1306,6 +1426,7 @@ impl Writer {
                 store.blobs.put(&mut w, hash, &loc.encode())?;
             }
             self.appended(&mut w, frames.len() as u64)?;
+            store.meta.put(&mut w, NEXT_REV, &self.next_rev)?;
             let was_remote = store.meta.get(&w, &seg_key(n, "remote"))?.is_some();
             for what in ["total", "live", "remote", "sealed"] {
                 store.meta.delete(&mut w, &seg_key(n, what))?;
