@@ -189,7 +189,7 @@ pub enum Record<'a> {
     /// A body: its hash and its zstd bytes.
     Body([u8; 32], &'a [u8]),
     /// An item's state as of a revision (a higher revision of the same item supersedes it).
-    Item(u64, Item),
+    Item(u64, Box<Item>),
     /// An item removed.
     Removed(u64),
 }
@@ -261,7 +261,10 @@ pub fn next(b: &[u8]) -> Result<(Record<'_>, usize), &'static str> {
         k if k == Kind::Item as u32 => {
             let mut r = Reader(payload);
             let rev = r.u64().ok_or("item record cut short")?;
-            Record::Item(rev, Item::decode(r.0).ok_or("item record unreadable")?)
+            Record::Item(
+                rev,
+                Box::new(Item::decode(r.0).ok_or("item record unreadable")?),
+            )
         }
         k if k == Kind::Removed as u32 => {
             let seq = Reader(payload).u64().ok_or("removal record cut short")?;
@@ -373,7 +376,7 @@ mod tests {
             got,
             [
                 format!("{:?}", Record::Body([7; 32], b"zz")),
-                format!("{:?}", Record::Item(42, item)),
+                format!("{:?}", Record::Item(42, Box::new(item))),
                 format!("{:?}", Record::Removed(3)),
             ]
         );
