@@ -112,6 +112,34 @@ pub fn decide(ours: Option<ArchiveId>, uploaded_here: bool, found: &Found) -> Cl
     }
 }
 
+/// Whether this unit may adopt the prefix (`archive.object_store.adopt = "<id>"`): a new unit
+/// taking over a lost unit's archive, to rebuild its catalog from the store. Only an empty
+/// catalog (or one whose rebuild is under way) adopts, and only the archive it was told to.
+pub fn adoptable(
+    adopt: ArchiveId,
+    ours: Option<ArchiveId>,
+    catalog_empty: bool,
+    found: &Found,
+) -> Result<(), String> {
+    let Some(m) = &found.manifest else {
+        return Err("there is no manifest to adopt under the prefix".into());
+    };
+    if ArchiveId::parse(&m.archive) != Some(adopt) {
+        return Err(format!(
+            "adopt names archive {adopt}, but the prefix belongs to archive {} of unit {:?}",
+            m.archive, m.node
+        ));
+    }
+    match ours {
+        Some(id) if id != adopt => Err(format!("this unit's catalog belongs to archive {id}")),
+        _ if !catalog_empty => Err(
+            "the catalog holds items: only a new unit (an empty catalog) adopts an archive, and rebuilds it"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -232,5 +260,48 @@ mod tests {
         assert_eq!(ArchiveId::from_halves(hi, lo), id);
         assert_eq!(ArchiveId::parse("xyz"), None);
         assert_ne!(ArchiveId::random(), id);
+    }
+
+    #[test]
+    fn only_an_empty_catalog_adopts_and_only_the_archive_it_was_told_to() {
+        let a = ArchiveId([1; 16]);
+        let b = ArchiveId([2; 16]);
+        let of = |id: ArchiveId| Found {
+            manifest: Some(Manifest {
+                format: MANIFEST_FORMAT,
+                archive: id.to_string(),
+                node: "gw_a".into(),
+                created_ms: 5,
+            }),
+            segments: false,
+        };
+        let none = Found {
+            manifest: None,
+            segments: true,
+        };
+        // (case, adopt, ours, catalog empty, found, adopts)
+        let table = [
+            ("a new unit adopts a's archive", a, None, true, of(a), true),
+            ("a rebuild under way resumes", a, Some(a), true, of(a), true),
+            ("told another archive", b, None, true, of(a), false),
+            ("a catalog with items", a, None, false, of(a), false),
+            (
+                "a catalog of another archive",
+                a,
+                Some(b),
+                true,
+                of(a),
+                false,
+            ),
+            ("no manifest", a, None, true, none, false),
+        ];
+        for (case, adopt, ours, empty, found, expected) in table {
+            assert_eq!(
+                adoptable(adopt, ours, empty, &found).is_ok(),
+                expected,
+                "{case}: {:?}",
+                adoptable(adopt, ours, empty, &found)
+            );
+        }
     }
 }

@@ -29,7 +29,7 @@ mod tests;
 
 pub use record::Item;
 pub use remote::{ObjectStoreConfig, Probe};
-pub use store::{CompactReport, RemoteCounters, Stored, Totals};
+pub use store::{CompactReport, RebuildProgress, Rebuilt, RemoteCounters, Stored, Totals};
 
 use basics::now_ms;
 use crossbeam_channel::Sender;
@@ -78,6 +78,9 @@ pub enum ArchiveError {
     /// its own): nothing is written there.
     #[error("archive object store: {0}")]
     NotOurs(String),
+    /// The request does not apply to the archive as it is.
+    #[error("archive: {0}")]
+    Refused(String),
 }
 
 impl From<heed::Error> for ArchiveError {
@@ -111,6 +114,9 @@ pub struct Options {
     /// With an object store: seal the open segment once it has held something this long, so
     /// the store lags the unit by this rather than by `segment_bytes_max` (`None`: by size only).
     pub seal_after: Option<Duration>,
+    /// Adopt the object store prefix of this archive (a new unit taking over a lost unit's
+    /// archive): its catalog is then rebuilt from the store.
+    pub adopt: Option<identity::ArchiveId>,
 }
 
 impl Options {
@@ -127,6 +133,7 @@ impl Options {
             node: String::new(),
             claim_settle: store::CLAIM_SETTLE,
             seal_after: Some(Duration::from_secs(300)),
+            adopt: None,
         }
     }
 }
@@ -301,11 +308,27 @@ impl Compressors {
 /// connection or one error reply, and segments should not wait long once it is back.
 const UPLOAD_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
-fn upload_loop(store: &Store, stopped: &crossbeam_channel::Receiver<()>) {
+fn upload_loop(
+    store: &Store,
+    writer: &crossbeam_channel::Sender<Request>,
+    stopped: &crossbeam_channel::Receiver<()>,
+) {
     let mut backoff = Duration::from_secs(1);
+    let mut rebuild_asked: Option<std::time::Instant> = None;
     loop {
         let wait = match store.sync_remote() {
             Ok(_) => {
+                // A prefix adopted by this pass's claim (or the daemon's) is rebuilt from; a
+                // rebuild that failed is asked again, not more often than every 10 s.
+                let progress = &store.rebuild_progress;
+                if progress.pending.load(Ordering::SeqCst)
+                    && !progress.running.load(Ordering::SeqCst)
+                    && rebuild_asked.is_none_or(|at| at.elapsed() > Duration::from_secs(10))
+                {
+                    let (tx, _) = crossbeam_channel::bounded(1);
+                    let _ = writer.send(Request::Rebuild(tx));
+                    rebuild_asked = Some(std::time::Instant::now());
+                }
                 if backoff > Duration::from_secs(1) {
                     tracing::info!("archive: object store reachable again");
                 }
@@ -357,6 +380,7 @@ impl Archive {
         let has_remote = remote.is_some();
         let mut store = Store::open_with(&opts.dir, remote, opts.cache_bytes, &opts.node)?;
         store.set_claim_settle(opts.claim_settle);
+        store.set_adopt(opts.adopt);
         let store = Arc::new(store);
         let (search, indexer) = index::open(
             &opts.dir.join("index"),
@@ -382,13 +406,19 @@ impl Archive {
         let index_thread = indexer.start(irx)?;
         let mut threads = vec![writer_thread, index_thread];
         let mut uploader_stop = None;
+        // A rebuild marked at open (a lost catalog, or one cut short) runs before anything else.
+        if store.rebuilding()? {
+            let (tx, _) = crossbeam_channel::bounded(1);
+            let _ = wtx.send(Request::Rebuild(tx));
+        }
         if store.remote().is_some() {
             let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
             let store = store.clone();
+            let writer = wtx.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name("archive-upload".into())
-                    .spawn(move || upload_loop(&store, &stopped))
+                    .spawn(move || upload_loop(&store, &writer, &stopped))
                     .map_err(|e| ArchiveError::Io(e.to_string()))?,
             );
             uploader_stop = Some(stop);
@@ -560,6 +590,30 @@ impl Archive {
             .send(Request::Seal(tx))
             .map_err(|_| ArchiveError::Stopped)?;
         rx.recv().map_err(|_| ArchiveError::Stopped)?
+    }
+
+    /// Rebuilds the catalog from the segments (local, and the object store's once the prefix is
+    /// this archive's), or waits for the rebuild under way; `progress` hears how far it got
+    /// every 200 ms. Refused for a catalog that holds items and is not rebuilding.
+    pub fn rebuild(
+        &self,
+        mut progress: impl FnMut(&RebuildProgress),
+    ) -> Result<Rebuilt, ArchiveError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.writer
+            .send(Request::Rebuild(tx))
+            .map_err(|_| ArchiveError::Stopped)?;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(done) => return done,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    progress(&self.store.rebuild_progress)
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(ArchiveError::Stopped)
+                }
+            }
+        }
     }
 
     /// Makes everything stored so far searchable before returning.

@@ -28,6 +28,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+mod rebuild;
+use rebuild::REBUILDING;
+pub use rebuild::{RebuildProgress, Rebuilt};
+
 const NEXT_SEQ: &str = "next_seq";
 const OPEN_SEGMENT: &str = "open_segment";
 const OPEN_LEN: &str = "open_len";
@@ -62,6 +66,8 @@ pub struct Store {
     keys: Database<Bytes, U64<BE>>,
     blobs: Database<Bytes, Bytes>,
     meta: Database<Str, U64<BE>>,
+    /// While a rebuild runs: what the records read so far say of each item (`rebuild.rs`).
+    rebuild: Database<U64<BE>, U64<BE>>,
     segments_dir: PathBuf,
     open_files: Mutex<HashMap<u32, Arc<File>>>,
     remote: Option<Remote>,
@@ -90,6 +96,11 @@ pub struct Store {
     /// One upkeep pass at a time: a pass that evicts a confirmed segment's file must not run
     /// beside one still uploading it (the upload thread's pass and an explicit one).
     upkeep: Mutex<()>,
+    /// Adopt the object store's prefix when its manifest names this archive id and the catalog
+    /// is empty (a new unit rebuilding a lost one's archive).
+    adopt: Option<ArchiveId>,
+    /// How far a rebuild got.
+    pub rebuild_progress: RebuildProgress,
 }
 
 /// Object store traffic since start.
@@ -161,6 +172,8 @@ pub enum Request {
     Compact(u32, Sender<Result<CompactReport, ArchiveError>>),
     /// Seal the open segment now if it holds anything; answers the segment sealed.
     Seal(Sender<Result<Option<u32>, ArchiveError>>),
+    /// Rebuild the catalog from the segments (an empty or rebuilding catalog only).
+    Rebuild(Sender<Result<Rebuilt, ArchiveError>>),
     /// Finish: the archive is closing.
     Stop,
 }
@@ -252,6 +265,7 @@ impl Store {
         let keys = env.create_database(&mut w, Some("keys"))?;
         let blobs = env.create_database(&mut w, Some("blobs"))?;
         let meta = env.create_database(&mut w, Some("meta"))?;
+        let rebuild = env.create_database(&mut w, Some("rebuild"))?;
         w.commit()?;
         let store = Store {
             env,
@@ -259,6 +273,7 @@ impl Store {
             keys,
             blobs,
             meta,
+            rebuild,
             segments_dir,
             open_files: Mutex::new(HashMap::new()),
             remote,
@@ -273,9 +288,46 @@ impl Store {
             claiming: Mutex::new(()),
             claim_settle: CLAIM_SETTLE,
             upkeep: Mutex::new(()),
+            adopt: None,
+            rebuild_progress: RebuildProgress::default(),
         };
-        store.tidy_segments()?;
+        store.notice_a_lost_catalog()?;
+        if !store.rebuilding()? {
+            store.tidy_segments()?;
+        }
         Ok(store)
+    }
+
+    /// A new catalog beside segments that hold records: the catalog was lost. The segments are
+    /// kept (not tidied away as unknown) and a rebuild is marked needed.
+    fn notice_a_lost_catalog(&self) -> Result<(), ArchiveError> {
+        let mut w = self.env.write_txn()?;
+        let fresh = self.meta.get(&w, OPEN_SEGMENT)?.is_none() && self.items.first(&w)?.is_none();
+        if !fresh || self.meta.get(&w, REBUILDING)?.is_some() {
+            return Ok(());
+        }
+        let holds_records = std::fs::read_dir(&self.segments_dir)
+            .map_err(io)?
+            .flatten()
+            .any(|e| {
+                e.path().extension().is_some_and(|x| x == "seg")
+                    && e.metadata().is_ok_and(|m| m.len() > 0)
+            });
+        if holds_records {
+            tracing::warn!(
+                dir = %self.segments_dir.display(),
+                "archive: segments without a catalog: the catalog is rebuilt from them"
+            );
+            self.meta.put(&mut w, REBUILDING, &1)?;
+            w.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Adopts the prefix whose manifest names archive `id`, if this catalog is empty (see
+    /// [`crate::identity::adoptable`]).
+    pub fn set_adopt(&mut self, id: Option<ArchiveId>) {
+        self.adopt = id;
     }
 
     fn tidy_segments(&self) -> Result<(), ArchiveError> {
@@ -696,7 +748,28 @@ impl Store {
                     self.claimed.store(true, Release);
                     return Ok(());
                 }
-                Claim::Refuse(why) => return Err(refused(why)),
+                Claim::Refuse(why) => match self.adopt {
+                    None => return Err(refused(why)),
+                    Some(adopt) => {
+                        let empty = self.rebuilding()? || self.totals()?.items == 0;
+                        let found = found(remote.manifest()?)?;
+                        if let Err(no) = crate::identity::adoptable(adopt, ours, empty, &found) {
+                            return Err(refused(format!("{why}; it cannot be adopted: {no}")));
+                        }
+                        // The id and the rebuild mark in one commit: from now on the prefix is
+                        // this archive's, and its catalog is rebuilt before anything is written.
+                        let mut w = self.env.write_txn()?;
+                        let (hi, lo) = adopt.halves();
+                        self.meta.put(&mut w, ARCHIVE_ID_HI, &hi)?;
+                        self.meta.put(&mut w, ARCHIVE_ID_LO, &lo)?;
+                        self.meta.put(&mut w, REBUILDING, &1)?;
+                        w.commit()?;
+                        self.rebuild_progress.pending.store(true, Ordering::SeqCst);
+                        tracing::warn!(archive = %adopt, prefix = remote.prefix(), "archive: adopted the object store's prefix; the catalog is rebuilt from it");
+                        self.claimed.store(true, Release);
+                        return Ok(());
+                    }
+                },
                 Claim::Create(id) => {
                     // The id first: a crash before the manifest is written finds it again.
                     let mut w = self.env.write_txn()?;
@@ -930,6 +1003,8 @@ impl Writer {
             )
         };
         let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
             .read(true)
             .write(true)
             .open(seg_path(&store.segments_dir, segment))
@@ -1103,11 +1178,19 @@ impl Writer {
                     }
                     match other {
                         Some(Request::Stop) => return,
-                        Some(o) => self.serve_other(o),
+                        Some(o) => {
+                            if let Some(seq) = self.serve_other(o) {
+                                stored(seq);
+                            }
+                        }
                         None => {}
                     }
                 }
-                o => self.serve_other(o),
+                o => {
+                    if let Some(seq) = self.serve_other(o) {
+                        stored(seq);
+                    }
+                }
             }
             if self.len > 0 && self.holding_since.is_none() {
                 self.holding_since = Some(std::time::Instant::now());
@@ -1115,7 +1198,8 @@ impl Writer {
         }
     }
 
-    fn serve_other(&mut self, r: Request) {
+    /// Serves a request other than `Store`; answers the newest item the index should hear of.
+    fn serve_other(&mut self, r: Request) -> Option<u64> {
         match r {
             Request::Store(..) | Request::Stop => {}
             Request::Remove(seqs, reply) => {
@@ -1130,7 +1214,15 @@ impl Writer {
             Request::Seal(reply) => {
                 let _ = reply.send(self.seal_now());
             }
+            Request::Rebuild(reply) => {
+                let store = self.store.clone();
+                let rebuilt = self.rebuild(&store.rebuild_progress);
+                let _ = reply.send(rebuilt);
+                // The index follows the rebuilt catalog.
+                return store.last_seq().ok().filter(|&s| s > 0);
+            }
         }
+        None
     }
 
     fn check_space(&self) -> Result<(), ArchiveError> {
@@ -1142,6 +1234,12 @@ impl Writer {
     }
 
     fn store_group(&mut self, group: Vec<Prepared>) -> Result<Vec<Stored>, ArchiveError> {
+        if self.store.rebuild_progress.pending.load(Ordering::SeqCst) {
+            // Numbering new items now would collide with the items the rebuild brings back.
+            return Err(ArchiveError::Refused(
+                "the catalog is being rebuilt: new items wait until it is done".into(),
+            ));
+        }
         self.check_space()?;
         let store = self.store.clone();
         let r = store.env.read_txn()?;

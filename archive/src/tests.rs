@@ -839,3 +839,195 @@ fn the_open_segment_is_sealed_by_age_and_on_request() {
         assert!(a.raw(seq).is_ok());
     }
 }
+
+/// Every item with its exact bytes, in sequence order.
+type ItemsAndBytes = Vec<(Item, Vec<u8>)>;
+
+/// Every item with its exact bytes, and the store's counters (items, raw bytes, held).
+fn contents(a: &Archive) -> (ItemsAndBytes, (u64, u64, u64)) {
+    let items = a.store().items_after(0, usize::MAX, |_| true).unwrap();
+    let all = items
+        .into_iter()
+        .map(|i| {
+            let raw = a.raw(i.seq).unwrap().1;
+            (i, raw)
+        })
+        .collect();
+    let t = a.status().unwrap().totals;
+    (all, (t.items, t.raw_bytes, t.held))
+}
+
+fn wait_rebuilt(a: &Archive) {
+    let progress = &a.store().rebuild_progress;
+    for _ in 0..500 {
+        if !progress.pending.load(Ordering::SeqCst) && !progress.running.load(Ordering::SeqCst) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the rebuild did not end");
+}
+
+/// A history with every kind of record: items (shared bodies, mirrored ones), holds set and
+/// released, retention removals, a compaction that moved records forward.
+fn eventful(a: &Archive) {
+    let body = |i: u32| -> Vec<u8> {
+        let mut b = format!("Subject: event{i}\r\n\r\n").into_bytes();
+        b.extend(
+            (0..500u32).map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(i * 7919) >> 13) as u8),
+        );
+        b
+    };
+    let mut seqs = Vec::new();
+    let mut old = Vec::new();
+    for i in 0..60u32 {
+        let raw = body(i % 50); // ten bodies shared by two items each
+        let mut m = incoming(&format!("e-{i}"), &raw, &format!("r{i}@example.net"));
+        // 30 old items among the first 40, so every old segment keeps a few items whose only
+        // record is there (compaction must carry them).
+        let is_old = i < 40 && i % 4 != 3;
+        m.arrived_ms = if is_old {
+            1_000 + u64::from(i)
+        } else {
+            now_ms()
+        };
+        m.verdict = if i % 7 == 0 {
+            "infected: Eicar".into()
+        } else {
+            "clean".into()
+        };
+        let seq = a.archive(m, &raw).unwrap().seq;
+        seqs.push(seq);
+        if is_old {
+            old.push(seq);
+        }
+    }
+    // Held items spread over the old segments.
+    let every_third: Vec<u64> = old.iter().copied().step_by(3).collect();
+    assert_eq!(a.hold(&every_third, true).unwrap(), 10);
+    let released: Vec<u64> = every_third.iter().copied().skip(1).step_by(2).collect();
+    assert_eq!(a.hold(&released, false).unwrap(), 5);
+    assert_eq!(a.hold(&seqs[40..42], true).unwrap(), 2);
+    // 30 old items, 5 of them held: 25 go.
+    assert_eq!(a.expire(Duration::from_secs(86_400), |_| {}).unwrap(), 25);
+    assert!(a.compact(90).unwrap().segments >= 3);
+    // A hold change after the compaction, and mail after it.
+    assert_eq!(a.hold(&seqs[40..41], false).unwrap(), 1);
+    for i in 60..70u32 {
+        let raw = body(i);
+        a.archive(incoming(&format!("e-{i}"), &raw, "late@example.net"), &raw)
+            .unwrap();
+    }
+}
+
+/// A lost catalog (and index) beside the segments: the archive notices at open, keeps the
+/// segments, rebuilds items, holds, removals, counters and the index from them.
+#[test]
+fn a_lost_catalog_is_rebuilt_from_the_local_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = Options::new(dir.path().to_path_buf());
+    o.free_bytes_min = 0;
+    o.index_heap_bytes = 15 << 20;
+    o.segment_bytes_max = 4096;
+    let (before, hits_before) = {
+        let a = Archive::open(&o).unwrap();
+        eventful(&a);
+        a.flush_index().unwrap();
+        let hits = a.search("subject:event3", 100).unwrap().items.len();
+        (contents(&a), hits)
+    };
+    assert_eq!(before.1, (45, before.1 .1, 6), "45 items, 6 held");
+    std::fs::remove_dir_all(dir.path().join("catalog")).unwrap();
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let a = Archive::open(&o).unwrap();
+    wait_rebuilt(&a);
+    assert_eq!(contents(&a), before);
+    a.flush_index().unwrap();
+    assert_eq!(
+        a.search("subject:event3", 100).unwrap().items.len(),
+        hits_before
+    );
+    let v = a.verify(|_, _| {}).unwrap();
+    assert_eq!(
+        (v.items, v.ok, v.bad.len(), v.index_entries),
+        (45, 45, 0, 45)
+    );
+    // It goes on: new items after the rebuilt ones, in a new segment.
+    let s = a
+        .archive(incoming("after", b"after\r\n", "x@y"), b"after\r\n")
+        .unwrap();
+    assert!(s.new && s.seq > before.0.last().unwrap().0.seq);
+    // A rebuild asked for after it ran answers what it found; a catalog that holds items and
+    // was not rebuilt here is not rebuilt over.
+    assert_eq!(a.rebuild(|_| {}).unwrap().items, 45);
+    drop(a);
+    let a = Archive::open(&o).unwrap();
+    assert!(matches!(a.rebuild(|_| {}), Err(ArchiveError::Refused(_))));
+}
+
+/// A new unit (an empty directory) told to adopt the archive of a lost one rebuilds it from
+/// the object store alone; without being told, it is refused.
+#[test]
+fn a_new_unit_adopts_a_lost_units_archive_from_the_object_store() {
+    use object_store::ObjectStore;
+    let memory: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+    let options = |dir: &std::path::Path| {
+        let mut o = Options::new(dir.to_path_buf());
+        o.free_bytes_min = 0;
+        o.index_heap_bytes = 15 << 20;
+        o.segment_bytes_max = 4096;
+        o.claim_settle = Duration::ZERO;
+        o
+    };
+    let old = tempfile::tempdir().unwrap();
+    let (before, id) = {
+        let a = Archive::open_with(
+            &options(old.path()),
+            Some(remote::Remote::over(memory.clone(), "p").unwrap()),
+        )
+        .unwrap();
+        eventful(&a);
+        a.seal().unwrap();
+        a.sync_remote().unwrap();
+        (contents(&a), a.store().archive_id().unwrap().unwrap())
+    };
+    drop(old); // the unit is lost
+
+    let new = tempfile::tempdir().unwrap();
+    let refused = Archive::open_with(
+        &options(new.path()),
+        Some(remote::Remote::over(memory.clone(), "p").unwrap()),
+    )
+    .unwrap();
+    assert!(matches!(
+        refused.store().claim(),
+        Err(ArchiveError::NotOurs(_))
+    ));
+    drop(refused);
+    let mut o = options(new.path());
+    o.adopt = Some(id);
+    let a =
+        Archive::open_with(&o, Some(remote::Remote::over(memory.clone(), "p").unwrap())).unwrap();
+    a.store().claim().unwrap();
+    let mut seen = 0;
+    let rebuilt = a.rebuild(|p| seen = p.done.load(Ordering::SeqCst)).unwrap();
+    assert!(
+        rebuilt.from_store >= 3 && rebuilt.without_body.is_empty(),
+        "{rebuilt:?}"
+    );
+    assert_eq!((rebuilt.items, rebuilt.held, rebuilt.removed), (45, 6, 25));
+    assert_eq!(contents(&a), before);
+    assert_eq!(a.store().archive_id().unwrap(), Some(id));
+    // New segments are numbered after the store's: nothing there is overwritten.
+    let objects = a.store().remote().unwrap().list().unwrap();
+    a.archive(incoming("after", b"after\r\n", "x@y"), b"after\r\n")
+        .unwrap();
+    a.seal().unwrap();
+    a.sync_remote().unwrap();
+    let now = a.store().remote().unwrap().list().unwrap();
+    assert!(
+        objects.iter().all(|o| now.contains(o)),
+        "{objects:?} {now:?}"
+    );
+    assert_eq!(now.len(), objects.len() + 1);
+}

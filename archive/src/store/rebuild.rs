@@ -1,0 +1,462 @@
+//! Rebuilding the catalog from the segments alone: a unit whose disk was lost (its catalog, or
+//! its whole state directory with the archive on an object store). Every item, legal hold and
+//! removal is a record in the segments (`crate::record`), so reading every segment in order
+//! gives the catalog back: items with their envelopes, verdicts and hold state, the body
+//! locations, the counters. The index follows the catalog as it always does.
+//!
+//! The decision per record is pure ([`apply`], table-tested): of the records of one item the
+//! highest revision wins and a removal is final (compaction carries records forward, so their
+//! order in the segments is not their order in time). The I/O runs on the writer thread
+//! ([`Writer::rebuild`]), one transaction per segment with the segment marked done in it, so a
+//! rebuild killed anywhere resumes after the last segment it committed.
+//!
+//! It is not: a repair of damaged segments (a frame that fails its checksum ends that
+//! segment's reading, and `verify` reports the items whose bodies are missing).
+
+use super::*;
+use crate::record::Record;
+
+/// What the records read so far say of one item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Known {
+    /// No record yet.
+    Unseen,
+    /// Its state as of this revision.
+    At(u64),
+    /// Removed (final).
+    Removed,
+}
+
+/// What a record of the item does to the catalog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Write the record's item.
+    Put,
+    /// Delete the item.
+    Delete,
+    /// Nothing: the catalog already holds a newer state.
+    Keep,
+}
+
+/// One item record (`Some(rev)`) or removal (`None`) against what is known.
+pub fn apply(known: Known, record: Option<u64>) -> (Known, Effect) {
+    match (known, record) {
+        (Known::Removed, _) => (Known::Removed, Effect::Keep),
+        (_, None) => (Known::Removed, Effect::Delete),
+        (Known::Unseen, Some(rev)) => (Known::At(rev), Effect::Put),
+        (Known::At(have), Some(rev)) if rev > have => (Known::At(rev), Effect::Put),
+        (at @ Known::At(_), Some(_)) => (at, Effect::Keep),
+    }
+}
+
+/// The rebuild db's value for a removed item.
+const REMOVED_MARK: u64 = u64::MAX;
+/// Set while a rebuild is under way (or needed: a catalog lost beside its segments).
+pub(super) const REBUILDING: &str = "rebuilding";
+fn done_key(n: u32) -> String {
+    format!("rebuild.done.{n:08}")
+}
+
+/// How far a rebuild got.
+#[derive(Debug, Default)]
+pub struct RebuildProgress {
+    /// Whether one is needed or under way (the catalog's mark, cached): the writer stores
+    /// nothing meanwhile.
+    pub pending: std::sync::atomic::AtomicBool,
+    /// Whether one is running.
+    pub running: std::sync::atomic::AtomicBool,
+    /// Segments read, of `segments`.
+    pub done: AtomicU64,
+    /// Segments to read.
+    pub segments: AtomicU64,
+    /// Item records read.
+    pub records: AtomicU64,
+    /// What the last rebuild in this process found (a request for a rebuild that ran already,
+    /// at open or after an adoption, answers it).
+    pub last: Mutex<Option<Rebuilt>>,
+}
+
+/// What a rebuild found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rebuilt {
+    /// Segments read (in this run; a resumed rebuild skips those done before).
+    pub segments: u32,
+    /// Of them, read from the object store.
+    pub from_store: u32,
+    /// Items in the catalog at the end.
+    pub items: u64,
+    /// Of them, on legal hold.
+    pub held: u64,
+    /// Items removed by retention (their removal records).
+    pub removed: u64,
+    /// Segments whose reading ended at a damaged or torn frame: (segment, offset).
+    pub damaged: Vec<(u32, u64)>,
+    /// Items whose body no segment holds.
+    pub without_body: Vec<u64>,
+}
+
+impl Store {
+    /// Whether a rebuild is under way or needed.
+    pub fn rebuilding(&self) -> Result<bool, ArchiveError> {
+        let r = self.env.read_txn()?;
+        let pending = self.meta.get(&r, REBUILDING)?.is_some();
+        self.rebuild_progress
+            .pending
+            .store(pending, Ordering::SeqCst);
+        Ok(pending)
+    }
+
+    /// The segments to read, ascending: each with whether it comes from the object store.
+    fn rebuild_sources(&self) -> Result<Vec<(u32, bool)>, ArchiveError> {
+        let mut local = std::collections::BTreeMap::new();
+        for entry in std::fs::read_dir(&self.segments_dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            let n = path
+                .extension()
+                .is_some_and(|e| e == "seg")
+                .then(|| path.file_stem()?.to_str()?.parse::<u32>().ok())
+                .flatten();
+            if let Some(n) = n {
+                local.insert(n, std::fs::metadata(&path).map_err(io)?.len());
+            }
+        }
+        let remote: std::collections::BTreeMap<u32, u64> = match &self.remote {
+            Some(r) => r.list()?.into_iter().collect(),
+            None => Default::default(),
+        };
+        let mut all: std::collections::BTreeMap<u32, bool> = Default::default();
+        for (&n, &len) in &local {
+            if len > 0 {
+                all.insert(n, false);
+            }
+        }
+        // The store's copy is the sealed, confirmed one; a local file is taken instead only when
+        // it holds more (a segment sealed but not uploaded before the loss).
+        for (&n, &len) in &remote {
+            if local.get(&n).is_none_or(|&l| l <= len) {
+                all.insert(n, true);
+            }
+        }
+        Ok(all.into_iter().collect())
+    }
+}
+
+impl Writer {
+    /// Rebuilds the catalog from the segments (local files and, once the prefix is claimed, the
+    /// object store). Refused for a catalog that holds items and is not rebuilding; resumes one
+    /// that is. `stored` hears of the last item, so the index follows.
+    pub fn rebuild(&mut self, progress: &RebuildProgress) -> Result<Rebuilt, ArchiveError> {
+        let store = self.store.clone();
+        {
+            let mut w = store.env.write_txn()?;
+            if store.meta.get(&w, REBUILDING)?.is_none() {
+                if let Some(done) = progress
+                    .last
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                {
+                    return Ok(done);
+                }
+                if store.items.first(&w)?.is_some() {
+                    return Err(ArchiveError::Refused(
+                        "the catalog holds items: a rebuild starts from an empty catalog (move the archive's catalog/ and index/ away, keep segments/)".into(),
+                    ));
+                }
+                store.meta.put(&mut w, REBUILDING, &1)?;
+            }
+            w.commit()?;
+            progress.pending.store(true, Ordering::SeqCst);
+        }
+        if store.remote.is_some() {
+            store.claim()?;
+        }
+        progress.running.store(true, Ordering::SeqCst);
+        let result = self.rebuild_segments(progress);
+        progress.running.store(false, Ordering::SeqCst);
+        if let Ok(done) = &result {
+            *progress.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(done.clone());
+        }
+        result
+    }
+
+    fn rebuild_segments(&mut self, progress: &RebuildProgress) -> Result<Rebuilt, ArchiveError> {
+        let store = self.store.clone();
+        let sources = store.rebuild_sources()?;
+        progress
+            .segments
+            .store(sources.len() as u64, Ordering::SeqCst);
+        progress.done.store(0, Ordering::SeqCst);
+        let mut report = Rebuilt::default();
+        for &(n, from_store) in &sources {
+            let r = store.env.read_txn()?;
+            let done = store.meta.get(&r, &done_key(n))?.is_some();
+            drop(r);
+            if !done {
+                if let Some(at) = self.rebuild_segment(n, from_store, progress)? {
+                    report.damaged.push((n, at));
+                }
+                report.segments += 1;
+                report.from_store += u32::from(from_store);
+            }
+            progress.done.fetch_add(1, Ordering::SeqCst);
+        }
+        let last = sources.last().map_or(0, |s| s.0);
+        self.finish_rebuild(last, &mut report)?;
+        tracing::info!(
+            segments = report.segments,
+            from_store = report.from_store,
+            items = report.items,
+            removed = report.removed,
+            damaged = report.damaged.len(),
+            without_body = report.without_body.len(),
+            "archive: catalog rebuilt from the segments"
+        );
+        Ok(report)
+    }
+
+    /// Reads segment `n` into the catalog in one transaction that also marks it done. Answers
+    /// where its reading stopped short, if it did.
+    fn rebuild_segment(
+        &mut self,
+        n: u32,
+        from_store: bool,
+        progress: &RebuildProgress,
+    ) -> Result<Option<u64>, ArchiveError> {
+        let store = self.store.clone();
+        let path = seg_path(&store.segments_dir, n);
+        let data = match (&store.remote, from_store) {
+            (Some(remote), true) => {
+                // A local file that differs from the store's copy (an empty open segment of a
+                // fresh unit) must not shadow it.
+                if std::fs::metadata(&path).is_ok() {
+                    std::fs::remove_file(&path).map_err(io)?;
+                }
+                remote.read_all(n)?
+            }
+            _ => std::fs::read(&path).map_err(io)?,
+        };
+        let mut w = store.env.write_txn()?;
+        let mut at = 0usize;
+        let mut stopped = None;
+        while at < data.len() {
+            let (rec, len) = match record::next(&data[at..]) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(
+                        segment = n,
+                        offset = at,
+                        "archive rebuild: {e}; the rest of this segment is not read"
+                    );
+                    stopped = Some(at as u64);
+                    break;
+                }
+            };
+            match rec {
+                Record::Body(hash, compressed) => {
+                    // A later copy (compaction's) supersedes an earlier one.
+                    if let Some(old) = store.blobs.get(&w, &hash)?.and_then(BlobLoc::decode) {
+                        add(
+                            &store,
+                            &mut w,
+                            &seg_key(old.segment, "live"),
+                            -i64::from(old.len),
+                        )?;
+                    }
+                    let loc = BlobLoc {
+                        segment: n,
+                        offset: at as u64,
+                        len: len as u32,
+                        raw_len: zstd::zstd_safe::get_frame_content_size(compressed)
+                            .ok()
+                            .flatten()
+                            .unwrap_or(0),
+                        refs: 0,
+                    };
+                    store.blobs.put(&mut w, &hash, &loc.encode())?;
+                }
+                Record::Item(rev, item) => {
+                    progress.records.fetch_add(1, Ordering::Relaxed);
+                    let known = known(store.rebuild.get(&w, &item.seq)?);
+                    let (now, effect) = apply(known, Some(rev));
+                    if effect == Effect::Put {
+                        if let Some(old) = store.items.get(&w, &item.seq)?.and_then(Item::decode) {
+                            store.keys.delete(&mut w, &old.key)?;
+                        }
+                        store.items.put(&mut w, &item.seq, &item.encode())?;
+                        store.keys.put(&mut w, &item.key, &item.seq)?;
+                    }
+                    store.rebuild.put(&mut w, &item.seq, &mark(now))?;
+                    self.next_rev = self.next_rev.max(rev + 1);
+                }
+                Record::Removed(seq) => {
+                    let (now, _) = apply(known(store.rebuild.get(&w, &seq)?), None);
+                    if let Some(old) = store.items.get(&w, &seq)?.and_then(Item::decode) {
+                        store.keys.delete(&mut w, &old.key)?;
+                        store.items.delete(&mut w, &seq)?;
+                    }
+                    store.rebuild.put(&mut w, &seq, &mark(now))?;
+                }
+            }
+            at += len;
+        }
+        if stopped.is_some() && !from_store {
+            // A torn tail (the open segment at the loss): cut, so the segment uploads clean.
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io)?;
+            f.set_len(at as u64).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        let total = at as u64;
+        store.meta.put(&mut w, &seg_key(n, "total"), &total)?;
+        add(&store, &mut w, &seg_key(n, "live"), total as i64)?;
+        store.meta.put(&mut w, &seg_key(n, "sealed"), &now_ms())?;
+        if from_store {
+            store.meta.put(&mut w, &seg_key(n, "remote"), &1)?;
+        }
+        store.meta.put(&mut w, &done_key(n), &1)?;
+        store.meta.put(&mut w, NEXT_REV, &self.next_rev)?;
+        w.commit()?;
+        Ok(stopped)
+    }
+
+    /// Counts, references and the open segment, in one transaction; the rebuild's own marks go.
+    fn finish_rebuild(&mut self, last: u32, report: &mut Rebuilt) -> Result<(), ArchiveError> {
+        let store = self.store.clone();
+        let open = last + 1;
+        let path = seg_path(&store.segments_dir, open);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io)?;
+        sync_dir(&store.segments_dir)?;
+        let mut w = store.env.write_txn()?;
+        let mut refs: HashMap<[u8; 32], (u32, u64)> = HashMap::new();
+        let (mut items, mut raw, mut held, mut max_seq) = (0u64, 0u64, 0u64, 0u64);
+        for kv in store.items.iter(&w)? {
+            let (seq, b) = kv?;
+            let Some(item) = Item::decode(b) else {
+                continue;
+            };
+            items += 1;
+            raw += item.raw_len;
+            held += u64::from(item.held);
+            max_seq = max_seq.max(seq);
+            let r = refs.entry(item.hash).or_insert((0, item.raw_len));
+            r.0 += 1;
+            if store.blobs.get(&w, &item.hash)?.is_none() {
+                report.without_body.push(seq);
+            }
+        }
+        for kv in store.rebuild.iter(&w)? {
+            let (seq, state) = kv?;
+            max_seq = max_seq.max(seq);
+            report.removed += u64::from(state == REMOVED_MARK);
+        }
+        let blobs: Vec<([u8; 32], BlobLoc)> = store
+            .blobs
+            .iter(&w)?
+            .filter_map(|kv| kv.ok())
+            .filter_map(|(k, v)| Some((k.try_into().ok()?, BlobLoc::decode(v)?)))
+            .collect();
+        for (hash, mut loc) in blobs {
+            match refs.get(&hash) {
+                Some(&(n, raw_len)) => {
+                    loc.refs = n;
+                    loc.raw_len = raw_len;
+                    store.blobs.put(&mut w, &hash, &loc.encode())?;
+                }
+                None => {
+                    store.blobs.delete(&mut w, &hash)?;
+                    add(
+                        &store,
+                        &mut w,
+                        &seg_key(loc.segment, "live"),
+                        -i64::from(loc.len),
+                    )?;
+                }
+            }
+        }
+        store.rebuild.clear(&mut w)?;
+        let marks: Vec<String> = store
+            .meta
+            .prefix_iter(&w, "rebuild.")?
+            .filter_map(|kv| kv.ok().map(|(k, _)| k.to_string()))
+            .collect();
+        for k in marks {
+            store.meta.delete(&mut w, &k)?;
+        }
+        for (key, value) in [
+            (ITEMS, items),
+            (RAW_BYTES, raw),
+            (HELD, held),
+            (NEXT_SEQ, max_seq + 1),
+            (NEXT_REV, self.next_rev),
+            (OPEN_SEGMENT, u64::from(open)),
+            (OPEN_LEN, 0),
+            (DESCRIBED, 1),
+        ] {
+            store.meta.put(&mut w, key, &value)?;
+        }
+        store.meta.put(&mut w, &seg_key(open, "total"), &0)?;
+        store.meta.delete(&mut w, REBUILDING)?;
+        w.commit()?;
+        store
+            .rebuild_progress
+            .pending
+            .store(false, Ordering::SeqCst);
+        self.file = file;
+        self.segment = open;
+        self.len = 0;
+        self.holding_since = None;
+        report.items = items;
+        report.held = held;
+        Ok(())
+    }
+}
+
+fn known(mark: Option<u64>) -> Known {
+    match mark {
+        None => Known::Unseen,
+        Some(REMOVED_MARK) => Known::Removed,
+        Some(rev) => Known::At(rev),
+    }
+}
+
+fn mark(k: Known) -> u64 {
+    match k {
+        Known::Unseen => 0,
+        Known::At(rev) => rev,
+        Known::Removed => REMOVED_MARK,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_record_of_an_item_wins_and_a_removal_is_final() {
+        use Effect::*;
+        use Known::*;
+        // (what is known, the record: Some(rev) an item record, None a removal, expected)
+        let table = [
+            (Unseen, Some(4), (At(4), Put)),
+            (At(4), Some(7), (At(7), Put)),
+            (At(7), Some(4), (At(7), Keep)),
+            (At(7), Some(7), (At(7), Keep)),
+            (At(7), None, (Removed, Delete)),
+            (Unseen, None, (Removed, Delete)),
+            (Removed, Some(9), (Removed, Keep)),
+            (Removed, None, (Removed, Keep)),
+        ];
+        for (known, record, expected) in table {
+            assert_eq!(apply(known, record), expected, "{known:?} + {record:?}");
+        }
+    }
+}
