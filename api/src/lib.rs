@@ -63,7 +63,8 @@ impl Long {
             Long::Recover { progress, .. }
             | Long::ArchiveRetention { progress }
             | Long::ArchiveVerify { progress }
-            | Long::ArchiveReindex { progress } => *progress,
+            | Long::ArchiveReindex { progress }
+            | Long::ArchiveRebuild { progress } => *progress,
         }
     }
 }
@@ -302,6 +303,13 @@ pub enum Long {
     },
     /// Rebuild the full-text index from the catalog: [`ArchiveReindexed`].
     ArchiveReindex {
+        /// Send [`Progress`] lines.
+        #[serde(default)]
+        progress: bool,
+    },
+    /// Rebuild the catalog from the segments (or wait for the rebuild under way), then verify:
+    /// [`ArchiveRebuilt`].
+    ArchiveRebuild {
         /// Send [`Progress`] lines.
         #[serde(default)]
         progress: bool,
@@ -690,6 +698,27 @@ pub struct ArchiveVerified {
     pub failed: Vec<Failed>,
     /// Entries in the full-text index (equal to `items` when consistent).
     pub index_entries: u64,
+}
+
+/// [`Long::ArchiveRebuild`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveRebuilt {
+    /// Segments read (a resumed rebuild counts those of its last run).
+    pub segments: u32,
+    /// Of them, read from the object store.
+    pub from_store: u32,
+    /// Items in the rebuilt catalog.
+    pub items: u64,
+    /// Of them, on legal hold.
+    pub held: u64,
+    /// Items found removed by retention.
+    pub removed: u64,
+    /// Segments whose reading stopped at a damaged frame.
+    pub damaged: Vec<String>,
+    /// Items whose body no segment holds.
+    pub without_body: Vec<u64>,
+    /// The verification that followed.
+    pub verified: ArchiveVerified,
 }
 
 /// [`Long::ArchiveReindex`].

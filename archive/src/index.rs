@@ -204,7 +204,11 @@ impl Indexer {
         let mut dirty = false;
         let mut since_commit = Instant::now();
         loop {
+            // While the catalog is rebuilt it fills out of sequence order and its bodies may be
+            // in segments not read yet: the index waits for the end (the writer wakes it).
+            let rebuilding = self.store.rebuild_progress.pending.load(Ordering::SeqCst);
             let batch = match self.store.items_after(mark, 256, |_| true) {
+                Ok(_) if rebuilding => Vec::new(),
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!("archive index: read the catalog: {e}");
@@ -254,7 +258,9 @@ impl Indexer {
                         IndexMsg::Flush(done) => {
                             // Index what is there first, so a flush after a store sees it.
                             // A batch at a time: the index may be far behind.
-                            while let Ok(batch) = self.store.items_after(mark, 1024, |_| true) {
+                            while let Ok(batch) =
+                                self.store.items_after(mark, 1024, |_| !rebuilding)
+                            {
                                 let Some(last) = batch.last() else { break };
                                 let last = last.seq;
                                 for item in &batch {

@@ -17,6 +17,7 @@
 mod basics;
 pub mod corpus;
 pub mod identity;
+pub use identity::ArchiveId;
 pub mod index;
 pub mod mime;
 pub mod mirror;

@@ -278,6 +278,10 @@ enum ArchiveCmd {
     Reindex,
     /// Read every item back against its hash and count the index's entries.
     Verify,
+    /// Rebuild the catalog from the segments (a lost catalog; or a new unit adopting a lost
+    /// unit's archive with `archive.object_store.adopt`), or follow the rebuild under way;
+    /// then verify.
+    Rebuild,
 }
 
 #[derive(Subcommand)]
@@ -444,6 +448,7 @@ fn archive_human(cmd: &ArchiveCmd, data: &Value) -> Result<String, String> {
         ArchiveCmd::Retention => text::<api::ArchiveExpired>(data)?,
         ArchiveCmd::Verify => text::<api::ArchiveVerified>(data)?,
         ArchiveCmd::Reindex => text::<api::ArchiveReindexed>(data)?,
+        ArchiveCmd::Rebuild => text::<api::ArchiveRebuilt>(data)?,
     })
 }
 
@@ -467,6 +472,7 @@ fn archive_request(cmd: &ArchiveCmd) -> Request {
         ArchiveCmd::Seal => Request::from(Local::ArchiveSeal),
         ArchiveCmd::Retention => Request::from(Long::ArchiveRetention { progress: true }),
         ArchiveCmd::Reindex => Request::from(Long::ArchiveReindex { progress: true }),
+        ArchiveCmd::Rebuild => Request::from(Long::ArchiveRebuild { progress: true }),
         ArchiveCmd::Verify => Request::from(Long::ArchiveVerify { progress: true }),
     }
 }
@@ -634,7 +640,10 @@ fn main() -> ExitCode {
         cli.cmd,
         Cmd::Recover { .. }
             | Cmd::Archive {
-                cmd: ArchiveCmd::Retention | ArchiveCmd::Reindex | ArchiveCmd::Verify
+                cmd: ArchiveCmd::Retention
+                    | ArchiveCmd::Reindex
+                    | ArchiveCmd::Verify
+                    | ArchiveCmd::Rebuild
             }
     );
     let bar = (long && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {

@@ -449,6 +449,24 @@ impl Render for api::ArchiveVerified {
     }
 }
 
+impl Render for api::ArchiveRebuilt {
+    fn render(&self, out: &mut String) {
+        for d in &self.damaged {
+            out.push_str(&format!(
+                "DAMAGED {d}: the rest of that segment was not read\n"
+            ));
+        }
+        for seq in &self.without_body {
+            out.push_str(&format!("NO BODY for item {seq}\n"));
+        }
+        out.push_str(&format!(
+            "rebuilt from {} segment(s) ({} from the object store): {} item(s), {} on hold, {} removed by retention\n",
+            self.segments, self.from_store, self.items, self.held, self.removed
+        ));
+        self.verified.render(out);
+    }
+}
+
 impl Render for api::ArchiveReindexed {
     fn render(&self, out: &mut String) {
         out.push_str(&format!("indexed {} item(s)\n", self.items));

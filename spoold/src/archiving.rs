@@ -103,6 +103,7 @@ impl Archiving {
                 ),
             }
             opts.object_store = Some(store);
+            opts.adopt = o.adopt.as_deref().and_then(archive::ArchiveId::parse);
         }
         let archive = Arc::new(
             Archive::open(&opts)
@@ -653,6 +654,34 @@ impl Archiving {
                 })
                 .collect(),
             index_entries: v.index_entries,
+        })
+    }
+
+    /// `archive rebuild`: waits for the catalog's rebuild from the segments (or runs it, for an
+    /// empty catalog), then verifies every item.
+    pub fn rebuild(
+        &self,
+        mut progress: impl FnMut(&str, u64, u64),
+    ) -> Result<api::ArchiveRebuilt, String> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let r = self
+            .archive
+            .rebuild(|p| progress("rebuild", p.done.load(SeqCst), p.segments.load(SeqCst)))
+            .map_err(|e| e.to_string())?;
+        let verified = self.verify(|d, t| progress("verify", d, t))?;
+        Ok(api::ArchiveRebuilt {
+            segments: r.segments,
+            from_store: r.from_store,
+            items: r.items,
+            held: r.held,
+            removed: r.removed,
+            damaged: r
+                .damaged
+                .iter()
+                .map(|(n, at)| format!("segment {n} from offset {at}"))
+                .collect(),
+            without_body: r.without_body,
+            verified,
         })
     }
 

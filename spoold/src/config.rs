@@ -121,6 +121,11 @@ pub struct ObjectStoreToml {
     /// File holding the secret access key (default: `AWS_SECRET_ACCESS_KEY` from the
     /// environment).
     pub secret_access_key_file: Option<PathBuf>,
+    /// The id of a lost unit's archive to take over (32 hex digits, from the manifest
+    /// `<prefix>/archive.json`): a unit with an empty archive adopts the prefix and rebuilds
+    /// its catalog from the store. Without it, a prefix of another archive refuses the start.
+    #[serde(default)]
+    pub adopt: Option<String>,
 }
 
 fn default_region() -> String {
@@ -790,6 +795,11 @@ impl Config {
             }
             if o.bucket.is_empty() {
                 bail!("key `archive.object_store.bucket`: empty");
+            }
+            if let Some(id) = &o.adopt {
+                if archive::ArchiveId::parse(id).is_none() {
+                    bail!("key `archive.object_store.adopt`: {id:?} is not an archive id (32 hex digits)");
+                }
             }
             if a.enabled {
                 o.resolve()?;

@@ -88,6 +88,7 @@ enum ArchivePass {
     Retention,
     Reindex,
     Verify,
+    Rebuild,
 }
 
 fn folder_named(name: &str) -> Option<Folder> {
@@ -175,6 +176,7 @@ impl Admin {
             Long::ArchiveRetention { .. } => ArchivePass::Retention,
             Long::ArchiveReindex { .. } => ArchivePass::Reindex,
             Long::ArchiveVerify { .. } => ArchivePass::Verify,
+            Long::ArchiveRebuild { .. } => ArchivePass::Rebuild,
         };
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.archive_pass(archive_pass, tx))
@@ -297,6 +299,7 @@ impl Admin {
             }
             ArchivePass::Reindex => reply(a.reindex(|d, t| step("reindex", d, t))?),
             ArchivePass::Verify => reply(a.verify(|d, t| step("verify", d, t))?),
+            ArchivePass::Rebuild => reply(a.rebuild(step)?),
         }
     }
 
