@@ -1453,12 +1453,18 @@ impl Writer {
     /// places, then deletes the old files.
     fn compact(&mut self, live_percent_min: u32) -> Result<CompactReport, ArchiveError> {
         let store = self.store.clone();
-        let sparse: Vec<(u32, u64)> = store
-            .segments()?
-            .into_iter()
-            .filter(|s| s.n != self.segment && s.live * 100 < s.total * u64::from(live_percent_min))
-            .map(|s| (s.n, s.total))
-            .collect();
+        // Segments sealed small by age are merged where each segment is an object to keep.
+        let small_bytes = if store.remote.is_some() {
+            self.segment_bytes_max / SMALL_SEGMENT_DIVISOR
+        } else {
+            0
+        };
+        let sparse = to_compact(
+            &store.segments()?,
+            self.segment,
+            live_percent_min,
+            small_bytes,
+        );
         let mut report = CompactReport::default();
         for (n, total) in sparse {
             self.check_space()?;
@@ -1569,6 +1575,30 @@ impl Writer {
     }
 }
 
+/// With an object store, a sealed segment below `segment_bytes_max` / this is small: merged by
+/// compaction with the other small ones (a quiet site seals one by age every `seal_secs`).
+const SMALL_SEGMENT_DIVISOR: u64 = 8;
+
+/// The sealed segments a compaction pass rewrites into the open one (`(n, total)`, in order):
+/// those whose live share is below `live_percent_min`, and, when at least two are smaller than
+/// `small_bytes`, the small ones (one alone would only move).
+fn to_compact(
+    segments: &[Segment],
+    open: u32,
+    live_percent_min: u32,
+    small_bytes: u64,
+) -> Vec<(u32, u64)> {
+    let sealed = || segments.iter().filter(move |s| s.n != open && s.total > 0);
+    let small = |s: &Segment| s.total < small_bytes;
+    let merge_small = sealed().filter(|s| small(s)).count() >= 2;
+    sealed()
+        .filter(|s| {
+            s.live * 100 < s.total * u64::from(live_percent_min) || (merge_small && small(s))
+        })
+        .map(|s| (s.n, s.total))
+        .collect()
+}
+
 fn add(store: &Store, w: &mut RwTxn<'_>, key: &str, delta: i64) -> Result<(), ArchiveError> {
     let v = store.meta.get(w, key)?.unwrap_or(0);
     store.meta.put(
@@ -1590,4 +1620,80 @@ pub fn free_bytes(dir: &Path) -> Result<u64, ArchiveError> {
         return Err(io(std::io::Error::last_os_error()));
     }
     Ok(s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+#[cfg(test)]
+mod compaction_tests {
+    use super::*;
+
+    #[test]
+    fn sparse_segments_and_small_ones_in_company_are_compacted() {
+        let seg = |n: u32, total: u64, live: u64| Segment {
+            n,
+            total,
+            live,
+            remote: true,
+            sealed_ms: 0,
+        };
+        // (case, segments, open, small bytes, expected)
+        type Row = (&'static str, Vec<Segment>, u32, u64, Vec<u32>);
+        let table: Vec<Row> = vec![
+            (
+                "full ones stay",
+                vec![seg(1, 100, 100), seg(2, 100, 60)],
+                3,
+                0,
+                vec![],
+            ),
+            (
+                "a sparse one goes",
+                vec![seg(1, 100, 49), seg(2, 100, 50)],
+                3,
+                0,
+                vec![1],
+            ),
+            (
+                "the open one never",
+                vec![seg(1, 100, 10), seg(2, 100, 0)],
+                2,
+                0,
+                vec![1],
+            ),
+            (
+                "small ones merge",
+                vec![seg(1, 10, 10), seg(2, 100, 100), seg(3, 20, 20)],
+                4,
+                50,
+                vec![1, 3],
+            ),
+            (
+                "one small one alone stays",
+                vec![seg(1, 10, 10), seg(2, 100, 100)],
+                3,
+                50,
+                vec![],
+            ),
+            (
+                "an empty open one is no company",
+                vec![seg(1, 10, 10), seg(2, 0, 0)],
+                2,
+                50,
+                vec![],
+            ),
+            (
+                "without a store nothing is small",
+                vec![seg(1, 10, 10), seg(3, 20, 20)],
+                4,
+                0,
+                vec![],
+            ),
+        ];
+        for (case, segments, open, small, expected) in table {
+            let got: Vec<u32> = to_compact(&segments, open, 50, small)
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
+            assert_eq!(got, expected, "{case}");
+        }
+    }
 }

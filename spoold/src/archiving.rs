@@ -188,15 +188,20 @@ impl Archiving {
             let me = self.clone();
             tokio::spawn(async move {
                 loop {
-                    let Some(retention) = me.retention() else {
+                    // Without retention, compaction still merges the small segments sealed by
+                    // age when they are objects in a store.
+                    let with_store = me.archive.store().remote().is_some();
+                    if me.retention().is_none() && !with_store {
                         tokio::time::sleep(RETENTION_EVERY).await;
                         continue;
-                    };
+                    }
                     let m = me.clone();
-                    match tokio::task::spawn_blocking(move || m.retention_pass(retention, |_| {}))
-                        .await
-                    {
-                        Ok(Ok((removed, report))) if removed > 0 => tracing::info!(
+                    let pass = move || match m.retention() {
+                        Some(retention) => m.retention_pass(retention, |_| {}),
+                        None => m.archive.compact(COMPACT_LIVE_PERCENT).map(|c| (0, c)),
+                    };
+                    match tokio::task::spawn_blocking(pass).await {
+                        Ok(Ok((removed, report))) if removed > 0 || report.segments > 0 => tracing::info!(
                             removed,
                             segments_compacted = report.segments,
                             bytes_freed = report.bytes_freed,
