@@ -24,8 +24,9 @@ pub const MANIFEST_OBJECT: &str = "archive.json";
 /// Where the sealed segments go. The credentials are never printed (`Debug` hides them).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct ObjectStoreConfig {
-    /// `http(s)://host:port` of the S3 API.
-    pub endpoint: String,
+    /// `http(s)://host:port` of the S3 API, one per node of the store: a request goes to the
+    /// one that answered last, and to the next when it does not answer.
+    pub endpoints: Vec<String>,
     /// The bucket.
     pub bucket: String,
     /// Its region (`garage` for a default Garage, `us-east-1` for many others).
@@ -41,7 +42,7 @@ pub struct ObjectStoreConfig {
 impl fmt::Debug for ObjectStoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ObjectStoreConfig")
-            .field("endpoint", &self.endpoint)
+            .field("endpoints", &self.endpoints)
             .field("bucket", &self.bucket)
             .field("region", &self.region)
             .field("prefix", &self.prefix)
@@ -66,8 +67,25 @@ pub enum Probe {
 pub struct Remote {
     /// Always `Some` until dropped.
     runtime: Option<tokio::runtime::Runtime>,
-    store: Arc<dyn ObjectStore>,
+    /// One client per endpoint (node) of the store.
+    stores: Vec<Arc<dyn ObjectStore>>,
+    /// The endpoint that answered last: requests go there first.
+    current: std::sync::atomic::AtomicUsize,
     prefix: String,
+}
+
+/// Whether an error is the store's answer (the same on every node) rather than a node that
+/// did not answer or failed (another node may serve the request).
+fn is_answer(e: &object_store::Error) -> bool {
+    matches!(
+        e,
+        object_store::Error::NotFound { .. }
+            | object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. }
+            | object_store::Error::NotModified { .. }
+            | object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }
+    )
 }
 
 impl Drop for Remote {
@@ -87,6 +105,24 @@ fn remote_err(what: &str, e: object_store::Error) -> ArchiveError {
 impl Remote {
     /// Connects (lazily: nothing is sent until the first request).
     pub fn new(config: &ObjectStoreConfig) -> Result<Remote, ArchiveError> {
+        if config.endpoints.is_empty() {
+            return Err(ArchiveError::Remote(
+                "object store configuration: no endpoint".into(),
+            ));
+        }
+        let stores = config
+            .endpoints
+            .iter()
+            .map(|endpoint| Remote::client(config, endpoint))
+            .collect::<Result<Vec<_>, _>>()?;
+        Remote::over_each(stores, &config.prefix)
+    }
+
+    /// The client of one endpoint.
+    fn client(
+        config: &ObjectStoreConfig,
+        endpoint: &str,
+    ) -> Result<Arc<dyn ObjectStore>, ArchiveError> {
         // The HTTP client's TLS takes the process's crypto provider: the same as the peer link's.
         let _ = rustls::crypto::ring::default_provider().install_default();
         // Short retries here: the uploader retries on its own schedule, and a read should
@@ -101,7 +137,7 @@ impl Remote {
             retry_timeout: Duration::from_secs(10),
         };
         let store = AmazonS3Builder::new()
-            .with_endpoint(&config.endpoint)
+            .with_endpoint(endpoint)
             .with_region(&config.region)
             .with_bucket_name(&config.bucket)
             .with_access_key_id(&config.access_key_id)
@@ -109,18 +145,26 @@ impl Remote {
             .with_virtual_hosted_style_request(false)
             .with_client_options(
                 ClientOptions::new()
-                    .with_allow_http(config.endpoint.starts_with("http://"))
+                    .with_allow_http(endpoint.starts_with("http://"))
                     .with_connect_timeout(Duration::from_secs(3))
                     .with_timeout(Duration::from_secs(120)),
             )
             .with_retry(retry)
             .build()
             .map_err(|e| ArchiveError::Remote(format!("object store configuration: {e}")))?;
-        Remote::over(Arc::new(store), &config.prefix)
+        Ok(Arc::new(store))
     }
 
     /// Over any `object_store` implementation (tests use its in-memory store).
     pub fn over(store: Arc<dyn ObjectStore>, prefix: &str) -> Result<Remote, ArchiveError> {
+        Remote::over_each(vec![store], prefix)
+    }
+
+    /// Over several clients of one store (its nodes), tried in turn.
+    pub fn over_each(
+        stores: Vec<Arc<dyn ObjectStore>>,
+        prefix: &str,
+    ) -> Result<Remote, ArchiveError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("archive-remote")
@@ -129,9 +173,45 @@ impl Remote {
             .map_err(|e| ArchiveError::Io(format!("object store runtime: {e}")))?;
         Ok(Remote {
             runtime: Some(runtime),
-            store,
+            stores,
+            current: std::sync::atomic::AtomicUsize::new(0),
             prefix: prefix.trim_matches('/').to_string(),
         })
+    }
+
+    /// Runs a request on the endpoint that answered last; when that one does not answer (or
+    /// fails on its own), on each other in turn. The first that answers is used from then on.
+    fn call<T, Fut>(
+        &self,
+        op: impl Fn(Arc<dyn ObjectStore>) -> Fut,
+    ) -> Result<Result<T, object_store::Error>, ArchiveError>
+    where
+        T: Send + 'static,
+        Fut: Future<Output = Result<T, object_store::Error>> + Send + 'static,
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.stores.len();
+        let first = self.current.load(Relaxed) % n;
+        for k in 0..n {
+            let i = (first + k) % n;
+            let got = self.wait(op(self.stores[i].clone()))?;
+            match got {
+                Err(e) if !is_answer(&e) && k + 1 < n => {
+                    tracing::warn!(
+                        endpoint = i,
+                        "archive: object store endpoint failed, trying the next: {e}"
+                    );
+                }
+                got => {
+                    if k > 0 && got.as_ref().map_or_else(is_answer, |_| true) {
+                        tracing::info!(endpoint = i, "archive: object store endpoint now in use");
+                        self.current.store(i, Relaxed);
+                    }
+                    return Ok(got);
+                }
+            }
+        }
+        unreachable!("the last endpoint's result is returned")
     }
 
     fn wait<T: Send + 'static>(
@@ -169,9 +249,11 @@ impl Remote {
 
     /// The manifest under the prefix, if there is one (`crate::identity`).
     pub fn manifest(&self) -> Result<Option<Manifest>, ArchiveError> {
-        let store = self.store.clone();
         let path = self.under_prefix(MANIFEST_OBJECT);
-        let got = self.wait(async move { store.get(&path).await?.bytes().await })?;
+        let got = self.call(|store| {
+            let path = path.clone();
+            async move { store.get(&path).await?.bytes().await }
+        })?;
         match got {
             Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
                 ArchiveError::Remote(format!(
@@ -189,14 +271,17 @@ impl Remote {
     /// the caller's read-back then sees). Answers false when one existed.
     pub fn create_manifest(&self, m: &Manifest) -> Result<bool, ArchiveError> {
         let body = serde_json::to_vec_pretty(m).map_err(|e| ArchiveError::Remote(e.to_string()))?;
-        let store = self.store.clone();
         let path = self.under_prefix(MANIFEST_OBJECT);
-        let put = self.wait(async move {
-            let opts = object_store::PutOptions {
-                mode: object_store::PutMode::Create,
-                ..Default::default()
-            };
-            store.put_opts(&path, PutPayload::from(body), opts).await
+        let body = bytes::Bytes::from(body);
+        let put = self.call(|store| {
+            let (path, body) = (path.clone(), body.clone());
+            async move {
+                let opts = object_store::PutOptions {
+                    mode: object_store::PutMode::Create,
+                    ..Default::default()
+                };
+                store.put_opts(&path, PutPayload::from(body), opts).await
+            }
         })?;
         match put {
             Ok(_) => Ok(true),
@@ -208,9 +293,11 @@ impl Remote {
     /// Asks for an object that does not exist: "not found" means the store answered and took
     /// the credentials.
     pub fn probe(&self) -> Probe {
-        let store = self.store.clone();
         let path = self.object(0);
-        let answer = match self.wait(async move { store.head(&path).await }) {
+        let answer = match self.call(|store| {
+            let path = path.clone();
+            async move { store.head(&path).await }
+        }) {
             Ok(answer) => answer,
             Err(e) => return Probe::Unreachable(e.to_string()),
         };
@@ -262,11 +349,13 @@ impl Remote {
             bytes::Bytes::from_owner(map)
         };
         let md5 = crate::basics::hex(&Md5::digest(&body));
-        let store = self.store.clone();
         let path = self.object(n);
-        let meta = self.wait(async move {
-            store.put(&path, PutPayload::from(body)).await?;
-            store.head(&path).await
+        let meta = self.call(|store| {
+            let (path, body) = (path.clone(), body.clone());
+            async move {
+                store.put(&path, PutPayload::from(body)).await?;
+                store.head(&path).await
+            }
         })?;
         let meta = meta.map_err(|e| remote_err(&format!("upload of segment {n}"), e))?;
         let etag = meta.e_tag.unwrap_or_default();
@@ -288,9 +377,11 @@ impl Remote {
 
     /// Bytes `offset..offset + len` of segment `n`.
     pub fn read_range(&self, n: u32, offset: u64, len: u64) -> Result<Vec<u8>, ArchiveError> {
-        let store = self.store.clone();
         let path = self.object(n);
-        let got = self.wait(async move { store.get_range(&path, offset..offset + len).await })?;
+        let got = self.call(|store| {
+            let path = path.clone();
+            async move { store.get_range(&path, offset..offset + len).await }
+        })?;
         let got = got.map_err(|e| remote_err(&format!("read of segment {n}"), e))?;
         if got.len() as u64 != len {
             return Err(ArchiveError::Remote(format!(
@@ -303,9 +394,11 @@ impl Remote {
 
     /// The whole of segment `n`.
     pub fn read_all(&self, n: u32) -> Result<Vec<u8>, ArchiveError> {
-        let store = self.store.clone();
         let path = self.object(n);
-        let got = self.wait(async move { store.get(&path).await?.bytes().await })?;
+        let got = self.call(|store| {
+            let path = path.clone();
+            async move { store.get(&path).await?.bytes().await }
+        })?;
         Ok(got
             .map_err(|e| remote_err(&format!("read of segment {n}"), e))?
             .to_vec())
@@ -316,32 +409,37 @@ impl Remote {
     pub fn download(&self, n: u32, to: &Path) -> Result<u64, ArchiveError> {
         use futures_util::StreamExt;
         use std::io::Write;
-        let store = self.store.clone();
         let path = self.object(n);
         let to = to.to_path_buf();
-        let got = self.wait(async move {
-            let mut stream = store.get(&path).await?.into_stream();
-            let local = |e: std::io::Error| object_store::Error::Generic {
-                store: "local file",
-                source: Box::new(e),
-            };
-            let mut file = std::fs::File::create(&to).map_err(local)?;
-            let mut len = 0u64;
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk?;
-                len += chunk.len() as u64;
-                file.write_all(&chunk).map_err(local)?;
+        let got = self.call(|store| {
+            let (path, to) = (path.clone(), to.clone());
+            async move {
+                let mut stream = store.get(&path).await?.into_stream();
+                let local = |e: std::io::Error| object_store::Error::Generic {
+                    store: "local file",
+                    source: Box::new(e),
+                };
+                // Created again by a retry on another endpoint: never half of two downloads.
+                let mut file = std::fs::File::create(&to).map_err(local)?;
+                let mut len = 0u64;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk?;
+                    len += chunk.len() as u64;
+                    file.write_all(&chunk).map_err(local)?;
+                }
+                Ok::<u64, object_store::Error>(len)
             }
-            Ok::<u64, object_store::Error>(len)
         })?;
         got.map_err(|e| remote_err(&format!("download of segment {n}"), e))
     }
 
     /// Deletes segment `n` (gone already counts as done).
     pub fn delete(&self, n: u32) -> Result<(), ArchiveError> {
-        let store = self.store.clone();
         let path = self.object(n);
-        match self.wait(async move { store.delete(&path).await })? {
+        match self.call(|store| {
+            let path = path.clone();
+            async move { store.delete(&path).await }
+        })? {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(remote_err(&format!("delete of segment {n}"), e)),
         }
@@ -350,17 +448,19 @@ impl Remote {
     /// Names and sizes of the segments in the store (tests, `verify`).
     pub fn list(&self) -> Result<Vec<(u32, u64)>, ArchiveError> {
         use futures_util::TryStreamExt;
-        let store = self.store.clone();
         let dir = if self.prefix.is_empty() {
             ObjectPath::from("segments")
         } else {
             ObjectPath::from(format!("{}/segments", self.prefix))
         };
-        let metas = self.wait(async move {
-            store
-                .list(Some(&dir))
-                .try_collect::<Vec<object_store::ObjectMeta>>()
-                .await
+        let metas = self.call(|store| {
+            let dir = dir.clone();
+            async move {
+                store
+                    .list(Some(&dir))
+                    .try_collect::<Vec<object_store::ObjectMeta>>()
+                    .await
+            }
         })?;
         let metas = metas.map_err(|e| remote_err("list", e))?;
         let mut out: Vec<(u32, u64)> = metas

@@ -101,6 +101,9 @@ pub struct Store {
     adopt: Option<ArchiveId>,
     /// How far a rebuild got.
     pub rebuild_progress: RebuildProgress,
+    /// Write no item records, as versions before them (tests of the migration).
+    #[cfg(test)]
+    pub(crate) as_before_item_records: std::sync::atomic::AtomicBool,
 }
 
 /// Object store traffic since start.
@@ -290,6 +293,8 @@ impl Store {
             upkeep: Mutex::new(()),
             adopt: None,
             rebuild_progress: RebuildProgress::default(),
+            #[cfg(test)]
+            as_before_item_records: std::sync::atomic::AtomicBool::new(false),
         };
         store.notice_a_lost_catalog()?;
         if !store.rebuilding()? {
@@ -1283,7 +1288,9 @@ impl Writer {
                 );
             }
             // The item's own record, after its body: the segments describe the catalog.
-            record::frame_item(self.take_rev(), &item, &mut frames);
+            if !written_before_item_records(&store) {
+                record::frame_item(self.take_rev(), &item, &mut frames);
+            }
             results.push(Stored {
                 seq: item.seq,
                 new: true,
@@ -1572,6 +1579,26 @@ impl Writer {
             }
         }
         Ok(report)
+    }
+}
+
+/// Whether this store writes as versions before item records did (bodies only): tests of the
+/// migration make such archives.
+fn written_before_item_records(_store: &Store) -> bool {
+    #[cfg(test)]
+    return _store.as_before_item_records.load(Ordering::SeqCst);
+    #[cfg(not(test))]
+    false
+}
+
+#[cfg(test)]
+impl Store {
+    /// Makes the catalog look like one written before item records (tests of the migration).
+    pub(crate) fn forget_described(&self) -> Result<(), ArchiveError> {
+        let mut w = self.env.write_txn()?;
+        self.meta.delete(&mut w, DESCRIBED)?;
+        w.commit()?;
+        Ok(())
     }
 }
 

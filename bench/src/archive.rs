@@ -12,6 +12,8 @@
 //!    authenticated peer link on loopback;
 //! 5. with `--parts object-store`: upload throughput of sealed segments to a three-node Garage
 //!    cluster on loopback, and retrieval latency from a cold local cache beside local reads;
+//!    with `--parts rebuild`: a lost unit's catalog rebuilt from that store (`--rebuild-items`),
+//!    against the same rebuild from local segments in the same run;
 //! 6. the process's peak RSS.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -41,7 +43,11 @@ pub struct Args {
     /// Corpus seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Parts to run, comma-separated: ingest, search, mirror, object-store (needs `garage`).
+    /// Items of the archive rebuilt in the rebuild part.
+    #[arg(long, default_value_t = 100_000)]
+    rebuild_items: usize,
+    /// Parts to run, comma-separated: ingest, search, mirror, object-store and rebuild (both
+    /// need `garage`).
     #[arg(long, default_value = "ingest,search,mirror", value_delimiter = ',')]
     parts: Vec<String>,
     /// Threads archiving at once (the daemon archives from up to `delivery.concurrency_max`
@@ -353,6 +359,9 @@ pub fn run(a: Args) -> Result<()> {
     if part("object-store") {
         run_object_store(&a, &mut keep)?;
     }
+    if part("rebuild") {
+        run_rebuild(&a, &mut keep)?;
+    }
     println!(
         "\nbench process: peak RSS {:.0} MiB; now {:.0} MiB anonymous, {:.0} MiB file-backed (mapped catalog and index pages, reclaimable)",
         status_mib("VmHWM:"),
@@ -635,7 +644,7 @@ fn run_object_store(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
             }
         }
         o.object_store = Some(archive::ObjectStoreConfig {
-            endpoint: garage.endpoint(0),
+            endpoints: vec![garage.endpoint(0)],
             bucket: garage.bucket.clone(),
             region: "garage".into(),
             prefix: format!("bench/run{run}"),
@@ -698,6 +707,120 @@ fn run_object_store(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
         "| read an item, cold cache (ranged GET from the store): p50 / p99 | {:.2} / {:.2} ms |",
         p(&mut remote, 0.5),
         p(&mut remote, 0.99)
+    );
+    Ok(())
+}
+
+/// Waits for the rebuild an archive started at open (a lost catalog) to end.
+fn wait_rebuilt(archive: &Archive) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let p = &archive.store().rebuild_progress;
+    while p.pending.load(SeqCst) || p.running.load(SeqCst) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A lost unit rebuilt: `--rebuild-items` of the corpus mix (sizes cut at 16 KiB) archived with
+/// the default 256 MiB segments and uploaded to a three-node Garage; then (the reference) the
+/// catalog and index deleted and rebuilt from the local segments, and a new, empty unit that
+/// adopts the archive rebuilding its catalog from the store alone. Per run; medians.
+fn run_rebuild(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
+    let garage = tests::garage::Garage::start(3);
+    let n = a.rebuild_items;
+    let (mut local, mut remote, mut searchable) = (Vec::new(), Vec::new(), Vec::new());
+    let mut segments = 0;
+    for run in 0..a.runs {
+        let dir = crate::scratch_dir(None)?;
+        let adir = dir.path().join("archive");
+        std::fs::create_dir_all(&adir)?;
+        ingest(
+            &adir,
+            a.seed + run as u64,
+            n,
+            Sizes::Mix(16 << 10),
+            a.threads,
+        )?;
+        let store_config = archive::ObjectStoreConfig {
+            endpoints: vec![garage.endpoint(0)],
+            bucket: garage.bucket.clone(),
+            region: "garage".into(),
+            prefix: format!("bench/rebuild{run}"),
+            access_key_id: garage.key_id.clone(),
+            secret_access_key: garage.secret.clone(),
+        };
+        let mut o = Options::new(adir.clone());
+        o.free_bytes_min = 1 << 30;
+        o.cache_bytes = u64::MAX;
+        o.object_store = Some(store_config.clone());
+        let id = {
+            let archive = Archive::open(&o)?;
+            archive.seal()?;
+            while archive.status()?.totals.pending_segments > 0 {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            segments = archive.status()?.totals.remote_segments;
+            archive
+                .store()
+                .archive_id()?
+                .ok_or_else(|| anyhow::anyhow!("no archive id after the upload"))?
+        };
+
+        // The reference: the same segments, on local disk.
+        std::fs::remove_dir_all(adir.join("catalog"))?;
+        std::fs::remove_dir_all(adir.join("index"))?;
+        let mut lo = Options::new(adir.clone());
+        lo.free_bytes_min = 1 << 30;
+        let t = Instant::now();
+        let rebuilt = Archive::open(&lo)?;
+        wait_rebuilt(&rebuilt);
+        let took = t.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            rebuilt.status()?.totals.items == n as u64,
+            "local rebuild lost items"
+        );
+        local.push(n as f64 / took);
+        drop(rebuilt);
+
+        // A new unit with nothing on disk adopts the archive and rebuilds it from the store.
+        let fresh = crate::scratch_dir(None)?;
+        let mut ro = Options::new(fresh.path().join("archive"));
+        ro.free_bytes_min = 1 << 30;
+        ro.object_store = Some(store_config);
+        ro.adopt = Some(id);
+        let t = Instant::now();
+        let adopted = Archive::open(&ro)?;
+        adopted.store().claim()?;
+        let report = adopted.rebuild(|_| {})?;
+        let took_remote = t.elapsed().as_secs_f64();
+        anyhow::ensure!(report.items == n as u64, "store rebuild: {report:?}");
+        remote.push(n as f64 / took_remote);
+        adopted.flush_index()?;
+        searchable.push(n as f64 / t.elapsed().as_secs_f64());
+        eprintln!(
+            "run {run}: {n} items in {segments} segments: rebuilt from local segments in {took:.2} s, from the store in {took_remote:.2} s ({} segments fetched)",
+            report.from_store
+        );
+        drop(adopted);
+        keep.push(dir);
+        keep.push(fresh);
+    }
+    let (local, remote, searchable) = (
+        crate::median(local),
+        crate::median(remote),
+        crate::median(searchable),
+    );
+    println!(
+        "\nrebuild of a lost unit's catalog: {n} items (corpus mix, sizes cut at 16 KiB), {segments} segments of up to 256 MiB, a three-node Garage on loopback"
+    );
+    println!("\n| rebuild from | items/s | against local |\n|---|---|---|");
+    println!("| local segments (a lost catalog; the reference) | {local:.0} | 1.00 |");
+    println!(
+        "| the object store alone (a new unit adopting the archive) | {remote:.0} | {:.2} |",
+        remote / local
+    );
+    println!(
+        "| the object store alone, until all is searchable (the index caught up) | {searchable:.0} | {:.2} |",
+        searchable / local
     );
     Ok(())
 }

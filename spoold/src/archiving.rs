@@ -66,7 +66,9 @@ pub fn probe_object_store(store: &archive::ObjectStoreConfig) -> Result<Option<S
         archive::Probe::Ok => Ok(None),
         archive::Probe::Refused(why) => Err(crate::config::Misconfigured(format!(
             "key `archive.object_store`: {} refused bucket {:?} with access key {:?}: {why}",
-            store.endpoint, store.bucket, store.access_key_id
+            store.endpoints.join(", "),
+            store.bucket,
+            store.access_key_id
         ))
         .into()),
         archive::Probe::Unreachable(why) => Ok(Some(why)),
@@ -99,7 +101,7 @@ impl Archiving {
                 None => reachable = true,
                 Some(unreachable) => tracing::warn!(
                     "archive: the object store at {} does not answer ({unreachable}): sealed segments stay local until it does",
-                    store.endpoint
+                    store.endpoints.join(", ")
                 ),
             }
             opts.object_store = Some(store);
@@ -201,12 +203,14 @@ impl Archiving {
                         None => m.archive.compact(COMPACT_LIVE_PERCENT).map(|c| (0, c)),
                     };
                     match tokio::task::spawn_blocking(pass).await {
-                        Ok(Ok((removed, report))) if removed > 0 || report.segments > 0 => tracing::info!(
-                            removed,
-                            segments_compacted = report.segments,
-                            bytes_freed = report.bytes_freed,
-                            "archive retention pass"
-                        ),
+                        Ok(Ok((removed, report))) if removed > 0 || report.segments > 0 => {
+                            tracing::info!(
+                                removed,
+                                segments_compacted = report.segments,
+                                bytes_freed = report.bytes_freed,
+                                "archive retention pass"
+                            )
+                        }
                         Ok(Err(e)) => tracing::error!("archive retention pass: {e}"),
                         _ => {}
                     }

@@ -106,8 +106,9 @@ pub struct ArchiveConfig {
 #[derive(Debug, Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct ObjectStoreToml {
-    /// `http(s)://host:port` of the S3 API.
-    pub endpoint: String,
+    /// `http(s)://host:port` of the S3 API, or a list of them (one per node of the store; a
+    /// node that does not answer is skipped).
+    pub endpoint: Endpoints,
     /// The bucket.
     pub bucket: String,
     /// The region (default `us-east-1`; Garage's default is `garage`).
@@ -126,6 +127,26 @@ pub struct ObjectStoreToml {
     /// its catalog from the store. Without it, a prefix of another archive refuses the start.
     #[serde(default)]
     pub adopt: Option<String>,
+}
+
+/// One endpoint, or several.
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(untagged)]
+pub enum Endpoints {
+    /// `endpoint = "http://..."`.
+    One(String),
+    /// `endpoint = ["http://...", "http://..."]`.
+    Many(Vec<String>),
+}
+
+impl Endpoints {
+    /// Every endpoint, in the order given.
+    pub fn list(&self) -> Vec<String> {
+        match self {
+            Endpoints::One(e) => vec![e.clone()],
+            Endpoints::Many(v) => v.clone(),
+        }
+    }
 }
 
 fn default_region() -> String {
@@ -169,7 +190,7 @@ impl ObjectStoreToml {
             bail!("key `{key}`: empty access key id or secret access key");
         }
         Ok(archive::ObjectStoreConfig {
-            endpoint: self.endpoint.clone(),
+            endpoints: self.endpoint.list(),
             bucket: self.bucket.clone(),
             region: self.region.clone(),
             prefix: self.prefix.clone(),
@@ -787,11 +808,16 @@ impl Config {
             }
         }
         if let Some(o) = &a.object_store {
-            if !(o.endpoint.starts_with("http://") || o.endpoint.starts_with("https://")) {
-                bail!(
-                    "key `archive.object_store.endpoint`: {:?} is not an http:// or https:// address",
-                    o.endpoint
-                );
+            let endpoints = o.endpoint.list();
+            if endpoints.is_empty() {
+                bail!("key `archive.object_store.endpoint`: an empty list");
+            }
+            for e in endpoints {
+                if !(e.starts_with("http://") || e.starts_with("https://")) {
+                    bail!(
+                        "key `archive.object_store.endpoint`: {e:?} is not an http:// or https:// address"
+                    );
+                }
             }
             if o.bucket.is_empty() {
                 bail!("key `archive.object_store.bucket`: empty");

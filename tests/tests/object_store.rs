@@ -573,6 +573,8 @@ fn a_lost_unit_is_rebuilt_from_the_store_alone_and_a_killed_rebuild_resumes() {
     }
     assert_eq!(spoolctl(&old, &["archive", "seal"]).0, 0);
     let segments = all_uploaded(&old, &g, N, 120);
+    // Search answers from the index, which follows the catalog within about a second.
+    assert!(wait_until(30, || status(&old)["indexed_through"] == N));
     let before = listing(&old);
     assert_eq!(before["items"].as_array().unwrap().len() as u64, N);
     let sample: Vec<u64> = (1..=N).step_by(97).chain([N]).collect();
@@ -652,4 +654,51 @@ fn a_lost_unit_is_rebuilt_from_the_store_alone_and_a_killed_rebuild_resumes() {
     let st = status(&new);
     assert_eq!(st["last_seq"], N);
     assert_eq!(st["segments"], segments + 1, "{st}");
+}
+
+/// With two of the store's nodes listed in `endpoint`, the first one killed changes nothing the
+/// user sees: the unit goes on uploading through the second, and every body reads back from the
+/// store (a cache of 0 bytes: each read is a request to the store).
+#[test]
+fn a_dead_endpoint_is_skipped_for_the_next() {
+    needs_garage();
+    let mut g = Garage::start(3);
+    let sink = SmtpSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let one = format!("endpoint = \"{}\"", g.endpoint(0));
+    let store = g.archive_config(0, "units/two", dir.path());
+    assert!(store.contains(&one), "{store}");
+    let store = store.replace(
+        &one,
+        &format!("endpoint = [\"{}\", \"{}\"]", g.endpoint(0), g.endpoint(1)),
+    );
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "node_name = \"os_two\"\n[delivery]\ndefault_next_hop = \"{}\"\n\
+             [archive]\nsegment_bytes_max = 1048576\ncache_bytes = 0\n{store}",
+            sink.addr
+        ),
+    );
+    let d = Daemon::start_delivering(&["--config", &cfg]);
+    send(d.smtp, 0, 300);
+    assert_eq!(spoolctl(&d, &["archive", "seal"]).0, 0);
+    let before = all_uploaded(&d, &g, 300, 120);
+    g.kill(0);
+    send(d.smtp, 300, 600);
+    assert_eq!(spoolctl(&d, &["archive", "seal"]).0, 0);
+    let after = all_uploaded(&d, &g, 900, 120);
+    assert!(after > before, "uploads went on: {before} → {after}");
+    let (code, out, err) = spoolctl(&d, &["--json", "archive", "verify"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["items"].as_u64(), v["ok"].as_u64()),
+        (Some(900), Some(900)),
+        "{v}"
+    );
+    assert!(
+        d.log_text().contains("object store endpoint now in use"),
+        "the switch is logged"
+    );
 }

@@ -244,17 +244,15 @@ impl Writer {
     ) -> Result<Option<u64>, ArchiveError> {
         let store = self.store.clone();
         let path = seg_path(&store.segments_dir, n);
-        let data = match (&store.remote, from_store) {
-            (Some(remote), true) => {
-                // A local file that differs from the store's copy (an empty open segment of a
-                // fresh unit) must not shadow it.
-                if std::fs::metadata(&path).is_ok() {
-                    std::fs::remove_file(&path).map_err(io)?;
-                }
-                remote.read_all(n)?
-            }
-            _ => std::fs::read(&path).map_err(io)?,
-        };
+        if let (Some(remote), true) = (&store.remote, from_store) {
+            // Downloaded into the local cache (which the index and `verify` then read instead
+            // of one ranged request per item; eviction trims it later). A local file that
+            // differs from the store's copy (an empty open segment of a fresh unit) is replaced.
+            let part = path.with_extension("part");
+            remote.download(n, &part)?;
+            std::fs::rename(&part, &path).map_err(io)?;
+        }
+        let data = std::fs::read(&path).map_err(io)?;
         let mut w = store.env.write_txn()?;
         let mut at = 0usize;
         let mut stopped = None;
