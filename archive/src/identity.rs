@@ -65,6 +65,14 @@ pub struct Manifest {
     pub node: String,
     /// When, ms since the epoch.
     pub created_ms: u64,
+    /// The catalog that writes the archive now (a random id each catalog makes when it creates
+    /// or adopts the archive): a unit that was replaced, come back, is not it and writes
+    /// nothing more. Absent in manifests written before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
+    /// When the writer adopted the archive (ms since the epoch), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted_ms: Option<u64>,
 }
 
 /// The manifest's format.
@@ -112,6 +120,20 @@ pub fn decide(ours: Option<ArchiveId>, uploaded_here: bool, found: &Found) -> Cl
     }
 }
 
+/// Whether this catalog (its writer id, `None` for one from before writer ids) still writes the
+/// archive whose manifest says `m`: not once another unit adopted it.
+pub fn still_writer(ours: Option<ArchiveId>, m: &Manifest) -> Result<(), String> {
+    match (&m.writer, ours) {
+        (None, _) => Ok(()),
+        (Some(w), Some(id)) if ArchiveId::parse(w) == Some(id) => Ok(()),
+        (Some(_), _) => Err(format!(
+            "unit {:?} adopted this archive{}: this unit was replaced and writes nothing there any more (give it a new prefix, or retire it)",
+            m.node,
+            m.adopted_ms.map(|t| format!(" at {t} ms")).unwrap_or_default()
+        )),
+    }
+}
+
 /// Whether this unit may adopt the prefix (`archive.object_store.adopt = "<id>"`): a new unit
 /// taking over a lost unit's archive, to rebuild its catalog from the store. Only an empty
 /// catalog (or one whose rebuild is under way) adopts, and only the archive it was told to.
@@ -154,6 +176,8 @@ mod tests {
             archive: id.to_string(),
             node: "gw_a".into(),
             created_ms: 5,
+            writer: None,
+            adopted_ms: None,
         };
         let found = |m: Option<Manifest>, segments: bool| Found {
             manifest: m,
@@ -272,6 +296,8 @@ mod tests {
                 archive: id.to_string(),
                 node: "gw_a".into(),
                 created_ms: 5,
+                writer: None,
+                adopted_ms: None,
             }),
             segments: false,
         };
@@ -302,6 +328,41 @@ mod tests {
                 "{case}: {:?}",
                 adoptable(adopt, ours, empty, &found)
             );
+        }
+    }
+
+    #[test]
+    fn a_replaced_unit_no_longer_writes() {
+        let w1 = ArchiveId([7; 16]);
+        let w2 = ArchiveId([8; 16]);
+        let with = |writer: Option<ArchiveId>| Manifest {
+            format: MANIFEST_FORMAT,
+            archive: ArchiveId([1; 16]).to_string(),
+            node: "gw_new".into(),
+            created_ms: 5,
+            writer: writer.map(|w| w.to_string()),
+            adopted_ms: Some(9),
+        };
+        // (case, this catalog's writer id, the manifest's, writes)
+        let table = [
+            ("the writer", Some(w1), Some(w1), true),
+            ("a manifest from before writer ids", Some(w1), None, true),
+            (
+                "a catalog from before, a manifest from before",
+                None,
+                None,
+                true,
+            ),
+            ("adopted by another", Some(w1), Some(w2), false),
+            (
+                "a catalog from before, adopted since",
+                None,
+                Some(w2),
+                false,
+            ),
+        ];
+        for (case, ours, theirs, writes) in table {
+            assert_eq!(still_writer(ours, &with(theirs)).is_ok(), writes, "{case}");
         }
     }
 }

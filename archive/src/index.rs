@@ -258,6 +258,10 @@ impl Indexer {
                         IndexMsg::Flush(done) => {
                             // Index what is there first, so a flush after a store sees it.
                             // A batch at a time: the index may be far behind.
+                            // (Whether the catalog is being rebuilt is looked at now, not when
+                            // this pass of the loop began.)
+                            let rebuilding =
+                                self.store.rebuild_progress.pending.load(Ordering::SeqCst);
                             while let Ok(batch) =
                                 self.store.items_after(mark, 1024, |_| !rebuilding)
                             {

@@ -290,6 +290,19 @@ impl Remote {
         }
     }
 
+    /// Writes the manifest over the one there (an adoption: the prefix changes writer).
+    pub fn replace_manifest(&self, m: &Manifest) -> Result<(), ArchiveError> {
+        let body = serde_json::to_vec_pretty(m).map_err(|e| ArchiveError::Remote(e.to_string()))?;
+        let path = self.under_prefix(MANIFEST_OBJECT);
+        let body = bytes::Bytes::from(body);
+        self.call(|store| {
+            let (path, body) = (path.clone(), body.clone());
+            async move { store.put(&path, PutPayload::from(body)).await }
+        })?
+        .map_err(|e| remote_err("write of the manifest", e))?;
+        Ok(())
+    }
+
     /// Asks for an object that does not exist: "not found" means the store answered and took
     /// the credentials.
     pub fn probe(&self) -> Probe {

@@ -49,6 +49,9 @@ pub const CLAIM_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 /// The archive's id (`crate::identity`), as two halves.
 const ARCHIVE_ID_HI: &str = "archive_id.hi";
 const ARCHIVE_ID_LO: &str = "archive_id.lo";
+/// This catalog's writer id (`crate::identity::still_writer`), as two halves.
+const WRITER_HI: &str = "writer.hi";
+const WRITER_LO: &str = "writer.lo";
 /// LMDB reader slots: more than the read transactions that can be open at once (the blocking
 /// threads of a runtime, the index and mirror threads). A slot costs 64 bytes of the lock file.
 const READERS_MAX: u32 = 1024;
@@ -636,6 +639,16 @@ impl Store {
             let r = self.env.read_txn()?;
             self.meta.get(&r, OPEN_SEGMENT)?.unwrap_or(1) as u32
         };
+        let replaced = {
+            let r = self.env.read_txn()?;
+            let any = self.meta.prefix_iter(&r, "gone.")?.next().is_some();
+            any
+        };
+        let work = replaced || self.segments()?.iter().any(|s| s.n != open && !s.remote);
+        if work {
+            // One read of the manifest per pass that writes: a replaced unit stops here.
+            self.check_still_writer(remote)?;
+        }
         for seg in self.segments()? {
             if seg.n == open || seg.remote {
                 continue;
@@ -709,6 +722,42 @@ impl Store {
         Ok(hi.zip(lo).map(|(hi, lo)| ArchiveId::from_halves(hi, lo)))
     }
 
+    /// This catalog's writer id, once it created or adopted its archive's manifest.
+    fn writer_id(&self) -> Result<Option<ArchiveId>, ArchiveError> {
+        let r = self.env.read_txn()?;
+        let hi = self.meta.get(&r, WRITER_HI)?;
+        let lo = self.meta.get(&r, WRITER_LO)?;
+        Ok(hi.zip(lo).map(|(hi, lo)| ArchiveId::from_halves(hi, lo)))
+    }
+
+    /// The writer id of a catalog that creates or adopts its archive's manifest: the one it
+    /// has, or a new one recorded now.
+    fn make_writer_id(&self) -> Result<ArchiveId, ArchiveError> {
+        if let Some(w) = self.writer_id()? {
+            return Ok(w);
+        }
+        let w = ArchiveId::random();
+        let mut txn = self.env.write_txn()?;
+        let (hi, lo) = w.halves();
+        self.meta.put(&mut txn, WRITER_HI, &hi)?;
+        self.meta.put(&mut txn, WRITER_LO, &lo)?;
+        txn.commit()?;
+        Ok(w)
+    }
+
+    /// Checks, before a pass writes under the prefix, that no other unit adopted the archive
+    /// since this one claimed it: a unit that was replaced writes nothing more.
+    fn check_still_writer(&self, remote: &Remote) -> Result<(), ArchiveError> {
+        let Some(m) = remote.manifest()? else {
+            return Ok(());
+        };
+        crate::identity::still_writer(self.writer_id()?, &m).map_err(|why| {
+            self.claimed
+                .store(false, std::sync::atomic::Ordering::Release);
+            ArchiveError::NotOurs(format!("prefix {:?} of the bucket: {why}", remote.prefix()))
+        })
+    }
+
     /// Makes sure the object store's prefix is this archive's before anything is written there
     /// (`crate::identity`): answers at once once it was; creates the manifest of a new
     /// archive (its id recorded in the catalog first, so a crash in between finds it again);
@@ -748,8 +797,12 @@ impl Store {
         let mut ours = ours;
         for _attempt in 0..3 {
             let looked = std::time::Instant::now();
-            match decide(ours, uploaded_here, &found(remote.manifest()?)?) {
+            let manifest = remote.manifest()?;
+            match decide(ours, uploaded_here, &found(manifest.clone())?) {
                 Claim::Ours => {
+                    if let Some(m) = &manifest {
+                        crate::identity::still_writer(self.writer_id()?, m).map_err(refused)?;
+                    }
                     self.claimed.store(true, Release);
                     return Ok(());
                 }
@@ -760,6 +813,17 @@ impl Store {
                         let found = found(remote.manifest()?)?;
                         if let Err(no) = crate::identity::adoptable(adopt, ours, empty, &found) {
                             return Err(refused(format!("{why}; it cannot be adopted: {no}")));
+                        }
+                        // The manifest first: from then on the unit it names (if it comes back)
+                        // writes nothing more. A crash before the commit below adopts again.
+                        let writer = self.make_writer_id()?;
+                        if let Some(m) = &found.manifest {
+                            remote.replace_manifest(&Manifest {
+                                node: self.node.clone(),
+                                writer: Some(writer.to_string()),
+                                adopted_ms: Some(now_ms()),
+                                ..m.clone()
+                            })?;
                         }
                         // The id and the rebuild mark in one commit: from now on the prefix is
                         // this archive's, and its catalog is rebuilt before anything is written.
@@ -783,11 +847,14 @@ impl Store {
                     self.meta.put(&mut w, ARCHIVE_ID_LO, &lo)?;
                     w.commit()?;
                     ours = Some(id);
+                    let writer = self.make_writer_id()?;
                     remote.create_manifest(&Manifest {
                         format: MANIFEST_FORMAT,
                         archive: id.to_string(),
                         node: self.node.clone(),
                         created_ms: now_ms(),
+                        writer: Some(writer.to_string()),
+                        adopted_ms: None,
                     })?;
                     // A store that ignores `If-None-Match` (Garage 2.5 does) keeps the last
                     // writer's manifest. Another unit that looked before this one wrote has

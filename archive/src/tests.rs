@@ -1018,6 +1018,11 @@ fn a_new_unit_adopts_a_lost_units_archive_from_the_object_store() {
     assert_eq!((rebuilt.items, rebuilt.held, rebuilt.removed), (45, 6, 25));
     assert_eq!(contents(&a), before);
     assert_eq!(a.store().archive_id().unwrap(), Some(id));
+    // A flush right after the rebuild makes all of it searchable.
+    a.flush_index().unwrap();
+    let st = a.status().unwrap();
+    assert_eq!(st.indexed_through, st.last_seq);
+    assert_eq!(a.search("from:alice", 100).unwrap().items.len(), 45);
     // New segments are numbered after the store's: nothing there is overwritten.
     let objects = a.store().remote().unwrap().list().unwrap();
     a.archive(incoming("after", b"after\r\n", "x@y"), b"after\r\n")
@@ -1121,4 +1126,55 @@ fn an_archive_from_before_item_records_is_migrated_at_open_and_can_be_rebuilt() 
     let a = open(dir.path());
     wait_rebuilt(&a);
     assert_eq!(contents(&a), before);
+}
+
+/// A unit replaced by one that adopted its archive, come back, writes nothing more under the
+/// prefix: its next upload pass stops, and so does its next start.
+#[test]
+fn a_replaced_unit_that_comes_back_writes_nothing() {
+    use object_store::ObjectStore;
+    let memory: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+    let options = |dir: &std::path::Path| {
+        let mut o = Options::new(dir.to_path_buf());
+        o.free_bytes_min = 0;
+        o.index_heap_bytes = 15 << 20;
+        o.claim_settle = Duration::ZERO;
+        o
+    };
+    let remote = || Some(remote::Remote::over(memory.clone(), "p").unwrap());
+    let old_dir = tempfile::tempdir().unwrap();
+    let old = Archive::open_with(&options(old_dir.path()), remote()).unwrap();
+    let raw = b"Subject: first\r\n\r\nbody\r\n";
+    old.archive(incoming("f", raw, "b@x"), raw).unwrap();
+    old.seal().unwrap();
+    old.sync_remote().unwrap();
+    let id = old.store().archive_id().unwrap().unwrap();
+
+    let new_dir = tempfile::tempdir().unwrap();
+    let mut o = options(new_dir.path());
+    o.adopt = Some(id);
+    let new = Archive::open_with(&o, remote()).unwrap();
+    new.store().claim().unwrap();
+    assert_eq!(new.rebuild(|_| {}).unwrap().items, 1);
+    let objects = new.store().remote().unwrap().list().unwrap();
+
+    // The old unit still runs: its next sealed segment stays local.
+    let raw = b"Subject: late\r\n\r\nbody\r\n";
+    old.archive(incoming("l", raw, "b@x"), raw).unwrap();
+    old.seal().unwrap();
+    assert!(matches!(old.sync_remote(), Err(ArchiveError::NotOurs(_))));
+    assert_eq!(new.store().remote().unwrap().list().unwrap(), objects);
+    drop(old);
+    let again = Archive::open_with(&options(old_dir.path()), remote()).unwrap();
+    let e = again.store().claim().unwrap_err();
+    assert!(e.to_string().contains("adopted"), "{e}");
+    // The adopting unit goes on writing.
+    let raw = b"Subject: new\r\n\r\nbody\r\n";
+    new.archive(incoming("n", raw, "b@x"), raw).unwrap();
+    new.seal().unwrap();
+    new.sync_remote().unwrap();
+    assert_eq!(
+        new.store().remote().unwrap().list().unwrap().len(),
+        objects.len() + 1
+    );
 }
