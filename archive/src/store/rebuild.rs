@@ -252,7 +252,18 @@ impl Writer {
             remote.download(n, &part)?;
             std::fs::rename(&part, &path).map_err(io)?;
         }
-        let data = std::fs::read(&path).map_err(io)?;
+        // Mapped, not read: a segment is up to `segment_bytes_max` (256 MiB by default). Nothing
+        // writes it meanwhile (the writer is this thread; the upload thread only reads).
+        let file = File::open(&path).map_err(io)?;
+        let empty = file.metadata().map_err(io)?.len() == 0;
+        // SAFETY: the file is not written or truncated while mapped (see above; the cut of a
+        // torn tail below happens after the map is dropped).
+        let map = if empty {
+            None
+        } else {
+            Some(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?)
+        };
+        let data: &[u8] = map.as_deref().unwrap_or(&[]);
         let mut w = store.env.write_txn()?;
         let mut at = 0usize;
         let mut stopped = None;
@@ -317,6 +328,7 @@ impl Writer {
             }
             at += len;
         }
+        drop(map);
         if stopped.is_some() && !from_store {
             // A torn tail (the open segment at the loss): cut, so the segment uploads clean.
             let f = std::fs::OpenOptions::new()
