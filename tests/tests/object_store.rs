@@ -564,7 +564,7 @@ fn a_lost_unit_is_rebuilt_from_the_store_alone_and_a_killed_rebuild_resumes() {
         "units/lost",
         "segment_bytes_max = 1048576\n",
     );
-    const N: u64 = 2000;
+    const N: u64 = 3000;
     send(old.smtp, 0, N as usize);
     assert!(wait_until(120, || items(&old) == N), "{}", status(&old));
     for seq in [3, 70, N] {
