@@ -1032,7 +1032,19 @@ pub fn decompress_verified(
     Ok(raw)
 }
 
-/// Lowercase hex.
+/// Creates (empty) the file of segment `n`, its directory entry synced: the new open segment.
+fn new_segment_file(dir: &Path, n: u32) -> Result<File, ArchiveError> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(true)
+        .open(seg_path(dir, n))
+        .map_err(io)?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
 fn sync_dir(dir: &Path) -> Result<(), ArchiveError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io)
 }
@@ -1413,15 +1425,7 @@ impl Writer {
     /// Starts a new open segment; the old one is sealed (never written again).
     fn seal(&mut self) -> Result<(), ArchiveError> {
         let next = self.segment + 1;
-        let path = seg_path(&self.store.segments_dir, next);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .read(true)
-            .write(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(io)?;
-        sync_dir(&self.store.segments_dir)?;
+        let file = new_segment_file(&self.store.segments_dir, next)?;
         let mut w = self.store.env.write_txn()?;
         self.store
             .meta

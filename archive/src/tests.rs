@@ -20,11 +20,18 @@ pub(crate) fn incoming(id: &str, raw: &[u8], rcpt: &str) -> Incoming {
     }
 }
 
-fn open(dir: &std::path::Path) -> Archive {
+/// Options for a test archive in `dir`: no free-space floor, the index's smallest heap, and no
+/// wait after creating a manifest (the in-memory store honours `If-None-Match`).
+fn options(dir: &std::path::Path) -> Options {
     let mut o = Options::new(dir.to_path_buf());
     o.free_bytes_min = 0;
     o.index_heap_bytes = 15 << 20;
-    Archive::open(&o).unwrap()
+    o.claim_settle = Duration::ZERO;
+    o
+}
+
+fn open(dir: &std::path::Path) -> Archive {
+    Archive::open(&options(dir)).unwrap()
 }
 
 #[test]
@@ -795,11 +802,8 @@ fn the_open_segment_is_sealed_by_age_and_on_request() {
     let memory: Arc<dyn object_store::ObjectStore> =
         Arc::new(object_store::memory::InMemory::new());
     let dir = tempfile::tempdir().unwrap();
-    let mut o = Options::new(dir.path().to_path_buf());
-    o.free_bytes_min = 0;
-    o.index_heap_bytes = 15 << 20;
+    let mut o = options(dir.path());
     o.segment_bytes_max = 1 << 20;
-    o.claim_settle = Duration::ZERO;
     o.seal_after = Some(Duration::from_millis(300));
     let remote = remote::Remote::over(memory.clone(), "p").unwrap();
     let a = Archive::open_with(&o, Some(remote)).unwrap();
@@ -925,9 +929,7 @@ fn eventful(a: &Archive) {
 #[test]
 fn a_lost_catalog_is_rebuilt_from_the_local_segments() {
     let dir = tempfile::tempdir().unwrap();
-    let mut o = Options::new(dir.path().to_path_buf());
-    o.free_bytes_min = 0;
-    o.index_heap_bytes = 15 << 20;
+    let mut o = options(dir.path());
     o.segment_bytes_max = 4096;
     let (before, hits_before) = {
         let a = Archive::open(&o).unwrap();
@@ -971,13 +973,9 @@ fn a_lost_catalog_is_rebuilt_from_the_local_segments() {
 fn a_new_unit_adopts_a_lost_units_archive_from_the_object_store() {
     use object_store::ObjectStore;
     let memory: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
-    let options = |dir: &std::path::Path| {
-        let mut o = Options::new(dir.to_path_buf());
-        o.free_bytes_min = 0;
-        o.index_heap_bytes = 15 << 20;
-        o.segment_bytes_max = 4096;
-        o.claim_settle = Duration::ZERO;
-        o
+    let options = |dir: &std::path::Path| Options {
+        segment_bytes_max: 4096,
+        ..options(dir)
     };
     let old = tempfile::tempdir().unwrap();
     let (before, id) = {
@@ -1043,11 +1041,8 @@ fn a_new_unit_adopts_a_lost_units_archive_from_the_object_store() {
 fn small_segments_sealed_by_age_are_merged_in_the_store() {
     use object_store::ObjectStore;
     let dir = tempfile::tempdir().unwrap();
-    let mut o = Options::new(dir.path().to_path_buf());
-    o.free_bytes_min = 0;
-    o.index_heap_bytes = 15 << 20;
+    let mut o = options(dir.path());
     o.segment_bytes_max = 1 << 20;
-    o.claim_settle = Duration::ZERO;
     let memory: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
     let a = Archive::open_with(&o, Some(remote::Remote::over(memory, "m").unwrap())).unwrap();
     let mut seqs = Vec::new();
@@ -1134,13 +1129,6 @@ fn an_archive_from_before_item_records_is_migrated_at_open_and_can_be_rebuilt() 
 fn a_replaced_unit_that_comes_back_writes_nothing() {
     use object_store::ObjectStore;
     let memory: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
-    let options = |dir: &std::path::Path| {
-        let mut o = Options::new(dir.to_path_buf());
-        o.free_bytes_min = 0;
-        o.index_heap_bytes = 15 << 20;
-        o.claim_settle = Duration::ZERO;
-        o
-    };
     let remote = || Some(remote::Remote::over(memory.clone(), "p").unwrap());
     let old_dir = tempfile::tempdir().unwrap();
     let old = Archive::open_with(&options(old_dir.path()), remote()).unwrap();

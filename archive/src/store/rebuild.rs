@@ -355,15 +355,7 @@ impl Writer {
     fn finish_rebuild(&mut self, last: u32, report: &mut Rebuilt) -> Result<(), ArchiveError> {
         let store = self.store.clone();
         let open = last + 1;
-        let path = seg_path(&store.segments_dir, open);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .read(true)
-            .write(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(io)?;
-        sync_dir(&store.segments_dir)?;
+        let file = new_segment_file(&store.segments_dir, open)?;
         let mut w = store.env.write_txn()?;
         let mut refs: HashMap<[u8; 32], (u32, u64)> = HashMap::new();
         let (mut items, mut raw, mut held, mut max_seq) = (0u64, 0u64, 0u64, 0u64);
