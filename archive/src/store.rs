@@ -646,8 +646,12 @@ impl Store {
         };
         let work = replaced || self.segments()?.iter().any(|s| s.n != open && !s.remote);
         if work {
-            // One read of the manifest per pass that writes: a replaced unit stops here.
-            self.check_still_writer(remote)?;
+            // One read of the manifest per pass that writes: a replaced unit stops here. A
+            // store that does not answer fails the pass's uploads here: counted as such.
+            if let Err(e) = self.check_still_writer(remote) {
+                c.upload_failures.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
         }
         for seg in self.segments()? {
             if seg.n == open || seg.remote {
