@@ -438,6 +438,9 @@ pub struct ArchiveStatus {
     /// The object store holding sealed segments, when there is one.
     #[serde(default)]
     pub object_store: Option<ObjectStoreState>,
+    /// The catalog is being rebuilt from the segments: `(segments read, of)`.
+    #[serde(default)]
+    pub rebuilding: Option<(u64, u64)>,
 }
 
 /// One key of [`ConfigShown`].
@@ -657,6 +660,9 @@ pub struct ObjectStoreState {
     pub fetches: u64,
     /// Of them, failed.
     pub fetch_failures: u64,
+    /// The archive's id (its manifest's), once the prefix was found this archive's.
+    #[serde(default)]
+    pub archive: Option<String>,
 }
 
 /// One mirror peer of [`ArchiveStatus`].

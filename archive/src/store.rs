@@ -811,7 +811,17 @@ impl Store {
                     return Ok(());
                 }
                 Claim::Refuse(why) => match self.adopt {
-                    None => return Err(refused(why)),
+                    None => {
+                        // A new unit meeting another archive: say how a replacement takes it.
+                        let hint = match (&manifest, ours) {
+                            (Some(m), None) => format!(
+                                " (a unit replacing that archive's lost unit takes it over with `archive.object_store.adopt = \"{}\"`, then rebuilds)",
+                                m.archive
+                            ),
+                            _ => String::new(),
+                        };
+                        return Err(refused(format!("{why}{hint}")));
+                    }
                     Some(adopt) => {
                         let empty = self.rebuilding()? || self.totals()?.items == 0;
                         let found = found(remote.manifest()?)?;

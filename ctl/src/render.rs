@@ -414,7 +414,15 @@ impl Render for api::ArchiveStatus {
                 m.auth_failures
             ));
         }
+        if let Some((done, of)) = self.rebuilding {
+            out.push_str(&format!(
+                "REBUILDING the catalog from the segments: {done} of {of} read (new items wait)\n"
+            ));
+        }
         if let Some(o) = &self.object_store {
+            if let Some(id) = &o.archive {
+                out.push_str(&format!("archive id: {id}\n"));
+            }
             out.push_str(&format!(
                 "object store: {} segment(s) ({} bytes) stored, {} waiting ({} bytes, oldest {} s), {} bytes cached here; uploads {} (failed {}), fetches {} (failed {})\n",
                 o.remote_segments, o.remote_bytes, o.pending_segments, o.pending_bytes,

@@ -628,8 +628,22 @@ impl Archiving {
                     upload_failures: r.upload_failures,
                     fetches: r.fetches,
                     fetch_failures: r.fetch_failures,
+                    archive: self
+                        .archive
+                        .store()
+                        .archive_id()
+                        .ok()
+                        .flatten()
+                        .map(|id| id.to_string()),
                 }
             }),
+            rebuilding: {
+                use std::sync::atomic::Ordering::SeqCst;
+                let p = &self.archive.store().rebuild_progress;
+                p.pending
+                    .load(SeqCst)
+                    .then(|| (p.done.load(SeqCst), p.segments.load(SeqCst)))
+            },
         })
     }
 

@@ -589,6 +589,10 @@ fn a_lost_unit_is_rebuilt_from_the_store_alone_and_a_killed_rebuild_resumes() {
     let (code, err) = exited(&mut refused, 30).expect("the new unit was not refused");
     assert_eq!(code, Some(78), "{err}");
     let id = archive_id_in(&err);
+    assert!(
+        err.contains(&format!("archive.object_store.adopt = \"{id}\"")),
+        "says how a replacement takes the archive over: {err}"
+    );
 
     // Told to adopt it: the rebuild dies after its second segment (the failpoint), then resumes.
     let unit = dir.path().join("os_adopt");
@@ -650,6 +654,8 @@ fn a_lost_unit_is_rebuilt_from_the_store_alone_and_a_killed_rebuild_resumes() {
         assert_eq!(&item(&new, seq), was, "item {seq}");
     }
     assert_eq!(status(&new)["held"], held_before);
+    assert_eq!(status(&new)["object_store"]["archive"], id.as_str());
+    assert_eq!(status(&new)["rebuilding"], Value::Null);
     // Its new segments are numbered after the store's: nothing there is overwritten.
     let st = status(&new);
     assert_eq!(st["last_seq"], N);
