@@ -134,6 +134,38 @@ pub fn still_writer(ours: Option<ArchiveId>, m: &Manifest) -> Result<(), String>
     }
 }
 
+/// What `--check-config` can tell before a start: the prefix's manifest against what the
+/// catalog says (its archive id, its writer id, whether it holds items) and the `adopt`
+/// setting. `Err` says why the start would refuse. Without a manifest the start decides (from
+/// the segments there), so this says nothing.
+pub fn check_before_start(
+    ours: Option<ArchiveId>,
+    writer: Option<ArchiveId>,
+    holds_items: bool,
+    adopt: Option<ArchiveId>,
+    manifest: Option<&Manifest>,
+) -> Result<(), String> {
+    let Some(m) = manifest else {
+        return Ok(());
+    };
+    if ours.is_some() && ArchiveId::parse(&m.archive) == ours {
+        return still_writer(writer, m);
+    }
+    let found = Found {
+        manifest: Some(m.clone()),
+        segments: false,
+    };
+    let why = match decide(ours, false, &found) {
+        Claim::Refuse(why) => why,
+        Claim::Ours | Claim::Create(_) => return Ok(()),
+    };
+    match adopt {
+        Some(id) => adoptable(id, ours, !holds_items, &found)
+            .map_err(|no| format!("{why}; it cannot be adopted: {no}")),
+        None => Err(why),
+    }
+}
+
 /// Whether this unit may adopt the prefix (`archive.object_store.adopt = "<id>"`): a new unit
 /// taking over a lost unit's archive, to rebuild its catalog from the store. Only an empty
 /// catalog (or one whose rebuild is under way) adopts, and only the archive it was told to.
@@ -363,6 +395,109 @@ mod tests {
         ];
         for (case, ours, theirs, writes) in table {
             assert_eq!(still_writer(ours, &with(theirs)).is_ok(), writes, "{case}");
+        }
+    }
+
+    #[test]
+    fn the_check_before_a_start_says_what_the_start_would() {
+        let a = ArchiveId([1; 16]);
+        let b = ArchiveId([2; 16]);
+        let w = ArchiveId([7; 16]);
+        let m = |id: ArchiveId, writer: Option<ArchiveId>| Manifest {
+            format: MANIFEST_FORMAT,
+            archive: id.to_string(),
+            node: "gw_a".into(),
+            created_ms: 5,
+            writer: writer.map(|w| w.to_string()),
+            adopted_ms: None,
+        };
+        // (case, ours, writer, holds items, adopt, manifest, start goes on)
+        type Row = (
+            &'static str,
+            Option<ArchiveId>,
+            Option<ArchiveId>,
+            bool,
+            Option<ArchiveId>,
+            Option<Manifest>,
+            bool,
+        );
+        let table: Vec<Row> = vec![
+            (
+                "no manifest: the start decides",
+                None,
+                None,
+                false,
+                None,
+                None,
+                true,
+            ),
+            (
+                "ours, our writer",
+                Some(a),
+                Some(w),
+                true,
+                None,
+                Some(m(a, Some(w))),
+                true,
+            ),
+            (
+                "ours, adopted away",
+                Some(a),
+                Some(w),
+                true,
+                None,
+                Some(m(a, Some(b))),
+                false,
+            ),
+            (
+                "another archive",
+                Some(a),
+                Some(w),
+                true,
+                None,
+                Some(m(b, None)),
+                false,
+            ),
+            (
+                "a new unit",
+                None,
+                None,
+                false,
+                None,
+                Some(m(a, None)),
+                false,
+            ),
+            (
+                "a new unit adopting it",
+                None,
+                None,
+                false,
+                Some(a),
+                Some(m(a, None)),
+                true,
+            ),
+            (
+                "adopting another",
+                None,
+                None,
+                false,
+                Some(b),
+                Some(m(a, None)),
+                false,
+            ),
+            (
+                "adopting with items",
+                None,
+                None,
+                true,
+                Some(a),
+                Some(m(a, None)),
+                false,
+            ),
+        ];
+        for (case, ours, writer, items, adopt, manifest, goes_on) in table {
+            let got = check_before_start(ours, writer, items, adopt, manifest.as_ref());
+            assert_eq!(got.is_ok(), goes_on, "{case}: {got:?}");
         }
     }
 }

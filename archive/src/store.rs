@@ -1027,6 +1027,48 @@ impl Store {
     }
 }
 
+/// What a catalog says of its archive, read without opening it for writing (`--check-config`,
+/// beside a running daemon or before the first start): `(archive id, writer id, holds items)`;
+/// all empty when there is no catalog yet.
+pub fn peek_identity(
+    dir: &Path,
+) -> Result<(Option<ArchiveId>, Option<ArchiveId>, bool), ArchiveError> {
+    let catalog = dir.join("catalog");
+    if !catalog.join("data.mdb").exists() {
+        return Ok((None, None, false));
+    }
+    // SAFETY: read-only; LMDB allows other processes (the daemon) to have it open, and this
+    // process opens the environment once.
+    let env = unsafe {
+        let mut o = EnvOpenOptions::new().read_txn_without_tls();
+        o.max_dbs(8).flags(heed::EnvFlags::READ_ONLY);
+        o.open(&catalog)?
+    };
+    let r = env.read_txn()?;
+    let meta: Option<Database<Str, U64<BE>>> = env.open_database(&r, Some("meta"))?;
+    let items: Option<Database<U64<BE>, Bytes>> = env.open_database(&r, Some("items"))?;
+    let get = |k: &str| -> Result<Option<u64>, ArchiveError> {
+        Ok(match &meta {
+            Some(m) => m.get(&r, k)?,
+            None => None,
+        })
+    };
+    let pair = |hi: &str, lo: &str| -> Result<Option<ArchiveId>, ArchiveError> {
+        Ok(get(hi)?
+            .zip(get(lo)?)
+            .map(|(h, l)| ArchiveId::from_halves(h, l)))
+    };
+    let holds_items = match &items {
+        Some(db) => db.first(&r)?.is_some(),
+        None => false,
+    };
+    Ok((
+        pair(ARCHIVE_ID_HI, ARCHIVE_ID_LO)?,
+        pair(WRITER_HI, WRITER_LO)?,
+        holds_items,
+    ))
+}
+
 /// Decompresses a body and checks its length and hash.
 pub fn decompress_verified(
     compressed: &[u8],

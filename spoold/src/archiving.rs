@@ -58,6 +58,25 @@ fn verdict(scan: &ScanState) -> String {
     }
 }
 
+/// `--check-config`: whether the start would find the object store's prefix this archive's (the
+/// manifest there against the catalog on disk, read-only, and `adopt`); an error names the key.
+pub fn check_prefix(cfg: &Config, o: &crate::config::ObjectStoreToml) -> Result<()> {
+    let store = o.resolve()?;
+    let remote = archive::remote::Remote::new(&store)?;
+    let manifest = remote.manifest()?;
+    let (ours, writer, holds_items) =
+        archive::store::peek_identity(&cfg.archive.dir(&cfg.state_dir))?;
+    let adopt = o.adopt.as_deref().and_then(archive::ArchiveId::parse);
+    archive::identity::check_before_start(ours, writer, holds_items, adopt, manifest.as_ref())
+        .map_err(|why| {
+            crate::config::Misconfigured(format!(
+                "key `archive.object_store.prefix`: prefix {:?} of the bucket: {why}",
+                remote.prefix()
+            ))
+            .into()
+        })
+}
+
 /// Asks the object store whether it takes these credentials: an error when it refuses them
 /// (a configuration error), `Some(why)` when it does not answer (not one: it may come back).
 pub fn probe_object_store(store: &archive::ObjectStoreConfig) -> Result<Option<String>> {

@@ -176,7 +176,12 @@ fn main() -> ExitCode {
                 .resolve()
                 .and_then(|store| archiving::probe_object_store(&store))
             {
-                Ok(None) => {}
+                Ok(None) => {
+                    if let Err(e) = archiving::check_prefix(&cfg, o) {
+                        eprintln!("spoold: {}{e:#}", config_file_prefix(&cli));
+                        return ExitCode::from(78);
+                    }
+                }
                 Ok(Some(why)) => println!(
                     "spoold: warning: the archive's object store does not answer now ({why})"
                 ),

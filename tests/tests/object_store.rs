@@ -355,15 +355,7 @@ impl Drop for Unit {
 /// `spoold` on the store's `prefix` with a fresh state directory under `dir`, started and left
 /// running (or exiting).
 fn spawn_unit(g: &Garage, dir: &std::path::Path, node: &str, prefix: &str) -> Unit {
-    let unit = dir.join(node);
-    std::fs::create_dir_all(&unit).unwrap();
-    let cfg = write_config(
-        &unit,
-        &format!(
-            "node_name = \"{node}\"\n[archive]\nsegment_bytes_max = 1048576\n{}",
-            g.archive_config(0, prefix, &unit)
-        ),
-    );
+    let (unit, cfg) = unit_config(g, dir, node, prefix);
     Unit(
         Command::new(tests::spoold_bin())
             .args(["--config", &cfg])
@@ -380,6 +372,25 @@ fn spawn_unit(g: &Garage, dir: &std::path::Path, node: &str, prefix: &str) -> Un
             .spawn()
             .unwrap(),
     )
+}
+
+/// The directory and configuration file of unit `node` on the store's `prefix`.
+fn unit_config(
+    g: &Garage,
+    dir: &std::path::Path,
+    node: &str,
+    prefix: &str,
+) -> (std::path::PathBuf, String) {
+    let unit = dir.join(node);
+    std::fs::create_dir_all(&unit).unwrap();
+    let cfg = write_config(
+        &unit,
+        &format!(
+            "node_name = \"{node}\"\n[archive]\nsegment_bytes_max = 1048576\n{}",
+            g.archive_config(0, prefix, &unit)
+        ),
+    );
+    (unit, cfg)
 }
 
 /// Waits up to `secs` for `child` to exit: its exit code and stderr, or `None` while it runs.
@@ -421,7 +432,32 @@ fn a_prefix_belongs_to_one_archive_and_a_second_unit_there_is_refused() {
     assert_eq!(before, stored + 1, "the segments and the manifest");
 
     // The same store settings on a unit with an empty state directory (a reinstall, a copied
-    // configuration): refused at start, and the store unchanged.
+    // configuration): `--check-config` says so, the start is refused, and the store unchanged.
+    let (unit_b, cfg_b) = unit_config(&g, dir.path(), "os_b", "units/shared");
+    let check = Command::new(tests::spoold_bin())
+        .args(["--config", &cfg_b, "--check-config", "--state-dir"])
+        .arg(unit_b.join("state"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(78), "{said}");
+    assert!(
+        said.contains("archive.object_store.prefix") && said.contains("os_a"),
+        "{said}"
+    );
+    // The running unit's own configuration checks fine (its catalog read beside the daemon).
+    let own = Command::new(tests::spoold_bin())
+        .args(["--config", &dir.path().join("spoold.toml").to_string_lossy()])
+        .args(["--check-config", "--state-dir"])
+        .arg(&d.state)
+        .output()
+        .unwrap();
+    assert!(
+        own.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&own.stdout),
+        String::from_utf8_lossy(&own.stderr)
+    );
     let mut b = spawn_unit(&g, dir.path(), "os_b", "units/shared");
     let (code, err) = exited(&mut b, 30).expect("the second unit was not refused");
     assert_eq!(code, Some(78), "{err}");
