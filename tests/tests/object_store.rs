@@ -447,7 +447,10 @@ fn a_prefix_belongs_to_one_archive_and_a_second_unit_there_is_refused() {
     );
     // The running unit's own configuration checks fine (its catalog read beside the daemon).
     let own = Command::new(tests::spoold_bin())
-        .args(["--config", &dir.path().join("spoold.toml").to_string_lossy()])
+        .args([
+            "--config",
+            &dir.path().join("spoold.toml").to_string_lossy(),
+        ])
         .args(["--check-config", "--state-dir"])
         .arg(&d.state)
         .output()
