@@ -762,6 +762,44 @@ impl Store {
         })
     }
 
+    /// Adopts the prefix of archive `adopt` for this (empty) catalog: the manifest names this
+    /// catalog its writer, then the catalog takes the archive's id and marks a rebuild. Answers
+    /// why it may not, if it may not (`crate::identity::adoptable`).
+    fn adopt_prefix(
+        &self,
+        remote: &Remote,
+        adopt: ArchiveId,
+        ours: Option<ArchiveId>,
+        found: &Found,
+    ) -> Result<Option<String>, ArchiveError> {
+        let empty = self.rebuilding()? || self.totals()?.items == 0;
+        if let Err(no) = crate::identity::adoptable(adopt, ours, empty, found) {
+            return Ok(Some(no));
+        }
+        // The manifest first: from then on the unit it names (if it comes back) writes nothing
+        // more. A crash before the commit below adopts again.
+        let writer = self.make_writer_id()?;
+        if let Some(m) = &found.manifest {
+            remote.replace_manifest(&Manifest {
+                node: self.node.clone(),
+                writer: Some(writer.to_string()),
+                adopted_ms: Some(now_ms()),
+                ..m.clone()
+            })?;
+        }
+        // The id and the rebuild mark in one commit: from now on the prefix is this archive's,
+        // and its catalog is rebuilt before anything is written.
+        let mut w = self.env.write_txn()?;
+        let (hi, lo) = adopt.halves();
+        self.meta.put(&mut w, ARCHIVE_ID_HI, &hi)?;
+        self.meta.put(&mut w, ARCHIVE_ID_LO, &lo)?;
+        self.meta.put(&mut w, REBUILDING, &1)?;
+        w.commit()?;
+        self.rebuild_progress.pending.store(true, Ordering::SeqCst);
+        tracing::warn!(archive = %adopt, prefix = remote.prefix(), "archive: adopted the object store's prefix; the catalog is rebuilt from it");
+        Ok(None)
+    }
+
     /// Makes sure the object store's prefix is this archive's before anything is written there
     /// (`crate::identity`): answers at once once it was; creates the manifest of a new
     /// archive (its id recorded in the catalog first, so a crash in between finds it again);
@@ -823,32 +861,10 @@ impl Store {
                         return Err(refused(format!("{why}{hint}")));
                     }
                     Some(adopt) => {
-                        let empty = self.rebuilding()? || self.totals()?.items == 0;
                         let found = found(remote.manifest()?)?;
-                        if let Err(no) = crate::identity::adoptable(adopt, ours, empty, &found) {
+                        if let Some(no) = self.adopt_prefix(remote, adopt, ours, &found)? {
                             return Err(refused(format!("{why}; it cannot be adopted: {no}")));
                         }
-                        // The manifest first: from then on the unit it names (if it comes back)
-                        // writes nothing more. A crash before the commit below adopts again.
-                        let writer = self.make_writer_id()?;
-                        if let Some(m) = &found.manifest {
-                            remote.replace_manifest(&Manifest {
-                                node: self.node.clone(),
-                                writer: Some(writer.to_string()),
-                                adopted_ms: Some(now_ms()),
-                                ..m.clone()
-                            })?;
-                        }
-                        // The id and the rebuild mark in one commit: from now on the prefix is
-                        // this archive's, and its catalog is rebuilt before anything is written.
-                        let mut w = self.env.write_txn()?;
-                        let (hi, lo) = adopt.halves();
-                        self.meta.put(&mut w, ARCHIVE_ID_HI, &hi)?;
-                        self.meta.put(&mut w, ARCHIVE_ID_LO, &lo)?;
-                        self.meta.put(&mut w, REBUILDING, &1)?;
-                        w.commit()?;
-                        self.rebuild_progress.pending.store(true, Ordering::SeqCst);
-                        tracing::warn!(archive = %adopt, prefix = remote.prefix(), "archive: adopted the object store's prefix; the catalog is rebuilt from it");
                         self.claimed.store(true, Release);
                         return Ok(());
                     }

@@ -280,52 +280,7 @@ impl Writer {
                     break;
                 }
             };
-            match rec {
-                Record::Body(hash, compressed) => {
-                    // A later copy (compaction's) supersedes an earlier one.
-                    if let Some(old) = store.blobs.get(&w, &hash)?.and_then(BlobLoc::decode) {
-                        add(
-                            &store,
-                            &mut w,
-                            &seg_key(old.segment, "live"),
-                            -i64::from(old.len),
-                        )?;
-                    }
-                    let loc = BlobLoc {
-                        segment: n,
-                        offset: at as u64,
-                        len: len as u32,
-                        raw_len: zstd::zstd_safe::get_frame_content_size(compressed)
-                            .ok()
-                            .flatten()
-                            .unwrap_or(0),
-                        refs: 0,
-                    };
-                    store.blobs.put(&mut w, &hash, &loc.encode())?;
-                }
-                Record::Item(rev, item) => {
-                    progress.records.fetch_add(1, Ordering::Relaxed);
-                    let known = known(store.rebuild.get(&w, &item.seq)?);
-                    let (now, effect) = apply(known, Some(rev));
-                    if effect == Effect::Put {
-                        if let Some(old) = store.items.get(&w, &item.seq)?.and_then(Item::decode) {
-                            store.keys.delete(&mut w, &old.key)?;
-                        }
-                        store.items.put(&mut w, &item.seq, &item.encode())?;
-                        store.keys.put(&mut w, &item.key, &item.seq)?;
-                    }
-                    store.rebuild.put(&mut w, &item.seq, &mark(now))?;
-                    self.next_rev = self.next_rev.max(rev + 1);
-                }
-                Record::Removed(seq) => {
-                    let (now, _) = apply(known(store.rebuild.get(&w, &seq)?), None);
-                    if let Some(old) = store.items.get(&w, &seq)?.and_then(Item::decode) {
-                        store.keys.delete(&mut w, &old.key)?;
-                        store.items.delete(&mut w, &seq)?;
-                    }
-                    store.rebuild.put(&mut w, &seq, &mark(now))?;
-                }
-            }
+            self.apply_record(&mut w, rec, n, at, len, progress)?;
             at += len;
         }
         drop(map);
@@ -349,6 +304,66 @@ impl Writer {
         store.meta.put(&mut w, NEXT_REV, &self.next_rev)?;
         w.commit()?;
         Ok(stopped)
+    }
+
+    /// One record of segment `n` (its frame at `at`, `len` bytes) into the catalog.
+    fn apply_record(
+        &mut self,
+        w: &mut RwTxn<'_>,
+        rec: Record<'_>,
+        n: u32,
+        at: usize,
+        len: usize,
+        progress: &RebuildProgress,
+    ) -> Result<(), ArchiveError> {
+        let store = self.store.clone();
+        match rec {
+            Record::Body(hash, compressed) => {
+                // A later copy (compaction's) supersedes an earlier one.
+                if let Some(old) = store.blobs.get(w, &hash)?.and_then(BlobLoc::decode) {
+                    add(
+                        &store,
+                        w,
+                        &seg_key(old.segment, "live"),
+                        -i64::from(old.len),
+                    )?;
+                }
+                let loc = BlobLoc {
+                    segment: n,
+                    offset: at as u64,
+                    len: len as u32,
+                    raw_len: zstd::zstd_safe::get_frame_content_size(compressed)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0),
+                    refs: 0,
+                };
+                store.blobs.put(w, &hash, &loc.encode())?;
+            }
+            Record::Item(rev, item) => {
+                progress.records.fetch_add(1, Ordering::Relaxed);
+                let known = known(store.rebuild.get(w, &item.seq)?);
+                let (now, effect) = apply(known, Some(rev));
+                if effect == Effect::Put {
+                    if let Some(old) = store.items.get(w, &item.seq)?.and_then(Item::decode) {
+                        store.keys.delete(w, &old.key)?;
+                    }
+                    store.items.put(w, &item.seq, &item.encode())?;
+                    store.keys.put(w, &item.key, &item.seq)?;
+                }
+                store.rebuild.put(w, &item.seq, &mark(now))?;
+                self.next_rev = self.next_rev.max(rev + 1);
+            }
+            Record::Removed(seq) => {
+                let (now, _) = apply(known(store.rebuild.get(w, &seq)?), None);
+                if let Some(old) = store.items.get(w, &seq)?.and_then(Item::decode) {
+                    store.keys.delete(w, &old.key)?;
+                    store.items.delete(w, &seq)?;
+                }
+                store.rebuild.put(w, &seq, &mark(now))?;
+            }
+        }
+        Ok(())
     }
 
     /// Counts, references and the open segment, in one transaction; the rebuild's own marks go.
