@@ -206,14 +206,15 @@ impl Indexer {
         loop {
             // While the catalog is rebuilt it fills out of sequence order and its bodies may be
             // in segments not read yet: the index waits for the end (the writer wakes it).
-            let rebuilding = self.store.rebuild_progress.pending.load(Ordering::SeqCst);
-            let batch = match self.store.items_after(mark, 256, |_| true) {
-                Ok(_) if rebuilding => Vec::new(),
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!("archive index: read the catalog: {e}");
-                    Vec::new()
-                }
+            let batch = if self.rebuilding() {
+                Vec::new()
+            } else {
+                self.store
+                    .items_after(mark, 256, |_| true)
+                    .unwrap_or_else(|e| {
+                        tracing::error!("archive index: read the catalog: {e}");
+                        Vec::new()
+                    })
             };
             for item in &batch {
                 let doc = self.document(item);
@@ -258,13 +259,13 @@ impl Indexer {
                         IndexMsg::Flush(done) => {
                             // Index what is there first, so a flush after a store sees it.
                             // A batch at a time: the index may be far behind.
-                            // (Whether the catalog is being rebuilt is looked at now, not when
-                            // this pass of the loop began.)
-                            let rebuilding =
-                                self.store.rebuild_progress.pending.load(Ordering::SeqCst);
-                            while let Ok(batch) =
-                                self.store.items_after(mark, 1024, |_| !rebuilding)
-                            {
+                            // Not while the catalog is rebuilt (looked at now, not when this
+                            // pass of the loop began).
+                            while let Ok(batch) = if self.rebuilding() {
+                                Ok(Vec::new())
+                            } else {
+                                self.store.items_after(mark, 1024, |_| true)
+                            } {
                                 let Some(last) = batch.last() else { break };
                                 let last = last.seq;
                                 for item in &batch {
@@ -286,6 +287,11 @@ impl Indexer {
                 }
             }
         }
+    }
+
+    /// Whether the catalog is being rebuilt now.
+    fn rebuilding(&self) -> bool {
+        self.store.rebuild_progress.pending.load(Ordering::SeqCst)
     }
 
     fn commit(&mut self, mark: u64) {

@@ -602,8 +602,13 @@ impl Store {
     /// Every segment the catalog counts, in order, the open one included.
     fn segments(&self) -> Result<Vec<Segment>, ArchiveError> {
         let r = self.env.read_txn()?;
+        self.segments_in(&r)
+    }
+
+    /// [`Store::segments`], as transaction `r` sees them (a write transaction's own changes).
+    fn segments_in(&self, r: &RoTxn<'_>) -> Result<Vec<Segment>, ArchiveError> {
         let mut out = Vec::new();
-        for kv in self.meta.prefix_iter(&r, "seg.")? {
+        for kv in self.meta.prefix_iter(r, "seg.")? {
             let (k, total) = kv?;
             let Some(n) = k
                 .strip_prefix("seg.")
@@ -615,9 +620,9 @@ impl Store {
             out.push(Segment {
                 n,
                 total,
-                live: self.meta.get(&r, &seg_key(n, "live"))?.unwrap_or(0),
-                remote: self.meta.get(&r, &seg_key(n, "remote"))?.is_some(),
-                sealed_ms: self.meta.get(&r, &seg_key(n, "sealed"))?.unwrap_or(0),
+                live: self.meta.get(r, &seg_key(n, "live"))?.unwrap_or(0),
+                remote: self.meta.get(r, &seg_key(n, "remote"))?.is_some(),
+                sealed_ms: self.meta.get(r, &seg_key(n, "sealed"))?.unwrap_or(0),
             });
         }
         Ok(out)
@@ -635,17 +640,17 @@ impl Store {
         self.claim()?;
         let c = &self.remote_counters;
         let mut report = SyncReport::default();
-        let open = {
+        let (open, replaced, segments) = {
             let r = self.env.read_txn()?;
-            self.meta.get(&r, OPEN_SEGMENT)?.unwrap_or(1) as u32
+            let open = self.meta.get(&r, OPEN_SEGMENT)?.unwrap_or(1) as u32;
+            let replaced = self.meta.prefix_iter(&r, "gone.")?.next().is_some();
+            (open, replaced, self.segments_in(&r)?)
         };
-        let replaced = {
-            let r = self.env.read_txn()?;
-            let any = self.meta.prefix_iter(&r, "gone.")?.next().is_some();
-            any
-        };
-        let work = replaced || self.segments()?.iter().any(|s| s.n != open && !s.remote);
-        if work {
+        let to_upload: Vec<Segment> = segments
+            .into_iter()
+            .filter(|s| s.n != open && !s.remote)
+            .collect();
+        if replaced || !to_upload.is_empty() {
             // One read of the manifest per pass that writes: a replaced unit stops here. A
             // store that does not answer fails the pass's uploads here: counted as such.
             if let Err(e) = self.check_still_writer(remote) {
@@ -653,10 +658,7 @@ impl Store {
                 return Err(e);
             }
         }
-        for seg in self.segments()? {
-            if seg.n == open || seg.remote {
-                continue;
-            }
+        for seg in to_upload {
             let path = seg_path(&self.segments_dir, seg.n);
             let bytes = match remote.upload(seg.n, &path) {
                 Ok(bytes) => bytes,

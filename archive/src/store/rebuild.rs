@@ -141,24 +141,6 @@ impl Store {
     }
 }
 
-impl Store {
-    /// Every segment the catalog counts, with its length.
-    fn segment_totals(&self, r: &RoTxn<'_>) -> Result<Vec<(u32, u64)>, ArchiveError> {
-        let mut out = Vec::new();
-        for kv in self.meta.prefix_iter(r, "seg.")? {
-            let (k, total) = kv?;
-            let n = k
-                .strip_suffix(".total")
-                .and_then(|k| k.strip_prefix("seg."))
-                .and_then(|n| n.parse::<u32>().ok());
-            if let Some(n) = n {
-                out.push((n, total));
-            }
-        }
-        Ok(out)
-    }
-}
-
 impl Writer {
     /// Rebuilds the catalog from the segments (local files and, once the prefix is claimed, the
     /// object store). Refused for a catalog that holds items and is not rebuilding; resumes one
@@ -443,10 +425,9 @@ impl Writer {
         store.meta.delete(&mut w, REBUILDING)?;
         // A local file of a segment read from the store that is not its copy (the empty open
         // segment a restart mid-rebuild creates again) would shadow the object: it goes.
-        for (n, total) in store.segment_totals(&w)? {
-            let path = seg_path(&store.segments_dir, n);
-            let remote = store.meta.get(&w, &seg_key(n, "remote"))?.is_some();
-            if remote && std::fs::metadata(&path).is_ok_and(|m| m.len() != total) {
+        for seg in store.segments_in(&w)? {
+            let path = seg_path(&store.segments_dir, seg.n);
+            if seg.remote && std::fs::metadata(&path).is_ok_and(|m| m.len() != seg.total) {
                 std::fs::remove_file(&path).map_err(io)?;
             }
         }
