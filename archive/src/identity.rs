@@ -199,18 +199,23 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn an_archive_writes_only_under_a_prefix_it_owns() {
-        let a = ArchiveId([1; 16]);
-        let b = ArchiveId([2; 16]);
-        let manifest = |id: ArchiveId| Manifest {
+    /// The manifest of archive `id` made by unit `gw_a`, written by `writer`.
+    fn manifest_of(id: ArchiveId, writer: Option<ArchiveId>) -> Manifest {
+        Manifest {
             format: MANIFEST_FORMAT,
             archive: id.to_string(),
             node: "gw_a".into(),
             created_ms: 5,
-            writer: None,
+            writer: writer.map(|w| w.to_string()),
             adopted_ms: None,
-        };
+        }
+    }
+
+    #[test]
+    fn an_archive_writes_only_under_a_prefix_it_owns() {
+        let a = ArchiveId([1; 16]);
+        let b = ArchiveId([2; 16]);
+        let manifest = |id: ArchiveId| manifest_of(id, None);
         let found = |m: Option<Manifest>, segments: bool| Found {
             manifest: m,
             segments,
@@ -323,14 +328,7 @@ mod tests {
         let a = ArchiveId([1; 16]);
         let b = ArchiveId([2; 16]);
         let of = |id: ArchiveId| Found {
-            manifest: Some(Manifest {
-                format: MANIFEST_FORMAT,
-                archive: id.to_string(),
-                node: "gw_a".into(),
-                created_ms: 5,
-                writer: None,
-                adopted_ms: None,
-            }),
+            manifest: Some(manifest_of(id, None)),
             segments: false,
         };
         let none = Found {
@@ -368,12 +366,9 @@ mod tests {
         let w1 = ArchiveId([7; 16]);
         let w2 = ArchiveId([8; 16]);
         let with = |writer: Option<ArchiveId>| Manifest {
-            format: MANIFEST_FORMAT,
-            archive: ArchiveId([1; 16]).to_string(),
             node: "gw_new".into(),
-            created_ms: 5,
-            writer: writer.map(|w| w.to_string()),
             adopted_ms: Some(9),
+            ..manifest_of(ArchiveId([1; 16]), writer)
         };
         // (case, this catalog's writer id, the manifest's, writes)
         let table = [
@@ -403,14 +398,7 @@ mod tests {
         let a = ArchiveId([1; 16]);
         let b = ArchiveId([2; 16]);
         let w = ArchiveId([7; 16]);
-        let m = |id: ArchiveId, writer: Option<ArchiveId>| Manifest {
-            format: MANIFEST_FORMAT,
-            archive: id.to_string(),
-            node: "gw_a".into(),
-            created_ms: 5,
-            writer: writer.map(|w| w.to_string()),
-            adopted_ms: None,
-        };
+        let m = manifest_of;
         // (case, ours, writer, holds items, adopt, manifest, start goes on)
         type Row = (
             &'static str,

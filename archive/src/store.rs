@@ -47,11 +47,31 @@ const DESCRIBED: &str = "described";
 /// [`Store::claim`]).
 pub const CLAIM_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 /// The archive's id (`crate::identity`), as two halves.
-const ARCHIVE_ID_HI: &str = "archive_id.hi";
-const ARCHIVE_ID_LO: &str = "archive_id.lo";
+const ARCHIVE_ID: [&str; 2] = ["archive_id.hi", "archive_id.lo"];
 /// This catalog's writer id (`crate::identity::still_writer`), as two halves.
-const WRITER_HI: &str = "writer.hi";
-const WRITER_LO: &str = "writer.lo";
+const WRITER_ID: [&str; 2] = ["writer.hi", "writer.lo"];
+
+/// An id kept in the catalog's `meta` as two halves under two keys.
+fn get_id(
+    meta: &Database<Str, U64<BE>>,
+    r: &RoTxn<'_>,
+    [hi, lo]: [&str; 2],
+) -> Result<Option<ArchiveId>, ArchiveError> {
+    let (hi, lo) = (meta.get(r, hi)?, meta.get(r, lo)?);
+    Ok(hi.zip(lo).map(|(hi, lo)| ArchiveId::from_halves(hi, lo)))
+}
+
+fn put_id(
+    meta: &Database<Str, U64<BE>>,
+    w: &mut RwTxn<'_>,
+    [hi, lo]: [&str; 2],
+    id: ArchiveId,
+) -> Result<(), ArchiveError> {
+    let (h, l) = id.halves();
+    meta.put(w, hi, &h)?;
+    meta.put(w, lo, &l)?;
+    Ok(())
+}
 /// LMDB reader slots: more than the read transactions that can be open at once (the blocking
 /// threads of a runtime, the index and mirror threads). A slot costs 64 bytes of the lock file.
 const READERS_MAX: u32 = 1024;
@@ -723,17 +743,13 @@ impl Store {
     /// This archive's id, once it has met its object store.
     pub fn archive_id(&self) -> Result<Option<ArchiveId>, ArchiveError> {
         let r = self.env.read_txn()?;
-        let hi = self.meta.get(&r, ARCHIVE_ID_HI)?;
-        let lo = self.meta.get(&r, ARCHIVE_ID_LO)?;
-        Ok(hi.zip(lo).map(|(hi, lo)| ArchiveId::from_halves(hi, lo)))
+        get_id(&self.meta, &r, ARCHIVE_ID)
     }
 
     /// This catalog's writer id, once it created or adopted its archive's manifest.
     fn writer_id(&self) -> Result<Option<ArchiveId>, ArchiveError> {
         let r = self.env.read_txn()?;
-        let hi = self.meta.get(&r, WRITER_HI)?;
-        let lo = self.meta.get(&r, WRITER_LO)?;
-        Ok(hi.zip(lo).map(|(hi, lo)| ArchiveId::from_halves(hi, lo)))
+        get_id(&self.meta, &r, WRITER_ID)
     }
 
     /// The writer id of a catalog that creates or adopts its archive's manifest: the one it
@@ -744,9 +760,7 @@ impl Store {
         }
         let w = ArchiveId::random();
         let mut txn = self.env.write_txn()?;
-        let (hi, lo) = w.halves();
-        self.meta.put(&mut txn, WRITER_HI, &hi)?;
-        self.meta.put(&mut txn, WRITER_LO, &lo)?;
+        put_id(&self.meta, &mut txn, WRITER_ID, w)?;
         txn.commit()?;
         Ok(w)
     }
@@ -792,9 +806,7 @@ impl Store {
         // The id and the rebuild mark in one commit: from now on the prefix is this archive's,
         // and its catalog is rebuilt before anything is written.
         let mut w = self.env.write_txn()?;
-        let (hi, lo) = adopt.halves();
-        self.meta.put(&mut w, ARCHIVE_ID_HI, &hi)?;
-        self.meta.put(&mut w, ARCHIVE_ID_LO, &lo)?;
+        put_id(&self.meta, &mut w, ARCHIVE_ID, adopt)?;
         self.meta.put(&mut w, REBUILDING, &1)?;
         w.commit()?;
         self.rebuild_progress.pending.store(true, Ordering::SeqCst);
@@ -874,9 +886,7 @@ impl Store {
                 Claim::Create(id) => {
                     // The id first: a crash before the manifest is written finds it again.
                     let mut w = self.env.write_txn()?;
-                    let (hi, lo) = id.halves();
-                    self.meta.put(&mut w, ARCHIVE_ID_HI, &hi)?;
-                    self.meta.put(&mut w, ARCHIVE_ID_LO, &lo)?;
+                    put_id(&self.meta, &mut w, ARCHIVE_ID, id)?;
                     w.commit()?;
                     ours = Some(id);
                     let writer = self.make_writer_id()?;
@@ -1065,26 +1075,18 @@ pub fn peek_identity(
     let r = env.read_txn()?;
     let meta: Option<Database<Str, U64<BE>>> = env.open_database(&r, Some("meta"))?;
     let items: Option<Database<U64<BE>, Bytes>> = env.open_database(&r, Some("items"))?;
-    let get = |k: &str| -> Result<Option<u64>, ArchiveError> {
-        Ok(match &meta {
-            Some(m) => m.get(&r, k)?,
-            None => None,
-        })
-    };
-    let pair = |hi: &str, lo: &str| -> Result<Option<ArchiveId>, ArchiveError> {
-        Ok(get(hi)?
-            .zip(get(lo)?)
-            .map(|(h, l)| ArchiveId::from_halves(h, l)))
-    };
     let holds_items = match &items {
         Some(db) => db.first(&r)?.is_some(),
         None => false,
     };
-    Ok((
-        pair(ARCHIVE_ID_HI, ARCHIVE_ID_LO)?,
-        pair(WRITER_HI, WRITER_LO)?,
-        holds_items,
-    ))
+    Ok(match &meta {
+        Some(m) => (
+            get_id(m, &r, ARCHIVE_ID)?,
+            get_id(m, &r, WRITER_ID)?,
+            holds_items,
+        ),
+        None => (None, None, holds_items),
+    })
 }
 
 /// Decompresses a body and checks its length and hash.

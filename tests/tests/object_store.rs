@@ -357,21 +357,36 @@ impl Drop for Unit {
 fn spawn_unit(g: &Garage, dir: &std::path::Path, node: &str, prefix: &str) -> Unit {
     let (unit, cfg) = unit_config(g, dir, node, prefix);
     Unit(
-        Command::new(tests::spoold_bin())
-            .args(["--config", &cfg])
-            .arg("--state-dir")
-            .arg(unit.join("state"))
-            .args([
-                "--smtp-listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-            ])
-            .stdout(std::process::Stdio::null())
+        spoold(&cfg, &unit.join("state"))
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap(),
     )
+}
+
+/// `spoold` with `cfg` and the state directory `state`, on ports of its own choosing.
+fn spoold(cfg: &str, state: &std::path::Path) -> Command {
+    let mut c = Command::new(tests::spoold_bin());
+    c.args(["--config", cfg])
+        .arg("--state-dir")
+        .arg(state)
+        .args([
+            "--smtp-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::null());
+    c
+}
+
+/// `spoold --check-config` of `cfg` with the state directory `state`.
+fn check_config(cfg: &str, state: &std::path::Path) -> std::process::Output {
+    Command::new(tests::spoold_bin())
+        .args(["--config", cfg, "--check-config", "--state-dir"])
+        .arg(state)
+        .output()
+        .unwrap()
 }
 
 /// The directory and configuration file of unit `node` on the store's `prefix`.
@@ -434,11 +449,7 @@ fn a_prefix_belongs_to_one_archive_and_a_second_unit_there_is_refused() {
     // The same store settings on a unit with an empty state directory (a reinstall, a copied
     // configuration): `--check-config` says so, the start is refused, and the store unchanged.
     let (unit_b, cfg_b) = unit_config(&g, dir.path(), "os_b", "units/shared");
-    let check = Command::new(tests::spoold_bin())
-        .args(["--config", &cfg_b, "--check-config", "--state-dir"])
-        .arg(unit_b.join("state"))
-        .output()
-        .unwrap();
+    let check = check_config(&cfg_b, &unit_b.join("state"));
     let said = String::from_utf8_lossy(&check.stderr);
     assert_eq!(check.status.code(), Some(78), "{said}");
     assert!(
@@ -446,15 +457,7 @@ fn a_prefix_belongs_to_one_archive_and_a_second_unit_there_is_refused() {
         "{said}"
     );
     // The running unit's own configuration checks fine (its catalog read beside the daemon).
-    let own = Command::new(tests::spoold_bin())
-        .args([
-            "--config",
-            &dir.path().join("spoold.toml").to_string_lossy(),
-        ])
-        .args(["--check-config", "--state-dir"])
-        .arg(&d.state)
-        .output()
-        .unwrap();
+    let own = check_config(&dir.path().join("spoold.toml").to_string_lossy(), &d.state);
     assert!(
         own.status.success(),
         "{}{}",
@@ -645,18 +648,9 @@ fn a_lost_unit_is_rebuilt_from_the_store_alone_and_a_killed_rebuild_resumes() {
     );
     let state = unit.join("state");
     let mut dying = Unit(
-        Command::new(tests::spoold_bin())
-            .args(["--config", &cfg, "--no-delivery"])
-            .arg("--state-dir")
-            .arg(&state)
-            .args([
-                "--smtp-listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-            ])
+        spoold(&cfg, &state)
+            .arg("--no-delivery")
             .env("SPOOLD_FAILPOINT", "archive-rebuild")
-            .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(unit.join("dying.log")).unwrap())
             .spawn()
             .unwrap(),
