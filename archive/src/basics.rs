@@ -1,10 +1,7 @@
 //! Leaf helpers the archive's modules share: hex text and the wall clock. It uses nothing of
 //! the crate, so any module may use it without a cycle.
 
-/// Lower-case hex of `b` (hashes in messages and object names).
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+pub use evidence::hex;
 
 /// Milliseconds since the Unix epoch (0 before it).
 pub fn now_ms() -> u64 {

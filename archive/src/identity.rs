@@ -10,49 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// An archive's id: 16 random bytes, shown as 32 hex digits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ArchiveId(pub [u8; 16]);
-
-impl ArchiveId {
-    /// A new, random id.
-    pub fn random() -> ArchiveId {
-        ArchiveId(rand::random())
-    }
-
-    /// From its hex text.
-    pub fn parse(text: &str) -> Option<ArchiveId> {
-        if text.len() != 32 {
-            return None;
-        }
-        let mut b = [0u8; 16];
-        for (i, byte) in b.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-        }
-        Some(ArchiveId(b))
-    }
-
-    /// The id as two numbers (the catalog's counters are u64s).
-    pub fn halves(&self) -> (u64, u64) {
-        let (hi, lo) = self.0.split_at(8);
-        let n = |s: &[u8]| s.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
-        (n(hi), n(lo))
-    }
-
-    /// From [`ArchiveId::halves`].
-    pub fn from_halves(hi: u64, lo: u64) -> ArchiveId {
-        let mut b = [0u8; 16];
-        b[..8].copy_from_slice(&hi.to_be_bytes());
-        b[8..].copy_from_slice(&lo.to_be_bytes());
-        ArchiveId(b)
-    }
-}
-
-impl std::fmt::Display for ArchiveId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&crate::basics::hex(&self.0))
-    }
-}
+pub use evidence::ArchiveId;
 
 /// The manifest object: which archive the prefix belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

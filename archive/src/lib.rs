@@ -15,6 +15,7 @@
 //! metrics (callers read [`Archive::status`] and the mirror's counters).
 
 mod basics;
+pub use evidence::{chain, checkpoint, proof, record};
 pub mod corpus;
 pub mod identity;
 pub use identity::ArchiveId;
@@ -22,7 +23,6 @@ pub mod index;
 pub mod mime;
 pub mod mirror;
 pub mod query;
-pub mod record;
 pub mod remote;
 pub mod store;
 #[cfg(test)]
@@ -118,6 +118,14 @@ pub struct Options {
     /// Adopt the object store prefix of this archive (a new unit taking over a lost unit's
     /// archive): its catalog is then rebuilt from the store.
     pub adopt: Option<identity::ArchiveId>,
+    /// The file of the key that signs the chain's checkpoints (made, 0600, if missing); keep it
+    /// outside `dir` so that a copied-out archive carries no secret. `None`: a key in memory
+    /// only, new at every open (tests).
+    pub signing_key: Option<PathBuf>,
+    /// Sign a checkpoint once this many chain entries are unsigned ...
+    pub checkpoint_entries: u64,
+    /// ... or once an entry has waited this long for one.
+    pub checkpoint_after: Duration,
 }
 
 impl Options {
@@ -135,6 +143,9 @@ impl Options {
             claim_settle: store::CLAIM_SETTLE,
             seal_after: Some(Duration::from_secs(300)),
             adopt: None,
+            signing_key: None,
+            checkpoint_entries: 1000,
+            checkpoint_after: Duration::from_secs(60),
         }
     }
 }
@@ -231,6 +242,8 @@ pub struct Archive {
     indexer: Sender<index::IndexMsg>,
     index: index::SearchIndex,
     compressors: Compressors,
+    /// Signs the chain's checkpoints.
+    signer: Arc<checkpoint::Signer>,
     /// Dropped to stop the object store's uploader.
     uploader_stop: Option<Sender<()>>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -362,6 +375,16 @@ fn upload_loop(
     }
 }
 
+/// How a retention period is named in the tombstones it leaves.
+fn retention_rule(retention: Duration) -> String {
+    let secs = retention.as_secs();
+    if secs % 86_400 == 0 {
+        format!("retention {} days", secs / 86_400)
+    } else {
+        format!("retention {secs} s")
+    }
+}
+
 impl Archive {
     /// Opens (creating) the archive and starts its threads.
     pub fn open(opts: &Options) -> Result<Archive, ArchiveError> {
@@ -388,9 +411,19 @@ impl Archive {
             store.clone(),
             opts.index_heap_bytes,
         )?;
-        let mut writer =
-            store::Writer::new(store.clone(), opts.segment_bytes_max, opts.free_bytes_min)?;
-        writer.describe_items()?;
+        let signer = Arc::new(match &opts.signing_key {
+            Some(path) => checkpoint::Signer::load_or_create(path)?,
+            None => checkpoint::Signer::ephemeral(),
+        });
+        let mut writer = store::Writer::new(
+            store.clone(),
+            opts.segment_bytes_max,
+            opts.free_bytes_min,
+            signer.clone(),
+        )?;
+        writer.checkpoint_entries = opts.checkpoint_entries.max(1);
+        writer.checkpoint_after = opts.checkpoint_after;
+        writer.chain_items()?;
         // Sealing by age matters where sealed segments leave the unit.
         writer.seal_after = opts.seal_after.filter(|_| has_remote);
         let (wtx, wrx) = crossbeam_channel::bounded(4096);
@@ -430,6 +463,7 @@ impl Archive {
             indexer: itx,
             index: search,
             compressors: Compressors::new(opts.zstd_level),
+            signer,
             uploader_stop,
             threads,
         })
@@ -554,6 +588,7 @@ impl Archive {
         mut progress: impl FnMut(u64),
     ) -> Result<u64, ArchiveError> {
         let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+        let rule = retention_rule(retention);
         let mut removed_total = 0;
         loop {
             let batch = self.store.expired(cutoff, 4096)?;
@@ -562,7 +597,7 @@ impl Archive {
             }
             let (tx, rx) = crossbeam_channel::bounded(1);
             self.writer
-                .send(Request::Remove(batch, tx))
+                .send(Request::Remove(batch, rule.clone(), tx))
                 .map_err(|_| ArchiveError::Stopped)?;
             let removed = rx.recv().map_err(|_| ArchiveError::Stopped)??;
             if removed.is_empty() {
@@ -732,5 +767,14 @@ impl Archive {
     /// The store, for the mirror.
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+}
+
+impl From<evidence::EvidenceError> for ArchiveError {
+    fn from(e: evidence::EvidenceError) -> ArchiveError {
+        match e {
+            evidence::EvidenceError::Refused(why) => ArchiveError::Refused(why),
+            other => ArchiveError::Io(other.to_string()),
+        }
     }
 }

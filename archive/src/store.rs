@@ -12,6 +12,8 @@
 //! `gone` and deletes it only once the segment its live records moved to is confirmed.
 
 use crate::basics::{hex, now_ms};
+use crate::chain::{self, Event, Head, Why};
+use crate::checkpoint::{self, Signer};
 use crate::identity::{decide, ArchiveId, Claim, Found, Manifest, MANIFEST_FORMAT};
 use crate::record::{self, BlobLoc, Item};
 use crate::remote::Remote;
@@ -43,6 +45,17 @@ const NEXT_REV: &str = "next_rev";
 /// Set once every item has a record in the segments (new archives from the start; an archive
 /// written before item records, after the migration at its first open).
 const DESCRIBED: &str = "described";
+/// Set once every item has an entry in the hash chain (new archives from the start; an archive
+/// from before the chain, after the migration at its first open by a version that keeps one).
+const CHAINED: &str = "chained";
+/// The chain's length: the number its next entry takes.
+const CHAIN_NEXT: &str = "chain.next";
+/// The migration into the chain got this far (items after it are still to describe).
+const CHAIN_DESCRIBED_THROUGH: &str = "chain.described_through";
+/// `hashes`: the chain's last entry's hash.
+const CHAIN_HEAD: &str = "chain.head";
+/// `hashes`: the public key that the chain says signs its checkpoints now.
+const CHAIN_SIGNER: &str = "chain.signer";
 /// How long a new archive waits after writing its manifest before it reads it back (see
 /// [`Store::claim`]).
 pub const CLAIM_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -91,6 +104,9 @@ pub struct Store {
     meta: Database<Str, U64<BE>>,
     /// While a rebuild runs: what the records read so far say of each item (`rebuild.rs`).
     rebuild: Database<U64<BE>, U64<BE>>,
+    /// Hashes by name: the chain's head (`chain.head`) and the key that signs its checkpoints
+    /// now (`chain.signer`).
+    hashes: Database<Str, Bytes>,
     segments_dir: PathBuf,
     open_files: Mutex<HashMap<u32, Arc<File>>>,
     remote: Option<Remote>,
@@ -190,8 +206,9 @@ pub struct Stored {
 pub enum Request {
     /// Store items durably.
     Store(Box<Prepared>, Sender<Result<Stored, ArchiveError>>),
-    /// Remove these items (retention); answers the sequences removed.
-    Remove(Vec<u64>, Sender<Result<Vec<u64>, ArchiveError>>),
+    /// Remove these items by this rule (retention: `retention 365 days`), a tombstone each;
+    /// answers the sequences removed.
+    Remove(Vec<u64>, String, Sender<Result<Vec<u64>, ArchiveError>>),
     /// Put these items on legal hold (`true`) or release them; answers how many changed.
     Hold(Vec<u64>, bool, Sender<Result<u64, ArchiveError>>),
     /// Rewrite sealed segments whose live share is below the bound (percent).
@@ -292,6 +309,7 @@ impl Store {
         let blobs = env.create_database(&mut w, Some("blobs"))?;
         let meta = env.create_database(&mut w, Some("meta"))?;
         let rebuild = env.create_database(&mut w, Some("rebuild"))?;
+        let hashes = env.create_database(&mut w, Some("hashes"))?;
         w.commit()?;
         let store = Store {
             env,
@@ -300,6 +318,7 @@ impl Store {
             blobs,
             meta,
             rebuild,
+            hashes,
             segments_dir,
             open_files: Mutex::new(HashMap::new()),
             remote,
@@ -746,6 +765,51 @@ impl Store {
         get_id(&self.meta, &r, ARCHIVE_ID)
     }
 
+    /// The archive's directory (`catalog/`, `segments/`, `checkpoints`).
+    pub fn dir(&self) -> &Path {
+        self.segments_dir.parent().unwrap_or(&self.segments_dir)
+    }
+
+    /// Where the hash chain stands, as committed.
+    fn chain_head(&self, r: &RoTxn<'_, WithoutTls>) -> Result<Head, ArchiveError> {
+        Ok(Head {
+            next: self.meta.get(r, CHAIN_NEXT)?.unwrap_or(0),
+            hash: self
+                .hashes
+                .get(r, CHAIN_HEAD)?
+                .and_then(|b| b.try_into().ok())
+                .unwrap_or([0; 32]),
+        })
+    }
+
+    /// The key the chain names as its signer now.
+    fn chain_signer(&self, r: &RoTxn<'_, WithoutTls>) -> Result<Option<[u8; 32]>, ArchiveError> {
+        Ok(self
+            .hashes
+            .get(r, CHAIN_SIGNER)?
+            .and_then(|b| b.try_into().ok()))
+    }
+
+    /// Where the hash chain stands (entries, last hash) as committed: what the next checkpoint
+    /// signs, and what a proof of the segments must reach.
+    pub fn chain(&self) -> Result<Head, ArchiveError> {
+        let r = self.env.read_txn()?;
+        self.chain_head(&r)
+    }
+
+    /// The archive's id: the one the catalog has, or `proposed`, recorded now. The two makers of
+    /// an id (a claim of the object store, the chain's genesis) race; the catalog's write lock
+    /// makes the first one the id.
+    fn ensure_archive_id(&self, proposed: ArchiveId) -> Result<ArchiveId, ArchiveError> {
+        let mut w = self.env.write_txn()?;
+        if let Some(id) = get_id(&self.meta, &w, ARCHIVE_ID)? {
+            return Ok(id);
+        }
+        put_id(&self.meta, &mut w, ARCHIVE_ID, proposed)?;
+        w.commit()?;
+        Ok(proposed)
+    }
+
     /// This catalog's writer id, once it created or adopted its archive's manifest.
     fn writer_id(&self) -> Result<Option<ArchiveId>, ArchiveError> {
         let r = self.env.read_txn()?;
@@ -884,10 +948,9 @@ impl Store {
                     }
                 },
                 Claim::Create(id) => {
-                    // The id first: a crash before the manifest is written finds it again.
-                    let mut w = self.env.write_txn()?;
-                    put_id(&self.meta, &mut w, ARCHIVE_ID, id)?;
-                    w.commit()?;
+                    // The id first: a crash before the manifest is written finds it again. The
+                    // chain's genesis may have made one since this pass looked: that one.
+                    let id = self.ensure_archive_id(id)?;
                     ours = Some(id);
                     let writer = self.make_writer_id()?;
                     remote.create_manifest(&Manifest {
@@ -1142,6 +1205,20 @@ pub struct Writer {
     holding_since: Option<std::time::Instant>,
     /// The revision the next item record takes.
     next_rev: u64,
+    /// Where the hash chain stands (committed).
+    chain: Head,
+    /// The key the chain names as its signer now (committed), if any.
+    chain_signer: Option<[u8; 32]>,
+    /// The signer the write being prepared names (a genesis or signer entry), if it does.
+    preparing: Option<[u8; 32]>,
+    /// Signs checkpoints.
+    signer: Arc<Signer>,
+    /// Sign a checkpoint once this many entries are unsigned, or ...
+    pub checkpoint_entries: u64,
+    /// ... once an entry has waited this long for one.
+    pub checkpoint_after: std::time::Duration,
+    /// The entries the last checkpoint covered, and since when entries wait for the next.
+    checkpointed: (u64, Option<std::time::Instant>),
 }
 
 /// How long the writer waits for work when no seal is due.
@@ -1153,15 +1230,23 @@ impl Writer {
         store: Arc<Store>,
         segment_bytes_max: u64,
         free_bytes_min: u64,
+        signer: Arc<Signer>,
     ) -> Result<Writer, ArchiveError> {
-        let (segment, len, next_rev) = {
+        let (segment, len, next_rev, chain, chain_signer) = {
             let r = store.env.read_txn()?;
             (
                 store.meta.get(&r, OPEN_SEGMENT)?.unwrap_or(1) as u32,
                 store.meta.get(&r, OPEN_LEN)?.unwrap_or(0),
                 store.meta.get(&r, NEXT_REV)?.unwrap_or(1),
+                store.chain_head(&r)?,
+                store.chain_signer(&r)?,
             )
         };
+        // The checkpoints file says what was signed; entries past it wait for the next one.
+        let signed = checkpoint::read(store.dir())?
+            .0
+            .last()
+            .map_or(0, |(_, cp)| cp.entries);
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -1179,42 +1264,89 @@ impl Writer {
             seal_after: None,
             holding_since: (len > 0).then(std::time::Instant::now),
             next_rev,
+            chain,
+            chain_signer,
+            preparing: None,
+            signer,
+            checkpoint_entries: 1000,
+            checkpoint_after: std::time::Duration::from_secs(60),
+            checkpointed: (signed, (chain.next > signed).then(std::time::Instant::now)),
         })
     }
 
-    /// The migration of an archive written before item records: one record per item, appended
-    /// to the open segment, so that a rebuild finds every item. Runs once (the catalog
-    /// remembers); a crash part-way runs it again whole (a record twice is harmless).
-    pub fn describe_items(&mut self) -> Result<u64, ArchiveError> {
+    /// The migration of an archive from before the hash chain: one entry per item (`described`),
+    /// appended to the open segment in batches, so that the chain covers every item and a
+    /// rebuild finds each. Runs once (the catalog remembers; a crash part-way resumes after the
+    /// last batch committed). Not while a rebuild is pending: it runs after it.
+    pub fn chain_items(&mut self) -> Result<u64, ArchiveError> {
         let store = self.store.clone();
         let r = store.env.read_txn()?;
-        if store.meta.get(&r, DESCRIBED)?.is_some() {
+        if store.meta.get(&r, CHAINED)?.is_some() || store.meta.get(&r, REBUILDING)?.is_some() {
             return Ok(0);
         }
+        let mut after = store.meta.get(&r, CHAIN_DESCRIBED_THROUGH)?.unwrap_or(0);
         drop(r);
-        let mut after = 0;
         let mut described = 0;
         loop {
             let batch = store.items_after(after, 4096, |_| true)?;
             let Some(last) = batch.last() else { break };
             after = last.seq;
             let mut frames = Vec::new();
-            for item in &batch {
-                record::frame_item(self.take_rev(), item, &mut frames);
+            let mut head = self.open_entries(&mut frames)?;
+            for item in batch.iter() {
+                let event = Event::Item {
+                    why: Why::Described,
+                    rev: self.take_rev(),
+                    item: Box::new(item.clone()),
+                };
+                record::frame_entry(&head.append(&event), &mut frames);
             }
-            self.append_and_commit(&frames, |_| Ok(()))?;
+            self.append_and_commit(&frames, head, |w| {
+                store.meta.put(w, CHAIN_DESCRIBED_THROUGH, &after)?;
+                Ok(())
+            })?;
             described += batch.len() as u64;
         }
         let mut w = store.env.write_txn()?;
+        store.meta.put(&mut w, CHAINED, &1)?;
         store.meta.put(&mut w, DESCRIBED, &1)?;
+        store.meta.delete(&mut w, CHAIN_DESCRIBED_THROUGH)?;
         w.commit()?;
         if described > 0 {
             tracing::info!(
                 items = described,
-                "archive: item records written for an archive from before them"
+                "archive: every item described at the start of the archive's hash chain"
             );
         }
         Ok(described)
+    }
+
+    /// Begins a write's chain entries in `frames`: the genesis when the chain is empty (with the
+    /// archive's id, made now if the archive has none yet), or a signer entry when this unit's
+    /// key is not the one the chain names. Answers the head the write's own entries follow.
+    fn open_entries(&mut self, frames: &mut Vec<u8>) -> Result<Head, ArchiveError> {
+        let mut head = self.chain;
+        let key = self.signer.public();
+        self.preparing = None;
+        if head.next == 0 {
+            let archive = self.store.ensure_archive_id(ArchiveId::random())?;
+            let genesis = Event::Genesis {
+                archive,
+                created_ms: now_ms(),
+                node: self.store.node.clone(),
+                signer: key,
+            };
+            record::frame_entry(&head.append(&genesis), frames);
+            self.preparing = Some(key);
+        } else if self.chain_signer != Some(key) {
+            let signer = Event::Signer {
+                key,
+                node: self.store.node.clone(),
+            };
+            record::frame_entry(&head.append(&signer), frames);
+            self.preparing = Some(key);
+        }
+        Ok(head)
     }
 
     fn take_rev(&mut self) -> u64 {
@@ -1228,8 +1360,10 @@ impl Writer {
     fn append_and_commit(
         &mut self,
         frames: &[u8],
+        head: Head,
         changes: impl FnOnce(&mut RwTxn<'_>) -> Result<(), ArchiveError>,
     ) -> Result<(), ArchiveError> {
+        let new_signer = self.preparing.take();
         if !frames.is_empty() {
             let written = self
                 .file
@@ -1246,6 +1380,13 @@ impl Writer {
             changes(&mut w)?;
             self.appended(&mut w, frames.len() as u64)?;
             store.meta.put(&mut w, NEXT_REV, &self.next_rev)?;
+            if head != self.chain {
+                store.meta.put(&mut w, CHAIN_NEXT, &head.next)?;
+                store.hashes.put(&mut w, CHAIN_HEAD, &head.hash)?;
+            }
+            if let Some(key) = new_signer {
+                store.hashes.put(&mut w, CHAIN_SIGNER, &key)?;
+            }
             w.commit()?;
             Ok(())
         })();
@@ -1254,7 +1395,54 @@ impl Writer {
             return Err(e);
         }
         self.len += frames.len() as u64;
+        if head.next > self.chain.next && self.checkpointed.1.is_none() {
+            self.checkpointed.1 = Some(std::time::Instant::now());
+        }
+        self.chain = head;
+        if new_signer.is_some() {
+            self.chain_signer = new_signer;
+        }
+        if self.chain.next - self.checkpointed.0 >= self.checkpoint_entries {
+            self.checkpoint();
+        }
         Ok(())
+    }
+
+    /// Signs a checkpoint of the chain's head and appends it to the checkpoints file. A failure
+    /// is logged and tried again at the next write or wait (the entries stay unsigned till then).
+    pub fn checkpoint(&mut self) {
+        if self.chain.next == self.checkpointed.0 {
+            return;
+        }
+        let signed = (|| -> Result<(), ArchiveError> {
+            let archive = self.store.archive_id()?.ok_or_else(|| {
+                ArchiveError::Corrupt("a chain without an archive id in the catalog".into())
+            })?;
+            let cp = self
+                .signer
+                .sign(archive, self.chain.next, self.chain.hash, now_ms());
+            Ok(checkpoint::append(self.store.dir(), &cp)?)
+        })();
+        match signed {
+            Ok(()) => self.checkpointed = (self.chain.next, None),
+            Err(e) => tracing::error!("archive: signing a checkpoint failed: {e}"),
+        }
+    }
+
+    /// Signs a checkpoint if entries have waited `checkpoint_after` for one; answers how long
+    /// until one is due.
+    fn checkpoint_if_due(&mut self) -> std::time::Duration {
+        let Some(since) = self.checkpointed.1 else {
+            return IDLE_WAIT;
+        };
+        if since.elapsed() >= self.checkpoint_after {
+            self.checkpoint();
+            if self.checkpointed.1.is_some() {
+                return self.checkpoint_after;
+            }
+            return IDLE_WAIT;
+        }
+        self.checkpoint_after - since.elapsed()
     }
 
     /// Seals the open segment if it has held something for `seal_after`, and answers how long
@@ -1291,13 +1479,18 @@ impl Writer {
     /// Serves requests until every sender is gone; `stored` hears of each new item.
     pub fn run(mut self, rx: Receiver<Request>, stored: impl Fn(u64)) {
         loop {
-            let wait = self.seal_if_due();
+            let wait = self.seal_if_due().min(self.checkpoint_if_due());
             let first = match rx.recv_timeout(wait) {
                 Ok(r) => r,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    self.checkpoint();
+                    return;
+                }
             };
             if matches!(first, Request::Stop) {
+                // A clean stop leaves the whole chain signed.
+                self.checkpoint();
                 return;
             }
             match first {
@@ -1337,7 +1530,10 @@ impl Writer {
                         }
                     }
                     match other {
-                        Some(Request::Stop) => return,
+                        Some(Request::Stop) => {
+                            self.checkpoint();
+                            return;
+                        }
                         Some(o) => {
                             if let Some(seq) = self.serve_other(o) {
                                 stored(seq);
@@ -1362,8 +1558,8 @@ impl Writer {
     fn serve_other(&mut self, r: Request) -> Option<u64> {
         match r {
             Request::Store(..) | Request::Stop => {}
-            Request::Remove(seqs, reply) => {
-                let _ = reply.send(self.remove(&seqs));
+            Request::Remove(seqs, rule, reply) => {
+                let _ = reply.send(self.remove(&seqs, &rule));
             }
             Request::Hold(seqs, held, reply) => {
                 let _ = reply.send(self.set_held(&seqs, held));
@@ -1410,6 +1606,12 @@ impl Writer {
         let mut new_keys: HashMap<[u8; 32], u64> = HashMap::new();
         let mut results = Vec::with_capacity(group.len());
         let mut new_items = Vec::new();
+        let in_chain = !written_before_item_records(&store);
+        let mut head = if in_chain {
+            self.open_entries(&mut frames)?
+        } else {
+            self.chain
+        };
         for p in group {
             let mut item = p.item;
             if let Some(seq) = store
@@ -1442,9 +1644,10 @@ impl Writer {
                     },
                 );
             }
-            // The item's own record, after its body: the segments describe the catalog.
-            if !written_before_item_records(&store) {
-                record::frame_item(self.take_rev(), &item, &mut frames);
+            // The item's own entry, after its body: the segments describe the catalog.
+            if in_chain {
+                let event = chain::item_event(Why::Stored, self.take_rev(), &item);
+                record::frame_entry(&head.append_encoded(&event), &mut frames);
             }
             results.push(Stored {
                 seq: item.seq,
@@ -1456,7 +1659,7 @@ impl Writer {
         if new_items.is_empty() {
             return Ok(results);
         }
-        self.append_and_commit(&frames, |w| {
+        self.append_and_commit(&frames, head, |w| {
             for item in &new_items {
                 store.items.put(w, &item.seq, &item.encode())?;
                 store.keys.put(w, &item.key, &item.seq)?;
@@ -1519,8 +1722,9 @@ impl Writer {
         Ok(())
     }
 
-    /// Removes items (retention), each with a removal record in the open segment first.
-    fn remove(&mut self, seqs: &[u64]) -> Result<Vec<u64>, ArchiveError> {
+    /// Removes items (retention), each with its tombstone in the chain first: what it was, when
+    /// it went and by which `rule`.
+    fn remove(&mut self, seqs: &[u64], rule: &str) -> Result<Vec<u64>, ArchiveError> {
         let store = self.store.clone();
         let r = store.env.read_txn()?;
         let mut going = Vec::new();
@@ -1532,11 +1736,24 @@ impl Writer {
             }
         }
         drop(r);
-        let mut frames = Vec::new();
-        for item in &going {
-            record::frame_removed(item.seq, &mut frames);
+        if going.is_empty() {
+            return Ok(Vec::new());
         }
-        self.append_and_commit(&frames, |w| {
+        let mut frames = Vec::new();
+        let mut head = self.open_entries(&mut frames)?;
+        let removed_ms = now_ms();
+        for item in &going {
+            let tombstone = Event::Removed(Box::new(chain::Tombstone {
+                seq: item.seq,
+                id: item.id.clone(),
+                hash: item.hash,
+                arrived_ms: item.arrived_ms,
+                removed_ms,
+                rule: rule.to_string(),
+            }));
+            record::frame_entry(&head.append(&tombstone), &mut frames);
+        }
+        self.append_and_commit(&frames, head, |w| {
             let mut raw = 0u64;
             for item in &going {
                 store.items.delete(w, &item.seq)?;
@@ -1580,12 +1797,18 @@ impl Writer {
             }
         }
         drop(r);
+        if changing.is_empty() {
+            return Ok(0);
+        }
         let mut frames = Vec::new();
+        let mut head = self.open_entries(&mut frames)?;
+        let why = if held { Why::Held } else { Why::Released };
         for item in &changing {
-            record::frame_item(self.take_rev(), item, &mut frames);
+            let event = chain::item_event(why, self.take_rev(), item);
+            record::frame_entry(&head.append_encoded(&event), &mut frames);
         }
         let changed = changing.len() as i64;
-        self.append_and_commit(&frames, |w| {
+        self.append_and_commit(&frames, head, |w| {
             for item in &changing {
                 store.items.put(w, &item.seq, &item.encode())?;
             }
@@ -1625,9 +1848,12 @@ impl Writer {
             let data = store.read_segment(n)?;
             let mut frames = Vec::new();
             let mut moved: Vec<([u8; 32], BlobLoc)> = Vec::new();
+            // Chain entries go on byte for byte, never rewritten: runs of them in `Copied`
+            // frames, so that entries written fresh stay in the chain's order in the stream.
+            let mut entries = Vec::new();
             {
                 let r = store.env.read_txn()?;
-                let mut described = std::collections::HashSet::new();
+                let chained = store.meta.get(&r, CHAINED)?.is_some();
                 let mut at = 0usize;
                 while at < data.len() {
                     let (rec, len) = record::next(&data[at..]).map_err(|e| {
@@ -1653,27 +1879,23 @@ impl Writer {
                                 ));
                             }
                         }
-                        // An item's record goes on as the item's state now (a newer revision),
-                        // or as its removal: what the segments say must not change when this
-                        // one is gone.
-                        record::Record::Item(_, old) => {
-                            if described.insert(old.seq) {
-                                match store.items.get(&r, &old.seq)?.and_then(Item::decode) {
-                                    Some(now) => {
-                                        record::frame_item(self.take_rev(), &now, &mut frames)
-                                    }
-                                    None => record::frame_removed(old.seq, &mut frames),
-                                }
-                            }
-                        }
+                        // An item record from before the chain: every item has an entry since
+                        // (the migration at open), so it goes; before that it goes on as it is.
+                        record::Record::Item(..) if chained => {}
                         // Removals are final and small: kept, so that no older record of the
                         // item, in a segment not compacted yet, brings it back in a rebuild.
-                        record::Record::Removed(_) => {
+                        record::Record::Item(..) | record::Record::Removed(_) => {
+                            frames.extend_from_slice(&data[at..at + len]);
+                        }
+                        record::Record::Entry(_) => entries.extend_from_slice(&data[at..at + len]),
+                        record::Record::Copied(_) => {
+                            flush_copied(&mut entries, &mut frames);
                             frames.extend_from_slice(&data[at..at + len]);
                         }
                     }
                     at += len;
                 }
+                flush_copied(&mut entries, &mut frames);
             }
             if !frames.is_empty() {
                 self.file.write_all_at(&frames, self.len).map_err(io)?;
@@ -1729,6 +1951,14 @@ impl Writer {
     }
 }
 
+/// Frames the entry frames gathered in `entries` (if any) as one `Copied` record into `frames`.
+fn flush_copied(entries: &mut Vec<u8>, frames: &mut Vec<u8>) {
+    if !entries.is_empty() {
+        record::frame_copied(entries, frames);
+        entries.clear();
+    }
+}
+
 /// Whether this store writes as versions before item records did (bodies only): tests of the
 /// migration make such archives.
 fn written_before_item_records(_store: &Store) -> bool {
@@ -1744,6 +1974,7 @@ impl Store {
     pub(crate) fn forget_described(&self) -> Result<(), ArchiveError> {
         let mut w = self.env.write_txn()?;
         self.meta.delete(&mut w, DESCRIBED)?;
+        self.meta.delete(&mut w, CHAINED)?;
         w.commit()?;
         Ok(())
     }

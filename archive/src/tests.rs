@@ -169,8 +169,8 @@ fn the_same_message_is_stored_once_and_bodies_are_shared() {
     assert_eq!(t.raw_bytes, 2 * PLAIN.len() as u64);
     assert_eq!(
         record_kinds(&dir.path().join("segments/00000001.seg")),
-        ["body", "item", "item"],
-        "one body record for both items, and a record of each item"
+        ["genesis", "body", "stored", "stored"],
+        "the chain's start, one body record for both items, and an entry of each item"
     );
     assert!(matches!(
         a.archive(incoming("a-3", b"other bytes", "x@y"), PLAIN),
@@ -180,16 +180,39 @@ fn the_same_message_is_stored_once_and_bodies_are_shared() {
 
 /// The kinds of the records in a segment file, in order.
 fn record_kinds(path: &std::path::Path) -> Vec<&'static str> {
+    records(path).into_iter().map(|r| r.0).collect()
+}
+
+/// The bytes of body frames in the archive's segment files.
+fn body_bytes(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir.join("segments"))
+        .unwrap()
+        .flat_map(|e| records(&e.unwrap().path()))
+        .filter(|r| r.0 == "body")
+        .map(|r| r.2)
+        .sum()
+}
+
+/// The records in a segment file, in order: kind, offset, frame length.
+fn records(path: &std::path::Path) -> Vec<(&'static str, usize, usize)> {
     let data = std::fs::read(path).unwrap();
     let mut at = 0;
     let mut kinds = Vec::new();
     while at < data.len() {
         let (r, len) = crate::record::next(&data[at..]).unwrap();
-        kinds.push(match r {
+        let kind = match r {
             crate::record::Record::Body(..) => "body",
             crate::record::Record::Item(..) => "item",
             crate::record::Record::Removed(_) => "removed",
-        });
+            crate::record::Record::Entry(e) => match e.event {
+                crate::chain::Event::Genesis { .. } => "genesis",
+                crate::chain::Event::Item { why, .. } => why.name(),
+                crate::chain::Event::Removed(_) => "tombstone",
+                crate::chain::Event::Signer { .. } => "signer",
+            },
+            crate::record::Record::Copied(_) => "copied",
+        };
+        kinds.push((kind, at, len));
         at += len;
     }
     kinds
@@ -225,9 +248,10 @@ fn a_damaged_record_is_refused_not_served() {
     a.archive(incoming("a-1", PLAIN, "bob@example.net"), PLAIN)
         .unwrap();
     let seg = dir.path().join("segments/00000001.seg");
+    let body_at = records(&seg).iter().find(|r| r.0 == "body").unwrap().1;
     let mut bytes = std::fs::read(&seg).unwrap();
-    // A byte of the body's compressed bytes (the body's frame comes first).
-    bytes[crate::record::FRAME_HEAD + 40] ^= 0x55;
+    // A byte of the body's compressed bytes.
+    bytes[body_at + crate::record::FRAME_HEAD + 40] ^= 0x55;
     std::fs::write(&seg, bytes).unwrap();
     let e = a.raw(1).unwrap_err();
     assert!(matches!(e, ArchiveError::Corrupt(_)), "{e}");
@@ -271,12 +295,19 @@ fn retention_removes_expired_items_keeps_held_ones_and_compaction_frees_space() 
         .collect();
     assert_eq!(left.len(), 5);
     assert!(left.iter().all(|s| seqs[..5].contains(s)));
+    let bodies_before = body_bytes(dir.path());
     let report = a.compact(50).unwrap();
     assert!(report.segments >= 3 && report.bytes_freed > 0, "{report:?}");
     let after = a.status().unwrap().totals;
     assert!(
-        after.stored_bytes < before.stored_bytes / 2,
+        after.stored_bytes < before.stored_bytes,
         "{before:?} → {after:?}"
+    );
+    // The bodies of removed items are gone; the chain's entries (and the tombstones) stay.
+    assert!(
+        body_bytes(dir.path()) < bodies_before / 3,
+        "{bodies_before} → {}",
+        body_bytes(dir.path())
     );
     for s in &seqs[..5] {
         assert_eq!(
@@ -469,8 +500,11 @@ fn segments_on_an_object_store_survive_eviction_retention_and_compaction() {
     // objects stay (a segment the moved records filled and sealed may have joined them).
     a.sync_remote().unwrap();
     let now = objects(&a);
+    // Moved records (the chain's entries are carried whole) may fill and seal the open
+    // segment; only once such a segment is in the store may a replaced object go.
+    let newest_before = before.iter().map(|o| o.0).max().unwrap();
     assert!(
-        before.iter().all(|o| now.contains(o)),
+        before.iter().all(|o| now.contains(o)) || now.iter().any(|o| o.0 > newest_before),
         "replaced objects kept until their records are confirmed: {before:?} {now:?}"
     );
     // New mail seals the segment holding the moved records; once it is confirmed, the
@@ -1103,18 +1137,19 @@ fn an_archive_from_before_item_records_is_migrated_at_open_and_can_be_rebuilt() 
     };
     let segment = dir.path().join("segments/00000001.seg");
     let kinds = record_kinds(&segment);
-    // The hold above went through this version's writer: one item record; the rest bodies.
+    // The hold above went through this version's writer: an entry (after the chain's start);
+    // the rest bodies.
     assert_eq!(kinds.iter().filter(|k| **k == "body").count(), 20);
-    assert_eq!(kinds.iter().filter(|k| **k == "item").count(), 1);
+    assert_eq!(kinds.iter().filter(|k| **k == "held").count(), 1);
     {
         let a = open(dir.path());
         assert_eq!(contents(&a), before);
     }
     let kinds = record_kinds(&segment);
     assert_eq!(
-        kinds.iter().filter(|k| **k == "item").count(),
-        21,
-        "a record of each item appended at open"
+        kinds.iter().filter(|k| **k == "described").count(),
+        20,
+        "an entry of each item appended at open"
     );
     std::fs::remove_dir_all(dir.path().join("catalog")).unwrap();
     std::fs::remove_dir_all(dir.path().join("index")).unwrap();

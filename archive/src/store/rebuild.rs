@@ -16,6 +16,9 @@
 use super::*;
 use crate::record::Record;
 
+/// While rebuilding: one past the number of the entry that named the signer found so far.
+const SIGNER_AT: &str = "rebuild.signer_at";
+
 /// What the records read so far say of one item.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Known {
@@ -204,6 +207,7 @@ impl Writer {
         }
         let last = sources.last().map_or(0, |s| s.0);
         self.finish_rebuild(last, &mut report)?;
+        self.chain_items()?;
         tracing::info!(
             segments = report.segments,
             from_store = report.from_store,
@@ -322,7 +326,86 @@ impl Writer {
                 };
                 store.blobs.put(w, &hash, &loc.encode())?;
             }
-            Record::Item(rev, item) => {
+            Record::Item(rev, item) => self.apply_item(w, rev, &item, progress)?,
+            Record::Removed(seq) => self.apply_removal(w, seq)?,
+            Record::Entry(entry) => self.apply_entry(w, &entry, progress)?,
+            Record::Copied(frames) => {
+                let mut inner = 0;
+                while inner < frames.len() {
+                    let (rec, len) = record::next(&frames[inner..]).map_err(|e| {
+                        ArchiveError::Corrupt(format!(
+                            "segment {n} offset {at}: copied entries: {e}"
+                        ))
+                    })?;
+                    match rec {
+                        Record::Entry(entry) => self.apply_entry(w, &entry, progress)?,
+                        _ => {
+                            return Err(ArchiveError::Corrupt(format!(
+                            "segment {n} offset {at}: copied entries hold another kind of record"
+                        )))
+                        }
+                    }
+                    inner += len;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A chain entry: its event into the catalog, and the chain's head, the archive's id and
+    /// the signer it names as far as the entries read so far go.
+    fn apply_entry(
+        &mut self,
+        w: &mut RwTxn<'_>,
+        entry: &chain::Entry,
+        progress: &RebuildProgress,
+    ) -> Result<(), ArchiveError> {
+        let store = self.store.clone();
+        match &entry.event {
+            Event::Item { rev, item, .. } => self.apply_item(w, *rev, item, progress)?,
+            Event::Removed(t) => self.apply_removal(w, t.seq)?,
+            Event::Genesis {
+                archive, signer, ..
+            } => {
+                if get_id(&store.meta, w, ARCHIVE_ID)?.is_none() {
+                    put_id(&store.meta, w, ARCHIVE_ID, *archive)?;
+                }
+                self.apply_signer(w, entry.n, signer)?;
+            }
+            Event::Signer { key, .. } => self.apply_signer(w, entry.n, key)?,
+        }
+        if entry.n >= store.meta.get(w, CHAIN_NEXT)?.unwrap_or(0) {
+            store.meta.put(w, CHAIN_NEXT, &(entry.n + 1))?;
+            store.hashes.put(w, CHAIN_HEAD, &entry.hash())?;
+        }
+        Ok(())
+    }
+
+    /// The chain's latest signer so far is the one named by the highest entry.
+    fn apply_signer(
+        &mut self,
+        w: &mut RwTxn<'_>,
+        n: u64,
+        key: &[u8; 32],
+    ) -> Result<(), ArchiveError> {
+        let store = &self.store;
+        if n + 1 > store.meta.get(w, SIGNER_AT)?.unwrap_or(0) {
+            store.meta.put(w, SIGNER_AT, &(n + 1))?;
+            store.hashes.put(w, CHAIN_SIGNER, key)?;
+        }
+        Ok(())
+    }
+
+    fn apply_item(
+        &mut self,
+        w: &mut RwTxn<'_>,
+        rev: u64,
+        item: &Item,
+        progress: &RebuildProgress,
+    ) -> Result<(), ArchiveError> {
+        let store = self.store.clone();
+        {
+            {
                 progress.records.fetch_add(1, Ordering::Relaxed);
                 let known = known(store.rebuild.get(w, &item.seq)?);
                 let (now, effect) = apply(known, Some(rev));
@@ -336,7 +419,14 @@ impl Writer {
                 store.rebuild.put(w, &item.seq, &mark(now))?;
                 self.next_rev = self.next_rev.max(rev + 1);
             }
-            Record::Removed(seq) => {
+        }
+        Ok(())
+    }
+
+    fn apply_removal(&mut self, w: &mut RwTxn<'_>, seq: u64) -> Result<(), ArchiveError> {
+        let store = &self.store;
+        {
+            {
                 let (now, _) = apply(known(store.rebuild.get(w, &seq)?), None);
                 if let Some(old) = store.items.get(w, &seq)?.and_then(Item::decode) {
                     store.keys.delete(w, &old.key)?;
@@ -423,6 +513,13 @@ impl Writer {
         }
         store.meta.put(&mut w, &seg_key(open, "total"), &0)?;
         store.meta.delete(&mut w, REBUILDING)?;
+        // Entries found: the chain goes on from the highest (an archive from before the chain
+        // gets its entries from the migration, after this).
+        self.chain = store.chain_head(&w)?;
+        self.chain_signer = store.chain_signer(&w)?;
+        if self.chain.next > 0 {
+            store.meta.put(&mut w, CHAINED, &1)?;
+        }
         // A local file of a segment read from the store that is not its copy (the empty open
         // segment a restart mid-rebuild creates again) would shadow the object: it goes.
         for seg in store.segments_in(&w)? {

@@ -181,6 +181,13 @@ pub enum Kind {
     Item = 1,
     /// `seq(8)`: the item was removed (retention); final, sequence numbers are never reused.
     Removed = 2,
+    /// `n(8) prev(32) event`: an entry of the archive's hash chain (`crate::chain`). Written
+    /// in the chain's order; item and removal records of archives from before the chain are
+    /// kinds 1 and 2.
+    Entry = 3,
+    /// Entry frames, whole, that compaction carried out of a segment it rewrote: in the
+    /// chain's order within the frame, wherever the frame sits.
+    Copied = 4,
 }
 
 /// A frame's content, parsed.
@@ -192,6 +199,10 @@ pub enum Record<'a> {
     Item(u64, Box<Item>),
     /// An item removed.
     Removed(u64),
+    /// An entry of the hash chain.
+    Entry(Box<crate::chain::Entry>),
+    /// Entry frames carried by compaction (parse them with [`next`]).
+    Copied(&'a [u8]),
 }
 
 fn frame_of(kind: Kind, parts: &[&[u8]], out: &mut Vec<u8>) {
@@ -219,6 +230,16 @@ pub fn frame_item(rev: u64, item: &Item, out: &mut Vec<u8>) {
 /// Frames the removal of item `seq`.
 pub fn frame_removed(seq: u64, out: &mut Vec<u8>) {
     frame_of(Kind::Removed, &[&seq.to_be_bytes()], out);
+}
+
+/// Frames a chain entry's payload ([`crate::chain::Head::append`]).
+pub fn frame_entry(payload: &[u8], out: &mut Vec<u8>) {
+    frame_of(Kind::Entry, &[payload], out);
+}
+
+/// Frames entry frames that compaction carries out of a segment.
+pub fn frame_copied(entry_frames: &[u8], out: &mut Vec<u8>) {
+    frame_of(Kind::Copied, &[entry_frames], out);
 }
 
 /// Checks the frame at the start of `b`: answers its kind (the raw number), its payload and its
@@ -270,21 +291,25 @@ pub fn next(b: &[u8]) -> Result<(Record<'_>, usize), &'static str> {
             let seq = Reader(payload).u64().ok_or("removal record cut short")?;
             Record::Removed(seq)
         }
+        k if k == Kind::Entry as u32 => {
+            Record::Entry(Box::new(crate::chain::Entry::parse(payload)?))
+        }
+        k if k == Kind::Copied as u32 => Record::Copied(payload),
         _ => return Err("record of an unknown kind (written by a newer version)"),
     };
     Ok((record, len))
 }
 
-fn put_str(b: &mut Vec<u8>, s: &str) {
+pub(crate) fn put_str(b: &mut Vec<u8>, s: &str) {
     b.extend_from_slice(&(s.len() as u32).to_be_bytes());
     b.extend_from_slice(s.as_bytes());
 }
 
 /// A cursor over bytes that answers `None` past the end.
-struct Reader<'a>(&'a [u8]);
+pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
 
 impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
+    pub(crate) fn take(&mut self, n: usize) -> Option<&[u8]> {
         if self.0.len() < n {
             return None;
         }
@@ -292,19 +317,19 @@ impl Reader<'_> {
         self.0 = rest;
         Some(head)
     }
-    fn u8(&mut self) -> Option<u8> {
+    pub(crate) fn u8(&mut self) -> Option<u8> {
         self.take(1).map(|b| b[0])
     }
-    fn u32(&mut self) -> Option<u32> {
+    pub(crate) fn u32(&mut self) -> Option<u32> {
         self.array().map(u32::from_be_bytes)
     }
-    fn u64(&mut self) -> Option<u64> {
+    pub(crate) fn u64(&mut self) -> Option<u64> {
         self.array().map(u64::from_be_bytes)
     }
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+    pub(crate) fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
         self.take(N)?.try_into().ok()
     }
-    fn str(&mut self) -> Option<String> {
+    pub(crate) fn str(&mut self) -> Option<String> {
         let n = self.u32()? as usize;
         String::from_utf8(self.take(n)?.to_vec()).ok()
     }

@@ -1,0 +1,304 @@
+//! Signed checkpoints: a unit's Ed25519 signature over (archive id, entries, chain hash, time),
+//! made every so many entries or seconds. A checkpoint pins the chain up to its entries: a
+//! record altered, removed or cut off before that point no longer gives the signed hash, and
+//! with copies of the checkpoints elsewhere (the object store, mirror peers) even a rewrite of
+//! the whole local chain and its local checkpoints is caught.
+//!
+//! Checkpoints are JSON lines in `<archive>/checkpoints` (appended, `fdatasync`ed), one object
+//! each: `{"archive","entries","chain","time_ms","key","signature"}` (hex). The signed bytes:
+//!
+//! ```text
+//! "spoolpair checkpoint 1" ‖ archive (16) ‖ entries (u64 BE) ‖ chain (32) ‖ time_ms (u64 BE)
+//! ```
+//!
+//! The signing key is a file of its own (`crate::checkpoint::Signer`), 0600, outside the archive
+//! directory, so that a copied-out archive carries no secret. Cryptography is `ed25519-dalek`.
+//! This module signs, checks and stores; when to sign is the writer's (`store.rs`).
+
+use crate::{hex, unhex, ArchiveId, EvidenceError};
+use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::Path;
+
+/// The checkpoints' file name in the archive directory.
+pub const FILE: &str = "checkpoints";
+
+/// One signed checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The archive.
+    pub archive: ArchiveId,
+    /// Entries covered: entries `0 .. entries` of the chain.
+    pub entries: u64,
+    /// The hash of entry `entries - 1`.
+    pub chain: [u8; 32],
+    /// When it was signed, ms since the epoch.
+    pub time_ms: u64,
+    /// The Ed25519 public key that signed it.
+    pub key: [u8; 32],
+    /// The signature over [`Checkpoint::signed_bytes`].
+    pub signature: [u8; 64],
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    archive: String,
+    entries: u64,
+    chain: String,
+    time_ms: u64,
+    key: String,
+    signature: String,
+}
+
+impl Checkpoint {
+    fn signed_bytes(archive: &ArchiveId, entries: u64, chain: &[u8; 32], time_ms: u64) -> Vec<u8> {
+        let mut b = Vec::with_capacity(96);
+        b.extend_from_slice(b"spoolpair checkpoint 1");
+        b.extend_from_slice(&archive.0);
+        b.extend_from_slice(&entries.to_be_bytes());
+        b.extend_from_slice(chain);
+        b.extend_from_slice(&time_ms.to_be_bytes());
+        b
+    }
+
+    /// Whether the signature is `key`'s over the checkpoint's fields.
+    pub fn signature_holds(&self) -> bool {
+        let Ok(key) = VerifyingKey::from_bytes(&self.key) else {
+            return false;
+        };
+        let signed =
+            Checkpoint::signed_bytes(&self.archive, self.entries, &self.chain, self.time_ms);
+        key.verify(&signed, &Signature::from_bytes(&self.signature))
+            .is_ok()
+    }
+
+    /// Its line in the checkpoints file (without the newline).
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(&Line {
+            archive: self.archive.to_string(),
+            entries: self.entries,
+            chain: hex(&self.chain),
+            time_ms: self.time_ms,
+            key: hex(&self.key),
+            signature: hex(&self.signature),
+        })
+        .unwrap_or_default()
+    }
+
+    /// Parses a line of the checkpoints file.
+    pub fn from_line(line: &str) -> Result<Checkpoint, String> {
+        let l: Line = serde_json::from_str(line).map_err(|e| format!("not a checkpoint: {e}"))?;
+        let field = |name: &str| format!("not a checkpoint: {name} is not hex of its length");
+        Ok(Checkpoint {
+            archive: ArchiveId::parse(&l.archive).ok_or_else(|| field("archive"))?,
+            entries: l.entries,
+            chain: unhex(&l.chain).ok_or_else(|| field("chain"))?,
+            time_ms: l.time_ms,
+            key: unhex(&l.key).ok_or_else(|| field("key"))?,
+            signature: unhex(&l.signature).ok_or_else(|| field("signature"))?,
+        })
+    }
+}
+
+/// A unit's signing key.
+pub struct Signer {
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        write!(f, "Signer({})", hex(&self.public()))
+    }
+}
+
+impl Signer {
+    /// A key that lives in memory only (tests, benchmarks).
+    pub fn ephemeral() -> Signer {
+        Signer {
+            key: SigningKey::from_bytes(&rand::random()),
+        }
+    }
+
+    /// Loads the key at `path`, or makes one there (0600, synced) when there is none. A key
+    /// file others may read is refused: whoever reads it can sign checkpoints.
+    pub fn load_or_create(path: &Path) -> Result<Signer, EvidenceError> {
+        let io = |what: &str, e: std::io::Error| {
+            EvidenceError::Io(format!("signing key {}: {what}: {e}", path.display()))
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let mode = std::fs::metadata(path)
+                    .map_err(|e| io("stat", e))?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    return Err(EvidenceError::Refused(format!(
+                        "signing key {} is readable by others (mode {:o}): chmod 600 it",
+                        path.display(),
+                        mode & 0o777
+                    )));
+                }
+                let seed: [u8; 32] = unhex(text.trim()).ok_or_else(|| {
+                    EvidenceError::Refused(format!(
+                        "signing key {} is not 64 hex digits",
+                        path.display()
+                    ))
+                })?;
+                Ok(Signer {
+                    key: SigningKey::from_bytes(&seed),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| io("create its directory", e))?;
+                }
+                let seed: [u8; 32] = rand::random();
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(|e| io("create", e))?;
+                f.write_all(format!("{}\n", hex(&seed)).as_bytes())
+                    .and_then(|()| f.sync_all())
+                    .map_err(|e| io("write", e))?;
+                if let Some(dir) = path.parent() {
+                    std::fs::File::open(dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|e| io("sync its directory", e))?;
+                }
+                tracing::info!(key = %hex(&SigningKey::from_bytes(&seed).verifying_key().to_bytes()), path = %path.display(), "archive: made a checkpoint signing key");
+                Ok(Signer {
+                    key: SigningKey::from_bytes(&seed),
+                })
+            }
+            Err(e) => Err(io("read", e)),
+        }
+    }
+
+    /// The public key (what verifiers are given).
+    pub fn public(&self) -> [u8; 32] {
+        self.key.verifying_key().to_bytes()
+    }
+
+    /// Signs a checkpoint of `archive` at `entries` entries whose last hash is `chain`.
+    pub fn sign(
+        &self,
+        archive: ArchiveId,
+        entries: u64,
+        chain: [u8; 32],
+        time_ms: u64,
+    ) -> Checkpoint {
+        let signed = Checkpoint::signed_bytes(&archive, entries, &chain, time_ms);
+        Checkpoint {
+            archive,
+            entries,
+            chain,
+            time_ms,
+            key: self.public(),
+            signature: self.key.sign(&signed).to_bytes(),
+        }
+    }
+}
+
+/// Appends `cp` to the checkpoints file in `dir` and syncs it.
+pub fn append(dir: &Path, cp: &Checkpoint) -> Result<(), EvidenceError> {
+    let path = dir.join(FILE);
+    let io = |e: std::io::Error| EvidenceError::Io(format!("{}: {e}", path.display()));
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .map_err(io)?;
+    f.write_all(format!("{}\n", cp.to_line()).as_bytes())
+        .and_then(|()| f.sync_data())
+        .map_err(io)
+}
+
+/// The checkpoints in a checkpoints file's text, each with its line number, and the lines that
+/// are not checkpoints (line number, why). A file that does not exist has none.
+pub type Lines = (Vec<(usize, Checkpoint)>, Vec<(usize, String)>);
+
+/// Reads the checkpoints file in `dir` ([`Lines`]).
+pub fn read(dir: &Path) -> Result<Lines, EvidenceError> {
+    let path = dir.join(FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(EvidenceError::Io(format!("{}: {e}", path.display()))),
+    };
+    Ok(parse(&text))
+}
+
+/// [`read`] of text already read.
+pub fn parse(text: &str) -> Lines {
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match Checkpoint::from_line(line) {
+            Ok(cp) => good.push((i + 1, cp)),
+            Err(e) => bad.push((i + 1, e)),
+        }
+    }
+    (good, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_holds_until_any_field_or_its_key_changes() {
+        let signer = Signer::ephemeral();
+        let cp = signer.sign(ArchiveId([1; 16]), 10, [2; 32], 1234);
+        assert!(cp.signature_holds());
+        let back = Checkpoint::from_line(&cp.to_line()).unwrap();
+        assert_eq!(back, cp);
+        let changes: [fn(&mut Checkpoint); 6] = [
+            |c| c.archive.0[0] ^= 1,
+            |c| c.entries += 1,
+            |c| c.chain[31] ^= 1,
+            |c| c.time_ms += 1,
+            |c| c.signature[0] ^= 1,
+            |c| c.key = Signer::ephemeral().public(),
+        ];
+        for (i, change) in changes.iter().enumerate() {
+            let mut c = cp.clone();
+            change(&mut c);
+            assert!(!c.signature_holds(), "change {i} still holds");
+        }
+    }
+
+    #[test]
+    fn the_key_file_is_made_private_once_and_a_readable_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys/archive.key");
+        let a = Signer::load_or_create(&path).unwrap();
+        let b = Signer::load_or_create(&path).unwrap();
+        assert_eq!(a.public(), b.public());
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(!format!("{a:?}").contains(&std::fs::read_to_string(&path).unwrap()[..64]));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Signer::load_or_create(&path).unwrap_err().to_string();
+        assert!(e.contains("readable by others (mode 644)"), "{e}");
+    }
+
+    #[test]
+    fn lines_that_are_not_checkpoints_are_named_by_number() {
+        let signer = Signer::ephemeral();
+        let cp = signer.sign(ArchiveId([1; 16]), 10, [2; 32], 1234);
+        let text = format!("{}\n{{\"archive\":1}}\n\n{}", cp.to_line(), "{\"arch");
+        let (good, bad) = parse(&text);
+        assert_eq!(good, vec![(1, cp)]);
+        assert_eq!(bad.iter().map(|b| b.0).collect::<Vec<_>>(), [2, 4]);
+    }
+}
