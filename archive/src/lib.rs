@@ -27,6 +27,8 @@ pub mod remote;
 pub mod store;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_evidence;
 
 pub use record::Item;
 pub use remote::{ObjectStoreConfig, Probe};
@@ -378,7 +380,7 @@ fn upload_loop(
 /// How a retention period is named in the tombstones it leaves.
 fn retention_rule(retention: Duration) -> String {
     let secs = retention.as_secs();
-    if secs % 86_400 == 0 {
+    if secs.is_multiple_of(86_400) {
         format!("retention {} days", secs / 86_400)
     } else {
         format!("retention {secs} s")
@@ -721,6 +723,62 @@ impl Archive {
         self.flush_index()?;
         v.index_entries = self.index.entries();
         Ok(v)
+    }
+
+    /// Proves the archive ([`proof`]): every segment (local or in the object store) read as of
+    /// one catalog snapshot, the chain linked and checked against the catalog's head, the
+    /// checkpoints file and the checkpoints others keep (`elsewhere`), every item's body hashed.
+    /// `trusted`: the signing keys to accept (none: the keys the chain names). With
+    /// `from_checkpoint`, entries up to the newest checkpoint that holds are taken as proved by
+    /// it. `progress(done, total)` counts segments read (twice: scan, then bodies).
+    pub fn prove(
+        &self,
+        trusted: Vec<[u8; 32]>,
+        from_checkpoint: bool,
+        elsewhere: &[(String, Vec<checkpoint::Checkpoint>)],
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<proof::Proof, ArchiveError> {
+        let (head, segments) = self.store.proof_snapshot()?;
+        let checkpoints = checkpoint::read(self.store.dir())?;
+        let from = from_checkpoint
+            .then(|| proof::starting_checkpoint(&checkpoints, &trusted))
+            .flatten();
+        let mut prover = proof::Prover::new(trusted, from);
+        let total = 2 * segments.len() as u64;
+        for (i, &(n, len)) in segments.iter().enumerate() {
+            prover.scan(n, &self.store.segment_bytes(n, len)?);
+            progress(i as u64 + 1, total);
+        }
+        prover.link(&checkpoints, Some(head), elsewhere);
+        let lens: std::collections::HashMap<u32, Option<u64>> = segments.iter().copied().collect();
+        let wanted = prover.wanted();
+        for (i, (n, places)) in wanted.into_iter().enumerate() {
+            let data = self
+                .store
+                .segment_bytes(n, lens.get(&n).copied().flatten())?;
+            for at in places {
+                let frame = data
+                    .get(at.offset as usize..(at.offset + u64::from(at.len)) as usize)
+                    .unwrap_or(&[]);
+                prover.body(at, frame);
+            }
+            progress(segments.len() as u64 + i as u64 + 1, total);
+        }
+        Ok(prover.finish())
+    }
+
+    /// The public key that signs this unit's checkpoints, and the archive's id once it has one.
+    pub fn signing_key(&self) -> Result<([u8; 32], Option<ArchiveId>), ArchiveError> {
+        Ok((self.signer.public(), self.store.archive_id()?))
+    }
+
+    /// Signs a checkpoint of the chain now if entries wait for one (tests, `archive verify`).
+    pub fn checkpoint_now(&self) -> Result<(), ArchiveError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.writer
+            .send(Request::Checkpoint(tx))
+            .map_err(|_| ArchiveError::Stopped)?;
+        rx.recv().map_err(|_| ArchiveError::Stopped)
     }
 
     /// Store-wide figures.

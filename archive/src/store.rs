@@ -145,6 +145,9 @@ pub struct Store {
     pub(crate) as_before_item_records: std::sync::atomic::AtomicBool,
 }
 
+/// A segment a proof reads: its number, and the length to read (`None`: whole).
+pub type ToRead = (u32, Option<u64>);
+
 /// Object store traffic since start.
 #[derive(Debug, Default)]
 pub struct RemoteCounters {
@@ -217,6 +220,8 @@ pub enum Request {
     Seal(Sender<Result<Option<u32>, ArchiveError>>),
     /// Rebuild the catalog from the segments (an empty or rebuilding catalog only).
     Rebuild(Sender<Result<Rebuilt, ArchiveError>>),
+    /// Sign a checkpoint now if entries wait for one.
+    Checkpoint(Sender<()>),
     /// Finish: the archive is closing.
     Stop,
 }
@@ -586,6 +591,31 @@ impl Store {
             },
             Err(e) => Err(io(e)),
         }
+    }
+
+    /// What a proof of the archive reads, as of one catalog snapshot: the chain's head, and
+    /// each segment with the length to read (the open segment's committed length; sealed ones
+    /// whole).
+    pub fn proof_snapshot(&self) -> Result<(Head, Vec<ToRead>), ArchiveError> {
+        let r = self.env.read_txn()?;
+        let head = self.chain_head(&r)?;
+        let open = self.meta.get(&r, OPEN_SEGMENT)?.unwrap_or(1) as u32;
+        let open_len = self.meta.get(&r, OPEN_LEN)?.unwrap_or(0);
+        let segments = self
+            .segments_in(&r)?
+            .into_iter()
+            .map(|s| (s.n, (s.n == open).then_some(open_len)))
+            .collect();
+        Ok((head, segments))
+    }
+
+    /// Segment `n`'s bytes, up to `len` if given (the proof's reads).
+    pub fn segment_bytes(&self, n: u32, len: Option<u64>) -> Result<Vec<u8>, ArchiveError> {
+        let mut data = self.read_segment(n)?;
+        if let Some(len) = len {
+            data.truncate(len as usize);
+        }
+        Ok(data)
     }
 
     /// The segment holding a body.
@@ -1569,6 +1599,10 @@ impl Writer {
             }
             Request::Seal(reply) => {
                 let _ = reply.send(self.seal_now());
+            }
+            Request::Checkpoint(reply) => {
+                self.checkpoint();
+                let _ = reply.send(());
             }
             Request::Rebuild(reply) => {
                 let store = self.store.clone();

@@ -22,7 +22,7 @@ pub(crate) fn incoming(id: &str, raw: &[u8], rcpt: &str) -> Incoming {
 
 /// Options for a test archive in `dir`: no free-space floor, the index's smallest heap, and no
 /// wait after creating a manifest (the in-memory store honours `If-None-Match`).
-fn options(dir: &std::path::Path) -> Options {
+pub(crate) fn options(dir: &std::path::Path) -> Options {
     let mut o = Options::new(dir.to_path_buf());
     o.free_bytes_min = 0;
     o.index_heap_bytes = 15 << 20;
@@ -194,7 +194,7 @@ fn body_bytes(dir: &std::path::Path) -> usize {
 }
 
 /// The records in a segment file, in order: kind, offset, frame length.
-fn records(path: &std::path::Path) -> Vec<(&'static str, usize, usize)> {
+pub(crate) fn records(path: &std::path::Path) -> Vec<(&'static str, usize, usize)> {
     let data = std::fs::read(path).unwrap();
     let mut at = 0;
     let mut kinds = Vec::new();
@@ -895,7 +895,7 @@ fn contents(a: &Archive) -> (ItemsAndBytes, (u64, u64, u64)) {
     (all, (t.items, t.raw_bytes, t.held))
 }
 
-fn wait_rebuilt(a: &Archive) {
+pub(crate) fn wait_rebuilt(a: &Archive) {
     let progress = &a.store().rebuild_progress;
     for _ in 0..500 {
         if !progress.pending.load(Ordering::SeqCst) && !progress.running.load(Ordering::SeqCst) {
@@ -908,7 +908,7 @@ fn wait_rebuilt(a: &Archive) {
 
 /// A history with every kind of record: items (shared bodies, mirrored ones), holds set and
 /// released, retention removals, a compaction that moved records forward.
-fn eventful(a: &Archive) {
+pub(crate) fn eventful(a: &Archive) {
     let body = |i: u32| -> Vec<u8> {
         let mut b = format!("Subject: event{i}\r\n\r\n").into_bytes();
         b.extend(

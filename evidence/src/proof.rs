@@ -283,6 +283,13 @@ impl Prover {
                 self.bodies_ok.insert(hash);
             }
             Err(why) => {
+                if self.hash_on_scan {
+                    // Damage is named where it is, whether or not an item needs the body.
+                    self.broke(
+                        format!("segment {n} offset {at}"),
+                        format!("a body record: {why}"),
+                    );
+                }
                 self.bodies_bad.insert(hash, (n, at, why));
             }
         }
@@ -666,6 +673,21 @@ impl Prover {
     }
 }
 
+/// The newest checkpoint whose signature holds under a trusted key (any key when none is
+/// given): where an incremental proof starts.
+pub fn starting_checkpoint(
+    checkpoints: &checkpoint::Lines,
+    trusted: &[[u8; 32]],
+) -> Option<Checkpoint> {
+    checkpoints
+        .0
+        .iter()
+        .rev()
+        .map(|(_, cp)| cp)
+        .find(|cp| cp.signature_holds() && (trusted.is_empty() || trusted.contains(&cp.key)))
+        .cloned()
+}
+
 /// Proves the archive in `dir` (its `segments/` and `checkpoints`, as copied out): every step
 /// over local files. `from_checkpoint` starts at the newest checkpoint whose signature holds.
 pub fn prove_dir(
@@ -677,17 +699,7 @@ pub fn prove_dir(
     let io = |e: std::io::Error| crate::EvidenceError::Io(format!("{}: {e}", dir.display()));
     let checkpoints = checkpoint::read(dir)?;
     let from = from_checkpoint
-        .then(|| {
-            checkpoints
-                .0
-                .iter()
-                .rev()
-                .map(|(_, cp)| cp)
-                .find(|cp| {
-                    cp.signature_holds() && (trusted.is_empty() || trusted.contains(&cp.key))
-                })
-                .cloned()
-        })
+        .then(|| starting_checkpoint(&checkpoints, &trusted))
         .flatten();
     let mut prover = Prover::new(trusted, from);
     let mut segments = BTreeMap::new();
