@@ -62,7 +62,7 @@ impl Long {
         match self {
             Long::Recover { progress, .. }
             | Long::ArchiveRetention { progress }
-            | Long::ArchiveVerify { progress }
+            | Long::ArchiveVerify { progress, .. }
             | Long::ArchiveReindex { progress }
             | Long::ArchiveRebuild { progress } => *progress,
         }
@@ -175,6 +175,8 @@ pub enum Local {
     ArchiveStatus,
     /// Seal the open segment now, so that it goes to the object store: [`ArchiveSealed`].
     ArchiveSeal,
+    /// The public key that signs the archive's checkpoints: [`ArchiveKey`].
+    ArchiveKey,
 }
 
 /// [`Request::Cluster`]: waits on other units.
@@ -295,11 +297,15 @@ pub enum Long {
         #[serde(default)]
         progress: bool,
     },
-    /// Read every body back against its hash; count index entries: [`ArchiveVerified`].
+    /// Prove the archive (its hash chain, checkpoints and bodies), read every item's body back
+    /// against its hash and count index entries: [`ArchiveVerified`].
     ArchiveVerify {
         /// Send [`Progress`] lines.
         #[serde(default)]
         progress: bool,
+        /// Take the entries the newest valid checkpoint covers as proved by it.
+        #[serde(default)]
+        from_checkpoint: bool,
     },
     /// Rebuild the full-text index from the catalog: [`ArchiveReindexed`].
     ArchiveReindex {
@@ -401,6 +407,19 @@ pub struct ArchiveHeld {
     pub matched: u64,
     /// Of those, items whose hold changed.
     pub changed: u64,
+}
+
+/// [`Local::ArchiveKey`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveKey {
+    /// The Ed25519 public key (64 hex digits) that signs this unit's checkpoints.
+    pub public_key: String,
+    /// The archive's id, once it has one.
+    pub archive: Option<String>,
+    /// The file of the private key (on the unit; readable by spoold only).
+    pub key_file: String,
+    /// The checkpoints file.
+    pub checkpoints: String,
 }
 
 /// [`Local::ArchiveSeal`].
@@ -704,6 +723,9 @@ pub struct ArchiveVerified {
     pub failed: Vec<Failed>,
     /// Entries in the full-text index (equal to `items` when consistent).
     pub index_entries: u64,
+    /// The proof of the archive's chain, checkpoints and bodies.
+    #[serde(default)]
+    pub proof: Option<evidence::proof::Proof>,
 }
 
 /// [`Long::ArchiveRebuild`].
@@ -1021,7 +1043,11 @@ mod tests {
             ),
             (
                 r#"{"cmd":"archive_verify","progress":true}"#,
-                Long::ArchiveVerify { progress: true }.into(),
+                Long::ArchiveVerify {
+                    progress: true,
+                    from_checkpoint: false,
+                }
+                .into(),
             ),
         ];
         for (wire, request) in classes {

@@ -276,8 +276,31 @@ enum ArchiveCmd {
     Retention,
     /// Rebuild the full-text index from the catalog.
     Reindex,
-    /// Read every item back against its hash and count the index's entries.
-    Verify,
+    /// Prove the archive: every entry of its hash chain present and linked, every checkpoint's
+    /// signature and hash, every item's body against its hash (and, on a unit, the catalog's
+    /// items and the index's count). Exits 1 when anything does not hold, naming each break.
+    /// With --dir it runs here, with no daemon, on an archive directory as copied out
+    /// (`segments/` and `checkpoints`): an auditor's machine needs the public key alone.
+    Verify {
+        /// Take the entries the newest valid checkpoint covers as proved by it: a quick run that
+        /// checks what changed since.
+        #[arg(long)]
+        from_checkpoint: bool,
+        /// Prove the archive in this directory, here (no daemon).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        /// With --dir: a trusted public key (64 hex digits, or a file holding them), from
+        /// `spoolctl archive key`; repeat for an archive that changed units. Without one the
+        /// keys the chain names are used, and the report says so.
+        #[arg(long = "public-key")]
+        public_keys: Vec<String>,
+        /// With --dir: a checkpoints file another holder kept (a mirror peer's, the object
+        /// store's); each of its checkpoints must hold and be in the local file. Repeatable.
+        #[arg(long = "peer-checkpoints")]
+        peer_checkpoints: Vec<std::path::PathBuf>,
+    },
+    /// The public key that signs this unit's archive checkpoints (give it to auditors).
+    Key,
     /// Rebuild the catalog from the segments (a lost catalog; or a new unit adopting a lost
     /// unit's archive with `archive.object_store.adopt`), or follow the rebuild under way;
     /// then verify.
@@ -446,7 +469,9 @@ fn archive_human(cmd: &ArchiveCmd, data: &Value) -> Result<String, String> {
         ArchiveCmd::Status => text::<api::ArchiveStatus>(data)?,
         ArchiveCmd::Seal => text::<api::ArchiveSealed>(data)?,
         ArchiveCmd::Retention => text::<api::ArchiveExpired>(data)?,
-        ArchiveCmd::Verify => text::<api::ArchiveVerified>(data)?,
+        ArchiveCmd::Verify { dir: Some(_), .. } => text::<evidence::proof::Proof>(data)?,
+        ArchiveCmd::Verify { dir: None, .. } => text::<api::ArchiveVerified>(data)?,
+        ArchiveCmd::Key => text::<api::ArchiveKey>(data)?,
         ArchiveCmd::Reindex => text::<api::ArchiveReindexed>(data)?,
         ArchiveCmd::Rebuild => text::<api::ArchiveRebuilt>(data)?,
     })
@@ -473,12 +498,74 @@ fn archive_request(cmd: &ArchiveCmd) -> Request {
         ArchiveCmd::Retention => Request::from(Long::ArchiveRetention { progress: true }),
         ArchiveCmd::Reindex => Request::from(Long::ArchiveReindex { progress: true }),
         ArchiveCmd::Rebuild => Request::from(Long::ArchiveRebuild { progress: true }),
-        ArchiveCmd::Verify => Request::from(Long::ArchiveVerify { progress: true }),
+        ArchiveCmd::Verify {
+            from_checkpoint, ..
+        } => Request::from(Long::ArchiveVerify {
+            progress: true,
+            from_checkpoint: *from_checkpoint,
+        }),
+        ArchiveCmd::Key => Request::from(Local::ArchiveKey),
     }
+}
+
+/// `archive verify --dir`: the proof here, over files, with no daemon.
+fn prove_offline(
+    dir: &std::path::Path,
+    from_checkpoint: bool,
+    public_keys: &[String],
+    peer_checkpoints: &[std::path::PathBuf],
+) -> Result<Value, (u8, String)> {
+    let usage = |msg: String| (2u8, msg);
+    let mut trusted = Vec::new();
+    for k in public_keys {
+        let text = match std::fs::read_to_string(k) {
+            Ok(t) => t,
+            Err(_) => k.clone(),
+        };
+        trusted.push(evidence::unhex::<32>(text.trim()).ok_or_else(|| {
+            usage(format!(
+                "--public-key {k:?}: neither 64 hex digits nor a file holding them"
+            ))
+        })?);
+    }
+    let mut elsewhere = Vec::new();
+    for file in peer_checkpoints {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| usage(format!("--peer-checkpoints {}: {e}", file.display())))?;
+        let (good, bad) = evidence::checkpoint::parse(&text);
+        if let Some((line, why)) = bad.first() {
+            return Err(usage(format!(
+                "--peer-checkpoints {} line {line}: {why}",
+                file.display()
+            )));
+        }
+        elsewhere.push((
+            file.display().to_string(),
+            good.into_iter().map(|(_, cp)| cp).collect(),
+        ));
+    }
+    if !dir.join("segments").is_dir() {
+        return Err(usage(format!(
+            "--dir {}: no segments/ there (give the archive's directory)",
+            dir.display()
+        )));
+    }
+    let proof = evidence::proof::prove_dir(dir, trusted, from_checkpoint, &elsewhere)
+        .map_err(|e| (1u8, e.to_string()))?;
+    serde_json::to_value(proof).map_err(|e| (3u8, e.to_string()))
 }
 
 fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8, String)> {
     let req = match &cli.cmd {
+        Cmd::Archive {
+            cmd:
+                ArchiveCmd::Verify {
+                    dir: Some(dir),
+                    from_checkpoint,
+                    public_keys,
+                    peer_checkpoints,
+                },
+        } => return prove_offline(dir, *from_checkpoint, public_keys, peer_checkpoints),
         Cmd::Archive { cmd } => {
             return call_with_progress(&cli.state_dir, &archive_request(cmd), on_progress)
         }
@@ -642,7 +729,7 @@ fn main() -> ExitCode {
             | Cmd::Archive {
                 cmd: ArchiveCmd::Retention
                     | ArchiveCmd::Reindex
-                    | ArchiveCmd::Verify
+                    | ArchiveCmd::Verify { dir: None, .. }
                     | ArchiveCmd::Rebuild
             }
     );
@@ -714,6 +801,8 @@ fn main() -> ExitCode {
             };
             print!("{text}");
             let partly_failed = data["failed"].as_array().is_some_and(|f| !f.is_empty())
+                || data["break_count"].as_u64().is_some_and(|n| n > 0)
+                || data["proof"]["break_count"].as_u64().is_some_and(|n| n > 0)
                 || data["corrupt"].as_array().is_some_and(|c| !c.is_empty());
             let _ = std::io::stdout().flush();
             ExitCode::from(u8::from(partly_failed))

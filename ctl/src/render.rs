@@ -33,6 +33,13 @@ impl Render for Vec<api::Listed> {
     }
 }
 
+/// A time in ms since the epoch, as UTC to the second.
+fn utc_ms(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_else(|| format!("{ms} ms"))
+}
+
 /// One archived item on one line (search results).
 fn item_line(i: &api::ArchiveItem) -> String {
     let when = chrono::DateTime::from_timestamp_millis(i.arrived_ms as i64)
@@ -442,8 +449,83 @@ impl Render for api::ArchiveExpired {
     }
 }
 
+impl Render for evidence::proof::Proof {
+    fn render(&self, out: &mut String) {
+        for b in &self.breaks {
+            out.push_str(&format!("BROKEN {}: {}\n", b.at, b.what));
+        }
+        if self.break_count > self.breaks.len() as u64 {
+            out.push_str(&format!(
+                "BROKEN and {} more not listed\n",
+                self.break_count - self.breaks.len() as u64
+            ));
+        }
+        out.push_str(&format!(
+            "archive {}: chain of {} entries{} (head {}), {} segment(s) read\n",
+            self.archive.as_deref().unwrap_or("(no genesis found)"),
+            self.entries,
+            if self.from > 0 {
+                format!(
+                    ", linked from entry {} (a checkpoint proves those before)",
+                    self.from
+                )
+            } else {
+                String::new()
+            },
+            self.head,
+            self.segments
+        ));
+        out.push_str(&format!(
+            "items {} / bodies equal to their hash {} / removed with a tombstone {}{}\n",
+            self.items,
+            self.bodies,
+            self.tombstones,
+            if self.unchained > 0 {
+                format!(" / records from before the chain {}", self.unchained)
+            } else {
+                String::new()
+            }
+        ));
+        out.push_str(&format!(
+            "checkpoints holding {}{}; signers {} ({})\n",
+            self.checkpoints,
+            self.last_checkpoint
+                .map(|(n, t)| format!(", the newest of {n} entries at {}", utc_ms(t)))
+                .unwrap_or_default(),
+            self.signers.join(", "),
+            if self.keys_given {
+                "checked against the keys given"
+            } else {
+                "the keys the chain names: give --public-key to check them against a key you trust"
+            }
+        ));
+        out.push_str(if self.holds() {
+            "PROVED: nothing altered, missing or out of order\n"
+        } else {
+            "NOT PROVED\n"
+        });
+    }
+}
+
+impl Render for api::ArchiveKey {
+    fn render(&self, out: &mut String) {
+        out.push_str(&format!(
+            "public key {}\narchive {}\nprivate key file {} (stays on this unit)\ncheckpoints {}\n",
+            self.public_key,
+            self.archive
+                .as_deref()
+                .unwrap_or("(none yet: made with the first item)"),
+            self.key_file,
+            self.checkpoints
+        ));
+    }
+}
+
 impl Render for api::ArchiveVerified {
     fn render(&self, out: &mut String) {
+        if let Some(p) = &self.proof {
+            p.render(out);
+        }
         for f in &self.failed {
             out.push_str(&format!("FAILED item {}: {}\n", f.id, f.error));
         }

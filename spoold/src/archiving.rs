@@ -42,6 +42,8 @@ pub struct Archiving {
     /// Archive writes in flight from the async side: each holds a blocking thread, and a backlog
     /// drained at full speed must not turn into hundreds of threads waiting on one catalog.
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// The file of the key that signs the archive's checkpoints.
+    signing_key_file: std::path::PathBuf,
 }
 
 /// Archive writes started at once from the async side; the catalog takes one writer at a time,
@@ -113,6 +115,9 @@ impl Archiving {
         opts.cache_bytes = a.cache_bytes;
         opts.node = cfg.node_name.clone();
         opts.seal_after = (a.seal_secs > 0).then(|| std::time::Duration::from_secs(a.seal_secs));
+        opts.signing_key = Some(a.signing_key_file(&cfg.state_dir));
+        opts.checkpoint_entries = a.checkpoint_entries;
+        opts.checkpoint_after = std::time::Duration::from_secs(a.checkpoint_secs);
         let mut reachable = false;
         if let Some(o) = &a.object_store {
             let store = o.resolve()?;
@@ -159,6 +164,7 @@ impl Archiving {
             waiting: Mutex::new(HashSet::new()),
             failing: Mutex::new(None),
             in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MAX)),
+            signing_key_file: a.signing_key_file(&cfg.state_dir),
             mirrors,
             received: Arc::new(ReceiverStats::default()),
             wake: Arc::new(tokio::sync::Notify::new()),
@@ -681,10 +687,47 @@ impl Archiving {
         })
     }
 
-    /// `archive verify`.
-    pub fn verify(&self, progress: impl FnMut(u64, u64)) -> Result<api::ArchiveVerified, String> {
-        let v = self.archive.verify(progress).map_err(|e| e.to_string())?;
+    /// `archive key`.
+    pub fn key(&self) -> Result<api::ArchiveKey, String> {
+        let (public, archive) = self.archive.signing_key().map_err(|e| e.to_string())?;
+        Ok(api::ArchiveKey {
+            public_key: evidence::hex(&public),
+            archive: archive.map(|a| a.to_string()),
+            key_file: self.signing_key_file.display().to_string(),
+            checkpoints: self
+                .archive
+                .store()
+                .dir()
+                .join(evidence::checkpoint::FILE)
+                .display()
+                .to_string(),
+        })
+    }
+
+    /// `archive verify`: the proof of the chain, checkpoints and bodies (every segment, as of
+    /// one catalog snapshot), then every catalog item's body and the index's count.
+    pub fn verify(
+        &self,
+        from_checkpoint: bool,
+        mut progress: impl FnMut(&str, u64, u64),
+    ) -> Result<api::ArchiveVerified, String> {
+        let proof = self
+            .archive
+            .prove(vec![], from_checkpoint, &[], |d, t| progress("prove", d, t))
+            .map_err(|e| e.to_string())?;
+        if !proof.holds() {
+            tracing::error!(
+                breaks = proof.break_count,
+                first = ?proof.breaks.first(),
+                "archive: the proof of the archive found breaks"
+            );
+        }
+        let v = self
+            .archive
+            .verify(|d, t| progress("verify", d, t))
+            .map_err(|e| e.to_string())?;
         Ok(api::ArchiveVerified {
+            proof: Some(proof),
             items: v.items,
             ok: v.ok,
             failed: v
@@ -710,7 +753,7 @@ impl Archiving {
             .archive
             .rebuild(|p| progress("rebuild", p.done.load(SeqCst), p.segments.load(SeqCst)))
             .map_err(|e| e.to_string())?;
-        let verified = self.verify(|d, t| progress("verify", d, t))?;
+        let verified = self.verify(false, &mut progress)?;
         Ok(api::ArchiveRebuilt {
             segments: r.segments,
             from_store: r.from_store,

@@ -99,6 +99,14 @@ pub struct ArchiveConfig {
     pub seal_secs: u64,
     /// Sealed segments go to this S3-compatible object store.
     pub object_store: Option<ObjectStoreToml>,
+    /// The key that signs the archive's checkpoints (made at first start, 0600; default
+    /// `keys/archive-signing.key` in the state directory, outside the archive's directory so a
+    /// copy of the archive carries no secret).
+    pub signing_key_file: Option<PathBuf>,
+    /// Sign a checkpoint of the archive's hash chain once this many entries are unsigned ...
+    pub checkpoint_entries: u64,
+    /// ... or once an entry has waited this many seconds for one.
+    pub checkpoint_secs: u64,
 }
 
 /// `[archive.object_store]`. The secret key comes from a file or the environment, never from
@@ -228,6 +236,9 @@ impl Default for ArchiveConfig {
             cache_bytes: 1 << 30,
             seal_secs: 300,
             object_store: None,
+            signing_key_file: None,
+            checkpoint_entries: 1000,
+            checkpoint_secs: 60,
         }
     }
 }
@@ -238,6 +249,13 @@ impl ArchiveConfig {
         self.dir
             .clone()
             .unwrap_or_else(|| state_dir.join("archive"))
+    }
+
+    /// The file of the key that signs the archive's checkpoints.
+    pub fn signing_key_file(&self, state_dir: &Path) -> PathBuf {
+        self.signing_key_file
+            .clone()
+            .unwrap_or_else(|| state_dir.join("keys").join("archive-signing.key"))
     }
 
     /// The listener's shared secret.
@@ -787,6 +805,12 @@ impl Config {
             }
         }
         let a = &self.archive;
+        if a.checkpoint_entries == 0 {
+            bail!("key `archive.checkpoint_entries`: 0; a checkpoint needs at least one entry to sign");
+        }
+        if a.checkpoint_secs == 0 {
+            bail!("key `archive.checkpoint_secs`: 0; give the seconds an entry may wait for its checkpoint");
+        }
         if a.segment_bytes_max < 1 << 20 {
             bail!(
                 "key `archive.segment_bytes_max`: {} is below 1 MiB",

@@ -375,6 +375,10 @@ fn kill9_during_archive_writes_loses_no_archived_item_and_no_entry_lacks_its_bod
     assert_eq!(v["ok"], archived);
     assert_eq!(v["index_entries"], archived);
     assert!(v["failed"].as_array().unwrap().is_empty());
+    // The chain survived the kill: every entry in sequence, linked, every body equal to its hash.
+    assert_eq!(v["proof"]["break_count"], 0, "{v}");
+    assert_eq!(v["proof"]["items"], archived);
+    assert!(v["proof"]["entries"].as_u64().unwrap() > archived);
 }
 
 #[test]

@@ -87,7 +87,7 @@ pub struct Admin {
 enum ArchivePass {
     Retention,
     Reindex,
-    Verify,
+    Verify { from_checkpoint: bool },
     Rebuild,
 }
 
@@ -175,7 +175,9 @@ impl Admin {
             } => return reply(self.recover(dry_run, from_dir, tx).await?),
             Long::ArchiveRetention { .. } => ArchivePass::Retention,
             Long::ArchiveReindex { .. } => ArchivePass::Reindex,
-            Long::ArchiveVerify { .. } => ArchivePass::Verify,
+            Long::ArchiveVerify {
+                from_checkpoint, ..
+            } => ArchivePass::Verify { from_checkpoint },
             Long::ArchiveRebuild { .. } => ArchivePass::Rebuild,
         };
         let me = self.clone();
@@ -298,7 +300,9 @@ impl Admin {
                 reply(a.run_retention(|n| step("expire", n, total))?)
             }
             ArchivePass::Reindex => reply(a.reindex(|d, t| step("reindex", d, t))?),
-            ArchivePass::Verify => reply(a.verify(|d, t| step("verify", d, t))?),
+            ArchivePass::Verify { from_checkpoint } => {
+                reply(a.verify(from_checkpoint, |what, d, t| step(what, d, t))?)
+            }
             ArchivePass::Rebuild => reply(a.rebuild(step)?),
         }
     }
@@ -313,6 +317,7 @@ impl Admin {
             Local::ArchiveExport { id } => reply(self.archiving()?.export(&id)?),
             Local::ArchiveHold { target, held } => reply(self.archiving()?.hold(&target, held)?),
             Local::ArchiveStatus => reply(self.archiving()?.status()?),
+            Local::ArchiveKey => reply(self.archiving()?.key()?),
             Local::ArchiveSeal => {
                 let a = self.archiving()?;
                 reply(api::ArchiveSealed {

@@ -1,0 +1,165 @@
+//! The archive as evidence through the real daemon and spoolctl: the unit's signing key is made
+//! private at first start and stays out of the archive; `spoolctl archive verify` proves the
+//! chain, checkpoints and bodies on the unit; an auditor proves a copied-out archive with
+//! `spoolctl archive verify --dir` and the public key alone (no daemon); a cut tail, a body
+//! replaced under its own hash and a stranger's key each fail the proof, named, with exit 1.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use tests::{send_numbered, spoolctl, wait_until, write_config, Daemon, SmtpSink};
+
+fn ctl_json(d: &Daemon, args: &[&str]) -> Value {
+    let mut all = vec!["--json", "archive"];
+    all.extend_from_slice(args);
+    let (code, out, err) = spoolctl(d, &all);
+    assert_eq!(code, 0, "spoolctl archive {args:?}: {out}{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// `spoolctl archive verify --dir …` with no daemon and no state directory: exit code, stdout.
+fn verify_offline(dir: &Path, args: &[&str]) -> (i32, String) {
+    let bin = tests::spoold_bin().with_file_name("spoolctl");
+    let out = Command::new(bin)
+        .args(["archive", "verify", "--dir"])
+        .arg(dir)
+        .args(args)
+        .env_remove("SPOOLPAIR_STATE_DIR")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// What an auditor receives: the archive's `segments/` and `checkpoints`.
+fn copy_out(archive: &Path) -> tempfile::TempDir {
+    let to = tempfile::tempdir().unwrap();
+    std::fs::create_dir(to.path().join("segments")).unwrap();
+    for e in std::fs::read_dir(archive.join("segments")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.path().join("segments").join(e.file_name())).unwrap();
+    }
+    std::fs::copy(archive.join("checkpoints"), to.path().join("checkpoints")).unwrap();
+    to
+}
+
+fn newest_segment(dir: &Path) -> std::path::PathBuf {
+    let mut segs: Vec<_> = std::fs::read_dir(dir.join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| std::fs::metadata(p).unwrap().len() > 0)
+        .collect();
+    segs.sort();
+    segs.pop().unwrap()
+}
+
+#[test]
+fn an_auditor_proves_a_copied_out_archive_with_the_public_key_alone_and_tampering_fails() {
+    let sink = SmtpSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "node_name = \"ev\"\n[delivery]\ndefault_next_hop = \"{}\"\n[archive]\ncheckpoint_entries = 25\n",
+            sink.addr
+        ),
+    );
+    let mut d = Daemon::start_delivering(&["--config", &cfg]);
+    let sent = send_numbered(d.smtp, 0, 120);
+    assert_eq!(sent.len(), 120);
+    assert!(wait_until(60, || d.spooled_ids().is_empty()));
+
+    // The key: private, outside the archive directory; its public half printed.
+    let key = ctl_json(&d, &["key"]);
+    let public = key["public_key"].as_str().unwrap().to_string();
+    assert_eq!(public.len(), 64);
+    let key_file = Path::new(key["key_file"].as_str().unwrap()).to_path_buf();
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let archive = d.state.join("archive");
+    assert!(!key_file.starts_with(&archive), "{}", key_file.display());
+    let secret = std::fs::read_to_string(&key_file)
+        .unwrap()
+        .trim()
+        .to_string();
+
+    // On the unit: the proof holds, one entry per item after the genesis.
+    let v = ctl_json(&d, &["verify"]);
+    let proof = &v["proof"];
+    assert_eq!(proof["break_count"], 0, "{v}");
+    assert_eq!(proof["items"], 120);
+    assert_eq!(proof["bodies"], 120);
+    assert_eq!(proof["entries"], 121);
+    assert!(proof["checkpoints"].as_u64().unwrap() >= 4, "{v}");
+    assert_eq!(v["failed"].as_array().unwrap().len(), 0);
+
+    // A clean stop signs the head; the auditor gets a copy and the public key.
+    assert_eq!(d.stop(), Some(0));
+    let copy = copy_out(&archive);
+    for e in walk(copy.path()) {
+        let bytes = std::fs::read(&e).unwrap();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the private key is in {}",
+            e.display()
+        );
+    }
+    let (code, out) = verify_offline(copy.path(), &["--public-key", &public]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("PROVED"), "{out}");
+    assert!(out.contains("chain of 121 entries"), "{out}");
+    assert!(out.contains("checked against the keys given"), "{out}");
+
+    // A stranger's key: every checkpoint is named.
+    let stranger = "11".repeat(32);
+    let (code, out) = verify_offline(copy.path(), &["--public-key", &stranger]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not given to the verifier"), "{out}");
+
+    // The tail cut off: the last checkpoint signs more than the segments hold.
+    let cut = copy_out(&archive);
+    let seg = newest_segment(cut.path());
+    let len = std::fs::metadata(&seg).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+    let (code, out) = verify_offline(cut.path(), &["--public-key", &public]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("BROKEN"), "{out}");
+    assert!(
+        out.contains("cut off or deleted") || out.contains("record cut short"),
+        "{out}"
+    );
+    assert!(out.contains("NOT PROVED"), "{out}");
+
+    // The unit goes on: a restart, more mail, still proved, the chain continued.
+    d.restart();
+    let more = send_numbered(d.smtp, 120, 10);
+    assert_eq!(more.len(), 10);
+    assert!(wait_until(60, || d.spooled_ids().is_empty()));
+    let v = ctl_json(&d, &["verify"]);
+    assert_eq!(v["proof"]["break_count"], 0, "{v}");
+    assert_eq!(v["proof"]["entries"], 131);
+    let v = ctl_json(&d, &["verify", "--from-checkpoint"]);
+    assert_eq!(v["proof"]["break_count"], 0, "{v}");
+    assert!(v["proof"]["from"].as_u64().unwrap() >= 121, "{v}");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
