@@ -177,6 +177,18 @@ pub enum Local {
     ArchiveSeal,
     /// The public key that signs the archive's checkpoints: [`ArchiveKey`].
     ArchiveKey,
+    /// The audit log's entries (who looked at what), oldest first:
+    /// `Vec<evidence::audit::Entry>`.
+    AuditList {
+        /// Only entries numbered from this one.
+        #[serde(default)]
+        from: u64,
+        /// At most this many (the newest when cut).
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+    /// Prove the audit log (chain, checkpoints): `evidence::audit::AuditProof`.
+    AuditVerify,
 }
 
 /// [`Request::Cluster`]: waits on other units.

@@ -767,6 +767,11 @@ impl Archive {
         Ok(prover.finish())
     }
 
+    /// The key that signs this unit's checkpoints (the audit log's too).
+    pub fn signer(&self) -> Arc<checkpoint::Signer> {
+        self.signer.clone()
+    }
+
     /// The public key that signs this unit's checkpoints, and the archive's id once it has one.
     pub fn signing_key(&self) -> Result<([u8; 32], Option<ArchiveId>), ArchiveError> {
         Ok((self.signer.public(), self.store.archive_id()?))

@@ -1273,6 +1273,7 @@ impl Writer {
             )
         };
         // The checkpoints file says what was signed; entries past it wait for the next one.
+        checkpoint::cut_torn_tail(store.dir())?;
         let signed = checkpoint::read(store.dir())?
             .0
             .last()

@@ -43,6 +43,12 @@ struct Cli {
 enum Cmd {
     /// Role, partner link, lag, pending replication actions, queue depth by folder.
     Status,
+    /// The record of who looked at archive content (every search, show, export, hold,
+    /// retention, verify, rebuild, key request: who, when, what, which items).
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
     /// Set this unit's role.
     Role {
         /// active or passive
@@ -249,6 +255,33 @@ enum ConfigCmd {
 }
 
 #[derive(Subcommand)]
+enum AuditCmd {
+    /// The entries, oldest first.
+    List {
+        /// Only entries numbered from this one.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// At most this many (the newest).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Read the log in this directory, here (no daemon).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
+    /// Prove the log: every line in sequence and linked to the one before, every checkpoint
+    /// signed and matching. Exits 1 naming each break.
+    Verify {
+        /// Prove the log in this directory, here (no daemon): a copy an auditor received.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        /// With --dir: the trusted public key (hex, or a file holding it); without one, the
+        /// key the log's first line names.
+        #[arg(long = "public-key")]
+        public_keys: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum ArchiveCmd {
     /// Search: from: to: subject: body: filename: msgid: id: origin: after:DATE before:DATE
     /// has:attachment size:>N size:<N, bare words and "phrases", all required. Newest first.
@@ -424,6 +457,12 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
         Cmd::Status => text::<api::Status>(data)?,
         Cmd::Role { .. } => text::<api::RoleSet>(data)?,
         Cmd::Archive { cmd } => archive_human(cmd, data)?,
+        Cmd::Audit {
+            cmd: AuditCmd::List { .. },
+        } => text::<Vec<evidence::audit::Entry>>(data)?,
+        Cmd::Audit {
+            cmd: AuditCmd::Verify { .. },
+        } => text::<evidence::audit::AuditProof>(data)?,
         Cmd::Config {
             cmd: ConfigCmd::Show { .. },
         } => text::<api::ConfigShown>(data)?,
@@ -516,18 +555,7 @@ fn prove_offline(
     peer_checkpoints: &[std::path::PathBuf],
 ) -> Result<Value, (u8, String)> {
     let usage = |msg: String| (2u8, msg);
-    let mut trusted = Vec::new();
-    for k in public_keys {
-        let text = match std::fs::read_to_string(k) {
-            Ok(t) => t,
-            Err(_) => k.clone(),
-        };
-        trusted.push(evidence::unhex::<32>(text.trim()).ok_or_else(|| {
-            usage(format!(
-                "--public-key {k:?}: neither 64 hex digits nor a file holding them"
-            ))
-        })?);
-    }
+    let trusted = trusted_keys(public_keys)?;
     let mut elsewhere = Vec::new();
     for file in peer_checkpoints {
         let text = std::fs::read_to_string(file)
@@ -555,6 +583,54 @@ fn prove_offline(
     serde_json::to_value(proof).map_err(|e| (3u8, e.to_string()))
 }
 
+/// `audit list|verify --dir`: over files, with no daemon.
+fn audit_offline(cmd: &AuditCmd) -> Option<Result<Value, (u8, String)>> {
+    let to_value = |v: Result<Value, serde_json::Error>| v.map_err(|e| (3u8, e.to_string()));
+    match cmd {
+        AuditCmd::List {
+            dir: Some(dir),
+            from,
+            limit,
+        } => Some(
+            evidence::audit::list(dir)
+                .map_err(|e| (1u8, e.to_string()))
+                .and_then(|all| {
+                    let mut entries: Vec<_> = all.into_iter().filter(|e| e.n >= *from).collect();
+                    if let Some(limit) = limit {
+                        let cut = entries.len().saturating_sub(*limit);
+                        entries.drain(..cut);
+                    }
+                    to_value(serde_json::to_value(entries))
+                }),
+        ),
+        AuditCmd::Verify {
+            dir: Some(dir),
+            public_keys,
+        } => Some(trusted_keys(public_keys).and_then(|keys| {
+            evidence::audit::prove(dir, &keys)
+                .map_err(|e| (1u8, e.to_string()))
+                .and_then(|p| to_value(serde_json::to_value(p)))
+        })),
+        _ => None,
+    }
+}
+
+/// `--public-key` values: 64 hex digits, or files holding them.
+fn trusted_keys(public_keys: &[String]) -> Result<Vec<[u8; 32]>, (u8, String)> {
+    public_keys
+        .iter()
+        .map(|k| {
+            let text = std::fs::read_to_string(k).unwrap_or_else(|_| k.clone());
+            evidence::unhex::<32>(text.trim()).ok_or_else(|| {
+                (
+                    2u8,
+                    format!("--public-key {k:?}: neither 64 hex digits nor a file holding them"),
+                )
+            })
+        })
+        .collect()
+}
+
 fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8, String)> {
     let req = match &cli.cmd {
         Cmd::Archive {
@@ -568,6 +644,18 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
         } => return prove_offline(dir, *from_checkpoint, public_keys, peer_checkpoints),
         Cmd::Archive { cmd } => {
             return call_with_progress(&cli.state_dir, &archive_request(cmd), on_progress)
+        }
+        Cmd::Audit { cmd } => {
+            if let Some(done) = audit_offline(cmd) {
+                return done;
+            }
+            match cmd {
+                AuditCmd::List { from, limit, .. } => Request::from(Local::AuditList {
+                    from: *from,
+                    limit: *limit,
+                }),
+                AuditCmd::Verify { .. } => Request::from(Local::AuditVerify),
+            }
         }
         Cmd::Status => Request::from(Local::Status),
         Cmd::Role { role } => Request::from(Local::Role { role: role.clone() }),
@@ -802,6 +890,7 @@ fn main() -> ExitCode {
             print!("{text}");
             let partly_failed = data["failed"].as_array().is_some_and(|f| !f.is_empty())
                 || data["break_count"].as_u64().is_some_and(|n| n > 0)
+                || data["breaks"].as_array().is_some_and(|b| !b.is_empty())
                 || data["proof"]["break_count"].as_u64().is_some_and(|n| n > 0)
                 || data["corrupt"].as_array().is_some_and(|c| !c.is_empty());
             let _ = std::io::stdout().flush();

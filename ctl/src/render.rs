@@ -507,6 +507,50 @@ impl Render for evidence::proof::Proof {
     }
 }
 
+impl Render for Vec<evidence::audit::Entry> {
+    fn render(&self, out: &mut String) {
+        for e in self {
+            let which = if e.which.is_empty() {
+                String::new()
+            } else if (e.which.len() as u64) < e.items {
+                format!(" items {} (of {})", e.which.join(","), e.items)
+            } else {
+                format!(" items {}", e.which.join(","))
+            };
+            out.push_str(&format!(
+                "{:>6} {} {} (uid {}) {} {:?}{}\n",
+                e.n,
+                utc_ms(e.time_ms),
+                e.user,
+                e.uid,
+                e.action,
+                e.detail,
+                which
+            ));
+        }
+    }
+}
+
+impl Render for evidence::audit::AuditProof {
+    fn render(&self, out: &mut String) {
+        for b in &self.breaks {
+            out.push_str(&format!("BROKEN {}: {}\n", b.at, b.what));
+        }
+        out.push_str(&format!(
+            "audit log: {} entries, {} checkpoints holding, signer {} ({})\n{}\n",
+            self.entries,
+            self.checkpoints,
+            self.signer.as_deref().unwrap_or("unknown"),
+            if self.keys_given {
+                "checked against the keys given"
+            } else {
+                "the key the log names: give --public-key to check it against a key you trust"
+            },
+            if self.holds() { "PROVED" } else { "NOT PROVED" }
+        ));
+    }
+}
+
 impl Render for api::ArchiveKey {
     fn render(&self, out: &mut String) {
         out.push_str(&format!(

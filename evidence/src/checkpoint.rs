@@ -206,16 +206,61 @@ impl Signer {
 
 /// Appends `cp` to the checkpoints file in `dir` and syncs it.
 pub fn append(dir: &Path, cp: &Checkpoint) -> Result<(), EvidenceError> {
-    let path = dir.join(FILE);
+    append_to(&dir.join(FILE), cp)
+}
+
+/// Appends `cp` to the checkpoints file `path` and syncs it.
+pub fn append_to(path: &Path, cp: &Checkpoint) -> Result<(), EvidenceError> {
     let io = |e: std::io::Error| EvidenceError::Io(format!("{}: {e}", path.display()));
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
-        .open(&path)
+        .open(path)
         .map_err(io)?;
-    f.write_all(format!("{}\n", cp.to_line()).as_bytes())
-        .and_then(|()| f.sync_data())
-        .map_err(io)
+    let before = f.metadata().map_err(io)?.len();
+    let written = f
+        .write_all(format!("{}\n", cp.to_line()).as_bytes())
+        .and_then(|()| f.sync_data());
+    if let Err(e) = written {
+        // A line cut short by a full disk must not stay for the next one to follow.
+        let _ = f.set_len(before);
+        return Err(io(e));
+    }
+    Ok(())
+}
+
+/// Cuts a line a crash left half-written at the end of the checkpoints file in `dir` (a
+/// checkpoint is appended whole, then synced: only the last line can be torn). Answers the bytes
+/// cut.
+pub fn cut_torn_tail(dir: &Path) -> Result<u64, EvidenceError> {
+    cut_torn_file(&dir.join(FILE))
+}
+
+/// [`cut_torn_tail`] of any file of lines appended whole.
+pub fn cut_torn_file(path: &Path) -> Result<u64, EvidenceError> {
+    let io = |e: std::io::Error| EvidenceError::Io(format!("{}: {e}", path.display()));
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io(e)),
+    };
+    if text.is_empty() || text.ends_with(b"\n") {
+        return Ok(0);
+    }
+    let keep = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    f.set_len(keep as u64)
+        .and_then(|()| f.sync_all())
+        .map_err(io)?;
+    tracing::warn!(
+        bytes = text.len() - keep,
+        file = %path.display(),
+        "archive: a line half-written at a crash was cut"
+    );
+    Ok((text.len() - keep) as u64)
 }
 
 /// The checkpoints in a checkpoints file's text, each with its line number, and the lines that
@@ -224,8 +269,12 @@ pub type Lines = (Vec<(usize, Checkpoint)>, Vec<(usize, String)>);
 
 /// Reads the checkpoints file in `dir` ([`Lines`]).
 pub fn read(dir: &Path) -> Result<Lines, EvidenceError> {
-    let path = dir.join(FILE);
-    let text = match std::fs::read_to_string(&path) {
+    read_file(&dir.join(FILE))
+}
+
+/// [`read`] of the checkpoints file `path`.
+pub fn read_file(path: &Path) -> Result<Lines, EvidenceError> {
+    let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(EvidenceError::Io(format!("{}: {e}", path.display()))),
@@ -290,6 +339,22 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = Signer::load_or_create(&path).unwrap_err().to_string();
         assert!(e.contains("readable by others (mode 644)"), "{e}");
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_and_whole_lines_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = Signer::ephemeral();
+        let cp = signer.sign(ArchiveId([1; 16]), 10, [2; 32], 1234);
+        append(dir.path(), &cp).unwrap();
+        assert_eq!(cut_torn_tail(dir.path()).unwrap(), 0);
+        let whole = std::fs::read(dir.path().join(FILE)).unwrap();
+        let mut torn = whole.clone();
+        torn.extend_from_slice(&whole[..30]);
+        std::fs::write(dir.path().join(FILE), &torn).unwrap();
+        assert_eq!(cut_torn_tail(dir.path()).unwrap(), 30);
+        assert_eq!(std::fs::read(dir.path().join(FILE)).unwrap(), whole);
+        assert_eq!(read(dir.path()).unwrap().0, vec![(1, cp)]);
     }
 
     #[test]

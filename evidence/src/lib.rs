@@ -6,11 +6,13 @@
 //!   removed; every signer), numbered without gaps.
 //! - [`checkpoint`]: Ed25519-signed checkpoints of the chain's head, and the signing key file.
 //! - [`proof`]: the verifier: segment bytes and checkpoints in, every break named out.
+//! - [`audit`]: the record of who looked, a hash-chained and signed log of its own.
 //!
 //! Not here: writing segments, the catalog, the index, the object store (the `archive` crate).
 //! This crate needs no catalog and no daemon, so `spoolctl archive verify --dir` runs on an
 //! auditor's machine over a copied-out archive.
 
+pub mod audit;
 pub mod chain;
 pub mod checkpoint;
 pub mod proof;

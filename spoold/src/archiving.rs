@@ -44,6 +44,11 @@ pub struct Archiving {
     in_flight: Arc<tokio::sync::Semaphore>,
     /// The file of the key that signs the archive's checkpoints.
     signing_key_file: std::path::PathBuf,
+    /// The record of who looked (`evidence::audit`): one entry per request that reads or
+    /// changes archive content, synced before the request is answered.
+    audit: Mutex<evidence::audit::AuditLog>,
+    /// Where the audit log is.
+    pub audit_dir: std::path::PathBuf,
 }
 
 /// Archive writes started at once from the async side; the catalog takes one writer at a time,
@@ -135,6 +140,10 @@ impl Archiving {
             Archive::open(&opts)
                 .with_context(|| format!("open the archive in {}", dir.display()))?,
         );
+        // The record of who looked, beside the archive unless it has a volume of its own.
+        let audit_dir = a.audit_dir.clone().unwrap_or_else(|| dir.clone());
+        let audit = evidence::audit::AuditLog::open(&audit_dir, archive.signer())
+            .with_context(|| format!("open the audit log in {}", audit_dir.display()))?;
         if reachable {
             // Whose prefix it is, before this unit writes anything there: another archive's
             // is a configuration error (the same store settings copied to a second unit, or a
@@ -165,6 +174,8 @@ impl Archiving {
             failing: Mutex::new(None),
             in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MAX)),
             signing_key_file: a.signing_key_file(&cfg.state_dir),
+            audit: Mutex::new(audit),
+            audit_dir,
             mirrors,
             received: Arc::new(ReceiverStats::default()),
             wake: Arc::new(tokio::sync::Notify::new()),
@@ -510,7 +521,7 @@ impl Archiving {
     }
 
     /// An item by number, or by the spool id it had.
-    fn resolve(&self, id: &str) -> Result<u64, String> {
+    pub fn resolve(&self, id: &str) -> Result<u64, String> {
         if let Ok(seq) = id.parse::<u64>() {
             return Ok(seq);
         }
@@ -550,12 +561,9 @@ impl Archiving {
         })
     }
 
-    /// `archive show`.
-    pub fn show(&self, id: &str) -> Result<api::ArchiveShown, String> {
-        let (item, raw) = self
-            .archive
-            .raw(self.resolve(id)?)
-            .map_err(|e| e.to_string())?;
+    /// `archive show` of item `seq` ([`Archiving::resolve`]).
+    pub fn show(&self, seq: u64) -> Result<api::ArchiveShown, String> {
+        let (item, raw) = self.archive.raw(seq).map_err(|e| e.to_string())?;
         let (headers, parts) = archive::mime::describe(&raw);
         Ok(api::ArchiveShown {
             item: Self::listed(&item),
@@ -571,22 +579,49 @@ impl Archiving {
         })
     }
 
-    /// `archive export`.
-    pub fn export(&self, id: &str) -> Result<api::ArchiveExported, String> {
+    /// `archive export` of item `seq` ([`Archiving::resolve`]).
+    pub fn export(&self, seq: u64) -> Result<api::ArchiveExported, String> {
         use base64::Engine;
-        let (item, raw) = self
-            .archive
-            .raw(self.resolve(id)?)
-            .map_err(|e| e.to_string())?;
+        let (item, raw) = self.archive.raw(seq).map_err(|e| e.to_string())?;
         Ok(api::ArchiveExported {
             item: Self::listed(&item),
             base64: base64::engine::general_purpose::STANDARD.encode(raw),
         })
     }
 
-    /// `archive hold|unhold`: one item, or every item a query matches.
-    pub fn hold(&self, target: &str, held: bool) -> Result<api::ArchiveHeld, String> {
-        let seqs = match self.resolve(target) {
+    /// Records a request in the audit log before it is answered: `Err` (and the request
+    /// refused) when it cannot be recorded.
+    pub fn audited(
+        &self,
+        who: &evidence::audit::Asker,
+        action: &str,
+        detail: &str,
+        seqs: &[u64],
+    ) -> Result<(), String> {
+        let which: Vec<String> = seqs.iter().map(u64::to_string).collect();
+        let logged = self.audit.lock().unwrap_or_else(|p| p.into_inner()).append(
+            who,
+            action,
+            detail,
+            &which,
+            seqs.len() as u64,
+        );
+        match logged {
+            Ok(_) => {
+                self.metrics.archive_audit_entries.inc();
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.archive_audit_failures.inc();
+                tracing::error!(action, uid = who.uid, "archive: audit log: {e}");
+                Err(format!("refused: the audit log cannot record it ({e})"))
+            }
+        }
+    }
+
+    /// The items `archive hold|unhold` acts on: one item, or every item a query matches.
+    pub fn hold_targets(&self, target: &str) -> Result<Vec<u64>, String> {
+        Ok(match self.resolve(target) {
             Ok(seq) => vec![seq],
             Err(_) => {
                 let total = self
@@ -602,8 +637,12 @@ impl Archiving {
                     .map(|i| i.seq)
                     .collect()
             }
-        };
-        let changed = self.archive.hold(&seqs, held).map_err(|e| e.to_string())?;
+        })
+    }
+
+    /// `archive hold|unhold` of the items [`Archiving::hold_targets`] named.
+    pub fn hold(&self, seqs: &[u64], held: bool) -> Result<api::ArchiveHeld, String> {
+        let changed = self.archive.hold(seqs, held).map_err(|e| e.to_string())?;
         Ok(api::ArchiveHeld {
             matched: seqs.len() as u64,
             changed,

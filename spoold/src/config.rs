@@ -107,6 +107,9 @@ pub struct ArchiveConfig {
     pub checkpoint_entries: u64,
     /// ... or once an entry has waited this many seconds for one.
     pub checkpoint_secs: u64,
+    /// Where the audit log (who searched, read, exported, held what) is kept (default: the
+    /// archive's directory). A request it cannot record is refused.
+    pub audit_dir: Option<PathBuf>,
 }
 
 /// `[archive.object_store]`. The secret key comes from a file or the environment, never from
@@ -239,6 +242,7 @@ impl Default for ArchiveConfig {
             signing_key_file: None,
             checkpoint_entries: 1000,
             checkpoint_secs: 60,
+            audit_dir: None,
         }
     }
 }

@@ -26,6 +26,10 @@ pub struct Metrics {
     pub archive_failures: IntCounter,
     /// Messages waiting in the spool because the archive could not take them.
     pub archive_waiting: IntGauge,
+    /// Requests recorded in the audit log.
+    pub archive_audit_entries: IntCounter,
+    /// Requests refused because the audit log could not record them.
+    pub archive_audit_failures: IntCounter,
     /// Local items not yet confirmed by a mirror peer, by peer.
     pub archive_mirror_backlog: IntGaugeVec,
     /// Age of the oldest of them, by peer.
@@ -273,6 +277,14 @@ impl Metrics {
             archive_failures: counter(
                 "spoold_archive_failures_total",
                 "Archive writes that failed; the message waited in the spool.",
+            )?,
+            archive_audit_entries: counter(
+                "spoold_archive_audit_entries_total",
+                "Requests for archive content recorded in the audit log.",
+            )?,
+            archive_audit_failures: counter(
+                "spoold_archive_audit_failures_total",
+                "Requests for archive content refused because the audit log could not record them.",
             )?,
             archive_waiting: gauge(
                 "spoold_archive_waiting_messages",

@@ -1165,6 +1165,32 @@ pub fn quantile_in_metrics(metrics: &str, name: &str, q: f64) -> Option<f64> {
     None
 }
 
+/// A small tmpfs mounted for a test (a disk that fills), unmounted when dropped.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`3m`) at `at` (created); fails the test without root.
+    pub fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mounting a {size} tmpfs needs root (CI runs as root)"
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 #[cfg(test)]
 mod quantile_tests {
     use super::quantile_in_metrics;

@@ -163,3 +163,154 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Every request for archive content leaves exactly one audit entry, in order, with the asker's
+/// uid and name and the items it touched; the log proves on the unit and as a copy; an edited
+/// line is named; a full audit disk refuses the request (nothing answered unrecorded) until
+/// there is room again.
+#[test]
+fn each_request_for_archive_content_is_recorded_once_and_a_full_audit_disk_refuses_it() {
+    let sink = SmtpSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let audit_dir = dir.path().join("audit");
+    let _tmpfs = tests::Tmpfs::mount(&audit_dir, "256k");
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "node_name = \"au\"\n[delivery]\ndefault_next_hop = \"{}\"\n[archive]\naudit_dir = \"{}\"\n",
+            sink.addr,
+            audit_dir.display()
+        ),
+    );
+    let d = Daemon::start_delivering(&["--config", &cfg]);
+    assert_eq!(send_numbered(d.smtp, 0, 5).len(), 5);
+    assert!(wait_until(60, || d.spooled_ids().is_empty()));
+    assert!(wait_until(30, || {
+        let st = ctl_json(&d, &["status"]);
+        st["indexed_through"] == st["last_seq"]
+    }));
+    let before = audit_list(&d).len();
+    assert_eq!(before, 1, "the genesis only: status is not content");
+
+    let found = ctl_json(&d, &["search", "from:load"]);
+    let seqs: Vec<String> = found["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["seq"].to_string())
+        .collect();
+    assert_eq!(seqs.len(), 5, "{found}");
+    ctl_json(&d, &["show", "2"]);
+    ctl_json(&d, &["export", "3"]);
+    ctl_json(&d, &["hold", "4"]);
+    ctl_json(&d, &["unhold", "4"]);
+    ctl_json(&d, &["key"]);
+    ctl_json(&d, &["verify"]);
+    ctl_json(&d, &["retention"]);
+    ctl_json(&d, &["status"]);
+    let entries = audit_list(&d);
+    let got: Vec<(String, String, Vec<String>)> = entries[1..]
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_string(),
+                e["detail"].as_str().unwrap().to_string(),
+                e["which"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|w| w.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect();
+    let one = |s: &str| vec![s.to_string()];
+    assert_eq!(
+        got,
+        vec![
+            ("archive search".into(), "from:load".into(), seqs.clone()),
+            ("archive show".into(), "2".into(), one("2")),
+            ("archive export".into(), "3".into(), one("3")),
+            ("archive hold".into(), "4".into(), one("4")),
+            ("archive unhold".into(), "4".into(), one("4")),
+            ("archive key".into(), String::new(), vec![]),
+            ("archive verify".into(), String::new(), vec![]),
+            ("archive retention".into(), String::new(), vec![]),
+        ]
+    );
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    for e in &entries[1..] {
+        assert_eq!(e["uid"], uid, "{e}");
+        assert_eq!(e["user"], if uid == 0 { "root" } else { "" }, "{e}");
+    }
+    let (code, out, err) = spoolctl(&d, &["audit", "verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("PROVED"), "{out}");
+
+    // A copy, with one query edited: named, exit 1.
+    let public = ctl_json(&d, &["key"])["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let copy = tempfile::tempdir().unwrap();
+    for f in ["audit.log", "audit.checkpoints"] {
+        std::fs::copy(audit_dir.join(f), copy.path().join(f)).unwrap();
+    }
+    let bin = tests::spoold_bin().with_file_name("spoolctl");
+    let offline = |dir: &Path| {
+        let out = Command::new(&bin)
+            .args(["audit", "verify", "--public-key", &public, "--dir"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = offline(copy.path());
+    assert_eq!(code, 0, "{out}");
+    let log = copy.path().join("audit.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::write(&log, text.replacen("from:load", "from:nobody", 1)).unwrap();
+    let (code, out) = offline(copy.path());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("BROKEN audit line 3"), "{out}");
+
+    // The audit disk full: a search is refused, not answered unrecorded.
+    let filler = audit_dir.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k", "count=1000"])
+        .arg(format!("of={}", filler.display()))
+        .output()
+        .unwrap();
+    let (code, out, err) = spoolctl(&d, &["--json", "archive", "search", "from:load"]);
+    assert_ne!(code, 0, "answered with a full audit disk: {out}");
+    assert!(err.contains("audit log cannot record"), "{err}");
+    assert!(!out.contains("\"items\""), "{out}");
+    assert!(d.metric("spoold_archive_audit_failures_total").unwrap() >= 1.0);
+    std::fs::remove_file(&filler).unwrap();
+    ctl_json(&d, &["search", "from:load"]);
+    let after = audit_list(&d);
+    // The key asked above and the search with room again; the refused search left nothing.
+    assert_eq!(
+        after[entries.len()..]
+            .iter()
+            .map(|e| e["action"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["archive key", "archive search"]
+    );
+    let (code, out, _) = spoolctl(&d, &["audit", "verify"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+fn audit_list(d: &Daemon) -> Vec<Value> {
+    let (code, out, err) = spoolctl(d, &["--json", "audit", "list"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str::<Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}

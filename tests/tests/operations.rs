@@ -231,28 +231,11 @@ fn portable_writer_is_selectable_and_reported() {
     assert_eq!(d.body_without_received(&id), body);
 }
 
-struct Tmpfs(std::path::PathBuf);
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn full_disk_answers_452_and_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "mounting a 3 MiB tmpfs needs root (CI runs as root)"
-    );
-    let _guard = Tmpfs(mnt.clone());
+    let _guard = tests::Tmpfs::mount(&mnt, "3m");
     let cfg = dir.path().join("spoold.toml");
     // free_bytes_min = 0: let the writes themselves hit ENOSPC.
     std::fs::write(&cfg, "[spool]\nfree_bytes_min = 0\n").unwrap();

@@ -9,6 +9,7 @@ mod takeover;
 use crate::clock::now_ms;
 use crate::queue::Queue;
 use api::{Cluster, Line, Local, Long, Request};
+use evidence::audit::Asker;
 use serde::Serialize;
 use serde_json::Value;
 use spool::recovery::InsertOutcome;
@@ -91,6 +92,39 @@ enum ArchivePass {
     Rebuild,
 }
 
+/// The asker for the audit log: the socket peer's uid and its user name.
+fn asker(uid: Option<u32>) -> Asker {
+    let Some(uid) = uid else {
+        return Asker {
+            uid: u32::MAX,
+            user: "unknown (no peer credentials)".into(),
+        };
+    };
+    Asker {
+        uid,
+        user: user_name(uid).unwrap_or_else(|| format!("uid {uid}")),
+    }
+}
+
+/// The user name of `uid` from the system's user database.
+fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // SAFETY: getpwuid_r writes into `pwd` and `buf` (sized as given) and sets `result` to
+    // `&pwd` or null; nothing is kept past this call.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result);
+        if rc != 0 || result.is_null() || pwd.pw_name.is_null() {
+            return None;
+        }
+        std::ffi::CStr::from_ptr(pwd.pw_name)
+            .to_str()
+            .ok()
+            .map(str::to_string)
+    }
+}
+
 fn folder_named(name: &str) -> Option<Folder> {
     Folder::ALL.into_iter().find(|f| f.name() == name)
 }
@@ -116,6 +150,8 @@ impl Admin {
                     continue;
                 };
                 let me = self.clone();
+                // Who asks, for the audit log: the kernel's word for the peer's uid.
+                let who = asker(stream.peer_cred().ok().map(|c| c.uid()));
                 tokio::spawn(async move {
                     let (r, mut w) = stream.into_split();
                     let mut line = String::new();
@@ -127,7 +163,7 @@ impl Admin {
                         Ok(Request::Long(req)) => {
                             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                             let progress = req.progress();
-                            with_progress(&mut w, rx, me.long(req, tx), progress).await
+                            with_progress(&mut w, rx, me.long(req, tx, who), progress).await
                         }
                         Ok(Request::Cluster(req)) => match me.cluster(req).await {
                             Ok(t) => Line::reply(&t),
@@ -135,7 +171,7 @@ impl Admin {
                         },
                         Ok(Request::Local(req)) => {
                             let me2 = me.clone();
-                            match tokio::task::spawn_blocking(move || me2.handle(req)).await {
+                            match tokio::task::spawn_blocking(move || me2.handle(req, &who)).await {
                                 Ok(Ok(data)) => Line::reply(&data),
                                 Ok(Err(e)) => Line::refused(e),
                                 Err(e) => Line::refused(e.to_string()),
@@ -168,6 +204,7 @@ impl Admin {
         self: &Arc<Self>,
         req: Long,
         tx: tokio::sync::mpsc::UnboundedSender<api::Progress>,
+        who: Asker,
     ) -> Result<Value, String> {
         let archive_pass = match req {
             Long::Recover {
@@ -181,7 +218,7 @@ impl Admin {
             Long::ArchiveRebuild { .. } => ArchivePass::Rebuild,
         };
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.archive_pass(archive_pass, tx))
+        tokio::task::spawn_blocking(move || me.archive_pass(archive_pass, tx, &who))
             .await
             .map_err(|e| e.to_string())?
     }
@@ -285,8 +322,23 @@ impl Admin {
         &self,
         pass: ArchivePass,
         tx: tokio::sync::mpsc::UnboundedSender<api::Progress>,
+        who: &Asker,
     ) -> Result<Value, String> {
         let a = self.archiving()?;
+        let (action, detail) = match pass {
+            ArchivePass::Retention => ("archive retention", String::new()),
+            ArchivePass::Reindex => ("archive reindex", String::new()),
+            ArchivePass::Verify { from_checkpoint } => (
+                "archive verify",
+                if from_checkpoint {
+                    "--from-checkpoint".to_string()
+                } else {
+                    String::new()
+                },
+            ),
+            ArchivePass::Rebuild => ("archive rebuild", String::new()),
+        };
+        a.audited(who, action, &detail, &[])?;
         let step = |step: &str, done: u64, total: u64| {
             let _ = tx.send(api::Progress {
                 step: step.into(),
@@ -308,16 +360,64 @@ impl Admin {
     }
 
     /// Requests answered from this unit's own state.
-    fn handle(&self, req: Local) -> Result<Value, String> {
+    fn handle(&self, req: Local, who: &Asker) -> Result<Value, String> {
         match req {
+            // Archive content: recorded in the audit log (who, what, which items) before the
+            // answer; a request the log cannot record is refused.
             Local::ArchiveSearch { query, limit } => {
-                reply(self.archiving()?.search(&query, limit)?)
+                let a = self.archiving()?;
+                let found = a.search(&query, limit)?;
+                let seqs: Vec<u64> = found.items.iter().map(|i| i.seq).collect();
+                a.audited(who, "archive search", &query, &seqs)?;
+                reply(found)
             }
-            Local::ArchiveShow { id } => reply(self.archiving()?.show(&id)?),
-            Local::ArchiveExport { id } => reply(self.archiving()?.export(&id)?),
-            Local::ArchiveHold { target, held } => reply(self.archiving()?.hold(&target, held)?),
+            Local::ArchiveShow { id } => {
+                let a = self.archiving()?;
+                let seq = a.resolve(&id)?;
+                a.audited(who, "archive show", &id, &[seq])?;
+                reply(a.show(seq)?)
+            }
+            Local::ArchiveExport { id } => {
+                let a = self.archiving()?;
+                let seq = a.resolve(&id)?;
+                a.audited(who, "archive export", &id, &[seq])?;
+                reply(a.export(seq)?)
+            }
+            Local::ArchiveHold { target, held } => {
+                let a = self.archiving()?;
+                let seqs = a.hold_targets(&target)?;
+                let action = if held {
+                    "archive hold"
+                } else {
+                    "archive unhold"
+                };
+                a.audited(who, action, &target, &seqs)?;
+                reply(a.hold(&seqs, held)?)
+            }
             Local::ArchiveStatus => reply(self.archiving()?.status()?),
-            Local::ArchiveKey => reply(self.archiving()?.key()?),
+            Local::AuditList { from, limit } => {
+                let a = self.archiving()?;
+                let mut entries: Vec<_> = evidence::audit::list(&a.audit_dir)
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .filter(|e| e.n >= from)
+                    .collect();
+                if let Some(limit) = limit {
+                    let cut = entries.len().saturating_sub(limit);
+                    entries.drain(..cut);
+                }
+                reply(entries)
+            }
+            Local::AuditVerify => {
+                let a = self.archiving()?;
+                let (public, _) = a.archive.signing_key().map_err(|e| e.to_string())?;
+                reply(evidence::audit::prove(&a.audit_dir, &[public]).map_err(|e| e.to_string())?)
+            }
+            Local::ArchiveKey => {
+                let a = self.archiving()?;
+                a.audited(who, "archive key", "", &[])?;
+                reply(a.key()?)
+            }
             Local::ArchiveSeal => {
                 let a = self.archiving()?;
                 reply(api::ArchiveSealed {
