@@ -318,6 +318,9 @@ pub enum Long {
         /// Take the entries the newest valid checkpoint covers as proved by it.
         #[serde(default)]
         from_checkpoint: bool,
+        /// Compare with the checkpoints every mirror peer keeps of this archive.
+        #[serde(default)]
+        against_peers: bool,
     },
     /// Rebuild the full-text index from the catalog: [`ArchiveReindexed`].
     ArchiveReindex {
@@ -1058,6 +1061,7 @@ mod tests {
                 Long::ArchiveVerify {
                     progress: true,
                     from_checkpoint: false,
+                    against_peers: false,
                 }
                 .into(),
             ),

@@ -246,6 +246,8 @@ pub struct Archive {
     compressors: Compressors,
     /// Signs the chain's checkpoints.
     signer: Arc<checkpoint::Signer>,
+    /// One peer checkpoint kept at a time (sessions of several peers write beside each other).
+    peer_checkpoints_lock: std::sync::Mutex<()>,
     /// Dropped to stop the object store's uploader.
     uploader_stop: Option<Sender<()>>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -466,6 +468,7 @@ impl Archive {
             index: search,
             compressors: Compressors::new(opts.zstd_level),
             signer,
+            peer_checkpoints_lock: std::sync::Mutex::new(()),
             uploader_stop,
             threads,
         })
@@ -765,6 +768,50 @@ impl Archive {
             progress(segments.len() as u64 + i as u64 + 1, total);
         }
         Ok(prover.finish())
+    }
+
+    /// Keeps a checkpoint a mirror peer sent (a line of its checkpoints file): its signature must
+    /// hold; it is appended (synced) to `peers/<archive id>.checkpoints` unless already there.
+    pub fn keep_peer_checkpoint(&self, line: &[u8]) -> Result<(), ArchiveError> {
+        let text = std::str::from_utf8(line)
+            .map_err(|_| ArchiveError::Refused("a checkpoint that is not text".into()))?;
+        let cp = checkpoint::Checkpoint::from_line(text).map_err(ArchiveError::Refused)?;
+        if !cp.signature_holds() {
+            return Err(ArchiveError::Refused(
+                "a checkpoint whose signature does not hold".into(),
+            ));
+        }
+        let _one = self
+            .peer_checkpoints_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let dir = self.store.dir().join("peers");
+        std::fs::create_dir_all(&dir).map_err(|e| ArchiveError::Io(e.to_string()))?;
+        let path = dir.join(format!("{}.checkpoints", cp.archive));
+        checkpoint::cut_torn_file(&path)?;
+        // The sender resends from its cursor after a lost reply: a copy of a recent line is
+        // already here. Only the file's tail is read (it grows by a line a minute for years).
+        if checkpoint::tail(&path, 64 << 10)?.contains(&cp) {
+            return Ok(());
+        }
+        Ok(checkpoint::append_to(&path, &cp)?)
+    }
+
+    /// The checkpoints kept of mirror peer archive `archive`, oldest first.
+    pub fn peer_checkpoints(
+        &self,
+        archive: ArchiveId,
+    ) -> Result<Vec<checkpoint::Checkpoint>, ArchiveError> {
+        let path = self
+            .store
+            .dir()
+            .join("peers")
+            .join(format!("{archive}.checkpoints"));
+        Ok(checkpoint::read_file(&path)?
+            .0
+            .into_iter()
+            .map(|(_, cp)| cp)
+            .collect())
     }
 
     /// The key that signs this unit's checkpoints (the audit log's too).

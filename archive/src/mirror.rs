@@ -68,9 +68,48 @@ pub struct ReceiverStats {
     pub auth_failures: AtomicU64,
 }
 
+/// What the receiver did with one request: an item stored, or a checkpoint request's answer.
+enum Kept {
+    Item(crate::Stored),
+    Reply(Result<Bytes, ArchiveError>),
+}
+
+/// The answer to [`mirror_op::CHECKPOINTS`]: the lines kept of the archive asked for.
+fn checkpoints_asked(archive: &Archive, arg: &[u8]) -> Result<Bytes, ArchiveError> {
+    let id: [u8; 16] = arg
+        .get(..16)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| ArchiveError::Refused("checkpoints request cut short".into()))?;
+    let since = arg
+        .get(16..24)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes);
+    let mut out = String::new();
+    for cp in archive.peer_checkpoints(crate::ArchiveId(id))? {
+        if cp.entries < since {
+            continue;
+        }
+        let line = cp.to_line();
+        if out.len() + line.len() + 1 > CHECKPOINT_REPLY_BYTES {
+            break;
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    Ok(Bytes::from(out))
+}
+
 fn cursor_name(peer: &str) -> String {
     format!("mirror.{peer}")
 }
+
+/// The lines of the checkpoints file a peer confirmed.
+fn checkpoint_cursor(peer: &str) -> String {
+    format!("mirror-checkpoints.{peer}")
+}
+
+/// The most checkpoint lines one fetch answers.
+const CHECKPOINT_REPLY_BYTES: usize = 8 << 20;
 
 fn encode_item(item: &Item, compressed: &[u8]) -> Bytes {
     let meta = item.encode();
@@ -163,6 +202,7 @@ async fn session(
     let mut replies = link::spawn_reader(r);
     let cursor_key = cursor_name(name);
     loop {
+        send_checkpoints(archive, name, &mut w, &mut replies).await?;
         let (a, key) = (archive.clone(), cursor_key.clone());
         let batch =
             tokio::task::spawn_blocking(move || -> Result<Vec<(Item, Vec<u8>)>, ArchiveError> {
@@ -236,6 +276,105 @@ async fn session(
     }
 }
 
+/// Sends the peer the checkpoints it does not hold yet (lines of the checkpoints file after its
+/// cursor), each confirmed durable there before the cursor moves.
+async fn send_checkpoints(
+    archive: &Arc<Archive>,
+    name: &str,
+    w: &mut tokio::io::WriteHalf<Box<dyn link::LinkIo>>,
+    replies: &mut tokio::sync::mpsc::Receiver<Result<Frame, LinkError>>,
+) -> Result<(), LinkError> {
+    let (a, key) = (archive.clone(), checkpoint_cursor(name));
+    let (sent, lines) = tokio::task::spawn_blocking(move || -> Result<_, ArchiveError> {
+        let sent = a.store().cursor(&key)?;
+        let text = std::fs::read_to_string(a.store().dir().join(crate::checkpoint::FILE))
+            .unwrap_or_default();
+        let lines: Vec<String> = text
+            .lines()
+            .skip(sent as usize)
+            .take(WINDOW)
+            .map(str::to_string)
+            .collect();
+        Ok((sent, lines))
+    })
+    .await
+    .map_err(|e| LinkError::Protocol(e.to_string()))?
+    .map_err(link_err)?;
+    if lines.is_empty() {
+        return Ok(());
+    }
+    for line in &lines {
+        let f = Frame::Request {
+            op: mirror_op::CHECKPOINT,
+            arg: Bytes::copy_from_slice(line.as_bytes()),
+        };
+        link::write_frame(w, &f, &[]).await?;
+    }
+    w.flush().await?;
+    for _ in &lines {
+        match tokio::time::timeout(REPLY_TIMEOUT, replies.recv()).await {
+            Err(_) => return Err(LinkError::Timeout),
+            Ok(None) => return Err(LinkError::Protocol("peer closed the link".into())),
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(Some(Ok(Frame::Reply { ok: true, .. }))) => {}
+            Ok(Some(Ok(Frame::Reply { ok: false, data }))) => {
+                return Err(LinkError::Protocol(format!(
+                    "peer refused a checkpoint: {}",
+                    String::from_utf8_lossy(&data)
+                )))
+            }
+            Ok(Some(Ok(other))) => {
+                return Err(LinkError::Protocol(format!(
+                    "expected Reply, got {other:?}"
+                )))
+            }
+        }
+    }
+    let (a, key) = (archive.clone(), checkpoint_cursor(name));
+    let upto = sent + lines.len() as u64;
+    tokio::task::spawn_blocking(move || a.store().set_cursor(&key, upto))
+        .await
+        .map_err(|e| LinkError::Protocol(e.to_string()))?
+        .map_err(link_err)
+}
+
+/// Asks the mirror peer at `addr` for the checkpoints of `archive` it keeps (from the one
+/// covering `since` entries on), as lines of a checkpoints file.
+pub async fn fetch_checkpoints(
+    addr: SocketAddr,
+    cfg: &LinkConfig,
+    archive: crate::ArchiveId,
+    since: u64,
+) -> Result<String, LinkError> {
+    let l = link::connect(addr, cfg, Role::Active, Channel::ArchiveMirror).await?;
+    let (r, mut w) = tokio::io::split(l.io);
+    let mut replies = link::spawn_reader(r);
+    let mut arg = BytesMut::with_capacity(24);
+    arg.put_slice(&archive.0);
+    arg.put_u64(since);
+    let f = Frame::Request {
+        op: mirror_op::CHECKPOINTS,
+        arg: arg.freeze(),
+    };
+    link::write_frame(&mut w, &f, &[]).await?;
+    w.flush().await?;
+    match tokio::time::timeout(REPLY_TIMEOUT, replies.recv()).await {
+        Err(_) => Err(LinkError::Timeout),
+        Ok(None) => Err(LinkError::Protocol("peer closed the link".into())),
+        Ok(Some(Err(e))) => Err(e),
+        Ok(Some(Ok(Frame::Reply { ok: true, data }))) => {
+            Ok(String::from_utf8_lossy(&data).into_owned())
+        }
+        Ok(Some(Ok(Frame::Reply { ok: false, data }))) => Err(LinkError::Protocol(format!(
+            "peer refused: {}",
+            String::from_utf8_lossy(&data)
+        ))),
+        Ok(Some(Ok(other))) => Err(LinkError::Protocol(format!(
+            "expected Reply, got {other:?}"
+        ))),
+    }
+}
+
 /// Accepts mirror peers on `listener` and stores what they send.
 pub async fn receive(
     archive: Arc<Archive>,
@@ -287,6 +426,19 @@ async fn receive_session(
                     op: mirror_op::ITEM,
                     arg,
                 }) => arg,
+                Ok(Frame::Request { op, arg })
+                    if op == mirror_op::CHECKPOINT || op == mirror_op::CHECKPOINTS =>
+                {
+                    let a = archive.clone();
+                    storing.push(tokio::task::spawn_blocking(move || {
+                        Ok(Kept::Reply(if op == mirror_op::CHECKPOINT {
+                            a.keep_peer_checkpoint(&arg).map(|()| Bytes::new())
+                        } else {
+                            checkpoints_asked(&a, &arg)
+                        }))
+                    }));
+                    continue;
+                }
                 Ok(other) => {
                     return Err(LinkError::Protocol(format!(
                         "archive channel: unexpected {other:?}"
@@ -300,7 +452,9 @@ async fn receive_session(
             let a = archive.clone();
             storing.push(tokio::task::spawn_blocking(move || {
                 match decode_item(&arg) {
-                    Some((item, compressed)) => a.receive_mirrored(item, compressed),
+                    Some((item, compressed)) => {
+                        a.receive_mirrored(item, compressed).map(Kept::Item)
+                    }
                     None => Err(ArchiveError::Corrupt("undecodable mirrored item".into())),
                 }
             }));
@@ -308,7 +462,15 @@ async fn receive_session(
         for task in storing {
             let stored = task.await.map_err(|e| LinkError::Protocol(e.to_string()))?;
             let reply = match stored {
-                Ok(s) => {
+                Ok(Kept::Reply(Ok(data))) => Frame::Reply { ok: true, data },
+                Ok(Kept::Reply(Err(e))) => {
+                    tracing::warn!("archive mirror: checkpoint request refused: {e}");
+                    Frame::Reply {
+                        ok: false,
+                        data: Bytes::from(e.to_string()),
+                    }
+                }
+                Ok(Kept::Item(s)) => {
                     let c = if s.new {
                         &stats.stored
                     } else {

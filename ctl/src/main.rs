@@ -331,6 +331,10 @@ enum ArchiveCmd {
         /// store's); each of its checkpoints must hold and be in the local file. Repeatable.
         #[arg(long = "peer-checkpoints")]
         peer_checkpoints: Vec<std::path::PathBuf>,
+        /// On a unit: compare with the checkpoints each mirror peer keeps of this archive (a
+        /// rewrite of this unit's chain and checkpoints cannot rewrite theirs).
+        #[arg(long)]
+        against_peers: bool,
     },
     /// The public key that signs this unit's archive checkpoints (give it to auditors).
     Key,
@@ -538,10 +542,13 @@ fn archive_request(cmd: &ArchiveCmd) -> Request {
         ArchiveCmd::Reindex => Request::from(Long::ArchiveReindex { progress: true }),
         ArchiveCmd::Rebuild => Request::from(Long::ArchiveRebuild { progress: true }),
         ArchiveCmd::Verify {
-            from_checkpoint, ..
+            from_checkpoint,
+            against_peers,
+            ..
         } => Request::from(Long::ArchiveVerify {
             progress: true,
             from_checkpoint: *from_checkpoint,
+            against_peers: *against_peers,
         }),
         ArchiveCmd::Key => Request::from(Local::ArchiveKey),
     }
@@ -640,6 +647,7 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
                     from_checkpoint,
                     public_keys,
                     peer_checkpoints,
+                    ..
                 },
         } => return prove_offline(dir, *from_checkpoint, public_keys, peer_checkpoints),
         Cmd::Archive { cmd } => {

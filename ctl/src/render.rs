@@ -486,6 +486,12 @@ impl Render for evidence::proof::Proof {
                 String::new()
             }
         ));
+        if self.compared > 0 {
+            out.push_str(&format!(
+                "checkpoints kept elsewhere compared {}\n",
+                self.compared
+            ));
+        }
         out.push_str(&format!(
             "checkpoints holding {}{}; signers {} ({})\n",
             self.checkpoints,

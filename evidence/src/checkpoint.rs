@@ -282,6 +282,24 @@ pub fn read_file(path: &Path) -> Result<Lines, EvidenceError> {
     Ok(parse(&text))
 }
 
+/// The checkpoints in the last `bytes` of the file `path` (a line cut by the start of the
+/// window is skipped); none when there is no file.
+pub fn tail(path: &Path, bytes: u64) -> Result<Vec<Checkpoint>, EvidenceError> {
+    use std::io::{Read as _, Seek as _};
+    let io = |e: std::io::Error| EvidenceError::Io(format!("{}: {e}", path.display()));
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(e)),
+    };
+    let len = f.metadata().map_err(io)?.len();
+    f.seek(std::io::SeekFrom::Start(len.saturating_sub(bytes)))
+        .map_err(io)?;
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(io)?;
+    Ok(parse(&text).0.into_iter().map(|(_, cp)| cp).collect())
+}
+
 /// [`read`] of text already read.
 pub fn parse(text: &str) -> Lines {
     let mut good = Vec::new();

@@ -63,6 +63,9 @@ pub struct Proof {
     pub checkpoints: u64,
     /// The newest of them: entries it covers, when it was signed (ms).
     pub last_checkpoint: Option<(u64, u64)>,
+    /// Checkpoints other holders keep (mirror peers, a copy given) compared with the chain.
+    #[serde(default)]
+    pub compared: u64,
     /// The keys the chain names as its signers (hex), oldest first.
     pub signers: Vec<String>,
     /// Whether the signers were checked against keys given by the verifier (`false`: against
@@ -489,6 +492,7 @@ impl Prover {
         self.proof.last_checkpoint = last;
         for (holder, theirs) in elsewhere {
             for cp in theirs {
+                self.proof.compared += 1;
                 let at = format!("{holder}'s checkpoint of {} entries", cp.entries);
                 self.checkpoint(&at, cp, archive, &hashes, next);
                 if !good.iter().any(|(_, ours)| ours == cp) {

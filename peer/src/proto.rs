@@ -172,6 +172,13 @@ pub mod mirror_op {
     /// One archived item: `u32` length of the catalog item bytes, the item, the zstd body.
     /// Replied `ok` with the receiver's sequence number (8 bytes) once durable there.
     pub const ITEM: u8 = 1;
+    /// One signed checkpoint of the sender's archive (a line of its checkpoints file), kept by
+    /// the receiver so that a rewrite of the sender's chain cannot rewrite this copy. Replied
+    /// `ok` once durable there.
+    pub const CHECKPOINT: u8 = 2;
+    /// The checkpoints kept of an archive: the archive id (16 bytes) and the first `entries`
+    /// wanted (u64); replied with the lines (at most 8 MiB, oldest first).
+    pub const CHECKPOINTS: u8 = 3;
 }
 
 /// Operations of the cluster channel (`Request` from the asking member, one `Reply` each; the

@@ -49,6 +49,8 @@ pub struct Archiving {
     audit: Mutex<evidence::audit::AuditLog>,
     /// Where the audit log is.
     pub audit_dir: std::path::PathBuf,
+    /// Each mirror peer's address and link settings, for asking it the checkpoints it keeps.
+    mirror_links: Mutex<Vec<(std::net::SocketAddr, peer::link::LinkConfig)>>,
 }
 
 /// Archive writes started at once from the async side; the catalog takes one writer at a time,
@@ -176,6 +178,7 @@ impl Archiving {
             signing_key_file: a.signing_key_file(&cfg.state_dir),
             audit: Mutex::new(audit),
             audit_dir,
+            mirror_links: Mutex::new(Vec::new()),
             mirrors,
             received: Arc::new(ReceiverStats::default()),
             wake: Arc::new(tokio::sync::Notify::new()),
@@ -207,6 +210,10 @@ impl Archiving {
                 .load_secret(a)
                 .with_context(|| format!("mirror {}", m.peer))?;
             let link = link_config(&cfg.node_name, secret)?;
+            self.mirror_links
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((m.peer, link.clone()));
             tokio::spawn(archive::mirror::copy_to(
                 self.archive.clone(),
                 m.peer,
@@ -726,6 +733,43 @@ impl Archiving {
         })
     }
 
+    /// The checkpoints of this archive each mirror peer keeps (`verify --against-peers`): a peer
+    /// that does not answer fails the verify (it was asked to compare).
+    fn peers_checkpoints(
+        &self,
+    ) -> Result<Vec<(String, Vec<evidence::checkpoint::Checkpoint>)>, String> {
+        let links = self
+            .mirror_links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if links.is_empty() {
+            return Err("--against-peers: this unit has no [[archive.mirror]] peers".into());
+        }
+        let Some(id) = self.archive.signing_key().map_err(|e| e.to_string())?.1 else {
+            return Ok(links
+                .iter()
+                .map(|(a, _)| (a.to_string(), Vec::new()))
+                .collect());
+        };
+        let handle = tokio::runtime::Handle::current();
+        let mut out = Vec::new();
+        for (addr, link) in links {
+            let text = handle
+                .block_on(archive::mirror::fetch_checkpoints(addr, &link, id, 0))
+                .map_err(|e| format!("mirror peer {addr}: its checkpoints: {e}"))?;
+            let (good, bad) = evidence::checkpoint::parse(&text);
+            if let Some((line, why)) = bad.first() {
+                return Err(format!("mirror peer {addr}: checkpoint line {line}: {why}"));
+            }
+            out.push((
+                format!("mirror peer {addr}"),
+                good.into_iter().map(|(_, cp)| cp).collect(),
+            ));
+        }
+        Ok(out)
+    }
+
     /// `archive key`.
     pub fn key(&self) -> Result<api::ArchiveKey, String> {
         let (public, archive) = self.archive.signing_key().map_err(|e| e.to_string())?;
@@ -748,11 +792,19 @@ impl Archiving {
     pub fn verify(
         &self,
         from_checkpoint: bool,
+        against_peers: bool,
         mut progress: impl FnMut(&str, u64, u64),
     ) -> Result<api::ArchiveVerified, String> {
+        let elsewhere = if against_peers {
+            self.peers_checkpoints()?
+        } else {
+            Vec::new()
+        };
         let proof = self
             .archive
-            .prove(vec![], from_checkpoint, &[], |d, t| progress("prove", d, t))
+            .prove(vec![], from_checkpoint, &elsewhere, |d, t| {
+                progress("prove", d, t)
+            })
             .map_err(|e| e.to_string())?;
         if !proof.holds() {
             tracing::error!(
@@ -792,7 +844,7 @@ impl Archiving {
             .archive
             .rebuild(|p| progress("rebuild", p.done.load(SeqCst), p.segments.load(SeqCst)))
             .map_err(|e| e.to_string())?;
-        let verified = self.verify(false, &mut progress)?;
+        let verified = self.verify(false, false, &mut progress)?;
         Ok(api::ArchiveRebuilt {
             segments: r.segments,
             from_store: r.from_store,

@@ -480,3 +480,112 @@ fn a_message_deleted_by_the_operator_is_archived_first() {
         == 1));
     assert_eq!(d.spooled_ids(), vec![ids[1].clone()]);
 }
+
+/// Checkpoints travel to the mirror peer, which keeps them; `verify --against-peers` compares
+/// with them. An insider on A who cuts A's newest entries and the checkpoints that sign them
+/// leaves a local archive that proves, and the peer's copies name the cut.
+#[test]
+fn a_mirror_peer_keeps_the_checkpoints_that_catch_a_cut_of_the_local_chain() {
+    let sink = SmtpSink::start();
+    let (la, lb) = (free_addr(), free_addr());
+    let with_checkpoints = mirror_section(la, lb, SECRET).replacen(
+        "[archive]\n",
+        "[archive]\ncheckpoint_entries = 5\n",
+        1,
+    );
+    let (_da, mut a) = unit("arch_ca", sink.addr, &with_checkpoints);
+    let (_db, b) = unit("arch_cb", sink.addr, &mirror_section(lb, la, SECRET));
+    assert_eq!(send_numbered(a.smtp, 0, 30).len(), 30);
+    assert!(wait_until(60, || items(&b) == 30));
+    let key = ctl_json(&a, &["key"]);
+    let id = key["archive"].as_str().unwrap().to_string();
+    let public = key["public_key"].as_str().unwrap().to_string();
+    let kept = b.state.join(format!("archive/peers/{id}.checkpoints"));
+    let ours = a.state.join("archive/checkpoints");
+    assert!(
+        wait_until(30, || {
+            let lines = |p: &std::path::Path| {
+                std::fs::read_to_string(p)
+                    .map(|t| t.lines().count())
+                    .unwrap_or(0)
+            };
+            lines(&ours) >= 6 && lines(&kept) == lines(&ours)
+        }),
+        "the peer keeps every checkpoint"
+    );
+    let v = ctl_json(&a, &["verify", "--against-peers"]);
+    assert_eq!(v["proof"]["break_count"], 0, "{v}");
+    assert!(v["proof"]["compared"].as_u64().unwrap() >= 6, "{v}");
+
+    // The insider's copy: the newest ten entries cut, with the checkpoints that signed them.
+    a.stop();
+    let copy = tempfile::tempdir().unwrap();
+    let archive = a.state.join("archive");
+    std::fs::create_dir(copy.path().join("segments")).unwrap();
+    let mut segs: Vec<_> = std::fs::read_dir(archive.join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segs.sort();
+    for s in &segs {
+        std::fs::copy(s, copy.path().join("segments").join(s.file_name().unwrap())).unwrap();
+    }
+    let newest = segs
+        .iter()
+        .rev()
+        .find(|s| std::fs::metadata(s).unwrap().len() > 0)
+        .unwrap();
+    let data = std::fs::read(newest).unwrap();
+    let mut entries = Vec::new();
+    let mut at = 0;
+    while at < data.len() {
+        let (rec, len) = evidence::record::next(&data[at..]).unwrap();
+        if let evidence::record::Record::Entry(e) = rec {
+            entries.push((at, e.n));
+        }
+        at += len;
+    }
+    let (cut_at, first_cut) = entries[entries.len() - 10];
+    std::fs::write(
+        copy.path()
+            .join("segments")
+            .join(newest.file_name().unwrap()),
+        &data[..cut_at],
+    )
+    .unwrap();
+    let signed: Vec<String> = std::fs::read_to_string(&ours)
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            evidence::checkpoint::Checkpoint::from_line(l)
+                .unwrap()
+                .entries
+                <= first_cut
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(copy.path().join("checkpoints"), signed.concat()).unwrap();
+    let bin = tests::spoold_bin().with_file_name("spoolctl");
+    let verify = |extra: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(&bin)
+            .args(["archive", "verify", "--public-key", &public, "--dir"])
+            .arg(copy.path())
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = verify(&[]);
+    assert_eq!(code, 0, "the cut holds locally: {out}");
+    let (code, out) = verify(&["--peer-checkpoints".as_ref(), kept.as_os_str()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("checkpoint of"), "{out}");
+    assert!(out.contains("cut off or deleted"), "{out}");
+    assert!(
+        out.contains("the local checkpoints file does not hold it"),
+        "{out}"
+    );
+}

@@ -88,7 +88,10 @@ pub struct Admin {
 enum ArchivePass {
     Retention,
     Reindex,
-    Verify { from_checkpoint: bool },
+    Verify {
+        from_checkpoint: bool,
+        against_peers: bool,
+    },
     Rebuild,
 }
 
@@ -213,8 +216,13 @@ impl Admin {
             Long::ArchiveRetention { .. } => ArchivePass::Retention,
             Long::ArchiveReindex { .. } => ArchivePass::Reindex,
             Long::ArchiveVerify {
-                from_checkpoint, ..
-            } => ArchivePass::Verify { from_checkpoint },
+                from_checkpoint,
+                against_peers,
+                ..
+            } => ArchivePass::Verify {
+                from_checkpoint,
+                against_peers,
+            },
             Long::ArchiveRebuild { .. } => ArchivePass::Rebuild,
         };
         let me = self.clone();
@@ -328,13 +336,20 @@ impl Admin {
         let (action, detail) = match pass {
             ArchivePass::Retention => ("archive retention", String::new()),
             ArchivePass::Reindex => ("archive reindex", String::new()),
-            ArchivePass::Verify { from_checkpoint } => (
+            ArchivePass::Verify {
+                from_checkpoint,
+                against_peers,
+            } => (
                 "archive verify",
-                if from_checkpoint {
-                    "--from-checkpoint".to_string()
-                } else {
-                    String::new()
-                },
+                [
+                    (from_checkpoint, "--from-checkpoint"),
+                    (against_peers, "--against-peers"),
+                ]
+                .iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, flag)| *flag)
+                .collect::<Vec<_>>()
+                .join(" "),
             ),
             ArchivePass::Rebuild => ("archive rebuild", String::new()),
         };
@@ -352,9 +367,12 @@ impl Admin {
                 reply(a.run_retention(|n| step("expire", n, total))?)
             }
             ArchivePass::Reindex => reply(a.reindex(|d, t| step("reindex", d, t))?),
-            ArchivePass::Verify { from_checkpoint } => {
-                reply(a.verify(from_checkpoint, |what, d, t| step(what, d, t))?)
-            }
+            ArchivePass::Verify {
+                from_checkpoint,
+                against_peers,
+            } => reply(a.verify(from_checkpoint, against_peers, |what, d, t| {
+                step(what, d, t)
+            })?),
             ArchivePass::Rebuild => reply(a.rebuild(step)?),
         }
     }
