@@ -14,6 +14,10 @@
 //!    cluster on loopback, and retrieval latency from a cold local cache beside local reads;
 //!    with `--parts rebuild`: a lost unit's catalog rebuilt from that store (`--rebuild-items`),
 //!    against the same rebuild from local segments in the same run;
+//!    with `--parts prove`: the proof of an archive (`--rebuild-items`: chain, checkpoints, every
+//!    body hashed) on the unit, offline over its files, from a checkpoint, and from the store,
+//!    against reading every item's body back through the catalog in the same run; and the hash
+//!    chain's CPU per item against the archive's per-item cost;
 //! 6. the process's peak RSS.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -46,8 +50,8 @@ pub struct Args {
     /// Items of the archive rebuilt in the rebuild part.
     #[arg(long, default_value_t = 100_000)]
     rebuild_items: usize,
-    /// Parts to run, comma-separated: ingest, search, mirror, object-store and rebuild (both
-    /// need `garage`).
+    /// Parts to run, comma-separated: ingest, search, mirror, object-store, rebuild and prove
+    /// (the last three need `garage`).
     #[arg(long, default_value = "ingest,search,mirror", value_delimiter = ',')]
     parts: Vec<String>,
     /// Threads archiving at once (the daemon archives from up to `delivery.concurrency_max`
@@ -361,6 +365,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     if part("rebuild") {
         run_rebuild(&a, &mut keep)?;
+    }
+    if part("prove") {
+        run_prove(&a, &mut keep)?;
     }
     println!(
         "\nbench process: peak RSS {:.0} MiB; now {:.0} MiB anonymous, {:.0} MiB file-backed (mapped catalog and index pages, reclaimable)",
@@ -718,6 +725,144 @@ fn wait_rebuilt(archive: &Archive) {
     while p.pending.load(SeqCst) || p.running.load(SeqCst) {
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// The proof of an archive of `--rebuild-items` (corpus mix cut at 16 KiB): on the unit
+/// (`Archive::prove`: every segment, chain, checkpoints, every body decompressed and hashed),
+/// offline over its files (`prove_dir`, what an auditor runs), incremental from a checkpoint
+/// after 1 % more items, and with every segment read back from a three-node Garage; the
+/// reference is reading every item's body back through the catalog (`Archive::verify`) in the
+/// same run. Then the chain's own CPU per item (framing an item's entry and hashing it, what
+/// the writer adds per item) against the ingest's wall time per item.
+fn run_prove(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
+    let garage = tests::garage::Garage::start(3);
+    let n = a.rebuild_items;
+    let mut rates: [Vec<f64>; 5] = Default::default();
+    let mut per_item_us = Vec::new();
+    for run in 0..a.runs {
+        let dir = crate::scratch_dir(None)?;
+        let adir = dir.path().join("archive");
+        std::fs::create_dir_all(&adir)?;
+        let (stored, _, _, _) = ingest(
+            &adir,
+            a.seed + run as u64,
+            n,
+            Sizes::Mix(16 << 10),
+            a.threads,
+        )?;
+        per_item_us.push(1e6 / stored);
+        let store_config = archive::ObjectStoreConfig {
+            endpoints: vec![garage.endpoint(0)],
+            bucket: garage.bucket.clone(),
+            region: "garage".into(),
+            prefix: format!("bench/prove{run}"),
+            access_key_id: garage.key_id.clone(),
+            secret_access_key: garage.secret.clone(),
+        };
+        let mut o = Options::new(adir.clone());
+        o.free_bytes_min = 1 << 30;
+        o.cache_bytes = u64::MAX;
+        o.object_store = Some(store_config);
+        let archive = Archive::open(&o)?;
+        let t = Instant::now();
+        let v = archive.verify(|_, _| {})?;
+        anyhow::ensure!(v.ok == n as u64, "verify: {} of {n}", v.ok);
+        rates[0].push(n as f64 / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let p = archive.prove(vec![], false, &[], |_, _| {})?;
+        anyhow::ensure!(p.holds() && p.bodies == n as u64, "prove: {p:?}");
+        rates[1].push(n as f64 / t.elapsed().as_secs_f64());
+        archive.checkpoint_now()?;
+        let t = Instant::now();
+        let p = archive::proof::prove_dir(&adir, vec![], false, &[])?;
+        anyhow::ensure!(p.holds(), "prove_dir: {:?}", p.breaks.first());
+        rates[2].push(n as f64 / t.elapsed().as_secs_f64());
+        let more = n / 100;
+        let mut corpus = Corpus::new(a.seed + 1000 + run as u64);
+        corpus.size_max = 16 << 10;
+        for i in 0..more {
+            let (raw, from, to) = corpus.next();
+            archive.archive(incoming(n + i, n + more, &raw, from, to), &raw)?;
+        }
+        let t = Instant::now();
+        let p = archive.prove(vec![], true, &[], |_, _| {})?;
+        anyhow::ensure!(p.holds() && p.bodies == more as u64, "incremental: {p:?}");
+        // Per item of the archive, as the full runs: what a nightly check costs.
+        rates[3].push((n + more) as f64 / t.elapsed().as_secs_f64());
+        archive.seal()?;
+        archive.sync_remote()?;
+        archive.drop_cache()?;
+        let t = Instant::now();
+        let p = archive.prove(vec![], false, &[], |_, _| {})?;
+        anyhow::ensure!(p.holds(), "from the store: {:?}", p.breaks.first());
+        rates[4].push((n + more) as f64 / t.elapsed().as_secs_f64());
+        eprintln!(
+            "run {run}: {n} items, {} entries, {} segments: verify {:.0}/s, prove {:.0}/s, offline {:.0}/s, incremental {:.0}/s, from the store {:.0}/s",
+            p.entries,
+            p.segments,
+            rates[0][run],
+            rates[1][run],
+            rates[2][run],
+            rates[3][run],
+            rates[4][run]
+        );
+        drop(archive);
+        keep.push(dir);
+    }
+    let [verify, prove, offline, incremental, store] = rates.map(crate::median);
+    // The chain's own work per item: an item's entry encoded, framed and linked.
+    let item = archive::Item {
+        id: "1733490000000.0000000001.a".into(),
+        origin: "a".into(),
+        client: "192.0.2.1".into(),
+        sender: "someone@example.com".into(),
+        recipients: vec!["one@example.net".into(), "two@example.net".into()],
+        verdict: "clean".into(),
+        ..archive::Item::default()
+    };
+    let mut head = archive::chain::Head::default();
+    let mut frames = Vec::with_capacity(1 << 20);
+    let t = Instant::now();
+    let reps = 200_000;
+    for rev in 0..reps {
+        frames.clear();
+        let event = archive::chain::item_event(archive::chain::Why::Stored, rev, &item);
+        archive::record::frame_entry(&head.append_encoded(&event), &mut frames);
+    }
+    let chain_us = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
+    let ingest_us = crate::median(per_item_us);
+    println!(
+        "
+proof of an archive: {n} items (corpus mix, sizes cut at 16 KiB), default segments, checkpoints every 1,000 entries"
+    );
+    println!(
+        "
+| check | items/s | against reading every body back |
+|---|---|---|"
+    );
+    println!("| every item's body read back through the catalog (`verify` before the chain; the reference) | {verify:.0} | 1.00 |");
+    println!(
+        "| the proof on the unit: chain, checkpoints, every body hashed | {prove:.0} | {:.2} |",
+        prove / verify
+    );
+    println!(
+        "| the proof offline over the archive's files (`verify --dir`) | {offline:.0} | {:.2} |",
+        offline / verify
+    );
+    println!(
+        "| the proof from the newest checkpoint after 1 % more items (`--from-checkpoint`) | {incremental:.0} | {:.2} |",
+        incremental / verify
+    );
+    println!(
+        "| the proof with every segment read from the store (three-node Garage, loopback) | {store:.0} | {:.2} |",
+        store / verify
+    );
+    println!(
+        "
+the chain's CPU per item (entry encoded, framed, linked: one SHA-256 of the event, one of the link): {chain_us:.2} µs, against {ingest_us:.1} µs of archive ingest wall time per item ({:.1} %)",
+        100.0 * chain_us / ingest_us
+    );
+    Ok(())
 }
 
 /// A lost unit rebuilt: `--rebuild-items` of the corpus mix (sizes cut at 16 KiB) archived with
