@@ -16,7 +16,7 @@
 //! This module is bytes and hashes only: where entries are written is `store.rs`, how they are
 //! framed in a segment `record.rs`, how a chain is proved `proof.rs`.
 
-use crate::record::{put_str, Item, Reader};
+use crate::item::{put_str, Item, Reader};
 use crate::ArchiveId;
 use sha2::{Digest, Sha256};
 

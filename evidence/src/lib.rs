@@ -1,6 +1,7 @@
 //! The archive as evidence: what its segments hold and how anyone proves it.
 //!
-//! - [`record`]: the segment frame and the catalog's item encoding (bodies, chain entries, and
+//! - [`item`]: the catalog's item encoding.
+//! - [`record`]: the segment frame (bodies, chain entries, and
 //!   the unchained records of older versions).
 //! - [`chain`]: the hash chain over the archive's history (every item stored, held, released,
 //!   removed; every signer), numbered without gaps.
@@ -15,6 +16,7 @@
 pub mod audit;
 pub mod chain;
 pub mod checkpoint;
+pub mod item;
 pub mod proof;
 pub mod record;
 
