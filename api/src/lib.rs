@@ -188,7 +188,11 @@ pub enum Local {
         limit: Option<usize>,
     },
     /// Prove the audit log (chain, checkpoints): `evidence::audit::AuditProof`.
-    AuditVerify,
+    AuditVerify {
+        /// Compare with the checkpoints of the log every mirror peer keeps.
+        #[serde(default)]
+        against_peers: bool,
+    },
 }
 
 /// [`Request::Cluster`]: waits on other units.

@@ -103,9 +103,14 @@ fn cursor_name(peer: &str) -> String {
     format!("mirror.{peer}")
 }
 
-/// The lines of the checkpoints file a peer confirmed.
-fn checkpoint_cursor(peer: &str) -> String {
-    format!("mirror-checkpoints.{peer}")
+/// A checkpoints file whose lines every peer is sent (the archive's; the audit log's), and the
+/// name of the cursor that counts the lines each peer confirmed.
+#[derive(Clone, Debug)]
+pub struct CheckpointFile {
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// The cursor's name (`mirror-checkpoints`), made per peer.
+    pub cursor: String,
 }
 
 /// The most checkpoint lines one fetch answers.
@@ -133,6 +138,7 @@ pub async fn copy_to(
     cfg: LinkConfig,
     stats: Arc<PeerStats>,
     wake: Arc<tokio::sync::Notify>,
+    checkpoints: Vec<CheckpointFile>,
 ) {
     let name = addr.to_string();
     let mut backoff = Backoff::new();
@@ -150,7 +156,16 @@ pub async fn copy_to(
             Ok(l) => {
                 stats.connected.store(true, Ordering::SeqCst);
                 tracing::info!(peer = %addr, node = %l.peer.node, "archive mirror connected");
-                let r = session(&archive, &name, l, &stats, &wake, &mut backoff).await;
+                let r = session(
+                    &archive,
+                    &name,
+                    l,
+                    &stats,
+                    &wake,
+                    &mut backoff,
+                    &checkpoints,
+                )
+                .await;
                 stats.connected.store(false, Ordering::SeqCst);
                 if let Err(e) = r {
                     stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -197,12 +212,15 @@ async fn session(
     stats: &PeerStats,
     wake: &tokio::sync::Notify,
     backoff: &mut Backoff,
+    checkpoints: &[CheckpointFile],
 ) -> Result<(), LinkError> {
     let (r, mut w) = tokio::io::split(l.io);
     let mut replies = link::spawn_reader(r);
     let cursor_key = cursor_name(name);
     loop {
-        send_checkpoints(archive, name, &mut w, &mut replies).await?;
+        for file in checkpoints {
+            send_checkpoints(archive, name, file, &mut w, &mut replies).await?;
+        }
         let (a, key) = (archive.clone(), cursor_key.clone());
         let batch =
             tokio::task::spawn_blocking(move || -> Result<Vec<(Item, Vec<u8>)>, ArchiveError> {
@@ -276,19 +294,20 @@ async fn session(
     }
 }
 
-/// Sends the peer the checkpoints it does not hold yet (lines of the checkpoints file after its
-/// cursor), each confirmed durable there before the cursor moves.
+/// Sends the peer the checkpoints of `file` it does not hold yet (the lines after its cursor),
+/// each confirmed durable there before the cursor moves.
 async fn send_checkpoints(
     archive: &Arc<Archive>,
     name: &str,
+    file: &CheckpointFile,
     w: &mut tokio::io::WriteHalf<Box<dyn link::LinkIo>>,
     replies: &mut tokio::sync::mpsc::Receiver<Result<Frame, LinkError>>,
 ) -> Result<(), LinkError> {
-    let (a, key) = (archive.clone(), checkpoint_cursor(name));
+    let key = format!("{}.{name}", file.cursor);
+    let (a, k, path) = (archive.clone(), key.clone(), file.path.clone());
     let (sent, lines) = tokio::task::spawn_blocking(move || -> Result<_, ArchiveError> {
-        let sent = a.store().cursor(&key)?;
-        let text = std::fs::read_to_string(a.store().dir().join(crate::checkpoint::FILE))
-            .unwrap_or_default();
+        let sent = a.store().cursor(&k)?;
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
         let lines: Vec<String> = text
             .lines()
             .skip(sent as usize)
@@ -330,7 +349,7 @@ async fn send_checkpoints(
             }
         }
     }
-    let (a, key) = (archive.clone(), checkpoint_cursor(name));
+    let a = archive.clone();
     let upto = sent + lines.len() as u64;
     tokio::task::spawn_blocking(move || a.store().set_cursor(&key, upto))
         .await

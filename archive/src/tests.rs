@@ -390,6 +390,7 @@ async fn mirroring_copies_local_items_once_and_a_wrong_secret_copies_nothing() {
         link("a", b"not-the-secret!!"),
         wrong.clone(),
         Arc::default(),
+        Vec::new(),
     ));
     tokio::time::sleep(Duration::from_millis(800)).await;
     bad.abort();
@@ -409,6 +410,7 @@ async fn mirroring_copies_local_items_once_and_a_wrong_secret_copies_nothing() {
         link("a", b"0123456789abcdef"),
         stats.clone(),
         Arc::default(),
+        Vec::new(),
     ));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while stats.sent.load(Ordering::Relaxed) < 150 {

@@ -607,6 +607,7 @@ fn run_mirror(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
             cfg("src"),
             stats.clone(),
             Arc::default(),
+            Vec::new(),
         ));
         while received.stored.load(std::sync::atomic::Ordering::Relaxed) < a.backlog as u64 {
             tokio::time::sleep(Duration::from_millis(20)).await;

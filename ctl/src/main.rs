@@ -278,6 +278,9 @@ enum AuditCmd {
         /// key the log's first line names.
         #[arg(long = "public-key")]
         public_keys: Vec<String>,
+        /// On a unit: compare with the checkpoints of the log each mirror peer keeps.
+        #[arg(long)]
+        against_peers: bool,
     },
 }
 
@@ -613,8 +616,9 @@ fn audit_offline(cmd: &AuditCmd) -> Option<Result<Value, (u8, String)>> {
         AuditCmd::Verify {
             dir: Some(dir),
             public_keys,
+            ..
         } => Some(trusted_keys(public_keys).and_then(|keys| {
-            evidence::audit::prove(dir, &keys)
+            evidence::audit::prove(dir, &keys, &[])
                 .map_err(|e| (1u8, e.to_string()))
                 .and_then(|p| to_value(serde_json::to_value(p)))
         })),
@@ -662,7 +666,9 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
                     from: *from,
                     limit: *limit,
                 }),
-                AuditCmd::Verify { .. } => Request::from(Local::AuditVerify),
+                AuditCmd::Verify { against_peers, .. } => Request::from(Local::AuditVerify {
+                    against_peers: *against_peers,
+                }),
             }
         }
         Cmd::Status => Request::from(Local::Status),

@@ -543,9 +543,14 @@ impl Render for evidence::audit::AuditProof {
             out.push_str(&format!("BROKEN {}: {}\n", b.at, b.what));
         }
         out.push_str(&format!(
-            "audit log: {} entries, {} checkpoints holding, signer {} ({})\n{}\n",
+            "audit log: {} entries, {} checkpoints holding{}, signer {} ({})\n{}\n",
             self.entries,
             self.checkpoints,
+            if self.compared > 0 {
+                format!(", {} kept by mirror peers compared", self.compared)
+            } else {
+                String::new()
+            },
             self.signer.as_deref().unwrap_or("unknown"),
             if self.keys_given {
                 "checked against the keys given"

@@ -139,6 +139,11 @@ impl AuditLog {
         Ok(log)
     }
 
+    /// The log's id (its checkpoints sign it as their `archive`).
+    pub fn id(&self) -> ArchiveId {
+        self.id
+    }
+
     /// Appends one entry and its checkpoint, both synced; answers its number. On any failure
     /// the log is as before and the caller refuses the request.
     pub fn append(
@@ -226,6 +231,9 @@ pub struct AuditProof {
     pub signer: Option<String>,
     /// Whether signatures were checked against keys given to the verifier.
     pub keys_given: bool,
+    /// Checkpoints other holders keep (mirror peers) compared with the log.
+    #[serde(default)]
+    pub compared: u64,
     /// What does not hold, first first.
     pub breaks: Vec<Break>,
 }
@@ -239,8 +247,14 @@ impl AuditProof {
 
 /// Proves the audit log in `dir`: every line an entry, numbered in sequence, each carrying the
 /// hash of the line before; every checkpoint signed by a trusted key (given, or the one the
-/// genesis names) over a line that is there; the newest checkpoint covering the last line.
-pub fn prove(dir: &Path, trusted: &[[u8; 32]]) -> Result<AuditProof, EvidenceError> {
+/// genesis names) over a line that is there; the newest checkpoint covering the last line; and
+/// every checkpoint other holders keep (`elsewhere`: a name, its checkpoints) holding over the
+/// log and present in the local file.
+pub fn prove(
+    dir: &Path,
+    trusted: &[[u8; 32]],
+    elsewhere: &[(String, Vec<Checkpoint>)],
+) -> Result<AuditProof, EvidenceError> {
     let path = dir.join(LOG);
     let text = std::fs::read_to_string(&path)
         .map_err(|e| EvidenceError::Io(format!("{}: {e}", path.display())))?;
@@ -311,6 +325,21 @@ pub fn prove(dir: &Path, trusted: &[[u8; 32]]) -> Result<AuditProof, EvidenceErr
                 newest = newest.max(cp.entries);
             }
             Err(why) => broke(at, why),
+        }
+    }
+    for (holder, theirs) in elsewhere {
+        for cp in theirs {
+            p.compared += 1;
+            let at = format!("{holder}'s audit checkpoint of {} entries", cp.entries);
+            if let Err(why) = check(cp, id, &keys, &hashes) {
+                broke(at.clone(), why);
+            }
+            if !good.iter().any(|(_, ours)| ours == cp) {
+                broke(
+                    at,
+                    "the local audit checkpoints file does not hold it".into(),
+                );
+            }
         }
     }
     if newest < p.entries {
@@ -407,7 +436,7 @@ mod tests {
             ["genesis", "archive search", "archive show", "archive hold"]
         );
         assert_eq!(entries[1].which, ["3", "4"]);
-        let p = prove(dir.path(), &[signer.public()]).unwrap();
+        let p = prove(dir.path(), &[signer.public()], &[]).unwrap();
         assert!(p.holds(), "{:?}", p.breaks);
         assert_eq!((p.entries, p.checkpoints), (4, 4));
     }
@@ -475,7 +504,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let signer = written(dir.path());
             change(dir.path());
-            let p = prove(dir.path(), &[signer.public()]).unwrap();
+            let p = prove(dir.path(), &[signer.public()], &[]).unwrap();
             let first = p.breaks.first().unwrap_or_else(|| panic!("{name}: holds"));
             assert!(
                 first.at == at && first.what.contains(what),

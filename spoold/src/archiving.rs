@@ -220,6 +220,7 @@ impl Archiving {
                 link,
                 stats.clone(),
                 self.wake.clone(),
+                self.checkpoint_files(),
             ));
         }
         let me = self.clone();
@@ -733,10 +734,39 @@ impl Archiving {
         })
     }
 
-    /// The checkpoints of this archive each mirror peer keeps (`verify --against-peers`): a peer
-    /// that does not answer fails the verify (it was asked to compare).
+    /// The checkpoints files every mirror peer is sent: the archive's and the audit log's.
+    fn checkpoint_files(&self) -> Vec<archive::mirror::CheckpointFile> {
+        vec![
+            archive::mirror::CheckpointFile {
+                path: self.archive.store().dir().join(evidence::checkpoint::FILE),
+                cursor: "mirror-checkpoints".into(),
+            },
+            archive::mirror::CheckpointFile {
+                path: self.audit_dir.join(evidence::audit::CHECKPOINTS),
+                cursor: "mirror-audit-checkpoints".into(),
+            },
+        ]
+    }
+
+    /// `audit verify [--against-peers]`: the audit log proved, against the checkpoints each
+    /// mirror peer keeps of it when asked.
+    pub fn audit_verify(&self, against_peers: bool) -> Result<evidence::audit::AuditProof, String> {
+        let elsewhere = if against_peers {
+            let id = self.audit.lock().unwrap_or_else(|p| p.into_inner()).id();
+            self.peers_checkpoints(Some(id))?
+        } else {
+            Vec::new()
+        };
+        let (public, _) = self.archive.signing_key().map_err(|e| e.to_string())?;
+        evidence::audit::prove(&self.audit_dir, &[public], &elsewhere).map_err(|e| e.to_string())
+    }
+
+    /// The checkpoints of archive (or audit log) `id` each mirror peer keeps (`verify
+    /// --against-peers`; `None`: this archive's): a peer that does not answer fails the verify
+    /// (it was asked to compare).
     fn peers_checkpoints(
         &self,
+        id: Option<archive::ArchiveId>,
     ) -> Result<Vec<(String, Vec<evidence::checkpoint::Checkpoint>)>, String> {
         let links = self
             .mirror_links
@@ -746,7 +776,11 @@ impl Archiving {
         if links.is_empty() {
             return Err("--against-peers: this unit has no [[archive.mirror]] peers".into());
         }
-        let Some(id) = self.archive.signing_key().map_err(|e| e.to_string())?.1 else {
+        let id = match id {
+            Some(id) => Some(id),
+            None => self.archive.signing_key().map_err(|e| e.to_string())?.1,
+        };
+        let Some(id) = id else {
             return Ok(links
                 .iter()
                 .map(|(a, _)| (a.to_string(), Vec::new()))
@@ -796,7 +830,7 @@ impl Archiving {
         mut progress: impl FnMut(&str, u64, u64),
     ) -> Result<api::ArchiveVerified, String> {
         let elsewhere = if against_peers {
-            self.peers_checkpoints()?
+            self.peers_checkpoints(None)?
         } else {
             Vec::new()
         };

@@ -516,6 +516,28 @@ fn a_mirror_peer_keeps_the_checkpoints_that_catch_a_cut_of_the_local_chain() {
     let v = ctl_json(&a, &["verify", "--against-peers"]);
     assert_eq!(v["proof"]["break_count"], 0, "{v}");
     assert!(v["proof"]["compared"].as_u64().unwrap() >= 6, "{v}");
+    // The audit log's checkpoints travel too (the requests above are in it).
+    let audit_lines = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let audit_ours = a.state.join("archive/audit.checkpoints");
+    let audit_id = {
+        let first = std::fs::read_to_string(a.state.join("archive/audit.log")).unwrap();
+        let genesis: Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+        genesis["detail"].as_str().unwrap()[4..36].to_string()
+    };
+    let audit_kept = b.state.join(format!("archive/peers/{audit_id}.checkpoints"));
+    assert!(
+        wait_until(30, || audit_lines(&audit_ours) >= 3
+            && audit_lines(&audit_kept) == audit_lines(&audit_ours)),
+        "the peer keeps the audit log's checkpoints"
+    );
+    let (code, out, err) = spoolctl(&a, &["--json", "audit", "verify", "--against-peers"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let p: Value = serde_json::from_str(&out).unwrap();
+    assert!(p["compared"].as_u64().unwrap() >= 3, "{p}");
 
     // The insider's copy: the newest ten entries cut, with the checkpoints that signed them.
     a.stop();

@@ -426,10 +426,8 @@ impl Admin {
                 }
                 reply(entries)
             }
-            Local::AuditVerify => {
-                let a = self.archiving()?;
-                let (public, _) = a.archive.signing_key().map_err(|e| e.to_string())?;
-                reply(evidence::audit::prove(&a.audit_dir, &[public]).map_err(|e| e.to_string())?)
+            Local::AuditVerify { against_peers } => {
+                reply(self.archiving()?.audit_verify(against_peers)?)
             }
             Local::ArchiveKey => {
                 let a = self.archiving()?;
