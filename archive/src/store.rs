@@ -145,6 +145,36 @@ pub struct Store {
     pub(crate) as_before_item_records: std::sync::atomic::AtomicBool,
 }
 
+/// A segment's bytes for a proof: a local file mapped, or an object read; with the length to
+/// read, if not all.
+pub enum SegmentBytes {
+    /// A local file, mapped.
+    Mapped(memmap2::Mmap, Option<usize>),
+    /// Read from the object store.
+    Read(Vec<u8>, Option<usize>),
+}
+
+impl SegmentBytes {
+    fn cut(self, len: Option<u64>) -> SegmentBytes {
+        let len = len.map(|l| l as usize);
+        match self {
+            SegmentBytes::Mapped(m, _) => SegmentBytes::Mapped(m, len),
+            SegmentBytes::Read(v, _) => SegmentBytes::Read(v, len),
+        }
+    }
+}
+
+impl std::ops::Deref for SegmentBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        let (all, len): (&[u8], Option<usize>) = match self {
+            SegmentBytes::Mapped(m, len) => (m, *len),
+            SegmentBytes::Read(v, len) => (v, *len),
+        };
+        &all[..len.unwrap_or(all.len()).min(all.len())]
+    }
+}
+
 /// A segment a proof reads: its number, and the length to read (`None`: whole).
 pub type ToRead = (u32, Option<u64>);
 
@@ -610,12 +640,24 @@ impl Store {
     }
 
     /// Segment `n`'s bytes, up to `len` if given (the proof's reads).
-    pub fn segment_bytes(&self, n: u32, len: Option<u64>) -> Result<Vec<u8>, ArchiveError> {
-        let mut data = self.read_segment(n)?;
-        if let Some(len) = len {
-            data.truncate(len as usize);
-        }
-        Ok(data)
+    /// A local file is mapped, not read (a segment is up to 256 MiB); one only in the store is
+    /// read from it whole.
+    pub fn segment_bytes(&self, n: u32, len: Option<u64>) -> Result<SegmentBytes, ArchiveError> {
+        let bytes = match File::open(seg_path(&self.segments_dir, n)) {
+            Ok(f) if f.metadata().map_err(io)?.len() > 0 => {
+                // SAFETY: segment files are only appended to while this unit runs (the open
+                // segment grows past what is read; sealed ones never change); a compaction may
+                // unlink one, which leaves the mapping valid. The torn-tail cut happens only at
+                // open, before anything can read.
+                SegmentBytes::Mapped(unsafe { memmap2::Mmap::map(&f) }.map_err(io)?, None)
+            }
+            Ok(_) => SegmentBytes::Read(Vec::new(), None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                SegmentBytes::Read(self.read_segment(n)?, None)
+            }
+            Err(e) => return Err(io(e)),
+        };
+        Ok(bytes.cut(len))
     }
 
     /// The segment holding a body.

@@ -454,10 +454,8 @@ mod tests {
             (
                 "an entry removed",
                 |d| {
-                    edit(d, LOG, |t| {
-                        let mut l: Vec<&str> = t.lines().collect();
+                    edit_lines(d, |l| {
                         l.remove(2);
-                        l.join("\n") + "\n"
                     })
                 },
                 "audit line 3",
@@ -465,24 +463,13 @@ mod tests {
             ),
             (
                 "the last entry cut",
-                |d| {
-                    edit(d, LOG, |t| {
-                        let l: Vec<&str> = t.lines().collect();
-                        l[..3].join("\n") + "\n"
-                    })
-                },
+                |d| edit_lines(d, |l| l.truncate(3)),
                 "audit checkpoints line 4",
                 "entries were cut off",
             ),
             (
                 "two entries swapped",
-                |d| {
-                    edit(d, LOG, |t| {
-                        let mut l: Vec<&str> = t.lines().collect();
-                        l.swap(1, 2);
-                        l.join("\n") + "\n"
-                    })
-                },
+                |d| edit_lines(d, |l| l.swap(1, 2)),
                 "audit line 2",
                 "entry 2; entry 1 belongs here",
             ),
@@ -511,6 +498,15 @@ mod tests {
                 "{name}: expected {at} / {what}, got {first:?}"
             );
         }
+    }
+
+    /// The log's lines, changed by `f`.
+    fn edit_lines(dir: &Path, f: fn(&mut Vec<&str>)) {
+        let path = dir.join(LOG);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut lines: Vec<&str> = text.lines().collect();
+        f(&mut lines);
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     }
 
     fn edit(dir: &Path, file: &str, f: fn(String) -> String) {

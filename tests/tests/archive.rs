@@ -528,7 +528,9 @@ fn a_mirror_peer_keeps_the_checkpoints_that_catch_a_cut_of_the_local_chain() {
         let genesis: Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
         genesis["detail"].as_str().unwrap()[4..36].to_string()
     };
-    let audit_kept = b.state.join(format!("archive/peers/{audit_id}.checkpoints"));
+    let audit_kept = b
+        .state
+        .join(format!("archive/peers/{audit_id}.checkpoints"));
     assert!(
         wait_until(30, || audit_lines(&audit_ours) >= 3
             && audit_lines(&audit_kept) == audit_lines(&audit_ours)),
