@@ -322,6 +322,10 @@ pub enum Long {
         /// Take the entries the newest valid checkpoint covers as proved by it.
         #[serde(default)]
         from_checkpoint: bool,
+        /// Take the entries the newest valid checkpoint signed at or before this time (ms since
+        /// the epoch) covers as proved by it.
+        #[serde(default)]
+        since_ms: Option<u64>,
         /// Compare with the checkpoints every mirror peer keeps of this archive.
         #[serde(default)]
         against_peers: bool,
@@ -1065,6 +1069,7 @@ mod tests {
                 Long::ArchiveVerify {
                     progress: true,
                     from_checkpoint: false,
+                    since_ms: None,
                     against_peers: false,
                 }
                 .into(),

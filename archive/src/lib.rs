@@ -731,21 +731,18 @@ impl Archive {
     /// Proves the archive ([`proof`]): every segment (local or in the object store) read as of
     /// one catalog snapshot, the chain linked and checked against the catalog's head, the
     /// checkpoints file and the checkpoints others keep (`elsewhere`), every item's body hashed.
-    /// `trusted`: the signing keys to accept (none: the keys the chain names). With
-    /// `from_checkpoint`, entries up to the newest checkpoint that holds are taken as proved by
-    /// it. `progress(done, total)` counts segments read (twice: scan, then bodies).
+    /// `trusted`: the signing keys to accept (none: the keys the chain names). From a
+    /// checkpoint (`start`), the entries it covers are taken as proved by it. `progress(done, total)` counts segments read (twice: scan, then bodies).
     pub fn prove(
         &self,
         trusted: Vec<[u8; 32]>,
-        from_checkpoint: bool,
+        start: proof::Start,
         elsewhere: &[(String, Vec<checkpoint::Checkpoint>)],
         mut progress: impl FnMut(u64, u64),
     ) -> Result<proof::Proof, ArchiveError> {
         let (head, segments) = self.store.proof_snapshot()?;
         let checkpoints = checkpoint::read(self.store.dir())?;
-        let from = from_checkpoint
-            .then(|| proof::starting_checkpoint(&checkpoints, &trusted))
-            .flatten();
+        let from = proof::starting_checkpoint(&checkpoints, &trusted, start);
         let mut prover = proof::Prover::new(trusted, from);
         let total = 2 * segments.len() as u64;
         for (i, &(n, len)) in segments.iter().enumerate() {

@@ -18,7 +18,9 @@ fn evidence(dir: &Path, keys: &Path) -> PathBuf {
     o.signing_key = Some(key.clone());
     let a = Archive::open(&o).unwrap();
     eventful(&a);
-    let p = a.prove(vec![], false, &[], |_, _| {}).unwrap();
+    let p = a
+        .prove(vec![], proof::Start::Genesis, &[], |_, _| {})
+        .unwrap();
     assert!(p.holds(), "{:?}", p.breaks);
     key
 }
@@ -61,7 +63,7 @@ fn entry_at(data: &[u8], at: usize) -> Entry {
 }
 
 fn prove(dir: &Path, key: [u8; 32]) -> proof::Proof {
-    proof::prove_dir(dir, vec![key], false, &[]).unwrap()
+    proof::prove_dir(dir, vec![key], proof::Start::Genesis, &[]).unwrap()
 }
 
 /// The newest segment's entries of stored items: (offset, length, entry number).
@@ -305,7 +307,7 @@ fn a_rewrite_of_the_whole_chain_is_caught_by_the_checkpoints_a_peer_kept() {
     let p = proof::prove_dir(
         copy.path(),
         vec![signer.public()],
-        false,
+        proof::Start::Genesis,
         &[("peer b".into(), peer_copy.clone())],
     )
     .unwrap();
@@ -432,7 +434,9 @@ fn the_chain_survives_a_rebuild_and_an_incremental_proof_starts_at_a_checkpoint(
     o.signing_key = Some(key_file);
     let (id, entries) = {
         let a = Archive::open(&o).unwrap();
-        let p = a.prove(vec![], false, &[], |_, _| {}).unwrap();
+        let p = a
+            .prove(vec![], proof::Start::Genesis, &[], |_, _| {})
+            .unwrap();
         assert!(p.holds(), "{:?}", p.breaks);
         (a.signing_key().unwrap().1.unwrap(), p.entries)
     };
@@ -449,7 +453,9 @@ fn the_chain_survives_a_rebuild_and_an_incremental_proof_starts_at_a_checkpoint(
         )
         .unwrap();
     }
-    let p = a.prove(vec![], false, &[], |_, _| {}).unwrap();
+    let p = a
+        .prove(vec![], proof::Start::Genesis, &[], |_, _| {})
+        .unwrap();
     assert!(p.holds(), "{:?}", p.breaks);
     assert_eq!(
         p.entries,
@@ -466,7 +472,9 @@ fn the_chain_survives_a_rebuild_and_an_incremental_proof_starts_at_a_checkpoint(
         )
         .unwrap();
     }
-    let p = a.prove(vec![], true, &[], |_, _| {}).unwrap();
+    let p = a
+        .prove(vec![], proof::Start::NewestCheckpoint, &[], |_, _| {})
+        .unwrap();
     assert!(p.holds(), "{:?}", p.breaks);
     assert_eq!((p.from, p.entries), (entries + 5, entries + 8));
     assert_eq!(
@@ -474,4 +482,26 @@ fn the_chain_survives_a_rebuild_and_an_incremental_proof_starts_at_a_checkpoint(
         (53, 3),
         "only the bodies of items after the checkpoint"
     );
+    // --since: the newest checkpoint signed at or before the time; none that early: everything.
+    let cps: Vec<checkpoint::Checkpoint> = checkpoint::read(state.path())
+        .unwrap()
+        .0
+        .into_iter()
+        .map(|(_, cp)| cp)
+        .collect();
+    let earlier = cps
+        .windows(2)
+        .rev()
+        .find(|w| w[0].time_ms < w[1].time_ms)
+        .map(|w| w[0].clone())
+        .unwrap();
+    let p = a
+        .prove(vec![], proof::Start::Since(earlier.time_ms), &[], |_, _| {})
+        .unwrap();
+    assert!(p.holds(), "{:?}", p.breaks);
+    assert_eq!(p.from, earlier.entries);
+    let p = a
+        .prove(vec![], proof::Start::Since(1), &[], |_, _| {})
+        .unwrap();
+    assert_eq!((p.from, p.bodies), (0, 53));
 }

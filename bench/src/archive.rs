@@ -778,12 +778,12 @@ fn run_prove(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
         anyhow::ensure!(v.ok == n as u64, "verify: {} of {n}", v.ok);
         rates[0].push(n as f64 / t.elapsed().as_secs_f64());
         let t = Instant::now();
-        let p = archive.prove(vec![], false, &[], |_, _| {})?;
+        let p = archive.prove(vec![], archive::proof::Start::Genesis, &[], |_, _| {})?;
         anyhow::ensure!(p.holds() && p.bodies == n as u64, "prove: {p:?}");
         rates[1].push(n as f64 / t.elapsed().as_secs_f64());
         archive.checkpoint_now()?;
         let t = Instant::now();
-        let p = archive::proof::prove_dir(&adir, vec![], false, &[])?;
+        let p = archive::proof::prove_dir(&adir, vec![], archive::proof::Start::Genesis, &[])?;
         anyhow::ensure!(p.holds(), "prove_dir: {:?}", p.breaks.first());
         rates[2].push(n as f64 / t.elapsed().as_secs_f64());
         let more = n / 100;
@@ -794,7 +794,12 @@ fn run_prove(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
             archive.archive(incoming(n + i, n + more, &raw, from, to), &raw)?;
         }
         let t = Instant::now();
-        let p = archive.prove(vec![], true, &[], |_, _| {})?;
+        let p = archive.prove(
+            vec![],
+            archive::proof::Start::NewestCheckpoint,
+            &[],
+            |_, _| {},
+        )?;
         // Checkpoints come every 1,000 entries: the newest covers all but the last few items.
         anyhow::ensure!(
             p.holds() && p.bodies <= more as u64 && p.from > n as u64,
@@ -806,7 +811,7 @@ fn run_prove(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
         archive.sync_remote()?;
         archive.drop_cache()?;
         let t = Instant::now();
-        let p = archive.prove(vec![], false, &[], |_, _| {})?;
+        let p = archive.prove(vec![], archive::proof::Start::Genesis, &[], |_, _| {})?;
         anyhow::ensure!(p.holds(), "from the store: {:?}", p.breaks.first());
         rates[4].push((n + more) as f64 / t.elapsed().as_secs_f64());
         eprintln!(

@@ -322,6 +322,10 @@ enum ArchiveCmd {
         /// checks what changed since.
         #[arg(long)]
         from_checkpoint: bool,
+        /// Start at the newest checkpoint signed at or before this time (RFC 3339, or ms since
+        /// the epoch): what changed since is proved, what came before is taken as proved by it.
+        #[arg(long, value_parser = parse_when)]
+        since: Option<u64>,
         /// Prove the archive in this directory, here (no daemon).
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
@@ -546,21 +550,35 @@ fn archive_request(cmd: &ArchiveCmd) -> Request {
         ArchiveCmd::Rebuild => Request::from(Long::ArchiveRebuild { progress: true }),
         ArchiveCmd::Verify {
             from_checkpoint,
+            since,
             against_peers,
             ..
         } => Request::from(Long::ArchiveVerify {
             progress: true,
             from_checkpoint: *from_checkpoint,
+            since_ms: *since,
             against_peers: *against_peers,
         }),
         ArchiveCmd::Key => Request::from(Local::ArchiveKey),
     }
 }
 
+/// A time on the command line: RFC 3339, or ms since the epoch.
+fn parse_when(v: &str) -> Result<u64, String> {
+    if let Ok(ms) = v.parse::<u64>() {
+        return Ok(ms);
+    }
+    chrono::DateTime::parse_from_rfc3339(v)
+        .map(|t| t.timestamp_millis().max(0) as u64)
+        .map_err(|e| {
+            format!("{v:?}: neither RFC 3339 (2026-12-01T00:00:00Z) nor ms since the epoch: {e}")
+        })
+}
+
 /// `archive verify --dir`: the proof here, over files, with no daemon.
 fn prove_offline(
     dir: &std::path::Path,
-    from_checkpoint: bool,
+    start: evidence::proof::Start,
     public_keys: &[String],
     peer_checkpoints: &[std::path::PathBuf],
 ) -> Result<Value, (u8, String)> {
@@ -588,7 +606,7 @@ fn prove_offline(
             dir.display()
         )));
     }
-    let proof = evidence::proof::prove_dir(dir, trusted, from_checkpoint, &elsewhere)
+    let proof = evidence::proof::prove_dir(dir, trusted, start, &elsewhere)
         .map_err(|e| (1u8, e.to_string()))?;
     serde_json::to_value(proof).map_err(|e| (3u8, e.to_string()))
 }
@@ -649,11 +667,19 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
                 ArchiveCmd::Verify {
                     dir: Some(dir),
                     from_checkpoint,
+                    since,
                     public_keys,
                     peer_checkpoints,
                     ..
                 },
-        } => return prove_offline(dir, *from_checkpoint, public_keys, peer_checkpoints),
+        } => {
+            let start = match (since, from_checkpoint) {
+                (Some(ms), _) => evidence::proof::Start::Since(*ms),
+                (None, true) => evidence::proof::Start::NewestCheckpoint,
+                (None, false) => evidence::proof::Start::Genesis,
+            };
+            return prove_offline(dir, start, public_keys, peer_checkpoints);
+        }
         Cmd::Archive { cmd } => {
             return call_with_progress(&cli.state_dir, &archive_request(cmd), on_progress)
         }

@@ -677,18 +677,41 @@ impl Prover {
     }
 }
 
-/// The newest checkpoint whose signature holds under a trusted key (any key when none is
-/// given): where an incremental proof starts.
+/// Where a proof starts linking the chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// At the genesis: everything.
+    Genesis,
+    /// At the newest checkpoint that holds (`--from-checkpoint`).
+    NewestCheckpoint,
+    /// At the newest checkpoint that holds and was signed at or before this time, ms
+    /// (`--since`): what changed since then is proved, what came before is taken as proved by it.
+    Since(u64),
+}
+
+/// The checkpoint a proof starts at: the newest whose signature holds under a trusted key (any
+/// key when none is given), signed at or before the time asked if one is; `None` for the genesis
+/// (or when no checkpoint qualifies: everything is proved then).
 pub fn starting_checkpoint(
     checkpoints: &checkpoint::Lines,
     trusted: &[[u8; 32]],
+    start: Start,
 ) -> Option<Checkpoint> {
+    let before = match start {
+        Start::Genesis => return None,
+        Start::NewestCheckpoint => u64::MAX,
+        Start::Since(ms) => ms,
+    };
     checkpoints
         .0
         .iter()
         .rev()
         .map(|(_, cp)| cp)
-        .find(|cp| cp.signature_holds() && (trusted.is_empty() || trusted.contains(&cp.key)))
+        .find(|cp| {
+            cp.time_ms <= before
+                && cp.signature_holds()
+                && (trusted.is_empty() || trusted.contains(&cp.key))
+        })
         .cloned()
 }
 
@@ -697,14 +720,12 @@ pub fn starting_checkpoint(
 pub fn prove_dir(
     dir: &std::path::Path,
     trusted: Vec<[u8; 32]>,
-    from_checkpoint: bool,
+    start: Start,
     elsewhere: &[(String, Vec<Checkpoint>)],
 ) -> Result<Proof, crate::EvidenceError> {
     let io = |e: std::io::Error| crate::EvidenceError::Io(format!("{}: {e}", dir.display()));
     let checkpoints = checkpoint::read(dir)?;
-    let from = from_checkpoint
-        .then(|| starting_checkpoint(&checkpoints, &trusted))
-        .flatten();
+    let from = starting_checkpoint(&checkpoints, &trusted, start);
     let mut prover = Prover::new(trusted, from);
     let mut segments = BTreeMap::new();
     for entry in std::fs::read_dir(dir.join("segments")).map_err(io)? {

@@ -825,7 +825,7 @@ impl Archiving {
     /// one catalog snapshot), then every catalog item's body and the index's count.
     pub fn verify(
         &self,
-        from_checkpoint: bool,
+        start: evidence::proof::Start,
         against_peers: bool,
         mut progress: impl FnMut(&str, u64, u64),
     ) -> Result<api::ArchiveVerified, String> {
@@ -836,9 +836,7 @@ impl Archiving {
         };
         let proof = self
             .archive
-            .prove(vec![], from_checkpoint, &elsewhere, |d, t| {
-                progress("prove", d, t)
-            })
+            .prove(vec![], start, &elsewhere, |d, t| progress("prove", d, t))
             .map_err(|e| e.to_string())?;
         if !proof.holds() {
             tracing::error!(
@@ -878,7 +876,7 @@ impl Archiving {
             .archive
             .rebuild(|p| progress("rebuild", p.done.load(SeqCst), p.segments.load(SeqCst)))
             .map_err(|e| e.to_string())?;
-        let verified = self.verify(false, false, &mut progress)?;
+        let verified = self.verify(evidence::proof::Start::Genesis, false, &mut progress)?;
         Ok(api::ArchiveRebuilt {
             segments: r.segments,
             from_store: r.from_store,

@@ -89,7 +89,7 @@ enum ArchivePass {
     Retention,
     Reindex,
     Verify {
-        from_checkpoint: bool,
+        start: evidence::proof::Start,
         against_peers: bool,
     },
     Rebuild,
@@ -217,10 +217,15 @@ impl Admin {
             Long::ArchiveReindex { .. } => ArchivePass::Reindex,
             Long::ArchiveVerify {
                 from_checkpoint,
+                since_ms,
                 against_peers,
                 ..
             } => ArchivePass::Verify {
-                from_checkpoint,
+                start: match (since_ms, from_checkpoint) {
+                    (Some(ms), _) => evidence::proof::Start::Since(ms),
+                    (None, true) => evidence::proof::Start::NewestCheckpoint,
+                    (None, false) => evidence::proof::Start::Genesis,
+                },
                 against_peers,
             },
             Long::ArchiveRebuild { .. } => ArchivePass::Rebuild,
@@ -337,17 +342,25 @@ impl Admin {
             ArchivePass::Retention => ("archive retention", String::new()),
             ArchivePass::Reindex => ("archive reindex", String::new()),
             ArchivePass::Verify {
-                from_checkpoint,
+                start,
                 against_peers,
             } => (
                 "archive verify",
                 [
-                    (from_checkpoint, "--from-checkpoint"),
-                    (against_peers, "--against-peers"),
+                    match start {
+                        evidence::proof::Start::Genesis => String::new(),
+                        evidence::proof::Start::NewestCheckpoint => "--from-checkpoint".into(),
+                        evidence::proof::Start::Since(ms) => format!("--since {ms}"),
+                    },
+                    if against_peers {
+                        "--against-peers".into()
+                    } else {
+                        String::new()
+                    },
                 ]
                 .iter()
-                .filter(|(on, _)| *on)
-                .map(|(_, flag)| *flag)
+                .filter(|f| !f.is_empty())
+                .cloned()
                 .collect::<Vec<_>>()
                 .join(" "),
             ),
@@ -368,11 +381,9 @@ impl Admin {
             }
             ArchivePass::Reindex => reply(a.reindex(|d, t| step("reindex", d, t))?),
             ArchivePass::Verify {
-                from_checkpoint,
+                start,
                 against_peers,
-            } => reply(a.verify(from_checkpoint, against_peers, |what, d, t| {
-                step(what, d, t)
-            })?),
+            } => reply(a.verify(start, against_peers, |what, d, t| step(what, d, t))?),
             ArchivePass::Rebuild => reply(a.rebuild(step)?),
         }
     }
