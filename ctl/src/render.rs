@@ -505,6 +505,13 @@ impl Render for evidence::proof::Proof {
                 "the keys the chain names: give --public-key to check them against a key you trust"
             }
         ));
+        let signed = self.last_checkpoint.map_or(0, |(n, _)| n);
+        if signed < self.entries {
+            out.push_str(&format!(
+                "entries {signed}..{} are proved but not yet signed (the next checkpoint comes within archive.checkpoint_secs)\n",
+                self.entries - 1
+            ));
+        }
         out.push_str(if self.holds() {
             "PROVED: nothing altered, missing or out of order\n"
         } else {
