@@ -109,7 +109,8 @@ fn cursor_name(peer: &str) -> String {
 pub struct CheckpointFile {
     /// The file.
     pub path: std::path::PathBuf,
-    /// The cursor's name (`mirror-checkpoints`), made per peer.
+    /// The cursor's name (`mirror-checkpoints`), made per peer; it counts the bytes of the
+    /// file the peer confirmed.
     pub cursor: String,
 }
 
@@ -306,15 +307,10 @@ async fn send_checkpoints(
     let key = format!("{}.{name}", file.cursor);
     let (a, k, path) = (archive.clone(), key.clone(), file.path.clone());
     let (sent, lines) = tokio::task::spawn_blocking(move || -> Result<_, ArchiveError> {
+        // The cursor counts the file's bytes the peer holds: the file grows by a line a minute
+        // for years, and is read from there, not from its start.
         let sent = a.store().cursor(&k)?;
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let lines: Vec<String> = text
-            .lines()
-            .skip(sent as usize)
-            .take(WINDOW)
-            .map(str::to_string)
-            .collect();
-        Ok((sent, lines))
+        Ok((sent, crate::checkpoint::lines_after(&path, sent, WINDOW)?))
     })
     .await
     .map_err(|e| LinkError::Protocol(e.to_string()))?
@@ -350,7 +346,7 @@ async fn send_checkpoints(
         }
     }
     let a = archive.clone();
-    let upto = sent + lines.len() as u64;
+    let upto = sent + lines.iter().map(|l| l.len() as u64 + 1).sum::<u64>();
     tokio::task::spawn_blocking(move || a.store().set_cursor(&key, upto))
         .await
         .map_err(|e| LinkError::Protocol(e.to_string()))?

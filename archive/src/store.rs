@@ -1316,10 +1316,9 @@ impl Writer {
         };
         // The checkpoints file says what was signed; entries past it wait for the next one.
         checkpoint::cut_torn_tail(store.dir())?;
-        let signed = checkpoint::read(store.dir())?
-            .0
+        let signed = checkpoint::tail(&store.dir().join(checkpoint::FILE), 64 << 10)?
             .last()
-            .map_or(0, |(_, cp)| cp.entries);
+            .map_or(0, |cp| cp.entries);
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)

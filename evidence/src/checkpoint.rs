@@ -282,6 +282,33 @@ pub fn read_file(path: &Path) -> Result<Lines, EvidenceError> {
     Ok(parse(&text))
 }
 
+/// Up to `max` whole lines of the file `path` from byte `offset` on (a line not yet ended by
+/// its newline is left for later); none when there is no file or nothing past `offset`.
+pub fn lines_after(path: &Path, offset: u64, max: usize) -> Result<Vec<String>, EvidenceError> {
+    use std::io::{Read as _, Seek as _};
+    let io = |e: std::io::Error| EvidenceError::Io(format!("{}: {e}", path.display()));
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(e)),
+    };
+    if f.metadata().map_err(io)?.len() <= offset {
+        return Ok(Vec::new());
+    }
+    f.seek(std::io::SeekFrom::Start(offset)).map_err(io)?;
+    // A checkpoint line is about 300 bytes.
+    let mut buf = Vec::with_capacity(max * 512);
+    f.take((max * 1024) as u64)
+        .read_to_end(&mut buf)
+        .map_err(io)?;
+    let whole = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    Ok(String::from_utf8_lossy(&buf[..whole])
+        .lines()
+        .take(max)
+        .map(str::to_string)
+        .collect())
+}
+
 /// The checkpoints in the last `bytes` of the file `path` (a line cut by the start of the
 /// window is skipped); none when there is no file.
 pub fn tail(path: &Path, bytes: u64) -> Result<Vec<Checkpoint>, EvidenceError> {
@@ -373,6 +400,23 @@ mod tests {
         assert_eq!(cut_torn_tail(dir.path()).unwrap(), 30);
         assert_eq!(std::fs::read(dir.path().join(FILE)).unwrap(), whole);
         assert_eq!(read(dir.path()).unwrap().0, vec![(1, cp)]);
+    }
+
+    #[test]
+    fn lines_are_read_from_a_byte_offset_whole_lines_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "one\ntwo\nthree\nfour").unwrap();
+        assert_eq!(lines_after(&path, 0, 10).unwrap(), ["one", "two", "three"]);
+        assert_eq!(lines_after(&path, 4, 1).unwrap(), ["two"]);
+        assert_eq!(lines_after(&path, 8, 10).unwrap(), ["three"]);
+        assert!(
+            lines_after(&path, 14, 10).unwrap().is_empty(),
+            "no newline yet"
+        );
+        assert!(lines_after(&dir.path().join("none"), 0, 10)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
