@@ -329,6 +329,9 @@ pub enum Long {
         /// Compare with the checkpoints every mirror peer keeps of this archive.
         #[serde(default)]
         against_peers: bool,
+        /// Compare with the checkpoints uploaded to the object store.
+        #[serde(default)]
+        against_store: bool,
     },
     /// Rebuild the full-text index from the catalog: [`ArchiveReindexed`].
     ArchiveReindex {
@@ -1071,6 +1074,7 @@ mod tests {
                     from_checkpoint: false,
                     since_ms: None,
                     against_peers: false,
+                    against_store: false,
                 }
                 .into(),
             ),

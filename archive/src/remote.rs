@@ -458,6 +458,62 @@ impl Remote {
         }
     }
 
+    /// Puts a batch of checkpoint lines as the object `checkpoints/<offset>.jsonl` (`offset`: where
+    /// the batch starts in the unit's checkpoints file, so names rise and never repeat), created
+    /// only if absent. Answers false when it existed (a pass that uploaded it and crashed before
+    /// its cursor moved).
+    pub fn put_checkpoints(&self, offset: u64, lines: &str) -> Result<bool, ArchiveError> {
+        let path = self.under_prefix(&format!("checkpoints/{offset:016}.jsonl"));
+        let body = bytes::Bytes::from(lines.to_string());
+        let put = self.call(|store| {
+            let (path, body) = (path.clone(), body.clone());
+            async move {
+                let opts = object_store::PutOptions {
+                    mode: object_store::PutMode::Create,
+                    ..Default::default()
+                };
+                store.put_opts(&path, PutPayload::from(body), opts).await
+            }
+        })?;
+        match put {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(remote_err("upload of checkpoints", e)),
+        }
+    }
+
+    /// Every checkpoint line in the store's `checkpoints/` objects, oldest first (one `GET` per
+    /// object: an object per upload pass that had new checkpoints).
+    pub fn checkpoints(&self) -> Result<String, ArchiveError> {
+        use futures_util::TryStreamExt;
+        let dir = self.under_prefix("checkpoints");
+        let metas = self.call(|store| {
+            let dir = dir.clone();
+            async move {
+                store
+                    .list(Some(&dir))
+                    .try_collect::<Vec<object_store::ObjectMeta>>()
+                    .await
+            }
+        })?;
+        let mut names: Vec<ObjectPath> = metas
+            .map_err(|e| remote_err("list of checkpoints", e))?
+            .into_iter()
+            .map(|m| m.location)
+            .collect();
+        names.sort_by(|a, b| a.as_ref().cmp(b.as_ref()));
+        let mut out = String::new();
+        for name in names {
+            let got = self.call(|store| {
+                let name = name.clone();
+                async move { store.get(&name).await?.bytes().await }
+            })?;
+            let bytes = got.map_err(|e| remote_err("read of checkpoints", e))?;
+            out.push_str(&String::from_utf8_lossy(&bytes));
+        }
+        Ok(out)
+    }
+
     /// Names and sizes of the segments in the store (tests, `verify`).
     pub fn list(&self) -> Result<Vec<(u32, u64)>, ArchiveError> {
         use futures_util::TryStreamExt;

@@ -56,6 +56,10 @@ const CHAIN_DESCRIBED_THROUGH: &str = "chain.described_through";
 const CHAIN_HEAD: &str = "chain.head";
 /// `hashes`: the public key that the chain says signs its checkpoints now.
 const CHAIN_SIGNER: &str = "chain.signer";
+/// The cursor of the checkpoints file's bytes the object store holds.
+const STORE_CHECKPOINTS: &str = "store-checkpoints";
+/// Checkpoints go to the store with every segment uploaded, and at least this often.
+const CHECKPOINTS_TO_STORE_EVERY: std::time::Duration = std::time::Duration::from_secs(900);
 /// How long a new archive waits after writing its manifest before it reads it back (see
 /// [`Store::claim`]).
 pub const CLAIM_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -140,6 +144,8 @@ pub struct Store {
     adopt: Option<ArchiveId>,
     /// How far a rebuild got.
     pub rebuild_progress: RebuildProgress,
+    /// When checkpoints last went to the object store (this process).
+    checkpoints_uploaded: Mutex<Option<std::time::Instant>>,
     /// Write no item records, as versions before them (tests of the migration).
     #[cfg(test)]
     pub(crate) as_before_item_records: std::sync::atomic::AtomicBool,
@@ -370,6 +376,7 @@ impl Store {
             upkeep: Mutex::new(()),
             adopt: None,
             rebuild_progress: RebuildProgress::default(),
+            checkpoints_uploaded: Mutex::new(None),
             #[cfg(test)]
             as_before_item_records: std::sync::atomic::AtomicBool::new(false),
         };
@@ -798,6 +805,7 @@ impl Store {
                 "archive: segment in the object store"
             );
         }
+        self.upload_checkpoints(remote, report.uploaded > 0)?;
         // Replaced objects whose records' new home is confirmed.
         let gone: Vec<(u32, u32)> = {
             let r = self.env.read_txn()?;
@@ -867,6 +875,34 @@ impl Store {
     pub fn chain(&self) -> Result<Head, ArchiveError> {
         let r = self.env.read_txn()?;
         self.chain_head(&r)
+    }
+
+    /// Puts the checkpoints signed since the last upload into the store as one object, with a
+    /// pass that uploaded a segment or once [`CHECKPOINTS_TO_STORE_EVERY`] has passed (a
+    /// checkpoint comes every minute or 1,000 entries: an object each would be too many). The
+    /// cursor counts the checkpoints file's bytes the store holds.
+    fn upload_checkpoints(&self, remote: &Remote, with_segment: bool) -> Result<(), ArchiveError> {
+        let path = self.dir().join(checkpoint::FILE);
+        let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+        let done = self.cursor(STORE_CHECKPOINTS)?;
+        let mut last = self
+            .checkpoints_uploaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let due = with_segment || last.is_none_or(|t| t.elapsed() >= CHECKPOINTS_TO_STORE_EVERY);
+        if len <= done || !due {
+            return Ok(());
+        }
+        let lines = checkpoint::lines_after(&path, done, 100_000)?;
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        self.check_still_writer(remote)?;
+        remote.put_checkpoints(done, &text)?;
+        self.set_cursor(STORE_CHECKPOINTS, done + text.len() as u64)?;
+        *last = Some(std::time::Instant::now());
+        Ok(())
     }
 
     /// The archive's id: the one the catalog has, or `proposed`, recorded now. The two makers of

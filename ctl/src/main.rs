@@ -342,6 +342,10 @@ enum ArchiveCmd {
         /// rewrite of this unit's chain and checkpoints cannot rewrite theirs).
         #[arg(long)]
         against_peers: bool,
+        /// On a unit: compare with the checkpoints uploaded to the object store (with every
+        /// segment, and at least every 15 minutes).
+        #[arg(long)]
+        against_store: bool,
     },
     /// The public key that signs this unit's archive checkpoints (give it to auditors).
     Key,
@@ -552,12 +556,14 @@ fn archive_request(cmd: &ArchiveCmd) -> Request {
             from_checkpoint,
             since,
             against_peers,
+            against_store,
             ..
         } => Request::from(Long::ArchiveVerify {
             progress: true,
             from_checkpoint: *from_checkpoint,
             since_ms: *since,
             against_peers: *against_peers,
+            against_store: *against_store,
         }),
         ArchiveCmd::Key => Request::from(Local::ArchiveKey),
     }

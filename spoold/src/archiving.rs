@@ -826,14 +826,34 @@ impl Archiving {
     pub fn verify(
         &self,
         start: evidence::proof::Start,
-        against_peers: bool,
+        (against_peers, against_store): (bool, bool),
         mut progress: impl FnMut(&str, u64, u64),
     ) -> Result<api::ArchiveVerified, String> {
-        let elsewhere = if against_peers {
+        let mut elsewhere = if against_peers {
             self.peers_checkpoints(None)?
         } else {
             Vec::new()
         };
+        if against_store {
+            let remote = self
+                .archive
+                .store()
+                .remote()
+                .ok_or("--against-store: this unit has no [archive.object_store]")?;
+            let text = remote
+                .checkpoints()
+                .map_err(|e| format!("the object store's checkpoints: {e}"))?;
+            let (good, bad) = evidence::checkpoint::parse(&text);
+            if let Some((line, why)) = bad.first() {
+                return Err(format!(
+                    "the object store's checkpoints, line {line}: {why}"
+                ));
+            }
+            elsewhere.push((
+                "the object store".to_string(),
+                good.into_iter().map(|(_, cp)| cp).collect(),
+            ));
+        }
         let proof = self
             .archive
             .prove(vec![], start, &elsewhere, |d, t| progress("prove", d, t))
@@ -876,7 +896,11 @@ impl Archiving {
             .archive
             .rebuild(|p| progress("rebuild", p.done.load(SeqCst), p.segments.load(SeqCst)))
             .map_err(|e| e.to_string())?;
-        let verified = self.verify(evidence::proof::Start::Genesis, false, &mut progress)?;
+        let verified = self.verify(
+            evidence::proof::Start::Genesis,
+            (false, false),
+            &mut progress,
+        )?;
         Ok(api::ArchiveRebuilt {
             segments: r.segments,
             from_store: r.from_store,

@@ -90,7 +90,8 @@ enum ArchivePass {
     Reindex,
     Verify {
         start: evidence::proof::Start,
-        against_peers: bool,
+        /// Compare with the checkpoints the mirror peers keep, and those in the object store.
+        against: (bool, bool),
     },
     Rebuild,
 }
@@ -219,6 +220,7 @@ impl Admin {
                 from_checkpoint,
                 since_ms,
                 against_peers,
+                against_store,
                 ..
             } => ArchivePass::Verify {
                 start: match (since_ms, from_checkpoint) {
@@ -226,7 +228,7 @@ impl Admin {
                     (None, true) => evidence::proof::Start::NewestCheckpoint,
                     (None, false) => evidence::proof::Start::Genesis,
                 },
-                against_peers,
+                against: (against_peers, against_store),
             },
             Long::ArchiveRebuild { .. } => ArchivePass::Rebuild,
         };
@@ -343,7 +345,7 @@ impl Admin {
             ArchivePass::Reindex => ("archive reindex", String::new()),
             ArchivePass::Verify {
                 start,
-                against_peers,
+                against: (against_peers, against_store),
             } => (
                 "archive verify",
                 [
@@ -354,6 +356,11 @@ impl Admin {
                     },
                     if against_peers {
                         "--against-peers".into()
+                    } else {
+                        String::new()
+                    },
+                    if against_store {
+                        "--against-store".into()
                     } else {
                         String::new()
                     },
@@ -380,10 +387,9 @@ impl Admin {
                 reply(a.run_retention(|n| step("expire", n, total))?)
             }
             ArchivePass::Reindex => reply(a.reindex(|d, t| step("reindex", d, t))?),
-            ArchivePass::Verify {
-                start,
-                against_peers,
-            } => reply(a.verify(start, against_peers, |what, d, t| step(what, d, t))?),
+            ArchivePass::Verify { start, against } => {
+                reply(a.verify(start, against, |what, d, t| step(what, d, t))?)
+            }
             ArchivePass::Rebuild => reply(a.rebuild(step)?),
         }
     }
