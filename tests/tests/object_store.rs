@@ -21,6 +21,18 @@ fn status(d: &Daemon) -> Value {
     serde_json::from_str(&out).unwrap()
 }
 
+/// Garage's own count of the bucket's objects against the unit's: its segments, the manifest,
+/// and at most one object per checkpoint it signed (checkpoints go up in batches).
+fn assert_objects(g: &Garage, d: &Daemon, segments: u64, what: &str) {
+    let signed = std::fs::read_to_string(d.state.join("archive/checkpoints"))
+        .map_or(0, |t| t.lines().count() as u64);
+    let n = g.objects();
+    assert!(
+        n > segments && n <= segments + 1 + signed,
+        "{what}: {n} objects for {segments} segments, the manifest and {signed} checkpoints"
+    );
+}
+
 fn store_state(d: &Daemon, key: &str) -> u64 {
     status(d)["object_store"][key].as_u64().unwrap()
 }
@@ -137,11 +149,7 @@ fn archive_on_a_garage_cluster_survives_a_node_and_the_whole_store_going_down() 
     let stored = all_uploaded(&d, &g, 2500, 120);
     eprintln!("{} 2500 messages: {stored} segments in the store", at());
     assert!(stored >= 4, "{}", status(&d));
-    assert_eq!(
-        g.objects(),
-        stored + 1,
-        "Garage's own count: the segments and the manifest"
-    );
+    assert_objects(&g, &d, stored, "Garage's own count");
     assert_eq!(local_segments(&d), 1, "only the open segment stays local");
 
     // One node down: the other two are a quorum; uploads go on.
@@ -229,7 +237,7 @@ fn archive_on_a_garage_cluster_survives_a_node_and_the_whole_store_going_down() 
         g.restart(i);
     }
     let after = all_uploaded(&d, &g, 5000, 180);
-    assert_eq!(g.objects(), after + 1, "the segments and the manifest");
+    assert_objects(&g, &d, after, "after the outage");
     assert_eq!(local_segments(&d), 1);
     eprintln!("{} store back, all uploaded", at());
     assert!(
@@ -501,14 +509,16 @@ fn archived_mail_reaches_the_store_within_seal_secs() {
         dir.path(),
         "os_s",
         "units/os_s",
-        "seal_secs = 2\n",
+        "seal_secs = 2\ncheckpoint_secs = 1\n",
     );
     send(d.smtp, 0, 40);
     assert!(wait_until(60, || items(&d) == 40), "{}", status(&d));
     let archived = std::time::Instant::now();
-    // Counted by Garage itself: the manifest and one segment holding the 40.
+    // Counted by Garage itself: the manifest and one segment holding the 40 (and, once a
+    // checkpoint is signed, the checkpoints), and confirmed by the unit.
     assert!(
-        wait_until(30, || g.objects() >= 2),
+        wait_until(30, || g.objects() >= 2
+            && store_state(&d, "remote_segments") >= 1),
         "not in the store: {}\n{}",
         status(&d),
         d.log_text()
@@ -523,6 +533,19 @@ fn archived_mail_reaches_the_store_within_seal_secs() {
         "seal_secs plus the upload: {took:?}"
     );
     assert_eq!(store_state(&d, "pending_segments"), 0);
+    // The checkpoint signed a second later goes to the store too, and a proof compares with it.
+    let mut last = String::new();
+    assert!(
+        wait_until(20, || {
+            let (code, out, err) =
+                spoolctl(&d, &["--json", "archive", "verify", "--against-store"]);
+            last = format!("{out}{err}");
+            code == 0
+                && serde_json::from_str::<Value>(&out)
+                    .is_ok_and(|v| v["proof"]["compared"].as_u64().unwrap_or(0) >= 1)
+        }),
+        "{last}"
+    );
     // `seal_secs = 0`: by size only, until `spoolctl archive seal` seals it at once.
     drop(d);
     let d = delivering_unit(
