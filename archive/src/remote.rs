@@ -272,7 +272,17 @@ impl Remote {
     pub fn create_manifest(&self, m: &Manifest) -> Result<bool, ArchiveError> {
         let body = serde_json::to_vec_pretty(m).map_err(|e| ArchiveError::Remote(e.to_string()))?;
         let path = self.under_prefix(MANIFEST_OBJECT);
-        let body = bytes::Bytes::from(body);
+        self.create(path, bytes::Bytes::from(body), "creation of the manifest")
+    }
+
+    /// Puts `body` at `path` unless an object is there (`If-None-Match: *`); answers false when
+    /// one was. `what` names the request in errors.
+    fn create(
+        &self,
+        path: ObjectPath,
+        body: bytes::Bytes,
+        what: &str,
+    ) -> Result<bool, ArchiveError> {
         let put = self.call(|store| {
             let (path, body) = (path.clone(), body.clone());
             async move {
@@ -286,7 +296,7 @@ impl Remote {
         match put {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(remote_err("creation of the manifest", e)),
+            Err(e) => Err(remote_err(what, e)),
         }
     }
 
@@ -464,22 +474,11 @@ impl Remote {
     /// its cursor moved).
     pub fn put_checkpoints(&self, offset: u64, lines: &str) -> Result<bool, ArchiveError> {
         let path = self.under_prefix(&format!("checkpoints/{offset:016}.jsonl"));
-        let body = bytes::Bytes::from(lines.to_string());
-        let put = self.call(|store| {
-            let (path, body) = (path.clone(), body.clone());
-            async move {
-                let opts = object_store::PutOptions {
-                    mode: object_store::PutMode::Create,
-                    ..Default::default()
-                };
-                store.put_opts(&path, PutPayload::from(body), opts).await
-            }
-        })?;
-        match put {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(remote_err("upload of checkpoints", e)),
-        }
+        self.create(
+            path,
+            bytes::Bytes::from(lines.to_string()),
+            "upload of checkpoints",
+        )
     }
 
     /// Every checkpoint line in the store's `checkpoints/` objects, oldest first (one `GET` per

@@ -268,6 +268,18 @@ fn busy_segment(dir: &Path) -> PathBuf {
         .unwrap()
 }
 
+/// Archives small messages `<what><i>` for each `i`.
+fn small_mail(a: &Archive, what: &str, range: std::ops::Range<u32>) {
+    for i in range {
+        let raw = format!("Subject: {what}{i}\r\n\r\nx\r\n");
+        a.archive(
+            incoming(&format!("{what}-{i}"), raw.as_bytes(), "r@x"),
+            raw.as_bytes(),
+        )
+        .unwrap();
+    }
+}
+
 fn number(seg: &Path) -> u32 {
     proof::segment_number(seg).unwrap()
 }
@@ -445,14 +457,7 @@ fn the_chain_survives_a_rebuild_and_an_incremental_proof_starts_at_a_checkpoint(
     let a = Archive::open(&o).unwrap();
     crate::tests::wait_rebuilt(&a);
     assert_eq!(a.signing_key().unwrap().1, Some(id));
-    for i in 0..5 {
-        let raw = format!("Subject: after{i}\r\n\r\nx\r\n");
-        a.archive(
-            incoming(&format!("z-{i}"), raw.as_bytes(), "r@x"),
-            raw.as_bytes(),
-        )
-        .unwrap();
-    }
+    small_mail(&a, "after", 0..5);
     let p = a
         .prove(vec![], proof::Start::Genesis, &[], |_, _| {})
         .unwrap();
@@ -464,14 +469,7 @@ fn the_chain_survives_a_rebuild_and_an_incremental_proof_starts_at_a_checkpoint(
     );
     assert_eq!(p.archive, Some(id.to_string()));
     a.checkpoint_now().unwrap();
-    for i in 5..8 {
-        let raw = format!("Subject: after{i}\r\n\r\nx\r\n");
-        a.archive(
-            incoming(&format!("z-{i}"), raw.as_bytes(), "r@x"),
-            raw.as_bytes(),
-        )
-        .unwrap();
-    }
+    small_mail(&a, "after", 5..8);
     let p = a
         .prove(vec![], proof::Start::NewestCheckpoint, &[], |_, _| {})
         .unwrap();
@@ -517,14 +515,7 @@ fn checkpoints_go_to_the_object_store_with_the_segments() {
     let a = Archive::open_with(&options(dir.path()), remote()).unwrap();
     let store_text = || a.store().remote().unwrap().checkpoints().unwrap();
     for round in 0..2 {
-        for i in 0..5 {
-            let raw = format!("Subject: r{round} m{i}\r\n\r\nx\r\n");
-            a.archive(
-                incoming(&format!("c-{round}-{i}"), raw.as_bytes(), "r@x"),
-                raw.as_bytes(),
-            )
-            .unwrap();
-        }
+        small_mail(&a, &format!("round{round}-"), 0..5);
         a.checkpoint_now().unwrap();
         // Without a segment sealed, a pass within 15 minutes of the last upload waits.
         if round == 1 {
