@@ -494,7 +494,7 @@ fn a_mirror_peer_keeps_the_checkpoints_that_catch_a_cut_of_the_local_chain() {
         1,
     );
     let (_da, mut a) = unit("arch_ca", sink.addr, &with_checkpoints);
-    let (_db, b) = unit("arch_cb", sink.addr, &mirror_section(lb, la, SECRET));
+    let (_db, mut b) = unit("arch_cb", sink.addr, &mirror_section(lb, la, SECRET));
     assert_eq!(send_numbered(a.smtp, 0, 30).len(), 30);
     assert!(wait_until(60, || items(&b) == 30));
     let key = ctl_json(&a, &["key"]);
@@ -540,6 +540,14 @@ fn a_mirror_peer_keeps_the_checkpoints_that_catch_a_cut_of_the_local_chain() {
     assert_eq!(code, 0, "{out}{err}");
     let p: Value = serde_json::from_str(&out).unwrap();
     assert!(p["compared"].as_u64().unwrap() >= 3, "{p}");
+    // The peer down: a verify asked to compare with it fails, naming it, instead of passing.
+    b.stop();
+    let (code, out, err) = spoolctl(&a, &["archive", "verify", "--against-peers"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains(&format!("mirror peer {lb}: its checkpoints")),
+        "{err}"
+    );
 
     // The insider's copy: the newest ten entries cut, with the checkpoints that signed them.
     a.stop();
