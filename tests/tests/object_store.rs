@@ -702,7 +702,15 @@ fn a_lost_unit_is_rebuilt_from_the_store_alone_and_a_killed_rebuild_resumes() {
     assert_eq!(rebuilt["held"], 3);
     assert_eq!(rebuilt["verified"]["ok"], N);
     assert_eq!(rebuilt["verified"]["index_entries"], N);
+    assert_eq!(rebuilt["verified"]["proof"]["break_count"], 0, "{rebuilt}");
     assert!(rebuilt["without_body"].as_array().unwrap().is_empty());
+    // The lost unit's checkpoints came back from the store with the chain they sign.
+    let (code, out, err) = spoolctl(&new, &["--json", "archive", "verify", "--against-store"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["proof"]["break_count"], 0, "{v}");
+    assert!(v["proof"]["compared"].as_u64().unwrap() >= 1, "{v}");
+    assert_eq!(v["proof"]["checkpoints"], v["proof"]["compared"], "{v}");
 
     // The same archive, item for item and byte for byte; search finds the same.
     assert_eq!(listing(&new), before);

@@ -207,6 +207,7 @@ impl Writer {
         }
         let last = sources.last().map_or(0, |s| s.0);
         self.finish_rebuild(last, &mut report)?;
+        self.adopt_checkpoints()?;
         self.chain_items()?;
         tracing::info!(
             segments = report.segments,
@@ -435,6 +436,42 @@ impl Writer {
                 store.rebuild.put(w, &seq, &mark(now))?;
             }
         }
+        Ok(())
+    }
+
+    /// A unit rebuilt from the store with no checkpoints file of its own (a new unit adopting a
+    /// lost one's archive) takes the store's checkpoints as its file: they sign the chain it
+    /// continues, and a proof against the store finds them here.
+    fn adopt_checkpoints(&mut self) -> Result<(), ArchiveError> {
+        let Some(remote) = &self.store.remote else {
+            return Ok(());
+        };
+        let path = self.store.dir().join(checkpoint::FILE);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() > 0) {
+            return Ok(());
+        }
+        let text = remote.checkpoints()?;
+        if text.is_empty() {
+            return Ok(());
+        }
+        let mut f = File::create(&path).map_err(io)?;
+        std::io::Write::write_all(&mut f, text.as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        sync_dir(self.store.dir())?;
+        self.store
+            .set_cursor(STORE_CHECKPOINTS, text.len() as u64)?;
+        let signed = checkpoint::parse(&text)
+            .0
+            .last()
+            .map_or(0, |(_, cp)| cp.entries);
+        self.checkpointed = (
+            signed,
+            (self.chain.next > signed).then(std::time::Instant::now),
+        );
+        tracing::info!(
+            checkpoints = text.lines().count(),
+            "archive: the store's checkpoints taken as this unit's"
+        );
         Ok(())
     }
 
