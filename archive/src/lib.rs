@@ -738,33 +738,19 @@ impl Archive {
         trusted: Vec<[u8; 32]>,
         start: proof::Start,
         elsewhere: &[(String, Vec<checkpoint::Checkpoint>)],
-        mut progress: impl FnMut(u64, u64),
+        progress: impl FnMut(u64, u64),
     ) -> Result<proof::Proof, ArchiveError> {
         let (head, segments) = self.store.proof_snapshot()?;
         let checkpoints = checkpoint::read(self.store.dir())?;
         let from = proof::starting_checkpoint(&checkpoints, &trusted, start);
-        let mut prover = proof::Prover::new(trusted, from);
-        let total = 2 * segments.len() as u64;
-        for (i, &(n, len)) in segments.iter().enumerate() {
-            prover.scan(n, &self.store.segment_bytes(n, len)?);
-            progress(i as u64 + 1, total);
-        }
-        prover.link(&checkpoints, Some(head), elsewhere);
         let lens: std::collections::HashMap<u32, Option<u64>> = segments.iter().copied().collect();
-        let wanted = prover.wanted();
-        for (i, (n, places)) in wanted.into_iter().enumerate() {
-            let data = self
-                .store
-                .segment_bytes(n, lens.get(&n).copied().flatten())?;
-            for at in places {
-                let frame = data
-                    .get(at.offset as usize..(at.offset + u64::from(at.len)) as usize)
-                    .unwrap_or(&[]);
-                prover.body(at, frame);
-            }
-            progress(segments.len() as u64 + i as u64 + 1, total);
-        }
-        Ok(prover.finish())
+        let numbers: Vec<u32> = segments.iter().map(|s| s.0).collect();
+        proof::Prover::new(trusted, from).run(
+            &numbers,
+            |n| self.store.segment_bytes(n, lens.get(&n).copied().flatten()),
+            (&checkpoints, Some(head), elsewhere),
+            progress,
+        )
     }
 
     /// Keeps a checkpoint a mirror peer sent (a line of its checkpoints file): its signature must

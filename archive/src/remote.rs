@@ -484,19 +484,8 @@ impl Remote {
     /// Every checkpoint line in the store's `checkpoints/` objects, oldest first (one `GET` per
     /// object: an object per upload pass that had new checkpoints).
     pub fn checkpoints(&self) -> Result<String, ArchiveError> {
-        use futures_util::TryStreamExt;
-        let dir = self.under_prefix("checkpoints");
-        let metas = self.call(|store| {
-            let dir = dir.clone();
-            async move {
-                store
-                    .list(Some(&dir))
-                    .try_collect::<Vec<object_store::ObjectMeta>>()
-                    .await
-            }
-        })?;
-        let mut names: Vec<ObjectPath> = metas
-            .map_err(|e| remote_err("list of checkpoints", e))?
+        let mut names: Vec<ObjectPath> = self
+            .list_under("checkpoints", "list of checkpoints")?
             .into_iter()
             .map(|m| m.location)
             .collect();
@@ -513,14 +502,14 @@ impl Remote {
         Ok(out)
     }
 
-    /// Names and sizes of the segments in the store (tests, `verify`).
-    pub fn list(&self) -> Result<Vec<(u32, u64)>, ArchiveError> {
+    /// The objects under `<prefix>/<dir>`; `what` names the request in errors.
+    fn list_under(
+        &self,
+        dir: &str,
+        what: &str,
+    ) -> Result<Vec<object_store::ObjectMeta>, ArchiveError> {
         use futures_util::TryStreamExt;
-        let dir = if self.prefix.is_empty() {
-            ObjectPath::from("segments")
-        } else {
-            ObjectPath::from(format!("{}/segments", self.prefix))
-        };
+        let dir = self.under_prefix(dir);
         let metas = self.call(|store| {
             let dir = dir.clone();
             async move {
@@ -530,7 +519,12 @@ impl Remote {
                     .await
             }
         })?;
-        let metas = metas.map_err(|e| remote_err("list", e))?;
+        metas.map_err(|e| remote_err(what, e))
+    }
+
+    /// Names and sizes of the segments in the store (tests, `verify`).
+    pub fn list(&self) -> Result<Vec<(u32, u64)>, ArchiveError> {
+        let metas = self.list_under("segments", "list")?;
         let mut out: Vec<(u32, u64)> = metas
             .iter()
             .filter_map(|m| {

@@ -870,13 +870,6 @@ impl Store {
             .and_then(|b| b.try_into().ok()))
     }
 
-    /// Where the hash chain stands (entries, last hash) as committed: what the next checkpoint
-    /// signs, and what a proof of the segments must reach.
-    pub fn chain(&self) -> Result<Head, ArchiveError> {
-        let r = self.env.read_txn()?;
-        self.chain_head(&r)
-    }
-
     /// Puts the checkpoints signed since the last upload into the store as one object, with a
     /// pass that uploaded a segment or once [`CHECKPOINTS_TO_STORE_EVERY`] has passed (a
     /// checkpoint comes every minute or 1,000 entries: an object each would be too many). The

@@ -594,17 +594,9 @@ fn prove_offline(
     for file in peer_checkpoints {
         let text = std::fs::read_to_string(file)
             .map_err(|e| usage(format!("--peer-checkpoints {}: {e}", file.display())))?;
-        let (good, bad) = evidence::checkpoint::parse(&text);
-        if let Some((line, why)) = bad.first() {
-            return Err(usage(format!(
-                "--peer-checkpoints {} line {line}: {why}",
-                file.display()
-            )));
-        }
-        elsewhere.push((
-            file.display().to_string(),
-            good.into_iter().map(|(_, cp)| cp).collect(),
-        ));
+        let theirs = evidence::checkpoint::parse_all(&text)
+            .map_err(|e| usage(format!("--peer-checkpoints {} {e}", file.display())))?;
+        elsewhere.push((file.display().to_string(), theirs));
     }
     if !dir.join("segments").is_dir() {
         return Err(usage(format!(
@@ -679,11 +671,7 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
                     ..
                 },
         } => {
-            let start = match (since, from_checkpoint) {
-                (Some(ms), _) => evidence::proof::Start::Since(*ms),
-                (None, true) => evidence::proof::Start::NewestCheckpoint,
-                (None, false) => evidence::proof::Start::Genesis,
-            };
+            let start = evidence::proof::Start::from_flags(*since, *from_checkpoint);
             return prove_offline(dir, start, public_keys, peer_checkpoints);
         }
         Cmd::Archive { cmd } => {

@@ -327,6 +327,16 @@ pub fn tail(path: &Path, bytes: u64) -> Result<Vec<Checkpoint>, EvidenceError> {
     Ok(parse(&text).0.into_iter().map(|(_, cp)| cp).collect())
 }
 
+/// Every line of `text` as a checkpoint (another holder's copy, compared whole): `Err` names
+/// the first line that is not one.
+pub fn parse_all(text: &str) -> Result<Vec<Checkpoint>, String> {
+    let (good, bad) = parse(text);
+    if let Some((line, why)) = bad.first() {
+        return Err(format!("line {line}: {why}"));
+    }
+    Ok(good.into_iter().map(|(_, cp)| cp).collect())
+}
+
 /// [`read`] of text already read.
 pub fn parse(text: &str) -> Lines {
     let mut good = Vec::new();

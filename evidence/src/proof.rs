@@ -122,6 +122,14 @@ pub struct BodyAt {
     pub len: u32,
 }
 
+/// What a proof's chain is held against ([`Prover::link`]): the checkpoints file's lines, the
+/// head a catalog holds, checkpoints kept elsewhere (a holder's name, its checkpoints).
+pub type Against<'a> = (
+    &'a checkpoint::Lines,
+    Option<Head>,
+    &'a [(String, Vec<Checkpoint>)],
+);
+
 /// A proof under way.
 pub struct Prover {
     trusted: Vec<[u8; 32]>,
@@ -656,6 +664,39 @@ impl Prover {
         }
     }
 
+    /// The three steps over `segments` (numbers ascending), each read by `read` (once for the
+    /// scan, again for the bodies still wanted); `against` is what [`Prover::link`] takes:
+    /// checkpoint lines, a catalog's head, checkpoints kept elsewhere. `progress(done, total)`
+    /// counts segments read.
+    pub fn run<B, E>(
+        mut self,
+        segments: &[u32],
+        mut read: impl FnMut(u32) -> Result<B, E>,
+        (checkpoints, expected, elsewhere): Against<'_>,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<Proof, E>
+    where
+        B: std::ops::Deref<Target = [u8]>,
+    {
+        let total = 2 * segments.len() as u64;
+        for (i, &n) in segments.iter().enumerate() {
+            self.scan(n, &read(n)?);
+            progress(i as u64 + 1, total);
+        }
+        self.link(checkpoints, expected, elsewhere);
+        for (i, (n, places)) in self.wanted().into_iter().enumerate() {
+            let data = read(n)?;
+            for at in places {
+                let frame = data
+                    .get(at.offset as usize..(at.offset + u64::from(at.len)) as usize)
+                    .unwrap_or(&[]);
+                self.body(at, frame);
+            }
+            progress(segments.len() as u64 + i as u64 + 1, total);
+        }
+        Ok(self.finish())
+    }
+
     /// The report.
     pub fn finish(mut self) -> Proof {
         for (body, seq) in std::mem::take(&mut self.wanted) {
@@ -687,6 +728,17 @@ pub enum Start {
     /// At the newest checkpoint that holds and was signed at or before this time, ms
     /// (`--since`): what changed since then is proved, what came before is taken as proved by it.
     Since(u64),
+}
+
+impl Start {
+    /// From `verify`'s flags: `--since` wins over `--from-checkpoint`.
+    pub fn from_flags(since_ms: Option<u64>, from_checkpoint: bool) -> Start {
+        match (since_ms, from_checkpoint) {
+            (Some(ms), _) => Start::Since(ms),
+            (None, true) => Start::NewestCheckpoint,
+            (None, false) => Start::Genesis,
+        }
+    }
 }
 
 /// The checkpoint a proof starts at: the newest whose signature holds under a trusted key (any
@@ -726,7 +778,6 @@ pub fn prove_dir(
     let io = |e: std::io::Error| crate::EvidenceError::Io(format!("{}: {e}", dir.display()));
     let checkpoints = checkpoint::read(dir)?;
     let from = starting_checkpoint(&checkpoints, &trusted, start);
-    let mut prover = Prover::new(trusted, from);
     let mut segments = BTreeMap::new();
     for entry in std::fs::read_dir(dir.join("segments")).map_err(io)? {
         let path = entry.map_err(io)?.path();
@@ -734,32 +785,33 @@ pub fn prove_dir(
             segments.insert(n, path);
         }
     }
-    for (&n, path) in &segments {
-        prover.scan(n, mapped(path).map_err(io)?.as_deref().unwrap_or(&[]));
-    }
-    prover.link(&checkpoints, None, elsewhere);
-    for (n, places) in prover.wanted() {
-        let map = mapped(&segments[&n]).map_err(io)?;
-        let data: &[u8] = map.as_deref().unwrap_or(&[]);
-        for at in places {
-            let frame = data
-                .get(at.offset as usize..at.offset as usize + at.len as usize)
-                .unwrap_or(&[]);
-            prover.body(at, frame);
-        }
-    }
-    Ok(prover.finish())
+    let numbers: Vec<u32> = segments.keys().copied().collect();
+    Prover::new(trusted, from).run(
+        &numbers,
+        |n| mapped(&segments[&n]).map_err(io),
+        (&checkpoints, None, elsewhere),
+        |_, _| {},
+    )
 }
 
 /// A segment file's bytes, mapped (a segment is up to 256 MiB; an empty file has none to map).
-fn mapped(path: &std::path::Path) -> std::io::Result<Option<memmap2::Mmap>> {
+struct Mapped(Option<memmap2::Mmap>);
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or(&[])
+    }
+}
+
+fn mapped(path: &std::path::Path) -> std::io::Result<Mapped> {
     let f = std::fs::File::open(path)?;
     if f.metadata()?.len() == 0 {
-        return Ok(None);
+        return Ok(Mapped(None));
     }
     // SAFETY: a copied-out archive is not written while it is proved (on a unit the daemon's
     // proof maps through the store, which only appends); nothing truncates it meanwhile.
-    Ok(Some(unsafe { memmap2::Mmap::map(&f) }?))
+    Ok(Mapped(Some(unsafe { memmap2::Mmap::map(&f) }?)))
 }
 
 /// The number of a segment file's name (`00000012.seg`).

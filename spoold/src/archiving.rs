@@ -792,14 +792,9 @@ impl Archiving {
             let text = handle
                 .block_on(archive::mirror::fetch_checkpoints(addr, &link, id, 0))
                 .map_err(|e| format!("mirror peer {addr}: its checkpoints: {e}"))?;
-            let (good, bad) = evidence::checkpoint::parse(&text);
-            if let Some((line, why)) = bad.first() {
-                return Err(format!("mirror peer {addr}: checkpoint line {line}: {why}"));
-            }
-            out.push((
-                format!("mirror peer {addr}"),
-                good.into_iter().map(|(_, cp)| cp).collect(),
-            ));
+            let theirs = evidence::checkpoint::parse_all(&text)
+                .map_err(|e| format!("mirror peer {addr}: its checkpoints, {e}"))?;
+            out.push((format!("mirror peer {addr}"), theirs));
         }
         Ok(out)
     }
@@ -843,16 +838,9 @@ impl Archiving {
             let text = remote
                 .checkpoints()
                 .map_err(|e| format!("the object store's checkpoints: {e}"))?;
-            let (good, bad) = evidence::checkpoint::parse(&text);
-            if let Some((line, why)) = bad.first() {
-                return Err(format!(
-                    "the object store's checkpoints, line {line}: {why}"
-                ));
-            }
-            elsewhere.push((
-                "the object store".to_string(),
-                good.into_iter().map(|(_, cp)| cp).collect(),
-            ));
+            let theirs = evidence::checkpoint::parse_all(&text)
+                .map_err(|e| format!("the object store's checkpoints, {e}"))?;
+            elsewhere.push(("the object store".to_string(), theirs));
         }
         let proof = self
             .archive

@@ -223,11 +223,7 @@ impl Admin {
                 against_store,
                 ..
             } => ArchivePass::Verify {
-                start: match (since_ms, from_checkpoint) {
-                    (Some(ms), _) => evidence::proof::Start::Since(ms),
-                    (None, true) => evidence::proof::Start::NewestCheckpoint,
-                    (None, false) => evidence::proof::Start::Genesis,
-                },
+                start: evidence::proof::Start::from_flags(since_ms, from_checkpoint),
                 against: (against_peers, against_store),
             },
             Long::ArchiveRebuild { .. } => ArchivePass::Rebuild,
