@@ -1,5 +1,5 @@
 //! The archive's history as a hash chain: every change to what the archive holds (an item
-//! stored, put on hold or released, removed by retention, a new signing key) is an entry
+//! stored, put on hold or released, removed by retention, a new signing key, a new data key) is an entry
 //! numbered from 0 without gaps, and each entry carries the hash of the one before. Altering,
 //! removing, inserting or reordering an entry breaks every hash after it; signed checkpoints
 //! (`crate::checkpoint`) pin the chain's head so that a rewrite of the whole chain is caught too.
@@ -103,12 +103,21 @@ pub enum Event {
         /// The unit that holds it.
         node: String,
     },
+    /// Records are sealed with this data key from here (`crate::seal`): the archive's first
+    /// key, or a rotation. The key itself is never in the chain, only its id.
+    Key {
+        /// Its id, as sealed frames name it.
+        id: u32,
+        /// When it was made, ms since the epoch.
+        created_ms: u64,
+    },
 }
 
 const TAG_GENESIS: u8 = 0;
 const TAG_ITEM: u8 = 1;
 const TAG_REMOVED: u8 = 2;
 const TAG_SIGNER: u8 = 3;
+const TAG_KEY: u8 = 4;
 
 impl Event {
     /// The event's bytes (what the entry's hash covers through their digest).
@@ -141,6 +150,11 @@ impl Event {
                 b.push(TAG_SIGNER);
                 b.extend_from_slice(key);
                 put_str(&mut b, node);
+            }
+            Event::Key { id, created_ms } => {
+                b.push(TAG_KEY);
+                b.extend_from_slice(&id.to_be_bytes());
+                b.extend_from_slice(&created_ms.to_be_bytes());
             }
         }
         b
@@ -178,6 +192,10 @@ impl Event {
             TAG_SIGNER => Event::Signer {
                 key: r.array()?,
                 node: r.str()?,
+            },
+            TAG_KEY => Event::Key {
+                id: r.u32()?,
+                created_ms: r.u64()?,
             },
             _ => return None,
         };
@@ -306,6 +324,10 @@ mod tests {
                 key: [8; 32],
                 node: "b".into(),
             },
+            Event::Key {
+                id: 0xfeed_beef,
+                created_ms: 5,
+            },
         ]
     }
 
@@ -332,13 +354,13 @@ mod tests {
         for e in events() {
             entries.push(Entry::parse(&head.append(&e)).unwrap());
         }
-        assert_eq!(head.next, 4);
+        assert_eq!(head.next, 5);
         assert_eq!(entries[0].prev, [0; 32]);
         for pair in entries.windows(2) {
             assert_eq!(pair[1].prev, pair[0].hash());
             assert_eq!(pair[1].n, pair[0].n + 1);
         }
-        assert_eq!(entries[3].hash(), head.hash);
+        assert_eq!(entries[4].hash(), head.hash);
         // The same events in another order, or one changed, give another head.
         let mut swapped = Head::default();
         let mut evs = events();

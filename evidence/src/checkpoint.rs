@@ -18,7 +18,6 @@
 use crate::{hex, unhex, ArchiveId, EvidenceError};
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
 use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 
 /// The checkpoints' file name in the archive directory.
@@ -125,58 +124,23 @@ impl Signer {
     /// Loads the key at `path`, or makes one there (0600, synced) when there is none. A key
     /// file others may read is refused: whoever reads it can sign checkpoints.
     pub fn load_or_create(path: &Path) -> Result<Signer, EvidenceError> {
-        let io = |what: &str, e: std::io::Error| {
-            EvidenceError::Io(format!("signing key {}: {what}: {e}", path.display()))
-        };
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let mode = std::fs::metadata(path)
-                    .map_err(|e| io("stat", e))?
-                    .permissions()
-                    .mode();
-                if mode & 0o077 != 0 {
-                    return Err(EvidenceError::Refused(format!(
-                        "signing key {} is readable by others (mode {:o}): chmod 600 it",
-                        path.display(),
-                        mode & 0o777
-                    )));
-                }
-                let seed: [u8; 32] = unhex(text.trim()).ok_or_else(|| {
-                    EvidenceError::Refused(format!(
-                        "signing key {} is not 64 hex digits",
-                        path.display()
-                    ))
-                })?;
-                Ok(Signer {
-                    key: SigningKey::from_bytes(&seed),
-                })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| io("create its directory", e))?;
-                }
-                let seed: [u8; 32] = rand::random();
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(|e| io("create", e))?;
-                f.write_all(format!("{}\n", hex(&seed)).as_bytes())
-                    .and_then(|()| f.sync_all())
-                    .map_err(|e| io("write", e))?;
-                if let Some(dir) = path.parent() {
-                    std::fs::File::open(dir)
-                        .and_then(|d| d.sync_all())
-                        .map_err(|e| io("sync its directory", e))?;
-                }
-                tracing::info!(key = %hex(&SigningKey::from_bytes(&seed).verifying_key().to_bytes()), path = %path.display(), "archive: made a checkpoint signing key");
-                Ok(Signer {
-                    key: SigningKey::from_bytes(&seed),
-                })
-            }
-            Err(e) => Err(io("read", e)),
+        const WHAT: &str = "signing key";
+        if let Some(text) = crate::secret::read(path, WHAT)? {
+            let seed: [u8; 32] = unhex(text.trim()).ok_or_else(|| {
+                EvidenceError::Refused(format!(
+                    "signing key {} is not 64 hex digits",
+                    path.display()
+                ))
+            })?;
+            return Ok(Signer {
+                key: SigningKey::from_bytes(&seed),
+            });
         }
+        let seed: [u8; 32] = rand::random();
+        crate::secret::write(path, WHAT, &format!("{}\n", hex(&seed)), true)?;
+        let key = SigningKey::from_bytes(&seed);
+        tracing::info!(key = %hex(&key.verifying_key().to_bytes()), path = %path.display(), "archive: made a checkpoint signing key");
+        Ok(Signer { key })
     }
 
     /// The public key (what verifiers are given).
@@ -356,6 +320,7 @@ pub fn parse(text: &str) -> Lines {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     #[test]
     fn a_checkpoint_holds_until_any_field_or_its_key_changes() {

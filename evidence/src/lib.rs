@@ -7,6 +7,7 @@
 //!   removed; every signer), numbered without gaps.
 //! - [`checkpoint`]: Ed25519-signed checkpoints of the chain's head, and the signing key file.
 //! - [`proof`]: the verifier: segment bytes and checkpoints in, every break named out.
+//! - [`seal`]: encryption at rest: the keyring and the sealed frame.
 //! - [`audit`]: the record of who looked, a hash-chained and signed log of its own.
 //!
 //! Not here: writing segments, the catalog, the index, the object store (the `archive` crate).
@@ -19,6 +20,8 @@ pub mod checkpoint;
 pub mod item;
 pub mod proof;
 pub mod record;
+pub mod seal;
+mod secret;
 
 /// Why an evidence operation failed.
 #[derive(Clone, Debug, thiserror::Error)]

@@ -22,9 +22,11 @@
 use crate::chain::{Entry, Event, Head};
 use crate::checkpoint::{self, Checkpoint};
 use crate::record::{self, Record};
+use crate::seal::Keyring;
 use crate::{hex, ArchiveId};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 /// Breaks kept in a proof's report (more are counted, not listed).
 const BREAKS_LISTED: usize = 1000;
@@ -71,6 +73,15 @@ pub struct Proof {
     /// Whether the signers were checked against keys given by the verifier (`false`: against
     /// the keys the chain itself names).
     pub keys_given: bool,
+    /// Records sealed (encrypted at rest), by the id of the key that sealed them (hex).
+    #[serde(default)]
+    pub sealed: BTreeMap<String, u64>,
+    /// Records in clear (written before encryption, or with it off).
+    #[serde(default)]
+    pub clear: u64,
+    /// The data keys the chain names (hex), oldest first.
+    #[serde(default)]
+    pub keys: Vec<String>,
     /// Everything that does not hold, first break first (at most [`BREAKS_LISTED`]).
     pub breaks: Vec<Break>,
     /// Breaks found, listed or not.
@@ -91,6 +102,7 @@ enum Fact {
     Signer([u8; 32]),
     Item { seq: u64, rev: u64, body: [u8; 32] },
     Removed { seq: u64, body: [u8; 32] },
+    Key(u32),
 }
 
 #[derive(Clone, Debug)]
@@ -143,6 +155,8 @@ pub struct Prover {
     bodies_bad: HashMap<[u8; 32], (u32, u64, String)>,
     body_at: HashMap<[u8; 32], BodyAt>,
     wanted: Vec<([u8; 32], u64)>,
+    keys: Option<Arc<Keyring>>,
+    sealed_by: BTreeMap<u32, u64>,
     proof: Proof,
 }
 
@@ -167,6 +181,34 @@ impl Prover {
             bodies_bad: HashMap::new(),
             body_at: HashMap::new(),
             wanted: Vec::new(),
+            keys: None,
+            sealed_by: BTreeMap::new(),
+        }
+    }
+
+    /// Opens sealed records with `keys` (without them a sealed record is a break that names
+    /// its key).
+    pub fn with_keys(mut self, keys: Option<Arc<Keyring>>) -> Prover {
+        self.keys = keys;
+        self
+    }
+
+    /// Parses the frame at the start of `b` (sealed or not), tallying who sealed it.
+    fn next<'a>(
+        &mut self,
+        b: &'a [u8],
+        opened: &'a mut Vec<u8>,
+    ) -> Result<(Record<'a>, usize), (String, Option<usize>)> {
+        match record::next_opened(b, self.keys.as_deref(), opened) {
+            Ok((rec, len, sealed)) => {
+                match sealed {
+                    Some(id) => *self.sealed_by.entry(id).or_default() += 1,
+                    None => self.proof.clear += 1,
+                }
+                Ok((rec, len))
+            }
+            // A sealed frame that does not open is still a whole frame: the rest reads on.
+            Err(e) => Err((e, record::next(b).ok().map(|(_, len)| len))),
         }
     }
 
@@ -185,9 +227,15 @@ impl Prover {
         self.proof.segments += 1;
         let mut at = 0usize;
         while at < data.len() {
-            let (rec, len) = match record::next(&data[at..]) {
+            let mut opened = Vec::new();
+            let (rec, len) = match self.next(&data[at..], &mut opened) {
                 Ok(r) => r,
-                Err(e) => {
+                Err((e, Some(len))) => {
+                    self.broke(format!("segment {n} offset {at}"), e);
+                    at += len;
+                    continue;
+                }
+                Err((e, None)) => {
                     self.broke(
                         format!("segment {n} offset {at}"),
                         format!(
@@ -237,6 +285,9 @@ impl Prover {
                     self.entry(&entry, here);
                 }
                 Record::Copied(frames) => self.copied(frames, here),
+                Record::Sealed(_) => {
+                    self.broke(format!("segment {n} offset {at}"), "a sealed record inside a sealed record")
+                }
             }
             at += len;
         }
@@ -250,7 +301,8 @@ impl Prover {
                 "segment {} offset {} (copied entries, +{inner})",
                 here.0, here.1
             );
-            match record::next(&frames[inner..]) {
+            let mut opened = Vec::new();
+            match self.next(&frames[inner..], &mut opened) {
                 Ok((Record::Entry(entry), len)) => {
                     if last.is_some_and(|l| entry.n <= l) {
                         self.broke(at, format!("entry {} is out of its order", entry.n));
@@ -266,7 +318,11 @@ impl Prover {
                     );
                     return;
                 }
-                Err(e) => {
+                Err((e, Some(len))) => {
+                    self.broke(at, e);
+                    inner += len;
+                }
+                Err((e, None)) => {
                     self.broke(at, e);
                     return;
                 }
@@ -341,6 +397,7 @@ impl Prover {
                 seq: t.seq,
                 body: t.hash,
             },
+            Event::Key { id, .. } => Fact::Key(*id),
         };
         let seen = Seen {
             prev: entry.prev,
@@ -407,6 +464,11 @@ impl Prover {
                     signers.push(key);
                 }
                 Fact::Signer(key) => signers.push(key),
+                Fact::Key(id) => {
+                    if !self.proof.keys.contains(&format!("{id:08x}")) {
+                        self.proof.keys.push(format!("{id:08x}"));
+                    }
+                }
                 Fact::Item { seq, rev, body } => self.state(seq, rev, body, false, Some(n)),
                 Fact::Removed { seq, body } => {
                     self.proof.tombstones += 1;
@@ -652,8 +714,9 @@ impl Prover {
 
     /// A frame [`Prover::wanted`] asked for (the bytes at its place, its length).
     pub fn body(&mut self, at: BodyAt, frame: &[u8]) {
-        match record::next(frame) {
-            Ok((Record::Body(hash, compressed), _)) => {
+        let mut opened = Vec::new();
+        match record::next_opened(frame, self.keys.as_deref(), &mut opened) {
+            Ok((Record::Body(hash, compressed), _, _)) => {
                 self.check_body((at.segment, at.offset), hash, compressed)
             }
             Ok(_) => self.broke(
@@ -699,6 +762,16 @@ impl Prover {
 
     /// The report.
     pub fn finish(mut self) -> Proof {
+        for (id, count) in std::mem::take(&mut self.sealed_by) {
+            let hex_id = format!("{id:08x}");
+            if !self.proof.keys.contains(&hex_id) {
+                self.broke(
+                    format!("key {hex_id}"),
+                    format!("{count} records are sealed with it, and no entry of the chain names it"),
+                );
+            }
+            self.proof.sealed.insert(hex_id, count);
+        }
         for (body, seq) in std::mem::take(&mut self.wanted) {
             if self.bodies_ok.contains(&body) {
                 self.proof.bodies += 1;

@@ -69,6 +69,9 @@ pub enum Kind {
     /// Entry frames, whole, that compaction carried out of a segment it rewrote: in the
     /// chain's order within the frame, wherever the frame sits.
     Copied = 4,
+    /// `key id(4) nonce(24) ciphertext tag(16)`: another frame, whole, encrypted
+    /// (`crate::seal`).
+    Sealed = 5,
 }
 
 /// A frame's content, parsed.
@@ -84,6 +87,8 @@ pub enum Record<'a> {
     Entry(Box<crate::chain::Entry>),
     /// Entry frames carried by compaction (parse them with [`next`]).
     Copied(&'a [u8]),
+    /// Another frame, encrypted: open it with [`next_opened`] (or `crate::seal`).
+    Sealed(&'a [u8]),
 }
 
 fn frame_of(kind: Kind, parts: &[&[u8]], out: &mut Vec<u8>) {
@@ -123,6 +128,52 @@ pub fn frame_copied(entry_frames: &[u8], out: &mut Vec<u8>) {
     frame_of(Kind::Copied, &[entry_frames], out);
 }
 
+/// Frames `inner` (a whole frame) sealed with the keyring's current key.
+pub fn frame_sealed(keys: &crate::seal::Keyring, inner: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEAD]);
+    keys.seal_payload(inner, out);
+    let payload_len = out.len() - start - FRAME_HEAD;
+    let crc = crc32c::crc32c(&out[start + FRAME_HEAD..]);
+    out[start..start + 4].copy_from_slice(&FRAME_MAGIC);
+    out[start + 4..start + 8].copy_from_slice(&(payload_len as u32).to_be_bytes());
+    out[start + 8..start + 12].copy_from_slice(&crc.to_be_bytes());
+    out[start + 12..start + 16].copy_from_slice(&(Kind::Sealed as u32).to_be_bytes());
+}
+
+/// Seals the frames written to `out` from `start` on into one sealed frame, when there are
+/// keys to seal with (else leaves them in clear).
+pub fn seal_from(keys: Option<&crate::seal::Keyring>, out: &mut Vec<u8>, start: usize) {
+    if let Some(keys) = keys {
+        let inner = out.split_off(start);
+        frame_sealed(keys, &inner, out);
+    }
+}
+
+/// Parses the frame at the start of `b` as [`next`] does, opening a sealed frame with `keys`
+/// into `opened` and parsing what it holds: the record, the whole (outer) frame's length and
+/// the id of the key that sealed it (`None`: in clear). A sealed frame holds one frame, never
+/// another sealed one.
+pub fn next_opened<'a>(
+    b: &'a [u8],
+    keys: Option<&crate::seal::Keyring>,
+    opened: &'a mut Vec<u8>,
+) -> Result<(Record<'a>, usize, Option<u32>), String> {
+    let (record, len) = next(b)?;
+    let Record::Sealed(payload) = record else {
+        return Ok((record, len, None));
+    };
+    let (inner, id) = crate::seal::open(keys, payload).map_err(|e| e.to_string())?;
+    *opened = inner;
+    match next(opened)? {
+        (Record::Sealed(_), _) => Err("a sealed record inside a sealed record".into()),
+        (_, inner_len) if inner_len != opened.len() => {
+            Err("a sealed record holds more than one frame".into())
+        }
+        (record, _) => Ok((record, len, Some(id))),
+    }
+}
+
 /// Checks the frame at the start of `b`: answers its kind (the raw number), its payload and its
 /// whole length.
 fn checked(b: &[u8]) -> Result<(u32, &[u8], usize), &'static str> {
@@ -146,6 +197,18 @@ pub fn unframe(b: &[u8]) -> Result<([u8; 32], &[u8]), &'static str> {
     match next(b)? {
         (Record::Body(hash, compressed), _) => Ok((hash, compressed)),
         _ => Err("not a body record"),
+    }
+}
+
+/// [`unframe`] for a body frame that may be sealed: `opened` keeps the opened bytes.
+pub fn unframe_opened<'a>(
+    b: &'a [u8],
+    keys: Option<&crate::seal::Keyring>,
+    opened: &'a mut Vec<u8>,
+) -> Result<([u8; 32], &'a [u8]), String> {
+    match next_opened(b, keys, opened)? {
+        (Record::Body(hash, compressed), _, _) => Ok((hash, compressed)),
+        _ => Err("not a body record".into()),
     }
 }
 
@@ -176,6 +239,7 @@ pub fn next(b: &[u8]) -> Result<(Record<'_>, usize), &'static str> {
             Record::Entry(Box::new(crate::chain::Entry::parse(payload)?))
         }
         k if k == Kind::Copied as u32 => Record::Copied(payload),
+        k if k == Kind::Sealed as u32 => Record::Sealed(payload),
         _ => return Err("record of an unknown kind (written by a newer version)"),
     };
     Ok((record, len))
@@ -234,5 +298,39 @@ mod tests {
         newer[15] = 9;
         assert!(next(&newer).is_err());
         assert_eq!(unframe(&b[b.len() - 24..]).err(), Some("not a body record"));
+    }
+
+    #[test]
+    fn a_sealed_frame_opens_to_the_record_it_holds_and_only_with_its_keys() {
+        let keys = crate::seal::Keyring::generate(1);
+        let id = keys.current_info().id;
+        let mut b = Vec::new();
+        frame(&[7; 32], b"compressed body", &mut b);
+        seal_from(Some(&keys), &mut b, 0);
+        assert_eq!(&b[12..16], &(Kind::Sealed as u32).to_be_bytes());
+        assert!(!b.windows(10).any(|w| w == b"compressed"));
+        let mut opened = Vec::new();
+        let (hash, body) = unframe_opened(&b, Some(&keys), &mut opened).unwrap();
+        assert_eq!((hash, body), ([7; 32], &b"compressed body"[..]));
+        let mut opened = Vec::new();
+        let (_, len, by) = next_opened(&b, Some(&keys), &mut opened).unwrap();
+        assert_eq!((len, by), (b.len(), Some(id)));
+        // Without the keys, or with others, it says which key it needs.
+        let mut opened = Vec::new();
+        let err = next_opened(&b, None, &mut opened).unwrap_err();
+        assert!(err.contains(&format!("{id:08x}")) && err.contains("no keyring"), "{err}");
+        let other = crate::seal::Keyring::generate(1);
+        let mut opened = Vec::new();
+        let err = next_opened(&b, Some(&other), &mut opened).unwrap_err();
+        assert!(err.contains("does not have"), "{err}");
+        // A clear frame reads as it is, with or without keys.
+        let mut clear = Vec::new();
+        frame_removed(4, &mut clear);
+        seal_from(None, &mut clear, 0);
+        let mut opened = Vec::new();
+        assert_eq!(
+            next_opened(&clear, Some(&keys), &mut opened).unwrap(),
+            (Record::Removed(4), clear.len(), None)
+        );
     }
 }
