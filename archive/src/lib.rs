@@ -15,7 +15,7 @@
 //! metrics (callers read [`Archive::status`] and the mirror's counters).
 
 mod basics;
-pub use evidence::{chain, checkpoint, proof, record};
+pub use evidence::{chain, checkpoint, proof, record, seal};
 pub mod corpus;
 pub mod identity;
 pub use identity::ArchiveId;
@@ -128,6 +128,19 @@ pub struct Options {
     pub checkpoint_entries: u64,
     /// ... or once an entry has waited this long for one.
     pub checkpoint_after: Duration,
+    /// Encryption at rest (`None`: records are written in clear, and sealed ones cannot be read).
+    pub encryption: Option<Encryption>,
+}
+
+/// Encryption at rest: the keyring, where it is kept, and whether new records are sealed.
+#[derive(Clone, Debug)]
+pub struct Encryption {
+    /// The keys.
+    pub keyring: seal::Keyring,
+    /// The file it came from, which a rotation rewrites (`None`: from the environment).
+    pub file: Option<PathBuf>,
+    /// Seal new records (`false`: the keyring only reads what was sealed before).
+    pub seal: bool,
 }
 
 impl Options {
@@ -148,6 +161,7 @@ impl Options {
             signing_key: None,
             checkpoint_entries: 1000,
             checkpoint_after: Duration::from_secs(60),
+            encryption: None,
         }
     }
 }
@@ -174,9 +188,9 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Its deduplication key.
-    pub fn key(&self) -> [u8; 32] {
-        Item::key_of(&self.hash, &self.sender, &self.recipients)
+    /// Its deduplication key (keyed with `secret`, an encrypted archive's).
+    pub fn key(&self, secret: Option<&[u8; 32]>) -> [u8; 32] {
+        Item::key_of(&self.hash, &self.sender, &self.recipients, secret)
     }
 }
 
@@ -409,6 +423,26 @@ impl Archive {
         let mut store = Store::open_with(&opts.dir, remote, opts.cache_bytes, &opts.node)?;
         store.set_claim_settle(opts.claim_settle);
         store.set_adopt(opts.adopt);
+        if let Some(enc) = &opts.encryption {
+            store.set_keyring(Some(Arc::new(enc.keyring.clone())));
+        }
+        // Records sealed with a key this unit does not have would read as damage: refuse at
+        // start, saying which key is missing.
+        if let Some(id) = store.chain_key()? {
+            match store.keyring() {
+                None => {
+                    return Err(ArchiveError::Refused(format!(
+                        "the archive's records are sealed (key {id:08x}) and no keyring is configured: restore the keyring file from its backup"
+                    )))
+                }
+                Some(k) if !k.has(id) => {
+                    return Err(ArchiveError::Refused(format!(
+                        "the keyring lacks key {id:08x}, which the archive's chain names: it is another archive's keyring, or a copy from before a rotation"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
         let store = Arc::new(store);
         let (search, indexer) = index::open(
             &opts.dir.join("index"),
@@ -427,6 +461,10 @@ impl Archive {
         )?;
         writer.checkpoint_entries = opts.checkpoint_entries.max(1);
         writer.checkpoint_after = opts.checkpoint_after;
+        if let Some(enc) = &opts.encryption {
+            writer.seal = enc.seal;
+            writer.keyring_file = enc.file.clone();
+        }
         writer.chain_items()?;
         // Sealing by age matters where sealed segments leave the unit.
         writer.seal_after = opts.seal_after.filter(|_| has_remote);
@@ -476,7 +514,7 @@ impl Archive {
 
     /// The item already archived under this message's key, if any.
     pub fn find(&self, m: &Incoming) -> Result<Option<u64>, ArchiveError> {
-        self.store.seq_of_key(&m.key())
+        self.store.seq_of_key(&m.key(self.dedup_secret().as_ref()))
     }
 
     /// Archives a message durably (blocking: hashes and compresses here, then waits for the
@@ -499,7 +537,7 @@ impl Archive {
         let compressed = self.compressors.compress(raw)?;
         let item = Item {
             seq: 0,
-            key: m.key(),
+            key: m.key(self.dedup_secret().as_ref()),
             hash: m.hash,
             id: m.id,
             origin: m.origin,
@@ -524,11 +562,21 @@ impl Archive {
     ) -> Result<Stored, ArchiveError> {
         store::decompress_verified(&compressed, item.raw_len, &item.hash)
             .map_err(|_| ArchiveError::HashMismatch)?;
-        item.key = Item::key_of(&item.hash, &item.sender, &item.recipients);
+        item.key = Item::key_of(
+            &item.hash,
+            &item.sender,
+            &item.recipients,
+            self.dedup_secret().as_ref(),
+        );
         item.mirrored = true;
         item.held = false;
         item.archived_ms = now_ms();
         self.submit(Prepared { item, compressed })
+    }
+
+    /// The secret that keys dedup keys, when the archive has a keyring.
+    fn dedup_secret(&self) -> Option<[u8; 32]> {
+        self.store.keyring().map(|k| *k.dedup_secret())
     }
 
     fn submit(&self, p: Prepared) -> Result<Stored, ArchiveError> {
@@ -621,6 +669,35 @@ impl Archive {
             .send(Request::Compact(live_percent_min, tx))
             .map_err(|_| ArchiveError::Stopped)?;
         rx.recv().map_err(|_| ArchiveError::Stopped)?
+    }
+
+    /// Adds a data key to the keyring (`spoolctl archive key rotate`): saved first, then new
+    /// records are sealed with it and the chain names it. Older keys stay to read what they
+    /// sealed until [`Archive::rekey`] has moved it.
+    pub fn rotate_key(&self) -> Result<seal::KeyInfo, ArchiveError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.writer
+            .send(Request::RotateKey(tx))
+            .map_err(|_| ArchiveError::Stopped)?;
+        rx.recv().map_err(|_| ArchiveError::Stopped)?
+    }
+
+    /// Seals every record with the current key (`spoolctl archive rekey`): each segment holding
+    /// a record in clear or sealed with an older key is rewritten.
+    pub fn rekey(&self) -> Result<CompactReport, ArchiveError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.writer
+            .send(Request::Rekey(tx))
+            .map_err(|_| ArchiveError::Stopped)?;
+        rx.recv().map_err(|_| ArchiveError::Stopped)?
+    }
+
+    /// The data keys (never the keys themselves), oldest first, and the one the chain names.
+    pub fn data_keys(&self) -> Result<(Vec<seal::KeyInfo>, Option<u32>), ArchiveError> {
+        Ok((
+            self.store.keyring().map(|k| k.infos()).unwrap_or_default(),
+            self.store.chain_key()?,
+        ))
     }
 
     /// Seals the open segment now if it holds anything (`spoolctl archive seal`); answers the
@@ -745,7 +822,9 @@ impl Archive {
         let from = proof::starting_checkpoint(&checkpoints, &trusted, start);
         let lens: std::collections::HashMap<u32, Option<u64>> = segments.iter().copied().collect();
         let numbers: Vec<u32> = segments.iter().map(|s| s.0).collect();
-        proof::Prover::new(trusted, from).run(
+        proof::Prover::new(trusted, from)
+            .with_keys(self.store.keyring())
+            .run(
             &numbers,
             |n| self.store.segment_bytes(n, lens.get(&n).copied().flatten()),
             (&checkpoints, Some(head), elsewhere),

@@ -15,7 +15,8 @@ use crate::basics::{hex, now_ms};
 use crate::chain::{self, Event, Head, Why};
 use crate::checkpoint::{self, Signer};
 use crate::identity::{decide, ArchiveId, Claim, Found, Manifest, MANIFEST_FORMAT};
-use crate::record::{self, BlobLoc, Item};
+use crate::record::{self, BlobLoc, Item, Record};
+use crate::seal::{KeyInfo, Keyring};
 use crate::remote::Remote;
 use crate::ArchiveError;
 use crossbeam_channel::{Receiver, Sender};
@@ -56,6 +57,8 @@ const CHAIN_DESCRIBED_THROUGH: &str = "chain.described_through";
 const CHAIN_HEAD: &str = "chain.head";
 /// `hashes`: the public key that the chain says signs its checkpoints now.
 const CHAIN_SIGNER: &str = "chain.signer";
+/// The id of the data key the chain names now (records are sealed with it from there on).
+const CHAIN_KEY: &str = "chain.key";
 /// The cursor of the checkpoints file's bytes the object store holds.
 const STORE_CHECKPOINTS: &str = "store-checkpoints";
 /// Checkpoints go to the store with every segment uploaded, and at least this often.
@@ -146,6 +149,9 @@ pub struct Store {
     pub rebuild_progress: RebuildProgress,
     /// When checkpoints last went to the object store (this process).
     checkpoints_uploaded: Mutex<Option<std::time::Instant>>,
+    /// The keys that open sealed records (and, when sealing is on, seal new ones); replaced
+    /// whole at a rotation.
+    keyring: std::sync::RwLock<Option<Arc<Keyring>>>,
     /// Write no item records, as versions before them (tests of the migration).
     #[cfg(test)]
     pub(crate) as_before_item_records: std::sync::atomic::AtomicBool,
@@ -252,6 +258,11 @@ pub enum Request {
     Hold(Vec<u64>, bool, Sender<Result<u64, ArchiveError>>),
     /// Rewrite sealed segments whose live share is below the bound (percent).
     Compact(u32, Sender<Result<CompactReport, ArchiveError>>),
+    /// Add a data key to the keyring (saved first), which seals from now on; the chain names it.
+    RotateKey(Sender<Result<KeyInfo, ArchiveError>>),
+    /// Rewrite every segment holding a record in clear or sealed with another key than the
+    /// current one, sealing each with it (the open segment is sealed first when it holds one).
+    Rekey(Sender<Result<CompactReport, ArchiveError>>),
     /// Seal the open segment now if it holds anything; answers the segment sealed.
     Seal(Sender<Result<Option<u32>, ArchiveError>>),
     /// Rebuild the catalog from the segments (an empty or rebuilding catalog only).
@@ -269,6 +280,8 @@ pub struct CompactReport {
     pub segments: u32,
     /// Bytes freed.
     pub bytes_freed: u64,
+    /// Records sealed anew with the current key (a rekey).
+    pub resealed: u64,
 }
 
 /// Counters of the whole store.
@@ -377,6 +390,7 @@ impl Store {
             adopt: None,
             rebuild_progress: RebuildProgress::default(),
             checkpoints_uploaded: Mutex::new(None),
+            keyring: std::sync::RwLock::new(None),
             #[cfg(test)]
             as_before_item_records: std::sync::atomic::AtomicBool::new(false),
         };
@@ -385,6 +399,25 @@ impl Store {
             store.tidy_segments()?;
         }
         Ok(store)
+    }
+
+    /// The keyring that opens sealed records, if any.
+    pub fn keyring(&self) -> Option<Arc<Keyring>> {
+        self.keyring
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sets the keyring (at open, and at a rotation).
+    pub fn set_keyring(&self, keys: Option<Arc<Keyring>>) {
+        *self.keyring.write().unwrap_or_else(|p| p.into_inner()) = keys;
+    }
+
+    /// The id of the data key the chain names now, if records were ever sealed.
+    pub fn chain_key(&self) -> Result<Option<u32>, ArchiveError> {
+        let r = self.env.read_txn()?;
+        Ok(self.meta.get(&r, CHAIN_KEY)?.map(|id| id as u32))
     }
 
     /// A new catalog beside segments that hold records: the catalog was lost. The segments are
@@ -564,7 +597,9 @@ impl Store {
                 .ok_or_else(|| ArchiveError::Corrupt(format!("no body stored for {}", hex(hash))))?
         };
         let buf = self.read_record(loc.segment, loc.offset, u64::from(loc.len))?;
-        let (got, compressed) = record::unframe(&buf).map_err(|e| {
+        let keys = self.keyring();
+        let mut opened = Vec::new();
+        let (got, compressed) = record::unframe_opened(&buf, keys.as_deref(), &mut opened).map_err(|e| {
             ArchiveError::Corrupt(format!(
                 "segment {} offset {}: {e}",
                 loc.segment, loc.offset
@@ -1312,6 +1347,15 @@ pub struct Writer {
     chain_signer: Option<[u8; 32]>,
     /// The signer the write being prepared names (a genesis or signer entry), if it does.
     preparing: Option<[u8; 32]>,
+    /// Seal new records with the keyring's current key (encryption at rest).
+    pub seal: bool,
+    /// Where the keyring is kept (a rotation rewrites it); `None`: it came from elsewhere (the
+    /// environment) and cannot be rotated here.
+    pub keyring_file: Option<PathBuf>,
+    /// The data key the chain names now (committed), if any.
+    chain_key: Option<u32>,
+    /// The data key the write being prepared names (a key entry), if it does.
+    preparing_key: Option<u32>,
     /// Signs checkpoints.
     signer: Arc<Signer>,
     /// Sign a checkpoint once this many entries are unsigned, or ...
@@ -1333,7 +1377,7 @@ impl Writer {
         free_bytes_min: u64,
         signer: Arc<Signer>,
     ) -> Result<Writer, ArchiveError> {
-        let (segment, len, next_rev, chain, chain_signer) = {
+        let (segment, len, next_rev, chain, chain_signer, chain_key) = {
             let r = store.env.read_txn()?;
             (
                 store.meta.get(&r, OPEN_SEGMENT)?.unwrap_or(1) as u32,
@@ -1341,6 +1385,7 @@ impl Writer {
                 store.meta.get(&r, NEXT_REV)?.unwrap_or(1),
                 store.chain_head(&r)?,
                 store.chain_signer(&r)?,
+                store.meta.get(&r, CHAIN_KEY)?.map(|id| id as u32),
             )
         };
         // The checkpoints file says what was signed; entries past it wait for the next one.
@@ -1368,6 +1413,10 @@ impl Writer {
             chain,
             chain_signer,
             preparing: None,
+            seal: false,
+            keyring_file: None,
+            chain_key,
+            preparing_key: None,
             signer,
             checkpoint_entries: 1000,
             checkpoint_after: std::time::Duration::from_secs(60),
@@ -1393,14 +1442,14 @@ impl Writer {
             let Some(last) = batch.last() else { break };
             after = last.seq;
             let mut frames = Vec::new();
-            let mut head = self.open_entries(&mut frames)?;
+            let (mut head, keys) = self.open_entries(&mut frames)?;
             for item in batch.iter() {
                 let event = Event::Item {
                     why: Why::Described,
                     rev: self.take_rev(),
                     item: Box::new(item.clone()),
                 };
-                record::frame_entry(&head.append(&event), &mut frames);
+                put_entry(keys.as_deref(), &head.append(&event), &mut frames);
             }
             self.append_and_commit(&frames, head, |w| {
                 store.meta.put(w, CHAIN_DESCRIBED_THROUGH, &after)?;
@@ -1424,11 +1473,18 @@ impl Writer {
 
     /// Begins a write's chain entries in `frames`: the genesis when the chain is empty (with the
     /// archive's id, made now if the archive has none yet), or a signer entry when this unit's
-    /// key is not the one the chain names. Answers the head the write's own entries follow.
-    fn open_entries(&mut self, frames: &mut Vec<u8>) -> Result<Head, ArchiveError> {
+    /// key is not the one the chain names; then, when sealing, a key entry when the keyring's
+    /// current key is not the one the chain names. Answers the head the write's own entries
+    /// follow, and the keyring that seals the write (`None`: in clear).
+    fn open_entries(
+        &mut self,
+        frames: &mut Vec<u8>,
+    ) -> Result<(Head, Option<Arc<Keyring>>), ArchiveError> {
         let mut head = self.chain;
         let key = self.signer.public();
+        let keys = self.seal.then(|| self.store.keyring()).flatten();
         self.preparing = None;
+        self.preparing_key = None;
         if head.next == 0 {
             let archive = self.store.ensure_archive_id(ArchiveId::random())?;
             let genesis = Event::Genesis {
@@ -1437,17 +1493,28 @@ impl Writer {
                 node: self.store.node.clone(),
                 signer: key,
             };
-            record::frame_entry(&head.append(&genesis), frames);
+            put_entry(keys.as_deref(), &head.append(&genesis), frames);
             self.preparing = Some(key);
         } else if self.chain_signer != Some(key) {
             let signer = Event::Signer {
                 key,
                 node: self.store.node.clone(),
             };
-            record::frame_entry(&head.append(&signer), frames);
+            put_entry(keys.as_deref(), &head.append(&signer), frames);
             self.preparing = Some(key);
         }
-        Ok(head)
+        if let Some(k) = &keys {
+            let current = k.current_info();
+            if self.chain_key != Some(current.id) {
+                let event = Event::Key {
+                    id: current.id,
+                    created_ms: current.created_ms,
+                };
+                put_entry(Some(k), &head.append(&event), frames);
+                self.preparing_key = Some(current.id);
+            }
+        }
+        Ok((head, keys))
     }
 
     fn take_rev(&mut self) -> u64 {
@@ -1465,6 +1532,7 @@ impl Writer {
         changes: impl FnOnce(&mut RwTxn<'_>) -> Result<(), ArchiveError>,
     ) -> Result<(), ArchiveError> {
         let new_signer = self.preparing.take();
+        let new_key = self.preparing_key.take();
         if !frames.is_empty() {
             let written = self
                 .file
@@ -1488,6 +1556,9 @@ impl Writer {
             if let Some(key) = new_signer {
                 store.hashes.put(&mut w, CHAIN_SIGNER, &key)?;
             }
+            if let Some(id) = new_key {
+                store.meta.put(&mut w, CHAIN_KEY, &u64::from(id))?;
+            }
             w.commit()?;
             Ok(())
         })();
@@ -1502,6 +1573,9 @@ impl Writer {
         self.chain = head;
         if new_signer.is_some() {
             self.chain_signer = new_signer;
+        }
+        if new_key.is_some() {
+            self.chain_key = new_key;
         }
         if self.chain.next - self.checkpointed.0 >= self.checkpoint_entries {
             self.checkpoint();
@@ -1668,6 +1742,12 @@ impl Writer {
             Request::Compact(percent, reply) => {
                 let _ = reply.send(self.compact(percent));
             }
+            Request::RotateKey(reply) => {
+                let _ = reply.send(self.rotate_key());
+            }
+            Request::Rekey(reply) => {
+                let _ = reply.send(self.rekey());
+            }
             Request::Seal(reply) => {
                 let _ = reply.send(self.seal_now());
             }
@@ -1712,10 +1792,10 @@ impl Writer {
         let mut results = Vec::with_capacity(group.len());
         let mut new_items = Vec::new();
         let in_chain = !written_before_item_records(&store);
-        let mut head = if in_chain {
+        let (mut head, keys) = if in_chain {
             self.open_entries(&mut frames)?
         } else {
-            self.chain
+            (self.chain, None)
         };
         for p in group {
             let mut item = p.item;
@@ -1738,6 +1818,7 @@ impl Writer {
                 let offset = self.len + frames.len() as u64;
                 let before = frames.len();
                 record::frame(&item.hash, &p.compressed, &mut frames);
+                record::seal_from(keys.as_deref(), &mut frames, before);
                 new_blobs.insert(
                     item.hash,
                     BlobLoc {
@@ -1752,7 +1833,7 @@ impl Writer {
             // The item's own entry, after its body: the segments describe the catalog.
             if in_chain {
                 let event = chain::item_event(Why::Stored, self.take_rev(), &item);
-                record::frame_entry(&head.append_encoded(&event), &mut frames);
+                put_entry(keys.as_deref(), &head.append_encoded(&event), &mut frames);
             }
             results.push(Stored {
                 seq: item.seq,
@@ -1845,7 +1926,7 @@ impl Writer {
             return Ok(Vec::new());
         }
         let mut frames = Vec::new();
-        let mut head = self.open_entries(&mut frames)?;
+        let (mut head, keys) = self.open_entries(&mut frames)?;
         let removed_ms = now_ms();
         for item in &going {
             let tombstone = Event::Removed(Box::new(chain::Tombstone {
@@ -1856,7 +1937,7 @@ impl Writer {
                 removed_ms,
                 rule: rule.to_string(),
             }));
-            record::frame_entry(&head.append(&tombstone), &mut frames);
+            put_entry(keys.as_deref(), &head.append(&tombstone), &mut frames);
         }
         self.append_and_commit(&frames, head, |w| {
             let mut raw = 0u64;
@@ -1906,11 +1987,11 @@ impl Writer {
             return Ok(0);
         }
         let mut frames = Vec::new();
-        let mut head = self.open_entries(&mut frames)?;
+        let (mut head, keys) = self.open_entries(&mut frames)?;
         let why = if held { Why::Held } else { Why::Released };
         for item in &changing {
             let event = chain::item_event(why, self.take_rev(), item);
-            record::frame_entry(&head.append_encoded(&event), &mut frames);
+            put_entry(keys.as_deref(), &head.append_encoded(&event), &mut frames);
         }
         let changed = changing.len() as i64;
         self.append_and_commit(&frames, head, |w| {
@@ -1934,51 +2015,145 @@ impl Writer {
     /// Copies the live records of sparse sealed segments into the open one, commits their new
     /// places, then deletes the old files.
     fn compact(&mut self, live_percent_min: u32) -> Result<CompactReport, ArchiveError> {
-        let store = self.store.clone();
-        // Segments sealed small by age are merged where each segment is an object to keep.
-        let small_bytes = if store.remote.is_some() {
+        let small_bytes = if self.store.remote.is_some() {
             self.segment_bytes_max / SMALL_SEGMENT_DIVISOR
         } else {
             0
         };
+        // Segments sealed small by age are merged where each segment is an object to keep.
         let sparse = to_compact(
-            &store.segments()?,
+            &self.store.segments()?,
             self.segment,
             live_percent_min,
             small_bytes,
         );
+        self.rewrite(sparse, None)
+    }
+
+    /// Adds a data key: the keyring with it is saved (synced) before anything is sealed with
+    /// it, then the chain names it.
+    fn rotate_key(&mut self) -> Result<KeyInfo, ArchiveError> {
+        if !self.seal {
+            return Err(ArchiveError::Refused(
+                "encryption at rest is off (archive.encryption): there is no key to rotate".into(),
+            ));
+        }
+        let path = self.keyring_file.clone().ok_or_else(|| {
+            ArchiveError::Refused(
+                "the keyring came from the environment (SPOOLD_ARCHIVE_KEYRING), which this unit cannot rewrite: add a key there and restart".into(),
+            )
+        })?;
+        let Some(current) = self.store.keyring() else {
+            return Err(ArchiveError::Refused("no keyring is loaded".into()));
+        };
+        let mut next = (*current).clone();
+        let info = next.rotate(now_ms());
+        next.save(&path, false)?;
+        self.store.set_keyring(Some(Arc::new(next)));
+        let mut frames = Vec::new();
+        let (head, _) = self.open_entries(&mut frames)?;
+        self.append_and_commit(&frames, head, |_| Ok(()))?;
+        tracing::info!(key = %format!("{:08x}", info.id), "archive: a new data key seals from now on");
+        Ok(info)
+    }
+
+    /// Seals every record with the current key: the segments holding one in clear or sealed
+    /// with an older key are rewritten (the open one sealed first), bodies that are gone left
+    /// behind as in a compaction.
+    fn rekey(&mut self) -> Result<CompactReport, ArchiveError> {
+        let keys = match (self.seal, self.store.keyring()) {
+            (true, Some(keys)) => keys,
+            _ => {
+                return Err(ArchiveError::Refused(
+                    "encryption at rest is off (archive.encryption): nothing to seal with".into(),
+                ))
+            }
+        };
+        // The open segment's records are moved too: seal it, so that it can be rewritten.
+        if self.len > 0 {
+            let mut open = vec![0u8; self.len as usize];
+            self.file.read_exact_at(&mut open, 0).map_err(io)?;
+            if needs_rekey(&open, &keys) {
+                self.seal()?;
+            }
+        }
+        let all: Vec<(u32, u64)> = self
+            .store
+            .segments()?
+            .into_iter()
+            .filter(|s| s.n < self.segment)
+            .map(|s| (s.n, s.total))
+            .collect();
+        let report = self.rewrite(all, Some(keys))?;
+        if report.resealed > 0 {
+            tracing::info!(
+                segments = report.segments,
+                records = report.resealed,
+                "archive: every record is sealed with the current key"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Rewrites `segments` (number, total bytes): their live records go on in the open
+    /// segment (sealed anew with `rekey`'s current key where they are not yet; only segments
+    /// that hold such a record, then), their new places are committed, the old files deleted.
+    fn rewrite(
+        &mut self,
+        segments: Vec<(u32, u64)>,
+        rekey: Option<Arc<Keyring>>,
+    ) -> Result<CompactReport, ArchiveError> {
+        let store = self.store.clone();
+        let keys = store.keyring();
         let mut report = CompactReport::default();
-        for (n, total) in sparse {
+        for (n, total) in segments {
             self.check_space()?;
             let data = store.read_segment(n)?;
+            if rekey.as_ref().is_some_and(|k| !needs_rekey(&data, k)) {
+                continue;
+            }
             let mut frames = Vec::new();
             let mut moved: Vec<([u8; 32], BlobLoc)> = Vec::new();
-            // Chain entries go on byte for byte, never rewritten: runs of them in `Copied`
-            // frames, so that entries written fresh stay in the chain's order in the stream.
+            // Chain entries go on byte for byte (or sealed anew, whole), never rewritten: runs
+            // of them in `Copied` frames, so that entries written fresh stay in the chain's
+            // order in the stream.
             let mut entries = Vec::new();
             {
                 let r = store.env.read_txn()?;
                 let chained = store.meta.get(&r, CHAINED)?.is_some();
+                let corrupt = |at: usize, e: String| {
+                    ArchiveError::Corrupt(format!("segment {n} offset {at}: {e}"))
+                };
                 let mut at = 0usize;
                 while at < data.len() {
-                    let (rec, len) = record::next(&data[at..]).map_err(|e| {
-                        ArchiveError::Corrupt(format!("segment {n} offset {at}: {e}"))
-                    })?;
-                    match rec {
-                        record::Record::Body(hash, _) => {
+                    let mut opened = Vec::new();
+                    let (what, len, sealed_by) =
+                        match record::next_opened(&data[at..], keys.as_deref(), &mut opened) {
+                            Ok((rec, len, by)) => (Kept::of(&rec), len, by),
+                            Err(e) => return Err(corrupt(at, e)),
+                        };
+                    let raw = &data[at..at + len];
+                    let inner = if sealed_by.is_some() { &opened[..] } else { raw };
+                    let mut put = |out: &mut Vec<u8>| {
+                        report.resealed += u64::from(put_frame(raw, sealed_by, inner, rekey.as_deref(), out));
+                    };
+                    match what {
+                        Kept::Body(hash) => {
                             let Some(loc) = store.blobs.get(&r, &hash)?.and_then(BlobLoc::decode)
                             else {
                                 at += len;
                                 continue;
                             };
                             if loc.segment == n && loc.offset == at as u64 {
-                                let offset = self.len + frames.len() as u64;
-                                frames.extend_from_slice(&data[at..at + len]);
+                                let before = frames.len();
+                                let offset = self.len + before as u64;
+                                put(&mut frames);
                                 moved.push((
                                     hash,
                                     BlobLoc {
                                         segment: self.segment,
                                         offset,
+                                        len: (frames.len() - before) as u32,
                                         ..loc
                                     },
                                 ));
@@ -1986,16 +2161,37 @@ impl Writer {
                         }
                         // An item record from before the chain: every item has an entry since
                         // (the migration at open), so it goes; before that it goes on as it is.
-                        record::Record::Item(..) if chained => {}
+                        Kept::OldItem if chained => {}
                         // Removals are final and small: kept, so that no older record of the
                         // item, in a segment not compacted yet, brings it back in a rebuild.
-                        record::Record::Item(..) | record::Record::Removed(_) => {
-                            frames.extend_from_slice(&data[at..at + len]);
-                        }
-                        record::Record::Entry(_) => entries.extend_from_slice(&data[at..at + len]),
-                        record::Record::Copied(_) => {
+                        Kept::OldItem | Kept::Removed => put(&mut frames),
+                        Kept::Entry => put(&mut entries),
+                        Kept::Copied => {
                             flush_copied(&mut entries, &mut frames);
-                            frames.extend_from_slice(&data[at..at + len]);
+                            match &rekey {
+                                None => frames.extend_from_slice(raw),
+                                Some(k) => {
+                                    let copied = match record::next(raw) {
+                                        Ok((Record::Copied(c), _)) => c,
+                                        _ => return Err(corrupt(at, "copied entries unreadable".into())),
+                                    };
+                                    let mut resealed = Vec::new();
+                                    let mut i = 0;
+                                    while i < copied.len() {
+                                        let mut opened = Vec::new();
+                                        let (l, by) = match record::next_opened(&copied[i..], keys.as_deref(), &mut opened) {
+                                            Ok((Record::Entry(_), l, by)) => (l, by),
+                                            Ok(_) => return Err(corrupt(at, "copied entries hold another kind of record".into())),
+                                            Err(e) => return Err(corrupt(at, format!("copied entries: {e}"))),
+                                        };
+                                        let raw = &copied[i..i + l];
+                                        let inner = if by.is_some() { &opened[..] } else { raw };
+                                        report.resealed += u64::from(put_frame(raw, by, inner, Some(k), &mut resealed));
+                                        i += l;
+                                    }
+                                    record::frame_copied(&resealed, &mut frames);
+                                }
+                            }
                         }
                     }
                     at += len;
@@ -2054,6 +2250,82 @@ impl Writer {
         }
         Ok(report)
     }
+}
+
+/// What compaction does with a record: its kind, and a body's hash.
+enum Kept {
+    Body([u8; 32]),
+    OldItem,
+    Removed,
+    Entry,
+    Copied,
+}
+
+impl Kept {
+    fn of(rec: &Record<'_>) -> Kept {
+        match rec {
+            Record::Body(hash, _) => Kept::Body(*hash),
+            Record::Item(..) => Kept::OldItem,
+            Record::Removed(_) => Kept::Removed,
+            Record::Entry(_) => Kept::Entry,
+            // `next_opened` never answers a sealed record; a copied one is carried whole.
+            Record::Copied(_) | Record::Sealed(_) => Kept::Copied,
+        }
+    }
+}
+
+/// Puts a record's frame (`raw`, sealed by `sealed_by`; `inner` the frame it holds, or `raw`
+/// itself in clear) into `out`: as it is, or with `rekey`, sealed with the current key unless
+/// it already is. Answers whether it was sealed anew.
+fn put_frame(
+    raw: &[u8],
+    sealed_by: Option<u32>,
+    inner: &[u8],
+    rekey: Option<&Keyring>,
+    out: &mut Vec<u8>,
+) -> bool {
+    match rekey {
+        Some(k) if sealed_by != Some(k.current_info().id) => {
+            record::frame_sealed(k, inner, out);
+            true
+        }
+        _ => {
+            out.extend_from_slice(raw);
+            false
+        }
+    }
+}
+
+/// Whether `data` (a segment's bytes) holds a record in clear or sealed with a key other than
+/// `keys`' current one (a frame it cannot parse counts: the rewrite then names it).
+fn needs_rekey(data: &[u8], keys: &Keyring) -> bool {
+    let current = keys.current_info().id;
+    let mut at = 0;
+    while at < data.len() {
+        match record::next(&data[at..]) {
+            Ok((Record::Sealed(p), len)) => {
+                if Keyring::sealed_with(p) != Ok(current) {
+                    return true;
+                }
+                at += len;
+            }
+            Ok((Record::Copied(inner), len)) => {
+                if needs_rekey(inner, keys) {
+                    return true;
+                }
+                at += len;
+            }
+            _ => return true,
+        }
+    }
+    false
+}
+
+/// Frames a chain entry's payload into `frames`, sealed when there are keys.
+fn put_entry(keys: Option<&Keyring>, payload: &[u8], frames: &mut Vec<u8>) {
+    let start = frames.len();
+    record::frame_entry(payload, frames);
+    record::seal_from(keys, frames, start);
 }
 
 /// Frames the entry frames gathered in `entries` (if any) as one `Copied` record into `frames`.

@@ -209,8 +209,10 @@ pub(crate) fn records(path: &std::path::Path) -> Vec<(&'static str, usize, usize
                 crate::chain::Event::Item { why, .. } => why.name(),
                 crate::chain::Event::Removed(_) => "tombstone",
                 crate::chain::Event::Signer { .. } => "signer",
+                crate::chain::Event::Key { .. } => "key",
             },
             crate::record::Record::Copied(_) => "copied",
+            crate::record::Record::Sealed(_) => "sealed",
         };
         kinds.push((kind, at, len));
         at += len;

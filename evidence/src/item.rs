@@ -41,17 +41,39 @@ const ITEM_VERSION: u8 = 1;
 
 impl Item {
     /// The deduplication key of a message: the same bytes for the same envelope are one item.
-    pub fn key_of(hash: &[u8; 32], sender: &str, recipients: &[String]) -> [u8; 32] {
-        let mut h = Sha256::new();
-        h.update(hash);
-        h.update(sender.as_bytes());
+    /// With a `secret` (an encrypted archive's) it is an HMAC-SHA-256, so that whoever holds a
+    /// copy of the catalog cannot test whether a message they know was archived.
+    pub fn key_of(
+        hash: &[u8; 32],
+        sender: &str,
+        recipients: &[String],
+        secret: Option<&[u8; 32]>,
+    ) -> [u8; 32] {
         let mut sorted: Vec<&String> = recipients.iter().collect();
         sorted.sort();
-        for r in sorted {
-            h.update(b"\0");
-            h.update(r.as_bytes());
+        let feed = |update: &mut dyn FnMut(&[u8])| {
+            update(hash);
+            update(sender.as_bytes());
+            for r in &sorted {
+                update(b"\0");
+                update(r.as_bytes());
+            }
+        };
+        match secret {
+            None => {
+                let mut h = Sha256::new();
+                feed(&mut |b| h.update(b));
+                h.finalize().into()
+            }
+            Some(secret) => {
+                use hmac::Mac as _;
+                let mut m = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(secret)
+                    .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
+                m.update(b"spoolpair dedup 1");
+                feed(&mut |b| m.update(b));
+                m.finalize().into_bytes().into()
+            }
         }
-        h.finalize().into()
     }
 
     /// Catalog value bytes.
@@ -190,9 +212,18 @@ mod tests {
 
     #[test]
     fn key_ignores_recipient_order() {
-        let a = Item::key_of(&[1; 32], "s", &["a".into(), "b".into()]);
-        let b = Item::key_of(&[1; 32], "s", &["b".into(), "a".into()]);
-        let c = Item::key_of(&[1; 32], "t", &["b".into(), "a".into()]);
+        let a = Item::key_of(&[1; 32], "s", &["a".into(), "b".into()], None);
+        let b = Item::key_of(&[1; 32], "s", &["b".into(), "a".into()], None);
+        let c = Item::key_of(&[1; 32], "t", &["b".into(), "a".into()], None);
+        // Keyed: the same order-free key under one secret, another under another, and never
+        // the unkeyed one.
+        let secret = Some(&[3u8; 32]);
+        let ka = Item::key_of(&[1; 32], "s", &["a".into(), "b".into()], secret);
+        let kb = Item::key_of(&[1; 32], "s", &["b".into(), "a".into()], secret);
+        let other = Item::key_of(&[1; 32], "s", &["a".into(), "b".into()], Some(&[4u8; 32]));
+        assert_eq!(ka, kb);
+        assert_ne!(ka, a);
+        assert_ne!(ka, other);
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

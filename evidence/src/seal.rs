@@ -33,6 +33,7 @@ const FILE_HEADER: &str = "# spoolpair archive keyring 1: data keys in the order
 and the dedup secret. Without this file the archive cannot be read: keep a copy apart from the archive.\n";
 
 /// A data key.
+#[derive(Clone)]
 struct DataKey {
     id: u32,
     created_ms: u64,
@@ -69,6 +70,7 @@ pub enum OpenError {
 }
 
 /// The keys that seal and open an archive's records.
+#[derive(Clone)]
 pub struct Keyring {
     keys: Vec<DataKey>,
     dedup: [u8; 32],
@@ -202,6 +204,11 @@ impl Keyring {
             }
         }
         self.current_info()
+    }
+
+    /// Whether the keyring holds the key with this id.
+    pub fn has(&self, id: u32) -> bool {
+        self.keys.iter().any(|k| k.id == id)
     }
 
     /// The keys, oldest first.

@@ -15,9 +15,12 @@
 
 use super::*;
 use crate::record::Record;
+use crate::seal::{self, OpenError};
 
 /// While rebuilding: one past the number of the entry that named the signer found so far.
 const SIGNER_AT: &str = "rebuild.signer_at";
+/// The entry after the highest key entry applied so far.
+const KEY_AT: &str = "rebuild.key_at";
 
 /// What the records read so far say of one item.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -252,10 +255,32 @@ impl Writer {
         };
         let data: &[u8] = map.as_deref().unwrap_or(&[]);
         let mut w = store.env.write_txn()?;
+        let keys = store.keyring();
         let mut at = 0usize;
         let mut stopped = None;
         while at < data.len() {
-            let (rec, len) = match record::next(&data[at..]) {
+            let opened: Vec<u8>;
+            let parsed = match record::next(&data[at..]) {
+                Ok((Record::Sealed(payload), len)) => match seal::open(keys.as_deref(), payload) {
+                    Ok((inner, _)) => {
+                        opened = inner;
+                        record::next(&opened)
+                            .map(|(rec, _)| (rec, len))
+                            .map_err(String::from)
+                    }
+                    // Without the key nothing sealed can be read: a catalog rebuilt without
+                    // those records would be an archive with holes, said to be whole.
+                    Err(e @ (OpenError::NoKeyring(_) | OpenError::UnknownKey(_))) => {
+                        return Err(ArchiveError::Refused(format!(
+                            "segment {n} offset {at}: {e}; the archive cannot be rebuilt without its keyring (archive.keyring_file, or SPOOLD_ARCHIVE_KEYRING)"
+                        )))
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+                Ok(r) => Ok(r),
+                Err(e) => Err(e.to_string()),
+            };
+            let (rec, len) = match parsed {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(
@@ -330,10 +355,18 @@ impl Writer {
             Record::Item(rev, item) => self.apply_item(w, rev, &item, progress)?,
             Record::Removed(seq) => self.apply_removal(w, seq)?,
             Record::Entry(entry) => self.apply_entry(w, &entry, progress)?,
+            // The segment loop opens sealed frames; one inside another is not written.
+            Record::Sealed(_) => {
+                return Err(ArchiveError::Corrupt(format!(
+                    "segment {n} offset {at}: a sealed record inside a sealed record"
+                )))
+            }
             Record::Copied(frames) => {
+                let keys = store.keyring();
                 let mut inner = 0;
                 while inner < frames.len() {
-                    let (rec, len) = record::next(&frames[inner..]).map_err(|e| {
+                    let mut opened = Vec::new();
+                    let (rec, len, _) = record::next_opened(&frames[inner..], keys.as_deref(), &mut opened).map_err(|e| {
                         ArchiveError::Corrupt(format!(
                             "segment {n} offset {at}: copied entries: {e}"
                         ))
@@ -374,6 +407,12 @@ impl Writer {
                 self.apply_signer(w, entry.n, signer)?;
             }
             Event::Signer { key, .. } => self.apply_signer(w, entry.n, key)?,
+            Event::Key { id, .. } => {
+                if entry.n + 1 > store.meta.get(w, KEY_AT)?.unwrap_or(0) {
+                    store.meta.put(w, KEY_AT, &(entry.n + 1))?;
+                    store.meta.put(w, CHAIN_KEY, &u64::from(*id))?;
+                }
+            }
         }
         if entry.n >= store.meta.get(w, CHAIN_NEXT)?.unwrap_or(0) {
             store.meta.put(w, CHAIN_NEXT, &(entry.n + 1))?;
