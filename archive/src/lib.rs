@@ -29,6 +29,8 @@ pub mod store;
 mod tests;
 #[cfg(test)]
 mod tests_evidence;
+#[cfg(test)]
+mod tests_seal;
 
 pub use record::Item;
 pub use remote::{ObjectStoreConfig, Probe};
@@ -825,11 +827,11 @@ impl Archive {
         proof::Prover::new(trusted, from)
             .with_keys(self.store.keyring())
             .run(
-            &numbers,
-            |n| self.store.segment_bytes(n, lens.get(&n).copied().flatten()),
-            (&checkpoints, Some(head), elsewhere),
-            progress,
-        )
+                &numbers,
+                |n| self.store.segment_bytes(n, lens.get(&n).copied().flatten()),
+                (&checkpoints, Some(head), elsewhere),
+                progress,
+            )
     }
 
     /// Keeps a checkpoint a mirror peer sent (a line of its checkpoints file): its signature must

@@ -16,8 +16,8 @@ use crate::chain::{self, Event, Head, Why};
 use crate::checkpoint::{self, Signer};
 use crate::identity::{decide, ArchiveId, Claim, Found, Manifest, MANIFEST_FORMAT};
 use crate::record::{self, BlobLoc, Item, Record};
-use crate::seal::{KeyInfo, Keyring};
 use crate::remote::Remote;
+use crate::seal::{KeyInfo, Keyring};
 use crate::ArchiveError;
 use crossbeam_channel::{Receiver, Sender};
 use heed::byteorder::BE;
@@ -599,12 +599,13 @@ impl Store {
         let buf = self.read_record(loc.segment, loc.offset, u64::from(loc.len))?;
         let keys = self.keyring();
         let mut opened = Vec::new();
-        let (got, compressed) = record::unframe_opened(&buf, keys.as_deref(), &mut opened).map_err(|e| {
-            ArchiveError::Corrupt(format!(
-                "segment {} offset {}: {e}",
-                loc.segment, loc.offset
-            ))
-        })?;
+        let (got, compressed) = record::unframe_opened(&buf, keys.as_deref(), &mut opened)
+            .map_err(|e| {
+                ArchiveError::Corrupt(format!(
+                    "segment {} offset {}: {e}",
+                    loc.segment, loc.offset
+                ))
+            })?;
         if &got != hash {
             return Err(ArchiveError::Corrupt(format!(
                 "segment {} offset {}: record of another body",
@@ -2050,11 +2051,19 @@ impl Writer {
         let info = next.rotate(now_ms());
         next.save(&path, false)?;
         self.store.set_keyring(Some(Arc::new(next)));
-        let mut frames = Vec::new();
-        let (head, _) = self.open_entries(&mut frames)?;
-        self.append_and_commit(&frames, head, |_| Ok(()))?;
+        self.name_current_key()?;
         tracing::info!(key = %format!("{:08x}", info.id), "archive: a new data key seals from now on");
         Ok(info)
+    }
+
+    /// Writes the entries a write would begin with (the key entry of a new current key) now.
+    fn name_current_key(&mut self) -> Result<(), ArchiveError> {
+        let mut frames = Vec::new();
+        let (head, _) = self.open_entries(&mut frames)?;
+        if !frames.is_empty() {
+            self.append_and_commit(&frames, head, |_| Ok(()))?;
+        }
+        Ok(())
     }
 
     /// Seals every record with the current key: the segments holding one in clear or sealed
@@ -2069,6 +2078,8 @@ impl Writer {
                 ))
             }
         };
+        // What is sealed with a key the chain names (a proof checks it).
+        self.name_current_key()?;
         // The open segment's records are moved too: seal it, so that it can be rewritten.
         if self.len > 0 {
             let mut open = vec![0u8; self.len as usize];
@@ -2133,9 +2144,14 @@ impl Writer {
                             Err(e) => return Err(corrupt(at, e)),
                         };
                     let raw = &data[at..at + len];
-                    let inner = if sealed_by.is_some() { &opened[..] } else { raw };
+                    let inner = if sealed_by.is_some() {
+                        &opened[..]
+                    } else {
+                        raw
+                    };
                     let mut put = |out: &mut Vec<u8>| {
-                        report.resealed += u64::from(put_frame(raw, sealed_by, inner, rekey.as_deref(), out));
+                        report.resealed +=
+                            u64::from(put_frame(raw, sealed_by, inner, rekey.as_deref(), out));
                     };
                     match what {
                         Kept::Body(hash) => {
@@ -2173,20 +2189,45 @@ impl Writer {
                                 Some(k) => {
                                     let copied = match record::next(raw) {
                                         Ok((Record::Copied(c), _)) => c,
-                                        _ => return Err(corrupt(at, "copied entries unreadable".into())),
+                                        _ => {
+                                            return Err(corrupt(
+                                                at,
+                                                "copied entries unreadable".into(),
+                                            ))
+                                        }
                                     };
                                     let mut resealed = Vec::new();
                                     let mut i = 0;
                                     while i < copied.len() {
                                         let mut opened = Vec::new();
-                                        let (l, by) = match record::next_opened(&copied[i..], keys.as_deref(), &mut opened) {
-                                            Ok((Record::Entry(_), l, by)) => (l, by),
-                                            Ok(_) => return Err(corrupt(at, "copied entries hold another kind of record".into())),
-                                            Err(e) => return Err(corrupt(at, format!("copied entries: {e}"))),
-                                        };
+                                        let (l, by) =
+                                            match record::next_opened(
+                                                &copied[i..],
+                                                keys.as_deref(),
+                                                &mut opened,
+                                            ) {
+                                                Ok((Record::Entry(_), l, by)) => (l, by),
+                                                Ok(_) => return Err(corrupt(
+                                                    at,
+                                                    "copied entries hold another kind of record"
+                                                        .into(),
+                                                )),
+                                                Err(e) => {
+                                                    return Err(corrupt(
+                                                        at,
+                                                        format!("copied entries: {e}"),
+                                                    ))
+                                                }
+                                            };
                                         let raw = &copied[i..i + l];
                                         let inner = if by.is_some() { &opened[..] } else { raw };
-                                        report.resealed += u64::from(put_frame(raw, by, inner, Some(k), &mut resealed));
+                                        report.resealed += u64::from(put_frame(
+                                            raw,
+                                            by,
+                                            inner,
+                                            Some(k),
+                                            &mut resealed,
+                                        ));
                                         i += l;
                                     }
                                     record::frame_copied(&resealed, &mut frames);

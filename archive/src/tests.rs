@@ -883,10 +883,10 @@ fn the_open_segment_is_sealed_by_age_and_on_request() {
 }
 
 /// Every item with its exact bytes, in sequence order.
-type ItemsAndBytes = Vec<(Item, Vec<u8>)>;
+pub(crate) type ItemsAndBytes = Vec<(Item, Vec<u8>)>;
 
 /// Every item with its exact bytes, and the store's counters (items, raw bytes, held).
-fn contents(a: &Archive) -> (ItemsAndBytes, (u64, u64, u64)) {
+pub(crate) fn contents(a: &Archive) -> (ItemsAndBytes, (u64, u64, u64)) {
     let items = a.store().items_after(0, usize::MAX, |_| true).unwrap();
     let all = items
         .into_iter()

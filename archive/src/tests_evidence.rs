@@ -63,7 +63,7 @@ fn entry_at(data: &[u8], at: usize) -> Entry {
 }
 
 fn prove(dir: &Path, key: [u8; 32]) -> proof::Proof {
-    proof::prove_dir(dir, vec![key], proof::Start::Genesis, &[]).unwrap()
+    proof::prove_dir(dir, vec![key], proof::Start::Genesis, &[], None).unwrap()
 }
 
 /// The newest segment's entries of stored items: (offset, length, entry number).
@@ -321,6 +321,7 @@ fn a_rewrite_of_the_whole_chain_is_caught_by_the_checkpoints_a_peer_kept() {
         vec![signer.public()],
         proof::Start::Genesis,
         &[("peer b".into(), peer_copy.clone())],
+        None,
     )
     .unwrap();
     let caught: Vec<&proof::Break> = p

@@ -783,7 +783,8 @@ fn run_prove(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
         rates[1].push(n as f64 / t.elapsed().as_secs_f64());
         archive.checkpoint_now()?;
         let t = Instant::now();
-        let p = archive::proof::prove_dir(&adir, vec![], archive::proof::Start::Genesis, &[])?;
+        let p =
+            archive::proof::prove_dir(&adir, vec![], archive::proof::Start::Genesis, &[], None)?;
         anyhow::ensure!(p.holds(), "prove_dir: {:?}", p.breaks.first());
         rates[2].push(n as f64 / t.elapsed().as_secs_f64());
         let more = n / 100;

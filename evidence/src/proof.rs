@@ -203,6 +203,8 @@ impl Prover {
             Ok((rec, len, sealed)) => {
                 match sealed {
                     Some(id) => *self.sealed_by.entry(id).or_default() += 1,
+                    // Copied entries are counted one by one, not their frame.
+                    None if matches!(rec, Record::Copied(_)) => {}
                     None => self.proof.clear += 1,
                 }
                 Ok((rec, len))
@@ -285,9 +287,10 @@ impl Prover {
                     self.entry(&entry, here);
                 }
                 Record::Copied(frames) => self.copied(frames, here),
-                Record::Sealed(_) => {
-                    self.broke(format!("segment {n} offset {at}"), "a sealed record inside a sealed record")
-                }
+                Record::Sealed(_) => self.broke(
+                    format!("segment {n} offset {at}"),
+                    "a sealed record inside a sealed record",
+                ),
             }
             at += len;
         }
@@ -767,7 +770,9 @@ impl Prover {
             if !self.proof.keys.contains(&hex_id) {
                 self.broke(
                     format!("key {hex_id}"),
-                    format!("{count} records are sealed with it, and no entry of the chain names it"),
+                    format!(
+                        "{count} records are sealed with it, and no entry of the chain names it"
+                    ),
                 );
             }
             self.proof.sealed.insert(hex_id, count);
@@ -847,6 +852,7 @@ pub fn prove_dir(
     trusted: Vec<[u8; 32]>,
     start: Start,
     elsewhere: &[(String, Vec<Checkpoint>)],
+    keys: Option<Arc<Keyring>>,
 ) -> Result<Proof, crate::EvidenceError> {
     let io = |e: std::io::Error| crate::EvidenceError::Io(format!("{}: {e}", dir.display()));
     let checkpoints = checkpoint::read(dir)?;
@@ -859,7 +865,7 @@ pub fn prove_dir(
         }
     }
     let numbers: Vec<u32> = segments.keys().copied().collect();
-    Prover::new(trusted, from).run(
+    Prover::new(trusted, from).with_keys(keys).run(
         &numbers,
         |n| mapped(&segments[&n]).map_err(io),
         (&checkpoints, None, elsewhere),

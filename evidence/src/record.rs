@@ -318,7 +318,10 @@ mod tests {
         // Without the keys, or with others, it says which key it needs.
         let mut opened = Vec::new();
         let err = next_opened(&b, None, &mut opened).unwrap_err();
-        assert!(err.contains(&format!("{id:08x}")) && err.contains("no keyring"), "{err}");
+        assert!(
+            err.contains(&format!("{id:08x}")) && err.contains("no keyring"),
+            "{err}"
+        );
         let other = crate::seal::Keyring::generate(1);
         let mut opened = Vec::new();
         let err = next_opened(&b, Some(&other), &mut opened).unwrap_err();

@@ -135,12 +135,13 @@ impl Keyring {
                         return Err(bad(i + 1, "a second dedup secret"));
                     }
                     dedup = Some(
-                        unhex::<32>(secret).ok_or_else(|| bad(i + 1, "secret not 64 hex digits"))?,
+                        unhex::<32>(secret)
+                            .ok_or_else(|| bad(i + 1, "secret not 64 hex digits"))?,
                     );
                 }
                 ["key", id, secret, created] => {
-                    let secret = unhex::<32>(secret)
-                        .ok_or_else(|| bad(i + 1, "key not 64 hex digits"))?;
+                    let secret =
+                        unhex::<32>(secret).ok_or_else(|| bad(i + 1, "key not 64 hex digits"))?;
                     let created = created
                         .parse()
                         .map_err(|_| bad(i + 1, "creation time not a number"))?;
@@ -153,7 +154,12 @@ impl Keyring {
                     }
                     keys.push(key);
                 }
-                _ => return Err(bad(i + 1, "neither `key ID SECRET CREATED_MS` nor `dedup SECRET`")),
+                _ => {
+                    return Err(bad(
+                        i + 1,
+                        "neither `key ID SECRET CREATED_MS` nor `dedup SECRET`",
+                    ))
+                }
             }
         }
         let dedup = dedup.ok_or_else(|| bad(0, "no dedup secret"))?;
@@ -260,7 +266,10 @@ impl Keyring {
         ) {
             Ok(tag) => out.extend_from_slice(&tag),
             // Only a plaintext beyond 256 GiB fails; a frame is at most 4 GiB.
-            Err(_) => unreachable!("XChaCha20-Poly1305 refused a frame of {} bytes", inner.len()),
+            Err(_) => unreachable!(
+                "XChaCha20-Poly1305 refused a frame of {} bytes",
+                inner.len()
+            ),
         }
     }
 
@@ -314,9 +323,10 @@ mod tests {
         let first = ring.current_info().id;
         let mut sealed = Vec::new();
         ring.seal_payload(b"the inner frame, in clear", &mut sealed);
-        assert!(!sealed
-            .windows(9)
-            .any(|w| w == b"the inner"), "no plaintext in a sealed payload");
+        assert!(
+            !sealed.windows(9).any(|w| w == b"the inner"),
+            "no plaintext in a sealed payload"
+        );
         assert_eq!(
             ring.open(&sealed),
             Ok((b"the inner frame, in clear".to_vec(), first))
@@ -365,10 +375,16 @@ mod tests {
             (text.replacen("key ", "key 0", 1), "the id is not the key's"),
             (text.replace("dedup", "# dedup"), "no dedup secret"),
             (
-                text.lines().filter(|l| !l.starts_with("key")).collect::<Vec<_>>().join("\n"),
+                text.lines()
+                    .filter(|l| !l.starts_with("key"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
                 "no key",
             ),
-            (format!("{text}{}", text.lines().last().unwrap()), "a key listed twice"),
+            (
+                format!("{text}{}", text.lines().last().unwrap()),
+                "a key listed twice",
+            ),
             (format!("{text}nonsense\n"), "neither"),
         ];
         for (bad, says) in cases {

@@ -366,11 +366,13 @@ impl Writer {
                 let mut inner = 0;
                 while inner < frames.len() {
                     let mut opened = Vec::new();
-                    let (rec, len, _) = record::next_opened(&frames[inner..], keys.as_deref(), &mut opened).map_err(|e| {
-                        ArchiveError::Corrupt(format!(
-                            "segment {n} offset {at}: copied entries: {e}"
-                        ))
-                    })?;
+                    let (rec, len, _) =
+                        record::next_opened(&frames[inner..], keys.as_deref(), &mut opened)
+                            .map_err(|e| {
+                                ArchiveError::Corrupt(format!(
+                                    "segment {n} offset {at}: copied entries: {e}"
+                                ))
+                            })?;
                     match rec {
                         Record::Entry(entry) => self.apply_entry(w, &entry, progress)?,
                         _ => {
