@@ -64,7 +64,8 @@ impl Long {
             | Long::ArchiveRetention { progress }
             | Long::ArchiveVerify { progress, .. }
             | Long::ArchiveReindex { progress }
-            | Long::ArchiveRebuild { progress } => *progress,
+            | Long::ArchiveRebuild { progress }
+            | Long::ArchiveRekey { progress } => *progress,
         }
     }
 }
@@ -175,8 +176,10 @@ pub enum Local {
     ArchiveStatus,
     /// Seal the open segment now, so that it goes to the object store: [`ArchiveSealed`].
     ArchiveSeal,
-    /// The public key that signs the archive's checkpoints: [`ArchiveKey`].
+    /// The public key that signs the archive's checkpoints, and the data keys: [`ArchiveKey`].
     ArchiveKey,
+    /// Add a data key that seals new records from now on: [`ArchiveKey`].
+    ArchiveKeyRotate,
     /// The audit log's entries (who looked at what), oldest first:
     /// `Vec<evidence::audit::Entry>`.
     AuditList {
@@ -346,6 +349,13 @@ pub enum Long {
         #[serde(default)]
         progress: bool,
     },
+    /// Seal every record with the current data key (segments holding records in clear or
+    /// sealed with an older key are rewritten): [`ArchiveRekeyed`].
+    ArchiveRekey {
+        /// Send [`Progress`] lines.
+        #[serde(default)]
+        progress: bool,
+    },
 }
 
 /// One archived item.
@@ -444,8 +454,42 @@ pub struct ArchiveKey {
     pub archive: Option<String>,
     /// The file of the private key (on the unit; readable by spoold only).
     pub key_file: String,
+    /// Whether new records are sealed (encryption at rest).
+    #[serde(default)]
+    pub encryption: bool,
+    /// Where the keyring is (a file, or the environment), when there is one.
+    #[serde(default)]
+    pub keyring: Option<String>,
+    /// The data keys, oldest first (never the keys themselves).
+    #[serde(default)]
+    pub data_keys: Vec<DataKey>,
+    /// The data key the archive's chain names now (what seals new records).
+    #[serde(default)]
+    pub chain_key: Option<String>,
     /// The checkpoints file.
     pub checkpoints: String,
+}
+
+/// A data key of the archive's keyring, as [`ArchiveKey`] shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataKey {
+    /// Its id (8 hex digits), as sealed records name it.
+    pub id: String,
+    /// When it was made, ms since the epoch.
+    pub created_ms: u64,
+    /// Whether it seals new records.
+    pub current: bool,
+}
+
+/// [`Long::ArchiveRekey`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveRekeyed {
+    /// Segments rewritten.
+    pub segments: u32,
+    /// Records sealed anew with the current key.
+    pub resealed: u64,
+    /// The key every record is sealed with now.
+    pub key: String,
 }
 
 /// [`Local::ArchiveSeal`].

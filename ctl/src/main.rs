@@ -338,6 +338,10 @@ enum ArchiveCmd {
         /// store's); each of its checkpoints must hold and be in the local file. Repeatable.
         #[arg(long = "peer-checkpoints")]
         peer_checkpoints: Vec<std::path::PathBuf>,
+        /// With --dir: the archive's keyring file (0600), to open its sealed records; without
+        /// it a sealed record is a break naming the key it needs.
+        #[arg(long)]
+        keyring: Option<std::path::PathBuf>,
         /// On a unit: compare with the checkpoints each mirror peer keeps of this archive (a
         /// rewrite of this unit's chain and checkpoints cannot rewrite theirs).
         #[arg(long)]
@@ -347,12 +351,28 @@ enum ArchiveCmd {
         #[arg(long)]
         against_store: bool,
     },
-    /// The public key that signs this unit's archive checkpoints (give it to auditors).
-    Key,
+    /// The public key that signs this unit's archive checkpoints (give it to auditors), and
+    /// the data keys that seal its records (ids only).
+    Key {
+        #[command(subcommand)]
+        cmd: Option<KeyCmd>,
+    },
+    /// Seal every record with the current data key: segments holding records in clear (from
+    /// before encryption) or sealed with an older key are rewritten. After it, older keys can
+    /// leave the keyring.
+    Rekey,
     /// Rebuild the catalog from the segments (a lost catalog; or a new unit adopting a lost
     /// unit's archive with `archive.object_store.adopt`), or follow the rebuild under way;
     /// then verify.
     Rebuild,
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Add a data key to the keyring (the file is rewritten first, 0600); it seals every
+    /// record from now on, and older keys stay to read what they sealed (`archive rekey`
+    /// moves it). Copy the keyring to its backup afterwards.
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -525,7 +545,8 @@ fn archive_human(cmd: &ArchiveCmd, data: &Value) -> Result<String, String> {
         ArchiveCmd::Retention => text::<api::ArchiveExpired>(data)?,
         ArchiveCmd::Verify { dir: Some(_), .. } => text::<evidence::proof::Proof>(data)?,
         ArchiveCmd::Verify { dir: None, .. } => text::<api::ArchiveVerified>(data)?,
-        ArchiveCmd::Key => text::<api::ArchiveKey>(data)?,
+        ArchiveCmd::Key { .. } => text::<api::ArchiveKey>(data)?,
+        ArchiveCmd::Rekey => text::<api::ArchiveRekeyed>(data)?,
         ArchiveCmd::Reindex => text::<api::ArchiveReindexed>(data)?,
         ArchiveCmd::Rebuild => text::<api::ArchiveRebuilt>(data)?,
     })
@@ -565,7 +586,11 @@ fn archive_request(cmd: &ArchiveCmd) -> Request {
             against_peers: *against_peers,
             against_store: *against_store,
         }),
-        ArchiveCmd::Key => Request::from(Local::ArchiveKey),
+        ArchiveCmd::Key { cmd: None } => Request::from(Local::ArchiveKey),
+        ArchiveCmd::Key {
+            cmd: Some(KeyCmd::Rotate),
+        } => Request::from(Local::ArchiveKeyRotate),
+        ArchiveCmd::Rekey => Request::from(Long::ArchiveRekey { progress: true }),
     }
 }
 
@@ -587,9 +612,18 @@ fn prove_offline(
     start: evidence::proof::Start,
     public_keys: &[String],
     peer_checkpoints: &[std::path::PathBuf],
+    keyring: Option<&std::path::Path>,
 ) -> Result<Value, (u8, String)> {
     let usage = |msg: String| (2u8, msg);
     let trusted = trusted_keys(public_keys)?;
+    let keys = match keyring {
+        None => None,
+        Some(path) => match evidence::seal::Keyring::load(path) {
+            Ok(Some(k)) => Some(std::sync::Arc::new(k)),
+            Ok(None) => return Err(usage(format!("--keyring {}: no such file", path.display()))),
+            Err(e) => return Err(usage(format!("--keyring: {e}"))),
+        },
+    };
     let mut elsewhere = Vec::new();
     for file in peer_checkpoints {
         let text = std::fs::read_to_string(file)
@@ -604,7 +638,7 @@ fn prove_offline(
             dir.display()
         )));
     }
-    let proof = evidence::proof::prove_dir(dir, trusted, start, &elsewhere)
+    let proof = evidence::proof::prove_dir(dir, trusted, start, &elsewhere, keys)
         .map_err(|e| (1u8, e.to_string()))?;
     serde_json::to_value(proof).map_err(|e| (3u8, e.to_string()))
 }
@@ -668,11 +702,12 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
                     since,
                     public_keys,
                     peer_checkpoints,
+                    keyring,
                     ..
                 },
         } => {
             let start = evidence::proof::Start::from_flags(*since, *from_checkpoint);
-            return prove_offline(dir, start, public_keys, peer_checkpoints);
+            return prove_offline(dir, start, public_keys, peer_checkpoints, keyring.as_deref());
         }
         Cmd::Archive { cmd } => {
             return call_with_progress(&cli.state_dir, &archive_request(cmd), on_progress)
@@ -853,6 +888,7 @@ fn main() -> ExitCode {
                     | ArchiveCmd::Reindex
                     | ArchiveCmd::Verify { dir: None, .. }
                     | ArchiveCmd::Rebuild
+                    | ArchiveCmd::Rekey
             }
     );
     let bar = (long && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {

@@ -486,6 +486,19 @@ impl Render for evidence::proof::Proof {
                 String::new()
             }
         ));
+        if !self.sealed.is_empty() || !self.keys.is_empty() {
+            let by: Vec<String> = self
+                .sealed
+                .iter()
+                .map(|(k, n)| format!("{n} with key {k}"))
+                .collect();
+            out.push_str(&format!(
+                "records sealed: {}; in clear {}; data keys the chain names: {}\n",
+                if by.is_empty() { "none".into() } else { by.join(", ") },
+                self.clear,
+                self.keys.join(", ")
+            ));
+        }
         if self.compared > 0 {
             out.push_str(&format!(
                 "checkpoints kept elsewhere compared {}\n",
@@ -579,6 +592,41 @@ impl Render for api::ArchiveKey {
                 .unwrap_or("(none yet: made with the first item)"),
             self.key_file,
             self.checkpoints
+        ));
+        match (&self.keyring, self.encryption) {
+            (None, _) => out.push_str(
+                "encryption at rest: off (no keyring): records are written in clear\n",
+            ),
+            (Some(from), sealing) => {
+                out.push_str(&format!(
+                    "encryption at rest: {}; keyring {from} (keep a copy apart from this unit: without it the archive cannot be read)\n",
+                    if sealing {
+                        "on, new records are sealed with the current key"
+                    } else {
+                        "off (archive.encryption = false): the keyring only reads what was sealed"
+                    }
+                ));
+                for k in &self.data_keys {
+                    out.push_str(&format!(
+                        "data key {} made {}{}\n",
+                        k.id,
+                        utc_ms(k.created_ms),
+                        if k.current { " (current)" } else { "" }
+                    ));
+                }
+            }
+        }
+        if let Some(k) = &self.chain_key {
+            out.push_str(&format!("the chain names data key {k} as the current one\n"));
+        }
+    }
+}
+
+impl Render for api::ArchiveRekeyed {
+    fn render(&self, out: &mut String) {
+        out.push_str(&format!(
+            "every record is sealed with data key {}: {} record(s) sealed anew, {} segment(s) rewritten\n",
+            self.key, self.resealed, self.segments
         ));
     }
 }

@@ -44,6 +44,10 @@ pub struct Archiving {
     in_flight: Arc<tokio::sync::Semaphore>,
     /// The file of the key that signs the archive's checkpoints.
     signing_key_file: std::path::PathBuf,
+    /// Where the archive's keyring came from (a file, or the environment), when it has one.
+    keyring_source: Option<String>,
+    /// Whether new records are sealed.
+    encryption: bool,
     /// The record of who looked (`evidence::audit`): one entry per request that reads or
     /// changes archive content, synced before the request is answered.
     audit: Mutex<evidence::audit::AuditLog>,
@@ -103,6 +107,50 @@ pub fn probe_object_store(store: &archive::ObjectStoreConfig) -> Result<Option<S
     }
 }
 
+/// The environment variable that may hold the archive's keyring (its text) instead of a file.
+pub const KEYRING_ENV: &str = "SPOOLD_ARCHIVE_KEYRING";
+
+/// The archive's keyring: from the environment, else the file (made there when encryption is
+/// on and there is none yet); `None` when encryption is off and there is none.
+fn load_keyring(
+    a: &crate::config::ArchiveConfig,
+    state_dir: &std::path::Path,
+) -> Result<Option<archive::Encryption>> {
+    use crate::config::Misconfigured;
+    if let Ok(text) = std::env::var(KEYRING_ENV) {
+        let keyring = archive::seal::Keyring::parse(&text, KEYRING_ENV)
+            .map_err(|e| Misconfigured(format!("environment variable {KEYRING_ENV}: {e}")))?;
+        return Ok(Some(archive::Encryption {
+            keyring,
+            file: None,
+            seal: a.encryption,
+        }));
+    }
+    let path = a.keyring_file(state_dir);
+    let loaded = archive::seal::Keyring::load(&path)
+        .map_err(|e| Misconfigured(format!("key `archive.keyring_file`: {e}")))?;
+    let keyring = match loaded {
+        Some(k) => k,
+        None if a.encryption => {
+            let k = archive::seal::Keyring::generate(crate::clock::now_ms());
+            k.save(&path, true)
+                .map_err(|e| Misconfigured(format!("key `archive.keyring_file`: {e}")))?;
+            tracing::warn!(
+                path = %path.display(),
+                key = %format!("{:08x}", k.current_info().id),
+                "archive: made a keyring; without it the archive cannot be read: keep a copy apart from this unit"
+            );
+            k
+        }
+        None => return Ok(None),
+    };
+    Ok(Some(archive::Encryption {
+        keyring,
+        file: Some(path),
+        seal: a.encryption,
+    }))
+}
+
 impl Archiving {
     /// Opens the archive of `[archive]`, or nothing when it is disabled.
     /// `retention_days` follows `archive.retention_days` as clustered settings change it.
@@ -125,6 +173,11 @@ impl Archiving {
         opts.signing_key = Some(a.signing_key_file(&cfg.state_dir));
         opts.checkpoint_entries = a.checkpoint_entries;
         opts.checkpoint_after = std::time::Duration::from_secs(a.checkpoint_secs);
+        opts.encryption = load_keyring(a, &cfg.state_dir)?;
+        let keyring_source = opts.encryption.as_ref().map(|e| match &e.file {
+            Some(f) => f.display().to_string(),
+            None => format!("the environment ({KEYRING_ENV})"),
+        });
         let mut reachable = false;
         if let Some(o) = &a.object_store {
             let store = o.resolve()?;
@@ -176,6 +229,8 @@ impl Archiving {
             failing: Mutex::new(None),
             in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_MAX)),
             signing_key_file: a.signing_key_file(&cfg.state_dir),
+            keyring_source,
+            encryption: a.encryption,
             audit: Mutex::new(audit),
             audit_dir,
             mirror_links: Mutex::new(Vec::new()),
@@ -802,10 +857,22 @@ impl Archiving {
     /// `archive key`.
     pub fn key(&self) -> Result<api::ArchiveKey, String> {
         let (public, archive) = self.archive.signing_key().map_err(|e| e.to_string())?;
+        let (keys, chain_key) = self.archive.data_keys().map_err(|e| e.to_string())?;
         Ok(api::ArchiveKey {
             public_key: evidence::hex(&public),
             archive: archive.map(|a| a.to_string()),
             key_file: self.signing_key_file.display().to_string(),
+            encryption: self.encryption,
+            keyring: self.keyring_source.clone(),
+            data_keys: keys
+                .into_iter()
+                .map(|k| api::DataKey {
+                    id: format!("{:08x}", k.id),
+                    created_ms: k.created_ms,
+                    current: k.current,
+                })
+                .collect(),
+            chain_key: chain_key.map(|id| format!("{id:08x}")),
             checkpoints: self
                 .archive
                 .store()

@@ -103,6 +103,15 @@ pub struct ArchiveConfig {
     /// `keys/archive-signing.key` in the state directory, outside the archive's directory so a
     /// copy of the archive carries no secret).
     pub signing_key_file: Option<PathBuf>,
+    /// Encrypt the archive's records at rest (default true): bodies and chain entries sealed
+    /// with XChaCha20-Poly1305 under the keyring's current key. Off, a keyring found is still
+    /// used to read what was sealed.
+    pub encryption: bool,
+    /// The archive's keyring (data keys and the dedup secret; made at first start, 0600;
+    /// default `keys/archive.keyring` in the state directory). The environment variable
+    /// `SPOOLD_ARCHIVE_KEYRING`, holding the keyring's text, takes its place. Without it the
+    /// archive cannot be read: keep a copy apart from the unit.
+    pub keyring_file: Option<PathBuf>,
     /// Sign a checkpoint of the archive's hash chain once this many entries are unsigned ...
     pub checkpoint_entries: u64,
     /// ... or once an entry has waited this many seconds for one.
@@ -240,6 +249,8 @@ impl Default for ArchiveConfig {
             seal_secs: 300,
             object_store: None,
             signing_key_file: None,
+            encryption: true,
+            keyring_file: None,
             checkpoint_entries: 1000,
             checkpoint_secs: 60,
             audit_dir: None,
@@ -260,6 +271,13 @@ impl ArchiveConfig {
         self.signing_key_file
             .clone()
             .unwrap_or_else(|| state_dir.join("keys").join("archive-signing.key"))
+    }
+
+    /// The file of the archive's keyring.
+    pub fn keyring_file(&self, state_dir: &Path) -> PathBuf {
+        self.keyring_file
+            .clone()
+            .unwrap_or_else(|| state_dir.join("keys").join("archive.keyring"))
     }
 
     /// The listener's shared secret.

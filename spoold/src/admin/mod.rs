@@ -94,6 +94,7 @@ enum ArchivePass {
         against: (bool, bool),
     },
     Rebuild,
+    Rekey,
 }
 
 /// The asker for the audit log: the socket peer's uid and its user name.
@@ -227,6 +228,7 @@ impl Admin {
                 against: (against_peers, against_store),
             },
             Long::ArchiveRebuild { .. } => ArchivePass::Rebuild,
+            Long::ArchiveRekey { .. } => ArchivePass::Rekey,
         };
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.archive_pass(archive_pass, tx, &who))
@@ -368,6 +370,7 @@ impl Admin {
                 .join(" "),
             ),
             ArchivePass::Rebuild => ("archive rebuild", String::new()),
+            ArchivePass::Rekey => ("archive rekey", String::new()),
         };
         a.audited(who, action, &detail, &[])?;
         let step = |step: &str, done: u64, total: u64| {
@@ -387,6 +390,21 @@ impl Admin {
                 reply(a.verify(start, against, |what, d, t| step(what, d, t))?)
             }
             ArchivePass::Rebuild => reply(a.rebuild(step)?),
+            ArchivePass::Rekey => {
+                step("rekey", 0, 1);
+                let report = a.archive.rekey().map_err(|e| e.to_string())?;
+                let (keys, _) = a.archive.data_keys().map_err(|e| e.to_string())?;
+                step("rekey", 1, 1);
+                reply(api::ArchiveRekeyed {
+                    segments: report.segments,
+                    resealed: report.resealed,
+                    key: keys
+                        .iter()
+                        .find(|k| k.current)
+                        .map(|k| format!("{:08x}", k.id))
+                        .unwrap_or_default(),
+                })
+            }
         }
     }
 
@@ -445,6 +463,12 @@ impl Admin {
             Local::ArchiveKey => {
                 let a = self.archiving()?;
                 a.audited(who, "archive key", "", &[])?;
+                reply(a.key()?)
+            }
+            Local::ArchiveKeyRotate => {
+                let a = self.archiving()?;
+                a.audited(who, "archive key rotate", "", &[])?;
+                a.archive.rotate_key().map_err(|e| e.to_string())?;
                 reply(a.key()?)
             }
             Local::ArchiveSeal => {
