@@ -522,6 +522,21 @@ impl Remote {
         metas.map_err(|e| remote_err(what, e))
     }
 
+    /// Every object under the prefix, name and bytes (tests: what the store sees).
+    pub fn every_object(&self) -> Result<Vec<(String, Vec<u8>)>, ArchiveError> {
+        let mut out = Vec::new();
+        for meta in self.list_under("", "list")? {
+            let name = meta.location;
+            let got = self.call(|store| {
+                let name = name.clone();
+                async move { store.get(&name).await?.bytes().await }
+            })?;
+            let bytes = got.map_err(|e| remote_err("read", e))?;
+            out.push((name.to_string(), bytes.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Names and sizes of the segments in the store (tests, `verify`).
     pub fn list(&self) -> Result<Vec<(u32, u64)>, ArchiveError> {
         let metas = self.list_under("segments", "list")?;

@@ -707,7 +707,13 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
                 },
         } => {
             let start = evidence::proof::Start::from_flags(*since, *from_checkpoint);
-            return prove_offline(dir, start, public_keys, peer_checkpoints, keyring.as_deref());
+            return prove_offline(
+                dir,
+                start,
+                public_keys,
+                peer_checkpoints,
+                keyring.as_deref(),
+            );
         }
         Cmd::Archive { cmd } => {
             return call_with_progress(&cli.state_dir, &archive_request(cmd), on_progress)

@@ -494,7 +494,11 @@ impl Render for evidence::proof::Proof {
                 .collect();
             out.push_str(&format!(
                 "records sealed: {}; in clear {}; data keys the chain names: {}\n",
-                if by.is_empty() { "none".into() } else { by.join(", ") },
+                if by.is_empty() {
+                    "none".into()
+                } else {
+                    by.join(", ")
+                },
                 self.clear,
                 self.keys.join(", ")
             ));
@@ -594,9 +598,9 @@ impl Render for api::ArchiveKey {
             self.checkpoints
         ));
         match (&self.keyring, self.encryption) {
-            (None, _) => out.push_str(
-                "encryption at rest: off (no keyring): records are written in clear\n",
-            ),
+            (None, _) => {
+                out.push_str("encryption at rest: off (no keyring): records are written in clear\n")
+            }
             (Some(from), sealing) => {
                 out.push_str(&format!(
                     "encryption at rest: {}; keyring {from} (keep a copy apart from this unit: without it the archive cannot be read)\n",
@@ -617,7 +621,9 @@ impl Render for api::ArchiveKey {
             }
         }
         if let Some(k) = &self.chain_key {
-            out.push_str(&format!("the chain names data key {k} as the current one\n"));
+            out.push_str(&format!(
+                "the chain names data key {k} as the current one\n"
+            ));
         }
     }
 }

@@ -256,6 +256,20 @@ impl Garage {
             .unwrap_or_else(|| panic!("no object count in {info}"))
     }
 
+    /// Every object under `prefix`, name and bytes, as the store holds them.
+    pub fn objects_under(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        let remote = archive::remote::Remote::new(&archive::ObjectStoreConfig {
+            endpoints: vec![self.endpoint(0)],
+            bucket: self.bucket.clone(),
+            region: "garage".into(),
+            prefix: prefix.into(),
+            access_key_id: self.key_id.clone(),
+            secret_access_key: self.secret.clone(),
+        })
+        .unwrap();
+        remote.every_object().unwrap()
+    }
+
     /// An `[archive.object_store]` section for node `i`, its secret written to `dir`.
     pub fn archive_config(&self, i: usize, prefix: &str, dir: &Path) -> String {
         let secret = dir.join("s3.secret");

@@ -568,10 +568,18 @@ fn a_mirror_peer_keeps_the_checkpoints_that_catch_a_cut_of_the_local_chain() {
         .find(|s| std::fs::metadata(s).unwrap().len() > 0)
         .unwrap();
     let data = std::fs::read(newest).unwrap();
+    // Its records are sealed (encryption at rest is on by default): the insider has the keyring.
+    let keyring_file = a.state.join("keys/archive.keyring");
+    let keyring = evidence::seal::Keyring::load(&keyring_file)
+        .unwrap()
+        .expect("a keyring made at first start");
     let mut entries = Vec::new();
     let mut at = 0;
     while at < data.len() {
-        let (rec, len) = evidence::record::next(&data[at..]).unwrap();
+        let mut opened = Vec::new();
+        let (rec, len, sealed) =
+            evidence::record::next_opened(&data[at..], Some(&keyring), &mut opened).unwrap();
+        assert!(sealed.is_some(), "a record in clear at {at}");
         if let evidence::record::Record::Entry(e) = rec {
             entries.push((at, e.n));
         }
@@ -602,6 +610,8 @@ fn a_mirror_peer_keeps_the_checkpoints_that_catch_a_cut_of_the_local_chain() {
         let out = std::process::Command::new(&bin)
             .args(["archive", "verify", "--public-key", &public, "--dir"])
             .arg(copy.path())
+            .arg("--keyring")
+            .arg(&keyring_file)
             .args(extra)
             .output()
             .unwrap();

@@ -33,6 +33,15 @@ fn assert_objects(g: &Garage, d: &Daemon, segments: u64, what: &str) {
     );
 }
 
+/// The objects under `prefix` that hold `plaintext`.
+fn objects_holding(g: &Garage, prefix: &str, plaintext: &[u8]) -> Vec<String> {
+    g.objects_under(prefix)
+        .into_iter()
+        .filter(|(_, bytes)| bytes.windows(plaintext.len()).any(|w| w == plaintext))
+        .map(|(name, _)| name)
+        .collect()
+}
+
 fn store_state(d: &Daemon, key: &str) -> u64 {
     status(d)["object_store"][key].as_u64().unwrap()
 }
@@ -533,6 +542,19 @@ fn archived_mail_reaches_the_store_within_seal_secs() {
         "seal_secs plus the upload: {took:?}"
     );
     assert_eq!(store_state(&d, "pending_segments"), 0);
+    // Encryption at rest (the default): the store sees no plaintext of the mail.
+    for plaintext in [
+        &b"r@example.org"[..],
+        b"s@example.com",
+        b"Subject: object store",
+    ] {
+        assert_eq!(
+            objects_holding(&g, "units/os_s", plaintext),
+            Vec::<String>::new(),
+            "{}",
+            String::from_utf8_lossy(plaintext)
+        );
+    }
     // The checkpoint signed a second later goes to the store too, and a proof compares with it.
     let mut last = String::new();
     assert!(
@@ -554,7 +576,7 @@ fn archived_mail_reaches_the_store_within_seal_secs() {
         dir.path(),
         "os_t",
         "units/os_t",
-        "seal_secs = 0\n",
+        "seal_secs = 0\nencryption = false\n",
     );
     // Its manifest is written as it starts.
     let before = g.objects();
@@ -570,6 +592,9 @@ fn archived_mail_reaches_the_store_within_seal_secs() {
         "{}",
         status(&d)
     );
+    // With encryption off the store sees the mail (what the check above would catch).
+    // (Bodies are compressed, so their words need not show; the envelope in the chain does.)
+    assert!(!objects_holding(&g, "units/os_t", b"r@example.org").is_empty());
     let (code, out, _) = spoolctl(&d, &["archive", "seal"]);
     assert_eq!(code, 0);
     assert!(out.contains("nothing sealed"), "{out}");
@@ -646,6 +671,10 @@ fn a_lost_unit_is_rebuilt_from_the_store_alone_and_a_killed_rebuild_resumes() {
     let before_items: Vec<_> = sample.iter().map(|&s| item(&old, s)).collect();
     let held_before = status(&old)["held"].clone();
     assert_eq!(held_before, 3);
+    // The operator's copy of the keyring (encryption at rest is on by default): the store holds
+    // ciphertext only, which nothing else opens.
+    let keyring_backup = dir.path().join("keyring.backup");
+    std::fs::copy(old.state.join("keys/archive.keyring"), &keyring_backup).unwrap();
     old.kill9();
     std::fs::remove_dir_all(&old.state).unwrap();
 
@@ -659,17 +688,37 @@ fn a_lost_unit_is_rebuilt_from_the_store_alone_and_a_killed_rebuild_resumes() {
         "says how a replacement takes the archive over: {err}"
     );
 
-    // Told to adopt it: the rebuild dies after its second segment (the failpoint), then resumes.
-    let unit = dir.path().join("os_adopt");
-    std::fs::create_dir_all(&unit).unwrap();
-    let cfg = write_config(
-        &unit,
-        &format!(
-            "node_name = \"os_adopt\"\n[archive]\nsegment_bytes_max = 1048576\n{}adopt = \"{id}\"\n",
-            g.archive_config(0, "units/lost", &unit)
-        ),
-    );
+    // Told to adopt it without the keyring: the rebuild is refused, naming the key it lacks.
+    let adopting = |name: &str| {
+        let unit = dir.path().join(name);
+        std::fs::create_dir_all(&unit).unwrap();
+        let cfg = write_config(
+            &unit,
+            &format!(
+                "node_name = \"{name}\"\n[archive]\nsegment_bytes_max = 1048576\n{}adopt = \"{id}\"\n",
+                g.archive_config(0, "units/lost", &unit)
+            ),
+        );
+        (unit, cfg)
+    };
+    {
+        let (unit, cfg) = adopting("os_keyless");
+        let keyless = Daemon::start_in(&unit.join("state"), &["--config", &cfg]);
+        let (code, out, err) = spoolctl(&keyless, &["archive", "rebuild"]);
+        assert_ne!(code, 0, "{out}");
+        assert!(
+            err.contains("which the keyring does not have")
+                && err.contains("cannot be rebuilt without its keyring"),
+            "{err}"
+        );
+    }
+
+    // Told to adopt it, with the keyring restored: the rebuild dies after its second segment
+    // (the failpoint), then resumes.
+    let (unit, cfg) = adopting("os_adopt");
     let state = unit.join("state");
+    std::fs::create_dir_all(state.join("keys")).unwrap();
+    std::fs::copy(&keyring_backup, state.join("keys/archive.keyring")).unwrap();
     let mut dying = Unit(
         spoold(&cfg, &state)
             .arg("--no-delivery")
