@@ -88,6 +88,16 @@ fn an_auditor_proves_a_copied_out_archive_with_the_public_key_alone_and_tamperin
         .unwrap()
         .trim()
         .to_string();
+    // The keyring (encryption at rest is on by default): private, outside the archive too.
+    assert_eq!(key["encryption"], true, "{key}");
+    let keyring = Path::new(key["keyring"].as_str().unwrap()).to_path_buf();
+    assert_eq!(
+        std::fs::metadata(&keyring).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(!keyring.starts_with(&archive), "{}", keyring.display());
+    let data_key = key["data_keys"][0]["id"].as_str().unwrap().to_string();
+    let keyring_arg = keyring.to_str().unwrap().to_string();
 
     // On the unit: the proof holds, one entry per item after the genesis.
     let v = ctl_json(&d, &["verify"]);
@@ -95,7 +105,10 @@ fn an_auditor_proves_a_copied_out_archive_with_the_public_key_alone_and_tamperin
     assert_eq!(proof["break_count"], 0, "{v}");
     assert_eq!(proof["items"], 120);
     assert_eq!(proof["bodies"], 120);
-    assert_eq!(proof["entries"], 121);
+    assert_eq!(
+        proof["entries"], 122,
+        "the genesis, the data key, 120 items"
+    );
     assert!(proof["checkpoints"].as_u64().unwrap() >= 4, "{v}");
     assert_eq!(v["failed"].as_array().unwrap().len(), 0);
 
@@ -110,15 +123,28 @@ fn an_auditor_proves_a_copied_out_archive_with_the_public_key_alone_and_tamperin
             e.display()
         );
     }
+    // Without the keyring the auditor is told which key the sealed records need.
     let (code, out) = verify_offline(copy.path(), &["--public-key", &public]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("sealed (key {data_key}) and no keyring was given")),
+        "{out}"
+    );
+    let (code, out) = verify_offline(
+        copy.path(),
+        &["--public-key", &public, "--keyring", &keyring_arg],
+    );
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("PROVED"), "{out}");
-    assert!(out.contains("chain of 121 entries"), "{out}");
+    assert!(out.contains("chain of 122 entries"), "{out}");
     assert!(out.contains("checked against the keys given"), "{out}");
 
     // A stranger's key: every checkpoint is named.
     let stranger = "11".repeat(32);
-    let (code, out) = verify_offline(copy.path(), &["--public-key", &stranger]);
+    let (code, out) = verify_offline(
+        copy.path(),
+        &["--public-key", &stranger, "--keyring", &keyring_arg],
+    );
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("not given to the verifier"), "{out}");
 
@@ -129,7 +155,10 @@ fn an_auditor_proves_a_copied_out_archive_with_the_public_key_alone_and_tamperin
     let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
     f.set_len(len / 2).unwrap();
     drop(f);
-    let (code, out) = verify_offline(cut.path(), &["--public-key", &public]);
+    let (code, out) = verify_offline(
+        cut.path(),
+        &["--public-key", &public, "--keyring", &keyring_arg],
+    );
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("BROKEN"), "{out}");
     assert!(
@@ -145,10 +174,10 @@ fn an_auditor_proves_a_copied_out_archive_with_the_public_key_alone_and_tamperin
     assert!(wait_until(60, || d.spooled_ids().is_empty()));
     let v = ctl_json(&d, &["verify"]);
     assert_eq!(v["proof"]["break_count"], 0, "{v}");
-    assert_eq!(v["proof"]["entries"], 131);
+    assert_eq!(v["proof"]["entries"], 132);
     let v = ctl_json(&d, &["verify", "--from-checkpoint"]);
     assert_eq!(v["proof"]["break_count"], 0, "{v}");
-    assert!(v["proof"]["from"].as_u64().unwrap() >= 121, "{v}");
+    assert!(v["proof"]["from"].as_u64().unwrap() >= 122, "{v}");
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -313,4 +342,101 @@ fn audit_list(d: &Daemon) -> Vec<Value> {
         .as_array()
         .unwrap()
         .clone()
+}
+
+/// Encryption at rest through the daemon (on by default): no envelope of the mail in the
+/// archive's segments; `archive key rotate` adds a data key (the keyring file first) and
+/// `archive rekey` seals every record with it; every export stays byte-exact throughout; both
+/// are in the audit log; the proof holds and names the keys.
+#[test]
+fn rotation_and_rekey_keep_every_export_exact_and_the_segments_hold_no_plaintext() {
+    let sink = SmtpSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "node_name = \"rk\"\n[delivery]\ndefault_next_hop = \"{}\"\n[archive]\nsegment_bytes_max = 1048576\n",
+            sink.addr
+        ),
+    );
+    let d = Daemon::start_delivering(&["--config", &cfg]);
+    let items = |d: &Daemon| ctl_json(d, &["status"])["items"].as_u64().unwrap();
+    let exports = |d: &Daemon, n: u64| -> Vec<Vec<u8>> {
+        (1..=n)
+            .map(|seq| {
+                let out = tests::spoolctl_output(d, &["archive", "export", &seq.to_string()]);
+                assert!(out.status.success(), "export {seq}");
+                out.stdout
+            })
+            .collect()
+    };
+    assert_eq!(send_numbered(d.smtp, 0, 30).len(), 30);
+    assert!(wait_until(60, || items(&d) == 30));
+    let before = exports(&d, 30);
+    let first = ctl_json(&d, &["key"])["data_keys"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let rotated = ctl_json(&d, &["key", "rotate"]);
+    let keys = rotated["data_keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2, "{rotated}");
+    assert_eq!(keys[0]["id"], first.as_str());
+    assert_eq!(keys[1]["current"], true);
+    let second = keys[1]["id"].as_str().unwrap().to_string();
+    assert_eq!(rotated["chain_key"], second.as_str());
+    let keyring = Path::new(rotated["keyring"].as_str().unwrap()).to_path_buf();
+    let lines = std::fs::read_to_string(&keyring).unwrap();
+    assert_eq!(lines.lines().filter(|l| l.starts_with("key ")).count(), 2);
+    assert_eq!(
+        std::fs::metadata(&keyring).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(send_numbered(d.smtp, 30, 10).len(), 10);
+    assert!(wait_until(60, || items(&d) == 40));
+    let mut all = before.clone();
+    all.extend(exports(&d, 40).split_off(30));
+    assert_eq!(exports(&d, 40), all, "after the rotation");
+    let v = ctl_json(&d, &["verify"]);
+    assert_eq!(v["proof"]["break_count"], 0, "{v}");
+    let sealed: std::collections::BTreeSet<&String> =
+        v["proof"]["sealed"].as_object().unwrap().keys().collect();
+    assert_eq!(sealed, [&first, &second].into_iter().collect(), "{v}");
+
+    let rekeyed = ctl_json(&d, &["rekey"]);
+    assert_eq!(rekeyed["key"], second.as_str(), "{rekeyed}");
+    assert!(rekeyed["resealed"].as_u64().unwrap() >= 60, "{rekeyed}");
+    assert_eq!(exports(&d, 40), all, "after the rekey");
+    let v = ctl_json(&d, &["verify"]);
+    assert_eq!(v["proof"]["break_count"], 0, "{v}");
+    assert_eq!(v["proof"]["clear"], 0, "{v}");
+    let sealed: Vec<&String> = v["proof"]["sealed"].as_object().unwrap().keys().collect();
+    assert_eq!(sealed, [&second], "{v}");
+    assert_eq!(
+        v["proof"]["keys"],
+        serde_json::json!([first.as_str(), second.as_str()]),
+        "the chain names both keys: {v}"
+    );
+
+    // The envelope of the mail appears in no segment (in clear it does: the object store test).
+    for seg in walk(&d.state.join("archive/segments")) {
+        let bytes = std::fs::read(&seg).unwrap();
+        for plaintext in [&b"rcpt@example.org"[..], b"load@example.com"] {
+            assert!(
+                !bytes.windows(plaintext.len()).any(|w| w == plaintext),
+                "{} in {}",
+                String::from_utf8_lossy(plaintext),
+                seg.display()
+            );
+        }
+    }
+    let actions: Vec<String> = audit_list(&d)
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_string())
+        .filter(|a| a.starts_with("archive key") || a == "archive rekey")
+        .collect();
+    assert_eq!(
+        actions,
+        ["archive key", "archive key rotate", "archive rekey"]
+    );
 }
