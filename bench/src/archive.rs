@@ -257,9 +257,31 @@ fn incoming(n: usize, of: usize, raw: &[u8], from: String, to: Vec<String>) -> I
 }
 
 fn open(dir: &std::path::Path) -> Result<Archive> {
+    open_as(dir, false)
+}
+
+/// An archive in `dir`; `sealed`: with encryption at rest ([`bench_keyring`]).
+fn open_as(dir: &std::path::Path, sealed: bool) -> Result<Archive> {
     let mut o = Options::new(dir.to_path_buf());
     o.free_bytes_min = 1 << 30;
+    if sealed {
+        o.encryption = Some(encryption());
+    }
     Ok(Archive::open(&o)?)
+}
+
+/// The keyring of this run's sealed archives (in memory).
+fn bench_keyring() -> &'static archive::seal::Keyring {
+    static KEYRING: std::sync::OnceLock<archive::seal::Keyring> = std::sync::OnceLock::new();
+    KEYRING.get_or_init(|| archive::seal::Keyring::generate(0))
+}
+
+fn encryption() -> archive::Encryption {
+    archive::Encryption {
+        keyring: bench_keyring().clone(),
+        file: None,
+        seal: true,
+    }
 }
 
 /// Archives `n` corpus messages from `threads` threads; returns (msgs/s stored, msgs/s
@@ -279,6 +301,7 @@ fn ingest(
     n: usize,
     sizes: Sizes,
     threads: usize,
+    sealed: bool,
 ) -> Result<(f64, f64, u64, u64)> {
     let mut corpus = Corpus::new(seed);
     match sizes {
@@ -295,7 +318,7 @@ fn ingest(
     };
     let pregenerated = pregenerated.into_iter();
     let source = Arc::new(std::sync::Mutex::new((0..n, corpus, pregenerated)));
-    let a = Arc::new(open(dir)?);
+    let a = Arc::new(open_as(dir, sealed)?);
     let t = Instant::now();
     let workers: Vec<_> = (0..threads)
         .map(|_| {
@@ -385,6 +408,9 @@ fn run_ingest(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
     let (mut spool_rates, mut stored_rates, mut searchable_rates, mut ratio) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut fixed_stored, mut fixed_searchable) = (Vec::new(), Vec::new());
+    // The same runs with encryption at rest (each record sealed, XChaCha20-Poly1305).
+    let (mut sealed_stored, mut sealed_searchable) = (Vec::new(), Vec::new());
+    let (mut sealed_fixed_stored, mut sealed_fixed_searchable) = (Vec::new(), Vec::new());
     for run in 0..a.runs {
         let dir = crate::scratch_dir(None)?;
         let state = dir.path().join("spoold");
@@ -406,6 +432,7 @@ fn run_ingest(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
             a.messages,
             Sizes::Mix(4 << 20),
             a.threads,
+            false,
         )?;
         let (f_stored, f_searchable, _, _) = ingest(
             &dir.path().join("archive-4k"),
@@ -413,7 +440,28 @@ fn run_ingest(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
             a.messages,
             Sizes::Fixed(4096),
             a.threads,
+            false,
         )?;
+        let (s_stored, s_searchable, _, _) = ingest(
+            &dir.path().join("archive-sealed"),
+            a.seed + run as u64,
+            a.messages,
+            Sizes::Mix(4 << 20),
+            a.threads,
+            true,
+        )?;
+        let (sf_stored, sf_searchable, _, _) = ingest(
+            &dir.path().join("archive-4k-sealed"),
+            a.seed + run as u64,
+            a.messages,
+            Sizes::Fixed(4096),
+            a.threads,
+            true,
+        )?;
+        sealed_stored.push(s_stored);
+        sealed_searchable.push(s_searchable);
+        sealed_fixed_stored.push(sf_stored);
+        sealed_fixed_searchable.push(sf_searchable);
         fixed_stored.push(f_stored);
         fixed_searchable.push(f_searchable);
         stored_rates.push(stored);
@@ -451,6 +499,32 @@ fn run_ingest(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
         "| archive, corpus mix: stored and searchable | {searchable:.0} | {:.2} |",
         searchable / spool
     );
+    let sealed = [
+        (
+            "4 KiB plain text: stored durably",
+            fs,
+            crate::median(sealed_fixed_stored),
+        ),
+        (
+            "4 KiB plain text: stored and searchable",
+            fq,
+            crate::median(sealed_fixed_searchable),
+        ),
+        (
+            "corpus mix: stored durably",
+            stored,
+            crate::median(sealed_stored),
+        ),
+        (
+            "corpus mix: stored and searchable",
+            searchable,
+            crate::median(sealed_searchable),
+        ),
+    ];
+    println!("\n| encryption at rest | clear msgs/s | sealed msgs/s | sealed × clear |\n|---|---|---|---|");
+    for (what, clear, with) in sealed {
+        println!("| {what} | {clear:.0} | {with:.0} | {:.2} |", with / clear);
+    }
     println!(
         "\nbytes stored per byte of raw mail: {:.2} (median of {} runs; corpus of {} messages)",
         crate::median(ratio),
@@ -471,6 +545,7 @@ fn run_search(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
         a.search_items,
         Sizes::Mix(2048),
         a.threads,
+        false,
     )?;
     println!(
         "\nsearch corpus (sizes capped at 2 KiB): {} items archived in {:.0} s ({rate:.0} msgs/s stored), {:.1} GiB raw, {:.1} GiB stored",
@@ -579,6 +654,7 @@ fn run_mirror(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
         a.backlog,
         Sizes::Mix(4 << 20),
         a.threads,
+        false,
     )?;
     let from = Arc::new(open(src.path())?);
     let to = Arc::new(open(dst.path())?);
@@ -762,6 +838,7 @@ fn run_prove(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
             n,
             Sizes::Mix(16 << 10),
             a.threads,
+            true,
         )?;
         per_item_us.push(1e6 / stored);
         let store_config = garage_store(&garage, format!("bench/prove{run}"));
@@ -769,6 +846,7 @@ fn run_prove(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
         o.free_bytes_min = 1 << 30;
         o.cache_bytes = u64::MAX;
         o.object_store = Some(store_config);
+        o.encryption = Some(encryption());
         let archive = Archive::open(&o)?;
         // The sealed segments uploaded first: the upload thread's reads and MD5s must not share
         // the two cores with what is measured.
@@ -783,8 +861,13 @@ fn run_prove(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
         rates[1].push(n as f64 / t.elapsed().as_secs_f64());
         archive.checkpoint_now()?;
         let t = Instant::now();
-        let p =
-            archive::proof::prove_dir(&adir, vec![], archive::proof::Start::Genesis, &[], None)?;
+        let p = archive::proof::prove_dir(
+            &adir,
+            vec![],
+            archive::proof::Start::Genesis,
+            &[],
+            Some(Arc::new(bench_keyring().clone())),
+        )?;
         anyhow::ensure!(p.holds(), "prove_dir: {:?}", p.breaks.first());
         rates[2].push(n as f64 / t.elapsed().as_secs_f64());
         let more = n / 100;
@@ -849,6 +932,28 @@ fn run_prove(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
         archive::record::frame_entry(&head.append_encoded(&event), &mut frames);
     }
     let chain_us = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
+    // Encryption's own work per item: its entry and a 4 KiB body frame sealed (a random
+    // nonce, XChaCha20-Poly1305).
+    let body: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let mut entry = Vec::new();
+    archive::record::frame_entry(
+        &head.append_encoded(&archive::chain::item_event(
+            archive::chain::Why::Stored,
+            0,
+            &item,
+        )),
+        &mut entry,
+    );
+    let t = Instant::now();
+    let reps = 100_000;
+    for _ in 0..reps {
+        frames.clear();
+        archive::record::frame_sealed(bench_keyring(), &body, &mut frames);
+        archive::record::frame_sealed(bench_keyring(), &entry, &mut frames);
+    }
+    let seal_us = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
     let ingest_us = crate::median(per_item_us);
     println!(
         "
@@ -881,6 +986,10 @@ proof of an archive: {n} items (corpus mix, sizes cut at 16 KiB), default segmen
 the chain's CPU per item (entry encoded, framed, linked: one SHA-256 of the event, one of the link): {chain_us:.2} µs, against {ingest_us:.1} µs of archive ingest wall time per item ({:.1} %)",
         100.0 * chain_us / ingest_us
     );
+    println!(
+        "encryption's CPU per item (its entry and a 4 KiB body sealed): {seal_us:.2} µs, {:.1} % of the same wall time per item (the archive's ingest and proofs above are of sealed archives, the default)",
+        100.0 * seal_us / ingest_us
+    );
     Ok(())
 }
 
@@ -903,6 +1012,7 @@ fn run_rebuild(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
             n,
             Sizes::Mix(16 << 10),
             a.threads,
+            false,
         )?;
         let store_config = garage_store(&garage, format!("bench/rebuild{run}"));
         let mut o = Options::new(adir.clone());
