@@ -3,9 +3,11 @@
 //! signed by a trusted key over the chain as it is, and every removal a tombstone. It names
 //! each break exactly (where, and what differs), the first one first.
 //!
-//! The proof reads segment bytes and checkpoint lines only: no catalog, no daemon, no secret.
-//! So it runs the same on a unit (`spoolctl archive verify`) and on an auditor's machine over a
-//! copied-out archive with the public key alone (`spoolctl archive verify --dir`). The reading
+//! The proof reads segment bytes and checkpoint lines only: no catalog, no daemon, no signing
+//! key (an encrypted archive's keyring opens its sealed records: [`Prover::with_keys`]; each
+//! record sealed with a key it lacks is a break, and each key that sealed records must be named
+//! by the chain). So it runs the same on a unit (`spoolctl archive verify`) and on an auditor's
+//! machine over a copied-out archive (`spoolctl archive verify --dir`). The reading
 //! of files and objects is the caller's; this module is the decision, in three steps:
 //!
 //! 1. [`Prover::scan`] each segment, in number order: frames checked (checksum, kind), entries
