@@ -18,6 +18,7 @@ mod basics;
 pub use evidence::{chain, checkpoint, proof, record, seal};
 pub mod corpus;
 pub mod identity;
+pub mod import;
 pub use identity::ArchiveId;
 pub mod index;
 pub mod mime;
