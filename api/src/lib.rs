@@ -65,7 +65,8 @@ impl Long {
             | Long::ArchiveVerify { progress, .. }
             | Long::ArchiveReindex { progress }
             | Long::ArchiveRebuild { progress }
-            | Long::ArchiveRekey { progress } => *progress,
+            | Long::ArchiveRekey { progress }
+            | Long::ArchiveImport { progress, .. } => *progress,
         }
     }
 }
@@ -356,6 +357,21 @@ pub enum Long {
         #[serde(default)]
         progress: bool,
     },
+    /// Import messages from files the daemon reads (mbox, Maildir, directories of `.eml`, a
+    /// message file): [`ArchiveImported`].
+    ArchiveImport {
+        /// Absolute paths.
+        paths: Vec<String>,
+        /// mbox files use mboxo quoting (default mboxrd).
+        #[serde(default)]
+        mboxo: bool,
+        /// Write one line per message (verdict, source, place, item or reason) to this file.
+        #[serde(default)]
+        report: Option<String>,
+        /// Send [`Progress`] lines (bytes read).
+        #[serde(default)]
+        progress: bool,
+    },
 }
 
 /// One archived item.
@@ -490,6 +506,51 @@ pub struct ArchiveRekeyed {
     pub resealed: u64,
     /// The key every record is sealed with now.
     pub key: String,
+}
+
+/// [`Long::ArchiveImport`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveImported {
+    /// Per path given.
+    pub sources: Vec<ImportedSource>,
+    /// Messages archived as new items.
+    pub archived: u64,
+    /// Messages the archive held already (a rerun, the same message in two sources).
+    pub duplicates: u64,
+    /// Messages or files refused.
+    pub rejected: u64,
+    /// The first refusals (the report file has them all).
+    pub refusals: Vec<ImportRefusal>,
+    /// The report file, when one was asked for.
+    pub report: Option<String>,
+}
+
+/// One path of an import.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportedSource {
+    /// The path.
+    pub path: String,
+    /// `mbox`, `maildir`, `files`, `message` or `unreadable`.
+    pub kind: String,
+    /// Archived.
+    pub archived: u64,
+    /// Already held.
+    pub duplicates: u64,
+    /// Refused.
+    pub rejected: u64,
+    /// Bytes read.
+    pub bytes: u64,
+}
+
+/// A message or file an import refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportRefusal {
+    /// The file.
+    pub source: String,
+    /// Where in it (`byte N` of an mbox, `file`).
+    pub at: String,
+    /// Why.
+    pub reason: String,
 }
 
 /// [`Local::ArchiveSeal`].

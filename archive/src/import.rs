@@ -438,7 +438,9 @@ mod tests {
 
     #[test]
     fn what_is_not_a_message_is_refused_with_its_reason() {
-        let cases: Vec<(&[u8], Vec<(&str, &str)>)> = vec![
+        /// A file, and per message found: its place and how its bytes (or refusal) begin.
+        type Case<'a> = (&'a [u8], Vec<(&'a str, &'a str)>);
+        let cases: Vec<Case> = vec![
             (b"", vec![("byte 0", "REFUSED empty file")]),
             (b"%PDF-1.4 binary", vec![("byte 0", "REFUSED not an mbox")]),
             (

@@ -357,6 +357,22 @@ enum ArchiveCmd {
         #[command(subcommand)]
         cmd: Option<KeyCmd>,
     },
+    /// Import mail from files the daemon reads: mbox files (mboxrd quoting, or --mboxo),
+    /// Maildir folders, directories of .eml files, single message files. Every message is
+    /// archived once (a rerun, or the same message in two sources, is a duplicate), with its
+    /// original arrival time where the source has one; each refused one is named with why.
+    Import {
+        /// Files and directories.
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
+        /// The mbox files use mboxo quoting (only `>From ` was quoted).
+        #[arg(long)]
+        mboxo: bool,
+        /// Write one tab-separated line per message here: verdict (archived, duplicate,
+        /// rejected), source, place, item number or reason.
+        #[arg(long)]
+        report: Option<std::path::PathBuf>,
+    },
     /// Seal every record with the current data key: segments holding records in clear (from
     /// before encryption) or sealed with an older key are rewritten. After it, older keys can
     /// leave the keyring.
@@ -547,6 +563,7 @@ fn archive_human(cmd: &ArchiveCmd, data: &Value) -> Result<String, String> {
         ArchiveCmd::Verify { dir: None, .. } => text::<api::ArchiveVerified>(data)?,
         ArchiveCmd::Key { .. } => text::<api::ArchiveKey>(data)?,
         ArchiveCmd::Rekey => text::<api::ArchiveRekeyed>(data)?,
+        ArchiveCmd::Import { .. } => text::<api::ArchiveImported>(data)?,
         ArchiveCmd::Reindex => text::<api::ArchiveReindexed>(data)?,
         ArchiveCmd::Rebuild => text::<api::ArchiveRebuilt>(data)?,
     })
@@ -591,6 +608,25 @@ fn archive_request(cmd: &ArchiveCmd) -> Request {
             cmd: Some(KeyCmd::Rotate),
         } => Request::from(Local::ArchiveKeyRotate),
         ArchiveCmd::Rekey => Request::from(Long::ArchiveRekey { progress: true }),
+        ArchiveCmd::Import {
+            paths,
+            mboxo,
+            report,
+        } => {
+            // The daemon reads the files: it needs them named from the root.
+            let absolute = |p: &std::path::Path| {
+                std::path::absolute(p)
+                    .unwrap_or_else(|_| p.to_path_buf())
+                    .display()
+                    .to_string()
+            };
+            Request::from(Long::ArchiveImport {
+                paths: paths.iter().map(|p| absolute(p)).collect(),
+                mboxo: *mboxo,
+                report: report.as_deref().map(absolute),
+                progress: true,
+            })
+        }
     }
 }
 
@@ -895,6 +931,7 @@ fn main() -> ExitCode {
                     | ArchiveCmd::Verify { dir: None, .. }
                     | ArchiveCmd::Rebuild
                     | ArchiveCmd::Rekey
+                    | ArchiveCmd::Import { .. }
             }
     );
     let bar = (long && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {

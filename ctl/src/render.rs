@@ -628,6 +628,37 @@ impl Render for api::ArchiveKey {
     }
 }
 
+impl Render for api::ArchiveImported {
+    fn render(&self, out: &mut String) {
+        out.push_str(&format!(
+            "{:<10} {:>9} {:>10} {:>9} {:>12}  source\n",
+            "kind", "archived", "duplicate", "rejected", "bytes"
+        ));
+        for s in &self.sources {
+            out.push_str(&format!(
+                "{:<10} {:>9} {:>10} {:>9} {:>12}  {}\n",
+                s.kind, s.archived, s.duplicates, s.rejected, s.bytes, s.path
+            ));
+        }
+        out.push_str(&format!(
+            "{:<10} {:>9} {:>10} {:>9}\n",
+            "total", self.archived, self.duplicates, self.rejected
+        ));
+        for r in &self.refusals {
+            out.push_str(&format!("REJECTED {} {}: {}\n", r.source, r.at, r.reason));
+        }
+        if self.rejected > self.refusals.len() as u64 {
+            out.push_str(&format!(
+                "REJECTED and {} more (see the report)\n",
+                self.rejected - self.refusals.len() as u64
+            ));
+        }
+        if let Some(r) = &self.report {
+            out.push_str(&format!("report: {r}\n"));
+        }
+    }
+}
+
 impl Render for api::ArchiveRekeyed {
     fn render(&self, out: &mut String) {
         out.push_str(&format!(

@@ -48,6 +48,10 @@ pub struct Archiving {
     keyring_source: Option<String>,
     /// Whether new records are sealed.
     encryption: bool,
+    /// Imported messages larger than this are refused (`smtp.message_bytes_max`).
+    import_size_max: u64,
+    /// This unit's node name (the origin of imported items).
+    node: String,
     /// The record of who looked (`evidence::audit`): one entry per request that reads or
     /// changes archive content, synced before the request is answered.
     audit: Mutex<evidence::audit::AuditLog>,
@@ -231,6 +235,8 @@ impl Archiving {
             signing_key_file: a.signing_key_file(&cfg.state_dir),
             keyring_source,
             encryption: a.encryption,
+            import_size_max: cfg.smtp.message_bytes_max,
+            node: cfg.node_name.clone(),
             audit: Mutex::new(audit),
             audit_dir,
             mirror_links: Mutex::new(Vec::new()),
@@ -969,6 +975,67 @@ impl Archiving {
                 .collect(),
             without_body: r.without_body,
             verified,
+        })
+    }
+
+    /// `archive import`: the files the daemon reads (absolute paths), every message archived
+    /// once, a verdict each (in the report file when one is named).
+    pub fn import(
+        &self,
+        paths: &[String],
+        mboxo: bool,
+        report: Option<String>,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<api::ArchiveImported, String> {
+        if let Some(p) = paths
+            .iter()
+            .find(|p| !std::path::Path::new(p).is_absolute())
+        {
+            return Err(format!(
+                "{p:?}: give absolute paths (the daemon reads them)"
+            ));
+        }
+        let opts = archive::importer::ImportOptions {
+            quoting: if mboxo {
+                archive::import::Quoting::O
+            } else {
+                archive::import::Quoting::Rd
+            },
+            size_max: self.import_size_max,
+            origin: self.node.clone(),
+            report: report.clone().map(std::path::PathBuf::from),
+        };
+        let paths: Vec<std::path::PathBuf> = paths.iter().map(std::path::PathBuf::from).collect();
+        let done = archive::importer::import(&self.archive, &paths, &opts, progress)
+            .map_err(|e| e.to_string())?;
+        let (archived, duplicates, rejected) = done.totals();
+        tracing::info!(archived, duplicates, rejected, "archive: import done");
+        Ok(api::ArchiveImported {
+            sources: done
+                .sources
+                .into_iter()
+                .map(|s| api::ImportedSource {
+                    path: s.path,
+                    kind: s.kind,
+                    archived: s.archived,
+                    duplicates: s.duplicates,
+                    rejected: s.rejected,
+                    bytes: s.bytes,
+                })
+                .collect(),
+            archived,
+            duplicates,
+            rejected,
+            refusals: done
+                .refusals
+                .into_iter()
+                .map(|r| api::ImportRefusal {
+                    source: r.source,
+                    at: r.at,
+                    reason: r.reason,
+                })
+                .collect(),
+            report,
         })
     }
 

@@ -84,7 +84,7 @@ pub struct Admin {
 }
 
 /// The archive's passes that report progress.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum ArchivePass {
     Retention,
     Reindex,
@@ -95,6 +95,11 @@ enum ArchivePass {
     },
     Rebuild,
     Rekey,
+    Import {
+        paths: Vec<String>,
+        mboxo: bool,
+        report: Option<String>,
+    },
 }
 
 /// The asker for the audit log: the socket peer's uid and its user name.
@@ -229,6 +234,16 @@ impl Admin {
             },
             Long::ArchiveRebuild { .. } => ArchivePass::Rebuild,
             Long::ArchiveRekey { .. } => ArchivePass::Rekey,
+            Long::ArchiveImport {
+                paths,
+                mboxo,
+                report,
+                ..
+            } => ArchivePass::Import {
+                paths,
+                mboxo,
+                report,
+            },
         };
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.archive_pass(archive_pass, tx, &who))
@@ -371,6 +386,7 @@ impl Admin {
             ),
             ArchivePass::Rebuild => ("archive rebuild", String::new()),
             ArchivePass::Rekey => ("archive rekey", String::new()),
+            ArchivePass::Import { ref paths, .. } => ("archive import", paths.join(" ")),
         };
         a.audited(who, action, &detail, &[])?;
         let step = |step: &str, done: u64, total: u64| {
@@ -390,6 +406,11 @@ impl Admin {
                 reply(a.verify(start, against, |what, d, t| step(what, d, t))?)
             }
             ArchivePass::Rebuild => reply(a.rebuild(step)?),
+            ArchivePass::Import {
+                paths,
+                mboxo,
+                report,
+            } => reply(a.import(&paths, mboxo, report, |d, t| step("import", d, t))?),
             ArchivePass::Rekey => {
                 step("rekey", 0, 1);
                 let report = a.archive.rekey().map_err(|e| e.to_string())?;

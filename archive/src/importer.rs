@@ -1,0 +1,372 @@
+//! Importing mail from files into the archive (`spoolctl archive import`): each path read (an
+//! mbox mapped, never read whole), each message archived as it is found (durable before the
+//! next; the archive's dedup makes a rerun after a kill add nothing and lose nothing), each
+//! verdict a line of the report. What is a message and why one is refused is `import.rs`'s.
+//!
+//! Not here: IMAP, journaling over SMTP, who may import (the admin socket), the audit line.
+
+use crate::basics::{hex, now_ms};
+use crate::import::{self, Found, Quoting, Refused, Source};
+use crate::{Archive, ArchiveError, Incoming};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Refusals kept in the answer (all are in the report file).
+const REFUSALS_KEPT: usize = 100;
+
+/// How to import.
+#[derive(Clone, Debug)]
+pub struct ImportOptions {
+    /// How mbox `From ` quoting is undone.
+    pub quoting: Quoting,
+    /// Larger messages are refused.
+    pub size_max: u64,
+    /// The node recorded as each item's origin.
+    pub origin: String,
+    /// One line per message: verdict, source, place, item or reason.
+    pub report: Option<PathBuf>,
+}
+
+/// What one path gave.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceReport {
+    /// The path.
+    pub path: String,
+    /// `mbox`, `maildir`, `files`, `message`, or `unreadable`.
+    pub kind: String,
+    /// Messages archived as new items.
+    pub archived: u64,
+    /// Messages the archive held already.
+    pub duplicates: u64,
+    /// Messages (or files) refused.
+    pub rejected: u64,
+    /// Bytes read.
+    pub bytes: u64,
+}
+
+/// One refusal: the source, the place in it, why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The file.
+    pub source: String,
+    /// Where in it.
+    pub at: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// What an import did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    /// Per path given.
+    pub sources: Vec<SourceReport>,
+    /// The first refusals.
+    pub refusals: Vec<Refusal>,
+    /// Items made (their sequence numbers, for the audit log).
+    pub new_items: Vec<u64>,
+}
+
+impl ImportReport {
+    /// Totals: archived, duplicates, rejected.
+    pub fn totals(&self) -> (u64, u64, u64) {
+        self.sources.iter().fold((0, 0, 0), |t, s| {
+            (t.0 + s.archived, t.1 + s.duplicates, t.2 + s.rejected)
+        })
+    }
+}
+
+struct Run<'a> {
+    archive: &'a Archive,
+    opts: &'a ImportOptions,
+    report: Option<std::io::BufWriter<std::fs::File>>,
+    out: ImportReport,
+    done: u64,
+    total: u64,
+}
+
+impl Run<'_> {
+    fn line(
+        &mut self,
+        verdict: &str,
+        source: &str,
+        at: &str,
+        what: &str,
+    ) -> Result<(), ArchiveError> {
+        if let Some(w) = &mut self.report {
+            writeln!(w, "{verdict}\t{source}\t{at}\t{what}")
+                .map_err(|e| ArchiveError::Io(format!("import report: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn refused(&mut self, source: &str, r: Refused) -> Result<(), ArchiveError> {
+        self.line("rejected", source, &r.at, &r.reason)?;
+        if let Some(s) = self.out.sources.last_mut() {
+            s.rejected += 1;
+        }
+        if self.out.refusals.len() < REFUSALS_KEPT {
+            self.out.refusals.push(Refusal {
+                source: source.to_string(),
+                at: r.at,
+                reason: r.reason,
+            });
+        }
+        Ok(())
+    }
+
+    /// Archives one message found (durably, before the next is read).
+    fn found(&mut self, source: &str, m: Found) -> Result<(), ArchiveError> {
+        let (sender, recipients) = import::envelope(&m.raw);
+        let hash: [u8; 32] = Sha256::digest(&m.raw).into();
+        let incoming = Incoming {
+            id: format!("import.{}", hex(&hash[..8])),
+            origin: self.opts.origin.clone(),
+            arrived_ms: m.arrived_ms.unwrap_or_else(now_ms),
+            client: "import".into(),
+            sender,
+            recipients,
+            verdict: "imported".into(),
+            hash,
+        };
+        let stored = self.archive.archive(incoming, &m.raw).map_err(|e| {
+            ArchiveError::Refused(format!(
+                "import stopped at {source} {}: {e}; what was archived stays, and a rerun skips it",
+                m.at
+            ))
+        })?;
+        let verdict = if stored.new { "archived" } else { "duplicate" };
+        self.line(verdict, source, &m.at, &format!("item {}", stored.seq))?;
+        if let Some(s) = self.out.sources.last_mut() {
+            if stored.new {
+                s.archived += 1;
+            } else {
+                s.duplicates += 1;
+            }
+        }
+        if stored.new {
+            self.out.new_items.push(stored.seq);
+        }
+        Ok(())
+    }
+
+    fn one(&mut self, source: &str, m: Result<Found, Refused>) -> Result<(), ArchiveError> {
+        match m {
+            Ok(m) => self.found(source, m),
+            Err(r) => self.refused(source, r),
+        }
+    }
+
+    /// A message file (Maildir, `.eml`, a single message), `arrived_ms` from its name or mtime.
+    fn file(
+        &mut self,
+        path: &Path,
+        arrived_ms: Option<u64>,
+        progress: &mut impl FnMut(u64, u64),
+    ) -> Result<(), ArchiveError> {
+        let source = path.display().to_string();
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let found = if len > self.opts.size_max {
+            Err(Refused {
+                at: "file".into(),
+                reason: format!(
+                    "too large: {len} bytes, above the limit of {}",
+                    self.opts.size_max
+                ),
+            })
+        } else {
+            match std::fs::read(path) {
+                Ok(bytes) => import::message(
+                    &bytes,
+                    "file",
+                    arrived_ms.or_else(|| mtime_ms(path)),
+                    self.opts.size_max,
+                ),
+                Err(e) => Err(Refused {
+                    at: "file".into(),
+                    reason: format!("unreadable: {e}"),
+                }),
+            }
+        };
+        self.one(&source, found)?;
+        self.done += len;
+        if let Some(s) = self.out.sources.last_mut() {
+            s.bytes += len;
+        }
+        progress(self.done, self.total);
+        Ok(())
+    }
+
+    fn mbox(
+        &mut self,
+        path: &Path,
+        progress: &mut impl FnMut(u64, u64),
+    ) -> Result<(), ArchiveError> {
+        let source = path.display().to_string();
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                let reason = format!("unreadable: {e}");
+                return self.refused(
+                    &source,
+                    Refused {
+                        at: "file".into(),
+                        reason,
+                    },
+                );
+            }
+        };
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        // SAFETY: mapped read-only; a file changed under an import reads as it is read (the
+        // bytes are hashed and compressed before anything is archived).
+        let map = if len == 0 {
+            None
+        } else {
+            Some(
+                unsafe { memmap2::Mmap::map(&file) }
+                    .map_err(|e| ArchiveError::Io(format!("{source}: {e}")))?,
+            )
+        };
+        let bytes: &[u8] = map.as_deref().unwrap_or(&[]);
+        let start = self.done;
+        let mut failed = None;
+        import::mbox(bytes, self.opts.quoting, self.opts.size_max, |m, end| {
+            if failed.is_some() {
+                return;
+            }
+            if let Err(e) = self.one(&source, m) {
+                failed = Some(e);
+                return;
+            }
+            self.done = start + end as u64;
+            progress(self.done, self.total);
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        self.done = start + len;
+        if let Some(s) = self.out.sources.last_mut() {
+            s.bytes += len;
+        }
+        Ok(())
+    }
+}
+
+fn mtime_ms(path: &Path) -> Option<u64> {
+    let t = std::fs::metadata(path).ok()?.modified().ok()?;
+    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as u64)
+}
+
+/// The entries of a directory (none when it cannot be read).
+fn list(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+fn size_of(source: &Source) -> u64 {
+    let len = |p: &PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    match source {
+        Source::Mbox(p) | Source::Message(p) => len(p),
+        Source::Maildir(files) | Source::Files(files) => files.iter().map(len).sum(),
+    }
+}
+
+/// Imports `paths` into `archive`; `progress(bytes done, bytes in all)`.
+pub fn import(
+    archive: &Archive,
+    paths: &[PathBuf],
+    opts: &ImportOptions,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<ImportReport, ArchiveError> {
+    let mut sources = Vec::new();
+    for path in paths {
+        let source = match std::fs::metadata(path) {
+            Ok(meta) => {
+                let mut head = [0u8; 5];
+                let got = if meta.is_dir() {
+                    0
+                } else {
+                    std::fs::File::open(path)
+                        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+                        .unwrap_or(0)
+                };
+                Ok(import::classify(path, meta.is_dir(), &head[..got], list))
+            }
+            Err(e) => Err(format!("unreadable: {e}")),
+        };
+        sources.push((path.clone(), source));
+    }
+    let total = sources
+        .iter()
+        .filter_map(|(_, s)| s.as_ref().ok())
+        .map(size_of)
+        .sum();
+    let report = match &opts.report {
+        Some(p) => {
+            let mut w =
+                std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| {
+                    ArchiveError::Io(format!("import report {}: {e}", p.display()))
+                })?);
+            writeln!(w, "verdict\tsource\tat\titem or reason")
+                .map_err(|e| ArchiveError::Io(format!("import report: {e}")))?;
+            Some(w)
+        }
+        None => None,
+    };
+    let mut run = Run {
+        archive,
+        opts,
+        report,
+        out: ImportReport::default(),
+        done: 0,
+        total,
+    };
+    let result = (|| {
+        for (path, source) in &sources {
+            let name = path.display().to_string();
+            let kind = match source {
+                Ok(Source::Mbox(_)) => "mbox",
+                Ok(Source::Message(_)) => "message",
+                Ok(Source::Maildir(_)) => "maildir",
+                Ok(Source::Files(_)) => "files",
+                Err(_) => "unreadable",
+            };
+            run.out.sources.push(SourceReport {
+                path: name.clone(),
+                kind: kind.into(),
+                ..SourceReport::default()
+            });
+            match source {
+                Err(reason) => run.refused(
+                    &name,
+                    Refused {
+                        at: "path".into(),
+                        reason: reason.clone(),
+                    },
+                )?,
+                Ok(Source::Mbox(p)) => run.mbox(p, &mut progress)?,
+                Ok(Source::Message(p)) => run.file(p, None, &mut progress)?,
+                Ok(Source::Maildir(files)) => {
+                    for f in files {
+                        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                        run.file(f, import::maildir_time(name), &mut progress)?;
+                    }
+                }
+                Ok(Source::Files(files)) => {
+                    for f in files {
+                        run.file(f, None, &mut progress)?;
+                    }
+                }
+            }
+        }
+        Ok::<(), ArchiveError>(())
+    })();
+    if let Some(mut w) = run.report.take() {
+        w.flush()
+            .and_then(|()| w.get_ref().sync_all())
+            .map_err(|e| ArchiveError::Io(format!("import report: {e}")))?;
+    }
+    result?;
+    Ok(run.out)
+}

@@ -1,0 +1,311 @@
+//! Importing history through the daemon (`spoolctl archive import`): an awkward corpus built
+//! here (mboxrd with `From ` lines in bodies, CRLF and LF, an 8-bit header, a truncated last
+//! message; a Maildir holding a message the mbox holds too; a directory of .eml files with an
+//! empty one, a non-mail one and one above the size limit; a path that does not exist): every
+//! verdict and reason right, every archived item's bytes exact, a rerun adds nothing, and an
+//! import killed with the daemon and run again loses nothing and archives nothing twice.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::Path;
+use tests::{spoolctl, wait_until, write_config, Daemon};
+
+fn message(i: usize, crlf: bool, extra: &str) -> Vec<u8> {
+    let nl = if crlf { "\r\n" } else { "\n" };
+    format!(
+        "From: Sender {i} <s{i}@example.com>{nl}To: r{i}@example.org{nl}Subject: import {i}{nl}Message-ID: <{i}@import.test>{nl}Date: Sat, 3 Jan 1996 01:05:34 +0000{nl}{nl}body of {i}{nl}{extra}"
+    )
+    .into_bytes()
+}
+
+/// An mboxrd file of `messages` (each followed by its empty line), then `tail` as is; and
+/// where each message (and the tail) starts.
+fn mbox(messages: &[Vec<u8>], tail: &[u8]) -> (Vec<u8>, Vec<usize>) {
+    let mut out = Vec::new();
+    let mut starts = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        starts.push(out.len());
+        out.extend_from_slice(
+            format!("From s{i}@example.com Wed Jan  3 01:05:34 1996\n").as_bytes(),
+        );
+        archive::import::quote(m, &mut out);
+        out.extend_from_slice(b"\n");
+    }
+    starts.push(out.len());
+    out.extend_from_slice(tail);
+    (out, starts)
+}
+
+fn import(d: &Daemon, args: &[&str]) -> Value {
+    let mut all = vec!["--json", "archive", "import"];
+    all.extend_from_slice(args);
+    let (code, out, err) = spoolctl(d, &all);
+    assert_eq!(code, 0, "archive import {args:?}: {out}{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn export(d: &Daemon, seq: &str) -> Vec<u8> {
+    let out = tests::spoolctl_output(d, &["archive", "export", seq]);
+    assert!(out.status.success(), "export {seq}");
+    out.stdout
+}
+
+fn items(d: &Daemon) -> u64 {
+    let (code, out, _) = spoolctl(d, &["--json", "archive", "status"]);
+    assert_eq!(code, 0);
+    serde_json::from_str::<Value>(&out).unwrap()["items"]
+        .as_u64()
+        .unwrap()
+}
+
+/// The report's lines (after its header): verdict, source file name, place, item or reason.
+fn report(path: &Path) -> Vec<(String, String, String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let name = Path::new(f[1])
+                .file_name()
+                .map_or(f[1].to_string(), |n| n.to_string_lossy().into_owned());
+            (f[0].into(), name, f[2].into(), f[3].into())
+        })
+        .collect()
+}
+
+#[test]
+fn an_awkward_corpus_gets_a_verdict_per_message_exact_bytes_and_a_rerun_adds_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // In the mbox: `From ` lines in a body (quoted by the writer, unquoted by the reader), CRLF
+    // and LF messages, an 8-bit header, and a last message cut short.
+    let m1 = message(
+        1,
+        true,
+        "From the start of a line\r\n>From quoted once\r\n\r\nFrom after an empty line\r\n",
+    );
+    let mut m2 = message(2, false, "");
+    m2.splice(0..0, b"X-Latin1: Gr\xfc\xdfe\n".iter().copied());
+    let m3 = message(3, true, "");
+    let (mbox_bytes, starts) = mbox(
+        &[m1.clone(), m2.clone(), m3.clone()],
+        b"From cut@example.com Wed Jan  3 01:05:34 1996\nSubject: cut\n\npart",
+    );
+    std::fs::write(src.join("history.mbox"), &mbox_bytes).unwrap();
+    // A Maildir: message 3 again (a duplicate across sources) and a new one.
+    let maildir = src.join("Maildir");
+    for sub in ["cur", "new", "tmp"] {
+        std::fs::create_dir_all(maildir.join(sub)).unwrap();
+    }
+    let m4 = message(4, true, "");
+    std::fs::write(maildir.join("cur/1700000000.M1.host:2,S"), &m3).unwrap();
+    std::fs::write(maildir.join("new/1700000001.M2.host"), &m4).unwrap();
+    // .eml files: one good, one empty, one not mail, one above the limit (64 KiB here).
+    let emls = src.join("eml");
+    std::fs::create_dir_all(&emls).unwrap();
+    let m5 = message(5, true, "");
+    std::fs::write(emls.join("a.eml"), &m5).unwrap();
+    std::fs::write(emls.join("empty.eml"), b"").unwrap();
+    std::fs::write(
+        emls.join("notes.eml"),
+        b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n",
+    )
+    .unwrap();
+    let big = message(6, true, &"x".repeat(100 * 1024));
+    std::fs::write(emls.join("big.eml"), &big).unwrap();
+
+    let cfg = write_config(
+        dir.path(),
+        "node_name = \"im\"\n[smtp]\nmessage_bytes_max = 65536\n",
+    );
+    let d = Daemon::start_in(&dir.path().join("state"), &["--config", &cfg]);
+    let report_file = dir.path().join("report.tsv");
+    let paths = [
+        src.join("history.mbox"),
+        maildir.clone(),
+        emls.clone(),
+        src.join("missing.mbox"),
+    ];
+    let mut args: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    args.push("--report".into());
+    args.push(report_file.display().to_string());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let done = import(&d, &argv);
+    assert_eq!(
+        (
+            done["archived"].as_u64(),
+            done["duplicates"].as_u64(),
+            done["rejected"].as_u64()
+        ),
+        (Some(5), Some(1), Some(5)),
+        "{done}"
+    );
+    let kinds: Vec<&str> = done["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["mbox", "maildir", "files", "unreadable"]);
+
+    let lines = report(&report_file);
+    let verdicts: BTreeSet<(String, String, String)> = lines
+        .iter()
+        .map(|(v, name, at, what)| {
+            let what = if v == "rejected" {
+                what.split(':').next().unwrap().to_string()
+            } else {
+                String::new()
+            };
+            (
+                v.clone(),
+                name.clone(),
+                format!("{at} {what}").trim().to_string(),
+            )
+        })
+        .collect();
+    let cut_at = mbox_bytes.len();
+    let want: BTreeSet<(String, String, String)> = [
+        ("archived", "history.mbox", format!("byte {}", starts[0])),
+        ("archived", "history.mbox", format!("byte {}", starts[1])),
+        ("archived", "history.mbox", format!("byte {}", starts[2])),
+        (
+            "rejected",
+            "history.mbox",
+            format!("byte {} truncated at byte {cut_at}", starts[3]),
+        ),
+        ("duplicate", "1700000000.M1.host:2,S", "file".to_string()),
+        ("archived", "1700000001.M2.host", "file".to_string()),
+        ("archived", "a.eml", "file".to_string()),
+        ("rejected", "big.eml", "file too large".to_string()),
+        ("rejected", "empty.eml", "file empty file".to_string()),
+        ("rejected", "notes.eml", "file not mail".to_string()),
+        ("rejected", "missing.mbox", "path unreadable".to_string()),
+    ]
+    .into_iter()
+    .map(|(v, n, a)| (v.to_string(), n.to_string(), a))
+    .collect();
+    assert_eq!(verdicts, want, "{lines:#?}");
+
+    // Every archived item's bytes are the message's, exactly; the mbox's date is its arrival.
+    let archived: Vec<String> = lines
+        .iter()
+        .filter(|l| l.0 == "archived")
+        .map(|l| l.3.trim_start_matches("item ").to_string())
+        .collect();
+    let got: BTreeSet<Vec<u8>> = archived.iter().map(|s| export(&d, s)).collect();
+    let originals: BTreeSet<Vec<u8>> = [&m1, &m2, &m3, &m4, &m5].into_iter().cloned().collect();
+    assert_eq!(got, originals);
+    let (code, out, _) = spoolctl(&d, &["--json", "archive", "show", &archived[0]]);
+    assert_eq!(code, 0);
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["item"]["arrived_ms"], 820_631_134_000u64, "{shown}");
+    assert_eq!(shown["item"]["sender"], "s1@example.com", "{shown}");
+    assert_eq!(
+        shown["item"]["recipients"],
+        serde_json::json!(["r1@example.org"])
+    );
+
+    // A rerun adds nothing: every message is a duplicate now, the refusals the same.
+    let again = import(&d, &argv[..4]);
+    assert_eq!(
+        (
+            again["archived"].as_u64(),
+            again["duplicates"].as_u64(),
+            again["rejected"].as_u64()
+        ),
+        (Some(0), Some(6), Some(5)),
+        "{again}"
+    );
+    assert_eq!(items(&d), 5);
+    // The audit log has each import.
+    let (_, out, _) = spoolctl(&d, &["--json", "audit", "list"]);
+    let imports = serde_json::from_str::<Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "archive import")
+        .count();
+    assert_eq!(imports, 2);
+}
+
+/// An import killed with the daemon (kill -9) part-way through a large mbox, then run again:
+/// every message archived exactly once.
+#[test]
+fn an_import_killed_part_way_and_run_again_archives_each_message_once() {
+    let dir = tempfile::tempdir().unwrap();
+    const N: usize = 3000;
+    let messages: Vec<Vec<u8>> = (0..N)
+        .map(|i| message(i, true, &"line\r\n".repeat(50)))
+        .collect();
+    let file = dir.path().join("big.mbox");
+    std::fs::write(&file, mbox(&messages, b"").0).unwrap();
+    let cfg = write_config(dir.path(), "node_name = \"ik\"\n");
+    let mut d = Daemon::start_in(&dir.path().join("state"), &["--config", &cfg]);
+    let bin = tests::spoold_bin().with_file_name("spoolctl");
+    let mut running = std::process::Command::new(&bin)
+        .arg("--state-dir")
+        .arg(&d.state)
+        .args(["archive", "import"])
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(60, || items(&d) >= 200),
+        "the import did not start"
+    );
+    d.kill9();
+    let _ = running.wait();
+    let before = {
+        d.restart();
+        items(&d)
+    };
+    assert!(
+        before > 0 && before < N as u64,
+        "killed part-way: {before} of {N}"
+    );
+    let done = import(&d, &[file.to_str().unwrap()]);
+    assert_eq!(
+        (
+            done["archived"].as_u64().unwrap() + done["duplicates"].as_u64().unwrap(),
+            done["rejected"].as_u64()
+        ),
+        (N as u64, Some(0)),
+        "{done}"
+    );
+    assert_eq!(done["duplicates"].as_u64(), Some(before), "{done}");
+    assert_eq!(items(&d), N as u64);
+    // Each message once: the subjects the archive finds are the N of the file (once the index
+    // has caught up with the catalog).
+    assert!(wait_until(60, || {
+        let (_, out, _) = spoolctl(&d, &["--json", "archive", "status"]);
+        let st: Value = serde_json::from_str(&out).unwrap();
+        st["indexed_through"] == st["last_seq"]
+    }));
+    let (code, out, err) = spoolctl(
+        &d,
+        &[
+            "--json",
+            "archive",
+            "search",
+            "subject:import",
+            "--limit",
+            "100000",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let found: Value = serde_json::from_str(&out).unwrap();
+    let subjects: BTreeSet<String> = found["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["subject"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(subjects.len(), N, "distinct subjects");
+}
