@@ -66,7 +66,8 @@ impl Long {
             | Long::ArchiveReindex { progress }
             | Long::ArchiveRebuild { progress }
             | Long::ArchiveRekey { progress }
-            | Long::ArchiveImport { progress, .. } => *progress,
+            | Long::ArchiveImport { progress, .. }
+            | Long::ArchiveBulkExport { progress, .. } => *progress,
         }
     }
 }
@@ -372,6 +373,19 @@ pub enum Long {
         #[serde(default)]
         progress: bool,
     },
+    /// Export every item a query selects to a path the daemon writes (an mboxrd file or a
+    /// Maildir), with a signed manifest beside it: [`ArchiveBulkExported`].
+    ArchiveBulkExport {
+        /// A search query, an item number or a spool id.
+        query: String,
+        /// `mbox` or `maildir`.
+        format: String,
+        /// An absolute path that does not exist.
+        out: String,
+        /// Send [`Progress`] lines (items written).
+        #[serde(default)]
+        progress: bool,
+    },
 }
 
 /// One archived item.
@@ -506,6 +520,19 @@ pub struct ArchiveRekeyed {
     pub resealed: u64,
     /// The key every record is sealed with now.
     pub key: String,
+}
+
+/// [`Long::ArchiveBulkExport`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveBulkExported {
+    /// Items written.
+    pub items: u64,
+    /// Bytes of mail written.
+    pub bytes: u64,
+    /// Where.
+    pub out: String,
+    /// The manifest (item lines, then the signed closing line).
+    pub manifest: String,
 }
 
 /// [`Long::ArchiveImport`].

@@ -252,6 +252,20 @@ pub fn quote(raw: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// The `From ` separator line an mbox export writes before a message: its envelope sender
+/// (`MAILER-DAEMON` for `<>`) and its arrival, in asctime form (UTC).
+pub fn separator(sender: &str, arrived_ms: u64) -> String {
+    let when = chrono::DateTime::from_timestamp_millis(arrived_ms as i64)
+        .unwrap_or_default()
+        .format("%a %b %e %H:%M:%S %Y");
+    let sender = if sender.is_empty() || sender.contains(char::is_whitespace) {
+        "MAILER-DAEMON"
+    } else {
+        sender
+    };
+    format!("From {sender} {when}\n")
+}
+
 /// The date of a `From sender date` separator line (asctime: `Sat Jan  3 01:05:34 1996`).
 fn separator_date(line: &[u8]) -> Option<u64> {
     let text = std::str::from_utf8(line).ok()?.trim_end();

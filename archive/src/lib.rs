@@ -17,6 +17,7 @@
 mod basics;
 pub use evidence::{chain, checkpoint, proof, record, seal};
 pub mod corpus;
+pub mod exporter;
 pub mod identity;
 pub mod import;
 pub mod importer;

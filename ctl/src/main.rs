@@ -297,8 +297,23 @@ enum ArchiveCmd {
     },
     /// Envelope, verdict, headers and MIME parts of one item (its number or spool id).
     Show { id: String },
-    /// The exact accepted bytes of one item, on standard output (verified against its hash).
-    Export { id: String },
+    /// The exact accepted bytes of one item, on standard output (verified against its hash);
+    /// or, with --query, every item a query selects written to --out (by the daemon) as an
+    /// mboxrd file or a Maildir, with a signed manifest beside it (OUT.manifest.jsonl).
+    Export {
+        /// The item: its number or spool id.
+        #[arg(required_unless_present = "query", conflicts_with = "query")]
+        id: Option<String>,
+        /// Every item this search query selects (or a number, or a spool id).
+        #[arg(long, requires = "out")]
+        query: Option<String>,
+        /// With --query: `mbox` (mboxrd; `archive import` reads it back exactly) or `maildir`.
+        #[arg(long, default_value = "mbox", value_parser = ["mbox", "maildir"])]
+        format: String,
+        /// With --query: where (must not exist).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Put an item, or every item a query matches, on legal hold (never removed by retention).
     Hold { target: String },
     /// Release a legal hold.
@@ -554,7 +569,8 @@ fn archive_human(cmd: &ArchiveCmd, data: &Value) -> Result<String, String> {
     Ok(match cmd {
         ArchiveCmd::Search { .. } => text::<api::ArchiveFound>(data)?,
         ArchiveCmd::Show { .. } => text::<api::ArchiveShown>(data)?,
-        ArchiveCmd::Export { .. } => String::new(), // written as bytes by main
+        ArchiveCmd::Export { query: None, .. } => String::new(), // written as bytes by main
+        ArchiveCmd::Export { query: Some(_), .. } => text::<api::ArchiveBulkExported>(data)?,
         ArchiveCmd::Hold { .. } | ArchiveCmd::Unhold { .. } => text::<api::ArchiveHeld>(data)?,
         ArchiveCmd::Status => text::<api::ArchiveStatus>(data)?,
         ArchiveCmd::Seal => text::<api::ArchiveSealed>(data)?,
@@ -576,7 +592,30 @@ fn archive_request(cmd: &ArchiveCmd) -> Request {
             limit: *limit,
         }),
         ArchiveCmd::Show { id } => Request::from(Local::ArchiveShow { id: id.clone() }),
-        ArchiveCmd::Export { id } => Request::from(Local::ArchiveExport { id: id.clone() }),
+        ArchiveCmd::Export {
+            id, query: None, ..
+        } => Request::from(Local::ArchiveExport {
+            id: id.clone().unwrap_or_default(),
+        }),
+        ArchiveCmd::Export {
+            query: Some(query),
+            format,
+            out,
+            ..
+        } => Request::from(Long::ArchiveBulkExport {
+            query: query.clone(),
+            format: format.clone(),
+            out: out
+                .as_deref()
+                .map(|p| {
+                    std::path::absolute(p)
+                        .unwrap_or_else(|_| p.to_path_buf())
+                        .display()
+                        .to_string()
+                })
+                .unwrap_or_default(),
+            progress: true,
+        }),
         ArchiveCmd::Hold { target } => Request::from(Local::ArchiveHold {
             target: target.clone(),
             held: true,
@@ -932,6 +971,7 @@ fn main() -> ExitCode {
                     | ArchiveCmd::Rebuild
                     | ArchiveCmd::Rekey
                     | ArchiveCmd::Import { .. }
+                    | ArchiveCmd::Export { query: Some(_), .. }
             }
     );
     let bar = (long && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
@@ -961,7 +1001,7 @@ fn main() -> ExitCode {
                 && matches!(
                     cli.cmd,
                     Cmd::Archive {
-                        cmd: ArchiveCmd::Export { .. }
+                        cmd: ArchiveCmd::Export { query: None, .. }
                     }
                 ) =>
         {

@@ -628,6 +628,15 @@ impl Render for api::ArchiveKey {
     }
 }
 
+impl Render for api::ArchiveBulkExported {
+    fn render(&self, out: &mut String) {
+        out.push_str(&format!(
+            "exported {} item(s), {} bytes, to {}\nmanifest {} (signed by this unit's key: spoolctl archive key)\n",
+            self.items, self.bytes, self.out, self.manifest
+        ));
+    }
+}
+
 impl Render for api::ArchiveImported {
     fn render(&self, out: &mut String) {
         out.push_str(&format!(

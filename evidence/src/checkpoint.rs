@@ -168,6 +168,31 @@ impl Signer {
     }
 }
 
+impl Signer {
+    /// Signs `context ‖ digest` (a manifest's digest, say): the context names what is signed,
+    /// so a signature over one kind of thing is never taken for another.
+    pub fn sign_digest(&self, context: &[u8], digest: &[u8; 32]) -> [u8; 64] {
+        let mut msg = context.to_vec();
+        msg.extend_from_slice(digest);
+        self.key.sign(&msg).to_bytes()
+    }
+}
+
+/// Whether `signature` by `key` over `context ‖ digest` holds ([`Signer::sign_digest`]).
+pub fn digest_signature_holds(
+    key: &[u8; 32],
+    context: &[u8],
+    digest: &[u8; 32],
+    signature: &[u8; 64],
+) -> bool {
+    let Ok(key) = VerifyingKey::from_bytes(key) else {
+        return false;
+    };
+    let mut msg = context.to_vec();
+    msg.extend_from_slice(digest);
+    key.verify(&msg, &Signature::from_bytes(signature)).is_ok()
+}
+
 /// Appends `cp` to the checkpoints file in `dir` and syncs it.
 pub fn append(dir: &Path, cp: &Checkpoint) -> Result<(), EvidenceError> {
     append_to(&dir.join(FILE), cp)

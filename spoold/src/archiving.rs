@@ -1039,6 +1039,36 @@ impl Archiving {
         })
     }
 
+    /// `archive export --query`: items `seqs` (what `query` selected) written to `out` as
+    /// `format`, with the signed manifest beside it.
+    pub fn bulk_export(
+        &self,
+        seqs: &[u64],
+        query: &str,
+        format: &str,
+        out: &str,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<api::ArchiveBulkExported, String> {
+        let format = archive::exporter::Format::parse(format)
+            .ok_or_else(|| format!("format {format:?}: mbox or maildir"))?;
+        let path = std::path::Path::new(out);
+        if !path.is_absolute() {
+            return Err(format!(
+                "{out:?}: give an absolute path (the daemon writes it)"
+            ));
+        }
+        let mut seqs = seqs.to_vec();
+        seqs.sort_unstable();
+        let done = archive::exporter::export(&self.archive, &seqs, query, format, path, progress)
+            .map_err(|e| e.to_string())?;
+        Ok(api::ArchiveBulkExported {
+            items: done.items,
+            bytes: done.bytes,
+            out: out.to_string(),
+            manifest: done.manifest.display().to_string(),
+        })
+    }
+
     /// `archive reindex`.
     pub fn reindex(&self, progress: impl FnMut(u64, u64)) -> Result<api::ArchiveReindexed, String> {
         self.archive.reindex(progress).map_err(|e| e.to_string())?;

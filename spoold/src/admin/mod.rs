@@ -100,6 +100,11 @@ enum ArchivePass {
         mboxo: bool,
         report: Option<String>,
     },
+    BulkExport {
+        query: String,
+        format: String,
+        out: String,
+    },
 }
 
 /// The asker for the audit log: the socket peer's uid and its user name.
@@ -244,6 +249,9 @@ impl Admin {
                 mboxo,
                 report,
             },
+            Long::ArchiveBulkExport {
+                query, format, out, ..
+            } => ArchivePass::BulkExport { query, format, out },
         };
         let me = self.clone();
         tokio::task::spawn_blocking(move || me.archive_pass(archive_pass, tx, &who))
@@ -387,8 +395,20 @@ impl Admin {
             ArchivePass::Rebuild => ("archive rebuild", String::new()),
             ArchivePass::Rekey => ("archive rekey", String::new()),
             ArchivePass::Import { ref paths, .. } => ("archive import", paths.join(" ")),
+            ArchivePass::BulkExport { .. } => ("archive export", String::new()),
         };
-        a.audited(who, action, &detail, &[])?;
+        // A bulk export names its items in its audit line: they are resolved first.
+        let (detail, exporting) = match &pass {
+            ArchivePass::BulkExport { query, .. } => {
+                // Everything archived before the request is searchable first: an export for
+                // discovery must not miss what the index has not reached yet.
+                a.archive.flush_index().map_err(|e| e.to_string())?;
+                let seqs = a.hold_targets(query)?;
+                (query.clone(), seqs)
+            }
+            _ => (detail, Vec::new()),
+        };
+        a.audited(who, action, &detail, &exporting)?;
         let step = |step: &str, done: u64, total: u64| {
             let _ = tx.send(api::Progress {
                 step: step.into(),
@@ -411,6 +431,11 @@ impl Admin {
                 mboxo,
                 report,
             } => reply(a.import(&paths, mboxo, report, |d, t| step("import", d, t))?),
+            ArchivePass::BulkExport { query, format, out } => {
+                reply(a.bulk_export(&exporting, &query, &format, &out, |d, t| {
+                    step("export", d, t)
+                })?)
+            }
             ArchivePass::Rekey => {
                 step("rekey", 0, 1);
                 let report = a.archive.rekey().map_err(|e| e.to_string())?;
