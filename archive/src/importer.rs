@@ -76,13 +76,64 @@ impl ImportReport {
     }
 }
 
+/// Messages archived at once: the archive commits in groups, so one message at a time would
+/// cost a `fdatasync` each.
+const WORKERS: usize = 16;
+/// Bytes of messages read but not yet archived, at most (one message is always let through).
+const IN_FLIGHT_BYTES: u64 = 64 << 20;
+
+/// A message on its way to the archive.
+struct Job {
+    source: usize,
+    name: std::sync::Arc<str>,
+    at: String,
+    incoming: Incoming,
+    raw: Vec<u8>,
+}
+
+/// What the archive said of it.
+struct Outcome {
+    source: usize,
+    name: std::sync::Arc<str>,
+    at: String,
+    len: u64,
+    stored: Result<crate::Stored, ArchiveError>,
+}
+
+/// The bytes read and not yet archived, and a wake-up when that falls.
+#[derive(Default)]
+struct Budget {
+    bytes: std::sync::Mutex<u64>,
+    fell: std::sync::Condvar,
+}
+
+impl Budget {
+    fn take(&self, len: u64) {
+        let mut b = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        while *b > 0 && *b + len > IN_FLIGHT_BYTES {
+            b = self.fell.wait(b).unwrap_or_else(|p| p.into_inner());
+        }
+        *b += len;
+    }
+
+    fn give(&self, len: u64) {
+        let mut b = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        *b = b.saturating_sub(len);
+        self.fell.notify_all();
+    }
+}
+
 struct Run<'a> {
-    archive: &'a Archive,
     opts: &'a ImportOptions,
     report: Option<std::io::BufWriter<std::fs::File>>,
     out: ImportReport,
     done: u64,
     total: u64,
+    jobs: Option<crossbeam_channel::Sender<Job>>,
+    outcomes: crossbeam_channel::Receiver<Outcome>,
+    budget: &'a Budget,
+    /// The first failure of the archive: the import stops there.
+    failed: Option<ArchiveError>,
 }
 
 impl Run<'_> {
@@ -105,6 +156,7 @@ impl Run<'_> {
         if let Some(s) = self.out.sources.last_mut() {
             s.rejected += 1;
         }
+        self.take_outcomes(false)?;
         if self.out.refusals.len() < REFUSALS_KEPT {
             self.out.refusals.push(Refusal {
                 source: source.to_string(),
@@ -115,7 +167,7 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Archives one message found (durably, before the next is read).
+    /// Hands one message found to the workers that archive it.
     fn found(&mut self, source: &str, m: Found) -> Result<(), ArchiveError> {
         let (sender, recipients) = import::envelope(&m.raw);
         let hash: [u8; 32] = Sha256::digest(&m.raw).into();
@@ -129,25 +181,72 @@ impl Run<'_> {
             verdict: "imported".into(),
             hash,
         };
-        let stored = self.archive.archive(incoming, &m.raw).map_err(|e| {
-            ArchiveError::Refused(format!(
-                "import stopped at {source} {}: {e}; what was archived stays, and a rerun skips it",
-                m.at
-            ))
-        })?;
-        let verdict = if stored.new { "archived" } else { "duplicate" };
-        self.line(verdict, source, &m.at, &format!("item {}", stored.seq))?;
-        if let Some(s) = self.out.sources.last_mut() {
-            if stored.new {
-                s.archived += 1;
-            } else {
-                s.duplicates += 1;
+        self.budget.take(m.raw.len() as u64);
+        let job = Job {
+            source: self.out.sources.len().saturating_sub(1),
+            name: source.into(),
+            at: m.at,
+            incoming,
+            raw: m.raw,
+        };
+        if let Some(jobs) = &self.jobs {
+            if jobs.send(job).is_err() {
+                return Err(ArchiveError::Stopped);
             }
         }
-        if stored.new {
-            self.out.new_items.push(stored.seq);
+        self.take_outcomes(false)
+    }
+
+    /// Takes in what the workers archived (all of it, with `all`, once no more is sent); the
+    /// first failure stops the import.
+    fn take_outcomes(&mut self, all: bool) -> Result<(), ArchiveError> {
+        loop {
+            let outcome = if all {
+                match self.outcomes.recv() {
+                    Ok(o) => o,
+                    Err(_) => break,
+                }
+            } else {
+                match self.outcomes.try_recv() {
+                    Ok(o) => o,
+                    Err(_) => break,
+                }
+            };
+            self.budget.give(outcome.len);
+            match outcome.stored {
+                Ok(stored) => {
+                    let verdict = if stored.new { "archived" } else { "duplicate" };
+                    self.line(
+                        verdict,
+                        &outcome.name,
+                        &outcome.at,
+                        &format!("item {}", stored.seq),
+                    )?;
+                    if let Some(s) = self.out.sources.get_mut(outcome.source) {
+                        if stored.new {
+                            s.archived += 1;
+                        } else {
+                            s.duplicates += 1;
+                        }
+                    }
+                    if stored.new {
+                        self.out.new_items.push(stored.seq);
+                    }
+                }
+                Err(e) => {
+                    if self.failed.is_none() {
+                        self.failed = Some(ArchiveError::Refused(format!(
+                            "import stopped at {} {}: {e}; what was archived stays, and a rerun skips it",
+                            outcome.name, outcome.at
+                        )));
+                    }
+                }
+            }
         }
-        Ok(())
+        match &self.failed {
+            Some(e) if !all => Err(e.clone()),
+            _ => Ok(()),
+        }
     }
 
     fn one(&mut self, source: &str, m: Result<Found, Refused>) -> Result<(), ArchiveError> {
@@ -314,16 +413,52 @@ pub fn import(
         }
         None => None,
     };
+    let budget = Budget::default();
+    let (jobs, queue) = crossbeam_channel::bounded::<Job>(WORKERS);
+    let (done_tx, outcomes) = crossbeam_channel::unbounded::<Outcome>();
     let mut run = Run {
-        archive,
         opts,
         report,
         out: ImportReport::default(),
         done: 0,
         total,
+        jobs: Some(jobs),
+        outcomes,
+        budget: &budget,
+        failed: None,
     };
+    std::thread::scope(|scope| {
+        for _ in 0..WORKERS {
+            let (queue, done_tx) = (queue.clone(), done_tx.clone());
+            scope.spawn(move || {
+                for job in queue {
+                    let len = job.raw.len() as u64;
+                    let stored = archive.archive(job.incoming, &job.raw);
+                    let _ = done_tx.send(Outcome {
+                        source: job.source,
+                        name: job.name,
+                        at: job.at,
+                        len,
+                        stored,
+                    });
+                }
+            });
+        }
+        drop((queue, done_tx));
+        import_sources(&mut run, &sources, &mut progress)
+    })?;
+    Ok(run.out)
+}
+
+/// The sources in order, each message handed to the workers; then every outcome taken in and
+/// the report synced.
+fn import_sources(
+    run: &mut Run<'_>,
+    sources: &[(PathBuf, Result<Source, String>)],
+    progress: &mut impl FnMut(u64, u64),
+) -> Result<(), ArchiveError> {
     let result = (|| {
-        for (path, source) in &sources {
+        for (path, source) in sources {
             let name = path.display().to_string();
             let kind = match source {
                 Ok(Source::Mbox(_)) => "mbox",
@@ -345,28 +480,35 @@ pub fn import(
                         reason: reason.clone(),
                     },
                 )?,
-                Ok(Source::Mbox(p)) => run.mbox(p, &mut progress)?,
-                Ok(Source::Message(p)) => run.file(p, None, &mut progress)?,
+                Ok(Source::Mbox(p)) => run.mbox(p, progress)?,
+                Ok(Source::Message(p)) => run.file(p, None, progress)?,
                 Ok(Source::Maildir(files)) => {
                     for f in files {
                         let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                        run.file(f, import::maildir_time(name), &mut progress)?;
+                        run.file(f, import::maildir_time(name), progress)?;
                     }
                 }
                 Ok(Source::Files(files)) => {
                     for f in files {
-                        run.file(f, None, &mut progress)?;
+                        run.file(f, None, progress)?;
                     }
                 }
             }
         }
         Ok::<(), ArchiveError>(())
     })();
+    // No more work: the workers finish what they hold, and every outcome is written.
+    run.jobs = None;
+    let taken = run.take_outcomes(true);
     if let Some(mut w) = run.report.take() {
         w.flush()
             .and_then(|()| w.get_ref().sync_all())
             .map_err(|e| ArchiveError::Io(format!("import report: {e}")))?;
     }
     result?;
-    Ok(run.out)
+    taken?;
+    match run.failed.take() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

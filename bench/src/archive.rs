@@ -50,8 +50,8 @@ pub struct Args {
     /// Items of the archive rebuilt in the rebuild part.
     #[arg(long, default_value_t = 100_000)]
     rebuild_items: usize,
-    /// Parts to run, comma-separated: ingest, search, mirror, object-store, rebuild and prove
-    /// (the last three need `garage`).
+    /// Parts to run, comma-separated: ingest, search, mirror, object-store, rebuild, prove (the
+    /// last three need `garage`) and import.
     #[arg(long, default_value = "ingest,search,mirror", value_delimiter = ',')]
     parts: Vec<String>,
     /// Threads archiving at once (the daemon archives from up to `delivery.concurrency_max`
@@ -391,6 +391,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     if part("prove") {
         run_prove(&a, &mut keep)?;
+    }
+    if part("import") {
+        run_import(&a, &mut keep)?;
     }
     println!(
         "\nbench process: peak RSS {:.0} MiB; now {:.0} MiB anonymous, {:.0} MiB file-backed (mapped catalog and index pages, reclaimable)",
@@ -997,6 +1000,98 @@ the chain's CPU per item (entry encoded, framed, linked: one SHA-256 of the even
 /// the default 256 MiB segments and uploaded to a three-node Garage; then (the reference) the
 /// catalog and index deleted and rebuilt from the local segments, and a new, empty unit that
 /// adopts the archive rebuilding its catalog from the store alone. Per run; medians.
+/// Import and bulk export: `--messages` of the corpus mix written as an mboxrd file, imported
+/// into a sealed archive (`archive::importer`, what `spoolctl archive import` runs), then all
+/// of it exported as an mbox (`archive::exporter`); against archiving the same corpus from
+/// `--threads` threads in the same run.
+fn run_import(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
+    let mut rates: [Vec<f64>; 5] = Default::default();
+    let mut mib = 0.0;
+    for run in 0..a.runs {
+        let dir = crate::scratch_dir(None)?;
+        let mut corpus = Corpus::new(a.seed + run as u64);
+        corpus.size_max = 4 << 20;
+        let file = dir.path().join("source.mbox");
+        let mut bytes = Vec::new();
+        for _ in 0..a.messages {
+            let (raw, from, _) = corpus.next();
+            bytes.extend_from_slice(archive::import::separator(&from, 0).as_bytes());
+            archive::import::quote(&raw, &mut bytes);
+            bytes.push(b'\n');
+        }
+        std::fs::write(&file, &bytes)?;
+        mib = bytes.len() as f64 / (1 << 20) as f64;
+        let (stored, _, _, _) = ingest(
+            &dir.path().join("reference"),
+            a.seed + run as u64,
+            a.messages,
+            Sizes::Mix(4 << 20),
+            a.threads,
+            true,
+        )?;
+        rates[0].push(stored);
+        let archive = open_as(&dir.path().join("imported"), true)?;
+        let opts = archive::importer::ImportOptions {
+            quoting: archive::import::Quoting::Rd,
+            size_max: 64 << 20,
+            origin: "bench".into(),
+            report: Some(dir.path().join("report.tsv")),
+        };
+        let t = Instant::now();
+        let done =
+            archive::importer::import(&archive, std::slice::from_ref(&file), &opts, |_, _| {})?;
+        let took = t.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            done.totals().0 == a.messages as u64,
+            "import: {:?}",
+            done.totals()
+        );
+        rates[1].push(a.messages as f64 / took);
+        rates[2].push(mib / took);
+        let seqs: Vec<u64> = (1..=a.messages as u64).collect();
+        let t = Instant::now();
+        archive::exporter::export(
+            &archive,
+            &seqs,
+            "bench",
+            archive::exporter::Format::Mbox,
+            &dir.path().join("export.mbox"),
+            |_, _| {},
+        )?;
+        let took = t.elapsed().as_secs_f64();
+        rates[3].push(a.messages as f64 / took);
+        rates[4].push(mib / took);
+        eprintln!(
+            "run {run}: archive {:.0} msgs/s; import {:.0} msgs/s ({:.1} MiB/s); export {:.0} msgs/s ({:.1} MiB/s)",
+            rates[0][run], rates[1][run], rates[2][run], rates[3][run], rates[4][run]
+        );
+        drop(archive);
+        keep.push(dir);
+    }
+    let [reference, import_rate, import_mib, export_rate, export_mib] = rates.map(crate::median);
+    println!(
+        "\nimport and export: {} messages of the corpus mix ({mib:.0} MiB of mbox), sealed archive",
+        a.messages
+    );
+    println!(
+        "\n| path | msgs/s | MiB/s | × archiving from {} threads |\n|---|---|---|---|",
+        a.threads
+    );
+    println!(
+        "| archiving the corpus ({} threads; the reference) | {reference:.0} | | 1.00 |",
+        a.threads
+    );
+    println!(
+        "| `archive import` of an mboxrd file | {import_rate:.0} | {import_mib:.1} | {:.2} |",
+        import_rate / reference
+    );
+    println!(
+        "| `archive export --format mbox` of every item | {export_rate:.0} | {export_mib:.1} | {:.2} |",
+        export_rate / reference
+    );
+    Ok(())
+}
+
 fn run_rebuild(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
     let garage = tests::garage::Garage::start(3);
     let n = a.rebuild_items;
