@@ -23,6 +23,7 @@ pub mod import;
 pub mod importer;
 pub use identity::ArchiveId;
 pub mod index;
+pub mod journal;
 pub mod mime;
 pub mod mirror;
 pub mod query;

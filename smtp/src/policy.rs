@@ -19,6 +19,9 @@ pub struct RelayPolicy {
     /// Accept sender-specified routing (`@`, `%`, `!` in the local part, source routes) from
     /// untrusted clients to relay domains. Off by default.
     pub allow_untrusted_routing: bool,
+    /// Journal addresses (lower case): mail to them is archived, not delivered, and only
+    /// trusted clients may send it, whatever the domain.
+    pub journal_recipients: Vec<String>,
 }
 
 /// The policy's answer for one recipient.
@@ -41,11 +44,19 @@ impl Default for RelayPolicy {
                 .filter_map(|n| n.parse().ok())
                 .collect(),
             allow_untrusted_routing: false,
+            journal_recipients: Vec::new(),
         }
     }
 }
 
 impl RelayPolicy {
+    /// Is `rcpt` a journal address?
+    pub fn is_journal(&self, rcpt: &str) -> bool {
+        self.journal_recipients
+            .iter()
+            .any(|j| j.eq_ignore_ascii_case(rcpt))
+    }
+
     /// Is `client` in `trusted_networks` (IPv4-mapped IPv6 addresses compared as IPv4)?
     pub fn trusts(&self, client: IpAddr) -> bool {
         let client = match client {
@@ -61,6 +72,10 @@ impl RelayPolicy {
     pub fn check(&self, client: IpAddr, rcpt: &str, source_route: bool) -> RelayVerdict {
         if self.trusts(client) {
             return RelayVerdict::Accept;
+        }
+        if self.is_journal(rcpt) {
+            // A journal address is a way into the archive: trusted clients only.
+            return RelayVerdict::RelayDenied;
         }
         let Some(domain) = domain_of(rcpt) else {
             return if rcpt.eq_ignore_ascii_case("postmaster") {

@@ -21,6 +21,7 @@ async fn server(tls: Option<tokio_rustls::TlsAcceptor>) -> (SocketAddr, Arc<Memo
             relay_domains: vec!["ok.test".into()],
             trusted_networks: vec![],
             allow_untrusted_routing: false,
+            journal_recipients: Vec::new(),
         },
         ..ServerConfig::default()
     });

@@ -23,6 +23,7 @@ fn config() -> ServerConfig {
             relay_domains: vec!["relay.example".into()],
             trusted_networks: vec!["127.0.0.0/8".parse().unwrap()],
             allow_untrusted_routing: false,
+            journal_recipients: Vec::new(),
         },
     }
 }

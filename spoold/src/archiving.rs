@@ -8,6 +8,7 @@ use crate::metrics::Metrics;
 use anyhow::{Context, Result};
 use archive::mirror::{PeerStats, ReceiverStats};
 use archive::{Archive, Incoming};
+use sha2::{Digest, Sha256};
 use spool::{Envelope, Folder, Layout, MappedBody, MessageId, Part, ScanState};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -52,6 +53,9 @@ pub struct Archiving {
     import_size_max: u64,
     /// This unit's node name (the origin of imported items).
     node: String,
+    /// Journal addresses (lower case): what is sent to them is archived as `archive::journal`
+    /// reads it.
+    journal: Vec<String>,
     /// The record of who looked (`evidence::audit`): one entry per request that reads or
     /// changes archive content, synced before the request is answered.
     audit: Mutex<evidence::audit::AuditLog>,
@@ -237,6 +241,7 @@ impl Archiving {
             encryption: a.encryption,
             import_size_max: cfg.smtp.message_bytes_max,
             node: cfg.node_name.clone(),
+            journal: a.journal(),
             audit: Mutex::new(audit),
             audit_dir,
             mirror_links: Mutex::new(Vec::new()),
@@ -388,8 +393,59 @@ impl Archiving {
             return Ok(());
         };
         let path = layout.path(folder, &env.id, Part::Body);
+        if env.recipients.iter().any(|r| {
+            self.journal
+                .iter()
+                .any(|j| j.eq_ignore_ascii_case(&r.address))
+        }) {
+            let outcome = self.journaled(incoming, &path, env.body_len);
+            return self.record(&env.id, outcome);
+        }
         let outcome = store(&self.archive, incoming, &path, env.body_len);
         self.record(&env.id, outcome)
+    }
+
+    /// A message sent to a journal address: archived as what it stands for (an envelope journal
+    /// report's original, with the report's envelope, and the report beside it; a plain copy as
+    /// it is, its envelope from its header fields).
+    fn journaled(
+        &self,
+        incoming: Incoming,
+        path: &std::path::Path,
+        len: u64,
+    ) -> Result<bool, String> {
+        let body = MappedBody::open(path, len).map_err(|e| format!("read the body: {e}"))?;
+        let j = archive::journal::read(body.bytes());
+        let mut new = false;
+        if j.from_report {
+            // The report itself, as it came (its envelope the journal transaction's).
+            let report = Incoming {
+                id: format!("{}.report", incoming.id),
+                ..incoming.clone()
+            };
+            new |= self
+                .archive
+                .archive(report, body.bytes())
+                .map_err(|e| e.to_string())?
+                .new;
+        }
+        let original = Incoming {
+            sender: j.sender,
+            recipients: j.recipients,
+            hash: Sha256::digest(&j.raw).into(),
+            verdict: if j.from_report {
+                format!("{}; journal report", incoming.verdict)
+            } else {
+                format!("{}; journal", incoming.verdict)
+            },
+            ..incoming
+        };
+        new |= self
+            .archive
+            .archive(original, &j.raw)
+            .map_err(|e| e.to_string())?
+            .new;
+        Ok(new)
     }
 
     /// What the archive is given of a message, or `None` when it is not archived.

@@ -154,6 +154,7 @@ impl cluster::Schema for LiveConfig {
             relay_domains: c.smtp.relay_domains.clone(),
             trusted_networks: c.smtp.trusted_networks.clone(),
             allow_untrusted_routing: c.smtp.allow_untrusted_routing,
+            journal_recipients: c.archive.journal(),
         };
         let (size, rcpts, idle) = (
             c.smtp.message_bytes_max,

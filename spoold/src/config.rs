@@ -112,6 +112,10 @@ pub struct ArchiveConfig {
     /// `SPOOLD_ARCHIVE_KEYRING`, holding the keyring's text, takes its place. Without it the
     /// archive cannot be read: keep a copy apart from the unit.
     pub keyring_file: Option<PathBuf>,
+    /// Journal addresses: mail to them (from trusted clients only) is archived and not
+    /// delivered; an Exchange envelope journal report is archived as its original, with the
+    /// report's recipients (Bcc included) as its envelope.
+    pub journal_recipients: Vec<String>,
     /// Sign a checkpoint of the archive's hash chain once this many entries are unsigned ...
     pub checkpoint_entries: u64,
     /// ... or once an entry has waited this many seconds for one.
@@ -251,6 +255,7 @@ impl Default for ArchiveConfig {
             signing_key_file: None,
             encryption: true,
             keyring_file: None,
+            journal_recipients: Vec::new(),
             checkpoint_entries: 1000,
             checkpoint_secs: 60,
             audit_dir: None,
@@ -271,6 +276,17 @@ impl ArchiveConfig {
         self.signing_key_file
             .clone()
             .unwrap_or_else(|| state_dir.join("keys").join("archive-signing.key"))
+    }
+
+    /// The journal addresses, lower case (none when the archive is off: nothing could take them).
+    pub fn journal(&self) -> Vec<String> {
+        if !self.enabled {
+            return Vec::new();
+        }
+        self.journal_recipients
+            .iter()
+            .map(|r| r.to_ascii_lowercase())
+            .collect()
     }
 
     /// The file of the archive's keyring.

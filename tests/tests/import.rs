@@ -470,3 +470,116 @@ fn a_bulk_export_imported_into_a_fresh_unit_reproduces_every_item_and_its_manife
         "two written, one refused: each asked is recorded"
     );
 }
+
+/// Journal intake over SMTP: a plain journal copy is archived (its envelope from its header
+/// fields) and not delivered; an Exchange envelope journal report is archived as its original,
+/// byte for byte, with the report's recipients (Bcc included) as its envelope, the report kept
+/// beside it; a message to a journal address and a real recipient is delivered to the real one
+/// only; a client the relay policy does not trust may not journal.
+#[test]
+fn journal_copies_and_envelope_reports_are_archived_not_delivered_and_strangers_may_not_journal() {
+    let sink = tests::SmtpSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "node_name = \"jr\"\n[delivery]\ndefault_next_hop = \"{}\"\n[archive]\njournal_recipients = [\"Journal@Archive.test\"]\n",
+            sink.addr
+        ),
+    );
+    let d = Daemon::start_delivering(&["--config", &cfg]);
+    let plain = b"From: Alice <alice@contoso.com>\r\nTo: bob@contoso.com\r\nSubject: plain journal copy\r\nMessage-ID: <plain@contoso.com>\r\n\r\nA copy.\r\n";
+    let original = b"From: Alice <alice@contoso.com>\r\nTo: bob@contoso.com\r\nSubject: Q3 numbers\r\nMessage-ID: <q3@contoso.com>\r\n\r\nThe numbers.\r\n";
+    let mut report = b"From: Microsoft Exchange <journal@contoso.com>\r\nTo: journal@archive.test\r\nSubject: Q3 numbers\r\nX-MS-Journal-Report:\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"jr\"\r\n\r\n--jr\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nSender: alice@contoso.com\r\nSubject: Q3 numbers\r\nMessage-Id: <q3@contoso.com>\r\nTo: bob@contoso.com\r\nCc: carol@contoso.com, Forwarded: team@contoso.com\r\nBcc: dave@contoso.com\r\n\r\n--jr\r\nContent-Type: message/rfc822\r\n\r\n".to_vec();
+    report.extend_from_slice(original);
+    report.extend_from_slice(b"\r\n--jr--\r\n");
+    let both = b"From: erin@contoso.com\r\nTo: frank@example.org\r\nSubject: both\r\n\r\nto a person and the journal\r\n";
+    let (mut c, _) = tests::Client::connect(d.smtp);
+    assert!(c.cmd("EHLO mta.contoso.com").starts_with("250"));
+    for (from, to, body) in [
+        (
+            "alice@contoso.com",
+            vec!["journal@archive.test"],
+            &plain[..],
+        ),
+        (
+            "journal@contoso.com",
+            vec!["journal@archive.test"],
+            &report[..],
+        ),
+        (
+            "erin@contoso.com",
+            vec!["frank@example.org", "JOURNAL@archive.test"],
+            &both[..],
+        ),
+    ] {
+        let r = c.send_mail(from, &to, body);
+        assert!(r.starts_with("250"), "{r}");
+    }
+    assert!(
+        wait_until(60, || d.spooled_ids().is_empty()),
+        "the spool empties"
+    );
+    // Delivered: the third message, to frank only.
+    assert!(wait_until(10, || sink.dumped().len() == 1));
+    let dumped = sink.dumped();
+    assert_eq!(
+        dumped[0].rcpt_args,
+        ["<frank@example.org>"],
+        "{:?}",
+        dumped[0].rcpt_args
+    );
+
+    // Archived: the plain copy, the report's original and the report, the third message.
+    assert_eq!(items(&d), 4);
+    let shown: Vec<Value> = (1..=4)
+        .map(|s| {
+            let (code, out, _) = spoolctl(&d, &["--json", "archive", "show", &s.to_string()]);
+            assert_eq!(code, 0);
+            serde_json::from_str::<Value>(&out).unwrap()["item"].clone()
+        })
+        .collect();
+    let find = |verdict_ends: &str, sender: &str| -> (String, Value) {
+        let item = shown
+            .iter()
+            .find(|i| {
+                i["verdict"].as_str().unwrap().ends_with(verdict_ends) && i["sender"] == sender
+            })
+            .unwrap_or_else(|| panic!("no {sender} ({verdict_ends}) in {shown:#?}"));
+        (item["seq"].to_string(), item.clone())
+    };
+    let (seq, item) = find("; journal", "alice@contoso.com");
+    assert_eq!(item["recipients"], serde_json::json!(["bob@contoso.com"]));
+    assert!(
+        export(&d, &seq).ends_with(plain),
+        "the copy, after the Received: line we add"
+    );
+    let (seq, item) = find("; journal report", "alice@contoso.com");
+    assert_eq!(
+        item["recipients"],
+        serde_json::json!(["bob@contoso.com", "carol@contoso.com", "dave@contoso.com"])
+    );
+    assert_eq!(
+        export(&d, &seq),
+        original.to_vec(),
+        "the original, byte for byte"
+    );
+    let (_, the_report) = find("unscanned", "journal@contoso.com");
+    assert!(
+        the_report["id"].as_str().unwrap().ends_with(".report"),
+        "{the_report}"
+    );
+    let (_, both_item) = find("; journal", "erin@contoso.com");
+    assert_eq!(
+        both_item["recipients"],
+        serde_json::json!(["frank@example.org"])
+    );
+
+    // A stranger may not journal (nor relay).
+    let stranger = tests::stranger_ip();
+    let (mut c, _) = tests::Client::connect_from(d.smtp, stranger);
+    assert!(c.cmd("EHLO outside.example").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<x@outside.example>").starts_with("250"));
+    let r = c.cmd("RCPT TO:<journal@archive.test>");
+    assert!(r.starts_with("554 5.7.1"), "{r}");
+}

@@ -66,6 +66,8 @@ pub struct DeliveryPolicy {
     scan_retry: Duration,
     /// Tell the sender of a quarantined message.
     notify_quarantine: bool,
+    /// Journal addresses (lower case): archived, never delivered.
+    journal: Vec<String>,
 }
 
 impl DeliveryPolicy {
@@ -83,6 +85,7 @@ impl DeliveryPolicy {
             scan_fail_open: cfg.filter.fail_open,
             scan_retry: Duration::from_secs(cfg.filter.retry_secs),
             notify_quarantine: cfg.filter.notify_sender,
+            journal: cfg.archive.journal(),
         }
     }
 }
@@ -404,15 +407,29 @@ impl Delivery {
         policy: &DeliveryPolicy,
     ) -> (Vec<(usize, RcptResult)>, Option<Hop>) {
         let mut groups: BTreeMap<Option<Hop>, Vec<usize>> = BTreeMap::new();
+        let mut results: Vec<(usize, RcptResult)> = Vec::new();
         for (i, r) in env.recipients.iter().enumerate() {
-            if r.state == RcptState::Pending {
+            if r.state == RcptState::Pending
+                && policy
+                    .journal
+                    .iter()
+                    .any(|j| j.eq_ignore_ascii_case(&r.address))
+            {
+                // A journal address: the archive is its destination (the message is removed
+                // only once its archive record is durable).
+                self.sink.lifecycle.track().event(
+                    &env.id,
+                    EventKind::Delivered,
+                    format!("{} journaled: archived, not delivered", r.address),
+                );
+                results.push((i, RcptResult::Delivered));
+            } else if r.state == RcptState::Pending {
                 groups
                     .entry(policy.routes.lookup(&r.address).cloned())
                     .or_default()
                     .push(i);
             }
         }
-        let mut results: Vec<(usize, RcptResult)> = Vec::new();
         let mut busy = None;
         for (hop, idx) in groups {
             if self.held() {
