@@ -128,6 +128,7 @@ mod tests {
             relay_domains: vec!["Example.org".into(), ".corp.example".into()],
             trusted_networks: vec![],
             allow_untrusted_routing: false,
+            journal_recipients: vec![],
         };
         let ip = "198.51.100.9".parse().unwrap();
         assert_eq!(p.check(ip, "a@example.ORG", false), Accept);
@@ -136,6 +137,23 @@ mod tests {
         assert_eq!(p.check(ip, "a@mail.corp.example", false), Accept);
         assert_eq!(p.check(ip, "a@corp.example", false), Accept);
         assert_eq!(p.check(ip, "a@xcorp.example", false), RelayDenied);
+    }
+
+    #[test]
+    fn a_journal_address_is_for_trusted_clients_only_even_in_a_relay_domain() {
+        let p = RelayPolicy {
+            relay_domains: vec!["archive.test".into()],
+            journal_recipients: vec!["journal@archive.test".into()],
+            ..RelayPolicy::default()
+        };
+        let stranger = "192.0.2.77".parse().unwrap();
+        let local = "127.0.0.1".parse().unwrap();
+        assert_eq!(p.check(local, "Journal@Archive.test", false), Accept);
+        assert_eq!(
+            p.check(stranger, "Journal@Archive.test", false),
+            RelayDenied
+        );
+        assert_eq!(p.check(stranger, "someone@archive.test", false), Accept);
     }
 
     #[test]
