@@ -127,14 +127,17 @@ fn an_encrypted_archive_holds_no_plaintext_and_rotation_and_rekey_keep_every_ite
         p.breaks[0]
     );
     let keyring = Arc::new(Keyring::load(&ring).unwrap().unwrap());
-    let p = proof::prove_dir(
-        state.path(),
-        vec![],
-        proof::Start::Genesis,
-        &[],
-        Some(keyring.clone()),
-    )
-    .unwrap();
+    let prove_with_keyring = || {
+        proof::prove_dir(
+            state.path(),
+            vec![],
+            proof::Start::Genesis,
+            &[],
+            Some(keyring.clone()),
+        )
+        .unwrap()
+    };
+    let p = prove_with_keyring();
     assert!(p.holds(), "{:?}", p.breaks);
     // An insider who flips a byte of a sealed record and fits its checksum again is named:
     // the record fails authentication.
@@ -158,14 +161,7 @@ fn an_encrypted_archive_holds_no_plaintext_and_rotation_and_rekey_keep_every_ite
     let crc = crc32c::crc32c(&data[record::FRAME_HEAD..record::FRAME_HEAD + len]);
     data[8..12].copy_from_slice(&crc.to_be_bytes());
     std::fs::write(&seg, &data).unwrap();
-    let p = proof::prove_dir(
-        state.path(),
-        vec![],
-        proof::Start::Genesis,
-        &[],
-        Some(keyring.clone()),
-    )
-    .unwrap();
+    let p = prove_with_keyring();
     assert!(
         p.breaks
             .iter()

@@ -429,38 +429,22 @@ fn run_ingest(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
         )?;
         drop(d);
         spool_rates.push(r.msgs_per_s);
-        let (stored, searchable, raw, on_disk) = ingest(
-            &dir.path().join("archive"),
-            a.seed + run as u64,
-            a.messages,
-            Sizes::Mix(4 << 20),
-            a.threads,
-            false,
-        )?;
-        let (f_stored, f_searchable, _, _) = ingest(
-            &dir.path().join("archive-4k"),
-            a.seed + run as u64,
-            a.messages,
-            Sizes::Fixed(4096),
-            a.threads,
-            false,
-        )?;
-        let (s_stored, s_searchable, _, _) = ingest(
-            &dir.path().join("archive-sealed"),
-            a.seed + run as u64,
-            a.messages,
-            Sizes::Mix(4 << 20),
-            a.threads,
-            true,
-        )?;
-        let (sf_stored, sf_searchable, _, _) = ingest(
-            &dir.path().join("archive-4k-sealed"),
-            a.seed + run as u64,
-            a.messages,
-            Sizes::Fixed(4096),
-            a.threads,
-            true,
-        )?;
+        // The corpus mix and 4 KiB plain text, each in clear and sealed, in one run.
+        let shape = |name: &str, sizes: Sizes, sealed: bool| {
+            ingest(
+                &dir.path().join(name),
+                a.seed + run as u64,
+                a.messages,
+                sizes,
+                a.threads,
+                sealed,
+            )
+        };
+        let (stored, searchable, raw, on_disk) = shape("archive", Sizes::Mix(4 << 20), false)?;
+        let (f_stored, f_searchable, _, _) = shape("archive-4k", Sizes::Fixed(4096), false)?;
+        let (s_stored, s_searchable, _, _) = shape("archive-sealed", Sizes::Mix(4 << 20), true)?;
+        let (sf_stored, sf_searchable, _, _) =
+            shape("archive-4k-sealed", Sizes::Fixed(4096), true)?;
         sealed_stored.push(s_stored);
         sealed_searchable.push(s_searchable);
         sealed_fixed_stored.push(sf_stored);

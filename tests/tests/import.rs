@@ -341,33 +341,26 @@ fn a_bulk_export_imported_into_a_fresh_unit_reproduces_every_item_and_its_manife
     assert_eq!(done["archived"], 40, "{done}");
 
     let out = dir.path().join("discovery.mbox");
-    let (code, text, err) = spoolctl(
-        &a,
-        &[
-            "archive",
-            "export",
-            "--query",
-            "after:1970-01-01",
-            "--format",
-            "mbox",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-    );
+    let everything = |format: &str, out: &Path| {
+        spoolctl(
+            &a,
+            &[
+                "archive",
+                "export",
+                "--query",
+                "after:1970-01-01",
+                "--format",
+                format,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        )
+    };
+    let (code, text, err) = everything("mbox", &out);
     assert_eq!(code, 0, "{text}{err}");
     assert!(text.contains("exported 40 item(s)"), "{text}");
     // Never over an existing file.
-    let (code, _, err) = spoolctl(
-        &a,
-        &[
-            "archive",
-            "export",
-            "--query",
-            "after:1970-01-01",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-    );
+    let (code, _, err) = everything("mbox", &out);
     assert_ne!(code, 0);
     assert!(err.contains("never writes over"), "{err}");
 
@@ -434,19 +427,7 @@ fn a_bulk_export_imported_into_a_fresh_unit_reproduces_every_item_and_its_manife
 
     // The Maildir export: the same bytes, one file each in new/.
     let md = dir.path().join("discovery.maildir");
-    let (code, text, err) = spoolctl(
-        &a,
-        &[
-            "archive",
-            "export",
-            "--query",
-            "after:1970-01-01",
-            "--format",
-            "maildir",
-            "--out",
-            md.to_str().unwrap(),
-        ],
-    );
+    let (code, text, err) = everything("maildir", &md);
     assert_eq!(code, 0, "{text}{err}");
     let files: BTreeSet<Vec<u8>> = std::fs::read_dir(md.join("new"))
         .unwrap()
