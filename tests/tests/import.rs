@@ -199,7 +199,13 @@ fn an_awkward_corpus_gets_a_verdict_per_message_exact_bytes_and_a_rerun_adds_not
     let got: BTreeSet<Vec<u8>> = archived.iter().map(|s| export(&d, s)).collect();
     let originals: BTreeSet<Vec<u8>> = [&m1, &m2, &m3, &m4, &m5].into_iter().cloned().collect();
     assert_eq!(got, originals);
-    let (code, out, _) = spoolctl(&d, &["--json", "archive", "show", &archived[0]]);
+    // (Report lines come in the order the archive took the messages, not the source's.)
+    let first = lines
+        .iter()
+        .find(|l| l.1 == "history.mbox" && l.2 == "byte 0")
+        .map(|l| l.3.trim_start_matches("item ").to_string())
+        .unwrap();
+    let (code, out, _) = spoolctl(&d, &["--json", "archive", "show", &first]);
     assert_eq!(code, 0);
     let shown: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(shown["item"]["arrived_ms"], 820_631_134_000u64, "{shown}");
@@ -563,4 +569,183 @@ fn journal_copies_and_envelope_reports_are_archived_not_delivered_and_strangers_
     assert!(c.cmd("MAIL FROM:<x@outside.example>").starts_with("250"));
     let r = c.cmd("RCPT TO:<journal@archive.test>");
     assert!(r.starts_with("554 5.7.1"), "{r}");
+}
+
+/// A Postfix instance of the test's own (its own configuration, queue and log under a temporary
+/// directory): `always_bcc` sends a copy of every message to the journal address, routed to
+/// spoold; everything else goes to `relay`. Stopped (`postfix abort`) when dropped.
+struct Postfix {
+    conf: std::path::PathBuf,
+    smtp: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Postfix {
+    fn start(journal_to: std::net::SocketAddr, relay: std::net::SocketAddr) -> Postfix {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        let (conf, queue, data) = (d.join("conf"), d.join("queue"), d.join("data"));
+        for p in [&conf, &queue, &data] {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        let chown = std::process::Command::new("chown")
+            .arg("postfix")
+            .arg(&data)
+            .status()
+            .unwrap();
+        assert!(
+            chown.success(),
+            "chown postfix (the Debian package makes the user)"
+        );
+        let smtp = tests::free_addr();
+        std::fs::write(
+            conf.join("main.cf"),
+            format!(
+                "compatibility_level = 3.6\nqueue_directory = {q}\ndata_directory = {data}\nmail_owner = postfix\n\
+                 setgid_group = postdrop\ninet_interfaces = 127.0.0.1\ninet_protocols = ipv4\nmyhostname = mta.test\n\
+                 mydestination =\nmynetworks = 127.0.0.0/8\nrelayhost = [{rh}]:{rp}\nalways_bcc = journal@archive.test\n\
+                 transport_maps = inline:{{ archive.test=smtp:[{jh}]:{jp} }}\nmaillog_file = {log}\n\
+                 maillog_file_prefixes = {prefix}\nsmtp_tls_security_level = none\nsmtpd_tls_security_level = none\n",
+                q = queue.display(),
+                data = data.display(),
+                rh = relay.ip(),
+                rp = relay.port(),
+                jh = journal_to.ip(),
+                jp = journal_to.port(),
+                log = d.join("maillog").display(),
+                prefix = d.display(),
+            ),
+        )
+        .unwrap();
+        let services = [
+            format!("{smtp} inet n - n - - smtpd"),
+            "pickup unix n - n 60 1 pickup".into(),
+            "cleanup unix n - n - 0 cleanup".into(),
+            "qmgr unix n - n 300 1 qmgr".into(),
+            "rewrite unix - - n - - trivial-rewrite".into(),
+            "bounce unix - - n - 0 bounce".into(),
+            "defer unix - - n - 0 bounce".into(),
+            "trace unix - - n - 0 bounce".into(),
+            "verify unix - - n - 1 verify".into(),
+            "flush unix n - n 1000? 0 flush".into(),
+            "proxymap unix - - n - - proxymap".into(),
+            "smtp unix - - n - - smtp".into(),
+            "relay unix - - n - - smtp".into(),
+            "showq unix n - n - - showq".into(),
+            "error unix - - n - - error".into(),
+            "retry unix - - n - - error".into(),
+            "discard unix - - n - - discard".into(),
+            "anvil unix - - n - 1 anvil".into(),
+            "scache unix - - n - 1 scache".into(),
+            "postlog unix-dgram n - n - 1 postlogd".into(),
+        ];
+        std::fs::write(conf.join("master.cf"), services.join("\n") + "\n").unwrap();
+        let started = std::process::Command::new("postfix")
+            .arg("-c")
+            .arg(&conf)
+            .arg("start")
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .output()
+            .expect("postfix is required (apt-get install postfix)");
+        let pf = Postfix {
+            conf,
+            smtp,
+            _dir: dir,
+        };
+        assert!(
+            wait_until(20, || std::net::TcpStream::connect(smtp).is_ok()),
+            "postfix did not listen on {smtp}: {}{}\n{}",
+            String::from_utf8_lossy(&started.stdout),
+            String::from_utf8_lossy(&started.stderr),
+            std::fs::read_to_string(d.join("maillog")).unwrap_or_default()
+        );
+        pf
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("postfix")
+            .arg("-c")
+            .arg(&self.conf)
+            .arg("abort")
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .output();
+    }
+}
+
+/// A real Postfix journals to spoold with `always_bcc`: the copy is archived (envelope from its
+/// header fields, its bytes as Postfix sent them), not delivered by spoold; the original goes
+/// its own way, through Postfix, to the next hop.
+#[test]
+fn a_real_postfix_always_bcc_feed_is_archived_and_not_delivered() {
+    let spoold_next_hop = tests::SmtpSink::start();
+    let mta_next_hop = tests::SmtpSink::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "node_name = \"pj\"\n[delivery]\ndefault_next_hop = \"{}\"\n[archive]\njournal_recipients = [\"journal@archive.test\"]\n",
+            spoold_next_hop.addr
+        ),
+    );
+    let d = Daemon::start_delivering(&["--config", &cfg]);
+    let postfix = Postfix::start(d.smtp, mta_next_hop.addr);
+    let body = b"From: Alice <alice@contoso.com>\r\nTo: bob@example.org\r\nCc: carol@example.org\r\nSubject: journaled by postfix\r\nMessage-ID: <pf1@contoso.com>\r\n\r\nThrough a real MTA.\r\n";
+    let (mut c, greeting) = tests::Client::connect(postfix.smtp);
+    assert!(greeting.starts_with("220"), "{greeting}");
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    let r = c.send_mail(
+        "alice@contoso.com",
+        &["bob@example.org", "carol@example.org"],
+        body,
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let _ = c.cmd("QUIT");
+    assert!(
+        wait_until(60, || items(&d) == 1),
+        "the journal copy did not reach the archive"
+    );
+    assert!(
+        wait_until(30, || d.spooled_ids().is_empty()),
+        "spoold keeps nothing"
+    );
+    assert!(
+        wait_until(30, || mta_next_hop.dumped().len() == 1),
+        "the original went on"
+    );
+    let original = &mta_next_hop.dumped()[0];
+    // (Postfix adds ORCPT= after each address.)
+    let mut rcpts: Vec<&str> = original
+        .rcpt_args
+        .iter()
+        .map(|r| r.split(' ').next().unwrap_or(""))
+        .collect();
+    rcpts.sort();
+    assert_eq!(rcpts, ["<bob@example.org>", "<carol@example.org>"]);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert!(
+        spoold_next_hop.dumped().is_empty(),
+        "spoold delivered the journal copy"
+    );
+    let (code, out, _) = spoolctl(&d, &["--json", "archive", "show", "1"]);
+    assert_eq!(code, 0);
+    let item = serde_json::from_str::<Value>(&out).unwrap()["item"].clone();
+    assert_eq!(item["sender"], "alice@contoso.com", "{item}");
+    assert_eq!(
+        item["recipients"],
+        serde_json::json!(["bob@example.org", "carol@example.org"])
+    );
+    assert!(
+        item["verdict"].as_str().unwrap().ends_with("; journal"),
+        "{item}"
+    );
+    let archived = export(&d, "1");
+    let text = String::from_utf8_lossy(&archived);
+    assert!(text.ends_with("\r\nThrough a real MTA.\r\n"), "{text}");
+    assert!(text.contains("Message-ID: <pf1@contoso.com>"), "{text}");
+    assert!(
+        text.contains("by mta.test (Postfix)"),
+        "Postfix's Received: line: {text}"
+    );
 }
