@@ -189,6 +189,43 @@ fn mirrored_units_find_each_others_mail_and_a_killed_peer_catches_up() {
     );
 }
 
+/// Items imported on one unit (`spoolctl archive import`) are mirrored like any other: its
+/// peer finds them, with the importing unit as their origin.
+#[test]
+fn items_imported_on_one_unit_are_searchable_on_its_mirror_peer() {
+    let sink = SmtpSink::start();
+    let (la, lb) = (free_addr(), free_addr());
+    let (da, a) = unit("imp_a", sink.addr, &mirror_section(la, lb, SECRET));
+    let (_db, b) = unit("imp_b", sink.addr, &mirror_section(lb, la, SECRET));
+    let mut mbox = Vec::new();
+    for i in 0..10 {
+        let m = format!(
+            "From: h{i}@example.com\r\nTo: r@example.org\r\nSubject: historic {i}\r\nMessage-ID: <h{i}@history.test>\r\n\r\nold mail {i}\r\n"
+        );
+        mbox.extend_from_slice(
+            archive::import::separator(&format!("h{i}@example.com"), 0).as_bytes(),
+        );
+        archive::import::quote(m.as_bytes(), &mut mbox);
+        mbox.push(b'\n');
+    }
+    let file = da.path().join("history.mbox");
+    std::fs::write(&file, &mbox).unwrap();
+    let imported = ctl_json(&a, &["import", file.to_str().unwrap()]);
+    assert_eq!(imported["archived"], 10, "{imported}");
+    assert!(
+        wait_until(60, || items(&b) == 10),
+        "items on b: {}",
+        items(&b)
+    );
+    searchable(&b);
+    let on_b = found(&b, "subject:historic");
+    assert_eq!(on_b.len(), 10, "{on_b:?}");
+    assert!(on_b
+        .iter()
+        .all(|(_, origin, mirrored)| origin == "imp_a" && *mirrored));
+    assert_eq!(found(&b, "msgid:h7@history.test").len(), 1);
+}
+
 #[test]
 fn a_wrong_shared_secret_mirrors_nothing_and_is_counted() {
     let sink = SmtpSink::start();
