@@ -12,12 +12,10 @@
 
 use crate::basics::hex;
 use crate::{checkpoint, Archive, ArchiveError};
+pub use evidence::export::{manifest_path, ManifestEnd, ManifestItem, MANIFEST_CONTEXT};
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-
-/// What a manifest's closing signature covers.
-pub const MANIFEST_CONTEXT: &[u8] = b"spoolpair export 1";
 
 /// The export's shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,46 +37,6 @@ impl Format {
     }
 }
 
-/// One item's line of the manifest.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ManifestItem {
-    /// Its number in the archive.
-    pub item: u64,
-    /// The spool id it had.
-    pub id: String,
-    /// SHA-256 of its bytes (hex).
-    pub sha256: String,
-    /// Its size in bytes.
-    pub size: u64,
-    /// Envelope sender.
-    pub sender: String,
-    /// Envelope recipients.
-    pub recipients: Vec<String>,
-    /// Accepted at, ms since the epoch.
-    pub arrived_ms: u64,
-    /// Where it is in the export: `byte N` of the mbox, or the Maildir file's name.
-    pub at: String,
-}
-
-/// The manifest's closing line.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ManifestEnd {
-    /// The query that selected the items.
-    pub query: String,
-    /// Items exported.
-    pub count: u64,
-    /// The archive's id.
-    pub archive: Option<String>,
-    /// The newest checkpoint of the archive's chain at the export (its JSON line).
-    pub checkpoint: Option<String>,
-    /// SHA-256 (hex) of the manifest's item lines, each with its line break.
-    pub items_sha256: String,
-    /// The unit's Ed25519 public key (hex).
-    pub key: String,
-    /// Its signature (hex) over [`MANIFEST_CONTEXT`] ‖ the item lines' digest.
-    pub signature: String,
-}
-
 /// What an export wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Exported {
@@ -88,13 +46,6 @@ pub struct Exported {
     pub bytes: u64,
     /// The manifest.
     pub manifest: PathBuf,
-}
-
-/// The manifest of an export at `out`.
-pub fn manifest_path(out: &Path) -> PathBuf {
-    let mut name = out.file_name().unwrap_or_default().to_os_string();
-    name.push(".manifest.jsonl");
-    out.with_file_name(name)
 }
 
 fn io(what: &Path, e: std::io::Error) -> ArchiveError {
@@ -142,7 +93,7 @@ pub fn export(
             Some(w) => {
                 let mut framed =
                     crate::import::separator(&item.sender, item.arrived_ms).into_bytes();
-                crate::import::quote(&raw, &mut framed);
+                evidence::export::quote(&raw, &mut framed);
                 framed.push(b'\n');
                 w.write_all(&framed).map_err(|e| io(out, e))?;
                 let at = format!("byte {offset}");

@@ -227,30 +227,10 @@ fn header_block_end(raw: &[u8]) -> Option<usize> {
 
 /// Undoes `From ` quoting.
 fn unquote(body: &[u8], quoting: Quoting) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len());
-    for line in body.split_inclusive(|&b| b == b'\n') {
-        let quotes = line.iter().take_while(|&&b| b == b'>').count();
-        let quoted = quotes > 0 && line[quotes..].starts_with(b"From ");
-        let undo = match quoting {
-            Quoting::Rd => quoted,
-            Quoting::O => quoted && quotes == 1,
-        };
-        out.extend_from_slice(if undo { &line[1..] } else { line });
-    }
-    out
+    evidence::export::unquote(body, quoting == Quoting::O)
 }
 
-/// Quotes a message for an mboxrd file (every `>`*`From ` line gets one `>` more), so that
-/// [`mbox`] with [`Quoting::Rd`] gives it back byte for byte.
-pub fn quote(raw: &[u8], out: &mut Vec<u8>) {
-    for line in raw.split_inclusive(|&b| b == b'\n') {
-        let quotes = line.iter().take_while(|&&b| b == b'>').count();
-        if line[quotes..].starts_with(b"From ") {
-            out.push(b'>');
-        }
-        out.extend_from_slice(line);
-    }
-}
+pub use evidence::export::quote;
 
 /// The `From ` separator line an mbox export writes before a message: its envelope sender
 /// (`MAILER-DAEMON` for `<>`) and its arrival, in asctime form (UTC).

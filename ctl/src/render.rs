@@ -628,6 +628,27 @@ impl Render for api::ArchiveKey {
     }
 }
 
+impl Render for evidence::export::ExportProof {
+    fn render(&self, out: &mut String) {
+        for b in &self.breaks {
+            out.push_str(&format!("BROKEN {}: {}\n", b.at, b.what));
+        }
+        out.push_str(&format!(
+            "export of {:?}: {} item(s) listed, {} whole; signed by {} ({})\n{}\n",
+            self.query,
+            self.items,
+            self.whole,
+            self.key,
+            if self.keys_given {
+                "checked against the keys given"
+            } else {
+                "the key the manifest names: give --public-key to check it against a key you trust"
+            },
+            if self.holds() { "PROVED" } else { "NOT PROVED" }
+        ));
+    }
+}
+
 impl Render for api::ArchiveBulkExported {
     fn render(&self, out: &mut String) {
         out.push_str(&format!(

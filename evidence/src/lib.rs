@@ -8,6 +8,7 @@
 //! - [`checkpoint`]: Ed25519-signed checkpoints of the chain's head, and the signing key file.
 //! - [`proof`]: the verifier: segment bytes and checkpoints in, every break named out.
 //! - [`seal`]: encryption at rest: the keyring and the sealed frame.
+//! - [`export`]: bulk exports' manifests, mboxrd quoting, and their check.
 //! - [`audit`]: the record of who looked, a hash-chained and signed log of its own.
 //!
 //! Not here: writing segments, the catalog, the index, the object store (the `archive` crate).
@@ -17,6 +18,7 @@
 pub mod audit;
 pub mod chain;
 pub mod checkpoint;
+pub mod export;
 pub mod item;
 pub mod proof;
 pub mod record;

@@ -441,6 +441,54 @@ fn a_bulk_export_imported_into_a_fresh_unit_reproduces_every_item_and_its_manife
         .collect();
     assert_eq!(files, originals);
 
+    // The receiver's check, with the public key alone and no daemon: both exports prove; a
+    // byte changed in a message, or a message added, is named (exit 1).
+    let verify_export = |path: &Path| {
+        let out = std::process::Command::new(tests::spoold_bin().with_file_name("spoolctl"))
+            .args(["archive", "verify-export"])
+            .arg(path)
+            .args(["--public-key", &public])
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    for path in [&out, &md] {
+        let (code, text) = verify_export(path);
+        assert_eq!(code, 0, "{text}");
+        assert!(
+            text.contains("40 item(s) listed, 40 whole") && text.contains("PROVED"),
+            "{text}"
+        );
+    }
+    let mut mbox_bytes = std::fs::read(&out).unwrap();
+    let at = mbox_bytes
+        .windows(11)
+        .position(|w| w == b"body of 107")
+        .unwrap();
+    mbox_bytes[at] = b'B';
+    std::fs::write(&out, &mbox_bytes).unwrap();
+    let (code, text) = verify_export(&out);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("BROKEN item") && text.contains("are not the"),
+        "{text}"
+    );
+    std::fs::write(
+        md.join("new/9999.extra.spoolpair"),
+        b"Subject: slipped in\r\n\r\n",
+    )
+    .unwrap();
+    let (code, text) = verify_export(&md);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("new/9999.extra.spoolpair: a message the manifest does not list"),
+        "{text}"
+    );
+
     // Audited, with the items each export wrote.
     let (_, out, _) = spoolctl(&a, &["--json", "audit", "list"]);
     let exports: Vec<u64> = serde_json::from_str::<Value>(&out)
