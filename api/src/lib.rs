@@ -369,6 +369,19 @@ pub enum Long {
         /// Write one line per message (verdict, source, place, item or reason) to this file.
         #[serde(default)]
         report: Option<String>,
+        /// Import this IMAP mailbox (`imaps://user@host[:port]/mailbox`, or `imap://` with
+        /// STARTTLS) instead of `paths`.
+        #[serde(default)]
+        imap: Option<String>,
+        /// With `imap`: the file holding the password (the daemon reads it).
+        #[serde(default)]
+        password_file: Option<String>,
+        /// With `imap`: PEM certificates to trust for the server (default: the system's).
+        #[serde(default)]
+        ca_file: Option<String>,
+        /// With `imap`: only messages the server dates on or after this day (`YYYY-MM-DD`).
+        #[serde(default)]
+        since: Option<String>,
         /// Send [`Progress`] lines (bytes read).
         #[serde(default)]
         progress: bool,
@@ -550,6 +563,19 @@ pub struct ArchiveImported {
     pub refusals: Vec<ImportRefusal>,
     /// The report file, when one was asked for.
     pub report: Option<String>,
+}
+
+/// An IMAP mailbox to import ([`Long::ArchiveImport`]'s `imap` and the fields that go with it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImapSource {
+    /// `imaps://user@host[:port]/mailbox` or `imap://…`.
+    pub url: String,
+    /// The password's file.
+    pub password_file: Option<String>,
+    /// PEM certificates to trust.
+    pub ca_file: Option<String>,
+    /// `YYYY-MM-DD`.
+    pub since: Option<String>,
 }
 
 /// One path of an import.

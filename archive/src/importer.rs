@@ -401,6 +401,19 @@ pub fn import(
         .filter_map(|(_, s)| s.as_ref().ok())
         .map(size_of)
         .sum();
+    with_run(archive, opts, total, |run| {
+        import_sources(run, &sources, &mut progress)
+    })
+}
+
+/// Runs `feed` with a [`Run`] whose messages [`WORKERS`] threads archive; then every outcome
+/// is taken in, the report synced, and the first failure answered.
+fn with_run(
+    archive: &Archive,
+    opts: &ImportOptions,
+    total: u64,
+    feed: impl FnOnce(&mut Run<'_>) -> Result<(), ArchiveError>,
+) -> Result<ImportReport, ArchiveError> {
     let report = match &opts.report {
         Some(p) => {
             let mut w =
@@ -445,19 +458,19 @@ pub fn import(
             });
         }
         drop((queue, done_tx));
-        import_sources(&mut run, &sources, &mut progress)
+        let fed = feed(&mut run);
+        finish(&mut run, fed)
     })?;
     Ok(run.out)
 }
 
-/// The sources in order, each message handed to the workers; then every outcome taken in and
-/// the report synced.
+/// The sources in order, each message handed to the workers.
 fn import_sources(
     run: &mut Run<'_>,
     sources: &[(PathBuf, Result<Source, String>)],
     progress: &mut impl FnMut(u64, u64),
 ) -> Result<(), ArchiveError> {
-    let result = (|| {
+    {
         for (path, source) in sources {
             let name = path.display().to_string();
             let kind = match source {
@@ -495,9 +508,12 @@ fn import_sources(
                 }
             }
         }
-        Ok::<(), ArchiveError>(())
-    })();
-    // No more work: the workers finish what they hold, and every outcome is written.
+        Ok(())
+    }
+}
+
+/// No more work: the workers finish what they hold, every outcome is written, the report synced.
+fn finish(run: &mut Run<'_>, result: Result<(), ArchiveError>) -> Result<(), ArchiveError> {
     run.jobs = None;
     let taken = run.take_outcomes(true);
     if let Some(mut w) = run.report.take() {
@@ -511,4 +527,101 @@ fn import_sources(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// An import from an IMAP mailbox.
+#[derive(Clone, Debug)]
+pub struct ImapImport {
+    /// `imaps://user@host[:port]/mailbox` or `imap://…` (STARTTLS).
+    pub url: String,
+    /// The password (read by the caller from a file; never logged, never in the report).
+    pub password: String,
+    /// PEM certificates to trust for the server (default: the system's).
+    pub ca_file: Option<PathBuf>,
+    /// Only messages the server dates on or after this day (`d-Mon-yyyy`).
+    pub since: Option<String>,
+    /// Where the UID reached is kept (one small file per mailbox), so a rerun goes on from it.
+    pub state_dir: PathBuf,
+}
+
+/// The file that says how far an import of `url`'s mailbox got: `<uidvalidity> <last uid>`
+/// (one per user, host and mailbox, however it is reached: IMAPS or STARTTLS, any port).
+fn imap_state_file(state_dir: &Path, url: &crate::imap::ImapUrl) -> PathBuf {
+    let who = format!("{}@{}/{}", url.user, url.host, url.mailbox);
+    state_dir.join(format!(
+        "imap-{}.uid",
+        hex(&Sha256::digest(who.as_bytes())[..8])
+    ))
+}
+
+/// Imports the messages of an IMAP mailbox (read-only: nothing is changed there) after the UID
+/// the last import of it reached (from the start when the mailbox's UIDVALIDITY changed);
+/// `progress(messages done, messages to fetch)`.
+pub fn import_imap(
+    archive: &Archive,
+    imap: &ImapImport,
+    opts: &ImportOptions,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<ImportReport, ArchiveError> {
+    use crate::imap::{ImapUrl, Session};
+    let url = ImapUrl::parse(&imap.url).map_err(ArchiveError::Refused)?;
+    let (mut session, validity) = Session::open(&url, &imap.password, imap.ca_file.as_deref())
+        .map_err(ArchiveError::Refused)?;
+    let state = imap_state_file(&imap.state_dir, &url);
+    let after = std::fs::read_to_string(&state)
+        .ok()
+        .and_then(|t| {
+            let mut w = t.split_whitespace().map(|n| n.parse::<u32>().ok());
+            Some((w.next()??, w.next()??))
+        })
+        .filter(|(v, _)| *v == validity)
+        .map_or(0, |(_, last)| last);
+    let uids = session
+        .uids(after, imap.since.as_deref())
+        .map_err(ArchiveError::Refused)?;
+    let name = format!(
+        "imap{}://{}@{}:{}/{}",
+        if url.implicit_tls { "s" } else { "" },
+        url.user,
+        url.host,
+        url.port,
+        url.mailbox
+    );
+    let total = uids.len() as u64;
+    let report = with_run(archive, opts, total, |run| {
+        run.out.sources.push(SourceReport {
+            path: name.clone(),
+            kind: "imap".into(),
+            ..SourceReport::default()
+        });
+        for (i, &uid) in uids.iter().enumerate() {
+            if let Some((raw, date)) = session.fetch(uid).map_err(ArchiveError::Refused)? {
+                let len = raw.len() as u64;
+                run.one(
+                    &name,
+                    import::message(&raw, &format!("uid {uid}"), date, opts.size_max),
+                )?;
+                if let Some(s) = run.out.sources.last_mut() {
+                    s.bytes += len;
+                }
+            }
+            progress(i as u64 + 1, total);
+        }
+        Ok(())
+    })?;
+    session.logout();
+    // Every message up to the last UID is archived (durably) or refused: the next import of
+    // this mailbox starts after it.
+    if let Some(&last) = uids.last() {
+        std::fs::create_dir_all(&imap.state_dir)
+            .and_then(|()| {
+                let tmp = state.with_extension("new");
+                std::fs::write(&tmp, format!("{validity} {last}\n"))?;
+                std::fs::File::open(&tmp)?.sync_all()?;
+                std::fs::rename(&tmp, &state)?;
+                std::fs::File::open(&imap.state_dir)?.sync_all()
+            })
+            .map_err(|e| ArchiveError::Io(format!("import state {}: {e}", state.display())))?;
+    }
+    Ok(report)
 }

@@ -19,6 +19,7 @@ pub use evidence::{chain, checkpoint, proof, record, seal};
 pub mod corpus;
 pub mod exporter;
 pub mod identity;
+pub mod imap;
 pub mod import;
 pub mod importer;
 pub use identity::ArchiveId;

@@ -389,8 +389,21 @@ enum ArchiveCmd {
     /// original arrival time where the source has one; each refused one is named with why.
     Import {
         /// Files and directories.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "imap")]
         paths: Vec<std::path::PathBuf>,
+        /// Import an IMAP mailbox instead: `imaps://user@host[:port]/mailbox`, or `imap://…`
+        /// (STARTTLS; never in clear). Read-only; a rerun goes on after the last UID imported.
+        #[arg(long, conflicts_with = "paths", requires = "password_file")]
+        imap: Option<String>,
+        /// With --imap: the file holding the password.
+        #[arg(long)]
+        password_file: Option<std::path::PathBuf>,
+        /// With --imap: PEM certificates to trust for the server (default: the system's).
+        #[arg(long)]
+        ca_file: Option<std::path::PathBuf>,
+        /// With --imap: only messages the server dates on or after this day (YYYY-MM-DD).
+        #[arg(long)]
+        since: Option<String>,
         /// The mbox files use mboxo quoting (only `>From ` was quoted).
         #[arg(long)]
         mboxo: bool,
@@ -665,6 +678,10 @@ fn archive_request(cmd: &ArchiveCmd) -> Request {
             paths,
             mboxo,
             report,
+            imap,
+            password_file,
+            ca_file,
+            since,
         } => {
             // The daemon reads the files: it needs them named from the root.
             let absolute = |p: &std::path::Path| {
@@ -677,6 +694,10 @@ fn archive_request(cmd: &ArchiveCmd) -> Request {
                 paths: paths.iter().map(|p| absolute(p)).collect(),
                 mboxo: *mboxo,
                 report: report.as_deref().map(absolute),
+                imap: imap.clone(),
+                password_file: password_file.as_deref().map(absolute),
+                ca_file: ca_file.as_deref().map(absolute),
+                since: since.clone(),
                 progress: true,
             })
         }

@@ -1051,7 +1051,19 @@ impl Archiving {
                 "{p:?}: give absolute paths (the daemon reads them)"
             ));
         }
-        let opts = archive::importer::ImportOptions {
+        let opts = self.import_options(mboxo, &report);
+        let paths: Vec<std::path::PathBuf> = paths.iter().map(std::path::PathBuf::from).collect();
+        let done = archive::importer::import(&self.archive, &paths, &opts, progress)
+            .map_err(|e| e.to_string())?;
+        Ok(Self::imported(done, report))
+    }
+
+    fn import_options(
+        &self,
+        mboxo: bool,
+        report: &Option<String>,
+    ) -> archive::importer::ImportOptions {
+        archive::importer::ImportOptions {
             quoting: if mboxo {
                 archive::import::Quoting::O
             } else {
@@ -1060,13 +1072,57 @@ impl Archiving {
             size_max: self.import_size_max,
             origin: self.node.clone(),
             report: report.clone().map(std::path::PathBuf::from),
+        }
+    }
+
+    /// `archive import --imap`: the mailbox's messages after the UID the last import reached.
+    pub fn import_imap(
+        &self,
+        imap: &api::ImapSource,
+        report: Option<String>,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<api::ArchiveImported, String> {
+        let password_file = imap.password_file.as_deref().ok_or(
+            "an IMAP import needs --password-file (the password is never on the command line)",
+        )?;
+        let password = std::fs::read_to_string(password_file)
+            .map_err(|e| format!("password file {password_file}: {e}"))?
+            .trim_end_matches(['\r', '\n'])
+            .to_string();
+        let since = imap
+            .since
+            .as_deref()
+            .map(|d| {
+                chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d")
+                    .map(|d| d.format("%-d-%b-%Y").to_string())
+                    .map_err(|e| format!("--since {d:?}: {e} (YYYY-MM-DD)"))
+            })
+            .transpose()?;
+        let source = archive::importer::ImapImport {
+            url: imap.url.clone(),
+            password,
+            ca_file: imap.ca_file.as_deref().map(std::path::PathBuf::from),
+            since,
+            state_dir: self.archive.store().dir().join("imports"),
         };
-        let paths: Vec<std::path::PathBuf> = paths.iter().map(std::path::PathBuf::from).collect();
-        let done = archive::importer::import(&self.archive, &paths, &opts, progress)
-            .map_err(|e| e.to_string())?;
+        let done = archive::importer::import_imap(
+            &self.archive,
+            &source,
+            &self.import_options(false, &report),
+            progress,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Self::imported(done, report))
+    }
+
+    /// The answer of an import.
+    fn imported(
+        done: archive::importer::ImportReport,
+        report: Option<String>,
+    ) -> api::ArchiveImported {
         let (archived, duplicates, rejected) = done.totals();
         tracing::info!(archived, duplicates, rejected, "archive: import done");
-        Ok(api::ArchiveImported {
+        api::ArchiveImported {
             sources: done
                 .sources
                 .into_iter()
@@ -1092,7 +1148,7 @@ impl Archiving {
                 })
                 .collect(),
             report,
-        })
+        }
     }
 
     /// `archive export --query`: items `seqs` (what `query` selected) written to `out` as

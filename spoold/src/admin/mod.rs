@@ -99,6 +99,7 @@ enum ArchivePass {
         paths: Vec<String>,
         mboxo: bool,
         report: Option<String>,
+        imap: Option<api::ImapSource>,
     },
     BulkExport {
         query: String,
@@ -243,11 +244,21 @@ impl Admin {
                 paths,
                 mboxo,
                 report,
+                imap,
+                password_file,
+                ca_file,
+                since,
                 ..
             } => ArchivePass::Import {
                 paths,
                 mboxo,
                 report,
+                imap: imap.map(|url| api::ImapSource {
+                    url,
+                    password_file,
+                    ca_file,
+                    since,
+                }),
             },
             Long::ArchiveBulkExport {
                 query, format, out, ..
@@ -394,7 +405,17 @@ impl Admin {
             ),
             ArchivePass::Rebuild => ("archive rebuild", String::new()),
             ArchivePass::Rekey => ("archive rekey", String::new()),
-            ArchivePass::Import { ref paths, .. } => ("archive import", paths.join(" ")),
+            ArchivePass::Import {
+                ref paths,
+                ref imap,
+                ..
+            } => (
+                "archive import",
+                match imap {
+                    Some(i) => i.url.clone(),
+                    None => paths.join(" "),
+                },
+            ),
             ArchivePass::BulkExport { .. } => ("archive export", String::new()),
         };
         // A bulk export names its items in its audit line: they are resolved first.
@@ -430,7 +451,13 @@ impl Admin {
                 paths,
                 mboxo,
                 report,
+                imap: None,
             } => reply(a.import(&paths, mboxo, report, |d, t| step("import", d, t))?),
+            ArchivePass::Import {
+                imap: Some(imap),
+                report,
+                ..
+            } => reply(a.import_imap(&imap, report, |d, t| step("import", d, t))?),
             ArchivePass::BulkExport { query, format, out } => {
                 reply(a.bulk_export(&exporting, &query, &format, &out, |d, t| {
                     step("export", d, t)
