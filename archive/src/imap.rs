@@ -264,18 +264,30 @@ impl Session {
         Ok(uids)
     }
 
-    /// The message with UID `uid`: its bytes and the server's arrival date (ms), if it is
-    /// there (an expunged one is not).
-    pub fn fetch(&mut self, uid: u32) -> Result<Option<Fetched>, String> {
-        let responses = self.command(&format!("UID FETCH {uid} (UID INTERNALDATE BODY.PEEK[])"))?;
+    /// The messages with these UIDs, by UID, each with its bytes and the server's arrival date
+    /// (ms); one that is not there (expunged meanwhile) is left out. One command for all.
+    pub fn fetch(
+        &mut self,
+        uids: &[u32],
+    ) -> Result<std::collections::HashMap<u32, Fetched>, String> {
+        let mut out = std::collections::HashMap::new();
+        if uids.is_empty() {
+            return Ok(out);
+        }
+        let set: Vec<String> = uids.iter().map(u32::to_string).collect();
+        let responses = self.command(&format!(
+            "UID FETCH {} (UID INTERNALDATE BODY.PEEK[])",
+            set.join(",")
+        ))?;
         for r in responses {
             let text = String::from_utf8_lossy(&r.line).into_owned();
-            if !text.contains(" FETCH ")
-                || !text.contains(&format!("UID {uid} ")) && !text.contains(&format!("UID {uid})"))
-            {
+            if !text.contains(" FETCH (") {
                 continue;
             }
-            let Some(body) = r.literals.into_iter().next() else {
+            let uid = text
+                .split_once("UID ")
+                .and_then(|(_, rest)| rest.split([' ', ')']).next()?.parse::<u32>().ok());
+            let (Some(uid), Some(body)) = (uid, r.literals.into_iter().next()) else {
                 continue;
             };
             let date = text
@@ -285,9 +297,9 @@ impl Session {
                     chrono::DateTime::parse_from_str(d.trim(), "%d-%b-%Y %H:%M:%S %z").ok()
                 })
                 .map(|t| t.timestamp_millis().max(0) as u64);
-            return Ok(Some((body, date)));
+            out.insert(uid, (body, date));
         }
-        Ok(None)
+        Ok(out)
     }
 
     /// Logs out (best effort).

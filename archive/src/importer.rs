@@ -529,6 +529,10 @@ fn finish(run: &mut Run<'_>, result: Result<(), ArchiveError>) -> Result<(), Arc
     }
 }
 
+/// Messages asked for in one `UID FETCH` (a round trip each; their bytes are held until they
+/// are handed to the workers, so a batch is bounded by the batch size times the size limit).
+const IMAP_BATCH: usize = 32;
+
 /// An import from an IMAP mailbox.
 #[derive(Clone, Debug)]
 pub struct ImapImport {
@@ -594,18 +598,23 @@ pub fn import_imap(
             kind: "imap".into(),
             ..SourceReport::default()
         });
-        for (i, &uid) in uids.iter().enumerate() {
-            if let Some((raw, date)) = session.fetch(uid).map_err(ArchiveError::Refused)? {
-                let len = raw.len() as u64;
-                run.one(
-                    &name,
-                    import::message(&raw, &format!("uid {uid}"), date, opts.size_max),
-                )?;
-                if let Some(s) = run.out.sources.last_mut() {
-                    s.bytes += len;
+        let mut done = 0u64;
+        for batch in uids.chunks(IMAP_BATCH) {
+            let mut fetched = session.fetch(batch).map_err(ArchiveError::Refused)?;
+            for uid in batch {
+                if let Some((raw, date)) = fetched.remove(uid) {
+                    let len = raw.len() as u64;
+                    run.one(
+                        &name,
+                        import::message(&raw, &format!("uid {uid}"), date, opts.size_max),
+                    )?;
+                    if let Some(s) = run.out.sources.last_mut() {
+                        s.bytes += len;
+                    }
                 }
             }
-            progress(i as u64 + 1, total);
+            done += batch.len() as u64;
+            progress(done, total);
         }
         Ok(())
     })?;

@@ -989,7 +989,7 @@ the chain's CPU per item (entry encoded, framed, linked: one SHA-256 of the even
 /// of it exported as an mbox (`archive::exporter`); against archiving the same corpus from
 /// `--threads` threads in the same run.
 fn run_import(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
-    let mut rates: [Vec<f64>; 5] = Default::default();
+    let mut rates: [Vec<f64>; 7] = Default::default();
     let mut mib = 0.0;
     for run in 0..a.runs {
         let dir = crate::scratch_dir(None)?;
@@ -1032,6 +1032,34 @@ fn run_import(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
         );
         rates[1].push(a.messages as f64 / took);
         rates[2].push(mib / took);
+        // The same messages from a Dovecot on loopback (IMAPS), into another fresh archive.
+        let dovecot = tests::dovecot::Dovecot::start();
+        let mut corpus = Corpus::new(a.seed + run as u64);
+        corpus.size_max = 4 << 20;
+        let mails: Vec<Vec<u8>> = (0..a.messages).map(|_| corpus.next().0).collect();
+        dovecot.deliver_all(0, &mails);
+        drop(mails);
+        let from_imap = open_as(&dir.path().join("from-imap"), true)?;
+        let source = archive::importer::ImapImport {
+            url: format!("imaps://arch@localhost:{}/INBOX", dovecot.imaps),
+            password: std::fs::read_to_string(&dovecot.password_file)?
+                .trim()
+                .to_string(),
+            ca_file: Some(dovecot.cert.clone()),
+            since: None,
+            state_dir: dir.path().join("imap-state"),
+        };
+        let t = Instant::now();
+        let done = archive::importer::import_imap(&from_imap, &source, &opts, |_, _| {})?;
+        let took = t.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            done.totals().0 == a.messages as u64,
+            "imap: {:?}",
+            done.totals()
+        );
+        rates[5].push(a.messages as f64 / took);
+        rates[6].push(done.sources[0].bytes as f64 / (1 << 20) as f64 / took);
+        drop((from_imap, dovecot));
         let seqs: Vec<u64> = (1..=a.messages as u64).collect();
         let t = Instant::now();
         archive::exporter::export(
@@ -1046,13 +1074,14 @@ fn run_import(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
         rates[3].push(a.messages as f64 / took);
         rates[4].push(mib / took);
         eprintln!(
-            "run {run}: archive {:.0} msgs/s; import {:.0} msgs/s ({:.1} MiB/s); export {:.0} msgs/s ({:.1} MiB/s)",
-            rates[0][run], rates[1][run], rates[2][run], rates[3][run], rates[4][run]
+            "run {run}: archive {:.0} msgs/s; import {:.0} msgs/s ({:.1} MiB/s); from IMAP {:.0} msgs/s ({:.1} MiB/s); export {:.0} msgs/s ({:.1} MiB/s)",
+            rates[0][run], rates[1][run], rates[2][run], rates[5][run], rates[6][run], rates[3][run], rates[4][run]
         );
         drop(archive);
         keep.push(dir);
     }
-    let [reference, import_rate, import_mib, export_rate, export_mib] = rates.map(crate::median);
+    let [reference, import_rate, import_mib, export_rate, export_mib, imap_rate, imap_mib] =
+        rates.map(crate::median);
     println!(
         "\nimport and export: {} messages of the corpus mix ({mib:.0} MiB of mbox), sealed archive",
         a.messages
@@ -1068,6 +1097,10 @@ fn run_import(a: &Args, keep: &mut Vec<tempfile::TempDir>) -> Result<()> {
     println!(
         "| `archive import` of an mboxrd file | {import_rate:.0} | {import_mib:.1} | {:.2} |",
         import_rate / reference
+    );
+    println!(
+        "| `archive import --imap` from Dovecot on loopback (IMAPS, 32 messages a UID FETCH) | {imap_rate:.0} | {imap_mib:.1} | {:.2} |",
+        imap_rate / reference
     );
     println!(
         "| `archive export --format mbox` of every item | {export_rate:.0} | {export_mib:.1} | {:.2} |",

@@ -798,112 +798,12 @@ fn a_real_postfix_always_bcc_feed_is_archived_and_not_delivered() {
     );
 }
 
-/// A Dovecot of the test's own (configuration, log and a mail user's Maildir under a temporary
-/// directory; IMAPS and IMAP+STARTTLS on free ports; a self-signed certificate for
-/// `localhost`). Stopped when dropped.
-struct Dovecot {
-    conf: std::path::PathBuf,
-    imaps: u16,
-    imap: u16,
-    maildir: std::path::PathBuf,
-    cert: std::path::PathBuf,
-    password_file: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Dovecot {
-    fn start() -> Dovecot {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_path_buf();
-        let (cert, key) = tests::write_self_signed(&d);
-        let maildir = d.join("home/arch/Maildir");
-        for sub in ["cur", "new", "tmp"] {
-            std::fs::create_dir_all(maildir.join(sub)).unwrap();
-        }
-        std::fs::write(d.join("passwd"), "arch:{PLAIN}s3cret-imap\n").unwrap();
-        let password_file = d.join("imap.password");
-        std::fs::write(&password_file, "s3cret-imap\n").unwrap();
-        let (imaps, imap) = (tests::free_addr().port(), tests::free_addr().port());
-        let conf = d.join("dovecot.conf");
-        std::fs::create_dir_all(d.join("run")).unwrap();
-        std::fs::write(
-            &conf,
-            format!(
-                "base_dir = {d}/run\nlog_path = {d}/dovecot.log\nprotocols = imap\nlisten = 127.0.0.1\n\
-                 ssl = required\nssl_cert = <{cert}\nssl_key = <{key}\ndisable_plaintext_auth = yes\n\
-                 auth_mechanisms = plain\npassdb {{\n  driver = passwd-file\n  args = scheme=PLAIN {d}/passwd\n}}\n\
-                 userdb {{\n  driver = static\n  args = uid=nobody gid=nogroup home={d}/home/%u\n}}\n\
-                 mail_location = maildir:~/Maildir\nfirst_valid_uid = 1\n\
-                 service imap-login {{\n  inet_listener imap {{\n    port = {imap}\n  }}\n  inet_listener imaps {{\n    port = {imaps}\n  }}\n}}\n",
-                d = d.display(),
-                cert = cert.display(),
-                key = key.display(),
-            ),
-        )
-        .unwrap();
-        // Its master daemonizes and would keep an output pipe open: no pipes.
-        let started = std::process::Command::new("dovecot")
-            .arg("-c")
-            .arg(&conf)
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("dovecot is required (apt-get install dovecot-imapd)");
-        let dv = Dovecot {
-            conf,
-            imaps,
-            imap,
-            maildir,
-            cert,
-            password_file,
-            _dir: dir,
-        };
-        assert!(
-            wait_until(20, || std::net::TcpStream::connect(("127.0.0.1", imaps))
-                .is_ok()),
-            "dovecot did not listen ({started}):\n{}",
-            std::fs::read_to_string(d.join("dovecot.log")).unwrap_or_default()
-        );
-        dv
-    }
-
-    /// Delivers `raw` into the Maildir as Dovecot's own delivery would (tmp, then new/).
-    fn deliver(&self, n: usize, raw: &[u8]) {
-        let name = format!("{}.M{n}.test", 1_700_000_000 + n);
-        let tmp = self.maildir.join("tmp").join(&name);
-        std::fs::write(&tmp, raw).unwrap();
-        std::fs::rename(&tmp, self.maildir.join("new").join(&name)).unwrap();
-        let chown = std::process::Command::new("chown")
-            .args(["-R", "nobody:nogroup"])
-            .arg(self.maildir.parent().unwrap())
-            .status()
-            .unwrap();
-        assert!(chown.success());
-    }
-}
-
-impl Drop for Dovecot {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("doveadm")
-            .arg("-c")
-            .arg(&self.conf)
-            .arg("stop")
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-}
-
 /// Import from a real Dovecot over IMAPS and over STARTTLS: every message byte for byte, a
 /// rerun fetches nothing, new mail is fetched from the last UID on, a wrong password fails
 /// clearly, and the password is in no audit line or report.
 #[test]
 fn an_imap_mailbox_on_dovecot_is_imported_exactly_and_resumed_by_uid() {
-    let dv = Dovecot::start();
+    let dv = tests::dovecot::Dovecot::start();
     let messages: Vec<Vec<u8>> = (0..30).map(|i| message(300 + i, true, "")).collect();
     for (i, m) in messages.iter().enumerate() {
         dv.deliver(i, m);
