@@ -1,5 +1,6 @@
 //! Bulk export for discovery (`spoolctl archive export --query … --format … --out …`): the
-//! items a query selects, their exact bytes, as an mbox (mboxrd) or a Maildir, with a manifest
+//! items a query selects, their exact bytes, as an mbox (mboxrd), a Maildir or a zip of `.eml`
+//! files, with a manifest
 //! beside them: one JSON line per item (number, id, SHA-256, size, envelope, arrival, where it
 //! is in the export), then a signed closing line (the query, the count, the archive, the newest
 //! checkpoint of its chain, the SHA-256 of the lines before, the unit's public key and its
@@ -24,6 +25,8 @@ pub enum Format {
     Mbox,
     /// A Maildir (`cur/ new/ tmp/`), one file per item in `new/`.
     Maildir,
+    /// A zip file of `<item>.eml` files (deflated).
+    EmlZip,
 }
 
 impl Format {
@@ -32,6 +35,7 @@ impl Format {
         match name {
             "mbox" => Some(Format::Mbox),
             "maildir" => Some(Format::Maildir),
+            "eml-zip" => Some(Format::EmlZip),
             _ => None,
         }
     }
@@ -46,6 +50,13 @@ pub struct Exported {
     pub bytes: u64,
     /// The manifest.
     pub manifest: PathBuf,
+}
+
+/// Where an export's messages go.
+enum Sink {
+    Mbox(std::io::BufWriter<std::fs::File>),
+    Maildir,
+    Zip(Box<zip::ZipWriter<std::fs::File>>),
 }
 
 fn io(what: &Path, e: std::io::Error) -> ArchiveError {
@@ -71,16 +82,19 @@ pub fn export(
             )));
         }
     }
-    let mut mbox = match format {
-        Format::Mbox => Some(std::io::BufWriter::new(
+    let mut sink = match format {
+        Format::Mbox => Sink::Mbox(std::io::BufWriter::new(
             std::fs::File::create_new(out).map_err(|e| io(out, e))?,
         )),
         Format::Maildir => {
             for sub in ["cur", "new", "tmp"] {
                 std::fs::create_dir_all(out.join(sub)).map_err(|e| io(out, e))?;
             }
-            None
+            Sink::Maildir
         }
+        Format::EmlZip => Sink::Zip(Box::new(zip::ZipWriter::new(
+            std::fs::File::create_new(out).map_err(|e| io(out, e))?,
+        ))),
     };
     let mut lines = std::io::BufWriter::new(
         std::fs::File::create_new(&manifest).map_err(|e| io(&manifest, e))?,
@@ -89,8 +103,8 @@ pub fn export(
     let (mut offset, mut bytes) = (0u64, 0u64);
     for (i, &seq) in seqs.iter().enumerate() {
         let (item, raw) = archive.raw(seq)?;
-        let at = match &mut mbox {
-            Some(w) => {
+        let at = match &mut sink {
+            Sink::Mbox(w) => {
                 let mut framed =
                     crate::import::separator(&item.sender, item.arrived_ms).into_bytes();
                 evidence::export::quote(&raw, &mut framed);
@@ -100,7 +114,17 @@ pub fn export(
                 offset += framed.len() as u64;
                 at
             }
-            None => {
+            Sink::Zip(z) => {
+                let name = format!("{seq}.eml");
+                let options = zip::write::SimpleFileOptions::default()
+                    .compression_method(zip::CompressionMethod::Deflated)
+                    .large_file(raw.len() as u64 >= u64::from(u32::MAX));
+                z.start_file(name.as_str(), options)
+                    .map_err(|e| ArchiveError::Io(format!("export {}: {e}", out.display())))?;
+                z.write_all(&raw).map_err(|e| io(out, e))?;
+                name
+            }
+            Sink::Maildir => {
                 // Maildir delivery: written in tmp/, synced, then renamed into new/.
                 let name = format!("{}.{seq}.spoolpair", item.arrived_ms / 1000);
                 let tmp = out.join("tmp").join(&name);
@@ -131,10 +155,17 @@ pub fn export(
         bytes += raw.len() as u64;
         progress(i as u64 + 1, seqs.len() as u64);
     }
-    if let Some(mut w) = mbox {
-        w.flush()
+    match sink {
+        Sink::Mbox(mut w) => w
+            .flush()
             .and_then(|()| w.get_ref().sync_all())
-            .map_err(|e| io(out, e))?;
+            .map_err(|e| io(out, e))?,
+        Sink::Zip(z) => z
+            .finish()
+            .map_err(|e| ArchiveError::Io(format!("export {}: {e}", out.display())))?
+            .sync_all()
+            .map_err(|e| io(out, e))?,
+        Sink::Maildir => {}
     }
     let items_sha256: [u8; 32] = digest.finalize().into();
     let signer = archive.signer();

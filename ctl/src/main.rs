@@ -307,8 +307,9 @@ enum ArchiveCmd {
         /// Every item this search query selects (or a number, or a spool id).
         #[arg(long, requires = "out")]
         query: Option<String>,
-        /// With --query: `mbox` (mboxrd; `archive import` reads it back exactly) or `maildir`.
-        #[arg(long, default_value = "mbox", value_parser = ["mbox", "maildir"])]
+        /// With --query: `mbox` (mboxrd; `archive import` reads it back exactly), `maildir`, or
+        /// `eml-zip` (a zip of `<item>.eml` files).
+        #[arg(long, default_value = "mbox", value_parser = ["mbox", "maildir", "eml-zip"])]
         format: String,
         /// With --query: where (must not exist).
         #[arg(long)]

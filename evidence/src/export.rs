@@ -1,5 +1,6 @@
-//! Bulk exports as evidence: the manifest an export writes beside its messages (one line per
-//! item, closed by a line signed with the unit's key), `From ` quoting of mboxrd files, and the
+//! Bulk exports as evidence (an mbox, a Maildir or a zip of `.eml` files): the manifest an
+//! export writes beside its messages (one line per item, closed by a line signed with the
+//! unit's key), `From ` quoting of mboxrd files, and the
 //! check a receiver runs with the public key alone (`spoolctl archive verify-export`): the
 //! signature over the item lines, then each message in the export against its line (hash,
 //! size), nothing missing and nothing added.
@@ -184,6 +185,8 @@ pub fn verify(out: &Path, trusted: &[[u8; 32]]) -> Result<ExportProof, EvidenceE
     p.key = end.key.clone();
     let found = if out.is_dir() {
         maildir_messages(out, &items, &mut broke)
+    } else if is_zip(out) {
+        zip_messages(out, &items, &mut broke)?
     } else {
         mbox_messages(out, &items, &mut broke)?
     };
@@ -205,6 +208,61 @@ pub fn verify(out: &Path, trusted: &[[u8; 32]]) -> Result<ExportProof, EvidenceE
         }
     }
     Ok(p)
+}
+
+fn is_zip(path: &Path) -> bool {
+    let mut head = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok_and(|()| head == *b"PK\x03\x04")
+}
+
+/// Each listed item's bytes in a zip export (`None` where missing); an entry not listed is a
+/// break.
+fn zip_messages(
+    out: &Path,
+    items: &[ManifestItem],
+    broke: &mut impl FnMut(String, String),
+) -> Result<Vec<Option<Vec<u8>>>, EvidenceError> {
+    let file = std::fs::File::open(out)
+        .map_err(|e| EvidenceError::Io(format!("{}: {e}", out.display())))?;
+    let mut z = zip::ZipArchive::new(file)
+        .map_err(|e| EvidenceError::Refused(format!("{}: {e}", out.display())))?;
+    let listed: std::collections::HashSet<&str> = items.iter().map(|i| i.at.as_str()).collect();
+    for name in z.file_names() {
+        if !listed.contains(name) {
+            broke(
+                name.to_string(),
+                "a message the manifest does not list".into(),
+            );
+        }
+    }
+    Ok(items
+        .iter()
+        .map(|i| {
+            let mut entry = match z.by_name(&i.at) {
+                Ok(e) => e,
+                Err(e) => {
+                    broke(
+                        format!("item {} ({})", i.item, i.at),
+                        format!("missing: {e}"),
+                    );
+                    return None;
+                }
+            };
+            let mut bytes = Vec::new();
+            match std::io::Read::read_to_end(&mut entry, &mut bytes) {
+                Ok(_) => Some(bytes),
+                Err(e) => {
+                    broke(
+                        format!("item {} ({})", i.item, i.at),
+                        format!("unreadable: {e}"),
+                    );
+                    None
+                }
+            }
+        })
+        .collect())
 }
 
 /// Each listed item's bytes in a Maildir export (`None` where missing); a file not listed is a

@@ -1162,7 +1162,7 @@ impl Archiving {
         progress: impl FnMut(u64, u64),
     ) -> Result<api::ArchiveBulkExported, String> {
         let format = archive::exporter::Format::parse(format)
-            .ok_or_else(|| format!("format {format:?}: mbox or maildir"))?;
+            .ok_or_else(|| format!("format {format:?}: mbox, maildir or eml-zip"))?;
         let path = std::path::Path::new(out);
         if !path.is_absolute() {
             return Err(format!(

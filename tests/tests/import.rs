@@ -456,7 +456,10 @@ fn a_bulk_export_imported_into_a_fresh_unit_reproduces_every_item_and_its_manife
                 + &String::from_utf8_lossy(&out.stderr),
         )
     };
-    for path in [&out, &md] {
+    let zipped = dir.path().join("discovery.zip");
+    let (code, text, err) = everything("eml-zip", &zipped);
+    assert_eq!(code, 0, "{text}{err}");
+    for path in [&out, &md, &zipped] {
         let (code, text) = verify_export(path);
         assert_eq!(code, 0, "{text}");
         assert!(
@@ -501,8 +504,8 @@ fn a_bulk_export_imported_into_a_fresh_unit_reproduces_every_item_and_its_manife
         .collect();
     assert_eq!(
         exports,
-        [40, 40, 40],
-        "two written, one refused: each asked is recorded"
+        [40, 40, 40, 40],
+        "three written, one refused: each asked is recorded"
     );
 }
 
