@@ -633,15 +633,7 @@ fn archive_request(cmd: &ArchiveCmd) -> Request {
         } => Request::from(Long::ArchiveBulkExport {
             query: query.clone(),
             format: format.clone(),
-            out: out
-                .as_deref()
-                .map(|p| {
-                    std::path::absolute(p)
-                        .unwrap_or_else(|_| p.to_path_buf())
-                        .display()
-                        .to_string()
-                })
-                .unwrap_or_default(),
+            out: out.as_deref().map(from_root).unwrap_or_default(),
             progress: true,
         }),
         ArchiveCmd::Hold { target } => Request::from(Local::ArchiveHold {
@@ -683,26 +675,26 @@ fn archive_request(cmd: &ArchiveCmd) -> Request {
             password_file,
             ca_file,
             since,
-        } => {
-            // The daemon reads the files: it needs them named from the root.
-            let absolute = |p: &std::path::Path| {
-                std::path::absolute(p)
-                    .unwrap_or_else(|_| p.to_path_buf())
-                    .display()
-                    .to_string()
-            };
-            Request::from(Long::ArchiveImport {
-                paths: paths.iter().map(|p| absolute(p)).collect(),
-                mboxo: *mboxo,
-                report: report.as_deref().map(absolute),
-                imap: imap.clone(),
-                password_file: password_file.as_deref().map(absolute),
-                ca_file: ca_file.as_deref().map(absolute),
-                since: since.clone(),
-                progress: true,
-            })
-        }
+        } => Request::from(Long::ArchiveImport {
+            paths: paths.iter().map(|p| from_root(p)).collect(),
+            mboxo: *mboxo,
+            report: report.as_deref().map(from_root),
+            imap: imap.clone(),
+            password_file: password_file.as_deref().map(from_root),
+            ca_file: ca_file.as_deref().map(from_root),
+            since: since.clone(),
+            progress: true,
+        }),
     }
+}
+
+/// A path the daemon reads or writes, named from the root (the daemon's working directory is
+/// not the caller's).
+fn from_root(p: &std::path::Path) -> String {
+    std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
 }
 
 /// A time on the command line: RFC 3339, or ms since the epoch.

@@ -115,6 +115,19 @@ pub fn probe_object_store(store: &archive::ObjectStoreConfig) -> Result<Option<S
     }
 }
 
+/// A path an admin request gives the daemon to read or write: it must be absolute (the
+/// daemon's working directory is not the asker's).
+fn from_root(p: &str) -> Result<&std::path::Path, String> {
+    let path = std::path::Path::new(p);
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{p:?}: give an absolute path (the daemon reads and writes it)"
+        ))
+    }
+}
+
 /// The environment variable that may hold the archive's keyring (its text) instead of a file.
 pub const KEYRING_ENV: &str = "SPOOLD_ARCHIVE_KEYRING";
 
@@ -1043,13 +1056,8 @@ impl Archiving {
         report: Option<String>,
         progress: impl FnMut(u64, u64),
     ) -> Result<api::ArchiveImported, String> {
-        if let Some(p) = paths
-            .iter()
-            .find(|p| !std::path::Path::new(p).is_absolute())
-        {
-            return Err(format!(
-                "{p:?}: give absolute paths (the daemon reads them)"
-            ));
+        for p in paths.iter().chain(&report) {
+            from_root(p)?;
         }
         let opts = self.import_options(mboxo, &report);
         let paths: Vec<std::path::PathBuf> = paths.iter().map(std::path::PathBuf::from).collect();
@@ -1085,6 +1093,16 @@ impl Archiving {
         let password_file = imap.password_file.as_deref().ok_or(
             "an IMAP import needs --password-file (the password is never on the command line)",
         )?;
+        for p in [
+            Some(password_file),
+            imap.ca_file.as_deref(),
+            report.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            from_root(p)?;
+        }
         let password = std::fs::read_to_string(password_file)
             .map_err(|e| format!("password file {password_file}: {e}"))?
             .trim_end_matches(['\r', '\n'])
@@ -1163,12 +1181,7 @@ impl Archiving {
     ) -> Result<api::ArchiveBulkExported, String> {
         let format = archive::exporter::Format::parse(format)
             .ok_or_else(|| format!("format {format:?}: mbox, maildir or eml-zip"))?;
-        let path = std::path::Path::new(out);
-        if !path.is_absolute() {
-            return Err(format!(
-                "{out:?}: give an absolute path (the daemon writes it)"
-            ));
-        }
+        let path = from_root(out)?;
         let mut seqs = seqs.to_vec();
         seqs.sort_unstable();
         let done = archive::exporter::export(&self.archive, &seqs, query, format, path, progress)
