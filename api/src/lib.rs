@@ -429,6 +429,13 @@ pub struct ArchiveItem {
     /// The Subject header, when shown from search results.
     #[serde(default)]
     pub subject: Option<String>,
+    /// The Message-ID header (without angle brackets), when shown from search results.
+    #[serde(default)]
+    pub message_id: Option<String>,
+    /// In search results: the fields the query matched this item in, as the search language
+    /// names them (`subject`, `from`, `to`, `body`, `filename`, `msgid`, `id`, …).
+    #[serde(default)]
+    pub matched: Vec<String>,
 }
 
 /// [`Local::ArchiveSearch`].

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use tantivy::collector::{Count, TopDocs};
 use tantivy::query::{BooleanQuery, Occur, PhraseQuery, Query, RangeQuery, TermQuery};
 use tantivy::schema::{Field, IndexRecordOption, Schema, FAST, INDEXED, STORED, STRING, TEXT};
-use tantivy::{Index, IndexReader, IndexWriter, Order, ReloadPolicy, TantivyDocument, Term};
+use tantivy::{
+    DocAddress, DocSet, Index, IndexReader, IndexWriter, Order, ReloadPolicy, TantivyDocument, Term,
+};
 
 /// Text indexed per message at most; the rest of a huge message is not searchable.
 const TEXT_BYTES_MAX: usize = 1 << 20;
@@ -414,6 +416,10 @@ pub struct Found {
     pub total_exact: bool,
     /// Matching sequence numbers, newest first.
     pub seqs: Vec<u64>,
+    /// For each of `seqs`, the query's fields it matched in (`subject`, `body`, `msgid`, …, as
+    /// the search language names them), in the
+    /// query's order: what lets a person see why an item is in the list.
+    pub matched: Vec<Vec<&'static str>>,
 }
 
 /// The newest items searched first; each later pass searches this many times more.
@@ -448,14 +454,107 @@ impl SearchIndex {
             let top = TopDocs::with_limit(limit.max(1)).order_by_u64_field("seq", Order::Desc);
             let (docs, total) = searcher.search(&within, &(top, Count)).map_err(ix)?;
             if from == 0 || total >= limit.max(1) {
+                let docs: Vec<(u64, DocAddress)> = docs
+                    .into_iter()
+                    .filter_map(|(seq, addr)| Some((seq?, addr)))
+                    .collect();
+                let addrs: Vec<DocAddress> = docs.iter().map(|(_, a)| *a).collect();
+                let matched = self.matched_fields(&searcher, &clauses, &addrs)?;
                 return Ok(Found {
                     total,
                     total_exact: from == 0,
-                    seqs: docs.into_iter().filter_map(|(seq, _)| seq).collect(),
+                    seqs: docs.into_iter().map(|(seq, _)| seq).collect(),
+                    matched,
                 });
             }
             window = window.saturating_mul(WINDOW_GROWTH);
         }
+    }
+
+    /// For each document, the names of the fields the clauses matched it in. Each clause is
+    /// split into one query per field it can match (a bare word: seven), each run over the
+    /// given documents only, a segment at a time in document order.
+    fn matched_fields(
+        &self,
+        searcher: &tantivy::Searcher,
+        clauses: &[Clause],
+        docs: &[DocAddress],
+    ) -> Result<Vec<Vec<&'static str>>, ArchiveError> {
+        let mut matched = vec![Vec::new(); docs.len()];
+        let mut order: Vec<usize> = (0..docs.len()).collect();
+        order.sort_by_key(|&i| (docs[i].segment_ord, docs[i].doc_id));
+        for (name, query) in self.per_field(clauses)? {
+            let weight = query
+                .weight(tantivy::query::EnableScoring::disabled_from_searcher(
+                    searcher,
+                ))
+                .map_err(ix)?;
+            let mut scorer: Option<(u32, Box<dyn tantivy::query::Scorer>)> = None;
+            for &i in &order {
+                let DocAddress {
+                    segment_ord,
+                    doc_id,
+                } = docs[i];
+                if scorer.as_ref().map(|(s, _)| *s) != Some(segment_ord) {
+                    let reader = searcher.segment_reader(segment_ord);
+                    scorer = Some((segment_ord, weight.scorer(reader, 1.0).map_err(ix)?));
+                }
+                let Some((_, s)) = scorer.as_mut() else {
+                    continue;
+                };
+                // Documents come in ascending order within a segment, so seeking forward is
+                // all a scorer has to do.
+                let at = if s.doc() >= doc_id {
+                    s.doc()
+                } else {
+                    s.seek(doc_id)
+                };
+                if at == doc_id && !matched[i].contains(&name) {
+                    matched[i].push(name);
+                }
+            }
+        }
+        Ok(matched)
+    }
+
+    /// Each clause as one query per field it may match in, named as the search language
+    /// names the field.
+    fn per_field(
+        &self,
+        clauses: &[Clause],
+    ) -> Result<Vec<(&'static str, Box<dyn Query>)>, ArchiveError> {
+        let f = &self.fields;
+        let mut out: Vec<(&'static str, Box<dyn Query>)> = Vec::new();
+        for c in clauses {
+            match c {
+                Clause::Text(field, value) => {
+                    let (name, field) = text_field(f, *field);
+                    out.push((name, self.text_query(field, value)?));
+                }
+                Clause::Anywhere(value) => {
+                    for field in TEXT_FIELDS {
+                        let (name, field) = text_field(f, field);
+                        out.push((name, self.text_query(field, value)?));
+                    }
+                    out.push(("msgid", exact(f.msgid, value)));
+                    out.push(("id", exact(f.id, value)));
+                }
+                other => {
+                    let name = match other {
+                        Clause::MessageId(_) => "msgid",
+                        Clause::Id(_) => "id",
+                        Clause::Origin(_) => "origin",
+                        Clause::After(_) => "after",
+                        Clause::Before(_) => "before",
+                        Clause::SizeAbove(_) | Clause::SizeBelow(_) => "size",
+                        Clause::HasAttachment => "has",
+                        Clause::Text(..) | Clause::Anywhere(_) => continue,
+                    };
+                    out.push((name, self.build(std::slice::from_ref(other))?));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Every match, in no particular order (for a legal hold by query).
@@ -479,20 +578,14 @@ impl SearchIndex {
         let mut must: Vec<(Occur, Box<dyn Query>)> = Vec::new();
         for c in clauses {
             let q: Box<dyn Query> = match c {
-                Clause::Text(field, value) => {
-                    let field = match field {
-                        TextField::From => f.from,
-                        TextField::To => f.to,
-                        TextField::Subject => f.subject,
-                        TextField::Body => f.body,
-                        TextField::Filename => f.filename,
-                    };
-                    self.text_query(field, value)?
-                }
+                Clause::Text(field, value) => self.text_query(text_field(f, *field).1, value)?,
                 Clause::Anywhere(value) => {
                     let mut any: Vec<(Occur, Box<dyn Query>)> = Vec::new();
-                    for field in [f.subject, f.from, f.to, f.body, f.filename] {
-                        any.push((Occur::Should, self.text_query(field, value)?));
+                    for field in TEXT_FIELDS {
+                        any.push((
+                            Occur::Should,
+                            self.text_query(text_field(f, field).1, value)?,
+                        ));
                     }
                     any.push((Occur::Should, exact(f.msgid, value)));
                     any.push((Occur::Should, exact(f.id, value)));
@@ -531,6 +624,26 @@ impl SearchIndex {
             1 => Box::new(TermQuery::new(terms.remove(0), IndexRecordOption::Basic)),
             _ => Box::new(PhraseQuery::new(terms)),
         })
+    }
+}
+
+/// The text fields a bare word is looked for in, in the order results name them.
+const TEXT_FIELDS: [TextField; 5] = [
+    TextField::Subject,
+    TextField::From,
+    TextField::To,
+    TextField::Body,
+    TextField::Filename,
+];
+
+/// A text field's name in the search language, and its index field.
+fn text_field(f: &Fields, field: TextField) -> (&'static str, Field) {
+    match field {
+        TextField::From => ("from", f.from),
+        TextField::To => ("to", f.to),
+        TextField::Subject => ("subject", f.subject),
+        TextField::Body => ("body", f.body),
+        TextField::Filename => ("filename", f.filename),
     }
 }
 

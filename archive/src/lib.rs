@@ -255,7 +255,16 @@ pub struct SearchResult {
     /// Whether `total` counts every match.
     pub total_exact: bool,
     /// The newest matching items, up to the limit.
-    pub items: Vec<Item>,
+    pub items: Vec<Hit>,
+}
+
+/// One item a search found.
+#[derive(Clone, Debug)]
+pub struct Hit {
+    /// The item.
+    pub item: Item,
+    /// The fields the query matched it in, as the search language names them.
+    pub matched: Vec<&'static str>,
 }
 
 /// An open archive: the store, its writer and indexer threads, and the index.
@@ -599,9 +608,9 @@ impl Archive {
         let found = self.index.search(q, limit)?;
         let r = self.store.read()?;
         let mut items = Vec::with_capacity(found.seqs.len());
-        for seq in found.seqs {
+        for (seq, matched) in found.seqs.into_iter().zip(found.matched) {
             if let Some(item) = self.store.item(&r, seq)? {
-                items.push(item);
+                items.push(Hit { item, matched });
             }
         }
         Ok(SearchResult {

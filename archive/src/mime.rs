@@ -47,11 +47,24 @@ pub fn describe(raw: &[u8]) -> (String, Vec<PartInfo>) {
     (headers, parts)
 }
 
-/// The decoded Subject header, if any.
-pub fn subject(raw: &[u8]) -> Option<String> {
-    MessageParser::default()
-        .parse_headers(raw)
-        .and_then(|m| m.subject().map(str::to_string))
+/// What a list of messages shows of each: its Subject, decoded, and its Message-ID.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Headline {
+    /// The decoded Subject header.
+    pub subject: Option<String>,
+    /// The Message-ID header, without its angle brackets.
+    pub message_id: Option<String>,
+}
+
+/// The headline of a message, from its header section only.
+pub fn headline(raw: &[u8]) -> Headline {
+    match MessageParser::default().parse_headers(raw) {
+        Some(m) => Headline {
+            subject: m.subject().map(str::to_string),
+            message_id: m.message_id().map(str::to_string),
+        },
+        None => Headline::default(),
+    }
 }
 
 #[cfg(test)]

@@ -55,7 +55,7 @@ fn awkward_mail_comes_back_byte_exact_and_is_searchable() {
             .unwrap()
             .items
             .iter()
-            .map(|i| i.seq)
+            .map(|i| i.item.seq)
             .collect()
     };
     assert_eq!(hits("subject:quarterly"), vec![seqs[0].0]);
@@ -101,6 +101,76 @@ fn awkward_mail_comes_back_byte_exact_and_is_searchable() {
 }
 
 #[test]
+fn each_hit_names_the_fields_the_query_matched_it_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(dir.path());
+    let mails = [
+        // 1: the word in the subject only
+        "From: carol@example.org\r\nSubject: otter report\r\nMessage-ID: <m1@x>\r\n\r\nnothing\r\n",
+        // 2: in the body only
+        "From: carol@example.org\r\nSubject: weekly\r\nMessage-ID: <m2@x>\r\n\r\nan otter swam\r\n",
+        // 3: in the subject, the body and an attachment's name
+        concat!(
+            "From: dave@example.org\r\nSubject: otter photos\r\nMessage-ID: <m3@x>\r\n",
+            "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n",
+            "--b\r\nContent-Type: text/plain\r\n\r\nsee the otter\r\n",
+            "--b\r\nContent-Type: image/png\r\nContent-Disposition: attachment; filename=otter.png\r\n",
+            "Content-Transfer-Encoding: base64\r\n\r\niVBORw0K\r\n--b--\r\n"
+        ),
+        // 4: no otter at all
+        "From: carol@example.org\r\nSubject: badger\r\nMessage-ID: <m4@x>\r\n\r\nbadger\r\n",
+    ];
+    let mut seqs = Vec::new();
+    for (i, raw) in mails.iter().enumerate() {
+        let s = a
+            .archive(
+                incoming(&format!("a-{i}"), raw.as_bytes(), "bob@example.net"),
+                raw.as_bytes(),
+            )
+            .unwrap();
+        seqs.push(s.seq);
+    }
+    a.flush_index().unwrap();
+    let matched = |q: &str| -> Vec<(u64, Vec<&'static str>)> {
+        let mut v: Vec<_> = a
+            .search(q, 10)
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|h| (h.item.seq, h.matched))
+            .collect();
+        v.sort();
+        v
+    };
+    let table: [(&str, Vec<(u64, Vec<&str>)>); 5] = [
+        (
+            "otter",
+            vec![
+                (seqs[0], vec!["subject"]),
+                (seqs[1], vec!["body"]),
+                (seqs[2], vec!["subject", "body", "filename"]),
+            ],
+        ),
+        (
+            "otter from:carol",
+            vec![
+                (seqs[0], vec!["subject", "from"]),
+                (seqs[1], vec!["body", "from"]),
+            ],
+        ),
+        ("msgid:<m4@x>", vec![(seqs[3], vec!["msgid"])]),
+        ("m2@x", vec![(seqs[1], vec!["msgid"])]),
+        (
+            "has:attachment size:>10",
+            vec![(seqs[2], vec!["has", "size"])],
+        ),
+    ];
+    for (q, want) in table {
+        assert_eq!(matched(q), want, "{q}");
+    }
+}
+
+#[test]
 fn a_search_stops_at_the_newest_matches_and_counts_exactly_when_it_searched_everything() {
     let dir = tempfile::tempdir().unwrap();
     let mut a = open(dir.path());
@@ -118,7 +188,7 @@ fn a_search_stops_at_the_newest_matches_and_counts_exactly_when_it_searched_ever
     }
     a.flush_index().unwrap();
     let r = a.search("subject:window", 10).unwrap();
-    let seqs: Vec<u64> = r.items.iter().map(|i| i.seq).collect();
+    let seqs: Vec<u64> = r.items.iter().map(|i| i.item.seq).collect();
     assert_eq!(
         seqs,
         (291..=300).rev().collect::<Vec<u64>>(),
@@ -136,7 +206,7 @@ fn a_search_stops_at_the_newest_matches_and_counts_exactly_when_it_searched_ever
     );
     let rare = a.search("subject:rare", 10).unwrap();
     assert_eq!(
-        (rare.items.len(), rare.items[0].seq, rare.total_exact),
+        (rare.items.len(), rare.items[0].item.seq, rare.total_exact),
         (1, 4, true),
         "found by widening"
     );
@@ -293,7 +363,7 @@ fn retention_removes_expired_items_keeps_held_ones_and_compaction_frees_space() 
         .unwrap()
         .items
         .iter()
-        .map(|i| i.seq)
+        .map(|i| i.item.seq)
         .collect();
     assert_eq!(left.len(), 5);
     assert!(left.iter().all(|s| seqs[..5].contains(s)));
@@ -432,12 +502,12 @@ async fn mirroring_copies_local_items_once_and_a_wrong_secret_copies_nothing() {
     let found = b.search("subject:mirrored42", 10).unwrap().items;
     assert_eq!(found.len(), 1);
     assert!(
-        found[0].mirrored && found[0].origin == "a" && found[0].id == "a-42",
+        found[0].item.mirrored && found[0].item.origin == "a" && found[0].item.id == "a-42",
         "{:?}",
         found[0]
     );
     assert_eq!(
-        b.raw(found[0].seq).unwrap().1,
+        b.raw(found[0].item.seq).unwrap().1,
         b"Subject: mirrored42\r\n\r\nbody 42\r\n"
     );
     // The cursor is durable: a new copier sends nothing again.

@@ -358,6 +358,17 @@ impl Render for api::ArchiveFound {
     fn render(&self, out: &mut String) {
         for i in &self.items {
             out.push_str(&item_line(i));
+            // The second line matches the item back to a message, and says why it is here.
+            out.push_str(&format!(
+                "{:>8} message-id <{}>  matched: {}\n",
+                "",
+                i.message_id.as_deref().unwrap_or(""),
+                if i.matched.is_empty() {
+                    "everything".to_string()
+                } else {
+                    i.matched.join(", ")
+                }
+            ));
         }
         let at_least = if self.total_exact { "" } else { "at least " };
         out.push_str(&format!(

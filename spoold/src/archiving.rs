@@ -655,6 +655,8 @@ impl Archiving {
             size: item.raw_len,
             sha256: spool::hex(&item.hash),
             subject: None,
+            message_id: None,
+            matched: Vec::new(),
         }
     }
 
@@ -673,7 +675,7 @@ impl Archiving {
         found
             .items
             .first()
-            .map(|i| i.seq)
+            .map(|hit| hit.item.seq)
             .ok_or_else(|| format!("no archived item for message {id}"))
     }
 
@@ -684,12 +686,16 @@ impl Archiving {
             .search(query, limit.clamp(1, 10_000))
             .map_err(|e| e.to_string())?;
         let mut items = Vec::with_capacity(found.items.len());
-        for item in &found.items {
-            let mut listed = Self::listed(item);
-            // The subject from the stored bytes: a search result is read by a person.
-            if let Ok((_, raw)) = self.archive.raw(item.seq) {
-                listed.subject = archive::mime::subject(&raw);
+        for hit in &found.items {
+            let mut listed = Self::listed(&hit.item);
+            // The subject and Message-ID from the stored bytes: a search result is read by a
+            // person, who matches it back to a message by its Message-ID.
+            if let Ok((_, raw)) = self.archive.raw(hit.item.seq) {
+                let headline = archive::mime::headline(&raw);
+                listed.subject = headline.subject;
+                listed.message_id = headline.message_id;
             }
+            listed.matched = hit.matched.iter().map(|m| m.to_string()).collect();
             items.push(listed);
         }
         Ok(api::ArchiveFound {
@@ -772,7 +778,7 @@ impl Archiving {
                     .map_err(|e| e.to_string())?
                     .items
                     .iter()
-                    .map(|i| i.seq)
+                    .map(|hit| hit.item.seq)
                     .collect()
             }
         })

@@ -315,6 +315,45 @@ fn an_import_killed_part_way_and_run_again_archives_each_message_once() {
         .map(|i| i["subject"].as_str().unwrap_or("").to_string())
         .collect();
     assert_eq!(subjects.len(), found["items"].as_array().unwrap().len());
+    // Each result names its message and why it matched: the Message-ID goes with the
+    // subject's number, and each field a word was found in is named ("17" is in the
+    // subject, the sender's name and the body).
+    let (code, out, err) = spoolctl(
+        &d,
+        &["--json", "archive", "search", "import 17", "--limit", "5"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let found: Value = serde_json::from_str(&out).unwrap();
+    let hits: Vec<(String, String, Vec<String>)> = found["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["subject"].as_str().unwrap_or("").to_string(),
+                i["message_id"].as_str().unwrap_or("").to_string(),
+                serde_json::from_value(i["matched"].clone()).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        hits,
+        vec![(
+            "import 17".to_string(),
+            "17@import.test".to_string(),
+            vec![
+                "subject".to_string(),
+                "from".to_string(),
+                "body".to_string()
+            ]
+        )],
+        "{found}"
+    );
+    let text = tests::spoolctl_ok(&d, &["archive", "search", "import 17"]);
+    assert!(
+        text.contains("message-id <17@import.test>  matched: subject, from, body"),
+        "{text}"
+    );
 }
 
 /// Bulk export for discovery: every item of one unit exported as an mbox and imported into a
