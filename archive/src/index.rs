@@ -522,9 +522,9 @@ impl SearchIndex {
     fn per_field(
         &self,
         clauses: &[Clause],
-    ) -> Result<Vec<(&'static str, Box<dyn Query>)>, ArchiveError> {
+    ) -> Result<Vec<NamedQuery>, ArchiveError> {
         let f = &self.fields;
-        let mut out: Vec<(&'static str, Box<dyn Query>)> = Vec::new();
+        let mut out: Vec<NamedQuery> = Vec::new();
         for c in clauses {
             match c {
                 Clause::Text(field, value) => {
@@ -626,6 +626,9 @@ impl SearchIndex {
         })
     }
 }
+
+/// A query that matches in one field, with the field's name in the search language.
+type NamedQuery = (&'static str, Box<dyn Query>);
 
 /// The text fields a bare word is looked for in, in the order results name them.
 const TEXT_FIELDS: [TextField; 5] = [
