@@ -142,7 +142,8 @@ fn each_hit_names_the_fields_the_query_matched_it_in() {
         v.sort();
         v
     };
-    let table: [(&str, Vec<(u64, Vec<&str>)>); 5] = [
+    type Matches = Vec<(u64, Vec<&'static str>)>;
+    let table: [(&str, Matches); 5] = [
         (
             "otter",
             vec![
