@@ -519,10 +519,7 @@ impl SearchIndex {
 
     /// Each clause as one query per field it may match in, named as the search language
     /// names the field.
-    fn per_field(
-        &self,
-        clauses: &[Clause],
-    ) -> Result<Vec<NamedQuery>, ArchiveError> {
+    fn per_field(&self, clauses: &[Clause]) -> Result<Vec<NamedQuery>, ArchiveError> {
         let f = &self.fields;
         let mut out: Vec<NamedQuery> = Vec::new();
         for c in clauses {

@@ -1012,9 +1012,9 @@ fn main() -> ExitCode {
     );
     let bar = (long && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
         let pb = indicatif::ProgressBar::new(0);
-        if let Ok(style) =
-            indicatif::ProgressStyle::with_template("{msg:>16} [{bar:40}] {pos}/{len} {elapsed}")
-        {
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg:>16} [{bar:40}] {pos}/{len} {elapsed} {per_sec:>10} eta {eta}",
+        ) {
             pb.set_style(style.progress_chars("=> "));
         }
         pb.set_message("listing");
