@@ -156,16 +156,29 @@ pub enum Local {
         query: String,
         /// Items returned at most.
         limit: usize,
+        /// Only items whose envelope sender or a recipient is one of these addresses (a
+        /// console `user`'s own); absent: every item.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scope: Option<Vec<String>>,
     },
     /// One archived item with its headers and parts: [`ArchiveShown`].
     ArchiveShow {
         /// Its number, or the spool id it had.
         id: String,
+        /// As in [`Local::ArchiveSearch`]: an item outside it is refused as not found.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scope: Option<Vec<String>>,
     },
     /// The exact accepted bytes of an item: [`ArchiveExported`].
     ArchiveExport {
         /// Its number, or the spool id it had.
         id: String,
+        /// Read to be shown (audited as `archive view`) rather than exported.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        view: bool,
+        /// As in [`Local::ArchiveSearch`]: an item outside it is refused as not found.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scope: Option<Vec<String>>,
     },
     /// Put items on legal hold or release them: [`ArchiveHeld`].
     ArchiveHold {

@@ -43,6 +43,9 @@ pub struct Fields {
     arrived: Field,
     size: Field,
     attachment: Field,
+    /// The envelope sender and recipients, lowercased, exact: what a scope is checked on
+    /// (header addresses can say anything).
+    envelope: Field,
 }
 
 fn schema() -> (Schema, Fields) {
@@ -60,6 +63,7 @@ fn schema() -> (Schema, Fields) {
         arrived: b.add_u64_field("arrived", INDEXED | FAST),
         size: b.add_u64_field("size", INDEXED | FAST),
         attachment: b.add_u64_field("attachment", INDEXED),
+        envelope: b.add_text_field("envelope", STRING),
     };
     (b.build(), f)
 }
@@ -167,7 +171,20 @@ pub fn open(
     let (schema, fields) = schema();
     let directory = tantivy::directory::MmapDirectory::open(dir)
         .map_err(|e| ArchiveError::Index(e.to_string()))?;
-    let index = Index::open_or_create(directory, schema).map_err(ix)?;
+    let index = match Index::open_or_create(directory, schema.clone()) {
+        Ok(i) => i,
+        // An index made by an older version with other fields: it is derived, so it is made
+        // again from the catalog (the indexer starts from item 0).
+        Err(tantivy::TantivyError::SchemaError(why)) => {
+            tracing::warn!("archive index: {why}; indexing the archive again");
+            std::fs::remove_dir_all(dir).map_err(|e| ArchiveError::Io(e.to_string()))?;
+            std::fs::create_dir_all(dir).map_err(|e| ArchiveError::Io(e.to_string()))?;
+            let directory = tantivy::directory::MmapDirectory::open(dir)
+                .map_err(|e| ArchiveError::Index(e.to_string()))?;
+            Index::create(directory, schema, tantivy::IndexSettings::default()).map_err(ix)?
+        }
+        Err(e) => return Err(ix(e)),
+    };
     let mark: u64 = index
         .load_metas()
         .map_err(ix)?
@@ -326,6 +343,9 @@ impl Indexer {
         for r in &item.recipients {
             doc.add_text(f.to, r);
         }
+        for a in std::iter::once(&item.sender).chain(&item.recipients) {
+            doc.add_text(f.envelope, a.to_ascii_lowercase());
+        }
         let raw = match self.store.raw(&item.hash) {
             Ok(r) => r,
             Err(e) => {
@@ -432,9 +452,36 @@ impl SearchIndex {
     /// pass) and the search stops at the first pass that finds `limit` of them, so a query
     /// matching most of a large archive costs what the newest items cost; `total` then counts
     /// the matches in that window only (`total_exact` false).
-    pub fn search(&self, q: &str, limit: usize) -> Result<Found, ArchiveError> {
+    ///
+    /// With a `scope`, only items whose envelope sender or a recipient is one of its
+    /// addresses (lowercase) match.
+    pub fn search(
+        &self,
+        q: &str,
+        limit: usize,
+        scope: Option<&[String]>,
+    ) -> Result<Found, ArchiveError> {
         let clauses = query::parse(q).map_err(ArchiveError::Query)?;
-        let query = self.build(&clauses)?;
+        let mut query = self.build(&clauses)?;
+        if let Some(addresses) = scope {
+            let any: Vec<(Occur, Box<dyn Query>)> = addresses
+                .iter()
+                .map(|a| {
+                    let t = Term::from_field_text(self.fields.envelope, &a.to_ascii_lowercase());
+                    let q: Box<dyn Query> = Box::new(TermQuery::new(t, IndexRecordOption::Basic));
+                    (Occur::Should, q)
+                })
+                .collect();
+            let within: Box<dyn Query> = if any.is_empty() {
+                Box::new(tantivy::query::EmptyQuery)
+            } else {
+                Box::new(BooleanQuery::new(any))
+            };
+            query = Box::new(BooleanQuery::new(vec![
+                (Occur::Must, query),
+                (Occur::Must, within),
+            ]));
+        }
         let searcher = self.reader.searcher();
         let newest = self.indexed_through.load(Ordering::SeqCst);
         let mut window = self.first_window.max(1);

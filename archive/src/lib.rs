@@ -605,7 +605,18 @@ impl Archive {
 
     /// Runs a search; results newest first.
     pub fn search(&self, q: &str, limit: usize) -> Result<SearchResult, ArchiveError> {
-        let found = self.index.search(q, limit)?;
+        self.search_within(q, limit, None)
+    }
+
+    /// [`Archive::search`] among the items whose envelope sender or a recipient is one of
+    /// `scope`'s addresses (case does not matter); `None`: every item.
+    pub fn search_within(
+        &self,
+        q: &str,
+        limit: usize,
+        scope: Option<&[String]>,
+    ) -> Result<SearchResult, ArchiveError> {
+        let found = self.index.search(q, limit, scope)?;
         let r = self.store.read()?;
         let mut items = Vec::with_capacity(found.seqs.len());
         for (seq, matched) in found.seqs.into_iter().zip(found.matched) {

@@ -618,12 +618,18 @@ fn archive_request(cmd: &ArchiveCmd) -> Request {
         ArchiveCmd::Search { query, limit } => Request::from(Local::ArchiveSearch {
             query: query.clone(),
             limit: *limit,
+            scope: None,
         }),
-        ArchiveCmd::Show { id } => Request::from(Local::ArchiveShow { id: id.clone() }),
+        ArchiveCmd::Show { id } => Request::from(Local::ArchiveShow {
+            id: id.clone(),
+            scope: None,
+        }),
         ArchiveCmd::Export {
             id, query: None, ..
         } => Request::from(Local::ArchiveExport {
             id: id.clone().unwrap_or_default(),
+            view: false,
+            scope: None,
         }),
         ArchiveCmd::Export {
             query: Some(query),

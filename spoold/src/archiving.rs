@@ -679,11 +679,47 @@ impl Archiving {
             .ok_or_else(|| format!("no archived item for message {id}"))
     }
 
-    /// `archive search`.
-    pub fn search(&self, query: &str, limit: usize) -> Result<api::ArchiveFound, String> {
+    /// [`Archiving::resolve`], then, with a `scope`, whether the item's envelope sender or a
+    /// recipient is one of its addresses: an item outside it is answered as not found (its
+    /// existence is not for this asker to learn) and the refused attempt is audited.
+    pub fn resolve_within(
+        &self,
+        id: &str,
+        scope: Option<&[String]>,
+        who: &evidence::audit::Asker,
+    ) -> Result<u64, String> {
+        let seq = self.resolve(id)?;
+        let Some(scope) = scope else {
+            return Ok(seq);
+        };
+        let inside = self.archive.item(seq).ok().is_some_and(|item| {
+            std::iter::once(&item.sender)
+                .chain(&item.recipients)
+                .any(|a| scope.iter().any(|s| s.eq_ignore_ascii_case(a)))
+        });
+        if inside {
+            Ok(seq)
+        } else {
+            self.audited(
+                who,
+                "archive read refused (outside the user's addresses)",
+                id,
+                &[],
+            )?;
+            Err(format!("no archived item {id}"))
+        }
+    }
+
+    /// `archive search`, within a `scope` of addresses if one is given.
+    pub fn search(
+        &self,
+        query: &str,
+        limit: usize,
+        scope: Option<&[String]>,
+    ) -> Result<api::ArchiveFound, String> {
         let found = self
             .archive
-            .search(query, limit.clamp(1, 10_000))
+            .search_within(query, limit.clamp(1, 10_000), scope)
             .map_err(|e| e.to_string())?;
         let mut items = Vec::with_capacity(found.items.len());
         for hit in &found.items {

@@ -486,23 +486,32 @@ impl Admin {
         match req {
             // Archive content: recorded in the audit log (who, what, which items) before the
             // answer; a request the log cannot record is refused.
-            Local::ArchiveSearch { query, limit } => {
+            Local::ArchiveSearch {
+                query,
+                limit,
+                scope,
+            } => {
                 let a = self.archiving()?;
-                let found = a.search(&query, limit)?;
+                let found = a.search(&query, limit, scope.as_deref())?;
                 let seqs: Vec<u64> = found.items.iter().map(|i| i.seq).collect();
                 a.audited(who, "archive search", &query, &seqs)?;
                 reply(found)
             }
-            Local::ArchiveShow { id } => {
+            Local::ArchiveShow { id, scope } => {
                 let a = self.archiving()?;
-                let seq = a.resolve(&id)?;
+                let seq = a.resolve_within(&id, scope.as_deref(), who)?;
                 a.audited(who, "archive show", &id, &[seq])?;
                 reply(a.show(seq)?)
             }
-            Local::ArchiveExport { id } => {
+            Local::ArchiveExport { id, view, scope } => {
                 let a = self.archiving()?;
-                let seq = a.resolve(&id)?;
-                a.audited(who, "archive export", &id, &[seq])?;
+                let seq = a.resolve_within(&id, scope.as_deref(), who)?;
+                let action = if view {
+                    "archive view"
+                } else {
+                    "archive export"
+                };
+                a.audited(who, action, &id, &[seq])?;
                 reply(a.export(seq)?)
             }
             Local::ArchiveHold { target, held } => {

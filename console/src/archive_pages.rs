@@ -1,0 +1,450 @@
+//! The archive's pages: search, a message (envelope, headers, MIME tree, text parts; an HTML
+//! part as escaped source, never live), downloads of the message and its parts, legal hold,
+//! and the audit log. Every read of content is a daemon request made in the console user's
+//! name, so the daemon audits it and applies the user's scope (a `user` reaches only mail from
+//! or to their own addresses, whatever URL they type).
+
+use crate::pages::{self, when};
+use crate::policy::{Action, Role};
+use crate::web::{page, scope_field, Backend, Console, Fields, Who};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::response::{IntoResponse, Redirect, Response};
+use base64::Engine;
+use mail_parser::{MessageParser, MimeHeaders, PartType};
+use maud::{html, Markup};
+use std::sync::Arc;
+
+/// Results per page.
+const PAGE: usize = 50;
+/// The deepest page a search shows (the daemon lists at most 10,000).
+const PAGES_MAX: usize = 10_000 / PAGE;
+
+fn query_fields(uri: &Uri) -> Fields {
+    Fields::parse(uri.query().unwrap_or("").as_bytes())
+}
+
+/// `/search?q=…&page=N`.
+pub async fn search<B: Backend>(
+    State(c): State<Arc<Console<B>>>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    let (who, scope) = match c.require(&headers, Action::Search) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let f = query_fields(&uri);
+    let q = f.get("q").unwrap_or("").trim().to_string();
+    let page_no = f
+        .get("page")
+        .and_then(|p| p.parse::<usize>().ok())
+        .unwrap_or(1)
+        .clamp(1, PAGES_MAX);
+    let found = if q.is_empty() && who.role != Role::User {
+        None
+    } else {
+        Some(
+            c.ask::<api::ArchiveFound>(
+                &who,
+                api::Local::ArchiveSearch {
+                    query: q.clone(),
+                    limit: page_no * PAGE,
+                    scope: scope_field(&scope),
+                },
+            )
+            .await,
+        )
+    };
+    let body = html! {
+        form.search method="get" action="/search" role="search" {
+            label for="q" { "Search" }
+            input #q type="search" name="q" value=(q) placeholder="from:alice subject:\"quarterly report\" after:2026-01-01" autofocus;
+            button type="submit" { "Search" }
+        }
+        p.hint { "from: to: subject: body: filename: msgid: after: before: has:attachment size:>1m, words and \"phrases\"; all must match." }
+        @match &found {
+            None => {}
+            Some(Err(e)) => { p.error role="alert" { (e) } }
+            Some(Ok(found)) => {
+                @let shown: Vec<&api::ArchiveItem> = found.items.iter().skip((page_no - 1) * PAGE).collect();
+                p.count {
+                    @if found.total_exact { (found.total) } @else { "at least " (found.total) }
+                    " matching"
+                    @if !shown.is_empty() {
+                        ", " ((page_no - 1) * PAGE + 1) "–" ((page_no - 1) * PAGE + shown.len()) " shown"
+                    }
+                }
+                @if !shown.is_empty() {
+                    table.results {
+                        thead { tr { th { "Arrived (UTC)" } th { "From" } th { "To" } th { "Subject" } th { "Message-ID" } th { "Matched" } } }
+                        tbody {
+                            @for i in &shown {
+                                tr {
+                                    td { a href={ "/message/" (i.seq) } { (when(i.arrived_ms)) } }
+                                    td { (i.sender) }
+                                    td { (i.recipients.join(", ")) }
+                                    td { a href={ "/message/" (i.seq) } { (i.subject.as_deref().unwrap_or("(no subject)")) } }
+                                    td.msgid { (i.message_id.as_deref().unwrap_or("")) }
+                                    td { (i.matched.join(", ")) }
+                                }
+                            }
+                        }
+                    }
+                }
+                nav.pages {
+                    @if page_no > 1 {
+                        a href={ "/search?" (pair("q", &q)) "&page=" (page_no - 1) } rel="prev" { "Newer" }
+                    }
+                    @if found.total > page_no * PAGE && page_no < PAGES_MAX {
+                        a href={ "/search?" (pair("q", &q)) "&page=" (page_no + 1) } rel="next" { "Older" }
+                    }
+                }
+            }
+        }
+    };
+    let title = if who.role == Role::User {
+        "My mail"
+    } else {
+        "Search the archive"
+    };
+    page(
+        StatusCode::OK,
+        pages::layout(title, Some(&who.viewer()), None, body),
+    )
+}
+
+fn pair(k: &str, v: &str) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .append_pair(k, v)
+        .finish()
+}
+
+/// The item and its bytes, read in `who`'s name within their scope; `view` audits it as a
+/// view rather than a download.
+async fn read<B: Backend>(
+    c: &Console<B>,
+    who: &Who,
+    scope: &crate::policy::Scope,
+    seq: u64,
+    view: bool,
+) -> Result<(api::ArchiveItem, Vec<u8>), Response> {
+    let got: Result<api::ArchiveExported, String> = c
+        .ask(
+            who,
+            api::Local::ArchiveExport {
+                id: seq.to_string(),
+                view,
+                scope: scope_field(scope),
+            },
+        )
+        .await;
+    let refused = |e: String| {
+        page(
+            StatusCode::NOT_FOUND,
+            pages::problem(Some(&who.viewer()), "Not available", &e),
+        )
+    };
+    let e = got.map_err(refused)?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(e.base64.as_bytes())
+        .map_err(|e| refused(e.to_string()))?;
+    Ok((e.item, raw))
+}
+
+/// `/message/N`: one archived message, shown inert.
+pub async fn message<B: Backend>(
+    State(c): State<Arc<Console<B>>>,
+    headers: HeaderMap,
+    Path(seq): Path<u64>,
+) -> Response {
+    let (who, scope) = match c.require(&headers, Action::View) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let (item, raw) = match read(&c, &who, &scope, seq, true).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let header_end = find(&raw, b"\r\n\r\n")
+        .or_else(|| find(&raw, b"\n\n"))
+        .unwrap_or(raw.len());
+    let header_text = String::from_utf8_lossy(&raw[..header_end]);
+    let parsed = MessageParser::default().parse(&raw);
+    let subject = parsed
+        .as_ref()
+        .and_then(|m| m.subject())
+        .unwrap_or("(no subject)")
+        .to_string();
+    let body = html! {
+        section.envelope {
+            h2 { "Envelope" }
+            dl {
+                dt { "Item" } dd { (item.seq) " (spool id " (item.id) ", accepted on " (item.origin) ")" }
+                dt { "Arrived" } dd { (when(item.arrived_ms)) " UTC" }
+                dt { "Sender" } dd { "<" (item.sender) ">" }
+                dt { "Recipients" } dd { (item.recipients.join(", ")) }
+                dt { "Verdict" } dd { (item.verdict) }
+                dt { "Size" } dd { (item.size) " bytes" }
+                dt { "SHA-256" } dd.hash { (item.sha256) }
+                dt { "Legal hold" } dd { @if item.held { "on" } @else { "off" } }
+            }
+            p.actions {
+                a.button href={ "/message/" (seq) "/eml" } download { "Download .eml" }
+                @if who.role == Role::Auditor {
+                    form.inline method="post" action={ "/message/" (seq) "/hold" } {
+                        input type="hidden" name="csrf" value=(who.csrf);
+                        input type="hidden" name="held" value=(if item.held { "0" } else { "1" });
+                        button type="submit" { @if item.held { "Release legal hold" } @else { "Put on legal hold" } }
+                    }
+                }
+            }
+        }
+        section.headers {
+            h2 { "Headers" }
+            pre.headers { (header_text) }
+        }
+        section.parts {
+            h2 { "Parts" }
+            @match &parsed {
+                Some(m) => { (part_tree(m, seq, 0, 0)) }
+                None => { p { "The message could not be parsed; download it to read it." } }
+            }
+        }
+    };
+    page(
+        StatusCode::OK,
+        pages::layout(&subject, Some(&who.viewer()), None, body),
+    )
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+const TREE_DEPTH_MAX: usize = 16;
+
+/// Part `i` of `m` and the parts under it.
+fn part_tree(m: &mail_parser::Message<'_>, seq: u64, i: u32, depth: usize) -> Markup {
+    let Some(part) = m.parts.get(i as usize) else {
+        return html! {};
+    };
+    let ctype = part
+        .content_type()
+        .map(|t| match t.subtype() {
+            Some(s) => format!("{}/{}", t.ctype(), s),
+            None => t.ctype().to_string(),
+        })
+        .unwrap_or_else(|| "text/plain".into());
+    let name = part.attachment_name();
+    html! {
+        div.part {
+            p.part-head {
+                code { (ctype) }
+                " · " (part.contents().len()) " bytes"
+                @if let Some(n) = name { " · " strong { (n) } }
+                @if !matches!(part.body, PartType::Multipart(_)) {
+                    " · " a href={ "/message/" (seq) "/part/" (i) } download { "download" }
+                }
+            }
+            @match &part.body {
+                PartType::Text(t) if name.is_none() => { pre.text { (t) } }
+                PartType::Html(h) if name.is_none() => {
+                    p.note { "HTML part, shown as its source: nothing in it runs or loads." }
+                    pre.html-source { (h) }
+                }
+                PartType::Multipart(children) if depth < TREE_DEPTH_MAX => {
+                    @for c in children { (part_tree(m, seq, *c, depth + 1)) }
+                }
+                PartType::Message(_) => { p.note { "An attached message: download it to read it." } }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// `/message/N/eml`: the exact accepted bytes, as a download.
+pub async fn eml<B: Backend>(
+    State(c): State<Arc<Console<B>>>,
+    headers: HeaderMap,
+    Path(seq): Path<u64>,
+) -> Response {
+    let (who, scope) = match c.require(&headers, Action::View) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    match read(&c, &who, &scope, seq, false).await {
+        Ok((_, raw)) => download(raw, "message/rfc822", &format!("item-{seq}.eml")),
+        Err(r) => r,
+    }
+}
+
+/// `/message/N/part/I`: one part's decoded content, as a download (never shown inline).
+pub async fn part<B: Backend>(
+    State(c): State<Arc<Console<B>>>,
+    headers: HeaderMap,
+    Path((seq, i)): Path<(u64, u32)>,
+) -> Response {
+    let (who, scope) = match c.require(&headers, Action::View) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let raw = match read(&c, &who, &scope, seq, false).await {
+        Ok((_, raw)) => raw,
+        Err(r) => return r,
+    };
+    let Some(m) = MessageParser::default().parse(&raw) else {
+        return page(
+            StatusCode::NOT_FOUND,
+            pages::problem(Some(&who.viewer()), "Not available", "unparseable message"),
+        );
+    };
+    let Some(p) = m.parts.get(i as usize) else {
+        return page(
+            StatusCode::NOT_FOUND,
+            pages::problem(Some(&who.viewer()), "Not available", "no such part"),
+        );
+    };
+    let name = p
+        .attachment_name()
+        .map(safe_file_name)
+        .unwrap_or_else(|| format!("item-{seq}-part-{i}.bin"));
+    download(p.contents().to_vec(), "application/octet-stream", &name)
+}
+
+/// A file name safe in a `Content-Disposition` header: printable ASCII without quotes,
+/// backslashes or path separators.
+fn safe_file_name(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && !"\"\\/;".contains(c) || c == ' ' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100)
+        .collect();
+    if s.trim().is_empty() {
+        "attachment.bin".into()
+    } else {
+        s
+    }
+}
+
+fn download(bytes: Vec<u8>, ctype: &'static str, name: &str) -> Response {
+    let mut r = (StatusCode::OK, bytes).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "attachment; filename=\"{}\"",
+        safe_file_name(name)
+    )) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    r
+}
+
+/// `POST /message/N/hold`: legal hold on (`held=1`) or off.
+pub async fn hold<B: Backend>(
+    State(c): State<Arc<Console<B>>>,
+    headers: HeaderMap,
+    Path(seq): Path<u64>,
+    body: Bytes,
+) -> Response {
+    let (who, _, f) = match c.require_form(&headers, Action::LegalHold, &body) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let held = f.get("held") == Some("1");
+    let r: Result<api::ArchiveHeld, String> = c
+        .ask(
+            &who,
+            api::Local::ArchiveHold {
+                target: seq.to_string(),
+                held,
+            },
+        )
+        .await;
+    match r {
+        Ok(_) => Redirect::to(&format!("/message/{seq}")).into_response(),
+        Err(e) => page(
+            StatusCode::BAD_REQUEST,
+            pages::problem(Some(&who.viewer()), "Legal hold not changed", &e),
+        ),
+    }
+}
+
+/// One line of the audit log, as the daemon lists it.
+#[derive(serde::Deserialize)]
+struct AuditLine {
+    n: u64,
+    time_ms: u64,
+    user: String,
+    action: String,
+    detail: String,
+    items: u64,
+}
+
+/// `/audit`: the newest entries of the audit log, newest first.
+pub async fn audit<B: Backend>(State(c): State<Arc<Console<B>>>, headers: HeaderMap) -> Response {
+    let (who, _) = match c.require(&headers, Action::AuditLog) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let lines: Result<Vec<AuditLine>, String> = c
+        .ask(
+            &who,
+            api::Local::AuditList {
+                from: 0,
+                limit: Some(500),
+            },
+        )
+        .await;
+    let body = match lines {
+        Err(e) => html! { p.error role="alert" { (e) } },
+        Ok(lines) => html! {
+            table.audit {
+                thead { tr { th { "#" } th { "When (UTC)" } th { "Who" } th { "What" } th { "Detail" } th { "Items" } } }
+                tbody {
+                    @for l in lines.iter().rev() {
+                        tr {
+                            td { (l.n) }
+                            td { (when(l.time_ms)) }
+                            td { (l.user) }
+                            td { (l.action) }
+                            td { (l.detail) }
+                            td { (l.items) }
+                        }
+                    }
+                }
+            }
+        },
+    };
+    page(
+        StatusCode::OK,
+        pages::layout("Audit log", Some(&who.viewer()), None, body),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_in_headers_lose_what_could_break_out() {
+        let table = [
+            ("report.pdf", "report.pdf"),
+            ("a\"b.txt", "a_b.txt"),
+            ("../../etc/passwd", ".._.._etc_passwd"),
+            ("x\r\nSet-Cookie: y", "x__Set-Cookie: y"),
+            ("", "attachment.bin"),
+            ("Grüße.txt", "Gr__e.txt"),
+        ];
+        for (name, want) in table {
+            assert_eq!(safe_file_name(name), want, "{name:?}");
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! The gateway's pages, for admins: the pair's status (refreshing by itself), the queue with
+//! hold, release, requeue and delete, and the clustered settings, changed with the same
+//! validation as `spoolctl config set` and its error shown. No page here shows message content.
+
+use crate::pages::{self, when};
+use crate::policy::Action;
+use crate::web::{page, Backend, Console, Who};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use maud::{html, Markup};
+use std::sync::Arc;
+
+/// Seconds between the status page's refreshes.
+const REFRESH_SECS: u32 = 5;
+/// Queued messages listed at most.
+const QUEUE_SHOWN_MAX: usize = 500;
+
+/// `/status`: role, partner link, replication lag, queue by folder, recent deferrals.
+pub async fn status<B: Backend>(State(c): State<Arc<Console<B>>>, headers: HeaderMap) -> Response {
+    let (who, _) = match c.require(&headers, Action::Status) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let st: Result<api::Status, String> = c.ask(&who, api::Local::Status).await;
+    let queue = list(&c, &who).await;
+    let body = html! {
+        @match &st {
+            Err(e) => { p.error role="alert" { (e) } }
+            Ok(st) => {
+                section.cards {
+                    div.card { h2 { "Role" } p.big { (st.role) } }
+                    @if let Some(ha) = &st.ha {
+                        div.card {
+                            h2 { "Partner" }
+                            p.big { (ha.partner.as_deref().unwrap_or("—")) " · " (ha.partner_role.as_deref().unwrap_or("unknown")) }
+                            p { "link " strong { (ha.link) } @if ha.split_brain { " · " strong.error { "split brain" } } }
+                        }
+                        div.card {
+                            h2 { "Replication" }
+                            p.big { (ha.pending_actions) " pending" }
+                            p { "last lag " (ha.last_lag_ms) " ms" }
+                        }
+                    } @else {
+                        div.card { h2 { "Partner" } p.big { "none (standalone)" } }
+                    }
+                    div.card { h2 { "Scheduled" } p.big { (st.scheduled) } }
+                }
+                h2 { "Queue by folder" }
+                table.folders {
+                    thead { tr { th { "Folder" } th { "Messages" } } }
+                    tbody { @for (f, n) in &st.queue { tr { td { (f) } td { (n) } } } }
+                }
+            }
+        }
+        h2 { "Recent deferrals" }
+        @match &queue {
+            Err(e) => { p.error { (e) } }
+            Ok(q) => {
+                @let mut deferred: Vec<&api::Listed> = q.iter().filter(|m| m.last_error.is_some()).collect();
+                @if deferred.is_empty() { p { "None." } } @else {
+                    table.queue {
+                        thead { tr { th { "Id" } th { "Attempts" } th { "Next attempt (UTC)" } th { "Last error" } } }
+                        tbody {
+                            @for m in { deferred.sort_by_key(|m| std::cmp::Reverse(m.next_attempt_ms)); deferred.iter().take(20) } {
+                                tr { td { (m.id) } td { (m.attempts) } td { (when(m.next_attempt_ms)) } td { (m.last_error.as_deref().unwrap_or("")) } }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    page(
+        StatusCode::OK,
+        pages::layout("Pair status", Some(&who.viewer()), Some(REFRESH_SECS), body),
+    )
+}
+
+async fn list<B: Backend>(c: &Console<B>, who: &Who) -> Result<Vec<api::Listed>, String> {
+    c.ask(
+        who,
+        api::Local::List {
+            folder: None,
+            sender: None,
+            rcpt: None,
+            older_than_secs: None,
+        },
+    )
+    .await
+}
+
+fn queue_page(who: &Who, q: Result<Vec<api::Listed>, String>, flash: Option<Markup>) -> Response {
+    let body = html! {
+        @if let Some(f) = flash { (f) }
+        @match &q {
+            Err(e) => { p.error role="alert" { (e) } }
+            Ok(q) if q.is_empty() => { p { "The queue is empty." } }
+            Ok(q) => {
+                form.queue method="post" action="/queue" {
+                    input type="hidden" name="csrf" value=(who.csrf);
+                    p.actions {
+                        button type="submit" name="action" value="hold" { "Hold" }
+                        button type="submit" name="action" value="release" { "Release" }
+                        button type="submit" name="action" value="requeue" { "Retry now" }
+                        button.danger type="submit" name="action" value="delete" { "Delete" }
+                    }
+                    p.count { (q.len()) " queued" @if q.len() > QUEUE_SHOWN_MAX { ", the oldest " (QUEUE_SHOWN_MAX) " shown" } }
+                    table.queue {
+                        thead { tr { th { input type="checkbox" id="select-all" aria-label="select all"; } th { "Id" } th { "Folder" } th { "Arrived (UTC)" } th { "Sender" } th { "Recipients" } th { "Size" } th { "Attempts" } th { "Last error" } } }
+                        tbody {
+                            @for m in q.iter().take(QUEUE_SHOWN_MAX) {
+                                tr {
+                                    td { input type="checkbox" name="id" value=(m.id) aria-label={ "select " (m.id) }; }
+                                    td.id { (m.id) }
+                                    td { (m.folder) }
+                                    td { (when(m.arrived_ms)) }
+                                    td { (m.sender) }
+                                    td { (m.recipients.join(", ")) }
+                                    td { (m.size) }
+                                    td { (m.attempts) }
+                                    td { (m.last_error.as_deref().unwrap_or("")) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    page(
+        StatusCode::OK,
+        pages::layout("Queue", Some(&who.viewer()), None, body),
+    )
+}
+
+/// `/queue`: the messages waiting, oldest first.
+pub async fn queue<B: Backend>(State(c): State<Arc<Console<B>>>, headers: HeaderMap) -> Response {
+    let (who, _) = match c.require(&headers, Action::QueueList) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let q = list(&c, &who).await;
+    queue_page(&who, q, None)
+}
+
+/// `POST /queue`: hold, release, requeue or delete the ids ticked.
+pub async fn queue_action<B: Backend>(
+    State(c): State<Arc<Console<B>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (who, _, f) = match c.require_form(&headers, Action::QueueChange, &body) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let ids = f.all("id");
+    let req = match f.get("action") {
+        Some("hold") => api::Local::Hold { ids },
+        Some("release") => api::Local::Release { ids },
+        Some("requeue") => api::Local::Requeue { ids },
+        Some("delete") => api::Local::Delete { ids },
+        other => {
+            return page(
+                StatusCode::BAD_REQUEST,
+                pages::problem(
+                    Some(&who.viewer()),
+                    "Unknown action",
+                    &format!("{other:?} is not a queue action"),
+                ),
+            )
+        }
+    };
+    let done: Result<api::Each, String> = c.ask(&who, req).await;
+    let flash = match &done {
+        Ok(e) => html! {
+            p.flash role="status" { (e.done.len()) " done" @if !e.failed.is_empty() { ", " (e.failed.len()) " failed" } }
+            @if !e.failed.is_empty() { ul.error { @for f in &e.failed { li { (f.id) ": " (f.error) } } } }
+        },
+        Err(e) => html! { p.error role="alert" { (e) } },
+    };
+    let q = list(&c, &who).await;
+    queue_page(&who, q, Some(flash))
+}
+
+/// Keys the settings page does not show or change: the users table (hashes) has `spoolctl user`.
+const HIDDEN_KEYS: &[&str] = &["console.users"];
+
+fn settings_page(
+    who: &Who,
+    shown: Result<api::ConfigShown, String>,
+    flash: Option<Markup>,
+    status: StatusCode,
+) -> Response {
+    let body = html! {
+        @if let Some(f) = flash { (f) }
+        p.hint { "A value is written as in the configuration file (TOML): 30, \"text\", [\"a.example\", \"b.example\"]. The cluster level applies on every unit; machine on this one only." }
+        @match &shown {
+            Err(e) => { p.error role="alert" { (e) } }
+            Ok(s) => {
+                table.settings {
+                    thead { tr { th { "Key" } th { "In effect here" } th { "Set at" } th { "Change" } } }
+                    tbody {
+                        @for k in s.keys.iter().filter(|k| !HIDDEN_KEYS.contains(&k.key.as_str())) {
+                            tr {
+                                td.key { code { (k.key) } }
+                                td { code { (json(&k.effective)) } }
+                                td { @for l in &k.levels { div { (l.level) ": " code { (json(&l.value)) } } } }
+                                td {
+                                    form.setting method="post" action="/settings" {
+                                        input type="hidden" name="csrf" value=(who.csrf);
+                                        input type="hidden" name="key" value=(k.key);
+                                        input type="text" name="value" value=(toml_value(&k.effective)) aria-label={ "new value of " (k.key) };
+                                        select name="level" aria-label="level" {
+                                            option value="cluster" { "cluster" }
+                                            option value="machine" { "machine" }
+                                        }
+                                        button type="submit" { "Set" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    page(
+        status,
+        pages::layout("Settings", Some(&who.viewer()), None, body),
+    )
+}
+
+fn json(v: &Option<serde_json::Value>) -> String {
+    v.as_ref()
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "unset".into())
+}
+
+/// A JSON value written as TOML (strings, numbers, booleans and arrays of them look alike;
+/// a table is left for the command line).
+fn toml_value(v: &Option<serde_json::Value>) -> String {
+    v.as_ref().map(|v| v.to_string()).unwrap_or_default()
+}
+
+/// `/settings`: every clusterable key, its levels, what applies here.
+pub async fn settings<B: Backend>(
+    State(c): State<Arc<Console<B>>>,
+    headers: HeaderMap,
+) -> Response {
+    let (who, _) = match c.require(&headers, Action::SettingsRead) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let shown = c.ask(&who, api::Local::ConfigShow { key: None }).await;
+    settings_page(&who, shown, None, StatusCode::OK)
+}
+
+/// `POST /settings`: set one key at a level; refused with the daemon's reason, changing
+/// nothing, when the value or the configuration it makes is invalid.
+pub async fn settings_change<B: Backend>(
+    State(c): State<Arc<Console<B>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (who, _, f) = match c.require_form(&headers, Action::SettingsChange, &body) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let key = f.get("key").unwrap_or("").to_string();
+    let (flash, status) = if HIDDEN_KEYS.contains(&key.as_str()) {
+        (
+            html! { p.error role="alert" { (key) " is changed with spoolctl user" } },
+            StatusCode::BAD_REQUEST,
+        )
+    } else {
+        let level = match f.get("level") {
+            Some("machine") => "machine",
+            _ => "cluster",
+        };
+        let changed: Result<serde_json::Value, String> = c
+            .ask(
+                &who,
+                api::Cluster::ConfigSet {
+                    key: key.clone(),
+                    value: Some(f.get("value").unwrap_or("").to_string()),
+                    level: level.into(),
+                },
+            )
+            .await;
+        match changed {
+            Ok(_) => (
+                html! { p.flash role="status" { (key) " set at the " (level) " level." } },
+                StatusCode::OK,
+            ),
+            Err(e) => (
+                html! { p.error role="alert" { (key) " not changed: " (e) } },
+                StatusCode::BAD_REQUEST,
+            ),
+        }
+    };
+    let shown = c.ask(&who, api::Local::ConfigShow { key: None }).await;
+    settings_page(&who, shown, Some(flash), status)
+}
