@@ -16,7 +16,6 @@ use axum::routing::{get, post};
 use axum::Router;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// What the console needs of the daemon: its admin requests, asked on behalf of a named console
@@ -29,33 +28,17 @@ pub trait Backend: Send + Sync + 'static {
         req: api::Request,
     ) -> impl Future<Output = Result<serde_json::Value, String>> + Send;
     /// The users as the cluster's settings hold them now.
-    fn users(&self) -> Users;
+    fn users(&self) -> Arc<Users>;
+    /// Counts an event for the daemon's metrics: `login`, `login_failed`, `login_locked` (an
+    /// attempt during a lockout), `lockout` (one begun), `csrf_refused`, `forbidden`.
+    fn counted(&self, _event: &'static str) {}
 }
 
-/// Counters for the daemon's metrics.
-#[derive(Default)]
-pub struct Stats {
-    /// Logins that succeeded.
-    pub logins: AtomicU64,
-    /// Logins refused for a wrong name or password.
-    pub login_failures: AtomicU64,
-    /// Attempts refused during a lockout.
-    pub login_locked: AtomicU64,
-    /// Lockouts begun.
-    pub lockouts: AtomicU64,
-    /// Forms refused for a missing or wrong CSRF token.
-    pub csrf_refused: AtomicU64,
-    /// Pages or actions refused to a logged-in user's role.
-    pub forbidden: AtomicU64,
-}
-
-/// The console: the daemon behind it, sessions, the login limiter, counters.
+/// The console: the daemon behind it, sessions, the login limiter.
 pub struct Console<B> {
     pub(crate) backend: B,
     sessions: Mutex<Sessions>,
     limiter: Mutex<Limiter>,
-    /// Counters.
-    pub stats: Stats,
 }
 
 /// A client's address, for the login limiter and the log.
@@ -161,7 +144,6 @@ impl<B: Backend> Console<B> {
             backend,
             sessions: Mutex::new(Sessions::default()),
             limiter: Mutex::new(Limiter::default()),
-            stats: Stats::default(),
         }
     }
 
@@ -205,7 +187,7 @@ impl<B: Backend> Console<B> {
 
     /// The 403 page for `who`.
     pub fn forbidden(&self, who: &Who) -> Response {
-        self.stats.forbidden.fetch_add(1, Ordering::Relaxed);
+        self.backend.counted("forbidden");
         page(
             StatusCode::FORBIDDEN,
             pages::problem(
@@ -232,7 +214,7 @@ impl<B: Backend> Console<B> {
     }
 
     fn csrf_refused(&self) -> Response {
-        self.stats.csrf_refused.fetch_add(1, Ordering::Relaxed);
+        self.backend.counted("csrf_refused");
         page(
             StatusCode::FORBIDDEN,
             pages::problem(
@@ -378,7 +360,7 @@ async fn login<B: Backend>(
     let client = addr.ip().to_string();
     let again = |status, message: &str| page(status, pages::login(&s.csrf, &user, Some(message)));
     if let Gate::Locked { until_ms } = c.limiter().gate(&user, &client, now) {
-        c.stats.login_locked.fetch_add(1, Ordering::Relaxed);
+        c.backend.counted("login_locked");
         return again(
             StatusCode::TOO_MANY_REQUESTS,
             &format!(
@@ -399,9 +381,9 @@ async fn login<B: Backend>(
     .await
     .unwrap_or(false);
     if !ok {
-        c.stats.login_failures.fetch_add(1, Ordering::Relaxed);
+        c.backend.counted("login_failed");
         if c.limiter().failed(&user, &client, now) == Failed::LockedOut {
-            c.stats.lockouts.fetch_add(1, Ordering::Relaxed);
+            c.backend.counted("lockout");
             tracing::warn!(
                 user = %user.escape_debug(),
                 client = %client,
@@ -411,7 +393,7 @@ async fn login<B: Backend>(
         return again(StatusCode::UNAUTHORIZED, "Wrong user name or password.");
     }
     c.limiter().succeeded(&user);
-    c.stats.logins.fetch_add(1, Ordering::Relaxed);
+    c.backend.counted("login");
     tracing::info!(user = %user, client = %client, "console: logged in");
     let token = c.sessions().log_in(&token, &user, now);
     let mut r = Redirect::to("/").into_response();

@@ -23,7 +23,7 @@ pub mod item;
 pub mod proof;
 pub mod record;
 pub mod seal;
-mod secret;
+pub mod secret;
 
 /// Why an evidence operation failed.
 #[derive(Clone, Debug, thiserror::Error)]

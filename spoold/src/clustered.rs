@@ -47,6 +47,7 @@ static KEYS: &[Key<Config>] = &[
     key!("filter.retry_secs", filter.retry_secs),
     key!("filter.notify_sender", filter.notify_sender),
     key!("archive.retention_days", archive.retention_days),
+    key!("console.users", console.users),
 ];
 
 /// Keys that never leave their unit (its identity, addresses, secrets and role).
@@ -74,6 +75,10 @@ const MACHINE_ONLY: &[&str] = &[
     "cluster.advertise",
     "cluster.secret",
     "cluster.secret_file",
+    "console.enabled",
+    "console.listen",
+    "console.tls_cert",
+    "console.tls_key",
 ];
 
 /// Where the effective configuration goes live: what SMTP sessions, delivery attempts and
@@ -85,6 +90,8 @@ pub struct LiveConfig {
     pub delivery: watch::Sender<Arc<DeliveryPolicy>>,
     /// `archive.retention_days`.
     pub retention_days: watch::Sender<u64>,
+    /// `console.users`: who may log in to the console, read on every request.
+    pub users: watch::Sender<Arc<console::users::Users>>,
 }
 
 /// The receiving ends of [`LiveConfig`].
@@ -95,6 +102,8 @@ pub struct LiveReceivers {
     pub delivery: watch::Receiver<Arc<DeliveryPolicy>>,
     /// For the archive's retention pass.
     pub retention_days: watch::Receiver<u64>,
+    /// For the console.
+    pub users: watch::Receiver<Arc<console::users::Users>>,
 }
 
 impl LiveConfig {
@@ -116,16 +125,19 @@ impl LiveConfig {
         }));
         let (delivery, delivery_rx) = watch::channel(Arc::new(DeliveryPolicy::from_config(cfg)));
         let (retention_days, retention_days_rx) = watch::channel(cfg.archive.retention_days);
+        let (users, users_rx) = watch::channel(Arc::new(cfg.console.users.clone()));
         (
             LiveConfig {
                 smtp,
                 delivery,
                 retention_days,
+                users,
             },
             LiveReceivers {
                 smtp: smtp_rx,
                 delivery: delivery_rx,
                 retention_days: retention_days_rx,
+                users: users_rx,
             },
         )
     }
@@ -150,6 +162,7 @@ impl cluster::Schema for LiveConfig {
         self.delivery
             .send_replace(Arc::new(DeliveryPolicy::from_config(c)));
         self.retention_days.send_replace(c.archive.retention_days);
+        self.users.send_replace(Arc::new(c.console.users.clone()));
         let policy = smtp::RelayPolicy {
             relay_domains: c.smtp.relay_domains.clone(),
             trusted_networks: c.smtp.trusted_networks.clone(),

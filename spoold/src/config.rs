@@ -35,6 +35,37 @@ pub struct Config {
     /// The cluster link (membership beyond the pair); absent: clustered settings are shared
     /// with the HA partner only.
     pub cluster: Option<ClusterLinkConfig>,
+    /// The web console.
+    pub console: ConsoleConfig,
+}
+
+/// `[console]`: the web console (HTTPS), and its users (clustered: `console.users`).
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Serve the console.
+    pub enabled: bool,
+    /// Its HTTPS listen address (default loopback only: expose it on purpose).
+    pub listen: SocketAddr,
+    /// PEM certificate chain; without it a self-signed certificate is made once and kept in
+    /// `<state>/console/`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// The users, by name (set with `spoolctl user`; argon2id hashes, never passwords).
+    pub users: console::users::Users,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9443)),
+            tls_cert: None,
+            tls_key: None,
+            users: Default::default(),
+        }
+    }
 }
 
 /// `[cluster]`: where other cluster members reach this unit, and the secret they prove.
@@ -650,6 +681,7 @@ impl Default for Config {
             ha: None,
             archive: ArchiveConfig::default(),
             cluster: None,
+            console: ConsoleConfig::default(),
         }
     }
 }
@@ -754,6 +786,11 @@ impl Config {
         if s.tls_cert.is_some() != s.tls_key.is_some() {
             bail!("keys `smtp.tls_cert` and `smtp.tls_key`: set both or neither");
         }
+        let c = &self.console;
+        if c.tls_cert.is_some() != c.tls_key.is_some() {
+            bail!("keys `console.tls_cert` and `console.tls_key`: set both or neither");
+        }
+        console::users::check(&c.users).map_err(|e| anyhow::anyhow!("key `console.users`: {e}"))?;
         for d in &s.relay_domains {
             let bare = d.strip_prefix('.').unwrap_or(d);
             if bare.is_empty() || bare.contains(['@', ' ', '/']) {

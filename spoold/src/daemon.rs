@@ -14,7 +14,7 @@ use crate::ingest::sink::{SpoolSink, SyncPolicy};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::queue::Queue;
-use crate::{admin, archiving, ha, http, last_words, storage, tls};
+use crate::{admin, archiving, ha, http, last_words, storage, tls, webconsole};
 use anyhow::{Context, Result};
 use spool::recovery::{recover, InsertOutcome};
 use spool::{Backend, BackendChoice, Folder, IdGenerator, Layout, SpoolWriter};
@@ -87,12 +87,20 @@ pub async fn run(cfg: Config) -> Result<()> {
         lifecycle: storage.lifecycle.clone(),
         archiving: archiving.clone(),
     });
-    admin.serve().await.with_context(|| {
+    admin.clone().serve().await.with_context(|| {
         format!(
             "admin socket {}",
             admin::Admin::socket_path(&storage.layout).display()
         )
     })?;
+    webconsole::start(
+        &cfg,
+        &settings,
+        admin.clone(),
+        live_rx.users,
+        metrics.clone(),
+    )
+    .await?;
 
     let ready = Arc::new(AtomicBool::new(false));
     if let Some(r) = &replicator {

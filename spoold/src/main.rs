@@ -26,6 +26,7 @@ mod metrics;
 mod queue;
 mod storage;
 mod tls;
+mod webconsole;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -50,6 +51,10 @@ struct Cli {
     /// HTTP listen address for metrics and health (overrides `http.listen`).
     #[arg(long, value_name = "ADDR")]
     http_listen: Option<SocketAddr>,
+    /// Console HTTPS listen address, or `off` (overrides `console.listen` and
+    /// `console.enabled`).
+    #[arg(long, value_name = "ADDR|off")]
+    console_listen: Option<String>,
     /// Node name (overrides `node_name`).
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
@@ -78,6 +83,16 @@ fn load_config(cli: &Cli) -> Result<Config> {
     }
     if let Some(a) = cli.http_listen {
         cfg.http.listen = a;
+    }
+    match cli.console_listen.as_deref() {
+        None => {}
+        Some("off") => cfg.console.enabled = false,
+        Some(a) => {
+            cfg.console.listen = a
+                .parse()
+                .with_context(|| format!("--console-listen {a:?}: not ip:port or off"))?;
+            cfg.console.enabled = true;
+        }
     }
     if let Some(n) = &cli.node_name {
         cfg.node_name = n.clone();

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub archive_waiting: IntGauge,
     /// Requests recorded in the audit log.
     pub archive_audit_entries: IntCounter,
+    /// The console's logins, lockouts and refusals, by event.
+    pub console_events: IntCounterVec,
     /// Requests refused because the audit log could not record them.
     pub archive_audit_failures: IntCounter,
     /// Local items not yet confirmed by a mirror peer, by peer.
@@ -277,6 +279,11 @@ impl Metrics {
             archive_failures: counter(
                 "spoold_archive_failures_total",
                 "Archive writes that failed; the message waited in the spool.",
+            )?,
+            console_events: vec(
+                "spoold_console_events_total",
+                "Console events: login, login_failed, login_locked (tried during a lockout), lockout (begun), csrf_refused, forbidden.",
+                "event",
             )?,
             archive_audit_entries: counter(
                 "spoold_archive_audit_entries_total",

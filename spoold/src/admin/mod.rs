@@ -202,6 +202,22 @@ impl Admin {
         Ok(())
     }
 
+    /// Answers a request made in-process (the console) in `who`'s name, as the socket would:
+    /// local requests on a blocking thread, cluster requests here. Long work (with progress
+    /// lines) is for `spoolctl` on the unit.
+    pub async fn answer(self: &Arc<Self>, req: Request, who: Asker) -> Result<Value, String> {
+        match req {
+            Request::Local(req) => {
+                let me = self.clone();
+                tokio::task::spawn_blocking(move || me.handle(req, &who))
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+            Request::Cluster(req) => self.cluster(req).await,
+            Request::Long(_) => Err("long work is started with spoolctl on the unit".into()),
+        }
+    }
+
     fn ids(ids: &[String]) -> Result<Vec<MessageId>, String> {
         ids.iter()
             .map(|s| s.parse::<MessageId>().map_err(|e| e.to_string()))
