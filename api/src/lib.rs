@@ -205,6 +205,8 @@ pub enum Local {
         #[serde(default)]
         limit: Option<usize>,
     },
+    /// The console's users (names, roles, addresses; never hashes): a list of [`ListedUser`].
+    UserList,
     /// Prove the audit log (chain, checkpoints): `evidence::audit::AuditProof`.
     AuditVerify {
         /// Compare with the checkpoints of the log every mirror peer keeps.
@@ -297,6 +299,31 @@ pub enum Cluster {
         node: String,
         /// The group; absent: none.
         group: Option<String>,
+    },
+    /// Add a console user (clustered: every unit knows them): [`UserChanged`].
+    UserAdd {
+        /// Their name.
+        name: String,
+        /// `admin`, `auditor` or `user`.
+        role: String,
+        /// The argon2id hash of their password (PHC string), made by the asker: the password
+        /// itself never reaches the daemon.
+        password_hash: String,
+        /// For the `user` role: the addresses whose mail they read.
+        #[serde(default)]
+        addresses: Vec<String>,
+    },
+    /// Give a console user a new password: [`UserChanged`].
+    UserPasswd {
+        /// Their name.
+        name: String,
+        /// The argon2id hash of the new password.
+        password_hash: String,
+    },
+    /// Remove a console user (their sessions end at their next request): [`UserChanged`].
+    UserDel {
+        /// Their name.
+        name: String,
     },
     /// Set (or, without a value, unset) a clustered setting at a level (`cluster` or
     /// `machine`), validated here, then sent to the partner: [`ConfigChanged`].
@@ -823,6 +850,28 @@ pub struct ClusterChecked {
     /// Members that could not be compared, and why.
     #[serde(default)]
     pub notes: Vec<String>,
+}
+
+/// A console user in the answer to [`Local::UserList`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedUser {
+    /// Their name.
+    pub name: String,
+    /// Their role.
+    pub role: String,
+    /// The addresses whose mail a `user` reads.
+    pub addresses: Vec<String>,
+}
+
+/// [`Cluster::UserAdd`], [`Cluster::UserPasswd`], [`Cluster::UserDel`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserChanged {
+    /// The user.
+    pub name: String,
+    /// `added`, `password changed`, `removed`.
+    pub change: String,
+    /// What became of the other units' copies: `sent to NODE in N ms`, or why not.
+    pub sent: Vec<String>,
 }
 
 /// [`Local::ConfigExport`].

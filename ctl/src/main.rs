@@ -81,6 +81,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
+    /// The web console's users (clustered: every unit of the cluster knows them). Passwords
+    /// are hashed here (argon2id); only the hash reaches the daemon.
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
     /// Groups of machines in the cluster (a group's settings override the cluster's).
     Group {
         #[command(subcommand)]
@@ -198,6 +204,69 @@ enum MachineCmd {
         group: Option<String>,
     },
 }
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Add a user. Without --password-file a random password is made and printed once.
+    Add {
+        /// Their name (letters, digits, . _ @ -).
+        name: String,
+        /// admin (status, queue, settings; no mail), auditor (search, view, export, legal
+        /// hold, audit log) or user (their own mail only).
+        #[arg(long)]
+        role: String,
+        /// For the user role: an address whose mail they read (repeat for more).
+        #[arg(long = "address", value_name = "ADDR")]
+        addresses: Vec<String>,
+        /// Read the password from this file's first line.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+    },
+    /// Give a user a new password (random and printed once without --password-file).
+    Passwd {
+        /// Their name.
+        name: String,
+        /// Read the password from this file's first line.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+    },
+    /// Remove a user.
+    Del {
+        /// Their name.
+        name: String,
+    },
+    /// The users, their roles and addresses.
+    List,
+}
+
+/// The password for `user add`/`passwd`: the file's first line, or a random one printed once
+/// (to the terminal of the operator who asked, never to a log).
+fn password_hash(file: &Option<PathBuf>, name: &str) -> Result<String, (u8, String)> {
+    let password = match file {
+        Some(f) => {
+            let text =
+                std::fs::read_to_string(f).map_err(|e| (1u8, format!("{}: {e}", f.display())))?;
+            let line = text.lines().next().unwrap_or("").to_string();
+            if line.len() < 12 {
+                return Err((
+                    1,
+                    format!("{}: a password needs 12 characters or more", f.display()),
+                ));
+            }
+            line
+        }
+        None => {
+            let p = console::users::random_password();
+            // Shown once the daemon has taken it (`main`), not for a refused request.
+            let _ = MADE_PASSWORD.set((name.to_string(), p.clone()));
+            p
+        }
+    };
+    console::users::hash_password(&password).map_err(|e| (1, e))
+}
+
+/// A password `user add`/`passwd` made, with its user: printed after the daemon took it.
+static MADE_PASSWORD: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
 
 #[derive(Subcommand)]
 enum ConfigCmd {
@@ -579,6 +648,8 @@ fn human(cmd: &Cmd, data: &Value) -> Result<String, String> {
         Cmd::Config { .. } => text::<api::ConfigChanged>(data)?,
         Cmd::Track { .. } => text::<api::Tracked>(data)?,
         Cmd::Flush => text::<api::Flushed>(data)?,
+        Cmd::User { cmd: UserCmd::List } => text::<Vec<api::ListedUser>>(data)?,
+        Cmd::User { .. } => text::<api::UserChanged>(data)?,
         Cmd::Queue { .. } => text::<api::Each>(data)?,
     })
 }
@@ -876,6 +947,37 @@ fn run(cli: &Cli, on_progress: impl FnMut(&api::Progress)) -> Result<Value, (u8,
             }
             ClusterCmd::List => Request::from(Cluster::ClusterList),
         },
+        Cmd::User { cmd } => match cmd {
+            UserCmd::Add {
+                name,
+                role,
+                addresses,
+                password_file,
+            } => {
+                let parsed = role
+                    .parse::<console::policy::Role>()
+                    .map_err(|e| (1u8, e))?;
+                console::users::check_name(name).map_err(|e| (1u8, e))?;
+                if parsed == console::policy::Role::User && addresses.is_empty() {
+                    return Err((1, "the user role needs --address (their own mail)".into()));
+                }
+                Request::from(Cluster::UserAdd {
+                    name: name.clone(),
+                    role: role.clone(),
+                    password_hash: password_hash(password_file, name)?,
+                    addresses: addresses.clone(),
+                })
+            }
+            UserCmd::Passwd {
+                name,
+                password_file,
+            } => Request::from(Cluster::UserPasswd {
+                name: name.clone(),
+                password_hash: password_hash(password_file, name)?,
+            }),
+            UserCmd::Del { name } => Request::from(Cluster::UserDel { name: name.clone() }),
+            UserCmd::List => Request::from(Local::UserList),
+        },
         Cmd::Group { cmd } => match cmd {
             GroupCmd::Add { name } => Request::from(Cluster::GroupAdd { name: name.clone() }),
             GroupCmd::Rename { from, to } => Request::from(Cluster::GroupRename {
@@ -1036,6 +1138,9 @@ fn main() -> ExitCode {
     });
     if let Some(pb) = bar {
         pb.finish_and_clear();
+    }
+    if let (Ok(_), Some((name, password))) = (&result, MADE_PASSWORD.get()) {
+        println!("password for {name}: {password}");
     }
     match result {
         Ok(data)

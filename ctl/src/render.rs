@@ -14,6 +14,28 @@ pub fn to_text(reply: &impl Render) -> String {
     out
 }
 
+impl Render for Vec<api::ListedUser> {
+    fn render(&self, out: &mut String) {
+        for u in self {
+            out.push_str(&format!(
+                "{:<24} {:<8} {}\n",
+                u.name,
+                u.role,
+                u.addresses.join(" ")
+            ));
+        }
+    }
+}
+
+impl Render for api::UserChanged {
+    fn render(&self, out: &mut String) {
+        out.push_str(&format!("user {}: {}\n", self.name, self.change));
+        for s in &self.sent {
+            out.push_str(&format!("  {s}\n"));
+        }
+    }
+}
+
 impl Render for Vec<api::Listed> {
     fn render(&self, out: &mut String) {
         for m in self {

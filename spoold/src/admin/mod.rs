@@ -348,6 +348,51 @@ impl Admin {
                     .await
                     .map_err(text)?,
             )),
+            Cluster::UserAdd {
+                name,
+                role,
+                password_hash,
+                addresses,
+            } => {
+                let role: console::policy::Role = role.parse()?;
+                let user = console::users::User {
+                    role,
+                    password: password_hash,
+                    addresses,
+                };
+                self.users_change(&name, "added", |users| {
+                    if users.contains_key(&name) {
+                        return Err(format!(
+                            "user {name} exists (spoolctl user passwd changes a password)"
+                        ));
+                    }
+                    users.insert(name.clone(), user);
+                    Ok(())
+                })
+                .await
+            }
+            Cluster::UserPasswd {
+                name,
+                password_hash,
+            } => {
+                self.users_change(&name, "password changed", |users| {
+                    let u = users
+                        .get_mut(&name)
+                        .ok_or_else(|| format!("no user {name}"))?;
+                    u.password = password_hash;
+                    Ok(())
+                })
+                .await
+            }
+            Cluster::UserDel { name } => {
+                self.users_change(&name, "removed", |users| {
+                    users
+                        .remove(&name)
+                        .map(|_| ())
+                        .ok_or_else(|| format!("no user {name}"))
+                })
+                .await
+            }
             Cluster::Track { query, limit } => {
                 json(serde_json::to_value(m.track(query, limit).await?))
             }
@@ -356,6 +401,33 @@ impl Admin {
 
     /// After a change here: sends the settings to every other unit now, and answers what
     /// applies here.
+    /// Changes the console's users table (the clustered `console.users`, at the cluster
+    /// level), checked as a whole, then sends it to every other unit.
+    async fn users_change(
+        &self,
+        name: &str,
+        change: &str,
+        edit: impl FnOnce(&mut console::users::Users) -> Result<(), String>,
+    ) -> Result<serde_json::Value, String> {
+        let settings = self.membership.settings().clone();
+        let text = |e: anyhow::Error| format!("{e:#}");
+        console::users::check_name(name)?;
+        let mut users = settings.effective().map_err(text)?.console.users;
+        edit(&mut users)?;
+        console::users::check(&users)?;
+        let value = serde_json::to_value(&users).map_err(|e| e.to_string())?;
+        tokio::task::block_in_place(|| settings.set("console.users", "cluster", Some(value)))
+            .map_err(text)?;
+        tracing::info!(user = name, change, "console users changed");
+        let sent = self.membership.sync_all().await;
+        serde_json::to_value(api::UserChanged {
+            name: name.to_string(),
+            change: change.to_string(),
+            sent,
+        })
+        .map_err(|e| e.to_string())
+    }
+
     async fn settings_changed(
         &self,
         key: String,
@@ -542,6 +614,25 @@ impl Admin {
                 reply(a.hold(&seqs, held)?)
             }
             Local::ArchiveStatus => reply(self.archiving()?.status()?),
+            Local::UserList => {
+                let users = self
+                    .membership
+                    .settings()
+                    .effective()
+                    .map_err(|e| format!("{e:#}"))?
+                    .console
+                    .users;
+                reply(
+                    users
+                        .into_iter()
+                        .map(|(name, u)| api::ListedUser {
+                            name,
+                            role: u.role.name().to_string(),
+                            addresses: u.addresses,
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            }
             Local::AuditList { from, limit } => {
                 let a = self.archiving()?;
                 let mut entries: Vec<_> = evidence::audit::list(&a.audit_dir)
