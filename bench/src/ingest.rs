@@ -270,6 +270,8 @@ impl Spoold {
                 &smtp.to_string(),
                 "--http-listen",
                 &http.to_string(),
+                "--console-listen",
+                "off",
             ])
             .env("SPOOLD_LOG", "warn")
             .stdout(Stdio::null())

@@ -242,9 +242,9 @@ fn part_tree(m: &mail_parser::Message<'_>, seq: u64, i: u32, depth: usize) -> Ma
         div.part {
             p.part-head {
                 code { (ctype) }
-                " · " (part.contents().len()) " bytes"
-                @if let Some(n) = name { " · " strong { (n) } }
                 @if !matches!(part.body, PartType::Multipart(_)) {
+                    " · " (part.contents().len()) " bytes"
+                    @if let Some(n) = name { " · " strong { (n) } }
                     " · " a href={ "/message/" (seq) "/part/" (i) } download { "download" }
                 }
             }

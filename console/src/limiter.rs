@@ -1,15 +1,19 @@
-//! Login rate limiting: after [`FAILURES_MAX`] failed logins for one user name, or from one
-//! client address, within [`WINDOW_MS`], further attempts are refused until [`LOCKOUT_MS`]
-//! have passed, whatever password they carry (so a guess that happens to be right during a
-//! lockout does not get in either). Pure: the caller passes the time; table-tested.
+//! Login rate limiting: after [`FAILURES_MAX`] failed logins for one user name, or
+//! [`ADDRESS_FAILURES_MAX`] from one client address (higher: many people may share one
+//! address behind a proxy or NAT), within [`WINDOW_MS`], further attempts are refused until
+//! [`LOCKOUT_MS`] have passed, whatever password they carry (so a guess that happens to be
+//! right during a lockout does not get in either). Pure: the caller passes the time;
+//! table-tested.
 //!
 //! The table is bounded: past [`TRACKED_MAX`] keys the oldest are forgotten, so a flood of
 //! made-up user names costs bounded memory.
 
 use std::collections::HashMap;
 
-/// Failures that lock a name or an address out.
+/// Failures that lock a name out.
 pub const FAILURES_MAX: u32 = 5;
+/// Failures that lock a client address out.
+pub const ADDRESS_FAILURES_MAX: u32 = 20;
 /// Failures older than this are forgotten.
 pub const WINDOW_MS: u64 = 15 * 60 * 1000;
 /// How long a lockout lasts.
@@ -74,6 +78,11 @@ impl Limiter {
         }
         let mut locked = false;
         for k in keys(user, addr) {
+            let max = if k.starts_with("addr:") {
+                ADDRESS_FAILURES_MAX
+            } else {
+                FAILURES_MAX
+            };
             let r = self.records.entry(k).or_default();
             if now_ms.saturating_sub(r.first_ms) > WINDOW_MS {
                 *r = Record {
@@ -83,7 +92,7 @@ impl Limiter {
                 };
             }
             r.failures += 1;
-            if r.failures >= FAILURES_MAX && r.locked_until_ms <= now_ms {
+            if r.failures >= max && r.locked_until_ms <= now_ms {
                 r.locked_until_ms = now_ms + LOCKOUT_MS;
                 r.failures = 0;
                 r.first_ms = now_ms;
@@ -135,16 +144,29 @@ mod tests {
         }
         assert_eq!(l.failed("alice", "10.0.0.1", t + 4), Failed::LockedOut);
         let until = t + 4 + LOCKOUT_MS;
-        // Locked by name from any address, and the address for any name.
+        // Locked by name from any address; other names from the same address still try.
         let table = [
             ("alice", "10.0.0.9", t + 5, Gate::Locked { until_ms: until }),
-            ("bob", "10.0.0.1", t + 5, Gate::Locked { until_ms: until }),
-            ("bob", "10.0.0.9", t + 5, Gate::Open),
+            ("bob", "10.0.0.1", t + 5, Gate::Open),
             ("alice", "10.0.0.1", until, Gate::Open),
         ];
         for (user, addr, now, want) in table {
             assert_eq!(l.gate(user, addr, now), want, "{user} {addr} {now}");
         }
+    }
+
+    #[test]
+    fn twenty_failures_from_one_address_lock_it_for_every_name() {
+        let mut l = Limiter::default();
+        for i in 0..(ADDRESS_FAILURES_MAX as u64 - 1) {
+            assert_eq!(l.failed(&format!("u{i}"), "10.0.0.1", i), Failed::Counted);
+        }
+        assert_eq!(l.failed("last", "10.0.0.1", 100), Failed::LockedOut);
+        assert!(matches!(
+            l.gate("anyone", "10.0.0.1", 101),
+            Gate::Locked { .. }
+        ));
+        assert_eq!(l.gate("anyone", "10.0.0.2", 101), Gate::Open);
     }
 
     #[test]
@@ -168,7 +190,13 @@ mod tests {
         }
         l.succeeded("alice");
         assert_eq!(l.failed("alice", "10.0.0.2", 10), Failed::Counted);
-        assert_eq!(l.failed("carol", "10.0.0.1", 11), Failed::LockedOut);
+        for i in 0..(ADDRESS_FAILURES_MAX as u64 - 5) {
+            assert_eq!(
+                l.failed(&format!("c{i}"), "10.0.0.1", 11 + i),
+                Failed::Counted
+            );
+        }
+        assert_eq!(l.failed("dave", "10.0.0.1", 50), Failed::LockedOut);
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod dovecot;
 pub mod garage;
 pub mod powercut;
 pub mod proxy;
+pub mod webdriver;
 
 /// The `spoold` binary next to the test executable's profile directory.
 pub fn spoold_bin() -> PathBuf {
@@ -132,6 +133,9 @@ pub struct Daemon {
     pub extra_env: Vec<(String, String)>,
     /// The network namespace it runs in (`ip netns`), if not the test's own.
     pub netns: Option<String>,
+    /// Where its web console listens; `None`: the console is off (`--console-listen off`),
+    /// so that tests of other features start no console.
+    pub console: Option<SocketAddr>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -203,6 +207,7 @@ impl Daemon {
             extra_args: args.iter().map(|s| s.to_string()).collect(),
             extra_env: Vec::new(),
             netns: None,
+            console: None,
             _dir: Some(dir),
         }
     }
@@ -230,6 +235,12 @@ impl Daemon {
             .arg(self.smtp.to_string())
             .arg("--http-listen")
             .arg(self.http.to_string())
+            .arg("--console-listen")
+            .arg(
+                self.console
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "off".into()),
+            )
             .args(&self.extra_args)
             .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .env(
@@ -265,6 +276,7 @@ impl Daemon {
             extra_args: Vec::new(),
             extra_env: Vec::new(),
             netns: None,
+            console: None,
             _dir: None,
         }
     }

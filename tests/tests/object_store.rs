@@ -346,6 +346,8 @@ fn a_wrong_secret_fails_the_config_check_and_the_start() {
             "127.0.0.1:0",
             "--http-listen",
             "127.0.0.1:0",
+            "--console-listen",
+            "off",
         ])
         .output()
         .unwrap();
@@ -392,6 +394,8 @@ fn spoold(cfg: &str, state: &std::path::Path) -> Command {
             "127.0.0.1:0",
             "--http-listen",
             "127.0.0.1:0",
+            "--console-listen",
+            "off",
         ])
         .stdout(std::process::Stdio::null());
     c

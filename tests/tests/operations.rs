@@ -425,6 +425,8 @@ fn sd_notify_sends_ready_watchdog_and_stopping() {
             &smtp.to_string(),
             "--http-listen",
             &http.to_string(),
+            "--console-listen",
+            "off",
         ])
         .env("NOTIFY_SOCKET", &path)
         .env("WATCHDOG_USEC", "400000")
