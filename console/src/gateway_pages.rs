@@ -25,6 +25,8 @@ pub async fn status<B: Backend>(State(c): State<Arc<Console<B>>>, headers: Heade
     };
     let st: Result<api::Status, String> = c.ask(&who, api::Local::Status).await;
     let queue = list(&c, &who).await;
+    let members: Result<api::ClusterStatus, String> =
+        c.ask(&who, api::Cluster::ClusterStatus).await;
     let body = html! {
         @match &st {
             Err(e) => { p.error role="alert" { (e) } }
@@ -51,6 +53,28 @@ pub async fn status<B: Backend>(State(c): State<Arc<Console<B>>>, headers: Heade
                 table.folders {
                     thead { tr { th { "Folder" } th { "Messages" } } }
                     tbody { @for (f, n) in &st.queue { tr { td { (f) } td { (n) } } } }
+                }
+            }
+        }
+        h2 { "Units sharing settings" }
+        @match &members {
+            Err(e) => { p.error { (e) } }
+            Ok(m) if m.members.is_empty() => { p { "None: this unit shares its settings with no other." } }
+            Ok(m) => {
+                @if let Some(name) = &m.cluster { p { "Cluster " strong { (name) } ", this unit " (m.node) } }
+                table.members {
+                    thead { tr { th { "Unit" } th { "Link" } th { "Last contact" } th { "Settings version" } th { "Last error" } } }
+                    tbody {
+                        @for u in &m.members {
+                            tr {
+                                td { (u.node) }
+                                td { @if u.paused { "disconnected by an operator" } @else if u.connected { "connected" } @else { strong.error { "not connected" } } }
+                                td { @if let Some(s) = u.last_contact_secs { (s) " s ago" } @else { "never" } }
+                                td { code { (u.version.as_deref().unwrap_or("—")) } }
+                                td { (u.error.as_deref().unwrap_or("")) }
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -302,4 +326,60 @@ pub async fn settings_change<B: Backend>(
     };
     let shown = c.ask(&who, api::Local::ConfigShow { key: None }).await;
     settings_page(&who, shown, Some(flash), status)
+}
+
+/// `/track?q=…`: every event of the messages a query selects, on every unit (no content:
+/// envelopes, replies, verdicts).
+pub async fn track<B: Backend>(
+    State(c): State<Arc<Console<B>>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let (who, _) = match c.require(&headers, Action::Track) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let f = crate::web::Fields::parse(uri.query().unwrap_or("").as_bytes());
+    let q = f.get("q").unwrap_or("").trim().to_string();
+    let found: Option<Result<api::Tracked, String>> = if q.is_empty() {
+        None
+    } else {
+        Some(
+            c.ask(
+                &who,
+                api::Cluster::Track {
+                    query: q.clone(),
+                    limit: 500,
+                },
+            )
+            .await,
+        )
+    };
+    let body = html! {
+        form.search method="get" action="/track" role="search" {
+            label for="q" { "Track" }
+            input #q type="search" name="q" value=(q) placeholder="msgid:<id@example.org>  from:alice@example.org  id:SPOOL-ID" autofocus;
+            button type="submit" { "Track" }
+        }
+        @match &found {
+            None => { p.hint { "msgid:, id:, from:, to:, or a bare term; after:/before: narrow it." } }
+            Some(Err(e)) => { p.error role="alert" { (e) } }
+            Some(Ok(t)) => {
+                @for n in &t.notes { p.error { (n) } }
+                p.count { (t.events.len()) " events" @if t.capped { ", more matched (the first 500 shown)" } }
+                table.track {
+                    thead { tr { th { "When (UTC)" } th { "Unit" } th { "Spool id" } th { "Event" } th { "Detail" } } }
+                    tbody {
+                        @for e in &t.events {
+                            tr { td { (when(e.at_ms)) } td { (e.unit) } td.id { (e.spool_id) } td { (e.kind.as_str()) } td { (e.detail) } }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    page(
+        StatusCode::OK,
+        pages::layout("Message tracking", Some(&who.viewer()), None, body),
+    )
 }

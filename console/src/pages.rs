@@ -40,10 +40,12 @@ pub fn layout(title: &str, viewer: Option<&Viewer>, refresh: Option<u32>, body: 
                                     a href="/status" { "Status" }
                                     a href="/queue" { "Queue" }
                                     a href="/settings" { "Settings" }
+                                    a href="/track" { "Tracking" }
                                 }
                                 Role::Auditor => {
                                     a href="/search" { "Search" }
                                     a href="/audit" { "Audit log" }
+                                    a href="/track" { "Tracking" }
                                 }
                                 Role::User => {
                                     a href="/search" { "My mail" }

@@ -260,6 +260,7 @@ pub fn router<B: Backend>(console: Arc<Console<B>>) -> Router {
         .route("/message/{seq}/hold", post(a::hold::<B>))
         .route("/audit", get(a::audit::<B>))
         .route("/status", get(g::status::<B>))
+        .route("/track", get(g::track::<B>))
         .route("/queue", get(g::queue::<B>).post(g::queue_action::<B>))
         .route(
             "/settings",

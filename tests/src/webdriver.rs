@@ -322,10 +322,29 @@ impl Element<'_> {
         self
     }
 
-    /// Clicks it (a submit button: the next page has loaded when this returns).
+    /// Clicks it.
     pub fn click(&self) {
         self.browser
             .cmd("POST", &self.path("/click"), Some(json!({})));
+    }
+
+    /// Clicks a button or link that loads another page, and returns once that page has
+    /// loaded (the document is marked before the click; the next one has no mark). A click
+    /// alone may return before the browser has even sent the form on a busy machine.
+    pub fn click_to_next_page(&self) {
+        self.browser.run("window.__spoolpair_old_page = true");
+        self.click();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = self.browser.run(
+                "return window.__spoolpair_old_page !== true && document.readyState === 'complete'",
+            );
+            if v == Value::Bool(true) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the next page did not load");
+            std::thread::sleep(Duration::from_millis(30));
+        }
     }
 
     /// Its visible text.

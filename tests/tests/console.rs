@@ -52,11 +52,11 @@ fn login(b: &Browser, d: &Daemon, user: &str, password: &str) {
     b.go(&format!("{}/login", base(d)));
     b.find("#user").type_text(user);
     b.find("#password").type_text(password);
-    b.find("form.login button").click();
+    b.find("form.login button").click_to_next_page();
 }
 
 fn logout(b: &Browser) {
-    b.find("form.logout button").click();
+    b.find("form.logout button").click_to_next_page();
     assert!(b.url().ends_with("/login"), "{}", b.url());
 }
 
@@ -189,7 +189,7 @@ fn each_role_sees_only_its_own_and_html_mail_is_shown_inert() {
     );
     assert!(!listed.contains("zanzibar"), "{listed}");
     b.find("#q").type_text("zanzibar");
-    b.find("form.search button").click();
+    b.find("form.search button").click_to_next_page();
     assert!(b.text().contains("0 matching"), "{}", b.text());
     // Typing the URL of another's message does not open it.
     b.go(&format!("{}/message/{m2}", base(&d)));
@@ -230,7 +230,7 @@ fn each_role_sees_only_its_own_and_html_mail_is_shown_inert() {
     // The auditor finds what bob could not, reads it, and holds it.
     login(&b, &d, "aud", "auditor-password-1");
     b.find("#q").type_text("zanzibar");
-    b.find("form.search button").click();
+    b.find("form.search button").click_to_next_page();
     let results = b.text();
     assert!(
         results.contains("1 matching")
@@ -239,13 +239,13 @@ fn each_role_sees_only_its_own_and_html_mail_is_shown_inert() {
         "the Message-ID and the field that matched: {results}"
     );
     b.screenshot(&screenshots().join("search.png"));
-    b.find("table.results a").click();
+    b.find("table.results a").click_to_next_page();
     assert!(
         b.text().contains("strictly confidential figures"),
         "{}",
         b.text()
     );
-    b.find("form.inline button").click();
+    b.find("form.inline button").click_to_next_page();
     assert!(b.text().contains("Legal hold\non"), "{}", b.text());
     let shown: Value = serde_json::from_str(&spoolctl_ok(
         &d,
@@ -346,6 +346,11 @@ fn admins_run_the_gateway_without_reading_mail_and_every_form_needs_its_token() 
     b.screenshot(&screenshots().join("status-phone.png"));
     b.resize(1280, 900);
 
+    // Tracking: the message's events (envelopes and verdicts, no content).
+    b.go(&format!("{}/track?q=id:{id}", base(&d)));
+    let t = b.text();
+    assert!(t.contains("accepted") && t.contains(&id), "{t}");
+
     // No message content for an admin, whatever the URL.
     for path in ["/search?q=board", "/message/1", "/message/1/eml", "/audit"] {
         b.go(&format!("{}{path}", base(&d)));
@@ -380,7 +385,7 @@ fn admins_run_the_gateway_without_reading_mail_and_every_form_needs_its_token() 
     // A hold from the queue page holds the message on disk.
     b.go(&format!("{}/queue", base(&d)));
     b.find(&format!("input[name=id][value=\"{id}\"]")).click();
-    b.find("button[value=hold]").click();
+    b.find("button[value=hold]").click_to_next_page();
     assert!(b.text().contains("1 done"), "{}", b.text());
     let pair = vec![format!("{id}.body"), format!("{id}.env")];
     assert_eq!(d.folder("hold"), pair);
@@ -404,7 +409,7 @@ fn admins_run_the_gateway_without_reading_mail_and_every_form_needs_its_token() 
     // Released from the page, with its token.
     b.go(&format!("{}/queue", base(&d)));
     b.find(&format!("input[name=id][value=\"{id}\"]")).click();
-    b.find("button[value=release]").click();
+    b.find("button[value=release]").click_to_next_page();
     assert!(wait_until(5, || d.folder("spool") == pair));
 
     // Settings: an invalid value shows the daemon's reason and changes nothing.
@@ -413,7 +418,7 @@ fn admins_run_the_gateway_without_reading_mail_and_every_form_needs_its_token() 
     b.find(&format!("{form} input[name=value]"))
         .clear()
         .type_text("0");
-    b.find(&format!("{form} button")).click();
+    b.find(&format!("{form} button")).click_to_next_page();
     let t = b.text();
     assert!(
         t.contains("smtp.recipients_max not changed") && t.contains("outside 1..=10000"),
@@ -435,7 +440,7 @@ fn admins_run_the_gateway_without_reading_mail_and_every_form_needs_its_token() 
     b.find(&format!("{form} input[name=value]"))
         .clear()
         .type_text("50");
-    b.find(&format!("{form} button")).click();
+    b.find(&format!("{form} button")).click_to_next_page();
     assert!(
         b.text()
             .contains("smtp.recipients_max set at the cluster level"),
