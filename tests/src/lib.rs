@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 pub use spool;
 
+pub mod clamd;
 pub mod dovecot;
 pub mod garage;
 pub mod powercut;
