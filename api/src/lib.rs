@@ -325,6 +325,29 @@ pub enum Cluster {
         /// Their name.
         name: String,
     },
+    /// Quarantined messages on this unit and every other (its cluster's members, or its
+    /// partner), for a console user's inbox: [`QuarantineFound`].
+    QuarantineList {
+        /// Only messages from or to these addresses (and only these among the recipients
+        /// shown); absent: all.
+        #[serde(default)]
+        scope: Option<Vec<String>>,
+    },
+    /// Release or delete a quarantined message on the unit that holds it, if the quarantine
+    /// policy lets a recipient do that: [`QuarantineActed`].
+    QuarantineAct {
+        /// The unit holding it (a node name).
+        unit: String,
+        /// Its spool id.
+        id: String,
+        /// `release` or `delete`.
+        action: String,
+        /// As in [`Cluster::QuarantineList`]: a message outside it is not found.
+        #[serde(default)]
+        scope: Option<Vec<String>>,
+        /// Who asks (recorded in the holding unit's log).
+        who: String,
+    },
     /// Set (or, without a value, unset) a clustered setting at a level (`cluster` or
     /// `machine`), validated here, then sent to the partner: [`ConfigChanged`].
     ConfigSet {
@@ -850,6 +873,52 @@ pub struct ClusterChecked {
     /// Members that could not be compared, and why.
     #[serde(default)]
     pub notes: Vec<String>,
+}
+
+/// One quarantined message in [`QuarantineFound`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantined {
+    /// The unit holding it.
+    pub unit: String,
+    /// Its spool id.
+    pub id: String,
+    /// Arrival, ms since the epoch.
+    pub arrived_ms: u64,
+    /// Envelope sender.
+    pub sender: String,
+    /// Its recipients (within the asker's scope).
+    pub recipients: Vec<String>,
+    /// Body bytes.
+    pub size: u64,
+    /// Why it is held: `virus: NAME`, ….
+    pub reason: String,
+    /// Its Subject header.
+    pub subject: Option<String>,
+    /// Whether a recipient may release it (never an infected one).
+    pub releasable: bool,
+    /// Whether a recipient may delete it.
+    pub deletable: bool,
+}
+
+/// [`Cluster::QuarantineList`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineFound {
+    /// The messages, newest first.
+    pub items: Vec<Quarantined>,
+    /// Units that could not be asked, and why.
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
+/// [`Cluster::QuarantineAct`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineActed {
+    /// The unit that holds (or held) it.
+    pub unit: String,
+    /// Its spool id.
+    pub id: String,
+    /// What was done: `released`, `deleted`.
+    pub done: String,
 }
 
 /// A console user in the answer to [`Local::UserList`].

@@ -16,7 +16,9 @@
 
 use crate::entry::{GROUP_KEY, GROUP_MARK_KEY, MEMBER_KEY};
 use crate::level::{name_ok, Level};
-use crate::proto::{Exchange, JoinRequest, Reply, Request, TrackQuery, Via, PROTOCOL};
+use crate::proto::{
+    Exchange, JoinRequest, QuarantineQuery, Reply, Request, TrackQuery, Via, PROTOCOL,
+};
 use crate::schema::Schema;
 use crate::settings::Settings;
 use crate::stamp::now_ms;
@@ -79,9 +81,25 @@ enum Other {
 }
 
 /// Membership and exchanges of this unit.
+/// This unit's quarantine as the console's inbox asks for it, here or from another unit (the
+/// daemon implements it over its `quarantine/` folder and decides what a recipient may do).
+pub trait Quarantine: Send + Sync {
+    /// The messages held here from or to `scope`'s addresses (all: `None`).
+    fn list(&self, scope: Option<&[String]>) -> Result<Vec<api::Quarantined>, String>;
+    /// Releases or deletes one, if it is within `scope` and the policy lets a recipient.
+    fn act(
+        &self,
+        id: &str,
+        action: &str,
+        scope: Option<&[String]>,
+        who: &str,
+    ) -> Result<api::QuarantineActed, String>;
+}
+
 pub struct Membership<S: Schema> {
     settings: Arc<Settings<S>>,
     tracker: Arc<Tracker>,
+    quarantine: Arc<dyn Quarantine>,
     partner: Option<Arc<dyn Partner>>,
     /// The cluster link's identity and this unit's advertised address (`[cluster]`).
     link: Option<(LinkConfig, SocketAddr)>,
@@ -94,6 +112,7 @@ impl<S: Schema> Membership<S> {
     pub fn new(
         settings: Arc<Settings<S>>,
         tracker: Arc<Tracker>,
+        quarantine: Arc<dyn Quarantine>,
         partner: Option<Arc<dyn Partner>>,
         link: Option<(LinkConfig, SocketAddr)>,
         gauges: Gauges,
@@ -101,6 +120,7 @@ impl<S: Schema> Membership<S> {
         Membership {
             settings,
             tracker,
+            quarantine,
             partner,
             link,
             seen: Mutex::new(BTreeMap::new()),
@@ -208,7 +228,9 @@ impl<S: Schema> Membership<S> {
     async fn ask_settings(&self, o: &Other, ours: Exchange) -> Result<Exchange> {
         match self.ask(o, &Request::Settings(ours)).await? {
             Reply::Exchange(x) => Ok(x),
-            Reply::Tracked(_) => bail!("answered tracking events to a settings exchange"),
+            Reply::Tracked(_) | Reply::Quarantine(_) => {
+                bail!("answered something else to a settings exchange")
+            }
         }
     }
 
@@ -388,7 +410,7 @@ impl<S: Schema> Membership<S> {
                 .admit(from, asked)
                 .map(Reply::Exchange)
                 .map_err(|e| format!("{e:#}")),
-            shared => answer(&self.settings, &self.tracker, shared),
+            shared => answer(&self.settings, &self.tracker, &*self.quarantine, shared),
         }
     }
 
@@ -529,7 +551,7 @@ impl<S: Schema> Membership<S> {
         // A unit that left while nobody heard it still answers, from no cluster (or another).
         let still_member = match self.ask_addr(addr, &peek).await {
             Ok(Reply::Exchange(theirs)) => theirs.cluster == self.settings.cluster_name(),
-            Ok(Reply::Tracked(_)) | Err(_) => false,
+            Ok(Reply::Tracked(_) | Reply::Quarantine(_)) | Err(_) => false,
         };
         if still_member {
             bail!("{node} answers at {addr}: run `spoolctl cluster leave` on it instead");
@@ -748,6 +770,79 @@ impl<S: Schema> Membership<S> {
         Ok(api::ClusterChecked { notes, ..checked })
     }
 
+    /// The quarantine inbox: the messages held here and on every other unit (its cluster's
+    /// members, or its partner) from or to `scope`'s addresses, newest first; a unit that
+    /// cannot be asked is named in the notes.
+    pub async fn quarantine_list(
+        &self,
+        scope: Option<Vec<String>>,
+    ) -> Result<api::QuarantineFound, String> {
+        let q = self.quarantine.clone();
+        let local_scope = scope.clone();
+        let mut items = tokio::task::spawn_blocking(move || q.list(local_scope.as_deref()))
+            .await
+            .map_err(|e| e.to_string())??;
+        let mut notes = Vec::new();
+        let request = Request::Quarantine(QuarantineQuery::List { scope });
+        let others = self.compared();
+        let asks = others
+            .iter()
+            .map(|o| async { (self.name_of(o), self.ask(o, &request).await) });
+        for (name, asked) in futures_util::future::join_all(asks).await {
+            match asked {
+                Ok(Reply::Quarantine(v)) => {
+                    match serde_json::from_value::<Vec<api::Quarantined>>(v) {
+                        Ok(theirs) => items.extend(theirs),
+                        Err(e) => notes.push(format!("{name}: unreadable answer: {e}")),
+                    }
+                }
+                Ok(_) => notes.push(format!("{name}: answered something else")),
+                Err(e) => notes.push(format!("{name} not asked: {e:#}")),
+            }
+        }
+        items.sort_by(|x, y| (y.arrived_ms, &y.unit, &y.id).cmp(&(x.arrived_ms, &x.unit, &x.id)));
+        Ok(api::QuarantineFound { items, notes })
+    }
+
+    /// Releases or deletes a quarantined message on the unit `unit` that holds it (this one or
+    /// another), as that unit's policy allows.
+    pub async fn quarantine_act(
+        &self,
+        unit: String,
+        id: String,
+        action: String,
+        scope: Option<Vec<String>>,
+        who: String,
+    ) -> Result<api::QuarantineActed, String> {
+        if unit == self.settings.node() {
+            let q = self.quarantine.clone();
+            return tokio::task::spawn_blocking(move || {
+                q.act(&id, &action, scope.as_deref(), &who)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        }
+        let other = self
+            .compared()
+            .into_iter()
+            .find(|o| self.name_of(o) == unit)
+            .ok_or_else(|| format!("no unit {unit} shares settings with this one"))?;
+        let request = Request::Quarantine(QuarantineQuery::Act {
+            id,
+            action,
+            scope,
+            who,
+        });
+        match self
+            .ask(&other, &request)
+            .await
+            .map_err(|e| format!("{unit}: {e:#}"))?
+        {
+            Reply::Quarantine(v) => serde_json::from_value(v).map_err(|e| e.to_string()),
+            _ => Err(format!("{unit} answered something else")),
+        }
+    }
+
     /// `spoolctl track`: this unit's events and every other unit's, merged by time; a unit
     /// that cannot be asked is named in the answer's notes.
     pub async fn track(&self, query: String, limit: usize) -> Result<api::Tracked, String> {
@@ -773,8 +868,8 @@ impl<S: Schema> Membership<S> {
                     events.extend(theirs.events);
                     capped |= theirs.capped;
                 }
-                Ok(Reply::Exchange(_)) => {
-                    notes.push(format!("{name} not asked: it answered settings"))
+                Ok(Reply::Exchange(_) | Reply::Quarantine(_)) => {
+                    notes.push(format!("{name} not asked: it answered something else"))
                 }
                 Err(e) => notes.push(format!("{name} not asked: {e:#}")),
             }
@@ -802,10 +897,12 @@ fn group_level(name: &str) -> Result<Level> {
     Ok(Level::group(name))
 }
 
-/// Answers the requests both links carry: a settings exchange, a tracking query.
+/// Answers the requests both links carry: a settings exchange, a tracking query, the
+/// quarantine inbox.
 pub fn answer<S: Schema>(
     settings: &Settings<S>,
     tracker: &Tracker,
+    quarantine: &dyn Quarantine,
     request: &Request,
 ) -> Result<Reply, String> {
     match request {
@@ -821,6 +918,23 @@ pub fn answer<S: Schema>(
                 notes: Vec::new(),
             }))
         }
+        Request::Quarantine(QuarantineQuery::List { scope }) => {
+            let listed = quarantine.list(scope.as_deref())?;
+            serde_json::to_value(listed)
+                .map(Reply::Quarantine)
+                .map_err(|e| e.to_string())
+        }
+        Request::Quarantine(QuarantineQuery::Act {
+            id,
+            action,
+            scope,
+            who,
+        }) => {
+            let acted = quarantine.act(id, action, scope.as_deref(), who)?;
+            serde_json::to_value(acted)
+                .map(Reply::Quarantine)
+                .map_err(|e| e.to_string())
+        }
         Request::Join(_) => Err("joins go over the cluster link".into()),
     }
 }
@@ -830,12 +944,15 @@ pub fn answer<S: Schema>(
 pub fn answer_partner<S: Schema>(
     settings: &Settings<S>,
     tracker: &Tracker,
+    quarantine: &dyn Quarantine,
     op: u8,
     arg: &[u8],
 ) -> Option<Result<Bytes, String>> {
     match Request::decode(Via::Partner, op, arg) {
         Ok(None) => None,
-        Ok(Some(request)) => Some(answer(settings, tracker, &request).and_then(|r| r.encode())),
+        Ok(Some(request)) => {
+            Some(answer(settings, tracker, quarantine, &request).and_then(|r| r.encode()))
+        }
         Err(e) => Some(Err(e)),
     }
 }

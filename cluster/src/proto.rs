@@ -55,6 +55,28 @@ pub struct TrackQuery {
     pub limit: usize,
 }
 
+/// The quarantine inbox asked of another unit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "ask", rename_all = "snake_case")]
+pub enum QuarantineQuery {
+    /// Its quarantined messages from or to these addresses (all: `None`).
+    List {
+        /// The asker's scope.
+        scope: Option<Vec<String>>,
+    },
+    /// Release or delete one, if the policy lets a recipient.
+    Act {
+        /// Its spool id.
+        id: String,
+        /// `release` or `delete`.
+        action: String,
+        /// The asker's scope.
+        scope: Option<Vec<String>>,
+        /// Who asks.
+        who: String,
+    },
+}
+
 /// Which link carries a request: the operation codes differ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Via {
@@ -73,6 +95,8 @@ pub enum Request {
     Join(JoinRequest),
     /// Tracking events; answered [`Reply::Tracked`].
     Track(TrackQuery),
+    /// The quarantine inbox; answered [`Reply::Quarantine`].
+    Quarantine(QuarantineQuery),
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(what: &str, arg: &[u8]) -> Result<T, String> {
@@ -93,6 +117,8 @@ impl Request {
             (Via::Partner, Request::Settings(_)) => Some(partner_op::SETTINGS),
             (Via::Partner, Request::Track(_)) => Some(partner_op::TRACK),
             (Via::Partner, Request::Join(_)) => None,
+            (Via::ClusterLink, Request::Quarantine(_)) => Some(cluster_op::QUARANTINE),
+            (Via::Partner, Request::Quarantine(_)) => Some(partner_op::QUARANTINE),
         }
     }
 
@@ -102,19 +128,26 @@ impl Request {
             Request::Settings(x) => encode(x),
             Request::Join(j) => encode(j),
             Request::Track(q) => encode(q),
+            Request::Quarantine(q) => encode(q),
         }
     }
 
     /// The request of operation `op` on `via`; `Ok(None)`: not one of ours (another
     /// operation of the channel).
     pub fn decode(via: Via, op: u8, arg: &[u8]) -> Result<Option<Request>, String> {
-        let (settings, join, track) = match via {
+        let (settings, join, track, quarantine) = match via {
             Via::ClusterLink => (
                 cluster_op::SETTINGS,
                 Some(cluster_op::JOIN),
                 cluster_op::TRACK,
+                cluster_op::QUARANTINE,
             ),
-            Via::Partner => (partner_op::SETTINGS, None, partner_op::TRACK),
+            Via::Partner => (
+                partner_op::SETTINGS,
+                None,
+                partner_op::TRACK,
+                partner_op::QUARANTINE,
+            ),
         };
         Ok(Some(if op == settings {
             Request::Settings(decode("settings exchange", arg)?)
@@ -122,6 +155,8 @@ impl Request {
             Request::Join(decode("join request", arg)?)
         } else if op == track {
             Request::Track(decode("tracking query", arg)?)
+        } else if op == quarantine {
+            Request::Quarantine(decode("quarantine query", arg)?)
         } else {
             return Ok(None);
         }))
@@ -135,6 +170,9 @@ pub enum Reply {
     Exchange(Exchange),
     /// The answerer's tracking events.
     Tracked(api::Tracked),
+    /// The answerer's quarantine: a list, or what an action did (JSON of
+    /// `Vec<api::Quarantined>` or `api::QuarantineActed`, by the query).
+    Quarantine(serde_json::Value),
 }
 
 impl Reply {
@@ -143,6 +181,7 @@ impl Reply {
         match self {
             Reply::Exchange(x) => encode(x),
             Reply::Tracked(t) => encode(t),
+            Reply::Quarantine(q) => encode(q),
         }
         .map(Bytes::from)
     }
@@ -154,6 +193,7 @@ impl Reply {
                 decode("unreadable answer", data).map(Reply::Exchange)
             }
             Request::Track(_) => decode("unreadable answer", data).map(Reply::Tracked),
+            Request::Quarantine(_) => decode("unreadable answer", data).map(Reply::Quarantine),
         }
     }
 }
@@ -180,6 +220,15 @@ mod tests {
             Request::Track(TrackQuery {
                 query: "from:a@x".into(),
                 limit: 10,
+            }),
+            Request::Quarantine(QuarantineQuery::List {
+                scope: Some(vec!["bob@example.org".into()]),
+            }),
+            Request::Quarantine(QuarantineQuery::Act {
+                id: "661fdabbb88f5000-gw_a".into(),
+                action: "release".into(),
+                scope: None,
+                who: "console:bob".into(),
             }),
         ];
         for via in [Via::ClusterLink, Via::Partner] {

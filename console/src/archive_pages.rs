@@ -377,6 +377,120 @@ pub async fn hold<B: Backend>(
     }
 }
 
+fn quarantine_page(
+    who: &Who,
+    found: Result<api::QuarantineFound, String>,
+    flash: Option<Markup>,
+    status: StatusCode,
+) -> Response {
+    let body = html! {
+        @if let Some(f) = flash { (f) }
+        p.hint { "Mail for your addresses that the gateway held back, on every unit. A message with a virus stays with the administrators." }
+        @match &found {
+            Err(e) => { p.error role="alert" { (e) } }
+            Ok(q) => {
+                @for n in &q.notes { p.error { (n) } }
+                @if q.items.is_empty() { p { "Nothing is held for you." } } @else {
+                    table.quarantine {
+                        thead { tr { th { "Arrived (UTC)" } th { "From" } th { "To" } th { "Subject" } th { "Why" } th { "Unit" } th { "" } } }
+                        tbody {
+                            @for m in &q.items {
+                                tr {
+                                    td { (when(m.arrived_ms)) }
+                                    td { (m.sender) }
+                                    td { (m.recipients.join(", ")) }
+                                    td { (m.subject.as_deref().unwrap_or("(no subject)")) }
+                                    td { (m.reason) }
+                                    td { (m.unit) }
+                                    td {
+                                        @if m.releasable || m.deletable {
+                                            form.inline method="post" action="/quarantine" {
+                                                input type="hidden" name="csrf" value=(who.csrf);
+                                                input type="hidden" name="unit" value=(m.unit);
+                                                input type="hidden" name="id" value=(m.id);
+                                                @if m.releasable { button type="submit" name="action" value="release" { "Release" } }
+                                                @if m.deletable { button.danger type="submit" name="action" value="delete" { "Delete" } }
+                                            }
+                                        } @else { span.note { "administrators only" } }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    page(
+        status,
+        pages::layout("Quarantine", Some(&who.viewer()), None, body),
+    )
+}
+
+/// `/quarantine`: the messages held for the user's addresses, on every unit.
+pub async fn quarantine<B: Backend>(
+    State(c): State<Arc<Console<B>>>,
+    headers: HeaderMap,
+) -> Response {
+    let (who, scope) = match c.require(&headers, Action::Quarantine) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let found = c
+        .ask(
+            &who,
+            api::Cluster::QuarantineList {
+                scope: scope_field(&scope),
+            },
+        )
+        .await;
+    quarantine_page(&who, found, None, StatusCode::OK)
+}
+
+/// `POST /quarantine`: release or delete one, on the unit holding it, if its policy allows
+/// a recipient to (never for a virus).
+pub async fn quarantine_act<B: Backend>(
+    State(c): State<Arc<Console<B>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (who, scope, f) = match c.require_form(&headers, Action::Quarantine, &body) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let acted: Result<api::QuarantineActed, String> = c
+        .ask(
+            &who,
+            api::Cluster::QuarantineAct {
+                unit: f.get("unit").unwrap_or("").to_string(),
+                id: f.get("id").unwrap_or("").to_string(),
+                action: f.get("action").unwrap_or("").to_string(),
+                scope: scope_field(&scope),
+                who: who.asker(),
+            },
+        )
+        .await;
+    let (flash, status) = match acted {
+        Ok(a) => (
+            html! { p.flash role="status" { (a.id) " " (a.done) " on " (a.unit) "." } },
+            StatusCode::OK,
+        ),
+        Err(e) => (
+            html! { p.error role="alert" { "Refused: " (e) } },
+            StatusCode::FORBIDDEN,
+        ),
+    };
+    let found = c
+        .ask(
+            &who,
+            api::Cluster::QuarantineList {
+                scope: scope_field(&scope),
+            },
+        )
+        .await;
+    quarantine_page(&who, found, Some(flash), status)
+}
+
 /// One line of the audit log, as the daemon lists it.
 #[derive(serde::Deserialize)]
 struct AuditLine {

@@ -49,6 +49,7 @@ pub fn layout(title: &str, viewer: Option<&Viewer>, refresh: Option<u32>, body: 
                                 }
                                 Role::User => {
                                     a href="/search" { "My mail" }
+                                    a href="/quarantine" { "Quarantine" }
                                 }
                             }
                         }

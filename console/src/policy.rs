@@ -68,6 +68,8 @@ pub enum Action {
     AuditLog,
     /// Follow a message by its Message-ID through the units.
     Track,
+    /// The quarantine inbox: one's own quarantined mail, on every unit.
+    Quarantine,
 }
 
 /// Whose mail an archive request may reach.
@@ -89,7 +91,7 @@ pub fn allowed(role: Role, action: Action) -> Option<Scope> {
         }
         (Role::Auditor, Search | View | BulkExport | LegalHold | AuditLog | Track) => all,
         // A user's own addresses are added by the caller (`scope_for`).
-        (Role::User, Search | View) => Some(Scope::Addresses(Vec::new())),
+        (Role::User, Search | View | Quarantine) => Some(Scope::Addresses(Vec::new())),
         _ => None,
     }
 }
@@ -124,6 +126,7 @@ mod tests {
             LegalHold,
             AuditLog,
             Track,
+            Quarantine,
         ];
         let table: [(Role, &[Action]); 3] = [
             (
@@ -141,7 +144,7 @@ mod tests {
                 Role::Auditor,
                 &[Search, View, BulkExport, LegalHold, AuditLog, Track],
             ),
-            (Role::User, &[Search, View]),
+            (Role::User, &[Search, View, Quarantine]),
         ];
         for (role, may) in table {
             for action in every {

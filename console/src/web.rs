@@ -259,6 +259,10 @@ pub fn router<B: Backend>(console: Arc<Console<B>>) -> Router {
         .route("/message/{seq}/part/{part}", get(a::part::<B>))
         .route("/message/{seq}/hold", post(a::hold::<B>))
         .route("/audit", get(a::audit::<B>))
+        .route(
+            "/quarantine",
+            get(a::quarantine::<B>).post(a::quarantine_act::<B>),
+        )
         .route("/status", get(g::status::<B>))
         .route("/track", get(g::track::<B>))
         .route("/queue", get(g::queue::<B>).post(g::queue_action::<B>))

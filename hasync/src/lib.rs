@@ -80,8 +80,9 @@ pub trait ReplicaStore: Send + Sync {
         ids.iter().try_for_each(|id| self.remove(id))
     }
     /// Answers the partner's requests that the daemon defines ([`proto::partner_op::TRACK`]:
-    /// message tracking; [`proto::partner_op::SETTINGS`]: clustered settings); the request
-    /// and the answer are the daemon's own format.
+    /// message tracking; [`proto::partner_op::SETTINGS`]: clustered settings;
+    /// [`proto::partner_op::QUARANTINE`]: the quarantine inbox); the request and the answer
+    /// are the daemon's own format.
     fn answer(&self, op: u8, _request: &[u8]) -> Result<Bytes, String> {
         Err(format!("operation {op} is not answered here"))
     }

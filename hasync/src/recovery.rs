@@ -175,7 +175,7 @@ impl Replicator {
             LEDGER => Ok(Bytes::from(
                 self.log.delivered().map_err(|e| e.to_string())?.join("\n"),
             )),
-            TRACK | SETTINGS => self.store.answer(op, arg),
+            TRACK | SETTINGS | QUARANTINE => self.store.answer(op, arg),
             other => Err(format!("unknown recovery operation {other}")),
         }
     }

@@ -164,6 +164,9 @@ pub mod partner_op {
     /// Clustered settings: the asker's entries; the answer is the answerer's (each side keeps
     /// the newest of every key and level; opaque here).
     pub const SETTINGS: u8 = 7;
+    /// The quarantine inbox: the answerer's quarantined messages for some addresses, or an
+    /// action on one of them (opaque here).
+    pub const QUARANTINE: u8 = 8;
 }
 
 /// Operations of the archive mirror channel (`Request` from the copying side, `Reply` from
@@ -190,6 +193,8 @@ pub mod cluster_op {
     pub const JOIN: u8 = 2;
     /// Message tracking: the answerer's events of the messages a query selects.
     pub const TRACK: u8 = 3;
+    /// The quarantine inbox: the answerer's quarantined messages, or an action on one.
+    pub const QUARANTINE: u8 = 4;
 }
 
 /// A frame that cannot be decoded.

@@ -412,6 +412,10 @@ async fn cluster(
     let membership = Arc::new(Membership::new(
         settings.clone(),
         storage.lifecycle.track().clone(),
+        Arc::new(crate::quarantine::Desk {
+            layout: storage.layout.clone(),
+            node: cfg.node_name.clone(),
+        }),
         replicator
             .clone()
             .map(|r| Arc::new(ha::PartnerLink(r)) as Arc<dyn cluster::Partner>),

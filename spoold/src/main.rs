@@ -23,6 +23,7 @@ mod ingest;
 mod last_words;
 mod lifecycle;
 mod metrics;
+mod quarantine;
 mod queue;
 mod storage;
 mod tls;

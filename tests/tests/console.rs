@@ -491,3 +491,106 @@ fn admins_run_the_gateway_without_reading_mail_and_every_form_needs_its_token() 
     let (code, _, _) = spoolctl(&d, &["user", "del", "vic"]);
     assert_eq!(code, 0);
 }
+
+/// A user's quarantine inbox, served by the passive unit of a pair while the message is held
+/// by the active one (the passive unit dropped its replica): shown with its reason, another
+/// user's held mail not shown, and a forged release of a virus refused by the unit holding it.
+#[test]
+fn a_users_quarantine_inbox_spans_the_pair_and_a_virus_stays_held() {
+    use tests::clamd::{eicar, mime_with_attachment, Clamd};
+    let work = tempfile::tempdir().unwrap();
+    let clamd = Clamd::start(&work.path().join("clamd"));
+    let sink = tests::SmtpSink::start();
+    let p = tests::pair_config(
+        &format!(
+            "[delivery]\ndefault_next_hop = \"{}\"\n[filter]\nclamd = \"unix:{}\"\nretry_secs = 1\ntimeout_secs = 10\n",
+            sink.addr,
+            clamd.dir.join("clamd.sock").display()
+        ),
+        None,
+    );
+    let a = Daemon::start_delivering(&["--config", &p.a_config]);
+    let mut b = Daemon::unstarted(&["--config", &p.b_config]);
+    b.console = Some(tests::free_addr());
+    b.restart();
+    assert!(wait_until(10, || a.metric("spoold_ha_link_up") == Some(1.0)));
+    // A user added on one unit can log in on the other.
+    add_user(
+        &a,
+        work.path(),
+        "bob",
+        "user",
+        &["bob@example.org"],
+        "bob-password-123",
+    );
+    assert!(wait_until(20, || spoolctl_ok(&b, &["user", "list"]).contains("bob")));
+
+    let (mut c, _) = Client::connect(a.smtp);
+    c.cmd("EHLO scan");
+    let for_bob = tests::queued_id(&c.send_mail(
+        "mallory@example.net",
+        &["bob@example.org"],
+        &mime_with_attachment("virus for bob", &eicar()),
+    ))
+    .unwrap();
+    let for_carol = tests::queued_id(&c.send_mail(
+        "mallory@example.net",
+        &["carol@example.org"],
+        &mime_with_attachment("virus for carol", &eicar()),
+    ))
+    .unwrap();
+    let held = |d: &Daemon| -> Vec<String> {
+        d.folder("quarantine")
+            .into_iter()
+            .filter_map(|n| n.strip_suffix(".env").map(str::to_string))
+            .collect()
+    };
+    assert!(wait_until(30, || held(&a).len() == 2));
+    assert!(
+        wait_until(10, || held(&b).is_empty() && b.spooled_ids().is_empty()),
+        "the passive unit holds no copy"
+    );
+
+    let bb = Browser::start();
+    login(&bb, &b, "bob", "bob-password-123");
+    bb.go(&format!("{}/quarantine", base(&b)));
+    let t = bb.text();
+    assert!(
+        t.contains("virus for bob")
+            && t.contains("virus: Eicar-Test-Signature")
+            && t.contains("gw_a")
+            && t.contains("administrators only"),
+        "{t}"
+    );
+    assert!(!t.contains("virus for carol"), "{t}");
+    assert!(
+        bb.try_find("form.inline button").is_none(),
+        "no release button"
+    );
+    bb.screenshot(&screenshots().join("quarantine.png"));
+
+    // A forged release, with a valid token, is refused by the unit that holds the message.
+    let csrf = bb
+        .find("form.logout input[name=csrf]")
+        .attr("value")
+        .unwrap();
+    for (id, why) in [
+        (&for_bob, "only an administrator can release it"),
+        (&for_carol, "no quarantined message"),
+    ] {
+        let (code, _, body) = curl(
+            &bb,
+            &b,
+            "/quarantine",
+            Some(&format!("csrf={csrf}&unit=gw_a&id={id}&action=release")),
+        );
+        assert_eq!(code, 403, "{body}");
+        assert!(body.contains(why), "{why}: {body}");
+    }
+    assert_eq!(held(&a).len(), 2, "both still held");
+    assert!(sink.dumped().is_empty(), "nothing delivered");
+    assert!(a
+        .log_text()
+        .contains("a recipient's request refused by the policy"));
+    let _ = for_carol;
+}

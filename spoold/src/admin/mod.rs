@@ -393,6 +393,18 @@ impl Admin {
                 })
                 .await
             }
+            Cluster::QuarantineList { scope } => {
+                json(serde_json::to_value(m.quarantine_list(scope).await?))
+            }
+            Cluster::QuarantineAct {
+                unit,
+                id,
+                action,
+                scope,
+                who,
+            } => json(serde_json::to_value(
+                m.quarantine_act(unit, id, action, scope, who).await?,
+            )),
             Cluster::Track { query, limit } => {
                 json(serde_json::to_value(m.track(query, limit).await?))
             }

@@ -163,7 +163,17 @@ impl ReplicaStore for SpoolReplicas {
     }
 
     fn answer(&self, op: u8, request: &[u8]) -> Result<Bytes, String> {
-        cluster::membership::answer_partner(&self.settings, self.lifecycle.track(), op, request)
-            .unwrap_or_else(|| Err(format!("operation {op} is not answered here")))
+        let desk = crate::quarantine::Desk {
+            layout: self.layout.clone(),
+            node: self.settings.node().to_string(),
+        };
+        cluster::membership::answer_partner(
+            &self.settings,
+            self.lifecycle.track(),
+            &desk,
+            op,
+            request,
+        )
+        .unwrap_or_else(|| Err(format!("operation {op} is not answered here")))
     }
 }
