@@ -156,6 +156,9 @@ pub enum Local {
         query: String,
         /// Items returned at most.
         limit: usize,
+        /// Skip this many of the newest matches first (a later page).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        offset: usize,
         /// Only items whose envelope sender or a recipient is one of these addresses (a
         /// console `user`'s own); absent: every item.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -516,6 +519,10 @@ pub struct ArchiveFound {
 
 fn exact() -> bool {
     true
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// [`Local::ArchiveShow`].

@@ -15,6 +15,7 @@
 
 mod archive;
 mod cluster;
+mod console;
 mod ingest;
 mod instant_partner;
 mod raw;
@@ -47,6 +48,8 @@ enum Cmd {
     Archive(archive::Args),
     /// Clustered settings: a change on one member until it is in effect on every other.
     Cluster(cluster::Args),
+    /// The console's search page on a large archive, beside spoolctl's search.
+    Console(console::Args),
 }
 
 fn main() -> Result<()> {
@@ -58,6 +61,7 @@ fn main() -> Result<()> {
         Cmd::Replicate(a) => replicate::run(a),
         Cmd::Archive(a) => archive::run(a),
         Cmd::Cluster(a) => cluster::run(a),
+        Cmd::Console(a) => console::run(a),
     }
 }
 

@@ -50,7 +50,8 @@ pub async fn search<B: Backend>(
                 &who,
                 api::Local::ArchiveSearch {
                     query: q.clone(),
-                    limit: page_no * PAGE,
+                    limit: PAGE,
+                    offset: (page_no - 1) * PAGE,
                     scope: scope_field(&scope),
                 },
             )
@@ -68,7 +69,7 @@ pub async fn search<B: Backend>(
             None => {}
             Some(Err(e)) => { p.error role="alert" { (e) } }
             Some(Ok(found)) => {
-                @let shown: Vec<&api::ArchiveItem> = found.items.iter().skip((page_no - 1) * PAGE).collect();
+                @let shown: Vec<&api::ArchiveItem> = found.items.iter().collect();
                 p.count {
                     @if found.total_exact { (found.total) } @else { "at least " (found.total) }
                     " matching"

@@ -43,6 +43,9 @@ impl TlsListener {
                         continue;
                     }
                 };
+                // Pages are answered in a few writes: without this, a small last write waits
+                // on the client's delayed ACK (40 ms a page).
+                let _ = stream.set_nodelay(true);
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     let _permit = permit;

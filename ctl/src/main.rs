@@ -363,6 +363,9 @@ enum ArchiveCmd {
         /// Items listed at most.
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Skip this many of the newest matches first (the next page).
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
     },
     /// Envelope, verdict, headers and MIME parts of one item (its number or spool id).
     Show { id: String },
@@ -686,9 +689,14 @@ fn archive_request(cmd: &ArchiveCmd) -> Request {
     match cmd {
         // Checked here, with no daemon: `run` answers it before asking the daemon anything.
         ArchiveCmd::VerifyExport { .. } => unreachable!("verify-export asks no daemon"),
-        ArchiveCmd::Search { query, limit } => Request::from(Local::ArchiveSearch {
+        ArchiveCmd::Search {
+            query,
+            limit,
+            offset,
+        } => Request::from(Local::ArchiveSearch {
             query: query.clone(),
             limit: *limit,
+            offset: *offset,
             scope: None,
         }),
         ArchiveCmd::Show { id } => Request::from(Local::ArchiveShow {

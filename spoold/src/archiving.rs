@@ -710,19 +710,23 @@ impl Archiving {
         }
     }
 
-    /// `archive search`, within a `scope` of addresses if one is given.
+    /// `archive search`: the newest `limit` matches after the first `offset`, within a
+    /// `scope` of addresses if one is given.
     pub fn search(
         &self,
         query: &str,
+        offset: usize,
         limit: usize,
         scope: Option<&[String]>,
     ) -> Result<api::ArchiveFound, String> {
+        let wanted = offset.saturating_add(limit).clamp(1, 10_000);
         let found = self
             .archive
-            .search_within(query, limit.clamp(1, 10_000), scope)
+            .search_within(query, wanted, scope)
             .map_err(|e| e.to_string())?;
         let mut items = Vec::with_capacity(found.items.len());
-        for hit in &found.items {
+        // Only the page shown is read back for its headline.
+        for hit in found.items.iter().skip(offset) {
             let mut listed = Self::listed(&hit.item);
             // The subject and Message-ID from the stored bytes: a search result is read by a
             // person, who matches it back to a message by its Message-ID.

@@ -589,10 +589,11 @@ impl Admin {
             Local::ArchiveSearch {
                 query,
                 limit,
+                offset,
                 scope,
             } => {
                 let a = self.archiving()?;
-                let found = a.search(&query, limit, scope.as_deref())?;
+                let found = a.search(&query, offset, limit, scope.as_deref())?;
                 let seqs: Vec<u64> = found.items.iter().map(|i| i.seq).collect();
                 a.audited(who, "archive search", &query, &seqs)?;
                 reply(found)
