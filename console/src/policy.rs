@@ -72,6 +72,24 @@ pub enum Action {
     Quarantine,
 }
 
+impl Action {
+    /// Every action, for tables.
+    pub const ALL: [Action; 12] = [
+        Action::Status,
+        Action::QueueList,
+        Action::QueueChange,
+        Action::SettingsRead,
+        Action::SettingsChange,
+        Action::Search,
+        Action::View,
+        Action::BulkExport,
+        Action::LegalHold,
+        Action::AuditLog,
+        Action::Track,
+        Action::Quarantine,
+    ];
+}
+
 /// Whose mail an archive request may reach.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Scope {
@@ -114,20 +132,6 @@ mod tests {
 
     #[test]
     fn each_role_may_do_exactly_its_own_work() {
-        let every = [
-            Status,
-            QueueList,
-            QueueChange,
-            SettingsRead,
-            SettingsChange,
-            Search,
-            View,
-            BulkExport,
-            LegalHold,
-            AuditLog,
-            Track,
-            Quarantine,
-        ];
         let table: [(Role, &[Action]); 3] = [
             (
                 Role::Admin,
@@ -147,7 +151,7 @@ mod tests {
             (Role::User, &[Search, View, Quarantine]),
         ];
         for (role, may) in table {
-            for action in every {
+            for action in Action::ALL {
                 assert_eq!(
                     allowed(role, action).is_some(),
                     may.contains(&action),

@@ -48,19 +48,24 @@ pub fn same_token(a: &str, b: &str) -> bool {
 }
 
 impl Sessions {
-    /// A new session (anonymous until [`Sessions::log_in`]); answers its token.
+    /// A new session (anonymous until [`Sessions::log_in`]); answers its token. A full table
+    /// drops the idle first, then the least recently used anonymous session (anyone can make
+    /// those by opening the login page: a flood of them must not log real users out), and
+    /// only then the least recently used of all.
     pub fn start(&mut self, now_ms: u64) -> (String, Session) {
         if self.by_token.len() >= SESSIONS_MAX {
             self.by_token
                 .retain(|_, s| now_ms.saturating_sub(s.last_ms) < IDLE_MS);
             if self.by_token.len() >= SESSIONS_MAX {
-                if let Some(oldest) = self
+                let victim = self
                     .by_token
                     .iter()
+                    .filter(|(_, s)| s.user.is_none())
                     .min_by_key(|(_, s)| s.last_ms)
-                    .map(|(t, _)| t.clone())
-                {
-                    self.by_token.remove(&oldest);
+                    .or_else(|| self.by_token.iter().min_by_key(|(_, s)| s.last_ms))
+                    .map(|(t, _)| t.clone());
+                if let Some(t) = victim {
+                    self.by_token.remove(&t);
                 }
             }
         }
@@ -122,12 +127,18 @@ mod tests {
     }
 
     #[test]
-    fn the_table_is_bounded() {
+    fn the_table_is_bounded_and_a_flood_of_login_pages_logs_no_one_out() {
         let mut s = Sessions::default();
+        let (anon, _) = s.start(0);
+        let alice = s.log_in(&anon, "alice", 0);
         for i in 0..(SESSIONS_MAX as u64 + 5) {
-            s.start(i);
+            s.start(1 + i);
         }
         assert_eq!(s.by_token.len(), SESSIONS_MAX);
+        assert!(
+            s.get(&alice, 20_000).is_some(),
+            "the logged-in session stays"
+        );
     }
 
     #[test]

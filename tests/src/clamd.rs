@@ -100,6 +100,15 @@ impl Clamd {
         }
     }
 
+    /// spoold's configuration that scans with this clamd (retrying every second, 10 s per
+    /// scan) and delivers to `next_hop`.
+    pub fn scanning_config(&self, next_hop: std::net::SocketAddr) -> String {
+        format!(
+            "[delivery]\ndefault_next_hop = \"{next_hop}\"\n[filter]\nclamd = \"unix:{}\"\nretry_secs = 1\ntimeout_secs = 10\n",
+            self.dir.join("clamd.sock").display()
+        )
+    }
+
     /// Stops it (mail then waits in vscan/).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -501,14 +501,7 @@ fn a_users_quarantine_inbox_spans_the_pair_and_a_virus_stays_held() {
     let work = tempfile::tempdir().unwrap();
     let clamd = Clamd::start(&work.path().join("clamd"));
     let sink = tests::SmtpSink::start();
-    let p = tests::pair_config(
-        &format!(
-            "[delivery]\ndefault_next_hop = \"{}\"\n[filter]\nclamd = \"unix:{}\"\nretry_secs = 1\ntimeout_secs = 10\n",
-            sink.addr,
-            clamd.dir.join("clamd.sock").display()
-        ),
-        None,
-    );
+    let p = tests::pair_config(&clamd.scanning_config(sink.addr), None);
     let a = Daemon::start_delivering(&["--config", &p.a_config]);
     let mut b = Daemon::unstarted(&["--config", &p.b_config]);
     b.console = Some(tests::free_addr());

@@ -18,14 +18,7 @@ fn clamd_quarantines_eicar_delivers_clean_mail_and_holds_while_down() {
     let work = tempfile::tempdir().unwrap();
     let mut clamd = Clamd::start(&work.path().join("clamd"));
     let sink = SmtpSink::start();
-    let cfg = write_config(
-        work.path(),
-        &format!(
-            "[delivery]\ndefault_next_hop = \"{}\"\n[filter]\nclamd = \"unix:{}\"\nretry_secs = 1\ntimeout_secs = 10\n",
-            sink.addr,
-            clamd.dir.join("clamd.sock").display()
-        ),
-    );
+    let cfg = write_config(work.path(), &clamd.scanning_config(sink.addr));
     let d = Daemon::start_delivering(&["--config", &cfg]);
     let (mut c, _) = Client::connect(d.smtp);
     c.cmd("EHLO scan");
@@ -178,14 +171,7 @@ fn the_partner_drops_quarantined_mail_and_mirrors_vscan_as_spool() {
     let work = tempfile::tempdir().unwrap();
     let mut clamd = Clamd::start(&work.path().join("clamd"));
     let sink = SmtpSink::start();
-    let p = tests::pair_config(
-        &format!(
-            "[delivery]\ndefault_next_hop = \"{}\"\n[filter]\nclamd = \"unix:{}\"\nretry_secs = 1\ntimeout_secs = 10\n",
-            sink.addr,
-            clamd.dir.join("clamd.sock").display()
-        ),
-        None,
-    );
+    let p = tests::pair_config(&clamd.scanning_config(sink.addr), None);
     let a = Daemon::start_delivering(&["--config", &p.a_config]);
     let b = Daemon::start_delivering(&["--config", &p.b_config]);
     assert!(wait_until(10, || a.metric("spoold_ha_link_up") == Some(1.0)));
