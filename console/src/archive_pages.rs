@@ -94,6 +94,18 @@ pub async fn search<B: Backend>(
                         }
                     }
                 }
+                @if who.role == Role::Auditor && found.total > 0 {
+                    form.export method="post" action="/export" {
+                        input type="hidden" name="csrf" value=(who.csrf);
+                        input type="hidden" name="q" value=(q);
+                        label for="format" { "Export every match" }
+                        select #format name="format" {
+                            option value="mbox" { "mbox" }
+                            option value="eml-zip" { ".eml files in a zip" }
+                        }
+                        button type="submit" { "Export" }
+                    }
+                }
                 nav.pages {
                     @if page_no > 1 {
                         a href={ "/search?" (pair("q", &q)) "&page=" (page_no - 1) } rel="prev" { "Newer" }
@@ -490,6 +502,162 @@ pub async fn quarantine_act<B: Backend>(
         )
         .await;
     quarantine_page(&who, found, Some(flash), status)
+}
+
+/// A bulk export waiting for its download.
+pub struct Export {
+    /// The user who made it: the only one who may download it.
+    owner: String,
+    /// The messages (an mbox or a zip of `.eml` files).
+    data: std::path::PathBuf,
+    /// Its signed manifest.
+    manifest: std::path::PathBuf,
+    /// When it was made, ms since the epoch.
+    made_ms: u64,
+}
+
+/// How long an export waits for its download.
+const EXPORT_KEPT_MS: u64 = 60 * 60 * 1000;
+
+/// `POST /export`: every item a query selects exported by the daemon (audited as an export,
+/// exact bytes, with its signed manifest), offered for download to the auditor who asked.
+pub async fn export<B: Backend>(
+    State(c): State<Arc<Console<B>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (who, _, f) = match c.require_form(&headers, Action::BulkExport, &body) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let now = crate::web::now_ms();
+    {
+        let mut exports = c.exports.lock().unwrap_or_else(|p| p.into_inner());
+        exports.retain(|_, e| {
+            let keep = now.saturating_sub(e.made_ms) < EXPORT_KEPT_MS;
+            if !keep {
+                let _ = std::fs::remove_file(&e.data);
+                let _ = std::fs::remove_file(&e.manifest);
+            }
+            keep
+        });
+    }
+    let query = f.get("q").unwrap_or("").trim().to_string();
+    let (format, ext) = match f.get("format") {
+        Some("eml-zip") => ("eml-zip", "zip"),
+        _ => ("mbox", "mbox"),
+    };
+    let token = crate::session::random_token();
+    let dir = c.backend.export_dir();
+    let out = dir.join(format!("{token}.{ext}"));
+    let done: Result<api::ArchiveBulkExported, String> = c
+        .ask(
+            &who,
+            api::Long::ArchiveBulkExport {
+                query: query.clone(),
+                format: format.into(),
+                out: out.display().to_string(),
+                progress: false,
+            },
+        )
+        .await;
+    let body = match done {
+        Err(e) => html! { p.error role="alert" { "Not exported: " (e) } },
+        Ok(d) => {
+            c.exports.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                token.clone(),
+                Export {
+                    owner: who.name.clone(),
+                    data: out.clone(),
+                    manifest: std::path::PathBuf::from(&d.manifest),
+                    made_ms: now,
+                },
+            );
+            html! {
+                p.flash role="status" { (d.items) " messages (" (d.bytes) " bytes) exported for " code { (query) } "." }
+                p.actions {
+                    a.button href={ "/export/" (token) "/data" } download { "Download the " (format) }
+                    a.button href={ "/export/" (token) "/manifest" } download { "Download the signed manifest" }
+                }
+                p.hint { "Keep the manifest beside the export: spoolctl archive verify-export checks that the set is complete and unaltered. The download is kept for an hour." }
+            }
+        }
+    };
+    page(
+        StatusCode::OK,
+        pages::layout("Export", Some(&who.viewer()), None, body),
+    )
+}
+
+/// `/export/TOKEN/data|manifest`: an export's file, for the auditor who made it.
+pub async fn export_download<B: Backend>(
+    State(c): State<Arc<Console<B>>>,
+    headers: HeaderMap,
+    Path((token, part)): Path<(String, String)>,
+) -> Response {
+    let (who, _) = match c.require(&headers, Action::BulkExport) {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let found = {
+        let exports = c.exports.lock().unwrap_or_else(|p| p.into_inner());
+        exports
+            .get(&token)
+            .filter(|e| e.owner == who.name)
+            .map(|e| (e.data.clone(), e.manifest.clone()))
+    };
+    let Some((data, manifest)) = found else {
+        return page(
+            StatusCode::NOT_FOUND,
+            pages::problem(Some(&who.viewer()), "Not available", "no such export"),
+        );
+    };
+    let (path, ctype) = match part.as_str() {
+        "data" => (data, "application/octet-stream"),
+        "manifest" => (manifest, "application/jsonl"),
+        _ => {
+            return page(
+                StatusCode::NOT_FOUND,
+                pages::problem(Some(&who.viewer()), "Not available", "no such part"),
+            )
+        }
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().replace(&token, "export"))
+        .unwrap_or_else(|| "export".into());
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            return page(
+                StatusCode::NOT_FOUND,
+                pages::problem(Some(&who.viewer()), "Not available", &e.to_string()),
+            )
+        }
+    };
+    // Streamed a chunk at a time: an export may be larger than memory.
+    let stream = futures_util::stream::unfold(file, |mut f| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 256 << 10];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), f))
+            }
+            Err(e) => Some((Err(e), f)),
+        }
+    });
+    let mut r = axum::body::Body::from_stream(stream).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "attachment; filename=\"{}\"",
+        safe_file_name(&name)
+    )) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    r
 }
 
 /// One line of the audit log, as the daemon lists it.

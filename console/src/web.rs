@@ -29,6 +29,9 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<serde_json::Value, String>> + Send;
     /// The users as the cluster's settings hold them now.
     fn users(&self) -> Arc<Users>;
+    /// A directory of the daemon's own where bulk exports for download are written (emptied
+    /// at start; an export is removed an hour after it was made).
+    fn export_dir(&self) -> std::path::PathBuf;
     /// Counts an event for the daemon's metrics: `login`, `login_failed`, `login_locked` (an
     /// attempt during a lockout), `lockout` (one begun), `csrf_refused`, `forbidden`.
     fn counted(&self, _event: &'static str) {}
@@ -39,6 +42,8 @@ pub struct Console<B> {
     pub(crate) backend: B,
     sessions: Mutex<Sessions>,
     limiter: Mutex<Limiter>,
+    /// Bulk exports waiting for their download, by token.
+    pub(crate) exports: Mutex<std::collections::HashMap<String, crate::archive_pages::Export>>,
 }
 
 /// A client's address, for the login limiter and the log.
@@ -144,6 +149,7 @@ impl<B: Backend> Console<B> {
             backend,
             sessions: Mutex::new(Sessions::default()),
             limiter: Mutex::new(Limiter::default()),
+            exports: Mutex::new(Default::default()),
         }
     }
 
@@ -259,6 +265,8 @@ pub fn router<B: Backend>(console: Arc<Console<B>>) -> Router {
         .route("/message/{seq}/part/{part}", get(a::part::<B>))
         .route("/message/{seq}/hold", post(a::hold::<B>))
         .route("/audit", get(a::audit::<B>))
+        .route("/export", post(a::export::<B>))
+        .route("/export/{token}/{part}", get(a::export_download::<B>))
         .route(
             "/quarantine",
             get(a::quarantine::<B>).post(a::quarantine_act::<B>),

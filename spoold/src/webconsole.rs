@@ -26,6 +26,8 @@ pub struct DaemonBackend {
     metrics: Arc<Metrics>,
     /// The daemon's own uid: the console's requests run with it.
     uid: u32,
+    /// Where bulk exports for download are written.
+    exports: PathBuf,
 }
 
 impl console::Backend for DaemonBackend {
@@ -44,6 +46,10 @@ impl console::Backend for DaemonBackend {
 
     fn users(&self) -> Arc<Users> {
         self.users.borrow().clone()
+    }
+
+    fn export_dir(&self) -> PathBuf {
+        self.exports.clone()
     }
 
     fn counted(&self, event: &'static str) {
@@ -80,7 +86,18 @@ pub async fn start(
         .await
         .with_context(|| format!("key `console.listen`: bind {}", cfg.console.listen))?;
     first_admin(cfg, settings)?;
+    // Exports left by an earlier run had their download links in its memory: gone.
+    let exports = console_dir(cfg).join("exports");
+    let _ = std::fs::remove_dir_all(&exports);
+    std::fs::create_dir_all(&exports)
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            // They hold mail: the daemon's user only.
+            std::fs::set_permissions(&exports, std::fs::Permissions::from_mode(0o700))
+        })
+        .with_context(|| format!("console: create {}", exports.display()))?;
     let backend = DaemonBackend {
+        exports,
         admin,
         users,
         metrics,

@@ -285,6 +285,45 @@ fn each_role_sees_only_its_own_and_html_mail_is_shown_inert() {
         !has("console:bob", "archive view", Some(m2)),
         "bob never read m2: {log:?}"
     );
+
+    // A bulk export of a query from the search page: downloaded with its signed manifest,
+    // which spoolctl's offline check accepts; audited; for its maker only.
+    b.go(&format!("{}/search?q=zanzibar", base(&d)));
+    b.find("form.export button").click_to_next_page();
+    assert!(b.text().contains("1 messages"), "{}", b.text());
+    let href = |part: &str| b.find(&format!("a[href$='/{part}']")).attr("href").unwrap();
+    let (data, manifest) = (href("data"), href("manifest"));
+    let saved = dir.path().join("export.mbox");
+    for (path, file) in [
+        (&data, saved.clone()),
+        (&manifest, dir.path().join("export.mbox.manifest.jsonl")),
+    ] {
+        let (code, _, body) = curl(&b, &d, path, None);
+        assert_eq!(code, 200, "{path}");
+        std::fs::write(file, body).unwrap();
+    }
+    assert!(std::fs::read_to_string(&saved)
+        .unwrap()
+        .contains("strictly confidential figures"));
+    let key: Value = serde_json::from_str(&spoolctl_ok(&d, &["--json", "archive", "key"])).unwrap();
+    let verified = std::process::Command::new(tests::spoold_bin().with_file_name("spoolctl"))
+        .args(["archive", "verify-export"])
+        .arg(&saved)
+        .args(["--public-key", key["public_key"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    assert!(audit(&d).iter().any(|(u, a, w)| u == "console:aud"
+        && a == "archive export"
+        && w == &vec![m2.to_string()]));
+    logout(&b);
+    login(&b, &d, "bob", "bob-password-123");
+    let (code, _, _) = curl(&b, &d, &data, None);
+    assert_eq!(code, 403, "a user may not download the auditor's export");
     let _ = m1;
 }
 
