@@ -1,26 +1,123 @@
 //! HTTPS for the console: a listener that hands axum only connections whose TLS handshake
 //! finished, each handshake on a task of its own with a deadline, so a slow or silent client
-//! holds up no one else.
+//! holds up no one else; at most [`CONNECTIONS_MAX`] connections at once, each closed after
+//! [`IDLE_TIMEOUT`] without traffic.
 
 use crate::web::Client;
 use axum::extract::connect_info::Connected;
 use axum::serve::{IncomingStream, Listener};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 /// A handshake longer than this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at most; further connections wait in the kernel's backlog.
-const HANDSHAKES_MAX: usize = 256;
+/// Connections open at most (handshaking or served); further ones wait in the kernel's
+/// backlog, so memory stays bounded whatever clients do.
+const CONNECTIONS_MAX: usize = 256;
+
+/// A connection that neither reads nor writes for this long is closed (the server sets no
+/// timeout of its own: without this an idle client would hold its place for ever).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A served connection: the TLS stream, the permit that counts it until it closes, and its
+/// idle deadline (moved on by every read and write).
+pub struct Conn {
+    tls: TlsStream<TcpStream>,
+    _permit: OwnedSemaphorePermit,
+    idle: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Conn {
+    fn active(&mut self) {
+        self.idle
+            .as_mut()
+            .reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
+    }
+
+    /// Pending, unless the idle deadline has passed: then an error that ends the connection.
+    fn pending_or_idle<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        match self.idle.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "console connection idle",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let me = &mut *self;
+        match Pin::new(&mut me.tls).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                me.active();
+                Poll::Ready(r)
+            }
+            Poll::Pending => me.pending_or_idle(cx),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let me = &mut *self;
+        match Pin::new(&mut me.tls).poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                me.active();
+                Poll::Ready(r)
+            }
+            Poll::Pending => me.pending_or_idle(cx),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let me = &mut *self;
+        match Pin::new(&mut me.tls).poll_write_vectored(cx, bufs) {
+            Poll::Ready(r) => {
+                me.active();
+                Poll::Ready(r)
+            }
+            Poll::Pending => me.pending_or_idle(cx),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+}
 
 /// Accepted TLS connections.
 pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: mpsc::Receiver<(Conn, SocketAddr)>,
     local: SocketAddr,
 }
 
@@ -29,7 +126,7 @@ impl TlsListener {
     pub fn new(tcp: TcpListener, acceptor: TlsAcceptor) -> std::io::Result<TlsListener> {
         let local = tcp.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
-        let permits = Arc::new(Semaphore::new(HANDSHAKES_MAX));
+        let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
         tokio::spawn(async move {
             loop {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -48,11 +145,15 @@ impl TlsListener {
                 let _ = stream.set_nodelay(true);
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let _permit = permit;
                     if let Ok(Ok(tls)) =
                         tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     {
-                        let _ = tx.send((tls, addr)).await;
+                        let conn = Conn {
+                            tls,
+                            _permit: permit,
+                            idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
+                        };
+                        let _ = tx.send((conn, addr)).await;
                     }
                 });
             }
@@ -62,7 +163,7 @@ impl TlsListener {
 }
 
 impl Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Conn;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

@@ -626,3 +626,44 @@ fn a_users_quarantine_inbox_spans_the_pair_and_a_virus_stays_held() {
         .contains("a recipient's request refused by the policy"));
     let _ = for_carol;
 }
+
+/// Connections are bounded: 300 clients that connect and say nothing fill the console's 256
+/// places (the page waits), and their handshakes' 10 s deadline frees them again.
+#[test]
+fn silent_connections_are_bounded_and_dropped_at_their_deadline() {
+    let d = console_daemon();
+    let addr = d.console.unwrap();
+    let fetch = |secs: &str| {
+        std::process::Command::new("curl")
+            .args([
+                "-sk",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                secs,
+            ])
+            .arg(format!("{}/login", base(&d)))
+            .output()
+            .expect("curl")
+    };
+    assert_eq!(String::from_utf8_lossy(&fetch("5").stdout), "200");
+    let silent: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let during = fetch("2");
+    assert_ne!(
+        String::from_utf8_lossy(&during.stdout),
+        "200",
+        "every place is taken by a silent client"
+    );
+    let started = std::time::Instant::now();
+    assert!(
+        wait_until(20, || String::from_utf8_lossy(&fetch("3").stdout) == "200"),
+        "served again once the silent handshakes timed out"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    drop(silent);
+}
