@@ -214,12 +214,13 @@ const HIDDEN_KEYS: &[&str] = &["console.users"];
 fn settings_page(
     who: &Who,
     shown: Result<api::ConfigShown, String>,
+    groups: &[String],
     flash: Option<Markup>,
     status: StatusCode,
 ) -> Response {
     let body = html! {
         @if let Some(f) = flash { (f) }
-        p.hint { "A value is written as in the configuration file (TOML): 30, \"text\", [\"a.example\", \"b.example\"]. The cluster level applies on every unit; machine on this one only." }
+        p.hint { "A value is written as in the configuration file (TOML): 30, \"text\", [\"a.example\", \"b.example\"]. The cluster level applies on every unit, a group's on its machines, machine on this one only; the most specific level set wins." }
         @match &shown {
             Err(e) => { p.error role="alert" { (e) } }
             Ok(s) => {
@@ -230,7 +231,18 @@ fn settings_page(
                             tr {
                                 td.key { code { (k.key) } }
                                 td { code { (json(&k.effective)) } }
-                                td { @for l in &k.levels { div { (l.level) ": " code { (json(&l.value)) } } } }
+                                td {
+                                    @for l in &k.levels {
+                                        form.unset method="post" action="/settings" {
+                                            input type="hidden" name="csrf" value=(who.csrf);
+                                            input type="hidden" name="key" value=(k.key);
+                                            input type="hidden" name="level" value=(l.level);
+                                            input type="hidden" name="unset" value="1";
+                                            (l.level) ": " code { (json(&l.value)) } " "
+                                            button type="submit" aria-label={ "unset " (k.key) " at " (l.level) } { "unset" }
+                                        }
+                                    }
+                                }
                                 td {
                                     form.setting method="post" action="/settings" {
                                         input type="hidden" name="csrf" value=(who.csrf);
@@ -238,6 +250,7 @@ fn settings_page(
                                         input type="text" name="value" value=(toml_value(&k.effective)) aria-label={ "new value of " (k.key) };
                                         select name="level" aria-label="level" {
                                             option value="cluster" { "cluster" }
+                                            @for g in groups { option value={ "group:" (g) } { "group " (g) } }
                                             option value="machine" { "machine" }
                                         }
                                         button type="submit" { "Set" }
@@ -278,7 +291,16 @@ pub async fn settings<B: Backend>(
         Err(r) => return r,
     };
     let shown = c.ask(&who, api::Local::ConfigShow { key: None }).await;
-    settings_page(&who, shown, None, StatusCode::OK)
+    let groups = group_names(&c, &who).await;
+    settings_page(&who, shown, &groups, None, StatusCode::OK)
+}
+
+/// The cluster's groups (none outside a cluster, or when the list cannot be had).
+async fn group_names<B: Backend>(c: &Console<B>, who: &Who) -> Vec<String> {
+    let listed: Result<api::ClusterList, String> = c.ask(who, api::Cluster::ClusterList).await;
+    listed
+        .map(|l| l.groups.into_iter().map(|g| g.name).collect())
+        .unwrap_or_default()
 }
 
 /// `POST /settings`: set one key at a level; refused with the daemon's reason, changing
@@ -299,23 +321,24 @@ pub async fn settings_change<B: Backend>(
             StatusCode::BAD_REQUEST,
         )
     } else {
-        let level = match f.get("level") {
-            Some("machine") => "machine",
-            _ => "cluster",
-        };
+        // The daemon checks the level (`cluster`, `group:NAME`, `machine[:NODE]`) as it
+        // checks the value.
+        let level = f.get("level").unwrap_or("cluster").to_string();
+        let unset = f.get("unset") == Some("1");
         let changed: Result<serde_json::Value, String> = c
             .ask(
                 &who,
                 api::Cluster::ConfigSet {
                     key: key.clone(),
-                    value: Some(f.get("value").unwrap_or("").to_string()),
-                    level: level.into(),
+                    value: (!unset).then(|| f.get("value").unwrap_or("").to_string()),
+                    level: level.clone(),
                 },
             )
             .await;
+        let done = if unset { "unset" } else { "set" };
         match changed {
             Ok(_) => (
-                html! { p.flash role="status" { (key) " set at the " (level) " level." } },
+                html! { p.flash role="status" { (key) " " (done) " at the " (level) " level." } },
                 StatusCode::OK,
             ),
             Err(e) => (
@@ -325,7 +348,8 @@ pub async fn settings_change<B: Backend>(
         }
     };
     let shown = c.ask(&who, api::Local::ConfigShow { key: None }).await;
-    settings_page(&who, shown, Some(flash), status)
+    let groups = group_names(&c, &who).await;
+    settings_page(&who, shown, &groups, Some(flash), status)
 }
 
 /// `/track?q=…`: every event of the messages a query selects, on every unit (no content:

@@ -487,6 +487,19 @@ fn admins_run_the_gateway_without_reading_mail_and_every_form_needs_its_token() 
         b.text()
     );
     assert_eq!(shown()["keys"][0]["effective"], 50);
+    b.find("form.unset:has(input[name=key][value=\"smtp.recipients_max\"]) button")
+        .click_to_next_page();
+    assert!(
+        b.text()
+            .contains("smtp.recipients_max unset at the cluster level"),
+        "{}",
+        b.text()
+    );
+    assert_eq!(
+        shown()["keys"][0]["effective"],
+        100,
+        "the file's value again"
+    );
     logout(&b);
 
     // Five wrong passwords lock the name out: the right one is refused until the lockout ends,
