@@ -504,18 +504,6 @@ pub async fn quarantine_act<B: Backend>(
     quarantine_page(&who, found, Some(flash), status)
 }
 
-/// A bulk export waiting for its download.
-pub struct Export {
-    /// The user who made it: the only one who may download it.
-    owner: String,
-    /// The messages (an mbox or a zip of `.eml` files).
-    data: std::path::PathBuf,
-    /// Its signed manifest.
-    manifest: std::path::PathBuf,
-    /// When it was made, ms since the epoch.
-    made_ms: u64,
-}
-
 /// How long an export waits for its download.
 const EXPORT_KEPT_MS: u64 = 60 * 60 * 1000;
 
@@ -566,7 +554,7 @@ pub async fn export<B: Backend>(
         Ok(d) => {
             c.exports.lock().unwrap_or_else(|p| p.into_inner()).insert(
                 token.clone(),
-                Export {
+                crate::web::Export {
                     owner: who.name.clone(),
                     data: out.clone(),
                     manifest: std::path::PathBuf::from(&d.manifest),

@@ -18,12 +18,14 @@ pub mod gateway_pages;
 pub mod limiter;
 pub mod pages;
 pub mod policy;
+pub mod routes;
 pub mod session;
 pub mod tls;
 pub mod users;
 pub mod web;
 
-pub use web::{router, Backend, Client, Console};
+pub use routes::router;
+pub use web::{Backend, Client, Console};
 
 /// Serves the console on `tcp` with TLS from `acceptor` until the runtime ends.
 pub async fn serve<B: Backend>(

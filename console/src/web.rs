@@ -1,7 +1,7 @@
-//! The console's HTTP side: the router, the security headers every answer carries, sessions
-//! and CSRF on every form, login with its rate limit, and the one check each page makes before
-//! it asks the daemon anything ([`Console::require`]). The pages themselves are in
-//! [`crate::archive_pages`] and [`crate::gateway_pages`].
+//! The console's HTTP side: sessions and CSRF on every form, login with its rate limit, and
+//! the one check each page makes before it asks the daemon anything ([`Console::require`]).
+//! The pages themselves are in `archive_pages` and `gateway_pages`; the routes and the
+//! security headers every answer carries in `routes`.
 
 use crate::limiter::{Failed, Gate, Limiter};
 use crate::pages::{self, Viewer};
@@ -12,8 +12,6 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::routing::{get, post};
-use axum::Router;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -43,7 +41,19 @@ pub struct Console<B> {
     sessions: Mutex<Sessions>,
     limiter: Mutex<Limiter>,
     /// Bulk exports waiting for their download, by token.
-    pub(crate) exports: Mutex<std::collections::HashMap<String, crate::archive_pages::Export>>,
+    pub(crate) exports: Mutex<std::collections::HashMap<String, Export>>,
+}
+
+/// A bulk export waiting for its download.
+pub struct Export {
+    /// The user who made it: the only one who may download it.
+    pub(crate) owner: String,
+    /// The messages (an mbox or a zip of `.eml` files).
+    pub(crate) data: std::path::PathBuf,
+    /// Its signed manifest.
+    pub(crate) manifest: std::path::PathBuf,
+    /// When it was made, ms since the epoch.
+    pub(crate) made_ms: u64,
 }
 
 /// A client's address, for the login limiter and the log.
@@ -250,87 +260,10 @@ pub fn scope_field(scope: &Scope) -> Option<Vec<String>> {
     }
 }
 
-/// The console's routes over `console`.
-pub fn router<B: Backend>(console: Arc<Console<B>>) -> Router {
-    use crate::{archive_pages as a, gateway_pages as g};
-    Router::new()
-        .route("/", get(home::<B>))
-        .route("/login", get(login_form::<B>).post(login::<B>))
-        .route("/logout", post(logout::<B>))
-        .route("/static/console.css", get(css))
-        .route("/static/console.js", get(js))
-        .route("/search", get(a::search::<B>))
-        .route("/message/{seq}", get(a::message::<B>))
-        .route("/message/{seq}/eml", get(a::eml::<B>))
-        .route("/message/{seq}/part/{part}", get(a::part::<B>))
-        .route("/message/{seq}/hold", post(a::hold::<B>))
-        .route("/audit", get(a::audit::<B>))
-        .route("/export", post(a::export::<B>))
-        .route("/export/{token}/{part}", get(a::export_download::<B>))
-        .route(
-            "/quarantine",
-            get(a::quarantine::<B>).post(a::quarantine_act::<B>),
-        )
-        .route("/status", get(g::status::<B>))
-        .route("/track", get(g::track::<B>))
-        .route("/queue", get(g::queue::<B>).post(g::queue_action::<B>))
-        .route(
-            "/settings",
-            get(g::settings::<B>).post(g::settings_change::<B>),
-        )
-        .fallback(not_found)
-        .layer(axum::middleware::map_response(security_headers))
-        .with_state(console)
-}
-
-/// Headers on every answer: no script or style but the console's own files, no framing, no
-/// caching of pages that show mail, no sniffing of downloads as HTML.
-async fn security_headers(mut r: Response) -> Response {
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
-             form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        ),
-    );
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
-}
-
-async fn not_found() -> Response {
-    page(
-        StatusCode::NOT_FOUND,
-        pages::problem(None, "Not found", "There is no such page."),
-    )
-}
-
-async fn css() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
-        include_str!("../static/console.css"),
-    )
-        .into_response()
-}
-
-async fn js() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        include_str!("../static/console.js"),
-    )
-        .into_response()
-}
-
-async fn home<B: Backend>(State(c): State<Arc<Console<B>>>, headers: HeaderMap) -> Response {
+pub(crate) async fn home<B: Backend>(
+    State(c): State<Arc<Console<B>>>,
+    headers: HeaderMap,
+) -> Response {
     match c.who(&headers) {
         Ok(w) if w.role == Role::Admin => Redirect::to("/status").into_response(),
         Ok(_) => Redirect::to("/search").into_response(),
@@ -339,7 +272,10 @@ async fn home<B: Backend>(State(c): State<Arc<Console<B>>>, headers: HeaderMap) 
 }
 
 /// The login form; a session (anonymous) is begun for its CSRF token.
-async fn login_form<B: Backend>(State(c): State<Arc<Console<B>>>, headers: HeaderMap) -> Response {
+pub(crate) async fn login_form<B: Backend>(
+    State(c): State<Arc<Console<B>>>,
+    headers: HeaderMap,
+) -> Response {
     if c.who(&headers).is_ok() {
         return Redirect::to("/").into_response();
     }
@@ -350,7 +286,7 @@ async fn login_form<B: Backend>(State(c): State<Arc<Console<B>>>, headers: Heade
     r
 }
 
-async fn login<B: Backend>(
+pub(crate) async fn login<B: Backend>(
     State(c): State<Arc<Console<B>>>,
     ConnectInfo(Client(addr)): ConnectInfo<Client>,
     headers: HeaderMap,
@@ -418,7 +354,7 @@ async fn login<B: Backend>(
 /// A valid argon2id hash of a random password, checked for unknown names.
 const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c3Bvb2xwYWlyZHVtbXk$Vf0dG7o5uQm2Xj6cJ0m4dY8M5bqk3n4c5cS7fQ8n1pY";
 
-async fn logout<B: Backend>(
+pub(crate) async fn logout<B: Backend>(
     State(c): State<Arc<Console<B>>>,
     headers: HeaderMap,
     body: Bytes,
