@@ -247,7 +247,13 @@ fn archive_on_a_garage_cluster_survives_a_node_and_the_whole_store_going_down() 
     }
     let after = all_uploaded(&d, &g, 5000, 180);
     assert_objects(&g, &d, after, "after the outage");
-    assert_eq!(local_segments(&d), 1);
+    // Uploaded segments leave the disk once confirmed; on a loaded machine that may follow
+    // the last confirmation by a moment.
+    assert!(
+        wait_until(30, || local_segments(&d) == 1),
+        "{} local segments",
+        local_segments(&d)
+    );
     eprintln!("{} store back, all uploaded", at());
     assert!(
         wait_until(20, || metric("spoold_archive_remote_upload_bytes_total")
