@@ -27,6 +27,16 @@ pub async fn status<B: Backend>(State(c): State<Arc<Console<B>>>, headers: Heade
     let queue = list(&c, &who).await;
     let members: Result<api::ClusterStatus, String> =
         c.ask(&who, api::Cluster::ClusterStatus).await;
+    let day_ago = crate::web::now_ms().saturating_sub(24 * 3600 * 1000);
+    let bounces: Result<api::Tracked, String> = c
+        .ask(
+            &who,
+            api::Cluster::Track {
+                query: format!("ev:bounced after:{day_ago}"),
+                limit: 1000,
+            },
+        )
+        .await;
     let body = html! {
         @match &st {
             Err(e) => { p.error role="alert" { (e) } }
@@ -72,6 +82,23 @@ pub async fn status<B: Backend>(State(c): State<Arc<Console<B>>>, headers: Heade
                                 td { @if let Some(s) = u.last_contact_secs { (s) " s ago" } @else { "never" } }
                                 td { code { (u.version.as_deref().unwrap_or("—")) } }
                                 td { (u.error.as_deref().unwrap_or("")) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        h2 { "Bounces in the last 24 hours" }
+        @match &bounces {
+            Err(e) => { p.error { (e) } }
+            Ok(t) => {
+                @let mut list: Vec<&api::TrackEvent> = t.events.iter().filter(|e| e.kind.as_str() == "bounced").collect();
+                @if list.is_empty() { p { "None." } } @else {
+                    table.bounces {
+                        thead { tr { th { "When (UTC)" } th { "Unit" } th { "Spool id" } th { "Detail" } } }
+                        tbody {
+                            @for e in { list.sort_by_key(|e| std::cmp::Reverse(e.at_ms)); list.iter().take(20) } {
+                                tr { td { (when(e.at_ms)) } td { (e.unit) } td.id { (e.spool_id) } td { (e.detail) } }
                             }
                         }
                     }

@@ -376,7 +376,9 @@ fn admins_run_the_gateway_without_reading_mail_and_every_form_needs_its_token() 
     assert!(b.url().ends_with("/status"), "{}", b.url());
     let status = b.text();
     assert!(
-        status.contains("active") && status.contains("spool"),
+        status.contains("active")
+            && status.contains("spool")
+            && status.contains("Bounces in the last 24 hours"),
         "{status}"
     );
     assert!(b.source().contains("http-equiv=\"refresh\""));

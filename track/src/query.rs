@@ -1,6 +1,7 @@
-//! The query language of `spoolctl track`: terms ANDed (`id:`, `msgid:`, `from:`, `to:`, or a
-//! bare term matching any of them), narrowed by `after:` and `before:` (RFC 3339 or ms since
-//! the epoch). Pure: parsing and matching, no files.
+//! The query language of `spoolctl track`: terms ANDed (`id:`, `msgid:`, `from:`, `to:`,
+//! `ev:` (an event's kind: `ev:bounced`), or a bare term matching any of the first four),
+//! narrowed by `after:` and `before:` (RFC 3339 or ms since the epoch). Pure: parsing and
+//! matching, no files.
 
 use crate::event::Event;
 
@@ -20,6 +21,8 @@ enum Field {
     MsgId,
     From,
     To,
+    /// The event's kind (`bounced`, `deferred`, …): selects the messages that had one.
+    Event,
 }
 
 fn parse_time(v: &str) -> Result<u64, String> {
@@ -42,6 +45,7 @@ impl Query {
                 Some(("msgid", v)) => (Field::MsgId, v),
                 Some(("from", v)) => (Field::From, v),
                 Some(("to", v)) => (Field::To, v),
+                Some(("ev", v)) => (Field::Event, v),
                 Some(("after", v)) => {
                     q.after = Some(parse_time(v)?);
                     continue;
@@ -94,6 +98,7 @@ impl Query {
                     Field::MsgId => msgid(),
                     Field::From => from(),
                     Field::To => to(),
+                    Field::Event => e.kind.as_str() == want,
                     Field::Any => id() || msgid() || from() || to(),
                 }
             })
@@ -128,7 +133,8 @@ mod tests {
             Some("<1@x>"),
             1_000,
         );
-        let bare = event("m2", None, &[], None, 1_000);
+        let mut bare = event("m2", None, &[], None, 1_000);
+        bare.kind = EventKind::Bounced;
         // (query, selects e, selects the id-only event)
         let table: &[(&str, bool, bool)] = &[
             ("id:m1", true, false),
@@ -141,6 +147,9 @@ mod tests {
             ("m2", false, true),
             ("from:ann to:bob", true, false),
             ("from:ann to:carol", false, false),
+            ("ev:bounced", false, true),
+            ("ev:accepted from:ann", true, false),
+            ("ev:bounced from:ann", false, false),
         ];
         for (text, want_e, want_bare) in table {
             let q = Query::parse(text).unwrap();
