@@ -639,6 +639,41 @@ fn a_users_quarantine_inbox_spans_the_pair_and_a_virus_stays_held() {
     assert!(a
         .log_text()
         .contains("a recipient's request refused by the policy"));
+    logout(&bb);
+
+    // Settings from the passive unit's console: an invalid value changes nothing on either
+    // unit; a valid one is in effect on both.
+    add_user(&a, work.path(), "ops", "admin", &[], "ops-password-1234");
+    assert!(wait_until(20, || spoolctl_ok(&b, &["user", "list"]).contains("ops")));
+    login(&bb, &b, "ops", "ops-password-1234");
+    bb.go(&format!("{}/settings", base(&b)));
+    let form = "form.setting:has(input[name=key][value=\"smtp.recipients_max\"])";
+    let set = |value: &str| {
+        bb.find(&format!("{form} input[name=value]"))
+            .clear()
+            .type_text(value);
+        bb.find(&format!("{form} button")).click_to_next_page();
+        bb.text()
+    };
+    let effective = |d: &Daemon| -> Value {
+        let v: Value = serde_json::from_str(&spoolctl_ok(
+            d,
+            &["--json", "config", "show", "smtp.recipients_max"],
+        ))
+        .unwrap();
+        v["keys"][0]["effective"].clone()
+    };
+    assert!(set("100001").contains("not changed"));
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(
+        (effective(&a), effective(&b)),
+        (Value::from(100), Value::from(100))
+    );
+    assert!(set("42").contains("set at the cluster level"));
+    assert!(
+        wait_until(10, || effective(&a) == 42 && effective(&b) == 42),
+        "in effect on both units"
+    );
     let _ = for_carol;
 }
 
