@@ -166,17 +166,26 @@ async fn read<B: Backend>(
     Ok((e.item, raw))
 }
 
+/// The logged-in viewer of item `seq` and its bytes, read in their name within their scope
+/// (`view`: audited as a view, else as an export); the login page, 403 or 404 otherwise.
+async fn viewed<B: Backend>(
+    c: &Console<B>,
+    headers: &HeaderMap,
+    seq: u64,
+    view: bool,
+) -> Result<(Who, api::ArchiveItem, Vec<u8>), Response> {
+    let (who, scope) = c.require(headers, Action::View)?;
+    let (item, raw) = read(c, &who, &scope, seq, view).await?;
+    Ok((who, item, raw))
+}
+
 /// `/message/N`: one archived message, shown inert.
 pub async fn message<B: Backend>(
     State(c): State<Arc<Console<B>>>,
     headers: HeaderMap,
     Path(seq): Path<u64>,
 ) -> Response {
-    let (who, scope) = match c.require(&headers, Action::View) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
-    let (item, raw) = match read(&c, &who, &scope, seq, true).await {
+    let (who, item, raw) = match viewed(&c, &headers, seq, true).await {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -283,12 +292,8 @@ pub async fn eml<B: Backend>(
     headers: HeaderMap,
     Path(seq): Path<u64>,
 ) -> Response {
-    let (who, scope) = match c.require(&headers, Action::View) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
-    match read(&c, &who, &scope, seq, false).await {
-        Ok((_, raw)) => download(raw, "message/rfc822", &format!("item-{seq}.eml")),
+    match viewed(&c, &headers, seq, false).await {
+        Ok((_, _, raw)) => download(raw, "message/rfc822", &format!("item-{seq}.eml")),
         Err(r) => r,
     }
 }
@@ -299,12 +304,8 @@ pub async fn part<B: Backend>(
     headers: HeaderMap,
     Path((seq, i)): Path<(u64, u32)>,
 ) -> Response {
-    let (who, scope) = match c.require(&headers, Action::View) {
-        Ok(w) => w,
-        Err(r) => return r,
-    };
-    let raw = match read(&c, &who, &scope, seq, false).await {
-        Ok((_, raw)) => raw,
+    let (who, _, raw) = match viewed(&c, &headers, seq, false).await {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let Some(m) = MessageParser::default().parse(&raw) else {

@@ -42,8 +42,17 @@ impl Conn {
             .reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
     }
 
-    /// Pending, unless the idle deadline has passed: then an error that ends the connection.
-    fn pending_or_idle<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+    /// What a read or write of the stream gave: done moves the idle deadline on; pending
+    /// stays pending unless the deadline has passed, which ends the connection.
+    fn watched<T>(
+        &mut self,
+        polled: Poll<std::io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.active();
+            return polled;
+        }
         match self.idle.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -61,13 +70,8 @@ impl tokio::io::AsyncRead for Conn {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let me = &mut *self;
-        match Pin::new(&mut me.tls).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                me.active();
-                Poll::Ready(r)
-            }
-            Poll::Pending => me.pending_or_idle(cx),
-        }
+        let polled = Pin::new(&mut me.tls).poll_read(cx, buf);
+        me.watched(polled, cx)
     }
 }
 
@@ -78,13 +82,8 @@ impl tokio::io::AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let me = &mut *self;
-        match Pin::new(&mut me.tls).poll_write(cx, buf) {
-            Poll::Ready(r) => {
-                me.active();
-                Poll::Ready(r)
-            }
-            Poll::Pending => me.pending_or_idle(cx),
-        }
+        let polled = Pin::new(&mut me.tls).poll_write(cx, buf);
+        me.watched(polled, cx)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -101,13 +100,8 @@ impl tokio::io::AsyncWrite for Conn {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let me = &mut *self;
-        match Pin::new(&mut me.tls).poll_write_vectored(cx, bufs) {
-            Poll::Ready(r) => {
-                me.active();
-                Poll::Ready(r)
-            }
-            Poll::Pending => me.pending_or_idle(cx),
-        }
+        let polled = Pin::new(&mut me.tls).poll_write_vectored(cx, bufs);
+        me.watched(polled, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
