@@ -391,12 +391,22 @@ pub async fn hold<B: Backend>(
     }
 }
 
-fn quarantine_page(
+/// The inbox of `who` within `scope`, as every unit holds it now, after `flash`.
+async fn quarantine_page<B: Backend>(
+    c: &Console<B>,
     who: &Who,
-    found: Result<api::QuarantineFound, String>,
+    scope: &crate::policy::Scope,
     flash: Option<Markup>,
     status: StatusCode,
 ) -> Response {
+    let found: Result<api::QuarantineFound, String> = c
+        .ask(
+            who,
+            api::Cluster::QuarantineList {
+                scope: scope_field(scope),
+            },
+        )
+        .await;
     let body = html! {
         @if let Some(f) = flash { (f) }
         p.hint { "Mail for your addresses that the gateway held back, on every unit. A message with a virus stays with the administrators." }
@@ -450,15 +460,7 @@ pub async fn quarantine<B: Backend>(
         Ok(w) => w,
         Err(r) => return r,
     };
-    let found = c
-        .ask(
-            &who,
-            api::Cluster::QuarantineList {
-                scope: scope_field(&scope),
-            },
-        )
-        .await;
-    quarantine_page(&who, found, None, StatusCode::OK)
+    quarantine_page(&c, &who, &scope, None, StatusCode::OK).await
 }
 
 /// `POST /quarantine`: release or delete one, on the unit holding it, if its policy allows
@@ -494,15 +496,7 @@ pub async fn quarantine_act<B: Backend>(
             StatusCode::FORBIDDEN,
         ),
     };
-    let found = c
-        .ask(
-            &who,
-            api::Cluster::QuarantineList {
-                scope: scope_field(&scope),
-            },
-        )
-        .await;
-    quarantine_page(&who, found, Some(flash), status)
+    quarantine_page(&c, &who, &scope, Some(flash), status).await
 }
 
 /// How long an export waits for its download.
