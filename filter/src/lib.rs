@@ -1,13 +1,16 @@
 //! `filter`: the vscan stage.
 //!
 //! It is: the [`Filter`] trait that every content check implements, the clamd client
-//! ([`Clamd`], INSTREAM over a unix or TCP socket), and [`VscanStage`], which moves a message
+//! ([`Clamd`], INSTREAM over a unix or TCP socket), the milter protocol's packets
+//! ([`milter`]: the codec only, not yet driven), and [`VscanStage`], which moves a message
 //! `spool/ → vscan/` while it is scanned and then back to `spool/` (clean), on to
 //! `quarantine/` (infected), or leaves it in `vscan/` to retry (scanner unreachable).
 //!
 //! It is not: delivery or scheduling. The queue manager decides when to call the stage and what
 //! to do next; further filters (an external command, a milter) implement [`Filter`] without
 //! touching it.
+
+pub mod milter;
 
 use spool::{Envelope, Folder, Layout, MappedBody, MessageId, ScanState};
 use std::future::Future;
