@@ -152,8 +152,23 @@ fn an_awkward_corpus_gets_a_verdict_per_message_exact_bytes_and_a_rerun_adds_not
     assert_eq!(kinds, ["mbox", "maildir", "files", "unreadable"]);
 
     let lines = report(&report_file);
+    // The same message in the mbox (its fourth from last) and in the Maildir: whichever of
+    // the workers gets to it first archives it, the other finds it a duplicate.
+    let twins: Vec<(String, String)> = lines
+        .iter()
+        .filter(|(_, name, at, _)| {
+            name == "1700000000.M1.host:2,S" || at == &format!("byte {}", starts[2])
+        })
+        .map(|(v, name, _, _)| (v.clone(), name.clone()))
+        .collect();
+    let mut twin_verdicts: Vec<&str> = twins.iter().map(|(v, _)| v.as_str()).collect();
+    twin_verdicts.sort_unstable();
+    assert_eq!(twin_verdicts, ["archived", "duplicate"], "{twins:?}");
     let verdicts: BTreeSet<(String, String, String)> = lines
         .iter()
+        .filter(|(_, name, at, _)| {
+            name != "1700000000.M1.host:2,S" && at != &format!("byte {}", starts[2])
+        })
         .map(|(v, name, at, what)| {
             let what = if v == "rejected" {
                 what.split(':').next().unwrap().to_string()
@@ -171,13 +186,11 @@ fn an_awkward_corpus_gets_a_verdict_per_message_exact_bytes_and_a_rerun_adds_not
     let want: BTreeSet<(String, String, String)> = [
         ("archived", "history.mbox", format!("byte {}", starts[0])),
         ("archived", "history.mbox", format!("byte {}", starts[1])),
-        ("archived", "history.mbox", format!("byte {}", starts[2])),
         (
             "rejected",
             "history.mbox",
             format!("byte {} truncated at byte {cut_at}", starts[3]),
         ),
-        ("duplicate", "1700000000.M1.host:2,S", "file".to_string()),
         ("archived", "1700000001.M2.host", "file".to_string()),
         ("archived", "a.eml", "file".to_string()),
         ("rejected", "big.eml", "file too large".to_string()),
