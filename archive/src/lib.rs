@@ -647,8 +647,14 @@ impl Archive {
     /// The exact accepted bytes of item `seq`, verified against its hash.
     pub fn raw(&self, seq: u64) -> Result<(Item, Vec<u8>), ArchiveError> {
         let item = self.item(seq)?;
-        let raw = self.store.raw(&item.hash)?;
+        let raw = self.body(&item)?;
         Ok((item, raw))
+    }
+
+    /// The exact accepted bytes of an item already read (a search hit), verified against its
+    /// hash.
+    pub fn body(&self, item: &Item) -> Result<Vec<u8>, ArchiveError> {
+        self.store.raw(&item.hash)
     }
 
     /// Puts items on legal hold or releases them; answers how many changed.

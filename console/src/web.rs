@@ -109,6 +109,12 @@ impl Fields {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Whether the form carries `expected` as its CSRF token.
+    pub fn carries_token(&self, expected: &str) -> bool {
+        self.get("csrf")
+            .is_some_and(|t| session::same_token(t, expected))
+    }
+
     /// Every value of `name`.
     pub fn all(&self, name: &str) -> Vec<String> {
         self.0
@@ -223,9 +229,10 @@ impl<B: Backend> Console<B> {
     ) -> Result<(Who, Scope, Fields), Response> {
         let (who, scope) = self.require(headers, action)?;
         let fields = Fields::parse(body);
-        match fields.get("csrf") {
-            Some(t) if session::same_token(t, &who.csrf) => Ok((who, scope, fields)),
-            _ => Err(self.csrf_refused()),
+        if fields.carries_token(&who.csrf) {
+            Ok((who, scope, fields))
+        } else {
+            Err(self.csrf_refused())
         }
     }
 
@@ -298,10 +305,7 @@ pub(crate) async fn login<B: Backend>(
     let Some(s) = c.sessions().get(&token, now) else {
         return c.csrf_refused();
     };
-    if !fields
-        .get("csrf")
-        .is_some_and(|t| session::same_token(t, &s.csrf))
-    {
+    if !fields.carries_token(&s.csrf) {
         return c.csrf_refused();
     }
     let user = fields.get("user").unwrap_or("").to_string();
@@ -363,11 +367,7 @@ pub(crate) async fn logout<B: Backend>(
         Ok(w) => w,
         Err(r) => return r,
     };
-    let fields = Fields::parse(&body);
-    if !fields
-        .get("csrf")
-        .is_some_and(|t| session::same_token(t, &who.csrf))
-    {
+    if !Fields::parse(&body).carries_token(&who.csrf) {
         return c.csrf_refused();
     }
     if let Some(t) = cookie_token(&headers) {

@@ -730,7 +730,7 @@ impl Archiving {
             let mut listed = Self::listed(&hit.item);
             // The subject and Message-ID from the stored bytes: a search result is read by a
             // person, who matches it back to a message by its Message-ID.
-            if let Ok((_, raw)) = self.archive.raw(hit.item.seq) {
+            if let Ok(raw) = self.archive.body(&hit.item) {
                 let headline = archive::mime::headline(&raw);
                 listed.subject = headline.subject;
                 listed.message_id = headline.message_id;

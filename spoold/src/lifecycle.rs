@@ -42,8 +42,9 @@ pub struct Lifecycle {
     ledger_retention_ms: u64,
 }
 
-/// The first bytes of a body file (its headers, for the Message-ID); empty if unreadable.
-fn read_head(path: &std::path::Path) -> Vec<u8> {
+/// The first bytes of a body file (its headers: the Message-ID, the Subject); empty if
+/// unreadable.
+pub fn read_head(path: &std::path::Path) -> Vec<u8> {
     use std::io::Read;
     let mut head = Vec::new();
     if let Ok(f) = std::fs::File::open(path) {

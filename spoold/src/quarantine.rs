@@ -57,10 +57,8 @@ fn within(scope: Option<&[String]>, address: &str) -> bool {
 
 impl Desk {
     fn subject(&self, id: &MessageId) -> Option<String> {
-        use std::io::Read;
-        let mut head = Vec::new();
-        let f = std::fs::File::open(self.layout.path(Folder::Quarantine, id, Part::Body)).ok()?;
-        f.take(16 << 10).read_to_end(&mut head).ok()?;
+        let head =
+            crate::lifecycle::read_head(&self.layout.path(Folder::Quarantine, id, Part::Body));
         archive::mime::headline(&head).subject
     }
 }

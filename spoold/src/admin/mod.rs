@@ -181,18 +181,10 @@ impl Admin {
                             let progress = req.progress();
                             with_progress(&mut w, rx, me.long(req, tx, who), progress).await
                         }
-                        Ok(Request::Cluster(req)) => match me.cluster(req).await {
-                            Ok(t) => Line::reply(&t),
+                        Ok(req) => match me.answer(req, who).await {
+                            Ok(data) => Line::reply(&data),
                             Err(e) => Line::refused(e),
                         },
-                        Ok(Request::Local(req)) => {
-                            let me2 = me.clone();
-                            match tokio::task::spawn_blocking(move || me2.handle(req, &who)).await {
-                                Ok(Ok(data)) => Line::reply(&data),
-                                Ok(Err(e)) => Line::refused(e),
-                                Err(e) => Line::refused(e.to_string()),
-                            }
-                        }
                         Err(e) => Line::refused(format!("bad request: {e}")),
                     };
                     let _ = w.write_all(reply.to_wire().as_bytes()).await;
@@ -202,9 +194,9 @@ impl Admin {
         Ok(())
     }
 
-    /// Answers a request made in-process (the console) in `who`'s name, as the socket would:
-    /// local requests on a blocking thread, cluster requests here. Long work (with progress
-    /// lines) is for `spoolctl` on the unit.
+    /// Answers a request in `who`'s name, for the socket and the console alike: local
+    /// requests on a blocking thread, cluster requests here. Long work with progress lines is
+    /// the socket's (it streams them); the console may start a bulk export without them.
     pub async fn answer(self: &Arc<Self>, req: Request, who: Asker) -> Result<Value, String> {
         match req {
             Request::Local(req) => {
