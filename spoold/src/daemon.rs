@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -139,6 +139,9 @@ pub async fn run(cfg: Config) -> Result<()> {
         tokio::spawn(membership.clone().serve(l));
     }
     tokio::spawn(membership.keep_in_sync());
+    // Handlers before readiness: until they exist a SIGUSR2 or SIGTERM takes the default
+    // action and kills the daemon, and a supervisor may signal as soon as it hears "ready".
+    let signals = Signals::install()?;
     ready.store(true, Ordering::SeqCst);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     last_words::watch_runtime();
@@ -150,7 +153,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         "spoold ready"
     );
 
-    let (running, failure) = until_stopped(running, &storage.lifecycle).await?;
+    let (running, failure) = until_stopped(running, signals, &storage.lifecycle).await;
 
     tracing::info!("shutting down: refusing new sessions, finishing messages in flight");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -453,20 +456,35 @@ impl Running {
     }
 }
 
+/// The signals the daemon answers, caught from before it says it is ready.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    usr2: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("install SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("install SIGINT handler")?,
+            usr2: signal(SignalKind::user_defined2()).context("install SIGUSR2 handler")?,
+        })
+    }
+}
+
 /// Waits for SIGTERM or SIGINT (inserting `input/` at each SIGUSR2), or for the accept loop or
 /// the queue manager to end (said in the log and returned as the failure: exit 1, and systemd
 /// restarts the daemon).
 async fn until_stopped(
     mut running: Running,
+    mut signals: Signals,
     lifecycle: &Arc<Lifecycle>,
-) -> Result<(Running, Option<String>)> {
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    let mut usr2 = signal(SignalKind::user_defined2()).context("install SIGUSR2 handler")?;
+) -> (Running, Option<String>) {
     let failure = loop {
         tokio::select! {
-            _ = term.recv() => break None,
-            _ = int.recv() => break None,
+            _ = signals.term.recv() => break None,
+            _ = signals.int.recv() => break None,
             ended = &mut running.accept, if !running.accept_ended => {
                 running.accept_ended = true;
                 break Some(format!("the SMTP accept loop ended: {}", task_end(ended)));
@@ -475,7 +493,7 @@ async fn until_stopped(
                 running.delivery_ended = true;
                 break Some(format!("the queue manager ended: {}", task_end(ended)));
             }
-            _ = usr2.recv() => {
+            _ = signals.usr2.recv() => {
                 match insert(lifecycle).await {
                     Ok(o) => tracing::info!(pairs = o.len(), "input/ insertion done"),
                     Err(e) => tracing::error!("input/ insertion failed: {e:#}"),
@@ -483,7 +501,7 @@ async fn until_stopped(
             }
         }
     };
-    Ok((running, failure))
+    (running, failure)
 }
 
 /// How a task that should have run until shutdown ended.

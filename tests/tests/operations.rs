@@ -284,6 +284,8 @@ fn full_disk_answers_452_and_loses_nothing_acknowledged() {
 /// Signals (a storm of SIGUSR2 insertions) arriving while the writer waits on io_uring must not
 /// fail or corrupt a commit round. (The writer retries interrupted waits; this run did not
 /// manage to provoke an EINTR without that retry either, so it guards rather than reproduces.)
+/// The storm starts as soon as `/readyz` answers: a daemon that said it was ready before its
+/// handlers existed died of the first SIGUSR2 (seen with a delay put between the two).
 #[test]
 fn signal_storm_during_load_loses_nothing() {
     let d = Daemon::start();
