@@ -1,8 +1,9 @@
 //! `filter`: the vscan stage.
 //!
 //! It is: the [`Filter`] trait that every content check implements, the clamd client
-//! ([`Clamd`], INSTREAM over a unix or TCP socket), the milter protocol's packets
-//! ([`milter`]: the codec only, not yet driven), and [`VscanStage`], which moves a message
+//! ([`Clamd`], INSTREAM over a unix or TCP socket), the milter chain that runs before the
+//! `250` ([`chain`] over [`milter_conn`], [`milter`] and [`headers`]), and [`VscanStage`],
+//! which moves a message
 //! `spool/ → vscan/` while it is scanned and then back to `spool/` (clean), on to
 //! `quarantine/` (infected), or leaves it in `vscan/` to retry (scanner unreachable).
 //!
@@ -10,7 +11,10 @@
 //! to do next; further filters (an external command, a milter) implement [`Filter`] without
 //! touching it.
 
+pub mod chain;
+pub mod headers;
 pub mod milter;
+pub mod milter_conn;
 
 use spool::{Envelope, Folder, Layout, MappedBody, MessageId, ScanState};
 use std::future::Future;

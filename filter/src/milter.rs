@@ -5,8 +5,8 @@
 //! is wrong, never a panic, and a reply longer than [`REPLY_BYTES_MAX`] is refused before its
 //! data is read.
 //!
-//! Not here yet: the session that drives a milter through a message (negotiation, macros,
-//! stage timeouts, default actions) and its place before the `250`.
+//! Not here: the socket and negotiation (`milter_conn`), the conversation about a message
+//! (`chain`).
 //!
 //! Written by hand: `rmilter` (2020, unmaintained) and `miltr-client` (which calls itself "an
 //! example client to mess around with") were the crates looked at.
@@ -38,6 +38,57 @@ pub mod action {
     pub const ADD_RCPT_PAR: u32 = 0x80;
     /// Ask for macros per stage.
     pub const SET_SYMLIST: u32 = 0x100;
+}
+
+/// Protocol steps (`SMFIP_*`): which the milter may ask the MTA to leave out (`NO_*`) or
+/// not to wait for a reply to (`NR_*`).
+pub mod step {
+    /// No `C`.
+    pub const NO_CONNECT: u32 = 0x01;
+    /// No `H`.
+    pub const NO_HELO: u32 = 0x02;
+    /// No `M`.
+    pub const NO_MAIL: u32 = 0x04;
+    /// No `R`.
+    pub const NO_RCPT: u32 = 0x08;
+    /// No `B`.
+    pub const NO_BODY: u32 = 0x10;
+    /// No `L`.
+    pub const NO_HEADERS: u32 = 0x20;
+    /// No `N`.
+    pub const NO_EOH: u32 = 0x40;
+    /// No reply to `L`.
+    pub const NR_HEADER: u32 = 0x80;
+    /// No unknown commands (spoold sends none).
+    pub const NO_UNKNOWN: u32 = 0x100;
+    /// No `T`.
+    pub const NO_DATA: u32 = 0x200;
+    /// The milter may answer `s` (skip the rest of the body).
+    pub const SKIP: u32 = 0x400;
+    /// Rejected recipients too (spoold sends only accepted ones: it asks milters after the
+    /// relay policy).
+    pub const RCPT_REJECTED: u32 = 0x800;
+    /// No reply to `C`.
+    pub const NR_CONNECT: u32 = 0x1000;
+    /// No reply to `H`.
+    pub const NR_HELO: u32 = 0x2000;
+    /// No reply to `M`.
+    pub const NR_MAIL: u32 = 0x4000;
+    /// No reply to `R`.
+    pub const NR_RCPT: u32 = 0x8000;
+    /// No reply to `T`.
+    pub const NR_DATA: u32 = 0x10000;
+    /// No reply to unknown commands.
+    pub const NR_UNKNOWN: u32 = 0x20000;
+    /// No reply to `N`.
+    pub const NR_EOH: u32 = 0x40000;
+    /// No reply to `B`.
+    pub const NR_BODY: u32 = 0x80000;
+    /// Header values with their leading whitespace.
+    pub const HEADER_LEADING_SPACE: u32 = 0x100000;
+    /// Every step above: libmilter refuses an MTA that does not offer what a milter
+    /// registered, so spoold offers all it can honour.
+    pub const ALL: u32 = 0x1F_FFFF;
 }
 
 /// A packet to the milter.

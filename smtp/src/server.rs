@@ -70,6 +70,8 @@ pub struct Transaction<'a> {
     pub esmtp: bool,
     /// The session is under TLS.
     pub tls: bool,
+    /// The client is in the relay policy's trusted networks.
+    pub trusted: bool,
     /// Envelope sender, empty for `<>`.
     pub sender: &'a str,
     /// Accepted recipients.
@@ -90,6 +92,15 @@ pub enum SinkError {
     /// Out of storage: `452 4.3.1`.
     #[error("{0}")]
     Full(String),
+    /// A content filter's verdict, sent as it is: `code` (4xx or 5xx) and the text after it
+    /// (an enhanced status code first).
+    #[error("{code} {text}")]
+    Refused {
+        /// The SMTP reply code.
+        code: u16,
+        /// The reply text.
+        text: String,
+    },
 }
 
 /// Where accepted messages go. Implemented by the daemon over the spool.
@@ -101,8 +112,11 @@ pub trait Sink: Send + Sync + 'static {
     fn check_capacity(&self, _declared_bytes: u64) -> Result<(), SinkError> {
         Ok(())
     }
-    /// Starts a message at DATA.
-    fn begin(self: &Arc<Self>, tx: &Transaction<'_>) -> Result<Self::Body, SinkError>;
+    /// Starts a message at DATA (a refusal answers the DATA command, before any of the body).
+    fn begin<'a>(
+        self: &'a Arc<Self>,
+        tx: &'a Transaction<'a>,
+    ) -> impl Future<Output = Result<Self::Body, SinkError>> + Send + 'a;
     /// Observes every reply code sent; must be cheap (metrics).
     fn replied(&self, _code: u16) {}
     /// Whether the server still takes mail; when it stops (an HA unit turning passive), open
@@ -114,8 +128,10 @@ pub trait Sink: Send + Sync + 'static {
 
 /// Receives one message's body.
 pub trait BodySink: Send {
-    /// Appends body bytes (dot-unstuffed, CRLF line endings). May block briefly.
-    fn push(&mut self, chunk: Bytes) -> Result<(), SinkError>;
+    /// Appends body bytes (dot-unstuffed, CRLF line endings). May block briefly (a spill to
+    /// disk) or wait (a content filter reading the body as it arrives: the client waits too,
+    /// which bounds memory).
+    fn push(&mut self, chunk: Bytes) -> impl Future<Output = Result<(), SinkError>> + Send;
     /// Makes the message durable; resolves with the queue id once it is.
     fn commit(self) -> impl Future<Output = Result<String, SinkError>> + Send;
     /// Drops the message (client vanished, limit exceeded, protocol error).
@@ -515,6 +531,7 @@ impl<S: Sink> Session<S> {
                     "4.3.1 Error: insufficient system storage, try again later",
                 )
             }
+            SinkError::Refused { code, text } => self.reply(code, &text),
         }
     }
 
@@ -535,12 +552,13 @@ impl<S: Sink> Session<S> {
             helo: self.helo.as_deref().unwrap_or(""),
             esmtp: self.esmtp,
             tls: self.tls,
+            trusted: self.cfg.policy.trusts(self.peer.ip()),
             sender,
             recipients: &self.rcpts,
             eight_bit,
             smtputf8,
         };
-        let mut body = match self.sink.begin(&tx) {
+        let mut body = match self.sink.begin(&tx).await {
             Ok(b) => b,
             Err(e) => {
                 self.reset_transaction();
@@ -575,15 +593,17 @@ impl<S: Sink> Session<S> {
                 let result = if chunk.len() < SMALL_CHUNK_BYTES {
                     small.extend_from_slice(&chunk);
                     if small.len() >= READ_BYTES {
-                        body.push(small.split().freeze())
+                        body.push(small.split().freeze()).await
                     } else {
                         Ok(())
                     }
                 } else if small.is_empty() {
-                    body.push(chunk)
+                    body.push(chunk).await
                 } else {
-                    body.push(small.split().freeze())
-                        .and_then(|_| body.push(chunk))
+                    match body.push(small.split().freeze()).await {
+                        Ok(()) => body.push(chunk).await,
+                        Err(e) => Err(e),
+                    }
                 };
                 push_error = result.err();
             }
@@ -610,7 +630,7 @@ impl<S: Sink> Session<S> {
             return self.error(550, "5.6.0 Error: NUL character in message content");
         }
         if push_error.is_none() && !small.is_empty() {
-            push_error = body.push(small.freeze()).err();
+            push_error = body.push(small.freeze()).await.err();
         }
         if let Some(e) = push_error {
             body.abort();

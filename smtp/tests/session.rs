@@ -198,6 +198,40 @@ async fn storage_failures_answer_4xx() {
     }
 }
 
+/// A filter's verdict is the reply as it gave it: at DATA before the body, or after the dot;
+/// the message is not stored either way.
+#[tokio::test]
+async fn a_filter_refusal_is_the_reply_and_nothing_is_stored() {
+    let refusal = (554, "5.7.1 Gtube pattern".to_string());
+    for (sink, expected) in [
+        (
+            MemorySink {
+                refuse_at_begin: Some(refusal.clone()),
+                ..Default::default()
+            },
+            "250 2.1.5 Ok\r\n554 5.7.1 Gtube pattern\r\n500 5.5.1",
+        ),
+        (
+            MemorySink {
+                refuse_at_commit: Some(refusal.clone()),
+                ..Default::default()
+            },
+            "354 End data with <CR><LF>.<CR><LF>\r\n554 5.7.1 Gtube pattern\r\n221",
+        ),
+    ] {
+        let sink = Arc::new(sink);
+        let (out, _) = talk(
+            sink.clone(),
+            config(),
+            TRUSTED,
+            b"HELO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\nx\r\n.\r\nQUIT\r\n",
+        )
+        .await;
+        assert!(out.contains(expected), "{out}");
+        assert!(sink.stored.lock().unwrap().is_empty());
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn idle_clients_are_timed_out() {
     let (mut client, server) = tokio::io::duplex(4096);

@@ -112,6 +112,65 @@ impl PendingBody {
         Ok(())
     }
 
+    /// Replaces the body's first `head_len` bytes with `edit` of them (a milter's header
+    /// changes), keeping the rest; length and SHA-256 follow. A body held in memory is
+    /// rebuilt there; a spilled one is written again to a new file in `tmp/` (its head, then
+    /// the rest copied in the kernel) and hashed again: the one second pass, for messages past
+    /// the spill size that a milter changed.
+    pub fn replace_head(
+        &mut self,
+        head_len: u64,
+        edit: impl FnOnce(&[u8]) -> Vec<u8>,
+    ) -> io::Result<()> {
+        let head_len = head_len.min(self.len);
+        if self.parts.spilled.is_none() {
+            let mut all = Vec::with_capacity(self.len as usize);
+            for c in self.parts.chunks.drain(..) {
+                all.extend_from_slice(&c);
+            }
+            let mut new = edit(&all[..head_len as usize]);
+            new.extend_from_slice(&all[head_len as usize..]);
+            self.hasher = Sha256::new();
+            self.hasher.update(&new);
+            self.len = new.len() as u64;
+            self.held = new.len();
+            self.parts.chunks = vec![Bytes::from(new)];
+            return Ok(());
+        }
+        self.spill()?;
+        let Some(old) = self.parts.spilled.take() else {
+            return Ok(());
+        };
+        let mut old_file = File::open(&old.path)?;
+        let mut head = vec![0u8; head_len as usize];
+        io::Read::read_exact(&mut old_file, &mut head)?;
+        let new_head = edit(&head);
+        let path = old.path.with_extension("body.new");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o640)
+            .open(&path)?;
+        file.write_all(&new_head)?;
+        // From the old file's position (just past its head): copy_file_range underneath.
+        io::copy(&mut old_file, &mut file)?;
+        let written = file.metadata()?.len();
+        let mut hasher = Sha256::new();
+        let mut reader = File::open(&path)?;
+        io::copy(&mut reader, &mut hasher)?;
+        std::fs::rename(&path, &old.path)?;
+        self.hasher = hasher;
+        self.len = written;
+        self.parts.spilled = Some(SpilledBody {
+            file,
+            path: old.path,
+            written,
+        });
+        Ok(())
+    }
+
     /// Ends the body: its parts, length and SHA-256.
     pub fn finish(self) -> (BodyParts, u64, [u8; 32]) {
         (self.parts, self.len, self.hasher.finalize().into())

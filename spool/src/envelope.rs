@@ -64,6 +64,9 @@ pub enum ScanState {
     Unscanned,
     /// Found infected; the name the scanner gave.
     Infected(String),
+    /// Quarantined by a milter before the `250` (spam); the reason it gave. Never delivered
+    /// until released (then `Pending`: the scan stage still runs).
+    Held(String),
 }
 
 /// One recipient and its delivery state.
@@ -262,6 +265,9 @@ impl Envelope {
             ScanState::Pending => s.push_str("scan pending\n"),
             ScanState::Clean => s.push_str("scan clean\n"),
             ScanState::Unscanned => s.push_str("scan unscanned\n"),
+            ScanState::Held(reason) => {
+                let _ = writeln!(s, "scan held {}", escape_field(reason));
+            }
             ScanState::Infected(name) => {
                 let _ = writeln!(s, "scan infected {}", escape_field(name));
             }
@@ -407,6 +413,9 @@ impl<'a> Parser<'a> {
             Some(("infected", name)) => ScanState::Infected(
                 unescape_field(name).ok_or_else(|| Self::err(n, "bad virus name"))?,
             ),
+            Some(("held", reason)) => ScanState::Held(
+                unescape_field(reason).ok_or_else(|| Self::err(n, "bad held reason"))?,
+            ),
             _ => return Err(Self::err(n, "bad scan state")),
         };
         let last_error = match self.lines.next_if(|(_, l)| l.starts_with("last-error ")) {
@@ -485,6 +494,13 @@ mod tests {
         assert!(text
             .contains("\nscan infected Eicar%20Test\nlast-error 451%204.3.0%20try%20later\nend "));
         assert_eq!(Envelope::decode(&bytes).unwrap(), env);
+
+        let mut held = sample();
+        held.scan = ScanState::Held("rspamd: score 16.2 > 15".into());
+        let bytes = held.encode();
+        assert!(String::from_utf8_lossy(&bytes)
+            .contains("\nscan held rspamd:%20score%2016.2%20%3E%2015\n"));
+        assert_eq!(Envelope::decode(&bytes).unwrap(), held);
 
         let mut null_sender = sample();
         null_sender.sender.clear();

@@ -180,6 +180,52 @@ fn spilled_bodies_are_committed_whole() {
     }
 }
 
+/// A milter's header change rewrites the head of a body in memory or spilled (then the rest
+/// follows in the new file, and a chunk that came after the change is kept too); the length and
+/// SHA-256 the envelope gets are those of the bytes committed.
+#[test]
+fn a_changed_head_is_committed_with_the_rest_of_the_body() {
+    let (_d, layout, ids) = setup();
+    let writer = SpoolWriter::start(layout.clone(), WriterOptions::default(), None).unwrap();
+    for (chunks, spill) in [(3, 100_000), (100, 1000)] {
+        let id = ids.next_id();
+        let mut pending = PendingBody::new(layout.clone(), id.clone(), spill);
+        let mut all = b"Subject: x\r\n\r\n".to_vec();
+        pending.push(Bytes::from(all.clone())).unwrap();
+        for i in 0..chunks {
+            let chunk = body_of(i, 333);
+            all.extend_from_slice(&chunk);
+            pending.push(Bytes::from(chunk)).unwrap();
+        }
+        pending
+            .replace_head(12, |head| {
+                assert_eq!(head, b"Subject: x\r\n");
+                b"X-Spam: no\r\nSubject: x\r\n".to_vec()
+            })
+            .unwrap();
+        pending.push(Bytes::from_static(b"tail\r\n")).unwrap();
+        let mut expected = b"X-Spam: no\r\n".to_vec();
+        expected.extend_from_slice(&all);
+        expected.extend_from_slice(b"tail\r\n");
+        let (parts, len, sha) = pending.finish();
+        let env = envelope(&id, &expected);
+        assert_eq!(
+            (len, sha),
+            (env.body_len, env.body_sha256),
+            "{chunks} chunks"
+        );
+        writer
+            .commit_blocking(id.clone(), env.encode(), parts)
+            .unwrap();
+        assert_eq!(
+            fs::read(layout.path(Folder::Spool, &id, Part::Body)).unwrap(),
+            expected,
+            "{chunks} chunks"
+        );
+    }
+    writer.shutdown();
+}
+
 #[test]
 fn recovery_handles_every_partial_state() {
     let (_d, layout, ids) = setup();

@@ -76,6 +76,7 @@ fn verdict(scan: &ScanState) -> String {
         ScanState::Clean => "clean".into(),
         ScanState::Unscanned => "unscanned".into(),
         ScanState::Infected(name) => format!("infected: {name}"),
+        ScanState::Held(reason) => format!("held: {reason}"),
     }
 }
 

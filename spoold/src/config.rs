@@ -561,6 +561,108 @@ pub struct FilterConfig {
     pub retry_secs: u64,
     /// Tell the sender (unless `<>`) that the message was quarantined.
     pub notify_sender: bool,
+    /// The milter chain before the `250`, in this order (`[[filter.milter]]`).
+    pub milter: Vec<MilterConfig>,
+}
+
+/// One `[[filter.milter]]`.
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct MilterConfig {
+    /// Its name in logs, metrics and tracking.
+    pub name: String,
+    /// `unix:/path` or `inet:host:port`.
+    pub socket: String,
+    /// Connecting and negotiating, seconds.
+    #[serde(default = "milter_connect_secs")]
+    pub connect_timeout_secs: u64,
+    /// Each reply before the end of the message, seconds.
+    #[serde(default = "milter_command_secs")]
+    pub command_timeout_secs: u64,
+    /// The reply to the end of the message, seconds.
+    #[serde(default = "milter_end_secs")]
+    pub end_timeout_secs: u64,
+    /// `tempfail` (default), `accept` (fail-open) or `reject`: when it is down or late.
+    #[serde(default = "milter_default_action")]
+    pub default_action: String,
+    /// `all` (default), `trusted` (signing outgoing mail) or `untrusted` (scoring).
+    #[serde(default = "milter_clients")]
+    pub clients: String,
+}
+
+fn milter_connect_secs() -> u64 {
+    5
+}
+fn milter_command_secs() -> u64 {
+    10
+}
+fn milter_end_secs() -> u64 {
+    30
+}
+fn milter_default_action() -> String {
+    "tempfail".into()
+}
+fn milter_clients() -> String {
+    "all".into()
+}
+
+impl MilterConfig {
+    /// The chain's view of it, or what is wrong (the key named).
+    pub fn spec(&self) -> Result<filter::chain::MilterSpec> {
+        use filter::chain::{Clients, OnFailure};
+        let key = |k: &str| format!("key `filter.milter.{k}` (milter {:?})", self.name);
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            bail!(
+                "{}: letters, digits, '-', '_' and '.' only, not empty",
+                key("name")
+            );
+        }
+        let address = self
+            .socket
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("{}: {e}", key("socket")))?;
+        let on_failure = match self.default_action.as_str() {
+            "tempfail" => OnFailure::Tempfail,
+            "accept" => OnFailure::Accept,
+            "reject" => OnFailure::Reject,
+            other => bail!(
+                "{}: {other:?} must be \"tempfail\", \"accept\" or \"reject\"",
+                key("default_action")
+            ),
+        };
+        let clients = match self.clients.as_str() {
+            "all" => Clients::All,
+            "trusted" => Clients::Trusted,
+            "untrusted" => Clients::Untrusted,
+            other => bail!(
+                "{}: {other:?} must be \"all\", \"trusted\" or \"untrusted\"",
+                key("clients")
+            ),
+        };
+        for (k, v) in [
+            ("connect_timeout_secs", self.connect_timeout_secs),
+            ("command_timeout_secs", self.command_timeout_secs),
+            ("end_timeout_secs", self.end_timeout_secs),
+        ] {
+            if v == 0 {
+                bail!("{}: must be greater than 0", key(k));
+            }
+        }
+        Ok(filter::chain::MilterSpec {
+            name: self.name.clone(),
+            address,
+            connect_timeout: Duration::from_secs(self.connect_timeout_secs),
+            command_timeout: Duration::from_secs(self.command_timeout_secs),
+            end_timeout: Duration::from_secs(self.end_timeout_secs),
+            on_failure,
+            clients,
+        })
+    }
 }
 
 impl Default for DeliveryConfig {
@@ -591,6 +693,7 @@ impl Default for FilterConfig {
             fail_open: false,
             retry_secs: 30,
             notify_sender: false,
+            milter: Vec::new(),
         }
     }
 }
@@ -833,6 +936,13 @@ impl Config {
             c.parse::<filter::ClamdAddress>()
                 .map_err(|e| anyhow::anyhow!("key `filter.clamd`: {e}"))?;
         }
+        let mut names = std::collections::HashSet::new();
+        for m in &self.filter.milter {
+            m.spec()?;
+            if !names.insert(m.name.as_str()) {
+                bail!("key `filter.milter.name`: {:?} is used twice", m.name);
+            }
+        }
         if let Some(ha) = &self.ha {
             if ha.secret_file.is_some() == ha.secret.is_some() {
                 bail!("keys `ha.secret_file` and `ha.secret`: set exactly one");
@@ -1047,5 +1157,30 @@ mod tests {
         assert!(e.contains("cluster.advertise"), "{e}");
         let e = load("[filter]\nretry_secs = 0\n").unwrap_err().to_string();
         assert!(e.contains("filter.retry_secs"), "{e}");
+        for (milter, key) in [
+            ("name = \"a\"\nsocket = \"tcp:1:2\"", "filter.milter.socket"),
+            (
+                "name = \"a\"\nsocket = \"unix:/x\"\ndefault_action = \"maybe\"",
+                "filter.milter.default_action",
+            ),
+            (
+                "name = \"a\"\nsocket = \"unix:/x\"\nclients = \"friends\"",
+                "filter.milter.clients",
+            ),
+            (
+                "name = \"a\"\nsocket = \"unix:/x\"\nend_timeout_secs = 0",
+                "filter.milter.end_timeout_secs",
+            ),
+            ("name = \"a b\"\nsocket = \"unix:/x\"", "filter.milter.name"),
+        ] {
+            let e = load(&format!("[[filter.milter]]\n{milter}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{milter}: {e}");
+        }
+        let twice = "[[filter.milter]]\nname = \"a\"\nsocket = \"unix:/x\"\n";
+        let e = load(&format!("{twice}{twice}")).unwrap_err().to_string();
+        assert!(e.contains("used twice"), "{e}");
+        assert!(load(twice).is_ok());
     }
 }

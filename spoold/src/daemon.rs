@@ -325,7 +325,14 @@ fn ingest_sink(
     replicator: &Option<Arc<hasync::Replicator>>,
     activity: &Arc<Activity>,
 ) -> Result<Arc<SpoolSink>> {
+    let milters = cfg
+        .filter
+        .milter
+        .iter()
+        .map(|m| m.spec().map(Arc::new))
+        .collect::<Result<Vec<_>>>()?;
     Ok(Arc::new(SpoolSink {
+        milters,
         lifecycle: storage.lifecycle.clone(),
         activity: activity.clone(),
         layout: storage.layout.clone(),
@@ -418,6 +425,7 @@ async fn cluster(
         Arc::new(crate::quarantine::Desk {
             layout: storage.layout.clone(),
             node: cfg.node_name.clone(),
+            lifecycle: storage.lifecycle.clone(),
         }),
         replicator
             .clone()

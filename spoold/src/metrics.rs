@@ -138,6 +138,10 @@ pub struct Metrics {
     pub cluster_conflicts: IntGauge,
     /// Cluster links refused for a wrong shared secret or a replayed proof.
     pub cluster_auth_failures: IntCounter,
+    /// Milters' verdicts on messages, by milter and action.
+    pub milter_actions: IntCounterVec,
+    /// Time from a milter's first command to its verdict, by milter.
+    pub milter_seconds: prometheus::HistogramVec,
 }
 
 impl Metrics {
@@ -217,7 +221,28 @@ impl Metrics {
             &["op", "result"],
         )?;
         registry.register(Box::new(archive_remote_ops.clone()))?;
+        let milter_actions = IntCounterVec::new(
+            Opts::new(
+                "spoold_milter_actions_total",
+                "Milters' verdicts on messages, by milter and action (accept, reject, tempfail, discard, quarantine, failed: down, late or broken, its default_action applied; not-asked: an earlier milter decided).",
+            ),
+            &["milter", "action"],
+        )?;
+        registry.register(Box::new(milter_actions.clone()))?;
+        let milter_seconds = prometheus::HistogramVec::new(
+            HistogramOpts::new(
+                "spoold_milter_duration_seconds",
+                "Time from a milter's first command about a message to its verdict, by milter.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
+            ]),
+            &["milter"],
+        )?;
+        registry.register(Box::new(milter_seconds.clone()))?;
         Ok(Metrics {
+            milter_actions,
+            milter_seconds,
             archive_remote_segments: gauge_vec(
                 "spoold_archive_remote_segments",
                 "Sealed archive segments by place: remote (confirmed in the object store), pending (waiting for upload).",

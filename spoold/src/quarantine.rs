@@ -22,13 +22,13 @@ pub enum Act {
 
 /// Whether a recipient may do `act` with a message quarantined for `scan`. An infected message
 /// is never released or deleted by its recipient: the virus stays with the operator, who
-/// decides (`spoolctl queue`). Spam held by a milter (not built yet) is where a recipient's
-/// release will be allowed.
+/// decides (`spoolctl queue`). Mail a milter held (spam) is the recipient's to release (it
+/// then passes the virus scan like any other) or delete.
 pub fn may(scan: &ScanState, act: Act) -> bool {
     match (scan, act) {
         (ScanState::Infected(_), _) => false,
-        // Nothing else is quarantined today; whatever comes is the operator's until a policy
-        // for it is written here.
+        (ScanState::Held(_), Act::Release | Act::Delete) => true,
+        // Anything else in quarantine/ was put there by an operator: theirs.
         (ScanState::Pending | ScanState::Clean | ScanState::Unscanned, _) => false,
     }
 }
@@ -37,6 +37,7 @@ pub fn may(scan: &ScanState, act: Act) -> bool {
 fn reason(scan: &ScanState) -> String {
     match scan {
         ScanState::Infected(name) => format!("virus: {name}"),
+        ScanState::Held(why) => format!("held by a filter: {why}"),
         ScanState::Pending | ScanState::Clean | ScanState::Unscanned => {
             "held by the operator".to_string()
         }
@@ -49,6 +50,8 @@ pub struct Desk {
     pub layout: Layout,
     /// This unit's node name.
     pub node: String,
+    /// Moves and removals (logged for the partner, counted, scheduled).
+    pub lifecycle: std::sync::Arc<crate::lifecycle::Lifecycle>,
 }
 
 fn within(scope: Option<&[String]>, address: &str) -> bool {
@@ -144,9 +147,44 @@ impl cluster::membership::Quarantine for Desk {
                 reason(&env.scan)
             ));
         }
-        // `may` allows nothing yet (see there): this is where the release or removal goes
-        // once a quarantine reason that recipients may act on exists.
-        Err(format!("{action} of {id}: not allowed here"))
+        let failed = |e: anyhow::Error| {
+            tracing::error!(%id, who, action, "quarantine: {e:#}");
+            format!("{action} of {id} failed on {}", self.node)
+        };
+        match act {
+            Act::Release => {
+                // Back to the start of the way out: the scan stage, then delivery.
+                let mut env = env;
+                env.scan = ScanState::Pending;
+                env.next_attempt_ms = 0;
+                self.layout
+                    .rewrite_envelope(Folder::Quarantine, &env)
+                    .map_err(|e| failed(e.into()))?;
+                self.lifecycle
+                    .move_to(&id, Folder::Quarantine, Folder::Spool)
+                    .map_err(failed)?;
+            }
+            Act::Delete => self
+                .lifecycle
+                .remove(&id, Folder::Quarantine, false)
+                .map_err(failed)?,
+        }
+        let done = if act == Act::Release {
+            "released"
+        } else {
+            "deleted"
+        };
+        self.lifecycle.track().event(
+            &id,
+            track::EventKind::Deleted,
+            format!("{done} from quarantine by {who}"),
+        );
+        tracing::info!(%id, who, "quarantine: {done} by a recipient");
+        Ok(api::QuarantineActed {
+            unit: self.node.clone(),
+            id: id.to_string(),
+            done: done.to_string(),
+        })
     }
 }
 
@@ -162,6 +200,8 @@ mod tests {
             (&infected, Act::Delete, false),
             (&ScanState::Clean, Act::Release, false),
             (&ScanState::Pending, Act::Delete, false),
+            (&ScanState::Held("spam".into()), Act::Release, true),
+            (&ScanState::Held("spam".into()), Act::Delete, true),
         ];
         for (scan, act, want) in table {
             assert_eq!(may(scan, act), want, "{scan:?} {act:?}");

@@ -16,6 +16,8 @@ pub enum EventKind {
     Replicated,
     /// The content filter's verdict.
     Scanned,
+    /// A milter's verdict or changes before the `250` (a rejected message has its id too).
+    Milter,
     /// Delivered to one recipient.
     Delivered,
     /// A recipient's delivery was put off (temporary failure).
@@ -47,6 +49,7 @@ impl EventKind {
             EventKind::Inserted => "inserted",
             EventKind::Replicated => "replicated",
             EventKind::Scanned => "scanned",
+            EventKind::Milter => "milter",
             EventKind::Delivered => "delivered",
             EventKind::Deferred => "deferred",
             EventKind::Failed => "failed",

@@ -13,6 +13,9 @@ pub struct MemorySink {
     pub stored: Mutex<Vec<Stored>>,
     pub aborted: Mutex<usize>,
     pub fail_commit: Option<bool>, // Some(true) = full, Some(false) = temporary
+    /// A filter's refusal at DATA (`begin`) or at the end of the body (`commit`).
+    pub refuse_at_begin: Option<(u16, String)>,
+    pub refuse_at_commit: Option<(u16, String)>,
 }
 
 pub struct MemoryBody {
@@ -24,7 +27,10 @@ pub struct MemoryBody {
 
 impl Sink for MemorySink {
     type Body = MemoryBody;
-    fn begin(self: &Arc<Self>, tx: &Transaction<'_>) -> Result<MemoryBody, SinkError> {
+    async fn begin(self: &Arc<Self>, tx: &Transaction<'_>) -> Result<MemoryBody, SinkError> {
+        if let Some((code, text)) = self.refuse_at_begin.clone() {
+            return Err(SinkError::Refused { code, text });
+        }
         Ok(MemoryBody {
             sink: self.clone(),
             sender: tx.sender.to_string(),
@@ -35,7 +41,7 @@ impl Sink for MemorySink {
 }
 
 impl BodySink for MemoryBody {
-    fn push(&mut self, chunk: Bytes) -> Result<(), SinkError> {
+    async fn push(&mut self, chunk: Bytes) -> Result<(), SinkError> {
         self.bytes.extend_from_slice(&chunk);
         Ok(())
     }
@@ -44,6 +50,9 @@ impl BodySink for MemoryBody {
             Some(true) => return Err(SinkError::Full("disk full".into())),
             Some(false) => return Err(SinkError::Temporary("io error".into())),
             None => {}
+        }
+        if let Some((code, text)) = self.sink.refuse_at_commit.clone() {
+            return Err(SinkError::Refused { code, text });
         }
         let mut stored = self.sink.stored.lock().unwrap();
         stored.push((self.sender, self.rcpts, self.bytes));

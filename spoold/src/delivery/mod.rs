@@ -270,6 +270,9 @@ impl Delivery {
             return Ok(Next::Done); // removed meanwhile (an operator, or a duplicate schedule)
         };
         let mut env = self.layout.read_envelope(folder, id)?;
+        if let spool::ScanState::Held(reason) = &env.scan {
+            return self.hold_in_quarantine(folder, &env, reason).await;
+        }
         if env.scan == spool::ScanState::Pending || folder == Folder::Vscan {
             let started = Instant::now();
             let policy = self.policy.borrow().clone();
@@ -332,6 +335,36 @@ impl Delivery {
             .as_ref()
             .map(|a| a.spawn_ensure(&self.layout, Folder::Spool, &env));
         self.deliver(env, archived).await
+    }
+
+    /// A message a milter quarantined before its `250` (the envelope says `scan held`, so a
+    /// crash before this move changes nothing): into `quarantine/`, archived, and gone from
+    /// the partner, as the scan stage does with a virus; its recipients may release it.
+    async fn hold_in_quarantine(
+        &self,
+        folder: Folder,
+        env: &spool::Envelope,
+        reason: &str,
+    ) -> anyhow::Result<Next> {
+        let id = env.id.clone();
+        let lifecycle = self.sink.lifecycle.clone();
+        tokio::task::spawn_blocking(move || {
+            filter::Mover::move_pair(lifecycle.as_ref(), &id, folder, Folder::Quarantine)
+        })
+        .await??;
+        tracing::warn!(id = %env.id, reason, "message quarantined by a milter");
+        self.sink.lifecycle.track().event(
+            &env.id,
+            track::EventKind::Scanned,
+            format!("held by a milter: {reason}; quarantined"),
+        );
+        if let Some(a) = &self.archiving {
+            if let Err(e) = a.ensure(&self.layout, Folder::Quarantine, env).await {
+                tracing::error!(id = %env.id, "quarantined message not archived: {e}");
+            }
+        }
+        self.log_leaving(env)?;
+        Ok(Next::Done)
     }
 
     /// Delivers to the pending recipients; once none is left, removes the message — after its

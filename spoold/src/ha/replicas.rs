@@ -166,6 +166,7 @@ impl ReplicaStore for SpoolReplicas {
         let desk = crate::quarantine::Desk {
             layout: self.layout.clone(),
             node: self.settings.node().to_string(),
+            lifecycle: self.lifecycle.clone(),
         };
         cluster::membership::answer_partner(
             &self.settings,

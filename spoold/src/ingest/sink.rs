@@ -38,6 +38,8 @@ pub struct SpoolSink {
     pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
     /// Transactions in flight, which a handover waits for.
     pub activity: Arc<crate::ha::handover::Activity>,
+    /// The milter chain before the `250` (`[[filter.milter]]`), in order.
+    pub milters: Vec<Arc<filter::chain::MilterSpec>>,
 }
 
 /// `ha.replication = "sync"` settings.
@@ -91,6 +93,8 @@ struct Origin<F: FnOnce(&MessageId, &str) -> String> {
 }
 
 impl SpoolSink {
+    /// A new message and its `Received:` header (pushed by the caller, so the milters see it
+    /// first too).
     fn start<F: FnOnce(&MessageId, &str) -> String>(
         self: &Arc<Self>,
         origin: Origin<F>,
@@ -98,7 +102,7 @@ impl SpoolSink {
         recipients: &[String],
         eight_bit: bool,
         smtputf8: bool,
-    ) -> Result<SpoolBody, SinkError> {
+    ) -> (SpoolBody, Bytes) {
         let id = self.ids.next_id();
         let received = (origin.received)(&id, &self.hostname);
         let envelope = Envelope {
@@ -128,14 +132,44 @@ impl SpoolSink {
             scan: Default::default(),
             last_error: None,
         };
-        let mut body = SpoolBody {
+        let body = SpoolBody {
             sink: self.clone(),
             pending: PendingBody::new(self.layout.clone(), id, self.spill_bytes),
             envelope,
             head: Vec::new(),
+            screening: None,
         };
-        body.push(Bytes::from(received))?;
-        Ok(body)
+        (body, Bytes::from(received))
+    }
+
+    /// Counts, logs and tracks what each milter did with message `id`.
+    fn milters_reported(&self, id: &MessageId, reports: &[filter::chain::Report]) {
+        use filter::chain::Action;
+        for r in reports {
+            let action = r.action.as_str();
+            self.metrics
+                .milter_actions
+                .with_label_values(&[r.milter.as_str(), action])
+                .inc();
+            if r.action != Action::NotAsked {
+                self.metrics
+                    .milter_seconds
+                    .with_label_values(&[r.milter.as_str()])
+                    .observe(r.seconds);
+            }
+            if r.action != Action::Accept || !r.detail.is_empty() {
+                self.lifecycle.track().event(
+                    id,
+                    track::EventKind::Milter,
+                    format!("{}: {action} {}", r.milter, r.detail)
+                        .trim_end()
+                        .to_string(),
+                );
+            }
+            if !matches!(r.action, Action::Accept | Action::NotAsked) {
+                tracing::info!(id = %id, milter = %r.milter, action, detail = %r.detail, "milter verdict");
+            }
+        }
     }
 
     /// Spools a locally generated message (a bounce) the same durable way as SMTP mail.
@@ -155,8 +189,9 @@ impl SpoolSink {
                 )
             },
         };
-        let mut b = self.start(origin, sender, recipients, false, false)?;
-        b.push(Bytes::from(body))?;
+        let (mut b, received) = self.start(origin, sender, recipients, false, false);
+        b.push(received).await?;
+        b.push(Bytes::from(body)).await?;
         b.commit().await
     }
 }
@@ -174,7 +209,7 @@ impl Sink for SpoolSink {
         }
     }
 
-    fn begin(self: &Arc<Self>, tx: &Transaction<'_>) -> Result<SpoolBody, SinkError> {
+    async fn begin(self: &Arc<Self>, tx: &Transaction<'_>) -> Result<SpoolBody, SinkError> {
         let protocol = match (tx.esmtp, tx.tls) {
             (true, true) => "ESMTPS",
             (true, false) => "ESMTP",
@@ -197,7 +232,30 @@ impl Sink for SpoolSink {
                 )
             },
         };
-        self.start(origin, tx.sender, tx.recipients, tx.eight_bit, tx.smtputf8)
+        let (mut body, received) =
+            self.start(origin, tx.sender, tx.recipients, tx.eight_bit, tx.smtputf8);
+        if !self.milters.is_empty() {
+            let id = body.envelope.id.to_string();
+            let ctx = filter::chain::Context {
+                queue_id: &id,
+                hostname: &self.hostname,
+                client: tx.peer,
+                helo: tx.helo,
+                trusted: tx.trusted,
+                sender: tx.sender,
+                recipients: tx.recipients,
+            };
+            let screening = filter::chain::Screening::begin(&self.milters, &ctx).await;
+            if let Some(refusal) = screening.refusal() {
+                let reports = screening.abort().await;
+                self.milters_reported(&body.envelope.id, &reports);
+                body.pending.discard();
+                return Err(refused(refusal));
+            }
+            body.screening = Some(screening);
+        }
+        body.push(received).await?;
+        Ok(body)
     }
 
     fn accepting(&self) -> bool {
@@ -221,6 +279,23 @@ pub struct SpoolBody {
     envelope: Envelope,
     /// The first bytes, where the Message-ID header is looked for (message tracking).
     head: Vec<u8>,
+    /// The milters' conversation about it, when there are milters.
+    screening: Option<filter::chain::Screening>,
+}
+
+/// A milter chain's reject or tempfail as the SMTP reply.
+fn refused(v: filter::chain::Verdict) -> SinkError {
+    use filter::chain::Verdict;
+    match v {
+        Verdict::Reject(code, text) | Verdict::Tempfail(code, text) => {
+            SinkError::Refused { code, text }
+        }
+        // Not refusals: never passed here.
+        Verdict::Accept | Verdict::Discard | Verdict::Quarantine(_) => SinkError::Refused {
+            code: 451,
+            text: "4.7.1 Service unavailable - try again later".into(),
+        },
+    }
 }
 
 /// Bytes of a message's start kept for its Message-ID.
@@ -234,12 +309,15 @@ fn commit_error(e: CommitError) -> SinkError {
 }
 
 impl BodySink for SpoolBody {
-    fn push(&mut self, chunk: Bytes) -> Result<(), SinkError> {
+    async fn push(&mut self, chunk: Bytes) -> Result<(), SinkError> {
         if self.head.len() < HEAD_BYTES {
             let take = chunk.len().min(HEAD_BYTES - self.head.len());
             self.head.extend_from_slice(&chunk[..take]);
         }
         let will_touch_disk = self.pending.len() as usize + chunk.len() >= self.sink.spill_bytes;
+        if let Some(s) = self.screening.as_mut() {
+            s.push(&chunk).await;
+        }
         let result = if will_touch_disk && in_multi_thread_runtime() {
             tokio::task::block_in_place(|| self.pending.push(chunk))
         } else {
@@ -251,10 +329,28 @@ impl BodySink for SpoolBody {
     async fn commit(self) -> Result<String, SinkError> {
         let SpoolBody {
             sink,
-            pending,
+            mut pending,
             mut envelope,
             head,
+            screening,
         } = self;
+        if let Some(screening) = screening {
+            let header_len = screening.header_len();
+            let outcome = screening.end().await;
+            sink.milters_reported(&envelope.id, &outcome.reports);
+            match apply_outcome(&mut pending, &mut envelope, header_len, outcome) {
+                Ok(Kept::Yes) => {}
+                Ok(Kept::Discarded) => {
+                    pending.discard();
+                    tracing::info!(id = %envelope.id, "message discarded by a milter");
+                    return Ok(envelope.id.to_string());
+                }
+                Err(e) => {
+                    pending.discard();
+                    return Err(e);
+                }
+            }
+        }
         // Counted from the end of data, not from DATA: a handover waits for commits that may
         // end in a 250, never for a client that stalls (or whose address moved to the
         // partner) mid-DATA. Counted before the role is read, so a handover that has begun
@@ -330,6 +426,68 @@ impl BodySink for SpoolBody {
         tracing::debug!(id = %self.envelope.id, "message aborted before commit");
         self.pending.discard();
     }
+}
+
+/// Whether a message the milters let through is spooled.
+enum Kept {
+    Yes,
+    Discarded,
+}
+
+/// Applies the milter chain's outcome to a message before its commit: the header changes to
+/// the bytes (so the spool, the partner and the archive hold the same), the envelope's
+/// changes, a quarantine as the envelope's `scan held`; a reject or tempfail as the reply.
+fn apply_outcome(
+    pending: &mut PendingBody,
+    envelope: &mut Envelope,
+    header_len: Option<u64>,
+    outcome: filter::chain::Outcome,
+) -> Result<Kept, SinkError> {
+    use filter::chain::Verdict;
+    match outcome.verdict {
+        Verdict::Reject(..) | Verdict::Tempfail(..) => return Err(refused(outcome.verdict)),
+        Verdict::Discard => return Ok(Kept::Discarded),
+        Verdict::Quarantine(reason) => envelope.scan = spool::ScanState::Held(reason),
+        Verdict::Accept => {}
+    }
+    if !outcome.edits.is_empty() {
+        let head_len = header_len.unwrap_or(pending.len());
+        let edits = outcome.edits;
+        let replaced = if in_multi_thread_runtime() {
+            tokio::task::block_in_place(|| {
+                pending.replace_head(head_len, |h| filter::headers::apply(h, &edits))
+            })
+        } else {
+            pending.replace_head(head_len, |h| filter::headers::apply(h, &edits))
+        };
+        replaced.map_err(|e| commit_error(e.into()))?;
+    }
+    if let Some(sender) = outcome.sender {
+        envelope.sender = sender;
+    }
+    envelope.recipients.retain(|r| {
+        !outcome
+            .remove_recipients
+            .iter()
+            .any(|x| x.eq_ignore_ascii_case(&r.address))
+    });
+    for address in outcome.add_recipients {
+        if !envelope
+            .recipients
+            .iter()
+            .any(|r| r.address.eq_ignore_ascii_case(&address))
+        {
+            envelope.recipients.push(Recipient {
+                address,
+                state: RcptState::Pending,
+            });
+        }
+    }
+    if envelope.recipients.is_empty() {
+        // Every recipient removed: nothing to deliver, as a discard.
+        return Ok(Kept::Discarded);
+    }
+    Ok(Kept::Yes)
 }
 
 fn in_multi_thread_runtime() -> bool {
