@@ -16,6 +16,7 @@ pub use spool;
 pub mod clamd;
 pub mod dovecot;
 pub mod garage;
+pub mod milters;
 pub mod powercut;
 pub mod proxy;
 pub mod webdriver;
