@@ -1,10 +1,10 @@
-//! `filter`: the vscan stage.
+//! `filter`: the content filters: the milter chain before the `250` and the vscan stage
+//! after it.
 //!
 //! It is: the [`Filter`] trait that every content check implements, the clamd client
 //! ([`Clamd`], INSTREAM over a unix or TCP socket), the milter chain that runs before the
 //! `250` ([`chain`] over [`milter_conn`], [`milter`] and [`headers`]), and [`VscanStage`],
-//! which moves a message
-//! `spool/ → vscan/` while it is scanned and then back to `spool/` (clean), on to
+//! which moves a message `spool/ → vscan/` while it is scanned and then back to `spool/` (clean), on to
 //! `quarantine/` (infected), or leaves it in `vscan/` to retry (scanner unreachable).
 //!
 //! It is not: delivery or scheduling. The queue manager decides when to call the stage and what

@@ -86,6 +86,11 @@ fn rspamd_rejects_gtube_before_the_250_and_its_headers_are_spooled_replicated_an
         spooled.len() as u64,
         "the envelope counts the added headers"
     );
+    assert_eq!(
+        a.metric("spoold_milter_duration_seconds_count{milter=\"rspamd\"}"),
+        Some(2.0),
+        "one observation per message"
+    );
     // The partner holds the same bytes.
     assert!(wait_until(10, || b
         .folder("spool")
