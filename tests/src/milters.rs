@@ -37,6 +37,9 @@ impl Drop for Running {
     }
 }
 
+/// A subject [`Rspamd`] scores 12, above its quarantine threshold (10), below reject (50).
+pub const QUARANTINED_SUBJECT: &str = "win a prize";
+
 /// rspamd in milter mode on a loopback port.
 pub struct Rspamd {
     _process: Running,
@@ -94,6 +97,19 @@ worker "rspamd_proxy" {{
         std::fs::write(
             local.join("milter_headers.conf"),
             "use = [\"x-spamd-result\", \"x-rspamd-queue-id\", \"x-spam-status\"];\nskip_local = false;\nskip_authenticated = false;\n",
+        )
+        .unwrap();
+        // Quarantine above 10 (reject stays for GTUBE): a subject worth 12 lands there.
+        std::fs::write(
+            local.join("actions.conf"),
+            "reject = 50;\nquarantine = 10;\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("rspamd.local.lua"),
+            format!(
+                "config['regexp']['SPOOLPAIR_TEST_SPAMMY'] = {{ re = 'Subject=/{QUARANTINED_SUBJECT}/i', score = 12.0, description = 'scores above the quarantine threshold' }}\n"
+            ),
         )
         .unwrap();
         for module in [

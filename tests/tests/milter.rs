@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
-use tests::milters::{gtube, Behaviour, FakeMilter, OpenDkim, Rspamd};
+use tests::milters::{gtube, Behaviour, FakeMilter, OpenDkim, Rspamd, QUARANTINED_SUBJECT};
 use tests::{
     assert_acknowledged_whole, pair_config, queued_id, spoolctl_ok, stranger_ip, wait_until,
     write_config, Acked, Client, CrashLoad, Daemon, PySink,
@@ -96,6 +96,15 @@ fn rspamd_rejects_gtube_before_the_250_and_its_headers_are_spooled_replicated_an
         .folder("spool")
         .contains(&format!("{id}.body"))));
     assert_eq!(body_of(&b, "spool", &id), spooled, "replica differs");
+    // Above its quarantine threshold: accepted, spooled as held (phase two quarantines it).
+    let spammy = message("prize@example.com", QUARANTINED_SUBJECT, "Claim it today.");
+    let r = c.send_mail("alice@example.com", &["bob@example.org"], &spammy);
+    let held = queued_id(&r).unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(
+        a.envelope(&held).scan,
+        spool::ScanState::Held("Spam message quarantined".into())
+    );
+    assert_eq!(milter_metric(&a, "rspamd", "quarantine"), 1.0);
     // Tracking names the milter's verdicts.
     let tracked = spoolctl_ok(&a, &["track", "ev:milter"]);
     assert!(
@@ -122,6 +131,15 @@ fn rspamd_rejects_gtube_before_the_250_and_its_headers_are_spooled_replicated_an
         "delivered bytes differ"
     );
     assert!(wait_until(30, || a.spooled_ids().is_empty()));
+    assert_eq!(
+        a.folder("quarantine"),
+        vec![format!("{held}.body"), format!("{held}.env")],
+        "the held message is in quarantine/, not delivered"
+    );
+    assert!(
+        wait_until(10, || !b.folder("spool").contains(&format!("{held}.env"))),
+        "still on the partner"
+    );
     // Found by its spool id once the index has caught up with the catalog.
     let export = || tests::spoolctl_output(&a, &["archive", "export", &id]);
     assert!(wait_until(30, || export().status.success()));
