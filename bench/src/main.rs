@@ -11,6 +11,8 @@
 //! - `replicate`: ingest with replication off and async, and the replication lag.
 //! - `archive`: archive ingest beside the spool's, bytes stored, search latency at a million
 //!   items, mirror catch-up.
+//! - `milter`: ingest through rspamd and OpenDKIM as milters, beside no milters and beside
+//!   Postfix with the same milters.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod archive;
@@ -18,6 +20,7 @@ mod cluster;
 mod console;
 mod ingest;
 mod instant_partner;
+mod milter;
 mod raw;
 mod relay;
 mod replicate;
@@ -50,6 +53,8 @@ enum Cmd {
     Cluster(cluster::Args),
     /// The console's search page on a large archive, beside spoolctl's search.
     Console(console::Args),
+    /// Ingest through rspamd and OpenDKIM as milters; beside Postfix with the same.
+    Milter(milter::Args),
 }
 
 fn main() -> Result<()> {
@@ -62,6 +67,7 @@ fn main() -> Result<()> {
         Cmd::Archive(a) => archive::run(a),
         Cmd::Cluster(a) => cluster::run(a),
         Cmd::Console(a) => console::run(a),
+        Cmd::Milter(a) => milter::run(a),
     }
 }
 
