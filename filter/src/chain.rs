@@ -374,10 +374,12 @@ impl Slot {
                     self.change(c, leading_space);
                 }
                 self.close_quietly().await;
+                // The reason names the milter: a release from the console teaches it.
+                let name = &self.spec.name;
                 self.end = Some(match verdict {
                     Some(v) => End::Decided(v),
                     None => End::Passed {
-                        quarantine: self.quarantine.clone(),
+                        quarantine: self.quarantine.as_ref().map(|r| format!("{name}: {r}")),
                     },
                 });
             }
@@ -740,8 +742,11 @@ impl Screening {
 fn describe(end: &End, slot: &Slot) -> (Action, String) {
     match end {
         End::Passed {
-            quarantine: Some(r),
-        } => (Action::Quarantine, r.clone()),
+            quarantine: Some(_),
+        } => (
+            Action::Quarantine,
+            slot.quarantine.clone().unwrap_or_default(),
+        ),
         End::Passed { quarantine: None } => {
             let changes = slot.edits.len()
                 + slot.add_recipients.len()

@@ -588,6 +588,11 @@ pub struct MilterConfig {
     /// `all` (default), `trusted` (signing outgoing mail) or `untrusted` (scoring).
     #[serde(default = "milter_clients")]
     pub clients: String,
+    /// A command (program and arguments, no shell) run with the message on its standard
+    /// input when a recipient releases mail this milter quarantined, to teach the scorer:
+    /// `["rspamc", "learn_ham"]`. Empty: none.
+    #[serde(default)]
+    pub learn_on_release: Vec<String>,
 }
 
 fn milter_connect_secs() -> u64 {

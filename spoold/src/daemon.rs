@@ -46,6 +46,18 @@ pub async fn run(cfg: Config) -> Result<()> {
     let storage = start_storage(&cfg, &metrics).await?;
     let smtp_listener = bind(cfg.smtp.listen, "SMTP listener").await?;
     let http_listener = bind(cfg.http.listen, "HTTP listener").await?;
+    let desk = Arc::new(crate::quarantine::Desk {
+        layout: storage.layout.clone(),
+        node: cfg.node_name.clone(),
+        lifecycle: storage.lifecycle.clone(),
+        learners: cfg
+            .filter
+            .milter
+            .iter()
+            .filter(|m| !m.learn_on_release.is_empty())
+            .map(|m| (m.name.clone(), m.learn_on_release.clone()))
+            .collect(),
+    });
     let replicator = match &storage.ha {
         Some(setup) => Some(
             ha::finish(
@@ -54,6 +66,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 storage.writer.clone(),
                 storage.lifecycle.clone(),
                 settings.clone(),
+                desk.clone(),
                 metrics.clone(),
             )
             .await?,
@@ -77,7 +90,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         &archiving,
     )?;
     let (membership, cluster_listener) =
-        cluster(&cfg, &settings, &storage, &replicator, &metrics).await?;
+        cluster(&cfg, &settings, &storage, desk, &replicator, &metrics).await?;
     let admin = Arc::new(admin::Admin {
         membership: membership.clone(),
         layout: storage.layout.clone(),
@@ -404,6 +417,7 @@ async fn cluster(
     cfg: &Config,
     settings: &Arc<Settings>,
     storage: &Storage,
+    desk: Arc<crate::quarantine::Desk>,
     replicator: &Option<Arc<hasync::Replicator>>,
     metrics: &Metrics,
 ) -> Result<(Arc<Membership>, Option<TcpListener>)> {
@@ -422,11 +436,7 @@ async fn cluster(
     let membership = Arc::new(Membership::new(
         settings.clone(),
         storage.lifecycle.track().clone(),
-        Arc::new(crate::quarantine::Desk {
-            layout: storage.layout.clone(),
-            node: cfg.node_name.clone(),
-            lifecycle: storage.lifecycle.clone(),
-        }),
+        desk,
         replicator
             .clone()
             .map(|r| Arc::new(ha::PartnerLink(r)) as Arc<dyn cluster::Partner>),

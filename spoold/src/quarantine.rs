@@ -52,6 +52,17 @@ pub struct Desk {
     pub node: String,
     /// Moves and removals (logged for the partner, counted, scheduled).
     pub lifecycle: std::sync::Arc<crate::lifecycle::Lifecycle>,
+    /// Per milter name, the command that learns a released message as ham
+    /// (`filter.milter.learn_on_release`).
+    pub learners: std::collections::HashMap<String, Vec<String>>,
+}
+
+/// The milter that held a message, from its `scan held` reason (`NAME: why`).
+fn held_by(scan: &ScanState) -> Option<&str> {
+    match scan {
+        ScanState::Held(reason) => reason.split_once(": ").map(|(name, _)| name),
+        _ => None,
+    }
 }
 
 fn within(scope: Option<&[String]>, address: &str) -> bool {
@@ -153,6 +164,9 @@ impl cluster::membership::Quarantine for Desk {
         };
         match act {
             Act::Release => {
+                let learner = held_by(&env.scan)
+                    .and_then(|m| self.learners.get(m))
+                    .cloned();
                 // Back to the start of the way out: the scan stage, then delivery.
                 let mut env = env;
                 env.scan = ScanState::Pending;
@@ -163,6 +177,13 @@ impl cluster::membership::Quarantine for Desk {
                 self.lifecycle
                     .move_to(&id, Folder::Quarantine, Folder::Spool)
                     .map_err(failed)?;
+                if let Some(argv) = learner {
+                    learn(
+                        argv,
+                        self.layout.path(Folder::Spool, &id, Part::Body),
+                        id.clone(),
+                    );
+                }
             }
             Act::Delete => self
                 .lifecycle
@@ -186,6 +207,50 @@ impl cluster::membership::Quarantine for Desk {
             done: done.to_string(),
         })
     }
+}
+
+/// Runs a milter's `learn_on_release` command with the released message on its standard
+/// input, on a thread of its own: the release is done whatever the scorer says, and the log
+/// has the outcome. (The body is read at once: delivery may remove the file soon.)
+fn learn(argv: Vec<String>, body: std::path::PathBuf, id: MessageId) {
+    let bytes = match std::fs::read(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(%id, "learn on release: read the message: {e}");
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let Some((program, args)) = argv.split_first() else {
+            return;
+        };
+        let run = std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                if let Some(mut stdin) = child.stdin.take() {
+                    stdin.write_all(&bytes)?;
+                }
+                child.wait_with_output()
+            });
+        match run {
+            Ok(out) if out.status.success() => {
+                tracing::info!(%id, command = %program, "learn on release: done")
+            }
+            Ok(out) => tracing::warn!(
+                %id,
+                command = %program,
+                status = %out.status,
+                stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+                "learn on release: the command failed"
+            ),
+            Err(e) => tracing::warn!(%id, command = %program, "learn on release: {e}"),
+        }
+    });
 }
 
 #[cfg(test)]

@@ -247,6 +247,11 @@ pub enum Behaviour {
     CloseMidBody,
     /// Quarantines every message, reason `fake score 20`.
     Quarantine,
+    /// Discards every message.
+    Discard,
+    /// Changes the envelope (sender `new@example.com`, `carol@example.org` added,
+    /// `bob@example.org` removed) and the Subject (`rewritten`).
+    Rewrite,
 }
 
 /// A milter on a unix socket, one thread per connection.
@@ -276,7 +281,8 @@ fn serve(mut s: UnixStream, behaviour: Behaviour) {
         let reply: Vec<u8> = match (data[0], behaviour) {
             (b'O', _) => {
                 let mut d = 6u32.to_be_bytes().to_vec();
-                d.extend_from_slice(&0x21u32.to_be_bytes()); // add headers, quarantine
+                // Add and change headers, add and remove recipients, quarantine, change sender.
+                d.extend_from_slice(&0x7Du32.to_be_bytes());
                 d.extend_from_slice(&0u32.to_be_bytes());
                 packet(b'O', &d)
             }
@@ -289,6 +295,15 @@ fn serve(mut s: UnixStream, behaviour: Behaviour) {
             }
             (b'E', Behaviour::AddHeader) => {
                 let mut r = packet(b'h', b"X-Fake-Milter\0seen\0");
+                r.extend(packet(b'c', b""));
+                r
+            }
+            (b'E', Behaviour::Discard) => packet(b'd', b""),
+            (b'E', Behaviour::Rewrite) => {
+                let mut r = packet(b'e', b"<new@example.com>\0");
+                r.extend(packet(b'+', b"<carol@example.org>\0"));
+                r.extend(packet(b'-', b"<bob@example.org>\0"));
+                r.extend(packet(b'm', b"\0\0\0\x01Subject\0rewritten\0"));
                 r.extend(packet(b'c', b""));
                 r
             }

@@ -102,7 +102,7 @@ fn rspamd_rejects_gtube_before_the_250_and_its_headers_are_spooled_replicated_an
     let held = queued_id(&r).unwrap_or_else(|| panic!("{r}"));
     assert_eq!(
         a.envelope(&held).scan,
-        spool::ScanState::Held("Spam message quarantined".into())
+        spool::ScanState::Held("rspamd: Spam message quarantined".into())
     );
     assert_eq!(milter_metric(&a, "rspamd", "quarantine"), 1.0);
     // Tracking names the milter's verdicts.
@@ -302,10 +302,19 @@ fn a_milter_that_closes_mid_body_leaves_the_session_going() {
 fn a_milters_header_and_quarantine_are_applied_and_the_recipient_may_release() {
     let tagger = FakeMilter::start(Behaviour::AddHeader);
     let quarantiner = FakeMilter::start(Behaviour::Quarantine);
+    // The scorer learns what its recipients release: here a command that keeps the message.
+    let learned = tempfile::tempdir().unwrap();
+    let learned_file = learned.path().join("ham.eml");
     let cfg = config(&format!(
         "{}{}",
         tagger.config("tagger", ""),
-        quarantiner.config("scorer", "")
+        quarantiner.config(
+            "scorer",
+            &format!(
+                "learn_on_release = [\"sh\", \"-c\", \"cat > {}\"]",
+                learned_file.display()
+            )
+        )
     ));
     // Delivery on (to nowhere that answers): the queue manager moves held mail to quarantine/.
     let cfg_text = std::fs::read_to_string(&cfg).unwrap().replace(
@@ -330,7 +339,7 @@ fn a_milters_header_and_quarantine_are_applied_and_the_recipient_may_release() {
     let env_text =
         text(&std::fs::read(d.state.join("quarantine").join(format!("{id}.env"))).unwrap());
     assert!(
-        env_text.contains("\nscan held fake%20score%2020\n"),
+        env_text.contains("\nscan held scorer:%20fake%20score%2020\n"),
         "{env_text}"
     );
     let body = text(&body_of(&d, "quarantine", &id));
@@ -369,11 +378,57 @@ fn a_milters_header_and_quarantine_are_applied_and_the_recipient_may_release() {
     assert!(wait_until(10, || d
         .folder("spool")
         .contains(&format!("{id}.env"))));
+    // Back on the way out: the scan stage (no scanner here: unscanned), then delivery.
     let env = d.envelope(&id);
-    assert_eq!(
-        env.scan,
-        spool::ScanState::Pending,
-        "released to the scan stage"
+    assert!(
+        matches!(
+            env.scan,
+            spool::ScanState::Pending | spool::ScanState::Unscanned
+        ),
+        "{:?}",
+        env.scan
+    );
+    assert!(
+        wait_until(10, || std::fs::read(&learned_file)
+            .is_ok_and(|b| text(&b) == body)),
+        "the scorer was not taught the released message"
+    );
+}
+
+#[test]
+fn a_milter_may_discard_or_rewrite_the_envelope_and_a_header() {
+    let discarder = FakeMilter::start(Behaviour::Discard);
+    let d = Daemon::start_with(&["--config", &config(&discarder.config("dropper", ""))]);
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO client.example");
+    let r = c.send_mail(
+        "alice@example.com",
+        &["bob@example.org"],
+        &message("dropped@example.com", "drop", "Gone."),
+    );
+    assert!(r.starts_with("250"), "a discard is accepted: {r}");
+    assert!(d.spooled_ids().is_empty(), "and kept nowhere");
+    assert_eq!(milter_metric(&d, "dropper", "discard"), 1.0);
+    drop(d);
+
+    let rewriter = FakeMilter::start(Behaviour::Rewrite);
+    let d = Daemon::start_with(&["--config", &config(&rewriter.config("rewriter", ""))]);
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO client.example");
+    let r = c.send_mail(
+        "alice@example.com",
+        &["bob@example.org", "dave@example.org"],
+        &message("rewritten@example.com", "original", "Same body."),
+    );
+    let id = queued_id(&r).unwrap_or_else(|| panic!("{r}"));
+    let env = d.envelope(&id);
+    assert_eq!(env.sender, "new@example.com");
+    let rcpts: Vec<&str> = env.recipients.iter().map(|r| r.address.as_str()).collect();
+    assert_eq!(rcpts, vec!["dave@example.org", "carol@example.org"]);
+    let body = text(&d.body_without_received(&id));
+    assert!(
+        body.contains("\r\nSubject: rewritten\r\n") && !body.contains("original"),
+        "{body}"
     );
 }
 

@@ -120,6 +120,7 @@ pub async fn finish(
     writer: Arc<SpoolWriter>,
     lifecycle: Arc<Lifecycle>,
     settings: Arc<crate::clustered::Settings>,
+    desk: Arc<crate::quarantine::Desk>,
     metrics: Arc<Metrics>,
 ) -> Result<Arc<Replicator>> {
     let persisted = setup.repl.log.role().context("read the persisted role")?;
@@ -148,6 +149,7 @@ pub async fn finish(
             writer,
             lifecycle,
             settings,
+            desk,
             log: setup.repl.log.clone(),
             layout: layout.clone(),
         }),

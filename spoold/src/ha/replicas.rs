@@ -21,6 +21,8 @@ pub struct SpoolReplicas {
     pub lifecycle: Arc<Lifecycle>,
     /// Clustered settings, which a partner in no cluster exchanges over this link.
     pub settings: Arc<crate::clustered::Settings>,
+    /// This unit's quarantine inbox, which a partner in no cluster asks over this link.
+    pub desk: Arc<crate::quarantine::Desk>,
     /// The delivered ledger: an `ADD` for a message delivered here is stale.
     pub log: Arc<TxLog>,
     /// Paths.
@@ -163,15 +165,10 @@ impl ReplicaStore for SpoolReplicas {
     }
 
     fn answer(&self, op: u8, request: &[u8]) -> Result<Bytes, String> {
-        let desk = crate::quarantine::Desk {
-            layout: self.layout.clone(),
-            node: self.settings.node().to_string(),
-            lifecycle: self.lifecycle.clone(),
-        };
         cluster::membership::answer_partner(
             &self.settings,
             self.lifecycle.track(),
-            &desk,
+            self.desk.as_ref(),
             op,
             request,
         )
