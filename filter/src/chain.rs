@@ -8,9 +8,10 @@
 //! Not here: the packets ([`crate::milter`]), the socket ([`crate::milter_conn`]), applying the
 //! outcome to the spool (the daemon), metrics (the caller turns [`Report`]s into them).
 
+use crate::endpoint::Endpoint;
 use crate::headers::{Edit, Field, HeaderReader};
 use crate::milter::{step, Command, Reply, BODY_CHUNK_MAX};
-use crate::milter_conn::{Address, Conn, MilterError};
+use crate::milter_conn::{Conn, MilterError};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,7 +55,7 @@ pub struct MilterSpec {
     /// Its name in logs, metrics and tracking.
     pub name: String,
     /// Its socket.
-    pub address: Address,
+    pub address: Endpoint,
     /// Connecting and negotiating.
     pub connect_timeout: Duration,
     /// Each reply before the end of the message.

@@ -12,13 +12,13 @@
 //! touching it.
 
 pub mod chain;
+pub mod endpoint;
 pub mod headers;
 pub mod milter;
 pub mod milter_conn;
 
 use spool::{Envelope, Folder, Layout, MappedBody, MessageId, ScanState};
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,27 +60,8 @@ pub trait Filter: Send + Sync {
     fn scan<'a>(&'a self, body: &'a [u8]) -> ScanFuture<'a>;
 }
 
-/// Where clamd listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ClamdAddress {
-    /// `unix:/path/to/clamd.sock`
-    Unix(PathBuf),
-    /// `tcp:host:port`
-    Tcp(String),
-}
-
-impl std::str::FromStr for ClamdAddress {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(p) = s.strip_prefix("unix:") {
-            Ok(ClamdAddress::Unix(p.into()))
-        } else if let Some(a) = s.strip_prefix("tcp:") {
-            Ok(ClamdAddress::Tcp(a.into()))
-        } else {
-            Err(format!("{s:?}: expected unix:/path or tcp:host:port"))
-        }
-    }
-}
+/// Where clamd listens: `unix:/path` or `tcp:host:port` ([`endpoint::Endpoint`]).
+pub type ClamdAddress = endpoint::Endpoint;
 
 /// clamd's INSTREAM client.
 pub struct Clamd {
@@ -116,21 +97,14 @@ impl Clamd {
     }
 
     async fn scan_inner(&self, body: &[u8]) -> Result<Verdict, ScanError> {
-        let reply = match &self.address {
-            ClamdAddress::Unix(p) => {
-                let s = tokio::net::UnixStream::connect(p)
-                    .await
-                    .map_err(ScanError::Unreachable)?;
-                Self::instream(s, body).await
-            }
-            ClamdAddress::Tcp(a) => {
-                let s = tokio::net::TcpStream::connect(a)
-                    .await
-                    .map_err(ScanError::Unreachable)?;
-                Self::instream(s, body).await
-            }
-        }
-        .map_err(|e| ScanError::Scanner(format!("INSTREAM: {e}")))?;
+        let s = self
+            .address
+            .connect()
+            .await
+            .map_err(ScanError::Unreachable)?;
+        let reply = Self::instream(s, body)
+            .await
+            .map_err(|e| ScanError::Scanner(format!("INSTREAM: {e}")))?;
         parse_clamd_reply(&reply)
     }
 }

@@ -1,57 +1,13 @@
-//! One connection to one milter: the socket (`unix:` or `inet:`), option negotiation, and
+//! One connection to one milter: its socket ([`crate::endpoint`]), option negotiation, and
 //! commands with their replies under a timeout, the packets being [`crate::milter`]'s.
 //!
 //! Not here: which commands a message needs and what the replies mean for it
 //! ([`crate::chain`]).
 
+use crate::endpoint::{Endpoint, Stream};
 use crate::milter::{action, reply_len, step, Command, Reply, ReplyError, VERSION};
-use std::path::PathBuf;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
-
-/// Where a milter listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Address {
-    /// `unix:/path`.
-    Unix(PathBuf),
-    /// `inet:host:port` (or Sendmail's `inet:port@host`).
-    Inet(String),
-}
-
-impl std::str::FromStr for Address {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Address, String> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if !path.starts_with('/') {
-                return Err(format!("`{s}`: a unix socket's path must be absolute"));
-            }
-            return Ok(Address::Unix(path.into()));
-        }
-        if let Some(rest) = s.strip_prefix("inet:") {
-            let hostport = match rest.split_once('@') {
-                Some((port, host)) => format!("{host}:{port}"),
-                None => rest.to_string(),
-            };
-            let valid = hostport
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-            if !valid {
-                return Err(format!("`{s}`: expected inet:HOST:PORT"));
-            }
-            return Ok(Address::Inet(hostport));
-        }
-        Err(format!("`{s}`: expected unix:/path or inet:HOST:PORT"))
-    }
-}
-
-impl std::fmt::Display for Address {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Address::Unix(p) => write!(f, "unix:{}", p.display()),
-            Address::Inet(h) => write!(f, "inet:{h}"),
-        }
-    }
-}
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufStream};
 
 /// Why a milter gave no usable answer: the chain then applies its `default_action`.
 #[derive(Debug, thiserror::Error)]
@@ -76,9 +32,6 @@ pub enum MilterError {
     Negotiation(String),
 }
 
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
-
 /// An open, negotiated connection.
 pub struct Conn {
     io: BufStream<Box<dyn Stream>>,
@@ -102,19 +55,8 @@ const ACTIONS_OFFERED: u32 = action::ADD_HEADERS
 
 impl Conn {
     /// Connects and negotiates, within `timeout` for both.
-    pub async fn open(address: &Address, timeout: Duration) -> Result<Conn, MilterError> {
-        let connect = async {
-            let io: Box<dyn Stream> = match address {
-                Address::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
-                Address::Inet(hostport) => {
-                    let s = tokio::net::TcpStream::connect(hostport.as_str()).await?;
-                    s.set_nodelay(true)?;
-                    Box::new(s)
-                }
-            };
-            Ok::<_, std::io::Error>(io)
-        };
-        let io = match tokio::time::timeout(timeout, connect).await {
+    pub async fn open(address: &Endpoint, timeout: Duration) -> Result<Conn, MilterError> {
+        let io = match tokio::time::timeout(timeout, address.connect()).await {
             Ok(Ok(io)) => io,
             Ok(Err(e)) => return Err(MilterError::Connect(address.to_string(), e)),
             Err(_) => return Err(MilterError::Timeout("connect", timeout)),
@@ -223,44 +165,5 @@ fn broken(what: &'static str, e: std::io::Error) -> MilterError {
             MilterError::Closed(what)
         }
         _ => MilterError::Io(what, e),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn addresses_parse_or_say_what_is_wrong() {
-        let table: &[(&str, Result<Address, &str>)] = &[
-            (
-                "unix:/run/rspamd/milter.sock",
-                Ok(Address::Unix("/run/rspamd/milter.sock".into())),
-            ),
-            (
-                "inet:127.0.0.1:11332",
-                Ok(Address::Inet("127.0.0.1:11332".into())),
-            ),
-            (
-                "inet:8891@localhost",
-                Ok(Address::Inet("localhost:8891".into())),
-            ),
-            ("inet:[::1]:8891", Ok(Address::Inet("[::1]:8891".into()))),
-            ("unix:run/x", Err("must be absolute")),
-            ("inet:localhost", Err("expected inet:HOST:PORT")),
-            ("inet::25", Err("expected inet:HOST:PORT")),
-            (
-                "tcp:1.2.3.4:5",
-                Err("expected unix:/path or inet:HOST:PORT"),
-            ),
-        ];
-        for (text, expected) in table {
-            match (text.parse::<Address>(), expected) {
-                (Ok(a), Ok(e)) => assert_eq!(&a, e),
-                (Err(a), Err(e)) => assert!(a.contains(e), "{text}: {a}"),
-                (a, e) => panic!("{text}: {a:?}, expected {e:?}"),
-            }
-        }
     }
 }

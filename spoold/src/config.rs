@@ -1163,7 +1163,7 @@ mod tests {
         let e = load("[filter]\nretry_secs = 0\n").unwrap_err().to_string();
         assert!(e.contains("filter.retry_secs"), "{e}");
         for (milter, key) in [
-            ("name = \"a\"\nsocket = \"tcp:1:2\"", "filter.milter.socket"),
+            ("name = \"a\"\nsocket = \"udp:1:2\"", "filter.milter.socket"),
             (
                 "name = \"a\"\nsocket = \"unix:/x\"\ndefault_action = \"maybe\"",
                 "filter.milter.default_action",
