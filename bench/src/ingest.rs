@@ -33,6 +33,10 @@ pub struct Args {
     /// Postfix's SMTP address.
     #[arg(long, default_value = "127.0.0.1:25")]
     postfix_addr: SocketAddr,
+    /// Also measure the machine's protocol ceiling: the same load into Postfix's smtp-sink
+    /// (no disk), and smtp-source into smtp-sink, in the same run.
+    #[arg(long)]
+    compare_ceiling: bool,
     /// spoold's `spool.sync` settings to measure, comma-separated: `fsync`, `syncfs`.
     #[arg(long, default_value = "fsync,syncfs", value_delimiter = ',')]
     sync: Vec<String>,
@@ -505,8 +509,73 @@ struct Cost {
     io: Option<(f64, f64)>,
 }
 
+/// Postfix's `smtp-sink` on a free loopback port: answers every command at once and writes
+/// nothing (the protocol ceiling); stopped when dropped.
+struct Sink {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Sink {
+    fn start() -> Result<Sink> {
+        let addr = free_addr()?;
+        let mut cmd = Command::new("smtp-sink");
+        // It refuses to run as root without a user to become.
+        // SAFETY: getuid has no preconditions.
+        if unsafe { libc::getuid() } == 0 {
+            cmd.args(["-u", "nobody"]);
+        }
+        let child = cmd
+            .args([&addr.to_string(), "1024"])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("smtp-sink (apt-get install postfix)")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "smtp-sink did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Sink { child, addr })
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// smtp-source's rate into `sink`: `sessions` sessions, `messages` messages of `size` bytes,
+/// each session keeping its connection (`-d`; smtp-source does not pipeline).
+fn smtp_source(sink: SocketAddr, a: &Args) -> Result<f64> {
+    let started = Instant::now();
+    let status = Command::new("smtp-source")
+        .args([
+            "-d",
+            "-s",
+            &a.sessions.to_string(),
+            "-m",
+            &a.messages.to_string(),
+            "-l",
+            &a.size.to_string(),
+            "-f",
+            "bench@example.com",
+            "-t",
+            "sink@example.org",
+            &sink.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .context("smtp-source (apt-get install postfix)")?;
+    anyhow::ensure!(status.success(), "smtp-source failed");
+    Ok(a.messages as f64 / started.elapsed().as_secs_f64())
+}
+
 pub fn run(a: Args) -> Result<()> {
     let bin = spoold_binary()?;
+    let mut ceiling = Vec::new();
+    let mut source_ceiling = Vec::new();
     crate::settle_after_deletions();
     let mut rss = (0.0f64, 0.0f64);
     let mut fs = String::new();
@@ -553,6 +622,11 @@ pub fn run(a: Args) -> Result<()> {
             drop(d);
             keep.push(dir);
         }
+        if a.compare_ceiling {
+            let sink = Sink::start()?;
+            ceiling.push(load(sink.addr, a.shape())?);
+            source_ceiling.push(smtp_source(sink.addr, &a)?);
+        }
         if a.compare_postfix {
             let queue = std::path::Path::new(POSTFIX_QUEUE);
             let (r, io) = crate::with_device_io(queue, || load(a.postfix_addr, a.shape()))?;
@@ -590,6 +664,21 @@ pub fn run(a: Args) -> Result<()> {
             println!(
                 "spoold {sync} / postfix accepted msgs/s = {:.2} (goal: >= 5)",
                 m / m_theirs
+            );
+        }
+    }
+    if !ceiling.is_empty() {
+        let (m_ceiling, line) = row("ceiling", &ceiling, &[]);
+        println!("{line}");
+        let m_source = median(source_ceiling);
+        println!(
+            "ceiling: this load into smtp-sink (no disk); smtp-source into smtp-sink: {m_source:.0} msgs/s"
+        );
+        for (sync, m) in &medians {
+            println!(
+                "spoold {sync} / ceiling = {:.2}, / smtp-source ceiling = {:.2} (goal: >= 0.5)",
+                m / m_ceiling,
+                m / m_source
             );
         }
     }
