@@ -147,7 +147,7 @@ pub fn run(a: Args) -> Result<()> {
         postconf(&["smtpd_milters ="])?;
     }
     println!(
-        "milter ingest: {} sessions, {} messages of {} B per run, median of {} runs; milters: rspamd {} (milter mode, self-scan), OpenDKIM (signing, relaxed/relaxed, RSA 2048)",
+        "milter ingest: {} sessions, {} messages of {} B per run, median of {} runs; milters: rspamd {} (milter mode, self-scan), OpenDKIM (signing, simple/simple, RSA 2048)",
         a.sessions,
         a.messages,
         a.size,

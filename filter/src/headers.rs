@@ -17,8 +17,9 @@ pub const FIELD_BYTES_MAX: usize = 64 * 1024;
 pub struct Field {
     /// Its name, as written.
     pub name: String,
-    /// Its value after the colon (folding kept as CRLF + whitespace, no CRLF at its end),
-    /// with leading whitespace unless `keep_leading_space` was false.
+    /// Its value after the colon, folded lines separated by a bare LF (as libmilter's
+    /// `xxfi_header` documents it: "lines are separated by LF (not CR/LF)"), no line end at
+    /// its end, with leading whitespace unless `keep_leading_space` was false.
     pub value: String,
 }
 
@@ -138,7 +139,6 @@ impl HeaderReader {
                     }
                     b' ' | b'\t' if self.open => {
                         // A folded continuation of the open field.
-                        self.keep(b'\r');
                         self.keep(b'\n');
                         self.keep(b);
                         self.state = State::InField;
@@ -324,7 +324,7 @@ mod tests {
     #[test]
     fn fields_and_the_body_start_whatever_the_chunking() {
         let expected = vec![
-            field("Received", "from a\r\n\tby b; Mon"),
+            field("Received", "from a\n\tby b; Mon"),
             field("Subject", "hi"),
             field("X-Empty", ""),
         ];

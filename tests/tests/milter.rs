@@ -167,7 +167,11 @@ fn opendkim_signs_mail_of_trusted_clients_and_not_of_strangers() {
     let r = trusted.send_mail(
         "alice@example.com",
         &["bob@example.org"],
-        &message("signed@example.com", "signed", "Signed by the gateway."),
+        &message(
+            "signed@example.com",
+            "signed, with a Subject long enough\r\n\tto be folded",
+            "Signed by the gateway.",
+        ),
     );
     assert!(r.starts_with("250"), "{r}");
     let (mut stranger, _) = Client::connect_from(d.smtp, stranger_ip());
