@@ -485,7 +485,8 @@ impl Screening {
         let mut slots = Vec::new();
         for spec in specs.iter().filter(|s| s.clients.includes(ctx.trusted)) {
             let started = Instant::now();
-            let (state, end) = match Conn::open(&spec.address, spec.connect_timeout).await {
+            let opened = Conn::open(&spec.address, spec.connect_timeout, spec.command_timeout);
+            let (state, end) = match opened.await {
                 Ok(c) => (State::Open(Box::new(c)), None),
                 Err(e) => {
                     tracing::warn!(milter = %spec.name, "milter unavailable: {e}");

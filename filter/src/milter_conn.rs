@@ -39,6 +39,9 @@ pub struct Conn {
     pub steps: u32,
     /// The actions it may take ([`action`]).
     pub actions: u32,
+    /// Longest wait for the milter to take what is sent: one that stops reading (its socket
+    /// buffer full mid-body) is a failure, not a session stuck for ever.
+    write_timeout: Duration,
 }
 
 /// Every action spoold can honour (a body replacement is refused when it comes, with a log
@@ -54,8 +57,13 @@ const ACTIONS_OFFERED: u32 = action::ADD_HEADERS
     | action::SET_SYMLIST;
 
 impl Conn {
-    /// Connects and negotiates, within `timeout` for both.
-    pub async fn open(address: &Endpoint, timeout: Duration) -> Result<Conn, MilterError> {
+    /// Connects and negotiates, within `timeout` for both; later writes may wait
+    /// `write_timeout` each.
+    pub async fn open(
+        address: &Endpoint,
+        timeout: Duration,
+        write_timeout: Duration,
+    ) -> Result<Conn, MilterError> {
         let io = match tokio::time::timeout(timeout, address.connect()).await {
             Ok(Ok(io)) => io,
             Ok(Err(e)) => return Err(MilterError::Connect(address.to_string(), e)),
@@ -65,6 +73,7 @@ impl Conn {
             io: BufStream::new(io),
             steps: 0,
             actions: 0,
+            write_timeout: timeout,
         };
         conn.send(&Command::Negotiate {
             actions: ACTIONS_OFFERED,
@@ -89,6 +98,7 @@ impl Conn {
                 }
                 conn.steps = protocol;
                 conn.actions = actions;
+                conn.write_timeout = write_timeout;
                 Ok(conn)
             }
             other => Err(MilterError::Negotiation(format!(
@@ -102,17 +112,23 @@ impl Conn {
         self.steps & flag != 0
     }
 
-    /// Queues a packet (sent at the next [`Conn::flush`] or [`Conn::reply`]).
+    /// Queues a packet (sent at the next [`Conn::flush`] or [`Conn::reply`], or now when the
+    /// buffer is full).
     pub async fn queue(&mut self, cmd: &Command) -> Result<(), MilterError> {
-        self.io
-            .write_all(&cmd.encode())
-            .await
-            .map_err(|e| broken("sending", e))
+        let limit = self.write_timeout;
+        match tokio::time::timeout(limit, self.io.write_all(&cmd.encode())).await {
+            Ok(r) => r.map_err(|e| broken("sending", e)),
+            Err(_) => Err(MilterError::Timeout("sending", limit)),
+        }
     }
 
     /// Sends what was queued.
     pub async fn flush(&mut self) -> Result<(), MilterError> {
-        self.io.flush().await.map_err(|e| broken("sending", e))
+        let limit = self.write_timeout;
+        match tokio::time::timeout(limit, self.io.flush()).await {
+            Ok(r) => r.map_err(|e| broken("sending", e)),
+            Err(_) => Err(MilterError::Timeout("sending", limit)),
+        }
     }
 
     /// Queues a packet and sends everything queued.

@@ -247,6 +247,9 @@ pub enum Behaviour {
     HangAtEnd,
     /// Closes the connection at the first body packet.
     CloseMidBody,
+    /// Asks for no replies to body packets (`SMFIP_NR_BODY`), then stops reading at the
+    /// first one, the connection left open: the MTA's writes are what must time out.
+    StallMidBody,
     /// Quarantines every message, reason `fake score 20`.
     Quarantine,
     /// Discards every message.
@@ -285,12 +288,20 @@ fn serve(mut s: UnixStream, behaviour: Behaviour) {
                 let mut d = 6u32.to_be_bytes().to_vec();
                 // Add and change headers, add and remove recipients, quarantine, change sender.
                 d.extend_from_slice(&0x7Du32.to_be_bytes());
-                d.extend_from_slice(&0u32.to_be_bytes());
+                let steps: u32 = match behaviour {
+                    Behaviour::StallMidBody => 0x80000, // no reply to body packets
+                    _ => 0,
+                };
+                d.extend_from_slice(&steps.to_be_bytes());
                 packet(b'O', &d)
             }
             (b'D' | b'A', _) => continue,
             (b'Q', _) => return,
             (b'B', Behaviour::CloseMidBody) => return,
+            (b'B', Behaviour::StallMidBody) => {
+                std::thread::sleep(Duration::from_secs(300));
+                return;
+            }
             (b'E', Behaviour::HangAtEnd) => {
                 std::thread::sleep(Duration::from_secs(300));
                 return;

@@ -273,6 +273,31 @@ fn a_milter_that_hangs_meets_its_timeout_then_the_default_action() {
     assert_eq!(milter_metric(&d, "slow", "failed"), 1.0);
 }
 
+/// A milter that stops reading mid-body (its socket buffer fills with a large message) meets
+/// the command timeout on the sending side too: the client gets its answer.
+#[test]
+fn a_milter_that_stops_reading_mid_body_meets_its_timeout() {
+    let staller = FakeMilter::start(Behaviour::StallMidBody);
+    let d = Daemon::start_with(&[
+        "--config",
+        &config(&staller.config("staller", "command_timeout_secs = 1")),
+    ]);
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO client.example");
+    let big = tests::sample_body(2, 4_000_000);
+    let started = Instant::now();
+    let r = c.send_mail("alice@example.com", &["bob@example.org"], &big);
+    assert!(r.starts_with("451 4.7.1"), "{r}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(d.spooled_ids().is_empty());
+    assert_eq!(milter_metric(&d, "staller", "failed"), 1.0);
+    assert!(c.cmd("NOOP").starts_with("250"), "the session goes on");
+}
+
 #[test]
 fn a_milter_that_closes_mid_body_leaves_the_session_going() {
     let closer = FakeMilter::start(Behaviour::CloseMidBody);
