@@ -1,6 +1,7 @@
 //! The web console in a real browser (Debian's Chromium through ChromeDriver): each role kept
 //! to its own work whatever URL it types, HTML mail shown inert, forms refused without their
-//! CSRF token, login lockout, settings validated, a queue hold from the page on disk, and
+//! CSRF token, login lockout, settings validated, a queue hold from the page on disk, spam a
+//! milter held released by its recipient with a click, and
 //! every view in the audit log under the console user's name. Screenshots of the main pages
 //! go to `target/console-screenshots/`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -675,6 +676,71 @@ fn a_users_quarantine_inbox_spans_the_pair_and_a_virus_stays_held() {
         "in effect on both units"
     );
     let _ = for_carol;
+}
+
+/// Mail a milter quarantined (spam) is its recipient's: in their inbox with the milter's
+/// reason, released with a click (back on its way out, through the scan stage), and the milter's
+/// `learn_on_release` command is given the message.
+#[test]
+fn a_recipient_releases_spam_a_milter_held_with_a_click() {
+    use tests::milters::{Behaviour, FakeMilter};
+    let work = tempfile::tempdir().unwrap();
+    let scorer = FakeMilter::start(Behaviour::Quarantine);
+    let learned = work.path().join("ham.eml");
+    let cfg = tests::write_config(
+        work.path(),
+        &format!(
+            "[delivery]\ndefault_next_hop = \"127.0.0.1:9\"\n{}",
+            scorer.config(
+                "scorer",
+                &format!(
+                    "learn_on_release = [\"sh\", \"-c\", \"cat > {}\"]",
+                    learned.display()
+                )
+            )
+        ),
+    );
+    let mut d = Daemon::unstarted(&["--config", &cfg]);
+    d.console = Some(tests::free_addr());
+    d.restart();
+    add_user(
+        &d,
+        work.path(),
+        "bob",
+        "user",
+        &["bob@example.org"],
+        "bob-password-123",
+    );
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO client.example");
+    let id = tests::queued_id(&c.send_mail(
+        "mallory@example.net",
+        &["bob@example.org"],
+        b"Subject: cheap pills\r\n\r\nBuy now.\r\n",
+    ))
+    .unwrap();
+    let in_quarantine = || d.folder("quarantine").contains(&format!("{id}.env"));
+    assert!(wait_until(20, in_quarantine), "not quarantined");
+
+    let bb = Browser::start();
+    login(&bb, &d, "bob", "bob-password-123");
+    bb.go(&format!("{}/quarantine", base(&d)));
+    let t = bb.text();
+    assert!(
+        t.contains("cheap pills") && t.contains("held by a filter: scorer: fake score 20"),
+        "{t}"
+    );
+    bb.find("form.inline button[value=release]")
+        .click_to_next_page();
+    let t = bb.text();
+    assert!(t.contains(&format!("{id} released on")), "{t}");
+    assert!(!in_quarantine(), "still in quarantine/");
+    assert!(
+        wait_until(10, || std::fs::read(&learned)
+            .is_ok_and(|b| b.ends_with(b"\r\n\r\nBuy now.\r\n"))),
+        "the scorer was not given the message"
+    );
+    bb.screenshot(&screenshots().join("quarantine-release.png"));
 }
 
 /// Connections are bounded: 300 clients that connect and say nothing fill the console's 256
