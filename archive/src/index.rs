@@ -222,6 +222,9 @@ impl Indexer {
         let mut mark = self.indexed_through.load(Ordering::SeqCst);
         let mut dirty = false;
         let mut since_commit = Instant::now();
+        // An item whose body is only in an object store that does not answer now: the index
+        // waits for it (a second at a time) rather than index it without its content for good.
+        let mut waiting_for_store = false;
         loop {
             // While the catalog is rebuilt it fills out of sequence order and its bodies may be
             // in segments not read yet: the index waits for the end (the writer wakes it).
@@ -235,15 +238,34 @@ impl Indexer {
                         Vec::new()
                     })
             };
+            let mut stalled = false;
             for item in &batch {
-                let doc = self.document(item);
+                let doc = match self.document(item) {
+                    Ok(doc) => doc,
+                    Err(e) => {
+                        if !std::mem::replace(&mut waiting_for_store, true) {
+                            tracing::warn!(
+                                seq = item.seq,
+                                "archive index: waits for the object store to read a body: {e}"
+                            );
+                        }
+                        stalled = true;
+                        break;
+                    }
+                };
+                if std::mem::take(&mut waiting_for_store) {
+                    tracing::info!(
+                        seq = item.seq,
+                        "archive index: the object store answers again"
+                    );
+                }
                 if let Err(e) = self.writer.add_document(doc) {
                     tracing::error!(seq = item.seq, "archive index: {e}");
                 }
                 mark = item.seq;
                 dirty = true;
             }
-            let idle = batch.is_empty();
+            let idle = batch.is_empty() || stalled;
             if dirty && (idle || since_commit.elapsed() >= COMMIT_EVERY) {
                 self.commit(mark);
                 dirty = false;
@@ -285,12 +307,25 @@ impl Indexer {
                             } else {
                                 self.store.items_after(mark, 1024, |_| true)
                             } {
-                                let Some(last) = batch.last() else { break };
-                                let last = last.seq;
-                                for item in &batch {
-                                    let _ = self.writer.add_document(self.document(item));
+                                if batch.is_empty() {
+                                    break;
                                 }
-                                mark = last;
+                                let mut stalled = false;
+                                for item in &batch {
+                                    match self.document(item) {
+                                        Ok(doc) => {
+                                            let _ = self.writer.add_document(doc);
+                                            mark = item.seq;
+                                        }
+                                        Err(_) => {
+                                            stalled = true;
+                                            break;
+                                        }
+                                    }
+                                }
+                                if stalled {
+                                    break;
+                                }
                             }
                             self.commit(mark);
                             dirty = false;
@@ -331,7 +366,9 @@ impl Indexer {
         }
     }
 
-    fn document(&self, item: &Item) -> TantivyDocument {
+    /// The item's document; an error only when its body is in an object store that does
+    /// not answer now (any other unreadable body is indexed by its envelope, and said).
+    fn document(&self, item: &Item) -> Result<TantivyDocument, ArchiveError> {
         let f = &self.fields;
         let mut doc = TantivyDocument::default();
         doc.add_u64(f.seq, item.seq);
@@ -348,21 +385,22 @@ impl Indexer {
         }
         let raw = match self.store.raw(&item.hash) {
             Ok(r) => r,
+            Err(e @ ArchiveError::Remote(_)) => return Err(e),
             Err(e) => {
                 tracing::error!(
                     seq = item.seq,
                     "archive index: body unreadable, envelope indexed only: {e}"
                 );
-                return doc;
+                return Ok(doc);
             }
         };
         let Some(msg) = MessageParser::default().parse(&raw) else {
-            return doc;
+            return Ok(doc);
         };
         let mut text = Text::default();
         add_message(&mut doc, f, &msg, &mut text, 0);
         doc.add_u64(f.attachment, u64::from(text.attachments > 0));
-        doc
+        Ok(doc)
     }
 }
 

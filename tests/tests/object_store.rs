@@ -172,17 +172,26 @@ fn archive_on_a_garage_cluster_survives_a_node_and_the_whole_store_going_down() 
     assert!(with_one_down > stored);
     // Retrieval too: an evicted item read back from the two nodes left.
     let export = |seed: usize| {
-        let out = tests::spoolctl_ok(
-            &d,
-            &[
-                "--json",
-                "archive",
-                "search",
-                &format!("msgid:<{seed}@os.test>"),
-            ],
+        // The index follows the catalog: after a burst (and an outage) it may be behind by
+        // a moment, so the item is looked for until it is found.
+        let found = || -> Option<String> {
+            let out = tests::spoolctl_ok(
+                &d,
+                &[
+                    "--json",
+                    "archive",
+                    "search",
+                    &format!("msgid:<{seed}@os.test>"),
+                ],
+            );
+            let v: Value = serde_json::from_str(&out).unwrap();
+            v["items"][0]["id"].as_str().map(str::to_string)
+        };
+        assert!(
+            wait_until(30, || found().is_some()),
+            "message {seed} not indexed"
         );
-        let v: Value = serde_json::from_str(&out).unwrap();
-        let id = v["items"][0]["id"].as_str().unwrap().to_string();
+        let id = found().unwrap();
         let out = tests::spoolctl_output(&d, &["archive", "export", &id]);
         assert!(out.status.success(), "export {seed}");
         assert_eq!(
