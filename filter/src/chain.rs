@@ -301,18 +301,18 @@ impl Slot {
 
     /// Sends `cmd` (after `macros`) unless the milter asked to leave it out (`no`), and
     /// reads its reply unless it asked not to be answered... (`nr`).
-    async fn ask(&mut self, macros: Option<Command>, cmd: Command, no: u32, nr: u32) {
+    async fn ask(&mut self, macros: Option<Command>, cmd: &Command, no: u32, nr: u32) {
         let timeout = self.spec.command_timeout;
         let Some(conn) = self.conn() else { return };
         if no != 0 && conn.wants(no) {
             return;
         }
-        let stage = stage_name(&cmd);
+        let stage = stage_name(cmd);
         let sent = async {
             if let Some(m) = &macros {
                 conn.queue(m).await?;
             }
-            conn.queue(&cmd).await?;
+            conn.queue(cmd).await?;
             if nr != 0 && conn.wants(nr) {
                 return Ok(None);
             }
@@ -525,7 +525,7 @@ impl Screening {
                         ("_", &underscore),
                     ],
                 )),
-                Command::Connect {
+                &Command::Connect {
                     hostname: "unknown".into(),
                     addr: Some(ctx.client),
                 },
@@ -535,7 +535,7 @@ impl Screening {
             .await;
             slot.ask(
                 None,
-                Command::Helo(ctx.helo.to_string()),
+                &Command::Helo(ctx.helo.to_string()),
                 step::NO_HELO,
                 step::NR_HELO,
             )
@@ -545,7 +545,7 @@ impl Screening {
                     b'M',
                     &[("i", ctx.queue_id), ("{mail_addr}", ctx.sender)],
                 )),
-                Command::Mail(vec![sender.clone()]),
+                &Command::Mail(vec![sender.clone()]),
                 step::NO_MAIL,
                 step::NR_MAIL,
             )
@@ -553,7 +553,7 @@ impl Screening {
             for r in ctx.recipients {
                 slot.ask(
                     Some(macros(b'R', &[("{rcpt_addr}", r)])),
-                    Command::Rcpt(vec![format!("<{r}>")]),
+                    &Command::Rcpt(vec![format!("<{r}>")]),
                     step::NO_RCPT,
                     step::NR_RCPT,
                 )
@@ -561,7 +561,7 @@ impl Screening {
             }
             slot.ask(
                 Some(macros(b'T', &[("i", ctx.queue_id)])),
-                Command::Data,
+                &Command::Data,
                 step::NO_DATA,
                 step::NR_DATA,
             )
@@ -613,7 +613,7 @@ impl Screening {
                 };
                 slot.ask(
                     None,
-                    Command::Header {
+                    &Command::Header {
                         name: f.name.clone(),
                         value,
                     },
@@ -630,22 +630,18 @@ impl Screening {
             return;
         }
         for slot in &mut self.slots {
-            slot.ask(None, Command::EndOfHeaders, step::NO_EOH, step::NR_EOH)
+            slot.ask(None, &Command::EndOfHeaders, step::NO_EOH, step::NR_EOH)
                 .await;
         }
     }
 
     async fn body(&mut self, bytes: &[u8]) {
         for piece in bytes.chunks(BODY_CHUNK_MAX) {
+            // One packet per piece, whatever the number of milters.
+            let packet = Command::Body(piece.to_vec());
             for slot in &mut self.slots {
                 if !slot.skip_body {
-                    slot.ask(
-                        None,
-                        Command::Body(piece.to_vec()),
-                        step::NO_BODY,
-                        step::NR_BODY,
-                    )
-                    .await;
+                    slot.ask(None, &packet, step::NO_BODY, step::NR_BODY).await;
                 }
             }
         }

@@ -318,12 +318,8 @@ impl BodySink for SpoolBody {
         if let Some(s) = self.screening.as_mut() {
             s.push(&chunk).await;
         }
-        let result = if will_touch_disk && in_multi_thread_runtime() {
-            tokio::task::block_in_place(|| self.pending.push(chunk))
-        } else {
-            self.pending.push(chunk)
-        };
-        result.map_err(|e| commit_error(e.into()))
+        let pending = &mut self.pending;
+        blocking_if(will_touch_disk, || pending.push(chunk)).map_err(|e| commit_error(e.into()))
     }
 
     async fn commit(self) -> Result<String, SinkError> {
@@ -453,14 +449,10 @@ fn apply_outcome(
     if !outcome.edits.is_empty() {
         let head_len = header_len.unwrap_or(pending.len());
         let edits = outcome.edits;
-        let replaced = if in_multi_thread_runtime() {
-            tokio::task::block_in_place(|| {
-                pending.replace_head(head_len, |h| filter::headers::apply(h, &edits))
-            })
-        } else {
+        blocking_if(true, || {
             pending.replace_head(head_len, |h| filter::headers::apply(h, &edits))
-        };
-        replaced.map_err(|e| commit_error(e.into()))?;
+        })
+        .map_err(|e| commit_error(e.into()))?;
     }
     if let Some(sender) = outcome.sender {
         envelope.sender = sender;
@@ -488,6 +480,16 @@ fn apply_outcome(
         return Ok(Kept::Discarded);
     }
     Ok(Kept::Yes)
+}
+
+/// Runs file work from an async task: told to the runtime (`block_in_place`, so other tasks
+/// move to another worker) when `touches_disk` and the runtime has other workers; else at once.
+fn blocking_if<T>(touches_disk: bool, f: impl FnOnce() -> T) -> T {
+    if touches_disk && in_multi_thread_runtime() {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
 }
 
 fn in_multi_thread_runtime() -> bool {
