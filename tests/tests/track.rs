@@ -84,8 +84,9 @@ fn track_follows_messages_through_replication_takeover_recovery_and_delivery() {
     );
     assert!(
         wait_until(20, || sink.dumped().len() == 1),
-        "{} delivered",
-        sink.dumped().len()
+        "{} delivered\n{}",
+        sink.dumped().len(),
+        b.log_text()
     );
     // A comes back passive; recovery on B moves message 1, which only A had, and B delivers it.
     a.extra_args

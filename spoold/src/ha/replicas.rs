@@ -51,8 +51,11 @@ impl ReplicaStore for SpoolReplicas {
         enum Step {
             Nothing,
             Move(Folder),
+            /// The commit's answer, and what tracking records once the replica is on disk.
             Write(
                 tokio::sync::oneshot::Receiver<Result<spool::writer::CommitReceipt, CommitError>>,
+                track::Envelope,
+                u64,
             ),
         }
         let target = if held { Folder::Hold } else { Folder::Spool };
@@ -89,12 +92,7 @@ impl ReplicaStore for SpoolReplicas {
                 tracing::info!(id = %id, "replica of a message delivered here: ignored");
                 return Ok(Step::Nothing);
             }
-            self.lifecycle.track().event_with(
-                &id,
-                track::EventKind::Replicated,
-                format!("from the partner, {} bytes", e.body_len),
-                crate::lifecycle::tracked(&e, &body),
-            );
+            let tracked = crate::lifecycle::tracked(&e, &body);
             let (tx, rx) = tokio::sync::oneshot::channel();
             self.writer.submit(CommitRequest {
                 id: id.clone(),
@@ -108,18 +106,26 @@ impl ReplicaStore for SpoolReplicas {
                 }),
                 replicate: false,
             });
-            Ok(Step::Write(rx))
+            Ok(Step::Write(rx, tracked, e.body_len))
         });
         Box::pin(async move {
             let from = match step? {
                 Step::Nothing => return Ok(()),
                 Step::Move(from) => from,
-                Step::Write(rx) => {
+                Step::Write(rx, tracked, body_len) => {
                     match rx.await {
                         Ok(Ok(_)) => tracing::debug!(id = %id, "replica stored"),
                         Ok(Err(e)) => return Err(std::io::Error::other(e.to_string())),
                         Err(_) => return Err(std::io::Error::other("spool writer stopped")),
                     }
+                    // Recorded once the replica is on disk: "replicated" is a promise that the
+                    // partner survives losing the unit that accepted the message.
+                    self.lifecycle.track().event_with(
+                        &id,
+                        track::EventKind::Replicated,
+                        format!("from the partner, {body_len} bytes"),
+                        tracked,
+                    );
                     self.lifecycle.replica_stored();
                     Folder::Spool
                 }
