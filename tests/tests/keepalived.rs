@@ -86,6 +86,30 @@ impl Lan {
         ]);
     }
 
+    /// The client's neighbour entry for the virtual address (`ip neigh` output).
+    fn client_neighbour_of_vip(&self) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.ns("c"), "neigh", "show", "10.99.0.25"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Each unit's MAC address, to read [`Lan::client_neighbour_of_vip`] by.
+    fn macs(&self) -> String {
+        ["a", "b"]
+            .iter()
+            .map(|host| {
+                let out = Command::new("ip")
+                    .args(["-n", &self.ns(host), "-br", "link", "show", "dev", "eth0"])
+                    .output()
+                    .unwrap();
+                format!("{host}: {}", String::from_utf8_lossy(&out.stdout).trim())
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// Whether `host` holds the virtual address.
     fn holds_vip(&self, host: &str) -> bool {
         let out = Command::new("ip")
@@ -470,6 +494,7 @@ fn fail_the_active_under_load(
         "no mail through the address"
     );
     let probe = VipLoad::probe(&lan.ns("c"), seed + 900_000);
+    let before_failure = lan.client_neighbour_of_vip();
     let failed = Instant::now();
     fail(lan, &mut units[x]);
     let new_node = format!("gw_{}", units[y].name);
@@ -481,7 +506,16 @@ fn fail_the_active_under_load(
             .filter_map(|l| l.first_from(&new_node, failed))
             .min()
     };
-    let answered = wait_until(60, || first_from_partner().is_some());
+    // What the client's neighbour table says of the address, each time it changes: a slow
+    // handover that is the client still sending to the old holder's MAC shows as such.
+    let mut neighbour = vec![(0, before_failure)];
+    let answered = wait_until(60, || {
+        let now = lan.client_neighbour_of_vip();
+        if neighbour.last().is_none_or(|(_, last)| *last != now) {
+            neighbour.push((failed.elapsed().as_millis(), now));
+        }
+        first_from_partner().is_some()
+    });
     assert!(
         answered,
         "{what}: the partner never answered on the address:\n{}\n{}",
@@ -490,9 +524,11 @@ fn fail_the_active_under_load(
     );
     let took = first_from_partner().unwrap() - failed;
     let timeline = format!(
-        "probe {}; load {}",
+        "probe {}; load {}; the client's neighbour entry for the address (ms: entry) {neighbour:?}; \
+         MAC addresses: {}",
         probe.timeline(failed),
-        load.timeline(failed)
+        load.timeline(failed),
+        lan.macs()
     );
     let before = load.count();
     let more = Instant::now();
