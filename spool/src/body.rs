@@ -207,7 +207,7 @@ pub enum BodyError {
 /// A stored body, memory-mapped. An empty body maps to an empty slice.
 ///
 /// While it lives, its file is registered as mapped (`crate::mapped`): the recycling of removed
-/// messages' files (which truncates a file and writes new mail into it) passes it by. A file is
+/// messages' files (which shortens a file and writes new mail over its bytes) passes it by. A file is
 /// otherwise never changed in place after its commit round, only renamed or removed, which
 /// leaves a mapping valid.
 pub struct MappedBody {
@@ -236,16 +236,23 @@ impl MappedBody {
         let file = File::open(path)?;
         let meta = file.metadata()?;
         let inode = mapped::inode_of(&meta);
-        // Registered before the length is read: a recycler that truncated the file first is
-        // seen in the length, one that comes later sees the registration, and one at work now
-        // means the message is gone.
-        if !mapped::register_reader(inode) {
-            return Err(BodyError::Io(io::Error::new(
+        // Registered before the file is checked: a recycler at work now means the message is
+        // gone; one that comes later sees the registration and passes the file by; and one
+        // that took the file before could only take it after the remover moved it away from
+        // `path` (files are pooled only after that move), which the look at `path` below sees.
+        let gone = || {
+            BodyError::Io(io::Error::new(
                 io::ErrorKind::NotFound,
                 "the message was removed (its file is being reused)",
-            )));
+            ))
+        };
+        if !mapped::register_reader(inode) {
+            return Err(gone());
         }
         let body = MappedBody { map: None, inode };
+        if !std::fs::symlink_metadata(path).is_ok_and(|m| mapped::inode_of(&m) == inode) {
+            return Err(gone());
+        }
         let actual = file.metadata()?.len();
         if actual != len {
             return Err(BodyError::Length {

@@ -129,10 +129,11 @@ impl Layout {
         }
     }
 
-    /// Takes a recycled file (in `tmp/`) for new content: opened for writing and truncated,
-    /// with its path. A file some reader still maps stays in the pool (rewriting it would pull
-    /// the pages from under that reader); one that cannot be opened is dropped from it.
-    pub fn take_recycled(&self) -> Option<(File, PathBuf)> {
+    /// Takes a recycled file (in `tmp/`) for `len` bytes of new content: opened for writing,
+    /// not longer than `len` (its old bytes are overwritten in place), with its path. A file
+    /// some reader still maps stays in the pool (rewriting it would pull the pages from under
+    /// that reader); one that cannot be opened is dropped from it.
+    pub fn take_recycled(&self, len: u64) -> Option<(File, PathBuf)> {
         // Names are taken out one at a time and the pool's lock is not held while a file is
         // opened (the remover adds to the pool meanwhile); mapped ones go back afterwards.
         let pop = || {
@@ -145,7 +146,7 @@ impl Layout {
         let mut mapped = Vec::new();
         let mut taken = None;
         while let Some(path) = pop() {
-            match crate::mapped::open_recycled(&path) {
+            match crate::mapped::open_recycled(&path, len) {
                 Ok(Some(file)) => {
                     taken = Some((file, path));
                     break;
@@ -314,8 +315,17 @@ impl Layout {
         id: &MessageId,
     ) -> io::Result<crate::envelope::Envelope> {
         let bytes = fs::read(self.path(folder, id, Part::Env))?;
-        crate::envelope::Envelope::decode(&bytes)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("envelope {id}: {e}")))
+        let env = crate::envelope::Envelope::decode(&bytes).map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("envelope {id}: {e}"))
+        })?;
+        if env.id != *id {
+            // Opened just before the message was removed and its file reused for another.
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("envelope {id}: the message was removed (its file is being reused)"),
+            ));
+        }
+        Ok(env)
     }
 
     /// Replaces the envelope of a message in `folder` durably: write to `tmp/`, fsync, rename

@@ -10,10 +10,11 @@ use std::os::unix::fs::OpenOptionsExt;
 /// The files (device, inode) that live `MappedBody`s map in this process, with how many map
 /// each, and those being recycled right now. A file that is recycled while mapped loses its
 /// pages under the reader: touching them past the new end of file kills the process with
-/// SIGBUS. The recycler reserves a file that nobody maps before it truncates it
-/// ([`open_recycled`]); a reader registers before it reads the file's length and gives up on a
-/// file being recycled, so one always sees the other. The lock is held for the set operations
-/// only, never across a system call: readers take it on the async threads.
+/// SIGBUS. The recycler reserves a file that nobody maps before it opens and shortens it
+/// ([`open_recycled`]); a reader registers before it checks that the file is still the
+/// message's and gives up on a file being recycled, so one always sees the other. The lock is
+/// held for the set operations only, never across a system call: readers take it on the async
+/// threads.
 static MAPPED: std::sync::Mutex<Option<Mapped>> = std::sync::Mutex::new(None);
 
 #[derive(Default)]
@@ -32,19 +33,31 @@ pub(crate) fn inode_of(meta: &std::fs::Metadata) -> (u64, u64) {
     (meta.dev(), meta.ino())
 }
 
-/// Opens the recycled file at `path` for new content (truncated), unless a `MappedBody`
+/// Opens the recycled file at `path` for `len` bytes of new content, unless a `MappedBody`
 /// maps it: then `None`, and the file stays in the pool for later.
-pub(crate) fn open_recycled(path: &std::path::Path) -> io::Result<Option<File>> {
-    let inode = inode_of(&std::fs::symlink_metadata(path)?);
+///
+/// The file is shortened to `len` if it is longer, never emptied: the new content overwrites
+/// the old blocks in place. Truncating to zero freed every block only for the writer to
+/// allocate them again (and, on a file system mounted with `discard`, sent the device a
+/// discard for each); a file of the same size now costs neither, and its `fsync` has no
+/// allocation to write out.
+pub(crate) fn open_recycled(path: &std::path::Path, len: u64) -> io::Result<Option<File>> {
+    let meta = std::fs::symlink_metadata(path)?;
+    let inode = inode_of(&meta);
     let reserved = with_mapped(|m| !m.readers.contains_key(&inode) && m.recycling.insert(inode));
     if !reserved {
         return Ok(None);
     }
     let opened = OpenOptions::new()
         .write(true)
-        .truncate(true)
         .custom_flags(libc::O_CLOEXEC)
-        .open(path);
+        .open(path)
+        .and_then(|f| {
+            if meta.len() > len {
+                f.set_len(len)?;
+            }
+            Ok(f)
+        });
     with_mapped(|m| m.recycling.remove(&inode));
     opened.map(Some)
 }

@@ -567,10 +567,11 @@ impl Publisher {
 }
 
 impl Worker {
-    /// A new, empty file for one part: a recycled file from `tmp/` (truncated), else nameless
-    /// in `spool/`, or `tmp/<id>.<part>`.
-    fn create(&self, id: &MessageId, part: Part) -> io::Result<(File, Option<PathBuf>)> {
-        if let Some((f, path)) = self.layout.take_recycled() {
+    /// A new file for `len` bytes of one part: a recycled file from `tmp/` (its old bytes
+    /// overwritten, it is not longer than `len`), else nameless in `spool/`, or
+    /// `tmp/<id>.<part>`.
+    fn create(&self, id: &MessageId, part: Part, len: u64) -> io::Result<(File, Option<PathBuf>)> {
+        if let Some((f, path)) = self.layout.take_recycled(len) {
             return Ok((f, Some(path)));
         }
         if self.nameless {
@@ -600,7 +601,7 @@ impl Worker {
                 s.written,
                 Some(self.layout.path(Folder::Tmp, &req.id, Part::Body)),
             ),
-            None => match self.create(&req.id, Part::Body) {
+            None => match self.create(&req.id, Part::Body, chunks_len(&req.body.chunks)) {
                 Ok((f, name)) => (Some(f), 0, name),
                 Err(e) => {
                     error = Some(e);
@@ -608,7 +609,7 @@ impl Worker {
                 }
             },
         };
-        let (env_file, tmp_env) = match self.create(&req.id, Part::Env) {
+        let (env_file, tmp_env) = match self.create(&req.id, Part::Env, req.envelope.len() as u64) {
             Ok((f, name)) => (Some(f), name),
             Err(e) => {
                 error.get_or_insert(e);
@@ -814,9 +815,14 @@ const ENV_WRITEBACK: u64 = 5;
 const STEPS: usize = 6;
 const STEP_BITS: u32 = 3;
 
+/// The bytes in `chunks`.
+fn chunks_len(chunks: &[Bytes]) -> u64 {
+    chunks.iter().map(|c| c.len() as u64).sum()
+}
+
 impl Job {
     fn body_len_pending(&self) -> usize {
-        self.req.body.chunks.iter().map(Bytes::len).sum()
+        chunks_len(&self.req.body.chunks) as usize
     }
 
     /// Its open files: body, then envelope.

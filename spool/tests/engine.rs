@@ -397,6 +397,51 @@ fn removed_files_are_recycled_for_new_mail_and_hold_only_its_bytes() {
     );
 }
 
+/// Files are reused by overwriting their old bytes in place (not emptied first): new mail of
+/// the same size, of a larger size and of a smaller one each holds exactly its own bytes.
+#[test]
+fn recycled_files_overwritten_in_place_hold_exactly_the_new_bytes() {
+    let (_d, layout, ids) = setup();
+    layout.set_recycling(64);
+    let writer = SpoolWriter::start(layout.clone(), WriterOptions::default(), None).unwrap();
+    let commit = |i: usize, len: usize| {
+        let id = ids.next_id();
+        let body = body_of(i, len);
+        let parts = BodyParts {
+            spilled: None,
+            chunks: vec![Bytes::from(body.clone())],
+        };
+        writer
+            .commit_blocking(id.clone(), envelope(&id, &body).encode(), parts)
+            .unwrap();
+        (id, body)
+    };
+    for (round, len) in [(0, 4096), (1, 4096), (2, 9000), (3, 100), (4, 4096)] {
+        let spooled: Vec<_> = (0..8).map(|i| commit(round * 100 + i, len)).collect();
+        for (id, body) in &spooled {
+            assert_spooled_whole(&layout, id, body);
+        }
+        for (id, _) in &spooled {
+            layout.remove_pair(id, Folder::Spool).unwrap();
+        }
+    }
+    writer.shutdown();
+}
+
+/// An envelope read just as its message was removed and the file reused for another message
+/// is "gone", never the other message's envelope under this one's id.
+#[test]
+fn an_envelope_file_reused_for_another_message_reads_as_gone() {
+    let (_d, layout, ids) = setup();
+    let (a, b) = (ids.next_id(), ids.next_id());
+    let path = layout.path(Folder::Spool, &a, Part::Env);
+    fs::write(&path, envelope(&b, b"x").encode()).unwrap();
+    let err = layout.read_envelope(Folder::Spool, &a).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+    fs::write(&path, envelope(&a, b"x").encode()).unwrap();
+    assert_eq!(layout.read_envelope(Folder::Spool, &a).unwrap().id, a);
+}
+
 /// Panics on the writer thread, in the middle of a round.
 struct PanickingHook;
 
@@ -518,7 +563,7 @@ fn the_publish_hook_gets_each_published_message_with_its_contents() {
     assert_eq!(seen, vec![expected]);
 }
 
-/// Regression: a removed message's files are recycled, truncated and rewritten in place for new
+/// Regression: a removed message's files are recycled, shortened and rewritten in place for new
 /// mail; a reader still mapping the old body (a replication sender, a delivery's DSN, the
 /// archive) then touched pages past the new end of file and the process died of SIGBUS, without
 /// a line in its log. A mapped file is not reused while it is mapped.
