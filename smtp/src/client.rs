@@ -1,5 +1,6 @@
 //! The SMTP client side: deliver one message at a time over a connection that can be reused
-//! (RSET between messages), with EHLO, PIPELINING when offered, SIZE, 8BITMIME, STARTTLS by
+//! (a transaction that reached its final reply needs no RSET; one abandoned midway gets one),
+//! with EHLO, PIPELINING when offered, SIZE, 8BITMIME, STARTTLS by
 //! policy, and a timeout on every phase. The body is written straight from the caller's slice
 //! (for spoold, the memory-mapped `.body`), dot-stuffed on the way without a per-message copy.
 

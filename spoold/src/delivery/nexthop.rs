@@ -186,9 +186,10 @@ impl Delivery {
                 .await
             {
                 Ok(outcome) => {
-                    if conn.reset().await {
-                        self.give_back(hop, conn);
-                    }
+                    // No RSET: a transaction that reached its final reply is over (RFC 5321
+                    // 4.1.1.9), and a connection the next hop closed meanwhile costs one retry
+                    // on a fresh one (above), not a round trip after every message.
+                    self.give_back(hop, conn);
                     self.metrics
                         .deliveries
                         .with_label_values(&[hop.address.as_str()])
