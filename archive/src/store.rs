@@ -1295,9 +1295,25 @@ pub fn decompress_verified(
     raw_len: u64,
     hash: &[u8; 32],
 ) -> Result<Vec<u8>, ArchiveError> {
-    let raw = zstd::bulk::decompress(compressed, raw_len as usize).map_err(|e| {
-        ArchiveError::Corrupt(format!("body {} does not decompress: {e}", hex(hash)))
-    })?;
+    thread_local! {
+        /// One decompression context per thread, kept: making one per body (as
+        /// `zstd::bulk::decompress` does) allocated and initialised ~100 KiB for every item the
+        /// indexer, a search or a mirror read.
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let raw = DECOMPRESSOR
+        .with(|cell| {
+            let mut cell = cell.borrow_mut();
+            let d = match cell.as_mut() {
+                Some(d) => d,
+                None => cell.insert(zstd::bulk::Decompressor::new()?),
+            };
+            d.decompress(compressed, raw_len as usize)
+        })
+        .map_err(|e| {
+            ArchiveError::Corrupt(format!("body {} does not decompress: {e}", hex(hash)))
+        })?;
     let got: [u8; 32] = Sha256::digest(&raw).into();
     if raw.len() as u64 != raw_len || &got != hash {
         return Err(ArchiveError::Corrupt(format!(

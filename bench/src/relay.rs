@@ -107,8 +107,9 @@ fn clamd(dir: &Path) -> Result<Child> {
     Ok(child)
 }
 
-/// One spoold relay run: msgs/s end to end, and spoold's peak RSS in MiB.
-fn run_spoold(a: &Args, clamd_sock: Option<&Path>, archive: bool) -> Result<(f64, f64)> {
+/// One spoold relay run: msgs/s end to end, spoold's peak RSS in MiB, and spoold's CPU
+/// (user + system) per message in µs, from its start to the sink's last message.
+fn run_spoold(a: &Args, clamd_sock: Option<&Path>, archive: bool) -> Result<(f64, f64, f64)> {
     let bin = spoold_binary()?;
     let dir = crate::scratch_dir(None)?;
     let sink_addr = free_addr()?;
@@ -132,9 +133,10 @@ fn run_spoold(a: &Args, clamd_sock: Option<&Path>, archive: bool) -> Result<(f64
     let result = wait_sink(sink, Duration::from_secs(600));
     let secs = t.elapsed().as_secs_f64();
     let (_, peak) = d.rss_mib();
+    let cpu_us = d.cpu_seconds() * 1e6 / a.messages as f64;
     drop(d);
     result?;
-    Ok((a.messages as f64 / secs, peak))
+    Ok((a.messages as f64 / secs, peak, cpu_us))
 }
 
 fn run_postfix(a: &Args) -> Result<f64> {
@@ -162,9 +164,9 @@ fn run_postfix(a: &Args) -> Result<f64> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let mut plain = Vec::new();
-    let mut unarchived = Vec::new();
-    let mut scanned = Vec::new();
+    let (mut plain, mut plain_cpu) = (Vec::new(), Vec::new());
+    let (mut unarchived, mut unarchived_cpu) = (Vec::new(), Vec::new());
+    let (mut scanned, mut scanned_cpu) = (Vec::new(), Vec::new());
     let mut rss = Vec::new();
     let mut postfix = Vec::new();
     let clam_dir = tempfile::tempdir_in("target")?;
@@ -173,13 +175,18 @@ pub fn run(a: Args) -> Result<()> {
     let settle = || std::thread::sleep(Duration::from_secs(a.settle));
     for _ in 0..a.runs {
         settle();
-        let (rate, peak) = run_spoold(&a, None, true)?;
+        let (rate, peak, cpu) = run_spoold(&a, None, true)?;
         plain.push(rate);
+        plain_cpu.push(cpu);
         rss.push(peak);
         settle();
-        unarchived.push(run_spoold(&a, None, false)?.0);
+        let (rate, _, cpu) = run_spoold(&a, None, false)?;
+        unarchived.push(rate);
+        unarchived_cpu.push(cpu);
         settle();
-        scanned.push(run_spoold(&a, Some(&clam_dir.path().join("clamd.sock")), true)?.0);
+        let (rate, _, cpu) = run_spoold(&a, Some(&clam_dir.path().join("clamd.sock")), true)?;
+        scanned.push(rate);
+        scanned_cpu.push(cpu);
         if a.compare_postfix {
             settle();
             postfix.push(run_postfix(&a)?);
@@ -192,15 +199,29 @@ pub fn run(a: Args) -> Result<()> {
         "relay: {} sessions, {} messages of {} B per run, SMTP in → spool → SMTP out to smtp-sink, median of {} runs; spool.sync = {}",
         a.sessions, a.messages, a.size, a.runs, a.sync
     );
-    println!("{:<30} {:>10}", "setup", "msgs/s");
-    let p = median(plain);
-    println!("{:<30} {:>10.0}", "spoold, no scan", p);
     println!(
-        "{:<30} {:>10.0}",
-        "spoold, no scan, no archive",
-        median(unarchived)
+        "{:<30} {:>10} {:>16}",
+        "setup", "msgs/s", "spoold CPU µs/msg"
     );
-    println!("{:<30} {:>10.0}", "spoold + clamd", median(scanned));
+    let p = median(plain);
+    println!(
+        "{:<30} {:>10.0} {:>16.0}",
+        "spoold, no scan",
+        p,
+        median(plain_cpu)
+    );
+    println!(
+        "{:<30} {:>10.0} {:>16.0}",
+        "spoold, no scan, no archive",
+        median(unarchived),
+        median(unarchived_cpu)
+    );
+    println!(
+        "{:<30} {:>10.0} {:>16.0}",
+        "spoold + clamd",
+        median(scanned),
+        median(scanned_cpu)
+    );
     println!(
         "spoold peak RSS (no scan, archive on, {} sessions): {:.0} MiB",
         a.sessions,

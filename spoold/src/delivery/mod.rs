@@ -262,14 +262,18 @@ impl Delivery {
     }
 
     async fn process_inner(&self, id: &MessageId) -> anyhow::Result<Next> {
-        let folder = if self.layout.path(Folder::Spool, id, Part::Env).exists() {
-            Folder::Spool
-        } else if self.layout.path(Folder::Vscan, id, Part::Env).exists() {
-            Folder::Vscan
-        } else {
-            return Ok(Next::Done); // removed meanwhile (an operator, or a duplicate schedule)
+        // Read where it most likely is; a look elsewhere only when it is not there.
+        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+        let (folder, mut env) = match self.layout.read_envelope(Folder::Spool, id) {
+            Ok(env) => (Folder::Spool, env),
+            Err(e) if gone(&e) => match self.layout.read_envelope(Folder::Vscan, id) {
+                Ok(env) => (Folder::Vscan, env),
+                // Removed meanwhile (an operator, or a duplicate schedule).
+                Err(e) if gone(&e) => return Ok(Next::Done),
+                Err(e) => return Err(e.into()),
+            },
+            Err(e) => return Err(e.into()),
         };
-        let mut env = self.layout.read_envelope(folder, id)?;
         if let spool::ScanState::Held(reason) = &env.scan {
             return self.hold_in_quarantine(folder, &env, reason).await;
         }
