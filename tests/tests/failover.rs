@@ -63,8 +63,10 @@ fn drained(a: &Daemon, b: &Daemon, sink: &SmtpSink, n: usize, secs: u64) {
 #[test]
 fn planned_switchover_and_takeback_under_a_backlog_deliver_nothing_twice() {
     let sink = SmtpSink::start();
+    // Slow enough that A still holds more than 50 of the 150 when it hands over: each message
+    // waits for two delayed replies (MAIL/RCPT/DATA pipelined, then the end of data).
     let slow = FaultProxy::start(sink.addr);
-    slow.set_reply_delay_ms(150);
+    slow.set_reply_delay_ms(250);
     let p = pair(slow.addr);
     let a = Daemon::start_delivering(&["--config", &p.a_config]);
     let b = Daemon::start_delivering(&["--config", &p.b_config]);
