@@ -8,6 +8,7 @@
 //!   io_uring, next to spoold's group-commit writer.
 //! - `recovery`: startup recovery time for a spool of N messages.
 //! - `relay`: end to end through spoold (with and without clamd) and through Postfix.
+//! - `backlog`: a large spool after a crash: ready, drained, the spool empty, RSS while draining.
 //! - `replicate`: ingest with replication off and async, and the replication lag.
 //! - `archive`: archive ingest beside the spool's, bytes stored, search latency at a million
 //!   items, mirror catch-up.
@@ -16,6 +17,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod archive;
+mod backlog;
 mod cluster;
 mod console;
 mod ingest;
@@ -45,6 +47,8 @@ enum Cmd {
     Recovery(raw::RecoveryArgs),
     /// End to end: SMTP in, optional clamd, SMTP out to smtp-sink; next to Postfix.
     Relay(relay::Args),
+    /// A large backlog after a crash: ready, drained, the spool empty, RSS while draining.
+    Backlog(backlog::Args),
     /// Ingest with replication off and async, and the lag under that load.
     Replicate(replicate::Args),
     /// Archive ingest beside spool ingest, bytes stored, search latency, mirror catch-up.
@@ -63,6 +67,7 @@ fn main() -> Result<()> {
         Cmd::SpoolRaw(a) => raw::run(a),
         Cmd::Recovery(a) => raw::recovery(a),
         Cmd::Relay(a) => relay::run(a),
+        Cmd::Backlog(a) => backlog::run(a),
         Cmd::Replicate(a) => replicate::run(a),
         Cmd::Archive(a) => archive::run(a),
         Cmd::Cluster(a) => cluster::run(a),
