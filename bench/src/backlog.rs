@@ -4,10 +4,9 @@
 //! backlog's drain rate, in the same invocation.
 
 use crate::ingest::{free_addr, load, spoold_binary, Load, Spoold};
-use anyhow::{Context, Result};
-use std::net::SocketAddr;
+use crate::relay::sink;
+use anyhow::Result;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
@@ -41,30 +40,6 @@ impl Drain {
     }
 }
 
-/// `smtp-sink` that exits once it has `n` messages. It exits on receiving the last one,
-/// before it answers it: spoold then keeps that one message for a later attempt, which is why
-/// "the spool is empty" below allows one message.
-fn sink(addr: SocketAddr, n: usize) -> Result<Child> {
-    let child = Command::new("smtp-sink")
-        .args([
-            "-u",
-            "nobody",
-            "-M",
-            &n.to_string(),
-            &addr.to_string(),
-            "256",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .context("start smtp-sink (apt-get install postfix)")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "smtp-sink did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(child)
-}
-
 fn spool_files(state: &Path) -> usize {
     std::fs::read_dir(state.join("spool")).map_or(0, |d| d.count())
 }
@@ -95,6 +70,8 @@ fn drain(a: &Args, messages: usize) -> Result<Drain> {
         "{} files spooled for {messages} messages",
         spool_files(&state)
     );
+    // The sink exits on receiving its last message, before it answers it: spoold keeps that
+    // one message for a later attempt, which is why "the spool is empty" allows one message.
     let mut sink = sink(sink_addr, messages)?;
     let started = Instant::now();
     let d = Spoold::start_config(&bin, &state, &config, true)?;

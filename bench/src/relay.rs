@@ -42,7 +42,7 @@ pub struct Args {
 }
 
 /// smtp-sink that exits after `n` messages: its exit marks the last delivery.
-fn sink(addr: SocketAddr, n: usize) -> Result<Child> {
+pub fn sink(addr: SocketAddr, n: usize) -> Result<Child> {
     let child = Command::new("smtp-sink")
         .args([
             "-u",
