@@ -280,12 +280,16 @@ impl Spoold {
             .env("SPOOLD_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Owned at once, so that a start that fails below still kills the child (left running,
+        // it met its state directory being deleted under it).
+        let d = Spoold { child, smtp, http };
+        // Generous: a spool of a million messages takes tens of seconds to recover.
+        let deadline = Instant::now() + Duration::from_secs(300);
         while std::net::TcpStream::connect(smtp).is_err() {
             anyhow::ensure!(Instant::now() < deadline, "spoold did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(Spoold { child, smtp, http })
+        Ok(d)
     }
 
     /// Calls `set` for every thread of the daemon; `set` returns the `errno`-style status of
