@@ -250,10 +250,11 @@ impl MappedBody {
             return Err(gone());
         }
         let body = MappedBody { map: None, inode };
-        if !std::fs::symlink_metadata(path).is_ok_and(|m| mapped::inode_of(&m) == inode) {
-            return Err(gone());
-        }
-        let actual = file.metadata()?.len();
+        // The look at `path` also gives the length, read after the registration.
+        let actual = match std::fs::symlink_metadata(path) {
+            Ok(m) if mapped::inode_of(&m) == inode => m.len(),
+            _ => return Err(gone()),
+        };
         if actual != len {
             return Err(BodyError::Length {
                 expected: len,
