@@ -6,9 +6,10 @@
 //! of the two units of a pair apart even when their clocks agree. Ids never derive from inodes, so
 //! a spool can be copied to another host and keep its meaning.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Longest node name accepted; keeps file names short and predictable.
@@ -17,11 +18,34 @@ pub const NODE_NAME_LEN_MAX: usize = 32;
 /// Bits of the stamp used to count ids within one microsecond.
 const SEQ_BITS: u32 = 12;
 
-/// A message id. Cheap to clone, ordered by arrival on its origin node.
+/// A message id. Cheap to clone (no allocation), ordered by arrival on its origin node.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MessageId {
     stamp: u64,
-    node: Box<str>,
+    node: Arc<str>,
+}
+
+/// Node names seen so far, shared by every id that names them: a spool of a million messages
+/// from two nodes holds two copies of the names, not a million (the schedule and recovery keep
+/// an id per message in memory).
+const INTERNED_NODES_MAX: usize = 1024;
+
+fn interned(node: &str) -> Arc<str> {
+    static NODES: OnceLock<Mutex<HashSet<Arc<str>>>> = OnceLock::new();
+    let mut nodes = NODES
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(known) = nodes.get(node) {
+        return known.clone();
+    }
+    let name: Arc<str> = node.into();
+    // Bounded whatever the input (ids come from files and the partner): past the limit a name
+    // gets its own copy, as every id did before names were shared.
+    if nodes.len() < INTERNED_NODES_MAX {
+        nodes.insert(name.clone());
+    }
+    name
 }
 
 /// Why a string is not a valid id or node name.
@@ -87,7 +111,7 @@ impl FromStr for MessageId {
         let stamp = u64::from_str_radix(hex, 16).map_err(|_| malformed())?;
         Ok(MessageId {
             stamp,
-            node: node.into(),
+            node: interned(node),
         })
     }
 }
@@ -95,7 +119,7 @@ impl FromStr for MessageId {
 /// Issues ids for one node. Thread-safe; ids from one generator strictly increase even if the
 /// wall clock steps back (it then borrows from the future until the clock catches up).
 pub struct IdGenerator {
-    node: Box<str>,
+    node: Arc<str>,
     last: Mutex<u64>,
 }
 
@@ -104,7 +128,7 @@ impl IdGenerator {
     pub fn new(node: &str) -> Result<Self, IdError> {
         validate_node_name(node)?;
         Ok(IdGenerator {
-            node: node.into(),
+            node: interned(node),
             last: Mutex::new(0),
         })
     }
@@ -142,6 +166,15 @@ mod tests {
         assert_eq!(s.len(), 16 + 1 + 4);
         assert_eq!(s.parse::<MessageId>().unwrap(), ids[5]);
         assert_eq!(ids[5].node(), "gw_a");
+    }
+
+    #[test]
+    fn ids_of_one_node_share_its_name() {
+        let a: MessageId = "0123456789abcdef-shared_node".parse().unwrap();
+        let b: MessageId = "0123456789abcdf0-shared_node".parse().unwrap();
+        let c = IdGenerator::new("shared_node").unwrap().next_id();
+        assert!(Arc::ptr_eq(&a.node, &b.node) && Arc::ptr_eq(&a.node, &c.node));
+        assert_eq!(std::mem::size_of::<MessageId>(), 24);
     }
 
     #[test]

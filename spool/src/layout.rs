@@ -308,24 +308,35 @@ pub fn split_file_name(name: &str) -> Option<(&str, Part)> {
 }
 
 impl Layout {
-    /// Reads and verifies the envelope of `id` in `folder`.
+    /// Reads and verifies the envelope of `id` in `folder`: `NotFound` when the message is not
+    /// there, `InvalidData` when its file does not hold its envelope (torn, not an envelope,
+    /// another message's).
     pub fn read_envelope(
         &self,
         folder: Folder,
         id: &MessageId,
     ) -> io::Result<crate::envelope::Envelope> {
-        let bytes = fs::read(self.path(folder, id, Part::Env))?;
-        let env = crate::envelope::Envelope::decode(&bytes).map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("envelope {id}: {e}"))
-        })?;
-        if env.id != *id {
-            // Opened just before the message was removed and its file reused for another.
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("envelope {id}: the message was removed (its file is being reused)"),
-            ));
+        let path = self.path(folder, id, Part::Env);
+        let mut second_look = false;
+        loop {
+            let bytes = fs::read(&path)?;
+            let env = crate::envelope::Envelope::decode(&bytes).map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("envelope {id}: {e}"))
+            })?;
+            if env.id == *id {
+                return Ok(env);
+            }
+            // Opened just before the message was removed and its file reused for another: the
+            // name is gone by now. A name that still holds another message's envelope was
+            // put there by hand (a copy gone wrong).
+            if second_look {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("envelope {id}: the file holds the envelope of {}", env.id),
+                ));
+            }
+            second_look = true;
         }
-        Ok(env)
     }
 
     /// Replaces the envelope of a message in `folder` durably: write to `tmp/`, fsync, rename

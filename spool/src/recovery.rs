@@ -2,8 +2,15 @@
 //! state directory into a consistent spool.
 //!
 //! Recovery, in order: empty `tmp/`; in each queue folder, re-unite an envelope with a body that
-//! a crash left in another folder mid-move; move pairs that fail validation to `corrupt/` with a
-//! `<name>.reason` file; remove bodies without an envelope (never acknowledged); report the rest.
+//! a crash left in another folder mid-move; set aside in `corrupt/` (with a `<name>.reason`
+//! file) an envelope without its body or a file whose name is not a message id; remove bodies
+//! without an envelope (never acknowledged); report the rest.
+//!
+//! Recovery works from file names alone and reads no envelope: on a cold cache a million
+//! envelopes are a million random reads, minutes before the unit could take mail. Like
+//! Postfix's queue manager, the daemon checks each message when it first works on it (the
+//! envelope decodes and names the file's message, the body has its length and checksum) and
+//! sets aside there what fails.
 
 use crate::body::MappedBody;
 use crate::envelope::Envelope;
@@ -21,17 +28,13 @@ pub const MESSAGE_FOLDERS: [Folder; 4] = [
     Folder::Hold,
 ];
 
-/// A valid message found on disk.
+/// A message found on disk: its envelope and body are both there (neither was read).
 #[derive(Clone, Debug)]
 pub struct FoundMessage {
     /// Its id.
     pub id: MessageId,
     /// Where it is.
     pub folder: Folder,
-    /// Body length from the (verified) envelope.
-    pub body_len: u64,
-    /// When to try it next, ms since the epoch.
-    pub next_attempt_ms: u64,
 }
 
 /// A pair set aside for an operator.
@@ -48,7 +51,7 @@ pub struct CorruptPair {
 /// What recovery did.
 #[derive(Debug, Default)]
 pub struct RecoveryReport {
-    /// Valid messages, sorted by id (arrival order) within each folder.
+    /// Messages whose two files are there, sorted by id (arrival order) within each folder.
     pub found: Vec<FoundMessage>,
     /// Files removed from `tmp/`.
     pub tmp_removed: usize,
@@ -60,27 +63,70 @@ pub struct RecoveryReport {
     pub corrupt: Vec<CorruptPair>,
 }
 
-#[derive(Default)]
+#[derive(Clone, Copy, Default)]
 struct Pair {
     env: bool,
     body: bool,
 }
 
-fn list_pairs(layout: &Layout, folder: Folder) -> io::Result<BTreeMap<String, Pair>> {
-    let mut pairs: BTreeMap<String, Pair> = BTreeMap::new();
+impl Pair {
+    fn of(part: Part) -> Pair {
+        Pair {
+            env: part == Part::Env,
+            body: part == Part::Body,
+        }
+    }
+}
+
+/// The pairs of one folder: those named by a message id, sorted by it, in one vector (a
+/// folder may hold two million files: no map node or string per file), and the few named
+/// otherwise (an operator's copy gone wrong).
+struct Listing {
+    folder: Folder,
+    pairs: Vec<(MessageId, Pair)>,
+    strangers: BTreeMap<String, Pair>,
+}
+
+impl Listing {
+    fn find(&self, id: &MessageId) -> Option<usize> {
+        self.pairs.binary_search_by(|(p, _)| p.cmp(id)).ok()
+    }
+}
+
+fn list_pairs(layout: &Layout, folder: Folder) -> io::Result<Listing> {
+    let mut pairs: Vec<(MessageId, Pair)> = Vec::new();
+    let mut strangers: BTreeMap<String, Pair> = BTreeMap::new();
     for entry in fs::read_dir(layout.dir(folder))? {
         let entry = entry?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if let Some((stem, part)) = split_file_name(name) {
-            let p = pairs.entry(stem.to_string()).or_default();
-            match part {
-                Part::Env => p.env = true,
-                Part::Body => p.body = true,
+        let Some((stem, part)) = split_file_name(name) else {
+            continue;
+        };
+        match stem.parse::<MessageId>() {
+            Ok(id) => pairs.push((id, Pair::of(part))),
+            Err(_) => {
+                let p = strangers.entry(stem.to_string()).or_default();
+                p.env |= part == Part::Env;
+                p.body |= part == Part::Body;
             }
         }
     }
-    Ok(pairs)
+    pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    // The two files of a pair are adjacent now: fold the later into the earlier.
+    pairs.dedup_by(|later, earlier| {
+        let same = later.0 == earlier.0;
+        if same {
+            earlier.1.env |= later.1.env;
+            earlier.1.body |= later.1.body;
+        }
+        same
+    });
+    Ok(Listing {
+        folder,
+        pairs,
+        strangers,
+    })
 }
 
 /// Reads and checks an envelope whose file is named `stem`: decodes it, checks the id matches
@@ -133,6 +179,35 @@ pub fn set_aside(layout: &Layout, folder: Folder, stem: &str, reason: &str) -> i
     fsync_dir(&from)
 }
 
+/// An interrupted `move_pair` leaves the body in the destination and the envelope in the
+/// source: the body goes back next to its envelope. Returns how many were re-united.
+fn reunite(layout: &Layout, listings: &mut [Listing]) -> io::Result<usize> {
+    let mut reunited = 0;
+    for i in 0..listings.len() {
+        for k in 0..listings[i].pairs.len() {
+            let (id, pair) = &listings[i].pairs[k];
+            if !pair.env || pair.body {
+                continue;
+            }
+            let elsewhere = (0..listings.len()).filter(|&j| j != i).find_map(|j| {
+                let at = listings[j].find(id)?;
+                let p = listings[j].pairs[at].1;
+                (p.body && !p.env).then_some((j, at))
+            });
+            let Some((j, at)) = elsewhere else { continue };
+            let (here, there) = (listings[i].folder, listings[j].folder);
+            let name = format!("{id}.body");
+            fs::rename(layout.dir(there).join(&name), layout.dir(here).join(&name))?;
+            fsync_dir(&layout.dir(here))?;
+            fsync_dir(&layout.dir(there))?;
+            listings[j].pairs[at].1.body = false;
+            listings[i].pairs[k].1.body = true;
+            reunited += 1;
+        }
+    }
+    Ok(reunited)
+}
+
 /// Runs startup recovery. Idempotent: running it twice changes nothing the second time.
 pub fn recover(layout: &Layout) -> io::Result<RecoveryReport> {
     let mut report = RecoveryReport::default();
@@ -143,70 +218,55 @@ pub fn recover(layout: &Layout) -> io::Result<RecoveryReport> {
     }
     fsync_dir(&tmp)?;
 
-    let mut listings: Vec<(Folder, BTreeMap<String, Pair>)> = MESSAGE_FOLDERS
+    let mut listings: Vec<Listing> = MESSAGE_FOLDERS
         .iter()
-        .map(|&f| list_pairs(layout, f).map(|p| (f, p)))
+        .map(|&f| list_pairs(layout, f))
         .collect::<io::Result<_>>()?;
+    report.reunited = reunite(layout, &mut listings)?;
 
-    // An interrupted move_pair leaves the body in the destination and the envelope in the source.
-    for i in 0..listings.len() {
-        let stems: Vec<String> = listings[i]
-            .1
-            .iter()
-            .filter(|(_, p)| p.env && !p.body)
-            .map(|(s, _)| s.clone())
-            .collect();
-        for stem in stems {
-            let here = listings[i].0;
-            let elsewhere = (0..listings.len())
-                .find(|&j| j != i && listings[j].1.get(&stem).is_some_and(|p| p.body && !p.env));
-            if let Some(j) = elsewhere {
-                let there = listings[j].0;
-                let name = format!("{stem}.body");
-                fs::rename(layout.dir(there).join(&name), layout.dir(here).join(&name))?;
-                fsync_dir(&layout.dir(here))?;
-                fsync_dir(&layout.dir(there))?;
-                listings[j].1.remove(&stem);
-                if let Some(p) = listings[i].1.get_mut(&stem) {
-                    p.body = true;
-                }
-                report.reunited += 1;
-            }
-        }
-    }
-
-    for (folder, pairs) in listings {
+    for listing in listings {
+        let folder = listing.folder;
         let dir = layout.dir(folder);
         let mut removed_any = false;
-        for (stem, pair) in pairs {
-            if !pair.env {
-                // The envelope is written last: a lone body was never acknowledged.
-                remove_if_exists(&dir.join(format!("{stem}.body")))?;
-                report.orphans_removed += 1;
-                removed_any = true;
-                tracing::info!(name = %stem, folder = folder.name(), "removed orphan body");
-                continue;
-            }
-            match validate_pair(layout, folder, &stem, false) {
-                Ok(env) => report.found.push(FoundMessage {
-                    id: env.id,
-                    folder,
-                    body_len: env.body_len,
-                    next_attempt_ms: env.next_attempt_ms,
-                }),
-                Err(reason) => {
-                    tracing::error!(name = %stem, folder = folder.name(), %reason, "moved to corrupt/");
-                    set_aside(layout, folder, &stem, &reason)?;
-                    report.corrupt.push(CorruptPair {
-                        name: stem,
-                        folder,
-                        reason,
-                    });
+        let mut orphan = |stem: &str| -> io::Result<()> {
+            // The envelope is written last: a lone body was never acknowledged.
+            remove_if_exists(&dir.join(format!("{stem}.body")))?;
+            tracing::info!(name = %stem, folder = folder.name(), "removed orphan body");
+            removed_any = true;
+            Ok(())
+        };
+        let mut corrupt = Vec::new();
+        for (id, pair) in listing.pairs {
+            match (pair.env, pair.body) {
+                (true, true) => report.found.push(FoundMessage { id, folder }),
+                (true, false) => corrupt.push((id.to_string(), "body missing".to_string())),
+                (false, true) => {
+                    orphan(&id.to_string())?;
+                    report.orphans_removed += 1;
                 }
+                // A body re-united with its envelope elsewhere.
+                (false, false) => {}
+            }
+        }
+        for (stem, pair) in listing.strangers {
+            if pair.env {
+                corrupt.push((stem, "file name is not a message id".to_string()));
+            } else {
+                orphan(&stem)?;
+                report.orphans_removed += 1;
             }
         }
         if removed_any {
             fsync_dir(&dir)?;
+        }
+        for (name, reason) in corrupt {
+            tracing::error!(name = %name, folder = folder.name(), %reason, "moved to corrupt/");
+            set_aside(layout, folder, &name, &reason)?;
+            report.corrupt.push(CorruptPair {
+                name,
+                folder,
+                reason,
+            });
         }
     }
     Ok(report)
@@ -234,7 +294,13 @@ pub enum InsertOutcome {
 pub fn insert_input(layout: &Layout) -> io::Result<Vec<InsertOutcome>> {
     let mut outcomes = Vec::new();
     let mut inserted = Vec::new();
-    for (stem, pair) in list_pairs(layout, Folder::Input)? {
+    let listing = list_pairs(layout, Folder::Input)?;
+    let stems = listing
+        .pairs
+        .into_iter()
+        .map(|(id, pair)| (id.to_string(), pair))
+        .chain(listing.strangers);
+    for (stem, pair) in stems {
         if !pair.env {
             continue;
         }

@@ -250,6 +250,8 @@ fn recovery_handles_every_partial_state() {
     writer.shutdown();
     // 0: left alone. 1: torn envelope. 2: body missing length. 3: interrupted move to vscan/
     // (body already there, envelope still in spool/). 4: orphan body. 5: foreign envelope.
+    // Recovery reads no envelope: 1, 2 and 5 are found (the queue manager sets them aside when
+    // it reads them); what file names tell is repaired here.
     let env_path = |id: &MessageId| layout.path(Folder::Spool, id, Part::Env);
     let env1 = fs::read(env_path(&committed[1])).unwrap();
     fs::write(env_path(&committed[1]), &env1[..env1.len() - 5]).unwrap();
@@ -267,37 +269,66 @@ fn recovery_handles_every_partial_state() {
     )
     .unwrap();
     fs::write(layout.dir(Folder::Tmp).join("junk.body"), b"x").unwrap();
+    // An envelope without its body, in hold/; a pair and a lone body whose names are no id.
+    let lone = ids.next_id();
+    fs::write(
+        layout.path(Folder::Hold, &lone, Part::Env),
+        envelope(&lone, b"x").encode(),
+    )
+    .unwrap();
+    fs::write(layout.dir(Folder::Spool).join("copy.env"), b"x").unwrap();
+    fs::write(layout.dir(Folder::Spool).join("copy.body"), b"x").unwrap();
+    fs::write(layout.dir(Folder::Spool).join("stray.body"), b"x").unwrap();
 
     let report = recover(&layout).unwrap();
-    let found: Vec<&MessageId> = report.found.iter().map(|m| &m.id).collect();
-    assert_eq!(found, vec![&committed[0], &committed[3]]);
+    let found: Vec<(&MessageId, Folder)> = report.found.iter().map(|m| (&m.id, m.folder)).collect();
+    let in_spool = |i: usize| (&committed[i], Folder::Spool);
+    assert_eq!(
+        found,
+        vec![
+            in_spool(0),
+            in_spool(1),
+            in_spool(2),
+            in_spool(3),
+            in_spool(5)
+        ]
+    );
+    assert!(layout
+        .path(Folder::Spool, &committed[3], Part::Body)
+        .exists());
     assert_eq!(report.tmp_removed, 1);
-    assert_eq!(report.orphans_removed, 1);
+    assert_eq!(report.orphans_removed, 2);
     assert_eq!(report.reunited, 1);
-    let corrupt: Vec<String> = report.corrupt.iter().map(|c| c.name.clone()).collect();
+    let corrupt: Vec<(String, Folder, String)> = report
+        .corrupt
+        .iter()
+        .map(|c| (c.name.clone(), c.folder, c.reason.clone()))
+        .collect();
     assert_eq!(
         corrupt,
         vec![
-            committed[1].to_string(),
-            committed[2].to_string(),
-            committed[5].to_string()
+            (
+                "copy".to_string(),
+                Folder::Spool,
+                "file name is not a message id".to_string()
+            ),
+            (lone.to_string(), Folder::Hold, "body missing".to_string()),
         ]
     );
-    assert!(
-        report.corrupt[0].reason.contains("torn"),
-        "{:?}",
-        report.corrupt[0]
-    );
+    for name in ["copy.env", "copy.body", "copy.reason"] {
+        assert!(layout.dir(Folder::Corrupt).join(name).exists(), "{name}");
+    }
     assert!(layout
         .dir(Folder::Corrupt)
-        .join(format!("{}.reason", committed[2]))
+        .join(format!("{lone}.reason"))
         .exists());
     assert!(!layout
         .path(Folder::Spool, &committed[4], Part::Body)
         .exists());
+    assert!(!layout.dir(Folder::Spool).join("stray.body").exists());
     // Idempotent.
     let again = recover(&layout).unwrap();
-    assert_eq!(again.found.len(), 2);
+    assert_eq!(again.found.len(), 5);
     assert!(again.corrupt.is_empty() && again.orphans_removed == 0 && again.reunited == 0);
 }
 
@@ -431,15 +462,26 @@ fn recycled_files_overwritten_in_place_hold_exactly_the_new_bytes() {
 /// An envelope read just as its message was removed and the file reused for another message
 /// is "gone", never the other message's envelope under this one's id.
 #[test]
-fn an_envelope_file_reused_for_another_message_reads_as_gone() {
+fn an_envelope_file_that_names_another_message_is_invalid_and_a_removed_one_is_gone() {
+    // A reader that opened a file just before it was recycled for another message reads that
+    // message's envelope; by then the name is gone, and a second look says NotFound. A name
+    // that still holds another message's envelope is a wrong copy: InvalidData, which the
+    // queue manager sets aside.
     let (_d, layout, ids) = setup();
     let (a, b) = (ids.next_id(), ids.next_id());
     let path = layout.path(Folder::Spool, &a, Part::Env);
     fs::write(&path, envelope(&b, b"x").encode()).unwrap();
     let err = layout.read_envelope(Folder::Spool, &a).unwrap_err();
-    assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+    assert!(err.to_string().contains(&b.to_string()), "{err}");
+    fs::write(&path, b"From: x\r\n\r\nnot an envelope\r\n").unwrap();
+    let err = layout.read_envelope(Folder::Spool, &a).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
     fs::write(&path, envelope(&a, b"x").encode()).unwrap();
     assert_eq!(layout.read_envelope(Folder::Spool, &a).unwrap().id, a);
+    fs::remove_file(&path).unwrap();
+    let err = layout.read_envelope(Folder::Spool, &a).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
 }
 
 /// Panics on the writer thread, in the middle of a round.

@@ -292,12 +292,22 @@ async fn recover_spool(
     for folder in Folder::ALL {
         metrics.queue.with_label_values(&[folder.name()]).set(0);
     }
-    for m in &report.found {
-        metrics.queue_add(m.folder, 1);
-        if Folder::SCHEDULED.contains(&m.folder) {
-            queue.add(m.id.clone(), m.next_attempt_ms);
-        }
+    let found = report.found.len();
+    for folder in Folder::ALL {
+        let held = report.found.iter().filter(|m| m.folder == folder).count();
+        metrics.queue_add(folder, held as i64);
     }
+    // Due now, in arrival order: envelopes were not read (see `spool::recovery`); the queue
+    // manager reads each, sets aside what fails its checks, and puts a deferred message
+    // back to its retry time.
+    queue.add_all(
+        report
+            .found
+            .into_iter()
+            .filter(|m| Folder::SCHEDULED.contains(&m.folder))
+            .map(|m| m.id),
+        0,
+    );
     metrics.corrupt.inc_by(report.corrupt.len() as u64);
     let corrupt_now = std::fs::read_dir(layout.dir(Folder::Corrupt))
         .map(|d| {
@@ -311,7 +321,7 @@ async fn recover_spool(
         .with_label_values(&[Folder::Corrupt.name()])
         .set(corrupt_now as i64);
     tracing::info!(
-        messages = report.found.len(),
+        messages = found,
         tmp_removed = report.tmp_removed,
         orphans_removed = report.orphans_removed,
         reunited = report.reunited,

@@ -262,17 +262,27 @@ impl Delivery {
     }
 
     async fn process_inner(&self, id: &MessageId) -> anyhow::Result<Next> {
-        // Read where it most likely is; a look elsewhere only when it is not there.
-        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
-        let (folder, mut env) = match self.layout.read_envelope(Folder::Spool, id) {
-            Ok(env) => (Folder::Spool, env),
-            Err(e) if gone(&e) => match self.layout.read_envelope(Folder::Vscan, id) {
-                Ok(env) => (Folder::Vscan, env),
-                // Removed meanwhile (an operator, or a duplicate schedule).
-                Err(e) if gone(&e) => return Ok(Next::Done),
+        // Read where it most likely is; a look elsewhere only when it is not there. Recovery
+        // read no envelope: this is the first look at a message found at startup, and one
+        // whose file does not hold its envelope is set aside here.
+        let mut read = None;
+        for folder in Folder::SCHEDULED {
+            match self.layout.read_envelope(folder, id) {
+                Ok(env) => {
+                    read = Some((folder, env));
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    self.set_aside(id, folder, &format!("envelope unusable: {e}"))?;
+                    return Ok(Next::Done);
+                }
                 Err(e) => return Err(e.into()),
-            },
-            Err(e) => return Err(e.into()),
+            }
+        }
+        // Removed meanwhile (an operator, or a duplicate schedule).
+        let Some((folder, mut env)) = read else {
+            return Ok(Next::Done);
         };
         if let spool::ScanState::Held(reason) = &env.scan {
             return self.hold_in_quarantine(folder, &env, reason).await;
@@ -280,10 +290,18 @@ impl Delivery {
         if env.scan == spool::ScanState::Pending || folder == Folder::Vscan {
             let started = Instant::now();
             let policy = self.policy.borrow().clone();
-            let outcome = self
+            let outcome = match self
                 .stage
                 .run(folder, &mut env, policy.scan_fail_open)
-                .await?;
+                .await
+            {
+                Err(filter::StageError::Corrupt { detail, .. }) => {
+                    let reason = format!("body unusable at the scan: {detail}");
+                    self.set_aside(id, Folder::Vscan, &reason)?;
+                    return Ok(Next::Done);
+                }
+                outcome => outcome?,
+            };
             self.metrics
                 .scan_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -425,14 +443,20 @@ impl Delivery {
         match MappedBody::open_verified(&body_path, env.body_len, &env.body_sha256) {
             Ok(b) => Ok(Some(b)),
             Err(e) => {
-                let reason = format!("body unusable at delivery: {e}");
-                tracing::error!(id = %env.id, %reason, "moved to corrupt/");
-                self.sink
-                    .lifecycle
-                    .set_aside(&env.id, Folder::Spool, &reason)?;
+                self.set_aside(
+                    &env.id,
+                    Folder::Spool,
+                    &format!("body unusable at delivery: {e}"),
+                )?;
                 Ok(None)
             }
         }
+    }
+
+    /// Sets a message that cannot be used aside in `corrupt/`, saying why.
+    fn set_aside(&self, id: &MessageId, folder: Folder, reason: &str) -> anyhow::Result<()> {
+        tracing::error!(id = %id, %reason, "moved to corrupt/");
+        self.sink.lifecycle.set_aside(id, folder, reason)
     }
 
     /// One attempt for every pending recipient, grouped by next hop: each recipient's result
