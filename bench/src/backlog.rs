@@ -32,6 +32,8 @@ struct Drain {
     sink_has_all: Duration,
     spool_empty: Option<Duration>,
     peak_rss_mib: f64,
+    /// Peak of the anonymous part alone (heap, stacks).
+    peak_anon_mib: f64,
 }
 
 impl Drain {
@@ -77,17 +79,22 @@ fn drain(a: &Args, messages: usize) -> Result<Drain> {
     let d = Spoold::start_config(&bin, &state, &config, true)?;
     let ready = started.elapsed();
     let mut peak: f64 = 0.0;
+    let mut peak_anon: f64 = 0.0;
+    let mut sample = |d: &Spoold| {
+        peak = peak.max(d.rss_mib().0);
+        peak_anon = peak_anon.max(d.rss_split_mib().0);
+    };
     let deadline = started + Duration::from_secs(3600);
     while sink.try_wait()?.is_none() {
         anyhow::ensure!(Instant::now() < deadline, "not drained within an hour");
-        peak = peak.max(d.rss_mib().0);
+        sample(&d);
         std::thread::sleep(Duration::from_millis(200));
     }
     let sink_has_all = started.elapsed();
     let empty_by = Instant::now() + (sink_has_all * 2).max(Duration::from_secs(60));
     let mut spool_empty = None;
     while Instant::now() < empty_by {
-        peak = peak.max(d.rss_mib().0);
+        sample(&d);
         if spool_files(&state) <= 2 {
             spool_empty = Some(started.elapsed());
             break;
@@ -102,6 +109,7 @@ fn drain(a: &Args, messages: usize) -> Result<Drain> {
         sink_has_all,
         spool_empty,
         peak_rss_mib: peak,
+        peak_anon_mib: peak_anon,
     })
 }
 
@@ -113,14 +121,15 @@ pub fn run(a: Args) -> Result<()> {
         a.size
     );
     println!(
-        "{:>10} {:>9} {:>14} {:>14} {:>12} {:>14} {:>14}",
+        "{:>10} {:>9} {:>14} {:>14} {:>12} {:>14} {:>14} {:>15}",
         "backlog",
         "ready s",
         "sink has all s",
         "spool empty s",
         "empty/sink",
         "drain msgs/s",
-        "peak RSS MiB"
+        "peak RSS MiB",
+        "of it anon MiB"
     );
     for d in [&small, &large] {
         let empty = d
@@ -130,14 +139,15 @@ pub fn run(a: Args) -> Result<()> {
             format!("{:.2}", e.as_secs_f64() / d.sink_has_all.as_secs_f64())
         });
         println!(
-            "{:>10} {:>9.2} {:>14.1} {:>14} {:>12} {:>14.0} {:>14.0}",
+            "{:>10} {:>9.2} {:>14.1} {:>14} {:>12} {:>14.0} {:>14.0} {:>15.0}",
             d.messages,
             d.ready.as_secs_f64(),
             d.sink_has_all.as_secs_f64(),
             empty,
             ratio,
             d.rate(),
-            d.peak_rss_mib
+            d.peak_rss_mib,
+            d.peak_anon_mib
         );
     }
     println!(

@@ -285,11 +285,26 @@ impl Spoold {
         let d = Spoold { child, smtp, http };
         // Generous: a spool of a million messages takes tens of seconds to recover.
         let deadline = Instant::now() + Duration::from_secs(300);
-        while std::net::TcpStream::connect(smtp).is_err() {
+        // Ready as systemd and a load balancer see it: `/readyz` answers 200 once recovery is
+        // done and every listener is bound (a bound SMTP port alone accepts into its backlog
+        // before the daemon takes connections).
+        while d.get("/readyz").split_whitespace().nth(1) != Some("200") {
             anyhow::ensure!(Instant::now() < deadline, "spoold did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(d)
+    }
+
+    /// The raw HTTP answer to `GET path` (empty if there is none).
+    fn get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(self.http) else {
+            return String::new();
+        };
+        let _ = write!(s, "GET {path} HTTP/1.0\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
     }
 
     /// Calls `set` for every thread of the daemon; `set` returns the `errno`-style status of
@@ -330,14 +345,7 @@ impl Spoold {
 
     /// The text of `/metrics`.
     pub fn metrics(&self) -> String {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(self.http) else {
-            return String::new();
-        };
-        let _ = write!(s, "GET /metrics HTTP/1.0\r\n\r\n");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
+        self.get("/metrics")
     }
 
     /// The writer's rounds so far from `/metrics`: (rounds, mean messages per round, mean
@@ -365,6 +373,15 @@ impl Spoold {
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         (ticks(11) + ticks(12)) / hz.max(1.0)
+    }
+
+    /// Resident memory now in MiB: the heap and other anonymous memory, and mapped files (the
+    /// archive index's segments: page cache the kernel can take back, counted in RSS too).
+    pub fn rss_split_mib(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let field = |name: &str| crate::status_field_mib(&status, name);
+        (field("RssAnon:"), field("RssFile:") + field("RssShmem:"))
     }
 
     /// Resident set size now and at its peak, in MiB.
