@@ -465,6 +465,45 @@ fn damaged_pairs_found_at_start_are_set_aside_when_first_read_and_the_rest_deliv
     assert_eq!(d.metric("spoold_corrupt_messages_total"), Some(4.0));
 }
 
+/// Recovery reads no envelope, so everything it finds is due at once: a message that was
+/// waiting for its retry time is read, put back to that time, and not attempted early.
+#[test]
+fn a_deferred_message_keeps_its_retry_time_across_a_crash() {
+    let nobody = free_addr();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!("[delivery]\ndefault_next_hop = \"{nobody}\"\nretry_schedule_secs = [3600]\n"),
+    );
+    let mut d = Daemon::start_delivering(&["--config", &cfg]);
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO deferred");
+    let r = c.send_mail(
+        "sender@example.com",
+        &["rcpt@example.org"],
+        &sample_body(7, 800),
+    );
+    let id = queued_id(&r).unwrap_or_else(|| panic!("{r}"));
+    assert!(
+        wait_until(20, || d.envelope(&id).attempts == 1),
+        "no failed attempt recorded: {}",
+        d.log_text()
+    );
+    let next = d.envelope(&id).next_attempt_ms;
+    d.kill9();
+    d.restart();
+    // The queue manager reads it at once and puts it back; the gauge counts it each second.
+    assert!(
+        wait_until(10, || d.metric("spoold_queue_deferred_messages")
+            == Some(1.0)),
+        "not deferred after the restart: {:?}",
+        d.metric("spoold_queue_deferred_messages")
+    );
+    let env = d.envelope(&id);
+    assert_eq!(env.attempts, 1, "attempted again before its retry time");
+    assert_eq!(env.next_attempt_ms, next);
+}
+
 /// A backlog for a slow next hop holds none of the global delivery slots while it waits for that
 /// hop's connections: mail for a fast next hop goes out at once (no head-of-line blocking).
 #[test]
@@ -618,7 +657,8 @@ fn a_backlog_of_thousands_drains_with_the_archive_on_and_no_archive_failure() {
     let mut d = Daemon::start_with(&["--config", &cfg]);
     let sent = send_many(&d, 8, 500, 1500);
     assert_eq!(d.spooled_ids().len(), 4000);
-    d.stop();
+    // As a crash leaves it: recovery finds the backlog by its file names.
+    d.kill9();
     d.extra_args.retain(|a| a != "--no-delivery");
     let sink = SmtpSink::start_on(sink_addr);
     let started = std::time::Instant::now();
