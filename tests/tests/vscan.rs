@@ -270,3 +270,49 @@ fn a_hung_scanner_times_out_and_a_restart_rescans_through_a_tcp_clamd() {
         Some(1.0)
     );
 }
+
+/// A body damaged while the daemon was down (recovery reads no envelope and no body) is found
+/// at the scan: set aside in `corrupt/` with the reason, never scanned, never delivered; a clean
+/// message beside it goes out.
+#[test]
+fn a_body_damaged_while_down_is_set_aside_at_the_scan() {
+    let work = tempfile::tempdir().unwrap();
+    let clamd = Clamd::start(&work.path().join("clamd"));
+    let sink = SmtpSink::start();
+    let cfg = write_config(work.path(), &clamd.scanning_config(sink.addr));
+    let mut d = Daemon::start_with(&["--config", &cfg]);
+    let (mut c, _) = Client::connect(d.smtp);
+    c.cmd("EHLO scan");
+    let mut send = |subject: &str| {
+        let body = format!("Subject: {subject}\r\n\r\nsome text to scan\r\n");
+        queued_id(&c.send_mail("a@example.com", &["b@example.org"], body.as_bytes())).unwrap()
+    };
+    let damaged = send("damaged");
+    let clean = send("clean");
+    d.kill9();
+    let path = d.state.join("spool").join(format!("{damaged}.body"));
+    let mut body = std::fs::read(&path).unwrap();
+    let last = body.len() - 3;
+    body[last] ^= 1;
+    std::fs::write(&path, &body).unwrap();
+
+    d.extra_args.retain(|a| a != "--no-delivery");
+    d.restart();
+    assert!(
+        wait_until(30, || d.spooled_ids().is_empty()
+            && folder_ids(&d, "vscan").is_empty()),
+        "{}",
+        d.log_text()
+    );
+    let dumped = sink.dumped();
+    assert_eq!(dumped.len(), 1, "only the clean message is delivered");
+    assert!(dumped[0].message.contains("Subject: clean"), "{clean}");
+    let reason =
+        std::fs::read_to_string(d.state.join("corrupt").join(format!("{damaged}.reason"))).unwrap();
+    assert!(
+        reason.starts_with("vscan: body unusable at the scan") && reason.contains("checksum"),
+        "{reason}"
+    );
+    assert_eq!(d.metric("spoold_corrupt_messages_total"), Some(1.0));
+    assert_eq!(d.metric("spoold_scan_duration_seconds_count"), Some(1.0));
+}
