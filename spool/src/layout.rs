@@ -317,26 +317,27 @@ impl Layout {
         id: &MessageId,
     ) -> io::Result<crate::envelope::Envelope> {
         let path = self.path(folder, id, Part::Env);
-        let mut second_look = false;
-        loop {
+        let read = || {
             let bytes = fs::read(&path)?;
-            let env = crate::envelope::Envelope::decode(&bytes).map_err(|e| {
+            crate::envelope::Envelope::decode(&bytes).map_err(|e| {
                 io::Error::new(io::ErrorKind::InvalidData, format!("envelope {id}: {e}"))
-            })?;
-            if env.id == *id {
-                return Ok(env);
-            }
-            // Opened just before the message was removed and its file reused for another: the
-            // name is gone by now. A name that still holds another message's envelope was
-            // put there by hand (a copy gone wrong).
-            if second_look {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("envelope {id}: the file holds the envelope of {}", env.id),
-                ));
-            }
-            second_look = true;
+            })
+        };
+        let env = read()?;
+        if env.id == *id {
+            return Ok(env);
         }
+        // Opened just before the message was removed and its file reused for another: the name
+        // is gone by now (NotFound). A name that still holds another message's envelope was put
+        // there by hand (a copy gone wrong).
+        let again = read()?;
+        if again.id == *id {
+            return Ok(again);
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("envelope {id}: the file holds the envelope of {}", again.id),
+        ))
     }
 
     /// Replaces the envelope of a message in `folder` durably: write to `tmp/`, fsync, rename

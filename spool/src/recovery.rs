@@ -76,6 +76,11 @@ impl Pair {
             body: part == Part::Body,
         }
     }
+
+    fn merge(&mut self, other: Pair) {
+        self.env |= other.env;
+        self.body |= other.body;
+    }
 }
 
 /// The pairs of one folder: those named by a message id, sorted by it, in one vector (a
@@ -105,11 +110,10 @@ fn list_pairs(layout: &Layout, folder: Folder) -> io::Result<Listing> {
         };
         match stem.parse::<MessageId>() {
             Ok(id) => pairs.push((id, Pair::of(part))),
-            Err(_) => {
-                let p = strangers.entry(stem.to_string()).or_default();
-                p.env |= part == Part::Env;
-                p.body |= part == Part::Body;
-            }
+            Err(_) => strangers
+                .entry(stem.to_string())
+                .or_default()
+                .merge(Pair::of(part)),
         }
     }
     pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -117,8 +121,7 @@ fn list_pairs(layout: &Layout, folder: Folder) -> io::Result<Listing> {
     pairs.dedup_by(|later, earlier| {
         let same = later.0 == earlier.0;
         if same {
-            earlier.1.env |= later.1.env;
-            earlier.1.body |= later.1.body;
+            earlier.1.merge(later.1);
         }
         same
     });

@@ -289,13 +289,13 @@ async fn recover_spool(
     metrics
         .recovery_seconds
         .set(started.elapsed().as_secs_f64());
-    for folder in Folder::ALL {
-        metrics.queue.with_label_values(&[folder.name()]).set(0);
-    }
     let found = report.found.len();
     for folder in Folder::ALL {
         let held = report.found.iter().filter(|m| m.folder == folder).count();
-        metrics.queue_add(folder, held as i64);
+        metrics
+            .queue
+            .with_label_values(&[folder.name()])
+            .set(held as i64);
     }
     // Due now, in arrival order: envelopes were not read (see `spool::recovery`); the queue
     // manager reads each, sets aside what fails its checks, and puts a deferred message

@@ -547,19 +547,12 @@ pub fn assert_acknowledged_whole(
         // Every pair whole, acknowledged or not: recovery works from names and would not
         // notice a torn one (the queue manager would set it aside later).
         if ext == "env" {
-            let bytes = std::fs::read(d.state.join("spool").join(name)).unwrap();
-            let env = spool::Envelope::decode(&bytes)
-                .unwrap_or_else(|e| panic!("{what}: {name} does not decode: {e}"));
-            assert_eq!(
-                env.id.to_string(),
-                stem,
-                "{what}: {name} names another message"
-            );
-            let path = d.state.join("spool").join(format!("{stem}.body"));
-            assert!(
-                spool::MappedBody::open_verified(&path, env.body_len, &env.body_sha256).is_ok(),
-                "{what}: {stem} not whole (length or checksum)"
-            );
+            let layout = spool::Layout::new(&d.state);
+            if let Err(why) =
+                spool::recovery::validate_pair(&layout, spool::Folder::Spool, stem, true)
+            {
+                panic!("{what}: {stem} not whole: {why}");
+            }
         }
     }
     for (id, body) in acked {

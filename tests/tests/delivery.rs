@@ -52,13 +52,20 @@ fn send_many_from(
     Arc::try_unwrap(sent).unwrap().into_inner().unwrap()
 }
 
-/// A delivering daemon whose default next hop is `sink` (keep the directory alive).
-fn relaying_to(sink: &SmtpSink) -> (tempfile::TempDir, Daemon) {
+/// A config file whose default next hop is `hop`, with `extra` lines of `[delivery]` (keep the
+/// directory alive).
+fn next_hop_config(hop: std::net::SocketAddr, extra: &str) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(
         dir.path(),
-        &format!("[delivery]\ndefault_next_hop = \"{}\"\n", sink.addr),
+        &format!("[delivery]\ndefault_next_hop = \"{hop}\"\n{extra}"),
     );
+    (dir, cfg)
+}
+
+/// A delivering daemon whose default next hop is `sink` (keep the directory alive).
+fn relaying_to(sink: &SmtpSink) -> (tempfile::TempDir, Daemon) {
+    let (dir, cfg) = next_hop_config(sink.addr, "");
     let d = Daemon::start_delivering(&["--config", &cfg]);
     (dir, d)
 }
@@ -101,11 +108,7 @@ fn every_message_reaches_smtp_sink_once_with_the_same_text() {
 #[test]
 fn every_message_reaches_a_byte_keeping_next_hop_identical() {
     let sink = PySink::start("", None);
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &format!("[delivery]\ndefault_next_hop = \"{}\"\n", sink.addr),
-    );
+    let (_dir, cfg) = next_hop_config(sink.addr, "");
     let d = Daemon::start_delivering(&["--config", &cfg]);
     let sent = send_many(&d, 4, 20, 3000);
     assert!(wait_until(60, || sink.received().len() == sent.len()));
@@ -122,11 +125,7 @@ fn every_message_reaches_a_byte_keeping_next_hop_identical() {
 #[test]
 fn next_hop_down_then_up_delivers_everything_once() {
     let sink_addr = free_addr();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &format!("[delivery]\ndefault_next_hop = \"{sink_addr}\"\nretry_schedule_secs = [1]\n"),
-    );
+    let (_dir, cfg) = next_hop_config(sink_addr, "retry_schedule_secs = [1]\n");
     let d = Daemon::start_delivering(&["--config", &cfg]);
     let sent = send_many(&d, 4, 10, 2000);
     assert!(
@@ -165,11 +164,7 @@ fn next_hop_down_then_up_delivers_everything_once() {
 #[test]
 fn permanent_failure_of_one_recipient_bounces_to_the_sender_only_for_it() {
     let sink = PySink::start("reject", None);
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &format!("[delivery]\ndefault_next_hop = \"{}\"\n", sink.addr),
-    );
+    let (_dir, cfg) = next_hop_config(sink.addr, "");
     let d = Daemon::start_delivering(&["--config", &cfg]);
     let (mut c, _) = Client::connect(d.smtp);
     c.cmd("EHLO dsn");
@@ -274,11 +269,7 @@ fn sigkill_during_delivery_loses_nothing_and_duplicates_stay_in_the_window() {
     // A next hop slower than ingest, so that mail is both in delivery and queued at the kill.
     let slow = tests::proxy::FaultProxy::start(sink.addr);
     slow.set_reply_delay_ms(30);
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &format!("[delivery]\ndefault_next_hop = \"{}\"\n", slow.addr),
-    );
+    let (_dir, cfg) = next_hop_config(slow.addr, "");
     let mut d = Daemon::start_delivering(&["--config", &cfg]);
     let sent = Arc::new(Mutex::new(HashMap::new()));
     let senders: Vec<_> = (0..4)
@@ -402,11 +393,7 @@ fn recycled_spool_files_carry_only_the_new_messages_bytes() {
 #[test]
 fn damaged_pairs_found_at_start_are_set_aside_when_first_read_and_the_rest_delivered_once() {
     let sink = SmtpSink::start();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &format!("[delivery]\ndefault_next_hop = \"{}\"\n", sink.addr),
-    );
+    let (_dir, cfg) = next_hop_config(sink.addr, "");
     let mut d = Daemon::start_with(&["--config", &cfg]);
     send_many(&d, 2, 5, 2000);
     let mut ids = d.spooled_ids();
@@ -470,11 +457,7 @@ fn damaged_pairs_found_at_start_are_set_aside_when_first_read_and_the_rest_deliv
 #[test]
 fn a_deferred_message_keeps_its_retry_time_across_a_crash() {
     let nobody = free_addr();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &format!("[delivery]\ndefault_next_hop = \"{nobody}\"\nretry_schedule_secs = [3600]\n"),
-    );
+    let (_dir, cfg) = next_hop_config(nobody, "retry_schedule_secs = [3600]\n");
     let mut d = Daemon::start_delivering(&["--config", &cfg]);
     let (mut c, _) = Client::connect(d.smtp);
     c.cmd("EHLO deferred");
@@ -569,11 +552,7 @@ fn a_slow_next_hop_backlog_does_not_delay_a_fast_one() {
 fn a_4xx_from_the_next_hop_is_retried_until_it_accepts() {
     let addr = free_addr();
     let refusing = SmtpSink::start_with(addr, &["-r", "rcpt"]);
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &format!("[delivery]\ndefault_next_hop = \"{addr}\"\nretry_schedule_secs = [1]\n"),
-    );
+    let (_dir, cfg) = next_hop_config(addr, "retry_schedule_secs = [1]\n");
     let d = Daemon::start_delivering(&["--config", &cfg]);
     let (mut c, _) = Client::connect(d.smtp);
     c.cmd("EHLO retry");
@@ -648,11 +627,7 @@ fn a_message_past_its_queue_lifetime_bounces_to_the_sender() {
 #[test]
 fn a_backlog_of_thousands_drains_with_the_archive_on_and_no_archive_failure() {
     let sink_addr = free_addr();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        &format!("[delivery]\ndefault_next_hop = \"{sink_addr}\"\nretry_schedule_secs = [1]\n"),
-    );
+    let (_dir, cfg) = next_hop_config(sink_addr, "retry_schedule_secs = [1]\n");
     // Spooled while nothing delivers, then drained at full speed.
     let mut d = Daemon::start_with(&["--config", &cfg]);
     let sent = send_many(&d, 8, 500, 1500);
