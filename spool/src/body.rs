@@ -7,7 +7,7 @@ use crate::mapped;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
@@ -204,20 +204,33 @@ pub enum BodyError {
     Checksum,
 }
 
-/// A stored body, memory-mapped. An empty body maps to an empty slice.
+/// A stored body: read into memory when small, memory-mapped when large. An empty body is an
+/// empty slice.
 ///
-/// While it lives, its file is registered as mapped (`crate::mapped`): the recycling of removed
-/// messages' files (which shortens a file and writes new mail over its bytes) passes it by. A file is
-/// otherwise never changed in place after its commit round, only renamed or removed, which
-/// leaves a mapping valid.
+/// A small body is copied while its file is registered as read (`crate::mapped`) and the
+/// registration ends with the copy: mapping a few KiB costs more than reading them (the
+/// mapping's page faults, and its `munmap` flushes the TLB of every CPU running the process).
+/// A large one stays mapped, and its file registered, while the value lives: the recycling of
+/// removed messages' files (which shortens a file and writes new mail over its bytes) passes
+/// it by. A file is otherwise never changed in place after its commit round, only renamed or
+/// removed, which leaves a mapping valid.
 pub struct MappedBody {
-    map: Option<memmap2::Mmap>,
-    /// The mapped file's (device, inode), registered in `crate::mapped`.
-    inode: (u64, u64),
+    bytes: Stored,
+    /// The mapped file's (device, inode), registered in `crate::mapped` while mapped.
+    inode: Option<(u64, u64)>,
 }
 
+enum Stored {
+    Empty,
+    Read(Vec<u8>),
+    Mapped(memmap2::Mmap),
+}
+
+/// Bodies up to this size are read into memory rather than mapped.
+pub const READ_BYTES_MAX: u64 = 64 * 1024;
+
 impl MappedBody {
-    /// Maps `path` and checks it against the envelope's length and SHA-256.
+    /// Reads or maps `path` and checks it against the envelope's length and SHA-256.
     pub fn open_verified(
         path: &std::path::Path,
         len: u64,
@@ -230,7 +243,7 @@ impl MappedBody {
         Ok(body)
     }
 
-    /// Maps `path` and checks its length only, for a reader that hashes the bytes itself
+    /// Reads or maps `path` and checks its length only, for a reader that hashes the bytes itself
     /// (the archive): hashing twice would cost a second pass over every message.
     pub fn open(path: &std::path::Path, len: u64) -> Result<Self, BodyError> {
         let file = File::open(path)?;
@@ -249,7 +262,10 @@ impl MappedBody {
         if !mapped::register_reader(inode) {
             return Err(gone());
         }
-        let body = MappedBody { map: None, inode };
+        let mut body = MappedBody {
+            bytes: Stored::Empty,
+            inode: Some(inode),
+        };
         // The look at `path` also gives the length, read after the registration.
         let actual = match std::fs::symlink_metadata(path) {
             Ok(m) if mapped::inode_of(&m) == inode => m.len(),
@@ -264,23 +280,43 @@ impl MappedBody {
         if actual == 0 {
             return Ok(body);
         }
+        if actual <= READ_BYTES_MAX {
+            let mut bytes = Vec::with_capacity(actual as usize);
+            (&file).take(actual).read_to_end(&mut bytes)?;
+            if bytes.len() as u64 != actual {
+                return Err(BodyError::Length {
+                    expected: len,
+                    actual: bytes.len() as u64,
+                });
+            }
+            // The copy is ours: the file may be recycled from now on.
+            mapped::unregister_reader(inode);
+            body.inode = None;
+            body.bytes = Stored::Read(bytes);
+            return Ok(body);
+        }
         // SAFETY: spool files are never modified in place after their commit round (they are
         // only renamed or removed, which leaves the mapping valid), and the one exception,
         // recycling, passes by a file registered as mapped, as this one now is.
-        let mut body = body;
-        body.map = Some(unsafe { memmap2::Mmap::map(&file)? });
+        body.bytes = Stored::Mapped(unsafe { memmap2::Mmap::map(&file)? });
         Ok(body)
     }
 
     /// The body's bytes.
     pub fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
+        match &self.bytes {
+            Stored::Empty => &[],
+            Stored::Read(v) => v,
+            Stored::Mapped(m) => m,
+        }
     }
 }
 
 impl Drop for MappedBody {
     fn drop(&mut self) {
-        mapped::unregister_reader(self.inode);
+        if let Some(inode) = self.inode {
+            mapped::unregister_reader(inode);
+        }
     }
 }
 

@@ -635,10 +635,11 @@ fn a_body_still_mapped_is_not_recycled_under_its_reader() {
             writer.commit_blocking(id.clone(), env, parts).unwrap();
             id
         };
-        let old_body = body_of(7, 64 * 1024);
+        // Past the size that is read rather than mapped.
+        let old_body = body_of(7, 128 * 1024);
         let old = commit(&old_body);
         let mapped =
-            MappedBody::open(&layout.path(Folder::Spool, &old, Part::Body), 65536).unwrap();
+            MappedBody::open(&layout.path(Folder::Spool, &old, Part::Body), 128 * 1024).unwrap();
         layout.remove_pair(&old, Folder::Spool).unwrap();
         assert_eq!(layout.recycled(), 2, "both files kept for reuse");
         // New mail, shorter: it takes recycled files (but not the one still mapped).
@@ -657,5 +658,20 @@ fn a_body_still_mapped_is_not_recycled_under_its_reader() {
         let id = commit(&body_of(200, 10));
         assert_spooled_whole(&layout, &id, &body_of(200, 10));
         assert_eq!(layout.recycled(), 0, "{backend:?}");
+        // A small body is read, not mapped: its copy holds nothing back, and new mail written
+        // over its recycled file leaves the copy as it was.
+        let small_body = body_of(300, 4096);
+        let small = commit(&small_body);
+        let copy = MappedBody::open(&layout.path(Folder::Spool, &small, Part::Body), 4096).unwrap();
+        layout.remove_pair(&small, Folder::Spool).unwrap();
+        assert_eq!(layout.recycled(), 2, "{backend:?}");
+        let id = commit(&body_of(301, 4000));
+        assert_spooled_whole(&layout, &id, &body_of(301, 4000));
+        assert_eq!(
+            layout.recycled(),
+            0,
+            "{backend:?}: the read body's file was reused"
+        );
+        assert_eq!(copy.bytes(), &small_body[..], "{backend:?}");
     }
 }
