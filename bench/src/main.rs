@@ -14,6 +14,8 @@
 //!   items, mirror catch-up.
 //! - `milter`: ingest through rspamd and OpenDKIM as milters, beside no milters and beside
 //!   Postfix with the same milters.
+//!
+//! Every command first keeps the VM's memory backed by its host (see [`memory`]).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod archive;
@@ -22,6 +24,7 @@ mod cluster;
 mod console;
 mod ingest;
 mod instant_partner;
+mod memory;
 mod milter;
 mod raw;
 mod relay;
@@ -62,7 +65,9 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().cmd {
+    let cmd = Cli::parse().cmd;
+    let _backed = memory::keep_backed();
+    match cmd {
         Cmd::Ingest(a) => ingest::run(a),
         Cmd::SpoolRaw(a) => raw::run(a),
         Cmd::Recovery(a) => raw::recovery(a),
