@@ -1,5 +1,6 @@
-//! Which spool files this process maps (each `body::MappedBody` registers its file), and the
-//! recycler's reservation of a file it is about to reuse: the two must never meet.
+//! Which spool files this process maps or is reading (each `body::MappedBody` registers its
+//! file: for as long as it maps it, or while it copies a small one), and the recycler's
+//! reservation of a file it is about to reuse: the two must never meet.
 //!
 //! A leaf: the body reader and the layout's recycling pool both use it; it uses neither.
 
@@ -7,11 +8,11 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 
-/// The files (device, inode) that live `MappedBody`s map in this process, with how many map
-/// each, and those being recycled right now. A file that is recycled while mapped loses its
-/// pages under the reader: touching them past the new end of file kills the process with
-/// SIGBUS. The recycler reserves a file that nobody maps before it opens and shortens it
-/// ([`open_recycled`]); a reader registers before it checks that the file is still the
+/// The files (device, inode) that live `MappedBody`s map (or are reading) in this process, with
+/// how many readers each, and those being recycled right now. A file that is recycled while
+/// mapped loses its pages under the reader: touching them past the new end of file kills the
+/// process with SIGBUS. The recycler reserves a file that nobody maps before it opens and
+/// shortens it ([`open_recycled`]); a reader registers before it checks that the file is still the
 /// message's and gives up on a file being recycled, so one always sees the other. The lock is
 /// held for the set operations only, never across a system call: readers take it on the async
 /// threads.
@@ -34,7 +35,7 @@ pub(crate) fn inode_of(meta: &std::fs::Metadata) -> (u64, u64) {
 }
 
 /// Opens the recycled file at `path` for `len` bytes of new content, unless a `MappedBody`
-/// maps it: then `None`, and the file stays in the pool for later.
+/// maps or reads it: then `None`, and the file stays in the pool for later.
 ///
 /// The file is shortened to `len` if it is longer, never emptied: the new content overwrites
 /// the old blocks in place. Truncating to zero freed every block only for the writer to

@@ -636,10 +636,11 @@ fn a_body_still_mapped_is_not_recycled_under_its_reader() {
             id
         };
         // Past the size that is read rather than mapped.
-        let old_body = body_of(7, 128 * 1024);
+        let mapped_len = 2 * spool::body::READ_BYTES_MAX;
+        let old_body = body_of(7, mapped_len as usize);
         let old = commit(&old_body);
         let mapped =
-            MappedBody::open(&layout.path(Folder::Spool, &old, Part::Body), 128 * 1024).unwrap();
+            MappedBody::open(&layout.path(Folder::Spool, &old, Part::Body), mapped_len).unwrap();
         layout.remove_pair(&old, Folder::Spool).unwrap();
         assert_eq!(layout.recycled(), 2, "both files kept for reuse");
         // New mail, shorter: it takes recycled files (but not the one still mapped).
