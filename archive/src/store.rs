@@ -147,7 +147,9 @@ pub struct Store {
     adopt: Option<ArchiveId>,
     /// How far a rebuild got.
     pub rebuild_progress: RebuildProgress,
-    /// When checkpoints last went to the object store (this process).
+    /// When checkpoints last went to the object store (this process). Held while checkpoints
+    /// are uploaded or adopted, so that the checkpoints file's length and its upload cursor are
+    /// read and moved together.
     checkpoints_uploaded: Mutex<Option<std::time::Instant>>,
     /// The keys that open sealed records (and, when sealing is on, seal new ones); replaced
     /// whole at a rotation.
@@ -911,13 +913,18 @@ impl Store {
     /// checkpoint comes every minute or 1,000 entries: an object each would be too many). The
     /// cursor counts the checkpoints file's bytes the store holds.
     fn upload_checkpoints(&self, remote: &Remote, with_segment: bool) -> Result<(), ArchiveError> {
-        let path = self.dir().join(checkpoint::FILE);
-        let len = std::fs::metadata(&path).map_or(0, |m| m.len());
-        let done = self.cursor(STORE_CHECKPOINTS)?;
+        // The file's length and the cursor are read under the lock: read before it, a pass
+        // could start from a cursor that another pass, or the adoption of a lost unit's
+        // checkpoints, has moved since, and put lines the store already holds under a new
+        // offset (twice in the store), or on a store that honours `If-None-Match` lose the
+        // lines its refused object would have carried.
         let mut last = self
             .checkpoints_uploaded
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        let path = self.dir().join(checkpoint::FILE);
+        let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+        let done = self.cursor(STORE_CHECKPOINTS)?;
         let due = with_segment || last.is_none_or(|t| t.elapsed() >= CHECKPOINTS_TO_STORE_EVERY);
         if len <= done || !due {
             return Ok(());

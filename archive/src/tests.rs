@@ -1144,6 +1144,72 @@ fn a_new_unit_adopts_a_lost_units_archive_from_the_object_store() {
     assert_eq!(now.len(), objects.len() + 1);
 }
 
+/// The checkpoints a new unit adopts from a lost one's store are not uploaded again by an upload
+/// pass running while it adopts them: on a store that overwrites on create (Garage 2.5), a pass
+/// that saw the adopted file but not its cursor put them back from offset 0, and the store then
+/// held lines twice (a proof against it counted more checkpoints than the unit has).
+#[test]
+fn checkpoints_adopted_while_uploads_run_stay_once_in_the_store() {
+    use object_store::ObjectStore;
+    let options = |dir: &std::path::Path| Options {
+        segment_bytes_max: 4096,
+        ..options(dir)
+    };
+    for attempt in 0..12 {
+        let memory: Arc<dyn ObjectStore> = Arc::new(IgnoresCreate(Arc::new(
+            object_store::memory::InMemory::new(),
+        )));
+        let remote = || Some(remote::Remote::over(memory.clone(), "p").unwrap());
+        let old = tempfile::tempdir().unwrap();
+        let id = {
+            let a = Archive::open_with(&options(old.path()), remote()).unwrap();
+            // One checkpoint per object, as a unit signing one a minute uploads them.
+            for round in 0..3 {
+                let raw = format!("Subject: round {round}\r\n\r\nbody\r\n").into_bytes();
+                a.archive(incoming(&format!("r{round}"), &raw, "x@y"), &raw)
+                    .unwrap();
+                a.checkpoint_now().unwrap();
+                a.seal().unwrap();
+                a.sync_remote().unwrap();
+            }
+            a.store().archive_id().unwrap().unwrap()
+        };
+        drop(old);
+        let in_store = || remote().unwrap().checkpoints().unwrap();
+        let lost_units = in_store();
+        assert_eq!(lost_units.lines().count(), 3, "{lost_units}");
+
+        let new = tempfile::tempdir().unwrap();
+        let mut o = options(new.path());
+        o.adopt = Some(id);
+        let a = Arc::new(Archive::open_with(&o, remote()).unwrap());
+        a.store().claim().unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let passes = std::thread::spawn({
+            let (a, stop) = (a.clone(), stop.clone());
+            move || {
+                while !stop.load(Ordering::SeqCst) {
+                    // Passes fail while the catalog is rebuilt; the one that matters runs
+                    // while the checkpoints are adopted.
+                    let _ = a.sync_remote();
+                }
+            }
+        });
+        a.rebuild(|_| {}).unwrap();
+        // Passes go on past the adoption.
+        std::thread::sleep(Duration::from_millis(50));
+        stop.store(true, Ordering::SeqCst);
+        passes.join().unwrap();
+        let local = std::fs::read_to_string(new.path().join("checkpoints")).unwrap();
+        assert_eq!(local, lost_units, "attempt {attempt}: adopted as they were");
+        assert_eq!(
+            in_store(),
+            lost_units,
+            "attempt {attempt}: each once in the store"
+        );
+    }
+}
+
 /// Segments sealed small (by age, or by hand) are merged by compaction into one, and the small
 /// objects leave the store once the merged segment is confirmed; every item still reads.
 #[test]

@@ -487,6 +487,13 @@ impl Writer {
         let Some(remote) = &self.store.remote else {
             return Ok(());
         };
+        // No upload pass runs meanwhile: one that saw the adopted file but not yet its cursor
+        // would put the store's own checkpoints back into it from offset 0.
+        let store = self.store.clone();
+        let _uploads = store
+            .checkpoints_uploaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let path = self.store.dir().join(checkpoint::FILE);
         if std::fs::metadata(&path).is_ok_and(|m| m.len() > 0) {
             return Ok(());
