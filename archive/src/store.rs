@@ -913,11 +913,11 @@ impl Store {
     /// checkpoint comes every minute or 1,000 entries: an object each would be too many). The
     /// cursor counts the checkpoints file's bytes the store holds.
     fn upload_checkpoints(&self, remote: &Remote, with_segment: bool) -> Result<(), ArchiveError> {
-        // The file's length and the cursor are read under the lock: read before it, a pass
-        // could start from a cursor that another pass, or the adoption of a lost unit's
-        // checkpoints, has moved since, and put lines the store already holds under a new
-        // offset (twice in the store), or on a store that honours `If-None-Match` lose the
-        // lines its refused object would have carried.
+        // The file's length and the cursor are read under the lock, which the adoption of a
+        // lost unit's checkpoints holds too (passes themselves run one at a time, under
+        // `upkeep`): read before it, a pass could see the adopted file with the cursor not yet
+        // moved and upload the store's own checkpoints from offset 0, over the lost unit's
+        // first object on a store that ignores `If-None-Match` (twice in the store then).
         let mut last = self
             .checkpoints_uploaded
             .lock()
