@@ -481,6 +481,12 @@ impl Archive {
             writer.seal = enc.seal;
             writer.keyring_file = enc.file.clone();
         }
+        // A rebuild stopped between its last transaction and taking in the store's checkpoints
+        // finishes that now; with the store unreachable, the writer does it before it signs
+        // its next checkpoint (until then nothing of the file is uploaded).
+        if let Err(e) = writer.adopt_checkpoints() {
+            tracing::warn!("archive: the object store's checkpoints are not taken in yet: {e}");
+        }
         writer.chain_items()?;
         // Sealing by age matters where sealed segments leave the unit.
         writer.seal_after = opts.seal_after.filter(|_| has_remote);

@@ -61,6 +61,9 @@ const CHAIN_SIGNER: &str = "chain.signer";
 const CHAIN_KEY: &str = "chain.key";
 /// The cursor of the checkpoints file's bytes the object store holds.
 const STORE_CHECKPOINTS: &str = "store-checkpoints";
+/// Set by a rebuild's last transaction while the object store's checkpoints are still to be
+/// taken into the local checkpoints file ([`Store::take_in_checkpoints`]).
+const CHECKPOINTS_TO_TAKE_IN: &str = "checkpoints.to_take_in";
 /// Checkpoints go to the store with every segment uploaded, and at least this often.
 const CHECKPOINTS_TO_STORE_EVERY: std::time::Duration = std::time::Duration::from_secs(900);
 /// How long a new archive waits after writing its manifest before it reads it back (see
@@ -922,6 +925,11 @@ impl Store {
             .checkpoints_uploaded
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        // After a rebuild, nothing goes up before the writer has taken the store's checkpoints
+        // in (it alone appends to the file).
+        if self.checkpoints_to_take_in()? {
+            return Ok(());
+        }
         let path = self.dir().join(checkpoint::FILE);
         let len = std::fs::metadata(&path).map_or(0, |m| m.len());
         let done = self.cursor(STORE_CHECKPOINTS)?;
@@ -939,6 +947,67 @@ impl Store {
         self.set_cursor(STORE_CHECKPOINTS, done + text.len() as u64)?;
         *last = Some(std::time::Instant::now());
         Ok(())
+    }
+
+    /// Whether a rebuild left the store's checkpoints to take in.
+    fn checkpoints_to_take_in(&self) -> Result<bool, ArchiveError> {
+        let r = self.env.read_txn()?;
+        Ok(self.meta.get(&r, CHECKPOINTS_TO_TAKE_IN)?.is_some())
+    }
+
+    /// After a rebuild (whose last transaction set [`CHECKPOINTS_TO_TAKE_IN`]): the local
+    /// checkpoints file becomes the store's checkpoints, in the store's order, followed by any
+    /// line of its own that the store lacks (signed after the rebuild, or never uploaded), and
+    /// the upload cursor points past the store's part. A rebuilt catalog starts its cursor at
+    /// 0: uploading the local file from there would put lines the store holds under a new
+    /// offset, or over the lost unit's first object on a store that ignores `If-None-Match`.
+    /// The file is replaced whole (a temporary file renamed over it), then the cursor and the
+    /// flag go in one transaction: a crash anywhere leaves the flag, and the next call does it
+    /// again. Call from the writer (the only one that appends to the file) with the uploads
+    /// lock held. Answers, when it took them in, the entries the last checkpoint signs and the
+    /// lines of the file.
+    fn take_in_checkpoints(&self, remote: &Remote) -> Result<Option<(u64, usize)>, ArchiveError> {
+        if !self.checkpoints_to_take_in()? {
+            return Ok(None);
+        }
+        let mut theirs = remote.checkpoints()?;
+        if !theirs.is_empty() && !theirs.ends_with('\n') {
+            theirs.push('\n');
+        }
+        let path = self.dir().join(checkpoint::FILE);
+        let local = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io(e)),
+        };
+        let in_store: std::collections::HashSet<&str> = theirs.lines().collect();
+        let own: String = local
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !in_store.contains(l))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let merged = format!("{theirs}{own}");
+        if merged != local {
+            let tmp = path.with_extension("taking-in");
+            let mut f = File::create(&tmp).map_err(io)?;
+            std::io::Write::write_all(&mut f, merged.as_bytes()).map_err(io)?;
+            f.sync_all().map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            sync_dir(self.dir())?;
+        }
+        let mut w = self.env.write_txn()?;
+        self.meta.put(
+            &mut w,
+            &format!("cursor.{STORE_CHECKPOINTS}"),
+            &(theirs.len() as u64),
+        )?;
+        self.meta.delete(&mut w, CHECKPOINTS_TO_TAKE_IN)?;
+        w.commit()?;
+        let signed = checkpoint::parse(&merged)
+            .0
+            .last()
+            .map_or(0, |(_, cp)| cp.entries);
+        Ok(Some((signed, merged.lines().count())))
     }
 
     /// The archive's id: the one the catalog has, or `proposed`, recorded now. The two makers of
@@ -1344,6 +1413,21 @@ fn new_segment_file(dir: &Path, n: u32) -> Result<File, ArchiveError> {
     Ok(file)
 }
 
+#[cfg(test)]
+impl Store {
+    /// The state a crash leaves between a rebuild's last transaction and the taking in of the
+    /// store's checkpoints: no local checkpoints file, the upload cursor at 0, the flag set.
+    pub(crate) fn as_if_stopped_before_taking_in_checkpoints(&self) -> Result<(), ArchiveError> {
+        let _ = std::fs::remove_file(self.dir().join(checkpoint::FILE));
+        let mut w = self.env.write_txn()?;
+        self.meta.put(&mut w, CHECKPOINTS_TO_TAKE_IN, &1)?;
+        self.meta
+            .delete(&mut w, &format!("cursor.{STORE_CHECKPOINTS}"))?;
+        w.commit()?;
+        Ok(())
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<(), ArchiveError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io)
 }
@@ -1610,6 +1694,11 @@ impl Writer {
     /// Signs a checkpoint of the chain's head and appends it to the checkpoints file. A failure
     /// is logged and tried again at the next write or wait (the entries stay unsigned till then).
     pub fn checkpoint(&mut self) {
+        // The store's checkpoints first, where a rebuild stopped before taking them in and the
+        // store did not answer at the open.
+        if let Err(e) = self.adopt_checkpoints() {
+            tracing::warn!("archive: the object store's checkpoints are not taken in yet: {e}");
+        }
         if self.chain.next == self.checkpointed.0 {
             return;
         }

@@ -1144,46 +1144,70 @@ fn a_new_unit_adopts_a_lost_units_archive_from_the_object_store() {
     assert_eq!(now.len(), objects.len() + 1);
 }
 
+/// A store that, like Garage 2.5, overwrites on create, holding the archive of a lost unit (in
+/// `p`, segments of 4 KiB) with three checkpoints, one object each (as a unit signing one a
+/// minute uploads them); answers the store, the archive's id and the store's checkpoints.
+fn lost_unit_with_checkpoints() -> (Arc<dyn object_store::ObjectStore>, ArchiveId, String) {
+    let memory: Arc<dyn object_store::ObjectStore> = Arc::new(IgnoresCreate(Arc::new(
+        object_store::memory::InMemory::new(),
+    )));
+    let old = tempfile::tempdir().unwrap();
+    let a = Archive::open_with(
+        &small_segments(old.path()),
+        Some(remote::Remote::over(memory.clone(), "p").unwrap()),
+    )
+    .unwrap();
+    for round in 0..3 {
+        let raw = format!("Subject: round {round}\r\n\r\nbody\r\n").into_bytes();
+        a.archive(incoming(&format!("r{round}"), &raw, "x@y"), &raw)
+            .unwrap();
+        a.checkpoint_now().unwrap();
+        a.seal().unwrap();
+        a.sync_remote().unwrap();
+    }
+    let id = a.store().archive_id().unwrap().unwrap();
+    let text = a.store().remote().unwrap().checkpoints().unwrap();
+    assert_eq!(text.lines().count(), 3, "{text}");
+    (memory, id, text)
+}
+
+fn small_segments(dir: &std::path::Path) -> Options {
+    Options {
+        segment_bytes_max: 4096,
+        ..options(dir)
+    }
+}
+
+/// A new unit in `dir` told to adopt archive `id` from `memory`'s prefix `p`, claimed.
+fn adopter(
+    memory: &Arc<dyn object_store::ObjectStore>,
+    dir: &std::path::Path,
+    id: ArchiveId,
+) -> Archive {
+    let mut o = small_segments(dir);
+    o.adopt = Some(id);
+    let a =
+        Archive::open_with(&o, Some(remote::Remote::over(memory.clone(), "p").unwrap())).unwrap();
+    a.store().claim().unwrap();
+    a
+}
+
 /// The checkpoints a new unit adopts from a lost one's store are not uploaded again by an upload
 /// pass running while it adopts them: on a store that overwrites on create (Garage 2.5), a pass
 /// that saw the adopted file but not its cursor put them back from offset 0, and the store then
 /// held lines twice (a proof against it counted more checkpoints than the unit has).
 #[test]
 fn checkpoints_adopted_while_uploads_run_stay_once_in_the_store() {
-    use object_store::ObjectStore;
-    let options = |dir: &std::path::Path| Options {
-        segment_bytes_max: 4096,
-        ..options(dir)
-    };
     for attempt in 0..12 {
-        let memory: Arc<dyn ObjectStore> = Arc::new(IgnoresCreate(Arc::new(
-            object_store::memory::InMemory::new(),
-        )));
-        let remote = || Some(remote::Remote::over(memory.clone(), "p").unwrap());
-        let old = tempfile::tempdir().unwrap();
-        let id = {
-            let a = Archive::open_with(&options(old.path()), remote()).unwrap();
-            // One checkpoint per object, as a unit signing one a minute uploads them.
-            for round in 0..3 {
-                let raw = format!("Subject: round {round}\r\n\r\nbody\r\n").into_bytes();
-                a.archive(incoming(&format!("r{round}"), &raw, "x@y"), &raw)
-                    .unwrap();
-                a.checkpoint_now().unwrap();
-                a.seal().unwrap();
-                a.sync_remote().unwrap();
-            }
-            a.store().archive_id().unwrap().unwrap()
+        let (memory, id, lost_units) = lost_unit_with_checkpoints();
+        let in_store = || {
+            remote::Remote::over(memory.clone(), "p")
+                .unwrap()
+                .checkpoints()
+                .unwrap()
         };
-        drop(old);
-        let in_store = || remote().unwrap().checkpoints().unwrap();
-        let lost_units = in_store();
-        assert_eq!(lost_units.lines().count(), 3, "{lost_units}");
-
         let new = tempfile::tempdir().unwrap();
-        let mut o = options(new.path());
-        o.adopt = Some(id);
-        let a = Arc::new(Archive::open_with(&o, remote()).unwrap());
-        a.store().claim().unwrap();
+        let a = Arc::new(adopter(&memory, new.path(), id));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let passes = std::thread::spawn({
             let (a, stop) = (a.clone(), stop.clone());
@@ -1208,6 +1232,44 @@ fn checkpoints_adopted_while_uploads_run_stay_once_in_the_store() {
             "attempt {attempt}: each once in the store"
         );
     }
+}
+
+/// A unit stopped between its rebuild's last transaction and taking in the store's checkpoints
+/// takes them in when it opens again, before its own go up: they stay once in the store, and
+/// its next checkpoint is added after them (not uploaded from offset 0 over the lost unit's
+/// first object).
+#[test]
+fn checkpoints_not_taken_in_before_a_stop_are_taken_in_at_the_next_open() {
+    let (memory, id, lost_units) = lost_unit_with_checkpoints();
+    let in_store = || {
+        remote::Remote::over(memory.clone(), "p")
+            .unwrap()
+            .checkpoints()
+            .unwrap()
+    };
+    let new = tempfile::tempdir().unwrap();
+    {
+        let a = adopter(&memory, new.path(), id);
+        a.rebuild(|_| {}).unwrap();
+        a.store()
+            .as_if_stopped_before_taking_in_checkpoints()
+            .unwrap();
+    }
+    let a = adopter(&memory, new.path(), id);
+    let local = || std::fs::read_to_string(new.path().join("checkpoints")).unwrap_or_default();
+    assert_eq!(local(), lost_units, "taken in at the open");
+    let raw = b"Subject: after\r\n\r\nbody\r\n";
+    a.archive(incoming("after", raw, "x@y"), raw).unwrap();
+    a.checkpoint_now().unwrap();
+    a.seal().unwrap();
+    a.sync_remote().unwrap();
+    assert_eq!(local().lines().count(), 4, "{}", local());
+    assert!(local().starts_with(&lost_units));
+    assert_eq!(
+        in_store(),
+        local(),
+        "the store holds each checkpoint once, in order"
+    );
 }
 
 /// Segments sealed small (by age, or by hand) are merged by compaction into one, and the small

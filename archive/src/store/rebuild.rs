@@ -480,10 +480,10 @@ impl Writer {
         Ok(())
     }
 
-    /// A unit rebuilt from the store with no checkpoints file of its own (a new unit adopting a
-    /// lost one's archive) takes the store's checkpoints as its file: they sign the chain it
-    /// continues, and a proof against the store finds them here.
-    fn adopt_checkpoints(&mut self) -> Result<(), ArchiveError> {
+    /// After a rebuild, the object store's checkpoints become this unit's (see
+    /// [`Store::take_in_checkpoints`]): they sign the chain it continues, and a proof against
+    /// the store finds them here.
+    pub fn adopt_checkpoints(&mut self) -> Result<(), ArchiveError> {
         let Some(remote) = &self.store.remote else {
             return Ok(());
         };
@@ -494,30 +494,15 @@ impl Writer {
             .checkpoints_uploaded
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let path = self.store.dir().join(checkpoint::FILE);
-        if std::fs::metadata(&path).is_ok_and(|m| m.len() > 0) {
+        let Some((signed, lines)) = store.take_in_checkpoints(remote)? else {
             return Ok(());
-        }
-        let text = remote.checkpoints()?;
-        if text.is_empty() {
-            return Ok(());
-        }
-        let mut f = File::create(&path).map_err(io)?;
-        std::io::Write::write_all(&mut f, text.as_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        sync_dir(self.store.dir())?;
-        self.store
-            .set_cursor(STORE_CHECKPOINTS, text.len() as u64)?;
-        let signed = checkpoint::parse(&text)
-            .0
-            .last()
-            .map_or(0, |(_, cp)| cp.entries);
+        };
         self.checkpointed = (
             signed,
             (self.chain.next > signed).then(std::time::Instant::now),
         );
         tracing::info!(
-            checkpoints = text.lines().count(),
+            checkpoints = lines,
             "archive: the store's checkpoints taken as this unit's"
         );
         Ok(())
@@ -598,6 +583,11 @@ impl Writer {
         }
         store.meta.put(&mut w, &seg_key(open, "total"), &0)?;
         store.meta.delete(&mut w, REBUILDING)?;
+        // The store's checkpoints are taken in next; until that is done (a crash in between
+        // included), nothing is uploaded over them.
+        if store.remote.is_some() {
+            store.meta.put(&mut w, CHECKPOINTS_TO_TAKE_IN, &1)?;
+        }
         // Entries found: the chain goes on from the highest (an archive from before the chain
         // gets its entries from the migration, after this).
         self.chain = store.chain_head(&w)?;
