@@ -487,6 +487,11 @@ impl Writer {
         let Some(remote) = &self.store.remote else {
             return Ok(());
         };
+        // Looked at first without the lock, which an upload pass holds across its requests:
+        // the writer asks before every checkpoint and must not wait on the store for nothing.
+        if !self.store.checkpoints_to_take_in()? {
+            return Ok(());
+        }
         // No upload pass runs meanwhile: one that saw the adopted file but not yet its cursor
         // would put the store's own checkpoints back into it from offset 0.
         let store = self.store.clone();
