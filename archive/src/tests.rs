@@ -1171,6 +1171,14 @@ fn lost_unit_with_checkpoints() -> (Arc<dyn object_store::ObjectStore>, ArchiveI
     (memory, id, text)
 }
 
+/// The checkpoints the store holds under prefix `p`, its objects' lines in order.
+fn checkpoints_in(memory: &Arc<dyn object_store::ObjectStore>) -> String {
+    remote::Remote::over(memory.clone(), "p")
+        .unwrap()
+        .checkpoints()
+        .unwrap()
+}
+
 fn small_segments(dir: &std::path::Path) -> Options {
     Options {
         segment_bytes_max: 4096,
@@ -1200,12 +1208,7 @@ fn adopter(
 fn checkpoints_adopted_while_uploads_run_stay_once_in_the_store() {
     for attempt in 0..12 {
         let (memory, id, lost_units) = lost_unit_with_checkpoints();
-        let in_store = || {
-            remote::Remote::over(memory.clone(), "p")
-                .unwrap()
-                .checkpoints()
-                .unwrap()
-        };
+        let in_store = || checkpoints_in(&memory);
         let new = tempfile::tempdir().unwrap();
         let a = Arc::new(adopter(&memory, new.path(), id));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1241,12 +1244,7 @@ fn checkpoints_adopted_while_uploads_run_stay_once_in_the_store() {
 #[test]
 fn checkpoints_not_taken_in_before_a_stop_are_taken_in_at_the_next_open() {
     let (memory, id, lost_units) = lost_unit_with_checkpoints();
-    let in_store = || {
-        remote::Remote::over(memory.clone(), "p")
-            .unwrap()
-            .checkpoints()
-            .unwrap()
-    };
+    let in_store = || checkpoints_in(&memory);
     let new = tempfile::tempdir().unwrap();
     {
         let a = adopter(&memory, new.path(), id);
