@@ -988,17 +988,12 @@ impl Store {
             .collect();
         let merged = format!("{theirs}{own}");
         if merged != local {
-            let tmp = path.with_extension("taking-in");
-            let mut f = File::create(&tmp).map_err(io)?;
-            std::io::Write::write_all(&mut f, merged.as_bytes()).map_err(io)?;
-            f.sync_all().map_err(io)?;
-            std::fs::rename(&tmp, &path).map_err(io)?;
-            sync_dir(self.dir())?;
+            checkpoint::replace(self.dir(), &merged)?;
         }
         let mut w = self.env.write_txn()?;
         self.meta.put(
             &mut w,
-            &format!("cursor.{STORE_CHECKPOINTS}"),
+            &cursor_key(STORE_CHECKPOINTS),
             &(theirs.len() as u64),
         )?;
         self.meta.delete(&mut w, CHECKPOINTS_TO_TAKE_IN)?;
@@ -1316,12 +1311,12 @@ impl Store {
     /// A cursor kept in the catalog (mirror progress, the index's mark).
     pub fn cursor(&self, name: &str) -> Result<u64, ArchiveError> {
         let r = self.env.read_txn()?;
-        Ok(self.meta.get(&r, &format!("cursor.{name}"))?.unwrap_or(0))
+        Ok(self.meta.get(&r, &cursor_key(name))?.unwrap_or(0))
     }
 
     /// Moves a cursor forward (never back).
     pub fn set_cursor(&self, name: &str, seq: u64) -> Result<(), ArchiveError> {
-        let key = format!("cursor.{name}");
+        let key = cursor_key(name);
         let mut w = self.env.write_txn()?;
         if self.meta.get(&w, &key)?.unwrap_or(0) < seq {
             self.meta.put(&mut w, &key, &seq)?;
@@ -1421,11 +1416,15 @@ impl Store {
         let _ = std::fs::remove_file(self.dir().join(checkpoint::FILE));
         let mut w = self.env.write_txn()?;
         self.meta.put(&mut w, CHECKPOINTS_TO_TAKE_IN, &1)?;
-        self.meta
-            .delete(&mut w, &format!("cursor.{STORE_CHECKPOINTS}"))?;
+        self.meta.delete(&mut w, &cursor_key(STORE_CHECKPOINTS))?;
         w.commit()?;
         Ok(())
     }
+}
+
+/// The catalog's `meta` key of the cursor `name`.
+fn cursor_key(name: &str) -> String {
+    format!("cursor.{name}")
 }
 
 fn sync_dir(dir: &Path) -> Result<(), ArchiveError> {

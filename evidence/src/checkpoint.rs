@@ -218,6 +218,23 @@ pub fn append_to(path: &Path, cp: &Checkpoint) -> Result<(), EvidenceError> {
     Ok(())
 }
 
+/// Replaces the checkpoints file in `dir` with `text`, whole: a temporary file beside it,
+/// synced, renamed over it, and the directory synced (a crash leaves the old file or the new
+/// one, never a mix).
+pub fn replace(dir: &Path, text: &str) -> Result<(), EvidenceError> {
+    let path = dir.join(FILE);
+    let tmp = dir.join(format!("{FILE}.replacing"));
+    let io = |e: std::io::Error| EvidenceError::Io(format!("{}: {e}", path.display()));
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)
+}
+
 /// Cuts a line a crash left half-written at the end of the checkpoints file in `dir` (a
 /// checkpoint is appended whole, then synced: only the last line can be torn). Answers the bytes
 /// cut.
@@ -346,6 +363,22 @@ pub fn parse(text: &str) -> Lines {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn replace_leaves_the_new_text_whole_and_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE), "old line\nanother\n").unwrap();
+        replace(dir.path(), "new line\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(FILE)).unwrap(),
+            "new line\n"
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [FILE]);
+    }
 
     #[test]
     fn a_checkpoint_holds_until_any_field_or_its_key_changes() {
